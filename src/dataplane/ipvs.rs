@@ -1,0 +1,346 @@
+//! kube-proxy's IPVS mode as a data structure.
+//!
+//! Virtual services live in a hash table keyed by (VIP, protocol, port), as
+//! the kernel's `ip_vs_svc_table` does: a lookup costs the same at 10 or
+//! 100,000 services. Each virtual service holds its destinations and a
+//! scheduler built for them.
+//!
+//! Publication is two-level. The table itself is an immutable map swapped
+//! whole only when a service's set of virtual services changes (a service
+//! added or deleted, a port or cluster IP changed). An endpoint change swaps
+//! only the changed virtual service's state, in its own slot: its cost does
+//! not depend on how many other services exist. Readers load both pointers
+//! without a lock; a writer holds a mutex that readers never take.
+//!
+//! Destinations keep their connection counters across rebuilds (matched by
+//! address), as IPVS keeps `ip_vs_dest` when a real server stays.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use super::{Candidates, Dataplane, DataplaneConfig};
+use crate::model::flow::{Flow, Protocol, Verdict};
+use crate::model::service::ServiceKey;
+use crate::rng::SeededRng;
+use crate::scheduler::{Destination, PickContext, Selector};
+use crate::table::{ChangeSet, ServiceTable, ServiceView};
+use crate::time::Instant;
+use crate::topology::{Selection, categorize};
+
+/// The kernel's virtual-service key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct VsKey {
+    addr: IpAddr,
+    port: u16,
+    protocol: Protocol,
+}
+
+/// What a virtual service does with a new connection.
+#[derive(Debug)]
+enum VsState {
+    Forward {
+        dests: Box<[Destination]>,
+        selector: Selector,
+        count: bool,
+    },
+    Reject,
+    Drop,
+}
+
+/// One virtual service: a slot whose state an endpoint change swaps.
+#[derive(Debug)]
+struct VirtualService {
+    state: ArcSwap<VsState>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct VsTable {
+    by_key: AHashMap<VsKey, Arc<VirtualService>>,
+    by_service: AHashMap<ServiceKey, SmallVec<[VsKey; 2]>>,
+}
+
+/// The IPVS-mode dataplane. See the module docs.
+#[derive(Debug)]
+pub struct IpvsDataplane {
+    config: DataplaneConfig,
+    rng: SeededRng,
+    table: ArcSwap<VsTable>,
+    writer: Mutex<()>,
+}
+
+fn vs_keys(view: &ServiceView) -> SmallVec<[VsKey; 2]> {
+    let svc = view.service();
+    let mut keys = SmallVec::new();
+    for &addr in svc.cluster_ip().addrs() {
+        for p in view.ports() {
+            keys.push(VsKey {
+                addr,
+                port: p.port().port(),
+                protocol: p.port().protocol(),
+            });
+        }
+    }
+    keys
+}
+
+impl IpvsDataplane {
+    /// An empty dataplane (every flow is not-a-service until a sync).
+    pub fn new(config: DataplaneConfig) -> Self {
+        IpvsDataplane {
+            rng: SeededRng::new(config.seed),
+            config,
+            table: ArcSwap::from_pointee(VsTable::default()),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// The config.
+    pub fn config(&self) -> &DataplaneConfig {
+        &self.config
+    }
+
+    /// The number of virtual services.
+    pub fn virtual_service_count(&self) -> usize {
+        self.table.load().by_key.len()
+    }
+
+    /// Builds the state of each virtual service of `view`, in `vs_keys`
+    /// order, reusing connection counters from `old` states.
+    fn build_states(&self, view: &ServiceView, old: &[Option<Arc<VsState>>]) -> Vec<VsState> {
+        let svc = view.service();
+        let mut out = Vec::new();
+        let mut k = 0;
+        for &addr in svc.cluster_ip().addrs() {
+            for pv in view.ports() {
+                let previous = old.get(k).and_then(Option::as_ref);
+                k += 1;
+                let selection = categorize(
+                    pv.endpoints(),
+                    svc.internal_traffic_policy(),
+                    &self.config.node,
+                    Some(addr),
+                );
+                out.push(match selection {
+                    Selection::Usable(eps) => {
+                        let old_dests: AHashMap<SocketAddr, &Destination> =
+                            match previous.map(|a| &**a) {
+                                Some(VsState::Forward { dests, .. }) => {
+                                    dests.iter().map(|d| (d.addr(), d)).collect()
+                                }
+                                _ => AHashMap::new(),
+                            };
+                        let dests: Box<[Destination]> = eps
+                            .iter()
+                            .map(|e| {
+                                let w = u32::from(e.weight());
+                                match old_dests.get(&e.addr()) {
+                                    Some(d) => {
+                                        Destination::with_counters(e.addr(), w, d.conns().clone())
+                                    }
+                                    None => Destination::new(e.addr(), w),
+                                }
+                            })
+                            .collect();
+                        let selector = self.config.scheduler.build(&dests);
+                        let count =
+                            self.config.count_connections || selector.uses_connection_counts();
+                        VsState::Forward {
+                            dests,
+                            selector,
+                            count,
+                        }
+                    }
+                    Selection::NoEndpoints => VsState::Reject,
+                    Selection::NoLocalEndpoints => VsState::Drop,
+                });
+            }
+        }
+        out
+    }
+
+    #[inline]
+    fn lookup<R>(
+        &self,
+        protocol: Protocol,
+        dst: SocketAddr,
+        f: impl FnOnce(Option<&VsState>) -> R,
+    ) -> R {
+        let table = self.table.load();
+        let key = VsKey {
+            addr: dst.ip(),
+            port: dst.port(),
+            protocol,
+        };
+        match table.by_key.get(&key) {
+            None => f(None),
+            Some(vs) => {
+                let state = vs.state.load();
+                f(Some(&state))
+            }
+        }
+    }
+}
+
+impl Dataplane for IpvsDataplane {
+    fn mode(&self) -> &'static str {
+        "ipvs"
+    }
+
+    fn sync(&self, table: &ServiceTable, changes: &ChangeSet) {
+        let _w = self.writer.lock();
+        let current = self.table.load_full();
+        let mut next: Option<VsTable> = None;
+        if changes.full {
+            let mut fresh = VsTable::default();
+            // Keep counters of services that survive a full resync.
+            let mut keys = table.keys_sorted();
+            keys.retain(|k| table.view(k).is_some_and(|v| !v.service().is_headless()));
+            for key in keys {
+                let view = table.view(&key).expect("listed");
+                let vks = vs_keys(view);
+                let old: Vec<_> = vks
+                    .iter()
+                    .map(|k| current.by_key.get(k).map(|vs| vs.state.load_full()))
+                    .collect();
+                for (vk, st) in vks.iter().zip(self.build_states(view, &old)) {
+                    fresh.by_key.insert(
+                        *vk,
+                        Arc::new(VirtualService {
+                            state: ArcSwap::from_pointee(st),
+                        }),
+                    );
+                }
+                fresh.by_service.insert(key, vks);
+            }
+            self.table.store(Arc::new(fresh));
+            return;
+        }
+        for key in &changes.removed {
+            if current.by_service.contains_key(key) {
+                let t = next.get_or_insert_with(|| (*current).clone());
+                if let Some(vks) = t.by_service.remove(key) {
+                    for vk in vks {
+                        t.by_key.remove(&vk);
+                    }
+                }
+            }
+        }
+        for key in &changes.updated {
+            let view = match table.view(key) {
+                Some(v) if !v.service().is_headless() => v,
+                _ => {
+                    // Gone or headless now: remove its virtual services.
+                    if current.by_service.contains_key(key) {
+                        let t = next.get_or_insert_with(|| (*current).clone());
+                        if let Some(vks) = t.by_service.remove(key) {
+                            for vk in vks {
+                                t.by_key.remove(&vk);
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            let vks = vs_keys(view);
+            let existing = next
+                .as_ref()
+                .map_or(&current.by_service, |t| &t.by_service)
+                .get(key)
+                .cloned();
+            let by_key = next.as_ref().map_or(&current.by_key, |t| &t.by_key);
+            let old: Vec<_> = vks
+                .iter()
+                .map(|k| by_key.get(k).map(|vs| vs.state.load_full()))
+                .collect();
+            let states = self.build_states(view, &old);
+            if existing.as_ref() == Some(&vks) {
+                // Same virtual services: swap each one's state in place.
+                for (vk, st) in vks.iter().zip(states) {
+                    by_key[vk].state.store(Arc::new(st));
+                }
+            } else {
+                let t = next.get_or_insert_with(|| (*current).clone());
+                if let Some(old_vks) = t.by_service.remove(key) {
+                    for vk in old_vks {
+                        t.by_key.remove(&vk);
+                    }
+                }
+                for (vk, st) in vks.iter().zip(states) {
+                    t.by_key.insert(
+                        *vk,
+                        Arc::new(VirtualService {
+                            state: ArcSwap::from_pointee(st),
+                        }),
+                    );
+                }
+                t.by_service.insert(key.clone(), vks);
+            }
+        }
+        if let Some(t) = next {
+            self.table.store(Arc::new(t));
+        }
+    }
+
+    #[inline]
+    fn route(&self, flow: &Flow, now: Instant) -> Verdict {
+        self.lookup(flow.protocol, flow.dst, |state| match state {
+            None => Verdict::NotAService,
+            Some(VsState::Reject) => Verdict::Reject,
+            Some(VsState::Drop) => Verdict::Drop,
+            Some(VsState::Forward {
+                dests,
+                selector,
+                count,
+            }) => {
+                let ctx = PickContext {
+                    flow,
+                    now,
+                    rng: &self.rng,
+                };
+                match selector.pick(dests, &ctx) {
+                    Some(i) => {
+                        let d = &dests[i];
+                        if *count {
+                            d.conns().connect();
+                        }
+                        Verdict::Forward(d.addr())
+                    }
+                    None => Verdict::Reject,
+                }
+            }
+        })
+    }
+
+    fn connection_closed(&self, flow: &Flow, backend: SocketAddr, _now: Instant) {
+        self.lookup(flow.protocol, flow.dst, |state| {
+            if let Some(VsState::Forward {
+                dests, count: true, ..
+            }) = state
+            {
+                if let Some(d) = dests.iter().find(|d| d.addr() == backend) {
+                    d.conns().close();
+                }
+            }
+        });
+    }
+
+    fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
+        self.lookup(protocol, dst, |state| match state {
+            None => Candidates::NotAService,
+            Some(VsState::Reject) => Candidates::Reject,
+            Some(VsState::Drop) => Candidates::Drop,
+            Some(VsState::Forward { dests, .. }) => Candidates::Endpoints(
+                dests
+                    .iter()
+                    .filter(|d| d.weight() > 0)
+                    .map(Destination::addr)
+                    .collect(),
+            ),
+        })
+    }
+}

@@ -1,0 +1,118 @@
+//! The [`Dataplane`] trait, the one interface a caller's packet I/O talks
+//! to, and its implementations.
+//!
+//! - [`IptablesDataplane`]: kube-proxy's iptables mode, a flat, ordered rule
+//!   list walked in order; every change recompiles it.
+//! - [`IpvsDataplane`]: kube-proxy's IPVS mode, a hash table of virtual
+//!   services with a scheduler each; a change touches only its service.
+//!
+//! A dataplane is shared by reference among packet threads (`&self`,
+//! `Send + Sync`). The control plane calls [`Dataplane::sync`] with the
+//! [`ServiceTable`] and the [`ChangeSet`] an apply returned; readers never
+//! wait for it longer than a pointer swap.
+
+mod iptables;
+mod ipvs;
+
+use std::net::SocketAddr;
+
+pub use iptables::IptablesDataplane;
+pub use ipvs::IpvsDataplane;
+
+use crate::model::flow::{Flow, Protocol, Verdict};
+use crate::scheduler::SchedulerConfig;
+use crate::table::{ChangeSet, ServiceTable};
+use crate::time::Instant;
+use crate::topology::NodeTopology;
+
+/// What a dataplane would do with new connections to one destination: the
+/// inspection behind [`Dataplane::candidates`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Candidates {
+    /// Not a service VIP.
+    NotAService,
+    /// The service rejects (no usable endpoints).
+    Reject,
+    /// The service drops (Local policy, no local endpoint).
+    Drop,
+    /// New connections go to one of these backends, in rule order.
+    Endpoints(Vec<SocketAddr>),
+}
+
+/// Settings every dataplane takes.
+#[derive(Debug, Clone, Default)]
+pub struct DataplaneConfig {
+    /// This node's name and zone, for Local policies and topology hints.
+    pub node: NodeTopology,
+    /// The seed of the dataplane's random source; a fixed seed replays a
+    /// single-threaded run exactly.
+    pub seed: u64,
+    /// The scheduler (IPVS mode; iptables mode always uses its cascade).
+    pub scheduler: SchedulerConfig,
+    /// Count active connections per backend even when the scheduler does not
+    /// need them (for `ipvsadm`-style listings). Least-connection schedulers
+    /// always count.
+    pub count_connections: bool,
+}
+
+impl DataplaneConfig {
+    /// A config with this seed and the defaults otherwise.
+    pub fn with_seed(seed: u64) -> Self {
+        DataplaneConfig {
+            seed,
+            ..Default::default()
+        }
+    }
+
+    /// Sets the node topology.
+    pub fn node(mut self, node: NodeTopology) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// Sets the scheduler.
+    pub fn scheduler(mut self, scheduler: impl Into<SchedulerConfig>) -> Self {
+        self.scheduler = scheduler.into();
+        self
+    }
+}
+
+/// A Service dataplane: given a flow and the time, a verdict.
+///
+/// # Examples
+/// ```
+/// use svclb::*;
+/// let mut table = ServiceTable::new();
+/// let svc = Service::builder("default", "web")
+///     .cluster_ip("10.96.0.10".parse().unwrap())
+///     .port(ServicePortSpec::tcp(80).target_port(8080))
+///     .build().unwrap();
+/// let slice = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+///     .port(SlicePortSpec::tcp(8080))
+///     .endpoint(EndpointSpec::new("10.0.0.2"))
+///     .build().unwrap();
+/// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+/// let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1));
+/// dp.sync(&table, &changes);
+/// let flow = Flow::tcp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:80".parse().unwrap());
+/// assert_eq!(dp.route(&flow, Instant::ZERO), Verdict::Forward("10.0.0.2:8080".parse().unwrap()));
+/// ```
+pub trait Dataplane: Send + Sync {
+    /// `iptables`, `ipvs`, ...
+    fn mode(&self) -> &'static str;
+
+    /// Brings the dataplane up to date with `table`, given what changed.
+    /// Pass [`ServiceTable::full_change_set`] for a full resync.
+    fn sync(&self, table: &ServiceTable, changes: &ChangeSet);
+
+    /// Decides a new flow (or a packet of one): forward, reject, drop, or
+    /// pass through.
+    fn route(&self, flow: &Flow, now: Instant) -> Verdict;
+
+    /// Reports that a connection `route` forwarded to `backend` has ended.
+    fn connection_closed(&self, flow: &Flow, backend: SocketAddr, now: Instant);
+
+    /// The backends that may take a new connection to `dst`, or the verdict
+    /// for all of them. For inspection and tests; it allocates.
+    fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates;
+}

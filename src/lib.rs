@@ -1,0 +1,82 @@
+//! # svclb — Kubernetes Service load balancing as data structures
+//!
+//! svclb models what kube-proxy, IPVS and eBPF dataplanes do with Kubernetes
+//! Services, with no packet I/O of its own (sans-IO, like smoltcp or
+//! quinn-proto). A caller extracts a [`Flow`] from its own packets or
+//! sockets, asks a [`Dataplane`] for a [`Verdict`], and rewrites or forwards.
+//!
+//! ## The map
+//! Data flows one way:
+//!
+//! 1. **Model** ([`model`]): [`Service`]s and [`EndpointSlice`]s, built with
+//!    validating builders (typed [`ValidationError`]s that name the field).
+//! 2. **Table** ([`ServiceTable`]): takes [`Change`]s whole or not at all,
+//!    merges slices as kube-proxy does, and reports a [`ChangeSet`].
+//! 3. **Dataplanes** ([`dataplane`]): [`IptablesDataplane`] (a flat rule
+//!    list walked in order) and [`IpvsDataplane`] (a hash table of virtual
+//!    services), both behind the [`Dataplane`] trait.
+//! 4. **Schedulers** ([`scheduler`]): random (the iptables cascade), rr,
+//!    wrr, lc, wlc, sh — or your own [`Scheduler`].
+//! 5. **Topology** ([`topology`]): which endpoints take new connections
+//!    (ready, serving-terminating fallback, Local policies, hints).
+//!
+//! Time comes from the caller ([`Instant`]) and randomness from a seeded
+//! generator ([`SeededRng`]): a fixed seed replays a run exactly.
+//!
+//! ## Quick start
+//! ```
+//! use svclb::*;
+//!
+//! let mut table = ServiceTable::new();
+//! let web = Service::builder("default", "web")
+//!     .cluster_ip("10.96.0.10".parse().unwrap())
+//!     .port(ServicePortSpec::tcp(80).name("http").target_port(8080))
+//!     .build()?;
+//! let slice = EndpointSlice::builder("default", "web-abc12", "web", AddressType::IPv4)
+//!     .port(SlicePortSpec::tcp(8080).name("http"))
+//!     .endpoint(EndpointSpec::new("10.1.0.5"))
+//!     .endpoint(EndpointSpec::new("10.1.0.6"))
+//!     .build()?;
+//! let changes = table.apply_batch([Change::UpsertService(web), Change::UpsertSlice(slice)])?;
+//!
+//! let dp = IpvsDataplane::new(DataplaneConfig::with_seed(42));
+//! dp.sync(&table, &changes);
+//! let flow = Flow::tcp("10.2.0.9:40000".parse()?, "10.96.0.10:80".parse()?);
+//! assert!(matches!(dp.route(&flow, Instant::ZERO), Verdict::Forward(_)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## Features
+//! - `serde` (default): `Serialize`/`Deserialize` on the plain model types.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod dataplane;
+pub mod error;
+pub mod model;
+mod rng;
+pub mod scheduler;
+pub mod table;
+mod time;
+pub mod topology;
+
+pub use dataplane::{Candidates, Dataplane, DataplaneConfig, IptablesDataplane, IpvsDataplane};
+pub use error::{UpdateError, ValidationError};
+pub use model::endpoint_slice::{
+    AddressType, Conditions, Endpoint, EndpointAddress, EndpointSlice, EndpointSliceBuilder,
+    EndpointSpec, SliceKey, SlicePort, SlicePortSpec,
+};
+pub use model::flow::{Flow, Protocol, Verdict};
+pub use model::service::{
+    ClusterIp, Service, ServiceBuilder, ServiceKey, ServicePort, ServicePortSpec, SessionAffinity,
+    TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
+};
+pub use rng::{SeededRng, mix64};
+pub use scheduler::{Scheduler, SchedulerConfig, SchedulerFactory, SchedulerKind};
+pub use table::{
+    Change, ChangeSet, EndpointInfo, ServiceSnapshot, ServiceTable, ServiceView, TableSnapshot,
+    TableStats,
+};
+pub use time::Instant;
+pub use topology::NodeTopology;

@@ -1,0 +1,6 @@
+//! The data model: services, endpoint slices, flows and verdicts.
+
+pub mod endpoint_slice;
+pub mod flow;
+pub(crate) mod names;
+pub mod service;

@@ -1,0 +1,671 @@
+//! Services: keys, cluster IPs, ports, session affinity and traffic policies.
+
+use core::fmt;
+use core::time::Duration;
+use std::net::IpAddr;
+
+use smallvec::SmallVec;
+
+use crate::error::ValidationError;
+use crate::model::flow::Protocol;
+use crate::model::names::{validate_dns_label, validate_port, validate_port_name};
+
+/// The default `sessionAffinityConfig.clientIP.timeoutSeconds`: 3 hours.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+/// The largest affinity timeout the Kubernetes API accepts: one day.
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
+
+/// A service's identity: `namespace/name`.
+///
+/// # Examples
+/// ```
+/// let key = svclb::ServiceKey::new("default", "web");
+/// assert_eq!(key.to_string(), "default/web");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ServiceKey {
+    /// The namespace.
+    pub namespace: String,
+    /// The service name.
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// A key from its two parts (not validated; builders validate).
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A service's cluster IP(s), or none for a headless service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClusterIp {
+    /// `clusterIP: None`: nothing is proxied; DNS hands out the Pod IPs.
+    Headless,
+    /// One address, or two for a dual-stack service (`clusterIPs`).
+    Ips(SmallVec<[IpAddr; 2]>),
+}
+
+impl ClusterIp {
+    /// A single-stack cluster IP.
+    pub fn ip(ip: IpAddr) -> Self {
+        ClusterIp::Ips(smallvec::smallvec![ip])
+    }
+
+    /// The addresses (empty for a headless service).
+    pub fn addrs(&self) -> &[IpAddr] {
+        match self {
+            ClusterIp::Headless => &[],
+            ClusterIp::Ips(ips) => ips,
+        }
+    }
+
+    /// Whether this is a headless service.
+    pub fn is_headless(&self) -> bool {
+        matches!(self, ClusterIp::Headless)
+    }
+}
+
+/// A service port's target: a number, or the name of a container port that
+/// the EndpointSlice controller resolved into the slice ports.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(untagged))]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A named container port.
+    Name(String),
+}
+
+impl fmt::Display for TargetPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetPort::Number(n) => write!(f, "{n}"),
+            TargetPort::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+/// An unvalidated target port, as a builder takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPortSpec {
+    /// A number (validated to 1..=65535).
+    Number(i64),
+    /// A name (validated as an IANA service name).
+    Name(String),
+}
+
+/// An unvalidated service port, as [`ServiceBuilder::port`] takes it.
+///
+/// # Examples
+/// ```
+/// use svclb::ServicePortSpec;
+/// let p = ServicePortSpec::tcp(80).name("http").target_port(8080);
+/// assert_eq!(p.port, 80);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortSpec {
+    /// The port name (required when a service has more than one port).
+    pub name: Option<String>,
+    /// The port number on the cluster IP.
+    pub port: i64,
+    /// The target port; `None` means the same number as `port`.
+    pub target_port: Option<TargetPortSpec>,
+    /// The protocol.
+    pub protocol: Protocol,
+}
+
+impl ServicePortSpec {
+    /// A port with the given protocol.
+    pub fn new(protocol: Protocol, port: i64) -> Self {
+        ServicePortSpec {
+            name: None,
+            port,
+            target_port: None,
+            protocol,
+        }
+    }
+    /// A TCP port.
+    pub fn tcp(port: i64) -> Self {
+        Self::new(Protocol::Tcp, port)
+    }
+    /// A UDP port.
+    pub fn udp(port: i64) -> Self {
+        Self::new(Protocol::Udp, port)
+    }
+    /// An SCTP port.
+    pub fn sctp(port: i64) -> Self {
+        Self::new(Protocol::Sctp, port)
+    }
+    /// Sets the port name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    /// Sets a numeric target port.
+    pub fn target_port(mut self, port: i64) -> Self {
+        self.target_port = Some(TargetPortSpec::Number(port));
+        self
+    }
+    /// Sets a named target port.
+    pub fn target_port_name(mut self, name: impl Into<String>) -> Self {
+        self.target_port = Some(TargetPortSpec::Name(name.into()));
+        self
+    }
+}
+
+/// A validated service port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServicePort {
+    name: Option<String>,
+    port: u16,
+    target_port: TargetPort,
+    protocol: Protocol,
+}
+
+impl ServicePort {
+    /// The port name, if any. Endpoint ports are matched to service ports by
+    /// this name, as kube-proxy does.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+    /// The port name, or `""`.
+    pub fn name_or_empty(&self) -> &str {
+        self.name.as_deref().unwrap_or("")
+    }
+    /// The port on the cluster IP.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// The target port.
+    pub fn target_port(&self) -> &TargetPort {
+        &self.target_port
+    }
+    /// The protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+}
+
+/// `spec.sessionAffinity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SessionAffinity {
+    /// No affinity (the default).
+    #[default]
+    None,
+    /// Pin a client IP to one endpoint for `timeout_secs` after its last new
+    /// connection.
+    ClientIp {
+        /// The idle timeout in seconds, 1..=86400.
+        timeout_secs: u32,
+    },
+}
+
+impl SessionAffinity {
+    /// The timeout, for `ClientIp`.
+    pub fn timeout(&self) -> Option<Duration> {
+        match self {
+            SessionAffinity::None => None,
+            SessionAffinity::ClientIp { timeout_secs } => {
+                Some(Duration::from_secs(u64::from(*timeout_secs)))
+            }
+        }
+    }
+}
+
+/// `spec.internalTrafficPolicy` / `spec.externalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum TrafficPolicy {
+    /// Any usable endpoint in the cluster (the default).
+    #[default]
+    Cluster,
+    /// Only endpoints on this node.
+    Local,
+}
+
+/// `spec.trafficDistribution`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum TrafficDistribution {
+    /// Prefer endpoints in the client's zone (`PreferClose` is its deprecated alias).
+    PreferSameZone,
+    /// Prefer endpoints on the client's node.
+    PreferSameNode,
+}
+
+/// A validated Kubernetes Service, as far as the dataplane cares.
+///
+/// Build one with [`Service::builder`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    key: ServiceKey,
+    cluster_ip: ClusterIp,
+    ports: SmallVec<[ServicePort; 2]>,
+    session_affinity: SessionAffinity,
+    internal_traffic_policy: TrafficPolicy,
+    external_traffic_policy: TrafficPolicy,
+    traffic_distribution: Option<TrafficDistribution>,
+    topology_mode: Option<String>,
+    publish_not_ready_addresses: bool,
+}
+
+impl Service {
+    /// Starts building a service `namespace/name`.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::{Service, ServicePortSpec};
+    /// let svc = Service::builder("default", "web")
+    ///     .cluster_ip("10.96.0.10".parse().unwrap())
+    ///     .port(ServicePortSpec::tcp(80).name("http").target_port(8080))
+    ///     .client_ip_affinity(Some(3600))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(svc.ports()[0].port(), 80);
+    /// ```
+    pub fn builder(namespace: impl Into<String>, name: impl Into<String>) -> ServiceBuilder {
+        ServiceBuilder {
+            key: ServiceKey::new(namespace, name),
+            cluster_ips: SmallVec::new(),
+            headless: false,
+            ports: Vec::new(),
+            affinity: None,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            traffic_distribution: None,
+            topology_mode: None,
+            publish_not_ready_addresses: false,
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> &ServiceKey {
+        &self.key
+    }
+    /// The cluster IP(s), or headless.
+    pub fn cluster_ip(&self) -> &ClusterIp {
+        &self.cluster_ip
+    }
+    /// Whether the service is headless.
+    pub fn is_headless(&self) -> bool {
+        self.cluster_ip.is_headless()
+    }
+    /// The ports.
+    pub fn ports(&self) -> &[ServicePort] {
+        &self.ports
+    }
+    /// The session affinity.
+    pub fn session_affinity(&self) -> SessionAffinity {
+        self.session_affinity
+    }
+    /// `spec.internalTrafficPolicy`.
+    pub fn internal_traffic_policy(&self) -> TrafficPolicy {
+        self.internal_traffic_policy
+    }
+    /// `spec.externalTrafficPolicy`.
+    pub fn external_traffic_policy(&self) -> TrafficPolicy {
+        self.external_traffic_policy
+    }
+    /// `spec.trafficDistribution`.
+    pub fn traffic_distribution(&self) -> Option<TrafficDistribution> {
+        self.traffic_distribution
+    }
+    /// The `service.kubernetes.io/topology-mode` annotation (or the older
+    /// `topology-aware-hints`), if set.
+    pub fn topology_mode(&self) -> Option<&str> {
+        self.topology_mode.as_deref()
+    }
+    /// `spec.publishNotReadyAddresses`.
+    pub fn publish_not_ready_addresses(&self) -> bool {
+        self.publish_not_ready_addresses
+    }
+    /// `ns/name:port` (or `ns/name` for an unnamed port), kube-proxy's
+    /// `ServicePortName` string.
+    pub fn port_name_string(&self, port: &ServicePort) -> String {
+        match port.name() {
+            Some(n) if !n.is_empty() => format!("{}:{}", self.key, n),
+            _ => self.key.to_string(),
+        }
+    }
+}
+
+/// Builds a [`Service`], validating every field on [`ServiceBuilder::build`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ServiceBuilder {
+    key: ServiceKey,
+    cluster_ips: SmallVec<[IpAddr; 2]>,
+    headless: bool,
+    ports: Vec<ServicePortSpec>,
+    affinity: Option<Option<i64>>,
+    internal_traffic_policy: TrafficPolicy,
+    external_traffic_policy: TrafficPolicy,
+    traffic_distribution: Option<TrafficDistribution>,
+    topology_mode: Option<String>,
+    publish_not_ready_addresses: bool,
+}
+
+impl ServiceBuilder {
+    /// Adds a cluster IP (call twice for dual stack).
+    pub fn cluster_ip(mut self, ip: IpAddr) -> Self {
+        self.cluster_ips.push(ip);
+        self
+    }
+    /// Makes the service headless (`clusterIP: None`).
+    pub fn headless(mut self) -> Self {
+        self.headless = true;
+        self
+    }
+    /// Adds a port.
+    pub fn port(mut self, port: ServicePortSpec) -> Self {
+        self.ports.push(port);
+        self
+    }
+    /// `sessionAffinity: ClientIP` with the given timeout (`None` = 10800 s).
+    pub fn client_ip_affinity(mut self, timeout_secs: Option<i64>) -> Self {
+        self.affinity = Some(timeout_secs);
+        self
+    }
+    /// `spec.internalTrafficPolicy`.
+    pub fn internal_traffic_policy(mut self, policy: TrafficPolicy) -> Self {
+        self.internal_traffic_policy = policy;
+        self
+    }
+    /// `spec.externalTrafficPolicy`.
+    pub fn external_traffic_policy(mut self, policy: TrafficPolicy) -> Self {
+        self.external_traffic_policy = policy;
+        self
+    }
+    /// `spec.trafficDistribution`.
+    pub fn traffic_distribution(mut self, d: TrafficDistribution) -> Self {
+        self.traffic_distribution = Some(d);
+        self
+    }
+    /// The topology-mode annotation's value (`Auto`, ...).
+    pub fn topology_mode(mut self, mode: impl Into<String>) -> Self {
+        self.topology_mode = Some(mode.into());
+        self
+    }
+    /// `spec.publishNotReadyAddresses`.
+    pub fn publish_not_ready_addresses(mut self, publish: bool) -> Self {
+        self.publish_not_ready_addresses = publish;
+        self
+    }
+
+    /// Validates and builds.
+    ///
+    /// # Errors
+    /// A [`ValidationError`] naming the first bad field: names that are not
+    /// DNS labels, ports outside 1..=65535, duplicate or unnamed ports in a
+    /// multi-port service, an affinity timeout outside 1..=86400, a cluster IP
+    /// on a headless service, or a non-headless service without a cluster IP
+    /// or ports.
+    pub fn build(self) -> Result<Service, ValidationError> {
+        validate_dns_label("metadata.namespace", &self.key.namespace)?;
+        validate_dns_label("metadata.name", &self.key.name)?;
+        let cluster_ip = if self.headless {
+            if let Some(ip) = self.cluster_ips.first() {
+                return Err(ValidationError::Invalid {
+                    field: "spec.clusterIP".into(),
+                    value: ip.to_string(),
+                    reason: "a headless service has clusterIP None",
+                });
+            }
+            ClusterIp::Headless
+        } else {
+            if self.cluster_ips.is_empty() {
+                return Err(ValidationError::Missing {
+                    field: "spec.clusterIP".into(),
+                });
+            }
+            if self.cluster_ips.len() > 2
+                || (self.cluster_ips.len() == 2
+                    && self.cluster_ips[0].is_ipv4() == self.cluster_ips[1].is_ipv4())
+            {
+                return Err(ValidationError::Invalid {
+                    field: "spec.clusterIPs".into(),
+                    value: format!("{:?}", self.cluster_ips),
+                    reason: "at most one address per IP family",
+                });
+            }
+            if self.ports.is_empty() {
+                return Err(ValidationError::Missing {
+                    field: "spec.ports".into(),
+                });
+            }
+            ClusterIp::Ips(self.cluster_ips)
+        };
+        let mut ports: SmallVec<[ServicePort; 2]> = SmallVec::with_capacity(self.ports.len());
+        let multi = self.ports.len() > 1;
+        for (i, spec) in self.ports.into_iter().enumerate() {
+            let name = match spec.name.filter(|n| !n.is_empty()) {
+                Some(n) => {
+                    validate_dns_label(&format!("spec.ports[{i}].name"), &n)?;
+                    Some(n)
+                }
+                None if multi => {
+                    return Err(ValidationError::Missing {
+                        field: format!("spec.ports[{i}].name"),
+                    });
+                }
+                None => None,
+            };
+            let port = validate_port(&format!("spec.ports[{i}].port"), spec.port)?;
+            let target_port = match spec.target_port {
+                None => TargetPort::Number(port),
+                Some(TargetPortSpec::Number(0)) => TargetPort::Number(port),
+                Some(TargetPortSpec::Number(n)) => {
+                    TargetPort::Number(validate_port(&format!("spec.ports[{i}].targetPort"), n)?)
+                }
+                Some(TargetPortSpec::Name(n)) => {
+                    validate_port_name(&format!("spec.ports[{i}].targetPort"), &n)?;
+                    TargetPort::Name(n)
+                }
+            };
+            if let Some(prev) = ports.iter().find(|p| p.name.is_some() && p.name == name) {
+                return Err(ValidationError::Duplicate {
+                    field: format!("spec.ports[{i}].name"),
+                    value: prev.name_or_empty().to_owned(),
+                });
+            }
+            if ports
+                .iter()
+                .any(|p| p.port == port && p.protocol == spec.protocol)
+            {
+                return Err(ValidationError::Duplicate {
+                    field: format!("spec.ports[{i}]"),
+                    value: format!("{port}/{}", spec.protocol),
+                });
+            }
+            ports.push(ServicePort {
+                name,
+                port,
+                target_port,
+                protocol: spec.protocol,
+            });
+        }
+        let session_affinity = match self.affinity {
+            None => SessionAffinity::None,
+            Some(timeout) => {
+                let t = timeout.unwrap_or(i64::from(DEFAULT_AFFINITY_TIMEOUT_SECS));
+                if !(1..=i64::from(MAX_AFFINITY_TIMEOUT_SECS)).contains(&t) {
+                    return Err(ValidationError::TimeoutOutOfRange {
+                        field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        value: t,
+                    });
+                }
+                SessionAffinity::ClientIp {
+                    timeout_secs: t as u32,
+                }
+            }
+        };
+        Ok(Service {
+            key: self.key,
+            cluster_ip,
+            ports,
+            session_affinity,
+            internal_traffic_policy: self.internal_traffic_policy,
+            external_traffic_policy: self.external_traffic_policy,
+            traffic_distribution: self.traffic_distribution,
+            topology_mode: self.topology_mode,
+            publish_not_ready_addresses: self.publish_not_ready_addresses,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> ServiceBuilder {
+        Service::builder("default", "web").cluster_ip("10.96.0.1".parse().unwrap())
+    }
+
+    #[test]
+    fn builds_with_defaults() {
+        let s = base().port(ServicePortSpec::tcp(80)).build().unwrap();
+        assert_eq!(s.ports()[0].target_port(), &TargetPort::Number(80));
+        assert_eq!(s.session_affinity(), SessionAffinity::None);
+        let s = base()
+            .port(ServicePortSpec::tcp(80))
+            .client_ip_affinity(None)
+            .build()
+            .unwrap();
+        assert_eq!(
+            s.session_affinity(),
+            SessionAffinity::ClientIp {
+                timeout_secs: 10_800
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_port_out_of_range_naming_field_and_value() {
+        for bad in [0i64, -1, 65_536, 1 << 40] {
+            let err = base().port(ServicePortSpec::tcp(bad)).build().unwrap_err();
+            assert_eq!(
+                err,
+                ValidationError::PortOutOfRange {
+                    field: "spec.ports[0].port".into(),
+                    value: bad
+                }
+            );
+        }
+        let err = base()
+            .port(ServicePortSpec::tcp(80).target_port(70_000))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.ports[0].targetPort");
+        assert!(err.to_string().contains("70000"));
+    }
+
+    #[test]
+    fn affinity_timeout_bounds() {
+        for ok in [1i64, 86_400] {
+            assert!(
+                base()
+                    .port(ServicePortSpec::tcp(80))
+                    .client_ip_affinity(Some(ok))
+                    .build()
+                    .is_ok()
+            );
+        }
+        for bad in [0i64, -5, 86_401] {
+            let err = base()
+                .port(ServicePortSpec::tcp(80))
+                .client_ip_affinity(Some(bad))
+                .build()
+                .unwrap_err();
+            assert_eq!(
+                err,
+                ValidationError::TimeoutOutOfRange {
+                    field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                    value: bad
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn multi_port_services_need_unique_names_and_ports() {
+        let err = base()
+            .port(ServicePortSpec::tcp(80).name("http"))
+            .port(ServicePortSpec::tcp(81))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ValidationError::Missing {
+                field: "spec.ports[1].name".into()
+            }
+        );
+        let err = base()
+            .port(ServicePortSpec::tcp(80).name("a"))
+            .port(ServicePortSpec::tcp(81).name("a"))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.ports[1].name");
+        let err = base()
+            .port(ServicePortSpec::tcp(80).name("a"))
+            .port(ServicePortSpec::tcp(80).name("b"))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ValidationError::Duplicate {
+                field: "spec.ports[1]".into(),
+                value: "80/TCP".into()
+            }
+        );
+        // Same number on another protocol is fine (DNS on 53/TCP and 53/UDP).
+        assert!(
+            base()
+                .port(ServicePortSpec::tcp(53).name("dns-tcp"))
+                .port(ServicePortSpec::udp(53).name("dns"))
+                .build()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn headless_and_cluster_ip_rules() {
+        let err = Service::builder("default", "web")
+            .port(ServicePortSpec::tcp(80))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.clusterIP");
+        let s = Service::builder("default", "kafka")
+            .headless()
+            .build()
+            .unwrap();
+        assert!(s.is_headless());
+        let err = base().headless().build().unwrap_err();
+        assert_eq!(err.field(), "spec.clusterIP");
+        let err = Service::builder("Default", "web")
+            .headless()
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "metadata.namespace");
+    }
+
+    #[test]
+    fn bad_target_port_name() {
+        let err = base()
+            .port(ServicePortSpec::tcp(80).target_port_name("Not_A_Name"))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.ports[0].targetPort");
+    }
+}

@@ -1,0 +1,171 @@
+//! `rr` and `wrr`, after `ip_vs_rr.c` and `ip_vs_wrr.c`.
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::{Destination, PickContext, Scheduler};
+
+/// Round-robin over the destinations with a weight above zero, in order.
+///
+/// The position is one atomic counter, so many threads pick without a lock;
+/// from one thread the picks cycle strictly in order.
+#[derive(Debug)]
+pub struct RoundRobin {
+    eligible: Box<[u32]>,
+    next: AtomicUsize,
+}
+
+impl RoundRobin {
+    /// Builds the rotation for `dests`.
+    pub fn new(dests: &[Destination]) -> Self {
+        RoundRobin {
+            eligible: (0..dests.len() as u32)
+                .filter(|&i| dests[i as usize].weight() > 0)
+                .collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Scheduler for RoundRobin {
+    #[inline]
+    fn pick(&self, _dests: &[Destination], _ctx: &PickContext<'_>) -> Option<usize> {
+        let n = self.eligible.len();
+        if n == 0 {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(self.eligible[i % n] as usize)
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// IPVS weighted round-robin: walk the destinations repeatedly, lowering the
+/// current weight by the gcd of all weights on every wrap, and take each
+/// destination whose weight is at least the current weight.
+///
+/// The state (position, current weight) is one `AtomicU64`, advanced with a
+/// compare-and-swap, so picks need no lock.
+#[derive(Debug)]
+pub struct WeightedRoundRobin {
+    weights: Box<[u32]>,
+    max_weight: u32,
+    gcd: u32,
+    /// High 32 bits: last position; low 32 bits: current weight.
+    state: AtomicU64,
+}
+
+impl WeightedRoundRobin {
+    /// Builds the schedule state for `dests`.
+    pub fn new(dests: &[Destination]) -> Self {
+        let weights: Box<[u32]> = dests.iter().map(Destination::weight).collect();
+        let max_weight = weights.iter().copied().max().unwrap_or(0);
+        let g = weights
+            .iter()
+            .copied()
+            .filter(|&w| w > 0)
+            .fold(0, gcd)
+            .max(1);
+        let last = (weights.len() as u64).saturating_sub(1);
+        WeightedRoundRobin {
+            weights,
+            max_weight,
+            gcd: g,
+            state: AtomicU64::new(last << 32),
+        }
+    }
+
+    fn step(&self, state: u64) -> (usize, u64) {
+        let n = self.weights.len();
+        let mut i = (state >> 32) as usize;
+        let mut cw = state as u32 as i64;
+        loop {
+            i = (i + 1) % n;
+            if i == 0 {
+                cw -= i64::from(self.gcd);
+                if cw <= 0 {
+                    cw = i64::from(self.max_weight);
+                }
+            }
+            if i64::from(self.weights[i]) >= cw && self.weights[i] > 0 {
+                return (i, ((i as u64) << 32) | cw as u64);
+            }
+        }
+    }
+}
+
+impl Scheduler for WeightedRoundRobin {
+    fn pick(&self, _dests: &[Destination], _ctx: &PickContext<'_>) -> Option<usize> {
+        if self.max_weight == 0 {
+            return None;
+        }
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            let (pick, next) = self.step(cur);
+            match self
+                .state
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(pick),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{dests, flow};
+    use super::*;
+    use crate::{Instant, SeededRng};
+
+    fn picks(s: &dyn Scheduler, d: &[Destination], n: usize) -> Vec<usize> {
+        let rng = SeededRng::new(0);
+        let f = flow([10, 1, 0, 1], 1);
+        let ctx = PickContext {
+            flow: &f,
+            now: Instant::ZERO,
+            rng: &rng,
+        };
+        (0..n).map(|_| s.pick(d, &ctx).unwrap()).collect()
+    }
+
+    #[test]
+    fn rr_cycles_in_order_skipping_weight_zero() {
+        let d = dests(&[1, 1, 1]);
+        assert_eq!(picks(&RoundRobin::new(&d), &d, 7), [0, 1, 2, 0, 1, 2, 0]);
+        let d = dests(&[1, 0, 1]);
+        assert_eq!(picks(&RoundRobin::new(&d), &d, 4), [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn wrr_follows_ipvs_sequence() {
+        // Weights 4, 3, 2 (gcd 1): the classic LVS example sequence.
+        let d = dests(&[4, 3, 2]);
+        let seq = picks(&WeightedRoundRobin::new(&d), &d, 9);
+        assert_eq!(seq, [0, 0, 1, 0, 1, 2, 0, 1, 2]);
+        // Over many cycles the shares equal the weights.
+        let seq = picks(&WeightedRoundRobin::new(&d), &d, 900);
+        let count = |k| seq.iter().filter(|&&x| x == k).count();
+        assert_eq!((count(0), count(1), count(2)), (400, 300, 200));
+    }
+
+    #[test]
+    fn wrr_with_gcd_and_zero_weights() {
+        let d = dests(&[2, 0, 4]);
+        let seq = picks(&WeightedRoundRobin::new(&d), &d, 6);
+        assert_eq!(seq, [2, 0, 2, 2, 0, 2]);
+        let d = dests(&[0, 0]);
+        let rng = SeededRng::new(0);
+        let f = flow([1, 1, 1, 1], 1);
+        let ctx = PickContext {
+            flow: &f,
+            now: Instant::ZERO,
+            rng: &rng,
+        };
+        assert_eq!(WeightedRoundRobin::new(&d).pick(&d, &ctx), None);
+        assert_eq!(RoundRobin::new(&d).pick(&d, &ctx), None);
+    }
+}

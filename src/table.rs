@@ -1,0 +1,1010 @@
+//! The control-plane table: services and their EndpointSlices, changed whole
+//! or not at all, merged the way kube-proxy merges them.
+//!
+//! A [`ServiceTable`] takes [`Change`]s, alone or in a batch. It validates a
+//! batch against the state it would meet (an overlay, nothing is touched),
+//! then applies it with steps that cannot fail, so a refused batch leaves the
+//! table exactly as it was.
+//!
+//! Merging follows kube-proxy's `endpointslicecache.go`: per service port
+//! (matched by port name and protocol), endpoints are keyed by `"IP:port"`;
+//! when two slices carry the same key a non-terminating copy wins (then the
+//! copy from the slice whose name sorts first, so the result does not depend
+//! on arrival order); the merged list is sorted as strings of `"IP:port"`.
+//!
+//! Replacing one slice costs work in proportion to that slice: the old and
+//! new versions are compared endpoint by endpoint and only the endpoints that
+//! changed are removed from or added to the merged map. The other slices of
+//! the service are not read. [`TableStats`] counts this work so that tests
+//! can observe it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ahash::{AHashMap, AHashSet};
+use smallvec::SmallVec;
+
+use crate::error::UpdateError;
+use crate::model::endpoint_slice::{Endpoint, EndpointAddress, EndpointSlice, SliceKey};
+use crate::model::flow::Protocol;
+use crate::model::service::{Service, ServiceKey, ServicePort};
+
+/// One change to the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Add a service, or replace it (its slices stay).
+    UpsertService(Service),
+    /// Delete a service and, as the garbage collector would, its slices.
+    DeleteService(ServiceKey),
+    /// Add a slice, or replace it.
+    UpsertSlice(EndpointSlice),
+    /// Delete a slice.
+    DeleteSlice(SliceKey),
+}
+
+/// What a successful apply changed: the services whose dataplane state must
+/// be rebuilt, and those that are gone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    /// The table's generation after the change.
+    pub generation: u64,
+    /// Services added or changed (definition or endpoints).
+    pub updated: Vec<ServiceKey>,
+    /// Services deleted.
+    pub removed: Vec<ServiceKey>,
+    /// A full resync: the dataplane should rebuild from the whole table.
+    pub full: bool,
+}
+
+impl ChangeSet {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.updated.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Counters of the work the table has done, to observe incrementality.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Slices whose contents were (re)merged, one per slice upsert or delete.
+    pub slices_merged: u64,
+    /// Endpoint copies added to or removed from a merged map.
+    pub endpoint_merges: u64,
+    /// Merged per-port endpoint lists rebuilt.
+    pub port_lists_built: u64,
+}
+
+/// A merged endpoint of one service port, as the dataplanes see it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    addr: SocketAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    hostname: Option<String>,
+    node_name: Option<String>,
+    zone: Option<String>,
+    hint_zones: SmallVec<[String; 1]>,
+    hint_nodes: SmallVec<[String; 1]>,
+    weight: u16,
+}
+
+impl EndpointInfo {
+    fn new(ip: IpAddr, port: u16, ep: &Endpoint) -> Self {
+        let c = ep.conditions();
+        EndpointInfo {
+            addr: SocketAddr::new(ip, port),
+            ready: c.is_ready(),
+            serving: c.is_serving(),
+            terminating: c.is_terminating(),
+            hostname: ep.hostname().map(str::to_owned),
+            node_name: ep.node_name().map(str::to_owned),
+            zone: ep.zone().map(str::to_owned),
+            hint_zones: ep.hint_zones().iter().cloned().collect(),
+            hint_nodes: ep.hint_nodes().iter().cloned().collect(),
+            weight: ep.weight(),
+        }
+    }
+
+    /// A standalone endpoint (for tests, simulators and custom schedulers).
+    pub fn from_addr(addr: SocketAddr) -> Self {
+        EndpointInfo {
+            addr,
+            ready: true,
+            serving: true,
+            terminating: false,
+            hostname: None,
+            node_name: None,
+            zone: None,
+            hint_zones: SmallVec::new(),
+            hint_nodes: SmallVec::new(),
+            weight: 1,
+        }
+    }
+
+    /// The backend `IP:port`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// `conditions.ready` (absent = true).
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+    /// `conditions.serving` (absent = true).
+    pub fn is_serving(&self) -> bool {
+        self.serving
+    }
+    /// `conditions.terminating` (absent = false).
+    pub fn is_terminating(&self) -> bool {
+        self.terminating
+    }
+    /// `hostname`.
+    pub fn hostname(&self) -> Option<&str> {
+        self.hostname.as_deref()
+    }
+    /// `nodeName`.
+    pub fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
+    /// `zone`.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+    /// Zone hints.
+    pub fn hint_zones(&self) -> &[String] {
+        &self.hint_zones
+    }
+    /// Node hints.
+    pub fn hint_nodes(&self) -> &[String] {
+        &self.hint_nodes
+    }
+    /// The weight (1 unless set; 0 takes no new connections).
+    pub fn weight(&self) -> u16 {
+        self.weight
+    }
+    /// Whether the endpoint runs on `node`.
+    pub fn is_on_node(&self, node: Option<&str>) -> bool {
+        matches!((self.node_name.as_deref(), node), (Some(a), Some(b)) if a == b)
+    }
+    /// `IP:port` with IPv6 in brackets, kube-proxy's endpoint string.
+    pub fn addr_string(&self) -> String {
+        endpoint_key(self.addr.ip(), self.addr.port()).into()
+    }
+}
+
+/// A service port with its merged endpoints, in kube-proxy's order.
+#[derive(Debug, Clone)]
+pub struct PortView {
+    port: ServicePort,
+    endpoints: Arc<[Arc<EndpointInfo>]>,
+}
+
+impl PortView {
+    /// The service port.
+    pub fn port(&self) -> &ServicePort {
+        &self.port
+    }
+    /// The merged endpoints, sorted as strings of `"IP:port"`.
+    pub fn endpoints(&self) -> &Arc<[Arc<EndpointInfo>]> {
+        &self.endpoints
+    }
+}
+
+/// A service with its merged endpoints per port: what a dataplane compiles.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    service: Arc<Service>,
+    ports: SmallVec<[PortView; 2]>,
+}
+
+impl ServiceView {
+    /// The service.
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+    /// Its ports, in the service's order.
+    pub fn ports(&self) -> &[PortView] {
+        &self.ports
+    }
+}
+
+/// Merging key: a service port is matched to slice ports by name and protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PortKey {
+    name: String,
+    protocol: Protocol,
+}
+
+impl PortKey {
+    fn of_service_port(p: &ServicePort) -> Self {
+        PortKey {
+            name: p.name_or_empty().to_owned(),
+            protocol: p.protocol(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EndpointCopy {
+    slice: Arc<str>,
+    info: Arc<EndpointInfo>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct MergedPort {
+    /// `"IP:port"` -> the copies of that endpoint, one per slice carrying it.
+    map: BTreeMap<Box<str>, SmallVec<[EndpointCopy; 1]>>,
+    list: Option<Arc<[Arc<EndpointInfo>]>>,
+}
+
+impl MergedPort {
+    fn winner(copies: &[EndpointCopy]) -> &Arc<EndpointInfo> {
+        // A non-terminating copy wins; then the slice whose name sorts first.
+        let best = copies
+            .iter()
+            .min_by(|a, b| (a.info.terminating, &*a.slice).cmp(&(b.info.terminating, &*b.slice)))
+            .expect("a merged key always has a copy");
+        &best.info
+    }
+
+    fn list(&mut self, stats: &mut TableStats) -> Arc<[Arc<EndpointInfo>]> {
+        if let Some(list) = &self.list {
+            return list.clone();
+        }
+        stats.port_lists_built += 1;
+        let list: Arc<[Arc<EndpointInfo>]> = self
+            .map
+            .values()
+            .map(|copies| Self::winner(copies).clone())
+            .collect();
+        self.list = Some(list.clone());
+        list
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ServiceEntry {
+    service: Arc<Service>,
+    slices: BTreeMap<String, Arc<EndpointSlice>>,
+    merged: AHashMap<PortKey, MergedPort>,
+    view: Arc<ServiceView>,
+}
+
+type VipKey = (IpAddr, Protocol, u16);
+
+fn vip_keys(svc: &Service) -> SmallVec<[VipKey; 4]> {
+    let mut out = SmallVec::new();
+    for ip in svc.cluster_ip().addrs() {
+        for p in svc.ports() {
+            out.push((*ip, p.protocol(), p.port()));
+        }
+    }
+    out
+}
+
+/// `IP:port`, IPv6 in brackets: kube-proxy's endpoint key.
+pub(crate) fn endpoint_key(ip: IpAddr, port: u16) -> Box<str> {
+    let mut s = String::with_capacity(24);
+    match ip {
+        IpAddr::V4(v4) => write!(s, "{v4}:{port}"),
+        IpAddr::V6(v6) => write!(s, "[{v6}]:{port}"),
+    }
+    .expect("writing to a String cannot fail");
+    s.into_boxed_str()
+}
+
+/// One service in a [`TableSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSnapshot {
+    /// The service.
+    pub service: Service,
+    /// Its slices, in name order.
+    pub slices: Vec<EndpointSlice>,
+    /// Per service port, the merged endpoints.
+    pub ports: Vec<Vec<EndpointInfo>>,
+}
+
+/// A full, comparable copy of the table's contents, for tests and fuzzing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSnapshot {
+    /// Every service, by key.
+    pub services: BTreeMap<ServiceKey, ServiceSnapshot>,
+}
+
+/// The control-plane table of services and endpoint slices.
+///
+/// # Examples
+/// ```
+/// use svclb::*;
+/// let mut table = ServiceTable::new();
+/// let svc = Service::builder("default", "web")
+///     .cluster_ip("10.96.0.10".parse().unwrap())
+///     .port(ServicePortSpec::tcp(80).target_port(8080))
+///     .build().unwrap();
+/// let slice = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+///     .port(SlicePortSpec::tcp(8080))
+///     .endpoint(EndpointSpec::new("10.0.0.2"))
+///     .endpoint(EndpointSpec::new("10.0.0.10"))
+///     .build().unwrap();
+/// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+/// assert_eq!(changes.updated.len(), 1);
+/// let view = table.view(&ServiceKey::new("default", "web")).unwrap();
+/// // Sorted as strings: "10.0.0.10:8080" < "10.0.0.2:8080".
+/// let addrs: Vec<String> = view.ports()[0].endpoints().iter().map(|e| e.addr().to_string()).collect();
+/// assert_eq!(addrs, ["10.0.0.10:8080", "10.0.0.2:8080"]);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ServiceTable {
+    services: AHashMap<ServiceKey, ServiceEntry>,
+    slice_owner: AHashMap<SliceKey, ServiceKey>,
+    vips: AHashMap<VipKey, ServiceKey>,
+    generation: u64,
+    stats: TableStats,
+}
+
+/// The state a batch would meet, for validation without touching the table.
+struct Overlay<'a> {
+    table: &'a ServiceTable,
+    services: AHashMap<ServiceKey, Option<SmallVec<[VipKey; 4]>>>,
+    deleted: AHashSet<ServiceKey>,
+    slices: AHashMap<SliceKey, Option<ServiceKey>>,
+    vips: AHashMap<VipKey, Option<ServiceKey>>,
+}
+
+impl<'a> Overlay<'a> {
+    fn new(table: &'a ServiceTable) -> Self {
+        Overlay {
+            table,
+            services: AHashMap::new(),
+            deleted: AHashSet::new(),
+            slices: AHashMap::new(),
+            vips: AHashMap::new(),
+        }
+    }
+
+    fn service_vips(&self, key: &ServiceKey) -> Option<SmallVec<[VipKey; 4]>> {
+        match self.services.get(key) {
+            Some(v) => v.clone(),
+            None => self.table.services.get(key).map(|e| vip_keys(&e.service)),
+        }
+    }
+
+    fn slice_owner(&self, key: &SliceKey) -> Option<ServiceKey> {
+        match self.slices.get(key) {
+            Some(v) => v.clone(),
+            None => self
+                .table
+                .slice_owner
+                .get(key)
+                .filter(|owner| !self.deleted.contains(*owner))
+                .cloned(),
+        }
+    }
+
+    fn vip_owner(&self, key: &VipKey) -> Option<ServiceKey> {
+        match self.vips.get(key) {
+            Some(v) => v.clone(),
+            None => self.table.vips.get(key).cloned(),
+        }
+    }
+
+    fn check(&mut self, change: &Change) -> Result<(), UpdateError> {
+        match change {
+            Change::UpsertService(svc) => {
+                let key = svc.key();
+                let new_vips = vip_keys(svc);
+                for (i, vip) in new_vips.iter().enumerate() {
+                    if let Some(other) = self.vip_owner(vip) {
+                        if &other != key {
+                            let port_idx = i % svc.ports().len().max(1);
+                            return Err(UpdateError::ConflictingPort {
+                                service: key.to_string(),
+                                field: format!("spec.ports[{port_idx}]"),
+                                value: format!("{}/{}", endpoint_key(vip.0, vip.2), vip.1),
+                                other: other.to_string(),
+                            });
+                        }
+                    }
+                }
+                if let Some(old) = self.service_vips(key) {
+                    for vip in old {
+                        self.vips.insert(vip, None);
+                    }
+                }
+                for vip in &new_vips {
+                    self.vips.insert(*vip, Some(key.clone()));
+                }
+                self.services.insert(key.clone(), Some(new_vips));
+            }
+            Change::DeleteService(key) => {
+                let Some(old) = self.service_vips(key) else {
+                    return Err(UpdateError::NotFound {
+                        kind: "Service",
+                        key: key.to_string(),
+                    });
+                };
+                for vip in old {
+                    self.vips.insert(vip, None);
+                }
+                self.services.insert(key.clone(), None);
+                self.deleted.insert(key.clone());
+                for owner in self.slices.values_mut() {
+                    if owner.as_ref() == Some(key) {
+                        *owner = None;
+                    }
+                }
+            }
+            Change::UpsertSlice(slice) => {
+                if self.service_vips(slice.service()).is_none() {
+                    return Err(UpdateError::UnknownService {
+                        slice: slice.key().to_string(),
+                        service: slice.service().to_string(),
+                    });
+                }
+                self.slices
+                    .insert(slice.key().clone(), Some(slice.service().clone()));
+            }
+            Change::DeleteSlice(key) => {
+                if self.slice_owner(key).is_none() {
+                    return Err(UpdateError::NotFound {
+                        kind: "EndpointSlice",
+                        key: key.to_string(),
+                    });
+                }
+                self.slices.insert(key.clone(), None);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ServiceTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of services.
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Whether the table holds no service.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Bumped by every successful apply.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Counters of merge work done so far.
+    pub fn stats(&self) -> TableStats {
+        self.stats
+    }
+
+    /// A service.
+    pub fn service(&self, key: &ServiceKey) -> Option<&Arc<Service>> {
+        self.services.get(key).map(|e| &e.service)
+    }
+
+    /// A slice, as last applied.
+    pub fn slice(&self, key: &SliceKey) -> Option<&Arc<EndpointSlice>> {
+        let owner = self.slice_owner.get(key)?;
+        self.services.get(owner)?.slices.get(&key.name)
+    }
+
+    /// The slices of a service, in name order.
+    pub fn slices_of(&self, key: &ServiceKey) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.services
+            .get(key)
+            .into_iter()
+            .flat_map(|e| e.slices.values())
+    }
+
+    /// A service's merged view.
+    pub fn view(&self, key: &ServiceKey) -> Option<&Arc<ServiceView>> {
+        self.services.get(key).map(|e| &e.view)
+    }
+
+    /// Every service's view, in no particular order.
+    pub fn views(&self) -> impl Iterator<Item = &Arc<ServiceView>> {
+        self.services.values().map(|e| &e.view)
+    }
+
+    /// Every service key, sorted.
+    pub fn keys_sorted(&self) -> Vec<ServiceKey> {
+        let mut keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// A change set that names every service: what a fresh dataplane needs.
+    pub fn full_change_set(&self) -> ChangeSet {
+        ChangeSet {
+            generation: self.generation,
+            updated: self.keys_sorted(),
+            removed: Vec::new(),
+            full: true,
+        }
+    }
+
+    /// A comparable copy of everything the table holds.
+    pub fn snapshot(&self) -> TableSnapshot {
+        let services = self
+            .services
+            .iter()
+            .map(|(k, e)| {
+                let slices = e.slices.values().map(|s| (**s).clone()).collect();
+                let ports = e
+                    .view
+                    .ports
+                    .iter()
+                    .map(|p| p.endpoints.iter().map(|ep| (**ep).clone()).collect())
+                    .collect();
+                (
+                    k.clone(),
+                    ServiceSnapshot {
+                        service: (*e.service).clone(),
+                        slices,
+                        ports,
+                    },
+                )
+            })
+            .collect();
+        TableSnapshot { services }
+    }
+
+    /// Applies one change.
+    ///
+    /// # Errors
+    /// See [`ServiceTable::apply_batch`]; the error is not wrapped.
+    pub fn apply(&mut self, change: Change) -> Result<ChangeSet, UpdateError> {
+        self.apply_batch([change]).map_err(|e| match e {
+            UpdateError::InBatch { source, .. } => *source,
+            other => other,
+        })
+    }
+
+    /// Applies a batch of changes whole, or none of it.
+    ///
+    /// # Errors
+    /// [`UpdateError::InBatch`] wrapping the first failing change: a slice
+    /// for an unknown service, a delete of an unknown object, or a service
+    /// whose cluster IP, protocol and port another service already holds.
+    /// The table is unchanged.
+    pub fn apply_batch(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+    ) -> Result<ChangeSet, UpdateError> {
+        let changes: Vec<Change> = changes.into_iter().collect();
+        let mut overlay = Overlay::new(self);
+        for (index, change) in changes.iter().enumerate() {
+            overlay.check(change).map_err(|e| UpdateError::InBatch {
+                index,
+                source: Box::new(e),
+            })?;
+        }
+        drop(overlay);
+
+        let mut touched: BTreeSet<ServiceKey> = BTreeSet::new();
+        for change in changes {
+            match change {
+                Change::UpsertService(svc) => {
+                    touched.insert(svc.key().clone());
+                    self.upsert_service(svc);
+                }
+                Change::DeleteService(key) => {
+                    self.delete_service(&key);
+                    touched.insert(key);
+                }
+                Change::UpsertSlice(slice) => {
+                    if let Some(old_owner) = self.slice_owner.get(slice.key()).cloned() {
+                        if &old_owner != slice.service() {
+                            self.delete_slice(slice.key());
+                            touched.insert(old_owner);
+                        }
+                    }
+                    touched.insert(slice.service().clone());
+                    self.upsert_slice(slice);
+                }
+                Change::DeleteSlice(key) => {
+                    if let Some(owner) = self.delete_slice(&key) {
+                        touched.insert(owner);
+                    }
+                }
+            }
+        }
+        self.generation += 1;
+        let mut set = ChangeSet {
+            generation: self.generation,
+            ..ChangeSet::default()
+        };
+        for key in touched {
+            if let Some(entry) = self.services.get_mut(&key) {
+                entry.view = Arc::new(build_view(
+                    &entry.service,
+                    &mut entry.merged,
+                    &mut self.stats,
+                ));
+                set.updated.push(key);
+            } else {
+                set.removed.push(key);
+            }
+        }
+        Ok(set)
+    }
+
+    fn upsert_service(&mut self, svc: Service) {
+        let key = svc.key().clone();
+        if let Some(entry) = self.services.get(&key) {
+            for vip in vip_keys(&entry.service) {
+                self.vips.remove(&vip);
+            }
+        }
+        for vip in vip_keys(&svc) {
+            self.vips.insert(vip, key.clone());
+        }
+        let svc = Arc::new(svc);
+        match self.services.get_mut(&key) {
+            Some(entry) => entry.service = svc,
+            None => {
+                let view = Arc::new(ServiceView {
+                    service: svc.clone(),
+                    ports: SmallVec::new(),
+                });
+                self.services.insert(
+                    key,
+                    ServiceEntry {
+                        service: svc,
+                        slices: BTreeMap::new(),
+                        merged: AHashMap::new(),
+                        view,
+                    },
+                );
+            }
+        }
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) {
+        if let Some(entry) = self.services.remove(key) {
+            for vip in vip_keys(&entry.service) {
+                self.vips.remove(&vip);
+            }
+            for slice in entry.slices.values() {
+                self.slice_owner.remove(slice.key());
+            }
+        }
+    }
+
+    /// Removes a slice's contributions; returns its owner.
+    fn delete_slice(&mut self, key: &SliceKey) -> Option<ServiceKey> {
+        let owner = self.slice_owner.remove(key)?;
+        let entry = self.services.get_mut(&owner)?;
+        if let Some(old) = entry.slices.remove(&key.name) {
+            self.stats.slices_merged += 1;
+            let name: Arc<str> = Arc::from(key.name.as_str());
+            for ep in old.endpoints() {
+                remove_contribution(&mut entry.merged, &old, ep, &name, &mut self.stats);
+            }
+        }
+        Some(owner)
+    }
+
+    fn upsert_slice(&mut self, slice: EndpointSlice) {
+        let owner = slice.service().clone();
+        let entry = self
+            .services
+            .get_mut(&owner)
+            .expect("validated: the owning service exists");
+        self.stats.slices_merged += 1;
+        let name: Arc<str> = Arc::from(slice.key().name.as_str());
+        let new = Arc::new(slice);
+        let old = entry.slices.insert(name.to_string(), new.clone());
+        self.slice_owner.insert(new.key().clone(), owner);
+        match old {
+            Some(old) if old.ports() == new.ports() && old.address_type() == new.address_type() => {
+                // Diff endpoint by endpoint: only what changed is re-merged.
+                let old_by_addr: AHashMap<&EndpointAddress, &Endpoint> =
+                    old.endpoints().iter().map(|e| (e.address(), e)).collect();
+                let mut unchanged: AHashSet<&EndpointAddress> = AHashSet::new();
+                for ep in new.endpoints() {
+                    if old_by_addr.get(ep.address()) == Some(&ep) {
+                        unchanged.insert(ep.address());
+                    }
+                }
+                for ep in old.endpoints() {
+                    if !unchanged.contains(ep.address()) {
+                        remove_contribution(&mut entry.merged, &old, ep, &name, &mut self.stats);
+                    }
+                }
+                for ep in new.endpoints() {
+                    if !unchanged.contains(ep.address()) {
+                        add_contribution(&mut entry.merged, &new, ep, &name, &mut self.stats);
+                    }
+                }
+            }
+            old => {
+                if let Some(old) = old {
+                    for ep in old.endpoints() {
+                        remove_contribution(&mut entry.merged, &old, ep, &name, &mut self.stats);
+                    }
+                }
+                for ep in new.endpoints() {
+                    add_contribution(&mut entry.merged, &new, ep, &name, &mut self.stats);
+                }
+            }
+        }
+    }
+}
+
+/// The (port key, port number) pairs a slice contributes to.
+fn slice_port_keys(slice: &EndpointSlice) -> impl Iterator<Item = (PortKey, u16)> + '_ {
+    slice.ports().iter().filter_map(|p| {
+        p.port().map(|num| {
+            (
+                PortKey {
+                    name: p.name().to_owned(),
+                    protocol: p.protocol(),
+                },
+                num,
+            )
+        })
+    })
+}
+
+fn add_contribution(
+    merged: &mut AHashMap<PortKey, MergedPort>,
+    slice: &EndpointSlice,
+    ep: &Endpoint,
+    slice_name: &Arc<str>,
+    stats: &mut TableStats,
+) {
+    let EndpointAddress::Ip(ip) = ep.address() else {
+        return;
+    };
+    for (pk, num) in slice_port_keys(slice) {
+        stats.endpoint_merges += 1;
+        let port = merged.entry(pk).or_default();
+        port.list = None;
+        port.map
+            .entry(endpoint_key(*ip, num))
+            .or_default()
+            .push(EndpointCopy {
+                slice: slice_name.clone(),
+                info: Arc::new(EndpointInfo::new(*ip, num, ep)),
+            });
+    }
+}
+
+fn remove_contribution(
+    merged: &mut AHashMap<PortKey, MergedPort>,
+    slice: &EndpointSlice,
+    ep: &Endpoint,
+    slice_name: &Arc<str>,
+    stats: &mut TableStats,
+) {
+    let EndpointAddress::Ip(ip) = ep.address() else {
+        return;
+    };
+    for (pk, num) in slice_port_keys(slice) {
+        stats.endpoint_merges += 1;
+        let Some(port) = merged.get_mut(&pk) else {
+            continue;
+        };
+        let key = endpoint_key(*ip, num);
+        if let Some(copies) = port.map.get_mut(&key) {
+            copies.retain(|c| c.slice != *slice_name);
+            if copies.is_empty() {
+                port.map.remove(&key);
+            }
+            port.list = None;
+        }
+        if port.map.is_empty() {
+            merged.remove(&pk);
+        }
+    }
+}
+
+fn build_view(
+    service: &Arc<Service>,
+    merged: &mut AHashMap<PortKey, MergedPort>,
+    stats: &mut TableStats,
+) -> ServiceView {
+    let empty: Arc<[Arc<EndpointInfo>]> = Arc::from(Vec::new());
+    let ports = service
+        .ports()
+        .iter()
+        .map(|p| PortView {
+            port: p.clone(),
+            endpoints: merged
+                .get_mut(&PortKey::of_service_port(p))
+                .map_or_else(|| empty.clone(), |m| m.list(stats)),
+        })
+        .collect();
+    ServiceView {
+        service: service.clone(),
+        ports,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::endpoint_slice::{AddressType, EndpointSpec, SlicePortSpec};
+    use crate::model::service::ServicePortSpec;
+
+    fn svc(name: &str, ip: &str) -> Service {
+        Service::builder("default", name)
+            .cluster_ip(ip.parse().unwrap())
+            .port(
+                ServicePortSpec::tcp(80)
+                    .name("http")
+                    .target_port_name("web"),
+            )
+            .build()
+            .unwrap()
+    }
+
+    fn slice(name: &str, svc: &str, ips: &[&str]) -> EndpointSlice {
+        EndpointSlice::builder("default", name, svc, AddressType::IPv4)
+            .port(SlicePortSpec::tcp(8080).name("http"))
+            .endpoints(ips.iter().map(|ip| EndpointSpec::new(*ip)))
+            .build()
+            .unwrap()
+    }
+
+    fn addrs(t: &ServiceTable, name: &str) -> Vec<String> {
+        t.view(&ServiceKey::new("default", name)).unwrap().ports()[0]
+            .endpoints()
+            .iter()
+            .map(|e| e.addr().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn merges_in_string_order_and_dedups() {
+        let mut t = ServiceTable::new();
+        t.apply_batch([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice("web-b", "web", &["10.0.0.2", "10.0.0.10"])),
+            Change::UpsertSlice(slice("web-a", "web", &["10.0.0.10", "10.0.0.3"])),
+        ])
+        .unwrap();
+        assert_eq!(
+            addrs(&t, "web"),
+            ["10.0.0.10:8080", "10.0.0.2:8080", "10.0.0.3:8080"]
+        );
+        // Removing one slice keeps the shared endpoint alive through the other.
+        t.apply(Change::DeleteSlice(SliceKey::new("default", "web-a")))
+            .unwrap();
+        assert_eq!(addrs(&t, "web"), ["10.0.0.10:8080", "10.0.0.2:8080"]);
+    }
+
+    #[test]
+    fn non_terminating_copy_wins() {
+        let mut t = ServiceTable::new();
+        let term = EndpointSlice::builder("default", "a", "web", AddressType::IPv4)
+            .port(SlicePortSpec::tcp(8080).name("http"))
+            .endpoint(EndpointSpec::new("10.0.0.1").ready(false).terminating(true))
+            .build()
+            .unwrap();
+        t.apply_batch([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(term),
+            Change::UpsertSlice(slice("b", "web", &["10.0.0.1"])),
+        ])
+        .unwrap();
+        let view = t.view(&ServiceKey::new("default", "web")).unwrap();
+        let ep = &view.ports()[0].endpoints()[0];
+        assert!(ep.is_ready() && !ep.is_terminating());
+    }
+
+    #[test]
+    fn named_target_port_resolves_through_slice_port() {
+        let mut t = ServiceTable::new();
+        t.apply_batch([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice("s", "web", &["10.0.0.1"])),
+        ])
+        .unwrap();
+        // Service port 80 ("http", targetPort "web") -> slice port "http" = 8080.
+        assert_eq!(addrs(&t, "web"), ["10.0.0.1:8080"]);
+        // A slice whose port name matches no service port gives no endpoints.
+        let other = EndpointSlice::builder("default", "s", "web", AddressType::IPv4)
+            .port(SlicePortSpec::tcp(9090).name("metrics"))
+            .endpoint(EndpointSpec::new("10.0.0.1"))
+            .build()
+            .unwrap();
+        t.apply(Change::UpsertSlice(other)).unwrap();
+        assert!(addrs(&t, "web").is_empty());
+    }
+
+    #[test]
+    fn rejected_batch_leaves_table_unchanged() {
+        let mut t = ServiceTable::new();
+        t.apply_batch([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice("s", "web", &["10.0.0.1"])),
+        ])
+        .unwrap();
+        let before = t.snapshot();
+        let generation = t.generation();
+        let err = t
+            .apply_batch([
+                Change::UpsertSlice(slice("s", "web", &["10.0.0.9"])),
+                Change::DeleteService(ServiceKey::new("default", "web")),
+                Change::UpsertSlice(slice("s2", "web", &["10.0.0.7"])),
+            ])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            UpdateError::InBatch {
+                index: 2,
+                source: Box::new(UpdateError::UnknownService {
+                    slice: "default/s2".into(),
+                    service: "default/web".into()
+                })
+            }
+        );
+        assert_eq!(t.snapshot(), before);
+        assert_eq!(t.generation(), generation);
+    }
+
+    #[test]
+    fn vip_conflicts_and_not_found() {
+        let mut t = ServiceTable::new();
+        t.apply(Change::UpsertService(svc("web", "10.96.0.1")))
+            .unwrap();
+        let err = t
+            .apply(Change::UpsertService(svc("api", "10.96.0.1")))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            UpdateError::ConflictingPort {
+                service: "default/api".into(),
+                field: "spec.ports[0]".into(),
+                value: "10.96.0.1:80/TCP".into(),
+                other: "default/web".into()
+            }
+        );
+        // Moving the VIP within one batch is fine.
+        t.apply_batch([
+            Change::DeleteService(ServiceKey::new("default", "web")),
+            Change::UpsertService(svc("api", "10.96.0.1")),
+        ])
+        .unwrap();
+        let err = t
+            .apply(Change::DeleteSlice(SliceKey::new("default", "nope")))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            UpdateError::NotFound {
+                kind: "EndpointSlice",
+                key: "default/nope".into()
+            }
+        );
+    }
+
+    #[test]
+    fn deleting_a_service_deletes_its_slices() {
+        let mut t = ServiceTable::new();
+        t.apply_batch([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice("s", "web", &["10.0.0.1"])),
+        ])
+        .unwrap();
+        let cs = t
+            .apply(Change::DeleteService(ServiceKey::new("default", "web")))
+            .unwrap();
+        assert_eq!(cs.removed, vec![ServiceKey::new("default", "web")]);
+        assert!(t.slice(&SliceKey::new("default", "s")).is_none());
+        assert!(
+            t.apply(Change::DeleteSlice(SliceKey::new("default", "s")))
+                .is_err()
+        );
+    }
+}
