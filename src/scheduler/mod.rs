@@ -1,8 +1,8 @@
 //! Selection strategies: which destination of a virtual service takes a new
 //! connection.
 //!
-//! The built-ins follow the Linux IPVS schedulers (`net/netfilter/ipvs/ip_vs_*.c`)
-//! and kube-proxy's iptables cascade. A scheduler is built once per change of
+//! The built-ins follow the Linux IPVS schedulers (`net/netfilter/ipvs/ip_vs_*.c`,
+//! Maglev for `mh`) and kube-proxy's iptables cascade. A scheduler is built once per change of
 //! a service's destinations ([`SchedulerFactory::build`]) and then picks by
 //! index arithmetic, with no allocation ([`Scheduler::pick`]).
 //!
@@ -10,6 +10,7 @@
 //! pass it as [`SchedulerConfig::Custom`].
 
 mod least_conn;
+mod maglev;
 pub(crate) mod random;
 mod round_robin;
 mod source_hash;
@@ -21,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use least_conn::{LeastConnection, WeightedLeastConnection};
+pub use maglev::{DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_TABLE_SIZES, Maglev};
 pub use random::{RandomCascade, iptables_probability, probability_threshold};
 pub use round_robin::{RoundRobin, WeightedRoundRobin};
 pub use source_hash::SourceHash;
@@ -153,11 +155,15 @@ pub enum SchedulerKind {
     SourceHash,
     /// `sh` with the `sh-port` flag: source address and port.
     SourceHashPort,
+    /// `mh`: Maglev consistent hashing on the client address (table size 4093).
+    Maglev,
+    /// `mh` with the `mh-port` flag: source address and port.
+    MaglevPort,
 }
 
 impl SchedulerKind {
     /// Every built-in, for tests and listings.
-    pub const ALL: [SchedulerKind; 7] = [
+    pub const ALL: [SchedulerKind; 9] = [
         SchedulerKind::Random,
         SchedulerKind::RoundRobin,
         SchedulerKind::WeightedRoundRobin,
@@ -165,6 +171,8 @@ impl SchedulerKind {
         SchedulerKind::WeightedLeastConnection,
         SchedulerKind::SourceHash,
         SchedulerKind::SourceHashPort,
+        SchedulerKind::Maglev,
+        SchedulerKind::MaglevPort,
     ];
 
     /// The name as `ipvsadm` and the CLI spell it.
@@ -177,6 +185,8 @@ impl SchedulerKind {
             SchedulerKind::WeightedLeastConnection => "wlc",
             SchedulerKind::SourceHash => "sh",
             SchedulerKind::SourceHashPort => "sh-port",
+            SchedulerKind::Maglev => "mh",
+            SchedulerKind::MaglevPort => "mh-port",
         }
     }
 }
@@ -196,7 +206,7 @@ impl FromStr for SchedulerKind {
             .ok_or_else(|| ValidationError::Invalid {
                 field: "scheduler".into(),
                 value: s.into(),
-                reason: "must be one of random, rr, wrr, lc, wlc, sh, sh-port",
+                reason: "must be one of random, rr, wrr, lc, wlc, sh, sh-port, mh, mh-port",
             })
     }
 }
@@ -246,6 +256,12 @@ impl SchedulerConfig {
                 }
                 SchedulerKind::SourceHash => Selector::SourceHash(SourceHash::new(dests, false)),
                 SchedulerKind::SourceHashPort => Selector::SourceHash(SourceHash::new(dests, true)),
+                SchedulerKind::Maglev => {
+                    Selector::Maglev(Maglev::new(dests, DEFAULT_MAGLEV_TABLE_SIZE, false))
+                }
+                SchedulerKind::MaglevPort => {
+                    Selector::Maglev(Maglev::new(dests, DEFAULT_MAGLEV_TABLE_SIZE, true))
+                }
             },
             SchedulerConfig::Custom(f) => Selector::Custom(f.build(dests)),
         }
@@ -268,6 +284,8 @@ pub enum Selector {
     WeightedLeastConnection(WeightedLeastConnection),
     /// `sh` / `sh-port`.
     SourceHash(SourceHash),
+    /// `mh` / `mh-port`.
+    Maglev(Maglev),
     /// A caller's scheduler.
     Custom(Box<dyn Scheduler>),
 }
@@ -283,6 +301,7 @@ impl Selector {
             Selector::LeastConnection(s) => s.pick(dests, ctx),
             Selector::WeightedLeastConnection(s) => s.pick(dests, ctx),
             Selector::SourceHash(s) => s.pick(dests, ctx),
+            Selector::Maglev(s) => s.pick(dests, ctx),
             Selector::Custom(s) => s.pick(dests, ctx),
         }
     }
@@ -328,8 +347,8 @@ mod tests {
         for k in SchedulerKind::ALL {
             assert_eq!(k.name().parse::<SchedulerKind>().unwrap(), k);
         }
-        let err = "mh".parse::<SchedulerKind>().unwrap_err();
-        assert!(err.to_string().contains("mh"));
+        let err = "nq".parse::<SchedulerKind>().unwrap_err();
+        assert!(err.to_string().contains("nq"));
     }
 
     #[test]
