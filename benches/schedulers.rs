@@ -1,0 +1,68 @@
+//! Each built-in scheduler's pick at 5, 100 and 1,000 destinations.
+//!
+//! A pick is index arithmetic on state built at update time; `lc` and `wlc`
+//! scan the destinations' counters, as the kernel's do.
+
+// criterion_group! generates undocumented public functions.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use svclb::scheduler::{Destination, PickContext};
+use svclb::*;
+
+fn flows(n: usize) -> Vec<Flow> {
+    (0..n)
+        .map(|k| {
+            Flow::tcp(
+                SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::from(0x0A02_0000 + k as u32)),
+                    40_000 + k as u16,
+                ),
+                SocketAddr::from(([10, 96, 0, 1], 80)),
+            )
+        })
+        .collect()
+}
+
+fn bench_schedulers(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(1));
+    let flows = flows(1024);
+    let rng = SeededRng::new(7);
+    for n in [5usize, 100, 1000] {
+        // Weights 1..=3 so that wrr and wlc have work to do.
+        let dests: Vec<Destination> = (0..n)
+            .map(|i| {
+                Destination::new(
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0A80_0000 + i as u32)), 8080),
+                    1 + (i % 3) as u32,
+                )
+            })
+            .collect();
+        for kind in SchedulerKind::ALL {
+            let sel = SchedulerConfig::from(kind).build(&dests);
+            group.bench_function(BenchmarkId::new(kind.name(), n), |b| {
+                let mut k = 0usize;
+                b.iter(|| {
+                    k = (k + 1) & 1023;
+                    let ctx = PickContext {
+                        flow: black_box(&flows[k]),
+                        now: Instant::ZERO,
+                        rng: &rng,
+                    };
+                    black_box(sel.pick(&dests, &ctx))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_schedulers);
+criterion_main!(benches);

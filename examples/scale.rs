@@ -1,0 +1,683 @@
+//! The scale argument in numbers: synthetic clusters from 10 to 10,000
+//! services (5 endpoints each; `--max-services` raises the top), the cost of
+//! one lookup in iptables and IPVS mode, the cost of updates, and lookup
+//! throughput from two threads while a writer applies slice updates.
+//!
+//! ```sh
+//! cargo run --release --example scale                       # markdown tables
+//! cargo run --release --example scale -- --max-services 100000
+//! cargo run --release --example scale -- --json out.jsonl --svg docs/scaling.svg
+//! ```
+//!
+//! Every figure is the median of repeated runs in this process. `--json`
+//! without a file name writes the JSON lines to standard output (the tables
+//! then go to standard error). Memory per service and per endpoint is
+//! measured by `examples/memory.rs`, which needs a counting allocator that
+//! would slow these timings down.
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant as WallClock};
+
+use ahash::AHashMap;
+use svclb::*;
+
+const FLOWS: usize = 4096;
+
+struct Args {
+    max_services: usize,
+    json: Option<Option<String>>,
+    svg: Option<String>,
+    seconds: f64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        max_services: 10_000,
+        json: None,
+        svg: None,
+        seconds: 1.0,
+    };
+    let mut it = std::env::args().skip(1).peekable();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--max-services" => {
+                let v = it.next().ok_or("--max-services needs a number")?;
+                args.max_services = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n >= 10)
+                    .ok_or_else(|| format!("--max-services: {v:?} is not a number >= 10"))?;
+            }
+            "--json" => {
+                let file = it.next_if(|v| !v.starts_with("--"));
+                args.json = Some(file);
+            }
+            "--svg" => args.svg = Some(it.next().ok_or("--svg needs a file name")?),
+            "--thread-seconds" => {
+                let v = it.next().ok_or("--thread-seconds needs a number")?;
+                args.seconds =
+                    v.parse().ok().filter(|s: &f64| *s > 0.0).ok_or_else(|| {
+                        format!("--thread-seconds: {v:?} is not a positive number")
+                    })?;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: scale [--max-services N] [--json [FILE]] [--svg FILE] [--thread-seconds S]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(args)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Median ns per call of `f` over the flows, each run long enough to time
+/// (at least ~5 ms).
+fn time_per_flow(flows: &[Flow], mut f: impl FnMut(&Flow)) -> f64 {
+    let pass = |f: &mut dyn FnMut(&Flow)| {
+        let t = WallClock::now();
+        for fl in flows {
+            f(black_box(fl));
+        }
+        t.elapsed()
+    };
+    let first = pass(&mut f);
+    let passes = (Duration::from_millis(5).as_secs_f64() / first.as_secs_f64().max(1e-9))
+        .ceil()
+        .max(1.0) as usize;
+    let runs = if first > Duration::from_millis(200) {
+        3
+    } else {
+        9
+    };
+    let samples = (0..runs)
+        .map(|_| {
+            let t = WallClock::now();
+            for _ in 0..passes {
+                pass(&mut f);
+            }
+            t.elapsed().as_nanos() as f64 / (passes * flows.len()) as f64
+        })
+        .collect();
+    median(samples)
+}
+
+/// Median ns of `op`, repeated until `budget` is spent (at least 5 and at
+/// most `max_runs` times). `prepare` runs untimed before each op.
+fn time_op<T>(
+    budget: Duration,
+    max_runs: usize,
+    mut prepare: impl FnMut(usize) -> T,
+    mut op: impl FnMut(T),
+) -> f64 {
+    let start = WallClock::now();
+    let mut samples = Vec::new();
+    for k in 0..max_runs {
+        if samples.len() >= 5 && start.elapsed() > budget {
+            break;
+        }
+        let input = prepare(k);
+        let t = WallClock::now();
+        op(input);
+        samples.push(t.elapsed().as_nanos() as f64);
+    }
+    median(samples)
+}
+
+struct LookupRow {
+    services: usize,
+    iptables: f64,
+    ipvs: f64,
+    floor: f64,
+}
+
+struct UpdateRow {
+    services: usize,
+    ipvs_change: f64,
+    iptables_change: f64,
+    table_full: f64,
+    ipvs_full: f64,
+    iptables_full: f64,
+}
+
+struct ThreadRow {
+    single: f64,
+    per_thread: [f64; 2],
+    writer_rate: f64,
+}
+
+fn sizes(max: usize) -> Vec<usize> {
+    let mut v = Vec::new();
+    let mut n = 10;
+    while n <= max {
+        v.push(n);
+        n *= 10;
+    }
+    if *v.last().expect("max >= 10") != max {
+        v.push(max);
+    }
+    v
+}
+
+fn measure_lookups(table: &ServiceTable, n: usize) -> LookupRow {
+    let (ipt, ipvs) = common::dataplanes(table);
+    let flows = common::flow_mix(n, FLOWS, 0xC0FFEE);
+    let floor_map: AHashMap<(IpAddr, u16, Protocol), SocketAddr> = (0..n)
+        .map(|i| {
+            let v = common::vip(i);
+            let b = SocketAddr::new(common::endpoint_ip(i * 5).parse().unwrap(), 8080);
+            ((v.ip(), v.port(), Protocol::Tcp), b)
+        })
+        .collect();
+    let now = svclb::Instant::ZERO;
+    let ipvs_ns = time_per_flow(&flows, |f| {
+        black_box(ipvs.route(f, now));
+    });
+    let iptables_ns = time_per_flow(&flows, |f| {
+        black_box(ipt.route(f, now));
+    });
+    let floor_ns = time_per_flow(&flows, |f| {
+        black_box(floor_map.get(&(f.dst.ip(), f.dst.port(), f.protocol)));
+    });
+    LookupRow {
+        services: n,
+        iptables: iptables_ns,
+        ipvs: ipvs_ns,
+        floor: floor_ns,
+    }
+}
+
+/// One-endpoint changes to services spread over the cluster: the table's
+/// apply plus the dataplane's sync, each op timed alone.
+fn one_change(table: &mut ServiceTable, dp: &dyn Dataplane, n: usize, budget: Duration) -> f64 {
+    let mut flipped = vec![false; n];
+    time_op(
+        budget,
+        401,
+        |k| {
+            let i = (k * 7919) % n;
+            let versions = common::toggled_slice(i, i * 5, 5, 100);
+            flipped[i] = !flipped[i];
+            versions[usize::from(flipped[i])].clone()
+        },
+        |slice| {
+            let cs = table.apply(Change::UpsertSlice(slice)).unwrap();
+            dp.sync(table, &cs);
+        },
+    )
+}
+
+fn measure_updates(n: usize) -> UpdateRow {
+    let mut table = common::cluster(n, 5);
+    let (ipt, ipvs) = common::dataplanes(&table);
+    let ipvs_change = one_change(&mut table, &ipvs, n, Duration::from_millis(500));
+    let iptables_change = one_change(&mut table, &ipt, n, Duration::from_secs(2));
+    let changes = common::cluster_changes(n, 5);
+    let full_budget = Duration::from_secs(2);
+    let table_full = time_op(
+        full_budget,
+        9,
+        |_| changes.clone(),
+        |c| {
+            let mut t = ServiceTable::new();
+            t.apply_batch(c).unwrap();
+            black_box(t);
+        },
+    );
+    let all = table.full_change_set();
+    let ipvs_full = time_op(
+        full_budget,
+        9,
+        |_| IpvsDataplane::new(DataplaneConfig::with_seed(1)),
+        |dp| {
+            dp.sync(&table, &all);
+            black_box(dp);
+        },
+    );
+    let iptables_full = time_op(
+        full_budget,
+        9,
+        |_| IptablesDataplane::new(DataplaneConfig::with_seed(1)),
+        |dp| {
+            dp.sync(&table, &all);
+            black_box(dp);
+        },
+    );
+    UpdateRow {
+        services: n,
+        ipvs_change,
+        iptables_change,
+        table_full,
+        ipvs_full,
+        iptables_full,
+    }
+}
+
+/// Lookups per second from `readers` threads for `secs`, while (if
+/// `writer`) another thread applies 1,000 slice updates per second.
+fn throughput(n: usize, readers: usize, writer: bool, secs: f64) -> (Vec<f64>, f64) {
+    let mut table = common::cluster(n, 5);
+    let (_, ipvs) = common::dataplanes(&table);
+    let stop = AtomicBool::new(false);
+    let updates = AtomicU64::new(0);
+    let duration = Duration::from_secs_f64(secs);
+    let mut rates = Vec::new();
+    let mut writer_rate = 0.0;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..readers)
+            .map(|r| {
+                let (ipvs, stop) = (&ipvs, &stop);
+                let flows = common::flow_mix(n, FLOWS, 0xBEEF + r as u64);
+                s.spawn(move || {
+                    let now = svclb::Instant::ZERO;
+                    let start = WallClock::now();
+                    let mut count = 0u64;
+                    loop {
+                        for f in &flows {
+                            black_box(ipvs.route(black_box(f), now));
+                        }
+                        count += flows.len() as u64;
+                        if start.elapsed() >= duration || stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                    count as f64 / start.elapsed().as_secs_f64()
+                })
+            })
+            .collect();
+        let w = writer.then(|| {
+            let (ipvs, stop, updates, table) = (&ipvs, &stop, &updates, &mut table);
+            s.spawn(move || {
+                let start = WallClock::now();
+                let mut flipped = vec![false; n];
+                let mut k = 0usize;
+                while start.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+                    let i = (k * 7919) % n;
+                    let versions = common::toggled_slice(i, i * 5, 5, 100);
+                    flipped[i] = !flipped[i];
+                    let slice = versions[usize::from(flipped[i])].clone();
+                    let cs = table.apply(Change::UpsertSlice(slice)).unwrap();
+                    ipvs.sync(table, &cs);
+                    k += 1;
+                    updates.fetch_add(1, Ordering::Relaxed);
+                    // 1,000 per second: the k-th update is due at k ms.
+                    let due = Duration::from_millis(k as u64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                updates.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+            })
+        });
+        for h in handles {
+            rates.push(h.join().expect("reader thread"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        if let Some(w) = w {
+            writer_rate = w.join().expect("writer thread");
+        }
+    });
+    (rates, writer_rate)
+}
+
+fn measure_threads(n: usize, secs: f64) -> ThreadRow {
+    // Alternate the two set-ups three times; keep the medians.
+    let mut single = Vec::new();
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    let mut w = Vec::new();
+    for _ in 0..3 {
+        single.push(throughput(n, 1, false, secs).0[0]);
+        let (rates, wr) = throughput(n, 2, true, secs);
+        a.push(rates[0]);
+        b.push(rates[1]);
+        w.push(wr);
+    }
+    ThreadRow {
+        single: median(single),
+        per_thread: [median(a), median(b)],
+        writer_rate: median(w),
+    }
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+/// A plotted line: its label, its colour, and how to read it from a row.
+type Series = (&'static str, &'static str, fn(&LookupRow) -> f64);
+
+fn svg_plot(rows: &[LookupRow]) -> String {
+    let (w, h) = (640.0, 420.0);
+    let (left, right, top, bottom) = (70.0, 170.0, 30.0, 50.0);
+    let xs: Vec<f64> = rows.iter().map(|r| (r.services as f64).log10()).collect();
+    let all_y = rows.iter().flat_map(|r| [r.iptables, r.ipvs, r.floor]);
+    let ymin = all_y.clone().fold(f64::MAX, f64::min).log10().floor();
+    let ymax = all_y.fold(0.0, f64::max).log10().ceil();
+    let (xmin, xmax) = (xs[0].floor(), xs[xs.len() - 1].ceil());
+    let px = |x: f64| left + (x - xmin) / (xmax - xmin).max(1e-9) * (w - left - right);
+    let py = |y: f64| top + (ymax - y) / (ymax - ymin).max(1e-9) * (h - top - bottom);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">svclb: cost of one lookup vs number of services (log-log)</text>"#,
+        (left + w - right) / 2.0
+    );
+    // Grid and decade labels.
+    let mut d = xmin;
+    while d <= xmax + 1e-9 {
+        let x = px(d);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            h - bottom,
+            h - bottom + 16.0,
+            fmt_count(10f64.powf(d))
+        );
+        d += 1.0;
+    }
+    let mut d = ymin;
+    while d <= ymax + 1e-9 {
+        let y = py(d);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            w - right,
+            left - 6.0,
+            y + 4.0,
+            fmt_ns(10f64.powf(d))
+        );
+        d += 1.0;
+    }
+    let _ = writeln!(
+        s,
+        r##"<rect x="{left}" y="{top}" width="{}" height="{}" fill="none" stroke="#333"/>"##,
+        w - left - right,
+        h - top - bottom
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">services (5 endpoints each)</text>"#,
+        (left + w - right) / 2.0,
+        h - 12.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">time per lookup</text>"#,
+        (top + h - bottom) / 2.0,
+        (top + h - bottom) / 2.0
+    );
+    let series: [Series; 3] = [
+        ("iptables mode", "#d62728", |r| r.iptables),
+        ("IPVS mode (rr)", "#1f77b4", |r| r.ipvs),
+        ("bare ahash probe", "#7f7f7f", |r| r.floor),
+    ];
+    for (k, (name, color, get)) in series.iter().enumerate() {
+        let pts: Vec<(f64, f64)> = rows
+            .iter()
+            .zip(&xs)
+            .map(|(r, &x)| (px(x), py(get(r).log10())))
+            .collect();
+        let path: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let dash = if k == 2 {
+            r#" stroke-dasharray="5,4""#
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#,
+            path.join(" ")
+        );
+        for (x, y) in &pts {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{color}"/>"#
+            );
+        }
+        let ly = top + 20.0 + 22.0 * k as f64;
+        let lx = w - right + 12.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/><text x="{}" y="{}">{name}</text>"#,
+            lx + 22.0,
+            lx + 28.0,
+            ly + 4.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn fmt_count(v: f64) -> String {
+    let n = v.round() as u64;
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "missed" }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("scale: {e}");
+            std::process::exit(2);
+        }
+    };
+    let sizes = sizes(args.max_services);
+    let mut json = Vec::new();
+    let mut md = String::new();
+
+    let mut lookups = Vec::new();
+    for &n in &sizes {
+        let table = common::cluster(n, 5);
+        let row = measure_lookups(&table, n);
+        for (mode, ns) in [
+            ("iptables", row.iptables),
+            ("ipvs", row.ipvs),
+            ("ahash-probe", row.floor),
+        ] {
+            json.push(format!(
+                r#"{{"mode":"{mode}","services":{n},"endpoints":{},"ns_per_lookup":{ns:.2}}}"#,
+                n * 5
+            ));
+        }
+        eprintln!("lookups at {n} services done");
+        lookups.push(row);
+    }
+    let _ = writeln!(
+        md,
+        "### Lookup: one `route()` over a random mix of services\n\n| services | endpoints | iptables mode | IPVS mode (rr) | bare ahash probe | iptables ÷ IPVS | IPVS ÷ probe |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in &lookups {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.1} | {:.2} |",
+            fmt_count(r.services as f64),
+            fmt_count((r.services * 5) as f64),
+            fmt_ns(r.iptables),
+            fmt_ns(r.ipvs),
+            fmt_ns(r.floor),
+            r.iptables / r.ipvs,
+            r.ipvs / r.floor
+        );
+    }
+
+    let mut updates = Vec::new();
+    for &n in &sizes {
+        let row = measure_updates(n);
+        for (mode, op, ns) in [
+            ("ipvs", "one_endpoint_change", row.ipvs_change),
+            ("iptables", "one_endpoint_change", row.iptables_change),
+            ("table", "full_sync", row.table_full),
+            ("ipvs", "full_sync", row.ipvs_full),
+            ("iptables", "full_sync", row.iptables_full),
+        ] {
+            json.push(format!(
+                r#"{{"mode":"{mode}","services":{n},"endpoints":{},"op":"{op}","ns_per_op":{ns:.0}}}"#,
+                n * 5
+            ));
+        }
+        eprintln!("updates at {n} services done");
+        updates.push(row);
+    }
+    let _ = writeln!(
+        md,
+        "\n### Updates: table apply + dataplane sync\n\n| services | one endpoint change, IPVS (incremental) | one endpoint change, iptables (recompile) | full sync: table | full sync: IPVS | full sync: iptables |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in &updates {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            fmt_count(r.services as f64),
+            fmt_ns(r.ipvs_change),
+            fmt_ns(r.iptables_change),
+            fmt_ns(r.table_full),
+            fmt_ns(r.ipvs_full),
+            fmt_ns(r.iptables_full)
+        );
+    }
+
+    let tn = 10_000.min(args.max_services);
+    let th = measure_threads(tn, args.seconds);
+    let total2 = th.per_thread[0] + th.per_thread[1];
+    for (threads, writer, per) in [
+        (1, 0.0, th.single),
+        (2, th.writer_rate, th.per_thread[0]),
+        (2, th.writer_rate, th.per_thread[1]),
+    ] {
+        json.push(format!(
+            r#"{{"mode":"ipvs","services":{tn},"threads":{threads},"writer_updates_per_sec":{writer:.0},"lookups_per_sec_per_thread":{per:.0}}}"#
+        ));
+    }
+    let _ = writeln!(
+        md,
+        "\n### Throughput: IPVS-mode lookups at {} services\n\n| set-up | lookups/s per thread | total |\n| --- | ---: | ---: |\n| 1 thread, no writer | {:.2} M | {:.2} M |\n| 2 threads, writer at {:.0} slice updates/s | {:.2} M, {:.2} M | {:.2} M ({:.2}×) |",
+        fmt_count(tn as f64),
+        th.single / 1e6,
+        th.single / 1e6,
+        th.writer_rate,
+        th.per_thread[0] / 1e6,
+        th.per_thread[1] / 1e6,
+        total2 / 1e6,
+        total2 / th.single
+    );
+
+    // Targets, as ratios within this run.
+    let first = &lookups[0];
+    let at = |n: usize| lookups.iter().find(|r| r.services == n);
+    let up = |n: usize| updates.iter().find(|r| r.services == n);
+    let _ = writeln!(md, "\n### Targets (issue 6), measured in this run\n");
+    if let (Some(l10), Some(l1k), Some(l10k)) = (at(10), at(1_000), at(10_000)) {
+        let r = l10k.ipvs / l10.ipvs;
+        let _ = writeln!(
+            md,
+            "- IPVS route at 10,000 services ÷ at 10: {r:.2} (target ≤ 1.5: {})",
+            verdict(r <= 1.5)
+        );
+        let r = l10k.iptables / l1k.iptables;
+        let _ = writeln!(
+            md,
+            "- iptables route at 10,000 ÷ at 1,000 services: {r:.1} (target ≥ 5: {})",
+            verdict(r >= 5.0)
+        );
+        let r = l10k.iptables / l10k.ipvs;
+        let _ = writeln!(
+            md,
+            "- iptables ÷ IPVS at 10,000 services: {r:.0} (target ≥ 50: {})",
+            verdict(r >= 50.0)
+        );
+        let r = l10k.ipvs / l10k.floor;
+        let _ = writeln!(
+            md,
+            "- IPVS route ÷ bare ahash probe at 10,000 services: {r:.2} (target ≤ 3: {})",
+            verdict(r <= 3.0)
+        );
+    } else {
+        let _ = writeln!(md, "- (needs --max-services >= 10000)");
+    }
+    let _ = first;
+    if let (Some(u10), Some(u10k)) = (up(10), up(10_000)) {
+        let r = u10k.ipvs_change / u10.ipvs_change;
+        let _ = writeln!(
+            md,
+            "- incremental one-endpoint change at 10,000 services ÷ at 10: {r:.2} (target ≤ 1.5: {})",
+            verdict(r <= 1.5)
+        );
+    }
+    let r = total2 / th.single;
+    let _ = writeln!(
+        md,
+        "- 2 reader threads with a writer ÷ 1 thread without: {r:.2} (target ≥ 1.6: {})",
+        verdict(r >= 1.6)
+    );
+
+    let json_to_stdout = matches!(args.json, Some(None));
+    if json_to_stdout {
+        eprint!("{md}");
+    } else {
+        print!("{md}");
+    }
+    match &args.json {
+        Some(Some(file)) => {
+            let mut f = std::fs::File::create(file).unwrap_or_else(|e| {
+                eprintln!("scale: cannot write {file}: {e}");
+                std::process::exit(1)
+            });
+            for line in &json {
+                writeln!(f, "{line}").expect("write json");
+            }
+        }
+        Some(None) => {
+            for line in &json {
+                println!("{line}");
+            }
+        }
+        None => {}
+    }
+    if let Some(file) = &args.svg {
+        std::fs::write(file, svg_plot(&lookups)).unwrap_or_else(|e| {
+            eprintln!("scale: cannot write {file}: {e}");
+            std::process::exit(1)
+        });
+    }
+}

@@ -1,0 +1,112 @@
+//! svclb's schedulers next to pingora-load-balancing and the `maglev` crate,
+//! picking among the same backends in one criterion run.
+//!
+//! Run from this directory: `cargo bench` (pingora needs `cmake`).
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use maglev::{ConsistentHasher, Maglev};
+use pingora_load_balancing::LoadBalancer;
+use pingora_load_balancing::selection::{Consistent, Random, RoundRobin};
+use svclb::scheduler::{Destination, PickContext};
+use svclb::{Flow, Instant, SchedulerConfig, SchedulerKind, SeededRng};
+
+fn backends(n: usize) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|i| SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 8080)))
+        .collect()
+}
+
+/// Client flows with distinct sources, so hash-based pickers see a spread.
+fn flows(n: usize) -> Vec<Flow> {
+    (0..n)
+        .map(|i| {
+            Flow::tcp(
+                SocketAddr::from(([10, 2, (i >> 8) as u8, i as u8], 40_000 + (i % 1000) as u16)),
+                SocketAddr::from(([10, 96, 0, 1], 80)),
+            )
+        })
+        .collect()
+}
+
+fn bench_pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick");
+    group.sample_size(30);
+    group.warm_up_time(std::time::Duration::from_millis(500));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    let flows = flows(1024);
+    let keys: Vec<[u8; 6]> = flows
+        .iter()
+        .map(|f| {
+            let SocketAddr::V4(v4) = f.src else {
+                unreachable!()
+            };
+            let mut k = [0u8; 6];
+            k[..4].copy_from_slice(&v4.ip().octets());
+            k[4..].copy_from_slice(&v4.port().to_be_bytes());
+            k
+        })
+        .collect();
+    for n in [5usize, 100, 1000] {
+        let addrs = backends(n);
+        let dests: Vec<Destination> = addrs.iter().map(|&a| Destination::new(a, 1)).collect();
+        let rng = SeededRng::new(7);
+        for kind in [
+            SchedulerKind::RoundRobin,
+            SchedulerKind::Random,
+            SchedulerKind::SourceHash,
+        ] {
+            let sel = SchedulerConfig::from(kind).build(&dests);
+            group.bench_function(BenchmarkId::new(format!("svclb/{kind}"), n), |b| {
+                let mut i = 0usize;
+                b.iter(|| {
+                    i = (i + 1) & 1023;
+                    let ctx = PickContext {
+                        flow: &flows[i],
+                        now: Instant::ZERO,
+                        rng: &rng,
+                    };
+                    black_box(sel.pick(&dests, &ctx).map(|j| dests[j].addr()))
+                })
+            });
+        }
+        let rr = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied()).unwrap();
+        group.bench_function(BenchmarkId::new("pingora/RoundRobin", n), |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(rr.select(&keys[i], 256))
+            })
+        });
+        let random = LoadBalancer::<Random>::try_from_iter(addrs.iter().copied()).unwrap();
+        group.bench_function(BenchmarkId::new("pingora/Random", n), |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(random.select(&keys[i], 256))
+            })
+        });
+        let ketama = LoadBalancer::<Consistent>::try_from_iter(addrs.iter().copied()).unwrap();
+        group.bench_function(BenchmarkId::new("pingora/Consistent", n), |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(ketama.select(&keys[i], 256))
+            })
+        });
+        let mg = Maglev::new(addrs.iter().copied());
+        group.bench_function(BenchmarkId::new("maglev/get", n), |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(mg.get(&keys[i]).copied())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_pick);
+criterion_main!(benches);

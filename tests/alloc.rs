@@ -1,0 +1,134 @@
+//! The packet path allocates nothing: `route` in both modes, with every
+//! built-in scheduler, and `connection_closed`, measured with a counting
+//! global allocator.
+//!
+//! One test function only: the allocator counts every thread, so no other
+//! test may run while a region is measured.
+
+mod common;
+
+use std::alloc::System;
+use std::net::SocketAddr;
+
+use common::*;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use svclb::*;
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// 50 services with 5 endpoints, one without endpoints (reject) and one
+/// Local service whose only endpoint is elsewhere (drop).
+fn table() -> ServiceTable {
+    let mut t = ServiceTable::new();
+    let mut changes = Vec::new();
+    for i in 0..50 {
+        let ips: Vec<String> = (0..5).map(|j| format!("10.1.{i}.{}", j + 1)).collect();
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+        changes.push(Change::UpsertService(service(
+            &format!("s{i}"),
+            &format!("10.96.0.{}", i + 1),
+            80,
+        )));
+        changes.push(Change::UpsertSlice(slice(
+            &format!("s{i}-1"),
+            &format!("s{i}"),
+            &ips,
+            8080,
+        )));
+    }
+    changes.push(Change::UpsertService(service("empty", "10.96.1.1", 80)));
+    let local = Service::builder("default", "local")
+        .cluster_ip("10.96.1.2".parse().unwrap())
+        .port(ServicePortSpec::tcp(80))
+        .internal_traffic_policy(TrafficPolicy::Local)
+        .build()
+        .unwrap();
+    let local_slice = EndpointSlice::builder("default", "local-1", "local", AddressType::IPv4)
+        .port(SlicePortSpec::tcp(80))
+        .endpoint(EndpointSpec::new("10.1.200.1").node("elsewhere"))
+        .build()
+        .unwrap();
+    changes.extend([
+        Change::UpsertService(local),
+        Change::UpsertSlice(local_slice),
+    ]);
+    t.apply_batch(changes).unwrap();
+    t
+}
+
+fn flows() -> Vec<Flow> {
+    let mut out: Vec<Flow> = (0..2000u32)
+        .map(|k| {
+            let src = SocketAddr::from(([10, 2, (k >> 8) as u8, k as u8], 30_000 + k as u16));
+            let dst = SocketAddr::from(([10, 96, 0, (k % 50) as u8 + 1], 80));
+            Flow::tcp(src, dst)
+        })
+        .collect();
+    out.push(flow("10.2.0.1:1000", "10.96.1.1:80")); // reject
+    out.push(flow("10.2.0.1:1000", "10.96.1.2:80")); // drop
+    out.push(flow("10.2.0.1:1000", "10.96.9.9:80")); // not a service
+    out
+}
+
+/// Routes every flow (and closes each forwarded connection) inside a
+/// counted region; returns the allocations seen and the verdict counts.
+fn route_all(dp: &dyn Dataplane, flows: &[Flow]) -> (usize, [usize; 4]) {
+    // Warm up: the first load on a thread registers it with arc-swap.
+    for f in flows {
+        dp.route(f, Instant::ZERO);
+    }
+    let mut kinds = [0usize; 4];
+    let region = Region::new(GLOBAL);
+    for (k, f) in flows.iter().enumerate() {
+        let now = Instant::from_millis(k as u64);
+        let v = dp.route(f, now);
+        match v {
+            Verdict::Forward(b) => {
+                kinds[0] += 1;
+                dp.connection_closed(f, b, now);
+            }
+            Verdict::Reject => kinds[1] += 1,
+            Verdict::Drop => kinds[2] += 1,
+            Verdict::NotAService => kinds[3] += 1,
+        }
+    }
+    let change = region.change();
+    (
+        change.allocations + change.reallocations + change.deallocations,
+        kinds,
+    )
+}
+
+#[test]
+fn packet_path_allocates_nothing() {
+    // The counter works: an allocation inside a region is seen.
+    let region = Region::new(GLOBAL);
+    let v: Vec<u64> = std::hint::black_box(Vec::with_capacity(16));
+    assert!(region.change().allocations >= 1);
+    drop(v);
+
+    let t = table();
+    let flows = flows();
+    let node = NodeTopology::new("this-node", "zone-a");
+    let mut dataplanes: Vec<(String, Box<dyn Dataplane>)> = vec![(
+        "iptables".into(),
+        Box::new(IptablesDataplane::new(
+            DataplaneConfig::with_seed(1).node(node.clone()),
+        )),
+    )];
+    for kind in SchedulerKind::ALL {
+        let mut config = DataplaneConfig::with_seed(1)
+            .node(node.clone())
+            .scheduler(kind);
+        config.count_connections = true;
+        dataplanes.push((format!("ipvs/{kind}"), Box::new(IpvsDataplane::new(config))));
+    }
+    let all = t.full_change_set();
+    for (name, dp) in &dataplanes {
+        dp.sync(&t, &all);
+        let (allocs, kinds) = route_all(dp.as_ref(), &flows);
+        assert_eq!(kinds, [2000, 1, 1, 1], "{name}: verdicts");
+        assert_eq!(allocs, 0, "{name}: the packet path allocated");
+    }
+}
