@@ -57,6 +57,7 @@ fn bench_pick(c: &mut Criterion) {
             SchedulerKind::RoundRobin,
             SchedulerKind::Random,
             SchedulerKind::SourceHash,
+            SchedulerKind::Maglev,
         ] {
             let sel = SchedulerConfig::from(kind).build(&dests);
             group.bench_function(BenchmarkId::new(format!("svclb/{kind}"), n), |b| {
