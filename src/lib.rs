@@ -19,6 +19,9 @@
 //!    wrr, lc, wlc, sh — or your own [`Scheduler`].
 //! 5. **Topology** ([`topology`]): which endpoints take new connections
 //!    (ready, serving-terminating fallback, Local policies, hints).
+//! 6. **Renderings** ([`render`]): the table as `iptables-restore` and
+//!    `nft -f` input in kube-proxy's exact terms, and an `ipvsadm -ln`
+//!    listing of the IPVS dataplane.
 //!
 //! Time comes from the caller ([`Instant`]) and randomness from a seeded
 //! generator ([`SeededRng`]): a fixed seed replays a run exactly.
@@ -55,6 +58,7 @@
 pub mod dataplane;
 pub mod error;
 pub mod model;
+pub mod render;
 mod rng;
 pub mod scheduler;
 pub mod table;

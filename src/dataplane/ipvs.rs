@@ -64,6 +64,46 @@ struct VsTable {
     by_service: AHashMap<ServiceKey, SmallVec<[VsKey; 2]>>,
 }
 
+/// One virtual service as [`IpvsDataplane::virtual_services`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualServiceInfo {
+    /// The service it belongs to.
+    pub service: ServiceKey,
+    /// The virtual address (a cluster IP).
+    pub addr: IpAddr,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The virtual port.
+    pub port: u16,
+    /// The scheduler's name (`rr`, `wlc`, ...).
+    pub scheduler: String,
+    /// The real servers, by address and port.
+    pub destinations: Vec<RealServerInfo>,
+}
+
+/// One real server of a [`VirtualServiceInfo`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RealServerInfo {
+    /// The backend `IP:port`.
+    pub addr: SocketAddr,
+    /// Its weight (0 = no new connections).
+    pub weight: u32,
+    /// Active connections (counted when the scheduler needs them or
+    /// [`DataplaneConfig::count_connections`] is set).
+    pub active_conns: u32,
+    /// Inactive connections, as the caller reported them.
+    pub inactive_conns: u32,
+}
+
+/// The IP protocol number (TCP 6, UDP 17, SCTP 132), `ipvsadm`'s sort key.
+fn protocol_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+    }
+}
+
 /// The IPVS-mode dataplane. See the module docs.
 #[derive(Debug)]
 pub struct IpvsDataplane {
@@ -107,6 +147,78 @@ impl IpvsDataplane {
     /// The number of virtual services.
     pub fn virtual_service_count(&self) -> usize {
         self.table.load().by_key.len()
+    }
+
+    /// Every virtual service with its destinations and live counters, as
+    /// `ipvsadm -ln` lists them: sorted by address family, protocol number,
+    /// address and port; destinations by address and port. A read-only
+    /// snapshot for inspection; it allocates.
+    ///
+    /// A service port that rejects or drops (no usable endpoint) is listed
+    /// with no real servers, as kube-proxy's IPVS mode leaves it.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::*;
+    /// let mut table = ServiceTable::new();
+    /// let svc = Service::builder("default", "web")
+    ///     .cluster_ip("10.96.0.10".parse().unwrap())
+    ///     .port(ServicePortSpec::tcp(80).target_port(8080))
+    ///     .build().unwrap();
+    /// let slice = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+    ///     .port(SlicePortSpec::tcp(8080))
+    ///     .endpoint(EndpointSpec::new("10.0.0.2"))
+    ///     .build().unwrap();
+    /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+    /// let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1));
+    /// dp.sync(&table, &changes);
+    /// let flow = Flow::tcp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:80".parse().unwrap());
+    /// dp.route(&flow, Instant::ZERO);
+    /// let vs = dp.virtual_services();
+    /// assert_eq!(vs[0].scheduler, "rr");
+    /// assert_eq!(vs[0].destinations[0].addr, "10.0.0.2:8080".parse().unwrap());
+    /// ```
+    pub fn virtual_services(&self) -> Vec<VirtualServiceInfo> {
+        let table = self.table.load();
+        let mut out = Vec::with_capacity(table.by_key.len());
+        for (service, keys) in &table.by_service {
+            for key in keys {
+                let Some(vs) = table.by_key.get(key) else {
+                    continue;
+                };
+                let state = vs.state.load();
+                let mut destinations: Vec<RealServerInfo> = match &**state {
+                    VsState::Forward { dests, .. } => dests
+                        .iter()
+                        .map(|d| RealServerInfo {
+                            addr: d.addr(),
+                            weight: d.weight(),
+                            active_conns: d.conns().active(),
+                            inactive_conns: d.conns().inactive(),
+                        })
+                        .collect(),
+                    VsState::Reject | VsState::Drop => Vec::new(),
+                };
+                destinations.sort_by_key(|d| (d.addr.ip(), d.addr.port()));
+                out.push(VirtualServiceInfo {
+                    service: service.clone(),
+                    addr: key.addr,
+                    protocol: key.protocol,
+                    port: key.port,
+                    scheduler: self.config.scheduler.name().to_owned(),
+                    destinations,
+                });
+            }
+        }
+        out.sort_by_key(|v| {
+            (
+                v.addr.is_ipv6(),
+                protocol_number(v.protocol),
+                v.addr,
+                v.port,
+            )
+        });
+        out
     }
 
     /// Builds the state of each virtual service of `view`, in `vs_keys`

@@ -17,7 +17,7 @@ mod ipvs;
 use std::net::SocketAddr;
 
 pub use iptables::IptablesDataplane;
-pub use ipvs::IpvsDataplane;
+pub use ipvs::{IpvsDataplane, RealServerInfo, VirtualServiceInfo};
 
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::scheduler::SchedulerConfig;

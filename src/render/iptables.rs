@@ -1,0 +1,653 @@
+//! The table as `iptables-restore` input, written the way kube-proxy's
+//! iptables mode writes it (`pkg/proxy/iptables/proxier.go`, Kubernetes
+//! 1.28–1.33 generation) for ClusterIP services:
+//!
+//! - `*filter`: the fixed chains, `REJECT` rules for service ports without
+//!   endpoints (`"ns/svc:port has no endpoints"`), `DROP` rules for Local
+//!   policies without local endpoints, `KUBE-FIREWALL` and `KUBE-FORWARD`
+//!   (the flavour without `nfacct` counters);
+//! - `*nat`: `KUBE-SERVICES` jumps per (cluster IP, protocol, port),
+//!   `KUBE-SVC-…`/`KUBE-SVL-…` chains with the `-m statistic` cascade and
+//!   the `-m recent --rcheck` ClientIP-affinity rules, `KUBE-SEP-…` chains
+//!   with the hairpin masquerade, `-m recent --set` and the DNAT, and the
+//!   fixed `KUBE-MARK-MASQ`/`KUBE-POSTROUTING` chains.
+//!
+//! Chain names are kube-proxy's: `KUBE-SVC-` + the first 16 characters of
+//! base32(sha256(`"ns/name:port" + "tcp"`)), `KUBE-SEP-` over the same plus
+//! the endpoint `IP:port`. Every rule's arguments come in kube-proxy's order
+//! and its comments are quoted the way kube-proxy quotes them, so the lines
+//! diff clean against kube-proxy's output for the same objects.
+//!
+//! kube-proxy writes services in Go map order; its tests sort the output
+//! (`sortIPTablesRules`). This renderer writes that sorted form directly:
+//! chains `KUBE-NODEPORTS`, `KUBE-SERVICES`, then the other `KUBE-*` chains
+//! alphabetically, then built-in chains; rules grouped by chain;
+//! `KUBE-SERVICES` rules ordered by service name (stably), the NodePorts
+//! jump last. Like kube-proxy, more than 1000 endpoints in total switch to
+//! "large cluster mode", which leaves the comments off the endpoint rules.
+//!
+//! Not rendered: NodePort, LoadBalancer and external-IP rules (svclb models
+//! cluster IPs), stale-chain deletion (`-X`), and `nfacct` counters.
+
+use std::fmt::Write as _;
+
+use super::{Outcome, PortPlan, RenderOptions, hash, plan};
+use crate::model::flow::Protocol;
+use crate::table::ServiceTable;
+
+const KUBE_SERVICES: &str = "KUBE-SERVICES";
+const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+const KUBE_FORWARD: &str = "KUBE-FORWARD";
+const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+const KUBE_FIREWALL: &str = "KUBE-FIREWALL";
+const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+const NODEPORTS_COMMENT: &str =
+    "\"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+
+/// More endpoints than this and kube-proxy drops the per-endpoint comments.
+pub const LARGE_CLUSTER_ENDPOINTS_THRESHOLD: usize = 1000;
+
+/// kube-proxy's 16-character chain hash of a service port name and protocol.
+fn port_proto_hash(service_port_name: &str, protocol: Protocol) -> String {
+    hash::hash16(&format!("{service_port_name}{}", protocol.as_lower_str()))
+}
+
+/// The `KUBE-SVC-…` chain of a service port (Cluster policy).
+///
+/// `service_port_name` is `ns/name:port`, or `ns/name` when the port has no
+/// name.
+///
+/// # Examples
+/// ```
+/// use svclb::{Protocol, render::iptables::service_chain_name};
+/// assert_eq!(service_chain_name("ns1/svc1:p80", Protocol::Tcp), "KUBE-SVC-XPGD46QRK7WJZT7O");
+/// ```
+pub fn service_chain_name(service_port_name: &str, protocol: Protocol) -> String {
+    format!("KUBE-SVC-{}", port_proto_hash(service_port_name, protocol))
+}
+
+/// The `KUBE-SVL-…` chain of a service port (Local policy).
+///
+/// # Examples
+/// ```
+/// use svclb::{Protocol, render::iptables::local_chain_name};
+/// assert_eq!(local_chain_name("ns2/svc2:p80", Protocol::Tcp), "KUBE-SVL-GNZBNJ2PO5MGZ6GT");
+/// ```
+pub fn local_chain_name(service_port_name: &str, protocol: Protocol) -> String {
+    format!("KUBE-SVL-{}", port_proto_hash(service_port_name, protocol))
+}
+
+/// The `KUBE-SEP-…` chain of one endpoint (`IP:port`, IPv6 in brackets) of
+/// a service port.
+///
+/// # Examples
+/// ```
+/// use svclb::{Protocol, render::iptables::endpoint_chain_name};
+/// assert_eq!(
+///     endpoint_chain_name("ns1/svc1:p80", Protocol::Tcp, "10.180.0.1:80"),
+///     "KUBE-SEP-SXIVWICOYRO3J4NJ"
+/// );
+/// ```
+pub fn endpoint_chain_name(service_port_name: &str, protocol: Protocol, endpoint: &str) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        hash::hash16(&format!(
+            "{service_port_name}{}{endpoint}",
+            protocol.as_lower_str()
+        ))
+    )
+}
+
+/// kube-proxy's probability text for rule `i` of `n`: `1/(n-i)` with ten
+/// decimals (`0.3333333333`).
+fn probability(i: usize, n: usize) -> String {
+    format!("{:.10}", 1.0 / (n - i) as f64)
+}
+
+/// One table being assembled: declared chains and rules grouped by chain.
+#[derive(Debug, Default)]
+struct TableText {
+    /// (chain, declared with a `:CHAIN - [0:0]` line, rules).
+    chains: Vec<(String, bool, Vec<String>)>,
+}
+
+impl TableText {
+    fn chain(&mut self, name: &str, declare: bool) -> &mut Vec<String> {
+        let i = match self.chains.iter().position(|(n, ..)| n == name) {
+            Some(i) => i,
+            None => {
+                self.chains.push((name.to_owned(), declare, Vec::new()));
+                self.chains.len() - 1
+            }
+        };
+        &mut self.chains[i].2
+    }
+
+    fn declare(&mut self, name: &str) {
+        self.chain(name, true);
+    }
+
+    fn rule(&mut self, chain: &str, args: &[&str]) {
+        let line = format!("-A {chain} {}", args.join(" "));
+        self.chain(chain, false).push(line);
+    }
+
+    /// The sorted form: `KUBE-NODEPORTS`, `KUBE-SERVICES`, other `KUBE-*`,
+    /// then the rest, each group alphabetical.
+    fn write(mut self, out: &mut String, name: &str) {
+        fn rank(chain: &str) -> u8 {
+            match chain {
+                KUBE_NODEPORTS => 0,
+                KUBE_SERVICES => 1,
+                c if c.starts_with("KUBE-") => 2,
+                _ => 3,
+            }
+        }
+        self.chains
+            .sort_by(|(a, ..), (b, ..)| (rank(a), a.as_str()).cmp(&(rank(b), b.as_str())));
+        let _ = writeln!(out, "*{name}");
+        for (chain, declared, _) in &self.chains {
+            if *declared {
+                let _ = writeln!(out, ":{chain} - [0:0]");
+            }
+        }
+        for (_, _, rules) in &self.chains {
+            for rule in rules {
+                out.push_str(rule);
+                out.push('\n');
+            }
+        }
+        out.push_str("COMMIT\n");
+    }
+}
+
+/// The service name a `KUBE-SERVICES` rule sorts by: its comment up to the
+/// first space or colon, as kube-proxy's test sorter reads it.
+fn comment_service_name(rule: &str) -> &str {
+    let Some((_, rest)) = rule.split_once("--comment ") else {
+        return "";
+    };
+    let rest = rest.strip_prefix('"').unwrap_or(rest);
+    let end = rest.find([' ', ':', '"']).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// Renders the table as `iptables-restore` input (`ip6tables-restore` with
+/// [`IpFamily::V6`](super::IpFamily::V6)). See the module docs.
+///
+/// # Examples
+/// See the [`render`](crate::render) module.
+pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
+    let (plans, total_endpoints) = plan(table, opts);
+    let large_cluster = total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD;
+    let ipv6 = opts.family == super::IpFamily::V6;
+    let mark = opts.masquerade_mark.as_str();
+    let mark_mask = format!("{mark}/{mark}");
+
+    let mut filter = TableText::default();
+    let mut nat = TableText::default();
+    for chain in [
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_FORWARD,
+        KUBE_NODEPORTS,
+        KUBE_PROXY_FIREWALL,
+    ] {
+        filter.declare(chain);
+    }
+    for chain in [
+        KUBE_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+    ] {
+        nat.declare(chain);
+    }
+    nat.rule(
+        KUBE_POSTROUTING,
+        &["-m", "mark", "!", "--mark", &mark_mask, "-j", "RETURN"],
+    );
+    nat.rule(KUBE_POSTROUTING, &["-j", "MARK", "--xor-mark", mark]);
+    let mut masq = vec![
+        "-m",
+        "comment",
+        "--comment",
+        "\"kubernetes service traffic requiring SNAT\"",
+        "-j",
+        "MASQUERADE",
+    ];
+    if opts.random_fully {
+        masq.push("--random-fully");
+    }
+    nat.rule(KUBE_POSTROUTING, &masq);
+    nat.rule(KUBE_MARK_MASQ, &["-j", "MARK", "--or-mark", mark]);
+    let kubelet_firewall = !ipv6 && opts.localhost_nodeports;
+    if kubelet_firewall {
+        filter.declare(KUBE_FIREWALL);
+        filter.rule(
+            KUBE_FIREWALL,
+            &[
+                "-m",
+                "comment",
+                "--comment",
+                "\"block incoming localnet connections\"",
+                "-d",
+                "127.0.0.0/8",
+                "!",
+                "-s",
+                "127.0.0.0/8",
+                "-m",
+                "conntrack",
+                "!",
+                "--ctstate",
+                "RELATED,ESTABLISHED,DNAT",
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+
+    // KUBE-SERVICES rules are collected apart and sorted by service name.
+    let mut filter_services: Vec<String> = Vec::new();
+    let mut nat_services: Vec<String> = Vec::new();
+    for p in &plans {
+        write_service_port(
+            p,
+            opts,
+            large_cluster,
+            &mut nat,
+            &mut filter_services,
+            &mut nat_services,
+        );
+    }
+    filter_services.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
+    nat_services.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
+    *filter.chain(KUBE_SERVICES, true) = filter_services;
+    let mut nodeports = vec!["-m", "comment", "--comment", NODEPORTS_COMMENT];
+    nodeports.extend(["-m", "addrtype", "--dst-type", "LOCAL"]);
+    if ipv6 {
+        nodeports.extend(["!", "-d", "::1/128"]);
+    } else if !opts.localhost_nodeports {
+        nodeports.extend(["!", "-d", "127.0.0.0/8"]);
+    }
+    nodeports.extend(["-j", KUBE_NODEPORTS]);
+    nat_services.push(format!("-A {KUBE_SERVICES} {}", nodeports.join(" ")));
+    *nat.chain(KUBE_SERVICES, true) = nat_services;
+
+    filter.rule(
+        KUBE_FORWARD,
+        &["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
+    );
+    filter.rule(
+        KUBE_FORWARD,
+        &[
+            "-m",
+            "comment",
+            "--comment",
+            "\"kubernetes forwarding rules\"",
+            "-m",
+            "mark",
+            "--mark",
+            &mark_mask,
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    filter.rule(
+        KUBE_FORWARD,
+        &[
+            "-m",
+            "comment",
+            "--comment",
+            "\"kubernetes forwarding conntrack rule\"",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+
+    if opts.builtin_jumps {
+        write_builtin_jumps(&mut filter, &mut nat, kubelet_firewall);
+    }
+
+    let mut out = String::new();
+    filter.write(&mut out, "filter");
+    nat.write(&mut out, "nat");
+    out
+}
+
+/// The rules of one service port on one cluster IP.
+fn write_service_port(
+    p: &PortPlan<'_>,
+    opts: &RenderOptions,
+    large_cluster: bool,
+    nat: &mut TableText,
+    filter_services: &mut Vec<String>,
+    nat_services: &mut Vec<String>,
+) {
+    let proto = p.proto();
+    let protocol = p.port.protocol();
+    let vip = p.vip.to_string();
+    let dport = p.port.port().to_string();
+    let name = p.name.as_str();
+    let (eps, verdict) = match &p.outcome {
+        Outcome::Endpoints(eps) => (eps, ""),
+        Outcome::Reject => (&Vec::new(), "REJECT"),
+        Outcome::Drop => (&Vec::new(), "DROP"),
+    };
+    if !verdict.is_empty() {
+        let comment = if verdict == "REJECT" {
+            format!("\"{name} has no endpoints\"")
+        } else {
+            format!("\"{name} has no local endpoints\"")
+        };
+        filter_services.push(format!(
+            "-A {KUBE_SERVICES} -m comment --comment {comment} -m {proto} -p {proto} -d {vip} --dport {dport} -j {verdict}"
+        ));
+        return;
+    }
+    let chain = if p.local_policy() {
+        local_chain_name(name, protocol)
+    } else {
+        service_chain_name(name, protocol)
+    };
+    let cluster_ip_comment = format!("\"{name} cluster IP\"");
+    nat_services.push(format!(
+        "-A {KUBE_SERVICES} -m comment --comment {cluster_ip_comment} -m {proto} -p {proto} -d {vip} --dport {dport} -j {chain}"
+    ));
+
+    nat.declare(&chain);
+    let capture = [
+        "-m",
+        "comment",
+        "--comment",
+        &cluster_ip_comment,
+        "-m",
+        proto,
+        "-p",
+        proto,
+        "-d",
+        &vip,
+        "--dport",
+        &dport,
+    ];
+    if opts.masquerade_all {
+        let mut args = capture.to_vec();
+        args.extend(["-j", KUBE_MARK_MASQ]);
+        nat.rule(&chain, &args);
+    } else if let Some(cidr) = opts.cluster_cidr {
+        let cidr = cidr.to_string();
+        let mut args = capture.to_vec();
+        args.extend(["!", "-s", &cidr, "-j", KUBE_MARK_MASQ]);
+        nat.rule(&chain, &args);
+    }
+
+    let affinity = p
+        .service
+        .session_affinity()
+        .timeout()
+        .map(|t| t.as_secs().to_string());
+    let sep: Vec<(String, String)> = eps
+        .iter()
+        .map(|e| {
+            let addr = e.addr_string();
+            (endpoint_chain_name(name, protocol, &addr), addr)
+        })
+        .collect();
+    let comment_args = |comment: &str| -> Vec<String> {
+        if large_cluster {
+            Vec::new()
+        } else {
+            vec![
+                "-m".into(),
+                "comment".into(),
+                "--comment".into(),
+                comment.into(),
+            ]
+        }
+    };
+    if let Some(seconds) = &affinity {
+        for (sep_chain, addr) in &sep {
+            let mut args = comment_args(&format!("\"{name} -> {addr}\""));
+            args.extend(
+                [
+                    "-m",
+                    "recent",
+                    "--name",
+                    sep_chain,
+                    "--rcheck",
+                    "--seconds",
+                    seconds,
+                    "--reap",
+                    "-j",
+                    sep_chain,
+                ]
+                .map(String::from),
+            );
+            nat.rule(&chain, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+    }
+    let n = sep.len();
+    for (i, (sep_chain, addr)) in sep.iter().enumerate() {
+        let mut args = comment_args(&format!("\"{name} -> {addr}\""));
+        if i + 1 < n {
+            args.extend(["-m", "statistic", "--mode", "random", "--probability"].map(String::from));
+            args.push(probability(i, n));
+        }
+        args.extend(["-j".to_owned(), sep_chain.clone()]);
+        nat.rule(&chain, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    for ((sep_chain, addr), ep) in sep.iter().zip(eps) {
+        nat.declare(sep_chain);
+        let ip = ep.addr().ip().to_string();
+        let mut base = comment_args(name);
+        let mut hairpin = base.clone();
+        hairpin.extend([
+            "-s".to_owned(),
+            ip,
+            "-j".to_owned(),
+            KUBE_MARK_MASQ.to_owned(),
+        ]);
+        nat.rule(
+            sep_chain,
+            &hairpin.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        if affinity.is_some() {
+            base.extend(["-m", "recent", "--name", sep_chain, "--set"].map(String::from));
+        }
+        base.extend(
+            [
+                "-m",
+                proto,
+                "-p",
+                proto,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                addr,
+            ]
+            .map(String::from),
+        );
+        nat.rule(
+            sep_chain,
+            &base.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
+}
+
+/// The jumps kube-proxy (and kubelet, for `KUBE-FIREWALL`) install into the
+/// built-in chains with `iptables -I`, in the order they end up in.
+fn write_builtin_jumps(filter: &mut TableText, nat: &mut TableText, kubelet_firewall: bool) {
+    const NEW: [&str; 4] = ["-m", "conntrack", "--ctstate", "NEW"];
+    // kube-proxy's iptablesJumpChains (then kubelet's), each prepended.
+    let mut jumps: Vec<(bool, &str, &str, &str, &[&str])> = vec![
+        (
+            false,
+            KUBE_EXTERNAL_SERVICES,
+            "INPUT",
+            "\"kubernetes externally-visible service portals\"",
+            &NEW,
+        ),
+        (
+            false,
+            KUBE_EXTERNAL_SERVICES,
+            "FORWARD",
+            "\"kubernetes externally-visible service portals\"",
+            &NEW,
+        ),
+        (
+            false,
+            KUBE_NODEPORTS,
+            "INPUT",
+            "\"kubernetes health check service ports\"",
+            &[],
+        ),
+        (
+            false,
+            KUBE_SERVICES,
+            "FORWARD",
+            "\"kubernetes service portals\"",
+            &NEW,
+        ),
+        (
+            false,
+            KUBE_SERVICES,
+            "OUTPUT",
+            "\"kubernetes service portals\"",
+            &NEW,
+        ),
+        (
+            false,
+            KUBE_FORWARD,
+            "FORWARD",
+            "\"kubernetes forwarding rules\"",
+            &[],
+        ),
+        (
+            false,
+            KUBE_PROXY_FIREWALL,
+            "INPUT",
+            "\"kubernetes load balancer firewall\"",
+            &NEW,
+        ),
+        (
+            false,
+            KUBE_PROXY_FIREWALL,
+            "OUTPUT",
+            "\"kubernetes load balancer firewall\"",
+            &NEW,
+        ),
+        (
+            false,
+            KUBE_PROXY_FIREWALL,
+            "FORWARD",
+            "\"kubernetes load balancer firewall\"",
+            &NEW,
+        ),
+        (
+            true,
+            KUBE_SERVICES,
+            "OUTPUT",
+            "\"kubernetes service portals\"",
+            &[],
+        ),
+        (
+            true,
+            KUBE_SERVICES,
+            "PREROUTING",
+            "\"kubernetes service portals\"",
+            &[],
+        ),
+        (
+            true,
+            KUBE_POSTROUTING,
+            "POSTROUTING",
+            "\"kubernetes postrouting rules\"",
+            &[],
+        ),
+    ];
+    if kubelet_firewall {
+        jumps.push((false, KUBE_FIREWALL, "INPUT", "", &[]));
+        jumps.push((false, KUBE_FIREWALL, "OUTPUT", "", &[]));
+    }
+    // Each was inserted at the head of its chain, so the last ends up first.
+    for (is_nat, target, builtin, comment, extra) in jumps.into_iter().rev() {
+        let mut args: Vec<&str> = extra.to_vec();
+        if !comment.is_empty() {
+            args.extend(["-m", "comment", "--comment", comment]);
+        }
+        args.extend(["-j", target]);
+        let table = if is_nat { &mut *nat } else { &mut *filter };
+        table.rule(builtin, &args);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_match_kube_proxy() {
+        assert_eq!(
+            service_chain_name("ns1/svc1:p80", Protocol::Tcp),
+            "KUBE-SVC-XPGD46QRK7WJZT7O"
+        );
+        assert_eq!(
+            service_chain_name("ns1/svc1", Protocol::Tcp),
+            "KUBE-SVC-AQI2S6QIMU7PVVRP"
+        );
+        assert_eq!(
+            local_chain_name("ns1/svc1", Protocol::Tcp),
+            "KUBE-SVL-AQI2S6QIMU7PVVRP"
+        );
+        assert_eq!(
+            service_chain_name("ns5/svc5:p80", Protocol::Tcp),
+            "KUBE-SVC-NUKIZ6OKUXPJNT4C"
+        );
+        for (name, ep, want) in [
+            ("ns1/svc1:p80", "10.180.0.1:80", "KUBE-SEP-SXIVWICOYRO3J4NJ"),
+            ("ns1/svc1:p80", "10.180.0.2:80", "KUBE-SEP-LXVODXWDISEETFEF"),
+            ("ns5/svc5:p80", "10.180.0.3:80", "KUBE-SEP-I77PXRDZVX7PMWMN"),
+            ("ns4/svc4:p80", "10.180.0.4:80", "KUBE-SEP-UKSFD7AGPMPPLUHC"),
+            ("ns4/svc4:p80", "10.180.0.5:80", "KUBE-SEP-C6EBXVWJJZMIWKLZ"),
+            ("ns1/svc1", "10.0.1.1:80", "KUBE-SEP-3JOIVZTXZZRGORX4"),
+        ] {
+            assert_eq!(endpoint_chain_name(name, Protocol::Tcp, ep), want);
+        }
+        // Protocol is part of the hash.
+        assert_ne!(
+            service_chain_name("ns1/svc1:p80", Protocol::Udp),
+            service_chain_name("ns1/svc1:p80", Protocol::Tcp)
+        );
+    }
+
+    #[test]
+    fn probabilities_have_ten_decimals() {
+        assert_eq!(probability(0, 3), "0.3333333333");
+        assert_eq!(probability(1, 3), "0.5000000000");
+        assert_eq!(probability(0, 4), "0.2500000000");
+        assert_eq!(probability(0, 7), "0.1428571429");
+    }
+
+    #[test]
+    fn comment_sort_key() {
+        assert_eq!(
+            comment_service_name(
+                "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -j X"
+            ),
+            "ns1/svc1"
+        );
+        assert_eq!(
+            comment_service_name(
+                "-A KUBE-SERVICES -m comment --comment \"ns1/svc1 has no endpoints\""
+            ),
+            "ns1/svc1"
+        );
+    }
+}

@@ -1,0 +1,395 @@
+//! Renderings users know: the [`ServiceTable`] written out as the text that
+//! kube-proxy and IPVS tools produce.
+//!
+//! - [`iptables`]: `iptables-restore` input, the rules kube-proxy's iptables
+//!   mode writes for ClusterIP services (chain names, comments and argument
+//!   order exactly as kube-proxy's; see that module for the version).
+//! - [`nft`]: `nft -f` input, kube-proxy's nftables-mode table.
+//! - [`ipvsadm`]: an `ipvsadm -ln` listing of an [`IpvsDataplane`](crate::IpvsDataplane),
+//!   with its live connection counters.
+//!
+//! Renderers read the table (and, for `ipvsadm`, the dataplane); they run at
+//! control-plane speed, allocate freely and never touch a packet path. Which
+//! endpoints appear follows [`topology::categorize`](crate::topology::categorize)
+//! for the node in [`RenderOptions::node`], as the dataplanes do.
+//!
+//! # Examples
+//! ```
+//! use svclb::*;
+//! use svclb::render::{self, RenderOptions};
+//!
+//! let mut table = ServiceTable::new();
+//! let svc = Service::builder("ns1", "svc1")
+//!     .cluster_ip("172.30.0.41".parse().unwrap())
+//!     .port(ServicePortSpec::tcp(80).name("p80"))
+//!     .build()?;
+//! let slice = EndpointSlice::builder("ns1", "svc1-abc", "svc1", AddressType::IPv4)
+//!     .port(SlicePortSpec::tcp(80).name("p80"))
+//!     .endpoint(EndpointSpec::new("10.180.0.1"))
+//!     .build()?;
+//! table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)])?;
+//!
+//! let rules = render::iptables::render(&table, &RenderOptions::default());
+//! assert!(rules.contains(
+//!     "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp \
+//!      -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O\n"
+//! ));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod hash;
+pub mod iptables;
+pub mod ipvsadm;
+pub mod nft;
+
+use core::fmt;
+use core::str::FromStr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use crate::error::ValidationError;
+use crate::model::service::{Service, ServicePort, TrafficPolicy};
+use crate::table::{EndpointInfo, ServiceTable};
+use crate::topology::{NodeTopology, Selection, categorize};
+
+/// An IP family: which half of a dual-stack table a rendering covers
+/// (kube-proxy runs one proxier per family: `iptables`/`ip6tables`,
+/// `ip`/`ip6` nftables tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IpFamily {
+    /// IPv4 (the default).
+    #[default]
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl IpFamily {
+    /// Whether `ip` belongs to this family.
+    pub fn contains(self, ip: IpAddr) -> bool {
+        matches!(
+            (self, ip),
+            (IpFamily::V4, IpAddr::V4(_)) | (IpFamily::V6, IpAddr::V6(_))
+        )
+    }
+}
+
+/// An IP prefix such as `10.0.0.0/8` (`--cluster-cidr`, service CIDRs).
+///
+/// Host bits are cleared, as Go's `net.ParseCIDR` does for the network it
+/// returns, so `10.1.2.3/8` reads as `10.0.0.0/8`.
+///
+/// # Examples
+/// ```
+/// use svclb::render::Cidr;
+/// let c: Cidr = "10.1.2.3/8".parse().unwrap();
+/// assert_eq!(c.to_string(), "10.0.0.0/8");
+/// assert!(c.contains("10.200.0.1".parse().unwrap()));
+/// assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR/LEN`, naming `field` in the error.
+    ///
+    /// # Errors
+    /// [`ValidationError::Invalid`] when the text is not an address, a `/`
+    /// and a prefix length valid for the address family.
+    pub fn parse(field: &str, text: &str) -> Result<Cidr, ValidationError> {
+        let invalid = |reason| ValidationError::Invalid {
+            field: field.into(),
+            value: text.into(),
+            reason,
+        };
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| invalid("must be ADDRESS/PREFIX-LENGTH, e.g. 10.0.0.0/8"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| invalid("the address is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 =
+            len.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
+                invalid("the prefix length must be 0..=32 (IPv4) or 0..=128 (IPv6)")
+            })?;
+        Ok(Cidr::new_masked(addr, prefix_len))
+    }
+
+    fn new_masked(addr: IpAddr, prefix_len: u8) -> Cidr {
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        Cidr { addr, prefix_len }
+    }
+
+    /// The network address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    /// Whether `ip` lies inside the prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                Cidr::new_masked(ip, self.prefix_len).addr == self.addr
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Cidr::parse("cidr", s)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// What a rendering should look like: the kube-proxy flags and node facts
+/// that change its text.
+///
+/// The default is kube-proxy's default configuration on an IPv4 node with no
+/// local-traffic detector: no per-service masquerade rule, mark bit 14,
+/// localhost NodePorts on, no `--random-fully`.
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    /// This node's name and zone (Local policies, topology hints).
+    pub node: NodeTopology,
+    /// Which family to render (one kube-proxy proxier per family).
+    pub family: IpFamily,
+    /// `--cluster-cidr`: traffic to a cluster IP from outside it is marked
+    /// for masquerade (`! -s CIDR -j KUBE-MARK-MASQ`). `None` leaves the
+    /// rule out, as kube-proxy does without a local-traffic detector.
+    pub cluster_cidr: Option<Cidr>,
+    /// `--masquerade-all`: mark all cluster-IP traffic (wins over
+    /// `cluster_cidr`).
+    pub masquerade_all: bool,
+    /// The masquerade mark as kube-proxy prints it. Real kube-proxy formats
+    /// `1 << --iptables-masquerade-bit` with Go's `%#08x`, which gives
+    /// `0x00004000` for the default bit 14 (the default here); kube-proxy's
+    /// unit tests use a fake that prints `0x4000`.
+    pub masquerade_mark: String,
+    /// Append `--random-fully` to the `MASQUERADE` rule (kube-proxy does when
+    /// the host's iptables supports it).
+    pub random_fully: bool,
+    /// `--iptables-localhost-nodeports` (default on): the IPv4 `KUBE-FIREWALL`
+    /// chain, and no `! -d 127.0.0.0/8` on the NodePorts jump.
+    pub localhost_nodeports: bool,
+    /// Also write the jumps from the built-in chains (`PREROUTING`, `OUTPUT`,
+    /// `POSTROUTING`, `INPUT`, `FORWARD`) into the restore input. kube-proxy
+    /// installs those separately with `iptables -I`; with this on, the
+    /// output is self-contained and works when restored into an empty
+    /// network namespace. Off by default (kube-proxy's exact restore input).
+    pub builtin_jumps: bool,
+    /// Service CIDRs: the nftables rendering drops traffic to unallocated
+    /// cluster IPs in these ranges (`cluster-ips-check`).
+    pub service_cidrs: Vec<Cidr>,
+    /// The connection-table size `ipvsadm` prints in its header.
+    pub ipvs_conn_table_size: u32,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            node: NodeTopology::default(),
+            family: IpFamily::V4,
+            cluster_cidr: None,
+            masquerade_all: false,
+            masquerade_mark: masquerade_mark(DEFAULT_MASQUERADE_BIT),
+            random_fully: false,
+            localhost_nodeports: true,
+            builtin_jumps: false,
+            service_cidrs: Vec::new(),
+            ipvs_conn_table_size: 4096,
+        }
+    }
+}
+
+/// kube-proxy's default `--iptables-masquerade-bit`.
+pub const DEFAULT_MASQUERADE_BIT: u8 = 14;
+
+/// The mark for a masquerade bit, as kube-proxy prints it (Go `%#08x`, whose
+/// width counts digits only: bit 14 gives `0x00004000`).
+///
+/// # Examples
+/// ```
+/// assert_eq!(svclb::render::masquerade_mark(14), "0x00004000");
+/// ```
+///
+/// # Panics
+/// If `bit` is above 31.
+pub fn masquerade_mark(bit: u8) -> String {
+    assert!(bit <= 31, "masquerade bit {bit} must be 0..=31");
+    format!("0x{:08x}", 1u32 << bit)
+}
+
+impl RenderOptions {
+    /// Sets the node.
+    pub fn node(mut self, node: NodeTopology) -> Self {
+        self.node = node;
+        self
+    }
+    /// Sets the family.
+    pub fn family(mut self, family: IpFamily) -> Self {
+        self.family = family;
+        self
+    }
+    /// Sets `--cluster-cidr`.
+    pub fn cluster_cidr(mut self, cidr: Cidr) -> Self {
+        self.cluster_cidr = Some(cidr);
+        self
+    }
+    /// Sets the mark text.
+    pub fn masquerade_mark(mut self, mark: impl Into<String>) -> Self {
+        self.masquerade_mark = mark.into();
+        self
+    }
+    /// Turns the built-in chain jumps on or off.
+    pub fn builtin_jumps(mut self, on: bool) -> Self {
+        self.builtin_jumps = on;
+        self
+    }
+    /// Adds a service CIDR.
+    pub fn service_cidr(mut self, cidr: Cidr) -> Self {
+        self.service_cidrs.push(cidr);
+        self
+    }
+}
+
+/// What one (cluster IP, port) does with new connections.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// DNAT to these endpoints (merged order).
+    Endpoints(Vec<Arc<EndpointInfo>>),
+    /// No usable endpoint anywhere.
+    Reject,
+    /// Local policy, no local endpoint.
+    Drop,
+}
+
+/// One service port on one cluster IP, with kube-proxy's names.
+#[derive(Debug)]
+pub(crate) struct PortPlan<'a> {
+    pub(crate) service: &'a Service,
+    pub(crate) port: &'a ServicePort,
+    pub(crate) vip: IpAddr,
+    /// `ServicePortName.String()`: `ns/name:port`, or `ns/name` when the port
+    /// has no name.
+    pub(crate) name: String,
+    pub(crate) outcome: Outcome,
+}
+
+impl PortPlan<'_> {
+    /// `tcp`, `udp`, `sctp`.
+    pub(crate) fn proto(&self) -> &'static str {
+        self.port.protocol().as_lower_str()
+    }
+    /// Whether the internal traffic policy is Local.
+    pub(crate) fn local_policy(&self) -> bool {
+        self.service.internal_traffic_policy() == TrafficPolicy::Local
+    }
+}
+
+/// The plans for every non-headless service port of `family`, in service
+/// key order then port order, and the number of endpoints of that family
+/// (kube-proxy's "large cluster" count).
+pub(crate) fn plan<'a>(
+    table: &'a ServiceTable,
+    opts: &RenderOptions,
+) -> (Vec<PortPlan<'a>>, usize) {
+    let mut plans = Vec::new();
+    let mut total_endpoints = 0;
+    for key in table.keys_sorted() {
+        let Some(view) = table.view(&key) else {
+            continue;
+        };
+        let service: &Service = view.service();
+        for &vip in service.cluster_ip().addrs() {
+            if !opts.family.contains(vip) {
+                continue;
+            }
+            for pv in view.ports() {
+                let port = pv.port();
+                total_endpoints += pv
+                    .endpoints()
+                    .iter()
+                    .filter(|e| opts.family.contains(e.addr().ip()))
+                    .count();
+                let outcome = match categorize(
+                    pv.endpoints(),
+                    service.internal_traffic_policy(),
+                    &opts.node,
+                    Some(vip),
+                ) {
+                    Selection::Usable(eps) => Outcome::Endpoints(eps),
+                    Selection::NoEndpoints => Outcome::Reject,
+                    Selection::NoLocalEndpoints => Outcome::Drop,
+                };
+                let name = service.port_name_string(port);
+                plans.push(PortPlan {
+                    service,
+                    port,
+                    vip,
+                    name,
+                    outcome,
+                });
+            }
+        }
+    }
+    (plans, total_endpoints)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing_and_errors() {
+        let c = Cidr::parse("cluster-cidr", "fd00::1/64").unwrap();
+        assert_eq!(c.to_string(), "fd00::/64");
+        assert!(c.contains("fd00::ffff".parse().unwrap()));
+        assert!(!c.contains("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            Cidr::parse("x", "0.0.0.0/0").unwrap().to_string(),
+            "0.0.0.0/0"
+        );
+        let err = Cidr::parse("cluster-cidr", "10.0.0.0").unwrap_err();
+        assert_eq!(err.field(), "cluster-cidr");
+        assert!(err.to_string().contains("\"10.0.0.0\""), "{err}");
+        for bad in ["10.0.0.0/33", "10.0.0/8", "/8", "::/129", "10.0.0.0/-1"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_mark_is_go_formatted() {
+        assert_eq!(RenderOptions::default().masquerade_mark, "0x00004000");
+        assert_eq!(masquerade_mark(0), "0x00000001");
+    }
+}

@@ -1,0 +1,544 @@
+//! Golden tests of the renderings: svclb renders the same Service and
+//! EndpointSlice objects as kube-proxy's own unit tests, and the output is
+//! compared line by line with kube-proxy's expected text (tests/golden/).
+
+use std::path::Path;
+
+use svclb::render::{self, Cidr, IpFamily, RenderOptions};
+use svclb::*;
+
+/// Compares `text` with a pinned golden file of svclb's own output; with
+/// `SVCLB_BLESS=1` in the environment, rewrites the file instead.
+fn pinned(name: &str, text: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("SVCLB_BLESS").is_some() {
+        std::fs::write(&path, text).unwrap();
+    }
+    assert_eq!(
+        text,
+        golden(name),
+        "{} changed (SVCLB_BLESS=1 to accept)",
+        path.display()
+    );
+}
+
+fn golden(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// kube-proxy's test configuration: local detector 10.0.0.0/8, the fake's mark.
+fn kube_proxy_test_options() -> RenderOptions {
+    RenderOptions::default()
+        .cluster_cidr("10.0.0.0/8".parse().unwrap())
+        .masquerade_mark("0x4000")
+}
+
+struct Svc<'a> {
+    ns: &'a str,
+    name: &'a str,
+    ip: &'a str,
+    port_name: Option<&'a str>,
+    affinity: bool,
+    itp_local: bool,
+    /// (IP, node, ready)
+    endpoints: &'a [(&'a str, &'a str, bool)],
+}
+
+fn table_of(services: &[Svc<'_>]) -> ServiceTable {
+    let mut table = ServiceTable::new();
+    let mut changes = Vec::new();
+    for s in services {
+        let mut port = ServicePortSpec::tcp(80);
+        let mut slice_port = SlicePortSpec::tcp(80);
+        if let Some(n) = s.port_name {
+            port = port.name(n);
+            slice_port = slice_port.name(n);
+        }
+        let mut b = Service::builder(s.ns, s.name)
+            .cluster_ip(s.ip.parse().unwrap())
+            .port(port);
+        if s.affinity {
+            b = b.client_ip_affinity(Some(10800));
+        }
+        if s.itp_local {
+            b = b.internal_traffic_policy(TrafficPolicy::Local);
+        }
+        changes.push(Change::UpsertService(b.build().unwrap()));
+        if !s.endpoints.is_empty() {
+            let slice =
+                EndpointSlice::builder(s.ns, format!("{}-abc", s.name), s.name, AddressType::IPv4)
+                    .port(slice_port)
+                    .endpoints(s.endpoints.iter().map(|(ip, node, ready)| {
+                        let e = EndpointSpec::new(*ip).node(*node);
+                        if *ready {
+                            e
+                        } else {
+                            e.ready(false).serving(true).terminating(true)
+                        }
+                    }))
+                    .build()
+                    .unwrap();
+            changes.push(Change::UpsertSlice(slice));
+        }
+    }
+    table.apply_batch(changes).unwrap();
+    table
+}
+
+/// The ClusterIP parts of kube-proxy's TestOverallIPTablesRules objects
+/// (svc1..svc6, the same names, IPs, ports, endpoints and affinity).
+fn overall_table() -> ServiceTable {
+    let p80 = Some("p80");
+    table_of(&[
+        Svc {
+            ns: "ns1",
+            name: "svc1",
+            ip: "172.30.0.41",
+            port_name: p80,
+            affinity: false,
+            itp_local: false,
+            endpoints: &[("10.180.0.1", "host1", true)],
+        },
+        Svc {
+            ns: "ns2",
+            name: "svc2",
+            ip: "172.30.0.42",
+            port_name: p80,
+            affinity: false,
+            itp_local: false,
+            endpoints: &[("10.180.0.2", "host2", true)],
+        },
+        Svc {
+            ns: "ns3",
+            name: "svc3",
+            ip: "172.30.0.43",
+            port_name: p80,
+            affinity: false,
+            itp_local: false,
+            endpoints: &[("10.180.0.3", "host2", true)],
+        },
+        Svc {
+            ns: "ns4",
+            name: "svc4",
+            ip: "172.30.0.44",
+            port_name: p80,
+            affinity: false,
+            itp_local: false,
+            endpoints: &[
+                ("10.180.0.4", "host2", true),
+                ("10.180.0.5", "test-node", true),
+            ],
+        },
+        Svc {
+            ns: "ns5",
+            name: "svc5",
+            ip: "172.30.0.45",
+            port_name: p80,
+            affinity: true,
+            itp_local: false,
+            endpoints: &[("10.180.0.3", "host2", true)],
+        },
+        Svc {
+            ns: "ns6",
+            name: "svc6",
+            ip: "172.30.0.46",
+            port_name: p80,
+            affinity: false,
+            itp_local: false,
+            endpoints: &[],
+        },
+    ])
+}
+
+/// The rule kinds svclb renders (kube-proxy's fixture also has NodePort,
+/// LoadBalancer and external-IP rules, and nfacct counters in KUBE-FORWARD).
+fn clusterip_kinds(line: &str) -> bool {
+    if matches!(line, "*filter" | "*nat" | "COMMIT") {
+        return true;
+    }
+    if let Some(chain) = line.strip_prefix(':') {
+        return !chain.starts_with("KUBE-EXT-") && !chain.starts_with("KUBE-FW-");
+    }
+    if line.starts_with("-A KUBE-SERVICES ") {
+        return [
+            " cluster IP\"",
+            " has no endpoints\"",
+            " has no local endpoints\"",
+            "must be the last rule",
+        ]
+        .iter()
+        .any(|k| line.contains(k));
+    }
+    [
+        "-A KUBE-SVC-",
+        "-A KUBE-SVL-",
+        "-A KUBE-SEP-",
+        "-A KUBE-MARK-MASQ ",
+        "-A KUBE-POSTROUTING ",
+        "-A KUBE-FIREWALL ",
+    ]
+    .iter()
+    .any(|p| line.starts_with(p))
+}
+
+fn assert_lines_eq(ours: &[&str], theirs: &[&str], what: &str) {
+    if ours != theirs {
+        let mut msg = format!("{what}: svclb and kube-proxy differ\n");
+        for l in theirs.iter().filter(|l| !ours.contains(l)) {
+            msg.push_str(&format!("  kube-proxy only: {l}\n"));
+        }
+        for l in ours.iter().filter(|l| !theirs.contains(l)) {
+            msg.push_str(&format!("  svclb only:      {l}\n"));
+        }
+        msg.push_str(&format!(
+            "--- svclb ---\n{}\n--- kube-proxy ---\n{}\n",
+            ours.join("\n"),
+            theirs.join("\n")
+        ));
+        panic!("{msg}");
+    }
+}
+
+#[test]
+fn overall_iptables_matches_kube_proxy_line_by_line() {
+    let text = render::iptables::render(&overall_table(), &kube_proxy_test_options());
+    let fixture = golden("kube-proxy-overall.iptables");
+    let theirs: Vec<&str> = fixture.lines().filter(|l| clusterip_kinds(l)).collect();
+    let ours: Vec<&str> = text.lines().filter(|l| clusterip_kinds(l)).collect();
+    // The comparison covers every rule kind: jumps, REJECT, probabilities,
+    // affinity, SEP chains, masquerade.
+    assert!(
+        theirs.len() >= 45,
+        "fixture filter kept only {} lines",
+        theirs.len()
+    );
+    for needle in [
+        "--probability 0.5000000000",
+        "--rcheck --seconds 10800 --reap",
+        "--set -m tcp",
+        "-j REJECT",
+        "! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
+    ] {
+        assert!(theirs.iter().any(|l| l.contains(needle)), "{needle}");
+    }
+    assert_lines_eq(&ours, &theirs, "TestOverallIPTablesRules");
+    // Nothing svclb writes is outside the compared kinds except KUBE-FORWARD
+    // (kube-proxy's flavour without nfacct, checked in full below).
+    for l in text.lines().filter(|l| !clusterip_kinds(l)) {
+        assert!(l.starts_with("-A KUBE-FORWARD "), "unexpected line {l}");
+    }
+    // And our own full rendering is pinned.
+    pinned("svclb-overall.iptables", &text);
+}
+
+fn internal_policy_table(itp_local: bool) -> ServiceTable {
+    table_of(&[Svc {
+        ns: "ns1",
+        name: "svc1",
+        ip: "172.30.1.1",
+        port_name: None,
+        affinity: false,
+        itp_local,
+        endpoints: &[
+            ("10.0.1.1", "test-node", true),
+            ("10.0.1.2", "host1", true),
+            ("10.0.1.3", "host2", true),
+        ],
+    }])
+}
+
+#[test]
+fn itp_cluster_three_endpoints_is_byte_identical() {
+    let opts = kube_proxy_test_options().node(NodeTopology::new("test-node", "zone-a"));
+    let text = render::iptables::render(&internal_policy_table(false), &opts);
+    let fixture = golden("kube-proxy-itp-cluster.iptables");
+    assert_lines_eq(
+        &text.lines().collect::<Vec<_>>(),
+        &fixture.lines().collect::<Vec<_>>(),
+        "ITP Cluster",
+    );
+    assert_eq!(text, fixture);
+}
+
+#[test]
+fn itp_local_without_local_endpoints_drops_byte_identical() {
+    let opts = kube_proxy_test_options().node(NodeTopology::new("other-node", "zone-a"));
+    let text = render::iptables::render(&internal_policy_table(true), &opts);
+    assert_eq!(text, golden("kube-proxy-itp-local-no-local.iptables"));
+}
+
+#[test]
+fn itp_local_with_a_local_endpoint_uses_svl_chain() {
+    let opts = kube_proxy_test_options().node(NodeTopology::new("test-node", "zone-a"));
+    let text = render::iptables::render(&internal_policy_table(true), &opts);
+    // Quoted from kube-proxy's TestInternalTrafficPolicyE2E "local endpoints exist".
+    for want in [
+        ":KUBE-SEP-3JOIVZTXZZRGORX4 - [0:0]",
+        ":KUBE-SVL-AQI2S6QIMU7PVVRP - [0:0]",
+        "-A KUBE-SERVICES -m comment --comment \"ns1/svc1 cluster IP\" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j KUBE-SVL-AQI2S6QIMU7PVVRP",
+        "-A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment \"ns1/svc1 cluster IP\" -m tcp -p tcp -d 172.30.1.1 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
+        "-A KUBE-SVL-AQI2S6QIMU7PVVRP -m comment --comment \"ns1/svc1 -> 10.0.1.1:80\" -j KUBE-SEP-3JOIVZTXZZRGORX4",
+    ] {
+        assert!(text.lines().any(|l| l == want), "missing {want}\n{text}");
+    }
+    assert!(
+        !text.contains("KUBE-SVC-"),
+        "no cluster chain under a Local policy\n{text}"
+    );
+    assert!(
+        !text.contains("10.0.1.2"),
+        "remote endpoints get no SEP chain\n{text}"
+    );
+}
+
+#[test]
+fn client_ip_affinity_rules_match_kube_proxy() {
+    let table = table_of(&[Svc {
+        ns: "ns1",
+        name: "svc1",
+        ip: "172.30.1.1",
+        port_name: None,
+        affinity: true,
+        itp_local: false,
+        endpoints: &[
+            ("10.0.1.1", "test-node", true),
+            ("10.0.1.2", "test-node", true),
+            ("10.0.1.3", "test-node", false),
+            ("10.0.1.4", "host1", false),
+            ("10.0.1.5", "host1", true),
+        ],
+    }]);
+    let text = render::iptables::render(&table, &kube_proxy_test_options());
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SEP-") || l.starts_with("-A KUBE-SVC-"))
+        .collect();
+    let fixture = golden("kube-proxy-affinity.iptables");
+    assert_lines_eq(
+        &ours,
+        &fixture.lines().collect::<Vec<_>>(),
+        "ClientIP affinity",
+    );
+}
+
+#[test]
+fn masquerade_rules_only_with_cluster_cidr() {
+    let opts = RenderOptions::default().masquerade_mark("0x4000");
+    let text = render::iptables::render(&overall_table(), &opts);
+    assert!(!text.contains("-j KUBE-MARK-MASQ\n-A KUBE-SVC"), "{text}");
+    assert!(!text.contains("! -s 10.0.0.0/8"), "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("-A KUBE-SVC-") && l.contains("cluster IP"))
+    );
+    // The hairpin rule in each endpoint chain stays (kube-proxy always writes it).
+    assert!(text.contains("-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ\n"));
+    let all = RenderOptions {
+        masquerade_all: true,
+        ..opts
+    };
+    let text = render::iptables::render(&overall_table(), &all);
+    assert!(text.contains("-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-MARK-MASQ\n"), "{text}");
+}
+
+#[test]
+fn builtin_jumps_make_the_restore_self_contained() {
+    let opts = kube_proxy_test_options().builtin_jumps(true);
+    let text = render::iptables::render(&overall_table(), &opts);
+    for want in [
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+        "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A INPUT -j KUBE-FIREWALL",
+    ] {
+        assert!(text.lines().any(|l| l == want), "missing {want}\n{text}");
+    }
+    // Built-in chains come after the KUBE-* chains, and are not declared.
+    let nat = &text[text.find("*nat").unwrap()..];
+    assert!(nat.find("-A OUTPUT").unwrap() > nat.find("-A KUBE-SVC-").unwrap());
+    assert!(!text.contains(":OUTPUT"));
+}
+
+#[test]
+fn large_clusters_drop_endpoint_comments() {
+    // 1001 endpoints (two slices: one slice holds at most 1000).
+    let mut table = ServiceTable::new();
+    let svc = Service::builder("ns1", "big")
+        .cluster_ip("172.30.0.9".parse().unwrap())
+        .port(ServicePortSpec::tcp(80))
+        .build()
+        .unwrap();
+    let mut changes = vec![Change::UpsertService(svc)];
+    for (s, range) in [(0, 0..500), (1, 500..1001)] {
+        let slice = EndpointSlice::builder("ns1", format!("big-{s}"), "big", AddressType::IPv4)
+            .port(SlicePortSpec::tcp(80))
+            .endpoints(
+                range.map(|i| EndpointSpec::new(format!("10.1.{}.{}", i / 250, i % 250 + 1))),
+            )
+            .build()
+            .unwrap();
+        changes.push(Change::UpsertSlice(slice));
+    }
+    table.apply_batch(changes).unwrap();
+    let text = render::iptables::render(&table, &RenderOptions::default());
+    let sep = text
+        .lines()
+        .find(|l| l.starts_with("-A KUBE-SEP-"))
+        .unwrap();
+    assert!(!sep.contains("--comment"), "{sep}");
+    let svc = text
+        .lines()
+        .find(|l| l.starts_with("-A KUBE-SVC-"))
+        .unwrap();
+    assert!(
+        svc.starts_with("-A KUBE-SVC-")
+            && svc.contains("-m statistic --mode random --probability 0.0009990010 -j KUBE-SEP-"),
+        "{svc}"
+    );
+    assert!(text.contains("\"ns1/big cluster IP\""));
+}
+
+#[test]
+fn ipv6_family_renders_only_ipv6_services() {
+    let mut table = overall_table();
+    let v6 = Service::builder("ns7", "svc7")
+        .cluster_ip("fd00:30::7".parse().unwrap())
+        .port(ServicePortSpec::tcp(80).name("p80"))
+        .build()
+        .unwrap();
+    let slice = EndpointSlice::builder("ns7", "svc7-abc", "svc7", AddressType::IPv6)
+        .port(SlicePortSpec::tcp(80).name("p80"))
+        .endpoint(EndpointSpec::new("fd00:10::1"))
+        .build()
+        .unwrap();
+    table
+        .apply_batch([Change::UpsertService(v6), Change::UpsertSlice(slice)])
+        .unwrap();
+    let opts = RenderOptions::default()
+        .family(IpFamily::V6)
+        .cluster_cidr(Cidr::parse("cluster-cidr", "fd00:10::/64").unwrap());
+    let text = render::iptables::render(&table, &opts);
+    assert!(!text.contains("172.30."), "{text}");
+    assert!(
+        !text.contains("KUBE-FIREWALL"),
+        "IPv6 has no localnet firewall chain"
+    );
+    assert!(
+        text.contains("-j DNAT --to-destination [fd00:10::1]:80\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-d fd00:30::7 --dport 80 ! -s fd00:10::/64 -j KUBE-MARK-MASQ\n"),
+        "{text}"
+    );
+    assert!(text.contains("-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS\n"));
+    // The IPv4 rendering leaves the IPv6 service out.
+    let v4 = render::iptables::render(&table, &RenderOptions::default());
+    assert!(!v4.contains("fd00"), "{v4}");
+}
+
+/// kube-proxy's nftables fixture lines for what svclb renders (ClusterIPs).
+fn nft_clusterip_kinds(line: &str) -> bool {
+    let external_ips = ["192.168.99.", "1.2.3.4", "5.6.7.8"];
+    !(line.trim().is_empty()
+        || line.starts_with('#')
+        || line.contains("external-")
+        || line.contains("firewall-HVFWP5L3")
+        || line.starts_with("add element ip kube-proxy service-nodeports ")
+        || line.starts_with("add element ip kube-proxy no-endpoint-nodeports ")
+        || line.starts_with("add element ip kube-proxy nodeport-ips ")
+        || line.starts_with("add element ip kube-proxy firewall-ips ")
+        || external_ips.iter().any(|ip| line.contains(ip)))
+}
+
+#[test]
+fn overall_nft_matches_kube_proxy() {
+    let opts = kube_proxy_test_options().service_cidr("172.30.0.0/16".parse().unwrap());
+    let text = render::nft::render(&overall_table(), &opts);
+    let fixture = golden("kube-proxy-overall.nft");
+    // kube-proxy compares nftables dumps regardless of order; so do we.
+    let mut theirs: Vec<&str> = fixture.lines().filter(|l| nft_clusterip_kinds(l)).collect();
+    let mut ours: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    theirs.sort_unstable();
+    ours.sort_unstable();
+    assert!(
+        theirs.len() >= 70,
+        "fixture filter kept only {} lines",
+        theirs.len()
+    );
+    assert_lines_eq(&ours, &theirs, "TestOverallNFTablesRules");
+    pinned("svclb-overall.nft", &text);
+}
+
+#[test]
+fn nft_local_policy_and_drop() {
+    let opts = kube_proxy_test_options().node(NodeTopology::new("test-node", "zone-a"));
+    let text = render::nft::render(&internal_policy_table(true), &opts);
+    assert!(
+        text.contains(
+            "add element ip kube-proxy service-ips { 172.30.1.1 . tcp . 80 : goto local-"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("dnat to").count(),
+        1,
+        "only the local endpoint\n{text}"
+    );
+    let opts = kube_proxy_test_options().node(NodeTopology::new("elsewhere", "zone-a"));
+    let text = render::nft::render(&internal_policy_table(true), &opts);
+    assert!(
+        text.contains("add element ip kube-proxy no-endpoint-services { 172.30.1.1 . tcp . 80 comment \"ns1/svc1\" : drop }"),
+        "{text}"
+    );
+    assert!(!text.contains("dnat to"));
+}
+
+#[test]
+fn ipvsadm_lists_live_counters_and_persistence() {
+    let table = overall_table();
+    let config = DataplaneConfig {
+        count_connections: true,
+        ..DataplaneConfig::with_seed(7)
+    };
+    let dp = IpvsDataplane::new(config);
+    dp.sync(&table, &table.full_change_set());
+    // Five connections to svc4 (rr over 10.180.0.4 and .5), one closed.
+    let vip: std::net::SocketAddr = "172.30.0.44:80".parse().unwrap();
+    let mut first = None;
+    for port in 0..5u16 {
+        let f = Flow::tcp(
+            std::net::SocketAddr::from(([10, 9, 0, 1], 40000 + port)),
+            vip,
+        );
+        if let Verdict::Forward(b) = dp.route(&f, Instant::ZERO) {
+            first.get_or_insert((f, b));
+        }
+    }
+    let (f, b) = first.unwrap();
+    dp.connection_closed(&f, b, Instant::ZERO);
+    let text = render::ipvsadm::render(&table, &dp, &RenderOptions::default());
+    let want = "IP Virtual Server version 1.2.1 (size=4096)\n\
+Prot LocalAddress:Port Scheduler Flags\n\
+\x20 -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n\
+TCP  172.30.0.41:80 rr\n\
+\x20 -> 10.180.0.1:80                Masq    1      0          0         \n\
+TCP  172.30.0.42:80 rr\n\
+\x20 -> 10.180.0.2:80                Masq    1      0          0         \n\
+TCP  172.30.0.43:80 rr\n\
+\x20 -> 10.180.0.3:80                Masq    1      0          0         \n\
+TCP  172.30.0.44:80 rr\n\
+\x20 -> 10.180.0.4:80                Masq    1      2          0         \n\
+\x20 -> 10.180.0.5:80                Masq    1      2          0         \n\
+TCP  172.30.0.45:80 rr persistent 10800\n\
+\x20 -> 10.180.0.3:80                Masq    1      0          0         \n\
+TCP  172.30.0.46:80 rr\n";
+    assert_eq!(text, want);
+}
