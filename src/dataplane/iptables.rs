@@ -6,7 +6,8 @@
 //! - `nat KUBE-SERVICES`: one rule per (cluster IP, protocol, port) with
 //!   usable endpoints, jumping to the service chain;
 //! - the service chain (`KUBE-SVC-…`/`KUBE-SVL-…`): one rule per endpoint in
-//!   merged order, rule i of n matching with probability 1/(n-i) (one 31-bit
+//!   merged order (endpoints of weight 0 take no new connections and get no
+//!   rule; a port whose usable endpoints all have weight 0 rejects), rule i of n matching with probability 1/(n-i) (one 31-bit
 //!   random draw per rule walked, as `xt_statistic` does), the last always;
 //! - `filter KUBE-SERVICES`: `REJECT` for service ports without endpoints,
 //!   `DROP` for Local policies without local endpoints.
@@ -86,6 +87,19 @@ impl Ruleset {
                         &config.node,
                         Some(ip),
                     );
+                    // Weight 0 takes no new connections (the svclb
+                    // extension IPVS honours): such endpoints get no rule.
+                    let selection = match selection {
+                        Selection::Usable(mut eps) => {
+                            eps.retain(|e| e.weight() > 0);
+                            if eps.is_empty() {
+                                Selection::NoEndpoints
+                            } else {
+                                Selection::Usable(eps)
+                            }
+                        }
+                        other => other,
+                    };
                     let (list, target) = match selection {
                         Selection::Usable(eps) => {
                             let n = eps.len();

@@ -446,13 +446,20 @@ impl Dataplane for IpvsDataplane {
             None => Candidates::NotAService,
             Some(VsState::Reject) => Candidates::Reject,
             Some(VsState::Drop) => Candidates::Drop,
-            Some(VsState::Forward { dests, .. }) => Candidates::Endpoints(
-                dests
+            Some(VsState::Forward { dests, .. }) => {
+                let eligible: Vec<SocketAddr> = dests
                     .iter()
                     .filter(|d| d.weight() > 0)
                     .map(Destination::addr)
-                    .collect(),
-            ),
+                    .collect();
+                // Only weight-0 destinations: every new connection is
+                // rejected, as `route` does.
+                if eligible.is_empty() {
+                    Candidates::Reject
+                } else {
+                    Candidates::Endpoints(eligible)
+                }
+            }
         })
     }
 }
