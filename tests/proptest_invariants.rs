@@ -14,8 +14,8 @@
 //! | `source_hash_buckets_match_a_naive_fill` | 512 |
 //! | `random_cascade_is_uniform` | 512 |
 //!
-//! `PROPTEST_CASES` in the environment overrides every count (proptest's
-//! own rule), for a longer run.
+//! `PROPTEST_CASES=n` in the environment runs every property `n` times
+//! instead, for a longer run.
 
 mod reference;
 
@@ -26,6 +26,16 @@ use proptest::prelude::*;
 use reference::*;
 use svclb::scheduler::{Destination, SourceHash, iptables_probability, probability_threshold};
 use svclb::*;
+
+/// The config of a property with `n` cases, unless `PROPTEST_CASES` is set
+/// (then that many, for a longer run).
+fn cases(n: u32) -> ProptestConfig {
+    let mut config = ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = n;
+    }
+    config
+}
 
 fn port_gen() -> impl Strategy<Value = PortGen> {
     (0u8..4, 0u8..3, 0u8..7).prop_map(|(port, protocol, target)| PortGen {
@@ -138,7 +148,7 @@ fn client(i: u8, v6: bool) -> SocketAddr {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(cases(512))]
 
     /// Random sequences of batches interleaved with flows, on iptables mode
     /// and IPVS mode with a random scheduler, against the reference model.
@@ -192,7 +202,7 @@ fn service_with_port(name: &str, vip: &str) -> Service {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(cases(512))]
 
     /// The same set of slices gives the same merged table whatever order
     /// they arrive in, one by one or in one batch, and whatever stale
@@ -287,7 +297,7 @@ fn vip_flow(src: u16) -> Flow {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(cases(256))]
 
     /// `rr`: after every pick, the per-backend counts since the last rebuild
     /// differ by at most 1, and each full cycle gives every backend exactly
