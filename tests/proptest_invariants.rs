@@ -501,3 +501,54 @@ fn regression_only_weight_zero_endpoints_reject_in_every_mode() {
         );
     }
 }
+
+/// Found by the `table_ops` fuzz target: when one batch moved a VIP:port
+/// from one service to another whose key sorts first, IPVS mode's
+/// incremental sync added the new owner's virtual service, then deleted it
+/// again while taking down the old owner's: the VIP became not-a-service.
+#[test]
+fn regression_ipvs_vip_moving_between_services_in_one_batch() {
+    let mut t = ServiceTable::new();
+    let old_owner = service_with_port("svc-b", "10.96.0.1");
+    let slice = |svc: &str, name: &str, ip: &str| {
+        Change::UpsertSlice(
+            EndpointSlice::builder("default", name, svc, AddressType::IPv4)
+                .port(SlicePortSpec::tcp(8080).name("http"))
+                .endpoint(EndpointSpec::new(ip))
+                .build()
+                .unwrap(),
+        )
+    };
+    let cs = t
+        .apply_batch([
+            Change::UpsertService(old_owner),
+            slice("svc-b", "b-1", "10.1.0.2"),
+        ])
+        .unwrap();
+    let dps = dataplanes(9, SchedulerKind::RoundRobin);
+    for dp in &dps {
+        dp.sync(&t, &cs);
+    }
+    // svc-b moves to another VIP; svc-a takes 10.96.0.1:80 over.
+    let cs = t
+        .apply_batch([
+            Change::UpsertService(service_with_port("svc-b", "10.96.0.2")),
+            Change::UpsertService(service_with_port("svc-a", "10.96.0.1")),
+            slice("svc-a", "a-1", "10.1.0.1"),
+        ])
+        .unwrap();
+    for dp in &dps {
+        dp.sync(&t, &cs);
+        for (vip, backend) in [
+            ("10.96.0.1:80", "10.1.0.1:8080"),
+            ("10.96.0.2:80", "10.1.0.2:8080"),
+        ] {
+            assert_eq!(
+                dp.candidates(Protocol::Tcp, vip.parse().unwrap()),
+                Candidates::Endpoints(vec![backend.parse().unwrap()]),
+                "{} {vip}",
+                dp.mode()
+            );
+        }
+    }
+}

@@ -332,31 +332,36 @@ impl Dataplane for IpvsDataplane {
             self.table.store(Arc::new(fresh));
             return;
         }
-        for key in &changes.removed {
-            if current.by_service.contains_key(key) {
-                let t = next.get_or_insert_with(|| (*current).clone());
-                if let Some(vks) = t.by_service.remove(key) {
-                    for vk in vks {
-                        t.by_key.remove(&vk);
+        // First take down every virtual service whose owner lost it, then
+        // add: within one change set a VIP:port:protocol can move from one
+        // service to another, and the order of `updated` must not decide
+        // which of the two ends up deleting it. The states taken down are
+        // kept so that a service that keeps some of its virtual services
+        // keeps their connection counters.
+        let mut taken_down: AHashMap<VsKey, (&ServiceKey, Arc<VsState>)> = AHashMap::new();
+        for key in changes.removed.iter().chain(&changes.updated) {
+            let Some(existing) = current.by_service.get(key) else {
+                continue;
+            };
+            let wanted = table
+                .view(key)
+                .filter(|v| !v.service().is_headless())
+                .map(|v| vs_keys(v));
+            if wanted.as_ref() == Some(existing) {
+                continue;
+            }
+            let t = next.get_or_insert_with(|| (*current).clone());
+            if let Some(vks) = t.by_service.remove(key) {
+                for vk in vks {
+                    if let Some(vs) = t.by_key.remove(&vk) {
+                        taken_down.insert(vk, (key, vs.state.load_full()));
                     }
                 }
             }
         }
         for key in &changes.updated {
-            let view = match table.view(key) {
-                Some(v) if !v.service().is_headless() => v,
-                _ => {
-                    // Gone or headless now: remove its virtual services.
-                    if current.by_service.contains_key(key) {
-                        let t = next.get_or_insert_with(|| (*current).clone());
-                        if let Some(vks) = t.by_service.remove(key) {
-                            for vk in vks {
-                                t.by_key.remove(&vk);
-                            }
-                        }
-                    }
-                    continue;
-                }
+            let Some(view) = table.view(key).filter(|v| !v.service().is_headless()) else {
+                continue;
             };
             let vks = vs_keys(view);
             let existing = next
@@ -367,7 +372,13 @@ impl Dataplane for IpvsDataplane {
             let by_key = next.as_ref().map_or(&current.by_key, |t| &t.by_key);
             let old: Vec<_> = vks
                 .iter()
-                .map(|k| by_key.get(k).map(|vs| vs.state.load_full()))
+                .map(|k| match by_key.get(k) {
+                    Some(vs) => Some(vs.state.load_full()),
+                    None => taken_down
+                        .get(k)
+                        .filter(|(owner, _)| *owner == key)
+                        .map(|(_, st)| st.clone()),
+                })
                 .collect();
             let states = self.build_states(view, &old);
             if existing.as_ref() == Some(&vks) {
