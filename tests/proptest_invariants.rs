@@ -10,7 +10,7 @@
 //! | `slice_arrival_order_does_not_change_the_merge` | 512 |
 //! | `round_robin_counts_differ_by_at_most_one_per_cycle` | 256 |
 //! | `weighted_round_robin_matches_the_kernel_cycle` | 256 |
-//! | `source_hash_is_stable_across_rebuilds` | 256 |
+//! | `source_hash_is_stable_across_rebuilds` (`sh`, `sh-port`, `mh`, `mh-port`) | 256 |
 //! | `source_hash_buckets_match_a_naive_fill` | 512 |
 //! | `random_cascade_is_uniform` | 512 |
 //!
@@ -364,7 +364,7 @@ proptest! {
         }
     }
 
-    /// `sh` and `sh-port` give every source the same backend after any
+    /// `sh`, `sh-port`, `mh` and `mh-port` give every source the same backend after any
     /// rebuild with the same endpoints: a resync, a new dataplane with
     /// another seed, unrelated churn, the endpoints split over other slices.
     #[test]
@@ -372,9 +372,13 @@ proptest! {
         hosts in proptest::collection::btree_set(1u8..250, 1..30),
         split in 1usize..5,
         seeds in (any::<u64>(), any::<u64>()),
-        with_port in any::<bool>(),
+        kind in proptest::sample::select(vec![
+            SchedulerKind::SourceHash,
+            SchedulerKind::SourceHashPort,
+            SchedulerKind::Maglev,
+            SchedulerKind::MaglevPort,
+        ]),
     ) {
-        let kind = if with_port { SchedulerKind::SourceHashPort } else { SchedulerKind::SourceHash };
         let hosts: Vec<u8> = hosts.into_iter().collect();
         let slices = |parts: usize| -> Vec<Change> {
             hosts
