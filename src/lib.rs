@@ -49,14 +49,27 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! Around them:
+//!
+//! - **Kubernetes** ([`k8s`]): Service and EndpointSlice manifests as
+//!   `kubectl get -o yaml|json` prints them (feature `serde`), conversions
+//!   from k8s-openapi (feature `k8s-openapi`), and the cluster DNS answers
+//!   for headless and ClusterIP services ([`k8s::dns`]).
+//! - **Traces** ([`trace`]): timed connect/close/apply/delete events, one
+//!   per line, for replays and simulators.
+//!
 //! ## Features
-//! - `serde` (default): `Serialize`/`Deserialize` on the plain model types.
+//! - `serde` (default): `Serialize`/`Deserialize` on the plain model types,
+//!   and the manifest reader [`k8s::manifest`] (serde_json, serde_yaml_ng).
+//! - `k8s-openapi`: `TryFrom` k8s-openapi's `Service` and `EndpointSlice`
+//!   ([`k8s::openapi`]), so a kube-rs watcher can feed the table.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod dataplane;
 pub mod error;
+pub mod k8s;
 pub mod model;
 pub mod render;
 mod rng;
@@ -64,6 +77,7 @@ pub mod scheduler;
 pub mod table;
 mod time;
 pub mod topology;
+pub mod trace;
 
 pub use dataplane::{Candidates, Dataplane, DataplaneConfig, IptablesDataplane, IpvsDataplane};
 pub use error::{UpdateError, ValidationError};

@@ -1,0 +1,1566 @@
+//! Service and EndpointSlice manifests, read exactly as the Kubernetes API
+//! server and `kubectl get -o json|yaml` write them.
+//!
+//! - Kinds: `v1` `Service`, `discovery.k8s.io/v1` `EndpointSlice`, and the
+//!   list kinds (`List`, `ServiceList`, `EndpointSliceList`), whose `items`
+//!   are read in order. Other kinds (a `Deployment` in the same file) are
+//!   skipped and reported in [`Manifests::skipped`].
+//! - Formats: JSON (one object, or several concatenated) and YAML (one or
+//!   several `---`-separated documents); [`Manifests::parse_str`] picks the
+//!   format from the first character.
+//! - Unknown fields are ignored: `metadata.uid`, `resourceVersion`,
+//!   `managedFields`, `status`, `selector`, `ipFamilies`, ... A `null` list or
+//!   map reads as empty.
+//! - Defaults are the API server's (`pkg/apis/core/v1/defaults.go`,
+//!   `pkg/apis/discovery/v1/defaults.go`), see
+//!   [`ServiceManifest::apply_defaults`] and
+//!   [`EndpointSliceManifest::apply_defaults`]. A namespace left out reads
+//!   as `default`, as `kubectl apply` does.
+//! - Conversion goes through [`Service::builder`] and
+//!   [`EndpointSlice::builder`], so a manifest is validated exactly as
+//!   builder calls are; a [`ManifestError`] names the file, the document,
+//!   the object (`Service messaging/kafka-headless`) and the field path.
+//! - `ExternalName` services are DNS aliases that no proxy programs:
+//!   [`ServiceManifest::to_service`] refuses them with a typed error naming
+//!   `spec.type`, and [`Manifests::changes`] skips them (reported in
+//!   [`ChangeBatch::skipped`]). `NodePort` and `LoadBalancer` services are
+//!   proxied on their cluster IP like `ClusterIP` ones.
+//! - Everything serializes back ([`From<&Service>`](ServiceManifest) and
+//!   [`From<&EndpointSlice>`](EndpointSliceManifest) build a manifest from
+//!   the model), so `model -> YAML -> model` is the identity (the svclb-only
+//!   endpoint weight, which Kubernetes has no field for, is not carried).
+//!
+//! # Examples
+//! ```
+//! use svclb::k8s::manifest::Manifests;
+//! use svclb::ServiceTable;
+//!
+//! let yaml = r#"
+//! apiVersion: v1
+//! kind: Service
+//! metadata: {name: web, namespace: default, uid: 3f1b2c4d, resourceVersion: "123456"}
+//! spec:
+//!   clusterIP: 10.96.0.10
+//!   ports: [{name: http, port: 80, targetPort: 8080}]
+//! status: {loadBalancer: {}}
+//! ---
+//! apiVersion: discovery.k8s.io/v1
+//! kind: EndpointSlice
+//! metadata:
+//!   name: web-x7k2p
+//!   namespace: default
+//!   labels: {kubernetes.io/service-name: web}
+//! addressType: IPv4
+//! ports: [{name: http, port: 8080, protocol: TCP}]
+//! endpoints:
+//! - addresses: [10.244.1.5]
+//!   conditions: {ready: true}
+//! "#;
+//! let manifests = Manifests::parse_str(yaml, Some("web.yaml"))?;
+//! let batch = manifests.changes()?;
+//! let mut table = ServiceTable::new();
+//! table.apply_batch(batch.changes)?;
+//! assert_eq!(table.len(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+// A ManifestError carries its whole context (file, document, object, field):
+// it is large, and returned only on the cold error path.
+#![allow(clippy::result_large_err)]
+
+use core::fmt;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::error::ValidationError;
+use crate::model::endpoint_slice::{
+    AddressType, Conditions, EndpointSlice, EndpointSpec, SlicePortSpec,
+};
+use crate::model::flow::Protocol;
+use crate::model::service::{
+    ClusterIp, DEFAULT_AFFINITY_TIMEOUT_SECS, Service, ServicePortSpec, SessionAffinity,
+    TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
+};
+use crate::table::Change;
+
+/// The label that ties an EndpointSlice to its service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The label the EndpointSlice controller puts on the slices it manages.
+pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+/// The topology-aware routing annotation (`Auto` enables hints).
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// Its deprecated predecessor; when both are set this one wins, as in the
+/// EndpointSlice controller's `hintsEnabled`.
+pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// The namespace of an object whose manifest names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Reads `null` as the type's default (Go writes empty lists as `null`).
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// `metadata`, the parts svclb reads (the rest is ignored).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// `metadata.name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `metadata.namespace` (absent reads as `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// `metadata.labels`.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ObjectMeta {
+    fn namespace_or_default(&self) -> &str {
+        self.namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(DEFAULT_NAMESPACE)
+    }
+}
+
+/// A Kubernetes `IntOrString` (`targetPort`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    /// A number.
+    Int(i64),
+    /// A string (a named container port).
+    String(String),
+}
+
+/// `spec.ports[]` of a Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortManifest {
+    /// `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `protocol` (`TCP` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// `port` (required).
+    pub port: i64,
+    /// `targetPort` (the same as `port` when absent, 0 or empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<IntOrString>,
+    /// `nodePort` (read and written back, not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<i64>,
+    /// `appProtocol` (read and written back, not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// `spec.sessionAffinityConfig.clientIP`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    /// `timeoutSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// `spec.sessionAffinityConfig`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAffinityConfig {
+    /// `clientIP`.
+    #[serde(default, rename = "clientIP", skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+/// A Service's `spec`, the parts svclb reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// `type`: `ClusterIP` (default), `NodePort`, `LoadBalancer`, `ExternalName`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    /// `clusterIP`: an address, or `None` for a headless service.
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    /// `clusterIPs`: one address per IP family (dual stack).
+    #[serde(
+        default,
+        rename = "clusterIPs",
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub cluster_ips: Vec<String>,
+    /// `ports`.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub ports: Vec<ServicePortManifest>,
+    /// `sessionAffinity`: `None` (default) or `ClientIP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<String>,
+    /// `sessionAffinityConfig`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    /// `internalTrafficPolicy`: `Cluster` (default) or `Local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
+    /// `externalTrafficPolicy`: `Cluster` or `Local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<String>,
+    /// `trafficDistribution`: `PreferSameZone`, `PreferSameNode`, or the
+    /// deprecated alias `PreferClose` (= `PreferSameZone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<String>,
+    /// `publishNotReadyAddresses`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_not_ready_addresses: Option<bool>,
+    /// `externalName` (ExternalName services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_name: Option<String>,
+}
+
+/// A `v1` Service manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceManifest {
+    /// `apiVersion` (`v1`).
+    #[serde(default = "api_v1")]
+    pub api_version: String,
+    /// `kind` (`Service`).
+    #[serde(default = "kind_service")]
+    pub kind: String,
+    /// `metadata`.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    #[serde(default)]
+    pub spec: ServiceSpec,
+}
+
+fn api_v1() -> String {
+    "v1".into()
+}
+fn kind_service() -> String {
+    "Service".into()
+}
+fn api_discovery_v1() -> String {
+    "discovery.k8s.io/v1".into()
+}
+fn kind_endpoint_slice() -> String {
+    "EndpointSlice".into()
+}
+
+/// `ports[]` of an EndpointSlice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPortManifest {
+    /// `name` (`""` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `protocol` (`TCP` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// `port` (absent: "all ports", ignored by kube-proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    /// `appProtocol` (read and written back, not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// `hints.forZones[]` / `hints.forNodes[]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintName {
+    /// `name`.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// `endpoints[].hints`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointHints {
+    /// `forZones`.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub for_zones: Vec<HintName>,
+    /// `forNodes`.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub for_nodes: Vec<HintName>,
+}
+
+/// `endpoints[]` of an EndpointSlice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointManifest {
+    /// `addresses` (kube-proxy uses the first; DNS answers with all).
+    #[serde(default, deserialize_with = "nullable")]
+    pub addresses: Vec<String>,
+    /// `conditions` (absent `ready`/`serving` mean true, absent
+    /// `terminating` means false).
+    #[serde(default, skip_serializing_if = "is_default_conditions")]
+    pub conditions: Conditions,
+    /// `hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// `nodeName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// `zone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// `hints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hints: Option<EndpointHints>,
+}
+
+fn is_default_conditions(c: &Conditions) -> bool {
+    *c == Conditions::default()
+}
+
+/// A `discovery.k8s.io/v1` EndpointSlice manifest (no `spec`: its fields
+/// sit at the top level).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSliceManifest {
+    /// `apiVersion` (`discovery.k8s.io/v1`).
+    #[serde(default = "api_discovery_v1")]
+    pub api_version: String,
+    /// `kind` (`EndpointSlice`).
+    #[serde(default = "kind_endpoint_slice")]
+    pub kind: String,
+    /// `metadata`; the label `kubernetes.io/service-name` names the service.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// `addressType`: `IPv4`, `IPv6` or `FQDN` (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_type: Option<String>,
+    /// `endpoints` (`null` reads as empty).
+    #[serde(default, deserialize_with = "nullable")]
+    pub endpoints: Vec<EndpointManifest>,
+    /// `ports` (`null` reads as empty).
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<EndpointPortManifest>,
+}
+
+/// One object svclb reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Manifest {
+    /// A Service.
+    Service(ServiceManifest),
+    /// An EndpointSlice.
+    EndpointSlice(EndpointSliceManifest),
+}
+
+/// Where a document came from: a file (if known), the document's number in
+/// it, and the position in a `List`'s `items`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// The file name (or any label the caller gave).
+    pub source: Option<String>,
+    /// The document's number in the file, from 1 (YAML `---` documents,
+    /// concatenated JSON values).
+    pub document: usize,
+    /// The index in a list kind's `items`.
+    pub item: Option<usize>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.source.as_deref().unwrap_or("<input>"))?;
+        write!(f, ": document {}", self.document)?;
+        if let Some(i) = self.item {
+            write!(f, ", items[{i}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// An object's identity in messages: `Service messaging/kafka-headless`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ObjectRef {
+    /// `kind` (`?` when absent).
+    pub kind: String,
+    /// `metadata.namespace` (`default` when absent).
+    pub namespace: String,
+    /// `metadata.name` (`?` when absent).
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// Reads kind, namespace and name loosely from an undecoded object.
+    fn of_value(v: &Value) -> Self {
+        let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+        let meta = v.get("metadata");
+        ObjectRef {
+            kind: s(v.get("kind")).unwrap_or_else(|| "?".into()),
+            namespace: s(meta.and_then(|m| m.get("namespace")))
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+            name: s(meta.and_then(|m| m.get("name"))).unwrap_or_else(|| "?".into()),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// A manifest that could not be read or converted. Every variant names
+/// where it came from; those about one object name it and the field path.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// The text is not valid JSON or YAML (the message carries the
+    /// parser's line and column).
+    #[error("{origin}: invalid {format}: {message}")]
+    Syntax {
+        /// Where.
+        origin: Origin,
+        /// `JSON` or `YAML`.
+        format: &'static str,
+        /// The parser's message.
+        message: String,
+    },
+    /// A field has the wrong shape (a string where a number belongs, a
+    /// missing required field).
+    #[error("{origin}: {object}: {field}: {message}")]
+    Decode {
+        /// Where.
+        origin: Origin,
+        /// Which object.
+        object: ObjectRef,
+        /// The field path, e.g. `spec.ports[0].port`.
+        field: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// A field failed validation (through the model's builders).
+    #[error("{origin}: {object}: {source}")]
+    Invalid {
+        /// Where.
+        origin: Origin,
+        /// Which object.
+        object: ObjectRef,
+        /// The validation error, naming the field path and value.
+        #[source]
+        source: ValidationError,
+    },
+}
+
+impl ManifestError {
+    /// The field path the error names (empty for syntax errors).
+    pub fn field(&self) -> &str {
+        match self {
+            ManifestError::Syntax { .. } => "",
+            ManifestError::Decode { field, .. } => field,
+            ManifestError::Invalid { source, .. } => source.field(),
+        }
+    }
+
+    /// Where the bad document came from.
+    pub fn origin(&self) -> &Origin {
+        match self {
+            ManifestError::Syntax { origin, .. }
+            | ManifestError::Decode { origin, .. }
+            | ManifestError::Invalid { origin, .. } => origin,
+        }
+    }
+}
+
+/// A document's object, with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    /// Where it came from.
+    pub origin: Origin,
+    /// The object.
+    pub manifest: Manifest,
+}
+
+/// An object that was read but not taken, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Where it came from.
+    pub origin: Origin,
+    /// Which object.
+    pub object: ObjectRef,
+    /// Why it was skipped.
+    pub reason: &'static str,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: skipped: {}",
+            self.origin, self.object, self.reason
+        )
+    }
+}
+
+/// The changes a set of manifests makes, and what it skipped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeBatch {
+    /// Services first, then slices, each in document order: a batch that
+    /// [`ServiceTable::apply_batch`](crate::ServiceTable::apply_batch) takes
+    /// whatever order the files listed them in.
+    pub changes: Vec<Change>,
+    /// Objects not turned into changes (ExternalName services).
+    pub skipped: Vec<Skipped>,
+}
+
+/// The objects read from one or more manifest texts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifests {
+    /// Services and EndpointSlices, in document order.
+    pub documents: Vec<Document>,
+    /// Objects of other kinds, skipped.
+    pub skipped: Vec<Skipped>,
+}
+
+fn syntax(origin: Origin, format: &'static str, e: impl fmt::Display) -> ManifestError {
+    ManifestError::Syntax {
+        origin,
+        format,
+        message: e.to_string(),
+    }
+}
+
+impl Manifests {
+    /// No objects.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads JSON if the text starts with `{` or `[` (after white space),
+    /// YAML otherwise. `source` names the file in errors.
+    ///
+    /// # Errors
+    /// A [`ManifestError`] for the first bad document; nothing is returned
+    /// for the others.
+    pub fn parse_str(text: &str, source: Option<&str>) -> Result<Self, ManifestError> {
+        match text.trim_start().as_bytes().first() {
+            Some(b'{') | Some(b'[') => Self::parse_json(text, source),
+            _ => Self::parse_yaml(text, source),
+        }
+    }
+
+    /// Reads one or more concatenated JSON values (objects, or arrays of
+    /// objects).
+    ///
+    /// # Errors
+    /// See [`Manifests::parse_str`].
+    pub fn parse_json(text: &str, source: Option<&str>) -> Result<Self, ManifestError> {
+        let mut out = Manifests::new();
+        let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        for (i, value) in stream.enumerate() {
+            let origin = Origin {
+                source: source.map(str::to_owned),
+                document: i + 1,
+                item: None,
+            };
+            let value = value.map_err(|e| syntax(origin.clone(), "JSON", e))?;
+            out.add_value(value, origin)?;
+        }
+        Ok(out)
+    }
+
+    /// Reads one or more `---`-separated YAML documents. Empty documents
+    /// are ignored.
+    ///
+    /// # Errors
+    /// See [`Manifests::parse_str`].
+    pub fn parse_yaml(text: &str, source: Option<&str>) -> Result<Self, ManifestError> {
+        let mut out = Manifests::new();
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let origin = Origin {
+                source: source.map(str::to_owned),
+                document: i + 1,
+                item: None,
+            };
+            let value = Value::deserialize(doc).map_err(|e| syntax(origin.clone(), "YAML", e))?;
+            out.add_value(value, origin)?;
+        }
+        Ok(out)
+    }
+
+    /// Adds the objects of another set after these.
+    pub fn extend(&mut self, other: Manifests) {
+        self.documents.extend(other.documents);
+        self.skipped.extend(other.skipped);
+    }
+
+    fn add_value(&mut self, value: Value, origin: Origin) -> Result<(), ManifestError> {
+        match value {
+            Value::Null => Ok(()),
+            Value::Array(items) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    let origin = Origin {
+                        item: Some(i),
+                        ..origin.clone()
+                    };
+                    self.add_object(item, origin)?;
+                }
+                Ok(())
+            }
+            other => self.add_object(other, origin),
+        }
+    }
+
+    fn add_object(&mut self, value: Value, origin: Origin) -> Result<(), ManifestError> {
+        let object = ObjectRef::of_value(&value);
+        if !value.is_object() {
+            return Err(ManifestError::Decode {
+                origin,
+                object,
+                field: String::new(),
+                message: format!("expected an object, found {}", kind_of(&value)),
+            });
+        }
+        let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
+        let api = value.get("apiVersion").and_then(Value::as_str);
+        let check_api = |want: &'static str| match api {
+            Some(a) if a != want => Err(ManifestError::Invalid {
+                origin: origin.clone(),
+                object: object.clone(),
+                source: ValidationError::Invalid {
+                    field: "apiVersion".into(),
+                    value: a.into(),
+                    reason: if want == "v1" {
+                        "a Service must be apiVersion v1"
+                    } else {
+                        "an EndpointSlice must be apiVersion discovery.k8s.io/v1"
+                    },
+                },
+            }),
+            _ => Ok(()),
+        };
+        match kind {
+            "" => Err(ManifestError::Invalid {
+                origin,
+                object,
+                source: ValidationError::Missing {
+                    field: "kind".into(),
+                },
+            }),
+            "Service" => {
+                check_api("v1")?;
+                let m = decode(value, &origin, &object)?;
+                self.documents.push(Document {
+                    origin,
+                    manifest: Manifest::Service(m),
+                });
+                Ok(())
+            }
+            "EndpointSlice" => {
+                check_api("discovery.k8s.io/v1")?;
+                let m = decode(value, &origin, &object)?;
+                self.documents.push(Document {
+                    origin,
+                    manifest: Manifest::EndpointSlice(m),
+                });
+                Ok(())
+            }
+            k if k.ends_with("List") => {
+                let Value::Object(mut map) = value else {
+                    unreachable!("checked above")
+                };
+                match map.remove("items") {
+                    None | Some(Value::Null) => Ok(()),
+                    Some(Value::Array(items)) => {
+                        for (i, item) in items.into_iter().enumerate() {
+                            let origin = Origin {
+                                item: Some(i),
+                                ..origin.clone()
+                            };
+                            self.add_object(item, origin)?;
+                        }
+                        Ok(())
+                    }
+                    Some(other) => Err(ManifestError::Decode {
+                        origin,
+                        object,
+                        field: "items".into(),
+                        message: format!("expected a list, found {}", kind_of(&other)),
+                    }),
+                }
+            }
+            _ => {
+                self.skipped.push(Skipped {
+                    origin,
+                    object,
+                    reason: "not a Service or EndpointSlice",
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// The Services, in document order.
+    pub fn services(&self) -> impl Iterator<Item = (&Origin, &ServiceManifest)> {
+        self.documents.iter().filter_map(|d| match &d.manifest {
+            Manifest::Service(s) => Some((&d.origin, s)),
+            Manifest::EndpointSlice(_) => None,
+        })
+    }
+
+    /// The EndpointSlices, in document order.
+    pub fn endpoint_slices(&self) -> impl Iterator<Item = (&Origin, &EndpointSliceManifest)> {
+        self.documents.iter().filter_map(|d| match &d.manifest {
+            Manifest::EndpointSlice(s) => Some((&d.origin, s)),
+            Manifest::Service(_) => None,
+        })
+    }
+
+    /// Converts every object into a [`Change`] (an upsert): services first,
+    /// then slices. ExternalName services are skipped.
+    ///
+    /// # Errors
+    /// [`ManifestError::Invalid`] for the first object that fails
+    /// validation, naming its origin, the object and the field.
+    pub fn changes(&self) -> Result<ChangeBatch, ManifestError> {
+        let mut batch = ChangeBatch::default();
+        for (origin, svc) in self.services() {
+            if svc.is_external_name() {
+                batch.skipped.push(Skipped {
+                    origin: origin.clone(),
+                    object: svc.object_ref(),
+                    reason: "ExternalName services are DNS aliases (CNAME); nothing is proxied",
+                });
+                continue;
+            }
+            let service = svc.to_service().map_err(|source| ManifestError::Invalid {
+                origin: origin.clone(),
+                object: svc.object_ref(),
+                source,
+            })?;
+            batch.changes.push(Change::UpsertService(service));
+        }
+        for (origin, slice) in self.endpoint_slices() {
+            let s = slice
+                .to_endpoint_slice()
+                .map_err(|source| ManifestError::Invalid {
+                    origin: origin.clone(),
+                    object: slice.object_ref(),
+                    source,
+                })?;
+            batch.changes.push(Change::UpsertSlice(s));
+        }
+        Ok(batch)
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    value: Value,
+    origin: &Origin,
+    object: &ObjectRef,
+) -> Result<T, ManifestError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        ManifestError::Decode {
+            origin: origin.clone(),
+            object: object.clone(),
+            field: if field == "." { String::new() } else { field },
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+fn parse_protocol(field: String, value: Option<&str>) -> Result<Protocol, ValidationError> {
+    match value {
+        None | Some("") => Ok(Protocol::Tcp),
+        Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => Err(ValidationError::Invalid {
+            field,
+            value: other.into(),
+            reason: "must be TCP, UDP or SCTP",
+        }),
+    }
+}
+
+fn parse_policy(field: &str, value: Option<&str>) -> Result<TrafficPolicy, ValidationError> {
+    match value {
+        None | Some("") | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(ValidationError::Invalid {
+            field: field.into(),
+            value: other.into(),
+            reason: "must be Cluster or Local",
+        }),
+    }
+}
+
+fn parse_ip(field: String, value: &str) -> Result<IpAddr, ValidationError> {
+    value.parse().map_err(|_| ValidationError::Invalid {
+        field,
+        value: value.into(),
+        reason: "must be an IP address, or None for a headless service",
+    })
+}
+
+impl ServiceManifest {
+    /// `Service namespace/name`.
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef {
+            kind: "Service".into(),
+            namespace: self.metadata.namespace_or_default().into(),
+            name: self.metadata.name.clone().unwrap_or_else(|| "?".into()),
+        }
+    }
+
+    /// Whether `spec.type` is `ExternalName`.
+    pub fn is_external_name(&self) -> bool {
+        self.spec.type_.as_deref() == Some("ExternalName")
+    }
+
+    /// Fills in what the API server defaults (`SetDefaults_Service`):
+    /// `type: ClusterIP`; `sessionAffinity: None` (which clears
+    /// `sessionAffinityConfig`); a `ClientIP` affinity without a timeout gets
+    /// 10800 s; each port's `protocol: TCP` and `targetPort` = `port` when
+    /// absent, 0 or empty; `internalTrafficPolicy: Cluster` for ClusterIP,
+    /// NodePort and LoadBalancer services; `externalTrafficPolicy: Cluster`
+    /// for NodePort and LoadBalancer services; `clusterIPs` = [`clusterIP`]
+    /// when only `clusterIP` is given (and the reverse).
+    pub fn apply_defaults(&mut self) {
+        let spec = &mut self.spec;
+        if spec.type_.as_deref().is_none_or(str::is_empty) {
+            spec.type_ = Some("ClusterIP".into());
+        }
+        if spec.session_affinity.as_deref().is_none_or(str::is_empty) {
+            spec.session_affinity = Some("None".into());
+        }
+        match spec.session_affinity.as_deref() {
+            Some("None") => spec.session_affinity_config = None,
+            Some("ClientIP") => {
+                let cfg = spec
+                    .session_affinity_config
+                    .get_or_insert_with(Default::default);
+                let ip = cfg.client_ip.get_or_insert_with(Default::default);
+                ip.timeout_seconds
+                    .get_or_insert(i64::from(DEFAULT_AFFINITY_TIMEOUT_SECS));
+            }
+            _ => {}
+        }
+        for p in &mut spec.ports {
+            if p.protocol.as_deref().is_none_or(str::is_empty) {
+                p.protocol = Some("TCP".into());
+            }
+            match &p.target_port {
+                None | Some(IntOrString::Int(0)) => p.target_port = Some(IntOrString::Int(p.port)),
+                Some(IntOrString::String(s)) if s.is_empty() => {
+                    p.target_port = Some(IntOrString::Int(p.port))
+                }
+                _ => {}
+            }
+        }
+        let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let external = matches!(ty, "NodePort" | "LoadBalancer");
+        if external && spec.external_traffic_policy.is_none() {
+            spec.external_traffic_policy = Some("Cluster".into());
+        }
+        if (external || ty == "ClusterIP") && spec.internal_traffic_policy.is_none() {
+            spec.internal_traffic_policy = Some("Cluster".into());
+        }
+        match (&spec.cluster_ip, spec.cluster_ips.first()) {
+            (Some(ip), None) if !ip.is_empty() => spec.cluster_ips = vec![ip.clone()],
+            (None, Some(first)) => spec.cluster_ip = Some(first.clone()),
+            _ => {}
+        }
+    }
+
+    /// Converts into a validated [`Service`] (after
+    /// [`apply_defaults`](Self::apply_defaults), on a copy).
+    ///
+    /// `topology_mode` is taken from the annotation
+    /// `service.kubernetes.io/topology-aware-hints` if set, else from
+    /// `service.kubernetes.io/topology-mode`.
+    ///
+    /// # Errors
+    /// A [`ValidationError`] naming the field: anything the builder refuses,
+    /// an unknown `type`, `protocol`, `sessionAffinity`, traffic policy or
+    /// `trafficDistribution`, a `clusterIP` that is no IP, a `clusterIPs[0]`
+    /// that differs from `clusterIP`, and `spec.type: ExternalName`.
+    pub fn to_service(&self) -> Result<Service, ValidationError> {
+        let mut m = self.clone();
+        m.apply_defaults();
+        let spec = &m.spec;
+        let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+        match ty {
+            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+            "ExternalName" => {
+                return Err(ValidationError::Invalid {
+                    field: "spec.type".into(),
+                    value: ty.into(),
+                    reason: "ExternalName services are DNS aliases (CNAME); svclb proxies ClusterIP, NodePort and LoadBalancer services",
+                });
+            }
+            other => {
+                return Err(ValidationError::Invalid {
+                    field: "spec.type".into(),
+                    value: other.into(),
+                    reason: "must be ClusterIP, NodePort, LoadBalancer or ExternalName",
+                });
+            }
+        }
+        let mut b = Service::builder(
+            m.metadata.namespace_or_default(),
+            m.metadata.name.clone().unwrap_or_default(),
+        );
+        let headless = spec.cluster_ip.as_deref() == Some("None")
+            || spec.cluster_ips.first().map(String::as_str) == Some("None");
+        if headless {
+            b = b.headless();
+            if let Some(ip) = spec.cluster_ips.get(1) {
+                return Err(ValidationError::Invalid {
+                    field: "spec.clusterIPs[1]".into(),
+                    value: ip.clone(),
+                    reason: "a headless service has clusterIPs [None]",
+                });
+            }
+        } else {
+            if let (Some(ip), Some(first)) = (&spec.cluster_ip, spec.cluster_ips.first()) {
+                if ip != first {
+                    return Err(ValidationError::Invalid {
+                        field: "spec.clusterIPs[0]".into(),
+                        value: first.clone(),
+                        reason: "must equal spec.clusterIP",
+                    });
+                }
+            }
+            for (i, ip) in spec.cluster_ips.iter().enumerate() {
+                if !ip.is_empty() {
+                    b = b.cluster_ip(parse_ip(format!("spec.clusterIPs[{i}]"), ip)?);
+                }
+            }
+        }
+        for (i, p) in spec.ports.iter().enumerate() {
+            let protocol =
+                parse_protocol(format!("spec.ports[{i}].protocol"), p.protocol.as_deref())?;
+            let mut ps = ServicePortSpec::new(protocol, p.port);
+            ps.name = p.name.clone().filter(|n| !n.is_empty());
+            ps.target_port = p.target_port.as_ref().map(|t| match t {
+                IntOrString::Int(n) => TargetPortSpec::Number(*n),
+                IntOrString::String(s) => TargetPortSpec::Name(s.clone()),
+            });
+            b = b.port(ps);
+        }
+        match spec.session_affinity.as_deref() {
+            Some("None") | None => {}
+            Some("ClientIP") => {
+                let t = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                b = b.client_ip_affinity(t);
+            }
+            Some(other) => {
+                return Err(ValidationError::Invalid {
+                    field: "spec.sessionAffinity".into(),
+                    value: other.into(),
+                    reason: "must be None or ClientIP",
+                });
+            }
+        }
+        b = b.internal_traffic_policy(parse_policy(
+            "spec.internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        )?);
+        b = b.external_traffic_policy(parse_policy(
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        )?);
+        match spec.traffic_distribution.as_deref() {
+            None | Some("") => {}
+            Some("PreferClose") | Some("PreferSameZone") => {
+                b = b.traffic_distribution(TrafficDistribution::PreferSameZone)
+            }
+            Some("PreferSameNode") => {
+                b = b.traffic_distribution(TrafficDistribution::PreferSameNode)
+            }
+            Some(other) => {
+                return Err(ValidationError::Invalid {
+                    field: "spec.trafficDistribution".into(),
+                    value: other.into(),
+                    reason: "must be PreferSameZone, PreferSameNode or PreferClose",
+                });
+            }
+        }
+        let ann = &m.metadata.annotations;
+        if let Some(mode) = ann
+            .get(ANNOTATION_TOPOLOGY_AWARE_HINTS)
+            .or_else(|| ann.get(ANNOTATION_TOPOLOGY_MODE))
+        {
+            b = b.topology_mode(mode.clone());
+        }
+        b = b.publish_not_ready_addresses(spec.publish_not_ready_addresses.unwrap_or(false));
+        b.build()
+    }
+}
+
+impl From<&Service> for ServiceManifest {
+    /// The manifest of a model service, with the API defaults filled in
+    /// (as `kubectl get -o yaml` would show it, less the server's fields).
+    fn from(svc: &Service) -> Self {
+        let key = svc.key();
+        let mut annotations = BTreeMap::new();
+        if let Some(mode) = svc.topology_mode() {
+            annotations.insert(ANNOTATION_TOPOLOGY_MODE.to_owned(), mode.to_owned());
+        }
+        let (cluster_ip, cluster_ips) = match svc.cluster_ip() {
+            ClusterIp::Headless => (Some("None".to_owned()), vec!["None".to_owned()]),
+            ClusterIp::Ips(ips) => {
+                let all: Vec<String> = ips.iter().map(ToString::to_string).collect();
+                (all.first().cloned(), all)
+            }
+        };
+        let ports = svc
+            .ports()
+            .iter()
+            .map(|p| ServicePortManifest {
+                name: p.name().map(str::to_owned),
+                protocol: Some(p.protocol().as_api_str().to_owned()),
+                port: i64::from(p.port()),
+                target_port: Some(match p.target_port() {
+                    TargetPort::Number(n) => IntOrString::Int(i64::from(*n)),
+                    TargetPort::Name(s) => IntOrString::String(s.clone()),
+                }),
+                node_port: None,
+                app_protocol: None,
+            })
+            .collect();
+        let (session_affinity, session_affinity_config) = match svc.session_affinity() {
+            SessionAffinity::None => ("None", None),
+            SessionAffinity::ClientIp { timeout_secs } => (
+                "ClientIP",
+                Some(SessionAffinityConfig {
+                    client_ip: Some(ClientIpConfig {
+                        timeout_seconds: Some(i64::from(timeout_secs)),
+                    }),
+                }),
+            ),
+        };
+        let policy = |p: TrafficPolicy| match p {
+            TrafficPolicy::Cluster => "Cluster".to_owned(),
+            TrafficPolicy::Local => "Local".to_owned(),
+        };
+        ServiceManifest {
+            api_version: api_v1(),
+            kind: kind_service(),
+            metadata: ObjectMeta {
+                name: Some(key.name.clone()),
+                namespace: Some(key.namespace.clone()),
+                labels: BTreeMap::new(),
+                annotations,
+            },
+            spec: ServiceSpec {
+                type_: Some("ClusterIP".into()),
+                cluster_ip,
+                cluster_ips,
+                ports,
+                session_affinity: Some(session_affinity.into()),
+                session_affinity_config,
+                internal_traffic_policy: Some(policy(svc.internal_traffic_policy())),
+                external_traffic_policy: match svc.external_traffic_policy() {
+                    TrafficPolicy::Cluster => None,
+                    TrafficPolicy::Local => Some(policy(TrafficPolicy::Local)),
+                },
+                traffic_distribution: svc.traffic_distribution().map(|d| {
+                    match d {
+                        TrafficDistribution::PreferSameZone => "PreferSameZone",
+                        TrafficDistribution::PreferSameNode => "PreferSameNode",
+                    }
+                    .to_owned()
+                }),
+                publish_not_ready_addresses: svc.publish_not_ready_addresses().then_some(true),
+                external_name: None,
+            },
+        }
+    }
+}
+
+impl EndpointSliceManifest {
+    /// `EndpointSlice namespace/name`.
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef {
+            kind: "EndpointSlice".into(),
+            namespace: self.metadata.namespace_or_default().into(),
+            name: self.metadata.name.clone().unwrap_or_else(|| "?".into()),
+        }
+    }
+
+    /// The service the slice belongs to (label `kubernetes.io/service-name`).
+    pub fn service_name(&self) -> Option<&str> {
+        self.metadata
+            .labels
+            .get(LABEL_SERVICE_NAME)
+            .map(String::as_str)
+    }
+
+    /// Fills in what the API server defaults (`SetDefaults_EndpointPort`):
+    /// each port's `name: ""` and `protocol: TCP` when absent. Conditions are
+    /// not defaulted (absent stays absent, read as kube-proxy reads it).
+    pub fn apply_defaults(&mut self) {
+        for p in &mut self.ports {
+            p.name.get_or_insert_with(String::new);
+            if p.protocol.as_deref().is_none_or(str::is_empty) {
+                p.protocol = Some("TCP".into());
+            }
+        }
+    }
+
+    /// Converts into a validated [`EndpointSlice`].
+    ///
+    /// # Errors
+    /// A [`ValidationError`] naming the field: anything the builder refuses
+    /// (a missing `kubernetes.io/service-name` label, addresses not matching
+    /// `addressType`, ...), a missing or unknown `addressType`, an unknown
+    /// `protocol`.
+    pub fn to_endpoint_slice(&self) -> Result<EndpointSlice, ValidationError> {
+        let mut m = self.clone();
+        m.apply_defaults();
+        let address_type = match m.address_type.as_deref() {
+            Some("IPv4") => AddressType::IPv4,
+            Some("IPv6") => AddressType::IPv6,
+            Some("FQDN") => AddressType::Fqdn,
+            None | Some("") => {
+                return Err(ValidationError::Missing {
+                    field: "addressType".into(),
+                });
+            }
+            Some(other) => {
+                return Err(ValidationError::Invalid {
+                    field: "addressType".into(),
+                    value: other.into(),
+                    reason: "must be IPv4, IPv6 or FQDN",
+                });
+            }
+        };
+        let mut b = EndpointSlice::builder(
+            m.metadata.namespace_or_default(),
+            m.metadata.name.clone().unwrap_or_default(),
+            m.service_name().unwrap_or_default(),
+            address_type,
+        );
+        for (i, p) in m.ports.iter().enumerate() {
+            b = b.port(SlicePortSpec {
+                name: p.name.clone(),
+                port: p.port,
+                protocol: parse_protocol(format!("ports[{i}].protocol"), p.protocol.as_deref())?,
+            });
+        }
+        for e in &m.endpoints {
+            let hints = e.hints.clone().unwrap_or_default();
+            b = b.endpoint(EndpointSpec {
+                addresses: e.addresses.clone(),
+                conditions: e.conditions,
+                hostname: e.hostname.clone(),
+                node_name: e.node_name.clone(),
+                zone: e.zone.clone(),
+                hint_zones: hints.for_zones.into_iter().map(|h| h.name).collect(),
+                hint_nodes: hints.for_nodes.into_iter().map(|h| h.name).collect(),
+                weight: None,
+            });
+        }
+        b.build()
+    }
+}
+
+impl From<&EndpointSlice> for EndpointSliceManifest {
+    /// The manifest of a model slice (the svclb-only weight is not carried).
+    fn from(slice: &EndpointSlice) -> Self {
+        let mut labels = BTreeMap::new();
+        labels.insert(LABEL_SERVICE_NAME.to_owned(), slice.service().name.clone());
+        let endpoints = slice
+            .endpoints()
+            .iter()
+            .map(|e| {
+                let hints = EndpointHints {
+                    for_zones: e
+                        .hint_zones()
+                        .iter()
+                        .map(|z| HintName { name: z.clone() })
+                        .collect(),
+                    for_nodes: e
+                        .hint_nodes()
+                        .iter()
+                        .map(|n| HintName { name: n.clone() })
+                        .collect(),
+                };
+                EndpointManifest {
+                    addresses: e.addresses().iter().map(ToString::to_string).collect(),
+                    conditions: e.conditions(),
+                    hostname: e.hostname().map(str::to_owned),
+                    node_name: e.node_name().map(str::to_owned),
+                    zone: e.zone().map(str::to_owned),
+                    hints: (hints != EndpointHints::default()).then_some(hints),
+                }
+            })
+            .collect();
+        let ports = slice
+            .ports()
+            .iter()
+            .map(|p| EndpointPortManifest {
+                name: Some(p.name().to_owned()),
+                protocol: Some(p.protocol().as_api_str().to_owned()),
+                port: p.port().map(i64::from),
+                app_protocol: None,
+            })
+            .collect();
+        EndpointSliceManifest {
+            api_version: api_discovery_v1(),
+            kind: kind_endpoint_slice(),
+            metadata: ObjectMeta {
+                name: Some(slice.key().name.clone()),
+                namespace: Some(slice.key().namespace.clone()),
+                labels,
+                annotations: BTreeMap::new(),
+            },
+            address_type: Some(slice.address_type().as_api_str().to_owned()),
+            endpoints,
+            ports,
+        }
+    }
+}
+
+impl Manifest {
+    /// The object's identity.
+    pub fn object_ref(&self) -> ObjectRef {
+        match self {
+            Manifest::Service(s) => s.object_ref(),
+            Manifest::EndpointSlice(s) => s.object_ref(),
+        }
+    }
+
+    /// The object as a YAML document (without the `---` separator).
+    ///
+    /// # Errors
+    /// Never for these types in practice; the serializer's error is passed on.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml_ng::Error> {
+        serde_yaml_ng::to_string(self)
+    }
+
+    /// The object as pretty JSON (4-space indent, like kubectl).
+    ///
+    /// # Errors
+    /// Never for these types in practice; the serializer's error is passed on.
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        let mut out = Vec::new();
+        let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+        self.serialize(&mut ser)?;
+        Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(text: &str) -> Manifest {
+        let m = Manifests::parse_str(text, Some("t")).unwrap();
+        assert_eq!(m.documents.len(), 1, "{m:?}");
+        m.documents.into_iter().next().unwrap().manifest
+    }
+
+    fn svc(text: &str) -> Result<Service, ValidationError> {
+        match one(text) {
+            Manifest::Service(s) => s.to_service(),
+            other => panic!("not a service: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_api_server() {
+        let s = svc(
+            "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+        )
+        .unwrap();
+        assert_eq!(s.key().namespace, "default");
+        let p = &s.ports()[0];
+        assert_eq!(p.protocol(), Protocol::Tcp);
+        assert_eq!(p.target_port(), &TargetPort::Number(80));
+        assert_eq!(s.session_affinity(), SessionAffinity::None);
+        assert_eq!(s.internal_traffic_policy(), TrafficPolicy::Cluster);
+        let s = svc("kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80, targetPort: 0}]}")
+            .unwrap();
+        assert_eq!(
+            s.session_affinity(),
+            SessionAffinity::ClientIp {
+                timeout_secs: 10_800
+            }
+        );
+        assert_eq!(s.ports()[0].target_port(), &TargetPort::Number(80));
+        // A config given with affinity None is cleared, as the defaulter does.
+        let s = svc("kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: None, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}, ports: [{port: 80}]}")
+            .unwrap();
+        assert_eq!(s.session_affinity(), SessionAffinity::None);
+    }
+
+    #[test]
+    fn apply_defaults_fills_the_manifest() {
+        let Manifest::Service(mut m) = one(
+            "kind: Service\nmetadata: {name: a}\nspec: {type: NodePort, clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80, targetPort: ''}]}",
+        ) else {
+            panic!()
+        };
+        m.apply_defaults();
+        assert_eq!(m.spec.ports[0].protocol.as_deref(), Some("TCP"));
+        assert_eq!(m.spec.ports[0].target_port, Some(IntOrString::Int(80)));
+        assert_eq!(m.spec.external_traffic_policy.as_deref(), Some("Cluster"));
+        assert_eq!(m.spec.internal_traffic_policy.as_deref(), Some("Cluster"));
+        assert_eq!(m.spec.cluster_ips, vec!["10.96.0.1".to_string()]);
+        assert_eq!(
+            m.spec
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds),
+            Some(10_800)
+        );
+        let Manifest::EndpointSlice(mut s) = one(
+            "kind: EndpointSlice\nmetadata: {name: a-1}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: null",
+        ) else {
+            panic!()
+        };
+        s.apply_defaults();
+        assert_eq!(s.ports[0].name.as_deref(), Some(""));
+        assert_eq!(s.ports[0].protocol.as_deref(), Some("TCP"));
+        assert!(s.endpoints.is_empty());
+    }
+
+    #[test]
+    fn headless_dual_stack_and_policies() {
+        let s = svc("kind: Service\nmetadata: {name: k, namespace: m}\nspec: {clusterIP: None, clusterIPs: [None], publishNotReadyAddresses: true, ports: [{name: kafka, port: 9092}]}").unwrap();
+        assert!(s.is_headless());
+        assert!(s.publish_not_ready_addresses());
+        let s = svc("kind: Service\nmetadata: {name: d}\nspec: {clusterIP: 10.96.0.5, clusterIPs: [10.96.0.5, 'fd00::5'], ipFamilies: [IPv4, IPv6], internalTrafficPolicy: Local, trafficDistribution: PreferClose, ports: [{port: 80}]}").unwrap();
+        assert_eq!(s.cluster_ip().addrs().len(), 2);
+        assert_eq!(s.internal_traffic_policy(), TrafficPolicy::Local);
+        assert_eq!(
+            s.traffic_distribution(),
+            Some(TrafficDistribution::PreferSameZone)
+        );
+        let err = svc("kind: Service\nmetadata: {name: d}\nspec: {clusterIP: 10.96.0.5, clusterIPs: [10.96.0.6], ports: [{port: 80}]}").unwrap_err();
+        assert_eq!(err.field(), "spec.clusterIPs[0]");
+        let err = svc(
+            "kind: Service\nmetadata: {name: d}\nspec: {clusterIP: 10.96.0.x, ports: [{port: 80}]}",
+        )
+        .unwrap_err();
+        assert_eq!(err.field(), "spec.clusterIPs[0]");
+        assert!(err.to_string().contains("10.96.0.x"));
+    }
+
+    #[test]
+    fn topology_annotations_deprecated_one_wins() {
+        let s = svc("kind: Service\nmetadata: {name: a, annotations: {service.kubernetes.io/topology-mode: Auto}}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}").unwrap();
+        assert_eq!(s.topology_mode(), Some("Auto"));
+        let s = svc("kind: Service\nmetadata: {name: a, annotations: {service.kubernetes.io/topology-mode: Auto, service.kubernetes.io/topology-aware-hints: Disabled}}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}").unwrap();
+        assert_eq!(s.topology_mode(), Some("Disabled"));
+    }
+
+    #[test]
+    fn errors_name_origin_object_and_field() {
+        let text = "kind: Service\nmetadata: {name: ok}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}, {name: b, port: 'eighty'}]}\n";
+        let err = Manifests::parse_str(text, Some("shop.yaml")).unwrap_err();
+        assert_eq!(err.field(), "spec.ports[1].port");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("shop.yaml: document 2: Service shop/web: spec.ports[1].port:"),
+            "{msg}"
+        );
+        let m = Manifests::parse_str(
+            "kind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80, protocol: ICMP}]}",
+            Some("f.yaml"),
+        )
+        .unwrap();
+        let err = m.changes().unwrap_err();
+        assert_eq!(err.field(), "spec.ports[0].protocol");
+        assert!(err.to_string().contains("Service default/web"));
+        assert!(err.to_string().contains("ICMP"));
+        let err = Manifests::parse_str(
+            "kind: Service\nmetadata: {name: x}\nspec: [",
+            Some("bad.yaml"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ManifestError::Syntax { format: "YAML", .. }),
+            "{err}"
+        );
+        let err = Manifests::parse_str("{\"kind\": \"Service\",", Some("bad.json")).unwrap_err();
+        assert!(
+            matches!(err, ManifestError::Syntax { format: "JSON", .. }),
+            "{err}"
+        );
+        let err = Manifests::parse_str("apiVersion: v2\nkind: Service\nmetadata: {name: x}", None)
+            .unwrap_err();
+        assert_eq!(err.field(), "apiVersion");
+        let err = Manifests::parse_str("metadata: {name: x}", None).unwrap_err();
+        assert_eq!(err.field(), "kind");
+    }
+
+    #[test]
+    fn lists_and_other_kinds() {
+        let text = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}},
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "a"}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"}, "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 80, "targetPort": "http"}]}}
+        ], "metadata": {"resourceVersion": ""}}"#;
+        let m = Manifests::parse_str(text, Some("list.json")).unwrap();
+        assert_eq!(m.documents.len(), 2);
+        assert_eq!(m.documents[1].origin.item, Some(2));
+        assert_eq!(m.skipped.len(), 1);
+        assert_eq!(m.skipped[0].object.kind, "Deployment");
+        let err = Manifests::parse_str(
+            r#"{"kind": "ServiceList", "items": [{"kind": "Service", "metadata": {"name": "a"}, "spec": {"ports": "x"}}]}"#,
+            Some("l.json"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "l.json: document 1, items[0]: Service default/a: spec.ports: invalid type: string \"x\", expected a sequence"
+        );
+    }
+
+    #[test]
+    fn external_name_is_refused_and_skipped() {
+        let m = Manifests::parse_str(
+            "kind: Service\nmetadata: {name: db}\nspec: {type: ExternalName, externalName: db.example.com}",
+            None,
+        )
+        .unwrap();
+        let Manifest::Service(s) = &m.documents[0].manifest else {
+            panic!()
+        };
+        assert_eq!(s.to_service().unwrap_err().field(), "spec.type");
+        let batch = m.changes().unwrap();
+        assert!(batch.changes.is_empty());
+        assert_eq!(batch.skipped.len(), 1);
+    }
+
+    #[test]
+    fn model_round_trips_through_yaml_and_json() {
+        let svc = Service::builder("shop", "api")
+            .cluster_ip("10.96.0.7".parse().unwrap())
+            .cluster_ip("fd00::7".parse().unwrap())
+            .port(
+                ServicePortSpec::tcp(80)
+                    .name("http")
+                    .target_port_name("web"),
+            )
+            .port(ServicePortSpec::udp(53).name("dns"))
+            .client_ip_affinity(Some(3600))
+            .internal_traffic_policy(TrafficPolicy::Local)
+            .traffic_distribution(TrafficDistribution::PreferSameNode)
+            .topology_mode("Auto")
+            .publish_not_ready_addresses(true)
+            .build()
+            .unwrap();
+        let slice = EndpointSlice::builder("shop", "api-1", "api", AddressType::IPv4)
+            .port(SlicePortSpec::tcp(8080).name("http"))
+            .port(SlicePortSpec::udp(5353).name("dns"))
+            .endpoint(
+                EndpointSpec::new("10.0.0.1")
+                    .ready(false)
+                    .serving(true)
+                    .terminating(true)
+                    .hostname("api-0")
+                    .node("node-a")
+                    .zone("z1")
+                    .hint_zone("z1")
+                    .hint_node("node-a"),
+            )
+            .endpoint(EndpointSpec::new("10.0.0.2"))
+            .build()
+            .unwrap();
+        for m in [
+            Manifest::Service(ServiceManifest::from(&svc)),
+            Manifest::EndpointSlice(EndpointSliceManifest::from(&slice)),
+        ] {
+            for text in [m.to_yaml().unwrap(), m.to_json().unwrap()] {
+                let back = one(&text);
+                assert_eq!(back, m, "{text}");
+                match back {
+                    Manifest::Service(s) => assert_eq!(s.to_service().unwrap(), svc),
+                    Manifest::EndpointSlice(s) => {
+                        assert_eq!(s.to_endpoint_slice().unwrap(), slice)
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn slice_errors_name_fields() {
+        let err = one("kind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\nports: [{port: 80}]")
+            .clone();
+        let Manifest::EndpointSlice(s) = err else {
+            panic!()
+        };
+        assert_eq!(s.to_endpoint_slice().unwrap_err().field(), "addressType");
+        let Manifest::EndpointSlice(s) = one(
+            "kind: EndpointSlice\nmetadata: {name: a-1}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}]",
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            s.to_endpoint_slice().unwrap_err().field(),
+            "metadata.labels[kubernetes.io/service-name]"
+        );
+        let Manifest::EndpointSlice(s) = one(
+            "kind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\naddressType: IPv6\nendpoints: [{addresses: [10.0.0.1]}]",
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            s.to_endpoint_slice().unwrap_err().field(),
+            "endpoints[0].addresses[0]"
+        );
+    }
+}
