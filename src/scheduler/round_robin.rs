@@ -6,21 +6,30 @@ use super::{Destination, PickContext, Scheduler};
 
 /// Round-robin over the destinations with a weight above zero, in order.
 ///
-/// The position is one atomic counter, so many threads pick without a lock;
-/// from one thread the picks cycle strictly in order.
+/// The position is one atomic counter that wraps at the number of eligible
+/// destinations (a compare-and-swap, no division), so many threads pick
+/// without a lock; from one thread the picks cycle strictly in order. When
+/// every destination is eligible, the position is the destination index
+/// itself and no rotation table is read.
 #[derive(Debug)]
 pub struct RoundRobin {
-    eligible: Box<[u32]>,
+    /// The rotation, when some destination has weight 0; `None` means every
+    /// destination, in order.
+    eligible: Option<Box<[u32]>>,
+    len: usize,
     next: AtomicUsize,
 }
 
 impl RoundRobin {
     /// Builds the rotation for `dests`.
     pub fn new(dests: &[Destination]) -> Self {
+        let eligible: Box<[u32]> = (0..dests.len() as u32)
+            .filter(|&i| dests[i as usize].weight() > 0)
+            .collect();
+        let len = eligible.len();
         RoundRobin {
-            eligible: (0..dests.len() as u32)
-                .filter(|&i| dests[i as usize].weight() > 0)
-                .collect(),
+            eligible: (len != dests.len()).then_some(eligible),
+            len,
             next: AtomicUsize::new(0),
         }
     }
@@ -29,12 +38,18 @@ impl RoundRobin {
 impl Scheduler for RoundRobin {
     #[inline]
     fn pick(&self, _dests: &[Destination], _ctx: &PickContext<'_>) -> Option<usize> {
-        let n = self.eligible.len();
+        let n = self.len;
         if n == 0 {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(self.eligible[i % n] as usize)
+        let step = |i: usize| Some(if i + 1 >= n { 0 } else { i + 1 });
+        let i = match self.next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, step) {
+            Ok(i) | Err(i) => i,
+        };
+        Some(match &self.eligible {
+            None => i,
+            Some(rotation) => rotation[i] as usize,
+        })
     }
 }
 
@@ -138,6 +153,32 @@ mod tests {
         assert_eq!(picks(&RoundRobin::new(&d), &d, 7), [0, 1, 2, 0, 1, 2, 0]);
         let d = dests(&[1, 0, 1]);
         assert_eq!(picks(&RoundRobin::new(&d), &d, 4), [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn rr_shares_one_rotation_between_threads() {
+        // Two threads picking at once take distinct turns: over 2 x 3,000
+        // picks among 3 destinations each is picked exactly 2,000 times.
+        let d = dests(&[1, 1, 1]);
+        let rr = RoundRobin::new(&d);
+        let counts: Vec<[usize; 3]> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut c = [0usize; 3];
+                        for i in picks(&rr, &d, 3000) {
+                            c[i] += 1;
+                        }
+                        c
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let total: Vec<usize> = (0..3).map(|k| counts[0][k] + counts[1][k]).collect();
+        assert_eq!(total, [2000, 2000, 2000]);
+        // After 6,000 picks the rotation is back at the start.
+        assert_eq!(picks(&rr, &d, 2), [0, 1]);
     }
 
     #[test]
