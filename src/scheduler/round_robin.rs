@@ -43,7 +43,10 @@ impl Scheduler for RoundRobin {
             return None;
         }
         let step = |i: usize| Some(if i + 1 >= n { 0 } else { i + 1 });
-        let i = match self.next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, step) {
+        let i = match self
+            .next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, step)
+        {
             Ok(i) | Err(i) => i,
         };
         Some(match &self.eligible {
