@@ -1,0 +1,537 @@
+//! The renderings against the real Linux netfilter.
+//!
+//! For each backend available here (`iptables-restore` — nft- or
+//! legacy-backed, whichever the host's default is —, `iptables-legacy-restore`
+//! and `nft -f`), the test:
+//!
+//! 1. creates a fresh network namespace with a unique name (deleted at the
+//!    end, also on failure), brings up `lo` and an interface holding the
+//!    endpoint addresses and a client address (a dummy, or an empty bridge),
+//!    and routes the service range to it: nothing can leave the namespace;
+//! 2. loads svclb's rendering there with the real tool, proving the kernel
+//!    accepts it;
+//! 3. re-runs this test binary inside the namespace (`ip netns exec`, the
+//!    `netns_child` test below): TCP listeners on the endpoints, then a few
+//!    hundred connections to the cluster IPs from inside the namespace;
+//! 4. checks the kernel against the model: the backends it picked are the
+//!    ones [`IptablesDataplane::candidates`] lists, in the proportions of the
+//!    model's probabilities (chi-square, p = 0.001); ClientIP affinity pins
+//!    a client to one endpoint; a service without endpoints refuses the
+//!    connection (REJECT) and a Local-policy service without local endpoints
+//!    drops it.
+//!
+//! Without root, `ip netns` or netfilter the test prints `SKIPPED: <reason>`
+//! and passes.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use svclb::render::{self, RenderOptions};
+use svclb::scheduler::iptables_probability;
+use svclb::*;
+
+const CHILD_ENV: &str = "SVCLB_NETNS_CHILD";
+const ENDPOINTS: [&str; 3] = ["10.180.0.1", "10.180.0.2", "10.180.0.3"];
+/// Not ready: the model leaves it out, so the kernel must never pick it.
+const NOT_READY: &str = "10.180.0.4";
+const CLIENT: &str = "10.99.0.1";
+const TARGET_PORT: u16 = 8080;
+const WEB: &str = "172.30.0.10:80";
+const STICKY: &str = "172.30.0.11:80";
+const EMPTY: &str = "172.30.0.12:80";
+const LOCAL: &str = "172.30.0.13:80";
+const CONNECTIONS: usize = 600;
+const STICKY_CONNECTIONS: usize = 60;
+/// The chi-square critical value for 2 degrees of freedom at p = 0.001.
+const CHI2_CRITICAL_DF2: f64 = 13.816;
+
+fn node() -> NodeTopology {
+    NodeTopology::new("test-node", "zone-a")
+}
+
+fn table() -> ServiceTable {
+    let mut changes = Vec::new();
+    let svc = |name: &str, vip: &str| {
+        let vip: SocketAddr = vip.parse().unwrap();
+        Service::builder("default", name).cluster_ip(vip.ip()).port(
+            ServicePortSpec::tcp(i64::from(vip.port()))
+                .name("http")
+                .target_port(i64::from(TARGET_PORT)),
+        )
+    };
+    let slice = |svc: &str, node_name: &str| {
+        EndpointSlice::builder("default", format!("{svc}-x1"), svc, AddressType::IPv4)
+            .port(SlicePortSpec::tcp(i64::from(TARGET_PORT)).name("http"))
+            .endpoints(
+                ENDPOINTS
+                    .iter()
+                    .map(|ip| EndpointSpec::new(*ip).node(node_name)),
+            )
+            .endpoint(EndpointSpec::new(NOT_READY).node(node_name).ready(false))
+            .build()
+            .unwrap()
+    };
+    changes.push(Change::UpsertService(svc("web", WEB).build().unwrap()));
+    changes.push(Change::UpsertSlice(slice("web", "test-node")));
+    changes.push(Change::UpsertService(
+        svc("sticky", STICKY)
+            .client_ip_affinity(Some(600))
+            .build()
+            .unwrap(),
+    ));
+    changes.push(Change::UpsertSlice(slice("sticky", "test-node")));
+    changes.push(Change::UpsertService(svc("empty", EMPTY).build().unwrap()));
+    changes.push(Change::UpsertService(
+        svc("local", LOCAL)
+            .internal_traffic_policy(TrafficPolicy::Local)
+            .build()
+            .unwrap(),
+    ));
+    changes.push(Change::UpsertSlice(slice("local", "other-node")));
+    let mut t = ServiceTable::new();
+    t.apply_batch(changes).unwrap();
+    t
+}
+
+fn run(cmd: &str, args: &[&str]) -> std::io::Result<Output> {
+    Command::new(cmd).args(args).stdin(Stdio::null()).output()
+}
+
+fn run_ok(cmd: &str, args: &[&str]) {
+    let out = run(cmd, args).unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn run_with_stdin(cmd: &str, args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+fn have(cmd: &str, version_flag: &str) -> Option<String> {
+    let out = run(cmd, &[version_flag]).ok()?;
+    out.status.success().then(|| {
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if text.is_empty() {
+            String::from_utf8_lossy(&out.stderr).trim().to_owned()
+        } else {
+            text
+        }
+    })
+}
+
+/// A network namespace that is deleted when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create(tag: &str) -> Result<Netns, String> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!("svclb-{tag}-{}-{nanos}", std::process::id());
+        let out = run("ip", &["netns", "add", &name]).map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(Netns { name })
+    }
+
+    fn exec(&self, cmd: &str, args: &[&str]) -> Output {
+        let mut all = vec!["netns", "exec", &self.name, cmd];
+        all.extend(args);
+        run("ip", &all).unwrap()
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend(args);
+        run_ok("ip", &all);
+    }
+
+    /// `lo` up; an interface `svc0` (a dummy, or where that module is
+    /// missing an empty bridge: both send nowhere) holding the endpoint and
+    /// client addresses, with the service range routed to it, sourced from
+    /// the client address. The namespace has no link to the outside.
+    ///
+    /// (Routing the range to `lo` is not enough: the kernel sends no ICMP
+    /// error for a REJECT of a packet routed to loopback.)
+    fn set_up_addresses(&self) {
+        self.ip(&["link", "set", "lo", "up"]);
+        let dummy = run(
+            "ip",
+            &["-n", &self.name, "link", "add", "svc0", "type", "dummy"],
+        )
+        .is_ok_and(|o| o.status.success());
+        if !dummy {
+            self.ip(&["link", "add", "svc0", "type", "bridge"]);
+        }
+        self.ip(&["link", "set", "svc0", "up"]);
+        for ip in ENDPOINTS.iter().chain([&NOT_READY, &CLIENT]) {
+            self.ip(&["addr", "add", &format!("{ip}/32"), "dev", "svc0"]);
+        }
+        self.ip(&[
+            "route",
+            "add",
+            "172.30.0.0/16",
+            "dev",
+            "svc0",
+            "src",
+            CLIENT,
+        ]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// `iptables-restore`, the host's default iptables.
+    Iptables,
+    /// `iptables-legacy-restore`.
+    IptablesLegacy,
+    /// `nft -f`.
+    Nft,
+}
+
+impl Backend {
+    fn tool(self) -> &'static str {
+        match self {
+            Backend::Iptables => "iptables-restore",
+            Backend::IptablesLegacy => "iptables-legacy-restore",
+            Backend::Nft => "nft",
+        }
+    }
+}
+
+/// What the child saw, per probe: backend address (or `refused`/`timeout`)
+/// -> count.
+type Observed = BTreeMap<String, BTreeMap<String, usize>>;
+
+fn parse_child(stdout: &str) -> Observed {
+    let mut seen = Observed::new();
+    for line in stdout.lines() {
+        // libtest may print "test netns_child ... " on the same line.
+        let Some(at) = line.find("SVCLB ") else {
+            continue;
+        };
+        let mut parts = line[at..].split_whitespace().skip(1);
+        let (probe, outcome, n) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap().parse::<usize>().unwrap(),
+        );
+        *seen
+            .entry(probe.to_owned())
+            .or_default()
+            .entry(outcome.to_owned())
+            .or_default() += n;
+    }
+    seen
+}
+
+/// The model's probability of each candidate: the iptables cascade (rule i
+/// of n matches with 1/(n-i)) or nftables' uniform `numgen`.
+fn model_shares(backend: Backend, candidates: &[SocketAddr]) -> Vec<f64> {
+    let n = candidates.len();
+    match backend {
+        Backend::Nft => vec![1.0 / n as f64; n],
+        Backend::Iptables | Backend::IptablesLegacy => {
+            let mut rest = 1.0;
+            (0..n)
+                .map(|i| {
+                    let p = if i + 1 == n {
+                        1.0
+                    } else {
+                        iptables_probability(i, n)
+                    };
+                    let share = rest * p;
+                    rest -= share;
+                    share
+                })
+                .collect()
+        }
+    }
+}
+
+fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
+    let tag = match backend {
+        Backend::Iptables => "ipt",
+        Backend::IptablesLegacy => "legacy",
+        Backend::Nft => "nft",
+    };
+    let ns = Netns::create(tag).map_err(|e| format!("cannot create a network namespace: {e}"))?;
+    ns.set_up_addresses();
+
+    // Is netfilter usable at all here (kernel support for this backend)?
+    let probe = match backend {
+        Backend::Nft => "add table ip svclb-probe\n",
+        _ => "*filter\nCOMMIT\n",
+    };
+    let mut args = vec!["netns", "exec", &ns.name, backend.tool()];
+    if backend == Backend::Nft {
+        args.extend(["-f", "/dev/stdin"]);
+    }
+    let out = run_with_stdin("ip", &args, probe);
+    if !out.status.success() {
+        return Err(format!(
+            "{} does not work in a namespace here: {}",
+            backend.tool(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+
+    let opts = RenderOptions::default()
+        .node(node())
+        .cluster_cidr("10.0.0.0/8".parse().unwrap())
+        .builtin_jumps(true);
+    let text = match backend {
+        Backend::Nft => {
+            let _ = ns.exec("nft", &["delete", "table", "ip", "svclb-probe"]);
+            render::nft::render(table, &opts)
+        }
+        _ => render::iptables::render(table, &opts),
+    };
+    // The kernel must accept the rendering as it is.
+    let out = run_with_stdin("ip", &args, &text);
+    assert!(
+        out.status.success(),
+        "{} rejected svclb's rendering: {}\n{text}",
+        backend.tool(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Listeners and clients inside the namespace: this binary, re-run there.
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(&exe)
+        .args([
+            "netns_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child in {} failed:\n{stdout}\n{}",
+        ns.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = parse_child(&stdout);
+    println!("{:?} observed: {seen:?}", backend);
+
+    // The model, configured like the rendering.
+    let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1).node(node()));
+    dp.sync(table, &table.full_change_set());
+    let web: SocketAddr = WEB.parse().unwrap();
+    let Candidates::Endpoints(candidates) = dp.candidates(Protocol::Tcp, web) else {
+        panic!("the model has endpoints for web");
+    };
+    assert_eq!(candidates.len(), ENDPOINTS.len());
+    let web_seen = &seen["web"];
+    let total: usize = web_seen.values().sum();
+    assert_eq!(
+        total, CONNECTIONS,
+        "every connection reached a backend: {web_seen:?}"
+    );
+    let mut chi2 = 0.0;
+    for (addr, share) in candidates.iter().zip(model_shares(backend, &candidates)) {
+        let expected = share * CONNECTIONS as f64;
+        let observed = web_seen.get(&addr.to_string()).copied().unwrap_or(0) as f64;
+        chi2 += (observed - expected).powi(2) / expected;
+    }
+    let picked: Vec<&String> = web_seen.keys().collect();
+    let model: Vec<String> = candidates.iter().map(ToString::to_string).collect();
+    assert!(
+        picked.iter().all(|p| model.contains(p)),
+        "the kernel picked {picked:?}, the model allows only {model:?}"
+    );
+    assert!(
+        chi2 < CHI2_CRITICAL_DF2,
+        "{backend:?}: chi-square {chi2:.2} >= {CHI2_CRITICAL_DF2} for {web_seen:?}"
+    );
+    println!(
+        "{backend:?}: {CONNECTIONS} connections, chi-square {chi2:.2} (df 2, critical {CHI2_CRITICAL_DF2})"
+    );
+
+    // ClientIP affinity: one client, one backend (among the model's).
+    let sticky = &seen["sticky"];
+    assert_eq!(sticky.len(), 1, "affinity pins the client: {sticky:?}");
+    let (backend_addr, n) = sticky.iter().next().unwrap();
+    assert_eq!(*n, STICKY_CONNECTIONS);
+    assert!(model.contains(backend_addr), "{backend_addr}");
+
+    // No endpoints: REJECT (the model says Reject) -> connection refused.
+    assert_eq!(
+        dp.candidates(Protocol::Tcp, EMPTY.parse().unwrap()),
+        Candidates::Reject
+    );
+    assert_eq!(
+        seen["empty"].get("refused"),
+        Some(&3),
+        "{:?}",
+        seen["empty"]
+    );
+    // Local policy, endpoints only elsewhere: DROP -> no answer at all.
+    assert_eq!(
+        dp.candidates(Protocol::Tcp, LOCAL.parse().unwrap()),
+        Candidates::Drop
+    );
+    assert_eq!(
+        seen["local"].get("timeout"),
+        Some(&1),
+        "{:?}",
+        seen["local"]
+    );
+    Ok(())
+}
+
+#[test]
+fn kernel_accepts_renderings_and_balances_like_the_model() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    if effective_uid() != Some(0) {
+        println!("SKIPPED: not running as root (needs CAP_NET_ADMIN and ip netns)");
+        return;
+    }
+    let Some(ip_version) = have("ip", "-V") else {
+        println!("SKIPPED: the `ip` command (iproute2) is not installed");
+        return;
+    };
+    println!("using {ip_version}");
+    let mut backends = Vec::new();
+    match have("iptables-restore", "--version") {
+        Some(v) => {
+            println!("using {v}");
+            backends.push(Backend::Iptables);
+            // On an nft-backed host, also try the legacy backend (and vice versa).
+            if v.contains("nf_tables") {
+                if let Some(v) = have("iptables-legacy-restore", "--version") {
+                    println!("using {v}");
+                    backends.push(Backend::IptablesLegacy);
+                }
+            }
+        }
+        None => println!("SKIPPED: iptables-restore is not installed (the iptables backend)"),
+    }
+    match have("nft", "--version") {
+        Some(v) => {
+            println!("using {v}");
+            backends.push(Backend::Nft);
+        }
+        None => println!("SKIPPED: nft is not installed (the nftables backend)"),
+    }
+    if backends.is_empty() {
+        println!("SKIPPED: neither iptables-restore nor nft is installed");
+        return;
+    }
+    let table = table();
+    let mut ran = 0;
+    let mut skipped = Vec::new();
+    for backend in backends {
+        match check_backend(backend, &table) {
+            Ok(()) => ran += 1,
+            Err(reason) => {
+                println!("skipping the {backend:?} backend: {reason}");
+                skipped.push(reason);
+            }
+        }
+    }
+    if ran == 0 {
+        println!("SKIPPED: {}", skipped.join("; "));
+        return;
+    }
+    println!("checked {ran} netfilter backend(s) against the model");
+}
+
+fn probe_connect(target: SocketAddr, timeout: Duration) -> String {
+    match TcpStream::connect_timeout(&target, timeout) {
+        Ok(mut s) => {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            reply
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused".into(),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout".into(),
+        Err(e) => panic!("connect {target}: {e}"),
+    }
+}
+
+/// Runs inside the namespace (started by the test above): listeners on the
+/// endpoints answer with their own address; the client connects to the
+/// cluster IPs and reports which endpoint answered.
+#[test]
+#[ignore = "runs inside a network namespace; started by kernel_accepts_renderings_and_balances_like_the_model"]
+fn netns_child() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        println!(
+            "SKIPPED: netns_child runs only inside the namespace that \
+             kernel_accepts_renderings_and_balances_like_the_model creates"
+        );
+        return;
+    }
+    for ip in ENDPOINTS.iter().chain([&NOT_READY]) {
+        let addr = SocketAddr::new(ip.parse().unwrap(), TARGET_PORT);
+        let listener = TcpListener::bind(addr).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let mut conn = conn.unwrap();
+                let local = conn.local_addr().unwrap();
+                let _ = conn.write_all(local.to_string().as_bytes());
+            }
+        });
+    }
+    let report = |probe: &str, target: &str, count: usize, timeout: Duration| {
+        let target: SocketAddr = target.parse().unwrap();
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..count {
+            *counts.entry(probe_connect(target, timeout)).or_default() += 1;
+        }
+        for (outcome, n) in counts {
+            println!("SVCLB {probe} {outcome} {n}");
+        }
+    };
+    let quick = Duration::from_secs(5);
+    report("web", WEB, CONNECTIONS, quick);
+    report("sticky", STICKY, STICKY_CONNECTIONS, quick);
+    report("empty", EMPTY, 3, quick);
+    report("local", LOCAL, 1, Duration::from_millis(1500));
+}
