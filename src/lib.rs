@@ -67,6 +67,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod affinity;
 pub mod dataplane;
 pub mod error;
 pub mod k8s;
@@ -79,6 +80,10 @@ mod time;
 pub mod topology;
 pub mod trace;
 
+pub use affinity::{
+    AffinityConfig, AffinityEntry, AffinityKey, AffinityReport, AffinityScope, AffinityTable,
+    EndpointAffinityStats, Hotspot, Pinned, PortAffinityReport, ScopeEntry,
+};
 pub use dataplane::{Candidates, Dataplane, DataplaneConfig, IptablesDataplane, IpvsDataplane};
 pub use error::{UpdateError, ValidationError};
 pub use model::endpoint_slice::{
@@ -87,8 +92,8 @@ pub use model::endpoint_slice::{
 };
 pub use model::flow::{Flow, Protocol, Verdict};
 pub use model::service::{
-    ClusterIp, Service, ServiceBuilder, ServiceKey, ServicePort, ServicePortSpec, SessionAffinity,
-    TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
+    AffinityKeyKind, ClusterIp, Service, ServiceBuilder, ServiceKey, ServicePort, ServicePortSpec,
+    SessionAffinity, TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
 };
 pub use rng::{SeededRng, mix64};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerFactory, SchedulerKind};

@@ -16,6 +16,14 @@
 //! rule's destination, protocol and port the way the kernel does: its cost
 //! grows with the number of services. Every sync recompiles the whole list,
 //! as an `iptables-restore` of the full rule set does.
+//!
+//! `ClientIP` session affinity follows kube-proxy's rules: before the
+//! probability rules, one `-m recent --name <SEP> --rcheck --seconds T
+//! --reap -j <SEP>` rule per endpoint, walked in order; the endpoint chain's
+//! `-m recent --set` restarts the client's stamp. A client is in at most one
+//! endpoint's list (an endpoint's list goes with its rules), so the lists are
+//! kept as one [`AffinityTable`] entry per client, and the `--rcheck` walk
+//! is a walk of the chain's endpoints comparing with that entry's endpoint.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,8 +31,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
+use smallvec::SmallVec;
+
 use super::{Candidates, Dataplane, DataplaneConfig};
+use crate::affinity::{
+    AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry, VsId,
+};
 use crate::model::flow::{Flow, Protocol, Verdict};
+use crate::model::service::ServiceKey;
 use crate::rng::SeededRng;
 use crate::scheduler::{iptables_probability, probability_threshold};
 use crate::table::{ChangeSet, ServiceTable};
@@ -58,11 +72,13 @@ impl ServiceRule {
 }
 
 /// A service chain: `(endpoint index, 31-bit threshold)`, the last rule's
-/// threshold `u32::MAX` (no `-m statistic`).
-#[derive(Debug, Clone)]
+/// threshold `u32::MAX` (no `-m statistic`), and the `-m recent` rules of a
+/// `ClientIP` service.
+#[derive(Debug)]
 struct ServiceChain {
     rules: Box<[(u32, u32)]>,
     endpoints: Box<[SocketAddr]>,
+    affinity: Option<AffinityPort>,
 }
 
 #[derive(Debug, Default)]
@@ -73,14 +89,21 @@ struct Ruleset {
 }
 
 impl Ruleset {
-    fn compile(table: &ServiceTable, config: &DataplaneConfig) -> Ruleset {
+    fn compile(
+        table: &ServiceTable,
+        config: &DataplaneConfig,
+        affinity: &AffinityTable,
+        scopes: &mut ScopeRegistry,
+    ) -> Ruleset {
         let mut rs = Ruleset::default();
         for key in table.keys_sorted() {
             let view = table.view(&key).expect("listed keys exist");
             let svc = view.service();
+            let mut bound: SmallVec<[VsId; 4]> = SmallVec::new();
             for &ip in svc.cluster_ip().addrs() {
                 for pv in view.ports() {
                     let port = pv.port();
+                    let vs: VsId = (port.protocol(), SocketAddr::new(ip, port.port()));
                     let selection = categorize(
                         pv.endpoints(),
                         svc.internal_traffic_policy(),
@@ -113,14 +136,30 @@ impl Ruleset {
                                     (i as u32, t)
                                 })
                                 .collect();
+                            let endpoints: Box<[SocketAddr]> =
+                                eps.iter().map(|e| e.addr()).collect();
+                            let port_affinity =
+                                scopes.bind(affinity, svc, vs, &endpoints, |_| true);
+                            if port_affinity.is_some() {
+                                bound.push(vs);
+                            }
                             rs.chains.push(ServiceChain {
                                 rules,
-                                endpoints: eps.iter().map(|e| e.addr()).collect(),
+                                endpoints,
+                                affinity: port_affinity,
                             });
                             (&mut rs.nat, Target::Chain(rs.chains.len() as u32 - 1))
                         }
-                        Selection::NoEndpoints => (&mut rs.filter, Target::Reject),
-                        Selection::NoLocalEndpoints => (&mut rs.filter, Target::Drop),
+                        sel => {
+                            // No endpoint rules: every client's entry goes.
+                            if scopes.bind(affinity, svc, vs, &[], |_| true).is_some() {
+                                bound.push(vs);
+                            }
+                            match sel {
+                                Selection::NoLocalEndpoints => (&mut rs.filter, Target::Drop),
+                                _ => (&mut rs.filter, Target::Reject),
+                            }
+                        }
                     };
                     list.push(ServiceRule {
                         dst: ip,
@@ -130,7 +169,9 @@ impl Ruleset {
                     });
                 }
             }
+            scopes.finish_service(affinity, &key, &bound);
         }
+        scopes.retain_services(affinity, |k| table.service(k).is_some());
         rs
     }
 
@@ -150,6 +191,9 @@ pub struct IptablesDataplane {
     config: DataplaneConfig,
     rng: SeededRng,
     rules: ArcSwap<Ruleset>,
+    affinity: AffinityTable,
+    /// Affinity scopes by virtual service; locked by sync and inspection.
+    scopes: Mutex<ScopeRegistry>,
     writer: Mutex<()>,
 }
 
@@ -158,10 +202,17 @@ impl IptablesDataplane {
     pub fn new(config: DataplaneConfig) -> Self {
         IptablesDataplane {
             rng: SeededRng::new(config.seed),
+            affinity: AffinityTable::new(config.affinity.clone(), config.seed),
             config,
             rules: ArcSwap::from_pointee(Ruleset::default()),
+            scopes: Mutex::new(ScopeRegistry::default()),
             writer: Mutex::new(()),
         }
+    }
+
+    /// The session-affinity table (the `xt_recent` lists).
+    pub fn affinity_table(&self) -> &AffinityTable {
+        &self.affinity
     }
 
     /// The number of rules a lookup may walk (nat `KUBE-SERVICES` plus
@@ -185,11 +236,18 @@ impl Dataplane for IptablesDataplane {
     fn sync(&self, table: &ServiceTable, _changes: &ChangeSet) {
         let _w = self.writer.lock();
         // The whole rule set is rewritten on every change.
-        let rs = Ruleset::compile(table, &self.config);
+        let rs = {
+            let mut scopes = self.scopes.lock();
+            Ruleset::compile(table, &self.config, &self.affinity, &mut scopes)
+        };
         self.rules.store(Arc::new(rs));
     }
 
-    fn route(&self, flow: &Flow, _now: Instant) -> Verdict {
+    fn route(&self, flow: &Flow, now: Instant) -> Verdict {
+        self.route_with_key(flow, None, now)
+    }
+
+    fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
         let rs = self.rules.load();
         match rs.find(flow) {
             None => Verdict::NotAService,
@@ -197,11 +255,33 @@ impl Dataplane for IptablesDataplane {
             Some(Target::Drop) => Verdict::Drop,
             Some(Target::Chain(c)) => {
                 let chain = &rs.chains[c as usize];
-                match crate::scheduler::random::walk_cascade(&chain.rules, || {
-                    self.rng.next_u64() as u32
-                }) {
-                    Some(i) => Verdict::Forward(chain.endpoints[i]),
-                    None => Verdict::Reject,
+                let cascade = || {
+                    crate::scheduler::random::walk_cascade(&chain.rules, || {
+                        self.rng.next_u64() as u32
+                    })
+                };
+                match &chain.affinity {
+                    None => match cascade() {
+                        Some(i) => Verdict::Forward(chain.endpoints[i]),
+                        None => Verdict::Reject,
+                    },
+                    Some(aff) => {
+                        let pinned = self.affinity.route(
+                            &aff.scope,
+                            aff.key(flow, key),
+                            now,
+                            // The `--rcheck` rules, one per endpoint, in order.
+                            |ep| chain.endpoints.iter().position(|e| *e == ep),
+                            || cascade().map(|i| (i, chain.endpoints[i])),
+                        );
+                        match pinned {
+                            Some(p) => {
+                                aff.count(p.index);
+                                Verdict::Forward(p.endpoint)
+                            }
+                            None => Verdict::Reject,
+                        }
+                    }
                 }
             }
         }
@@ -222,5 +302,13 @@ impl Dataplane for IptablesDataplane {
                 Candidates::Endpoints(rs.chains[c as usize].endpoints.to_vec())
             }
         }
+    }
+
+    fn affinity_entries(&self, service: &ServiceKey, now: Instant) -> Vec<AffinityEntry> {
+        self.scopes.lock().entries(&self.affinity, service, now)
+    }
+
+    fn affinity_report(&self, service: &ServiceKey, now: Instant) -> Option<AffinityReport> {
+        self.scopes.lock().report(&self.affinity, service, now)
     }
 }

@@ -14,6 +14,12 @@
 //!
 //! Destinations keep their connection counters across rebuilds (matched by
 //! address), as IPVS keeps `ip_vs_dest` when a real server stays.
+//!
+//! `ClientIP` session affinity is IPVS persistence as kube-proxy sets it up
+//! (the service's timeout, a full netmask, `expire_quiescent_template=1`):
+//! a template per client in the [`AffinityTable`], whose timer restarts with
+//! every new connection scheduled through it, dropped as soon as its
+//! destination is gone or has weight 0.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use super::{Candidates, Dataplane, DataplaneConfig};
+use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry};
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::ServiceKey;
 use crate::rng::SeededRng;
@@ -47,6 +54,8 @@ enum VsState {
         dests: Box<[Destination]>,
         selector: Selector,
         count: bool,
+        /// Persistence, for `ClientIP` services.
+        affinity: Option<AffinityPort>,
     },
     Reject,
     Drop,
@@ -110,6 +119,9 @@ pub struct IpvsDataplane {
     config: DataplaneConfig,
     rng: SeededRng,
     table: ArcSwap<VsTable>,
+    affinity: AffinityTable,
+    /// Affinity scopes by virtual service; locked by sync and inspection.
+    scopes: Mutex<ScopeRegistry>,
     writer: Mutex<()>,
 }
 
@@ -133,10 +145,17 @@ impl IpvsDataplane {
     pub fn new(config: DataplaneConfig) -> Self {
         IpvsDataplane {
             rng: SeededRng::new(config.seed),
+            affinity: AffinityTable::new(config.affinity.clone(), config.seed),
             config,
             table: ArcSwap::from_pointee(VsTable::default()),
+            scopes: Mutex::new(ScopeRegistry::default()),
             writer: Mutex::new(()),
         }
+    }
+
+    /// The session-affinity table (the persistence templates).
+    pub fn affinity_table(&self) -> &AffinityTable {
+        &self.affinity
     }
 
     /// The config.
@@ -222,13 +241,24 @@ impl IpvsDataplane {
     }
 
     /// Builds the state of each virtual service of `view`, in `vs_keys`
-    /// order, reusing connection counters from `old` states.
-    fn build_states(&self, view: &ServiceView, old: &[Option<Arc<VsState>>]) -> Vec<VsState> {
+    /// order, reusing connection counters from `old` states, and binds the
+    /// service's affinity scopes.
+    fn build_states(
+        &self,
+        view: &ServiceView,
+        old: &[Option<Arc<VsState>>],
+        scopes: &mut ScopeRegistry,
+    ) -> Vec<VsState> {
         let svc = view.service();
         let mut out = Vec::new();
+        let mut bound: SmallVec<[crate::affinity::VsId; 4]> = SmallVec::new();
         let mut k = 0;
         for &addr in svc.cluster_ip().addrs() {
             for pv in view.ports() {
+                let vs = (
+                    pv.port().protocol(),
+                    SocketAddr::new(addr, pv.port().port()),
+                );
                 let previous = old.get(k).and_then(Option::as_ref);
                 k += 1;
                 let selection = categorize(
@@ -261,17 +291,38 @@ impl IpvsDataplane {
                         let selector = self.config.scheduler.build(&dests);
                         let count =
                             self.config.count_connections || selector.uses_connection_counts();
+                        let addrs: Vec<SocketAddr> = dests.iter().map(Destination::addr).collect();
+                        // A weight-0 destination takes no new connections:
+                        // its templates expire (expire_quiescent_template).
+                        let affinity =
+                            scopes.bind(&self.affinity, svc, vs, &addrs, |i| dests[i].weight() > 0);
+                        if affinity.is_some() {
+                            bound.push(vs);
+                        }
                         VsState::Forward {
                             dests,
                             selector,
                             count,
+                            affinity,
                         }
                     }
-                    Selection::NoEndpoints => VsState::Reject,
-                    Selection::NoLocalEndpoints => VsState::Drop,
+                    sel => {
+                        // No destinations: every template goes.
+                        if scopes
+                            .bind(&self.affinity, svc, vs, &[], |_| true)
+                            .is_some()
+                        {
+                            bound.push(vs);
+                        }
+                        match sel {
+                            Selection::NoLocalEndpoints => VsState::Drop,
+                            _ => VsState::Reject,
+                        }
+                    }
                 });
             }
         }
+        scopes.finish_service(&self.affinity, svc.key(), &bound);
         out
     }
 
@@ -305,6 +356,8 @@ impl Dataplane for IpvsDataplane {
 
     fn sync(&self, table: &ServiceTable, changes: &ChangeSet) {
         let _w = self.writer.lock();
+        let mut scopes = self.scopes.lock();
+        let scopes = &mut *scopes;
         let current = self.table.load_full();
         let mut next: Option<VsTable> = None;
         if changes.full {
@@ -319,7 +372,7 @@ impl Dataplane for IpvsDataplane {
                     .iter()
                     .map(|k| current.by_key.get(k).map(|vs| vs.state.load_full()))
                     .collect();
-                for (vk, st) in vks.iter().zip(self.build_states(view, &old)) {
+                for (vk, st) in vks.iter().zip(self.build_states(view, &old, scopes)) {
                     fresh.by_key.insert(
                         *vk,
                         Arc::new(VirtualService {
@@ -329,6 +382,7 @@ impl Dataplane for IpvsDataplane {
                 }
                 fresh.by_service.insert(key, vks);
             }
+            scopes.retain_services(&self.affinity, |k| fresh.by_service.contains_key(k));
             self.table.store(Arc::new(fresh));
             return;
         }
@@ -338,6 +392,9 @@ impl Dataplane for IpvsDataplane {
         // which of the two ends up deleting it. The states taken down are
         // kept so that a service that keeps some of its virtual services
         // keeps their connection counters.
+        for key in &changes.removed {
+            scopes.remove_service(&self.affinity, key);
+        }
         let mut taken_down: AHashMap<VsKey, (&ServiceKey, Arc<VsState>)> = AHashMap::new();
         for key in changes.removed.iter().chain(&changes.updated) {
             let Some(existing) = current.by_service.get(key) else {
@@ -361,6 +418,8 @@ impl Dataplane for IpvsDataplane {
         }
         for key in &changes.updated {
             let Some(view) = table.view(key).filter(|v| !v.service().is_headless()) else {
+                // Gone or headless now: so are its affinity scopes.
+                scopes.remove_service(&self.affinity, key);
                 continue;
             };
             let vks = vs_keys(view);
@@ -380,7 +439,7 @@ impl Dataplane for IpvsDataplane {
                         .map(|(_, st)| st.clone()),
                 })
                 .collect();
-            let states = self.build_states(view, &old);
+            let states = self.build_states(view, &old, scopes);
             if existing.as_ref() == Some(&vks) {
                 // Same virtual services: swap each one's state in place.
                 for (vk, st) in vks.iter().zip(states) {
@@ -411,6 +470,11 @@ impl Dataplane for IpvsDataplane {
 
     #[inline]
     fn route(&self, flow: &Flow, now: Instant) -> Verdict {
+        self.route_with_key(flow, None, now)
+    }
+
+    #[inline]
+    fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
         self.lookup(flow.protocol, flow.dst, |state| match state {
             None => Verdict::NotAService,
             Some(VsState::Reject) => Verdict::Reject,
@@ -419,13 +483,30 @@ impl Dataplane for IpvsDataplane {
                 dests,
                 selector,
                 count,
+                affinity,
             }) => {
                 let ctx = PickContext {
                     flow,
                     now,
                     rng: &self.rng,
                 };
-                match selector.pick(dests, &ctx) {
+                let picked = match affinity {
+                    None => selector.pick(dests, &ctx),
+                    Some(aff) => {
+                        let pinned = self.affinity.route(
+                            &aff.scope,
+                            aff.key(flow, key),
+                            now,
+                            |ep| aff.position(ep),
+                            || selector.pick(dests, &ctx).map(|i| (i, dests[i].addr())),
+                        );
+                        pinned.map(|p| {
+                            aff.count(p.index);
+                            p.index
+                        })
+                    }
+                };
+                match picked {
                     Some(i) => {
                         let d = &dests[i];
                         if *count {
@@ -472,5 +553,13 @@ impl Dataplane for IpvsDataplane {
                 }
             }
         })
+    }
+
+    fn affinity_entries(&self, service: &ServiceKey, now: Instant) -> Vec<AffinityEntry> {
+        self.scopes.lock().entries(&self.affinity, service, now)
+    }
+
+    fn affinity_report(&self, service: &ServiceKey, now: Instant) -> Option<AffinityReport> {
+        self.scopes.lock().report(&self.affinity, service, now)
     }
 }

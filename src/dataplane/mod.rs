@@ -19,7 +19,9 @@ use std::net::SocketAddr;
 pub use iptables::IptablesDataplane;
 pub use ipvs::{IpvsDataplane, RealServerInfo, VirtualServiceInfo};
 
+use crate::affinity::{AffinityConfig, AffinityEntry, AffinityReport};
 use crate::model::flow::{Flow, Protocol, Verdict};
+use crate::model::service::ServiceKey;
 use crate::scheduler::SchedulerConfig;
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
@@ -53,6 +55,8 @@ pub struct DataplaneConfig {
     /// need them (for `ipvsadm`-style listings). Least-connection schedulers
     /// always count.
     pub count_connections: bool,
+    /// Sizing of the session-affinity table and hotspot thresholds.
+    pub affinity: AffinityConfig,
 }
 
 impl DataplaneConfig {
@@ -73,6 +77,12 @@ impl DataplaneConfig {
     /// Sets the scheduler.
     pub fn scheduler(mut self, scheduler: impl Into<SchedulerConfig>) -> Self {
         self.scheduler = scheduler.into();
+        self
+    }
+
+    /// Sets the session-affinity table's capacity and hotspot thresholds.
+    pub fn affinity(mut self, affinity: AffinityConfig) -> Self {
+        self.affinity = affinity;
         self
     }
 }
@@ -107,7 +117,25 @@ pub trait Dataplane: Send + Sync {
 
     /// Decides a new flow (or a packet of one): forward, reject, drop, or
     /// pass through.
+    ///
+    /// For a service with `ClientIP` session affinity every call counts as
+    /// a new connection: it restarts the client's affinity timer (only a
+    /// connection's first packet reaches kube-proxy's nat rules; map later
+    /// packets with your own connection tracking). Equivalent to
+    /// [`route_with_key`](Self::route_with_key) without a key.
     fn route(&self, flow: &Flow, now: Instant) -> Verdict;
+
+    /// [`route`](Self::route) with a caller-supplied affinity key, such as a
+    /// hash of a session cookie or header. Services whose
+    /// [`AffinityKeyKind`](crate::AffinityKeyKind) is `Caller` pin this key
+    /// instead of the client address (and fall back to the client address
+    /// when `key` is `None`); other services ignore it.
+    ///
+    /// The default ignores the key; the built-in dataplanes honour it.
+    fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
+        let _ = key;
+        self.route(flow, now)
+    }
 
     /// Reports that a connection `route` forwarded to `backend` has ended.
     fn connection_closed(&self, flow: &Flow, backend: SocketAddr, now: Instant);
@@ -115,4 +143,23 @@ pub trait Dataplane: Send + Sync {
     /// The backends that may take a new connection to `dst`, or the verdict
     /// for all of them. For inspection and tests; it allocates.
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates;
+
+    /// The live session-affinity entries of `service` (key, endpoint, time
+    /// left), per service port, as `ipvsadm -ln --persistent-conn` lists
+    /// them. Empty for services without `ClientIP` affinity, and by default
+    /// for dataplanes that keep no affinity state. Allocates; for
+    /// inspection.
+    fn affinity_entries(&self, service: &ServiceKey, now: Instant) -> Vec<AffinityEntry> {
+        let _ = (service, now);
+        Vec::new()
+    }
+
+    /// New connections and live affinity entries per endpoint of `service`,
+    /// and the affinity keys with a disproportionate share of its new
+    /// connections (see [`AffinityReport`]). `None` for services without
+    /// `ClientIP` affinity, and by default. Allocates; for inspection.
+    fn affinity_report(&self, service: &ServiceKey, now: Instant) -> Option<AffinityReport> {
+        let _ = (service, now);
+        None
+    }
 }

@@ -224,6 +224,80 @@ impl SessionAffinity {
     }
 }
 
+/// Which affinity key a `ClientIP`-affinity service pins (a svclb extension;
+/// Kubernetes always uses the client IP).
+///
+/// Clients behind one shared NAT share one address, so with the Kubernetes
+/// key they all land on one endpoint. A proxy that can see more than the
+/// address pins each session instead: the client address and port, or a key
+/// it computes itself (a hash of a cookie or a header) and passes to
+/// [`Dataplane::route_with_key`](crate::Dataplane::route_with_key).
+///
+/// # Examples
+/// ```
+/// use svclb::{AffinityKeyKind, Service, ServicePortSpec};
+/// let svc = Service::builder("default", "shop")
+///     .cluster_ip("10.96.0.30".parse().unwrap())
+///     .port(ServicePortSpec::tcp(443))
+///     .client_ip_affinity(Some(1800))
+///     .affinity_key(AffinityKeyKind::Caller)
+///     .build()
+///     .unwrap();
+/// assert_eq!(svc.affinity_key(), AffinityKeyKind::Caller);
+/// assert_eq!("client-ip-port".parse::<AffinityKeyKind>().unwrap(), AffinityKeyKind::ClientIpPort);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum AffinityKeyKind {
+    /// The full client address, /32 or /128 (the Kubernetes behaviour).
+    #[default]
+    ClientIp,
+    /// The client address and source port: one entry per client socket.
+    ClientIpPort,
+    /// A key the caller supplies per connection (a cookie or header hash);
+    /// when the caller gives none, the client address.
+    Caller,
+}
+
+impl AffinityKeyKind {
+    /// `client-ip`, `client-ip-port` or `caller`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AffinityKeyKind::ClientIp => "client-ip",
+            AffinityKeyKind::ClientIpPort => "client-ip-port",
+            AffinityKeyKind::Caller => "caller",
+        }
+    }
+}
+
+impl fmt::Display for AffinityKeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for AffinityKeyKind {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            AffinityKeyKind::ClientIp,
+            AffinityKeyKind::ClientIpPort,
+            AffinityKeyKind::Caller,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| ValidationError::Invalid {
+            field: AFFINITY_KEY_FIELD.into(),
+            value: s.into(),
+            reason: "must be one of client-ip, client-ip-port, caller",
+        })
+    }
+}
+
+/// The field path errors use for [`AffinityKeyKind`] (a svclb extension).
+const AFFINITY_KEY_FIELD: &str = "svclb.affinityKey";
+
 /// `spec.internalTrafficPolicy` / `spec.externalTrafficPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -254,6 +328,7 @@ pub struct Service {
     cluster_ip: ClusterIp,
     ports: SmallVec<[ServicePort; 2]>,
     session_affinity: SessionAffinity,
+    affinity_key: AffinityKeyKind,
     internal_traffic_policy: TrafficPolicy,
     external_traffic_policy: TrafficPolicy,
     traffic_distribution: Option<TrafficDistribution>,
@@ -282,6 +357,7 @@ impl Service {
             headless: false,
             ports: Vec::new(),
             affinity: None,
+            affinity_key: AffinityKeyKind::ClientIp,
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_traffic_policy: TrafficPolicy::Cluster,
             traffic_distribution: None,
@@ -309,6 +385,11 @@ impl Service {
     /// The session affinity.
     pub fn session_affinity(&self) -> SessionAffinity {
         self.session_affinity
+    }
+    /// Which key `ClientIP` affinity pins (svclb extension; the client IP
+    /// unless set).
+    pub fn affinity_key(&self) -> AffinityKeyKind {
+        self.affinity_key
     }
     /// `spec.internalTrafficPolicy`.
     pub fn internal_traffic_policy(&self) -> TrafficPolicy {
@@ -350,6 +431,7 @@ pub struct ServiceBuilder {
     headless: bool,
     ports: Vec<ServicePortSpec>,
     affinity: Option<Option<i64>>,
+    affinity_key: AffinityKeyKind,
     internal_traffic_policy: TrafficPolicy,
     external_traffic_policy: TrafficPolicy,
     traffic_distribution: Option<TrafficDistribution>,
@@ -376,6 +458,13 @@ impl ServiceBuilder {
     /// `sessionAffinity: ClientIP` with the given timeout (`None` = 10800 s).
     pub fn client_ip_affinity(mut self, timeout_secs: Option<i64>) -> Self {
         self.affinity = Some(timeout_secs);
+        self
+    }
+    /// Which key `ClientIP` affinity pins (svclb extension, see
+    /// [`AffinityKeyKind`]). Anything but the client IP needs
+    /// [`client_ip_affinity`](Self::client_ip_affinity).
+    pub fn affinity_key(mut self, kind: AffinityKeyKind) -> Self {
+        self.affinity_key = kind;
         self
     }
     /// `spec.internalTrafficPolicy`.
@@ -409,7 +498,8 @@ impl ServiceBuilder {
     /// # Errors
     /// A [`ValidationError`] naming the first bad field: names that are not
     /// DNS labels, ports outside 1..=65535, duplicate or unnamed ports in a
-    /// multi-port service, an affinity timeout outside 1..=86400, a cluster IP
+    /// multi-port service, an affinity timeout outside 1..=86400, an affinity
+    /// key other than the client IP without `ClientIP` affinity, a cluster IP
     /// on a headless service, or a non-headless service without a cluster IP
     /// or ports.
     pub fn build(self) -> Result<Service, ValidationError> {
@@ -511,11 +601,21 @@ impl ServiceBuilder {
                 }
             }
         };
+        if session_affinity == SessionAffinity::None
+            && self.affinity_key != AffinityKeyKind::ClientIp
+        {
+            return Err(ValidationError::Invalid {
+                field: AFFINITY_KEY_FIELD.into(),
+                value: self.affinity_key.name().into(),
+                reason: "an affinity key needs sessionAffinity ClientIP",
+            });
+        }
         Ok(Service {
             key: self.key,
             cluster_ip,
             ports,
             session_affinity,
+            affinity_key: self.affinity_key,
             internal_traffic_policy: self.internal_traffic_policy,
             external_traffic_policy: self.external_traffic_policy,
             traffic_distribution: self.traffic_distribution,
@@ -596,6 +696,41 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn affinity_key_needs_client_ip_affinity() {
+        let err = base()
+            .port(ServicePortSpec::tcp(80))
+            .affinity_key(AffinityKeyKind::Caller)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ValidationError::Invalid {
+                field: "svclb.affinityKey".into(),
+                value: "caller".into(),
+                reason: "an affinity key needs sessionAffinity ClientIP",
+            }
+        );
+        let s = base()
+            .port(ServicePortSpec::tcp(80))
+            .client_ip_affinity(Some(60))
+            .affinity_key(AffinityKeyKind::ClientIpPort)
+            .build()
+            .unwrap();
+        assert_eq!(s.affinity_key(), AffinityKeyKind::ClientIpPort);
+        assert_eq!(
+            base()
+                .port(ServicePortSpec::tcp(80))
+                .build()
+                .unwrap()
+                .affinity_key(),
+            AffinityKeyKind::ClientIp
+        );
+        let err = "cookie".parse::<AffinityKeyKind>().unwrap_err();
+        assert_eq!(err.field(), "svclb.affinityKey");
+        assert!(err.to_string().contains("cookie"));
     }
 
     #[test]

@@ -1,0 +1,1917 @@
+//! Session affinity: a bounded, sharded table of (service port, affinity key)
+//! → endpoint, with the timer semantics of kube-proxy and IPVS persistence,
+//! and the counters that find "everyone behind one NAT" hotspots.
+//!
+//! # Semantics
+//! The model is IPVS persistence as kube-proxy configures it (full netmask,
+//! `expire_quiescent_template=1`) and, equivalently, its iptables
+//! `-m recent --rcheck --seconds T --reap` rules (Kubernetes 1.33):
+//!
+//! - every new connection routed through an entry restarts its timer (only a
+//!   connection's first packet reaches the nat table, so the dataplanes treat
+//!   every `route` call of an affinity service as a new connection);
+//! - an entry idle for `timeoutSeconds` or longer is gone: the client is
+//!   balanced afresh;
+//! - an entry whose endpoint is removed, or no longer takes new connections
+//!   (not ready, outside the topology selection, IPVS weight 0), is dropped
+//!   on the next lookup and the client re-balanced at once; a sync also
+//!   purges such entries eagerly.
+//!
+//! # Keys
+//! [`AffinityKey`]: the client address (the Kubernetes default, a full /32
+//! or /128), the client address and port, or a caller-supplied `u64` (a
+//! cookie or header hash), chosen per service by
+//! [`AffinityKeyKind`](crate::AffinityKeyKind).
+//!
+//! # Memory and concurrency
+//! [`AffinityTable`] is split into shards chosen by a seeded, stable hash
+//! of the key; each shard is a `parking_lot::Mutex` around a slab of entries
+//! with two intrusive doubly-linked lists (the shard's LRU order and, per
+//! service port, that port's LRU order) and an index map. A lookup or an
+//! insert locks one shard for a few hundred nanoseconds; a hit allocates
+//! nothing. The capacity ([`AffinityConfig`]) is global (split evenly among
+//! the shards) and per service port (an atomic count per port). When a shard
+//! or a port is full, expired entries go first, then the least recently used
+//! of the shard (LRU is per shard, approximate overall, as in every sharded
+//! cache). Every operation reaps a few expired entries from the tail of its
+//! shard and of its port's list ([`AffinityConfig::reap_batch`]); nothing
+//! ever scans the whole table to expire entries.
+//!
+//! Unlike the kernel's `xt_recent` lists (at most `ip_list_tot`, 100 by
+//! default, per endpoint) the bound is whatever the caller configures.
+//!
+//! # Hotspots
+//! Each service port counts its new connections, per endpoint and per key.
+//! Per-key counts come from a fixed-size Space-Saving sketch (32 counters
+//! per service port) updated with `try_lock`, so the packet path never waits
+//! for it and never grows it. [`AffinityReport`] flags a key whose share of
+//! the new connections is at least [`AffinityConfig::hotspot_factor`] times
+//! the fair share (one over the live affinity entries of the port).
+
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ahash::AHashMap;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use crate::error::ValidationError;
+use crate::model::flow::{Flow, Protocol};
+use crate::model::service::{AffinityKeyKind, Service, ServiceKey, SessionAffinity};
+use crate::rng::mix64;
+use crate::time::Instant;
+
+/// What an affinity entry pins: a client address, a client socket, or a key
+/// the caller computed.
+///
+/// # Examples
+/// ```
+/// use svclb::{AffinityKey, AffinityKeyKind, Flow};
+/// let flow = Flow::tcp("192.0.2.7:40000".parse().unwrap(), "10.96.0.10:80".parse().unwrap());
+/// let k = AffinityKey::for_flow(AffinityKeyKind::ClientIp, &flow, None);
+/// assert_eq!(k.to_string(), "192.0.2.7");
+/// // A caller key is used when the service asks for one and the caller gives one.
+/// let k = AffinityKey::for_flow(AffinityKeyKind::Caller, &flow, Some(0xfeed));
+/// assert_eq!(k, AffinityKey::Caller(0xfeed));
+/// // Otherwise the client address.
+/// let k = AffinityKey::for_flow(AffinityKeyKind::Caller, &flow, None);
+/// assert_eq!(k, AffinityKey::ClientIp("192.0.2.7".parse().unwrap()));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum AffinityKey {
+    /// The client address (all of it: /32 or /128).
+    ClientIp(IpAddr),
+    /// The client address and source port.
+    ClientIpPort(SocketAddr),
+    /// A caller-supplied key, such as a hash of a cookie or a header.
+    Caller(u64),
+}
+
+impl AffinityKey {
+    /// The key a service with key kind `kind` pins for `flow`, given the
+    /// caller's key if any (used only by [`AffinityKeyKind::Caller`], which
+    /// falls back to the client address without one).
+    #[inline]
+    pub fn for_flow(kind: AffinityKeyKind, flow: &Flow, caller: Option<u64>) -> Self {
+        match (kind, caller) {
+            (AffinityKeyKind::ClientIp, _) | (AffinityKeyKind::Caller, None) => {
+                AffinityKey::ClientIp(flow.src.ip())
+            }
+            (AffinityKeyKind::ClientIpPort, _) => AffinityKey::ClientIpPort(flow.src),
+            (AffinityKeyKind::Caller, Some(k)) => AffinityKey::Caller(k),
+        }
+    }
+
+    /// A stable 64-bit hash of the key (the same in every process and build
+    /// of svclb): it chooses the shard, so a fixed seed replays exactly.
+    #[inline]
+    pub fn stable_hash(&self) -> u64 {
+        fn ip(ip: &IpAddr) -> u64 {
+            match ip {
+                IpAddr::V4(v4) => mix64(u64::from(u32::from(*v4)) ^ 0x4000_0000_0000_0000),
+                IpAddr::V6(v6) => {
+                    let b = u128::from(*v6);
+                    mix64((b as u64) ^ mix64((b >> 64) as u64 ^ 0x6000_0000_0000_0000))
+                }
+            }
+        }
+        match self {
+            AffinityKey::ClientIp(a) => ip(a),
+            AffinityKey::ClientIpPort(s) => mix64(ip(&s.ip()) ^ u64::from(s.port()) ^ (1 << 60)),
+            AffinityKey::Caller(k) => mix64(*k ^ 0x2545_F491_4F6C_DD1D),
+        }
+    }
+}
+
+impl fmt::Display for AffinityKey {
+    /// `192.0.2.7`, `192.0.2.7:40000` (`[2001:db8::1]:40000`), or
+    /// `key:00000000000feed0`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AffinityKey::ClientIp(a) => write!(f, "{a}"),
+            AffinityKey::ClientIpPort(s) => write!(f, "{s}"),
+            AffinityKey::Caller(k) => write!(f, "key:{k:016x}"),
+        }
+    }
+}
+
+/// The default global capacity of an affinity table: 1,048,576 entries
+/// (about 160 MiB when full).
+pub const DEFAULT_AFFINITY_CAPACITY: usize = 1 << 20;
+
+/// How an [`AffinityTable`] is sized and when it reports a hotspot.
+///
+/// Build one with [`AffinityConfig::new`] and the setters; each checks its
+/// value, so an `AffinityConfig` is always valid.
+///
+/// # Examples
+/// ```
+/// use svclb::AffinityConfig;
+/// let config = AffinityConfig::new(100_000)?
+///     .per_service_capacity(10_000)?
+///     .hotspot_thresholds(20.0, 500)?;
+/// assert_eq!(config.capacity(), 100_000);
+/// assert_eq!(config.per_service(), Some(10_000));
+/// assert!(AffinityConfig::new(0).is_err());
+/// # Ok::<(), svclb::ValidationError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffinityConfig {
+    capacity: usize,
+    per_service: Option<usize>,
+    shards: usize,
+    reap_batch: usize,
+    hotspot_factor: f64,
+    hotspot_min_connections: u64,
+}
+
+impl Default for AffinityConfig {
+    /// [`DEFAULT_AFFINITY_CAPACITY`] entries, no per-service bound, 32
+    /// shards, 4 entries reaped per operation, hotspot factor 10 and at
+    /// least 100 connections.
+    fn default() -> Self {
+        AffinityConfig {
+            capacity: DEFAULT_AFFINITY_CAPACITY,
+            per_service: None,
+            shards: 32,
+            reap_batch: 4,
+            hotspot_factor: 10.0,
+            hotspot_min_connections: 100,
+        }
+    }
+}
+
+fn invalid(field: &str, value: impl fmt::Display, reason: &'static str) -> ValidationError {
+    ValidationError::Invalid {
+        field: field.into(),
+        value: value.to_string(),
+        reason,
+    }
+}
+
+impl AffinityConfig {
+    /// The defaults with a global capacity of `capacity` entries.
+    ///
+    /// # Errors
+    /// [`ValidationError::Invalid`] on `affinity.capacity` if it is 0.
+    pub fn new(capacity: usize) -> Result<Self, ValidationError> {
+        if capacity == 0 {
+            return Err(invalid("affinity.capacity", capacity, "must be at least 1"));
+        }
+        Ok(AffinityConfig {
+            capacity,
+            ..Default::default()
+        })
+    }
+
+    /// Bounds the entries of each service port (each virtual service).
+    ///
+    /// # Errors
+    /// [`ValidationError::Invalid`] on `affinity.perServiceCapacity` if it
+    /// is 0.
+    pub fn per_service_capacity(mut self, capacity: usize) -> Result<Self, ValidationError> {
+        if capacity == 0 {
+            return Err(invalid(
+                "affinity.perServiceCapacity",
+                capacity,
+                "must be at least 1",
+            ));
+        }
+        self.per_service = Some(capacity);
+        Ok(self)
+    }
+
+    /// Sets the number of shards (a power of two, 1..=1024). A small
+    /// capacity uses fewer, so that each shard holds at least 16 entries.
+    ///
+    /// # Errors
+    /// [`ValidationError::Invalid`] on `affinity.shards` otherwise.
+    pub fn shards(mut self, shards: usize) -> Result<Self, ValidationError> {
+        if !(1..=1024).contains(&shards) || !shards.is_power_of_two() {
+            return Err(invalid(
+                "affinity.shards",
+                shards,
+                "must be a power of two in 1..=1024",
+            ));
+        }
+        self.shards = shards;
+        Ok(self)
+    }
+
+    /// Sets how many entries each operation examines for expiry (1..=64).
+    ///
+    /// # Errors
+    /// [`ValidationError::Invalid`] on `affinity.reapBatch` otherwise.
+    pub fn reap_batch(mut self, batch: usize) -> Result<Self, ValidationError> {
+        if !(1..=64).contains(&batch) {
+            return Err(invalid("affinity.reapBatch", batch, "must be in 1..=64"));
+        }
+        self.reap_batch = batch;
+        Ok(self)
+    }
+
+    /// A key is a hotspot when it has at least `min_connections` new
+    /// connections and at least `factor` times its fair share of them.
+    ///
+    /// # Errors
+    /// [`ValidationError::Invalid`] on `affinity.hotspotFactor` unless it is
+    /// finite and at least 1.
+    pub fn hotspot_thresholds(
+        mut self,
+        factor: f64,
+        min_connections: u64,
+    ) -> Result<Self, ValidationError> {
+        if !factor.is_finite() || factor < 1.0 {
+            return Err(invalid(
+                "affinity.hotspotFactor",
+                factor,
+                "must be finite and at least 1",
+            ));
+        }
+        self.hotspot_factor = factor;
+        self.hotspot_min_connections = min_connections;
+        Ok(self)
+    }
+
+    /// The global capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// The per-service-port capacity, if any.
+    pub fn per_service(&self) -> Option<usize> {
+        self.per_service
+    }
+    /// The configured shard count (an upper bound; see [`Self::shards`]).
+    pub fn shard_count(&self) -> usize {
+        self.shards
+    }
+    /// Entries examined for expiry per operation.
+    pub fn reap_batch_size(&self) -> usize {
+        self.reap_batch
+    }
+    /// The hotspot share factor.
+    pub fn hotspot_factor(&self) -> f64 {
+        self.hotspot_factor
+    }
+    /// The fewest new connections a hotspot must have.
+    pub fn hotspot_min_connections(&self) -> u64 {
+        self.hotspot_min_connections
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Heavy hitters: Space-Saving (Metwally, Agrawal, El Abbadi, 2005).
+
+/// Counters per service port in the heavy-hitters sketch.
+const SKETCH_SIZE: usize = 32;
+
+#[derive(Debug, Clone, Copy)]
+struct SketchItem {
+    key: AffinityKey,
+    count: u64,
+    /// The count the item inherited when it took over a counter: its true
+    /// count is in `count - error ..= count`.
+    error: u64,
+}
+
+#[derive(Debug)]
+struct SpaceSaving {
+    hashes: Vec<u64>,
+    items: Vec<SketchItem>,
+    total: u64,
+}
+
+impl SpaceSaving {
+    fn new() -> Self {
+        SpaceSaving {
+            hashes: Vec::with_capacity(SKETCH_SIZE),
+            items: Vec::with_capacity(SKETCH_SIZE),
+            total: 0,
+        }
+    }
+
+    #[inline]
+    fn observe(&mut self, key: AffinityKey) {
+        self.total += 1;
+        let h = key.stable_hash();
+        if let Some(i) = self
+            .hashes
+            .iter()
+            .position(|&x| x == h)
+            .filter(|&i| self.items[i].key == key)
+        {
+            self.items[i].count += 1;
+            return;
+        }
+        if self.items.len() < SKETCH_SIZE {
+            self.hashes.push(h);
+            self.items.push(SketchItem {
+                key,
+                count: 1,
+                error: 0,
+            });
+            return;
+        }
+        let (i, min) = self
+            .items
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, it)| it.count)
+            .map(|(i, it)| (i, it.count))
+            .expect("the sketch is full");
+        self.hashes[i] = h;
+        self.items[i] = SketchItem {
+            key,
+            count: min + 1,
+            error: min,
+        };
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scopes: one per service port (virtual service).
+
+/// The affinity state of one service port (one virtual service: VIP,
+/// protocol, port): its timeout, its entry count and bound, and its
+/// connection counters. Created by [`AffinityTable::new_scope`].
+#[derive(Debug)]
+pub struct AffinityScope {
+    slot: u32,
+    timeout_nanos: AtomicU64,
+    capacity: usize,
+    len: AtomicUsize,
+    dead: AtomicBool,
+    new_connections: AtomicU64,
+    sketch: Mutex<SpaceSaving>,
+}
+
+impl AffinityScope {
+    /// The idle timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.timeout_nanos.load(Ordering::Relaxed))
+    }
+    /// Sets the idle timeout; existing entries are judged by the new one
+    /// (as iptables judges `xt_recent` stamps by the rule's `--seconds`).
+    pub fn set_timeout(&self, timeout: Duration) {
+        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        self.timeout_nanos.store(nanos, Ordering::Relaxed);
+    }
+    /// Entries held (some may have expired and not been reaped yet).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+    /// Whether no entries are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The most entries this scope may hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// New connections routed through this scope since it was created.
+    pub fn new_connections(&self) -> u64 {
+        self.new_connections.load(Ordering::Relaxed)
+    }
+    /// Whether [`AffinityTable::remove_scope`] removed it.
+    pub fn is_removed(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Reserves room for one entry; false if the scope is full.
+    fn try_reserve(&self) -> bool {
+        self.len
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.len.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    #[inline]
+    fn observe(&self, key: AffinityKey) {
+        self.new_connections.fetch_add(1, Ordering::Relaxed);
+        // Never wait on the packet path: under contention a connection goes
+        // unsampled; shares are computed over the sampled total.
+        if let Some(mut sketch) = self.sketch.try_lock() {
+            sketch.observe(key);
+        }
+    }
+
+    /// The sketch's counters, heaviest (by guaranteed count) first, and the
+    /// sampled total.
+    fn heavy_hitters(&self) -> (Vec<SketchItem>, u64) {
+        let s = self.sketch.lock();
+        let mut items = s.items.clone();
+        items.sort_by(|a, b| (b.count - b.error).cmp(&(a.count - a.error)));
+        (items, s.total)
+    }
+
+    #[inline]
+    fn is_live(&self, last: Instant, now: Instant) -> bool {
+        now.as_nanos().saturating_sub(last.as_nanos()) < self.timeout_nanos.load(Ordering::Relaxed)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shards.
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug)]
+struct Node {
+    key: AffinityKey,
+    endpoint: SocketAddr,
+    last: Instant,
+    /// `None` when the node is free.
+    scope: Option<Arc<AffinityScope>>,
+    /// The timeout class the node is linked into.
+    class: u32,
+    /// Its class list (head = most recent); the free list reuses `next`.
+    prev: u32,
+    next: u32,
+    /// Its scope's list in this shard (head = most recent).
+    sprev: u32,
+    snext: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Links {
+    head: u32,
+    tail: u32,
+}
+
+const EMPTY: Links = Links {
+    head: NIL,
+    tail: NIL,
+};
+
+/// The entries of a shard whose scopes share one timeout, in last-use order,
+/// which is also their expiry order. Most clusters use one timeout (10800 s),
+/// so a shard usually has one class.
+#[derive(Debug, Clone, Copy)]
+struct Class {
+    timeout: u64,
+    links: Links,
+}
+
+#[derive(Debug)]
+struct Shard {
+    nodes: Vec<Node>,
+    free: u32,
+    index: AHashMap<(u32, AffinityKey), u32>,
+    /// Timeout classes; the shard's least recently used entry is the oldest
+    /// of their tails, its next expiring one the earliest-expiring tail.
+    classes: Vec<Class>,
+    /// Round-robin cursor for reaping over classes.
+    cursor: usize,
+    /// Per scope slot: that scope's entries in this shard.
+    scopes: Vec<Links>,
+    len: usize,
+    cap: usize,
+}
+
+impl Shard {
+    fn new(cap: usize) -> Self {
+        Shard {
+            nodes: Vec::new(),
+            free: NIL,
+            index: AHashMap::new(),
+            classes: Vec::new(),
+            cursor: 0,
+            scopes: Vec::new(),
+            len: 0,
+            cap,
+        }
+    }
+
+    fn scope_links(&self, slot: u32) -> Links {
+        self.scopes.get(slot as usize).copied().unwrap_or(EMPTY)
+    }
+
+    /// The class of `timeout`, created on first use (allocates only then).
+    fn class_of(&mut self, timeout: u64) -> u32 {
+        match self.classes.iter().position(|c| c.timeout == timeout) {
+            Some(c) => c as u32,
+            None => {
+                self.classes.push(Class {
+                    timeout,
+                    links: EMPTY,
+                });
+                (self.classes.len() - 1) as u32
+            }
+        }
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let n = &self.nodes[i as usize];
+        let (prev, next, sprev, snext) = (n.prev, n.next, n.sprev, n.snext);
+        let class = n.class as usize;
+        let slot = n.scope.as_ref().expect("linked").slot as usize;
+        if prev == NIL {
+            self.classes[class].links.head = next;
+        } else {
+            self.nodes[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.classes[class].links.tail = prev;
+        } else {
+            self.nodes[next as usize].prev = prev;
+        }
+        if sprev == NIL {
+            self.scopes[slot].head = snext;
+        } else {
+            self.nodes[sprev as usize].snext = snext;
+        }
+        if snext == NIL {
+            self.scopes[slot].tail = sprev;
+        } else {
+            self.nodes[snext as usize].sprev = sprev;
+        }
+    }
+
+    /// Links node `i` at the head of its scope's list and of the class of
+    /// its scope's current timeout.
+    fn link_front(&mut self, i: u32) {
+        let (slot, timeout) = {
+            let s = self.nodes[i as usize].scope.as_ref().expect("linked");
+            (s.slot as usize, s.timeout_nanos.load(Ordering::Relaxed))
+        };
+        let class = self.class_of(timeout);
+        let head = self.classes[class as usize].links.head;
+        let shead = self.scopes[slot].head;
+        {
+            let n = &mut self.nodes[i as usize];
+            n.class = class;
+            n.prev = NIL;
+            n.next = head;
+            n.sprev = NIL;
+            n.snext = shead;
+        }
+        if head == NIL {
+            self.classes[class as usize].links.tail = i;
+        } else {
+            self.nodes[head as usize].prev = i;
+        }
+        self.classes[class as usize].links.head = i;
+        if shead == NIL {
+            self.scopes[slot].tail = i;
+        } else {
+            self.nodes[shead as usize].sprev = i;
+        }
+        self.scopes[slot].head = i;
+    }
+
+    /// Frees node `i`, releasing its scope's count.
+    fn remove(&mut self, i: u32) {
+        self.unlink(i);
+        let n = &mut self.nodes[i as usize];
+        let scope = n.scope.take().expect("a linked node has a scope");
+        self.index.remove(&(scope.slot, n.key));
+        n.next = self.free;
+        self.free = i;
+        self.len -= 1;
+        scope.release();
+    }
+
+    fn insert(
+        &mut self,
+        scope: &Arc<AffinityScope>,
+        key: AffinityKey,
+        endpoint: SocketAddr,
+        now: Instant,
+    ) {
+        let slot = scope.slot as usize;
+        if self.scopes.len() <= slot {
+            self.scopes.resize(slot + 1, EMPTY);
+        }
+        let node = Node {
+            key,
+            endpoint,
+            last: now,
+            scope: Some(Arc::clone(scope)),
+            class: 0,
+            prev: NIL,
+            next: NIL,
+            sprev: NIL,
+            snext: NIL,
+        };
+        let i = if self.free != NIL {
+            let i = self.free;
+            self.free = self.nodes[i as usize].next;
+            self.nodes[i as usize] = node;
+            i
+        } else {
+            self.nodes.push(node);
+            (self.nodes.len() - 1) as u32
+        };
+        self.link_front(i);
+        self.index.insert((scope.slot, key), i);
+        self.len += 1;
+    }
+
+    fn touch(&mut self, i: u32, now: Instant) {
+        let n = &mut self.nodes[i as usize];
+        if now > n.last {
+            n.last = now;
+        }
+        self.unlink(i);
+        self.link_front(i);
+    }
+
+    fn is_expired(&self, i: u32, now: Instant) -> bool {
+        let n = &self.nodes[i as usize];
+        !n.scope.as_ref().expect("linked").is_live(n.last, now)
+    }
+
+    /// Examines up to `k` entries at the tails of the timeout classes
+    /// (round-robin) and up to `k` at the tail of `slot`'s list, removing
+    /// the expired ones. Each list is in expiry order, so a live tail ends
+    /// the search in that list.
+    fn reap(&mut self, slot: u32, now: Instant, k: usize) {
+        let mut budget = k;
+        let mut live_tails = 0;
+        while budget > 0 && live_tails < self.classes.len() {
+            self.cursor = (self.cursor + 1) % self.classes.len();
+            let t = self.classes[self.cursor].links.tail;
+            budget -= 1;
+            if t != NIL && self.is_expired(t, now) {
+                self.remove(t);
+                live_tails = 0;
+            } else {
+                live_tails += 1;
+            }
+        }
+        for _ in 0..k {
+            let t = self.scope_links(slot).tail;
+            if t == NIL || !self.is_expired(t, now) {
+                break;
+            }
+            self.remove(t);
+        }
+    }
+
+    /// Removes the least recently used entry of `slot` in this shard.
+    fn evict_scope_lru(&mut self, slot: u32) -> bool {
+        let t = self.scope_links(slot).tail;
+        if t == NIL {
+            return false;
+        }
+        self.remove(t);
+        true
+    }
+
+    /// Makes room for one entry: an expired entry if any class tail has
+    /// expired, else the least recently used entry of the shard (the oldest
+    /// class tail).
+    fn evict_for_room(&mut self, now: Instant) {
+        let tails = || self.classes.iter().map(|c| c.links.tail).filter(|&t| t != NIL);
+        let victim = tails()
+            .find(|&t| self.is_expired(t, now))
+            .or_else(|| tails().min_by_key(|&t| self.nodes[t as usize].last));
+        if let Some(t) = victim {
+            self.remove(t);
+        }
+    }
+
+    /// Removes every entry of `slot` that `drop` says to.
+    fn retain_scope(&mut self, slot: u32, mut drop: impl FnMut(&Node) -> bool) -> usize {
+        let mut removed = 0;
+        let mut i = self.scope_links(slot).head;
+        while i != NIL {
+            let next = self.nodes[i as usize].snext;
+            if drop(&self.nodes[i as usize]) {
+                self.remove(i);
+                removed += 1;
+            }
+            i = next;
+        }
+        removed
+    }
+}
+
+/// The outcome of [`AffinityTable::route`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pinned {
+    /// The index the `usable` or `schedule` callback returned.
+    pub index: usize,
+    /// The endpoint.
+    pub endpoint: SocketAddr,
+    /// Whether a live entry decided (true) or the scheduler did (false).
+    pub hit: bool,
+}
+
+/// One live entry of a scope, as [`AffinityTable::entries`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScopeEntry {
+    /// The key.
+    pub key: AffinityKey,
+    /// The endpoint it is pinned to.
+    pub endpoint: SocketAddr,
+    /// The time until it expires unless a new connection refreshes it.
+    pub time_left: Duration,
+}
+
+/// The sharded, bounded affinity table. See the [module docs](self).
+///
+/// # Examples
+/// ```
+/// use core::time::Duration;
+/// use svclb::{AffinityConfig, AffinityKey, AffinityTable, Instant};
+/// let table = AffinityTable::new(AffinityConfig::new(1000)?, 7);
+/// let scope = table.new_scope(Duration::from_secs(10));
+/// let client = AffinityKey::ClientIp("192.0.2.7".parse().unwrap());
+/// let backends = ["10.1.0.1:80".parse().unwrap(), "10.1.0.2:80".parse().unwrap()];
+/// let usable = |ep| backends.iter().position(|b| *b == ep);
+/// // A miss: the scheduler decides (here: the second backend), the entry is kept.
+/// let p = table.route(&scope, client, Instant::from_secs(0), usable, || Some((1, backends[1]))).unwrap();
+/// assert!(!p.hit);
+/// // Within the timeout: a hit, whatever the scheduler would say.
+/// let p = table.route(&scope, client, Instant::from_secs(9), usable, || Some((0, backends[0]))).unwrap();
+/// assert_eq!((p.endpoint, p.hit), (backends[1], true));
+/// // Idle for 10 s: gone.
+/// assert_eq!(table.get(&scope, client, Instant::from_secs(19)), None);
+/// # Ok::<(), svclb::ValidationError>(())
+/// ```
+#[derive(Debug)]
+pub struct AffinityTable {
+    shards: Box<[Mutex<Shard>]>,
+    mask: usize,
+    seed: u64,
+    config: AffinityConfig,
+    slots: Mutex<(Vec<u32>, u32)>,
+}
+
+/// The fewest entries a shard is given: small tables use fewer shards.
+const MIN_PER_SHARD: usize = 16;
+
+impl AffinityTable {
+    /// An empty table. `seed` makes the shard choice (and so which entry
+    /// capacity pressure evicts) reproducible.
+    pub fn new(config: AffinityConfig, seed: u64) -> Self {
+        let mut n = config.shards;
+        while n > 1 && config.capacity / n < MIN_PER_SHARD {
+            n /= 2;
+        }
+        let shards = (0..n)
+            .map(|i| {
+                Mutex::new(Shard::new(
+                    config.capacity / n + usize::from(i < config.capacity % n),
+                ))
+            })
+            .collect();
+        AffinityTable {
+            shards,
+            mask: n - 1,
+            seed: mix64(seed ^ 0xA5F1_7AB1_E000_0001),
+            config,
+            slots: Mutex::new((Vec::new(), 0)),
+        }
+    }
+
+    /// The config.
+    pub fn config(&self) -> &AffinityConfig {
+        &self.config
+    }
+
+    /// The number of shards in use.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The global capacity.
+    pub fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    /// Entries held in all shards (locks each shard in turn). Some may have
+    /// expired and not been reaped yet; they never count as hits.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len).sum()
+    }
+
+    /// Whether the table holds no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A new scope (one service port) with this idle timeout, bounded by
+    /// the per-service capacity.
+    pub fn new_scope(&self, timeout: Duration) -> Arc<AffinityScope> {
+        let slot = {
+            let mut s = self.slots.lock();
+            match s.0.pop() {
+                Some(slot) => slot,
+                None => {
+                    s.1 += 1;
+                    s.1 - 1
+                }
+            }
+        };
+        let scope = AffinityScope {
+            slot,
+            timeout_nanos: AtomicU64::new(0),
+            capacity: self
+                .config
+                .per_service
+                .unwrap_or(self.config.capacity)
+                .min(self.config.capacity),
+            len: AtomicUsize::new(0),
+            dead: AtomicBool::new(false),
+            new_connections: AtomicU64::new(0),
+            sketch: Mutex::new(SpaceSaving::new()),
+        };
+        scope.set_timeout(timeout);
+        Arc::new(scope)
+    }
+
+    /// Removes a scope and all its entries. Routing through it afterwards
+    /// schedules without pinning.
+    pub fn remove_scope(&self, scope: &AffinityScope) {
+        if scope.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for shard in self.shards.iter() {
+            let mut sh = shard.lock();
+            sh.retain_scope(scope.slot, |_| true);
+            if let Some(l) = sh.scopes.get_mut(scope.slot as usize) {
+                *l = EMPTY;
+            }
+        }
+        self.slots.lock().0.push(scope.slot);
+    }
+
+    #[inline]
+    fn shard_of(&self, scope: &AffinityScope, key: &AffinityKey) -> usize {
+        let h = key.stable_hash() ^ u64::from(scope.slot).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mix64(h ^ self.seed) as usize) & self.mask
+    }
+
+    /// Routes one new connection of `key` through `scope`.
+    ///
+    /// If a live entry exists and `usable` accepts its endpoint (returning
+    /// the endpoint's index in the caller's destinations), the entry's timer
+    /// restarts and that endpoint is returned (`hit`). Otherwise a stale
+    /// entry is dropped, `schedule` picks `(index, endpoint)` and the choice
+    /// is remembered, evicting (expired first, then least recently used) if
+    /// the shard or the scope is full. `None` when `schedule` returns `None`.
+    ///
+    /// `schedule` runs under the shard's lock, so two first connections of
+    /// one key agree; it must not call back into this table.
+    pub fn route(
+        &self,
+        scope: &Arc<AffinityScope>,
+        key: AffinityKey,
+        now: Instant,
+        mut usable: impl FnMut(SocketAddr) -> Option<usize>,
+        schedule: impl FnOnce() -> Option<(usize, SocketAddr)>,
+    ) -> Option<Pinned> {
+        let s = self.shard_of(scope, &key);
+        let k = self.config.reap_batch;
+        let mut schedule = Some(schedule);
+        let mut schedule = move || schedule.take().and_then(|f| f());
+        let mut tries = 0;
+        let result = loop {
+            if scope.is_removed() {
+                break schedule().map(|(index, endpoint)| Pinned {
+                    index,
+                    endpoint,
+                    hit: false,
+                });
+            }
+            let mut sh = self.shards[s].lock();
+            sh.reap(scope.slot, now, k);
+            if let Some(&i) = sh.index.get(&(scope.slot, key)) {
+                let n = &sh.nodes[i as usize];
+                let same = n.scope.as_ref().is_some_and(|x| Arc::ptr_eq(x, scope));
+                if same {
+                    let endpoint = n.endpoint;
+                    let decided = if scope.is_live(n.last, now) {
+                        usable(endpoint)
+                    } else {
+                        None
+                    };
+                    if let Some(index) = decided {
+                        sh.touch(i, now);
+                        break Some(Pinned {
+                            index,
+                            endpoint,
+                            hit: true,
+                        });
+                    }
+                    // Expired, or its endpoint no longer takes new connections.
+                    sh.remove(i);
+                }
+            }
+            // A miss: make room in the scope first.
+            let mut reserved = scope.try_reserve();
+            while !reserved && sh.evict_scope_lru(scope.slot) {
+                reserved = scope.try_reserve();
+            }
+            if !reserved && tries < 2 {
+                // The scope's entries live in other shards: evict there
+                // (never holding two shard locks), then start over.
+                drop(sh);
+                self.evict_scope_elsewhere(scope, s, now);
+                tries += 1;
+                continue;
+            }
+            let Some((index, endpoint)) = schedule() else {
+                if reserved {
+                    scope.release();
+                }
+                break None;
+            };
+            if reserved {
+                if sh.len >= sh.cap {
+                    sh.evict_for_room(now);
+                }
+                sh.insert(scope, key, endpoint, now);
+            }
+            break Some(Pinned {
+                index,
+                endpoint,
+                hit: false,
+            });
+        };
+        if result.is_some() {
+            scope.observe(key);
+        }
+        result
+    }
+
+    fn evict_scope_elsewhere(&self, scope: &AffinityScope, from: usize, now: Instant) {
+        let n = self.shards.len();
+        for d in 1..n {
+            let mut sh = self.shards[(from + d) & self.mask].lock();
+            sh.reap(scope.slot, now, self.config.reap_batch);
+            if sh.scope_links(scope.slot).tail != NIL {
+                sh.evict_scope_lru(scope.slot);
+                return;
+            }
+        }
+    }
+
+    /// The endpoint `key` is pinned to in `scope`, if the entry is live. Does
+    /// not refresh it (inspection, not a connection).
+    pub fn get(&self, scope: &AffinityScope, key: AffinityKey, now: Instant) -> Option<SocketAddr> {
+        if scope.is_removed() {
+            return None;
+        }
+        let sh = self.shards[self.shard_of(scope, &key)].lock();
+        let &i = sh.index.get(&(scope.slot, key))?;
+        let n = &sh.nodes[i as usize];
+        let s = n.scope.as_ref()?;
+        (core::ptr::eq(&**s, scope) && scope.is_live(n.last, now)).then_some(n.endpoint)
+    }
+
+    /// Drops every entry of `scope` whose endpoint `keep` rejects (or that
+    /// has expired); returns how many were dropped. Walks only this scope's
+    /// entries, one shard at a time. The dataplanes call it on sync when an
+    /// endpoint stops taking new connections.
+    pub fn retain(
+        &self,
+        scope: &AffinityScope,
+        now: Instant,
+        mut keep: impl FnMut(SocketAddr) -> bool,
+    ) -> usize {
+        if scope.is_removed() {
+            return 0;
+        }
+        self.shards
+            .iter()
+            .map(|shard| {
+                shard.lock().retain_scope(scope.slot, |n| {
+                    !keep(n.endpoint) || !scope.is_live(n.last, now)
+                })
+            })
+            .sum()
+    }
+
+    /// The live entries of `scope`, sorted by key. Allocates; for
+    /// inspection.
+    pub fn entries(&self, scope: &AffinityScope, now: Instant) -> Vec<ScopeEntry> {
+        let mut out = Vec::new();
+        if scope.is_removed() {
+            return out;
+        }
+        let timeout = scope.timeout_nanos.load(Ordering::Relaxed);
+        for shard in self.shards.iter() {
+            let sh = shard.lock();
+            let mut i = sh.scope_links(scope.slot).head;
+            while i != NIL {
+                let n = &sh.nodes[i as usize];
+                let idle = now.as_nanos().saturating_sub(n.last.as_nanos());
+                if idle < timeout {
+                    out.push(ScopeEntry {
+                        key: n.key,
+                        endpoint: n.endpoint,
+                        time_left: Duration::from_nanos(timeout - idle),
+                    });
+                }
+                i = n.snext;
+            }
+        }
+        out.sort_by_key(|e| e.key);
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The dataplanes' side: scopes per virtual service, kept across syncs.
+
+/// A virtual service: protocol and VIP:port.
+pub(crate) type VsId = (Protocol, SocketAddr);
+
+/// What a dataplane compiles into a service port with `ClientIP` affinity.
+#[derive(Debug)]
+pub(crate) struct AffinityPort {
+    pub(crate) scope: Arc<AffinityScope>,
+    kind: AffinityKeyKind,
+    /// Usable endpoint → index in the compiled destinations.
+    position: AHashMap<SocketAddr, u32>,
+    /// New connections per destination, shared across syncs.
+    new_conns: Box<[Arc<AtomicU64>]>,
+}
+
+impl AffinityPort {
+    /// The key of a new connection.
+    #[inline]
+    pub(crate) fn key(&self, flow: &Flow, caller: Option<u64>) -> AffinityKey {
+        AffinityKey::for_flow(self.kind, flow, caller)
+    }
+
+    /// The index of `endpoint` if it takes new connections.
+    #[inline]
+    pub(crate) fn position(&self, endpoint: SocketAddr) -> Option<usize> {
+        self.position.get(&endpoint).map(|&i| i as usize)
+    }
+
+    /// Counts a new connection to destination `index`.
+    #[inline]
+    pub(crate) fn count(&self, index: usize) {
+        if let Some(c) = self.new_conns.get(index) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bound {
+    service: ServiceKey,
+    scope: Arc<AffinityScope>,
+    kind: AffinityKeyKind,
+    /// The endpoints that take new connections, in rule order.
+    usable: Vec<SocketAddr>,
+    /// New connections per endpoint (all destinations).
+    counters: AHashMap<SocketAddr, Arc<AtomicU64>>,
+}
+
+/// The scopes of a dataplane, by virtual service; touched only by sync and
+/// inspection (never by `route`).
+#[derive(Debug, Default)]
+pub(crate) struct ScopeRegistry {
+    bound: AHashMap<VsId, Bound>,
+    by_service: AHashMap<ServiceKey, SmallVec<[VsId; 2]>>,
+}
+
+impl ScopeRegistry {
+    /// Compiles the affinity of one virtual service of `service` whose
+    /// destinations are `dests` (`usable(i)`: destination i takes new
+    /// connections). `None` without `ClientIP` affinity. Entries pinned to
+    /// an endpoint that stopped taking new connections are purged here.
+    /// Call [`Self::finish_service`] after binding all of a service's ports.
+    pub(crate) fn bind(
+        &mut self,
+        table: &AffinityTable,
+        service: &Service,
+        vs: VsId,
+        dests: &[SocketAddr],
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<AffinityPort> {
+        // A sync has no clock: expiry is left to reaping and lookups.
+        let now = Instant::ZERO;
+        let SessionAffinity::ClientIp { timeout_secs } = service.session_affinity() else {
+            return None;
+        };
+        let timeout = Duration::from_secs(u64::from(timeout_secs));
+        let kind = service.affinity_key();
+        let position: AHashMap<SocketAddr, u32> = dests
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| usable(i))
+            .map(|(i, a)| (*a, i as u32))
+            .collect();
+        let mut usable_list: Vec<SocketAddr> = dests
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| usable(i))
+            .map(|(_, a)| *a)
+            .collect();
+        usable_list.dedup();
+        if self
+            .bound
+            .get(&vs)
+            .is_some_and(|b| b.service != *service.key())
+        {
+            // The VIP moved to another service: the old one's entries go.
+            let old = self.bound.remove(&vs).expect("checked");
+            table.remove_scope(&old.scope);
+            if let Some(list) = self.by_service.get_mut(&old.service) {
+                list.retain(|x| *x != vs);
+            }
+        }
+        let b = self.bound.entry(vs).or_insert_with(|| Bound {
+            service: service.key().clone(),
+            scope: table.new_scope(timeout),
+            kind,
+            usable: Vec::new(),
+            counters: AHashMap::new(),
+        });
+        b.scope.set_timeout(timeout);
+        if b.kind != kind {
+            // Entries of the old key kind would never match again.
+            table.retain(&b.scope, now, |_| false);
+            b.kind = kind;
+        } else if b.usable.iter().any(|a| !position.contains_key(a)) {
+            // An endpoint stopped taking new connections: purge eagerly.
+            table.retain(&b.scope, now, |a| position.contains_key(&a));
+        }
+        let counters: AHashMap<SocketAddr, Arc<AtomicU64>> = dests
+            .iter()
+            .map(|a| (*a, b.counters.get(a).cloned().unwrap_or_default()))
+            .collect();
+        let new_conns = dests.iter().map(|a| Arc::clone(&counters[a])).collect();
+        b.counters = counters;
+        b.usable = usable_list;
+        let entry = self.by_service.entry(service.key().clone()).or_default();
+        if !entry.contains(&vs) {
+            entry.push(vs);
+        }
+        Some(AffinityPort {
+            scope: Arc::clone(&b.scope),
+            kind,
+            position,
+            new_conns,
+        })
+    }
+
+    /// Removes the scopes of `service` other than `kept` (ports, cluster IPs
+    /// or the affinity itself gone).
+    pub(crate) fn finish_service(
+        &mut self,
+        table: &AffinityTable,
+        service: &ServiceKey,
+        kept: &[VsId],
+    ) {
+        let Some(list) = self.by_service.get_mut(service) else {
+            return;
+        };
+        let mut gone: SmallVec<[VsId; 2]> = SmallVec::new();
+        list.retain(|vs| {
+            let keep = kept.contains(vs);
+            if !keep {
+                gone.push(*vs);
+            }
+            keep
+        });
+        if list.is_empty() {
+            self.by_service.remove(service);
+        }
+        for vs in gone {
+            if self.bound.get(&vs).is_some_and(|b| b.service == *service) {
+                let b = self.bound.remove(&vs).expect("checked");
+                table.remove_scope(&b.scope);
+            }
+        }
+    }
+
+    /// Removes all scopes of `service`.
+    pub(crate) fn remove_service(&mut self, table: &AffinityTable, service: &ServiceKey) {
+        self.finish_service(table, service, &[]);
+    }
+
+    /// Removes the scopes of every service `keep` rejects.
+    pub(crate) fn retain_services(
+        &mut self,
+        table: &AffinityTable,
+        keep: impl Fn(&ServiceKey) -> bool,
+    ) {
+        let gone: Vec<ServiceKey> = self
+            .by_service
+            .keys()
+            .filter(|k| !keep(k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.remove_service(table, &k);
+        }
+    }
+
+    fn ports_of(&self, service: &ServiceKey) -> Vec<(VsId, &Bound)> {
+        let mut v: Vec<(VsId, &Bound)> = self
+            .by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|vs| self.bound.get(vs).map(|b| (*vs, b)))
+            .collect();
+        v.sort_by_key(|(vs, _)| (vs.1, vs.0));
+        v
+    }
+
+    /// The live entries of every port of `service`.
+    pub(crate) fn entries(
+        &self,
+        table: &AffinityTable,
+        service: &ServiceKey,
+        now: Instant,
+    ) -> Vec<AffinityEntry> {
+        let mut out = Vec::new();
+        for ((protocol, vip), b) in self.ports_of(service) {
+            out.extend(
+                table
+                    .entries(&b.scope, now)
+                    .into_iter()
+                    .map(|e| AffinityEntry {
+                        protocol,
+                        vip,
+                        key: e.key,
+                        endpoint: e.endpoint,
+                        time_left: e.time_left,
+                    }),
+            );
+        }
+        out
+    }
+
+    /// The hotspot report of `service`, if it has `ClientIP` affinity.
+    pub(crate) fn report(
+        &self,
+        table: &AffinityTable,
+        service: &ServiceKey,
+        now: Instant,
+    ) -> Option<AffinityReport> {
+        let ports = self.ports_of(service);
+        if ports.is_empty() {
+            return None;
+        }
+        let config = table.config();
+        let ports = ports
+            .into_iter()
+            .map(|((protocol, vip), b)| {
+                let entries = table.entries(&b.scope, now);
+                let mut live: AHashMap<SocketAddr, usize> = AHashMap::new();
+                for e in &entries {
+                    *live.entry(e.endpoint).or_default() += 1;
+                }
+                let endpoints = b
+                    .usable
+                    .iter()
+                    .map(|a| EndpointAffinityStats {
+                        endpoint: *a,
+                        new_connections: b.counters.get(a).map_or(0, |c| c.load(Ordering::Relaxed)),
+                        live_entries: live.get(a).copied().unwrap_or(0),
+                    })
+                    .collect();
+                let (items, sampled) = b.scope.heavy_hitters();
+                let fair_share = 1.0 / entries.len().max(1) as f64;
+                let hotspots = items
+                    .iter()
+                    .filter_map(|it| {
+                        let guaranteed = it.count - it.error;
+                        let observed = guaranteed as f64 / sampled.max(1) as f64;
+                        (guaranteed >= config.hotspot_min_connections
+                            && observed >= config.hotspot_factor * fair_share)
+                            .then(|| Hotspot {
+                                key: it.key,
+                                connections: guaranteed,
+                                observed_share: observed,
+                                fair_share,
+                                endpoint: table.get(&b.scope, it.key, now),
+                            })
+                    })
+                    .collect();
+                PortAffinityReport {
+                    protocol,
+                    vip,
+                    timeout: b.scope.timeout(),
+                    key_kind: b.kind,
+                    new_connections: b.scope.new_connections(),
+                    sampled_connections: sampled,
+                    live_entries: entries.len(),
+                    endpoints,
+                    hotspots,
+                }
+            })
+            .collect();
+        Some(AffinityReport {
+            service: service.clone(),
+            ports,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Inspection and reports.
+
+/// One live affinity entry of a service, as `ipvsadm -ln --persistent-conn`
+/// (or `ipvsadm -lnc`'s persistence templates) shows it.
+///
+/// # Examples
+/// ```
+/// use core::time::Duration;
+/// use svclb::{AffinityEntry, AffinityKey, Protocol};
+/// let e = AffinityEntry {
+///     protocol: Protocol::Tcp,
+///     vip: "10.96.0.10:80".parse().unwrap(),
+///     key: AffinityKey::ClientIp("192.0.2.7".parse().unwrap()),
+///     endpoint: "10.1.0.2:8080".parse().unwrap(),
+///     time_left: Duration::from_secs(10_795),
+/// };
+/// assert_eq!(e.to_string(), "TCP  10.96.0.10:80  192.0.2.7 -> 10.1.0.2:8080  expires 02:59:55");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AffinityEntry {
+    /// The service port's protocol.
+    pub protocol: Protocol,
+    /// The service port: cluster IP and port.
+    pub vip: SocketAddr,
+    /// The affinity key.
+    pub key: AffinityKey,
+    /// The endpoint the key is pinned to.
+    pub endpoint: SocketAddr,
+    /// Until the entry expires, unless a new connection refreshes it.
+    pub time_left: Duration,
+}
+
+impl fmt::Display for AffinityEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.time_left.as_secs();
+        write!(
+            f,
+            "{}  {}  {} -> {}  expires {:02}:{:02}:{:02}",
+            self.protocol,
+            self.vip,
+            self.key,
+            self.endpoint,
+            s / 3600,
+            s / 60 % 60,
+            s % 60
+        )
+    }
+}
+
+/// New connections and live entries of one endpoint of an affinity service
+/// port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointAffinityStats {
+    /// The endpoint.
+    pub endpoint: SocketAddr,
+    /// New connections routed to it (hits and misses) through this port.
+    pub new_connections: u64,
+    /// Live affinity entries pinned to it.
+    pub live_entries: usize,
+}
+
+/// An affinity key with a disproportionate share of a service port's new
+/// connections: typically many clients behind one NAT.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hotspot {
+    /// The key.
+    pub key: AffinityKey,
+    /// New connections of this key (a guaranteed lower bound from the
+    /// sketch).
+    pub connections: u64,
+    /// Its share of the port's (sampled) new connections.
+    pub observed_share: f64,
+    /// The share each key would get if all live keys were alike: one over
+    /// the live entries.
+    pub fair_share: f64,
+    /// The endpoint it is pinned to now, if its entry is live.
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// Affinity counters and hotspots of one service port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortAffinityReport {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// Cluster IP and port.
+    pub vip: SocketAddr,
+    /// The idle timeout.
+    pub timeout: Duration,
+    /// Which key the service pins.
+    pub key_kind: AffinityKeyKind,
+    /// New connections since the port got affinity.
+    pub new_connections: u64,
+    /// Those the heavy-hitters sketch saw (all of them without contention).
+    pub sampled_connections: u64,
+    /// Live entries.
+    pub live_entries: usize,
+    /// Per endpoint that takes new connections, in rule order.
+    pub endpoints: Vec<EndpointAffinityStats>,
+    /// The flagged keys, heaviest first.
+    pub hotspots: Vec<Hotspot>,
+}
+
+/// The affinity report of one service: per port, new connections and live
+/// entries per endpoint, and the hotspot keys.
+///
+/// `Display` prints a short text for operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffinityReport {
+    /// The service.
+    pub service: ServiceKey,
+    /// One section per service port (and per cluster IP).
+    pub ports: Vec<PortAffinityReport>,
+}
+
+impl AffinityReport {
+    /// Whether any port has a hotspot.
+    pub fn has_hotspots(&self) -> bool {
+        self.ports.iter().any(|p| !p.hotspots.is_empty())
+    }
+}
+
+fn pct(x: f64) -> f64 {
+    x * 100.0
+}
+
+impl fmt::Display for AffinityReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.ports {
+            writeln!(
+                f,
+                "{} {} {}: ClientIP affinity, key {}, timeout {}s: {} new connections, {} live entries",
+                self.service,
+                p.protocol,
+                p.vip,
+                p.key_kind,
+                p.timeout.as_secs(),
+                p.new_connections,
+                p.live_entries
+            )?;
+            let n = p.endpoints.len().max(1) as f64;
+            let total: u64 = p.endpoints.iter().map(|e| e.new_connections).sum();
+            for e in &p.endpoints {
+                writeln!(
+                    f,
+                    "  endpoint {}: {} new connections ({:.1}%, fair {:.1}%), {} live entries",
+                    e.endpoint,
+                    e.new_connections,
+                    pct(e.new_connections as f64 / total.max(1) as f64),
+                    pct(1.0 / n),
+                    e.live_entries
+                )?;
+            }
+            for h in &p.hotspots {
+                write!(
+                    f,
+                    "  HOTSPOT key {}: at least {} new connections, {:.2}% of them; fair share {:.4}% ({:.0}x)",
+                    h.key,
+                    h.connections,
+                    pct(h.observed_share),
+                    pct(h.fair_share),
+                    h.observed_share / h.fair_share
+                )?;
+                if let Some(ep) = h.endpoint {
+                    write!(f, ", pinned to {ep}")?;
+                }
+                writeln!(
+                    f,
+                    ": many clients behind one address? pin a cookie or header key (affinity key `caller`) or go stateless"
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eps(n: u8) -> Vec<SocketAddr> {
+        (1..=n)
+            .map(|i| SocketAddr::from(([10, 1, 0, i], 8080)))
+            .collect()
+    }
+
+    fn ip(i: u32) -> AffinityKey {
+        AffinityKey::ClientIp(IpAddr::V4((0xC000_0000u32 + i).into()))
+    }
+
+    /// Routes `key` with round-robin over `dests` as the scheduler.
+    struct Harness {
+        table: AffinityTable,
+        scope: Arc<AffinityScope>,
+        dests: Vec<SocketAddr>,
+        rr: core::cell::Cell<usize>,
+    }
+
+    impl Harness {
+        fn new(config: AffinityConfig, timeout_secs: u64, n: u8) -> Self {
+            let table = AffinityTable::new(config, 1);
+            let scope = table.new_scope(Duration::from_secs(timeout_secs));
+            Harness {
+                table,
+                scope,
+                dests: eps(n),
+                rr: core::cell::Cell::new(0),
+            }
+        }
+        fn route(&self, key: AffinityKey, now: Instant) -> Pinned {
+            let dests = &self.dests;
+            self.table
+                .route(
+                    &self.scope,
+                    key,
+                    now,
+                    |ep| dests.iter().position(|d| *d == ep),
+                    || {
+                        let i = self.rr.get() % dests.len();
+                        self.rr.set(i + 1);
+                        Some((i, dests[i]))
+                    },
+                )
+                .unwrap()
+        }
+    }
+
+    fn secs(s: u64) -> Instant {
+        Instant::from_secs(s)
+    }
+
+    #[test]
+    fn sticks_within_the_window_and_expires_after_idle_timeout() {
+        let h = Harness::new(AffinityConfig::default(), 100, 3);
+        let first = h.route(ip(1), secs(0));
+        assert!(!first.hit);
+        for t in [1, 50, 99] {
+            // Each is a new connection: refreshes, so check against the
+            // latest refresh (t - previous < 100 always here).
+            let p = h.route(ip(1), secs(t));
+            assert!(p.hit, "t={t}");
+            assert_eq!(p.endpoint, first.endpoint);
+        }
+        // Last refresh at 99: live until 198.999..., gone at 199.
+        assert_eq!(
+            h.table
+                .get(&h.scope, ip(1), Instant::from_nanos(198_999_999_999)),
+            Some(first.endpoint)
+        );
+        assert_eq!(h.table.get(&h.scope, ip(1), secs(199)), None);
+        let p = h.route(ip(1), secs(199));
+        assert!(!p.hit, "balanced afresh after {} idle seconds", 100);
+        assert_ne!(p.endpoint, first.endpoint, "round-robin moved on");
+    }
+
+    #[test]
+    fn refresh_on_every_connection_keeps_a_client_pinned_indefinitely() {
+        let h = Harness::new(AffinityConfig::default(), 10, 4);
+        let first = h.route(ip(7), secs(0));
+        // Other clients churn the scheduler meanwhile.
+        for n in 1..=1000u64 {
+            h.route(ip(1000 + n as u32), secs(n * 9));
+            let p = h.route(ip(7), secs(n * 9));
+            assert!(p.hit && p.endpoint == first.endpoint, "connection {n}");
+        }
+    }
+
+    #[test]
+    fn unusable_endpoint_is_dropped_and_client_rebalanced_at_once() {
+        let h = Harness::new(AffinityConfig::default(), 1000, 3);
+        let first = h.route(ip(1), secs(0));
+        let others: Vec<SocketAddr> = h
+            .dests
+            .iter()
+            .copied()
+            .filter(|d| *d != first.endpoint)
+            .collect();
+        // The endpoint stops taking new connections: `usable` rejects it.
+        let p = h
+            .table
+            .route(
+                &h.scope,
+                ip(1),
+                secs(1),
+                |ep| others.iter().position(|d| *d == ep),
+                || Some((0, others[0])),
+            )
+            .unwrap();
+        assert!(!p.hit);
+        assert_eq!(p.endpoint, others[0]);
+        assert_eq!(h.table.get(&h.scope, ip(1), secs(2)), Some(others[0]));
+        assert_eq!(h.scope.len(), 1);
+    }
+
+    #[test]
+    fn retain_purges_entries_of_removed_endpoints() {
+        let h = Harness::new(AffinityConfig::default(), 1000, 2);
+        for i in 0..100 {
+            h.route(ip(i), secs(0));
+        }
+        let gone = h.dests[0];
+        let removed = h.table.retain(&h.scope, secs(1), |ep| ep != gone);
+        assert_eq!(removed, 50);
+        assert_eq!(h.scope.len(), 50);
+        assert!(
+            h.table
+                .entries(&h.scope, secs(1))
+                .iter()
+                .all(|e| e.endpoint != gone)
+        );
+    }
+
+    #[test]
+    fn global_bound_holds_under_a_million_distinct_keys() {
+        let cap = 20_000;
+        let h = Harness::new(AffinityConfig::new(cap).unwrap(), 10_800, 4);
+        for i in 0..1_000_000u32 {
+            h.route(ip(i), Instant::from_millis(u64::from(i)));
+            if i % 50_000 == 0 {
+                assert!(h.table.len() <= cap);
+            }
+        }
+        let len = h.table.len();
+        assert!(len <= cap, "{len} > {cap}");
+        assert!(len >= cap * 9 / 10, "the table is used: {len}");
+        assert_eq!(h.scope.len(), len);
+        // The most recent keys are still pinned; the oldest were evicted.
+        let now = Instant::from_millis(1_000_000);
+        assert!(h.table.get(&h.scope, ip(999_999), now).is_some());
+        assert!(h.table.get(&h.scope, ip(0), now).is_none());
+    }
+
+    #[test]
+    fn per_service_bound_holds_and_spares_other_services() {
+        let config = AffinityConfig::new(100_000)
+            .unwrap()
+            .per_service_capacity(500)
+            .unwrap();
+        let table = AffinityTable::new(config, 3);
+        let flood = table.new_scope(Duration::from_secs(10_800));
+        let quiet = table.new_scope(Duration::from_secs(10_800));
+        let ep = eps(1)[0];
+        for i in 0..100 {
+            table.route(&quiet, ip(i), secs(0), |_| Some(0), || Some((0, ep)));
+        }
+        for i in 0..1_000_000u32 {
+            table.route(&flood, ip(i), secs(1), |_| Some(0), || Some((0, ep)));
+            assert!(flood.len() <= 500);
+        }
+        assert_eq!(flood.len(), 500);
+        assert_eq!(
+            quiet.len(),
+            100,
+            "another service's entries survive the flood"
+        );
+        assert_eq!(table.len(), 600);
+    }
+
+    #[test]
+    fn expired_entries_go_before_live_ones_when_full() {
+        // One shard of 16 entries.
+        let table = AffinityTable::new(AffinityConfig::new(16).unwrap(), 0);
+        assert_eq!(table.shards(), 1);
+        let short = table.new_scope(Duration::from_secs(5));
+        let long = table.new_scope(Duration::from_secs(1000));
+        let ep = eps(1)[0];
+        // Long-lived entries first (older), then short ones.
+        for i in 0..8 {
+            table.route(&long, ip(i), secs(0), |_| Some(0), || Some((0, ep)));
+        }
+        for i in 0..8 {
+            table.route(&short, ip(100 + i), secs(1), |_| Some(0), || Some((0, ep)));
+        }
+        // At t=10 the short ones have expired; new long entries replace them,
+        // not the older but live long ones.
+        for i in 0..8 {
+            table.route(&long, ip(200 + i), secs(10), |_| Some(0), || Some((0, ep)));
+        }
+        for i in 0..8 {
+            assert_eq!(
+                table.get(&long, ip(i), secs(10)),
+                Some(ep),
+                "live entry {i} kept"
+            );
+        }
+        assert_eq!(short.len(), 0);
+        assert_eq!(table.len(), 16);
+    }
+
+    #[test]
+    fn lru_goes_when_nothing_expired() {
+        let table = AffinityTable::new(AffinityConfig::new(16).unwrap(), 0);
+        let s = table.new_scope(Duration::from_secs(1000));
+        let ep = eps(1)[0];
+        for i in 0..16 {
+            table.route(&s, ip(i), secs(u64::from(i)), |_| Some(0), || Some((0, ep)));
+        }
+        // Touch key 0: now key 1 is the least recently used.
+        table.route(&s, ip(0), secs(20), |_| Some(0), || Some((0, ep)));
+        table.route(&s, ip(99), secs(21), |_| Some(0), || Some((0, ep)));
+        assert!(table.get(&s, ip(0), secs(21)).is_some());
+        assert!(table.get(&s, ip(1), secs(21)).is_none());
+        assert!(table.get(&s, ip(99), secs(21)).is_some());
+    }
+
+    #[test]
+    fn reaping_is_incremental_and_keys_are_distinct_per_scope() {
+        let table = AffinityTable::new(AffinityConfig::new(1024).unwrap().shards(1).unwrap(), 0);
+        let a = table.new_scope(Duration::from_secs(1));
+        let b = table.new_scope(Duration::from_secs(1));
+        let ep = eps(2);
+        for i in 0..100 {
+            table.route(&a, ip(i), secs(0), |_| Some(0), || Some((0, ep[0])));
+        }
+        // The same key in another scope is another entry.
+        table.route(&b, ip(0), secs(0), |_| Some(1), || Some((1, ep[1])));
+        assert_eq!(table.get(&a, ip(0), secs(0)), Some(ep[0]));
+        assert_eq!(table.get(&b, ip(0), secs(0)), Some(ep[1]));
+        // One operation at t=5 reaps a few, not all 101.
+        table.route(&b, ip(1), secs(5), |_| Some(1), || Some((1, ep[1])));
+        let left = table.len();
+        assert!(left > 90 && left < 101, "{left}");
+        // Keep operating: the backlog drains a few at a time.
+        for i in 0..100 {
+            table.route(&b, ip(1), secs(5 + i), |_| Some(1), || Some((1, ep[1])));
+        }
+        assert!(table.len() <= 2, "{}", table.len());
+        assert_eq!(a.len(), 0);
+    }
+
+    #[test]
+    fn removed_scope_forgets_and_stops_pinning() {
+        let h = Harness::new(AffinityConfig::default(), 100, 3);
+        for i in 0..10 {
+            h.route(ip(i), secs(0));
+        }
+        h.table.remove_scope(&h.scope);
+        assert!(h.scope.is_removed());
+        assert_eq!(h.table.len(), 0);
+        let p = h.route(ip(1), secs(1));
+        assert!(!p.hit);
+        assert_eq!(h.table.len(), 0);
+        // A new scope reuses the slot with none of the old entries.
+        let s2 = h.table.new_scope(Duration::from_secs(100));
+        assert_eq!(h.table.get(&s2, ip(1), secs(1)), None);
+        assert_eq!(h.table.get(&h.scope, ip(1), secs(1)), None);
+    }
+
+    #[test]
+    fn scheduler_refusal_inserts_nothing() {
+        let h = Harness::new(AffinityConfig::default(), 100, 1);
+        assert_eq!(
+            h.table.route(&h.scope, ip(1), secs(0), |_| None, || None),
+            None
+        );
+        assert_eq!(h.scope.len(), 0);
+        assert!(h.table.is_empty());
+    }
+
+    #[test]
+    fn sketch_keeps_the_heavy_hitter_with_a_small_error() {
+        let mut s = SpaceSaving::new();
+        for round in 0..10_000u32 {
+            s.observe(ip(round));
+            if round % 5 == 0 {
+                s.observe(ip(5_000_000));
+            }
+        }
+        let heavy = s.items.iter().find(|it| it.key == ip(5_000_000)).unwrap();
+        assert!(heavy.count >= 2000);
+        assert!(heavy.count - heavy.error <= 2000);
+        assert!(heavy.count - heavy.error >= 1500, "{heavy:?}");
+        assert_eq!(s.items.len(), SKETCH_SIZE);
+        assert_eq!(s.total, 12_000);
+    }
+
+    #[test]
+    fn config_setters_reject_bad_values_naming_field_and_value() {
+        let e = AffinityConfig::new(0).unwrap_err();
+        assert_eq!(e.field(), "affinity.capacity");
+        let e = AffinityConfig::default()
+            .per_service_capacity(0)
+            .unwrap_err();
+        assert_eq!(e.field(), "affinity.perServiceCapacity");
+        let e = AffinityConfig::default().shards(3).unwrap_err();
+        assert_eq!(e.field(), "affinity.shards");
+        assert!(e.to_string().contains('3'));
+        let e = AffinityConfig::default().reap_batch(0).unwrap_err();
+        assert_eq!(e.field(), "affinity.reapBatch");
+        let e = AffinityConfig::default()
+            .hotspot_thresholds(f64::NAN, 1)
+            .unwrap_err();
+        assert_eq!(e.field(), "affinity.hotspotFactor");
+        assert!(
+            AffinityConfig::default()
+                .hotspot_thresholds(0.5, 1)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn small_capacities_use_fewer_shards_and_split_exactly() {
+        assert_eq!(
+            AffinityTable::new(AffinityConfig::new(10).unwrap(), 0).shards(),
+            1
+        );
+        assert_eq!(
+            AffinityTable::new(AffinityConfig::new(100).unwrap(), 0).shards(),
+            4
+        );
+        let t = AffinityTable::new(AffinityConfig::new(1001).unwrap(), 0);
+        let total: usize = t.shards.iter().map(|s| s.lock().cap).sum();
+        assert_eq!(total, 1001);
+    }
+
+    #[test]
+    fn types_are_send_sync_and_keys_small() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<AffinityTable>();
+        assert_send_sync::<AffinityScope>();
+        assert!(core::mem::size_of::<AffinityKey>() <= 40);
+    }
+
+    #[test]
+    fn many_threads_share_the_table_within_its_bound() {
+        let table = Arc::new(AffinityTable::new(
+            AffinityConfig::new(2_000)
+                .unwrap()
+                .per_service_capacity(1_500)
+                .unwrap(),
+            9,
+        ));
+        let scope = table.new_scope(Duration::from_secs(100));
+        let ep = eps(2);
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                let table = &table;
+                let scope = &scope;
+                let ep = &ep;
+                s.spawn(move || {
+                    for i in 0..20_000u32 {
+                        let key = ip(t * 1_000_000 + i % 3000);
+                        table.route(
+                            scope,
+                            key,
+                            secs(u64::from(i / 100)),
+                            |e| ep.iter().position(|x| *x == e),
+                            || Some((0, ep[0])),
+                        );
+                    }
+                });
+            }
+        });
+        assert!(scope.len() <= 1_500);
+        assert_eq!(scope.len(), table.len());
+    }
+}
