@@ -25,17 +25,20 @@
 //!
 //! # Memory and concurrency
 //! [`AffinityTable`] is split into shards chosen by a seeded, stable hash
-//! of the key; each shard is a `parking_lot::Mutex` around a slab of entries
-//! with two intrusive doubly-linked lists (the shard's LRU order and, per
-//! service port, that port's LRU order) and an index map. A lookup or an
-//! insert locks one shard for a few hundred nanoseconds; a hit allocates
-//! nothing. The capacity ([`AffinityConfig`]) is global (split evenly among
-//! the shards) and per service port (an atomic count per port). When a shard
-//! or a port is full, expired entries go first, then the least recently used
-//! of the shard (LRU is per shard, approximate overall, as in every sharded
-//! cache). Every operation reaps a few expired entries from the tail of its
-//! shard and of its port's list ([`AffinityConfig::reap_batch`]); nothing
-//! ever scans the whole table to expire entries.
+//! of the key; each shard is a `parking_lot::Mutex` around a slab of entries,
+//! an index map, and intrusive doubly-linked lists: one per timeout class
+//! (the entries of the service ports sharing a timeout, in last-use order,
+//! which is also their expiry order) and one per service port. A lookup or
+//! an insert locks one shard briefly; a hit allocates nothing. The capacity
+//! ([`AffinityConfig`]) is global (split evenly among the shards) and per
+//! service port (an atomic count per port). When a shard is full, an expired
+//! entry goes first (the expired tail of a class), else the shard's least
+//! recently used entry (the oldest class tail); when a port is full, its own
+//! least recently used entry goes (LRU is per shard and approximate overall,
+//! as in every sharded cache). Every operation reaps a few expired entries
+//! from the class tails and from its port's tail
+//! ([`AffinityConfig::reap_batch`]); nothing ever scans the whole table to
+//! expire entries.
 //!
 //! Unlike the kernel's `xt_recent` lists (at most `ip_list_tot`, 100 by
 //! default, per endpoint) the bound is whatever the caller configures.
@@ -449,7 +452,7 @@ impl AffinityScope {
     fn heavy_hitters(&self) -> (Vec<SketchItem>, u64) {
         let s = self.sketch.lock();
         let mut items = s.items.clone();
-        items.sort_by(|a, b| (b.count - b.error).cmp(&(a.count - a.error)));
+        items.sort_by_key(|it| core::cmp::Reverse(it.count - it.error));
         (items, s.total)
     }
 
@@ -711,7 +714,12 @@ impl Shard {
     /// expired, else the least recently used entry of the shard (the oldest
     /// class tail).
     fn evict_for_room(&mut self, now: Instant) {
-        let tails = || self.classes.iter().map(|c| c.links.tail).filter(|&t| t != NIL);
+        let tails = || {
+            self.classes
+                .iter()
+                .map(|c| c.links.tail)
+                .filter(|&t| t != NIL)
+        };
         let victim = tails()
             .find(|&t| self.is_expired(t, now))
             .or_else(|| tails().min_by_key(|&t| self.nodes[t as usize].last));
