@@ -153,10 +153,6 @@ fn both_modes_rebalance_at_once_when_the_endpoint_goes_away_or_stops_being_ready
         ipt.sync(&t, &cs);
         ipvs.sync(&t, &cs);
         for (m, dp) in [&ipt, &ipvs].into_iter().enumerate() {
-            if kind == "weight-0" && m == 0 {
-                // iptables mode has no weights: the endpoint keeps its rules.
-                continue;
-            }
             // The sync purged the gone endpoint's entries eagerly.
             let entries = dp.affinity_entries(&key(), secs(1));
             assert!(
