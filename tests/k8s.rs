@@ -67,6 +67,8 @@ fn kubectl_json_list_with_managed_fields_parses() {
     assert_eq!(m.documents.len(), 2);
     assert_eq!(m.documents[1].origin.item, Some(1));
     let batch = m.changes().unwrap();
+    assert_eq!(batch.origins.len(), 2);
+    assert_eq!(batch.origins[1].item, Some(1));
     let Change::UpsertService(svc) = &batch.changes[0] else {
         panic!("services come first")
     };

@@ -539,6 +539,10 @@ pub struct ChangeBatch {
     /// [`ServiceTable::apply_batch`](crate::ServiceTable::apply_batch) takes
     /// whatever order the files listed them in.
     pub changes: Vec<Change>,
+    /// Where each change came from (`origins[i]` for `changes[i]`), to name
+    /// the document when the table refuses a change
+    /// ([`UpdateError::InBatch`](crate::UpdateError::InBatch) gives its index).
+    pub origins: Vec<Origin>,
     /// Objects not turned into changes (ExternalName services).
     pub skipped: Vec<Skipped>,
 }
@@ -769,6 +773,7 @@ impl Manifests {
                 source,
             })?;
             batch.changes.push(Change::UpsertService(service));
+            batch.origins.push(origin.clone());
         }
         for (origin, slice) in self.endpoint_slices() {
             let s = slice
@@ -779,6 +784,7 @@ impl Manifests {
                     source,
                 })?;
             batch.changes.push(Change::UpsertSlice(s));
+            batch.origins.push(origin.clone());
         }
         Ok(batch)
     }

@@ -1,0 +1,566 @@
+//! `svclb`: a command-line front end over the library. It reads Kubernetes
+//! Service and EndpointSlice manifests (YAML or JSON, as kubectl prints
+//! them), builds a dataplane, and routes, replays, resolves or dumps.
+//!
+//! ```sh
+//! cargo run --release --example svclb -- --manifests examples/manifests demo
+//! cargo run --release --example svclb -- --mode ipvs --scheduler rr --manifests examples/manifests \
+//!     route --src 10.0.0.1 --dst 10.96.0.10:80 --count 300
+//! cargo run --release --example svclb -- --manifests examples/manifests replay examples/traces/web.trace
+//! cargo run --release --example svclb -- --manifests examples/manifests \
+//!     resolve _kafka._tcp.kafka-headless.messaging.svc.cluster.local --type SRV
+//! cargo run --release --example svclb -- --manifests examples/manifests dump --format iptables
+//! ```
+//!
+//! Exit status: 0 on success, 1 for bad input (a manifest, a trace line, a
+//! refused change: the message names the file, the line or object, and the
+//! field), 2 for bad usage (clap's).
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant as WallClock;
+
+use ahash::AHashMap;
+use clap::{Parser, Subcommand, ValueEnum};
+use svclb::k8s::dns::{ClusterDns, RecordType};
+use svclb::k8s::manifest::Manifests;
+use svclb::render::{self, Cidr, RenderOptions};
+use svclb::trace::{TraceEvent, TraceLine, parse_trace};
+use svclb::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// kube-proxy's iptables mode: an ordered rule list, O(n) lookup.
+    Iptables,
+    /// kube-proxy's nftables mode (no dataplane model yet: refused).
+    Nftables,
+    /// kube-proxy's IPVS mode: a hash table of virtual services, O(1) lookup.
+    Ipvs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DumpFormat {
+    /// `iptables-restore` input (kube-proxy's nat rules).
+    Iptables,
+    /// `nft -f` input (kube-proxy's nftables table).
+    Nft,
+    /// An `ipvsadm -ln` listing.
+    Ipvsadm,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "svclb",
+    about = "Kubernetes Service load balancing, from manifests to verdicts",
+    after_help = "PATH is a file or a directory of YAML/JSON manifests (Service, EndpointSlice, List kinds)."
+)]
+struct Cli {
+    /// Dataplane mode.
+    #[arg(long, value_enum, default_value = "iptables")]
+    mode: Mode,
+    /// IPVS scheduler: rr, wrr, lc, wlc, sh, sh-port, mh, mh-port, random
+    /// (iptables mode always uses its random cascade).
+    #[arg(long, default_value = "rr")]
+    scheduler: String,
+    /// Seed of the dataplane's random source (same seed, same run).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// This node's name (Local traffic policies, node hints).
+    #[arg(long)]
+    node: Option<String>,
+    /// This node's zone (topology hints).
+    #[arg(long)]
+    zone: Option<String>,
+    /// The cluster's pod CIDR: adds kube-proxy's masquerade rules to dumps.
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+    /// Manifest files or directories (`--manifests A B C`, or the flag repeated).
+    #[arg(long, required = true, action = clap::ArgAction::Append, value_name = "PATH...")]
+    manifests: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Route one flow (or --count flows) and print the verdict(s).
+    Route {
+        /// Source IP[:PORT].
+        #[arg(long)]
+        src: String,
+        /// Destination IP:PORT.
+        #[arg(long)]
+        dst: SocketAddr,
+        /// Protocol: tcp, udp or sctp.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// Send N flows (varying the source port unless one is given) and
+        /// print a histogram, one `BACKEND COUNT` per line.
+        #[arg(long)]
+        count: Option<u32>,
+    },
+    /// Replay a trace of timed connect/close/apply/delete events.
+    Replay {
+        /// The trace file.
+        trace: PathBuf,
+    },
+    /// Answer a cluster DNS question.
+    Resolve {
+        /// The name, e.g. kafka-0.kafka-headless.messaging.svc.cluster.local.
+        name: String,
+        /// The record type: A, AAAA or SRV.
+        #[arg(long = "type", default_value = "A")]
+        qtype: String,
+    },
+    /// Print the dataplane as the real tools would.
+    Dump {
+        /// iptables, nft or ipvsadm.
+        #[arg(long, value_enum)]
+        format: DumpFormat,
+    },
+    /// The demonstration: listing, a routed trace, headless DNS, lookup cost.
+    Demo {
+        /// The largest synthetic cluster of the lookup-cost table.
+        #[arg(long, default_value_t = 5000)]
+        max_services: usize,
+    },
+}
+
+/// A failure, already worded for the user.
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+type Result<T, E = Failure> = std::result::Result<T, E>;
+
+fn fail<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Failure(msg.into()))
+}
+
+/// The dataplanes the CLI can build.
+enum Plane {
+    Iptables(IptablesDataplane),
+    Ipvs(IpvsDataplane),
+}
+
+impl Plane {
+    fn dp(&self) -> &dyn Dataplane {
+        match self {
+            Plane::Iptables(d) => d,
+            Plane::Ipvs(d) => d,
+        }
+    }
+}
+
+/// Everything a command works on.
+struct World {
+    table: ServiceTable,
+    plane: Plane,
+    config: DataplaneConfig,
+    render: RenderOptions,
+}
+
+const COMMANDS: [&str; 6] = ["route", "replay", "resolve", "dump", "demo", "help"];
+
+/// `--manifests A B demo` -> `--manifests A --manifests B demo`: the paths
+/// run until the next flag or command name (clap alone would take `demo` as
+/// a path).
+fn split_manifest_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_paths = false;
+    for arg in args {
+        if arg == "--manifests" {
+            in_paths = true;
+            continue;
+        }
+        if in_paths && !arg.starts_with('-') && !COMMANDS.contains(&arg.as_str()) {
+            out.push("--manifests".to_owned());
+            out.push(arg);
+            continue;
+        }
+        in_paths = false;
+        out.push(arg);
+    }
+    out
+}
+
+fn main() -> ExitCode {
+    let mut cli = Cli::parse_from(split_manifest_args(std::env::args()));
+    if matches!(cli.command, Command::Demo { .. }) && cli.node.is_none() && cli.zone.is_none() {
+        // The demo runs on node-a in zone-a of the bundled manifests.
+        cli.node = Some("node-a".into());
+        cli.zone = Some("zone-a".into());
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            eprintln!("svclb: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let world = setup(&cli)?;
+    match cli.command {
+        Command::Route {
+            src,
+            dst,
+            proto,
+            count,
+        } => route(&world, &src, dst, &proto, count),
+        Command::Replay { trace } => replay(world, &trace),
+        Command::Resolve { name, qtype } => resolve(&world, &name, &qtype),
+        Command::Dump { format } => {
+            print!("{}", dump(&world, format));
+            Ok(())
+        }
+        Command::Demo { max_services } => demo(world, max_services),
+    }
+}
+
+fn setup(cli: &Cli) -> Result<World> {
+    if cli.mode == Mode::Nftables {
+        return fail(
+            "--mode nftables: svclb has no nftables dataplane model yet; use --mode iptables or \
+             --mode ipvs (`dump --format nft` prints the nftables rules)",
+        );
+    }
+    let scheduler: SchedulerKind = cli
+        .scheduler
+        .parse()
+        .map_err(|e| Failure(format!("--scheduler: {e}")))?;
+    let mut node = NodeTopology::default();
+    node.node_name = cli.node.clone();
+    node.zone = cli.zone.clone();
+    let mut config = DataplaneConfig::with_seed(cli.seed)
+        .node(node.clone())
+        .scheduler(scheduler);
+    config.count_connections = true;
+    let mut render = RenderOptions::default().node(node);
+    if let Some(cidr) = &cli.cluster_cidr {
+        render = render
+            .cluster_cidr(Cidr::parse("--cluster-cidr", cidr).map_err(|e| Failure(e.to_string()))?);
+    }
+    let mut table = ServiceTable::new();
+    for path in &cli.manifests {
+        apply_path(&mut table, path)?;
+    }
+    let plane = match cli.mode {
+        Mode::Iptables => Plane::Iptables(IptablesDataplane::new(config.clone())),
+        Mode::Ipvs | Mode::Nftables => Plane::Ipvs(IpvsDataplane::new(config.clone())),
+    };
+    plane.dp().sync(&table, &table.full_change_set());
+    Ok(World {
+        table,
+        plane,
+        config,
+        render,
+    })
+}
+
+/// The manifest files under `path` (itself if a file), sorted.
+fn manifest_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path).map_err(|e| Failure(format!("{}: {e}", path.display())))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut out = Vec::new();
+    let entries =
+        std::fs::read_dir(path).map_err(|e| Failure(format!("{}: {e}", path.display())))?;
+    for entry in entries {
+        let p = entry
+            .map_err(|e| Failure(format!("{}: {e}", path.display())))?
+            .path();
+        if p.is_dir() {
+            out.extend(manifest_files(&p)?);
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads every manifest under `path` and applies it as one batch; returns
+/// what changed.
+fn apply_path(table: &mut ServiceTable, path: &Path) -> Result<ChangeSet> {
+    let mut all = Manifests::new();
+    for file in manifest_files(path)? {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| Failure(format!("{}: {e}", file.display())))?;
+        all.extend(Manifests::parse_str(
+            &text,
+            Some(&file.display().to_string()),
+        )?);
+    }
+    for s in &all.skipped {
+        eprintln!("svclb: note: {s}");
+    }
+    let batch = all.changes()?;
+    for s in &batch.skipped {
+        eprintln!("svclb: note: {s}");
+    }
+    table.apply_batch(batch.changes).map_err(|e| match &e {
+        UpdateError::InBatch { index, source } => match batch.origins.get(*index) {
+            Some(origin) => Failure(format!("{origin}: {source}")),
+            None => Failure(e.to_string()),
+        },
+        _ => Failure(e.to_string()),
+    })
+}
+
+fn parse_proto(s: &str) -> Result<Protocol> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        "sctp" => Ok(Protocol::Sctp),
+        _ => fail(format!(
+            "--proto: invalid value {s:?}: must be tcp, udp or sctp"
+        )),
+    }
+}
+
+/// `IP` or `IP:PORT` (`[v6]:PORT`).
+fn parse_src(s: &str) -> Result<(IpAddr, Option<u16>)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    match s.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+        Ok(ip) => Ok((ip, None)),
+        Err(_) => fail(format!("--src: invalid value {s:?}: must be IP or IP:PORT")),
+    }
+}
+
+const FIRST_EPHEMERAL_PORT: u16 = 40_000;
+
+fn route(world: &World, src: &str, dst: SocketAddr, proto: &str, count: Option<u32>) -> Result<()> {
+    let protocol = parse_proto(proto)?;
+    let (ip, port) = parse_src(src)?;
+    let dp = world.plane.dp();
+    let Some(n) = count else {
+        let flow = Flow::new(
+            protocol,
+            SocketAddr::new(ip, port.unwrap_or(FIRST_EPHEMERAL_PORT)),
+            dst,
+        );
+        println!("{}", dp.route(&flow, Instant::ZERO));
+        return Ok(());
+    };
+    let mut histogram: BTreeMap<String, u64> = BTreeMap::new();
+    let mut backends: BTreeMap<SocketAddr, u64> = BTreeMap::new();
+    for i in 0..n {
+        let sport = port.unwrap_or_else(|| {
+            let span = u32::from(u16::MAX - FIRST_EPHEMERAL_PORT) + 1;
+            FIRST_EPHEMERAL_PORT + (i % span) as u16
+        });
+        let flow = Flow::new(protocol, SocketAddr::new(ip, sport), dst);
+        match dp.route(&flow, Instant::from_millis(u64::from(i))) {
+            Verdict::Forward(b) => *backends.entry(b).or_default() += 1,
+            other => *histogram.entry(other.kind_str().to_owned()).or_default() += 1,
+        }
+    }
+    for (b, c) in backends {
+        println!("{b} {c}");
+    }
+    for (v, c) in histogram {
+        println!("{v} {c}");
+    }
+    Ok(())
+}
+
+/// Runs a parsed trace against the world, printing a line per connect.
+/// `base` resolves relative `apply` paths that do not exist from the
+/// working directory.
+fn run_trace(world: &mut World, lines: &[TraceLine], source: &str, base: &Path) -> Result<String> {
+    let mut out = String::new();
+    let mut open: AHashMap<Flow, SocketAddr> = AHashMap::new();
+    for line in lines {
+        let at = line.at;
+        let here = |msg: String| Failure(format!("{source}: line {}: {msg}", line.line));
+        match &line.event {
+            TraceEvent::Connect(flow) => {
+                let dp = world.plane.dp();
+                let v = dp.route(flow, at);
+                if let Verdict::Forward(b) = v {
+                    open.insert(*flow, b);
+                }
+                let _ = writeln!(
+                    out,
+                    "{:.3} {} -> {} {v}",
+                    at.as_secs_f64(),
+                    flow.src,
+                    flow.dst
+                );
+            }
+            TraceEvent::Close(flow) => {
+                if let Some(b) = open.remove(flow) {
+                    world.plane.dp().connection_closed(flow, b, at);
+                }
+            }
+            TraceEvent::Apply(path) => {
+                let p = Path::new(path);
+                let p = if p.exists() || p.is_absolute() {
+                    p.to_owned()
+                } else {
+                    base.join(p)
+                };
+                let changes = apply_path(&mut world.table, &p).map_err(|Failure(m)| here(m))?;
+                world.plane.dp().sync(&world.table, &changes);
+            }
+            TraceEvent::Delete { .. } => {
+                let change = line
+                    .event
+                    .delete_change()
+                    .expect("a delete event makes a change");
+                let changes = world.table.apply(change).map_err(|e| here(e.to_string()))?;
+                world.plane.dp().sync(&world.table, &changes);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn replay(mut world: World, trace: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(trace).map_err(|e| Failure(format!("{}: {e}", trace.display())))?;
+    let source = trace.display().to_string();
+    let lines = parse_trace(&text).map_err(|e| Failure(format!("{source}: {e}")))?;
+    let base = trace.parent().unwrap_or(Path::new("."));
+    print!("{}", run_trace(&mut world, &lines, &source, base)?);
+    Ok(())
+}
+
+fn resolve(world: &World, name: &str, qtype: &str) -> Result<()> {
+    let qtype: RecordType = qtype.parse().map_err(|e| Failure(format!("--type: {e}")))?;
+    let answer = ClusterDns::default().resolve(&world.table, name, qtype)?;
+    println!("{answer}");
+    Ok(())
+}
+
+fn dump(world: &World, format: DumpFormat) -> String {
+    match format {
+        DumpFormat::Iptables => render::iptables::render(&world.table, &world.render),
+        DumpFormat::Nft => render::nft::render(&world.table, &world.render),
+        DumpFormat::Ipvsadm => match &world.plane {
+            Plane::Ipvs(dp) => render::ipvsadm::render(&world.table, dp, &world.render),
+            Plane::Iptables(_) => {
+                // A listing of what IPVS mode would program for this table.
+                let dp = IpvsDataplane::new(world.config.clone());
+                dp.sync(&world.table, &world.table.full_change_set());
+                render::ipvsadm::render(&world.table, &dp, &world.render)
+            }
+        },
+    }
+}
+
+/// The demo's trace: web traffic from three clients, one client's repeated
+/// calls to the inference API (ClientIP affinity: always the same backend),
+/// the Local-policy exporter, a headless pod IP, and web losing its
+/// endpoints.
+const DEMO_TRACE: &str = "\
+0.000 connect tcp 10.244.9.11:40001 10.96.0.10:80
+0.010 connect tcp 10.244.9.12:40002 10.96.0.10:80
+0.020 connect tcp 10.244.9.13:40003 10.96.0.10:80
+1.000 connect tcp 10.244.9.21:41001 10.96.40.12:8000
+1.500 close tcp 10.244.9.21:41001 10.96.40.12:8000
+2.000 connect tcp 10.244.9.21:41002 10.96.40.12:8000
+2.500 close tcp 10.244.9.21:41002 10.96.40.12:8000
+3.000 connect tcp 10.244.9.21:41003 10.96.40.12:8000
+3.100 connect tcp 10.244.9.22:42001 10.96.40.12:8000
+4.000 connect tcp 10.244.9.31:43001 10.96.50.5:9100
+5.000 connect tcp 10.244.9.41:44001 10.244.1.8:9092
+6.000 delete EndpointSlice default/web-x7k2p
+6.100 connect tcp 10.244.9.11:40004 10.96.0.10:80
+";
+
+fn demo(mut world: World, max_services: usize) -> Result<()> {
+    println!(
+        "svclb demo: {} services from the manifests, {} mode, node {} in zone {}\n",
+        world.table.len(),
+        world.plane.dp().mode(),
+        world.config.node.node_name.as_deref().unwrap_or("(none)"),
+        world.config.node.zone.as_deref().unwrap_or("(none)"),
+    );
+    println!("== The dataplane, as `ipvsadm -ln` would list it");
+    print!("{}", dump(&world, DumpFormat::Ipvsadm));
+
+    println!("\n== A routed trace (T SRC -> DST VERDICT [BACKEND])");
+    println!("   inference-api has ClientIP affinity (3600 s): 10.244.9.21 keeps its backend;");
+    println!(
+        "   node-metrics is Local; 10.244.1.8 is a headless Kafka pod; web then loses its slice."
+    );
+    let lines = parse_trace(DEMO_TRACE).map_err(|e| Failure(format!("demo trace: {e}")))?;
+    let keep = world.table.clone();
+    print!(
+        "{}",
+        run_trace(&mut world, &lines, "demo trace", Path::new("."))?
+    );
+    world.table = keep;
+    world
+        .plane
+        .dp()
+        .sync(&world.table, &world.table.full_change_set());
+
+    println!("\n== Headless DNS: kafka-headless.messaging (no VIP; DNS hands out the pods)");
+    let dns = ClusterDns::default();
+    for (name, ty) in [
+        ("kafka-headless.messaging.svc.cluster.local", RecordType::A),
+        (
+            "kafka-0.kafka-headless.messaging.svc.cluster.local",
+            RecordType::A,
+        ),
+        (
+            "_kafka._tcp.kafka-headless.messaging.svc.cluster.local",
+            RecordType::Srv,
+        ),
+        ("web.default.svc.cluster.local", RecordType::A),
+    ] {
+        println!("; {name} {ty}");
+        println!("{}", dns.resolve(&world.table, name, ty)?);
+    }
+
+    println!("\n== Lookup cost: iptables walks a rule list (O(n)), IPVS hashes (O(1))");
+    println!("   in-process timing of this run, 5 endpoints per service, flows to random services");
+    println!(
+        "{:>9} {:>14} {:>14} {:>8}",
+        "services", "iptables ns", "ipvs ns", "ratio"
+    );
+    let mut n = 10;
+    while n <= max_services.max(10) {
+        let table = common::cluster(n, 5);
+        let (ipt, ipvs) = common::dataplanes(&table);
+        let flows = common::flow_mix(n, 2048, 7);
+        let per = |dp: &dyn Dataplane| {
+            let rounds = 4;
+            let start = WallClock::now();
+            for r in 0..rounds {
+                for f in &flows {
+                    black_box(dp.route(black_box(f), Instant::from_secs(r)));
+                }
+            }
+            start.elapsed().as_nanos() as f64 / (rounds as usize * flows.len()) as f64
+        };
+        let (a, b) = (per(&ipt), per(&ipvs));
+        println!("{n:>9} {a:>14.0} {b:>14.0} {:>7.1}x", a / b);
+        n *= 10;
+        if n > max_services && n / 10 < max_services {
+            n = max_services;
+        }
+    }
+    Ok(())
+}

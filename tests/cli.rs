@@ -1,0 +1,270 @@
+//! Runs the `svclb` example binary on the bundled manifests.
+//!
+//! `cargo test` builds the examples next to the test binaries
+//! (`target/<profile>/examples/`); when it is not there (a filtered
+//! `cargo test --test cli`), it is built once with `cargo build --example`.
+#![cfg(feature = "serde")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/cli-<hash> -> target/<profile>/examples/svclb
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let bin = profile_dir
+            .join("examples")
+            .join(format!("svclb{}", std::env::consts::EXE_SUFFIX));
+        if !bin.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--quiet",
+                    "--example",
+                    "svclb",
+                    "--features",
+                    "serde",
+                ])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the svclb example failed");
+        }
+        assert!(bin.exists(), "{} not found", bin.display());
+        bin
+    })
+}
+
+fn svclb(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run svclb")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = svclb(args);
+    assert!(
+        out.status.success(),
+        "svclb {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn err(args: &[&str]) -> String {
+    let out = svclb(args);
+    assert_eq!(out.status.code(), Some(1), "svclb {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+const M: [&str; 2] = ["--manifests", "examples/manifests"];
+
+fn with<'a>(pre: &[&'a str], rest: &[&'a str]) -> Vec<&'a str> {
+    pre.iter().chain(M.iter()).chain(rest).copied().collect()
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("svclb-cli-{}-{name}", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn demo_shows_listing_trace_dns_and_cost() {
+    let out = ok(&with(&[], &["demo", "--max-services", "100"]));
+    assert!(
+        out.contains("TCP  10.96.40.12:8000 rr persistent 3600\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kafka-0.kafka-headless.messaging.svc.cluster.local. 5 IN A 10.244.1.8\n")
+    );
+    assert!(out.contains("10.244.9.41:44001 -> 10.244.1.8:9092 NO-SERVICE\n"));
+    assert!(out.contains("10.244.9.11:40004 -> 10.96.0.10:80 REJECT\n"));
+    assert!(out.contains("iptables ns"));
+}
+
+#[test]
+fn route_prints_verdicts_and_histograms() {
+    let rr = ["--mode", "ipvs", "--scheduler", "rr"];
+    let one = ok(&with(
+        &rr,
+        &["route", "--src", "10.0.0.1", "--dst", "10.96.0.10:80"],
+    ));
+    assert!(
+        ["10.244.1.5:8080", "10.244.2.7:8080", "10.244.3.9:8080"]
+            .iter()
+            .any(|b| one == format!("FORWARD {b}\n")),
+        "{one}"
+    );
+    let hist = ok(&with(
+        &rr,
+        &[
+            "route",
+            "--src",
+            "10.0.0.1",
+            "--dst",
+            "10.96.0.10:80",
+            "--count",
+            "300",
+        ],
+    ));
+    assert_eq!(
+        hist,
+        "10.244.1.5:8080 100\n10.244.2.7:8080 100\n10.244.3.9:8080 100\n"
+    );
+    let headless = ok(&with(
+        &[],
+        &["route", "--src", "10.0.0.1", "--dst", "10.244.1.8:9092"],
+    ));
+    assert_eq!(headless, "NO-SERVICE\n");
+    let drop = ok(&with(
+        &["--node", "node-c", "--zone", "zone-b"],
+        &[
+            "route",
+            "--src",
+            "10.0.0.1:5000",
+            "--dst",
+            "10.96.50.5:9100",
+            "--proto",
+            "tcp",
+        ],
+    ));
+    assert_eq!(drop, "DROP\n");
+    // Same seed, same run.
+    let a = ok(&with(
+        &["--seed", "9"],
+        &[
+            "route",
+            "--src",
+            "10.0.0.1",
+            "--dst",
+            "10.96.0.10:80",
+            "--count",
+            "50",
+        ],
+    ));
+    let b = ok(&with(
+        &["--seed", "9"],
+        &[
+            "route",
+            "--src",
+            "10.0.0.1",
+            "--dst",
+            "10.96.0.10:80",
+            "--count",
+            "50",
+        ],
+    ));
+    assert_eq!(a, b);
+    let total: u64 = a
+        .lines()
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 50);
+}
+
+#[test]
+fn replay_follows_applies_and_deletes() {
+    let out = ok(&with(
+        &["--mode", "ipvs"],
+        &["replay", "examples/traces/web.trace"],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 10, "{out}");
+    assert!(lines[0].starts_with("0.000 10.244.9.11:40001 -> 10.96.0.10:80 FORWARD 10.244."));
+    // After the rollout, the terminating 10.244.1.5 takes no new connection.
+    for l in &lines[6..9] {
+        assert!(l.contains("FORWARD") && !l.contains("10.244.1.5:"), "{l}");
+    }
+    assert_eq!(
+        lines[9],
+        "9.500 10.244.9.17:40007 -> 10.96.0.10:80 NO-SERVICE"
+    );
+}
+
+#[test]
+fn resolve_and_dump() {
+    let srv = ok(&with(
+        &[],
+        &[
+            "resolve",
+            "_kafka._tcp.kafka-headless.messaging.svc.cluster.local",
+            "--type",
+            "SRV",
+        ],
+    ));
+    assert_eq!(srv.lines().count(), 3);
+    assert!(
+        srv.contains(" IN SRV 0 33 9092 kafka-1.kafka-headless.messaging.svc.cluster.local.\n")
+    );
+    assert_eq!(
+        ok(&with(
+            &[],
+            &[
+                "resolve",
+                "kafka-9.kafka-headless.messaging.svc.cluster.local"
+            ]
+        )),
+        "NXDOMAIN\n"
+    );
+    let ipt = ok(&with(&[], &["dump", "--format", "iptables"]));
+    assert!(ipt.contains("*nat\n") && ipt.ends_with("COMMIT\n"), "{ipt}");
+    assert!(ipt.contains("-j KUBE-SVC-"));
+    let nft = ok(&with(&[], &["dump", "--format", "nft"]));
+    assert!(nft.contains("table ip kube-proxy"), "{nft}");
+    let ipvs = ok(&with(&[], &["dump", "--format", "ipvsadm"]));
+    assert!(ipvs.contains("TCP  10.96.0.10:80 rr\n"), "{ipvs}");
+}
+
+#[test]
+fn bad_input_exits_non_zero_naming_where_and_what() {
+    let bad = temp_file(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  clusterIP: 10.96.7.7\n  ports: [{port: 80, protocol: ICMP}]\n",
+    );
+    let bad_s = bad.to_str().unwrap();
+    let msg = err(&[
+        "--manifests",
+        "examples/manifests",
+        bad_s,
+        "dump",
+        "--format",
+        "iptables",
+    ]);
+    assert!(
+        msg.contains(&format!(
+            "{bad_s}: document 1: Service shop/api: spec.ports[0].protocol: invalid value \"ICMP\""
+        )),
+        "{msg}"
+    );
+    let trace = temp_file(
+        "bad.trace",
+        "0 connect tcp 10.0.0.1:1 10.96.0.10:80\n1 connect tcp 10.0.0.1 10.96.0.10:80\n",
+    );
+    let trace_s = trace.to_str().unwrap();
+    let msg = err(&with(&[], &["replay", trace_s]));
+    assert!(
+        msg.contains(&format!(
+            "{trace_s}: line 2: source: invalid value \"10.0.0.1\""
+        )),
+        "{msg}"
+    );
+    let msg = err(&with(&["--mode", "nftables"], &["demo"]));
+    assert!(msg.contains("--mode nftables"), "{msg}");
+    let msg = err(&with(&["--scheduler", "fastest"], &["demo"]));
+    assert!(
+        msg.contains("--scheduler") && msg.contains("fastest"),
+        "{msg}"
+    );
+    let _ = std::fs::remove_file(&bad);
+    let _ = std::fs::remove_file(&trace);
+}
