@@ -1,4 +1,6 @@
-//! Each built-in scheduler's pick at 5, 100 and 1,000 destinations.
+//! Each built-in scheduler's pick at 5, 100 and 1,000 destinations, and a
+//! session-affinity lookup that hits (a known client: its timer restarts)
+//! or misses (a new client: rr schedules it and the choice is remembered).
 //!
 //! A pick is index arithmetic on state built at update time; `lc` and `wlc`
 //! scan the destinations' counters, as the kernel's do.
@@ -64,5 +66,69 @@ fn bench_schedulers(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_schedulers);
+fn bench_affinity(c: &mut Criterion) {
+    let mut group = c.benchmark_group("affinity");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(1));
+    let dests: Vec<Destination> = (0..100)
+        .map(|i| {
+            Destination::new(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0A80_0000 + i as u32)), 8080),
+                1,
+            )
+        })
+        .collect();
+    let rr = SchedulerConfig::from(SchedulerKind::RoundRobin).build(&dests);
+    let rng = SeededRng::new(7);
+    let table = AffinityTable::new(AffinityConfig::default(), 7);
+    let scope = table.new_scope(Duration::from_secs(10_800));
+    let now = Instant::from_secs(1);
+    let route = |flow: &Flow| {
+        let ctx = PickContext {
+            flow,
+            now,
+            rng: &rng,
+        };
+        table.route(
+            &scope,
+            AffinityKey::for_flow(AffinityKeyKind::ClientIp, flow, None),
+            now,
+            // Destination i is 10.128.0.i: its index from its address.
+            |ep| match ep.ip() {
+                IpAddr::V4(v4) => Some((u32::from(v4) - 0x0A80_0000) as usize),
+                IpAddr::V6(_) => None,
+            },
+            || rr.pick(&dests, &ctx).map(|i| (i, dests[i].addr())),
+        )
+    };
+    // 1,024 known clients.
+    let known = flows(1024);
+    for f in &known {
+        route(f);
+    }
+    group.bench_function("hit", |b| {
+        let mut k = 0usize;
+        b.iter(|| {
+            k = (k + 1) & 1023;
+            black_box(route(black_box(&known[k])))
+        })
+    });
+    // Clients never seen before, one per call (the table evicts the least
+    // recently used once full, as in a long run).
+    group.bench_function("miss", |b| {
+        let mut k = 0u32;
+        b.iter(|| {
+            k = k.wrapping_add(1);
+            let f = Flow::tcp(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0B00_0000 + k)), 40_000),
+                SocketAddr::from(([10, 96, 0, 1], 80)),
+            );
+            black_box(route(&f))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_schedulers, bench_affinity);
 criterion_main!(benches);

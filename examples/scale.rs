@@ -414,7 +414,7 @@ fn svg_plot(rows: &[LookupRow]) -> String {
             w - right,
             left - 6.0,
             y + 4.0,
-            fmt_ns(10f64.powf(d))
+            fmt_decade(10f64.powf(d))
         );
         d += 1.0;
     }
@@ -476,6 +476,18 @@ fn svg_plot(rows: &[LookupRow]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// An axis label for a power of ten nanoseconds: `10 ns`, `1 µs`, ...
+fn fmt_decade(ns: f64) -> String {
+    let (v, unit) = if ns >= 1e6 {
+        (ns / 1e6, "ms")
+    } else if ns >= 1e3 {
+        (ns / 1e3, "µs")
+    } else {
+        (ns, "ns")
+    };
+    format!("{v:.0} {unit}")
 }
 
 fn fmt_count(v: f64) -> String {

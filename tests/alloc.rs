@@ -1,6 +1,6 @@
 //! The packet path allocates nothing: `route` in both modes, with every
-//! built-in scheduler, and `connection_closed`, measured with a counting
-//! global allocator.
+//! built-in scheduler, an affinity hit, and `connection_closed`, measured
+//! with a counting global allocator.
 //!
 //! One test function only: the allocator counts every thread, so no other
 //! test may run while a region is measured.
@@ -17,8 +17,9 @@ use svclb::*;
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-/// 50 services with 5 endpoints, one without endpoints (reject) and one
-/// Local service whose only endpoint is elsewhere (drop).
+/// 50 services with 5 endpoints, one with `ClientIP` affinity, one without
+/// endpoints (reject) and one Local service whose only endpoint is elsewhere
+/// (drop).
 fn table() -> ServiceTable {
     let mut t = ServiceTable::new();
     let mut changes = Vec::new();
@@ -49,9 +50,22 @@ fn table() -> ServiceTable {
         .endpoint(EndpointSpec::new("10.1.200.1").node("elsewhere"))
         .build()
         .unwrap();
+    let sticky = Service::builder("default", "sticky")
+        .cluster_ip("10.96.1.3".parse().unwrap())
+        .port(ServicePortSpec::tcp(80).name("http").target_port(8080))
+        .client_ip_affinity(Some(600))
+        .build()
+        .unwrap();
     changes.extend([
         Change::UpsertService(local),
         Change::UpsertSlice(local_slice),
+        Change::UpsertService(sticky),
+        Change::UpsertSlice(slice(
+            "sticky-1",
+            "sticky",
+            &["10.1.100.1", "10.1.100.2", "10.1.100.3"],
+            8080,
+        )),
     ]);
     t.apply_batch(changes).unwrap();
     t
@@ -65,6 +79,12 @@ fn flows() -> Vec<Flow> {
             Flow::tcp(src, dst)
         })
         .collect();
+    // Affinity: 200 clients, each already pinned by the warm-up pass, so
+    // every measured route is a hit.
+    out.extend((0..200u32).map(|k| {
+        let src = SocketAddr::from(([10, 3, (k >> 8) as u8, k as u8], 50_000));
+        Flow::tcp(src, sa("10.96.1.3:80"))
+    }));
     out.push(flow("10.2.0.1:1000", "10.96.1.1:80")); // reject
     out.push(flow("10.2.0.1:1000", "10.96.1.2:80")); // drop
     out.push(flow("10.2.0.1:1000", "10.96.9.9:80")); // not a service
@@ -74,7 +94,8 @@ fn flows() -> Vec<Flow> {
 /// Routes every flow (and closes each forwarded connection) inside a
 /// counted region; returns the allocations seen and the verdict counts.
 fn route_all(dp: &dyn Dataplane, flows: &[Flow]) -> (usize, [usize; 4]) {
-    // Warm up: the first load on a thread registers it with arc-swap.
+    // Warm up: the first load on a thread registers it with arc-swap, and
+    // the affinity clients get their entries (a miss may allocate).
     for f in flows {
         dp.route(f, Instant::ZERO);
     }
@@ -125,10 +146,17 @@ fn packet_path_allocates_nothing() {
         dataplanes.push((format!("ipvs/{kind}"), Box::new(IpvsDataplane::new(config))));
     }
     let all = t.full_change_set();
+    let sticky = ServiceKey::new("default", "sticky");
     for (name, dp) in &dataplanes {
         dp.sync(&t, &all);
         let (allocs, kinds) = route_all(dp.as_ref(), &flows);
-        assert_eq!(kinds, [2000, 1, 1, 1], "{name}: verdicts");
+        // The affinity routes were hits: 200 live entries, one per client.
+        assert_eq!(
+            dp.affinity_entries(&sticky, Instant::from_secs(1)).len(),
+            200,
+            "{name}: affinity entries"
+        );
+        assert_eq!(kinds, [2200, 1, 1, 1], "{name}: verdicts");
         assert_eq!(allocs, 0, "{name}: the packet path allocated");
     }
 }
