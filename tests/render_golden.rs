@@ -421,8 +421,10 @@ fn ipv6_family_renders_only_ipv6_services() {
     table
         .apply_batch([Change::UpsertService(v6), Change::UpsertSlice(slice)])
         .unwrap();
+    // A dual-stack cluster: one --cluster-cidr per family.
     let opts = RenderOptions::default()
         .family(IpFamily::V6)
+        .cluster_cidr("10.0.0.0/8".parse().unwrap())
         .cluster_cidr(Cidr::parse("cluster-cidr", "fd00:10::/64").unwrap());
     let text = render::iptables::render(&table, &opts);
     assert!(!text.contains("172.30."), "{text}");
@@ -439,9 +441,27 @@ fn ipv6_family_renders_only_ipv6_services() {
         "{text}"
     );
     assert!(text.contains("-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS\n"));
-    // The IPv4 rendering leaves the IPv6 service out.
-    let v4 = render::iptables::render(&table, &RenderOptions::default());
+    assert!(!text.contains("10.0.0.0/8"), "{text}");
+    // The IPv4 rendering leaves the IPv6 service out and uses the IPv4 CIDR.
+    let v4 = render::iptables::render(&table, &opts.clone().family(IpFamily::V4));
     assert!(!v4.contains("fd00"), "{v4}");
+    assert!(
+        v4.contains("--dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ\n"),
+        "{v4}"
+    );
+    // nftables: an ip6 table with ip6 matches and bracketed DNAT targets.
+    let nft6 = render::nft::render(&table, &opts);
+    for want in [
+        "add table ip6 kube-proxy { comment \"rules for kube-proxy\" ; }",
+        "add set ip6 kube-proxy cluster-ips { type ipv6_addr ; comment \"Active ClusterIPs\" ; }",
+        "add rule ip6 kube-proxy services ip6 daddr . meta l4proto . th dport vmap @service-ips",
+        "add element ip6 kube-proxy service-ips { fd00:30::7 . tcp . 80 : goto service-",
+        "ip6 daddr fd00:30::7 ip6 saddr != fd00:10::/64 jump mark-for-masquerade",
+        "__fd00.10..1/80 meta l4proto tcp dnat to [fd00:10::1]:80",
+    ] {
+        assert!(nft6.contains(want), "missing {want}\n{nft6}");
+    }
+    assert!(!nft6.contains("172.30."), "{nft6}");
 }
 
 /// kube-proxy's nftables fixture lines for what svclb renders (ClusterIPs).

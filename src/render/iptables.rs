@@ -380,7 +380,7 @@ fn write_service_port(
         let mut args = capture.to_vec();
         args.extend(["-j", KUBE_MARK_MASQ]);
         nat.rule(&chain, &args);
-    } else if let Some(cidr) = opts.cluster_cidr {
+    } else if let Some(cidr) = opts.family_cluster_cidr() {
         let cidr = cidr.to_string();
         let mut args = capture.to_vec();
         args.extend(["!", "-s", &cidr, "-j", KUBE_MARK_MASQ]);

@@ -183,10 +183,12 @@ pub struct RenderOptions {
     pub node: NodeTopology,
     /// Which family to render (one kube-proxy proxier per family).
     pub family: IpFamily,
-    /// `--cluster-cidr`: traffic to a cluster IP from outside it is marked
-    /// for masquerade (`! -s CIDR -j KUBE-MARK-MASQ`). `None` leaves the
-    /// rule out, as kube-proxy does without a local-traffic detector.
-    pub cluster_cidr: Option<Cidr>,
+    /// `--cluster-cidr` (one per family on a dual-stack cluster): traffic
+    /// to a cluster IP from outside the rendered family's CIDR is marked for
+    /// masquerade (`! -s CIDR -j KUBE-MARK-MASQ`). With no CIDR of that
+    /// family the rule is left out, as kube-proxy does without a
+    /// local-traffic detector.
+    pub cluster_cidrs: Vec<Cidr>,
     /// `--masquerade-all`: mark all cluster-IP traffic (wins over
     /// `cluster_cidr`).
     pub masquerade_all: bool,
@@ -219,7 +221,7 @@ impl Default for RenderOptions {
         RenderOptions {
             node: NodeTopology::default(),
             family: IpFamily::V4,
-            cluster_cidr: None,
+            cluster_cidrs: Vec::new(),
             masquerade_all: false,
             masquerade_mark: masquerade_mark(DEFAULT_MASQUERADE_BIT),
             random_fully: false,
@@ -260,10 +262,18 @@ impl RenderOptions {
         self.family = family;
         self
     }
-    /// Sets `--cluster-cidr`.
+    /// Adds a `--cluster-cidr` (call once per family on a dual-stack cluster).
     pub fn cluster_cidr(mut self, cidr: Cidr) -> Self {
-        self.cluster_cidr = Some(cidr);
+        self.cluster_cidrs.push(cidr);
         self
+    }
+
+    /// The cluster CIDR of the rendered family, if one was given.
+    pub(crate) fn family_cluster_cidr(&self) -> Option<Cidr> {
+        self.cluster_cidrs
+            .iter()
+            .copied()
+            .find(|c| self.family.contains(c.addr()))
     }
     /// Sets the mark text.
     pub fn masquerade_mark(mut self, mark: impl Into<String>) -> Self {
@@ -347,7 +357,17 @@ pub(crate) fn plan<'a>(
                     &opts.node,
                     Some(vip),
                 ) {
-                    Selection::Usable(eps) => Outcome::Endpoints(eps),
+                    // Weight 0 (an svclb extension; Kubernetes objects
+                    // have no weight) takes no new connections: no rule, as
+                    // in the dataplanes.
+                    Selection::Usable(mut eps) => {
+                        eps.retain(|e| e.weight() > 0);
+                        if eps.is_empty() {
+                            Outcome::Reject
+                        } else {
+                            Outcome::Endpoints(eps)
+                        }
+                    }
                     Selection::NoEndpoints => Outcome::Reject,
                     Selection::NoLocalEndpoints => Outcome::Drop,
                 };
@@ -385,6 +405,46 @@ mod tests {
         for bad in ["10.0.0.0/33", "10.0.0/8", "/8", "::/129", "10.0.0.0/-1"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn weight_zero_endpoints_get_no_rule() {
+        use crate::model::endpoint_slice::{
+            AddressType, EndpointSlice, EndpointSpec, SlicePortSpec,
+        };
+        use crate::model::service::ServicePortSpec;
+        use crate::table::Change;
+        let mut table = ServiceTable::new();
+        let svc = Service::builder("ns1", "svc1")
+            .cluster_ip("172.30.0.41".parse().unwrap())
+            .port(ServicePortSpec::tcp(80))
+            .build()
+            .unwrap();
+        let slice = |weights: [i64; 2]| {
+            EndpointSlice::builder("ns1", "s", "svc1", AddressType::IPv4)
+                .port(SlicePortSpec::tcp(80))
+                .endpoint(EndpointSpec::new("10.0.0.1").weight(weights[0]))
+                .endpoint(EndpointSpec::new("10.0.0.2").weight(weights[1]))
+                .build()
+                .unwrap()
+        };
+        table
+            .apply_batch([
+                Change::UpsertService(svc),
+                Change::UpsertSlice(slice([0, 1])),
+            ])
+            .unwrap();
+        let (plans, _) = plan(&table, &RenderOptions::default());
+        match &plans[0].outcome {
+            Outcome::Endpoints(eps) => {
+                let addrs: Vec<String> = eps.iter().map(|e| e.addr_string()).collect();
+                assert_eq!(addrs, ["10.0.0.2:80"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        table.apply(Change::UpsertSlice(slice([0, 0]))).unwrap();
+        let (plans, _) = plan(&table, &RenderOptions::default());
+        assert!(matches!(plans[0].outcome, Outcome::Reject));
     }
 
     #[test]

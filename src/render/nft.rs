@@ -332,7 +332,7 @@ fn write_service_port(
                     out,
                     "add rule {t} {chain} {ip_x} daddr {vip} jump mark-for-masquerade"
                 );
-            } else if let Some(cidr) = opts.cluster_cidr {
+            } else if let Some(cidr) = opts.family_cluster_cidr() {
                 let _ = writeln!(
                     out,
                     "add rule {t} {chain} {ip_x} daddr {vip} {ip_x} saddr != {cidr} jump mark-for-masquerade"
