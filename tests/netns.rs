@@ -225,11 +225,28 @@ enum Backend {
 
 impl Backend {
     fn tool(self) -> &'static str {
-        match self {
-            Backend::Iptables => "iptables-restore",
-            Backend::IptablesLegacy => "iptables-legacy-restore",
-            Backend::Nft => "nft",
+        self.tool_for(false)
+    }
+
+    fn tool_for(self, ipv6: bool) -> &'static str {
+        match (self, ipv6) {
+            (Backend::Iptables, false) => "iptables-restore",
+            (Backend::Iptables, true) => "ip6tables-restore",
+            (Backend::IptablesLegacy, false) => "iptables-legacy-restore",
+            (Backend::IptablesLegacy, true) => "ip6tables-legacy-restore",
+            (Backend::Nft, _) => "nft",
         }
+    }
+
+    /// `ip netns exec NS TOOL [-f /dev/stdin]`.
+    fn load_args(self, ns: &Netns, ipv6: bool) -> Vec<String> {
+        let mut args: Vec<String> = ["netns", "exec", &ns.name, self.tool_for(ipv6)]
+            .map(String::from)
+            .to_vec();
+        if self == Backend::Nft {
+            args.extend(["-f".into(), "/dev/stdin".into()]);
+        }
+        args
     }
 }
 
@@ -297,10 +314,8 @@ fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
         Backend::Nft => "add table ip svclb-probe\n",
         _ => "*filter\nCOMMIT\n",
     };
-    let mut args = vec!["netns", "exec", &ns.name, backend.tool()];
-    if backend == Backend::Nft {
-        args.extend(["-f", "/dev/stdin"]);
-    }
+    let args = backend.load_args(&ns, false);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_with_stdin("ip", &args, probe);
     if !out.status.success() {
         return Err(format!(
@@ -422,42 +437,62 @@ fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn kernel_accepts_renderings_and_balances_like_the_model() {
+/// Whether this process may create namespaces and has `ip`; prints
+/// `SKIPPED: <reason>` and returns false when not.
+fn can_use_netns() -> bool {
     if std::env::var_os(CHILD_ENV).is_some() {
-        return;
+        return false;
     }
     if effective_uid() != Some(0) {
         println!("SKIPPED: not running as root (needs CAP_NET_ADMIN and ip netns)");
-        return;
+        return false;
     }
     let Some(ip_version) = have("ip", "-V") else {
         println!("SKIPPED: the `ip` command (iproute2) is not installed");
-        return;
+        return false;
     };
     println!("using {ip_version}");
+    true
+}
+
+/// The backends whose tools are installed, for IPv4 or IPv6.
+fn installed_backends(ipv6: bool) -> Vec<Backend> {
     let mut backends = Vec::new();
-    match have("iptables-restore", "--version") {
+    let (restore, legacy) = if ipv6 {
+        ("ip6tables-restore", "ip6tables-legacy-restore")
+    } else {
+        ("iptables-restore", "iptables-legacy-restore")
+    };
+    match have(restore, "--version") {
         Some(v) => {
             println!("using {v}");
             backends.push(Backend::Iptables);
-            // On an nft-backed host, also try the legacy backend (and vice versa).
+            // On an nft-backed host, also try the legacy backend.
             if v.contains("nf_tables") {
-                if let Some(v) = have("iptables-legacy-restore", "--version") {
+                if let Some(v) = have(legacy, "--version") {
                     println!("using {v}");
                     backends.push(Backend::IptablesLegacy);
                 }
             }
         }
-        None => println!("SKIPPED: iptables-restore is not installed (the iptables backend)"),
+        None => println!("{restore} is not installed: no iptables backend"),
     }
     match have("nft", "--version") {
         Some(v) => {
             println!("using {v}");
             backends.push(Backend::Nft);
         }
-        None => println!("SKIPPED: nft is not installed (the nftables backend)"),
+        None => println!("nft is not installed: no nftables backend"),
     }
+    backends
+}
+
+#[test]
+fn kernel_accepts_renderings_and_balances_like_the_model() {
+    if !can_use_netns() {
+        return;
+    }
+    let backends = installed_backends(false);
     if backends.is_empty() {
         println!("SKIPPED: neither iptables-restore nor nft is installed");
         return;
@@ -534,4 +569,141 @@ fn netns_child() {
     report("sticky", STICKY, STICKY_CONNECTIONS, quick);
     report("empty", EMPTY, 3, quick);
     report("local", LOCAL, 1, Duration::from_millis(1500));
+}
+
+/// A dual-stack table with every protocol and outcome: dual-stack TCP, UDP
+/// and SCTP ports with ClientIP affinity, an IPv6-only service without
+/// endpoints, a Local-policy one without local endpoints.
+fn dual_stack_table() -> ServiceTable {
+    let ports = |b: svclb::ServiceBuilder| {
+        b.port(ServicePortSpec::tcp(80).name("http").target_port(8080))
+            .port(ServicePortSpec::udp(53).name("dns"))
+            .port(ServicePortSpec::sctp(9000).name("sig"))
+    };
+    let slice = |name: &str, svc: &str, ty: AddressType, ips: &[&str]| {
+        EndpointSlice::builder("default", name, svc, ty)
+            .port(SlicePortSpec::tcp(8080).name("http"))
+            .port(SlicePortSpec::udp(53).name("dns"))
+            .port(SlicePortSpec::new(Protocol::Sctp, 9000).name("sig"))
+            .endpoints(
+                ips.iter()
+                    .map(|ip| EndpointSpec::new(*ip).node("other-node")),
+            )
+            .build()
+            .unwrap()
+    };
+    let dual = ports(Service::builder("default", "dual"))
+        .cluster_ip("172.30.0.20".parse().unwrap())
+        .cluster_ip("fd00:30::20".parse().unwrap())
+        .client_ip_affinity(None)
+        .build()
+        .unwrap();
+    let empty6 = ports(Service::builder("default", "empty6"))
+        .cluster_ip("fd00:30::21".parse().unwrap())
+        .build()
+        .unwrap();
+    let local = ports(Service::builder("default", "local"))
+        .cluster_ip("172.30.0.22".parse().unwrap())
+        .cluster_ip("fd00:30::22".parse().unwrap())
+        .internal_traffic_policy(TrafficPolicy::Local)
+        .build()
+        .unwrap();
+    let mut t = ServiceTable::new();
+    t.apply_batch([
+        Change::UpsertService(dual),
+        Change::UpsertService(empty6),
+        Change::UpsertService(local),
+        Change::UpsertSlice(slice(
+            "dual-4",
+            "dual",
+            AddressType::IPv4,
+            &["10.180.1.1", "10.180.1.2"],
+        )),
+        Change::UpsertSlice(slice(
+            "dual-6",
+            "dual",
+            AddressType::IPv6,
+            &["fd00:10::1", "fd00:10::2"],
+        )),
+        Change::UpsertSlice(slice(
+            "local-4",
+            "local",
+            AddressType::IPv4,
+            &["10.180.1.3"],
+        )),
+        Change::UpsertSlice(slice(
+            "local-6",
+            "local",
+            AddressType::IPv6,
+            &["fd00:10::3"],
+        )),
+    ])
+    .unwrap();
+    t
+}
+
+#[test]
+fn kernel_accepts_ipv6_udp_and_sctp_renderings() {
+    if !can_use_netns() {
+        return;
+    }
+    let table = dual_stack_table();
+    let mut loaded = 0;
+    for (ipv6, family) in [(false, render::IpFamily::V4), (true, render::IpFamily::V6)] {
+        let opts = RenderOptions::default()
+            .family(family)
+            .node(node())
+            .cluster_cidr("10.0.0.0/8".parse().unwrap())
+            .cluster_cidr("fd00:10::/64".parse().unwrap())
+            .service_cidr("172.30.0.0/16".parse().unwrap())
+            .service_cidr("fd00:30::/64".parse().unwrap())
+            .builtin_jumps(true);
+        for backend in installed_backends(ipv6) {
+            let text = match backend {
+                Backend::Nft => render::nft::render(&table, &opts),
+                _ => render::iptables::render(&table, &opts),
+            };
+            let ns = match Netns::create("accept") {
+                Ok(ns) => ns,
+                Err(e) => {
+                    println!("SKIPPED: cannot create a network namespace: {e}");
+                    return;
+                }
+            };
+            let args = backend.load_args(&ns, ipv6);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            // Kernel support for this backend at all?
+            let probe = if backend == Backend::Nft {
+                "add table ip6 svclb-probe\n"
+            } else {
+                "*filter\nCOMMIT\n"
+            };
+            if !run_with_stdin("ip", &args, probe).status.success() {
+                println!(
+                    "skipping {}: it does not work in a namespace here",
+                    backend.tool_for(ipv6)
+                );
+                continue;
+            }
+            let out = run_with_stdin("ip", &args, &text);
+            assert!(
+                out.status.success(),
+                "{} rejected svclb's {family:?} rendering: {}\n{text}",
+                backend.tool_for(ipv6),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for needle in ["udp", "sctp"] {
+                assert!(text.contains(needle), "{needle}");
+            }
+            println!(
+                "{} accepted the {family:?} rendering ({} lines)",
+                backend.tool_for(ipv6),
+                text.lines().count()
+            );
+            loaded += 1;
+        }
+    }
+    if loaded == 0 {
+        println!("SKIPPED: no netfilter tool is installed");
+    }
 }
