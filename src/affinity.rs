@@ -35,8 +35,8 @@
 //! entry goes first (the expired tail of a class), else the shard's least
 //! recently used entry (the oldest class tail); when a port is full, its own
 //! least recently used entry goes (LRU is per shard and approximate overall,
-//! as in every sharded cache). Every operation reaps a few expired entries
-//! from the class tails and from its port's tail
+//! as in every sharded cache). Every miss, and every eighth hit, of a shard
+//! reaps a few expired entries from the class tails and from its port's tail
 //! ([`AffinityConfig::reap_batch`]); nothing ever scans the whole table to
 //! expire entries.
 //!
@@ -174,7 +174,7 @@ pub struct AffinityConfig {
 
 impl Default for AffinityConfig {
     /// [`DEFAULT_AFFINITY_CAPACITY`] entries, no per-service bound, 32
-    /// shards, 4 entries reaped per operation, hotspot factor 10 and at
+    /// shards, 4 entries examined per reap, hotspot factor 10 and at
     /// least 100 connections.
     fn default() -> Self {
         AffinityConfig {
@@ -245,7 +245,8 @@ impl AffinityConfig {
         Ok(self)
     }
 
-    /// Sets how many entries each operation examines for expiry (1..=64).
+    /// Sets how many entries each reap examines for expiry (1..=64); a
+    /// shard reaps on every miss and every eighth hit.
     ///
     /// # Errors
     /// [`ValidationError::Invalid`] on `affinity.reapBatch` otherwise.
@@ -292,7 +293,7 @@ impl AffinityConfig {
     pub fn shard_count(&self) -> usize {
         self.shards
     }
-    /// Entries examined for expiry per operation.
+    /// Entries examined for expiry per reap.
     pub fn reap_batch_size(&self) -> usize {
         self.reap_batch
     }
@@ -321,10 +322,14 @@ struct SketchItem {
     error: u64,
 }
 
+/// Struct of arrays: the hit path scans `hashes`, a replacement scans
+/// `counts`, both contiguous `u64`s.
 #[derive(Debug)]
 struct SpaceSaving {
     hashes: Vec<u64>,
-    items: Vec<SketchItem>,
+    counts: Vec<u64>,
+    errors: Vec<u64>,
+    keys: Vec<AffinityKey>,
     total: u64,
 }
 
@@ -332,7 +337,9 @@ impl SpaceSaving {
     fn new() -> Self {
         SpaceSaving {
             hashes: Vec::with_capacity(SKETCH_SIZE),
-            items: Vec::with_capacity(SKETCH_SIZE),
+            counts: Vec::with_capacity(SKETCH_SIZE),
+            errors: Vec::with_capacity(SKETCH_SIZE),
+            keys: Vec::with_capacity(SKETCH_SIZE),
             total: 0,
         }
     }
@@ -345,33 +352,39 @@ impl SpaceSaving {
             .hashes
             .iter()
             .position(|&x| x == h)
-            .filter(|&i| self.items[i].key == key)
+            .filter(|&i| self.keys[i] == key)
         {
-            self.items[i].count += 1;
+            self.counts[i] += 1;
             return;
         }
-        if self.items.len() < SKETCH_SIZE {
+        if self.keys.len() < SKETCH_SIZE {
             self.hashes.push(h);
-            self.items.push(SketchItem {
-                key,
-                count: 1,
-                error: 0,
-            });
+            self.counts.push(1);
+            self.errors.push(0);
+            self.keys.push(key);
             return;
         }
-        let (i, min) = self
-            .items
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, it)| it.count)
-            .map(|(i, it)| (i, it.count))
-            .expect("the sketch is full");
+        let mut i = 0;
+        for (j, &c) in self.counts.iter().enumerate() {
+            if c < self.counts[i] {
+                i = j;
+            }
+        }
+        let min = self.counts[i];
         self.hashes[i] = h;
-        self.items[i] = SketchItem {
-            key,
-            count: min + 1,
-            error: min,
-        };
+        self.keys[i] = key;
+        self.counts[i] = min + 1;
+        self.errors[i] = min;
+    }
+
+    fn items(&self) -> Vec<SketchItem> {
+        (0..self.keys.len())
+            .map(|i| SketchItem {
+                key: self.keys[i],
+                count: self.counts[i],
+                error: self.errors[i],
+            })
+            .collect()
     }
 }
 
@@ -451,7 +464,7 @@ impl AffinityScope {
     /// sampled total.
     fn heavy_hitters(&self) -> (Vec<SketchItem>, u64) {
         let s = self.sketch.lock();
-        let mut items = s.items.clone();
+        let mut items = s.items();
         items.sort_by_key(|it| core::cmp::Reverse(it.count - it.error));
         (items, s.total)
     }
@@ -518,7 +531,12 @@ struct Shard {
     scopes: Vec<Links>,
     len: usize,
     cap: usize,
+    /// Hits since the last reap.
+    hits: u32,
 }
+
+/// A hit reaps once in this many (a miss always reaps).
+const HIT_REAP_PERIOD: u32 = 8;
 
 impl Shard {
     fn new(cap: usize) -> Self {
@@ -531,6 +549,7 @@ impl Shard {
             scopes: Vec::new(),
             len: 0,
             cap,
+            hits: 0,
         }
     }
 
@@ -657,6 +676,12 @@ impl Shard {
         self.link_front(i);
         self.index.insert((scope.slot, key), i);
         self.len += 1;
+        if self.len == self.cap && self.index.capacity() < 2 * self.cap + 2 {
+            // Full once: size the index so that the tombstones of evictions
+            // are always rehashed in place; from now on a miss allocates
+            // nothing either.
+            self.index.reserve(self.cap + 2);
+        }
     }
 
     fn touch(&mut self, i: u32, now: Instant) {
@@ -664,8 +689,15 @@ impl Shard {
         if now > n.last {
             n.last = now;
         }
-        self.unlink(i);
-        self.link_front(i);
+        let at_front = n.prev == NIL
+            && n.sprev == NIL
+            && n.scope.as_ref().is_some_and(|s| {
+                self.classes[n.class as usize].timeout == s.timeout_nanos.load(Ordering::Relaxed)
+            });
+        if !at_front {
+            self.unlink(i);
+            self.link_front(i);
+        }
     }
 
     fn is_expired(&self, i: u32, now: Instant) -> bool {
@@ -934,7 +966,11 @@ impl AffinityTable {
                 });
             }
             let mut sh = self.shards[s].lock();
-            sh.reap(scope.slot, now, k);
+            sh.hits += 1;
+            if sh.hits >= HIT_REAP_PERIOD {
+                sh.hits = 0;
+                sh.reap(scope.slot, now, k);
+            }
             if let Some(&i) = sh.index.get(&(scope.slot, key)) {
                 let n = &sh.nodes[i as usize];
                 let same = n.scope.as_ref().is_some_and(|x| Arc::ptr_eq(x, scope));
@@ -957,7 +993,8 @@ impl AffinityTable {
                     sh.remove(i);
                 }
             }
-            // A miss: make room in the scope first.
+            // A miss: reap, then make room in the scope.
+            sh.reap(scope.slot, now, k);
             let mut reserved = scope.try_reserve();
             while !reserved && sh.evict_scope_lru(scope.slot) {
                 reserved = scope.try_reserve();
@@ -1797,6 +1834,25 @@ mod tests {
     }
 
     #[test]
+    fn hits_alone_also_drain_expired_entries() {
+        let table = AffinityTable::new(AffinityConfig::new(1024).unwrap().shards(1).unwrap(), 0);
+        let short = table.new_scope(Duration::from_secs(1));
+        let long = table.new_scope(Duration::from_secs(1000));
+        let ep = eps(1)[0];
+        for i in 0..100 {
+            table.route(&short, ip(i), secs(0), |_| Some(0), || Some((0, ep)));
+        }
+        table.route(&long, ip(0), secs(0), |_| Some(0), || Some((0, ep)));
+        // Only hits from now on: every eighth reaps up to 4 entries.
+        for t in 0..400 {
+            let p = table.route(&long, ip(0), secs(10 + t), |_| Some(0), || None);
+            assert!(p.unwrap().hit);
+        }
+        assert_eq!(short.len(), 0);
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
     fn removed_scope_forgets_and_stops_pinning() {
         let h = Harness::new(AffinityConfig::default(), 100, 3);
         for i in 0..10 {
@@ -1834,11 +1890,12 @@ mod tests {
                 s.observe(ip(5_000_000));
             }
         }
-        let heavy = s.items.iter().find(|it| it.key == ip(5_000_000)).unwrap();
+        let items = s.items();
+        let heavy = items.iter().find(|it| it.key == ip(5_000_000)).unwrap();
         assert!(heavy.count >= 2000);
         assert!(heavy.count - heavy.error <= 2000);
         assert!(heavy.count - heavy.error >= 1500, "{heavy:?}");
-        assert_eq!(s.items.len(), SKETCH_SIZE);
+        assert_eq!(items.len(), SKETCH_SIZE);
         assert_eq!(s.total, 12_000);
     }
 
