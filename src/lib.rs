@@ -19,7 +19,13 @@
 //!    wrr, lc, wlc, sh — or your own [`Scheduler`].
 //! 5. **Topology** ([`topology`]): which endpoints take new connections
 //!    (ready, serving-terminating fallback, Local policies, hints).
-//! 6. **Renderings** ([`render`]): the table as `iptables-restore` and
+//! 6. **Session affinity** ([`affinity`]): `ClientIP` services pin a client
+//!    (or a socket, or a key the caller passes to
+//!    [`Dataplane::route_with_key`]) to an endpoint in a sharded, bounded
+//!    [`AffinityTable`], with kube-proxy's timer semantics, inspection
+//!    ([`Dataplane::affinity_entries`]) and NAT-hotspot reports
+//!    ([`Dataplane::affinity_report`]).
+//! 7. **Renderings** ([`render`]): the table as `iptables-restore` and
 //!    `nft -f` input in kube-proxy's exact terms, and an `ipvsadm -ln`
 //!    listing of the IPVS dataplane.
 //!

@@ -96,6 +96,10 @@ pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode"
 /// Its deprecated predecessor; when both are set this one wins, as in the
 /// EndpointSlice controller's `hintsEnabled`.
 pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// svclb extension: which key `ClientIP` affinity pins (`client-ip`, the
+/// default; `client-ip-port`; `caller`), see
+/// [`AffinityKeyKind`](crate::AffinityKeyKind).
+pub const ANNOTATION_AFFINITY_KEY: &str = "svclb.io/affinity-key";
 /// The namespace of an object whose manifest names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -1046,6 +1050,16 @@ impl ServiceManifest {
         {
             b = b.topology_mode(mode.clone());
         }
+        if let Some(kind) = ann.get(ANNOTATION_AFFINITY_KEY) {
+            let kind =
+                kind.parse::<crate::AffinityKeyKind>()
+                    .map_err(|_| ValidationError::Invalid {
+                        field: format!("metadata.annotations[{ANNOTATION_AFFINITY_KEY}]"),
+                        value: kind.clone(),
+                        reason: "must be one of client-ip, client-ip-port, caller",
+                    })?;
+            b = b.affinity_key(kind);
+        }
         b = b.publish_not_ready_addresses(spec.publish_not_ready_addresses.unwrap_or(false));
         b.build()
     }
@@ -1059,6 +1073,12 @@ impl From<&Service> for ServiceManifest {
         let mut annotations = BTreeMap::new();
         if let Some(mode) = svc.topology_mode() {
             annotations.insert(ANNOTATION_TOPOLOGY_MODE.to_owned(), mode.to_owned());
+        }
+        if svc.affinity_key() != crate::AffinityKeyKind::ClientIp {
+            annotations.insert(
+                ANNOTATION_AFFINITY_KEY.to_owned(),
+                svc.affinity_key().name().to_owned(),
+            );
         }
         let (cluster_ip, cluster_ips) = match svc.cluster_ip() {
             ClusterIp::Headless => (Some("None".to_owned()), vec!["None".to_owned()]),
@@ -1412,6 +1432,21 @@ mod tests {
     }
 
     #[test]
+    fn affinity_key_annotation() {
+        use crate::AffinityKeyKind;
+        let s = svc("kind: Service\nmetadata: {name: a, annotations: {svclb.io/affinity-key: client-ip-port}}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80}]}").unwrap();
+        assert_eq!(s.affinity_key(), AffinityKeyKind::ClientIpPort);
+        let s = svc("kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80}]}").unwrap();
+        assert_eq!(s.affinity_key(), AffinityKeyKind::ClientIp);
+        let err = svc("kind: Service\nmetadata: {name: a, annotations: {svclb.io/affinity-key: cookie}}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80}]}").unwrap_err();
+        assert_eq!(err.field(), "metadata.annotations[svclb.io/affinity-key]");
+        assert!(err.to_string().contains("cookie"));
+        // A key without ClientIP affinity is refused, as the builder does.
+        let err = svc("kind: Service\nmetadata: {name: a, annotations: {svclb.io/affinity-key: caller}}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}").unwrap_err();
+        assert_eq!(err.field(), "svclb.affinityKey");
+    }
+
+    #[test]
     fn errors_name_origin_object_and_field() {
         let text = "kind: Service\nmetadata: {name: ok}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}, {name: b, port: 'eighty'}]}\n";
         let err = Manifests::parse_str(text, Some("shop.yaml")).unwrap_err();
@@ -1502,6 +1537,7 @@ mod tests {
             )
             .port(ServicePortSpec::udp(53).name("dns"))
             .client_ip_affinity(Some(3600))
+            .affinity_key(crate::AffinityKeyKind::Caller)
             .internal_traffic_policy(TrafficPolicy::Local)
             .traffic_distribution(TrafficDistribution::PreferSameNode)
             .topology_mode("Auto")
