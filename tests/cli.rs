@@ -1,8 +1,9 @@
 //! Runs the `svclb` example binary on the bundled manifests.
 //!
 //! `cargo test` builds the examples next to the test binaries
-//! (`target/<profile>/examples/`); when it is not there (a filtered
-//! `cargo test --test cli`), it is built once with `cargo build --example`.
+//! (`target/<profile>/examples/`); the test still runs `cargo build
+//! --example svclb` once (a no-op then) so that a filtered
+//! `cargo test --test cli` never runs a stale binary.
 #![cfg(feature = "serde")]
 
 use std::path::{Path, PathBuf};
@@ -21,21 +22,28 @@ fn binary() -> &'static Path {
         let bin = profile_dir
             .join("examples")
             .join(format!("svclb{}", std::env::consts::EXE_SUFFIX));
-        if !bin.exists() {
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--quiet",
-                    "--example",
-                    "svclb",
-                    "--features",
-                    "serde",
-                ])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "building the svclb example failed");
+        // Always ask cargo: a no-op when `cargo test` just built the
+        // examples, and a rebuild when a filtered run left a stale binary.
+        // Same features and profile as this test, so nothing else rebuilds.
+        let mut features = String::from("serde");
+        if cfg!(feature = "k8s-openapi") {
+            features.push_str(",k8s-openapi");
         }
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "--quiet",
+            "--example",
+            "svclb",
+            "--features",
+            &features,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the svclb example failed");
         assert!(bin.exists(), "{} not found", bin.display());
         bin
     })
@@ -90,6 +98,14 @@ fn demo_shows_listing_trace_dns_and_cost() {
     assert!(out.contains("10.244.9.41:44001 -> 10.244.1.8:9092 NO-SERVICE\n"));
     assert!(out.contains("10.244.9.11:40004 -> 10.96.0.10:80 REJECT\n"));
     assert!(out.contains("iptables ns"));
+    // ClientIP affinity: 10.244.9.21's three calls land on one backend.
+    let backends: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" 10.244.9.21:"))
+        .map(|l| l.rsplit_once(' ').unwrap().1)
+        .collect();
+    assert_eq!(backends.len(), 3, "{out}");
+    assert!(backends.iter().all(|b| *b == backends[0]), "{backends:?}");
 }
 
 #[test]
@@ -181,6 +197,15 @@ fn replay_follows_applies_and_deletes() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 10, "{out}");
     assert!(lines[0].starts_with("0.000 10.244.9.11:40001 -> 10.96.0.10:80 FORWARD 10.244."));
+    // ClientIP affinity (3600 s) keeps 10.244.9.21 on one inference backend.
+    let inference: Vec<&str> = lines[3..6]
+        .iter()
+        .map(|l| l.rsplit_once(' ').unwrap().1)
+        .collect();
+    assert!(
+        inference.iter().all(|b| *b == inference[0]),
+        "{inference:?}"
+    );
     // After the rollout, the terminating 10.244.1.5 takes no new connection.
     for l in &lines[6..9] {
         assert!(l.contains("FORWARD") && !l.contains("10.244.1.5:"), "{l}");
