@@ -958,14 +958,18 @@ impl AffinityTable {
         let mut schedule = move || schedule.take().and_then(|f| f());
         let mut tries = 0;
         let result = loop {
+            let mut sh = self.shards[s].lock();
+            // Checked under the lock: `remove_scope` sets the flag before it
+            // purges each shard under its lock, so a removed scope never
+            // inserts into a shard already purged (whose slot may be reused).
             if scope.is_removed() {
+                drop(sh);
                 break schedule().map(|(index, endpoint)| Pinned {
                     index,
                     endpoint,
                     hit: false,
                 });
             }
-            let mut sh = self.shards[s].lock();
             sh.hits += 1;
             if sh.hits >= HIT_REAP_PERIOD {
                 sh.hits = 0;
@@ -973,25 +977,23 @@ impl AffinityTable {
             }
             if let Some(&i) = sh.index.get(&(scope.slot, key)) {
                 let n = &sh.nodes[i as usize];
-                let same = n.scope.as_ref().is_some_and(|x| Arc::ptr_eq(x, scope));
-                if same {
-                    let endpoint = n.endpoint;
-                    let decided = if scope.is_live(n.last, now) {
-                        usable(endpoint)
-                    } else {
-                        None
-                    };
-                    if let Some(index) = decided {
-                        sh.touch(i, now);
-                        break Some(Pinned {
-                            index,
-                            endpoint,
-                            hit: true,
-                        });
-                    }
-                    // Expired, or its endpoint no longer takes new connections.
-                    sh.remove(i);
+                let endpoint = n.endpoint;
+                debug_assert!(n.scope.as_ref().is_some_and(|x| Arc::ptr_eq(x, scope)));
+                let decided = if scope.is_live(n.last, now) {
+                    usable(endpoint)
+                } else {
+                    None
+                };
+                if let Some(index) = decided {
+                    sh.touch(i, now);
+                    break Some(Pinned {
+                        index,
+                        endpoint,
+                        hit: true,
+                    });
                 }
+                // Expired, or its endpoint no longer takes new connections.
+                sh.remove(i);
             }
             // A miss: reap, then make room in the scope.
             sh.reap(scope.slot, now, k);
@@ -1850,6 +1852,50 @@ mod tests {
         }
         assert_eq!(short.len(), 0);
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn removal_racing_with_routes_keeps_the_books_straight() {
+        let table = AffinityTable::new(AffinityConfig::new(4096).unwrap(), 5);
+        let ep = eps(2);
+        for round in 0..20u32 {
+            let old = table.new_scope(Duration::from_secs(100));
+            std::thread::scope(|s| {
+                for t in 0..2u32 {
+                    let (table, old, ep) = (&table, &old, &ep);
+                    s.spawn(move || {
+                        for i in 0..2000u32 {
+                            table.route(
+                                old,
+                                ip(t * 10_000 + i),
+                                secs(0),
+                                |_| Some(0),
+                                || Some((0, ep[0])),
+                            );
+                        }
+                    });
+                }
+                table.remove_scope(&old);
+            });
+            // The freed slot is reused; the dead scope left nothing behind.
+            let new = table.new_scope(Duration::from_secs(100));
+            for i in 0..100 {
+                let p = table
+                    .route(&new, ip(i), secs(1), |_| Some(1), || Some((1, ep[1])))
+                    .unwrap();
+                assert!(!p.hit, "round {round}: a dead scope's entry was found");
+            }
+            assert_eq!(old.len(), 0, "round {round}");
+            assert_eq!(table.len(), new.len(), "round {round}");
+            assert!(
+                table
+                    .entries(&new, secs(1))
+                    .iter()
+                    .all(|e| e.endpoint == ep[1])
+            );
+            table.remove_scope(&new);
+            assert!(table.is_empty());
+        }
     }
 
     #[test]
