@@ -118,6 +118,9 @@ enum Command {
         /// The record type: A, AAAA or SRV.
         #[arg(long = "type", default_value = "A")]
         qtype: String,
+        /// The cluster domain (DNS zone).
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
     },
     /// Print the dataplane as the real tools would.
     Dump {
@@ -221,7 +224,11 @@ fn run(cli: Cli) -> Result<()> {
             count,
         } => route(&world, &src, dst, &proto, count),
         Command::Replay { trace } => replay(world, &trace),
-        Command::Resolve { name, qtype } => resolve(&world, &name, &qtype),
+        Command::Resolve {
+            name,
+            qtype,
+            cluster_domain,
+        } => resolve(&world, &name, &qtype, &cluster_domain),
         Command::Dump { format } => {
             print!("{}", dump(&world, format));
             Ok(())
@@ -445,9 +452,10 @@ fn replay(mut world: World, trace: &Path) -> Result<()> {
     Ok(())
 }
 
-fn resolve(world: &World, name: &str, qtype: &str) -> Result<()> {
+fn resolve(world: &World, name: &str, qtype: &str, zone: &str) -> Result<()> {
     let qtype: RecordType = qtype.parse().map_err(|e| Failure(format!("--type: {e}")))?;
-    let answer = ClusterDns::default().resolve(&world.table, name, qtype)?;
+    let dns = ClusterDns::new(zone).map_err(|e| Failure(format!("--cluster-domain: {e}")))?;
+    let answer = dns.resolve(&world.table, name, qtype)?;
     println!("{answer}");
     Ok(())
 }

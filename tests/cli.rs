@@ -241,6 +241,18 @@ fn resolve_and_dump() {
         )),
         "NXDOMAIN\n"
     );
+    assert_eq!(
+        ok(&with(
+            &[],
+            &[
+                "resolve",
+                "web.default.svc.example.org",
+                "--cluster-domain",
+                "example.org"
+            ]
+        )),
+        "web.default.svc.example.org. 5 IN A 10.96.0.10\n"
+    );
     let ipt = ok(&with(&[], &["dump", "--format", "iptables"]));
     assert!(ipt.contains("*nat\n") && ipt.ends_with("COMMIT\n"), "{ipt}");
     assert!(ipt.contains("-j KUBE-SVC-"));

@@ -670,6 +670,34 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_headless_answers_each_family_from_its_slice() {
+        let mut t = ServiceTable::new();
+        let svc = Service::builder("db", "pg").headless().build().unwrap();
+        let v4 = EndpointSlice::builder("db", "pg-v4", "pg", AddressType::IPv4)
+            .endpoint(EndpointSpec::new("10.0.0.1").hostname("pg-0"))
+            .build()
+            .unwrap();
+        let v6 = EndpointSlice::builder("db", "pg-v6", "pg", AddressType::IPv6)
+            .endpoint(EndpointSpec::new("fd00::1").hostname("pg-0"))
+            .build()
+            .unwrap();
+        t.apply_batch([
+            Change::UpsertService(svc),
+            Change::UpsertSlice(v4),
+            Change::UpsertSlice(v6),
+        ])
+        .unwrap();
+        assert_eq!(
+            lines(&t, "pg-0.pg.db.svc.cluster.local", RecordType::A),
+            ["pg-0.pg.db.svc.cluster.local. 5 IN A 10.0.0.1"]
+        );
+        assert_eq!(
+            lines(&t, "pg.db.svc.cluster.local", RecordType::Aaaa),
+            ["pg.db.svc.cluster.local. 5 IN AAAA fd00::1"]
+        );
+    }
+
+    #[test]
     fn cluster_ip_service_answers_its_vip() {
         let t = kafka_table(false);
         assert_eq!(

@@ -575,14 +575,22 @@ impl Manifests {
     }
 
     /// Reads JSON if the text starts with `{` or `[` (after white space),
-    /// YAML otherwise. `source` names the file in errors.
+    /// YAML otherwise (and also when such text is not JSON but YAML flow
+    /// style). `source` names the file in errors.
     ///
     /// # Errors
     /// A [`ManifestError`] for the first bad document; nothing is returned
     /// for the others.
     pub fn parse_str(text: &str, source: Option<&str>) -> Result<Self, ManifestError> {
         match text.trim_start().as_bytes().first() {
-            Some(b'{') | Some(b'[') => Self::parse_json(text, source),
+            Some(b'{') | Some(b'[') => match Self::parse_json(text, source) {
+                // `{kind: Service, ...}` is YAML flow style, not JSON: if it
+                // reads as YAML, take that; else report the JSON error.
+                Err(json @ ManifestError::Syntax { .. }) => {
+                    Self::parse_yaml(text, source).map_err(|_| json)
+                }
+                other => other,
+            },
             _ => Self::parse_yaml(text, source),
         }
     }
@@ -1506,6 +1514,23 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "l.json: document 1, items[0]: Service default/a: spec.ports: invalid type: string \"x\", expected a sequence"
+        );
+    }
+
+    #[test]
+    fn flow_style_yaml_comment_only_and_empty_documents() {
+        let m = Manifests::parse_str(
+            "{kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}}",
+            None,
+        )
+        .unwrap();
+        assert_eq!(m.documents.len(), 1);
+        let m = Manifests::parse_str("# nothing here\n---\n---\n", None).unwrap();
+        assert!(m.documents.is_empty() && m.skipped.is_empty());
+        let err = Manifests::parse_str("{\"kind\": \"Service\"", Some("x.json")).unwrap_err();
+        assert!(
+            matches!(err, ManifestError::Syntax { format: "JSON", .. }),
+            "{err}"
         );
     }
 
