@@ -31,11 +31,28 @@ fn golden(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// kube-proxy's test configuration: local detector 10.0.0.0/8, the fake's mark.
+/// kube-proxy's test configuration: local detector 10.0.0.0/8, and the
+/// fake iptables' mark text and lack of `--random-fully`.
 fn kube_proxy_test_options() -> RenderOptions {
     RenderOptions::default()
         .cluster_cidr("10.0.0.0/8".parse().unwrap())
         .masquerade_mark("0x4000")
+        .random_fully(false)
+}
+
+#[test]
+fn defaults_are_a_real_nodes_flags() {
+    // As a real kube-proxy logs its restore input (mark bit 14, Go's %#08x,
+    // iptables with --random-fully support).
+    let text = render::iptables::render(&overall_table(), &RenderOptions::default());
+    for want in [
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x00004000",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x00004000/0x00004000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x00004000",
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+    ] {
+        assert!(text.lines().any(|l| l == want), "missing {want}\n{text}");
+    }
 }
 
 struct Svc<'a> {

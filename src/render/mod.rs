@@ -174,9 +174,11 @@ impl fmt::Display for Cidr {
 /// What a rendering should look like: the kube-proxy flags and node facts
 /// that change its text.
 ///
-/// The default is kube-proxy's default configuration on an IPv4 node with no
-/// local-traffic detector: no per-service masquerade rule, mark bit 14,
-/// localhost NodePorts on, no `--random-fully`.
+/// The default is what kube-proxy writes with its default flags on a
+/// current IPv4 node without a local-traffic detector: no per-service
+/// masquerade rule, mark `0x00004000` (bit 14), localhost NodePorts on,
+/// `MASQUERADE --random-fully`. kube-proxy's own unit tests use a fake with
+/// mark `0x4000` and no `--random-fully`; set those two to compare with them.
 #[derive(Debug, Clone)]
 pub struct RenderOptions {
     /// This node's name and zone (Local policies, topology hints).
@@ -194,11 +196,14 @@ pub struct RenderOptions {
     pub masquerade_all: bool,
     /// The masquerade mark as kube-proxy prints it. Real kube-proxy formats
     /// `1 << --iptables-masquerade-bit` with Go's `%#08x`, which gives
-    /// `0x00004000` for the default bit 14 (the default here); kube-proxy's
-    /// unit tests use a fake that prints `0x4000`.
+    /// `0x00004000` for the default bit 14 (the default here, and what
+    /// kube-proxy's logged restore input shows:
+    /// `-A KUBE-MARK-MASQ -j MARK --or-mark 0x00004000`); kube-proxy's unit
+    /// tests use a fake that prints `0x4000`.
     pub masquerade_mark: String,
-    /// Append `--random-fully` to the `MASQUERADE` rule (kube-proxy does when
-    /// the host's iptables supports it).
+    /// Append `--random-fully` to the `MASQUERADE` rule. kube-proxy does
+    /// whenever the host's iptables supports it (1.6.2 and later, so on by
+    /// default); its unit-test fake does not.
     pub random_fully: bool,
     /// `--iptables-localhost-nodeports` (default on): the IPv4 `KUBE-FIREWALL`
     /// chain, and no `! -d 127.0.0.0/8` on the NodePorts jump.
@@ -224,7 +229,7 @@ impl Default for RenderOptions {
             cluster_cidrs: Vec::new(),
             masquerade_all: false,
             masquerade_mark: masquerade_mark(DEFAULT_MASQUERADE_BIT),
-            random_fully: false,
+            random_fully: true,
             localhost_nodeports: true,
             builtin_jumps: false,
             service_cidrs: Vec::new(),
@@ -278,6 +283,11 @@ impl RenderOptions {
     /// Sets the mark text.
     pub fn masquerade_mark(mut self, mark: impl Into<String>) -> Self {
         self.masquerade_mark = mark.into();
+        self
+    }
+    /// Turns `MASQUERADE --random-fully` on or off.
+    pub fn random_fully(mut self, on: bool) -> Self {
+        self.random_fully = on;
         self
     }
     /// Turns the built-in chain jumps on or off.
@@ -450,6 +460,7 @@ mod tests {
     #[test]
     fn default_mark_is_go_formatted() {
         assert_eq!(RenderOptions::default().masquerade_mark, "0x00004000");
+        assert!(RenderOptions::default().random_fully);
         assert_eq!(masquerade_mark(0), "0x00000001");
     }
 }
