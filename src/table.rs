@@ -295,6 +295,49 @@ pub(crate) fn endpoint_key(ip: IpAddr, port: u16) -> Box<str> {
     s.into_boxed_str()
 }
 
+/// An endpoint key written on the stack: the longest, an IPv4-mapped IPv6
+/// address with a port, is 53 bytes.
+struct KeyBuf {
+    buf: [u8; 56],
+    len: usize,
+}
+
+impl KeyBuf {
+    fn of(addr: SocketAddr) -> Self {
+        let mut k = KeyBuf {
+            buf: [0; 56],
+            len: 0,
+        };
+        match addr.ip() {
+            IpAddr::V4(v4) => write!(k, "{v4}:{}", addr.port()),
+            IpAddr::V6(v6) => write!(k, "[{v6}]:{}", addr.port()),
+        }
+        .expect("an endpoint key fits in 56 bytes");
+        k
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for KeyBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// The order of merged endpoints: kube-proxy's, by the strings of their
+/// [`endpoint_key`]s (`"10.0.0.10:80"` before `"10.0.0.2:80"`), compared
+/// without allocating.
+pub(crate) fn endpoint_order(a: SocketAddr, b: SocketAddr) -> std::cmp::Ordering {
+    KeyBuf::of(a).as_bytes().cmp(KeyBuf::of(b).as_bytes())
+}
+
 /// One service in a [`TableSnapshot`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSnapshot {
@@ -882,6 +925,30 @@ mod tests {
         t.apply(Change::DeleteSlice(SliceKey::new("default", "web-a")))
             .unwrap();
         assert_eq!(addrs(&t, "web"), ["10.0.0.10:8080", "10.0.0.2:8080"]);
+    }
+
+    #[test]
+    fn endpoint_order_is_the_order_of_the_key_strings() {
+        let addrs: Vec<SocketAddr> = [
+            "10.0.0.10:80",
+            "10.0.0.2:80",
+            "10.0.0.2:8080",
+            "10.0.0.2:9",
+            "9.255.255.255:65535",
+            "[::1]:80",
+            "[2001:db8::10]:443",
+            "[2001:db8::9]:443",
+            "[::ffff:255.255.255.255]:65535",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        for &a in &addrs {
+            for &b in &addrs {
+                let by_string = endpoint_key(a.ip(), a.port()).cmp(&endpoint_key(b.ip(), b.port()));
+                assert_eq!(endpoint_order(a, b), by_string, "{a} vs {b}");
+            }
+        }
     }
 
     #[test]

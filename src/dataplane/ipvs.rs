@@ -21,6 +21,8 @@
 //! every new connection scheduled through it, dropped as soon as its
 //! destination is gone or has weight 0.
 
+use std::cmp::Ordering;
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -32,19 +34,36 @@ use smallvec::SmallVec;
 use super::{Candidates, Dataplane, DataplaneConfig};
 use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry};
 use crate::model::flow::{Flow, Protocol, Verdict};
-use crate::model::service::ServiceKey;
+use crate::model::service::{ServiceKey, SessionAffinity};
 use crate::rng::SeededRng;
 use crate::scheduler::{Destination, PickContext, Selector};
-use crate::table::{ChangeSet, ServiceTable, ServiceView};
+use crate::table::{ChangeSet, ServiceTable, ServiceView, endpoint_order};
 use crate::time::Instant;
 use crate::topology::{Selection, categorize};
 
 /// The kernel's virtual-service key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct VsKey {
     addr: IpAddr,
     port: u16,
     protocol: Protocol,
+}
+
+impl Hash for VsKey {
+    /// One word for an IPv4 key (address, port and protocol packed), so the
+    /// hasher runs one round instead of one per field and enum tag. Equal
+    /// keys hash equally; an IPv4 and an IPv6 key never compare equal.
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let tail = u64::from(self.port) << 8 | self.protocol as u64;
+        match self.addr {
+            IpAddr::V4(v4) => state.write_u64(u64::from(u32::from(v4)) << 24 | tail),
+            IpAddr::V6(v6) => {
+                state.write_u128(u128::from(v6));
+                state.write_u64(tail);
+            }
+        }
+    }
 }
 
 /// What a virtual service does with a new connection.
@@ -61,16 +80,29 @@ enum VsState {
     Drop,
 }
 
-/// One virtual service: a slot whose state an endpoint change swaps.
-#[derive(Debug)]
-struct VirtualService {
-    state: ArcSwap<VsState>,
+/// The virtual services. Each map value is the slot of one virtual
+/// service, held in the map itself (no further pointer to follow): an
+/// endpoint change swaps the state in its slot.
+#[derive(Debug, Default)]
+struct VsTable {
+    by_key: AHashMap<VsKey, ArcSwap<VsState>>,
+    by_service: AHashMap<ServiceKey, SmallVec<[VsKey; 2]>>,
 }
 
-#[derive(Debug, Default, Clone)]
-struct VsTable {
-    by_key: AHashMap<VsKey, Arc<VirtualService>>,
-    by_service: AHashMap<ServiceKey, SmallVec<[VsKey; 2]>>,
+impl Clone for VsTable {
+    /// A copy with its own slots, pointing at the same states. Only the
+    /// writer clones (to add or remove virtual services) and then publishes
+    /// the copy; later swaps go to the copy's slots.
+    fn clone(&self) -> Self {
+        VsTable {
+            by_key: self
+                .by_key
+                .iter()
+                .map(|(k, slot)| (*k, ArcSwap::new(slot.load_full())))
+                .collect(),
+            by_service: self.by_service.clone(),
+        }
+    }
 }
 
 /// One virtual service as [`IpvsDataplane::virtual_services`] lists it.
@@ -123,6 +155,59 @@ pub struct IpvsDataplane {
     /// Affinity scopes by virtual service; locked by sync and inspection.
     scopes: Mutex<ScopeRegistry>,
     writer: Mutex<()>,
+}
+
+/// Finds, for each new destination, the old destination with the same
+/// address (to keep its connection counters). Both lists are in merged
+/// endpoint order ([`endpoint_order`]): a merge walk finds every match with
+/// no hashing, comparing keys only where the lists differ. Past
+/// [`Self::MAX_MISMATCHES`] differences (a wholesale change) it switches to
+/// a hash map of the old destinations.
+struct CounterReuse<'a> {
+    old: &'a [Destination],
+    next: usize,
+    mismatches: usize,
+    index: Option<AHashMap<SocketAddr, &'a Destination>>,
+}
+
+impl<'a> CounterReuse<'a> {
+    const MAX_MISMATCHES: usize = 16;
+
+    fn new(old: &'a [Destination]) -> Self {
+        CounterReuse {
+            old,
+            next: 0,
+            mismatches: 0,
+            index: None,
+        }
+    }
+
+    fn find(&mut self, addr: SocketAddr) -> Option<&'a Destination> {
+        if let Some(index) = &self.index {
+            return index.get(&addr).copied();
+        }
+        while let Some(d) = self.old.get(self.next) {
+            if d.addr() == addr {
+                self.next += 1;
+                return Some(d);
+            }
+            self.mismatches += 1;
+            if self.mismatches > Self::MAX_MISMATCHES {
+                let index: AHashMap<SocketAddr, &'a Destination> =
+                    self.old.iter().map(|d| (d.addr(), d)).collect();
+                let found = index.get(&addr).copied();
+                self.index = Some(index);
+                return found;
+            }
+            match endpoint_order(d.addr(), addr) {
+                // `d` is gone from the new list: step over it.
+                Ordering::Less => self.next += 1,
+                // `addr` is new: it sorts before every remaining old one.
+                _ => return None,
+            }
+        }
+        None
+    }
 }
 
 fn vs_keys(view: &ServiceView) -> SmallVec<[VsKey; 2]> {
@@ -202,10 +287,10 @@ impl IpvsDataplane {
         let mut out = Vec::with_capacity(table.by_key.len());
         for (service, keys) in &table.by_service {
             for key in keys {
-                let Some(vs) = table.by_key.get(key) else {
+                let Some(slot) = table.by_key.get(key) else {
                     continue;
                 };
-                let state = vs.state.load();
+                let state = slot.load();
                 let mut destinations: Vec<RealServerInfo> = match &**state {
                     VsState::Forward { dests, .. } => dests
                         .iter()
@@ -269,18 +354,16 @@ impl IpvsDataplane {
                 );
                 out.push(match selection {
                     Selection::Usable(eps) => {
-                        let old_dests: AHashMap<SocketAddr, &Destination> =
-                            match previous.map(|a| &**a) {
-                                Some(VsState::Forward { dests, .. }) => {
-                                    dests.iter().map(|d| (d.addr(), d)).collect()
-                                }
-                                _ => AHashMap::new(),
-                            };
+                        let old_dests: &[Destination] = match previous.map(|a| &**a) {
+                            Some(VsState::Forward { dests, .. }) => dests,
+                            _ => &[],
+                        };
+                        let mut counters = CounterReuse::new(old_dests);
                         let dests: Box<[Destination]> = eps
                             .iter()
                             .map(|e| {
                                 let w = u32::from(e.weight());
-                                match old_dests.get(&e.addr()) {
+                                match counters.find(e.addr()) {
                                     Some(d) => {
                                         Destination::with_counters(e.addr(), w, d.conns().clone())
                                     }
@@ -291,7 +374,14 @@ impl IpvsDataplane {
                         let selector = self.config.scheduler.build(&dests);
                         let count =
                             self.config.count_connections || selector.uses_connection_counts();
-                        let addrs: Vec<SocketAddr> = dests.iter().map(Destination::addr).collect();
+                        // Only a ClientIP service needs the addresses (a
+                        // service without affinity binds no scope).
+                        let addrs: Vec<SocketAddr> = match svc.session_affinity() {
+                            SessionAffinity::ClientIp { .. } => {
+                                dests.iter().map(Destination::addr).collect()
+                            }
+                            SessionAffinity::None => Vec::new(),
+                        };
                         // A weight-0 destination takes no new connections:
                         // its templates expire (expire_quiescent_template).
                         let affinity =
@@ -341,8 +431,8 @@ impl IpvsDataplane {
         };
         match table.by_key.get(&key) {
             None => f(None),
-            Some(vs) => {
-                let state = vs.state.load();
+            Some(slot) => {
+                let state = slot.load();
                 f(Some(&state))
             }
         }
@@ -370,15 +460,10 @@ impl Dataplane for IpvsDataplane {
                 let vks = vs_keys(view);
                 let old: Vec<_> = vks
                     .iter()
-                    .map(|k| current.by_key.get(k).map(|vs| vs.state.load_full()))
+                    .map(|k| current.by_key.get(k).map(|slot| slot.load_full()))
                     .collect();
                 for (vk, st) in vks.iter().zip(self.build_states(view, &old, scopes)) {
-                    fresh.by_key.insert(
-                        *vk,
-                        Arc::new(VirtualService {
-                            state: ArcSwap::from_pointee(st),
-                        }),
-                    );
+                    fresh.by_key.insert(*vk, ArcSwap::from_pointee(st));
                 }
                 fresh.by_service.insert(key, vks);
             }
@@ -410,8 +495,8 @@ impl Dataplane for IpvsDataplane {
             let t = next.get_or_insert_with(|| (*current).clone());
             if let Some(vks) = t.by_service.remove(key) {
                 for vk in vks {
-                    if let Some(vs) = t.by_key.remove(&vk) {
-                        taken_down.insert(vk, (key, vs.state.load_full()));
+                    if let Some(slot) = t.by_key.remove(&vk) {
+                        taken_down.insert(vk, (key, slot.into_inner()));
                     }
                 }
             }
@@ -432,7 +517,7 @@ impl Dataplane for IpvsDataplane {
             let old: Vec<_> = vks
                 .iter()
                 .map(|k| match by_key.get(k) {
-                    Some(vs) => Some(vs.state.load_full()),
+                    Some(slot) => Some(slot.load_full()),
                     None => taken_down
                         .get(k)
                         .filter(|(owner, _)| *owner == key)
@@ -443,7 +528,7 @@ impl Dataplane for IpvsDataplane {
             if existing.as_ref() == Some(&vks) {
                 // Same virtual services: swap each one's state in place.
                 for (vk, st) in vks.iter().zip(states) {
-                    by_key[vk].state.store(Arc::new(st));
+                    by_key[vk].store(Arc::new(st));
                 }
             } else {
                 let t = next.get_or_insert_with(|| (*current).clone());
@@ -453,12 +538,7 @@ impl Dataplane for IpvsDataplane {
                     }
                 }
                 for (vk, st) in vks.iter().zip(states) {
-                    t.by_key.insert(
-                        *vk,
-                        Arc::new(VirtualService {
-                            state: ArcSwap::from_pointee(st),
-                        }),
-                    );
+                    t.by_key.insert(*vk, ArcSwap::from_pointee(st));
                 }
                 t.by_service.insert(key.clone(), vks);
             }
@@ -561,5 +641,59 @@ impl Dataplane for IpvsDataplane {
 
     fn affinity_report(&self, service: &ServiceKey, now: Instant) -> Option<AffinityReport> {
         self.scopes.lock().report(&self.affinity, service, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The merge walk finds exactly what a hash map of the old destinations
+    /// finds, for small and wholesale differences between the two lists.
+    #[test]
+    fn counter_reuse_matches_a_map_lookup() {
+        let rng = SeededRng::new(99);
+        for round in 0..300 {
+            let universe = 1 + rng.below(120) as usize;
+            let mut all: Vec<SocketAddr> = (0..universe)
+                .map(|i| {
+                    let ip = if i % 7 == 3 {
+                        IpAddr::V6(std::net::Ipv6Addr::new(
+                            0x2001, 0xdb8, 0, 0, 0, 0, 0, i as u16,
+                        ))
+                    } else {
+                        IpAddr::V4(std::net::Ipv4Addr::new(10, 0, (i / 50) as u8, i as u8))
+                    };
+                    SocketAddr::new(ip, 8000 + (i % 3) as u16)
+                })
+                .collect();
+            all.sort_by(|a, b| endpoint_order(*a, *b));
+            // Old and new: subsets of the universe in merged order; later
+            // rounds differ more.
+            let keep_old = rng.below(100);
+            let churn = if round % 3 == 0 { 2 } else { 40 };
+            let old: Vec<Destination> = all
+                .iter()
+                .filter(|_| rng.below(100) < keep_old.max(1))
+                .map(|a| Destination::new(*a, 1))
+                .collect();
+            let new: Vec<SocketAddr> = all
+                .iter()
+                .filter(|a| {
+                    let was = old.iter().any(|d| d.addr() == **a);
+                    let flip = rng.below(100) < churn;
+                    was != flip
+                })
+                .copied()
+                .collect();
+            let map: AHashMap<SocketAddr, &Destination> =
+                old.iter().map(|d| (d.addr(), d)).collect();
+            let mut walk = CounterReuse::new(&old);
+            for a in &new {
+                let got = walk.find(*a).map(|d| d as *const Destination);
+                let want = map.get(a).map(|d| *d as *const Destination);
+                assert_eq!(got, want, "round {round}, {a}");
+            }
+        }
     }
 }
