@@ -2,6 +2,7 @@
 //! the manifest parser into a table, then routed and resolved.
 #![cfg(feature = "serde")]
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use svclb::k8s::dns::{Answer, ClusterDns, RecordType};
@@ -197,4 +198,117 @@ fn bad_manifest_names_file_document_object_and_field() {
         err.to_string(),
         "web.yaml: document 1: Service default/web: spec.ports[0].port: port 80000 is out of range (must be 1..=65535)"
     );
+}
+
+mod round_trip {
+    use super::*;
+    use proptest::prelude::*;
+    use svclb::k8s::manifest::{EndpointSliceManifest, ServiceManifest};
+
+    fn protocol() -> impl Strategy<Value = Protocol> {
+        prop_oneof![
+            Just(Protocol::Tcp),
+            Just(Protocol::Udp),
+            Just(Protocol::Sctp)
+        ]
+    }
+
+    prop_compose! {
+        fn service()(
+            ports in prop::collection::vec((1i64..=65_535, protocol(), prop::option::of(1i64..=65_535), any::<bool>()), 1..4),
+            ip in any::<[u8; 4]>(),
+            v6 in prop::option::of(any::<u128>()),
+            headless in any::<bool>(),
+            affinity in prop::option::of(1i64..=86_400),
+            local in any::<bool>(),
+            dist in 0u8..3,
+            topology in any::<bool>(),
+            publish in any::<bool>(),
+        ) -> Option<Service> {
+            let mut b = Service::builder("ns-1", "svc-a");
+            if headless {
+                b = b.headless();
+            } else {
+                b = b.cluster_ip(IpAddr::from(ip));
+                if let Some(v6) = v6 {
+                    b = b.cluster_ip(IpAddr::from(std::net::Ipv6Addr::from(v6)));
+                }
+            }
+            for (i, (port, proto, target, named_target)) in ports.into_iter().enumerate() {
+                let mut p = ServicePortSpec::new(proto, port).name(format!("p{i}"));
+                p = match (target, named_target) {
+                    (_, true) => p.target_port_name(format!("t{i}")),
+                    (Some(t), false) => p.target_port(t),
+                    (None, false) => p,
+                };
+                b = b.port(p);
+            }
+            if let Some(t) = affinity {
+                b = b.client_ip_affinity(Some(t));
+            }
+            if local {
+                b = b.internal_traffic_policy(TrafficPolicy::Local);
+            }
+            match dist {
+                1 => b = b.traffic_distribution(TrafficDistribution::PreferSameZone),
+                2 => b = b.traffic_distribution(TrafficDistribution::PreferSameNode),
+                _ => {}
+            }
+            if topology {
+                b = b.topology_mode("Auto");
+            }
+            // Builds that the model refuses (duplicate port/protocol) are skipped.
+            b.publish_not_ready_addresses(publish).build().ok()
+        }
+    }
+
+    prop_compose! {
+        fn slice()(
+            ports in prop::collection::vec((0i64..=65_535, protocol()), 0..3),
+            eps in prop::collection::btree_set(any::<u32>(), 0..6),
+            flags in prop::collection::vec((prop::option::of(any::<bool>()), prop::option::of(any::<bool>()), prop::option::of(any::<bool>()), any::<bool>(), 0u8..3), 6),
+        ) -> EndpointSlice {
+            let mut b = EndpointSlice::builder("ns-1", "svc-a-x1", "svc-a", AddressType::IPv4);
+            for (i, (port, proto)) in ports.into_iter().enumerate() {
+                b = b.port(SlicePortSpec::new(proto, port).name(format!("p{i}")));
+            }
+            for (ip, (ready, serving, terminating, host, zone)) in eps.into_iter().zip(flags) {
+                let mut e = EndpointSpec::new(std::net::Ipv4Addr::from(ip).to_string());
+                e.conditions = Conditions { ready, serving, terminating };
+                if host {
+                    e = e.hostname(format!("h-{ip}"));
+                }
+                if zone > 0 {
+                    e = e.zone(format!("zone-{zone}")).hint_zone(format!("zone-{zone}")).node(format!("node-{zone}"));
+                }
+                if zone > 1 {
+                    e = e.hint_node(format!("node-{zone}"));
+                }
+                b = b.endpoint(e);
+            }
+            b.build().unwrap()
+        }
+    }
+
+    proptest! {
+        /// model -> manifest -> YAML/JSON -> manifest -> model is the identity.
+        #[test]
+        fn services_round_trip(svc in service()) {
+            let Some(svc) = svc else { return Ok(()) };
+            let m = Manifest::Service(ServiceManifest::from(&svc));
+            for text in [m.to_yaml().unwrap(), m.to_json().unwrap()] {
+                let back = Manifests::parse_str(&text, None).unwrap().changes().unwrap();
+                prop_assert_eq!(&back.changes, &vec![Change::UpsertService(svc.clone())], "{}", text);
+            }
+        }
+
+        #[test]
+        fn slices_round_trip(slice in slice()) {
+            let m = Manifest::EndpointSlice(EndpointSliceManifest::from(&slice));
+            for text in [m.to_yaml().unwrap(), m.to_json().unwrap()] {
+                let back = Manifests::parse_str(&text, None).unwrap().changes().unwrap();
+                prop_assert_eq!(&back.changes, &vec![Change::UpsertSlice(slice.clone())], "{}", text);
+            }
+        }
+    }
 }
