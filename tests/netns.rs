@@ -2,7 +2,8 @@
 //!
 //! For each backend available here (`iptables-restore` — nft- or
 //! legacy-backed, whichever the host's default is —, `iptables-legacy-restore`
-//! and `nft -f`), the test:
+//! and `nft -f`; their `ip6tables` twins for IPv6) and for both IPv4 and
+//! IPv6, the test:
 //!
 //! 1. creates a fresh network namespace with a unique name (deleted at the
 //!    end, also on failure), brings up `lo` and an interface holding the
@@ -34,15 +35,65 @@ use svclb::scheduler::iptables_probability;
 use svclb::*;
 
 const CHILD_ENV: &str = "SVCLB_NETNS_CHILD";
-const ENDPOINTS: [&str; 3] = ["10.180.0.1", "10.180.0.2", "10.180.0.3"];
-/// Not ready: the model leaves it out, so the kernel must never pick it.
-const NOT_READY: &str = "10.180.0.4";
-const CLIENT: &str = "10.99.0.1";
+const FAMILY_ENV: &str = "SVCLB_NETNS_FAMILY";
 const TARGET_PORT: u16 = 8080;
-const WEB: &str = "172.30.0.10:80";
-const STICKY: &str = "172.30.0.11:80";
-const EMPTY: &str = "172.30.0.12:80";
-const LOCAL: &str = "172.30.0.13:80";
+
+/// The addresses of one run, per IP family.
+#[derive(Debug, Clone, Copy)]
+struct Addrs {
+    ipv6: bool,
+    endpoints: [&'static str; 3],
+    /// Not ready: the model leaves it out, so the kernel must never pick it.
+    not_ready: &'static str,
+    client: &'static str,
+    /// The service range, routed into the namespace's interface.
+    service_range: &'static str,
+    cluster_cidr: &'static str,
+    web: &'static str,
+    sticky: &'static str,
+    empty: &'static str,
+    local: &'static str,
+}
+
+const V4: Addrs = Addrs {
+    ipv6: false,
+    endpoints: ["10.180.0.1", "10.180.0.2", "10.180.0.3"],
+    not_ready: "10.180.0.4",
+    client: "10.99.0.1",
+    service_range: "172.30.0.0/16",
+    cluster_cidr: "10.0.0.0/8",
+    web: "172.30.0.10:80",
+    sticky: "172.30.0.11:80",
+    empty: "172.30.0.12:80",
+    local: "172.30.0.13:80",
+};
+
+const V6: Addrs = Addrs {
+    ipv6: true,
+    endpoints: ["fd00:180::1", "fd00:180::2", "fd00:180::3"],
+    not_ready: "fd00:180::4",
+    client: "fd00:99::1",
+    service_range: "fd00:30::/64",
+    cluster_cidr: "fd00::/8",
+    web: "[fd00:30::10]:80",
+    sticky: "[fd00:30::11]:80",
+    empty: "[fd00:30::12]:80",
+    local: "[fd00:30::13]:80",
+};
+
+impl Addrs {
+    fn family(&self) -> render::IpFamily {
+        if self.ipv6 {
+            render::IpFamily::V6
+        } else {
+            render::IpFamily::V4
+        }
+    }
+    fn prefix(&self) -> u8 {
+        if self.ipv6 { 128 } else { 32 }
+    }
+}
+
 const CONNECTIONS: usize = 600;
 const STICKY_CONNECTIONS: usize = 60;
 /// The chi-square critical value for 2 degrees of freedom at p = 0.001.
@@ -52,7 +103,7 @@ fn node() -> NodeTopology {
     NodeTopology::new("test-node", "zone-a")
 }
 
-fn table() -> ServiceTable {
+fn table(a: &Addrs) -> ServiceTable {
     let mut changes = Vec::new();
     let svc = |name: &str, vip: &str| {
         let vip: SocketAddr = vip.parse().unwrap();
@@ -62,30 +113,37 @@ fn table() -> ServiceTable {
                 .target_port(i64::from(TARGET_PORT)),
         )
     };
+    let address_type = if a.ipv6 {
+        AddressType::IPv6
+    } else {
+        AddressType::IPv4
+    };
     let slice = |svc: &str, node_name: &str| {
-        EndpointSlice::builder("default", format!("{svc}-x1"), svc, AddressType::IPv4)
+        EndpointSlice::builder("default", format!("{svc}-x1"), svc, address_type)
             .port(SlicePortSpec::tcp(i64::from(TARGET_PORT)).name("http"))
             .endpoints(
-                ENDPOINTS
+                a.endpoints
                     .iter()
                     .map(|ip| EndpointSpec::new(*ip).node(node_name)),
             )
-            .endpoint(EndpointSpec::new(NOT_READY).node(node_name).ready(false))
+            .endpoint(EndpointSpec::new(a.not_ready).node(node_name).ready(false))
             .build()
             .unwrap()
     };
-    changes.push(Change::UpsertService(svc("web", WEB).build().unwrap()));
+    changes.push(Change::UpsertService(svc("web", a.web).build().unwrap()));
     changes.push(Change::UpsertSlice(slice("web", "test-node")));
     changes.push(Change::UpsertService(
-        svc("sticky", STICKY)
+        svc("sticky", a.sticky)
             .client_ip_affinity(Some(600))
             .build()
             .unwrap(),
     ));
     changes.push(Change::UpsertSlice(slice("sticky", "test-node")));
-    changes.push(Change::UpsertService(svc("empty", EMPTY).build().unwrap()));
     changes.push(Change::UpsertService(
-        svc("local", LOCAL)
+        svc("empty", a.empty).build().unwrap(),
+    ));
+    changes.push(Change::UpsertService(
+        svc("local", a.local)
             .internal_traffic_policy(TrafficPolicy::Local)
             .build()
             .unwrap(),
@@ -181,7 +239,7 @@ impl Netns {
     ///
     /// (Routing the range to `lo` is not enough: the kernel sends no ICMP
     /// error for a REJECT of a packet routed to loopback.)
-    fn set_up_addresses(&self) {
+    fn set_up_addresses(&self, a: &Addrs) {
         self.ip(&["link", "set", "lo", "up"]);
         let dummy = run(
             "ip",
@@ -192,17 +250,23 @@ impl Netns {
             self.ip(&["link", "add", "svc0", "type", "bridge"]);
         }
         self.ip(&["link", "set", "svc0", "up"]);
-        for ip in ENDPOINTS.iter().chain([&NOT_READY, &CLIENT]) {
-            self.ip(&["addr", "add", &format!("{ip}/32"), "dev", "svc0"]);
+        for ip in a.endpoints.iter().chain([&a.not_ready, &a.client]) {
+            let addr = format!("{ip}/{}", a.prefix());
+            if a.ipv6 {
+                // No duplicate address detection: usable at once.
+                self.ip(&["addr", "add", &addr, "dev", "svc0", "nodad"]);
+            } else {
+                self.ip(&["addr", "add", &addr, "dev", "svc0"]);
+            }
         }
         self.ip(&[
             "route",
             "add",
-            "172.30.0.0/16",
+            a.service_range,
             "dev",
             "svc0",
             "src",
-            CLIENT,
+            a.client,
         ]);
     }
 }
@@ -224,10 +288,6 @@ enum Backend {
 }
 
 impl Backend {
-    fn tool(self) -> &'static str {
-        self.tool_for(false)
-    }
-
     fn tool_for(self, ipv6: bool) -> &'static str {
         match (self, ipv6) {
             (Backend::Iptables, false) => "iptables-restore",
@@ -300,34 +360,35 @@ fn model_shares(backend: Backend, candidates: &[SocketAddr]) -> Vec<f64> {
     }
 }
 
-fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
+fn check_backend(backend: Backend, a: &Addrs, table: &ServiceTable) -> Result<(), String> {
     let tag = match backend {
         Backend::Iptables => "ipt",
         Backend::IptablesLegacy => "legacy",
         Backend::Nft => "nft",
     };
     let ns = Netns::create(tag).map_err(|e| format!("cannot create a network namespace: {e}"))?;
-    ns.set_up_addresses();
+    ns.set_up_addresses(a);
 
     // Is netfilter usable at all here (kernel support for this backend)?
     let probe = match backend {
         Backend::Nft => "add table ip svclb-probe\n",
         _ => "*filter\nCOMMIT\n",
     };
-    let args = backend.load_args(&ns, false);
+    let args = backend.load_args(&ns, a.ipv6);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_with_stdin("ip", &args, probe);
     if !out.status.success() {
         return Err(format!(
             "{} does not work in a namespace here: {}",
-            backend.tool(),
+            backend.tool_for(a.ipv6),
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
 
     let opts = RenderOptions::default()
+        .family(a.family())
         .node(node())
-        .cluster_cidr("10.0.0.0/8".parse().unwrap())
+        .cluster_cidr(a.cluster_cidr.parse().unwrap())
         .builtin_jumps(true);
     let text = match backend {
         Backend::Nft => {
@@ -341,7 +402,7 @@ fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
     assert!(
         out.status.success(),
         "{} rejected svclb's rendering: {}\n{text}",
-        backend.tool(),
+        backend.tool_for(a.ipv6),
         String::from_utf8_lossy(&out.stderr)
     );
 
@@ -358,6 +419,7 @@ fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, "1")
+        .env(FAMILY_ENV, if a.ipv6 { "6" } else { "4" })
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -369,16 +431,21 @@ fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
         String::from_utf8_lossy(&out.stderr)
     );
     let seen = parse_child(&stdout);
-    println!("{:?} observed: {seen:?}", backend);
+    let label = format!(
+        "{} ({})",
+        backend.tool_for(a.ipv6),
+        if a.ipv6 { "IPv6" } else { "IPv4" }
+    );
+    println!("{label} observed: {seen:?}");
 
     // The model, configured like the rendering.
     let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1).node(node()));
     dp.sync(table, &table.full_change_set());
-    let web: SocketAddr = WEB.parse().unwrap();
+    let web: SocketAddr = a.web.parse().unwrap();
     let Candidates::Endpoints(candidates) = dp.candidates(Protocol::Tcp, web) else {
         panic!("the model has endpoints for web");
     };
-    assert_eq!(candidates.len(), ENDPOINTS.len());
+    assert_eq!(candidates.len(), a.endpoints.len());
     let web_seen = &seen["web"];
     let total: usize = web_seen.values().sum();
     assert_eq!(
@@ -399,10 +466,10 @@ fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
     );
     assert!(
         chi2 < CHI2_CRITICAL_DF2,
-        "{backend:?}: chi-square {chi2:.2} >= {CHI2_CRITICAL_DF2} for {web_seen:?}"
+        "{label}: chi-square {chi2:.2} >= {CHI2_CRITICAL_DF2} for {web_seen:?}"
     );
     println!(
-        "{backend:?}: {CONNECTIONS} connections, chi-square {chi2:.2} (df 2, critical {CHI2_CRITICAL_DF2})"
+        "{label}: {CONNECTIONS} connections, chi-square {chi2:.2} (df 2, critical {CHI2_CRITICAL_DF2})"
     );
 
     // ClientIP affinity: one client, one backend (among the model's).
@@ -414,7 +481,7 @@ fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
 
     // No endpoints: REJECT (the model says Reject) -> connection refused.
     assert_eq!(
-        dp.candidates(Protocol::Tcp, EMPTY.parse().unwrap()),
+        dp.candidates(Protocol::Tcp, a.empty.parse().unwrap()),
         Candidates::Reject
     );
     assert_eq!(
@@ -425,7 +492,7 @@ fn check_backend(backend: Backend, table: &ServiceTable) -> Result<(), String> {
     );
     // Local policy, endpoints only elsewhere: DROP -> no answer at all.
     assert_eq!(
-        dp.candidates(Protocol::Tcp, LOCAL.parse().unwrap()),
+        dp.candidates(Protocol::Tcp, a.local.parse().unwrap()),
         Candidates::Drop
     );
     assert_eq!(
@@ -492,28 +559,29 @@ fn kernel_accepts_renderings_and_balances_like_the_model() {
     if !can_use_netns() {
         return;
     }
-    let backends = installed_backends(false);
-    if backends.is_empty() {
-        println!("SKIPPED: neither iptables-restore nor nft is installed");
-        return;
-    }
-    let table = table();
     let mut ran = 0;
     let mut skipped = Vec::new();
-    for backend in backends {
-        match check_backend(backend, &table) {
-            Ok(()) => ran += 1,
-            Err(reason) => {
-                println!("skipping the {backend:?} backend: {reason}");
-                skipped.push(reason);
+    for a in [V4, V6] {
+        let table = table(&a);
+        for backend in installed_backends(a.ipv6) {
+            match check_backend(backend, &a, &table) {
+                Ok(()) => ran += 1,
+                Err(reason) => {
+                    println!("skipping {}: {reason}", backend.tool_for(a.ipv6));
+                    skipped.push(reason);
+                }
             }
         }
     }
     if ran == 0 {
-        println!("SKIPPED: {}", skipped.join("; "));
+        if skipped.is_empty() {
+            println!("SKIPPED: neither iptables-restore nor nft is installed");
+        } else {
+            println!("SKIPPED: {}", skipped.join("; "));
+        }
         return;
     }
-    println!("checked {ran} netfilter backend(s) against the model");
+    println!("checked {ran} netfilter backend and family combination(s) against the model");
 }
 
 fn probe_connect(target: SocketAddr, timeout: Duration) -> String {
@@ -543,7 +611,12 @@ fn netns_child() {
         );
         return;
     }
-    for ip in ENDPOINTS.iter().chain([&NOT_READY]) {
+    let a = if std::env::var(FAMILY_ENV).as_deref() == Ok("6") {
+        V6
+    } else {
+        V4
+    };
+    for ip in a.endpoints.iter().chain([&a.not_ready]) {
         let addr = SocketAddr::new(ip.parse().unwrap(), TARGET_PORT);
         let listener = TcpListener::bind(addr).unwrap();
         std::thread::spawn(move || {
@@ -565,10 +638,10 @@ fn netns_child() {
         }
     };
     let quick = Duration::from_secs(5);
-    report("web", WEB, CONNECTIONS, quick);
-    report("sticky", STICKY, STICKY_CONNECTIONS, quick);
-    report("empty", EMPTY, 3, quick);
-    report("local", LOCAL, 1, Duration::from_millis(1500));
+    report("web", a.web, CONNECTIONS, quick);
+    report("sticky", a.sticky, STICKY_CONNECTIONS, quick);
+    report("empty", a.empty, 3, quick);
+    report("local", a.local, 1, Duration::from_millis(1500));
 }
 
 /// A dual-stack table with every protocol and outcome: dual-stack TCP, UDP
