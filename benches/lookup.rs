@@ -1,7 +1,8 @@
 //! `route()` in iptables mode (a linear walk of KUBE-SERVICES) and in IPVS
 //! mode (a hash lookup plus an rr pick) at 10 to 10,000 services with 5
-//! endpoints each, over a random mix of services; a bare `ahash` map probe
-//! over the same keys is the floor.
+//! endpoints each, over a random mix of services; the same through an
+//! `IpvsReader` (the per-thread handle that caches the table); a bare
+//! `ahash` map probe over the same keys is the floor.
 //!
 //! Targets (issue 6), read as ratios within one run: IPVS at 10,000 ≤ 1.5×
 //! IPVS at 10; iptables 10,000 ÷ 1,000 ≥ 5; iptables ÷ IPVS at 10,000 ≥ 50;
@@ -51,6 +52,14 @@ fn bench_lookup(c: &mut Criterion) {
             b.iter(|| {
                 k = (k + 1) & (FLOWS - 1);
                 black_box(ipvs.route(black_box(&flows[k]), now))
+            })
+        });
+        let mut reader = ipvs.reader();
+        group.bench_function(BenchmarkId::new("ipvs_reader", n), |b| {
+            let mut k = 0;
+            b.iter(|| {
+                k = (k + 1) & (FLOWS - 1);
+                black_box(reader.route(black_box(&flows[k]), now))
             })
         });
         group.bench_function(BenchmarkId::new("ahash_probe", n), |b| {

@@ -146,6 +146,7 @@ struct LookupRow {
     services: usize,
     iptables: f64,
     ipvs: f64,
+    reader: f64,
     floor: f64,
 }
 
@@ -191,6 +192,10 @@ fn measure_lookups(table: &ServiceTable, n: usize) -> LookupRow {
     let ipvs_ns = time_per_flow(&flows, |f| {
         black_box(ipvs.route(f, now));
     });
+    let mut reader = ipvs.reader();
+    let reader_ns = time_per_flow(&flows, |f| {
+        black_box(reader.route(f, now));
+    });
     let iptables_ns = time_per_flow(&flows, |f| {
         black_box(ipt.route(f, now));
     });
@@ -201,6 +206,7 @@ fn measure_lookups(table: &ServiceTable, n: usize) -> LookupRow {
         services: n,
         iptables: iptables_ns,
         ipvs: ipvs_ns,
+        reader: reader_ns,
         floor: floor_ns,
     }
 }
@@ -288,11 +294,12 @@ fn throughput(n: usize, readers: usize, writer: bool, secs: f64) -> (Vec<f64>, f
                 let flows = common::flow_mix(n, FLOWS, 0xBEEF + r as u64);
                 s.spawn(move || {
                     let now = svclb::Instant::ZERO;
+                    let mut reader = ipvs.reader();
                     let start = WallClock::now();
                     let mut count = 0u64;
                     loop {
                         for f in &flows {
-                            black_box(ipvs.route(black_box(f), now));
+                            black_box(reader.route(black_box(f), now));
                         }
                         count += flows.len() as u64;
                         if start.elapsed() >= duration || stop.load(Ordering::Relaxed) {
@@ -375,7 +382,9 @@ fn svg_plot(rows: &[LookupRow]) -> String {
     let (w, h) = (640.0, 420.0);
     let (left, right, top, bottom) = (70.0, 170.0, 30.0, 50.0);
     let xs: Vec<f64> = rows.iter().map(|r| (r.services as f64).log10()).collect();
-    let all_y = rows.iter().flat_map(|r| [r.iptables, r.ipvs, r.floor]);
+    let all_y = rows
+        .iter()
+        .flat_map(|r| [r.iptables, r.ipvs, r.reader, r.floor]);
     let ymin = all_y.clone().fold(f64::MAX, f64::min).log10().floor();
     let ymax = all_y.fold(0.0, f64::max).log10().ceil();
     let (xmin, xmax) = (xs[0].floor(), xs[xs.len() - 1].ceil());
@@ -436,9 +445,10 @@ fn svg_plot(rows: &[LookupRow]) -> String {
         (top + h - bottom) / 2.0,
         (top + h - bottom) / 2.0
     );
-    let series: [Series; 3] = [
+    let series: [Series; 4] = [
         ("iptables mode", "#d62728", |r| r.iptables),
         ("IPVS mode (rr)", "#1f77b4", |r| r.ipvs),
+        ("IPVS, thread reader", "#2ca02c", |r| r.reader),
         ("bare ahash probe", "#7f7f7f", |r| r.floor),
     ];
     for (k, (name, color, get)) in series.iter().enumerate() {
@@ -448,7 +458,7 @@ fn svg_plot(rows: &[LookupRow]) -> String {
             .map(|(r, &x)| (px(x), py(get(r).log10())))
             .collect();
         let path: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-        let dash = if k == 2 {
+        let dash = if k == 3 {
             r#" stroke-dasharray="5,4""#
         } else {
             ""
@@ -526,6 +536,7 @@ fn main() {
         for (mode, ns) in [
             ("iptables", row.iptables),
             ("ipvs", row.ipvs),
+            ("ipvs-reader", row.reader),
             ("ahash-probe", row.floor),
         ] {
             json.push(format!(
@@ -538,19 +549,21 @@ fn main() {
     }
     let _ = writeln!(
         md,
-        "### Lookup: one `route()` over a random mix of services\n\n| services | endpoints | iptables mode | IPVS mode (rr) | bare ahash probe | iptables ÷ IPVS | IPVS ÷ probe |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "### Lookup: one `route()` over a random mix of services\n\n| services | endpoints | iptables mode | IPVS mode (rr) | IPVS, per-thread reader | bare ahash probe | iptables ÷ IPVS | IPVS ÷ probe | reader ÷ probe |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in &lookups {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} |",
             fmt_count(r.services as f64),
             fmt_count((r.services * 5) as f64),
             fmt_ns(r.iptables),
             fmt_ns(r.ipvs),
+            fmt_ns(r.reader),
             fmt_ns(r.floor),
             r.iptables / r.ipvs,
-            r.ipvs / r.floor
+            r.ipvs / r.floor,
+            r.reader / r.floor
         );
     }
 
@@ -603,7 +616,7 @@ fn main() {
     }
     let _ = writeln!(
         md,
-        "\n### Throughput: IPVS-mode lookups at {} services\n\n| set-up | lookups/s per thread | total |\n| --- | ---: | ---: |\n| 1 thread, no writer | {:.2} M | {:.2} M |\n| 2 threads, writer at {:.0} slice updates/s | {:.2} M, {:.2} M | {:.2} M ({:.2}×) |",
+        "\n### Throughput: IPVS-mode lookups (`IpvsReader::route`) at {} services\n\n| set-up | lookups/s per thread | total |\n| --- | ---: | ---: |\n| 1 thread, no writer | {:.2} M | {:.2} M |\n| 2 threads, writer at {:.0} slice updates/s | {:.2} M, {:.2} M | {:.2} M ({:.2}×) |",
         fmt_count(tn as f64),
         th.single / 1e6,
         th.single / 1e6,
@@ -643,6 +656,25 @@ fn main() {
             md,
             "- IPVS route ÷ bare ahash probe at 10,000 services: {r:.2} (target ≤ 3: {})",
             verdict(r <= 3.0)
+        );
+        let r = l10.ipvs / l10.floor;
+        let _ = writeln!(
+            md,
+            "- IPVS route ÷ bare ahash probe at 10 services: {r:.2} (target ≤ 3: {})",
+            verdict(r <= 3.0)
+        );
+        let (a, b) = (l10k.reader / l10k.floor, l10.reader / l10.floor);
+        let _ = writeln!(
+            md,
+            "- the same through a per-thread `IpvsReader`: {a:.2} at 10,000 services, {b:.2} at 10 (target ≤ 3: {}, {})",
+            verdict(a <= 3.0),
+            verdict(b <= 3.0)
+        );
+        let r = l10k.reader / l10.reader;
+        let _ = writeln!(
+            md,
+            "- `IpvsReader` route at 10,000 services ÷ at 10: {r:.2} (target ≤ 1.5: {})",
+            verdict(r <= 1.5)
         );
     } else {
         let _ = writeln!(md, "- (needs --max-services >= 10000)");

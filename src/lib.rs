@@ -90,7 +90,9 @@ pub use affinity::{
     AffinityConfig, AffinityEntry, AffinityKey, AffinityReport, AffinityScope, AffinityTable,
     EndpointAffinityStats, Hotspot, Pinned, PortAffinityReport, ScopeEntry,
 };
-pub use dataplane::{Candidates, Dataplane, DataplaneConfig, IptablesDataplane, IpvsDataplane};
+pub use dataplane::{
+    Candidates, Dataplane, DataplaneConfig, IptablesDataplane, IpvsDataplane, IpvsReader,
+};
 pub use error::{UpdateError, ValidationError};
 pub use model::endpoint_slice::{
     AddressType, Conditions, Endpoint, EndpointAddress, EndpointSlice, EndpointSliceBuilder,

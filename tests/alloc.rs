@@ -1,6 +1,6 @@
 //! The packet path allocates nothing: `route` in both modes, with every
-//! built-in scheduler, an affinity hit, and `connection_closed`, measured
-//! with a counting global allocator.
+//! built-in scheduler, an affinity hit, `connection_closed`, and the IPVS
+//! per-thread reader, measured with a counting global allocator.
 //!
 //! One test function only: the allocator counts every thread, so no other
 //! test may run while a region is measured.
@@ -146,6 +146,26 @@ fn packet_path_allocates_nothing() {
         dataplanes.push((format!("ipvs/{kind}"), Box::new(IpvsDataplane::new(config))));
     }
     let all = t.full_change_set();
+    // The per-thread IPVS reader, warm, then counted.
+    let rr = IpvsDataplane::new(DataplaneConfig::with_seed(1).node(node.clone()));
+    rr.sync(&t, &all);
+    let mut reader = rr.reader();
+    for f in &flows {
+        reader.route(f, Instant::ZERO);
+    }
+    let region = Region::new(GLOBAL);
+    let forwarded = flows
+        .iter()
+        .filter(|f| matches!(reader.route(f, Instant::from_secs(1)), Verdict::Forward(_)))
+        .count();
+    let c = region.change();
+    assert_eq!(forwarded, 2200, "ipvs reader: verdicts");
+    assert_eq!(
+        c.allocations + c.reallocations + c.deallocations,
+        0,
+        "ipvs reader: the packet path allocated"
+    );
+
     let sticky = ServiceKey::new("default", "sticky");
     for (name, dp) in &dataplanes {
         dp.sync(&t, &all);

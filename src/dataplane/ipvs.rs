@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use ahash::AHashMap;
 use arc_swap::ArcSwap;
+use arc_swap::cache::Cache;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
@@ -73,8 +74,10 @@ enum VsState {
         dests: Box<[Destination]>,
         selector: Selector,
         count: bool,
-        /// Persistence, for `ClientIP` services.
-        affinity: Option<AffinityPort>,
+        /// Persistence, for `ClientIP` services (boxed: it is large, and a
+        /// lookup without affinity should touch as few cache lines as
+        /// possible).
+        affinity: Option<Box<AffinityPort>>,
     },
     Reject,
     Drop,
@@ -207,6 +210,38 @@ impl<'a> CounterReuse<'a> {
             }
         }
         None
+    }
+}
+
+/// A per-thread reader of an [`IpvsDataplane`]: see
+/// [`IpvsDataplane::reader`].
+#[derive(Debug)]
+pub struct IpvsReader<'a> {
+    dataplane: &'a IpvsDataplane,
+    table: Cache<&'a ArcSwap<VsTable>, Arc<VsTable>>,
+}
+
+impl IpvsReader<'_> {
+    /// Decides a new flow, as [`Dataplane::route`] does.
+    #[inline]
+    pub fn route(&mut self, flow: &Flow, now: Instant) -> Verdict {
+        self.route_with_key(flow, None, now)
+    }
+
+    /// [`route`](Self::route) with a caller-supplied affinity key, as
+    /// [`Dataplane::route_with_key`] does.
+    #[inline]
+    pub fn route_with_key(&mut self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
+        let table = self.table.load();
+        let vk = VsKey {
+            addr: flow.dst.ip(),
+            port: flow.dst.port(),
+            protocol: flow.protocol,
+        };
+        match table.by_key.get(&vk) {
+            None => self.dataplane.decide(None, flow, key, now),
+            Some(slot) => self.dataplane.decide(Some(&slot.load()), flow, key, now),
+        }
     }
 }
 
@@ -393,7 +428,7 @@ impl IpvsDataplane {
                             dests,
                             selector,
                             count,
-                            affinity,
+                            affinity: affinity.map(Box::new),
                         }
                     }
                     sel => {
@@ -435,6 +470,97 @@ impl IpvsDataplane {
                 let state = slot.load();
                 f(Some(&state))
             }
+        }
+    }
+
+    /// What `route` decides for a flow whose virtual service is `state`.
+    #[inline]
+    fn decide(
+        &self,
+        state: Option<&VsState>,
+        flow: &Flow,
+        key: Option<u64>,
+        now: Instant,
+    ) -> Verdict {
+        match state {
+            None => Verdict::NotAService,
+            Some(VsState::Reject) => Verdict::Reject,
+            Some(VsState::Drop) => Verdict::Drop,
+            Some(VsState::Forward {
+                dests,
+                selector,
+                count,
+                affinity,
+            }) => {
+                let ctx = PickContext {
+                    flow,
+                    now,
+                    rng: &self.rng,
+                };
+                let picked = match affinity {
+                    None => selector.pick(dests, &ctx),
+                    Some(aff) => {
+                        let pinned = self.affinity.route(
+                            &aff.scope,
+                            aff.key(flow, key),
+                            now,
+                            |ep| aff.position(ep),
+                            || selector.pick(dests, &ctx).map(|i| (i, dests[i].addr())),
+                        );
+                        pinned.map(|p| {
+                            aff.count(p.index);
+                            p.index
+                        })
+                    }
+                };
+                match picked {
+                    Some(i) => {
+                        let d = &dests[i];
+                        if *count {
+                            d.conns().connect();
+                        }
+                        Verdict::Forward(d.addr())
+                    }
+                    None => Verdict::Reject,
+                }
+            }
+        }
+    }
+
+    /// A reader for one thread: routes like [`Dataplane::route`], but keeps
+    /// the virtual-service table it last saw and only checks, with one
+    /// atomic load, that it is still the current one (an
+    /// [`arc_swap::cache::Cache`]). That saves the table's guarded load on
+    /// every packet; the state of the virtual service is still loaded
+    /// afresh, so endpoint changes show at once.
+    ///
+    /// A reader keeps the table it last saw alive until its next `route`
+    /// or its drop: keep one per packet thread, not one per idle
+    /// connection.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::*;
+    /// let mut table = ServiceTable::new();
+    /// let svc = Service::builder("default", "web")
+    ///     .cluster_ip("10.96.0.10".parse().unwrap())
+    ///     .port(ServicePortSpec::tcp(80).target_port(8080))
+    ///     .build().unwrap();
+    /// let slice = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+    ///     .port(SlicePortSpec::tcp(8080))
+    ///     .endpoint(EndpointSpec::new("10.0.0.2"))
+    ///     .build().unwrap();
+    /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+    /// let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1));
+    /// dp.sync(&table, &changes);
+    /// let mut reader = dp.reader();
+    /// let flow = Flow::tcp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:80".parse().unwrap());
+    /// assert_eq!(reader.route(&flow, Instant::ZERO), Verdict::Forward("10.0.0.2:8080".parse().unwrap()));
+    /// ```
+    pub fn reader(&self) -> IpvsReader<'_> {
+        IpvsReader {
+            dataplane: self,
+            table: Cache::new(&self.table),
         }
     }
 }
@@ -555,48 +681,8 @@ impl Dataplane for IpvsDataplane {
 
     #[inline]
     fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
-        self.lookup(flow.protocol, flow.dst, |state| match state {
-            None => Verdict::NotAService,
-            Some(VsState::Reject) => Verdict::Reject,
-            Some(VsState::Drop) => Verdict::Drop,
-            Some(VsState::Forward {
-                dests,
-                selector,
-                count,
-                affinity,
-            }) => {
-                let ctx = PickContext {
-                    flow,
-                    now,
-                    rng: &self.rng,
-                };
-                let picked = match affinity {
-                    None => selector.pick(dests, &ctx),
-                    Some(aff) => {
-                        let pinned = self.affinity.route(
-                            &aff.scope,
-                            aff.key(flow, key),
-                            now,
-                            |ep| aff.position(ep),
-                            || selector.pick(dests, &ctx).map(|i| (i, dests[i].addr())),
-                        );
-                        pinned.map(|p| {
-                            aff.count(p.index);
-                            p.index
-                        })
-                    }
-                };
-                match picked {
-                    Some(i) => {
-                        let d = &dests[i];
-                        if *count {
-                            d.conns().connect();
-                        }
-                        Verdict::Forward(d.addr())
-                    }
-                    None => Verdict::Reject,
-                }
-            }
+        self.lookup(flow.protocol, flow.dst, |state| {
+            self.decide(state, flow, key, now)
         })
     }
 
@@ -647,6 +733,70 @@ impl Dataplane for IpvsDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::endpoint_slice::{AddressType, EndpointSlice, EndpointSpec, SlicePortSpec};
+    use crate::model::service::{Service, ServicePortSpec};
+    use crate::table::Change;
+
+    fn service(name: &str, vip: &str) -> Service {
+        Service::builder("default", name)
+            .cluster_ip(vip.parse().unwrap())
+            .port(ServicePortSpec::tcp(80).target_port(8080))
+            .build()
+            .unwrap()
+    }
+
+    fn slice(svc: &str, ips: &[&str]) -> EndpointSlice {
+        EndpointSlice::builder("default", format!("{svc}-1"), svc, AddressType::IPv4)
+            .port(SlicePortSpec::tcp(8080))
+            .endpoints(ips.iter().map(|ip| EndpointSpec::new(*ip)))
+            .build()
+            .unwrap()
+    }
+
+    /// A reader made before any sync sees every later change: new services
+    /// (a new table), endpoint changes (a swapped slot) and deletions.
+    #[test]
+    fn reader_follows_every_kind_of_change() {
+        let dp = IpvsDataplane::new(DataplaneConfig::with_seed(3));
+        let mut reader = dp.reader();
+        let web = Flow::tcp(
+            "10.2.0.1:4000".parse().unwrap(),
+            "10.96.0.1:80".parse().unwrap(),
+        );
+        let api = Flow::tcp(
+            "10.2.0.1:4000".parse().unwrap(),
+            "10.96.0.2:80".parse().unwrap(),
+        );
+        assert_eq!(reader.route(&web, Instant::ZERO), Verdict::NotAService);
+        let mut t = ServiceTable::new();
+        let cs = t
+            .apply_batch([
+                Change::UpsertService(service("web", "10.96.0.1")),
+                Change::UpsertSlice(slice("web", &["10.1.0.1"])),
+            ])
+            .unwrap();
+        dp.sync(&t, &cs);
+        let one: SocketAddr = "10.1.0.1:8080".parse().unwrap();
+        assert_eq!(reader.route(&web, Instant::ZERO), Verdict::Forward(one));
+        let cs = t
+            .apply(Change::UpsertSlice(slice("web", &["10.1.0.9"])))
+            .unwrap();
+        dp.sync(&t, &cs);
+        let nine: SocketAddr = "10.1.0.9:8080".parse().unwrap();
+        assert_eq!(reader.route(&web, Instant::ZERO), Verdict::Forward(nine));
+        let cs = t
+            .apply(Change::UpsertService(service("api", "10.96.0.2")))
+            .unwrap();
+        dp.sync(&t, &cs);
+        assert_eq!(reader.route(&api, Instant::ZERO), Verdict::Reject);
+        assert_eq!(reader.route(&web, Instant::ZERO), Verdict::Forward(nine));
+        let cs = t
+            .apply(Change::DeleteService(ServiceKey::new("default", "web")))
+            .unwrap();
+        dp.sync(&t, &cs);
+        assert_eq!(reader.route(&web, Instant::ZERO), Verdict::NotAService);
+        assert_eq!(dp.route(&web, Instant::ZERO), Verdict::NotAService);
+    }
 
     /// The merge walk finds exactly what a hash map of the old destinations
     /// finds, for small and wholesale differences between the two lists.

@@ -17,7 +17,7 @@ mod ipvs;
 use std::net::SocketAddr;
 
 pub use iptables::IptablesDataplane;
-pub use ipvs::{IpvsDataplane, RealServerInfo, VirtualServiceInfo};
+pub use ipvs::{IpvsDataplane, IpvsReader, RealServerInfo, VirtualServiceInfo};
 
 use crate::affinity::{AffinityConfig, AffinityEntry, AffinityReport};
 use crate::model::flow::{Flow, Protocol, Verdict};
