@@ -335,22 +335,18 @@ fn write_service_port(
     let vip = p.vip.to_string();
     let dport = p.port.port().to_string();
     let name = p.name.as_str();
-    let (eps, verdict) = match &p.outcome {
-        Outcome::Endpoints(eps) => (eps, ""),
-        Outcome::Reject => (&Vec::new(), "REJECT"),
-        Outcome::Drop => (&Vec::new(), "DROP"),
+    let (what, verdict) = match &p.outcome {
+        Outcome::Endpoints(_) => ("", ""),
+        Outcome::Reject => ("has no endpoints", "REJECT"),
+        Outcome::Drop => ("has no local endpoints", "DROP"),
     };
-    if !verdict.is_empty() {
-        let comment = if verdict == "REJECT" {
-            format!("\"{name} has no endpoints\"")
-        } else {
-            format!("\"{name} has no local endpoints\"")
-        };
+    let Outcome::Endpoints(eps) = &p.outcome else {
+        // No nat chains at all: only the filter rule for the cluster IP.
         filter_services.push(format!(
-            "-A {KUBE_SERVICES} -m comment --comment {comment} -m {proto} -p {proto} -d {vip} --dport {dport} -j {verdict}"
+            "-A {KUBE_SERVICES} -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {vip} --dport {dport} -j {verdict}"
         ));
         return;
-    }
+    };
     let chain = if p.local_policy() {
         local_chain_name(name, protocol)
     } else {
