@@ -504,6 +504,10 @@ fn check_backend(backend: Backend, a: &Addrs, table: &ServiceTable) -> Result<()
     Ok(())
 }
 
+/// The two tests take turns: concurrent first uses of `ip netns add` race
+/// on setting up the `/run/netns` mount.
+static NETNS_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Whether this process may create namespaces and has `ip`; prints
 /// `SKIPPED: <reason>` and returns false when not.
 fn can_use_netns() -> bool {
@@ -559,6 +563,7 @@ fn kernel_accepts_renderings_and_balances_like_the_model() {
     if !can_use_netns() {
         return;
     }
+    let _turn = NETNS_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let mut ran = 0;
     let mut skipped = Vec::new();
     for a in [V4, V6] {
@@ -720,6 +725,7 @@ fn kernel_accepts_ipv6_udp_and_sctp_renderings() {
     if !can_use_netns() {
         return;
     }
+    let _turn = NETNS_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let table = dual_stack_table();
     let mut loaded = 0;
     for (ipv6, family) in [(false, render::IpFamily::V4), (true, render::IpFamily::V6)] {
