@@ -1990,6 +1990,12 @@ mod tests {
         assert_send_sync::<AffinityTable>();
         assert_send_sync::<AffinityScope>();
         assert!(core::mem::size_of::<AffinityKey>() <= 40);
+        // One entry: the slab node plus its index slot, about 160 bytes with
+        // the map's load factor (the figure the docs give for 1M entries).
+        let node = core::mem::size_of::<Node>();
+        let slot = core::mem::size_of::<((u32, AffinityKey), u32)>();
+        assert!(node <= 112, "{node}");
+        assert!(node + slot * 8 / 7 <= 170, "{node} + {slot}");
     }
 
     #[test]
