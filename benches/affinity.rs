@@ -41,7 +41,7 @@ fn client(k: u32) -> Flow {
     let ip = std::net::Ipv4Addr::from(0x0A00_0000 | (k & 0x00FF_FFFF));
     Flow::tcp(
         SocketAddr::from((ip, 40_000)),
-        "10.96.0.10:80".parse().unwrap(),
+        SocketAddr::from(([10, 96, 0, 10], 80)),
     )
 }
 

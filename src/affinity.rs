@@ -331,6 +331,9 @@ struct SpaceSaving {
     errors: Vec<u64>,
     keys: Vec<AffinityKey>,
     total: u64,
+    /// A lower bound of the smallest count, and where to look for it next.
+    floor: u64,
+    cursor: usize,
 }
 
 impl SpaceSaving {
@@ -341,6 +344,8 @@ impl SpaceSaving {
             errors: Vec::with_capacity(SKETCH_SIZE),
             keys: Vec::with_capacity(SKETCH_SIZE),
             total: 0,
+            floor: 0,
+            cursor: 0,
         }
     }
 
@@ -364,12 +369,20 @@ impl SpaceSaving {
             self.keys.push(key);
             return;
         }
-        let mut i = 0;
-        for (j, &c) in self.counts.iter().enumerate() {
-            if c < self.counts[i] {
-                i = j;
+        // Find a counter at the minimum. Counts only grow, so `floor` stays
+        // a lower bound of the minimum: look for it from the cursor, and
+        // rescan for the true minimum only when no counter is at it.
+        let n = self.counts.len();
+        let i = loop {
+            let at_floor = (0..n)
+                .map(|d| (self.cursor + d) % n)
+                .find(|&j| self.counts[j] == self.floor);
+            match at_floor {
+                Some(j) => break j,
+                None => self.floor = self.counts.iter().copied().min().unwrap_or(0),
             }
-        }
+        };
+        self.cursor = (i + 1) % n;
         let min = self.counts[i];
         self.hashes[i] = h;
         self.keys[i] = key;
@@ -1925,6 +1938,26 @@ mod tests {
         );
         assert_eq!(h.scope.len(), 0);
         assert!(h.table.is_empty());
+    }
+
+    #[test]
+    fn sketch_always_replaces_a_minimum_counter() {
+        let mut s = SpaceSaving::new();
+        let rng = crate::rng::SeededRng::new(3);
+        for _ in 0..50_000 {
+            let key = ip(rng.below(200) as u32 + if rng.below(4) == 0 { 0 } else { 1000 });
+            let before = s.counts.clone();
+            let present = s.keys.contains(&key);
+            s.observe(key);
+            if !present && before.len() == SKETCH_SIZE {
+                let min = *before.iter().min().unwrap();
+                let i = s.keys.iter().position(|k| *k == key).unwrap();
+                assert_eq!(before[i], min, "replaced a counter above the minimum");
+                assert_eq!((s.counts[i], s.errors[i]), (min + 1, min));
+            }
+        }
+        // Each observation adds exactly one to the sum of the counts.
+        assert_eq!(s.counts.iter().sum::<u64>(), s.total);
     }
 
     #[test]
