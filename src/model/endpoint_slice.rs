@@ -426,7 +426,9 @@ impl EndpointSliceBuilder {
     /// A [`ValidationError`] naming the first bad field: bad names, more than
     /// 1000 endpoints or 100 ports, ports outside 1..=65535, duplicate port
     /// names, an endpoint without addresses, an address that does not match
-    /// `addressType`, or two endpoints with the same (first) address.
+    /// `addressType`, an unspecified, loopback, link-local or link-local
+    /// multicast IP (as the API refuses them), or two endpoints with the same
+    /// (first) address.
     pub fn build(self) -> Result<EndpointSlice, ValidationError> {
         validate_dns_label("metadata.namespace", &self.namespace)?;
         validate_dns_subdomain("metadata.name", &self.name)?;
@@ -490,6 +492,50 @@ impl EndpointSliceBuilder {
     }
 }
 
+/// Why the Kubernetes API refuses `ip` as an endpoint address
+/// (`ValidateNonSpecialIP` in `pkg/apis/core/validation`), if it does:
+/// unspecified, loopback, link-local unicast and link-local multicast
+/// addresses are node-centric and must never be a backend. An IPv4-mapped
+/// IPv6 address is judged as the IPv4 address it carries, as Go's `net.IP`
+/// does.
+fn special_ip(ip: IpAddr) -> Option<&'static str> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let (unspecified, loopback, link_local, link_local_multicast) = match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            (
+                v4.is_unspecified(),
+                v4.is_loopback(),
+                v4.is_link_local(),
+                o[0] == 224 && o[1] == 0 && o[2] == 0,
+            )
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            (
+                v6.is_unspecified(),
+                v6.is_loopback(),
+                s[0] & 0xffc0 == 0xfe80,
+                s[0] & 0xff0f == 0xff02,
+            )
+        }
+    };
+    if unspecified {
+        Some("may not be unspecified (0.0.0.0, ::)")
+    } else if loopback {
+        Some("may not be in the loopback range (127.0.0.0/8, ::1/128)")
+    } else if link_local {
+        Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
+    } else if link_local_multicast {
+        Some("may not be in the link-local multicast range (224.0.0.0/24, ff02::/16)")
+    } else {
+        None
+    }
+}
+
 fn build_endpoint(
     i: usize,
     spec: EndpointSpec,
@@ -515,13 +561,21 @@ fn build_endpoint(
             value: raw.clone(),
             expected: address_type.as_api_str(),
         };
+        let special = |ip: IpAddr| match special_ip(ip) {
+            Some(reason) => Err(ValidationError::Invalid {
+                field: field(),
+                value: raw.clone(),
+                reason,
+            }),
+            None => Ok(EndpointAddress::Ip(ip)),
+        };
         let addr = match address_type {
             AddressType::IPv4 => match raw.parse::<IpAddr>() {
-                Ok(ip @ IpAddr::V4(_)) => EndpointAddress::Ip(ip),
+                Ok(ip @ IpAddr::V4(_)) => special(ip)?,
                 _ => return Err(wrong()),
             },
             AddressType::IPv6 => match raw.parse::<IpAddr>() {
-                Ok(ip @ IpAddr::V6(_)) => EndpointAddress::Ip(ip),
+                Ok(ip @ IpAddr::V6(_)) => special(ip)?,
                 _ => return Err(wrong()),
             },
             AddressType::Fqdn => {

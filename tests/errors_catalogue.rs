@@ -1,0 +1,701 @@
+//! One test per entry of the bad-input catalogue, `docs/errors.md`.
+//!
+//! Each test builds the bad input, checks the exact typed error (variant,
+//! field path, offending value) and, for table changes, that the table is
+//! exactly as it was before (`ServiceTable::snapshot()` and generation).
+
+use std::net::SocketAddr;
+
+use svclb::*;
+
+fn svc() -> ServiceBuilder {
+    Service::builder("default", "web").cluster_ip("10.96.0.10".parse().unwrap())
+}
+
+fn slice() -> EndpointSliceBuilder {
+    EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+        .port(SlicePortSpec::tcp(8080).name("http"))
+}
+
+fn invalid(field: &str, value: &str) -> impl Fn(&ValidationError) -> bool {
+    let (field, value) = (field.to_owned(), value.to_owned());
+    move |e| matches!(e, ValidationError::Invalid { field: f, value: v, .. } if *f == field && *v == value)
+}
+
+#[track_caller]
+fn assert_err<T: std::fmt::Debug>(
+    r: Result<T, ValidationError>,
+    check: impl Fn(&ValidationError) -> bool,
+) {
+    let e = r.unwrap_err();
+    assert!(check(&e), "unexpected error {e:?}");
+    // Every message names the field.
+    assert!(e.to_string().contains(e.field()), "{e}");
+}
+
+// ---- Services -------------------------------------------------------------
+
+#[test]
+fn s1_names_must_be_dns_labels() {
+    assert_err(Service::builder("", "web").headless().build(), |e| {
+        *e == ValidationError::Missing {
+            field: "metadata.namespace".into(),
+        }
+    });
+    assert_err(
+        Service::builder("default", "Web_1").headless().build(),
+        invalid("metadata.name", "Web_1"),
+    );
+    let long = "a".repeat(64);
+    assert_err(
+        Service::builder("default", &long).headless().build(),
+        invalid("metadata.name", &long),
+    );
+}
+
+#[test]
+fn s2_cluster_ip_required_unless_headless() {
+    assert_err(
+        Service::builder("default", "web")
+            .port(ServicePortSpec::tcp(80))
+            .build(),
+        |e| {
+            *e == ValidationError::Missing {
+                field: "spec.clusterIP".into(),
+            }
+        },
+    );
+}
+
+#[test]
+fn s3_headless_service_has_no_cluster_ip() {
+    assert_err(
+        svc().headless().build(),
+        invalid("spec.clusterIP", "10.96.0.10"),
+    );
+}
+
+#[test]
+fn s4_cluster_ips_one_per_family() {
+    let r = svc()
+        .cluster_ip("10.96.0.11".parse().unwrap())
+        .port(ServicePortSpec::tcp(80))
+        .build();
+    assert_err(
+        r,
+        |e| matches!(e, ValidationError::Invalid { field, .. } if field == "spec.clusterIPs"),
+    );
+    let r = svc()
+        .cluster_ip("fd00::1".parse().unwrap())
+        .cluster_ip("fd00::2".parse().unwrap())
+        .port(ServicePortSpec::tcp(80))
+        .build();
+    assert_err(
+        r,
+        |e| matches!(e, ValidationError::Invalid { field, .. } if field == "spec.clusterIPs"),
+    );
+}
+
+#[test]
+fn s5_ports_required_unless_headless() {
+    assert_err(svc().build(), |e| {
+        *e == ValidationError::Missing {
+            field: "spec.ports".into(),
+        }
+    });
+}
+
+#[test]
+fn s6_service_port_out_of_range() {
+    for bad in [0i64, -1, 65_536, i64::MAX] {
+        assert_err(svc().port(ServicePortSpec::tcp(bad)).build(), |e| {
+            *e == ValidationError::PortOutOfRange {
+                field: "spec.ports[0].port".into(),
+                value: bad,
+            }
+        });
+    }
+}
+
+#[test]
+fn s7_target_port_out_of_range() {
+    for bad in [-1i64, 65_536] {
+        assert_err(
+            svc()
+                .port(ServicePortSpec::tcp(80).target_port(bad))
+                .build(),
+            |e| {
+                *e == ValidationError::PortOutOfRange {
+                    field: "spec.ports[0].targetPort".into(),
+                    value: bad,
+                }
+            },
+        );
+    }
+    // 0 is "unset" in the API: the target is the port itself.
+    let s = svc()
+        .port(ServicePortSpec::tcp(80).target_port(0))
+        .build()
+        .unwrap();
+    assert_eq!(s.ports()[0].target_port(), &TargetPort::Number(80));
+}
+
+#[test]
+fn s8_named_target_port_must_be_an_iana_service_name() {
+    for bad in ["", "8080", "Http", "a--b", "way-too-long-name"] {
+        assert_err(
+            svc()
+                .port(ServicePortSpec::tcp(80).target_port_name(bad))
+                .build(),
+            invalid("spec.ports[0].targetPort", bad),
+        );
+    }
+}
+
+#[test]
+fn s9_port_names_required_and_valid_in_multi_port_services() {
+    let r = svc()
+        .port(ServicePortSpec::tcp(80).name("http"))
+        .port(ServicePortSpec::tcp(443))
+        .build();
+    assert_err(r, |e| {
+        *e == ValidationError::Missing {
+            field: "spec.ports[1].name".into(),
+        }
+    });
+    let r = svc().port(ServicePortSpec::tcp(80).name("HTTP")).build();
+    assert_err(r, invalid("spec.ports[0].name", "HTTP"));
+}
+
+#[test]
+fn s10_duplicate_service_ports() {
+    let r = svc()
+        .port(ServicePortSpec::tcp(80).name("http"))
+        .port(ServicePortSpec::tcp(81).name("http"))
+        .build();
+    assert_err(r, |e| {
+        *e == ValidationError::Duplicate {
+            field: "spec.ports[1].name".into(),
+            value: "http".into(),
+        }
+    });
+    let r = svc()
+        .port(ServicePortSpec::tcp(80).name("a"))
+        .port(ServicePortSpec::tcp(80).name("b"))
+        .build();
+    assert_err(r, |e| {
+        *e == ValidationError::Duplicate {
+            field: "spec.ports[1]".into(),
+            value: "80/TCP".into(),
+        }
+    });
+}
+
+#[test]
+fn s11_affinity_timeout_out_of_range() {
+    for bad in [0i64, -5, 86_401, i64::MIN] {
+        let r = svc()
+            .port(ServicePortSpec::tcp(80))
+            .client_ip_affinity(Some(bad))
+            .build();
+        assert_err(r, |e| {
+            *e == ValidationError::TimeoutOutOfRange {
+                field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                value: bad,
+            }
+        });
+    }
+    // The bounds themselves are valid (86400 despite the API's wording).
+    for ok in [1i64, 86_400] {
+        svc()
+            .port(ServicePortSpec::tcp(80))
+            .client_ip_affinity(Some(ok))
+            .build()
+            .unwrap();
+    }
+}
+
+// ---- EndpointSlices -------------------------------------------------------
+
+#[test]
+fn e1_slice_names() {
+    let r = EndpointSlice::builder("default", "web..1", "web", AddressType::IPv4).build();
+    assert_err(r, invalid("metadata.name", "web..1"));
+    let r = EndpointSlice::builder("default", "web-1", "Web", AddressType::IPv4).build();
+    assert_err(
+        r,
+        invalid("metadata.labels[kubernetes.io/service-name]", "Web"),
+    );
+    let r = EndpointSlice::builder("", "web-1", "web", AddressType::IPv4).build();
+    assert_err(r, |e| {
+        *e == ValidationError::Missing {
+            field: "metadata.namespace".into(),
+        }
+    });
+}
+
+#[test]
+fn e2_slice_over_the_limits() {
+    let eps = (0..1001).map(|i| EndpointSpec::new(format!("10.0.{}.{}", i / 250, i % 250 + 1)));
+    assert_err(slice().endpoints(eps).build(), |e| {
+        *e == ValidationError::TooMany {
+            field: "endpoints".into(),
+            count: 1001,
+            limit: 1000,
+        }
+    });
+    let mut b = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4);
+    for i in 0..101 {
+        b = b.port(SlicePortSpec::tcp(1000 + i).name(format!("p{i}")));
+    }
+    assert_err(b.build(), |e| {
+        *e == ValidationError::TooMany {
+            field: "ports".into(),
+            count: 101,
+            limit: 100,
+        }
+    });
+    let mut spec = EndpointSpec::new("10.0.0.1");
+    spec.addresses = (0..101).map(|i| format!("10.0.1.{}", i + 1)).collect();
+    assert_err(slice().endpoint(spec).build(), |e| {
+        *e == ValidationError::TooMany {
+            field: "endpoints[0].addresses".into(),
+            count: 101,
+            limit: 100,
+        }
+    });
+    let mut spec = EndpointSpec::new("10.0.0.1");
+    spec.hint_zones = (0..9).map(|i| format!("zone-{i}")).collect();
+    assert_err(slice().endpoint(spec).build(), |e| {
+        *e == ValidationError::TooMany {
+            field: "endpoints[0].hints.forZones".into(),
+            count: 9,
+            limit: 8,
+        }
+    });
+    // Exactly at the limit is fine.
+    let eps = (0..1000).map(|i| EndpointSpec::new(format!("10.0.{}.{}", i / 250, i % 250 + 1)));
+    assert_eq!(
+        slice().endpoints(eps).build().unwrap().endpoints().len(),
+        1000
+    );
+}
+
+#[test]
+fn e3_slice_port_out_of_range() {
+    for bad in [-1i64, 65_536] {
+        let r = EndpointSlice::builder("default", "w", "web", AddressType::IPv4)
+            .port(SlicePortSpec::tcp(bad))
+            .build();
+        assert_err(r, |e| {
+            *e == ValidationError::PortOutOfRange {
+                field: "ports[0].port".into(),
+                value: bad,
+            }
+        });
+    }
+    // A port with no number (0) is ignored, as kube-proxy does.
+    let s = EndpointSlice::builder("default", "w", "web", AddressType::IPv4)
+        .port(SlicePortSpec::tcp(0))
+        .build()
+        .unwrap();
+    assert_eq!(s.ports()[0].port(), None);
+}
+
+#[test]
+fn e4_slice_port_names() {
+    assert_err(
+        slice().port(SlicePortSpec::tcp(9090).name("http")).build(),
+        |e| {
+            *e == ValidationError::Duplicate {
+                field: "ports[1].name".into(),
+                value: "http".into(),
+            }
+        },
+    );
+    assert_err(
+        slice()
+            .port(SlicePortSpec::tcp(9090).name("Metrics"))
+            .build(),
+        invalid("ports[1].name", "Metrics"),
+    );
+}
+
+#[test]
+fn e5_endpoint_without_addresses() {
+    let mut spec = EndpointSpec::new("10.0.0.1");
+    spec.addresses.clear();
+    assert_err(slice().endpoint(spec).build(), |e| {
+        *e == ValidationError::Missing {
+            field: "endpoints[0].addresses".into(),
+        }
+    });
+}
+
+#[test]
+fn e6_address_of_the_wrong_family() {
+    let wrong = |at: AddressType, addr: &str, expected: &'static str| {
+        let r = EndpointSlice::builder("default", "w", "web", at)
+            .endpoint(EndpointSpec::new(addr))
+            .build();
+        assert_err(r, |e| {
+            *e == ValidationError::AddressType {
+                field: "endpoints[0].addresses[0]".into(),
+                value: addr.into(),
+                expected,
+            }
+        });
+    };
+    wrong(AddressType::IPv4, "fd00::1", "IPv4");
+    wrong(AddressType::IPv6, "10.0.0.1", "IPv6");
+    wrong(AddressType::Fqdn, "10.0.0.1", "FQDN");
+    wrong(AddressType::IPv4, "10.0.0.256", "IPv4");
+    wrong(AddressType::IPv4, "010.0.0.1", "IPv4");
+    wrong(AddressType::IPv4, "not-an-ip", "IPv4");
+}
+
+#[test]
+fn e7_special_addresses_are_never_backends() {
+    for (at, bad) in [
+        (AddressType::IPv4, "0.0.0.0"),
+        (AddressType::IPv4, "127.0.0.1"),
+        (AddressType::IPv4, "127.255.0.9"),
+        (AddressType::IPv4, "169.254.169.254"),
+        (AddressType::IPv4, "224.0.0.251"),
+        (AddressType::IPv6, "::"),
+        (AddressType::IPv6, "::1"),
+        (AddressType::IPv6, "fe80::1"),
+        (AddressType::IPv6, "ff02::1"),
+        (AddressType::IPv6, "::ffff:127.0.0.1"),
+    ] {
+        let r = EndpointSlice::builder("default", "w", "web", at)
+            .endpoint(EndpointSpec::new(bad))
+            .build();
+        assert_err(r, invalid("endpoints[0].addresses[0]", bad));
+    }
+    // Ordinary private, public and multicast-adjacent addresses are fine.
+    for (at, ok) in [
+        (AddressType::IPv4, "10.0.0.1"),
+        (AddressType::IPv4, "169.255.0.1"),
+        (AddressType::IPv4, "224.0.1.1"),
+        (AddressType::IPv6, "fd00::1"),
+        (AddressType::IPv6, "2001:db8::1"),
+    ] {
+        EndpointSlice::builder("default", "w", "web", at)
+            .endpoint(EndpointSpec::new(ok))
+            .build()
+            .unwrap();
+    }
+}
+
+#[test]
+fn e8_fqdn_must_be_a_dns_subdomain() {
+    let r = EndpointSlice::builder("default", "w", "web", AddressType::Fqdn)
+        .endpoint(EndpointSpec::new("db_1.example.com"))
+        .build();
+    assert_err(r, invalid("endpoints[0].addresses[0]", "db_1.example.com"));
+}
+
+#[test]
+fn e9_duplicate_endpoints() {
+    let r = slice()
+        .endpoint(EndpointSpec::new("10.0.0.1"))
+        .endpoint(EndpointSpec::new("10.0.0.1"))
+        .build();
+    assert_err(r, |e| {
+        *e == ValidationError::Duplicate {
+            field: "endpoints[1].addresses[0]".into(),
+            value: "10.0.0.1".into(),
+        }
+    });
+    // The same address written differently is the same endpoint.
+    let r = EndpointSlice::builder("default", "w", "web", AddressType::IPv6)
+        .endpoint(EndpointSpec::new("fd00::1"))
+        .endpoint(EndpointSpec::new("fd00:0::0:1"))
+        .build();
+    assert_err(
+        r,
+        |e| matches!(e, ValidationError::Duplicate { field, .. } if field == "endpoints[1].addresses[0]"),
+    );
+}
+
+#[test]
+fn e10_endpoint_topology_fields() {
+    assert_err(
+        slice()
+            .endpoint(EndpointSpec::new("10.0.0.1").hostname("Pod_0"))
+            .build(),
+        invalid("endpoints[0].hostname", "Pod_0"),
+    );
+    assert_err(
+        slice()
+            .endpoint(EndpointSpec::new("10.0.0.1").node("Node A"))
+            .build(),
+        invalid("endpoints[0].nodeName", "Node A"),
+    );
+    assert_err(
+        slice()
+            .endpoint(EndpointSpec::new("10.0.0.1").hint_zone(""))
+            .build(),
+        |e| {
+            *e == ValidationError::Missing {
+                field: "endpoints[0].hints.forZones[0].name".into(),
+            }
+        },
+    );
+}
+
+#[test]
+fn e11_weight_out_of_range() {
+    for bad in [-1i64, 65_536] {
+        assert_err(
+            slice()
+                .endpoint(EndpointSpec::new("10.0.0.1").weight(bad))
+                .build(),
+            |e| {
+                *e == ValidationError::WeightOutOfRange {
+                    field: "endpoints[0].weight".into(),
+                    value: bad,
+                }
+            },
+        );
+    }
+}
+
+// ---- The table ------------------------------------------------------------
+
+fn table() -> ServiceTable {
+    let mut t = ServiceTable::new();
+    t.apply_batch([
+        Change::UpsertService(
+            svc()
+                .port(ServicePortSpec::tcp(80).name("http"))
+                .build()
+                .unwrap(),
+        ),
+        Change::UpsertSlice(
+            slice()
+                .endpoint(EndpointSpec::new("10.0.0.1"))
+                .build()
+                .unwrap(),
+        ),
+    ])
+    .unwrap();
+    t
+}
+
+#[track_caller]
+fn refused(t: &mut ServiceTable, batch: Vec<Change>, want: UpdateError) {
+    let before = t.snapshot();
+    let generation = t.generation();
+    assert_eq!(t.apply_batch(batch).unwrap_err(), want);
+    assert_eq!(t.snapshot(), before, "a refused batch changed the table");
+    assert_eq!(t.generation(), generation);
+}
+
+#[test]
+fn t1_slice_for_an_unknown_service() {
+    let mut t = table();
+    let stray = EndpointSlice::builder("default", "api-1", "api", AddressType::IPv4)
+        .endpoint(EndpointSpec::new("10.0.0.9"))
+        .build()
+        .unwrap();
+    refused(
+        &mut t,
+        vec![Change::UpsertSlice(stray)],
+        UpdateError::InBatch {
+            index: 0,
+            source: Box::new(UpdateError::UnknownService {
+                slice: "default/api-1".into(),
+                service: "default/api".into(),
+            }),
+        },
+    );
+    // The same slice after its service was deleted earlier in the batch.
+    let again = slice()
+        .endpoint(EndpointSpec::new("10.0.0.2"))
+        .build()
+        .unwrap();
+    refused(
+        &mut t,
+        vec![
+            Change::DeleteService(ServiceKey::new("default", "web")),
+            Change::UpsertSlice(again),
+        ],
+        UpdateError::InBatch {
+            index: 1,
+            source: Box::new(UpdateError::UnknownService {
+                slice: "default/web-1".into(),
+                service: "default/web".into(),
+            }),
+        },
+    );
+}
+
+#[test]
+fn t2_delete_of_an_unknown_object() {
+    let mut t = table();
+    let before = t.snapshot();
+    assert_eq!(
+        t.apply(Change::DeleteService(ServiceKey::new("default", "nope")))
+            .unwrap_err(),
+        UpdateError::NotFound {
+            kind: "Service",
+            key: "default/nope".into()
+        }
+    );
+    assert_eq!(
+        t.apply(Change::DeleteSlice(SliceKey::new("default", "nope")))
+            .unwrap_err(),
+        UpdateError::NotFound {
+            kind: "EndpointSlice",
+            key: "default/nope".into()
+        }
+    );
+    assert_eq!(t.snapshot(), before);
+}
+
+#[test]
+fn t3_two_services_on_one_vip_port_and_protocol() {
+    let mut t = table();
+    let other = Service::builder("default", "api")
+        .cluster_ip("10.96.0.10".parse().unwrap())
+        .port(ServicePortSpec::tcp(80))
+        .build()
+        .unwrap();
+    refused(
+        &mut t,
+        vec![Change::UpsertService(other)],
+        UpdateError::InBatch {
+            index: 0,
+            source: Box::new(UpdateError::ConflictingPort {
+                service: "default/api".into(),
+                field: "spec.ports[0]".into(),
+                value: "10.96.0.10:80/TCP".into(),
+                other: "default/web".into(),
+            }),
+        },
+    );
+    // Another protocol on the same VIP and port is a different service port.
+    let udp = Service::builder("default", "api")
+        .cluster_ip("10.96.0.10".parse().unwrap())
+        .port(ServicePortSpec::udp(80))
+        .build()
+        .unwrap();
+    t.apply(Change::UpsertService(udp)).unwrap();
+}
+
+#[test]
+fn t4_a_batch_is_refused_whole() {
+    let mut t = table();
+    let good = slice()
+        .endpoint(EndpointSpec::new("10.0.0.5"))
+        .build()
+        .unwrap();
+    let e = t
+        .clone()
+        .apply_batch([
+            Change::UpsertSlice(good.clone()),
+            Change::DeleteSlice(SliceKey::new("default", "nope")),
+        ])
+        .unwrap_err();
+    assert_eq!(
+        e.root(),
+        &UpdateError::NotFound {
+            kind: "EndpointSlice",
+            key: "default/nope".into()
+        }
+    );
+    refused(
+        &mut t,
+        vec![
+            Change::UpsertSlice(good),
+            Change::DeleteSlice(SliceKey::new("default", "nope")),
+        ],
+        e,
+    );
+}
+
+// ---- Text values ----------------------------------------------------------
+
+#[test]
+fn x1_unknown_protocol() {
+    for bad in ["ICMP", "", "tcp6", "HTTP"] {
+        assert_err(bad.parse::<Protocol>(), invalid("protocol", bad));
+    }
+    assert_eq!("sctp".parse::<Protocol>().unwrap(), Protocol::Sctp);
+}
+
+#[test]
+fn x2_unknown_scheduler() {
+    for bad in ["roundrobin", "", "RR", "dh"] {
+        assert_err(bad.parse::<SchedulerKind>(), invalid("scheduler", bad));
+    }
+}
+
+#[test]
+fn x3_bad_cidr() {
+    for bad in [
+        "10.0.0.0",
+        "10.0.0.0/33",
+        "fd00::/129",
+        "x/8",
+        "10.0.0.0/-1",
+    ] {
+        assert_err(
+            svclb::render::Cidr::parse("clusterCIDR", bad),
+            invalid("clusterCIDR", bad),
+        );
+    }
+}
+
+// ---- Accepted, with a defined outcome -------------------------------------
+
+#[test]
+fn n1_named_target_port_that_resolves_nowhere_rejects_flows() {
+    // targetPort "web" exists on no slice port named "http": the
+    // EndpointSlice controller would write no port for it, so the service
+    // port has no endpoints. Not an input error: every flow is rejected.
+    let mut t = ServiceTable::new();
+    let web = svc()
+        .port(
+            ServicePortSpec::tcp(80)
+                .name("http")
+                .target_port_name("web"),
+        )
+        .build()
+        .unwrap();
+    let metrics_only = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+        .port(SlicePortSpec::tcp(9090).name("metrics"))
+        .endpoint(EndpointSpec::new("10.0.0.1"))
+        .build()
+        .unwrap();
+    let cs = t
+        .apply_batch([
+            Change::UpsertService(web),
+            Change::UpsertSlice(metrics_only),
+        ])
+        .unwrap();
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let flow = Flow::tcp("10.2.0.1:4000".parse().unwrap(), vip);
+    let config = DataplaneConfig::with_seed(1);
+    let dps: [Box<dyn Dataplane>; 2] = [
+        Box::new(IptablesDataplane::new(config.clone())),
+        Box::new(IpvsDataplane::new(config)),
+    ];
+    for dp in dps {
+        dp.sync(&t, &cs);
+        assert_eq!(
+            dp.candidates(Protocol::Tcp, vip),
+            Candidates::Reject,
+            "{}",
+            dp.mode()
+        );
+        assert_eq!(
+            dp.route(&flow, Instant::ZERO),
+            Verdict::Reject,
+            "{}",
+            dp.mode()
+        );
+    }
+}
