@@ -699,3 +699,251 @@ fn n1_named_target_port_that_resolves_nowhere_rejects_flows() {
         );
     }
 }
+
+// ---- Manifests (feature `serde`) -------------------------------------------
+
+#[cfg(feature = "serde")]
+mod manifests {
+    use svclb::ValidationError;
+    use svclb::k8s::manifest::{ManifestError, Manifests};
+
+    fn read(text: &str) -> Result<usize, ManifestError> {
+        Manifests::parse_str(text, Some("bad.yaml"))
+            .and_then(|m| m.changes())
+            .map(|b| b.changes.len())
+    }
+
+    fn service(spec_extra: &str, port_extra: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{port: 80{port_extra}}}]\n{spec_extra}"
+        )
+    }
+
+    fn slice(address_type: &str, address: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {address_type}\nports: [{{port: 8080}}]\nendpoints: [{{addresses: ['{address}']}}]\n"
+        )
+    }
+
+    /// The error is `Invalid`, names the file and object, and wraps this
+    /// validation error.
+    #[track_caller]
+    fn invalid(text: &str, object: &str, want: ValidationError) {
+        let e = read(text).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("bad.yaml: document 1: "), "{msg}");
+        assert!(msg.contains(object), "{msg}");
+        match e {
+            ManifestError::Invalid { source, .. } => assert_eq!(source, want),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn m1_malformed_json_and_yaml() {
+        for (text, format) in [
+            ("{\"kind\": \"Service\",", "JSON"),
+            ("[{\"kind\": \"Service\"}", "JSON"),
+            ("kind: Service\nmetadata: [\n", "YAML"),
+            ("kind: Service\n  spec: {\n", "YAML"),
+            ("kind: Service\nmetadata:\n\t- x\n", "YAML"),
+        ] {
+            match read(text).unwrap_err() {
+                ManifestError::Syntax {
+                    format: f,
+                    origin,
+                    message,
+                } => {
+                    assert_eq!(f, format, "{text}");
+                    assert_eq!(origin.source.as_deref(), Some("bad.yaml"));
+                    assert!(message.contains("line"), "{message}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn m2_wrong_shapes() {
+        let e = read("kind: Service\nspec: {ports: [{port: eighty}]}\n").unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::Decode { field, .. } if field == "spec.ports[0].port"),
+            "{e:?}"
+        );
+        let e = read("42\n").unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::Decode { message, .. } if message.contains("expected an object")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn m3_unknown_enum_values() {
+        let bad = |field: &str, value: &str, reason: &'static str| ValidationError::Invalid {
+            field: field.into(),
+            value: value.into(),
+            reason,
+        };
+        invalid(
+            &service("", ", protocol: ICMP"),
+            "Service default/web",
+            bad("spec.ports[0].protocol", "ICMP", "must be TCP, UDP or SCTP"),
+        );
+        invalid(
+            &service("  sessionAffinity: Sticky\n", ""),
+            "Service default/web",
+            bad("spec.sessionAffinity", "Sticky", "must be None or ClientIP"),
+        );
+        invalid(
+            &service("  internalTrafficPolicy: Nearby\n", ""),
+            "Service default/web",
+            bad(
+                "spec.internalTrafficPolicy",
+                "Nearby",
+                "must be Cluster or Local",
+            ),
+        );
+        invalid(
+            &service("  type: Magic\n", ""),
+            "Service default/web",
+            bad(
+                "spec.type",
+                "Magic",
+                "must be ClusterIP, NodePort, LoadBalancer or ExternalName",
+            ),
+        );
+        invalid(
+            &slice("IPv5", "10.0.0.1"),
+            "EndpointSlice default/web-1",
+            bad("addressType", "IPv5", "must be IPv4, IPv6 or FQDN"),
+        );
+    }
+
+    #[test]
+    fn m4_kind_and_api_version() {
+        invalid(
+            "apiVersion: v2\nkind: Service\nmetadata: {name: web}\n",
+            "Service default/web",
+            ValidationError::Invalid {
+                field: "apiVersion".into(),
+                value: "v2".into(),
+                reason: "a Service must be apiVersion v1",
+            },
+        );
+        invalid(
+            "metadata: {name: web}\n",
+            "default/web",
+            ValidationError::Missing {
+                field: "kind".into(),
+            },
+        );
+    }
+
+    #[test]
+    fn m5_builder_errors_carry_the_manifest_context() {
+        invalid(
+            &service("", ", port: 70000"),
+            "Service default/web",
+            ValidationError::PortOutOfRange {
+                field: "spec.ports[0].port".into(),
+                value: 70_000,
+            },
+        );
+        invalid(
+            &service(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}\n",
+                "",
+            ),
+            "Service default/web",
+            ValidationError::TimeoutOutOfRange {
+                field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                value: 86_401,
+            },
+        );
+        invalid(
+            &slice("IPv4", "fd00::1"),
+            "EndpointSlice default/web-1",
+            ValidationError::AddressType {
+                field: "endpoints[0].addresses[0]".into(),
+                value: "fd00::1".into(),
+                expected: "IPv4",
+            },
+        );
+        invalid(
+            &slice("IPv4", "169.254.169.254"),
+            "EndpointSlice default/web-1",
+            ValidationError::Invalid {
+                field: "endpoints[0].addresses[0]".into(),
+                value: "169.254.169.254".into(),
+                reason: "may not be in the link-local range (169.254.0.0/16, fe80::/10)",
+            },
+        );
+    }
+
+    #[test]
+    fn m6_affinity_config_with_affinity_none_is_cleared() {
+        // The API server's defaulting drops sessionAffinityConfig when
+        // sessionAffinity is None before validating; so does svclb.
+        let text = service(
+            "  sessionAffinity: None\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+            "",
+        );
+        let batch = Manifests::parse_str(&text, None)
+            .unwrap()
+            .changes()
+            .unwrap();
+        match &batch.changes[0] {
+            svclb::Change::UpsertService(s) => {
+                assert_eq!(s.session_affinity(), svclb::SessionAffinity::None)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+// ---- Replay traces --------------------------------------------------------
+
+#[test]
+fn r1_bad_trace_lines() {
+    use svclb::trace::{TraceError, parse_trace};
+    let bad =
+        |text: &str, line: usize, field: &str, value: &str| match parse_trace(text).unwrap_err() {
+            TraceError::Invalid {
+                line: l,
+                field: f,
+                value: v,
+                ..
+            } => {
+                assert_eq!((l, f, v.as_str()), (line, field, value), "{text}");
+            }
+            other => panic!("{text}: {other:?}"),
+        };
+    bad(
+        "0 connect icmp 10.0.0.1:1 10.0.0.2:2\n",
+        1,
+        "protocol",
+        "icmp",
+    );
+    bad(
+        "# c\n-1 connect tcp 10.0.0.1:1 10.0.0.2:2\n",
+        2,
+        "time",
+        "-1",
+    );
+    bad("NaN connect tcp 10.0.0.1:1 10.0.0.2:2\n", 1, "time", "NaN");
+    bad("2 apply a\n1 apply b\n", 2, "time", "1");
+    bad(
+        "0 connect tcp 10.0.0.1 10.0.0.2:2\n",
+        1,
+        "source",
+        "10.0.0.1",
+    );
+    bad("0 delete Pod default/x\n", 1, "kind", "Pod");
+    assert!(matches!(
+        parse_trace("0 connect tcp 10.0.0.1:1\n").unwrap_err(),
+        TraceError::Missing {
+            line: 1,
+            field: "destination"
+        }
+    ));
+}
