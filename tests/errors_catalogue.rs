@@ -703,6 +703,7 @@ fn n1_named_target_port_that_resolves_nowhere_rejects_flows() {
 // ---- Manifests (feature `serde`) -------------------------------------------
 
 #[cfg(feature = "serde")]
+#[allow(clippy::result_large_err)] // ManifestError, as the library returns it
 mod manifests {
     use svclb::ValidationError;
     use svclb::k8s::manifest::{ManifestError, Manifests};
