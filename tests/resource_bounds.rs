@@ -1,15 +1,16 @@
 //! Resource bounds under a flood: 1,000,000 distinct clients through every
-//! dataplane (iptables mode; IPVS mode with `rr`, and with `lc`, which
-//! counts connections per destination), to a
+//! dataplane (iptables mode; IPVS mode with `lc`, which also counts
+//! connections per destination; IPVS's affinity path does not depend on the
+//! scheduler), to a
 //! service with `ClientIP` affinity and to one without.
 //!
 //! Checked for each dataplane:
 //! - the affinity table never holds more than its per-service capacity
 //!   (checked every 100,000 clients) and ends full: the newest clients are
 //!   pinned, the oldest evicted;
-//! - after a warm-up of 200,000 clients that fills the table (its index
-//!   and slabs reach their steady size within the first 100,000 clients
-//!   past the bound; measured, then no growth), the next 1,000,000 clients
+//! - after a warm-up of 100,000 clients that fills the table (its index
+//!   and slabs reach their steady size within the first clients past the
+//!   bound; measured per 100,000-client chunk: one step, then no growth), the next 1,000,000 clients
 //!   leave the process's live heap where it was (within 64 KiB): nothing on the
 //!   packet path (affinity entries, hotspot counters, IPVS connection
 //!   counters, round-robin positions) grows with the number of clients.
@@ -31,9 +32,9 @@ use svclb::*;
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const CLIENTS: u32 = 1_000_000;
-const WARM_UP: u32 = 200_000;
-const CAPACITY: usize = 40_000;
-const PER_SERVICE: usize = 20_000;
+const WARM_UP: u32 = 100_000;
+const CAPACITY: usize = 20_000;
+const PER_SERVICE: usize = 10_000;
 /// Live-heap growth allowed over the flood.
 const SLACK_BYTES: isize = 64 * 1024;
 
@@ -103,11 +104,9 @@ fn a_million_clients_stay_within_the_bounds_in_every_dataplane() {
             .affinity(affinity.clone())
     };
     let ipt = IptablesDataplane::new(config(SchedulerKind::RoundRobin));
-    let rr = IpvsDataplane::new(config(SchedulerKind::RoundRobin));
     let lc = IpvsDataplane::new(config(SchedulerKind::LeastConnection));
-    let cases: [(&str, &dyn Dataplane, &AffinityTable); 3] = [
+    let cases: [(&str, &dyn Dataplane, &AffinityTable); 2] = [
         ("iptables", &ipt, ipt.affinity_table()),
-        ("ipvs/rr", &rr, rr.affinity_table()),
         ("ipvs/lc", &lc, lc.affinity_table()),
     ];
     for (name, dp, affinity) in cases {
