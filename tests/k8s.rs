@@ -265,7 +265,12 @@ mod round_trip {
     prop_compose! {
         fn slice()(
             ports in prop::collection::vec((0i64..=65_535, protocol()), 0..3),
-            eps in prop::collection::btree_set(any::<u32>(), 0..6),
+            // Any address the API accepts as an endpoint (not unspecified,
+            // loopback, link-local or link-local multicast).
+            eps in prop::collection::btree_set(any::<u32>().prop_filter("a non-special IP", |ip| {
+                let a = std::net::Ipv4Addr::from(*ip);
+                !(a.is_unspecified() || a.is_loopback() || a.is_link_local() || a.octets()[..3] == [224, 0, 0])
+            }), 0..6),
             flags in prop::collection::vec((prop::option::of(any::<bool>()), prop::option::of(any::<bool>()), prop::option::of(any::<bool>()), any::<bool>(), 0u8..3), 6),
         ) -> EndpointSlice {
             let mut b = EndpointSlice::builder("ns-1", "svc-a-x1", "svc-a", AddressType::IPv4);
