@@ -39,7 +39,8 @@ use svclb::*;
 enum Mode {
     /// kube-proxy's iptables mode: an ordered rule list, O(n) lookup.
     Iptables,
-    /// kube-proxy's nftables mode (no dataplane model yet: refused).
+    /// kube-proxy's nftables mode: a verdict map, O(1) lookup, a uniform
+    /// `numgen random mod N` pick (the --scheduler flag does not apply).
     Nftables,
     /// kube-proxy's IPVS mode: a hash table of virtual services, O(1) lookup.
     Ipvs,
@@ -155,6 +156,7 @@ fn fail<T>(msg: impl Into<String>) -> Result<T> {
 enum Plane {
     Iptables(IptablesDataplane),
     Ipvs(IpvsDataplane),
+    Nftables(NftablesDataplane),
 }
 
 impl Plane {
@@ -162,6 +164,7 @@ impl Plane {
         match self {
             Plane::Iptables(d) => d,
             Plane::Ipvs(d) => d,
+            Plane::Nftables(d) => d,
         }
     }
 }
@@ -238,12 +241,6 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn setup(cli: &Cli) -> Result<World> {
-    if cli.mode == Mode::Nftables {
-        return fail(
-            "--mode nftables: svclb has no nftables dataplane model yet; use --mode iptables or \
-             --mode ipvs (`dump --format nft` prints the nftables rules)",
-        );
-    }
     let scheduler: SchedulerKind = cli
         .scheduler
         .parse()
@@ -266,7 +263,8 @@ fn setup(cli: &Cli) -> Result<World> {
     }
     let plane = match cli.mode {
         Mode::Iptables => Plane::Iptables(IptablesDataplane::new(config.clone())),
-        Mode::Ipvs | Mode::Nftables => Plane::Ipvs(IpvsDataplane::new(config.clone())),
+        Mode::Ipvs => Plane::Ipvs(IpvsDataplane::new(config.clone())),
+        Mode::Nftables => Plane::Nftables(NftablesDataplane::new(config.clone())),
     };
     plane.dp().sync(&table, &table.full_change_set());
     Ok(World {
@@ -466,7 +464,7 @@ fn dump(world: &World, format: DumpFormat) -> String {
         DumpFormat::Nft => render::nft::render(&world.table, &world.render),
         DumpFormat::Ipvsadm => match &world.plane {
             Plane::Ipvs(dp) => render::ipvsadm::render(&world.table, dp, &world.render),
-            Plane::Iptables(_) => {
+            Plane::Iptables(_) | Plane::Nftables(_) => {
                 // A listing of what IPVS mode would program for this table.
                 let dp = IpvsDataplane::new(world.config.clone());
                 dp.sync(&world.table, &world.table.full_change_set());

@@ -13,10 +13,11 @@
 //! 2. **Table** ([`ServiceTable`]): takes [`Change`]s whole or not at all,
 //!    merges slices as kube-proxy does, and reports a [`ChangeSet`].
 //! 3. **Dataplanes** ([`dataplane`]): [`IptablesDataplane`] (a flat rule
-//!    list walked in order) and [`IpvsDataplane`] (a hash table of virtual
-//!    services), both behind the [`Dataplane`] trait.
+//!    list walked in order), [`IpvsDataplane`] (a hash table of virtual
+//!    services) and [`NftablesDataplane`] (a verdict map and a uniform
+//!    `numgen` pick), all behind the [`Dataplane`] trait.
 //! 4. **Schedulers** ([`scheduler`]): random (the iptables cascade), rr,
-//!    wrr, lc, wlc, sh — or your own [`Scheduler`].
+//!    wrr, lc, wlc, sh, mh (Maglev) — or your own [`Scheduler`].
 //! 5. **Topology** ([`topology`]): which endpoints take new connections
 //!    (ready, serving-terminating fallback, Local policies, hints).
 //! 6. **Session affinity** ([`affinity`]): `ClientIP` services pin a client
@@ -92,6 +93,7 @@ pub use affinity::{
 };
 pub use dataplane::{
     Candidates, Dataplane, DataplaneConfig, IptablesDataplane, IpvsDataplane, IpvsReader,
+    NftablesDataplane,
 };
 pub use error::{UpdateError, ValidationError};
 pub use model::endpoint_slice::{

@@ -44,10 +44,13 @@ fn key() -> ServiceKey {
     ServiceKey::new("default", "web")
 }
 
-/// Both dataplanes, IPVS with round-robin (so an unpinned client would move).
-fn dataplanes(t: &ServiceTable, config: DataplaneConfig) -> [Box<dyn Dataplane>; 2] {
+/// All three dataplanes, IPVS with round-robin (so an unpinned client would
+/// move), nftables with its uniform `numgen`.
+fn dataplanes(t: &ServiceTable, config: DataplaneConfig) -> [Box<dyn Dataplane>; 3] {
+    let nft = NftablesDataplane::new(config.clone());
+    nft.sync(t, &t.full_change_set());
     let (ipt, ipvs) = both(t, config);
-    [Box::new(ipt), Box::new(ipvs)]
+    [Box::new(ipt), Box::new(ipvs), Box::new(nft)]
 }
 
 fn secs(s: u64) -> Instant {
@@ -129,11 +132,17 @@ fn both_modes_refresh_on_each_new_connection_and_stay_pinned_indefinitely() {
 fn both_modes_rebalance_at_once_when_the_endpoint_goes_away_or_stops_being_ready() {
     for kind in ["removed", "not-ready", "weight-0"] {
         let mut t = sticky_table(10_800, AffinityKeyKind::ClientIp);
-        let [ipt, ipvs] = dataplanes(&t, DataplaneConfig::with_seed(11));
+        let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(11));
         let clients: Vec<Flow> = (0..30).map(client).collect();
-        let pinned: Vec<[SocketAddr; 2]> = clients
+        let pinned: Vec<[SocketAddr; 3]> = clients
             .iter()
-            .map(|c| [backend(&*ipt, c, secs(0)), backend(&*ipvs, c, secs(0))])
+            .map(|c| {
+                [
+                    backend(&*ipt, c, secs(0)),
+                    backend(&*ipvs, c, secs(0)),
+                    backend(&*nft, c, secs(0)),
+                ]
+            })
             .collect();
         // Take 10.1.0.2 out of rotation.
         let gone = sa("10.1.0.2:8080");
@@ -152,7 +161,8 @@ fn both_modes_rebalance_at_once_when_the_endpoint_goes_away_or_stops_being_ready
         let cs = t.apply(Change::UpsertSlice(slice_with(eps))).unwrap();
         ipt.sync(&t, &cs);
         ipvs.sync(&t, &cs);
-        for (m, dp) in [&ipt, &ipvs].into_iter().enumerate() {
+        nft.sync(&t, &cs);
+        for (m, dp) in [&ipt, &ipvs, &nft].into_iter().enumerate() {
             // The sync purged the gone endpoint's entries eagerly.
             let entries = dp.affinity_entries(&key(), secs(1));
             assert!(
@@ -179,7 +189,7 @@ fn a_returning_endpoint_does_not_get_its_old_clients_back() {
     // kube-proxy deletes an endpoint's chain and its `recent` list with it;
     // IPVS drops the templates. When it returns, its old clients stay put.
     let mut t = sticky_table(10_800, AffinityKeyKind::ClientIp);
-    let [ipt, ipvs] = dataplanes(&t, DataplaneConfig::with_seed(2));
+    let [ipt, ipvs, _nft] = dataplanes(&t, DataplaneConfig::with_seed(2));
     let c = client(1);
     let a = [backend(&*ipt, &c, secs(0)), backend(&*ipvs, &c, secs(0))];
     let without = |x: SocketAddr| {
@@ -209,16 +219,16 @@ fn both_modes_agree_on_affinity_over_a_random_day() {
     // The same connection schedule through both modes: the same hits and
     // misses, the same entry counts, and each keeps its own choice.
     let t = sticky_table(600, AffinityKeyKind::ClientIp);
-    let [ipt, ipvs] = dataplanes(&t, DataplaneConfig::with_seed(8));
+    let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(8));
     let rng = SeededRng::new(99);
     let mut last: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut pinned: [BTreeMap<u32, SocketAddr>; 2] = Default::default();
+    let mut pinned: [BTreeMap<u32, SocketAddr>; 3] = Default::default();
     let mut now = 0;
     for _ in 0..20_000 {
         now += rng.below(10);
         let c = rng.below(200) as u32;
         let live = last.get(&c).is_some_and(|&l| now - l < 600);
-        for (m, dp) in [&ipt, &ipvs].into_iter().enumerate() {
+        for (m, dp) in [&ipt, &ipvs, &nft].into_iter().enumerate() {
             let b = backend(&**dp, &client(c), secs(now));
             if live {
                 assert_eq!(
@@ -238,6 +248,7 @@ fn both_modes_agree_on_affinity_over_a_random_day() {
                 v.iter().map(|e| (e.key, e.time_left.as_secs())).collect()
             };
             assert_eq!(keys(&a), keys(&b));
+            assert_eq!(keys(&a), keys(&nft.affinity_entries(&key(), secs(now))));
             let expected = last.values().filter(|&&l| now - l < 600).count();
             assert_eq!(a.len(), expected);
         }
@@ -374,7 +385,7 @@ fn deleting_a_service_frees_its_entries() {
 #[test]
 fn a_new_timeout_applies_to_existing_entries() {
     let mut t = sticky_table(1000, AffinityKeyKind::ClientIp);
-    let [ipt, ipvs] = dataplanes(&t, DataplaneConfig::with_seed(6));
+    let [ipt, ipvs, _nft] = dataplanes(&t, DataplaneConfig::with_seed(6));
     for dp in [&ipt, &ipvs] {
         dp.route(&client(1), secs(0));
     }
@@ -539,13 +550,13 @@ proptest! {
     #[test]
     fn no_affinity_entry_outlives_its_timeout(ops in proptest::collection::vec(op(), 1..200), timeout in 1i64..60, seed in any::<u64>()) {
         let mut t = sticky_table(timeout, AffinityKeyKind::ClientIp);
-        let [ipt, ipvs] = dataplanes(&t, DataplaneConfig::with_seed(seed));
+        let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(seed));
         let timeout = timeout as u64;
         let mut present = [true; 3];
         let mut now = 0u64;
         // The model: per mode, client -> (endpoint, last connection); an
         // endpoint that leaves takes its clients' entries with it.
-        let mut model: [BTreeMap<u8, (SocketAddr, u64)>; 2] = Default::default();
+        let mut model: [BTreeMap<u8, (SocketAddr, u64)>; 3] = Default::default();
         for op in ops {
             match op {
                 Op::Toggle { i } => {
@@ -560,11 +571,12 @@ proptest! {
                     let cs = t.apply(Change::UpsertSlice(slice_with(eps))).unwrap();
                     ipt.sync(&t, &cs);
                     ipvs.sync(&t, &cs);
+                    nft.sync(&t, &cs);
                 }
                 Op::Connect { c, dt } => {
                     now += u64::from(dt);
                     let f = client(u32::from(c));
-                    for (m, dp) in [&ipt, &ipvs].into_iter().enumerate() {
+                    for (m, dp) in [&ipt, &ipvs, &nft].into_iter().enumerate() {
                         match dp.route(&f, secs(now)) {
                             Verdict::Forward(b) => {
                                 if let Some((ep, last)) = model[m].get(&c) {
@@ -580,7 +592,7 @@ proptest! {
                     }
                 }
             }
-            for (m, dp) in [&ipt, &ipvs].into_iter().enumerate() {
+            for (m, dp) in [&ipt, &ipvs, &nft].into_iter().enumerate() {
                 let listed = dp.affinity_entries(&key(), secs(now));
                 for e in &listed {
                     let AffinityKey::ClientIp(std::net::IpAddr::V4(ip)) = e.key else { unreachable!() };

@@ -420,7 +420,9 @@ proptest! {
     fn both_modes_agree_on_candidates_and_verdicts(svcs in proptest::collection::vec(svc_gen(), 1..12), seed in any::<u64>()) {
         let t = build_table(&svcs);
         let config = DataplaneConfig::with_seed(seed).node(NodeTopology::new("node-0", "zone-0"));
-        let (ipt, ipvs) = both(&t, config);
+        let (ipt, ipvs) = both(&t, config.clone());
+        let nft = NftablesDataplane::new(config);
+        nft.sync(&t, &t.full_change_set());
         for i in 0..svcs.len() {
             let vip = SocketAddr::from(([10, 96, (i / 200) as u8, (i % 200) as u8 + 1], 80));
             let sort = |c: Candidates| match c {
@@ -430,8 +432,9 @@ proptest! {
             let a = sort(ipt.candidates(Protocol::Tcp, vip));
             let b = sort(ipvs.candidates(Protocol::Tcp, vip));
             prop_assert_eq!(&a, &b);
+            prop_assert_eq!(&a, &sort(nft.candidates(Protocol::Tcp, vip)));
             let f = Flow::tcp(SocketAddr::from(([10, 2, 0, 1], 4000)), vip);
-            for dp in [&ipt as &dyn Dataplane, &ipvs] {
+            for dp in [&ipt as &dyn Dataplane, &ipvs, &nft] {
                 let v = dp.route(&f, Instant::ZERO);
                 match (&a, v) {
                     (Candidates::Endpoints(eps), Verdict::Forward(be)) => prop_assert!(eps.contains(&be)),
@@ -472,4 +475,46 @@ fn independent_dataplanes_agree_with_consistent_hashing() {
         }
         assert_eq!(seen.len(), 3, "{kind} spreads over all endpoints");
     }
+}
+
+#[test]
+fn nftables_mode_is_uniform_and_follows_updates() {
+    let mut t = web_table();
+    let nft = NftablesDataplane::new(
+        DataplaneConfig::with_seed(5).scheduler(SchedulerKind::LeastConnection),
+    );
+    assert_eq!(nft.config().scheduler.name(), "numgen");
+    nft.sync(&t, &t.full_change_set());
+    let mut counts: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+    for _ in 0..60_000 {
+        let b = nft
+            .route(&flow("10.2.0.1:1", "10.96.0.10:80"), Instant::ZERO)
+            .backend()
+            .unwrap();
+        *counts.entry(b).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3);
+    let chi2: f64 = counts
+        .values()
+        .map(|&c| (f64::from(c) - 20_000.0).powi(2) / 20_000.0)
+        .sum();
+    assert!(chi2 < 13.82, "chi2 {chi2}: {counts:?}");
+    assert_eq!(
+        nft.route(&flow("10.2.0.1:1", "10.96.0.99:80"), Instant::ZERO),
+        Verdict::NotAService
+    );
+    let cs = t
+        .apply(Change::UpsertSlice(slice(
+            "web-1",
+            "web",
+            &["10.1.0.2"],
+            8080,
+        )))
+        .unwrap();
+    nft.sync(&t, &cs);
+    assert_eq!(
+        nft.route(&flow("10.2.0.1:1", "10.96.0.10:80"), Instant::ZERO),
+        Verdict::Forward(sa("10.1.0.2:8080"))
+    );
+    assert_eq!(nft.map_element_count(), 1);
 }

@@ -5,6 +5,8 @@
 //!   list walked in order; every change recompiles it.
 //! - [`IpvsDataplane`]: kube-proxy's IPVS mode, a hash table of virtual
 //!   services with a scheduler each; a change touches only its service.
+//! - [`NftablesDataplane`]: kube-proxy's nftables mode, a verdict map found
+//!   in O(1) and a uniform `numgen random mod N` pick.
 //!
 //! A dataplane is shared by reference among packet threads (`&self`,
 //! `Send + Sync`). The control plane calls [`Dataplane::sync`] with the
@@ -13,11 +15,13 @@
 
 mod iptables;
 mod ipvs;
+mod nftables;
 
 use std::net::SocketAddr;
 
 pub use iptables::IptablesDataplane;
 pub use ipvs::{IpvsDataplane, IpvsReader, RealServerInfo, VirtualServiceInfo};
+pub use nftables::NftablesDataplane;
 
 use crate::affinity::{AffinityConfig, AffinityEntry, AffinityReport};
 use crate::model::flow::{Flow, Protocol, Verdict};

@@ -11,6 +11,7 @@
 
 mod least_conn;
 mod maglev;
+mod numgen;
 pub(crate) mod random;
 mod round_robin;
 mod source_hash;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 
 pub use least_conn::{LeastConnection, WeightedLeastConnection};
 pub use maglev::{DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_TABLE_SIZES, Maglev};
+pub use numgen::{Numgen, NumgenFactory};
 pub use random::{RandomCascade, iptables_probability, probability_threshold};
 pub use round_robin::{RoundRobin, WeightedRoundRobin};
 pub use source_hash::SourceHash;
