@@ -21,7 +21,7 @@
 //! [`AffinityKey`]: the client address (the Kubernetes default, a full /32
 //! or /128), the client address and port, or a caller-supplied `u64` (a
 //! cookie or header hash), chosen per service by
-//! [`AffinityKeyKind`](crate::AffinityKeyKind).
+//! [`AffinityKeyKind`].
 //!
 //! # Memory and concurrency
 //! [`AffinityTable`] is split into shards chosen by a seeded, stable hash

@@ -884,7 +884,7 @@ impl ServiceManifest {
     /// 10800 s; each port's `protocol: TCP` and `targetPort` = `port` when
     /// absent, 0 or empty; `internalTrafficPolicy: Cluster` for ClusterIP,
     /// NodePort and LoadBalancer services; `externalTrafficPolicy: Cluster`
-    /// for NodePort and LoadBalancer services; `clusterIPs` = [`clusterIP`]
+    /// for NodePort and LoadBalancer services; `clusterIPs` = \[`clusterIP`\]
     /// when only `clusterIP` is given (and the reverse).
     pub fn apply_defaults(&mut self) {
         let spec = &mut self.spec;
