@@ -14,6 +14,9 @@
 //!   a channel and the test fails if one has not finished 60 s after the
 //!   stop signal (a liveness bound, not a performance assertion).
 //!
+//! Dataplanes: iptables mode, IPVS mode (`rr`, `wlc`), and IPVS mode read
+//! through per-thread [`IpvsReader`]s (which cache the table pointer).
+//!
 //! It prints reads/s and writes/s per dataplane; run it with
 //! `cargo test --release --test stress -- --nocapture` to see them.
 //!
@@ -87,7 +90,9 @@ struct ReaderReport {
     stale: Vec<String>,
 }
 
-fn stress(name: &str, dp: Arc<dyn Dataplane>) {
+/// Stresses `dp`; with `reader`, the readers route through per-thread
+/// [`IpvsReader`]s of that IPVS dataplane (the same object as `dp`).
+fn stress(name: &str, dp: Arc<dyn Dataplane>, reader: Option<Arc<IpvsDataplane>>) {
     let shared = Arc::new(Shared {
         published: AtomicU64::new(0),
         removed_at: (0..ADDRESSES).map(|_| AtomicU64::new(NEVER)).collect(),
@@ -118,8 +123,10 @@ fn stress(name: &str, dp: Arc<dyn Dataplane>) {
         let dp = dp.clone();
         let shared = shared.clone();
         let tx = tx.clone();
+        let ipvs = reader.clone();
         thread::spawn(move || {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut reader = ipvs.as_deref().map(IpvsDataplane::reader);
                 let mut report = ReaderReport::default();
                 let vip: SocketAddr = "10.96.0.1:80".parse().unwrap();
                 let mut i = 0u32;
@@ -131,7 +138,11 @@ fn stress(name: &str, dp: Arc<dyn Dataplane>) {
                     ));
                     let flow = Flow::tcp(src, vip);
                     let began = shared.published.load(Ordering::Acquire);
-                    let v = dp.route(&flow, svclb::Instant::from_nanos(u64::from(i)));
+                    let now = svclb::Instant::from_nanos(u64::from(i));
+                    let v = match reader.as_mut() {
+                        Some(r) => r.route(&flow, now),
+                        None => dp.route(&flow, now),
+                    };
                     report.reads += 1;
                     let Verdict::Forward(b) = v else {
                         report.stale.push(format!(
@@ -238,17 +249,26 @@ fn readers_never_see_a_removed_backend() {
     stress(
         "iptables",
         Arc::new(IptablesDataplane::new(DataplaneConfig::with_seed(1))),
+        None,
     );
     stress(
         "ipvs/rr",
         Arc::new(IpvsDataplane::new(
             DataplaneConfig::with_seed(2).scheduler(SchedulerKind::RoundRobin),
         )),
+        None,
     );
     stress(
         "ipvs/wlc",
         Arc::new(IpvsDataplane::new(
             DataplaneConfig::with_seed(3).scheduler(SchedulerKind::WeightedLeastConnection),
         )),
+        None,
     );
+    // Per-thread readers cache the table pointer: they must still never
+    // serve a backend whose removal was published.
+    let ipvs = Arc::new(IpvsDataplane::new(
+        DataplaneConfig::with_seed(4).scheduler(SchedulerKind::RoundRobin),
+    ));
+    stress("ipvs/rr via IpvsReader", ipvs.clone(), Some(ipvs));
 }
