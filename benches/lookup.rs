@@ -18,12 +18,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ahash::AHashMap;
+use common::cpu_time::ThreadCpu;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use svclb::*;
 
 const FLOWS: usize = 4096;
 
-fn bench_lookup(c: &mut Criterion) {
+fn bench_lookup(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("lookup");
     group.sample_size(20);
     group.warm_up_time(Duration::from_millis(500));
@@ -74,5 +75,10 @@ fn bench_lookup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_lookup);
+criterion_group! {
+    name = benches;
+    // Thread CPU time, not wall-clock time: see benches/common/cpu_time.rs.
+    config = Criterion::default().with_measurement(ThreadCpu);
+    targets = bench_lookup
+}
 criterion_main!(benches);

@@ -8,10 +8,13 @@
 // criterion_group! generates undocumented public functions.
 #![allow(missing_docs)]
 
+mod common;
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use common::cpu_time::ThreadCpu;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use svclb::scheduler::{Destination, PickContext};
 use svclb::*;
@@ -30,7 +33,7 @@ fn flows(n: usize) -> Vec<Flow> {
         .collect()
 }
 
-fn bench_schedulers(c: &mut Criterion) {
+fn bench_schedulers(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("pick");
     group.sample_size(20);
     group.warm_up_time(Duration::from_millis(300));
@@ -66,7 +69,7 @@ fn bench_schedulers(c: &mut Criterion) {
     group.finish();
 }
 
-fn bench_affinity(c: &mut Criterion) {
+fn bench_affinity(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("affinity");
     group.sample_size(20);
     group.warm_up_time(Duration::from_millis(300));
@@ -130,5 +133,10 @@ fn bench_affinity(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_schedulers, bench_affinity);
+criterion_group! {
+    name = benches;
+    // Thread CPU time, not wall-clock time: see benches/common/cpu_time.rs.
+    config = Criterion::default().with_measurement(ThreadCpu);
+    targets = bench_schedulers, bench_affinity
+}
 criterion_main!(benches);

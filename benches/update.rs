@@ -18,6 +18,7 @@ mod common;
 use std::hint::black_box;
 use std::time::Duration;
 
+use common::cpu_time::ThreadCpu;
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use svclb::*;
 
@@ -36,7 +37,7 @@ fn big_cluster(others: usize) -> ServiceTable {
 /// Applies the two versions of a slice in turn: every call is a real
 /// one-endpoint change.
 fn toggle_bench(
-    b: &mut criterion::Bencher<'_>,
+    b: &mut criterion::Bencher<'_, ThreadCpu>,
     table: &mut ServiceTable,
     dp: &dyn Dataplane,
     versions: &[EndpointSlice; 2],
@@ -56,7 +57,7 @@ fn toggle_bench(
     );
 }
 
-fn bench_big_service(c: &mut Criterion) {
+fn bench_big_service(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("update_1000_endpoint_service");
     group.sample_size(20);
     group.warm_up_time(Duration::from_millis(500));
@@ -101,7 +102,7 @@ fn bench_big_service(c: &mut Criterion) {
     group.finish();
 }
 
-fn bench_one_change_by_size(c: &mut Criterion) {
+fn bench_one_change_by_size(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("update_one_endpoint_change");
     group.sample_size(20);
     group.warm_up_time(Duration::from_millis(500));
@@ -121,7 +122,7 @@ fn bench_one_change_by_size(c: &mut Criterion) {
     group.finish();
 }
 
-fn bench_full_sync(c: &mut Criterion) {
+fn bench_full_sync(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("full_sync_10000_services_50000_endpoints");
     group.sample_size(10);
     group.warm_up_time(Duration::from_millis(500));
@@ -163,10 +164,10 @@ fn bench_full_sync(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(
-    benches,
-    bench_big_service,
-    bench_one_change_by_size,
-    bench_full_sync
-);
+criterion_group! {
+    name = benches;
+    // Thread CPU time, not wall-clock time: see benches/common/cpu_time.rs.
+    config = Criterion::default().with_measurement(ThreadCpu);
+    targets = bench_big_service, bench_one_change_by_size, bench_full_sync
+}
 criterion_main!(benches);

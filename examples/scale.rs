@@ -9,7 +9,10 @@
 //! cargo run --release --example scale -- --json out.jsonl --svg docs/scaling.svg
 //! ```
 //!
-//! Every figure is the median of repeated runs in this process. `--json`
+//! Every cost is the median of repeated runs in this process, in thread CPU
+//! time (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`; the wall clock elsewhere),
+//! so that other processes sharing the cores do not inflate it; the
+//! throughput test is wall-clock time by nature. `--json`
 //! without a file name writes the JSON lines to standard output (the tables
 //! then go to standard error). Memory per service and per endpoint is
 //! measured by `examples/memory.rs`, which needs a counting allocator that
@@ -18,6 +21,7 @@
 #[path = "../benches/common/mod.rs"]
 mod common;
 
+use common::cpu_time::thread_cpu_ns;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::io::Write as _;
@@ -90,54 +94,55 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median ns per call of `f` over the flows, each run long enough to time
-/// (at least ~5 ms).
+/// (at least ~5 ms of thread CPU time).
 fn time_per_flow(flows: &[Flow], mut f: impl FnMut(&Flow)) -> f64 {
     let pass = |f: &mut dyn FnMut(&Flow)| {
-        let t = WallClock::now();
+        let t = thread_cpu_ns();
         for fl in flows {
             f(black_box(fl));
         }
-        t.elapsed()
+        thread_cpu_ns().saturating_sub(t).max(1)
     };
-    let first = pass(&mut f);
-    let passes = (Duration::from_millis(5).as_secs_f64() / first.as_secs_f64().max(1e-9))
-        .ceil()
-        .max(1.0) as usize;
-    let runs = if first > Duration::from_millis(200) {
-        3
-    } else {
-        9
-    };
+    let first = pass(&mut f) as f64;
+    let passes = (5e6 / first).ceil().max(1.0) as usize;
+    let runs = if first > 2e8 { 3 } else { 9 };
     let samples = (0..runs)
         .map(|_| {
-            let t = WallClock::now();
+            let t = thread_cpu_ns();
             for _ in 0..passes {
                 pass(&mut f);
             }
-            t.elapsed().as_nanos() as f64 / (passes * flows.len()) as f64
+            (thread_cpu_ns() - t) as f64 / (passes * flows.len()) as f64
         })
         .collect();
     median(samples)
 }
 
-/// Median ns of `op`, repeated until `budget` is spent (at least 5 and at
-/// most `max_runs` times). `prepare` runs untimed before each op.
-fn time_op<T>(
+/// Median thread-CPU ns of `op`, over batches of `batch` ops (so that the
+/// clock's own cost vanishes), repeated until `budget` is spent (at least 5
+/// and at most `max_batches` batches). `prepare` makes each op's input
+/// before its batch starts; what the ops return is dropped after the batch.
+fn time_op<T, R>(
     budget: Duration,
-    max_runs: usize,
+    batch: usize,
+    max_batches: usize,
     mut prepare: impl FnMut(usize) -> T,
-    mut op: impl FnMut(T),
+    mut op: impl FnMut(T) -> R,
 ) -> f64 {
     let start = WallClock::now();
     let mut samples = Vec::new();
-    for k in 0..max_runs {
+    for b in 0..max_batches {
         if samples.len() >= 5 && start.elapsed() > budget {
             break;
         }
-        let input = prepare(k);
-        let t = WallClock::now();
-        op(input);
-        samples.push(t.elapsed().as_nanos() as f64);
+        let inputs: Vec<T> = (0..batch).map(|k| prepare(b * batch + k)).collect();
+        let mut outputs = Vec::with_capacity(batch);
+        let t = thread_cpu_ns();
+        for input in inputs {
+            outputs.push(op(input));
+        }
+        samples.push((thread_cpu_ns() - t) as f64 / batch as f64);
+        drop(outputs);
     }
     median(samples)
 }
@@ -213,11 +218,18 @@ fn measure_lookups(table: &ServiceTable, n: usize) -> LookupRow {
 
 /// One-endpoint changes to services spread over the cluster: the table's
 /// apply plus the dataplane's sync, each op timed alone.
-fn one_change(table: &mut ServiceTable, dp: &dyn Dataplane, n: usize, budget: Duration) -> f64 {
+fn one_change(
+    table: &mut ServiceTable,
+    dp: &dyn Dataplane,
+    n: usize,
+    budget: Duration,
+    batch: usize,
+) -> f64 {
     let mut flipped = vec![false; n];
     time_op(
         budget,
-        401,
+        batch,
+        41,
         |k| {
             let i = (k * 7919) % n;
             let versions = common::toggled_slice(i, i * 5, 5, 100);
@@ -227,6 +239,7 @@ fn one_change(table: &mut ServiceTable, dp: &dyn Dataplane, n: usize, budget: Du
         |slice| {
             let cs = table.apply(Change::UpsertSlice(slice)).unwrap();
             dp.sync(table, &cs);
+            cs
         },
     )
 }
@@ -234,37 +247,41 @@ fn one_change(table: &mut ServiceTable, dp: &dyn Dataplane, n: usize, budget: Du
 fn measure_updates(n: usize) -> UpdateRow {
     let mut table = common::cluster(n, 5);
     let (ipt, ipvs) = common::dataplanes(&table);
-    let ipvs_change = one_change(&mut table, &ipvs, n, Duration::from_millis(500));
-    let iptables_change = one_change(&mut table, &ipt, n, Duration::from_secs(2));
+    let ipvs_change = one_change(&mut table, &ipvs, n, Duration::from_millis(500), 50);
+    let batch = if n >= 1000 { 1 } else { 20 };
+    let iptables_change = one_change(&mut table, &ipt, n, Duration::from_secs(2), batch);
     let changes = common::cluster_changes(n, 5);
     let full_budget = Duration::from_secs(2);
     let table_full = time_op(
         full_budget,
+        1,
         9,
         |_| changes.clone(),
         |c| {
             let mut t = ServiceTable::new();
             t.apply_batch(c).unwrap();
-            black_box(t);
+            t
         },
     );
     let all = table.full_change_set();
     let ipvs_full = time_op(
         full_budget,
+        1,
         9,
         |_| IpvsDataplane::new(DataplaneConfig::with_seed(1)),
         |dp| {
             dp.sync(&table, &all);
-            black_box(dp);
+            dp
         },
     );
     let iptables_full = time_op(
         full_budget,
+        1,
         9,
         |_| IptablesDataplane::new(DataplaneConfig::with_seed(1)),
         |dp| {
             dp.sync(&table, &all);
-            black_box(dp);
+            dp
         },
     );
     UpdateRow {
@@ -529,6 +546,15 @@ fn main() {
     let mut json = Vec::new();
     let mut md = String::new();
 
+    let _ = writeln!(
+        md,
+        "_Costs are medians of repeated runs, in {}; 5 endpoints per service._\n",
+        if common::cpu_time::is_cpu_time() {
+            "thread CPU time"
+        } else {
+            "wall-clock time"
+        }
+    );
     let mut lookups = Vec::new();
     for &n in &sizes {
         let table = common::cluster(n, 5);

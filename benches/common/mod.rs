@@ -5,6 +5,8 @@
 //! at most `per_slice`. Endpoint addresses are unique across the cluster.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cpu_time;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use svclb::*;

@@ -1,11 +1,16 @@
 //! svclb's schedulers next to pingora-load-balancing and the `maglev` crate,
 //! picking among the same backends in one criterion run.
 //!
-//! Run from this directory: `cargo bench` (pingora needs `cmake`).
+//! Run from this directory: `cargo bench` (pingora needs `cmake`). Times
+//! are thread CPU time, as in the repository's own benches.
+
+#[path = "../../benches/common/cpu_time.rs"]
+mod cpu_time;
 
 use std::hint::black_box;
 use std::net::SocketAddr;
 
+use cpu_time::ThreadCpu;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use maglev::{ConsistentHasher, Maglev};
 use pingora_load_balancing::LoadBalancer;
@@ -31,7 +36,7 @@ fn flows(n: usize) -> Vec<Flow> {
         .collect()
 }
 
-fn bench_pick(c: &mut Criterion) {
+fn bench_pick(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("pick");
     group.sample_size(30);
     group.warm_up_time(std::time::Duration::from_millis(500));
@@ -109,5 +114,10 @@ fn bench_pick(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_pick);
+criterion_group! {
+    name = benches;
+    // Thread CPU time, as in the repository's benches.
+    config = Criterion::default().with_measurement(ThreadCpu);
+    targets = bench_pick
+}
 criterion_main!(benches);
