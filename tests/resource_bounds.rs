@@ -1,5 +1,5 @@
 //! Resource bounds under a flood: 1,000,000 distinct clients through every
-//! dataplane (iptables mode; IPVS mode with `lc`, which also counts
+//! dataplane (iptables mode; nftables mode; IPVS mode with `lc`, which also counts
 //! connections per destination; IPVS's affinity path does not depend on the
 //! scheduler), to a
 //! service with `ClientIP` affinity and to one without.
@@ -104,9 +104,11 @@ fn a_million_clients_stay_within_the_bounds_in_every_dataplane() {
             .affinity(affinity.clone())
     };
     let ipt = IptablesDataplane::new(config(SchedulerKind::RoundRobin));
+    let nft = NftablesDataplane::new(config(SchedulerKind::RoundRobin));
     let lc = IpvsDataplane::new(config(SchedulerKind::LeastConnection));
-    let cases: [(&str, &dyn Dataplane, &AffinityTable); 2] = [
+    let cases: [(&str, &dyn Dataplane, &AffinityTable); 3] = [
         ("iptables", &ipt, ipt.affinity_table()),
+        ("nftables", &nft, nft.affinity_table()),
         ("ipvs/lc", &lc, lc.affinity_table()),
     ];
     for (name, dp, affinity) in cases {

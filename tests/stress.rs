@@ -14,7 +14,7 @@
 //!   a channel and the test fails if one has not finished 60 s after the
 //!   stop signal (a liveness bound, not a performance assertion).
 //!
-//! Dataplanes: iptables mode, IPVS mode (`rr`, `wlc`), and IPVS mode read
+//! Dataplanes: iptables mode, nftables mode, IPVS mode (`rr`, `wlc`), and IPVS mode read
 //! through per-thread [`IpvsReader`]s (which cache the table pointer).
 //!
 //! It prints reads/s and writes/s per dataplane; run it with
@@ -249,6 +249,11 @@ fn readers_never_see_a_removed_backend() {
     stress(
         "iptables",
         Arc::new(IptablesDataplane::new(DataplaneConfig::with_seed(1))),
+        None,
+    );
+    stress(
+        "nftables",
+        Arc::new(NftablesDataplane::new(DataplaneConfig::with_seed(5))),
         None,
     );
     stress(

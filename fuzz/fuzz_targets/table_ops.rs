@@ -49,7 +49,12 @@ fn svc(u: &mut Unstructured<'_>) -> Result<SvcGen> {
     }
     Ok(SvcGen {
         id: small(u, SERVICES)?,
-        vip: small(u, VIPS)?,
+        // Mostly the service's own VIP; sometimes another service's.
+        vip: if small(u, 7)? == 0 {
+            1 + small(u, VIPS - 1)?
+        } else {
+            0
+        },
         family: small(u, 4)?,
         ports,
         local: u.arbitrary()?,
@@ -120,7 +125,6 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         SchedulerKind::SourceHash | SchedulerKind::SourceHashPort
     );
     let dps: Vec<Box<dyn Dataplane>> = dataplanes(u.arbitrary()?, kind);
-    let probes = probe_destinations();
     let mut table = ServiceTable::new();
     let mut model = RefModel::default();
     let mut t = 0u64;
@@ -135,7 +139,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 panic!("step {t}: {e}");
             }
         } else {
-            let (protocol, dst) = probes[usize::from(u.arbitrary::<u8>()?) % probes.len()];
+            let (protocol, dst) = aim_flow(usize::from(u.arbitrary::<u8>()?), &model);
             let src = u.arbitrary::<u8>()?;
             let src = if dst.is_ipv6() {
                 std::net::SocketAddr::new(format!("fd02::{src}").parse().unwrap(), 40_000)

@@ -113,6 +113,7 @@ pub struct PortGen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SvcGen {
     pub id: u8,
+    /// 0: the service's own VIP (`vip(id)`); other values: another one.
     pub vip: u8,
     /// 0: IPv4, 1: IPv6, 2: dual stack (IPv4 first), 3: headless.
     pub family: u8,
@@ -124,14 +125,12 @@ pub struct SvcGen {
 impl SvcGen {
     pub fn build(&self) -> Result<Service, ValidationError> {
         let mut b = Service::builder("default", service_name(self.id));
+        // Each service has its own VIP unless `vip` moves it onto another's.
+        let v = (self.id % SERVICES).wrapping_add(self.vip);
         match self.family % 4 {
-            0 => b = b.cluster_ip(vip(false, self.vip)),
-            1 => b = b.cluster_ip(vip(true, self.vip)),
-            2 => {
-                b = b
-                    .cluster_ip(vip(false, self.vip))
-                    .cluster_ip(vip(true, self.vip))
-            }
+            0 => b = b.cluster_ip(vip(false, v)),
+            1 => b = b.cluster_ip(vip(true, v)),
+            2 => b = b.cluster_ip(vip(false, v)).cluster_ip(vip(true, v)),
             _ => b = b.headless(),
         }
         let multi = self.ports.len() > 1;
@@ -177,6 +176,8 @@ pub struct EpGen {
 /// A generated slice port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePortGen {
+    /// 0, 1: the name a service port in this position gets; 2: unnamed;
+    /// 3: another service port's name.
     pub name: u8,
     /// Index into [`PORT_NUMBERS`]; 4 and above: no port number (ignored).
     pub port: u8,
@@ -205,8 +206,16 @@ impl SliceGen {
         let mut b =
             EndpointSlice::builder("default", slice_name(self.name), service_name(self.svc), at);
         let mut names = Vec::new();
-        for p in &self.ports {
-            let name = PORT_NAMES[usize::from(p.name) % 4];
+        let multi = self.ports.len() > 1;
+        for (j, p) in self.ports.iter().enumerate() {
+            // Mostly the names a service's ports get (`SvcGen::build`), so
+            // that slice ports usually match a service port.
+            let name = match p.name % 4 {
+                0 | 1 if multi => PORT_NAMES[1 + j % 3],
+                0 | 1 => PORT_NAMES[1],
+                2 => PORT_NAMES[0],
+                _ => PORT_NAMES[1 + (j + 1) % 3],
+            };
             if names.contains(&name) {
                 continue;
             }
@@ -273,6 +282,87 @@ impl ChangeGen {
                 Change::DeleteSlice(SliceKey::new("default", slice_name(*i)))
             }
         })
+    }
+}
+
+/// Points three in four generated slice changes at a service (or slice)
+/// the model holds, so that most batches apply and most slices land (most
+/// of those with the service's own port names, protocols and family); the fourth
+/// keeps its random target, which exercises the refusals.
+pub fn aim_batch(batch: &[ChangeGen], model: &RefModel) -> Vec<ChangeGen> {
+    let services: Vec<u8> = model
+        .services
+        .keys()
+        .filter_map(|k| k.name.strip_prefix("svc-")?.parse().ok())
+        .collect();
+    let slices: Vec<u8> = model
+        .slices
+        .keys()
+        .filter_map(|k| k.name.strip_prefix("s-")?.parse().ok())
+        .collect();
+    batch
+        .iter()
+        .map(|c| match c {
+            ChangeGen::UpsertSlice(g) if g.svc % 4 != 3 && !services.is_empty() => {
+                let target = services[usize::from(g.svc) % services.len()];
+                let mut g = SliceGen {
+                    svc: target,
+                    ..g.clone()
+                };
+                // Most of these carry exactly the service's port names and
+                // protocols, and its address family (as the EndpointSlice
+                // controller writes them).
+                let key = ServiceKey::new("default", service_name(target));
+                let mirror = g.name % 4 != 3 && g.ports.first().is_none_or(|p| p.name != 3);
+                if let (true, Some(svc)) = (mirror, model.services.get(&key)) {
+                    if let [ip] = svc.cluster_ip().addrs() {
+                        g.v6 = ip.is_ipv6();
+                    }
+                    let n = svc.ports().len();
+                    g.ports = svc
+                        .ports()
+                        .iter()
+                        .enumerate()
+                        .map(|(j, sp)| SlicePortGen {
+                            name: if n == 1 && sp.name().is_none() { 2 } else { 0 },
+                            port: g.ports.get(j).map_or(j as u8 % 4, |p| p.port),
+                            protocol: PROTOCOLS
+                                .iter()
+                                .position(|p| *p == sp.protocol())
+                                .unwrap_or(0) as u8,
+                        })
+                        .collect();
+                }
+                ChangeGen::UpsertSlice(g)
+            }
+            ChangeGen::DeleteSlice(i) if i % 4 != 3 && !slices.is_empty() => {
+                ChangeGen::DeleteSlice(slices[usize::from(*i) % slices.len()])
+            }
+            ChangeGen::DeleteService(i) if i % 4 != 3 && !services.is_empty() => {
+                ChangeGen::DeleteService(services[usize::from(*i) % services.len()])
+            }
+            other => other.clone(),
+        })
+        .collect()
+}
+
+/// A flow destination: three in four times one of the service ports the
+/// model holds (so that flows meet services with endpoints), else any probe
+/// destination (mostly not a service).
+pub fn aim_flow(pick: usize, model: &RefModel) -> (Protocol, SocketAddr) {
+    let mut live = Vec::new();
+    for svc in model.services.values() {
+        for ip in svc.cluster_ip().addrs() {
+            for p in svc.ports() {
+                live.push((p.protocol(), SocketAddr::new(*ip, p.port())));
+            }
+        }
+    }
+    if pick % 4 != 3 && !live.is_empty() {
+        live[(pick / 4) % live.len()]
+    } else {
+        let probes = probe_destinations();
+        probes[(pick / 4) % probes.len()]
     }
 }
 
@@ -586,12 +676,13 @@ pub fn verdict_ok(expected: &Candidates, v: Verdict, sh_may_reject: bool) -> boo
     }
 }
 
-/// The dataplanes every check runs: iptables mode and IPVS mode with the
-/// given scheduler.
+/// The dataplanes every check runs: iptables mode, nftables mode, and IPVS
+/// mode with the given scheduler.
 pub fn dataplanes(seed: u64, scheduler: SchedulerKind) -> Vec<Box<dyn Dataplane>> {
     let config = DataplaneConfig::with_seed(seed).node(node_topology());
     vec![
         Box::new(IptablesDataplane::new(config.clone())),
+        Box::new(NftablesDataplane::new(config.clone())),
         Box::new(IpvsDataplane::new(config.scheduler(scheduler))),
     ]
 }
@@ -608,7 +699,10 @@ pub fn step_batch(
     dps: &[Box<dyn Dataplane>],
     batch: &[ChangeGen],
 ) -> Result<(), Failure> {
-    let changes: Vec<Change> = batch.iter().filter_map(ChangeGen::build).collect();
+    let changes: Vec<Change> = aim_batch(batch, model)
+        .iter()
+        .filter_map(ChangeGen::build)
+        .collect();
     let before = table.snapshot();
     let generation = table.generation();
     let expected = model.apply_batch(&changes);
