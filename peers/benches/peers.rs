@@ -5,6 +5,7 @@
 //! are thread CPU time, as in the repository's own benches.
 
 #[path = "../../benches/common/cpu_time.rs"]
+#[allow(dead_code)]
 mod cpu_time;
 
 use std::hint::black_box;
