@@ -93,29 +93,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Median ns per call of `f` over the flows, each run long enough to time
-/// (at least ~5 ms of thread CPU time).
-fn time_per_flow(flows: &[Flow], mut f: impl FnMut(&Flow)) -> f64 {
-    let pass = |f: &mut dyn FnMut(&Flow)| {
-        let t = thread_cpu_ns();
+/// Thread-CPU ns per call of `f` over `passes` passes of the flows.
+#[inline(never)]
+fn run_passes<F: FnMut(&Flow)>(flows: &[Flow], passes: usize, f: &mut F) -> f64 {
+    let t = thread_cpu_ns();
+    for _ in 0..passes {
         for fl in flows {
             f(black_box(fl));
         }
-        thread_cpu_ns().saturating_sub(t).max(1)
-    };
-    let first = pass(&mut f) as f64;
-    let passes = (5e6 / first).ceil().max(1.0) as usize;
-    let runs = if first > 2e8 { 3 } else { 9 };
-    let samples = (0..runs)
-        .map(|_| {
-            let t = thread_cpu_ns();
-            for _ in 0..passes {
-                pass(&mut f);
-            }
-            (thread_cpu_ns() - t) as f64 / (passes * flows.len()) as f64
-        })
-        .collect();
-    median(samples)
+    }
+    thread_cpu_ns().saturating_sub(t).max(1) as f64 / (passes * flows.len()) as f64
+}
+
+/// How many passes make a run of at least ~5 ms, after one warm-up pass.
+fn passes_for<F: FnMut(&Flow)>(flows: &[Flow], f: &mut F) -> usize {
+    let first = run_passes(flows, 1, f) * flows.len() as f64;
+    (5e6 / first).ceil().max(1.0) as usize
 }
 
 /// Median thread-CPU ns of `op`, over batches of `batch` ops (so that the
@@ -194,19 +187,36 @@ fn measure_lookups(table: &ServiceTable, n: usize) -> LookupRow {
         })
         .collect();
     let now = svclb::Instant::ZERO;
-    let ipvs_ns = time_per_flow(&flows, |f| {
-        black_box(ipvs.route(f, now));
-    });
     let mut reader = ipvs.reader();
-    let reader_ns = time_per_flow(&flows, |f| {
+    let mut f_ipvs = |f: &Flow| {
+        black_box(ipvs.route(f, now));
+    };
+    let mut f_reader = |f: &Flow| {
         black_box(reader.route(f, now));
-    });
-    let iptables_ns = time_per_flow(&flows, |f| {
+    };
+    let mut f_ipt = |f: &Flow| {
         black_box(ipt.route(f, now));
-    });
-    let floor_ns = time_per_flow(&flows, |f| {
+    };
+    let mut f_floor = |f: &Flow| {
         black_box(floor_map.get(&(f.dst.ip(), f.dst.port(), f.protocol)));
-    });
+    };
+    let p = [
+        passes_for(&flows, &mut f_ipvs),
+        passes_for(&flows, &mut f_reader),
+        passes_for(&flows, &mut f_ipt),
+        passes_for(&flows, &mut f_floor),
+    ];
+    // The four take turns, run after run, so that a burst of other work on
+    // the machine touches all of them alike; each keeps its median.
+    let runs = if n >= 50_000 { 5 } else { 15 };
+    let mut samples: [Vec<f64>; 4] = Default::default();
+    for _ in 0..runs {
+        samples[0].push(run_passes(&flows, p[0], &mut f_ipvs));
+        samples[1].push(run_passes(&flows, p[1], &mut f_reader));
+        samples[2].push(run_passes(&flows, p[2], &mut f_ipt));
+        samples[3].push(run_passes(&flows, p[3], &mut f_floor));
+    }
+    let [ipvs_ns, reader_ns, iptables_ns, floor_ns] = samples.map(median);
     LookupRow {
         services: n,
         iptables: iptables_ns,
