@@ -40,7 +40,7 @@ use crate::affinity::{
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::ServiceKey;
 use crate::rng::SeededRng;
-use crate::scheduler::{iptables_probability, probability_threshold};
+use crate::scheduler::random::cascade_rules;
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
 use crate::topology::{Selection, categorize};
@@ -125,17 +125,7 @@ impl Ruleset {
                     };
                     let (list, target) = match selection {
                         Selection::Usable(eps) => {
-                            let n = eps.len();
-                            let rules = (0..n)
-                                .map(|i| {
-                                    let t = if i + 1 == n {
-                                        u32::MAX
-                                    } else {
-                                        probability_threshold(iptables_probability(i, n))
-                                    };
-                                    (i as u32, t)
-                                })
-                                .collect();
+                            let rules = cascade_rules(0..eps.len() as u32);
                             let endpoints: Box<[SocketAddr]> =
                                 eps.iter().map(|e| e.addr()).collect();
                             let port_affinity =

@@ -39,20 +39,9 @@ impl RandomCascade {
         let eligible: Vec<u32> = (0..dests.len() as u32)
             .filter(|&i| dests[i as usize].weight() > 0)
             .collect();
-        let n = eligible.len();
-        let rules = eligible
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                let t = if i + 1 == n {
-                    u32::MAX
-                } else {
-                    probability_threshold(iptables_probability(i, n))
-                };
-                (d, t)
-            })
-            .collect();
-        RandomCascade { rules }
+        RandomCascade {
+            rules: cascade_rules(eligible.into_iter()),
+        }
     }
 
     /// Walks the cascade with one 31-bit draw per rule.
@@ -60,6 +49,24 @@ impl RandomCascade {
     pub fn walk(&self, draw: impl FnMut() -> u32) -> Option<usize> {
         walk_cascade(&self.rules, draw)
     }
+}
+
+/// kube-proxy's chain over `targets` (in order): `(target, threshold)` per
+/// rule, rule i of n matching with probability 1/(n-i) and the last one,
+/// marked `u32::MAX`, always.
+pub(crate) fn cascade_rules(targets: impl ExactSizeIterator<Item = u32>) -> Box<[(u32, u32)]> {
+    let n = targets.len();
+    targets
+        .enumerate()
+        .map(|(i, target)| {
+            let t = if i + 1 == n {
+                u32::MAX
+            } else {
+                probability_threshold(iptables_probability(i, n))
+            };
+            (target, t)
+        })
+        .collect()
 }
 
 /// Walks `(target, threshold)` rules; `u32::MAX` marks the rule without a
