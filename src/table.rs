@@ -72,8 +72,11 @@ pub struct TableStats {
     pub slices_merged: u64,
     /// Endpoint copies added to or removed from a merged map.
     pub endpoint_merges: u64,
-    /// Merged per-port endpoint lists rebuilt.
+    /// Merged per-port endpoint lists rebuilt from their merge maps.
     pub port_lists_built: u64,
+    /// Endpoints replaced, inserted or removed in place in a merged list
+    /// (a small change to a large list patches it instead of rebuilding).
+    pub port_list_patches: u64,
 }
 
 /// A merged endpoint of one service port, as the dataplanes see it.
@@ -178,7 +181,8 @@ impl EndpointInfo {
 #[derive(Debug, Clone)]
 pub struct PortView {
     port: ServicePort,
-    endpoints: Arc<[Arc<EndpointInfo>]>,
+    endpoints: Arc<Vec<Arc<EndpointInfo>>>,
+    summary: ListSummary,
 }
 
 impl PortView {
@@ -187,8 +191,58 @@ impl PortView {
         &self.port
     }
     /// The merged endpoints, sorted as strings of `"IP:port"`.
-    pub fn endpoints(&self) -> &Arc<[Arc<EndpointInfo>]> {
+    pub fn endpoints(&self) -> &[Arc<EndpointInfo>] {
         &self.endpoints
+    }
+    /// Counts over [`endpoints`](Self::endpoints), kept as the list is
+    /// patched, so that a dataplane can tell without a scan that every
+    /// endpoint takes connections.
+    pub(crate) fn summary(&self) -> ListSummary {
+        self.summary
+    }
+}
+
+/// Counts over a merged endpoint list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ListSummary {
+    /// Endpoints that are not ready.
+    pub(crate) not_ready: u32,
+    /// Endpoints with zone or node hints.
+    pub(crate) hinted: u32,
+    /// IPv6 endpoints.
+    pub(crate) v6: u32,
+}
+
+impl ListSummary {
+    fn flags(e: &EndpointInfo) -> [u32; 3] {
+        [
+            u32::from(!e.is_ready()),
+            u32::from(!e.hint_zones().is_empty() || !e.hint_nodes().is_empty()),
+            u32::from(e.addr().is_ipv6()),
+        ]
+    }
+
+    fn add(&mut self, e: &EndpointInfo) {
+        let [a, b, c] = Self::flags(e);
+        self.not_ready += a;
+        self.hinted += b;
+        self.v6 += c;
+    }
+
+    fn remove(&mut self, e: &EndpointInfo) {
+        let [a, b, c] = Self::flags(e);
+        self.not_ready -= a;
+        self.hinted -= b;
+        self.v6 -= c;
+    }
+
+    /// The summary of `list`, counted.
+    pub(crate) fn of(list: &[Arc<EndpointInfo>]) -> Self {
+        let mut s = ListSummary::default();
+        for e in list {
+            s.add(e);
+        }
+        s
     }
 }
 
@@ -236,31 +290,104 @@ struct EndpointCopy {
 struct MergedPort {
     /// `"IP:port"` -> the copies of that endpoint, one per slice carrying it.
     map: BTreeMap<Box<str>, SmallVec<[EndpointCopy; 1]>>,
-    list: Option<Arc<[Arc<EndpointInfo>]>>,
+    /// The winners of `map`, in its order: patched in place while a batch
+    /// changes few of them, else dropped and rebuilt from `map`.
+    list: Option<Arc<Vec<Arc<EndpointInfo>>>>,
+    /// The summary of `list` (meaningful while `list` is kept).
+    summary: ListSummary,
+    /// Patches since the list was last handed out.
+    patches: usize,
 }
 
 impl MergedPort {
-    fn winner(copies: &[EndpointCopy]) -> &Arc<EndpointInfo> {
-        // A non-terminating copy wins; then the slice whose name sorts first.
-        let best = copies
-            .iter()
-            .min_by(|a, b| (a.info.terminating, &*a.slice).cmp(&(b.info.terminating, &*b.slice)))
-            .expect("a merged key always has a copy");
-        &best.info
+    /// A non-terminating copy wins; then the slice whose name sorts first.
+    fn rank(c: &EndpointCopy) -> (bool, &str) {
+        (c.info.terminating, &c.slice)
     }
 
-    fn list(&mut self, stats: &mut TableStats) -> Arc<[Arc<EndpointInfo>]> {
+    fn winner_copy(copies: &[EndpointCopy]) -> &EndpointCopy {
+        copies
+            .iter()
+            .min_by(|a, b| Self::rank(a).cmp(&Self::rank(b)))
+            .expect("a merged key always has a copy")
+    }
+
+    fn winner(copies: &[EndpointCopy]) -> &Arc<EndpointInfo> {
+        &Self::winner_copy(copies).info
+    }
+
+    /// Records that `key`'s winner went from `before` to `after`: patches
+    /// the list in place (one binary search, and a move of the tail for an
+    /// insert or removal) while the patches since the list was last handed
+    /// out stay few, else drops it to be rebuilt.
+    fn patch(
+        &mut self,
+        key: &str,
+        before: Option<Arc<EndpointInfo>>,
+        after: Option<&Arc<EndpointInfo>>,
+        stats: &mut TableStats,
+    ) {
+        if let (Some(b), Some(a)) = (&before, after) {
+            if Arc::ptr_eq(b, a) {
+                return;
+            }
+        }
+        let Some(list) = &mut self.list else {
+            return;
+        };
+        self.patches += 1;
+        // Each insert or removal moves up to the whole list: past a few, a
+        // rebuild from the map costs less.
+        if self.patches > Self::MAX_PATCHES.max(list.len() / 64) {
+            self.list = None;
+            return;
+        }
+        // A list still shared (a view someone holds) is copied once.
+        let list = Arc::make_mut(list);
+        let found = list.binary_search_by(|e| KeyBuf::of(e.addr()).as_bytes().cmp(key.as_bytes()));
+        match (before, after, found) {
+            (Some(b), Some(a), Ok(i)) => {
+                self.summary.remove(&b);
+                self.summary.add(a);
+                list[i] = a.clone();
+            }
+            (Some(b), None, Ok(i)) => {
+                self.summary.remove(&b);
+                list.remove(i);
+            }
+            (None, Some(a), Err(i)) => {
+                self.summary.add(a);
+                list.insert(i, a.clone());
+            }
+            // Not what the map says (cannot happen): rebuild.
+            _ => {
+                debug_assert!(false, "merged list out of step with its map at {key}");
+                self.list = None;
+                return;
+            }
+        }
+        stats.port_list_patches += 1;
+    }
+
+    /// Patches to a list before it is rebuilt instead (at least).
+    const MAX_PATCHES: usize = 8;
+
+    fn list(&mut self, stats: &mut TableStats) -> (Arc<Vec<Arc<EndpointInfo>>>, ListSummary) {
+        self.patches = 0;
         if let Some(list) = &self.list {
-            return list.clone();
+            debug_assert_eq!(self.summary, ListSummary::of(list));
+            return (list.clone(), self.summary);
         }
         stats.port_lists_built += 1;
-        let list: Arc<[Arc<EndpointInfo>]> = self
+        let list: Vec<Arc<EndpointInfo>> = self
             .map
             .values()
             .map(|copies| Self::winner(copies).clone())
             .collect();
+        self.summary = ListSummary::of(&list);
+        let list = Arc::new(list);
         self.list = Some(list.clone());
-        list
+        (list, self.summary)
     }
 }
 
@@ -269,7 +396,10 @@ struct ServiceEntry {
     service: Arc<Service>,
     slices: BTreeMap<String, Arc<EndpointSlice>>,
     merged: AHashMap<PortKey, MergedPort>,
-    view: Arc<ServiceView>,
+    /// `None` only inside a batch, between a change to the service and the
+    /// rebuild of its view (dropped early so the merged lists are not
+    /// shared while they are patched).
+    view: Option<Arc<ServiceView>>,
 }
 
 type VipKey = (IpAddr, Protocol, u16);
@@ -550,12 +680,12 @@ impl ServiceTable {
 
     /// A service's merged view.
     pub fn view(&self, key: &ServiceKey) -> Option<&Arc<ServiceView>> {
-        self.services.get(key).map(|e| &e.view)
+        self.services.get(key).and_then(|e| e.view.as_ref())
     }
 
     /// Every service's view, in no particular order.
     pub fn views(&self) -> impl Iterator<Item = &Arc<ServiceView>> {
-        self.services.values().map(|e| &e.view)
+        self.services.values().filter_map(|e| e.view.as_ref())
     }
 
     /// Every service key, sorted.
@@ -584,6 +714,8 @@ impl ServiceTable {
                 let slices = e.slices.values().map(|s| (**s).clone()).collect();
                 let ports = e
                     .view
+                    .as_ref()
+                    .expect("views are rebuilt before a batch returns")
                     .ports
                     .iter()
                     .map(|p| p.endpoints.iter().map(|ep| (**ep).clone()).collect())
@@ -668,11 +800,11 @@ impl ServiceTable {
         };
         for key in touched {
             if let Some(entry) = self.services.get_mut(&key) {
-                entry.view = Arc::new(build_view(
+                entry.view = Some(Arc::new(build_view(
                     &entry.service,
                     &mut entry.merged,
                     &mut self.stats,
-                ));
+                )));
                 set.updated.push(key);
             } else {
                 set.removed.push(key);
@@ -695,17 +827,13 @@ impl ServiceTable {
         match self.services.get_mut(&key) {
             Some(entry) => entry.service = svc,
             None => {
-                let view = Arc::new(ServiceView {
-                    service: svc.clone(),
-                    ports: SmallVec::new(),
-                });
                 self.services.insert(
                     key,
                     ServiceEntry {
                         service: svc,
                         slices: BTreeMap::new(),
                         merged: AHashMap::new(),
-                        view,
+                        view: None,
                     },
                 );
             }
@@ -728,6 +856,7 @@ impl ServiceTable {
         let owner = self.slice_owner.remove(key)?;
         let entry = self.services.get_mut(&owner)?;
         if let Some(old) = entry.slices.remove(&key.name) {
+            entry.view = None;
             self.stats.slices_merged += 1;
             let name: Arc<str> = Arc::from(key.name.as_str());
             for ep in old.endpoints() {
@@ -744,6 +873,7 @@ impl ServiceTable {
             .get_mut(&owner)
             .expect("validated: the owning service exists");
         self.stats.slices_merged += 1;
+        entry.view = None;
         let name: Arc<str> = Arc::from(slice.key().name.as_str());
         let new = Arc::new(slice);
         let old = entry.slices.insert(name.to_string(), new.clone());
@@ -751,22 +881,65 @@ impl ServiceTable {
         match old {
             Some(old) if old.ports() == new.ports() && old.address_type() == new.address_type() => {
                 // Diff endpoint by endpoint: only what changed is re-merged.
-                let old_by_addr: AHashMap<&EndpointAddress, &Endpoint> =
-                    old.endpoints().iter().map(|e| (e.address(), e)).collect();
-                let mut unchanged: AHashSet<&EndpointAddress> = AHashSet::new();
-                for ep in new.endpoints() {
-                    if old_by_addr.get(ep.address()) == Some(&ep) {
-                        unchanged.insert(ep.address());
+                let (old_eps, new_eps) = (old.endpoints(), new.endpoints());
+                match lockstep_diff(old_eps, new_eps) {
+                    // The usual update keeps the endpoints' order: compare
+                    // position by position, no hashing.
+                    Some(changed) => {
+                        for &i in &changed {
+                            if let Some(ep) = old_eps.get(i) {
+                                remove_contribution(
+                                    &mut entry.merged,
+                                    &old,
+                                    ep,
+                                    &name,
+                                    &mut self.stats,
+                                );
+                            }
+                        }
+                        for &i in &changed {
+                            if let Some(ep) = new_eps.get(i) {
+                                add_contribution(
+                                    &mut entry.merged,
+                                    &new,
+                                    ep,
+                                    &name,
+                                    &mut self.stats,
+                                );
+                            }
+                        }
                     }
-                }
-                for ep in old.endpoints() {
-                    if !unchanged.contains(ep.address()) {
-                        remove_contribution(&mut entry.merged, &old, ep, &name, &mut self.stats);
-                    }
-                }
-                for ep in new.endpoints() {
-                    if !unchanged.contains(ep.address()) {
-                        add_contribution(&mut entry.merged, &new, ep, &name, &mut self.stats);
+                    None => {
+                        let old_by_addr: AHashMap<&EndpointAddress, &Endpoint> =
+                            old_eps.iter().map(|e| (e.address(), e)).collect();
+                        let mut unchanged: AHashSet<&EndpointAddress> = AHashSet::new();
+                        for ep in new_eps {
+                            if old_by_addr.get(ep.address()) == Some(&ep) {
+                                unchanged.insert(ep.address());
+                            }
+                        }
+                        for ep in old_eps {
+                            if !unchanged.contains(ep.address()) {
+                                remove_contribution(
+                                    &mut entry.merged,
+                                    &old,
+                                    ep,
+                                    &name,
+                                    &mut self.stats,
+                                );
+                            }
+                        }
+                        for ep in new_eps {
+                            if !unchanged.contains(ep.address()) {
+                                add_contribution(
+                                    &mut entry.merged,
+                                    &new,
+                                    ep,
+                                    &name,
+                                    &mut self.stats,
+                                );
+                            }
+                        }
                     }
                 }
             }
@@ -783,6 +956,28 @@ impl ServiceTable {
         }
     }
 }
+
+/// The positions where two versions of a slice differ, when they differ in
+/// few positions (an endpoint added or removed at the end counts as one):
+/// each endpoint equal at its position in both is unchanged, every other one
+/// is removed and re-added, which leaves the same merge as a full diff. `None`
+/// past [`LOCKSTEP_MAX`] differences (endpoints reordered or many changed):
+/// diff by address instead.
+fn lockstep_diff(old: &[Endpoint], new: &[Endpoint]) -> Option<SmallVec<[usize; 8]>> {
+    let mut changed = SmallVec::new();
+    for i in 0..old.len().max(new.len()) {
+        if old.get(i) != new.get(i) {
+            if changed.len() == LOCKSTEP_MAX {
+                return None;
+            }
+            changed.push(i);
+        }
+    }
+    Some(changed)
+}
+
+/// Differences past which [`lockstep_diff`] gives up.
+const LOCKSTEP_MAX: usize = 8;
 
 /// The (port key, port number) pairs a slice contributes to.
 fn slice_port_keys(slice: &EndpointSlice) -> impl Iterator<Item = (PortKey, u16)> + '_ {
@@ -812,14 +1007,24 @@ fn add_contribution(
     for (pk, num) in slice_port_keys(slice) {
         stats.endpoint_merges += 1;
         let port = merged.entry(pk).or_default();
-        port.list = None;
-        port.map
-            .entry(endpoint_key(*ip, num))
-            .or_default()
-            .push(EndpointCopy {
-                slice: slice_name.clone(),
-                info: Arc::new(EndpointInfo::new(*ip, num, ep)),
-            });
+        let key = endpoint_key(*ip, num);
+        let copy = EndpointCopy {
+            slice: slice_name.clone(),
+            info: Arc::new(EndpointInfo::new(*ip, num, ep)),
+        };
+        if port.list.is_some() {
+            // The winner once the new copy joins the others: the new copy
+            // wins only if it ranks strictly first (`winner` keeps the
+            // earlier of equals).
+            let current = port.map.get(&key).map(|c| MergedPort::winner_copy(c));
+            let after = match current {
+                Some(w) if MergedPort::rank(w) <= MergedPort::rank(&copy) => w.info.clone(),
+                _ => copy.info.clone(),
+            };
+            let before = current.map(|w| w.info.clone());
+            port.patch(&key, before, Some(&after), stats);
+        }
+        port.map.entry(key).or_default().push(copy);
     }
 }
 
@@ -840,11 +1045,20 @@ fn remove_contribution(
         };
         let key = endpoint_key(*ip, num);
         if let Some(copies) = port.map.get_mut(&key) {
+            let before = port
+                .list
+                .is_some()
+                .then(|| MergedPort::winner(copies).clone());
             copies.retain(|c| c.slice != *slice_name);
-            if copies.is_empty() {
+            let after = if copies.is_empty() {
                 port.map.remove(&key);
+                None
+            } else {
+                before.is_some().then(|| MergedPort::winner(copies).clone())
+            };
+            if before.is_some() {
+                port.patch(&key, before, after.as_ref(), stats);
             }
-            port.list = None;
         }
         if port.map.is_empty() {
             merged.remove(&pk);
@@ -857,15 +1071,18 @@ fn build_view(
     merged: &mut AHashMap<PortKey, MergedPort>,
     stats: &mut TableStats,
 ) -> ServiceView {
-    let empty: Arc<[Arc<EndpointInfo>]> = Arc::from(Vec::new());
     let ports = service
         .ports()
         .iter()
-        .map(|p| PortView {
-            port: p.clone(),
-            endpoints: merged
+        .map(|p| {
+            let (endpoints, summary) = merged
                 .get_mut(&PortKey::of_service_port(p))
-                .map_or_else(|| empty.clone(), |m| m.list(stats)),
+                .map_or_else(Default::default, |m| m.list(stats));
+            PortView {
+                port: p.clone(),
+                endpoints,
+                summary,
+            }
         })
         .collect();
     ServiceView {
@@ -898,6 +1115,126 @@ mod tests {
             .endpoints(ips.iter().map(|ip| EndpointSpec::new(*ip)))
             .build()
             .unwrap()
+    }
+
+    /// One slice of the patching property: which of 24 hosts it carries
+    /// (bit k = host k), which of those are terminating or not ready, and a
+    /// zone hint on some.
+    fn gen_slice(name: &str, hosts: u32, term: u32, unready: u32, hinted: u32) -> EndpointSlice {
+        let eps = (0..24).filter(|k| hosts >> k & 1 == 1).map(|k| {
+            // 10.0.0.2 .. 10.0.0.25: keys that sort as strings, not numbers.
+            let mut e = EndpointSpec::new(format!("10.0.0.{}", k + 2));
+            if term >> k & 1 == 1 {
+                e = e.terminating(true).ready(false);
+            } else if unready >> k & 1 == 1 {
+                e = e.ready(false);
+            }
+            if hinted >> k & 1 == 1 {
+                e = e.hint_zone("a");
+            }
+            e
+        });
+        EndpointSlice::builder("default", name, "web", AddressType::IPv4)
+            .port(SlicePortSpec::tcp(8080).name("http"))
+            .endpoints(eps)
+            .build()
+            .unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// After any sequence of slice upserts and deletes, small (patched
+        /// in place) or large (rebuilt), each merged list and its summary
+        /// equal those of a table built from scratch with the same slices.
+        #[test]
+        fn patched_lists_equal_rebuilt_ones(
+            ops in proptest::collection::vec(
+                (0..3usize, proptest::bits::u32::between(0, 24), 0u32..(1 << 24), 0u32..(1 << 24), 0u32..(1 << 24), 0..8u8),
+                1..40,
+            ),
+            flips in proptest::collection::vec(0..24u32, 40),
+        ) {
+            let mut t = ServiceTable::new();
+            t.apply(Change::UpsertService(svc("web", "10.96.0.1"))).unwrap();
+            // Per slice: its hosts and their conditions (terminating, not
+            // ready, hinted), or None while it does not exist.
+            let mut current: [Option<[u32; 4]>; 3] = [None; 3];
+            // Hold a view now and then: a shared list must be copied, not
+            // patched under its holder.
+            let mut held = None;
+            for (n, (s, hosts, term, unready, hinted, kind)) in ops.into_iter().enumerate() {
+                let name = format!("web-{s}");
+                let (f1, f2) = (1u32 << flips[n], 1u32 << flips[(n + 7) % 40]);
+                let next = match (kind, current[s]) {
+                    (7, Some(_)) => None,
+                    // Small edits, which the table patches in place: a host
+                    // added or removed, one changing its conditions, or both.
+                    (0..=1, Some([h, t, u, z])) => Some([h ^ f1, t, u, z]),
+                    (2..=3, Some([h, t, u, z])) => Some([h, t ^ f1, u ^ f2, z]),
+                    (4..=5, Some([h, t, u, z])) => Some([h ^ f1, t, u, z ^ f2]),
+                    // A wholesale change (rebuilt).
+                    _ => Some([hosts, term, unready, hinted]),
+                };
+                match next {
+                    None => {
+                        t.apply(Change::DeleteSlice(SliceKey::new("default", name.as_str()))).unwrap();
+                    }
+                    Some([h, te, u, z]) => {
+                        t.apply(Change::UpsertSlice(gen_slice(&name, h, te, u, z))).unwrap();
+                    }
+                }
+                current[s] = next;
+                if n % 5 == 0 {
+                    held = t.view(&ServiceKey::new("default", "web")).cloned();
+                }
+                let mut fresh = ServiceTable::new();
+                let mut batch = vec![Change::UpsertService(svc("web", "10.96.0.1"))];
+                batch.extend(t.slices_of(&ServiceKey::new("default", "web")).map(|s| Change::UpsertSlice((**s).clone())));
+                fresh.apply_batch(batch).unwrap();
+                let key = ServiceKey::new("default", "web");
+                let (a, b) = (t.view(&key).unwrap(), fresh.view(&key).unwrap());
+                proptest::prop_assert_eq!(a.ports().len(), b.ports().len());
+                for (pa, pb) in a.ports().iter().zip(b.ports()) {
+                    let ea: Vec<&EndpointInfo> = pa.endpoints().iter().map(|e| &**e).collect();
+                    let eb: Vec<&EndpointInfo> = pb.endpoints().iter().map(|e| &**e).collect();
+                    proptest::prop_assert_eq!(ea, eb);
+                    proptest::prop_assert_eq!(pa.summary(), ListSummary::of(pa.endpoints()));
+                }
+            }
+            drop(held);
+        }
+    }
+
+    /// The lockstep diff sees a reordered slice as changed positions and
+    /// re-merges them; an update that moves an endpoint and changes another
+    /// merges to what a fresh table holds.
+    #[test]
+    fn reordered_and_shifted_slices_merge_like_fresh_ones() {
+        let versions: [&[&str]; 4] = [
+            &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"],
+            &["10.0.0.2", "10.0.0.1", "10.0.0.3", "10.0.0.5"],
+            &["10.0.0.9", "10.0.0.2", "10.0.0.1", "10.0.0.3", "10.0.0.5"],
+            &["10.0.0.1"],
+        ];
+        let mut t = ServiceTable::new();
+        t.apply(Change::UpsertService(svc("web", "10.96.0.1")))
+            .unwrap();
+        t.apply(Change::UpsertSlice(slice("web-b", "web", &["10.0.0.2"])))
+            .unwrap();
+        for ips in versions {
+            t.apply(Change::UpsertSlice(slice("web-a", "web", ips)))
+                .unwrap();
+            let mut fresh = ServiceTable::new();
+            fresh
+                .apply_batch([
+                    Change::UpsertService(svc("web", "10.96.0.1")),
+                    Change::UpsertSlice(slice("web-b", "web", &["10.0.0.2"])),
+                    Change::UpsertSlice(slice("web-a", "web", ips)),
+                ])
+                .unwrap();
+            assert_eq!(addrs(&t, "web"), addrs(&fresh, "web"), "{ips:?}");
+            assert_eq!(t.snapshot(), fresh.snapshot());
+        }
     }
 
     fn addrs(t: &ServiceTable, name: &str) -> Vec<String> {

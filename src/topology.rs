@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::model::service::TrafficPolicy;
-use crate::table::EndpointInfo;
+use crate::table::{EndpointInfo, ListSummary, PortView};
 
 /// Where the dataplane runs: its node name and zone, for Local policies and
 /// topology hints.
@@ -62,10 +62,17 @@ pub enum Selection {
 
 /// Chooses the topology mode from the ready endpoints' hints.
 pub fn topology_mode(endpoints: &[Arc<EndpointInfo>], node: &NodeTopology) -> TopologyMode {
+    mode_of(endpoints.iter().map(|e| &**e), node)
+}
+
+fn mode_of<'a>(
+    endpoints: impl Iterator<Item = &'a EndpointInfo>,
+    node: &NodeTopology,
+) -> TopologyMode {
     let mut any_ready = false;
     let (mut all_node_hints, mut for_node) = (true, false);
     let (mut all_zone_hints, mut for_zone) = (true, false);
-    for ep in endpoints.iter().filter(|e| e.is_ready()) {
+    for ep in endpoints.filter(|e| e.is_ready()) {
         any_ready = true;
         if ep.hint_nodes().is_empty() {
             all_node_hints = false;
@@ -120,65 +127,150 @@ pub fn categorize(
     node: &NodeTopology,
     family: Option<IpAddr>,
 ) -> Selection {
-    let same_family: Vec<Arc<EndpointInfo>>;
-    let endpoints = match family {
-        Some(ip) if endpoints.iter().any(|e| e.addr().is_ipv4() != ip.is_ipv4()) => {
-            same_family = endpoints
-                .iter()
-                .filter(|e| e.addr().is_ipv4() == ip.is_ipv4())
-                .cloned()
-                .collect();
-            &same_family[..]
+    match categorize_ref(endpoints, policy, node, family) {
+        SelectionRef::Usable(u) => Selection::Usable(u.iter().cloned().collect()),
+        SelectionRef::NoEndpoints => Selection::NoEndpoints,
+        SelectionRef::NoLocalEndpoints => Selection::NoLocalEndpoints,
+    }
+}
+
+/// The usable endpoints of a [`SelectionRef`], borrowed from the merged
+/// list: the whole list when every endpoint qualifies (the common case,
+/// which then costs no copy), else the qualifying ones.
+#[derive(Debug)]
+pub(crate) enum Usable<'a> {
+    All(&'a [Arc<EndpointInfo>]),
+    Some(Vec<&'a Arc<EndpointInfo>>),
+}
+
+impl<'a> Usable<'a> {
+    /// The usable endpoints, in merged order.
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = &'a Arc<EndpointInfo>> + '_ {
+        let (all, some): (&'a [Arc<EndpointInfo>], &[&'a Arc<EndpointInfo>]) = match self {
+            Usable::All(all) => (all, &[]),
+            Usable::Some(v) => (&[], v),
+        };
+        // One of the two is empty.
+        Chain2 {
+            a: all.iter(),
+            b: some.iter(),
         }
-        _ => endpoints,
+    }
+}
+
+/// `a` then `b`, with an exact length (`Iterator::chain` has none).
+struct Chain2<'a, 'b> {
+    a: std::slice::Iter<'a, Arc<EndpointInfo>>,
+    b: std::slice::Iter<'b, &'a Arc<EndpointInfo>>,
+}
+
+impl<'a> Iterator for Chain2<'a, '_> {
+    type Item = &'a Arc<EndpointInfo>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.a.next().or_else(|| self.b.next().copied())
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.a.len() + self.b.len();
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Chain2<'_, '_> {}
+
+/// [`Selection`] without copying: what [`categorize`] decides, borrowing
+/// the endpoints.
+#[derive(Debug)]
+pub(crate) enum SelectionRef<'a> {
+    Usable(Usable<'a>),
+    NoEndpoints,
+    NoLocalEndpoints,
+}
+
+/// The endpoints that pass `keep`, or `None` if none does.
+fn select<'a>(
+    endpoints: &'a [Arc<EndpointInfo>],
+    keep: impl Fn(&EndpointInfo) -> bool,
+) -> Option<Usable<'a>> {
+    let n = endpoints.iter().filter(|e| keep(e)).count();
+    if n == 0 {
+        None
+    } else if n == endpoints.len() {
+        Some(Usable::All(endpoints))
+    } else {
+        let mut v = Vec::with_capacity(n);
+        v.extend(endpoints.iter().filter(|e| keep(e)));
+        Some(Usable::Some(v))
+    }
+}
+
+/// [`categorize_ref`] for a port of a table view: when its summary shows
+/// that every endpoint is ready, unhinted and of `family` under a Cluster
+/// policy (the common case), the answer is the whole list, with no scan.
+pub(crate) fn categorize_port<'a>(
+    port: &'a PortView,
+    policy: TrafficPolicy,
+    node: &NodeTopology,
+    family: Option<IpAddr>,
+) -> SelectionRef<'a> {
+    let eps = port.endpoints();
+    let s = port.summary();
+    debug_assert_eq!(s, ListSummary::of(eps));
+    let one_family = match family {
+        None => true,
+        Some(IpAddr::V4(_)) => s.v6 == 0,
+        Some(IpAddr::V6(_)) => s.v6 as usize == eps.len(),
     };
-    let serving_terminating = |e: &&Arc<EndpointInfo>| e.is_serving() && e.is_terminating();
+    if policy == TrafficPolicy::Cluster
+        && !eps.is_empty()
+        && s.not_ready == 0
+        && s.hinted == 0
+        && one_family
+    {
+        return SelectionRef::Usable(Usable::All(eps));
+    }
+    categorize_ref(eps, policy, node, family)
+}
+
+/// [`categorize`], borrowing: no endpoint is copied, and no list at all is
+/// built when every endpoint qualifies.
+pub(crate) fn categorize_ref<'a>(
+    endpoints: &'a [Arc<EndpointInfo>],
+    policy: TrafficPolicy,
+    node: &NodeTopology,
+    family: Option<IpAddr>,
+) -> SelectionRef<'a> {
+    let in_family = |e: &EndpointInfo| family.is_none_or(|ip| e.addr().is_ipv4() == ip.is_ipv4());
+    let serving_terminating = |e: &EndpointInfo| e.is_serving() && e.is_terminating();
     match policy {
         TrafficPolicy::Cluster => {
-            let mode = topology_mode(endpoints, node);
-            let mut usable: Vec<_> = endpoints
-                .iter()
-                .filter(|e| e.is_ready() && available(e, mode, node))
-                .cloned()
-                .collect();
-            if usable.is_empty() {
-                usable = endpoints
-                    .iter()
-                    .filter(serving_terminating)
-                    .cloned()
-                    .collect();
-            }
-            if usable.is_empty() {
-                Selection::NoEndpoints
-            } else {
-                Selection::Usable(usable)
+            let mode = mode_of(
+                endpoints.iter().map(|e| &**e).filter(|e| in_family(e)),
+                node,
+            );
+            let usable = select(endpoints, |e| {
+                in_family(e) && e.is_ready() && available(e, mode, node)
+            })
+            .or_else(|| select(endpoints, |e| in_family(e) && serving_terminating(e)));
+            match usable {
+                Some(u) => SelectionRef::Usable(u),
+                None => SelectionRef::NoEndpoints,
             }
         }
         TrafficPolicy::Local => {
-            let local = |e: &&Arc<EndpointInfo>| e.is_on_node(node.node_name.as_deref());
+            let local = |e: &EndpointInfo| e.is_on_node(node.node_name.as_deref());
             let any_usable = endpoints
                 .iter()
-                .any(|e| e.is_ready() || (e.is_serving() && e.is_terminating()));
-            let mut usable: Vec<_> = endpoints
-                .iter()
-                .filter(local)
-                .filter(|e| e.is_ready())
-                .cloned()
-                .collect();
-            if usable.is_empty() {
-                usable = endpoints
-                    .iter()
-                    .filter(local)
-                    .filter(serving_terminating)
-                    .cloned()
-                    .collect();
-            }
-            if !usable.is_empty() {
-                Selection::Usable(usable)
-            } else if any_usable {
-                Selection::NoLocalEndpoints
-            } else {
-                Selection::NoEndpoints
+                .any(|e| in_family(e) && (e.is_ready() || serving_terminating(e)));
+            let usable =
+                select(endpoints, |e| in_family(e) && local(e) && e.is_ready()).or_else(|| {
+                    select(endpoints, |e| {
+                        in_family(e) && local(e) && serving_terminating(e)
+                    })
+                });
+            match usable {
+                Some(u) => SelectionRef::Usable(u),
+                None if any_usable => SelectionRef::NoLocalEndpoints,
+                None => SelectionRef::NoEndpoints,
             }
         }
     }
@@ -215,6 +307,34 @@ mod tests {
         match s {
             Selection::Usable(v) => v.iter().map(|e| e.addr().ip().to_string()).collect(),
             other => vec![format!("{other:?}")],
+        }
+    }
+
+    /// When every endpoint qualifies, the borrowed selection is the merged
+    /// list itself (no copy); otherwise the qualifying ones, in order.
+    #[test]
+    fn borrowed_selection_is_the_list_when_all_qualify() {
+        let node = NodeTopology::new("n1", "a");
+        let e = eps(vec![
+            EndpointSpec::new("10.0.0.1"),
+            EndpointSpec::new("10.0.0.2"),
+        ]);
+        match categorize_ref(&e, TrafficPolicy::Cluster, &node, None) {
+            SelectionRef::Usable(Usable::All(all)) => assert!(std::ptr::eq(all, &e[..])),
+            other => panic!("{other:?}"),
+        }
+        let e = eps(vec![
+            EndpointSpec::new("10.0.0.1").ready(false),
+            EndpointSpec::new("10.0.0.2"),
+            EndpointSpec::new("10.0.0.3"),
+        ]);
+        match categorize_ref(&e, TrafficPolicy::Cluster, &node, None) {
+            SelectionRef::Usable(u @ Usable::Some(_)) => {
+                let got: Vec<_> = u.iter().map(|e| e.addr().ip().to_string()).collect();
+                assert_eq!(got, ["10.0.0.2", "10.0.0.3"]);
+                assert_eq!(u.iter().len(), 2);
+            }
+            other => panic!("{other:?}"),
         }
     }
 

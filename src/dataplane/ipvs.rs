@@ -40,7 +40,7 @@ use crate::rng::SeededRng;
 use crate::scheduler::{Destination, PickContext, Selector};
 use crate::table::{ChangeSet, ServiceTable, ServiceView, endpoint_order};
 use crate::time::Instant;
-use crate::topology::{Selection, categorize};
+use crate::topology::{SelectionRef, categorize_port};
 
 /// The kernel's virtual-service key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,8 +332,8 @@ impl IpvsDataplane {
                         .map(|d| RealServerInfo {
                             addr: d.addr(),
                             weight: d.weight(),
-                            active_conns: d.conns().active(),
-                            inactive_conns: d.conns().inactive(),
+                            active_conns: d.active(),
+                            inactive_conns: d.inactive(),
                         })
                         .collect(),
                     VsState::Reject | VsState::Drop => Vec::new(),
@@ -370,6 +370,8 @@ impl IpvsDataplane {
         scopes: &mut ScopeRegistry,
     ) -> Vec<VsState> {
         let svc = view.service();
+        let counted =
+            self.config.count_connections || self.config.scheduler.may_use_connection_counts();
         let mut out = Vec::new();
         let mut bound: SmallVec<[crate::affinity::VsId; 4]> = SmallVec::new();
         let mut k = 0;
@@ -381,31 +383,38 @@ impl IpvsDataplane {
                 );
                 let previous = old.get(k).and_then(Option::as_ref);
                 k += 1;
-                let selection = categorize(
-                    pv.endpoints(),
+                let selection = categorize_port(
+                    pv,
                     svc.internal_traffic_policy(),
                     &self.config.node,
                     Some(addr),
                 );
                 out.push(match selection {
-                    Selection::Usable(eps) => {
-                        let old_dests: &[Destination] = match previous.map(|a| &**a) {
-                            Some(VsState::Forward { dests, .. }) => dests,
-                            _ => &[],
-                        };
-                        let mut counters = CounterReuse::new(old_dests);
-                        let dests: Box<[Destination]> = eps
-                            .iter()
-                            .map(|e| {
-                                let w = u32::from(e.weight());
-                                match counters.find(e.addr()) {
-                                    Some(d) => {
-                                        Destination::with_counters(e.addr(), w, d.conns().clone())
+                    SelectionRef::Usable(eps) => {
+                        let dests: Box<[Destination]> = if counted {
+                            let old_dests: &[Destination] = match previous.map(|a| &**a) {
+                                Some(VsState::Forward { dests, .. }) => dests,
+                                _ => &[],
+                            };
+                            let mut counters = CounterReuse::new(old_dests);
+                            eps.iter()
+                                .map(|e| {
+                                    let w = u32::from(e.weight());
+                                    match counters.find(e.addr()).and_then(Destination::conns) {
+                                        Some(c) => {
+                                            Destination::with_counters(e.addr(), w, c.clone())
+                                        }
+                                        None => Destination::new(e.addr(), w),
                                     }
-                                    None => Destination::new(e.addr(), w),
-                                }
-                            })
-                            .collect();
+                                })
+                                .collect()
+                        } else {
+                            // Nothing reads the counts: no counters to keep
+                            // or allocate.
+                            eps.iter()
+                                .map(|e| Destination::uncounted(e.addr(), u32::from(e.weight())))
+                                .collect()
+                        };
                         let selector = self.config.scheduler.build(&dests);
                         let count =
                             self.config.count_connections || selector.uses_connection_counts();
@@ -440,7 +449,7 @@ impl IpvsDataplane {
                             bound.push(vs);
                         }
                         match sel {
-                            Selection::NoLocalEndpoints => VsState::Drop,
+                            SelectionRef::NoLocalEndpoints => VsState::Drop,
                             _ => VsState::Reject,
                         }
                     }
@@ -517,7 +526,9 @@ impl IpvsDataplane {
                     Some(i) => {
                         let d = &dests[i];
                         if *count {
-                            d.conns().connect();
+                            if let Some(c) = d.conns() {
+                                c.connect();
+                            }
                         }
                         Verdict::Forward(d.addr())
                     }
@@ -692,8 +703,12 @@ impl Dataplane for IpvsDataplane {
                 dests, count: true, ..
             }) = state
             {
-                if let Some(d) = dests.iter().find(|d| d.addr() == backend) {
-                    d.conns().close();
+                if let Some(c) = dests
+                    .iter()
+                    .find(|d| d.addr() == backend)
+                    .and_then(Destination::conns)
+                {
+                    c.close();
                 }
             }
         });
@@ -735,6 +750,7 @@ mod tests {
     use super::*;
     use crate::model::endpoint_slice::{AddressType, EndpointSlice, EndpointSpec, SlicePortSpec};
     use crate::model::service::{Service, ServicePortSpec};
+    use crate::scheduler::SchedulerKind;
     use crate::table::Change;
 
     fn service(name: &str, vip: &str) -> Service {
@@ -751,6 +767,77 @@ mod tests {
             .endpoints(ips.iter().map(|ip| EndpointSpec::new(*ip)))
             .build()
             .unwrap()
+    }
+
+    fn counters_of(dp: &IpvsDataplane) -> Vec<bool> {
+        let table = dp.table.load();
+        let slot = table.by_key.values().next().unwrap().load();
+        match &**slot {
+            VsState::Forward { dests, .. } => dests.iter().map(|d| d.conns().is_some()).collect(),
+            _ => panic!("a forwarding service"),
+        }
+    }
+
+    /// Destinations carry counters only when something reads them: lc/wlc,
+    /// a custom scheduler, or `count_connections`. With them, `rr` counts
+    /// and keeps the counts across an endpoint change.
+    #[test]
+    fn counters_only_where_read() {
+        let mut t = ServiceTable::new();
+        let cs = t
+            .apply_batch([
+                Change::UpsertService(service("web", "10.96.0.1")),
+                Change::UpsertSlice(slice("web", &["10.1.0.1", "10.1.0.2"])),
+            ])
+            .unwrap();
+        let flow = Flow::tcp(
+            "10.2.0.1:4000".parse().unwrap(),
+            "10.96.0.1:80".parse().unwrap(),
+        );
+
+        let rr = IpvsDataplane::new(DataplaneConfig::with_seed(3));
+        rr.sync(&t, &cs);
+        assert_eq!(counters_of(&rr), [false, false]);
+        rr.route(&flow, Instant::ZERO);
+        assert!(
+            rr.virtual_services()[0]
+                .destinations
+                .iter()
+                .all(|d| d.active_conns == 0)
+        );
+
+        let mut config = DataplaneConfig::with_seed(3);
+        config.count_connections = true;
+        let counting = IpvsDataplane::new(config);
+        counting.sync(&t, &cs);
+        assert_eq!(counters_of(&counting), [true, true]);
+        let Verdict::Forward(first) = counting.route(&flow, Instant::ZERO) else {
+            panic!("forwards")
+        };
+        let cs = t
+            .apply(Change::UpsertSlice(slice(
+                "web",
+                &["10.1.0.1", "10.1.0.2", "10.1.0.3"],
+            )))
+            .unwrap();
+        counting.sync(&t, &cs);
+        let vs = counting.virtual_services();
+        let active = |a: SocketAddr| {
+            vs[0]
+                .destinations
+                .iter()
+                .find(|d| d.addr == a)
+                .unwrap()
+                .active_conns
+        };
+        assert_eq!(active(first), 1, "the count survives the rebuild");
+        assert_eq!(active("10.1.0.3:8080".parse().unwrap()), 0);
+
+        let mut config = DataplaneConfig::with_seed(3);
+        config.scheduler = SchedulerKind::LeastConnection.into();
+        let lc = IpvsDataplane::new(config);
+        lc.sync(&t, &cs);
+        assert_eq!(counters_of(&lc), [true, true, true]);
     }
 
     /// A reader made before any sync sees every later change: new services

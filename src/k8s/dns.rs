@@ -422,7 +422,7 @@ impl ClusterDns {
                         v.ports()
                             .iter()
                             .find(|pv| pv.port() == port)
-                            .map(|pv| pv.endpoints().clone())
+                            .map(|pv| pv.endpoints().to_vec())
                     });
                     let mut t: Vec<(String, u16)> = endpoints
                         .iter()

@@ -18,7 +18,7 @@ impl Scheduler for LeastConnection {
             if d.weight() == 0 {
                 continue;
             }
-            let oh = d.conns().overhead();
+            let oh = d.overhead();
             if best.is_none_or(|(_, b)| oh < b) {
                 best = Some((i, oh));
             }
@@ -43,7 +43,7 @@ impl Scheduler for WeightedLeastConnection {
             if w == 0 {
                 continue;
             }
-            let oh = d.conns().overhead();
+            let oh = d.overhead();
             match best {
                 None => best = Some((i, oh, w)),
                 // loh * w > doh * lw  <=>  doh / w < loh / lw
@@ -87,19 +87,19 @@ mod tests {
         let d = dests(&[1, 1, 1]);
         // Ties keep the earliest.
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(0));
-        d[0].conns().connect();
+        d[0].conns().unwrap().connect();
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(1));
-        d[1].conns().connect();
-        d[2].conns().connect();
-        d[2].conns().connect();
+        d[1].conns().unwrap().connect();
+        d[2].conns().unwrap().connect();
+        d[2].conns().unwrap().connect();
         // 1, 1, 2 active: earliest of the least.
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(0));
         // Inactive connections weigh 1/256 of an active one.
-        d[0].conns().set_inactive(1);
+        d[0].conns().unwrap().set_inactive(1);
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(1));
         // A reported close frees destination 2.
-        d[2].conns().close();
-        d[2].conns().close();
+        d[2].conns().unwrap().close();
+        d[2].conns().unwrap().close();
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(2));
     }
 
@@ -109,7 +109,7 @@ mod tests {
         let mut counts = [0; 4];
         for _ in 0..40 {
             let i = ctx_pick(&LeastConnection, &d).unwrap();
-            d[i].conns().connect();
+            d[i].conns().unwrap().connect();
             counts[i] += 1;
         }
         assert_eq!(counts, [10, 10, 10, 10]);
@@ -121,7 +121,7 @@ mod tests {
         let mut counts = [0; 3];
         for _ in 0..40 {
             let i = ctx_pick(&WeightedLeastConnection, &d).unwrap();
-            d[i].conns().connect();
+            d[i].conns().unwrap().connect();
             counts[i] += 1;
         }
         assert_eq!(counts, [0, 10, 30]);

@@ -72,11 +72,19 @@ impl ConnCounters {
 }
 
 /// One real server of a virtual service.
+///
+/// Its connection counters are shared across rebuilds of the service (IPVS
+/// keeps an `ip_vs_dest` while the real server stays). A destination made
+/// with [`uncounted`](Self::uncounted) has none: the IPVS dataplane builds
+/// such destinations when nothing reads the counts (a scheduler other than
+/// `lc`/`wlc` and [`count_connections`](crate::DataplaneConfig::count_connections)
+/// off), which makes a rebuild cheaper by one shared allocation per
+/// destination.
 #[derive(Debug, Clone)]
 pub struct Destination {
     addr: SocketAddr,
     weight: u32,
-    conns: Arc<ConnCounters>,
+    conns: Option<Arc<ConnCounters>>,
 }
 
 impl Destination {
@@ -89,7 +97,16 @@ impl Destination {
         Destination {
             addr,
             weight,
-            conns,
+            conns: Some(conns),
+        }
+    }
+    /// A destination with no connection counters: [`active`](Self::active),
+    /// [`inactive`](Self::inactive) and [`overhead`](Self::overhead) read 0.
+    pub fn uncounted(addr: SocketAddr, weight: u32) -> Self {
+        Destination {
+            addr,
+            weight,
+            conns: None,
         }
     }
     /// The backend address.
@@ -100,9 +117,22 @@ impl Destination {
     pub fn weight(&self) -> u32 {
         self.weight
     }
-    /// The connection counters.
-    pub fn conns(&self) -> &Arc<ConnCounters> {
-        &self.conns
+    /// The connection counters, unless the destination is
+    /// [`uncounted`](Self::uncounted).
+    pub fn conns(&self) -> Option<&Arc<ConnCounters>> {
+        self.conns.as_ref()
+    }
+    /// Established connections (0 when uncounted).
+    pub fn active(&self) -> u32 {
+        self.conns.as_ref().map_or(0, |c| c.active())
+    }
+    /// Connections in other states (0 when uncounted).
+    pub fn inactive(&self) -> u32 {
+        self.conns.as_ref().map_or(0, |c| c.inactive())
+    }
+    /// IPVS's overhead, `(active << 8) + inactive` (0 when uncounted).
+    pub fn overhead(&self) -> u64 {
+        self.conns.as_ref().map_or(0, |c| c.overhead())
     }
 }
 
@@ -235,6 +265,19 @@ impl From<SchedulerKind> for SchedulerConfig {
 }
 
 impl SchedulerConfig {
+    /// Whether the schedulers this builds may read connection counts:
+    /// `lc` and `wlc`, and any custom scheduler (whose needs are known only
+    /// once it is built).
+    pub fn may_use_connection_counts(&self) -> bool {
+        match self {
+            SchedulerConfig::Kind(k) => matches!(
+                k,
+                SchedulerKind::LeastConnection | SchedulerKind::WeightedLeastConnection
+            ),
+            SchedulerConfig::Custom(_) => true,
+        }
+    }
+
     /// The scheduler's name.
     pub fn name(&self) -> &str {
         match self {

@@ -23,13 +23,19 @@ pub struct RoundRobin {
 impl RoundRobin {
     /// Builds the rotation for `dests`.
     pub fn new(dests: &[Destination]) -> Self {
+        if dests.iter().all(|d| d.weight() > 0) {
+            return RoundRobin {
+                eligible: None,
+                len: dests.len(),
+                next: AtomicUsize::new(0),
+            };
+        }
         let eligible: Box<[u32]> = (0..dests.len() as u32)
             .filter(|&i| dests[i as usize].weight() > 0)
             .collect();
-        let len = eligible.len();
         RoundRobin {
-            eligible: (len != dests.len()).then_some(eligible),
-            len,
+            len: eligible.len(),
+            eligible: Some(eligible),
             next: AtomicUsize::new(0),
         }
     }
