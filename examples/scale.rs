@@ -93,9 +93,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Thread-CPU ns per call of `f` over `passes` passes of the flows.
+/// Thread-CPU ns per call of `f` over `passes` passes of the flows, after
+/// one untimed pass: the measurements take turns, and the one before may
+/// have evicted this one's structures from the caches (criterion warms up
+/// the same way).
 #[inline(never)]
 fn run_passes<F: FnMut(&Flow)>(flows: &[Flow], passes: usize, f: &mut F) -> f64 {
+    for fl in flows {
+        f(black_box(fl));
+    }
     let t = thread_cpu_ns();
     for _ in 0..passes {
         for fl in flows {
@@ -207,14 +213,22 @@ fn measure_lookups(table: &ServiceTable, n: usize) -> LookupRow {
         passes_for(&flows, &mut f_floor),
     ];
     // The four take turns, run after run, so that a burst of other work on
-    // the machine touches all of them alike; each keeps its median.
-    let runs = if n >= 50_000 { 5 } else { 15 };
+    // the machine touches all of them alike; each keeps its median. The
+    // order rotates, so that each follows the iptables walk (which flushes
+    // the caches) equally often.
+    let runs = if n >= 50_000 { 8 } else { 16 };
     let mut samples: [Vec<f64>; 4] = Default::default();
-    for _ in 0..runs {
-        samples[0].push(run_passes(&flows, p[0], &mut f_ipvs));
-        samples[1].push(run_passes(&flows, p[1], &mut f_reader));
-        samples[2].push(run_passes(&flows, p[2], &mut f_ipt));
-        samples[3].push(run_passes(&flows, p[3], &mut f_floor));
+    for run in 0..runs {
+        for k in 0..4 {
+            let m = (run + k) % 4;
+            let ns = match m {
+                0 => run_passes(&flows, p[0], &mut f_ipvs),
+                1 => run_passes(&flows, p[1], &mut f_reader),
+                2 => run_passes(&flows, p[2], &mut f_ipt),
+                _ => run_passes(&flows, p[3], &mut f_floor),
+            };
+            samples[m].push(ns);
+        }
     }
     let [ipvs_ns, reader_ns, iptables_ns, floor_ns] = samples.map(median);
     LookupRow {
