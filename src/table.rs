@@ -881,66 +881,12 @@ impl ServiceTable {
         match old {
             Some(old) if old.ports() == new.ports() && old.address_type() == new.address_type() => {
                 // Diff endpoint by endpoint: only what changed is re-merged.
-                let (old_eps, new_eps) = (old.endpoints(), new.endpoints());
-                match lockstep_diff(old_eps, new_eps) {
-                    // The usual update keeps the endpoints' order: compare
-                    // position by position, no hashing.
-                    Some(changed) => {
-                        for &i in &changed {
-                            if let Some(ep) = old_eps.get(i) {
-                                remove_contribution(
-                                    &mut entry.merged,
-                                    &old,
-                                    ep,
-                                    &name,
-                                    &mut self.stats,
-                                );
-                            }
-                        }
-                        for &i in &changed {
-                            if let Some(ep) = new_eps.get(i) {
-                                add_contribution(
-                                    &mut entry.merged,
-                                    &new,
-                                    ep,
-                                    &name,
-                                    &mut self.stats,
-                                );
-                            }
-                        }
-                    }
-                    None => {
-                        let old_by_addr: AHashMap<&EndpointAddress, &Endpoint> =
-                            old_eps.iter().map(|e| (e.address(), e)).collect();
-                        let mut unchanged: AHashSet<&EndpointAddress> = AHashSet::new();
-                        for ep in new_eps {
-                            if old_by_addr.get(ep.address()) == Some(&ep) {
-                                unchanged.insert(ep.address());
-                            }
-                        }
-                        for ep in old_eps {
-                            if !unchanged.contains(ep.address()) {
-                                remove_contribution(
-                                    &mut entry.merged,
-                                    &old,
-                                    ep,
-                                    &name,
-                                    &mut self.stats,
-                                );
-                            }
-                        }
-                        for ep in new_eps {
-                            if !unchanged.contains(ep.address()) {
-                                add_contribution(
-                                    &mut entry.merged,
-                                    &new,
-                                    ep,
-                                    &name,
-                                    &mut self.stats,
-                                );
-                            }
-                        }
-                    }
+                let (removed, added) = slice_diff(old.endpoints(), new.endpoints());
+                for ep in removed {
+                    remove_contribution(&mut entry.merged, &old, ep, &name, &mut self.stats);
+                }
+                for ep in added {
+                    add_contribution(&mut entry.merged, &new, ep, &name, &mut self.stats);
                 }
             }
             old => {
@@ -957,26 +903,53 @@ impl ServiceTable {
     }
 }
 
-/// The positions where two versions of a slice differ, when they differ in
-/// few positions (an endpoint added or removed at the end counts as one):
-/// each endpoint equal at its position in both is unchanged, every other one
-/// is removed and re-added, which leaves the same merge as a full diff. `None`
-/// past [`LOCKSTEP_MAX`] differences (endpoints reordered or many changed):
-/// diff by address instead.
-fn lockstep_diff(old: &[Endpoint], new: &[Endpoint]) -> Option<SmallVec<[usize; 8]>> {
-    let mut changed = SmallVec::new();
-    for i in 0..old.len().max(new.len()) {
-        if old.get(i) != new.get(i) {
-            if changed.len() == LOCKSTEP_MAX {
-                return None;
-            }
-            changed.push(i);
+/// Endpoints of one version of a slice.
+type EndpointRefs<'a> = SmallVec<[&'a Endpoint; LOCKSTEP_MAX]>;
+
+/// What to re-merge when a slice goes from `old` to `new`: the endpoints to
+/// remove (of `old`) and to add (of `new`). An endpoint equal in both is
+/// left alone; removing and re-adding any other leaves the same merge.
+///
+/// The usual update keeps the endpoints' order: the two versions are then
+/// compared position by position, with no hashing (an endpoint added or
+/// removed at the end is one difference). Past [`LOCKSTEP_MAX`] differences
+/// (endpoints reordered, or many changed) they are diffed by address.
+fn slice_diff<'a>(
+    old: &'a [Endpoint],
+    new: &'a [Endpoint],
+) -> (EndpointRefs<'a>, EndpointRefs<'a>) {
+    let mut changed: SmallVec<[usize; LOCKSTEP_MAX]> = SmallVec::new();
+    let lockstep = (0..old.len().max(new.len())).all(|i| {
+        if old.get(i) == new.get(i) {
+            return true;
         }
+        changed.push(i);
+        changed.len() <= LOCKSTEP_MAX
+    });
+    if lockstep {
+        return (
+            changed.iter().filter_map(|&i| old.get(i)).collect(),
+            changed.iter().filter_map(|&i| new.get(i)).collect(),
+        );
     }
-    Some(changed)
+    let old_by_addr: AHashMap<&EndpointAddress, &Endpoint> =
+        old.iter().map(|e| (e.address(), e)).collect();
+    let unchanged: AHashSet<&EndpointAddress> = new
+        .iter()
+        .filter(|ep| old_by_addr.get(ep.address()) == Some(ep))
+        .map(Endpoint::address)
+        .collect();
+    (
+        old.iter()
+            .filter(|e| !unchanged.contains(e.address()))
+            .collect(),
+        new.iter()
+            .filter(|e| !unchanged.contains(e.address()))
+            .collect(),
+    )
 }
 
-/// Differences past which [`lockstep_diff`] gives up.
+/// Differences past which [`slice_diff`] diffs by address.
 const LOCKSTEP_MAX: usize = 8;
 
 /// The (port key, port number) pairs a slice contributes to.
