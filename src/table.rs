@@ -300,29 +300,22 @@ struct MergedPort {
 }
 
 impl MergedPort {
-    /// A non-terminating copy wins; then the slice whose name sorts first.
-    fn rank(c: &EndpointCopy) -> (bool, &str) {
-        (c.info.terminating, &c.slice)
-    }
-
-    fn winner_copy(copies: &[EndpointCopy]) -> &EndpointCopy {
-        copies
-            .iter()
-            .min_by(|a, b| Self::rank(a).cmp(&Self::rank(b)))
-            .expect("a merged key always has a copy")
-    }
-
     fn winner(copies: &[EndpointCopy]) -> &Arc<EndpointInfo> {
-        &Self::winner_copy(copies).info
+        // A non-terminating copy wins; then the slice whose name sorts first.
+        let best = copies
+            .iter()
+            .min_by(|a, b| (a.info.terminating, &*a.slice).cmp(&(b.info.terminating, &*b.slice)))
+            .expect("a merged key always has a copy");
+        &best.info
     }
 
-    /// Records that `key`'s winner went from `before` to `after`: patches
+    /// Records that the winner at `addr` went from `before` to `after`: patches
     /// the list in place (one binary search, and a move of the tail for an
     /// insert or removal) while the patches since the list was last handed
     /// out stay few, else drops it to be rebuilt.
     fn patch(
         &mut self,
-        key: &str,
+        addr: SocketAddr,
         before: Option<Arc<EndpointInfo>>,
         after: Option<&Arc<EndpointInfo>>,
         stats: &mut TableStats,
@@ -344,6 +337,7 @@ impl MergedPort {
         }
         // A list still shared (a view someone holds) is copied once.
         let list = Arc::make_mut(list);
+        let key = KeyBuf::of(addr);
         let found = list.binary_search_by(|e| KeyBuf::of(e.addr()).as_bytes().cmp(key.as_bytes()));
         match (before, after, found) {
             (Some(b), Some(a), Ok(i)) => {
@@ -361,7 +355,7 @@ impl MergedPort {
             }
             // Not what the map says (cannot happen): rebuild.
             _ => {
-                debug_assert!(false, "merged list out of step with its map at {key}");
+                debug_assert!(false, "merged list out of step with its map at {addr}");
                 self.list = None;
                 return;
             }
@@ -980,24 +974,19 @@ fn add_contribution(
     for (pk, num) in slice_port_keys(slice) {
         stats.endpoint_merges += 1;
         let port = merged.entry(pk).or_default();
-        let key = endpoint_key(*ip, num);
-        let copy = EndpointCopy {
+        // A list kept from the last view is patched with the key's new
+        // winner; without one there is nothing to patch.
+        let patching = port.list.is_some();
+        let copies = port.map.entry(endpoint_key(*ip, num)).or_default();
+        let before = (patching && !copies.is_empty()).then(|| MergedPort::winner(copies).clone());
+        copies.push(EndpointCopy {
             slice: slice_name.clone(),
             info: Arc::new(EndpointInfo::new(*ip, num, ep)),
-        };
-        if port.list.is_some() {
-            // The winner once the new copy joins the others: the new copy
-            // wins only if it ranks strictly first (`winner` keeps the
-            // earlier of equals).
-            let current = port.map.get(&key).map(|c| MergedPort::winner_copy(c));
-            let after = match current {
-                Some(w) if MergedPort::rank(w) <= MergedPort::rank(&copy) => w.info.clone(),
-                _ => copy.info.clone(),
-            };
-            let before = current.map(|w| w.info.clone());
-            port.patch(&key, before, Some(&after), stats);
+        });
+        if patching {
+            let after = MergedPort::winner(copies).clone();
+            port.patch(SocketAddr::new(*ip, num), before, Some(&after), stats);
         }
-        port.map.entry(key).or_default().push(copy);
     }
 }
 
@@ -1017,20 +1006,17 @@ fn remove_contribution(
             continue;
         };
         let key = endpoint_key(*ip, num);
+        let patching = port.list.is_some();
         if let Some(copies) = port.map.get_mut(&key) {
-            let before = port
-                .list
-                .is_some()
-                .then(|| MergedPort::winner(copies).clone());
+            let before = patching.then(|| MergedPort::winner(copies).clone());
             copies.retain(|c| c.slice != *slice_name);
-            let after = if copies.is_empty() {
+            let after =
+                (patching && !copies.is_empty()).then(|| MergedPort::winner(copies).clone());
+            if copies.is_empty() {
                 port.map.remove(&key);
-                None
-            } else {
-                before.is_some().then(|| MergedPort::winner(copies).clone())
-            };
-            if before.is_some() {
-                port.patch(&key, before, after.as_ref(), stats);
+            }
+            if patching {
+                port.patch(SocketAddr::new(*ip, num), before, after.as_ref(), stats);
             }
         }
         if port.map.is_empty() {

@@ -145,37 +145,15 @@ pub(crate) enum Usable<'a> {
 
 impl<'a> Usable<'a> {
     /// The usable endpoints, in merged order.
-    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = &'a Arc<EndpointInfo>> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &'a Arc<EndpointInfo>> + '_ {
         let (all, some): (&'a [Arc<EndpointInfo>], &[&'a Arc<EndpointInfo>]) = match self {
             Usable::All(all) => (all, &[]),
             Usable::Some(v) => (&[], v),
         };
         // One of the two is empty.
-        Chain2 {
-            a: all.iter(),
-            b: some.iter(),
-        }
+        all.iter().chain(some.iter().copied())
     }
 }
-
-/// `a` then `b`, with an exact length (`Iterator::chain` has none).
-struct Chain2<'a, 'b> {
-    a: std::slice::Iter<'a, Arc<EndpointInfo>>,
-    b: std::slice::Iter<'b, &'a Arc<EndpointInfo>>,
-}
-
-impl<'a> Iterator for Chain2<'a, '_> {
-    type Item = &'a Arc<EndpointInfo>;
-    fn next(&mut self) -> Option<Self::Item> {
-        self.a.next().or_else(|| self.b.next().copied())
-    }
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = self.a.len() + self.b.len();
-        (n, Some(n))
-    }
-}
-
-impl ExactSizeIterator for Chain2<'_, '_> {}
 
 /// [`Selection`] without copying: what [`categorize`] decides, borrowing
 /// the endpoints.
@@ -332,7 +310,7 @@ mod tests {
             SelectionRef::Usable(u @ Usable::Some(_)) => {
                 let got: Vec<_> = u.iter().map(|e| e.addr().ip().to_string()).collect();
                 assert_eq!(got, ["10.0.0.2", "10.0.0.3"]);
-                assert_eq!(u.iter().len(), 2);
+                assert_eq!(u.iter().count(), 2);
             }
             other => panic!("{other:?}"),
         }
