@@ -39,17 +39,7 @@ fn table() -> ServiceTable {
         )));
     }
     changes.push(Change::UpsertService(service("empty", "10.96.1.1", 80)));
-    let local = Service::builder("default", "local")
-        .cluster_ip("10.96.1.2".parse().unwrap())
-        .port(ServicePortSpec::tcp(80))
-        .internal_traffic_policy(TrafficPolicy::Local)
-        .build()
-        .unwrap();
-    let local_slice = EndpointSlice::builder("default", "local-1", "local", AddressType::IPv4)
-        .port(SlicePortSpec::tcp(80))
-        .endpoint(EndpointSpec::new("10.1.200.1").node("elsewhere"))
-        .build()
-        .unwrap();
+    changes.extend(local_elsewhere("10.96.1.2", "10.1.200.1", "elsewhere"));
     let sticky = Service::builder("default", "sticky")
         .cluster_ip("10.96.1.3".parse().unwrap())
         .port(ServicePortSpec::tcp(80).name("http").target_port(8080))
@@ -57,8 +47,6 @@ fn table() -> ServiceTable {
         .build()
         .unwrap();
     changes.extend([
-        Change::UpsertService(local),
-        Change::UpsertSlice(local_slice),
         Change::UpsertService(sticky),
         Change::UpsertSlice(slice(
             "sticky-1",

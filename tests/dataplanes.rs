@@ -28,25 +28,15 @@ fn web_table() -> ServiceTable {
 #[test]
 fn both_modes_forward_reject_drop_and_pass_through() {
     let mut t = web_table();
-    let local = Service::builder("default", "local")
-        .cluster_ip("10.96.0.20".parse().unwrap())
-        .port(ServicePortSpec::tcp(80))
-        .internal_traffic_policy(TrafficPolicy::Local)
-        .build()
-        .unwrap();
-    let local_slice = EndpointSlice::builder("default", "local-1", "local", AddressType::IPv4)
-        .port(SlicePortSpec::tcp(80))
-        .endpoint(EndpointSpec::new("10.1.1.1").node("other-node"))
-        .build()
-        .unwrap();
     let headless = Service::builder("default", "kafka")
         .headless()
         .build()
         .unwrap();
+    let [local, local_slice] = local_elsewhere("10.96.0.20", "10.1.1.1", "other-node");
     t.apply_batch([
         Change::UpsertService(service("empty", "10.96.0.30", 80)),
-        Change::UpsertService(local),
-        Change::UpsertSlice(local_slice),
+        local,
+        local_slice,
         Change::UpsertService(headless),
     ])
     .unwrap();

@@ -25,6 +25,23 @@ pub fn slice(name: &str, svc: &str, ips: &[&str], port: i64) -> EndpointSlice {
         .unwrap()
 }
 
+/// A `Local` service named `local` whose one endpoint, `ip`, runs on
+/// another node than the dataplane's: its traffic is dropped.
+pub fn local_elsewhere(vip: &str, ip: &str, node: &str) -> [Change; 2] {
+    let svc = Service::builder("default", "local")
+        .cluster_ip(vip.parse().unwrap())
+        .port(ServicePortSpec::tcp(80))
+        .internal_traffic_policy(TrafficPolicy::Local)
+        .build()
+        .unwrap();
+    let slice = EndpointSlice::builder("default", "local-1", "local", AddressType::IPv4)
+        .port(SlicePortSpec::tcp(80))
+        .endpoint(EndpointSpec::new(ip).node(node))
+        .build()
+        .unwrap();
+    [Change::UpsertService(svc), Change::UpsertSlice(slice)]
+}
+
 pub fn flow(src: &str, dst: &str) -> Flow {
     Flow::tcp(src.parse().unwrap(), dst.parse().unwrap())
 }
