@@ -43,7 +43,7 @@ use crate::rng::SeededRng;
 use crate::scheduler::random::cascade_rules;
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
-use crate::topology::{Selection, categorize};
+use crate::topology::{Selection, categorize_weighted};
 
 /// One `KUBE-SERVICES` rule: `-d VIP/32 -p PROTO --dport PORT -j TARGET`.
 #[derive(Debug, Clone, Copy)]
@@ -104,25 +104,13 @@ impl Ruleset {
                 for pv in view.ports() {
                     let port = pv.port();
                     let vs: VsId = (port.protocol(), SocketAddr::new(ip, port.port()));
-                    let selection = categorize(
+                    // Weight-0 endpoints get no rule.
+                    let selection = categorize_weighted(
                         pv.endpoints(),
                         svc.internal_traffic_policy(),
                         &config.node,
                         Some(ip),
                     );
-                    // Weight 0 takes no new connections (the svclb
-                    // extension IPVS honours): such endpoints get no rule.
-                    let selection = match selection {
-                        Selection::Usable(mut eps) => {
-                            eps.retain(|e| e.weight() > 0);
-                            if eps.is_empty() {
-                                Selection::NoEndpoints
-                            } else {
-                                Selection::Usable(eps)
-                            }
-                        }
-                        other => other,
-                    };
                     let (list, target) = match selection {
                         Selection::Usable(eps) => {
                             let rules = cascade_rules(0..eps.len() as u32);

@@ -50,7 +50,7 @@ use std::sync::Arc;
 use crate::error::ValidationError;
 use crate::model::service::{Service, ServicePort, TrafficPolicy};
 use crate::table::{EndpointInfo, ServiceTable};
-use crate::topology::{NodeTopology, Selection, categorize};
+use crate::topology::{NodeTopology, Selection, categorize_weighted};
 
 /// An IP family: which half of a dual-stack table a rendering covers
 /// (kube-proxy runs one proxier per family: `iptables`/`ip6tables`,
@@ -361,23 +361,14 @@ pub(crate) fn plan<'a>(
                     .iter()
                     .filter(|e| opts.family.contains(e.addr().ip()))
                     .count();
-                let outcome = match categorize(
+                // Weight-0 endpoints get no rule, as in the dataplanes.
+                let outcome = match categorize_weighted(
                     pv.endpoints(),
                     service.internal_traffic_policy(),
                     &opts.node,
                     Some(vip),
                 ) {
-                    // Weight 0 (an svclb extension; Kubernetes objects
-                    // have no weight) takes no new connections: no rule, as
-                    // in the dataplanes.
-                    Selection::Usable(mut eps) => {
-                        eps.retain(|e| e.weight() > 0);
-                        if eps.is_empty() {
-                            Outcome::Reject
-                        } else {
-                            Outcome::Endpoints(eps)
-                        }
-                    }
+                    Selection::Usable(eps) => Outcome::Endpoints(eps),
                     Selection::NoEndpoints => Outcome::Reject,
                     Selection::NoLocalEndpoints => Outcome::Drop,
                 };
