@@ -14,10 +14,8 @@
 mod common;
 
 use std::hint::black_box;
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use ahash::AHashMap;
 use common::cpu_time::ThreadCpu;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use svclb::*;
@@ -33,13 +31,7 @@ fn bench_lookup(c: &mut Criterion<ThreadCpu>) {
         let table = common::cluster(n, 5);
         let (ipt, ipvs) = common::dataplanes(&table);
         let flows = common::flow_mix(n, FLOWS, 0xC0FFEE);
-        let floor: AHashMap<(IpAddr, u16, Protocol), SocketAddr> = (0..n)
-            .map(|i| {
-                let v = common::vip(i);
-                let backend = SocketAddr::new(common::endpoint_ip(i * 5).parse().unwrap(), 8080);
-                ((v.ip(), v.port(), Protocol::Tcp), backend)
-            })
-            .collect();
+        let floor = common::floor_map(n);
         let now = Instant::ZERO;
         group.bench_function(BenchmarkId::new("iptables", n), |b| {
             let mut k = 0;

@@ -25,11 +25,9 @@ use common::cpu_time::thread_cpu_ns;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant as WallClock};
 
-use ahash::AHashMap;
 use svclb::*;
 
 const FLOWS: usize = 4096;
@@ -185,13 +183,7 @@ fn sizes(max: usize) -> Vec<usize> {
 fn measure_lookups(table: &ServiceTable, n: usize) -> LookupRow {
     let (ipt, ipvs) = common::dataplanes(table);
     let flows = common::flow_mix(n, FLOWS, 0xC0FFEE);
-    let floor_map: AHashMap<(IpAddr, u16, Protocol), SocketAddr> = (0..n)
-        .map(|i| {
-            let v = common::vip(i);
-            let b = SocketAddr::new(common::endpoint_ip(i * 5).parse().unwrap(), 8080);
-            ((v.ip(), v.port(), Protocol::Tcp), b)
-        })
-        .collect();
+    let floor_map = common::floor_map(n);
     let now = svclb::Instant::ZERO;
     let mut reader = ipvs.reader();
     let mut f_ipvs = |f: &Flow| {

@@ -9,6 +9,8 @@ pub mod cpu_time;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use ahash::AHashMap;
+
 use svclb::*;
 
 /// The cluster IP of service `i`.
@@ -117,4 +119,17 @@ pub fn dataplanes(table: &ServiceTable) -> (IptablesDataplane, IpvsDataplane) {
     ipt.sync(table, &all);
     ipvs.sync(table, &all);
     (ipt, ipvs)
+}
+
+/// The floor the lookup benches compare with: a bare ahash map from each
+/// of `services` services' `(cluster IP, port, protocol)` to its first
+/// endpoint, the least a lookup can do.
+pub fn floor_map(services: usize) -> AHashMap<(IpAddr, u16, Protocol), SocketAddr> {
+    (0..services)
+        .map(|i| {
+            let v = vip(i);
+            let backend = SocketAddr::new(endpoint_ip(i * 5).parse().unwrap(), 8080);
+            ((v.ip(), v.port(), Protocol::Tcp), backend)
+        })
+        .collect()
 }
