@@ -79,6 +79,7 @@ pub mod dataplane;
 pub mod error;
 pub mod k8s;
 pub mod model;
+pub mod plan;
 pub mod render;
 mod rng;
 pub mod scheduler;
