@@ -1292,6 +1292,27 @@ impl ScopeRegistry {
         }
     }
 
+    /// Removes the scope of one virtual service, if it has one.
+    pub(crate) fn remove_vs(&mut self, table: &AffinityTable, vs: VsId) {
+        if let Some(b) = self.bound.remove(&vs) {
+            table.remove_scope(&b.scope);
+            if let Some(list) = self.by_service.get_mut(&b.service) {
+                list.retain(|x| *x != vs);
+                if list.is_empty() {
+                    self.by_service.remove(&b.service);
+                }
+            }
+        }
+    }
+
+    /// Removes the scopes of every virtual service `keep` rejects.
+    pub(crate) fn retain_vs(&mut self, table: &AffinityTable, keep: impl Fn(&VsId) -> bool) {
+        let gone: Vec<VsId> = self.bound.keys().filter(|vs| !keep(vs)).copied().collect();
+        for vs in gone {
+            self.remove_vs(table, vs);
+        }
+    }
+
     /// Removes all scopes of `service`.
     pub(crate) fn remove_service(&mut self, table: &AffinityTable, service: &ServiceKey) {
         self.finish_service(table, service, &[]);

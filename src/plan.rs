@@ -471,6 +471,9 @@ pub struct Planner {
     free_frontends: Vec<u32>,
     by_key: AHashMap<FrontendKey, FrontendId>,
     by_service: BTreeMap<ServiceKey, SmallVec<[FrontendId; 2]>>,
+    /// Frontends listing a backend address (active or draining), for
+    /// reply-direction lookups.
+    by_backend: AHashMap<(Protocol, SocketAddr), SmallVec<[FrontendId; 2]>>,
     slots: Vec<BackendSlot>,
     free_slots: Vec<u32>,
     service_backends: AHashMap<ServiceKey, ServiceBackends>,
@@ -490,6 +493,7 @@ impl Planner {
             free_frontends: Vec::new(),
             by_key: AHashMap::new(),
             by_service: BTreeMap::new(),
+            by_backend: AHashMap::new(),
             slots: Vec::new(),
             free_slots: Vec::new(),
             service_backends: AHashMap::new(),
@@ -550,6 +554,37 @@ impl Planner {
             .values()
             .flatten()
             .filter_map(|id| self.frontend(*id))
+    }
+
+    /// The frontends that list a backend at `addr` for `protocol` (active or
+    /// draining): where a reply from `addr` may belong.
+    pub fn frontends_with_backend(
+        &self,
+        protocol: Protocol,
+        addr: SocketAddr,
+    ) -> impl Iterator<Item = &Arc<Frontend>> {
+        self.by_backend
+            .get(&(protocol, addr))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.frontend(*id))
+    }
+
+    fn index_frontend(&mut self, fe: &Frontend, add: bool) {
+        for b in fe.backends.iter().chain(&fe.draining) {
+            let k = (fe.key.protocol, b.addr());
+            if add {
+                let e = self.by_backend.entry(k).or_default();
+                if !e.contains(&fe.id) {
+                    e.push(fe.id);
+                }
+            } else if let Some(e) = self.by_backend.get_mut(&k) {
+                e.retain(|x| *x != fe.id);
+                if e.is_empty() {
+                    self.by_backend.remove(&k);
+                }
+            }
+        }
     }
 
     /// The number of frontends.
@@ -727,6 +762,7 @@ impl Planner {
                     if keep.contains(&fe.key) {
                         left.push(id);
                     } else {
+                        self.index_frontend(&fe, false);
                         self.by_key.remove(&fe.key);
                         self.frontends[id.0 as usize] = None;
                         self.free_frontends.push(id.0);
@@ -897,10 +933,12 @@ impl Planner {
             match existing {
                 Some(id) => {
                     fe.id = id;
-                    let old = self.frontends[id.0 as usize].as_ref().expect("indexed");
-                    if !same_frontend(old, &fe) {
+                    let old = Arc::clone(self.frontends[id.0 as usize].as_ref().expect("indexed"));
+                    if !same_frontend(&old, &fe) {
                         diff.changed.push(id);
                     }
+                    self.index_frontend(&old, false);
+                    self.index_frontend(&fe, true);
                     self.frontends[id.0 as usize] = Some(Arc::new(fe));
                     ids.push(id);
                 }
@@ -914,6 +952,7 @@ impl Planner {
                     };
                     fe.id = id;
                     self.by_key.insert(fe.key, id);
+                    self.index_frontend(&fe, true);
                     self.frontends[id.0 as usize] = Some(Arc::new(fe));
                     diff.added.push(id);
                     ids.push(id);
@@ -955,9 +994,12 @@ impl Planner {
                     let slot = &mut self.frontends[fid.0 as usize];
                     if let Some(fe) = slot {
                         if fe.draining.iter().any(|b| b.id == id) {
-                            let mut f = (**fe).clone();
+                            let old = Arc::clone(fe);
+                            let mut f = (*old).clone();
                             f.draining.retain(|b| b.id != id);
-                            *slot = Some(Arc::new(f));
+                            *slot = Some(Arc::new(f.clone()));
+                            self.index_frontend(&old, false);
+                            self.index_frontend(&f, true);
                             diff.changed.push(fid);
                         }
                     }
@@ -1126,6 +1168,7 @@ mod tests {
         assert_eq!(d.removed.len(), 1);
         assert_eq!(p.frontend_count(), 0);
         assert!(p.service_backends.is_empty());
+        assert!(p.by_backend.is_empty());
         assert_eq!(d.backends.len(), 1);
     }
 }

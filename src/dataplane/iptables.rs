@@ -14,8 +14,11 @@
 //!
 //! A lookup walks the nat list, then the filter list, in order, matching each
 //! rule's destination, protocol and port the way the kernel does: its cost
-//! grows with the number of services. Every sync recompiles the whole list,
-//! as an `iptables-restore` of the full rule set does.
+//! grows with the number of services. Every sync recompiles the whole list
+//! from the [`plan`](crate::plan), as an `iptables-restore` of the full
+//! rule set does. As in the kernel, only a connection's first packet walks
+//! the rules: later packets follow the connection tracker (netfilter's
+//! timeouts by default).
 //!
 //! `ClientIP` session affinity follows kube-proxy's rules: before the
 //! probability rules, one `-m recent --name <SEP> --rcheck --seconds T
@@ -27,23 +30,24 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
+use arc_swap::cache::Cache;
 use parking_lot::Mutex;
 
-use smallvec::SmallVec;
-
-use super::{Candidates, Dataplane, DataplaneConfig};
-use crate::affinity::{
-    AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry, VsId,
-};
+use super::conn::{ConnLayer, Scheduled};
+use super::ipvs::first_packet;
+use super::{Candidates, Dataplane, DataplaneConfig, Mode};
+use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry};
+use crate::conntrack::{TcpFlags, Tracked};
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::ServiceKey;
-use crate::rng::SeededRng;
+use crate::plan::{BackendId, BackendStates, FrontendId, Outcome, Planner};
+use crate::rng::{SeededRng, mix64};
 use crate::scheduler::random::cascade_rules;
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
-use crate::topology::{Selection, categorize_weighted};
 
 /// One `KUBE-SERVICES` rule: `-d VIP/32 -p PROTO --dport PORT -j TARGET`.
 #[derive(Debug, Clone, Copy)]
@@ -51,15 +55,9 @@ struct ServiceRule {
     dst: IpAddr,
     protocol: Protocol,
     dport: u16,
-    target: Target,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Target {
-    /// Jump to the service chain with this index.
-    Chain(u32),
-    Reject,
-    Drop,
+    /// The service chain, for a nat rule; the outcome of a filter rule.
+    chain: u32,
+    outcome: Outcome,
 }
 
 impl ServiceRule {
@@ -76,8 +74,9 @@ impl ServiceRule {
 /// `ClientIP` service.
 #[derive(Debug)]
 struct ServiceChain {
+    frontend: FrontendId,
     rules: Box<[(u32, u32)]>,
-    endpoints: Box<[SocketAddr]>,
+    endpoints: Box<[(BackendId, SocketAddr)]>,
     affinity: Option<AffinityPort>,
 }
 
@@ -89,204 +88,315 @@ struct Ruleset {
 }
 
 impl Ruleset {
-    fn compile(
-        table: &ServiceTable,
-        config: &DataplaneConfig,
-        affinity: &AffinityTable,
-        scopes: &mut ScopeRegistry,
-    ) -> Ruleset {
+    /// The rule list of the whole plan, in kube-proxy's order.
+    fn compile(planner: &Planner, affinity: &AffinityTable, scopes: &mut ScopeRegistry) -> Ruleset {
         let mut rs = Ruleset::default();
-        for key in table.keys_sorted() {
-            let view = table.view(&key).expect("listed keys exist");
-            let svc = view.service();
-            let mut bound: SmallVec<[VsId; 4]> = SmallVec::new();
-            for &ip in svc.cluster_ip().addrs() {
-                for pv in view.ports() {
-                    let port = pv.port();
-                    let vs: VsId = (port.protocol(), SocketAddr::new(ip, port.port()));
-                    // Weight-0 endpoints get no rule.
-                    let selection = categorize_weighted(
-                        pv.endpoints(),
-                        svc.internal_traffic_policy(),
-                        &config.node,
-                        Some(ip),
-                    );
-                    let (list, target) = match selection {
-                        Selection::Usable(eps) => {
-                            let rules = cascade_rules(0..eps.len() as u32);
-                            let endpoints: Box<[SocketAddr]> =
-                                eps.iter().map(|e| e.addr()).collect();
-                            let port_affinity =
-                                scopes.bind(affinity, svc, vs, &endpoints, |_| true);
-                            if port_affinity.is_some() {
-                                bound.push(vs);
-                            }
-                            rs.chains.push(ServiceChain {
-                                rules,
-                                endpoints,
-                                affinity: port_affinity,
-                            });
-                            (&mut rs.nat, Target::Chain(rs.chains.len() as u32 - 1))
-                        }
-                        sel => {
-                            // No endpoint rules: every client's entry goes.
-                            if scopes.bind(affinity, svc, vs, &[], |_| true).is_some() {
-                                bound.push(vs);
-                            }
-                            match sel {
-                                Selection::NoLocalEndpoints => (&mut rs.filter, Target::Drop),
-                                _ => (&mut rs.filter, Target::Reject),
-                            }
-                        }
-                    };
-                    list.push(ServiceRule {
-                        dst: ip,
-                        protocol: port.protocol(),
-                        dport: port.port(),
-                        target,
-                    });
+        let mut bound: Vec<crate::affinity::VsId> = Vec::new();
+        for fe in planner.frontends() {
+            let key = fe.key();
+            let vs = (key.protocol, key.socket_addr());
+            let svc = fe.service();
+            let outcome = fe.rule_outcome();
+            let mut rule = ServiceRule {
+                dst: key.addr,
+                protocol: key.protocol,
+                dport: key.port,
+                chain: 0,
+                outcome,
+            };
+            if outcome == Outcome::Forward {
+                // Weight-0 endpoints get no rule.
+                let endpoints: Box<[(BackendId, SocketAddr)]> =
+                    fe.rule_backends().map(|b| (b.id(), b.addr())).collect();
+                let rules = cascade_rules(0..endpoints.len() as u32);
+                let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.1).collect();
+                let port_affinity = scopes.bind(affinity, svc, vs, &addrs, |_| true);
+                if port_affinity.is_some() {
+                    bound.push(vs);
                 }
+                rs.chains.push(ServiceChain {
+                    frontend: fe.id(),
+                    rules,
+                    endpoints,
+                    affinity: port_affinity,
+                });
+                rule.chain = rs.chains.len() as u32 - 1;
+                rs.nat.push(rule);
+            } else {
+                // No endpoint rules: every client's entry goes.
+                if scopes.bind(affinity, svc, vs, &[], |_| true).is_some() {
+                    bound.push(vs);
+                }
+                rs.filter.push(rule);
             }
-            scopes.finish_service(affinity, &key, &bound);
         }
-        scopes.retain_services(affinity, |k| table.service(k).is_some());
+        scopes.retain_vs(affinity, |vs| bound.contains(vs));
         rs
     }
 
     #[inline]
-    fn find(&self, flow: &Flow) -> Option<Target> {
+    fn find(&self, flow: &Flow) -> Option<&ServiceRule> {
         self.nat
             .iter()
             .chain(self.filter.iter())
             .find(|r| r.matches(flow))
-            .map(|r| r.target)
+    }
+
+    /// Walks the rules for a new connection.
+    #[inline]
+    fn decide(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        now: Instant,
+        rng: &SeededRng,
+        affinity: &AffinityTable,
+    ) -> Scheduled {
+        let Some(rule) = self.find(flow) else {
+            return Scheduled::NotAService;
+        };
+        match rule.outcome {
+            Outcome::Forward => {}
+            Outcome::Drop => return Scheduled::Drop,
+            _ => return Scheduled::Reject,
+        }
+        let chain = &self.chains[rule.chain as usize];
+        let cascade =
+            || crate::scheduler::random::walk_cascade(&chain.rules, || rng.next_u64() as u32);
+        let picked = match &chain.affinity {
+            None => cascade(),
+            Some(aff) => affinity
+                .route(
+                    &aff.scope,
+                    aff.key(flow, key),
+                    now,
+                    // The `--rcheck` rules, one per endpoint, in order.
+                    |ep| chain.endpoints.iter().position(|e| e.1 == ep),
+                    || cascade().map(|i| (i, chain.endpoints[i].1)),
+                )
+                .map(|p| {
+                    aff.count(p.index);
+                    p.index
+                }),
+        };
+        match picked.and_then(|i| chain.endpoints.get(i)) {
+            Some(&(backend, addr)) => Scheduled::Forward {
+                frontend: chain.frontend,
+                backend,
+                addr,
+            },
+            None => Scheduled::Reject,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: DataplaneConfig,
+    rng: SeededRng,
+    readers: AtomicU64,
+    rules: Arc<ArcSwap<Ruleset>>,
+    affinity: AffinityTable,
+    /// Affinity scopes by virtual service; locked by sync and inspection.
+    scopes: Mutex<ScopeRegistry>,
+    planner: Mutex<Planner>,
+    states: Arc<BackendStates>,
+    conn: ConnLayer,
+}
+
+impl Shared {
+    fn recompile(&self, planner: &Planner) {
+        // The whole rule set is rewritten on every change.
+        let rs = {
+            let mut scopes = self.scopes.lock();
+            Ruleset::compile(planner, &self.affinity, &mut scopes)
+        };
+        self.rules.store(Arc::new(rs));
+    }
+
+    #[inline]
+    fn packet(
+        &self,
+        rules: &Ruleset,
+        rng: &SeededRng,
+        flow: &Flow,
+        key: Option<u64>,
+        flags: TcpFlags,
+        now: Instant,
+    ) -> Verdict {
+        self.conn.packet(&self.states, flow, flags, now, || {
+            rules.decide(flow, key, now, rng, &self.affinity)
+        })
     }
 }
 
 /// The iptables-mode dataplane. See the module docs.
 #[derive(Debug)]
 pub struct IptablesDataplane {
-    config: DataplaneConfig,
+    shared: Arc<Shared>,
+}
+
+/// A per-thread reader of an [`IptablesDataplane`]: see
+/// [`IptablesDataplane::reader`]. Owned, `'static` and `Send`.
+#[derive(Debug)]
+pub struct IptablesReader {
+    shared: Arc<Shared>,
+    rules: Cache<Arc<ArcSwap<Ruleset>>, Arc<Ruleset>>,
     rng: SeededRng,
-    rules: ArcSwap<Ruleset>,
-    affinity: AffinityTable,
-    /// Affinity scopes by virtual service; locked by sync and inspection.
-    scopes: Mutex<ScopeRegistry>,
-    writer: Mutex<()>,
+}
+
+impl IptablesReader {
+    /// A new connection's first packet, as [`Dataplane::route`].
+    #[inline]
+    pub fn route(&mut self, flow: &Flow, now: Instant) -> Verdict {
+        self.route_with_key(flow, None, now)
+    }
+
+    /// [`route`](Self::route) with a caller-supplied affinity key.
+    #[inline]
+    pub fn route_with_key(&mut self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
+        let rules = self.rules.load();
+        self.shared
+            .packet(rules, &self.rng, flow, key, first_packet(flow), now)
+    }
+
+    /// Any packet of a flow, as [`Dataplane::packet`].
+    #[inline]
+    pub fn packet(&mut self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
+        let rules = self.rules.load();
+        self.shared.packet(rules, &self.rng, flow, None, flags, now)
+    }
 }
 
 impl IptablesDataplane {
     /// An empty dataplane (every flow is not-a-service until a sync).
-    pub fn new(config: DataplaneConfig) -> Self {
+    pub fn new(mut config: DataplaneConfig) -> Self {
+        let tracker = config.tracker_for(Mode::Iptables);
+        config.conntrack = tracker.clone();
+        let mut planner = Planner::new(config.node.clone());
+        planner.set_drain_grace(config.drain_grace);
         IptablesDataplane {
-            rng: SeededRng::new(config.seed),
-            affinity: AffinityTable::new(config.affinity.clone(), config.seed),
-            config,
-            rules: ArcSwap::from_pointee(Ruleset::default()),
-            scopes: Mutex::new(ScopeRegistry::default()),
-            writer: Mutex::new(()),
+            shared: Arc::new(Shared {
+                rng: SeededRng::new(config.seed),
+                readers: AtomicU64::new(0),
+                affinity: AffinityTable::new(config.affinity.clone(), config.seed),
+                rules: Arc::new(ArcSwap::from_pointee(Ruleset::default())),
+                scopes: Mutex::new(ScopeRegistry::default()),
+                states: Arc::clone(planner.states()),
+                planner: Mutex::new(planner),
+                conn: ConnLayer::new(tracker.as_ref()),
+                config,
+            }),
         }
     }
 
     /// The session-affinity table (the `xt_recent` lists).
     pub fn affinity_table(&self) -> &AffinityTable {
-        &self.affinity
+        &self.shared.affinity
     }
 
     /// The number of rules a lookup may walk (nat `KUBE-SERVICES` plus
     /// filter `KUBE-SERVICES`).
     pub fn rule_count(&self) -> usize {
-        let rs = self.rules.load();
+        let rs = self.shared.rules.load();
         rs.nat.len() + rs.filter.len()
     }
 
-    /// The config.
+    /// The config (with netfilter's conntrack timeouts filled in).
     pub fn config(&self) -> &DataplaneConfig {
-        &self.config
+        &self.shared.config
+    }
+
+    /// The connection tracker, when tracking is on.
+    pub fn conntrack(&self) -> Option<&crate::conntrack::Conntrack> {
+        self.shared.conn.tracker()
+    }
+
+    /// A reader for one packet thread, with its own random source; see
+    /// [`IpvsDataplane::reader`](super::IpvsDataplane::reader).
+    pub fn reader(&self) -> IptablesReader {
+        let n = self.shared.readers.fetch_add(1, Ordering::Relaxed) + 1;
+        IptablesReader {
+            shared: Arc::clone(&self.shared),
+            rules: Cache::new(Arc::clone(&self.shared.rules)),
+            rng: SeededRng::new(mix64(self.shared.config.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))),
+        }
     }
 }
 
 impl Dataplane for IptablesDataplane {
-    fn mode(&self) -> &'static str {
-        "iptables"
+    fn mode(&self) -> Mode {
+        Mode::Iptables
     }
 
-    fn sync(&self, table: &ServiceTable, _changes: &ChangeSet) {
-        let _w = self.writer.lock();
-        // The whole rule set is rewritten on every change.
-        let rs = {
-            let mut scopes = self.scopes.lock();
-            Ruleset::compile(table, &self.config, &self.affinity, &mut scopes)
-        };
-        self.rules.store(Arc::new(rs));
-    }
-
-    fn route(&self, flow: &Flow, now: Instant) -> Verdict {
-        self.route_with_key(flow, None, now)
+    fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant) {
+        let sh = &*self.shared;
+        let mut planner = sh.planner.lock();
+        planner.update(table, changes, now, |id| sh.conn.has_connections(id));
+        sh.recompile(&planner);
     }
 
     fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
-        let rs = self.rules.load();
-        match rs.find(flow) {
-            None => Verdict::NotAService,
-            Some(Target::Reject) => Verdict::Reject,
-            Some(Target::Drop) => Verdict::Drop,
-            Some(Target::Chain(c)) => {
-                let chain = &rs.chains[c as usize];
-                let cascade = || {
-                    crate::scheduler::random::walk_cascade(&chain.rules, || {
-                        self.rng.next_u64() as u32
-                    })
-                };
-                match &chain.affinity {
-                    None => match cascade() {
-                        Some(i) => Verdict::Forward(chain.endpoints[i]),
-                        None => Verdict::Reject,
-                    },
-                    Some(aff) => {
-                        let pinned = self.affinity.route(
-                            &aff.scope,
-                            aff.key(flow, key),
-                            now,
-                            // The `--rcheck` rules, one per endpoint, in order.
-                            |ep| chain.endpoints.iter().position(|e| *e == ep),
-                            || cascade().map(|i| (i, chain.endpoints[i])),
-                        );
-                        match pinned {
-                            Some(p) => {
-                                aff.count(p.index);
-                                Verdict::Forward(p.endpoint)
-                            }
-                            None => Verdict::Reject,
-                        }
-                    }
-                }
-            }
-        }
+        let sh = &*self.shared;
+        let rules = sh.rules.load();
+        sh.packet(&rules, &sh.rng, flow, key, first_packet(flow), now)
     }
 
-    fn connection_closed(&self, _flow: &Flow, _backend: SocketAddr, _now: Instant) {
-        // iptables keeps no per-backend state: conntrack does, in the kernel.
+    fn packet(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
+        let sh = &*self.shared;
+        let rules = sh.rules.load();
+        sh.packet(&rules, &sh.rng, flow, None, flags, now)
+    }
+
+    fn connection_closed(&self, flow: &Flow, _now: Instant) -> Option<Tracked> {
+        self.shared.conn.close(flow)
+    }
+
+    fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked> {
+        let sh = &*self.shared;
+        let planner = sh.planner.lock();
+        super::reply_via_plan(&planner, &sh.conn, reply, flags, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
-        let rs = self.rules.load();
+        let rs = self.shared.rules.load();
         let probe = Flow::new(protocol, SocketAddr::from(([0, 0, 0, 0], 0)), dst);
         match rs.find(&probe) {
             None => Candidates::NotAService,
-            Some(Target::Reject) => Candidates::Reject,
-            Some(Target::Drop) => Candidates::Drop,
-            Some(Target::Chain(c)) => {
-                Candidates::Endpoints(rs.chains[c as usize].endpoints.to_vec())
-            }
+            Some(r) => match r.outcome {
+                Outcome::Forward => Candidates::Endpoints(
+                    rs.chains[r.chain as usize].endpoints.iter().map(|e| e.1).collect(),
+                ),
+                Outcome::Drop => Candidates::Drop,
+                _ => Candidates::Reject,
+            },
         }
     }
 
+    fn poll_timeout(&self) -> Option<Instant> {
+        let sh = &*self.shared;
+        super::earliest(sh.conn.poll_timeout(), sh.planner.lock().poll_timeout())
+    }
+
+    fn handle_timeout(&self, now: Instant) {
+        let sh = &*self.shared;
+        sh.conn.handle_timeout(now);
+        let mut planner = sh.planner.lock();
+        let diff = planner.handle_timeout(now, |id| sh.conn.has_connections(id));
+        if !diff.is_empty() {
+            sh.recompile(&planner);
+        }
+    }
+
+    fn connections(&self, now: Instant) -> Vec<Tracked> {
+        self.shared.conn.entries(now)
+    }
+
     fn affinity_entries(&self, service: &ServiceKey, now: Instant) -> Vec<AffinityEntry> {
-        self.scopes.lock().entries(&self.affinity, service, now)
+        self.shared.scopes.lock().entries(&self.shared.affinity, service, now)
     }
 
     fn affinity_report(&self, service: &ServiceKey, now: Instant) -> Option<AffinityReport> {
-        self.scopes.lock().report(&self.affinity, service, now)
+        self.shared.scopes.lock().report(&self.shared.affinity, service, now)
     }
 }

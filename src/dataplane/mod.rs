@@ -8,20 +8,34 @@
 //! - [`NftablesDataplane`]: kube-proxy's nftables mode, a verdict map found
 //!   in O(1) and a uniform `numgen random mod N` pick.
 //!
+//! Every dataplane reads the [`plan`](crate::plan) (frontends and backends
+//! with stable ids) and carries connections through the same connection
+//! layer: a bounded [`Conntrack`](crate::conntrack::Conntrack) in front of
+//! the mode's scheduling (on by default, [`DataplaneConfig::conntrack`]),
+//! graceful termination of removed backends, and timers driven by the
+//! caller's clock ([`Dataplane::poll_timeout`],
+//! [`Dataplane::handle_timeout`]): nothing happens in the background.
+//!
 //! A dataplane is shared by reference among packet threads (`&self`,
 //! `Send + Sync`). The control plane calls [`Dataplane::sync`] with the
 //! [`ServiceTable`] and the [`ChangeSet`] an apply returned; readers never
 //! wait for it longer than a pointer swap.
 
+mod conn;
 mod iptables;
 mod ipvs;
 mod nftables;
 
+use core::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
 
-pub use iptables::IptablesDataplane;
+pub use iptables::{IptablesDataplane, IptablesReader};
 pub use ipvs::{IpvsDataplane, IpvsReader, RealServerInfo, VirtualServiceInfo};
-pub use nftables::NftablesDataplane;
+pub use nftables::{NftablesDataplane, NftablesReader};
+
+use crate::conntrack::{ConntrackConfig, TcpFlags, Timeouts, Tracked};
+use crate::plan::DEFAULT_DRAIN_GRACE;
 
 use crate::affinity::{AffinityConfig, AffinityEntry, AffinityReport};
 use crate::model::flow::{Flow, Protocol, Verdict};
@@ -30,6 +44,35 @@ use crate::scheduler::SchedulerConfig;
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
 use crate::topology::NodeTopology;
+
+/// The tracked connection a reply from `reply.src` to `reply.dst` belongs
+/// to: the frontends that list that backend, each probed with the original
+/// direction (client to frontend).
+pub(crate) fn reply_via_plan(
+    planner: &crate::plan::Planner,
+    conn: &conn::ConnLayer,
+    reply: &Flow,
+    flags: TcpFlags,
+    now: Instant,
+) -> Option<Tracked> {
+    for fe in planner.frontends_with_backend(reply.protocol, reply.src) {
+        let orig = Flow::new(reply.protocol, reply.dst, fe.key().socket_addr());
+        if let Some(t) = conn.reply(&orig, flags, now) {
+            if t.backend_addr == reply.src {
+                return Some(t);
+            }
+        }
+    }
+    None
+}
+
+/// The earlier of two optional deadlines.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
 
 /// What a dataplane would do with new connections to one destination: the
 /// inspection behind [`Dataplane::candidates`].
@@ -45,8 +88,46 @@ pub enum Candidates {
     Endpoints(Vec<SocketAddr>),
 }
 
+/// Which kube-proxy mode a dataplane models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Mode {
+    /// iptables mode.
+    Iptables,
+    /// IPVS mode.
+    Ipvs,
+    /// nftables mode.
+    Nftables,
+}
+
+impl Mode {
+    /// `iptables`, `ipvs`, `nftables`: the CLI's `--mode` values.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Iptables => "iptables",
+            Mode::Ipvs => "ipvs",
+            Mode::Nftables => "nftables",
+        }
+    }
+
+    /// The connection-tracking timeouts the mode's kernel uses: netfilter's
+    /// for iptables and nftables, IPVS's for IPVS.
+    pub fn default_timeouts(self) -> Timeouts {
+        match self {
+            Mode::Ipvs => Timeouts::ipvs(),
+            _ => Timeouts::netfilter(),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Settings every dataplane takes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DataplaneConfig {
     /// This node's name and zone, for Local policies and topology hints.
     pub node: NodeTopology,
@@ -61,6 +142,30 @@ pub struct DataplaneConfig {
     pub count_connections: bool,
     /// Sizing of the session-affinity table and hotspot thresholds.
     pub affinity: AffinityConfig,
+    /// Connection tracking: `Some` (the default) tracks every forwarded
+    /// flow, so an established flow keeps its backend across endpoint
+    /// changes; `None` decides every packet afresh.
+    pub conntrack: Option<ConntrackConfig>,
+    /// The tracker's timeouts; `None` (the default) takes the mode's own
+    /// ([`Mode::default_timeouts`]).
+    pub conntrack_timeouts: Option<Timeouts>,
+    /// How long a removed TCP backend with connections drains at most.
+    pub drain_grace: Duration,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            node: NodeTopology::default(),
+            seed: 0,
+            scheduler: SchedulerConfig::default(),
+            count_connections: false,
+            affinity: AffinityConfig::default(),
+            conntrack: Some(ConntrackConfig::default()),
+            conntrack_timeouts: None,
+            drain_grace: DEFAULT_DRAIN_GRACE,
+        }
+    }
 }
 
 impl DataplaneConfig {
@@ -89,6 +194,23 @@ impl DataplaneConfig {
         self.affinity = affinity;
         self
     }
+
+    /// Sets the connection tracker (`None` turns tracking off).
+    pub fn conntrack(mut self, conntrack: Option<ConntrackConfig>) -> Self {
+        self.conntrack = conntrack;
+        self
+    }
+
+    /// The tracker config with the mode's timeouts applied, if tracking is
+    /// on.
+    pub(crate) fn tracker_for(&self, mode: Mode) -> Option<ConntrackConfig> {
+        let c = self.conntrack.clone()?;
+        Some(c.timeouts(
+            self.conntrack_timeouts
+                .clone()
+                .unwrap_or_else(|| mode.default_timeouts()),
+        ))
+    }
 }
 
 /// A Service dataplane: given a flow and the time, a verdict.
@@ -107,46 +229,72 @@ impl DataplaneConfig {
 ///     .build().unwrap();
 /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
 /// let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1));
-/// dp.sync(&table, &changes);
+/// dp.sync(&table, &changes, Instant::ZERO);
 /// let flow = Flow::tcp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:80".parse().unwrap());
-/// assert_eq!(dp.route(&flow, Instant::ZERO), Verdict::Forward("10.0.0.2:8080".parse().unwrap()));
+/// let v = dp.route(&flow, Instant::ZERO);
+/// assert_eq!(v.backend(), Some("10.0.0.2:8080".parse().unwrap()));
+/// // The next packet of the connection is tracked.
+/// assert!(dp.packet(&flow, TcpFlags::ACK, Instant::ZERO).is_tracked());
 /// ```
 pub trait Dataplane: Send + Sync {
-    /// `iptables`, `ipvs`, ...
-    fn mode(&self) -> &'static str;
+    /// The mode it models.
+    fn mode(&self) -> Mode;
 
     /// Brings the dataplane up to date with `table`, given what changed.
-    /// Pass [`ServiceTable::full_change_set`] for a full resync.
-    fn sync(&self, table: &ServiceTable, changes: &ChangeSet);
+    /// Pass [`ServiceTable::full_change_set`] for a full resync. `now`
+    /// starts the grace period of backends that begin to drain.
+    fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant);
 
-    /// Decides a new flow (or a packet of one): forward, reject, drop, or
-    /// pass through.
-    ///
-    /// For a service with `ClientIP` session affinity every call counts as
-    /// a new connection: it restarts the client's affinity timer (only a
-    /// connection's first packet reaches kube-proxy's nat rules; map later
-    /// packets with your own connection tracking). Equivalent to
+    /// A new connection's first packet (a SYN for TCP): forward, reject,
+    /// drop, or pass through. With tracking on, a flow the tracker knows
+    /// keeps its backend. Equivalent to
     /// [`route_with_key`](Self::route_with_key) without a key.
-    fn route(&self, flow: &Flow, now: Instant) -> Verdict;
+    fn route(&self, flow: &Flow, now: Instant) -> Verdict {
+        self.route_with_key(flow, None, now)
+    }
 
     /// [`route`](Self::route) with a caller-supplied affinity key, such as a
     /// hash of a session cookie or header. Services whose
     /// [`AffinityKeyKind`](crate::AffinityKeyKind) is `Caller` pin this key
     /// instead of the client address (and fall back to the client address
     /// when `key` is `None`); other services ignore it.
-    ///
-    /// The default ignores the key; the built-in dataplanes honour it.
-    fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
-        let _ = key;
-        self.route(flow, now)
-    }
+    fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict;
 
-    /// Reports that a connection `route` forwarded to `backend` has ended.
-    fn connection_closed(&self, flow: &Flow, backend: SocketAddr, now: Instant);
+    /// Any packet of a flow in the original direction (client to
+    /// frontend), with its TCP flags (ignored for UDP and SCTP): a tracked
+    /// flow advances its state and keeps its backend; an untracked one is
+    /// scheduled as a new connection.
+    fn packet(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict;
+
+    /// Ends the tracked connection of `flow` (both directions closed, or
+    /// the caller's end of a UDP session); the same 5-tuple is balanced
+    /// afresh afterwards. Returns the entry, if one was tracked.
+    fn connection_closed(&self, flow: &Flow, now: Instant) -> Option<Tracked>;
+
+    /// A reply packet (backend to client) of a tracked connection: advances
+    /// its state and returns the connection, whose `flow` is the original
+    /// direction (for reverse NAT: the frontend address to restore).
+    /// `None` if no tracked connection matches. Takes the writer's lock to
+    /// find the frontends of the backend; not for the hottest paths.
+    fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked>;
 
     /// The backends that may take a new connection to `dst`, or the verdict
     /// for all of them. For inspection and tests; it allocates.
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates;
+
+    /// When the dataplane next needs the clock: the tracker's next sweep,
+    /// or a draining backend's deadline. `None`: nothing is pending.
+    fn poll_timeout(&self) -> Option<Instant>;
+
+    /// Runs due timer work in bounded steps: expires tracked connections,
+    /// and settles draining backends whose connections ended or whose
+    /// grace period passed.
+    fn handle_timeout(&self, now: Instant);
+
+    /// The live tracked connections (original flow, frontend, backend,
+    /// state, expiry), as `conntrack -L` or `ipvsadm -lnc` list them.
+    /// Allocates; for inspection.
+    fn connections(&self, now: Instant) -> Vec<Tracked>;
 
     /// The live session-affinity entries of `service` (key, endpoint, time
     /// left), per service port, as `ipvsadm -ln --persistent-conn` lists

@@ -7,7 +7,8 @@
 //! draw, no 1/n cascade. ClientIP affinity is a dynamic set per endpoint
 //! with a timeout that the endpoint chain's `update` refreshes; the service
 //! chain checks the sets before `numgen`, which is the timer semantics of
-//! svclb's affinity table.
+//! svclb's affinity table. Connection tracking defaults to netfilter's
+//! timeouts.
 //!
 //! The lookup structure is the same hash-of-virtual-services as
 //! [`IpvsDataplane`] (a verdict map and an IPVS service table are both hash
@@ -16,8 +17,9 @@
 
 use std::net::SocketAddr;
 
-use super::{Candidates, Dataplane, DataplaneConfig, IpvsDataplane};
+use super::{Candidates, Dataplane, DataplaneConfig, IpvsDataplane, IpvsReader, Mode};
 use crate::affinity::{AffinityEntry, AffinityReport, AffinityTable};
+use crate::conntrack::{TcpFlags, Tracked};
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::ServiceKey;
 use crate::scheduler::{NumgenFactory, SchedulerConfig};
@@ -30,7 +32,7 @@ use crate::time::Instant;
 /// ```
 /// use svclb::*;
 /// let dp = NftablesDataplane::new(DataplaneConfig::with_seed(3));
-/// assert_eq!(dp.mode(), "nftables");
+/// assert_eq!(dp.mode(), Mode::Nftables);
 /// assert_eq!(dp.config().scheduler.name(), "numgen");
 /// ```
 #[derive(Debug)]
@@ -38,13 +40,17 @@ pub struct NftablesDataplane {
     inner: IpvsDataplane,
 }
 
+/// A per-thread reader of an [`NftablesDataplane`]: see
+/// [`NftablesDataplane::reader`].
+pub type NftablesReader = IpvsReader;
+
 impl NftablesDataplane {
     /// An empty dataplane. The config's scheduler is replaced by `numgen`
     /// (nftables mode has no other).
     pub fn new(mut config: DataplaneConfig) -> Self {
         config.scheduler = SchedulerConfig::Custom(NumgenFactory::shared());
         NftablesDataplane {
-            inner: IpvsDataplane::new(config),
+            inner: IpvsDataplane::with_mode(config, Mode::Nftables),
         }
     }
 
@@ -62,20 +68,25 @@ impl NftablesDataplane {
     pub fn map_element_count(&self) -> usize {
         self.inner.virtual_service_count()
     }
+
+    /// A reader for one packet thread, as [`IpvsDataplane::reader`].
+    pub fn reader(&self) -> NftablesReader {
+        self.inner.reader()
+    }
+
+    /// The connection tracker, when tracking is on.
+    pub fn conntrack(&self) -> Option<&crate::conntrack::Conntrack> {
+        self.inner.conntrack()
+    }
 }
 
 impl Dataplane for NftablesDataplane {
-    fn mode(&self) -> &'static str {
-        "nftables"
+    fn mode(&self) -> Mode {
+        Mode::Nftables
     }
 
-    fn sync(&self, table: &ServiceTable, changes: &ChangeSet) {
-        self.inner.sync(table, changes);
-    }
-
-    #[inline]
-    fn route(&self, flow: &Flow, now: Instant) -> Verdict {
-        self.inner.route(flow, now)
+    fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant) {
+        self.inner.sync(table, changes, now);
     }
 
     #[inline]
@@ -83,12 +94,33 @@ impl Dataplane for NftablesDataplane {
         self.inner.route_with_key(flow, key, now)
     }
 
-    fn connection_closed(&self, flow: &Flow, backend: SocketAddr, now: Instant) {
-        self.inner.connection_closed(flow, backend, now);
+    #[inline]
+    fn packet(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
+        self.inner.packet(flow, flags, now)
+    }
+
+    fn connection_closed(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        self.inner.connection_closed(flow, now)
+    }
+
+    fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked> {
+        self.inner.reply(reply, flags, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
         self.inner.candidates(protocol, dst)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+
+    fn handle_timeout(&self, now: Instant) {
+        self.inner.handle_timeout(now);
+    }
+
+    fn connections(&self, now: Instant) -> Vec<Tracked> {
+        self.inner.connections(now)
     }
 
     fn affinity_entries(&self, service: &ServiceKey, now: Instant) -> Vec<AffinityEntry> {

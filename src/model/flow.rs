@@ -6,8 +6,10 @@ use core::str::FromStr;
 use std::net::SocketAddr;
 
 use crate::error::ValidationError;
+use crate::plan::{BackendId, FrontendId};
 
 /// An L4 protocol a Service port can carry.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "UPPERCASE"))]
@@ -116,19 +118,36 @@ impl fmt::Display for Flow {
     }
 }
 
+/// Where a forwarded flow goes: what a caller needs to DNAT it and, later,
+/// to reverse-NAT its replies without another lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Forward {
+    /// The backend `IP:port` to DNAT to.
+    pub backend: SocketAddr,
+    /// The backend's stable id in the plan.
+    pub backend_id: BackendId,
+    /// The frontend (VIP, protocol, port) the flow was addressed to.
+    pub frontend: FrontendId,
+    /// Whether the connection tracker already knew the flow (`true`) or it
+    /// was scheduled now (`false`).
+    pub tracked: bool,
+}
+
 /// What a dataplane decided for a flow.
 ///
 /// The `Display` form is the one the `svclb` CLI prints:
 /// `FORWARD 10.0.1.8:9092`, `REJECT`, `DROP`, `NO-SERVICE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Verdict {
     /// DNAT to this backend.
-    Forward(SocketAddr),
+    Forward(Forward),
     /// The service has no usable endpoint: answer with ICMP unreachable / RST
     /// (iptables `REJECT`, "has no endpoints").
     Reject,
     /// A Local traffic policy with no local endpoint: drop silently
-    /// (iptables `DROP`, "has no local endpoints").
+    /// (iptables `DROP`, "has no local endpoints"); also a packet of a
+    /// tracked TCP connection whose backend is gone (`expire_nodest_conn`).
     Drop,
     /// The destination is no service VIP: pass the packet through untouched.
     NotAService,
@@ -138,9 +157,22 @@ impl Verdict {
     /// The backend, for a forward verdict.
     pub const fn backend(&self) -> Option<SocketAddr> {
         match self {
-            Verdict::Forward(addr) => Some(*addr),
+            Verdict::Forward(f) => Some(f.backend),
             _ => None,
         }
+    }
+
+    /// The forward, for a forward verdict.
+    pub const fn forward(&self) -> Option<&Forward> {
+        match self {
+            Verdict::Forward(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Whether this forwards a connection the tracker already knew.
+    pub const fn is_tracked(&self) -> bool {
+        matches!(self, Verdict::Forward(Forward { tracked: true, .. }))
     }
 
     /// `FORWARD`, `REJECT`, `DROP` or `NO-SERVICE`.
@@ -157,7 +189,7 @@ impl Verdict {
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Verdict::Forward(addr) => write!(f, "FORWARD {addr}"),
+            Verdict::Forward(fw) => write!(f, "FORWARD {}", fw.backend),
             other => f.write_str(other.kind_str()),
         }
     }
@@ -169,7 +201,12 @@ mod tests {
 
     #[test]
     fn verdict_display_matches_cli_format() {
-        let v = Verdict::Forward("10.0.1.8:9092".parse().unwrap());
+        let v = Verdict::Forward(Forward {
+            backend: "10.0.1.8:9092".parse().unwrap(),
+            backend_id: BackendId(0),
+            frontend: FrontendId(0),
+            tracked: false,
+        });
         assert_eq!(v.to_string(), "FORWARD 10.0.1.8:9092");
         assert_eq!(Verdict::Reject.to_string(), "REJECT");
         assert_eq!(Verdict::Drop.to_string(), "DROP");

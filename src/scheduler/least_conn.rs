@@ -65,7 +65,7 @@ impl Scheduler for WeightedLeastConnection {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{dests, flow};
+    use super::super::test_util::{add, dests, flow};
     use super::*;
     use crate::{Instant, SeededRng};
 
@@ -87,19 +87,19 @@ mod tests {
         let d = dests(&[1, 1, 1]);
         // Ties keep the earliest.
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(0));
-        d[0].conns().unwrap().connect();
+        add(&d[0], 1, 0);
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(1));
-        d[1].conns().unwrap().connect();
-        d[2].conns().unwrap().connect();
-        d[2].conns().unwrap().connect();
+        add(&d[1], 1, 0);
+        add(&d[2], 1, 0);
+        add(&d[2], 1, 0);
         // 1, 1, 2 active: earliest of the least.
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(0));
         // Inactive connections weigh 1/256 of an active one.
-        d[0].conns().unwrap().set_inactive(1);
+        add(&d[0], 0, 1);
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(1));
         // A reported close frees destination 2.
-        d[2].conns().unwrap().close();
-        d[2].conns().unwrap().close();
+        add(&d[2], -1, 0);
+        add(&d[2], -1, 0);
         assert_eq!(ctx_pick(&LeastConnection, &d), Some(2));
     }
 
@@ -109,7 +109,7 @@ mod tests {
         let mut counts = [0; 4];
         for _ in 0..40 {
             let i = ctx_pick(&LeastConnection, &d).unwrap();
-            d[i].conns().unwrap().connect();
+            add(&d[i], 1, 0);
             counts[i] += 1;
         }
         assert_eq!(counts, [10, 10, 10, 10]);
@@ -121,7 +121,7 @@ mod tests {
         let mut counts = [0; 3];
         for _ in 0..40 {
             let i = ctx_pick(&WeightedLeastConnection, &d).unwrap();
-            d[i].conns().unwrap().connect();
+            add(&d[i], 1, 0);
             counts[i] += 1;
         }
         assert_eq!(counts, [0, 10, 30]);

@@ -18,9 +18,9 @@ mod source_hash;
 
 use core::fmt;
 use core::str::FromStr;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use least_conn::{LeastConnection, WeightedLeastConnection};
 pub use maglev::{DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_TABLE_SIZES, Maglev};
@@ -31,83 +31,145 @@ pub use source_hash::SourceHash;
 
 use crate::error::ValidationError;
 use crate::model::flow::Flow;
+use crate::plan::BackendId;
 use crate::rng::SeededRng;
 use crate::time::Instant;
 
-/// Live connection counters of one destination, shared across rebuilds of
-/// its service (like IPVS's `ip_vs_dest`).
-#[derive(Debug, Default)]
-pub struct ConnCounters {
-    active: AtomicU32,
-    inactive: AtomicU32,
-}
+const COUNT_CHUNK_BITS: u32 = 12;
+const COUNT_CHUNK: usize = 1 << COUNT_CHUNK_BITS;
+const COUNT_CHUNKS: usize = 1 << (BackendId::SLOT_BITS - COUNT_CHUNK_BITS);
+const COUNT_BITS: u32 = 26;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
-impl ConnCounters {
-    /// Established connections.
-    pub fn active(&self) -> u32 {
-        self.active.load(Ordering::Relaxed)
-    }
-    /// Connections in other states (IPVS counts TIME_WAIT, FIN_WAIT, ...).
-    pub fn inactive(&self) -> u32 {
-        self.inactive.load(Ordering::Relaxed)
-    }
-    /// IPVS's overhead: `(active << 8) + inactive`.
-    pub fn overhead(&self) -> u64 {
-        (u64::from(self.active()) << 8) + u64::from(self.inactive())
-    }
-    /// Counts a new connection.
-    pub fn connect(&self) {
-        self.active.fetch_add(1, Ordering::Relaxed);
-    }
-    /// Counts a connection's end (never below zero).
-    pub fn close(&self) {
-        let _ = self
-            .active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-    }
-    /// Sets the inactive count (a caller that tracks TCP states reports it).
-    pub fn set_inactive(&self, n: u32) {
-        self.inactive.store(n, Ordering::Relaxed);
-    }
-}
-
-/// One real server of a virtual service.
+/// Active and inactive connection counts per backend, as IPVS keeps them in
+/// `ip_vs_dest` (active = TCP ESTABLISHED, inactive = every other state).
 ///
-/// Its connection counters are shared across rebuilds of the service (IPVS
-/// keeps an `ip_vs_dest` while the real server stays). A destination made
-/// with [`uncounted`](Self::uncounted) has none: the IPVS dataplane builds
-/// such destinations when nothing reads the counts (a scheduler other than
-/// `lc`/`wlc` and [`count_connections`](crate::DataplaneConfig::count_connections)
-/// off), which makes a rebuild cheaper by one shared allocation per
-/// destination.
+/// One atomic word per backend slot holds the backend's generation and its
+/// two counts, in chunks allocated as slots are used (the table never
+/// moves), so the connection tracker updates a count with one atomic
+/// operation and least-connection schedulers read it without a lock. A
+/// count change for a stale [`BackendId`] (a slot since reused) is ignored.
+/// Counts survive every rebuild of a service, and a removed backend's
+/// counts stay readable while it drains.
+#[derive(Debug)]
+pub struct ConnectionCounts {
+    chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
+}
+
+impl Default for ConnectionCounts {
+    fn default() -> Self {
+        ConnectionCounts {
+            chunks: (0..COUNT_CHUNKS).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
+impl ConnectionCounts {
+    fn word(&self, id: BackendId) -> &AtomicU64 {
+        let chunk = self.chunks[id.slot() >> COUNT_CHUNK_BITS]
+            .get_or_init(|| (0..COUNT_CHUNK).map(|_| AtomicU64::new(0)).collect());
+        &chunk[id.slot() & (COUNT_CHUNK - 1)]
+    }
+
+    /// `(active, inactive)` of `id`; `(0, 0)` for a stale id.
+    #[inline]
+    pub fn get(&self, id: BackendId) -> (u32, u32) {
+        let Some(chunk) = self.chunks.get(id.slot() >> COUNT_CHUNK_BITS).and_then(|c| c.get())
+        else {
+            return (0, 0);
+        };
+        let w = chunk[id.slot() & (COUNT_CHUNK - 1)].load(Ordering::Relaxed);
+        if (w >> (2 * COUNT_BITS)) as u32 != id.generation() {
+            return (0, 0);
+        }
+        (((w >> COUNT_BITS) & COUNT_MASK) as u32, (w & COUNT_MASK) as u32)
+    }
+
+    /// Active plus inactive connections of `id`.
+    pub fn total(&self, id: BackendId) -> u32 {
+        let (a, i) = self.get(id);
+        a + i
+    }
+
+    /// IPVS's overhead of `id`: `(active << 8) + inactive`.
+    #[inline]
+    pub fn overhead(&self, id: BackendId) -> u64 {
+        let (a, i) = self.get(id);
+        (u64::from(a) << 8) + u64::from(i)
+    }
+
+    /// Adds `da` to the active and `di` to the inactive count of `id`
+    /// (neither goes below zero). A change that only adds, for a newer
+    /// generation of the slot, resets it to that generation (a new
+    /// backend's first connection); a change that takes away, for another
+    /// generation, is a stale connection's end and is ignored.
+    pub(crate) fn add(&self, id: BackendId, da: i32, di: i32) {
+        let gen = u64::from(id.generation());
+        let _ = self
+            .word(id)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                let (mut a, mut i) = if w >> (2 * COUNT_BITS) == gen {
+                    ((w >> COUNT_BITS) & COUNT_MASK, w & COUNT_MASK)
+                } else if da < 0 || di < 0 {
+                    return None;
+                } else {
+                    (0, 0)
+                };
+                a = (a as i64 + i64::from(da)).clamp(0, COUNT_MASK as i64) as u64;
+                i = (i as i64 + i64::from(di)).clamp(0, COUNT_MASK as i64) as u64;
+                Some((gen << (2 * COUNT_BITS)) | (a << COUNT_BITS) | i)
+            });
+    }
+}
+
+/// One real server of a virtual service: its backend id, address and
+/// weight, and (for schedulers that read them) the dataplane's connection
+/// counts.
 #[derive(Debug, Clone)]
 pub struct Destination {
+    id: BackendId,
     addr: SocketAddr,
     weight: u32,
-    conns: Option<Arc<ConnCounters>>,
+    counts: Option<Arc<ConnectionCounts>>,
 }
 
 impl Destination {
-    /// A destination with fresh counters.
+    /// A standalone destination with no id and no counts (for tests and
+    /// simulators; its overhead reads 0).
     pub fn new(addr: SocketAddr, weight: u32) -> Self {
-        Self::with_counters(addr, weight, Arc::default())
-    }
-    /// A destination that shares existing counters.
-    pub fn with_counters(addr: SocketAddr, weight: u32, conns: Arc<ConnCounters>) -> Self {
         Destination {
+            id: BackendId(u32::MAX),
             addr,
             weight,
-            conns: Some(conns),
+            counts: None,
         }
     }
-    /// A destination with no connection counters: [`active`](Self::active),
-    /// [`inactive`](Self::inactive) and [`overhead`](Self::overhead) read 0.
-    pub fn uncounted(addr: SocketAddr, weight: u32) -> Self {
+    /// A destination of backend `id` whose counts are read from `counts`.
+    pub fn counted(
+        id: BackendId,
+        addr: SocketAddr,
+        weight: u32,
+        counts: Arc<ConnectionCounts>,
+    ) -> Self {
         Destination {
+            id,
             addr,
             weight,
-            conns: None,
+            counts: Some(counts),
         }
+    }
+    /// A destination of backend `id` without counts.
+    pub fn with_id(id: BackendId, addr: SocketAddr, weight: u32) -> Self {
+        Destination {
+            id,
+            addr,
+            weight,
+            counts: None,
+        }
+    }
+    /// The backend id.
+    pub fn id(&self) -> BackendId {
+        self.id
     }
     /// The backend address.
     pub fn addr(&self) -> SocketAddr {
@@ -117,22 +179,18 @@ impl Destination {
     pub fn weight(&self) -> u32 {
         self.weight
     }
-    /// The connection counters, unless the destination is
-    /// [`uncounted`](Self::uncounted).
-    pub fn conns(&self) -> Option<&Arc<ConnCounters>> {
-        self.conns.as_ref()
-    }
-    /// Established connections (0 when uncounted).
+    /// Established connections (0 without counts).
     pub fn active(&self) -> u32 {
-        self.conns.as_ref().map_or(0, |c| c.active())
+        self.counts.as_ref().map_or(0, |c| c.get(self.id).0)
     }
-    /// Connections in other states (0 when uncounted).
+    /// Connections in other states (0 without counts).
     pub fn inactive(&self) -> u32 {
-        self.conns.as_ref().map_or(0, |c| c.inactive())
+        self.counts.as_ref().map_or(0, |c| c.get(self.id).1)
     }
-    /// IPVS's overhead, `(active << 8) + inactive` (0 when uncounted).
+    /// IPVS's overhead, `(active << 8) + inactive` (0 without counts).
+    #[inline]
     pub fn overhead(&self) -> u64 {
-        self.conns.as_ref().map_or(0, |c| c.overhead())
+        self.counts.as_ref().map_or(0, |c| c.overhead(self.id))
     }
 }
 
@@ -167,6 +225,20 @@ pub trait SchedulerFactory: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
     /// Builds a scheduler for these destinations.
     fn build(&self, dests: &[Destination]) -> Box<dyn Scheduler>;
+
+    /// Builds the scheduler for a changed destination set from the
+    /// previous one (`previous`, built for `old_dests`), so that its state
+    /// survives the change, as IPVS's `update_service` hooks keep it. The
+    /// default ignores the previous instance.
+    fn rebuild(
+        &self,
+        dests: &[Destination],
+        previous: &dyn Scheduler,
+        old_dests: &[Destination],
+    ) -> Box<dyn Scheduler> {
+        let _ = (previous, old_dests);
+        self.build(dests)
+    }
 }
 
 /// The built-in schedulers.
@@ -286,6 +358,27 @@ impl SchedulerConfig {
         }
     }
 
+    /// Builds the selector for a changed set of destinations from the
+    /// previous selector and its destinations: `rr` continues its rotation
+    /// after the destination it picked last (`ip_vs_rr`), `wrr` keeps its
+    /// current weight (`ip_vs_wrr_dest_changed`), a custom scheduler gets
+    /// [`SchedulerFactory::rebuild`]. Stateless schedulers are built anew.
+    pub fn rebuild(&self, dests: &[Destination], previous: Option<(&Selector, &[Destination])>) -> Selector {
+        match (self, previous) {
+            (SchedulerConfig::Kind(SchedulerKind::RoundRobin), Some((Selector::RoundRobin(old), od))) => {
+                Selector::RoundRobin(RoundRobin::continue_from(dests, old, od))
+            }
+            (
+                SchedulerConfig::Kind(SchedulerKind::WeightedRoundRobin),
+                Some((Selector::WeightedRoundRobin(old), _)),
+            ) => Selector::WeightedRoundRobin(WeightedRoundRobin::continue_from(dests, old)),
+            (SchedulerConfig::Custom(f), Some((Selector::Custom(old), od))) => {
+                Selector::Custom(f.rebuild(dests, &**old, od))
+            }
+            _ => self.build(dests),
+        }
+    }
+
     /// Builds the selector for a set of destinations.
     pub fn build(&self, dests: &[Destination]) -> Selector {
         match self {
@@ -347,7 +440,9 @@ impl Selector {
             Selector::WeightedLeastConnection(s) => s.pick(dests, ctx),
             Selector::SourceHash(s) => s.pick(dests, ctx),
             Selector::Maglev(s) => s.pick(dests, ctx),
-            Selector::Custom(s) => s.pick(dests, ctx),
+            // A custom scheduler's out-of-range index rejects the flow
+            // instead of indexing out of bounds.
+            Selector::Custom(s) => s.pick(dests, ctx).filter(|&i| i < dests.len()),
         }
     }
 
@@ -366,12 +461,26 @@ pub(crate) mod test_util {
     use super::*;
     use crate::model::flow::Protocol;
 
+    /// Destinations with ids 0.. sharing one count table.
     pub(crate) fn dests(weights: &[u32]) -> Vec<Destination> {
+        let counts = Arc::new(ConnectionCounts::default());
         weights
             .iter()
             .enumerate()
-            .map(|(i, w)| Destination::new(SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)), *w))
+            .map(|(i, w)| {
+                Destination::counted(
+                    BackendId(i as u32),
+                    SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
+                    *w,
+                    Arc::clone(&counts),
+                )
+            })
             .collect()
+    }
+
+    /// Changes a test destination's counts.
+    pub(crate) fn add(d: &Destination, active: i32, inactive: i32) {
+        d.counts.as_ref().expect("counted").add(d.id, active, inactive);
     }
 
     pub(crate) fn flow(src: [u8; 4], port: u16) -> Flow {
@@ -397,15 +506,22 @@ mod tests {
     }
 
     #[test]
-    fn counters_never_go_negative() {
-        let c = ConnCounters::default();
-        c.close();
-        assert_eq!(c.active(), 0);
-        c.connect();
-        c.connect();
-        c.close();
-        assert_eq!(c.active(), 1);
-        c.set_inactive(3);
-        assert_eq!(c.overhead(), 256 + 3);
+    fn counts_never_go_negative_and_ignore_stale_ids() {
+        let c = ConnectionCounts::default();
+        let id = BackendId(5);
+        c.add(id, -1, 0);
+        assert_eq!(c.get(id), (0, 0));
+        c.add(id, 2, 0);
+        c.add(id, -1, 3);
+        assert_eq!(c.get(id), (1, 3));
+        assert_eq!(c.overhead(id), 256 + 3);
+        // The slot reused by a newer generation starts from zero, and the
+        // old id no longer reads or changes it.
+        let newer = BackendId(5 | (1 << BackendId::SLOT_BITS));
+        assert_eq!(c.get(newer), (0, 0));
+        c.add(newer, 1, 0);
+        c.add(id, -1, 0);
+        assert_eq!(c.get(newer), (1, 0), "a stale connection's end changes nothing");
+        assert_eq!(c.get(id), (0, 0));
     }
 }

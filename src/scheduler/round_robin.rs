@@ -41,6 +41,51 @@ impl RoundRobin {
     }
 }
 
+impl RoundRobin {
+    /// The rotation for `dests` that continues `old` (built for
+    /// `old_dests`) as `ip_vs_rr` does across a change: the next pick is
+    /// the destination after the one `old` picked last. Adding a
+    /// destination does not move the position; removing the last-picked
+    /// one moves it to the destination that followed it. Destinations are
+    /// matched by backend id, and the lists are in merged endpoint order.
+    pub fn continue_from(dests: &[Destination], old: &RoundRobin, old_dests: &[Destination]) -> Self {
+        let new = RoundRobin::new(dests);
+        if new.len == 0 || old.len == 0 {
+            return new;
+        }
+        let next = old.next.load(Ordering::Relaxed) % old.len;
+        let last_pos = (next + old.len - 1) % old.len;
+        let last_index = match &old.eligible {
+            None => last_pos,
+            Some(r) => r[last_pos] as usize,
+        };
+        let Some(last) = old_dests.get(last_index) else {
+            return new;
+        };
+        // The eligible destinations of the new list, in rotation order.
+        let eligible = |k: usize| match &new.eligible {
+            None => k,
+            Some(r) => r[k] as usize,
+        };
+        let mut start = 0;
+        for k in 0..new.len {
+            let d = &dests[eligible(k)];
+            if d.id() == last.id() {
+                start = k + 1;
+                break;
+            }
+            if crate::table::endpoint_order(d.addr(), last.addr()) == core::cmp::Ordering::Greater {
+                // `last` is gone: continue with the one that followed it.
+                start = k;
+                break;
+            }
+            start = k + 1;
+        }
+        new.next.store(start % new.len, Ordering::Relaxed);
+        new
+    }
+}
+
 impl Scheduler for RoundRobin {
     #[inline]
     fn pick(&self, _dests: &[Destination], _ctx: &PickContext<'_>) -> Option<usize> {
@@ -99,6 +144,29 @@ impl WeightedRoundRobin {
             gcd: g,
             state: AtomicU64::new(last << 32),
         }
+    }
+
+    /// The schedule for `dests` that keeps `old`'s current weight as
+    /// `ip_vs_wrr_dest_changed` does: the walk restarts at the head of the
+    /// list, and the current weight is kept when it is still within the new
+    /// maximum (rounded to the new gcd), else reset.
+    pub fn continue_from(dests: &[Destination], old: &WeightedRoundRobin) -> Self {
+        let new = WeightedRoundRobin::new(dests);
+        let cw = old.state.load(Ordering::Relaxed) as u32;
+        let mw = new.max_weight;
+        let cw = if cw > mw || cw == 0 {
+            0
+        } else if new.gcd > 1 {
+            (cw / new.gcd) * new.gcd
+        } else {
+            cw
+        };
+        // The walk's first step wraps to the head and lowers the weight by
+        // the gcd: store it one gcd higher, so the first pass runs at `cw`.
+        let stored = if cw == 0 { 0 } else { cw + new.gcd };
+        let last = (new.weights.len() as u64).saturating_sub(1);
+        new.state.store((last << 32) | u64::from(stored), Ordering::Relaxed);
+        new
     }
 
     fn step(&self, state: u64) -> (usize, u64) {
@@ -200,6 +268,48 @@ mod tests {
         let seq = picks(&WeightedRoundRobin::new(&d), &d, 900);
         let count = |k| seq.iter().filter(|&&x| x == k).count();
         assert_eq!((count(0), count(1), count(2)), (400, 300, 200));
+    }
+
+    fn with_ids(weights: &[u32], ids: &[u32]) -> Vec<Destination> {
+        weights
+            .iter()
+            .zip(ids)
+            .map(|(w, id)| {
+                Destination::with_id(
+                    crate::plan::BackendId(*id),
+                    std::net::SocketAddr::from(([10, 0, 0, *id as u8], 80)),
+                    *w,
+                )
+            })
+            .collect()
+    }
+
+    /// rr keeps its position across changes: adding a destination does not
+    /// move it, removing the last-picked one moves to its successor.
+    #[test]
+    fn rr_continues_across_changes() {
+        let d = with_ids(&[1, 1, 1], &[1, 2, 3]);
+        let rr = RoundRobin::new(&d);
+        assert_eq!(picks(&rr, &d, 2), [0, 1]); // picked ids 1, 2
+        let d2 = with_ids(&[1, 1, 1, 1], &[1, 2, 3, 4]);
+        let rr2 = RoundRobin::continue_from(&d2, &rr, &d);
+        assert_eq!(picks(&rr2, &d2, 3), [2, 3, 0]); // ids 3, 4, 1
+        // Remove id 1 (the last picked): continue with id 2.
+        let d3 = with_ids(&[1, 1, 1], &[2, 3, 4]);
+        let rr3 = RoundRobin::continue_from(&d3, &rr2, &d2);
+        assert_eq!(picks(&rr3, &d3, 2), [0, 1]);
+    }
+
+    #[test]
+    fn wrr_keeps_its_current_weight() {
+        let d = dests(&[4, 3, 2]);
+        let w = WeightedRoundRobin::new(&d);
+        assert_eq!(picks(&w, &d, 3), [0, 0, 1]); // current weight now 3
+        let w2 = WeightedRoundRobin::continue_from(&d, &w);
+        // The walk restarts at the head with weight 3: 0 and 1 qualify.
+        assert_eq!(picks(&w2, &d, 2), [0, 1]);
+        let fresh = WeightedRoundRobin::new(&d);
+        assert_ne!(picks(&fresh, &d, 2), [0, 1]);
     }
 
     #[test]
