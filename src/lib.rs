@@ -26,7 +26,9 @@
 //!    [`AffinityTable`], with kube-proxy's timer semantics, inspection
 //!    ([`Dataplane::affinity_entries`]) and NAT-hotspot reports
 //!    ([`Dataplane::affinity_report`]).
-//! 7. **Renderings** ([`render`]): the table as `iptables-restore` and
+//! 7. **Connection tracking** ([`conntrack`]): a bounded, sharded table of
+//!    connections with IPVS's TCP states, timeouts and per-backend counts.
+//! 8. **Renderings** ([`render`]): the table as `iptables-restore` and
 //!    `nft -f` input in kube-proxy's exact terms, and an `ipvsadm -ln`
 //!    listing of the IPVS dataplane.
 //!
@@ -75,6 +77,7 @@
 #![deny(missing_docs)]
 
 pub mod affinity;
+pub mod conntrack;
 pub mod dataplane;
 pub mod error;
 pub mod k8s;
