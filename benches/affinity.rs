@@ -52,8 +52,8 @@ fn dataplanes(affinity: bool) -> [(&'static str, Box<dyn Dataplane>); 2] {
     let ipt = IptablesDataplane::new(config.clone());
     let ipvs = IpvsDataplane::new(config);
     let all = t.full_change_set();
-    ipt.sync(&t, &all);
-    ipvs.sync(&t, &all);
+    ipt.sync(&t, &all, Instant::ZERO);
+    ipvs.sync(&t, &all, Instant::ZERO);
     [("iptables", Box::new(ipt)), ("ipvs", Box::new(ipvs))]
 }
 

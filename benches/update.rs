@@ -50,7 +50,7 @@ fn toggle_bench(
         },
         |slice| {
             let cs = table.apply(Change::UpsertSlice(slice)).unwrap();
-            dp.sync(table, &cs);
+            dp.sync(table, &cs, Instant::ZERO);
             black_box(cs)
         },
         BatchSize::SmallInput,
@@ -93,7 +93,7 @@ fn bench_big_service(c: &mut Criterion<ThreadCpu>) {
             },
             |batch| {
                 let cs = table.apply_batch(batch).unwrap();
-                ipvs.sync(&table, &cs);
+                ipvs.sync(&table, &cs, Instant::ZERO);
                 black_box(cs)
             },
             BatchSize::SmallInput,
@@ -145,7 +145,7 @@ fn bench_full_sync(c: &mut Criterion<ThreadCpu>) {
         b.iter_batched(
             || IpvsDataplane::new(DataplaneConfig::with_seed(1)),
             |dp| {
-                dp.sync(&table, &all);
+                dp.sync(&table, &all, Instant::ZERO);
                 dp
             },
             BatchSize::PerIteration,
@@ -155,7 +155,7 @@ fn bench_full_sync(c: &mut Criterion<ThreadCpu>) {
         b.iter_batched(
             || IptablesDataplane::new(DataplaneConfig::with_seed(1)),
             |dp| {
-                dp.sync(&table, &all);
+                dp.sync(&table, &all, Instant::ZERO);
                 dp
             },
             BatchSize::PerIteration,

@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let changes = table.apply_batch([Change::UpsertService(shop), Change::UpsertSlice(slice)])?;
     let dp = IpvsDataplane::new(DataplaneConfig::with_seed(7));
-    dp.sync(&table, &changes);
+    dp.sync(&table, &changes, Instant::ZERO);
     let key = ServiceKey::new("default", "shop");
     let vip: std::net::SocketAddr = "10.96.0.30:443".parse()?;
 
@@ -62,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .affinity_key(AffinityKeyKind::Caller)
         .build()?;
     let changes = table.apply(Change::UpsertService(shop))?;
-    dp.sync(&table, &changes);
+    dp.sync(&table, &changes, Instant::ZERO);
     println!("\n== with affinity key `caller` (a cookie hash per session)");
     for cookie in [0xA11CE_u64, 0xB0B, 0xCAFE, 0xD00D] {
         let first = dp.route_with_key(&nat, Some(cookie), now);

@@ -42,12 +42,12 @@ fn measure(eps: usize) -> [usize; 3] {
     let all = table.full_change_set();
     let (ipt_bytes, ipt) = net_bytes(|| {
         let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1));
-        dp.sync(&table, &all);
+        dp.sync(&table, &all, Instant::ZERO);
         dp
     });
     let (ipvs_bytes, ipvs) = net_bytes(|| {
         let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1));
-        dp.sync(&table, &all);
+        dp.sync(&table, &all, Instant::ZERO);
         dp
     });
     drop((ipt, ipvs, table));

@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )),
     ];
     for dp in &dataplanes {
-        dp.sync(&table, &changes);
+        dp.sync(&table, &changes, Instant::ZERO);
     }
 
     // 3. Flows, as the caller's packet path would extract them.
@@ -75,7 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let changes = table.apply(Change::UpsertSlice(shrunk))?;
     println!("== after 10.244.2.7 starts terminating and 10.244.3.9 is removed");
     for dp in &dataplanes {
-        dp.sync(&table, &changes);
+        dp.sync(&table, &changes, Instant::ZERO);
         let c = dp.candidates(Protocol::Tcp, "10.96.0.10:80".parse()?);
         println!("{:<8} candidates for 10.96.0.10:80: {c:?}", dp.mode());
     }

@@ -254,7 +254,7 @@ fn one_change(
         },
         |slice| {
             let cs = table.apply(Change::UpsertSlice(slice)).unwrap();
-            dp.sync(table, &cs);
+            dp.sync(table, &cs, Instant::ZERO);
             cs
         },
     )
@@ -286,7 +286,7 @@ fn measure_updates(n: usize) -> UpdateRow {
         9,
         |_| IpvsDataplane::new(DataplaneConfig::with_seed(1)),
         |dp| {
-            dp.sync(&table, &all);
+            dp.sync(&table, &all, Instant::ZERO);
             dp
         },
     );
@@ -296,7 +296,7 @@ fn measure_updates(n: usize) -> UpdateRow {
         9,
         |_| IptablesDataplane::new(DataplaneConfig::with_seed(1)),
         |dp| {
-            dp.sync(&table, &all);
+            dp.sync(&table, &all, Instant::ZERO);
             dp
         },
     );
@@ -355,7 +355,7 @@ fn throughput(n: usize, readers: usize, writer: bool, secs: f64) -> (Vec<f64>, f
                     flipped[i] = !flipped[i];
                     let slice = versions[usize::from(flipped[i])].clone();
                     let cs = table.apply(Change::UpsertSlice(slice)).unwrap();
-                    ipvs.sync(table, &cs);
+                    ipvs.sync(table, &cs, Instant::ZERO);
                     k += 1;
                     updates.fetch_add(1, Ordering::Relaxed);
                     // 1,000 per second: the k-th update is due at k ms.

@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant as WallClock;
 
-use ahash::AHashMap;
 use clap::{Parser, Subcommand, ValueEnum};
 use svclb::k8s::dns::{ClusterDns, RecordType};
 use svclb::k8s::manifest::Manifests;
@@ -54,6 +53,9 @@ enum DumpFormat {
     Nft,
     /// An `ipvsadm -ln` listing.
     Ipvsadm,
+    /// The tracked connections: `conntrack -L` in iptables and nftables
+    /// mode, `ipvsadm -lnc` in IPVS mode.
+    Conntrack,
 }
 
 #[derive(Debug, Parser)]
@@ -82,6 +84,9 @@ struct Cli {
     /// The cluster's pod CIDR: adds kube-proxy's masquerade rules to dumps.
     #[arg(long)]
     cluster_cidr: Option<String>,
+    /// Turn connection tracking off: every packet is scheduled afresh.
+    #[arg(long)]
+    no_conntrack: bool,
     /// Manifest files or directories (`--manifests A B C`, or the flag repeated).
     #[arg(long, required = true, action = clap::ArgAction::Append, value_name = "PATH...")]
     manifests: Vec<PathBuf>,
@@ -111,6 +116,10 @@ enum Command {
     Replay {
         /// The trace file.
         trace: PathBuf,
+        /// After the replay, print the dataplane in this format (e.g.
+        /// `conntrack`).
+        #[arg(long, value_enum)]
+        dump: Option<DumpFormat>,
     },
     /// Answer a cluster DNS question.
     Resolve {
@@ -125,7 +134,7 @@ enum Command {
     },
     /// Print the dataplane as the real tools would.
     Dump {
-        /// iptables, nft or ipvsadm.
+        /// iptables, nft, ipvsadm or conntrack.
         #[arg(long, value_enum)]
         format: DumpFormat,
     },
@@ -226,14 +235,14 @@ fn run(cli: Cli) -> Result<()> {
             proto,
             count,
         } => route(&world, &src, dst, &proto, count),
-        Command::Replay { trace } => replay(world, &trace),
+        Command::Replay { trace, dump } => replay(world, &trace, dump),
         Command::Resolve {
             name,
             qtype,
             cluster_domain,
         } => resolve(&world, &name, &qtype, &cluster_domain),
         Command::Dump { format } => {
-            print!("{}", dump(&world, format));
+            print!("{}", dump(&world, format, Instant::ZERO));
             Ok(())
         }
         Command::Demo { max_services } => demo(world, max_services),
@@ -252,6 +261,9 @@ fn setup(cli: &Cli) -> Result<World> {
         .node(node.clone())
         .scheduler(scheduler);
     config.count_connections = true;
+    if cli.no_conntrack {
+        config.conntrack = None;
+    }
     let mut render = RenderOptions::default().node(node);
     if let Some(cidr) = &cli.cluster_cidr {
         render = render
@@ -266,7 +278,9 @@ fn setup(cli: &Cli) -> Result<World> {
         Mode::Ipvs => Plane::Ipvs(IpvsDataplane::new(config.clone())),
         Mode::Nftables => Plane::Nftables(NftablesDataplane::new(config.clone())),
     };
-    plane.dp().sync(&table, &table.full_change_set());
+    plane
+        .dp()
+        .sync(&table, &table.full_change_set(), Instant::ZERO);
     Ok(World {
         table,
         plane,
@@ -375,7 +389,9 @@ fn route(world: &World, src: &str, dst: SocketAddr, proto: &str, count: Option<u
         });
         let flow = Flow::new(protocol, SocketAddr::new(ip, sport), dst);
         match dp.route(&flow, Instant::from_millis(u64::from(i))) {
-            Verdict::Forward(b) => *backends.entry(b).or_default() += 1,
+            Verdict::Forward(svclb::Forward { backend: b, .. }) => {
+                *backends.entry(b).or_default() += 1
+            }
             other => *histogram.entry(other.kind_str().to_owned()).or_default() += 1,
         }
     }
@@ -388,22 +404,41 @@ fn route(world: &World, src: &str, dst: SocketAddr, proto: &str, count: Option<u
     Ok(())
 }
 
-/// Runs a parsed trace against the world, printing a line per connect.
+/// Runs the dataplane's timers up to `at`, in bounded steps.
+fn run_timers(dp: &dyn Dataplane, at: Instant) {
+    for _ in 0..1024 {
+        match dp.poll_timeout() {
+            Some(t) if t <= at => dp.handle_timeout(at),
+            _ => break,
+        }
+    }
+}
+
+/// Runs a parsed trace against the world, printing a line per connect and
+/// per packet: `T SRC -> DST VERDICT [BACKEND]`. Timers run from the
+/// trace's clock before each event. Returns the text and the last time.
 /// `base` resolves relative `apply` paths that do not exist from the
 /// working directory.
-fn run_trace(world: &mut World, lines: &[TraceLine], source: &str, base: &Path) -> Result<String> {
+fn run_trace(
+    world: &mut World,
+    lines: &[TraceLine],
+    source: &str,
+    base: &Path,
+) -> Result<(String, Instant)> {
     let mut out = String::new();
-    let mut open: AHashMap<Flow, SocketAddr> = AHashMap::new();
+    let mut last = Instant::ZERO;
     for line in lines {
         let at = line.at;
+        last = last.max(at);
         let here = |msg: String| Failure(format!("{source}: line {}: {msg}", line.line));
+        run_timers(world.plane.dp(), at);
         match &line.event {
-            TraceEvent::Connect(flow) => {
+            TraceEvent::Connect(flow) | TraceEvent::Packet(flow, _) => {
                 let dp = world.plane.dp();
-                let v = dp.route(flow, at);
-                if let Verdict::Forward(b) = v {
-                    open.insert(*flow, b);
-                }
+                let v = match &line.event {
+                    TraceEvent::Packet(_, flags) => dp.packet(flow, *flags, at),
+                    _ => dp.route(flow, at),
+                };
                 let _ = writeln!(
                     out,
                     "{:.3} {} -> {} {v}",
@@ -413,10 +448,9 @@ fn run_trace(world: &mut World, lines: &[TraceLine], source: &str, base: &Path) 
                 );
             }
             TraceEvent::Close(flow) => {
-                if let Some(b) = open.remove(flow) {
-                    world.plane.dp().connection_closed(flow, b, at);
-                }
+                world.plane.dp().connection_closed(flow, at);
             }
+            TraceEvent::Tick => {}
             TraceEvent::Apply(path) => {
                 let p = Path::new(path);
                 let p = if p.exists() || p.is_absolute() {
@@ -425,7 +459,7 @@ fn run_trace(world: &mut World, lines: &[TraceLine], source: &str, base: &Path) 
                     base.join(p)
                 };
                 let changes = apply_path(&mut world.table, &p).map_err(|Failure(m)| here(m))?;
-                world.plane.dp().sync(&world.table, &changes);
+                world.plane.dp().sync(&world.table, &changes, at);
             }
             TraceEvent::Delete { .. } => {
                 let change = line
@@ -433,20 +467,25 @@ fn run_trace(world: &mut World, lines: &[TraceLine], source: &str, base: &Path) 
                     .delete_change()
                     .expect("a delete event makes a change");
                 let changes = world.table.apply(change).map_err(|e| here(e.to_string()))?;
-                world.plane.dp().sync(&world.table, &changes);
+                world.plane.dp().sync(&world.table, &changes, at);
             }
+            other => return Err(here(format!("unsupported event {other:?}"))),
         }
     }
-    Ok(out)
+    Ok((out, last))
 }
 
-fn replay(mut world: World, trace: &Path) -> Result<()> {
+fn replay(mut world: World, trace: &Path, then: Option<DumpFormat>) -> Result<()> {
     let text =
         std::fs::read_to_string(trace).map_err(|e| Failure(format!("{}: {e}", trace.display())))?;
     let source = trace.display().to_string();
     let lines = parse_trace(&text).map_err(|e| Failure(format!("{source}: {e}")))?;
     let base = trace.parent().unwrap_or(Path::new("."));
-    print!("{}", run_trace(&mut world, &lines, &source, base)?);
+    let (out, last) = run_trace(&mut world, &lines, &source, base)?;
+    print!("{out}");
+    if let Some(format) = then {
+        print!("{}", dump(&world, format, last));
+    }
     Ok(())
 }
 
@@ -458,8 +497,16 @@ fn resolve(world: &World, name: &str, qtype: &str, zone: &str) -> Result<()> {
     Ok(())
 }
 
-fn dump(world: &World, format: DumpFormat) -> String {
+fn dump(world: &World, format: DumpFormat, now: Instant) -> String {
     match format {
+        DumpFormat::Conntrack => {
+            let dp = world.plane.dp();
+            let entries = dp.connections(now);
+            match &world.plane {
+                Plane::Ipvs(_) => render::conntrack::ipvsadm_lnc(&entries, now),
+                _ => render::conntrack::conntrack_l(&entries, now),
+            }
+        }
         DumpFormat::Iptables => render::iptables::render(&world.table, &world.render),
         DumpFormat::Nft => render::nft::render(&world.table, &world.render),
         DumpFormat::Ipvsadm => match &world.plane {
@@ -467,7 +514,7 @@ fn dump(world: &World, format: DumpFormat) -> String {
             Plane::Iptables(_) | Plane::Nftables(_) => {
                 // A listing of what IPVS mode would program for this table.
                 let dp = IpvsDataplane::new(world.config.clone());
-                dp.sync(&world.table, &world.table.full_change_set());
+                dp.sync(&world.table, &world.table.full_change_set(), Instant::ZERO);
                 render::ipvsadm::render(&world.table, &dp, &world.render)
             }
         },
@@ -503,7 +550,7 @@ fn demo(mut world: World, max_services: usize) -> Result<()> {
         world.config.node.zone.as_deref().unwrap_or("(none)"),
     );
     println!("== The dataplane, as `ipvsadm -ln` would list it");
-    print!("{}", dump(&world, DumpFormat::Ipvsadm));
+    print!("{}", dump(&world, DumpFormat::Ipvsadm, Instant::ZERO));
 
     println!("\n== A routed trace (T SRC -> DST VERDICT [BACKEND])");
     println!("   inference-api has ClientIP affinity (3600 s): 10.244.9.21 keeps its backend;");
@@ -514,13 +561,13 @@ fn demo(mut world: World, max_services: usize) -> Result<()> {
     let keep = world.table.clone();
     print!(
         "{}",
-        run_trace(&mut world, &lines, "demo trace", Path::new("."))?
+        run_trace(&mut world, &lines, "demo trace", Path::new("."))?.0
     );
     world.table = keep;
     world
         .plane
         .dp()
-        .sync(&world.table, &world.table.full_change_set());
+        .sync(&world.table, &world.table.full_change_set(), Instant::ZERO);
 
     println!("\n== Headless DNS: kafka-headless.messaging (no VIP; DNS hands out the pods)");
     let dns = ClusterDns::default();

@@ -1262,36 +1262,6 @@ impl ScopeRegistry {
         })
     }
 
-    /// Removes the scopes of `service` other than `kept` (ports, cluster IPs
-    /// or the affinity itself gone).
-    pub(crate) fn finish_service(
-        &mut self,
-        table: &AffinityTable,
-        service: &ServiceKey,
-        kept: &[VsId],
-    ) {
-        let Some(list) = self.by_service.get_mut(service) else {
-            return;
-        };
-        let mut gone: SmallVec<[VsId; 2]> = SmallVec::new();
-        list.retain(|vs| {
-            let keep = kept.contains(vs);
-            if !keep {
-                gone.push(*vs);
-            }
-            keep
-        });
-        if list.is_empty() {
-            self.by_service.remove(service);
-        }
-        for vs in gone {
-            if self.bound.get(&vs).is_some_and(|b| b.service == *service) {
-                let b = self.bound.remove(&vs).expect("checked");
-                table.remove_scope(&b.scope);
-            }
-        }
-    }
-
     /// Removes the scope of one virtual service, if it has one.
     pub(crate) fn remove_vs(&mut self, table: &AffinityTable, vs: VsId) {
         if let Some(b) = self.bound.remove(&vs) {
@@ -1310,28 +1280,6 @@ impl ScopeRegistry {
         let gone: Vec<VsId> = self.bound.keys().filter(|vs| !keep(vs)).copied().collect();
         for vs in gone {
             self.remove_vs(table, vs);
-        }
-    }
-
-    /// Removes all scopes of `service`.
-    pub(crate) fn remove_service(&mut self, table: &AffinityTable, service: &ServiceKey) {
-        self.finish_service(table, service, &[]);
-    }
-
-    /// Removes the scopes of every service `keep` rejects.
-    pub(crate) fn retain_services(
-        &mut self,
-        table: &AffinityTable,
-        keep: impl Fn(&ServiceKey) -> bool,
-    ) {
-        let gone: Vec<ServiceKey> = self
-            .by_service
-            .keys()
-            .filter(|k| !keep(k))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.remove_service(table, &k);
         }
     }
 

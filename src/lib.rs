@@ -12,15 +12,27 @@
 //!    validating builders (typed [`ValidationError`]s that name the field).
 //! 2. **Table** ([`ServiceTable`]): takes [`Change`]s whole or not at all,
 //!    merges slices as kube-proxy does, and reports a [`ChangeSet`].
-//! 3. **Dataplanes** ([`dataplane`]): [`IptablesDataplane`] (a flat rule
+//! 3. **Plan** ([`plan`]): the one compile step. The table becomes
+//!    frontends (VIP, protocol, port) with an outcome (forward, reject,
+//!    drop) and backends with stable [`FrontendId`]s and [`BackendId`]s and
+//!    a [`BackendState`] (active, draining, gone); every change yields a
+//!    [`PlanDiff`](plan::PlanDiff) that dataplanes and renderers read.
+//! 4. **Dataplanes** ([`dataplane`]): [`IptablesDataplane`] (a flat rule
 //!    list walked in order), [`IpvsDataplane`] (a hash table of virtual
 //!    services) and [`NftablesDataplane`] (a verdict map and a uniform
-//!    `numgen` pick), all behind the [`Dataplane`] trait.
-//! 4. **Schedulers** ([`scheduler`]): random (the iptables cascade), rr,
+//!    `numgen` pick), all behind the [`Dataplane`] trait, each with an
+//!    owned per-thread reader.
+//! 5. **Connections** ([`conntrack`]): a bounded, sharded connection
+//!    tracker in front of every dataplane (on by default). A tracked flow
+//!    keeps its backend across endpoint changes; TCP states and timeouts
+//!    follow IPVS (or netfilter, in the iptables and nftables modes);
+//!    removed TCP backends drain; timers run from the caller's clock
+//!    ([`Dataplane::poll_timeout`], [`Dataplane::handle_timeout`]).
+//! 6. **Schedulers** ([`scheduler`]): random (the iptables cascade), rr,
 //!    wrr, lc, wlc, sh, mh (Maglev) — or your own [`Scheduler`].
-//! 5. **Topology** ([`topology`]): which endpoints take new connections
+//! 7. **Topology** ([`topology`]): which endpoints take new connections
 //!    (ready, serving-terminating fallback, Local policies, hints).
-//! 6. **Session affinity** ([`affinity`]): `ClientIP` services pin a client
+//! 8. **Session affinity** ([`affinity`]): `ClientIP` services pin a client
 //!    (or a socket, or a key the caller passes to
 //!    [`Dataplane::route_with_key`]) to an endpoint in a sharded, bounded
 //!    [`AffinityTable`], with kube-proxy's timer semantics, inspection
@@ -52,9 +64,16 @@
 //! let changes = table.apply_batch([Change::UpsertService(web), Change::UpsertSlice(slice)])?;
 //!
 //! let dp = IpvsDataplane::new(DataplaneConfig::with_seed(42));
-//! dp.sync(&table, &changes);
+//! dp.sync(&table, &changes, Instant::ZERO);
 //! let flow = Flow::tcp("10.2.0.9:40000".parse()?, "10.96.0.10:80".parse()?);
-//! assert!(matches!(dp.route(&flow, Instant::ZERO), Verdict::Forward(_)));
+//! // The connection's first packet is scheduled...
+//! let Verdict::Forward(first) = dp.route(&flow, Instant::ZERO) else { panic!() };
+//! assert!(!first.tracked);
+//! // ...and its later packets follow the tracker, whatever the endpoints do.
+//! let next = dp.packet(&flow, TcpFlags::ACK, Instant::from_secs(1));
+//! assert_eq!(next.backend(), Some(first.backend));
+//! assert!(next.is_tracked());
+//! dp.connection_closed(&flow, Instant::from_secs(2));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -95,20 +114,22 @@ pub use affinity::{
     AffinityConfig, AffinityEntry, AffinityKey, AffinityReport, AffinityScope, AffinityTable,
     EndpointAffinityStats, Hotspot, Pinned, PortAffinityReport, ScopeEntry,
 };
+pub use conntrack::{ConnState, ConntrackConfig, TcpFlags, TcpState, Timeouts, Tracked};
 pub use dataplane::{
-    Candidates, Dataplane, DataplaneConfig, IptablesDataplane, IpvsDataplane, IpvsReader,
-    NftablesDataplane,
+    Candidates, Dataplane, DataplaneConfig, IptablesDataplane, IptablesReader, IpvsDataplane,
+    IpvsReader, Mode, NftablesDataplane, NftablesReader,
 };
 pub use error::{UpdateError, ValidationError};
 pub use model::endpoint_slice::{
     AddressType, Conditions, Endpoint, EndpointAddress, EndpointSlice, EndpointSliceBuilder,
     EndpointSpec, SliceKey, SlicePort, SlicePortSpec,
 };
-pub use model::flow::{Flow, Protocol, Verdict};
+pub use model::flow::{Flow, Forward, Protocol, Verdict};
 pub use model::service::{
     AffinityKeyKind, ClusterIp, Service, ServiceBuilder, ServiceKey, ServicePort, ServicePortSpec,
     SessionAffinity, TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
 };
+pub use plan::{BackendId, BackendState, FrontendId, FrontendKey, Planner};
 pub use rng::{SeededRng, mix64};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerFactory, SchedulerKind};
 pub use table::{

@@ -171,12 +171,7 @@ impl Hash for FrontendKey {
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}",
-            self.protocol.as_lower_str(),
-            self.socket_addr()
-        )
+        write!(f, "{} {}", self.protocol.as_lower_str(), self.socket_addr())
     }
 }
 
@@ -274,10 +269,8 @@ impl BackendStates {
     fn set(&self, id: BackendId, state: BackendState) {
         let chunk = self.chunks[id.slot() >> CHUNK_BITS]
             .get_or_init(|| (0..CHUNK).map(|_| AtomicU32::new(0)).collect());
-        chunk[id.slot() & (CHUNK - 1)].store(
-            (id.generation() << 2) | state.code(),
-            Ordering::Release,
-        );
+        chunk[id.slot() & (CHUNK - 1)]
+            .store((id.generation() << 2) | state.code(), Ordering::Release);
     }
 
     /// The state of `id`: [`BackendState::Gone`] if its slot holds another
@@ -623,10 +616,7 @@ impl Planner {
     /// Removed backends still draining, with their deadlines.
     pub fn retired(&self) -> impl Iterator<Item = (BackendId, Option<Instant>)> + '_ {
         self.retired.iter().map(|id| {
-            let d = self.slots[id.slot()]
-                .live
-                .as_ref()
-                .and_then(|b| b.deadline);
+            let d = self.slots[id.slot()].live.as_ref().and_then(|b| b.deadline);
             (*id, d)
         })
     }
@@ -685,7 +675,12 @@ impl Planner {
     }
 
     /// The id of (service, protocol, addr), allocated if new.
-    fn backend_id(&mut self, service: &ServiceKey, protocol: Protocol, ep: &Arc<EndpointInfo>) -> BackendId {
+    fn backend_id(
+        &mut self,
+        service: &ServiceKey,
+        protocol: Protocol,
+        ep: &Arc<EndpointInfo>,
+    ) -> BackendId {
         let addr = ep.addr();
         if let Some(id) = self
             .service_backends
@@ -754,7 +749,8 @@ impl Planner {
                 .view(&key)
                 .filter(|v| !v.service().is_headless())
                 .cloned();
-            let keep: SmallVec<[FrontendKey; 4]> = view.as_deref().map(frontend_keys).unwrap_or_default();
+            let keep: SmallVec<[FrontendKey; 4]> =
+                view.as_deref().map(frontend_keys).unwrap_or_default();
             if let Some(ids) = self.by_service.get(&key).cloned() {
                 let mut left: SmallVec<[FrontendId; 2]> = SmallVec::new();
                 for id in ids {
@@ -813,12 +809,8 @@ impl Planner {
                         port: port.port(),
                         protocol,
                     };
-                    let selection = categorize_port(
-                        pv,
-                        svc.internal_traffic_policy(),
-                        &self.node,
-                        Some(vip),
-                    );
+                    let selection =
+                        categorize_port(pv, svc.internal_traffic_policy(), &self.node, Some(vip));
                     let (outcome, usable): (Outcome, Vec<&Arc<EndpointInfo>>) = match selection {
                         SelectionRef::Usable(u) => (Outcome::Forward, u.iter().collect()),
                         SelectionRef::NoEndpoints => (Outcome::Reject, Vec::new()),
@@ -901,7 +893,11 @@ impl Planner {
         // Removed backends still draining stay listed on the frontends that
         // had them.
         for fe in &mut new_frontends {
-            if let Some(old) = self.by_key.get(&fe.key).and_then(|id| self.frontends[id.0 as usize].as_ref()) {
+            if let Some(old) = self
+                .by_key
+                .get(&fe.key)
+                .and_then(|id| self.frontends[id.0 as usize].as_ref())
+            {
                 for b in old.backends.iter().chain(&old.draining) {
                     if retired_now.contains(&b.id) && !fe.draining.iter().any(|d| d.id == b.id) {
                         fe.draining.push(b.clone());
@@ -1078,7 +1074,10 @@ mod tests {
         let cs = t
             .apply_batch([
                 Change::UpsertService(svc("web", "10.96.0.1")),
-                Change::UpsertSlice(slice("web", &[("10.1.0.1", true, false), ("10.1.0.2", true, false)])),
+                Change::UpsertSlice(slice(
+                    "web",
+                    &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
+                )),
             ])
             .unwrap();
         let mut p = Planner::new(NodeTopology::default());
@@ -1093,7 +1092,11 @@ mod tests {
             let cs = t
                 .apply(Change::UpsertSlice(slice(
                     "web",
-                    &[("10.1.0.1", true, false), ("10.1.0.2", true, false), (&extra, true, false)],
+                    &[
+                        ("10.1.0.1", true, false),
+                        ("10.1.0.2", true, false),
+                        (&extra, true, false),
+                    ],
                 )))
                 .unwrap();
             let d = p.update(&t, &cs, Instant::ZERO, |_| false);
@@ -1113,7 +1116,10 @@ mod tests {
         let cs = t
             .apply_batch([
                 Change::UpsertService(svc("web", "10.96.0.1")),
-                Change::UpsertSlice(slice("web", &[("10.1.0.1", true, false), ("10.1.0.2", true, false)])),
+                Change::UpsertSlice(slice(
+                    "web",
+                    &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
+                )),
             ])
             .unwrap();
         let mut p = Planner::new(NodeTopology::default());
@@ -1123,7 +1129,10 @@ mod tests {
         let one = p.frontend_by_key(&dst, Protocol::Tcp).unwrap().backends()[0].id();
         // .2 terminates (still serving): draining, not a backend.
         let cs = t
-            .apply(Change::UpsertSlice(slice("web", &[("10.1.0.1", true, false), ("10.1.0.2", false, true)])))
+            .apply(Change::UpsertSlice(slice(
+                "web",
+                &[("10.1.0.1", true, false), ("10.1.0.2", false, true)],
+            )))
             .unwrap();
         let d = p.update(&t, &cs, Instant::ZERO, |_| false);
         assert!(d.backends.contains(&(two, BackendState::Draining)));
@@ -1133,12 +1142,18 @@ mod tests {
         assert_eq!(p.backend_state(two), BackendState::Draining);
         // .1 removed while it has connections: drains until they end.
         let cs = t
-            .apply(Change::UpsertSlice(slice("web", &[("10.1.0.2", true, false)])))
+            .apply(Change::UpsertSlice(slice(
+                "web",
+                &[("10.1.0.2", true, false)],
+            )))
             .unwrap();
         p.update(&t, &cs, Instant::from_secs(1), |id| id == one);
         assert_eq!(p.backend_state(one), BackendState::Draining);
         assert_eq!(p.backend_state(two), BackendState::Active);
-        assert_eq!(p.poll_timeout(), Some(Instant::from_secs(1) + DEFAULT_DRAIN_GRACE));
+        assert_eq!(
+            p.poll_timeout(),
+            Some(Instant::from_secs(1) + DEFAULT_DRAIN_GRACE)
+        );
         let fe = p.frontend_by_key(&dst, Protocol::Tcp).unwrap();
         assert_eq!(fe.draining()[0].id(), one);
         let d = p.handle_timeout(Instant::from_secs(2), |id| id == one);
@@ -1146,7 +1161,12 @@ mod tests {
         let d = p.handle_timeout(Instant::from_secs(3), |_| false);
         assert_eq!(d.backends, [(one, BackendState::Gone)]);
         assert_eq!(p.backend_state(one), BackendState::Gone);
-        assert!(p.frontend_by_key(&dst, Protocol::Tcp).unwrap().draining().is_empty());
+        assert!(
+            p.frontend_by_key(&dst, Protocol::Tcp)
+                .unwrap()
+                .draining()
+                .is_empty()
+        );
         assert_eq!(p.poll_timeout(), None);
     }
 

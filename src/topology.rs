@@ -134,28 +134,6 @@ pub fn categorize(
     }
 }
 
-/// [`categorize`] for the rule-based modes: weight-0 endpoints (an svclb
-/// extension that IPVS honours; Kubernetes objects have no weight) take no
-/// new connections, so they get no rule, and a port left with none rejects.
-pub(crate) fn categorize_weighted(
-    endpoints: &[Arc<EndpointInfo>],
-    policy: TrafficPolicy,
-    node: &NodeTopology,
-    family: Option<IpAddr>,
-) -> Selection {
-    match categorize(endpoints, policy, node, family) {
-        Selection::Usable(mut eps) => {
-            eps.retain(|e| e.weight() > 0);
-            if eps.is_empty() {
-                Selection::NoEndpoints
-            } else {
-                Selection::Usable(eps)
-            }
-        }
-        other => other,
-    }
-}
-
 /// The usable endpoints of a [`SelectionRef`], borrowed from the merged
 /// list: the whole list when every endpoint qualifies (the common case,
 /// which then costs no copy), else the qualifying ones.

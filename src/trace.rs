@@ -11,6 +11,11 @@
 //!
 //! - `T connect PROTO SRC DST` / `T close PROTO SRC DST`: PROTO is `tcp`,
 //!   `udp` or `sctp` (any case); SRC and DST are `IP:PORT` (`[v6]:PORT`).
+//!   `connect` is a connection's first packet (a SYN for TCP); `close`
+//!   ends it (both directions closed, or the caller's end for UDP).
+//! - `T packet PROTO SRC DST [FLAGS]`: a packet of a flow; FLAGS are TCP
+//!   flags joined by commas (`syn`, `ack`, `fin`, `rst`), `ack` by default.
+//! - `T tick`: only advances the clock and runs the timers.
 //! - `T apply PATH`: apply the manifests in PATH (a file or a directory).
 //! - `T delete KIND NAMESPACE/NAME`: KIND is `Service` or `EndpointSlice`
 //!   (any case; `svc`, `services`, `endpointslices` too).
@@ -36,6 +41,7 @@ use std::net::SocketAddr;
 
 use thiserror::Error;
 
+use crate::conntrack::TcpFlags;
 use crate::model::endpoint_slice::SliceKey;
 use crate::model::flow::{Flow, Protocol};
 use crate::model::service::ServiceKey;
@@ -65,9 +71,14 @@ impl fmt::Display for ObjectKind {
 
 /// One event of a trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TraceEvent {
-    /// A new connection (or a packet of one).
+    /// A new connection's first packet.
     Connect(Flow),
+    /// A packet of a flow, with its TCP flags.
+    Packet(Flow, TcpFlags),
+    /// The clock advances; timers run.
+    Tick,
     /// A connection ends.
     Close(Flow),
     /// Apply the manifests at this path (add or replace).
@@ -214,7 +225,8 @@ pub fn parse_line(line_no: usize, text: &str) -> Result<Option<TraceLine>, Trace
     let at = Instant::from_secs_f64(secs);
     let verb = next("event")?;
     let event = match verb {
-        "connect" | "close" => {
+        "tick" => TraceEvent::Tick,
+        "connect" | "close" | "packet" => {
             let p = next("protocol")?;
             let protocol = match p.to_ascii_lowercase().as_str() {
                 "tcp" => Protocol::Tcp,
@@ -229,10 +241,22 @@ pub fn parse_line(line_no: usize, text: &str) -> Result<Option<TraceLine>, Trace
             let src = addr("source", next("source")?)?;
             let dst = addr("destination", next("destination")?)?;
             let flow = Flow::new(protocol, src, dst);
-            if verb == "connect" {
-                TraceEvent::Connect(flow)
-            } else {
-                TraceEvent::Close(flow)
+            match verb {
+                "connect" => TraceEvent::Connect(flow),
+                "close" => TraceEvent::Close(flow),
+                _ => {
+                    let flags = match fields.next() {
+                        None => TcpFlags::default(),
+                        Some(f) => f.parse().map_err(|_| {
+                            invalid(
+                                "flags",
+                                f,
+                                "must be TCP flags joined by commas: syn, ack, fin, rst",
+                            )
+                        })?,
+                    };
+                    TraceEvent::Packet(flow, flags)
+                }
             }
         }
         "apply" => TraceEvent::Apply(next("path")?.to_owned()),
@@ -260,7 +284,7 @@ pub fn parse_line(line_no: usize, text: &str) -> Result<Option<TraceLine>, Trace
             return Err(invalid(
                 "event",
                 other,
-                "must be connect, close, apply or delete",
+                "must be connect, packet, close, tick, apply or delete",
             ));
         }
     };

@@ -48,7 +48,7 @@ fn key() -> ServiceKey {
 /// move), nftables with its uniform `numgen`.
 fn dataplanes(t: &ServiceTable, config: DataplaneConfig) -> [Box<dyn Dataplane>; 3] {
     let nft = NftablesDataplane::new(config.clone());
-    nft.sync(t, &t.full_change_set());
+    nft.sync(t, &t.full_change_set(), Instant::ZERO);
     let (ipt, ipvs) = both(t, config);
     [Box::new(ipt), Box::new(ipvs), Box::new(nft)]
 }
@@ -69,7 +69,7 @@ fn backend(dp: &dyn Dataplane, f: &Flow, now: Instant) -> SocketAddr {
 #[test]
 fn both_modes_stick_within_the_window_and_expire_after_idle_timeout() {
     let t = sticky_table(100, AffinityKeyKind::ClientIp);
-    for dp in dataplanes(&t, DataplaneConfig::with_seed(3)) {
+    for dp in dataplanes(&t, DataplaneConfig::with_seed(3).conntrack(None)) {
         let dp = &*dp;
         let c = client(1);
         let first = backend(dp, &c, secs(0));
@@ -105,7 +105,7 @@ fn both_modes_stick_within_the_window_and_expire_after_idle_timeout() {
 #[test]
 fn both_modes_refresh_on_each_new_connection_and_stay_pinned_indefinitely() {
     let t = sticky_table(30, AffinityKeyKind::ClientIp);
-    for dp in dataplanes(&t, DataplaneConfig::with_seed(5)) {
+    for dp in dataplanes(&t, DataplaneConfig::with_seed(5).conntrack(None)) {
         let dp = &*dp;
         let first = backend(dp, &client(1), secs(0));
         // One connection every T-1 seconds for 2000 rounds (about 16 hours),
@@ -132,7 +132,7 @@ fn both_modes_refresh_on_each_new_connection_and_stay_pinned_indefinitely() {
 fn both_modes_rebalance_at_once_when_the_endpoint_goes_away_or_stops_being_ready() {
     for kind in ["removed", "not-ready", "weight-0"] {
         let mut t = sticky_table(10_800, AffinityKeyKind::ClientIp);
-        let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(11));
+        let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(11).conntrack(None));
         let clients: Vec<Flow> = (0..30).map(client).collect();
         let pinned: Vec<[SocketAddr; 3]> = clients
             .iter()
@@ -159,9 +159,9 @@ fn both_modes_rebalance_at_once_when_the_endpoint_goes_away_or_stops_being_ready
             })
             .collect();
         let cs = t.apply(Change::UpsertSlice(slice_with(eps))).unwrap();
-        ipt.sync(&t, &cs);
-        ipvs.sync(&t, &cs);
-        nft.sync(&t, &cs);
+        ipt.sync(&t, &cs, Instant::ZERO);
+        ipvs.sync(&t, &cs, Instant::ZERO);
+        nft.sync(&t, &cs, Instant::ZERO);
         for (m, dp) in [&ipt, &ipvs, &nft].into_iter().enumerate() {
             // The sync purged the gone endpoint's entries eagerly.
             let entries = dp.affinity_entries(&key(), secs(1));
@@ -189,7 +189,7 @@ fn a_returning_endpoint_does_not_get_its_old_clients_back() {
     // kube-proxy deletes an endpoint's chain and its `recent` list with it;
     // IPVS drops the templates. When it returns, its old clients stay put.
     let mut t = sticky_table(10_800, AffinityKeyKind::ClientIp);
-    let [ipt, ipvs, _nft] = dataplanes(&t, DataplaneConfig::with_seed(2));
+    let [ipt, ipvs, _nft] = dataplanes(&t, DataplaneConfig::with_seed(2).conntrack(None));
     let c = client(1);
     let a = [backend(&*ipt, &c, secs(0)), backend(&*ipvs, &c, secs(0))];
     let without = |x: SocketAddr| {
@@ -201,7 +201,7 @@ fn a_returning_endpoint_does_not_get_its_old_clients_back() {
     };
     for (m, dp) in [&ipt, &ipvs].into_iter().enumerate() {
         let cs = t.apply(Change::UpsertSlice(without(a[m]))).unwrap();
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
         let b = backend(&**dp, &c, secs(1));
         assert_ne!(b, a[m]);
         let cs = t
@@ -209,7 +209,7 @@ fn a_returning_endpoint_does_not_get_its_old_clients_back() {
                 IPS.iter().map(|ip| EndpointSpec::new(*ip)),
             )))
             .unwrap();
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
         assert_eq!(backend(&**dp, &c, secs(2)), b, "{}", dp.mode());
     }
 }
@@ -219,7 +219,7 @@ fn both_modes_agree_on_affinity_over_a_random_day() {
     // The same connection schedule through both modes: the same hits and
     // misses, the same entry counts, and each keeps its own choice.
     let t = sticky_table(600, AffinityKeyKind::ClientIp);
-    let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(8));
+    let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(8).conntrack(None));
     let rng = SeededRng::new(99);
     let mut last: BTreeMap<u32, u64> = BTreeMap::new();
     let mut pinned: [BTreeMap<u32, SocketAddr>; 3] = Default::default();
@@ -258,7 +258,7 @@ fn both_modes_agree_on_affinity_over_a_random_day() {
 #[test]
 fn caller_keys_pin_sessions_behind_one_nat_separately() {
     let t = sticky_table(3600, AffinityKeyKind::Caller);
-    for dp in dataplanes(&t, DataplaneConfig::with_seed(4)) {
+    for dp in dataplanes(&t, DataplaneConfig::with_seed(4).conntrack(None)) {
         let dp = &*dp;
         let nat = client(1);
         // 300 sessions (cookies) behind one address spread over all endpoints...
@@ -300,7 +300,7 @@ fn caller_keys_pin_sessions_behind_one_nat_separately() {
     }
     // A ClientIP-keyed service ignores the caller's key.
     let t = sticky_table(3600, AffinityKeyKind::ClientIp);
-    for dp in dataplanes(&t, DataplaneConfig::with_seed(4)) {
+    for dp in dataplanes(&t, DataplaneConfig::with_seed(4).conntrack(None)) {
         let nat = client(1);
         let a = dp.route_with_key(&nat, Some(1), secs(0));
         for k in 2..50 {
@@ -312,7 +312,7 @@ fn caller_keys_pin_sessions_behind_one_nat_separately() {
 #[test]
 fn client_ip_port_keys_pin_each_socket() {
     let t = sticky_table(3600, AffinityKeyKind::ClientIpPort);
-    for dp in dataplanes(&t, DataplaneConfig::with_seed(4)) {
+    for dp in dataplanes(&t, DataplaneConfig::with_seed(4).conntrack(None)) {
         let dp = &*dp;
         let ip = client(1).src.ip();
         let flows: Vec<Flow> = (0..60)
@@ -329,7 +329,7 @@ fn client_ip_port_keys_pin_each_socket() {
 #[test]
 fn services_without_affinity_are_not_pinned_and_turning_it_off_forgets() {
     let mut t = sticky_table(3600, AffinityKeyKind::ClientIp);
-    let (ipt, ipvs) = both(&t, DataplaneConfig::with_seed(6));
+    let (ipt, ipvs) = both(&t, DataplaneConfig::with_seed(6).conntrack(None));
     let (ipt, ipvs): (&dyn Dataplane, &dyn Dataplane) = (&ipt, &ipvs);
     for dp in [ipt, ipvs] {
         for i in 0..10 {
@@ -344,7 +344,7 @@ fn services_without_affinity_are_not_pinned_and_turning_it_off_forgets() {
         .unwrap();
     let cs = t.apply(Change::UpsertService(plain)).unwrap();
     for dp in [ipt, ipvs] {
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
         assert!(dp.affinity_entries(&key(), secs(1)).is_empty());
         assert!(dp.affinity_report(&key(), secs(1)).is_none());
         let seen: BTreeSet<_> = (0..30).map(|_| backend(dp, &client(1), secs(1))).collect();
@@ -358,7 +358,7 @@ fn services_without_affinity_are_not_pinned_and_turning_it_off_forgets() {
         )))
         .unwrap();
     for dp in [ipt, ipvs] {
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
         dp.route(&client(1), secs(2));
         assert_eq!(dp.affinity_entries(&key(), secs(2)).len(), 1);
     }
@@ -367,7 +367,7 @@ fn services_without_affinity_are_not_pinned_and_turning_it_off_forgets() {
 #[test]
 fn deleting_a_service_frees_its_entries() {
     let mut t = sticky_table(3600, AffinityKeyKind::ClientIp);
-    let (ipt, ipvs) = both(&t, DataplaneConfig::with_seed(6));
+    let (ipt, ipvs) = both(&t, DataplaneConfig::with_seed(6).conntrack(None));
     for i in 0..100 {
         ipt.route(&client(i), secs(0));
         ipvs.route(&client(i), secs(0));
@@ -375,8 +375,8 @@ fn deleting_a_service_frees_its_entries() {
     assert_eq!(ipt.affinity_table().len(), 100);
     assert_eq!(ipvs.affinity_table().len(), 100);
     let cs = t.apply(Change::DeleteService(key())).unwrap();
-    ipt.sync(&t, &cs);
-    ipvs.sync(&t, &cs);
+    ipt.sync(&t, &cs, Instant::ZERO);
+    ipvs.sync(&t, &cs, Instant::ZERO);
     assert_eq!(ipt.affinity_table().len(), 0);
     assert_eq!(ipvs.affinity_table().len(), 0);
     assert!(ipt.affinity_entries(&key(), secs(0)).is_empty());
@@ -385,7 +385,7 @@ fn deleting_a_service_frees_its_entries() {
 #[test]
 fn a_new_timeout_applies_to_existing_entries() {
     let mut t = sticky_table(1000, AffinityKeyKind::ClientIp);
-    let [ipt, ipvs, _nft] = dataplanes(&t, DataplaneConfig::with_seed(6));
+    let [ipt, ipvs, _nft] = dataplanes(&t, DataplaneConfig::with_seed(6).conntrack(None));
     for dp in [&ipt, &ipvs] {
         dp.route(&client(1), secs(0));
     }
@@ -396,7 +396,7 @@ fn a_new_timeout_applies_to_existing_entries() {
         )))
         .unwrap();
     for dp in [&ipt, &ipvs] {
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
         assert_eq!(dp.affinity_entries(&key(), secs(5)).len(), 1);
         assert_eq!(
             dp.affinity_entries(&key(), secs(5))[0].time_left.as_secs(),
@@ -413,14 +413,14 @@ fn a_new_timeout_applies_to_existing_entries() {
 #[test]
 fn the_bound_holds_through_a_dataplane_under_a_million_distinct_clients() {
     let t = sticky_table(10_800, AffinityKeyKind::ClientIp);
-    let config = DataplaneConfig::with_seed(1).affinity(
+    let config = DataplaneConfig::with_seed(1).conntrack(None).affinity(
         AffinityConfig::new(50_000)
             .unwrap()
             .per_service_capacity(20_000)
             .unwrap(),
     );
     let ipvs = IpvsDataplane::new(config);
-    ipvs.sync(&t, &t.full_change_set());
+    ipvs.sync(&t, &t.full_change_set(), Instant::ZERO);
     for i in 0..1_000_000u32 {
         let v = ipvs.route(&client(i), Instant::from_millis(u64::from(i)));
         assert!(v.backend().is_some());
@@ -442,7 +442,7 @@ fn the_bound_holds_through_a_dataplane_under_a_million_distinct_clients() {
 fn the_hotspot_report_flags_a_nat_in_ten_thousand_clients() {
     let t = sticky_table(10_800, AffinityKeyKind::ClientIp);
     let nat = Flow::tcp(sa("203.0.113.9:1024"), sa(VIP));
-    for dp in dataplanes(&t, DataplaneConfig::with_seed(12)) {
+    for dp in dataplanes(&t, DataplaneConfig::with_seed(12).conntrack(None)) {
         let dp = &*dp;
         let rng = SeededRng::new(5);
         let mut now = 0;
@@ -494,7 +494,7 @@ fn the_hotspot_report_flags_a_nat_in_ten_thousand_clients() {
     }
     // Without the NAT, nobody is flagged.
     let t = sticky_table(10_800, AffinityKeyKind::ClientIp);
-    for dp in dataplanes(&t, DataplaneConfig::with_seed(12)) {
+    for dp in dataplanes(&t, DataplaneConfig::with_seed(12).conntrack(None)) {
         for round in 0..3u64 {
             for c in 0..10_000u32 {
                 dp.route(&client(c), secs(round * 10_000 + u64::from(c)));
@@ -508,7 +508,7 @@ fn the_hotspot_report_flags_a_nat_in_ten_thousand_clients() {
 #[test]
 fn many_threads_route_one_sticky_service() {
     let t = sticky_table(10_800, AffinityKeyKind::ClientIp);
-    for dp in dataplanes(&t, DataplaneConfig::with_seed(1)) {
+    for dp in dataplanes(&t, DataplaneConfig::with_seed(1).conntrack(None)) {
         let dp = &*dp;
         std::thread::scope(|s| {
             for th in 0..4u32 {
@@ -550,7 +550,7 @@ proptest! {
     #[test]
     fn no_affinity_entry_outlives_its_timeout(ops in proptest::collection::vec(op(), 1..200), timeout in 1i64..60, seed in any::<u64>()) {
         let mut t = sticky_table(timeout, AffinityKeyKind::ClientIp);
-        let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(seed));
+        let [ipt, ipvs, nft] = dataplanes(&t, DataplaneConfig::with_seed(seed).conntrack(None));
         let timeout = timeout as u64;
         let mut present = [true; 3];
         let mut now = 0u64;
@@ -569,16 +569,16 @@ proptest! {
                     }
                     let eps = IPS.iter().enumerate().filter(|(j, _)| present[*j]).map(|(_, ip)| EndpointSpec::new(*ip));
                     let cs = t.apply(Change::UpsertSlice(slice_with(eps))).unwrap();
-                    ipt.sync(&t, &cs);
-                    ipvs.sync(&t, &cs);
-                    nft.sync(&t, &cs);
+                    ipt.sync(&t, &cs, Instant::ZERO);
+                    ipvs.sync(&t, &cs, Instant::ZERO);
+                    nft.sync(&t, &cs, Instant::ZERO);
                 }
                 Op::Connect { c, dt } => {
                     now += u64::from(dt);
                     let f = client(u32::from(c));
                     for (m, dp) in [&ipt, &ipvs, &nft].into_iter().enumerate() {
                         match dp.route(&f, secs(now)) {
-                            Verdict::Forward(b) => {
+                            Verdict::Forward(svclb::Forward { backend: b, .. }) => {
                                 if let Some((ep, last)) = model[m].get(&c) {
                                     if now - last < timeout {
                                         prop_assert_eq!(b, *ep, "{} client {}", dp.mode(), c);

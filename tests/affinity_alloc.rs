@@ -63,7 +63,9 @@ fn affinity_hits_and_warm_misses_allocate_nothing() {
         AffinityKeyKind::Caller,
     ] {
         let t = table(kind);
-        let config = DataplaneConfig::with_seed(1).affinity(AffinityConfig::new(1024).unwrap());
+        let config = DataplaneConfig::with_seed(1)
+            .conntrack(None)
+            .affinity(AffinityConfig::new(1024).unwrap());
         let (ipt, ipvs) = both(&t, config);
         for dp in [&ipt as &dyn Dataplane, &ipvs] {
             // Misses: 4000 distinct clients through a table of 1024 entries

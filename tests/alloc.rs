@@ -93,13 +93,13 @@ fn route_all(dp: &dyn Dataplane, flows: &[Flow]) -> (usize, [usize; 4]) {
         let now = Instant::from_millis(k as u64);
         let v = dp.route(f, now);
         match v {
-            Verdict::Forward(b) => {
+            Verdict::Forward(_) => {
                 kinds[0] += 1;
-                dp.connection_closed(f, b, now);
+                dp.connection_closed(f, now);
             }
             Verdict::Reject => kinds[1] += 1,
             Verdict::Drop => kinds[2] += 1,
-            Verdict::NotAService => kinds[3] += 1,
+            _ => kinds[3] += 1,
         }
     }
     let change = region.change();
@@ -136,7 +136,7 @@ fn packet_path_allocates_nothing() {
     let all = t.full_change_set();
     // The per-thread IPVS reader, warm, then counted.
     let rr = IpvsDataplane::new(DataplaneConfig::with_seed(1).node(node.clone()));
-    rr.sync(&t, &all);
+    rr.sync(&t, &all, Instant::ZERO);
     let mut reader = rr.reader();
     for f in &flows {
         reader.route(f, Instant::ZERO);
@@ -156,7 +156,7 @@ fn packet_path_allocates_nothing() {
 
     let sticky = ServiceKey::new("default", "sticky");
     for (name, dp) in &dataplanes {
-        dp.sync(&t, &all);
+        dp.sync(&t, &all, Instant::ZERO);
         let (allocs, kinds) = route_all(dp.as_ref(), &flows);
         // The affinity routes were hits: 200 live entries, one per client.
         assert_eq!(

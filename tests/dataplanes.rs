@@ -40,7 +40,9 @@ fn both_modes_forward_reject_drop_and_pass_through() {
         Change::UpsertService(headless),
     ])
     .unwrap();
-    let config = DataplaneConfig::with_seed(7).node(NodeTopology::new("this-node", "zone-a"));
+    let config = DataplaneConfig::with_seed(7)
+        .conntrack(None)
+        .node(NodeTopology::new("this-node", "zone-a"));
     let (ipt, ipvs) = both(&t, config);
     for dp in [&ipt as &dyn Dataplane, &ipvs] {
         let v = dp.route(&flow("10.2.0.1:5000", "10.96.0.10:80"), Instant::ZERO);
@@ -75,7 +77,7 @@ fn both_modes_forward_reject_drop_and_pass_through() {
 #[test]
 fn ipvs_rr_cycles_in_merged_order() {
     let t = web_table();
-    let (_, ipvs) = both(&t, DataplaneConfig::with_seed(1));
+    let (_, ipvs) = both(&t, DataplaneConfig::with_seed(1).conntrack(None));
     let got: Vec<String> = (0..6)
         .map(|i| {
             ipvs.route(
@@ -101,16 +103,23 @@ fn ipvs_rr_cycles_in_merged_order() {
 #[test]
 fn ipvs_lc_counts_connections_and_keeps_counters_across_updates() {
     let mut t = web_table();
+    // The counts come from the connection tracker.
     let config = DataplaneConfig::with_seed(1).scheduler(SchedulerKind::LeastConnection);
     let (_, ipvs) = both(&t, config);
-    let f = flow("10.2.0.1:1000", "10.96.0.10:80");
-    let a = ipvs.route(&f, Instant::ZERO).backend().unwrap();
-    let b = ipvs.route(&f, Instant::ZERO).backend().unwrap();
-    let c = ipvs.route(&f, Instant::ZERO).backend().unwrap();
+    let conn = |port: u16| {
+        let f = flow(&format!("10.2.0.1:{port}"), "10.96.0.10:80");
+        let b = ipvs.route(&f, Instant::ZERO).backend().unwrap();
+        // The handshake completes: the connection is active.
+        assert!(ipvs.packet(&f, TcpFlags::ACK, Instant::ZERO).is_tracked());
+        (f, b)
+    };
+    let (_, a) = conn(1000);
+    let (fb, b) = conn(1001);
+    let (_, c) = conn(1002);
     assert_eq!(BTreeSet::from([a, b, c]).len(), 3);
     // Close the connection on b: the next new connection goes there.
-    ipvs.connection_closed(&f, b, Instant::ZERO);
-    assert_eq!(ipvs.route(&f, Instant::ZERO).backend(), Some(b));
+    ipvs.connection_closed(&fb, Instant::ZERO);
+    assert_eq!(conn(1003).1, b);
     // An endpoint change elsewhere in the service keeps the counters.
     let cs = t
         .apply(Change::UpsertSlice(slice(
@@ -120,23 +129,17 @@ fn ipvs_lc_counts_connections_and_keeps_counters_across_updates() {
             8080,
         )))
         .unwrap();
-    ipvs.sync(&t, &cs);
+    ipvs.sync(&t, &cs, Instant::ZERO);
     // The new endpoint has no connections: it wins; then the counts tie at 1.
-    assert_eq!(
-        ipvs.route(&f, Instant::ZERO).backend(),
-        Some(sa("10.1.0.4:8080"))
-    );
-    assert_eq!(
-        ipvs.route(&f, Instant::ZERO).backend(),
-        Some(sa("10.1.0.1:8080"))
-    );
+    assert_eq!(conn(1004).1, sa("10.1.0.4:8080"));
+    assert_eq!(conn(1005).1, sa("10.1.0.1:8080"));
 }
 
 #[test]
 fn fixed_seed_replays_exactly() {
     let t = web_table();
     let run = |seed| {
-        let (ipt, _) = both(&t, DataplaneConfig::with_seed(seed));
+        let (ipt, _) = both(&t, DataplaneConfig::with_seed(seed).conntrack(None));
         (0..50)
             .map(|_| ipt.route(&flow("10.2.0.1:1", "10.96.0.10:80"), Instant::ZERO))
             .collect::<Vec<_>>()
@@ -148,7 +151,7 @@ fn fixed_seed_replays_exactly() {
 #[test]
 fn iptables_cascade_distribution_is_uniform() {
     let t = web_table();
-    let (ipt, _) = both(&t, DataplaneConfig::with_seed(2024));
+    let (ipt, _) = both(&t, DataplaneConfig::with_seed(2024).conntrack(None));
     let mut counts: BTreeMap<SocketAddr, u32> = BTreeMap::new();
     let n = 60_000;
     for _ in 0..n {
@@ -192,15 +195,17 @@ fn dual_stack_vips_forward_to_their_own_family() {
         Change::UpsertSlice(v6),
     ])
     .unwrap();
-    let (ipt, ipvs) = both(&t, DataplaneConfig::default());
+    let (ipt, ipvs) = both(&t, DataplaneConfig::default().conntrack(None));
     for dp in [&ipt as &dyn Dataplane, &ipvs] {
         assert_eq!(
-            dp.route(&flow("10.2.0.1:1", "10.96.0.50:80"), Instant::ZERO),
-            Verdict::Forward(sa("10.1.0.9:80"))
+            dp.route(&flow("10.2.0.1:1", "10.96.0.50:80"), Instant::ZERO)
+                .backend(),
+            Some(sa("10.1.0.9:80"))
         );
         assert_eq!(
-            dp.route(&flow("[fd00:2::1]:1", "[fd00::50]:80"), Instant::ZERO),
-            Verdict::Forward(sa("[fd00:1::9]:80"))
+            dp.route(&flow("[fd00:2::1]:1", "[fd00::50]:80"), Instant::ZERO)
+                .backend(),
+            Some(sa("[fd00:1::9]:80"))
         );
     }
 }
@@ -210,7 +215,7 @@ fn ipvs_endpoint_change_swaps_only_its_service_and_service_changes_rebuild_map()
     let mut t = web_table();
     t.apply(Change::UpsertService(service("api", "10.96.0.11", 80)))
         .unwrap();
-    let (_, ipvs) = both(&t, DataplaneConfig::default());
+    let (_, ipvs) = both(&t, DataplaneConfig::default().conntrack(None));
     assert_eq!(ipvs.virtual_service_count(), 2);
     let cs = t
         .apply(Change::UpsertSlice(slice(
@@ -220,7 +225,7 @@ fn ipvs_endpoint_change_swaps_only_its_service_and_service_changes_rebuild_map()
             8080,
         )))
         .unwrap();
-    ipvs.sync(&t, &cs);
+    ipvs.sync(&t, &cs, Instant::ZERO);
     assert_eq!(
         ipvs.candidates(Protocol::Tcp, sa("10.96.0.11:80")),
         Candidates::Endpoints(vec![sa("10.1.2.1:8080")])
@@ -229,7 +234,7 @@ fn ipvs_endpoint_change_swaps_only_its_service_and_service_changes_rebuild_map()
     let cs = t
         .apply(Change::UpsertService(service("api", "10.96.0.11", 8000)))
         .unwrap();
-    ipvs.sync(&t, &cs);
+    ipvs.sync(&t, &cs, Instant::ZERO);
     assert_eq!(
         ipvs.candidates(Protocol::Tcp, sa("10.96.0.11:80")),
         Candidates::NotAService
@@ -241,7 +246,7 @@ fn ipvs_endpoint_change_swaps_only_its_service_and_service_changes_rebuild_map()
     let cs = t
         .apply(Change::DeleteService(ServiceKey::new("default", "api")))
         .unwrap();
-    ipvs.sync(&t, &cs);
+    ipvs.sync(&t, &cs, Instant::ZERO);
     assert_eq!(ipvs.virtual_service_count(), 1);
 }
 
@@ -412,10 +417,10 @@ proptest! {
     #[test]
     fn both_modes_agree_on_candidates_and_verdicts(svcs in proptest::collection::vec(svc_gen(), 1..12), seed in any::<u64>()) {
         let t = build_table(&svcs);
-        let config = DataplaneConfig::with_seed(seed).node(NodeTopology::new("node-0", "zone-0"));
+        let config = DataplaneConfig::with_seed(seed).conntrack(None).node(NodeTopology::new("node-0", "zone-0"));
         let (ipt, ipvs) = both(&t, config.clone());
         let nft = NftablesDataplane::new(config);
-        nft.sync(&t, &t.full_change_set());
+        nft.sync(&t, &t.full_change_set(), Instant::ZERO);
         for i in 0..svcs.len() {
             let vip = SocketAddr::from(([10, 96, (i / 200) as u8, (i % 200) as u8 + 1], 80));
             let sort = |c: Candidates| match c {
@@ -430,7 +435,7 @@ proptest! {
             for dp in [&ipt as &dyn Dataplane, &ipvs, &nft] {
                 let v = dp.route(&f, Instant::ZERO);
                 match (&a, v) {
-                    (Candidates::Endpoints(eps), Verdict::Forward(be)) => prop_assert!(eps.contains(&be)),
+                    (Candidates::Endpoints(eps), Verdict::Forward(svclb::Forward { backend: be, .. })) => prop_assert!(eps.contains(&be)),
                     (Candidates::Reject, Verdict::Reject) | (Candidates::Drop, Verdict::Drop) => {}
                     (c, v) => prop_assert!(false, "{} gave {:?} for {:?}", dp.mode(), v, c),
                 }
@@ -449,10 +454,18 @@ proptest! {
 fn independent_dataplanes_agree_with_consistent_hashing() {
     let t = web_table();
     for kind in [SchedulerKind::Maglev, SchedulerKind::SourceHash] {
-        let a = IpvsDataplane::new(DataplaneConfig::with_seed(1).scheduler(kind));
-        let b = IpvsDataplane::new(DataplaneConfig::with_seed(2).scheduler(kind));
-        a.sync(&t, &t.full_change_set());
-        b.sync(&t, &t.full_change_set());
+        let a = IpvsDataplane::new(
+            DataplaneConfig::with_seed(1)
+                .conntrack(None)
+                .scheduler(kind),
+        );
+        let b = IpvsDataplane::new(
+            DataplaneConfig::with_seed(2)
+                .conntrack(None)
+                .scheduler(kind),
+        );
+        a.sync(&t, &t.full_change_set(), Instant::ZERO);
+        b.sync(&t, &t.full_change_set(), Instant::ZERO);
         let mut seen = BTreeSet::new();
         for host in 0..=255u8 {
             let f = flow(
@@ -474,10 +487,12 @@ fn independent_dataplanes_agree_with_consistent_hashing() {
 fn nftables_mode_is_uniform_and_follows_updates() {
     let mut t = web_table();
     let nft = NftablesDataplane::new(
-        DataplaneConfig::with_seed(5).scheduler(SchedulerKind::LeastConnection),
+        DataplaneConfig::with_seed(5)
+            .conntrack(None)
+            .scheduler(SchedulerKind::LeastConnection),
     );
     assert_eq!(nft.config().scheduler.name(), "numgen");
-    nft.sync(&t, &t.full_change_set());
+    nft.sync(&t, &t.full_change_set(), Instant::ZERO);
     let mut counts: BTreeMap<SocketAddr, u32> = BTreeMap::new();
     for _ in 0..60_000 {
         let b = nft
@@ -504,10 +519,11 @@ fn nftables_mode_is_uniform_and_follows_updates() {
             8080,
         )))
         .unwrap();
-    nft.sync(&t, &cs);
+    nft.sync(&t, &cs, Instant::ZERO);
     assert_eq!(
-        nft.route(&flow("10.2.0.1:1", "10.96.0.10:80"), Instant::ZERO),
-        Verdict::Forward(sa("10.1.0.2:8080"))
+        nft.route(&flow("10.2.0.1:1", "10.96.0.10:80"), Instant::ZERO)
+            .backend(),
+        Some(sa("10.1.0.2:8080"))
     );
     assert_eq!(nft.map_element_count(), 1);
 }

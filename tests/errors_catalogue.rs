@@ -684,7 +684,7 @@ fn n1_named_target_port_that_resolves_nowhere_rejects_flows() {
         Box::new(IpvsDataplane::new(config)),
     ];
     for dp in dps {
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
         assert_eq!(
             dp.candidates(Protocol::Tcp, vip),
             Candidates::Reject,

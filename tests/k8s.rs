@@ -140,7 +140,7 @@ fn headless_services_are_not_proxied_and_policies_apply() {
         Box::new(IptablesDataplane::new(node("node-a", "zone-a"))) as Box<dyn Dataplane>,
         Box::new(IpvsDataplane::new(node("node-a", "zone-a"))),
     ] {
-        dp.sync(&t, &t.full_change_set());
+        dp.sync(&t, &t.full_change_set(), Instant::ZERO);
         // The headless Kafka service has no VIP: its pod IPs are no service.
         assert_eq!(
             dp.candidates(Protocol::Tcp, "10.244.1.8:9092".parse().unwrap()),
@@ -162,7 +162,7 @@ fn headless_services_are_not_proxied_and_policies_apply() {
     }
     // node-c runs no exporter: drop; it is in zone-b: two hinted endpoints.
     let dp = IptablesDataplane::new(node("node-c", "zone-b"));
-    dp.sync(&t, &t.full_change_set());
+    dp.sync(&t, &t.full_change_set(), Instant::ZERO);
     assert_eq!(
         dp.candidates(Protocol::Tcp, "10.96.50.5:9100".parse().unwrap()),
         Candidates::Drop
@@ -176,7 +176,7 @@ fn headless_services_are_not_proxied_and_policies_apply() {
     );
     // A node whose zone has no hinted endpoint falls back to all of them.
     let dp = IptablesDataplane::new(node("node-z", "zone-z"));
-    dp.sync(&t, &t.full_change_set());
+    dp.sync(&t, &t.full_change_set(), Instant::ZERO);
     let Candidates::Endpoints(all) =
         dp.candidates(Protocol::Tcp, "10.96.60.20:80".parse().unwrap())
     else {

@@ -440,7 +440,7 @@ fn check_backend(backend: Backend, a: &Addrs, table: &ServiceTable) -> Result<()
 
     // The model, configured like the rendering.
     let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1).node(node()));
-    dp.sync(table, &table.full_change_set());
+    dp.sync(table, &table.full_change_set(), Instant::ZERO);
     let web: SocketAddr = a.web.parse().unwrap();
     let Candidates::Endpoints(candidates) = dp.candidates(Protocol::Tcp, web) else {
         panic!("the model has endpoints for web");

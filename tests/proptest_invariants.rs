@@ -209,7 +209,7 @@ proptest! {
         let fresh = dataplanes(seed, kind);
         let all = table.full_change_set();
         for dp in &fresh {
-            dp.sync(&table, &all);
+            dp.sync(&table, &all, Instant::ZERO);
         }
         if let Err(e) = check_dataplanes(&model, &fresh) {
             prop_assert!(false, "fresh: {e}");
@@ -331,12 +331,12 @@ proptest! {
     fn round_robin_counts_differ_by_at_most_one_per_cycle(
         rounds in proptest::collection::vec((proptest::collection::vec(0u8..3, 1..40), 0usize..200), 1..4),
     ) {
-        let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1).scheduler(SchedulerKind::RoundRobin));
+        let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1).conntrack(None).scheduler(SchedulerKind::RoundRobin));
         let mut table: Option<ServiceTable> = None;
         for (weights, picks) in rounds {
             let (t, _) = weighted_table(&weights);
             // Sync as an update of the previous table when there is one.
-            dp.sync(&t, &t.full_change_set());
+            dp.sync(&t, &t.full_change_set(), Instant::ZERO);
             table = Some(t);
             let eligible: Vec<SocketAddr> = match dp.candidates(Protocol::Tcp, "10.96.0.1:80".parse().unwrap()) {
                 Candidates::Endpoints(v) => v,
@@ -371,8 +371,8 @@ proptest! {
     ) {
         prop_assume!(weights.iter().any(|w| *w > 0));
         let (t, cs) = weighted_table(&weights);
-        let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1).scheduler(SchedulerKind::WeightedRoundRobin));
-        dp.sync(&t, &cs);
+        let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1).conntrack(None).scheduler(SchedulerKind::WeightedRoundRobin));
+        dp.sync(&t, &cs, Instant::ZERO);
         fn gcd(a: u32, b: u32) -> u32 { if b == 0 { a } else { gcd(b, a % b) } }
         let g = weights.iter().map(|w| u32::from(*w)).filter(|w| *w > 0).fold(0, gcd);
         let cycle: u32 = weights.iter().map(|w| u32::from(*w) / g).sum();
@@ -422,17 +422,17 @@ proptest! {
 
         let mut t1 = ServiceTable::new();
         let cs = t1.apply_batch(std::iter::once(svc()).chain(slices(1))).unwrap();
-        let a = IpvsDataplane::new(DataplaneConfig::with_seed(seeds.0).scheduler(kind));
-        a.sync(&t1, &cs);
+        let a = IpvsDataplane::new(DataplaneConfig::with_seed(seeds.0).conntrack(None).scheduler(kind));
+        a.sync(&t1, &cs, Instant::ZERO);
 
         let mut t2 = ServiceTable::new();
         let cs = t2.apply_batch(std::iter::once(svc()).chain(slices(split))).unwrap();
-        let b = IpvsDataplane::new(DataplaneConfig::with_seed(seeds.1).scheduler(kind));
-        b.sync(&t2, &cs);
+        let b = IpvsDataplane::new(DataplaneConfig::with_seed(seeds.1).conntrack(None).scheduler(kind));
+        b.sync(&t2, &cs, Instant::ZERO);
         // Unrelated churn, then a full resync.
         let cs = t2.apply(Change::UpsertService(service_with_port("svc-1", "10.96.0.2"))).unwrap();
-        b.sync(&t2, &cs);
-        b.sync(&t2, &t2.full_change_set());
+        b.sync(&t2, &cs, Instant::ZERO);
+        b.sync(&t2, &t2.full_change_set(), Instant::ZERO);
 
         for src in 0..512u16 {
             let f = Flow::tcp(
@@ -490,8 +490,8 @@ proptest! {
 #[test]
 fn regression_iptables_sends_no_new_connection_to_weight_zero() {
     let (t, cs) = weighted_table(&[0, 1]);
-    let dp = IptablesDataplane::new(DataplaneConfig::with_seed(3));
-    dp.sync(&t, &cs);
+    let dp = IptablesDataplane::new(DataplaneConfig::with_seed(3).conntrack(None));
+    dp.sync(&t, &cs, Instant::ZERO);
     let live: SocketAddr = "10.1.0.2:8080".parse().unwrap();
     assert_eq!(
         dp.candidates(Protocol::Tcp, "10.96.0.1:80".parse().unwrap()),
@@ -499,8 +499,8 @@ fn regression_iptables_sends_no_new_connection_to_weight_zero() {
     );
     for src in 0..200 {
         assert_eq!(
-            dp.route(&vip_flow(src), Instant::ZERO),
-            Verdict::Forward(live)
+            dp.route(&vip_flow(src), Instant::ZERO).backend(),
+            Some(live)
         );
     }
 }
@@ -514,7 +514,7 @@ fn regression_only_weight_zero_endpoints_reject_in_every_mode() {
     let (t, cs) = weighted_table(&[0, 0]);
     let vip: SocketAddr = "10.96.0.1:80".parse().unwrap();
     for dp in dataplanes(5, SchedulerKind::RoundRobin) {
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
         assert_eq!(
             dp.candidates(Protocol::Tcp, vip),
             Candidates::Reject,
@@ -555,7 +555,7 @@ fn regression_ipvs_vip_moving_between_services_in_one_batch() {
         .unwrap();
     let dps = dataplanes(9, SchedulerKind::RoundRobin);
     for dp in &dps {
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
     }
     // svc-b moves to another VIP; svc-a takes 10.96.0.1:80 over.
     let cs = t
@@ -566,7 +566,7 @@ fn regression_ipvs_vip_moving_between_services_in_one_batch() {
         ])
         .unwrap();
     for dp in &dps {
-        dp.sync(&t, &cs);
+        dp.sync(&t, &cs, Instant::ZERO);
         for (vip, backend) in [
             ("10.96.0.1:80", "10.1.0.1:8080"),
             ("10.96.0.2:80", "10.1.0.2:8080"),

@@ -546,8 +546,9 @@ fn ipvsadm_lists_live_counters_and_persistence() {
         ..DataplaneConfig::with_seed(7)
     };
     let dp = IpvsDataplane::new(config);
-    dp.sync(&table, &table.full_change_set());
-    // Five connections to svc4 (rr over 10.180.0.4 and .5), one closed.
+    dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+    // Five tracked connections to svc4 (rr over 10.180.0.4 and .5), one
+    // closed.
     let vip: std::net::SocketAddr = "172.30.0.44:80".parse().unwrap();
     let mut first = None;
     for port in 0..5u16 {
@@ -555,12 +556,14 @@ fn ipvsadm_lists_live_counters_and_persistence() {
             std::net::SocketAddr::from(([10, 9, 0, 1], 40000 + port)),
             vip,
         );
-        if let Verdict::Forward(b) = dp.route(&f, Instant::ZERO) {
+        if let Verdict::Forward(svclb::Forward { backend: b, .. }) = dp.route(&f, Instant::ZERO) {
             first.get_or_insert((f, b));
         }
+        // The handshake completes: ESTABLISHED counts as active.
+        dp.packet(&f, TcpFlags::ACK, Instant::ZERO);
     }
-    let (f, b) = first.unwrap();
-    dp.connection_closed(&f, b, Instant::ZERO);
+    let (f, _) = first.unwrap();
+    dp.connection_closed(&f, Instant::ZERO);
     let text = render::ipvsadm::render(&table, &dp, &RenderOptions::default());
     let want = "IP Virtual Server version 1.2.1 (size=4096)\n\
 Prot LocalAddress:Port Scheduler Flags\n\

@@ -264,7 +264,7 @@ fn read_nft(text: &str) -> Behaviour {
 /// What the model does for every service port of the table.
 fn model(table: &ServiceTable, node: &NodeTopology) -> Behaviour {
     let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1).node(node.clone()));
-    dp.sync(table, &table.full_change_set());
+    dp.sync(table, &table.full_change_set(), Instant::ZERO);
     let mut out = Behaviour::new();
     for view in table.views() {
         for &ip in view.service().cluster_ip().addrs() {

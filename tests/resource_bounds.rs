@@ -72,12 +72,12 @@ fn flood(dp: &dyn Dataplane, from: u32, to: u32, check: &dyn Fn(u32)) -> SocketA
         let now = Instant::from_millis(u64::from(i));
         let f = client(i, "10.96.0.10:80");
         let b = dp.route(&f, now).backend().expect("forward");
-        dp.connection_closed(&f, b, now);
+        dp.connection_closed(&f, now);
         last = Some(b);
         if i % 8 == 0 {
             let g = client(i, "10.96.0.11:80");
-            let b = dp.route(&g, now).backend().expect("forward");
-            dp.connection_closed(&g, b, now);
+            dp.route(&g, now).backend().expect("forward");
+            dp.connection_closed(&g, now);
         }
         if i % 100_000 == 99_999 {
             check(i);
@@ -112,7 +112,7 @@ fn a_million_clients_stay_within_the_bounds_in_every_dataplane() {
         ("ipvs/lc", &lc, lc.affinity_table()),
     ];
     for (name, dp, affinity) in cases {
-        dp.sync(&t, &t.full_change_set());
+        dp.sync(&t, &t.full_change_set(), Instant::ZERO);
         let check = |i: u32| {
             let n = affinity.len();
             assert!(

@@ -113,7 +113,7 @@ fn stress(name: &str, dp: Arc<dyn Dataplane>, reader: Option<Arc<IpvsDataplane>>
     }
     shared.created.store(next_id as u64, Ordering::Release);
     let cs = table.apply_batch(batch).unwrap();
-    dp.sync(&table, &cs);
+    dp.sync(&table, &cs, Instant::ZERO);
     shared.published.store(cs.generation, Ordering::Release);
 
     let readers = thread::available_parallelism().map_or(2, |n| n.get());
@@ -144,7 +144,7 @@ fn stress(name: &str, dp: Arc<dyn Dataplane>, reader: Option<Arc<IpvsDataplane>>
                         None => dp.route(&flow, now),
                     };
                     report.reads += 1;
-                    let Verdict::Forward(b) = v else {
+                    let Verdict::Forward(svclb::Forward { backend: b, .. }) = v else {
                         report.stale.push(format!(
                             "epoch {began}: {v} for a service that always has endpoints"
                         ));
@@ -162,7 +162,7 @@ fn stress(name: &str, dp: Arc<dyn Dataplane>, reader: Option<Arc<IpvsDataplane>>
                         }
                         _ => report.stale.push(format!("{b} was never created")),
                     }
-                    dp.connection_closed(&flow, b, svclb::Instant::from_nanos(u64::from(i)));
+                    dp.connection_closed(&flow, svclb::Instant::from_nanos(u64::from(i)));
                     if report.stale.len() > 10 {
                         break;
                     }
@@ -202,7 +202,7 @@ fn stress(name: &str, dp: Arc<dyn Dataplane>, reader: Option<Arc<IpvsDataplane>>
                         shared.created.store(next_id as u64, Ordering::Release);
                         let change = Change::UpsertSlice(slice(s, ids));
                         let cs = table.apply(change).expect("valid change");
-                        dp.sync(&table, &cs);
+                        dp.sync(&table, &cs, Instant::ZERO);
                         for id in gone {
                             shared.removed_at[id].store(cs.generation, Ordering::Release);
                         }
@@ -210,7 +210,7 @@ fn stress(name: &str, dp: Arc<dyn Dataplane>, reader: Option<Arc<IpvsDataplane>>
                         continue;
                     };
                     let cs = table.apply(change).expect("valid change");
-                    dp.sync(&table, &cs);
+                    dp.sync(&table, &cs, Instant::ZERO);
                     shared.published.store(cs.generation, Ordering::Release);
                 }
                 writes

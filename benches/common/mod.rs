@@ -116,8 +116,8 @@ pub fn dataplanes(table: &ServiceTable) -> (IptablesDataplane, IpvsDataplane) {
     let ipvs =
         IpvsDataplane::new(DataplaneConfig::with_seed(1).scheduler(SchedulerKind::RoundRobin));
     let all = table.full_change_set();
-    ipt.sync(table, &all);
-    ipvs.sync(table, &all);
+    ipt.sync(table, &all, Instant::ZERO);
+    ipvs.sync(table, &all, Instant::ZERO);
     (ipt, ipvs)
 }
 

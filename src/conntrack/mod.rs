@@ -85,15 +85,7 @@ use table::{Entry, Table, V4Entry, V4Key, WideEntry, max_slots};
 
 use crate::{Flow, Instant};
 
-/// A frontend (a virtual service: VIP, protocol, port) as the plan numbers
-/// it. The tracker only stores and compares it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
-pub struct FrontendId(pub u32);
-
-/// A backend (a real server) as the plan numbers it; also the index of its
-/// [`counts`](Conntrack::counts), so ids should be dense.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
-pub struct BackendId(pub u32);
+pub use crate::plan::{BackendId, FrontendId};
 
 /// One tracked connection, as [`Conntrack::get`] and
 /// [`Conntrack::entries`] return it.
@@ -233,6 +225,15 @@ fn sweep<E: Entry>(
 impl Conntrack {
     /// An empty tracker. Allocates the shards, not yet their tables.
     pub fn new(config: ConntrackConfig) -> Self {
+        Self::with_counts(config, std::sync::Arc::default())
+    }
+
+    /// An empty tracker that keeps `counts` up to date (the dataplane's
+    /// per-backend counts, read by least-connection schedulers).
+    pub fn with_counts(
+        config: ConntrackConfig,
+        counts: std::sync::Arc<crate::scheduler::ConnectionCounts>,
+    ) -> Self {
         let n = config.effective_shards();
         let cap = config.capacity();
         let shards = (0..n)
@@ -256,7 +257,7 @@ impl Conntrack {
             shards,
             hasher: ahash::RandomState::with_seeds(k0, k1, k2, k3),
             timeouts: config.timeout_values().nanos_table(),
-            counts: BackendCounts::new(),
+            counts: BackendCounts::shared(counts),
             next_sweep: AtomicU64::new(UNSET),
             config,
         }

@@ -147,6 +147,8 @@ impl ConnLayer {
     }
 
     pub(crate) fn entries(&self, now: Instant) -> Vec<Tracked> {
-        self.tracker.as_ref().map_or_else(Vec::new, |t| t.entries(now))
+        self.tracker
+            .as_ref()
+            .map_or_else(Vec::new, |t| t.entries(now))
     }
 }

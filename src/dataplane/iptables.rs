@@ -319,7 +319,9 @@ impl IptablesDataplane {
         IptablesReader {
             shared: Arc::clone(&self.shared),
             rules: Cache::new(Arc::clone(&self.shared.rules)),
-            rng: SeededRng::new(mix64(self.shared.config.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))),
+            rng: SeededRng::new(mix64(
+                self.shared.config.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )),
         }
     }
 }
@@ -365,7 +367,11 @@ impl Dataplane for IptablesDataplane {
             None => Candidates::NotAService,
             Some(r) => match r.outcome {
                 Outcome::Forward => Candidates::Endpoints(
-                    rs.chains[r.chain as usize].endpoints.iter().map(|e| e.1).collect(),
+                    rs.chains[r.chain as usize]
+                        .endpoints
+                        .iter()
+                        .map(|e| e.1)
+                        .collect(),
                 ),
                 Outcome::Drop => Candidates::Drop,
                 _ => Candidates::Reject,
@@ -393,10 +399,16 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn affinity_entries(&self, service: &ServiceKey, now: Instant) -> Vec<AffinityEntry> {
-        self.shared.scopes.lock().entries(&self.shared.affinity, service, now)
+        self.shared
+            .scopes
+            .lock()
+            .entries(&self.shared.affinity, service, now)
     }
 
     fn affinity_report(&self, service: &ServiceKey, now: Instant) -> Option<AffinityReport> {
-        self.shared.scopes.lock().report(&self.shared.affinity, service, now)
+        self.shared
+            .scopes
+            .lock()
+            .report(&self.shared.affinity, service, now)
     }
 }

@@ -190,14 +190,12 @@ impl IpvsReader {
         let shared = &*self.shared;
         let table = self.table.load();
         let rng = &self.rng;
-        shared
-            .conn
-            .packet(&shared.states, flow, flags, now, || {
-                match table.by_key.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                    None => Scheduled::NotAService,
-                    Some(slot) => shared.decide(&slot.load(), flow, key, now, rng),
-                }
-            })
+        shared.conn.packet(&shared.states, flow, flags, now, || {
+            match table.by_key.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                None => Scheduled::NotAService,
+                Some(slot) => shared.decide(&slot.load(), flow, key, now, rng),
+            }
+        })
     }
 }
 
@@ -263,7 +261,9 @@ impl Shared {
                 // Only a ClientIP service needs the addresses (a service
                 // without affinity binds no scope).
                 let addrs: Vec<SocketAddr> = match svc.session_affinity() {
-                    SessionAffinity::ClientIp { .. } => dests.iter().map(Destination::addr).collect(),
+                    SessionAffinity::ClientIp { .. } => {
+                        dests.iter().map(Destination::addr).collect()
+                    }
                     SessionAffinity::None => Vec::new(),
                 };
                 // A weight-0 destination takes no new connections: its
@@ -284,7 +284,10 @@ impl Shared {
             }
             outcome => {
                 // No destinations: every template goes.
-                if scopes.bind(&self.affinity, svc, vs, &[], |_| true).is_none() {
+                if scopes
+                    .bind(&self.affinity, svc, vs, &[], |_| true)
+                    .is_none()
+                {
                     scopes.remove_vs(&self.affinity, vs);
                 }
                 FrontendState {
@@ -327,18 +330,24 @@ impl Shared {
         for (_, key) in &diff.removed {
             scopes.remove_vs(&self.affinity, (key.protocol, key.socket_addr()));
             if current.by_key.contains_key(key) {
-                next.get_or_insert_with(|| (*current).clone()).by_key.remove(key);
+                next.get_or_insert_with(|| (*current).clone())
+                    .by_key
+                    .remove(key);
             }
         }
         for id in &diff.added {
-            let Some(fe) = planner.frontend(*id) else { continue };
+            let Some(fe) = planner.frontend(*id) else {
+                continue;
+            };
             let st = self.build_state(fe, None, scopes);
             next.get_or_insert_with(|| (*current).clone())
                 .by_key
                 .insert(fe.key(), ArcSwap::from_pointee(st));
         }
         for id in &diff.changed {
-            let Some(fe) = planner.frontend(*id) else { continue };
+            let Some(fe) = planner.frontend(*id) else {
+                continue;
+            };
             let table = next.as_ref().unwrap_or(&current);
             match table.by_key.get(&fe.key()) {
                 Some(slot) => {
@@ -612,7 +621,9 @@ impl IpvsDataplane {
         IpvsReader {
             shared: Arc::clone(&self.shared),
             table: Cache::new(Arc::clone(&self.shared.table)),
-            rng: SeededRng::new(mix64(self.shared.config.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))),
+            rng: SeededRng::new(mix64(
+                self.shared.config.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )),
         }
     }
 }
@@ -661,11 +672,17 @@ impl Dataplane for IpvsDataplane {
     }
 
     fn affinity_entries(&self, service: &ServiceKey, now: Instant) -> Vec<AffinityEntry> {
-        self.shared.scopes.lock().entries(&self.shared.affinity, service, now)
+        self.shared
+            .scopes
+            .lock()
+            .entries(&self.shared.affinity, service, now)
     }
 
     fn affinity_report(&self, service: &ServiceKey, now: Instant) -> Option<AffinityReport> {
-        self.shared.scopes.lock().report(&self.shared.affinity, service, now)
+        self.shared
+            .scopes
+            .lock()
+            .report(&self.shared.affinity, service, now)
     }
 }
 

@@ -205,11 +205,13 @@ impl DataplaneConfig {
     /// on.
     pub(crate) fn tracker_for(&self, mode: Mode) -> Option<ConntrackConfig> {
         let c = self.conntrack.clone()?;
-        Some(c.timeouts(
-            self.conntrack_timeouts
-                .clone()
-                .unwrap_or_else(|| mode.default_timeouts()),
-        ))
+        Some(
+            c.timeouts(
+                self.conntrack_timeouts
+                    .clone()
+                    .unwrap_or_else(|| mode.default_timeouts()),
+            ),
+        )
     }
 }
 

@@ -31,8 +31,9 @@
 
 use std::fmt::Write as _;
 
-use super::{Outcome, PortPlan, RenderOptions, hash, plan};
+use super::{PortPlan, RenderOptions, hash, port_plans};
 use crate::model::flow::Protocol;
+use crate::plan::{Outcome, Planner};
 use crate::table::ServiceTable;
 
 const KUBE_SERVICES: &str = "KUBE-SERVICES";
@@ -180,7 +181,8 @@ fn comment_service_name(rule: &str) -> &str {
 /// # Examples
 /// See the [`render`](crate::render) module.
 pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
-    let (plans, total_endpoints) = plan(table, opts);
+    let plan = Planner::compile(table, &opts.node);
+    let (plans, total_endpoints) = port_plans(table, &plan, opts);
     let large_cluster = total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD;
     let ipv6 = opts.family == super::IpFamily::V6;
     let mark = opts.masquerade_mark.as_str();
@@ -334,19 +336,19 @@ fn write_service_port(
     let protocol = p.port.protocol();
     let vip = p.vip.to_string();
     let dport = p.port.port().to_string();
-    let name = p.name.as_str();
-    let (what, verdict) = match &p.outcome {
-        Outcome::Endpoints(_) => ("", ""),
-        Outcome::Reject => ("has no endpoints", "REJECT"),
+    let name = p.name;
+    let (what, verdict) = match p.outcome {
         Outcome::Drop => ("has no local endpoints", "DROP"),
+        _ => ("has no endpoints", "REJECT"),
     };
-    let Outcome::Endpoints(eps) = &p.outcome else {
+    let eps = &p.endpoints;
+    if p.outcome != Outcome::Forward {
         // No nat chains at all: only the filter rule for the cluster IP.
         filter_services.push(format!(
             "-A {KUBE_SERVICES} -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {vip} --dport {dport} -j {verdict}"
         ));
         return;
-    };
+    }
     let chain = if p.local_policy() {
         local_chain_name(name, protocol)
     } else {

@@ -113,7 +113,7 @@ pub fn render_list(
 ///     .build().unwrap();
 /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
 /// let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1));
-/// dp.sync(&table, &changes);
+/// dp.sync(&table, &changes, Instant::ZERO);
 /// let text = render::ipvsadm::render(&table, &dp, &RenderOptions::default());
 /// assert!(text.contains("TCP  10.96.0.20:443 rr persistent 3600\n"));
 /// assert!(text.contains("  -> 10.1.0.7:8443                Masq    1      0          0         \n"));

@@ -7,6 +7,8 @@
 //! - [`nft`]: `nft -f` input, kube-proxy's nftables-mode table.
 //! - [`ipvsadm`]: an `ipvsadm -ln` listing of an [`IpvsDataplane`](crate::IpvsDataplane),
 //!   with its live connection counters.
+//! - [`conntrack`]: tracked connections as `conntrack -L` and
+//!   `ipvsadm -lnc` list them.
 //!
 //! Renderers read the table (and, for `ipvsadm`, the dataplane); they run at
 //! control-plane speed, allocate freely and never touch a packet path. Which
@@ -37,6 +39,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod conntrack;
 mod hash;
 pub mod iptables;
 pub mod ipvsadm;
@@ -49,8 +52,9 @@ use std::sync::Arc;
 
 use crate::error::ValidationError;
 use crate::model::service::{Service, ServicePort, TrafficPolicy};
+use crate::plan::{Outcome, Planner};
 use crate::table::{EndpointInfo, ServiceTable};
-use crate::topology::{NodeTopology, Selection, categorize_weighted};
+use crate::topology::NodeTopology;
 
 /// An IP family: which half of a dual-stack table a rendering covers
 /// (kube-proxy runs one proxier per family: `iptables`/`ip6tables`,
@@ -302,18 +306,7 @@ impl RenderOptions {
     }
 }
 
-/// What one (cluster IP, port) does with new connections.
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    /// DNAT to these endpoints (merged order).
-    Endpoints(Vec<Arc<EndpointInfo>>),
-    /// No usable endpoint anywhere.
-    Reject,
-    /// Local policy, no local endpoint.
-    Drop,
-}
-
-/// One service port on one cluster IP, with kube-proxy's names.
+/// One frontend of the plan in a rendered family, with kube-proxy's names.
 #[derive(Debug)]
 pub(crate) struct PortPlan<'a> {
     pub(crate) service: &'a Service,
@@ -321,8 +314,11 @@ pub(crate) struct PortPlan<'a> {
     pub(crate) vip: IpAddr,
     /// `ServicePortName.String()`: `ns/name:port`, or `ns/name` when the port
     /// has no name.
-    pub(crate) name: String,
+    pub(crate) name: &'a str,
+    /// What the rules do: forward (to `endpoints`), reject or drop.
     pub(crate) outcome: Outcome,
+    /// The endpoints that get rules (weight above 0), in merged order.
+    pub(crate) endpoints: Vec<&'a Arc<EndpointInfo>>,
 }
 
 impl PortPlan<'_> {
@@ -336,53 +332,45 @@ impl PortPlan<'_> {
     }
 }
 
-/// The plans for every non-headless service port of `family`, in service
-/// key order then port order, and the number of endpoints of that family
-/// (kube-proxy's "large cluster" count).
-pub(crate) fn plan<'a>(
-    table: &'a ServiceTable,
+/// The frontends of `plan` in `family`, in service key order then port
+/// order, and the number of endpoints of that family (kube-proxy's "large
+/// cluster" count).
+pub(crate) fn port_plans<'a>(
+    table: &ServiceTable,
+    plan: &'a Planner,
     opts: &RenderOptions,
 ) -> (Vec<PortPlan<'a>>, usize) {
     let mut plans = Vec::new();
-    let mut total_endpoints = 0;
-    for key in table.keys_sorted() {
-        let Some(view) = table.view(&key) else {
+    for fe in plan.frontends() {
+        if !opts.family.contains(fe.key().addr) {
             continue;
-        };
-        let service: &Service = view.service();
-        for &vip in service.cluster_ip().addrs() {
-            if !opts.family.contains(vip) {
-                continue;
-            }
-            for pv in view.ports() {
-                let port = pv.port();
-                total_endpoints += pv
-                    .endpoints()
-                    .iter()
-                    .filter(|e| opts.family.contains(e.addr().ip()))
-                    .count();
-                // Weight-0 endpoints get no rule, as in the dataplanes.
-                let outcome = match categorize_weighted(
-                    pv.endpoints(),
-                    service.internal_traffic_policy(),
-                    &opts.node,
-                    Some(vip),
-                ) {
-                    Selection::Usable(eps) => Outcome::Endpoints(eps),
-                    Selection::NoEndpoints => Outcome::Reject,
-                    Selection::NoLocalEndpoints => Outcome::Drop,
-                };
-                let name = service.port_name_string(port);
-                plans.push(PortPlan {
-                    service,
-                    port,
-                    vip,
-                    name,
-                    outcome,
-                });
-            }
         }
+        plans.push(PortPlan {
+            service: fe.service(),
+            port: fe.port(),
+            vip: fe.key().addr,
+            name: fe.name(),
+            outcome: fe.rule_outcome(),
+            endpoints: fe.rule_backends().map(|b| b.endpoint()).collect(),
+        });
     }
+    let total_endpoints = table
+        .views()
+        .filter(|v| {
+            v.service()
+                .cluster_ip()
+                .addrs()
+                .iter()
+                .any(|a| opts.family.contains(*a))
+        })
+        .flat_map(|v| v.ports().iter())
+        .map(|pv| {
+            pv.endpoints()
+                .iter()
+                .filter(|e| opts.family.contains(e.addr().ip()))
+                .count()
+        })
+        .sum::<usize>();
     (plans, total_endpoints)
 }
 
@@ -435,17 +423,16 @@ mod tests {
                 Change::UpsertSlice(slice([0, 1])),
             ])
             .unwrap();
-        let (plans, _) = plan(&table, &RenderOptions::default());
-        match &plans[0].outcome {
-            Outcome::Endpoints(eps) => {
-                let addrs: Vec<String> = eps.iter().map(|e| e.addr_string()).collect();
-                assert_eq!(addrs, ["10.0.0.2:80"]);
-            }
-            other => panic!("{other:?}"),
-        }
+        let opts = RenderOptions::default();
+        let plan = Planner::compile(&table, &opts.node);
+        let (plans, _) = port_plans(&table, &plan, &opts);
+        assert_eq!(plans[0].outcome, Outcome::Forward);
+        let addrs: Vec<String> = plans[0].endpoints.iter().map(|e| e.addr_string()).collect();
+        assert_eq!(addrs, ["10.0.0.2:80"]);
         table.apply(Change::UpsertSlice(slice([0, 0]))).unwrap();
-        let (plans, _) = plan(&table, &RenderOptions::default());
-        assert!(matches!(plans[0].outcome, Outcome::Reject));
+        let plan = Planner::compile(&table, &opts.node);
+        let (plans, _) = port_plans(&table, &plan, &opts);
+        assert_eq!(plans[0].outcome, Outcome::Reject);
     }
 
     #[test]

@@ -27,8 +27,9 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::{IpFamily, Outcome, PortPlan, RenderOptions, hash, plan};
+use super::{IpFamily, PortPlan, RenderOptions, hash, port_plans};
 use crate::model::flow::Protocol;
+use crate::plan::{Outcome, Planner};
 use crate::table::ServiceTable;
 
 /// kube-proxy's limit on the part of a chain name after its prefix.
@@ -238,7 +239,8 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
 /// ));
 /// ```
 pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
-    let (plans, _) = plan(table, opts);
+    let plan = Planner::compile(table, &opts.node);
+    let (plans, _) = port_plans(table, &plan, opts);
     let (fam, ip_x, addr_type) = match opts.family {
         IpFamily::V4 => ("ip", "ip", "ipv4_addr"),
         IpFamily::V6 => ("ip6", "ip6", "ipv6_addr"),
@@ -274,19 +276,20 @@ fn write_service_port(
     if cluster_ips.insert(vip) {
         elements.push(format!("add element {t} cluster-ips {{ {vip} }}"));
     }
-    match &p.outcome {
+    match p.outcome {
         Outcome::Reject | Outcome::Drop => {
-            let verdict = if matches!(p.outcome, Outcome::Reject) {
-                "goto reject-chain"
-            } else {
+            let verdict = if p.outcome == Outcome::Drop {
                 "drop"
+            } else {
+                "goto reject-chain"
             };
             elements.push(format!(
                 "add element {t} no-endpoint-services {{ {element_key} comment \"{}\" : {verdict} }}",
                 p.name
             ));
         }
-        Outcome::Endpoints(eps) => {
+        _ => {
+            let eps = &p.endpoints;
             let base = service_chain_base(&key.namespace, &key.name, protocol, port_name);
             let chain = if p.local_policy() {
                 format!("local-{base}")
@@ -303,7 +306,7 @@ fn write_service_port(
                         port_name,
                         e.addr(),
                     );
-                    (format!("endpoint-{b}"), format!("affinity-{b}"), &**e)
+                    (format!("endpoint-{b}"), format!("affinity-{b}"), &***e)
                 })
                 .collect();
             // Declared before anything refers to them: `nft -f` resolves

@@ -74,7 +74,10 @@ impl ConnectionCounts {
     /// `(active, inactive)` of `id`; `(0, 0)` for a stale id.
     #[inline]
     pub fn get(&self, id: BackendId) -> (u32, u32) {
-        let Some(chunk) = self.chunks.get(id.slot() >> COUNT_CHUNK_BITS).and_then(|c| c.get())
+        let Some(chunk) = self
+            .chunks
+            .get(id.slot() >> COUNT_CHUNK_BITS)
+            .and_then(|c| c.get())
         else {
             return (0, 0);
         };
@@ -82,7 +85,20 @@ impl ConnectionCounts {
         if (w >> (2 * COUNT_BITS)) as u32 != id.generation() {
             return (0, 0);
         }
-        (((w >> COUNT_BITS) & COUNT_MASK) as u32, (w & COUNT_MASK) as u32)
+        (
+            ((w >> COUNT_BITS) & COUNT_MASK) as u32,
+            (w & COUNT_MASK) as u32,
+        )
+    }
+
+    /// Bytes allocated for the counters.
+    pub fn memory_bytes(&self) -> usize {
+        self.chunks
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(|c| c.len() * size_of::<AtomicU64>())
+            .sum::<usize>()
+            + self.chunks.len() * size_of::<OnceLock<Box<[AtomicU64]>>>()
     }
 
     /// Active plus inactive connections of `id`.
@@ -104,11 +120,11 @@ impl ConnectionCounts {
     /// backend's first connection); a change that takes away, for another
     /// generation, is a stale connection's end and is ignored.
     pub(crate) fn add(&self, id: BackendId, da: i32, di: i32) {
-        let gen = u64::from(id.generation());
+        let generation = u64::from(id.generation());
         let _ = self
             .word(id)
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-                let (mut a, mut i) = if w >> (2 * COUNT_BITS) == gen {
+                let (mut a, mut i) = if w >> (2 * COUNT_BITS) == generation {
                     ((w >> COUNT_BITS) & COUNT_MASK, w & COUNT_MASK)
                 } else if da < 0 || di < 0 {
                     return None;
@@ -117,7 +133,7 @@ impl ConnectionCounts {
                 };
                 a = (a as i64 + i64::from(da)).clamp(0, COUNT_MASK as i64) as u64;
                 i = (i as i64 + i64::from(di)).clamp(0, COUNT_MASK as i64) as u64;
-                Some((gen << (2 * COUNT_BITS)) | (a << COUNT_BITS) | i)
+                Some((generation << (2 * COUNT_BITS)) | (a << COUNT_BITS) | i)
             });
     }
 }
@@ -363,11 +379,16 @@ impl SchedulerConfig {
     /// after the destination it picked last (`ip_vs_rr`), `wrr` keeps its
     /// current weight (`ip_vs_wrr_dest_changed`), a custom scheduler gets
     /// [`SchedulerFactory::rebuild`]. Stateless schedulers are built anew.
-    pub fn rebuild(&self, dests: &[Destination], previous: Option<(&Selector, &[Destination])>) -> Selector {
+    pub fn rebuild(
+        &self,
+        dests: &[Destination],
+        previous: Option<(&Selector, &[Destination])>,
+    ) -> Selector {
         match (self, previous) {
-            (SchedulerConfig::Kind(SchedulerKind::RoundRobin), Some((Selector::RoundRobin(old), od))) => {
-                Selector::RoundRobin(RoundRobin::continue_from(dests, old, od))
-            }
+            (
+                SchedulerConfig::Kind(SchedulerKind::RoundRobin),
+                Some((Selector::RoundRobin(old), od)),
+            ) => Selector::RoundRobin(RoundRobin::continue_from(dests, old, od)),
             (
                 SchedulerConfig::Kind(SchedulerKind::WeightedRoundRobin),
                 Some((Selector::WeightedRoundRobin(old), _)),
@@ -480,7 +501,10 @@ pub(crate) mod test_util {
 
     /// Changes a test destination's counts.
     pub(crate) fn add(d: &Destination, active: i32, inactive: i32) {
-        d.counts.as_ref().expect("counted").add(d.id, active, inactive);
+        d.counts
+            .as_ref()
+            .expect("counted")
+            .add(d.id, active, inactive);
     }
 
     pub(crate) fn flow(src: [u8; 4], port: u16) -> Flow {
@@ -521,7 +545,11 @@ mod tests {
         assert_eq!(c.get(newer), (0, 0));
         c.add(newer, 1, 0);
         c.add(id, -1, 0);
-        assert_eq!(c.get(newer), (1, 0), "a stale connection's end changes nothing");
+        assert_eq!(
+            c.get(newer),
+            (1, 0),
+            "a stale connection's end changes nothing"
+        );
         assert_eq!(c.get(id), (0, 0));
     }
 }

@@ -48,7 +48,11 @@ impl RoundRobin {
     /// destination does not move the position; removing the last-picked
     /// one moves it to the destination that followed it. Destinations are
     /// matched by backend id, and the lists are in merged endpoint order.
-    pub fn continue_from(dests: &[Destination], old: &RoundRobin, old_dests: &[Destination]) -> Self {
+    pub fn continue_from(
+        dests: &[Destination],
+        old: &RoundRobin,
+        old_dests: &[Destination],
+    ) -> Self {
         let new = RoundRobin::new(dests);
         if new.len == 0 || old.len == 0 {
             return new;
@@ -165,7 +169,8 @@ impl WeightedRoundRobin {
         // the gcd: store it one gcd higher, so the first pass runs at `cw`.
         let stored = if cw == 0 { 0 } else { cw + new.gcd };
         let last = (new.weights.len() as u64).saturating_sub(1);
-        new.state.store((last << 32) | u64::from(stored), Ordering::Relaxed);
+        new.state
+            .store((last << 32) | u64::from(stored), Ordering::Relaxed);
         new
     }
 

@@ -55,7 +55,7 @@ pub fn both(table: &ServiceTable, config: DataplaneConfig) -> (IptablesDataplane
     let ipt = IptablesDataplane::new(config.clone());
     let ipvs = IpvsDataplane::new(config);
     let all = table.full_change_set();
-    ipt.sync(table, &all);
-    ipvs.sync(table, &all);
+    ipt.sync(table, &all, Instant::ZERO);
+    ipvs.sync(table, &all, Instant::ZERO);
     (ipt, ipvs)
 }

@@ -667,7 +667,9 @@ pub fn model_merged(model: &RefModel) -> BTreeMap<ServiceKey, Vec<Vec<EpFacts>>>
 /// source whose bucket holds a weight-0 destination, as IPVS does.
 pub fn verdict_ok(expected: &Candidates, v: Verdict, sh_may_reject: bool) -> bool {
     match (expected, v) {
-        (Candidates::Endpoints(eps), Verdict::Forward(b)) => eps.contains(&b),
+        (Candidates::Endpoints(eps), Verdict::Forward(svclb::Forward { backend: b, .. })) => {
+            eps.contains(&b)
+        }
         (Candidates::Endpoints(_), Verdict::Reject) => sh_may_reject,
         (Candidates::Reject, Verdict::Reject)
         | (Candidates::Drop, Verdict::Drop)
@@ -679,7 +681,9 @@ pub fn verdict_ok(expected: &Candidates, v: Verdict, sh_may_reject: bool) -> boo
 /// The dataplanes every check runs: iptables mode, nftables mode, and IPVS
 /// mode with the given scheduler.
 pub fn dataplanes(seed: u64, scheduler: SchedulerKind) -> Vec<Box<dyn Dataplane>> {
-    let config = DataplaneConfig::with_seed(seed).node(node_topology());
+    let config = DataplaneConfig::with_seed(seed)
+        .conntrack(None)
+        .node(node_topology());
     vec![
         Box::new(IptablesDataplane::new(config.clone())),
         Box::new(NftablesDataplane::new(config.clone())),
@@ -712,7 +716,7 @@ pub fn step_batch(
                 return Err(format!("generation {generation} -> {}", cs.generation));
             }
             for dp in dps {
-                dp.sync(table, &cs);
+                dp.sync(table, &cs, Instant::ZERO);
             }
         }
         (Err(e), Err((index, kind))) => {
@@ -775,15 +779,15 @@ pub fn step_flow(
     let want = model.candidates(flow.protocol, flow.dst);
     for dp in dps {
         let v = dp.route(flow, now);
-        let sh_may_reject = sh && dp.mode() == "ipvs" && has_weight_zero(model, flow);
+        let sh_may_reject = sh && dp.mode() == svclb::Mode::Ipvs && has_weight_zero(model, flow);
         if !verdict_ok(&want, v, sh_may_reject) {
             return Err(format!(
                 "{} routed {flow} to {v}, model candidates {want:?}",
                 dp.mode()
             ));
         }
-        if let (true, Verdict::Forward(b)) = (close, v) {
-            dp.connection_closed(flow, b, now);
+        if let (true, Verdict::Forward(_)) = (close, v) {
+            dp.connection_closed(flow, now);
         }
     }
     Ok(())
