@@ -391,8 +391,8 @@ impl SchedulerConfig {
             ) => Selector::RoundRobin(RoundRobin::continue_from(dests, old, od)),
             (
                 SchedulerConfig::Kind(SchedulerKind::WeightedRoundRobin),
-                Some((Selector::WeightedRoundRobin(old), _)),
-            ) => Selector::WeightedRoundRobin(WeightedRoundRobin::continue_from(dests, old)),
+                Some((Selector::WeightedRoundRobin(old), od)),
+            ) => Selector::WeightedRoundRobin(WeightedRoundRobin::continue_from(dests, old, od)),
             (SchedulerConfig::Custom(f), Some((Selector::Custom(old), od))) => {
                 Selector::Custom(f.rebuild(dests, &**old, od))
             }

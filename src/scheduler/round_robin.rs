@@ -150,27 +150,51 @@ impl WeightedRoundRobin {
         }
     }
 
-    /// The schedule for `dests` that keeps `old`'s current weight as
-    /// `ip_vs_wrr_dest_changed` does: the walk restarts at the head of the
-    /// list, and the current weight is kept when it is still within the new
-    /// maximum (rounded to the new gcd), else reset.
-    pub fn continue_from(dests: &[Destination], old: &WeightedRoundRobin) -> Self {
+    /// The schedule for `dests` that continues `old` (built for
+    /// `old_dests`): it keeps the current weight as `ip_vs_wrr_dest_changed`
+    /// does (kept when within the new maximum, rounded to the new gcd, else
+    /// reset), and, unlike the kernel, which restarts the walk at the head
+    /// of the list, it also keeps its position: the walk goes on after the
+    /// destination picked last (matched by backend id; if it is gone, after
+    /// the one that preceded it in merged order). With the kernel's restart,
+    /// a change between every two connections sends every connection to the
+    /// first destination whose weight reaches the current weight.
+    pub fn continue_from(
+        dests: &[Destination],
+        old: &WeightedRoundRobin,
+        old_dests: &[Destination],
+    ) -> Self {
         let new = WeightedRoundRobin::new(dests);
-        let cw = old.state.load(Ordering::Relaxed) as u32;
+        let n = new.weights.len();
+        let state = old.state.load(Ordering::Relaxed);
+        let cw = state as u32;
         let mw = new.max_weight;
         let cw = if cw > mw || cw == 0 {
             0
         } else if new.gcd > 1 {
-            (cw / new.gcd) * new.gcd
+            (cw / new.gcd).max(1) * new.gcd
         } else {
             cw
         };
-        // The walk's first step wraps to the head and lowers the weight by
-        // the gcd: store it one gcd higher, so the first pass runs at `cw`.
-        let stored = if cw == 0 { 0 } else { cw + new.gcd };
-        let last = (new.weights.len() as u64).saturating_sub(1);
+        let last = old_dests.get((state >> 32) as usize);
+        let pos = match last {
+            None => n.saturating_sub(1),
+            Some(last) => match dests.iter().position(|d| d.id() == last.id()) {
+                Some(i) => i,
+                None => {
+                    let after = dests
+                        .iter()
+                        .position(|d| {
+                            crate::table::endpoint_order(d.addr(), last.addr())
+                                == core::cmp::Ordering::Greater
+                        })
+                        .unwrap_or(n);
+                    (after + n.max(1) - 1) % n.max(1)
+                }
+            },
+        };
         new.state
-            .store((last << 32) | u64::from(stored), Ordering::Relaxed);
+            .store(((pos as u64) << 32) | u64::from(cw), Ordering::Relaxed);
         new
     }
 
@@ -306,15 +330,23 @@ mod tests {
     }
 
     #[test]
-    fn wrr_keeps_its_current_weight() {
+    fn wrr_keeps_its_current_weight_and_position() {
         let d = dests(&[4, 3, 2]);
         let w = WeightedRoundRobin::new(&d);
         assert_eq!(picks(&w, &d, 3), [0, 0, 1]); // current weight now 3
-        let w2 = WeightedRoundRobin::continue_from(&d, &w);
-        // The walk restarts at the head with weight 3: 0 and 1 qualify.
-        assert_eq!(picks(&w2, &d, 2), [0, 1]);
+        let w2 = WeightedRoundRobin::continue_from(&d, &w, &d);
+        // The sequence goes on as if nothing changed: 0 1 2 0 1 2 ...
+        assert_eq!(picks(&w2, &d, 6), [0, 1, 2, 0, 1, 2]);
         let fresh = WeightedRoundRobin::new(&d);
-        assert_ne!(picks(&fresh, &d, 2), [0, 1]);
+        assert_eq!(picks(&fresh, &d, 3), [0, 0, 1]);
+        // A rebuild after every pick follows the same sequence.
+        let mut cur = WeightedRoundRobin::new(&d);
+        let mut seq = Vec::new();
+        for _ in 0..9 {
+            seq.extend(picks(&cur, &d, 1));
+            cur = WeightedRoundRobin::continue_from(&d, &cur, &d);
+        }
+        assert_eq!(seq, [0, 0, 1, 0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
