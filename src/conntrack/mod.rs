@@ -80,7 +80,7 @@ pub use state::{ConnState, Direction, ParseTcpFlagsError, SctpState, TcpFlags, T
 pub use timeouts::Timeouts;
 
 use counts::BackendCounts;
-use state::STATE_CODES;
+use state::{STATE_CODES, Transitions, is_active_code};
 use table::{Entry, Table, V4Entry, V4Key, WideEntry, max_slots};
 
 use crate::{Flow, Instant};
@@ -184,6 +184,8 @@ pub struct Conntrack {
     hasher: ahash::RandomState,
     /// Timeouts in nanoseconds by state code.
     timeouts: [u64; STATE_CODES],
+    /// The state machines by state code.
+    transitions: Transitions,
     counts: BackendCounts,
     /// The next sweep step, in nanoseconds.
     next_sweep: AtomicU64,
@@ -256,6 +258,7 @@ impl Conntrack {
             shards,
             hasher: ahash::RandomState::with_seeds(k0, k1, k2, k3),
             timeouts: config.timeout_values().nanos_table(),
+            transitions: Transitions::new(),
             counts: BackendCounts::new(),
             next_sweep: AtomicU64::new(UNSET),
             config,
@@ -325,22 +328,22 @@ impl Conntrack {
         if now >= e.expires() {
             return None;
         }
-        let previous = e.state();
-        let state = previous.next(direction, flags);
+        let previous = e.code();
+        let state = self.transitions.next(direction, flags, previous);
         if state != previous {
-            let active = state.is_active();
-            if active != previous.is_active() {
+            let active = is_active_code(state);
+            if active != is_active_code(previous) {
                 self.counts.change(e.backend(), active);
             }
-            e.set_code(state.code());
+            e.set_code(state);
         }
-        e.set_expires(now.saturating_add(self.timeouts[state.code() as usize]));
+        e.set_expires(now.saturating_add(self.timeouts[state as usize]));
         Some(Hit {
             frontend: FrontendId(e.frontend()),
             backend: BackendId(e.backend()),
             backend_addr: e.backend_addr(),
-            state,
-            previous,
+            state: ConnState::from_code(state),
+            previous: ConnState::from_code(previous),
         })
     }
 
