@@ -78,9 +78,9 @@ fn probe_map(flows: &[Flow]) -> AHashMap<Flow, u32> {
 
 fn bench_conntrack(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("conntrack");
-    group.sample_size(10);
+    group.sample_size(20);
     group.warm_up_time(Duration::from_millis(300));
-    group.measurement_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(2));
     let now = Instant::from_secs(1);
 
     for (label, n, capacity) in [

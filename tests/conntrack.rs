@@ -293,7 +293,7 @@ fn a_million_flows_stay_within_the_bound() {
     let ct = tracker(65_536);
     let mut warm = None;
     for i in 0..1_000_000u32 {
-        let now = Instant::from_micros_for_test(u64::from(i));
+        let now = micros(u64::from(i));
         ct.insert(&tcp(i), FrontendId(0), BackendId(i % 16), BACKEND, SYN, now);
         if i % 997 == 0 {
             assert!(ct.len() <= 65_536, "{i}: {}", ct.len());
@@ -315,14 +315,9 @@ fn a_million_flows_stay_within_the_bound() {
     assert_eq!(total as usize, ct.len());
 }
 
-/// `Instant` from microseconds (test helper on our clock type).
-trait FromMicros {
-    fn from_micros_for_test(us: u64) -> Instant;
-}
-impl FromMicros for Instant {
-    fn from_micros_for_test(us: u64) -> Instant {
-        Instant::from_nanos(us * 1000)
-    }
+/// An instant `us` microseconds after the epoch.
+fn micros(us: u64) -> Instant {
+    Instant::from_nanos(us * 1000)
 }
 
 fn recount(ct: &Conntrack, now: Instant) -> HashMap<BackendId, (u32, u32)> {
