@@ -605,12 +605,14 @@ proptest! {
 fn hit_and_warm_insert_allocate_nothing() {
     let _g = serial();
     let ct = tracker(65_536);
-    let now = Instant::from_secs(1);
-    // Warm: fill past the bound so every table has its final size.
+    // Warm: fill past the bound so every table has its final size; the
+    // newest flows are the ones LRU eviction keeps.
     for i in 0..200_000u32 {
-        ct.insert(&tcp(i), FrontendId(0), BackendId(i % 8), BACKEND, SYN, now);
+        let at = micros(u64::from(i));
+        ct.insert(&tcp(i), FrontendId(0), BackendId(i % 8), BACKEND, SYN, at);
     }
-    let live: Vec<Flow> = (190_000..190_100).map(tcp).collect();
+    let now = Instant::from_secs(1);
+    let live: Vec<Flow> = (199_900..200_000).map(tcp).collect();
     let v6 = Flow::tcp(
         "[fd00::1]:1000".parse().unwrap(),
         "[fd00::a]:80".parse().unwrap(),
