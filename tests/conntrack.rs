@@ -293,7 +293,7 @@ fn a_million_flows_stay_within_the_bound() {
     let ct = tracker(65_536);
     let mut warm = None;
     for i in 0..1_000_000u32 {
-        let now = Instant::from_micros_for_test(u64::from(i));
+        let now = micros(u64::from(i));
         ct.insert(&tcp(i), FrontendId(0), BackendId(i % 16), BACKEND, SYN, now);
         if i % 997 == 0 {
             assert!(ct.len() <= 65_536, "{i}: {}", ct.len());
@@ -315,14 +315,9 @@ fn a_million_flows_stay_within_the_bound() {
     assert_eq!(total as usize, ct.len());
 }
 
-/// `Instant` from microseconds (test helper on our clock type).
-trait FromMicros {
-    fn from_micros_for_test(us: u64) -> Instant;
-}
-impl FromMicros for Instant {
-    fn from_micros_for_test(us: u64) -> Instant {
-        Instant::from_nanos(us * 1000)
-    }
+/// An instant `us` microseconds after the epoch.
+fn micros(us: u64) -> Instant {
+    Instant::from_nanos(us * 1000)
 }
 
 fn recount(ct: &Conntrack, now: Instant) -> HashMap<BackendId, (u32, u32)> {
@@ -610,12 +605,14 @@ proptest! {
 fn hit_and_warm_insert_allocate_nothing() {
     let _g = serial();
     let ct = tracker(65_536);
-    let now = Instant::from_secs(1);
-    // Warm: fill past the bound so every table has its final size.
+    // Warm: fill past the bound so every table has its final size; the
+    // newest flows are the ones LRU eviction keeps.
     for i in 0..200_000u32 {
-        ct.insert(&tcp(i), FrontendId(0), BackendId(i % 8), BACKEND, SYN, now);
+        let at = micros(u64::from(i));
+        ct.insert(&tcp(i), FrontendId(0), BackendId(i % 8), BACKEND, SYN, at);
     }
-    let live: Vec<Flow> = (190_000..190_100).map(tcp).collect();
+    let now = Instant::from_secs(1);
+    let live: Vec<Flow> = (199_900..200_000).map(tcp).collect();
     let v6 = Flow::tcp(
         "[fd00::1]:1000".parse().unwrap(),
         "[fd00::a]:80".parse().unwrap(),

@@ -26,11 +26,14 @@
 //!   at one slot (hash flooding).
 //!
 //! # Eviction
-//! Approximate LRU per shard, in the spirit of Cilium's LRU maps: from a
-//! clock hand that moves through the shard's larger table, up to 8 occupied
-//! slots (at most 64 slots scanned) are sampled; an expired entry among them
-//! goes at once, otherwise the one whose last packet is oldest (its expiry
-//! minus its state's timeout).
+//! Approximate LRU per shard, in the spirit of Cilium's LRU maps (and of
+//! Redis's sampled LRU): the first 8 occupied slots from the new flow's home
+//! slot in the shard's larger table are sampled (at most 64 slots scanned
+//! once one is found); an expired entry among them goes at once, otherwise
+//! the one whose last packet is oldest (its expiry minus its state's
+//! timeout). The home slot comes from the secret-keyed hash, so the sample
+//! is random to an outsider, and it is the stretch the insert's own probe
+//! has just read, so eviction costs little more than the probe.
 //!
 //! # Expiry
 //! An entry whose expiry has passed (`now >= expires`) counts as absent for
@@ -80,7 +83,7 @@ pub use state::{ConnState, Direction, ParseTcpFlagsError, SctpState, TcpFlags, T
 pub use timeouts::Timeouts;
 
 use counts::BackendCounts;
-use state::STATE_CODES;
+use state::{STATE_CODES, Transitions, is_active_code};
 use table::{Entry, Table, V4Entry, V4Key, WideEntry, max_slots};
 
 use crate::{Flow, Instant};
@@ -122,7 +125,7 @@ pub struct Hit {
 
 /// Slots sampled for eviction (occupied ones).
 const EVICT_SAMPLE: usize = 8;
-/// Slots scanned at most for one eviction.
+/// Slots scanned for one eviction once a candidate is found.
 const EVICT_SCAN: usize = 64;
 /// `next_sweep` while nothing was ever inserted.
 const UNSET: u64 = u64::MAX;
@@ -130,8 +133,6 @@ const UNSET: u64 = u64::MAX;
 struct ShardInner {
     v4: Table<V4Entry>,
     wide: Table<WideEntry>,
-    /// Eviction clock hand.
-    hand: usize,
     /// Sweep cursors.
     sweep_v4: usize,
     sweep_wide: usize,
@@ -176,6 +177,8 @@ pub struct Conntrack {
     hasher: ahash::RandomState,
     /// Timeouts in nanoseconds by state code.
     timeouts: [u64; STATE_CODES],
+    /// The state machines by state code.
+    transitions: Transitions,
     counts: BackendCounts,
     /// The next sweep step, in nanoseconds.
     next_sweep: AtomicU64,
@@ -243,7 +246,6 @@ impl Conntrack {
                     inner: Mutex::new(ShardInner {
                         v4: Table::new(max_slots(bound)),
                         wide: Table::new(max_slots(bound)),
-                        hand: 0,
                         sweep_v4: 0,
                         sweep_wide: 0,
                     }),
@@ -257,6 +259,7 @@ impl Conntrack {
             shards,
             hasher: ahash::RandomState::with_seeds(k0, k1, k2, k3),
             timeouts: config.timeout_values().nanos_table(),
+            transitions: Transitions::new(),
             counts: BackendCounts::shared(counts),
             next_sweep: AtomicU64::new(UNSET),
             config,
@@ -326,22 +329,22 @@ impl Conntrack {
         if now >= e.expires() {
             return None;
         }
-        let previous = e.state();
-        let state = previous.next(direction, flags);
+        let previous = e.code();
+        let state = self.transitions.next(direction, flags, previous);
         if state != previous {
-            let active = state.is_active();
-            if active != previous.is_active() {
+            let active = is_active_code(state);
+            if active != is_active_code(previous) {
                 self.counts.change(e.backend(), active);
             }
-            e.set_code(state.code());
+            e.set_code(state);
         }
-        e.set_expires(now.saturating_add(self.timeouts[state.code() as usize]));
+        e.set_expires(now.saturating_add(self.timeouts[state as usize]));
         Some(Hit {
             frontend: FrontendId(e.frontend()),
             backend: BackendId(e.backend()),
             backend_addr: e.backend_addr(),
-            state,
-            previous,
+            state: ConnState::from_code(state),
+            previous: ConnState::from_code(previous),
         })
     }
 
@@ -408,55 +411,51 @@ impl Conntrack {
         e.expires().saturating_sub(self.timeouts[e.code() as usize])
     }
 
-    /// Samples from the clock hand; the index of the victim.
-    fn victim<E: Entry>(&self, t: &Table<E>, hand: &mut usize, now: u64) -> Option<usize> {
+    /// Samples up to [`EVICT_SAMPLE`] occupied slots from slot `start` on;
+    /// the index of the victim (the first expired entry, else the least
+    /// recently used).
+    fn victim<E: Entry>(&self, t: &Table<E>, start: usize, now: u64) -> Option<usize> {
         let n = t.slot_count();
         if t.len() == 0 {
             return None;
         }
         let mut best: Option<(usize, u64)> = None;
         let mut seen = 0;
-        for _ in 0..EVICT_SCAN.min(n) {
-            if *hand >= n {
-                *hand = 0;
-            }
-            let i = *hand;
-            *hand += 1;
+        let mut i = start;
+        for step in 0..n {
             let e = t.get(i);
-            if e.code() == 0 {
-                continue;
-            }
-            if now >= e.expires() {
-                return Some(i);
-            }
-            let used = self.last_use(e);
-            if best.is_none_or(|(_, b)| used < b) {
-                best = Some((i, used));
-            }
-            seen += 1;
-            if seen == EVICT_SAMPLE {
+            if e.code() != 0 {
+                if now >= e.expires() {
+                    return Some(i);
+                }
+                let used = self.last_use(e);
+                if best.is_none_or(|(_, b)| used < b) {
+                    best = Some((i, used));
+                }
+                seen += 1;
+                if seen == EVICT_SAMPLE {
+                    break;
+                }
+            } else if step >= EVICT_SCAN && best.is_some() {
                 break;
             }
-        }
-        if best.is_none() {
-            // A sparse stretch: take the next occupied slot.
-            while t.get(*hand % n).code() == 0 {
-                *hand = (*hand + 1) % n;
-            }
-            best = Some((*hand % n, 0));
+            i = if i + 1 == n { 0 } else { i + 1 };
         }
         best.map(|(i, _)| i)
     }
 
-    /// Evicts one entry of a full shard, from its larger table.
-    fn evict(&self, inner: &mut ShardInner, now: u64) {
-        let ShardInner { v4, wide, hand, .. } = inner;
+    /// Evicts one entry of a full shard, from its larger table, sampling
+    /// the slots from the new flow's home slot on (`hash`: the new flow's
+    /// slot hash, random under the secret key).
+    fn evict(&self, inner: &mut ShardInner, hash: u32, now: u64) {
+        let ShardInner { v4, wide, .. } = inner;
+        // (The field list keeps the sweep cursors out of the borrow.)
         if v4.len() >= wide.len() {
-            if let Some(i) = self.victim(v4, hand, now) {
+            if let Some(i) = self.victim(v4, v4.home_of(hash), now) {
                 let e = v4.remove_at(i);
                 self.counts.sub(e.backend(), e.state().is_active());
             }
-        } else if let Some(i) = self.victim(wide, hand, now) {
+        } else if let Some(i) = self.victim(wide, wide.home_of(hash), now) {
             let e = wide.remove_at(i);
             self.counts.sub(e.backend(), e.state().is_active());
         }
@@ -511,7 +510,11 @@ impl Conntrack {
             }
         }
         if inner.len() >= shard.bound {
-            self.evict(&mut inner, now);
+            let h = match &place {
+                Place::V4 { hash, .. } => *hash,
+                Place::Wide => self.wide_hash(flow) as u32,
+            };
+            self.evict(&mut inner, h, now);
             hint = usize::MAX;
         }
         match (&place, backend_addr) {

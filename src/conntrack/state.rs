@@ -522,6 +522,55 @@ impl fmt::Display for ConnState {
 /// How many state codes exist, the empty code 0 included.
 pub(crate) const STATE_CODES: usize = 28;
 
+/// The code of TCP ESTABLISHED and of SCTP ESTABLISHED: the active ones.
+const ACTIVE_CODES: u32 =
+    (1 << (1 + TcpState::Established as u32)) | (1 << (14 + SctpState::Established as u32));
+
+/// Whether the state of `code` counts as active ([`ConnState::is_active`]).
+#[inline]
+pub(crate) const fn is_active_code(code: u8) -> bool {
+    (ACTIVE_CODES >> code) & 1 != 0
+}
+
+/// [`ConnState::next`] as a table over state codes, for the hot path:
+/// `[direction][flag row][code]`, flag row 4 meaning no flag.
+pub(crate) struct Transitions([[[u8; STATE_CODES]; 5]; 2]);
+
+impl Transitions {
+    pub(crate) fn new() -> Self {
+        let rows = [
+            TcpFlags::SYN,
+            TcpFlags::FIN,
+            TcpFlags::ACK,
+            TcpFlags::RST,
+            TcpFlags::NONE,
+        ];
+        let mut t = [[[0u8; STATE_CODES]; 5]; 2];
+        for (d, dir) in [Direction::Original, Direction::Reply]
+            .into_iter()
+            .enumerate()
+        {
+            for (r, flags) in rows.into_iter().enumerate() {
+                debug_assert_eq!(flags.row().unwrap_or(4), r);
+                for s in all_states() {
+                    t[d][r][s.code() as usize] = s.next(dir, flags).code();
+                }
+            }
+        }
+        Transitions(t)
+    }
+
+    /// The code after a packet; `code` must not be 0.
+    #[inline]
+    pub(crate) fn next(&self, direction: Direction, flags: TcpFlags, code: u8) -> u8 {
+        let row = match flags.row() {
+            Some(r) => r,
+            None => 4,
+        };
+        self.0[direction as usize][row][code as usize]
+    }
+}
+
 /// Every state, in code order (index = code - 1).
 pub(crate) fn all_states() -> impl Iterator<Item = ConnState> {
     (1..STATE_CODES as u8).map(ConnState::from_code)
@@ -530,6 +579,20 @@ pub(crate) fn all_states() -> impl Iterator<Item = ConnState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transition_table_matches_the_state_machines() {
+        let t = Transitions::new();
+        for s in all_states() {
+            assert_eq!(is_active_code(s.code()), s.is_active(), "{s}");
+            for dir in [Direction::Original, Direction::Reply] {
+                for bits in 0..=0x17u8 {
+                    let f = TcpFlags::from_bits(bits);
+                    assert_eq!(t.next(dir, f, s.code()), s.next(dir, f).code());
+                }
+            }
+        }
+    }
 
     #[test]
     fn codes_round_trip() {

@@ -314,6 +314,12 @@ impl<E: Entry> Table<E> {
         self.slots.capacity() * size_of::<E>()
     }
 
+    /// The home slot of `hash` (the table must have slots).
+    #[inline]
+    pub(crate) fn home_of(&self, hash: u32) -> usize {
+        Self::home(hash, self.slots.len())
+    }
+
     #[inline]
     fn home(hash: u32, n: usize) -> usize {
         ((u64::from(hash) * n as u64) >> 32) as usize
