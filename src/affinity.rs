@@ -1026,15 +1026,21 @@ impl AffinityTable {
                 h.write_u32(u32::from(*a));
             }
             AffinityKey::ClientIp(IpAddr::V6(a)) => {
+                let b = u128::from(*a);
                 h.write_u64(slot << 8 | 2);
-                h.write_u128(u128::from(*a));
+                h.write_u64((b >> 64) as u64);
+                h.write_u64(b as u64);
             }
             AffinityKey::ClientIpPort(s) => {
                 let tag = if s.is_ipv4() { 3 } else { 4 };
                 h.write_u64(slot << 24 | u64::from(s.port()) << 8 | tag);
                 match s.ip() {
                     IpAddr::V4(a) => h.write_u32(u32::from(a)),
-                    IpAddr::V6(a) => h.write_u128(u128::from(a)),
+                    IpAddr::V6(a) => {
+                        let b = u128::from(a);
+                        h.write_u64((b >> 64) as u64);
+                        h.write_u64(b as u64);
+                    }
                 }
             }
             AffinityKey::Caller(k) => {
@@ -1048,6 +1054,7 @@ impl AffinityTable {
     /// The shard the table chooses for `key` in `scope`, in
     /// `0..self.shards()`. For tests and diagnostics (an operator checking
     /// the spread); the packet path computes it internally.
+    #[inline]
     pub fn shard_index(&self, scope: &AffinityScope, key: AffinityKey) -> usize {
         self.shard_of(scope, &key)
     }
