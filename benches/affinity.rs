@@ -2,6 +2,11 @@
 //! affinity hit (the client has a live entry), an affinity miss (a client
 //! never seen, at capacity: schedule, insert, evict), and a plain route of
 //! the same service without affinity, in one group, read as ratios.
+//!
+//! A second group, `shard_hash`, times the shard choice alone: main's
+//! seed-only hash (the public `stable_hash` mixed with the replay seed,
+//! reproduced here) against the secret-keyed ahash the table uses now, for
+//! each key kind, in the same run.
 
 // criterion_group! generates undocumented public functions.
 #![allow(missing_docs)]
@@ -99,5 +104,57 @@ fn bench_affinity(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_affinity);
+/// The shard main's table chose: public and invertible, so anyone who
+/// knows the seed can aim keys at one shard.
+#[inline]
+fn seed_only_shard(key: &AffinityKey, slot_term: u64, seed: u64, mask: usize) -> usize {
+    (mix64(key.stable_hash() ^ slot_term ^ seed) as usize) & mask
+}
+
+fn bench_shard_hash(c: &mut Criterion) {
+    let mut group = c.benchmark_group("shard_hash");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(1));
+    let table = AffinityTable::new(AffinityConfig::default(), 7);
+    let scope = table.new_scope(Duration::from_secs(10));
+    let seed = mix64(7 ^ 0xA5F1_7AB1_E000_0001);
+    let mask = table.shards() - 1;
+    let kinds: [(&str, fn(u32) -> AffinityKey); 3] = [
+        ("ipv4", |k| {
+            AffinityKey::ClientIp(std::net::Ipv4Addr::from(0x0A00_0000 | k).into())
+        }),
+        ("ipv6", |k| {
+            AffinityKey::ClientIp(
+                std::net::Ipv6Addr::from(0x2001_0db8u128 << 96 | u128::from(k)).into(),
+            )
+        }),
+        ("ipv4_port", |k| {
+            AffinityKey::ClientIpPort(SocketAddr::from((
+                std::net::Ipv4Addr::from(0x0A00_0000 | k),
+                40_000 + (k % 1000) as u16,
+            )))
+        }),
+    ];
+    for (name, make) in kinds {
+        let keys: Vec<AffinityKey> = (0..1024).map(make).collect();
+        group.bench_function(format!("{name}/seed_only_main"), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(seed_only_shard(black_box(&keys[i]), 0, seed, mask))
+            })
+        });
+        group.bench_function(format!("{name}/keyed_ahash"), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(table.shard_index(&scope, black_box(keys[i])))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_affinity, bench_shard_hash);
 criterion_main!(benches);

@@ -24,8 +24,8 @@
 //! [`AffinityKeyKind`].
 //!
 //! # Memory and concurrency
-//! [`AffinityTable`] is split into shards chosen by a seeded, stable hash
-//! of the key; each shard is a `parking_lot::Mutex` around a slab of entries,
+//! [`AffinityTable`] is split into shards chosen by a keyed hash of the
+//! key (see [Hash keys](#hash-keys)); each shard is a `parking_lot::Mutex` around a slab of entries,
 //! an index map, and intrusive doubly-linked lists: one per timeout class
 //! (the entries of the service ports sharing a timeout, in last-use order,
 //! which is also their expiry order) and one per service port. A lookup or
@@ -42,6 +42,26 @@
 //!
 //! Unlike the kernel's `xt_recent` lists (at most `ip_list_tot`, 100 by
 //! default, per endpoint) the bound is whatever the caller configures.
+//!
+//! # Hash keys
+//! Clients choose their own addresses and ports, and capacity is split per
+//! shard, so a shard choice an outsider can compute would let them aim
+//! about capacity/shards keys at one shard and evict everyone else's
+//! entries there. The shard is therefore chosen by ahash keyed with a
+//! 256-bit secret ([`AffinityConfig::hash_key`]) that is *not* derived
+//! from the replay seed: by default it is drawn from the operating system
+//! once, when the table is built. Fix it with
+//! [`AffinityConfig::hash_key`] to replay a run exactly (the same build of
+//! svclb then picks the same shards; ahash does not promise the same
+//! output across its versions or target features). The index inside a
+//! shard is an `AHashMap` with its own OS-seeded state.
+//!
+//! Hashes that must agree across processes keep their pinned, public
+//! definitions and are not keyed: [`AffinityKey::stable_hash`] (the
+//! heavy-hitters sketch's fast comparison), the `sh` scheduler's source
+//! hash and Maglev's permutation hashes. They decide backends, not
+//! capacity, so knowing them lets a client choose its backend, as it can
+//! with IPVS, but not evict other clients.
 //!
 //! # Hotspots
 //! Each service port counts its new connections, per endpoint and per key.
@@ -109,8 +129,11 @@ impl AffinityKey {
         }
     }
 
-    /// A stable 64-bit hash of the key (the same in every process and build
-    /// of svclb): it chooses the shard, so a fixed seed replays exactly.
+    /// A stable, public 64-bit hash of the key (the same in every process
+    /// and build of svclb). It is pinned and unkeyed, so anyone can compute
+    /// it: the table uses it only to compare sketch entries quickly, and
+    /// chooses shards with a secret-keyed hash instead (see the
+    /// [module docs](self#hash-keys)).
     #[inline]
     pub fn stable_hash(&self) -> u64 {
         fn ip(ip: &IpAddr) -> u64 {
@@ -170,12 +193,14 @@ pub struct AffinityConfig {
     reap_batch: usize,
     hotspot_factor: f64,
     hotspot_min_connections: u64,
+    hash_key: Option<[u64; 4]>,
 }
 
 impl Default for AffinityConfig {
     /// [`DEFAULT_AFFINITY_CAPACITY`] entries, no per-service bound, 32
     /// shards, 4 entries examined per reap, hotspot factor 10 and at
-    /// least 100 connections.
+    /// least 100 connections, and a shard hash key drawn from the operating
+    /// system when the table is built.
     fn default() -> Self {
         AffinityConfig {
             capacity: DEFAULT_AFFINITY_CAPACITY,
@@ -184,6 +209,7 @@ impl Default for AffinityConfig {
             reap_batch: 4,
             hotspot_factor: 10.0,
             hotspot_min_connections: 100,
+            hash_key: None,
         }
     }
 }
@@ -279,6 +305,32 @@ impl AffinityConfig {
         self.hotspot_factor = factor;
         self.hotspot_min_connections = min_connections;
         Ok(self)
+    }
+
+    /// Fixes the secret key of the shard hash, for exact replays (tests,
+    /// simulations). Without it, each [`AffinityTable`] draws its key from
+    /// the operating system once, when it is built: leave it unset in
+    /// production, and never derive it from something a client can learn
+    /// (such as the replay seed), or clients can aim their keys at one
+    /// shard and evict everyone else's entries there.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::AffinityConfig;
+    /// let config = AffinityConfig::new(1000)?.hash_key([1, 2, 3, 4]);
+    /// assert_eq!(config.fixed_hash_key(), Some([1, 2, 3, 4]));
+    /// assert_eq!(AffinityConfig::default().fixed_hash_key(), None);
+    /// # Ok::<(), svclb::ValidationError>(())
+    /// ```
+    #[must_use]
+    pub fn hash_key(mut self, key: [u64; 4]) -> Self {
+        self.hash_key = Some(key);
+        self
+    }
+
+    /// The fixed shard hash key, if [`Self::hash_key`] set one.
+    pub fn fixed_hash_key(&self) -> Option<[u64; 4]> {
+        self.hash_key
     }
 
     /// The global capacity.
@@ -415,6 +467,7 @@ pub struct AffinityScope {
     len: AtomicUsize,
     dead: AtomicBool,
     new_connections: AtomicU64,
+    hits: AtomicU64,
     sketch: Mutex<SpaceSaving>,
 }
 
@@ -445,6 +498,10 @@ impl AffinityScope {
     pub fn new_connections(&self) -> u64 {
         self.new_connections.load(Ordering::Relaxed)
     }
+    /// Those of [`Self::new_connections`] that a live entry decided (hits).
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
     /// Whether [`AffinityTable::remove_scope`] removed it.
     pub fn is_removed(&self) -> bool {
         self.dead.load(Ordering::Acquire)
@@ -464,8 +521,11 @@ impl AffinityScope {
     }
 
     #[inline]
-    fn observe(&self, key: AffinityKey) {
+    fn observe(&self, key: AffinityKey, hit: bool) {
         self.new_connections.fetch_add(1, Ordering::Relaxed);
+        if hit {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
         // Never wait on the packet path: under contention a connection goes
         // unsampled; shares are computed over the sampled total.
         if let Some(mut sketch) = self.sketch.try_lock() {
@@ -836,7 +896,8 @@ pub struct ScopeEntry {
 pub struct AffinityTable {
     shards: Box<[Mutex<Shard>]>,
     mask: usize,
-    seed: u64,
+    /// The secret-keyed shard hash (never the replay seed).
+    shard_hasher: ahash::RandomState,
     config: AffinityConfig,
     slots: Mutex<(Vec<u32>, u32)>,
 }
@@ -845,9 +906,16 @@ pub struct AffinityTable {
 const MIN_PER_SHARD: usize = 16;
 
 impl AffinityTable {
-    /// An empty table. `seed` makes the shard choice (and so which entry
-    /// capacity pressure evicts) reproducible.
+    /// An empty table.
+    ///
+    /// The shard choice (and so which entry capacity pressure evicts)
+    /// depends on the secret hash key, not on `seed`: the key is
+    /// [`AffinityConfig::hash_key`] if the caller fixed one, else drawn
+    /// from the operating system now. `seed` is the dataplane's replay
+    /// seed, which clients may learn; the table does not use it, so that
+    /// knowing it does not tell anyone the shards.
     pub fn new(config: AffinityConfig, seed: u64) -> Self {
+        let _ = seed;
         let mut n = config.shards;
         while n > 1 && config.capacity / n < MIN_PER_SHARD {
             n /= 2;
@@ -862,7 +930,10 @@ impl AffinityTable {
         AffinityTable {
             shards,
             mask: n - 1,
-            seed: mix64(seed ^ 0xA5F1_7AB1_E000_0001),
+            shard_hasher: match config.hash_key {
+                Some([a, b, c, d]) => ahash::RandomState::with_seeds(a, b, c, d),
+                None => ahash::RandomState::new(),
+            },
             config,
             slots: Mutex::new((Vec::new(), 0)),
         }
@@ -918,6 +989,7 @@ impl AffinityTable {
             len: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
             new_connections: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
             sketch: Mutex::new(SpaceSaving::new()),
         };
         scope.set_timeout(timeout);
@@ -940,10 +1012,51 @@ impl AffinityTable {
         self.slots.lock().0.push(scope.slot);
     }
 
+    /// The shard of `key` in `scope`: a keyed hash of the whole key (all
+    /// 128 bits of an IPv6 address, the port, the key kind) and the scope,
+    /// so that nobody without the key can predict it.
     #[inline]
     fn shard_of(&self, scope: &AffinityScope, key: &AffinityKey) -> usize {
-        let h = key.stable_hash() ^ u64::from(scope.slot).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (mix64(h ^ self.seed) as usize) & self.mask
+        use core::hash::{BuildHasher, Hasher};
+        let mut h = self.shard_hasher.build_hasher();
+        let slot = u64::from(scope.slot);
+        match key {
+            AffinityKey::ClientIp(IpAddr::V4(a)) => {
+                h.write_u64(slot << 8 | 1);
+                h.write_u32(u32::from(*a));
+            }
+            AffinityKey::ClientIp(IpAddr::V6(a)) => {
+                let b = u128::from(*a);
+                h.write_u64(slot << 8 | 2);
+                h.write_u64((b >> 64) as u64);
+                h.write_u64(b as u64);
+            }
+            AffinityKey::ClientIpPort(s) => {
+                let tag = if s.is_ipv4() { 3 } else { 4 };
+                h.write_u64(slot << 24 | u64::from(s.port()) << 8 | tag);
+                match s.ip() {
+                    IpAddr::V4(a) => h.write_u32(u32::from(a)),
+                    IpAddr::V6(a) => {
+                        let b = u128::from(a);
+                        h.write_u64((b >> 64) as u64);
+                        h.write_u64(b as u64);
+                    }
+                }
+            }
+            AffinityKey::Caller(k) => {
+                h.write_u64(slot << 8 | 5);
+                h.write_u64(*k);
+            }
+        }
+        (h.finish() as usize) & self.mask
+    }
+
+    /// The shard the table chooses for `key` in `scope`, in
+    /// `0..self.shards()`. For tests and diagnostics (an operator checking
+    /// the spread); the packet path computes it internally.
+    #[inline]
+    pub fn shard_index(&self, scope: &AffinityScope, key: AffinityKey) -> usize {
+        self.shard_of(scope, &key)
     }
 
     /// Routes one new connection of `key` through `scope`.
@@ -1040,8 +1153,8 @@ impl AffinityTable {
                 hit: false,
             });
         };
-        if result.is_some() {
-            scope.observe(key);
+        if let Some(p) = &result {
+            scope.observe(key, p.hit);
         }
         result
     }
@@ -1373,6 +1486,7 @@ impl ScopeRegistry {
                     timeout: b.scope.timeout(),
                     key_kind: b.kind,
                     new_connections: b.scope.new_connections(),
+                    affinity_hits: b.scope.hits(),
                     sampled_connections: sampled,
                     live_entries: entries.len(),
                     endpoints,
@@ -1480,6 +1594,9 @@ pub struct PortAffinityReport {
     pub key_kind: AffinityKeyKind,
     /// New connections since the port got affinity.
     pub new_connections: u64,
+    /// Those of them that a live affinity entry decided (hits); the rest
+    /// were scheduled afresh.
+    pub affinity_hits: u64,
     /// Those the heavy-hitters sketch saw (all of them without contention).
     pub sampled_connections: u64,
     /// Live entries.

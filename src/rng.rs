@@ -43,14 +43,24 @@ impl SeededRng {
         mix64(z)
     }
 
-    /// A uniform value in `0..n` (Lemire's multiply-shift; `n` must be > 0).
+    /// A uniform value in `0..n` (Lemire's multiply-shift).
     ///
-    /// # Panics
-    /// Panics if `n` is zero.
+    /// `n = 0` is clamped to 1: the empty range gives 0 (and still draws,
+    /// so the sequence does not depend on it). It never panics; a caller
+    /// indexing an empty slice with the result must check the length, as
+    /// with any index.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::SeededRng;
+    /// let r = SeededRng::new(1);
+    /// assert!(r.below(6) < 6);
+    /// assert_eq!(r.below(0), 0);
+    /// assert_eq!(r.below(1), 0);
+    /// ```
     #[inline]
     pub fn below(&self, n: u64) -> u64 {
-        assert!(n > 0, "SeededRng::below(0)");
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+        ((u128::from(self.next_u64()) * u128::from(n.max(1))) >> 64) as u64
     }
 
     /// A uniform float in `[0, 1)` with 53 bits of precision.
@@ -82,6 +92,18 @@ mod tests {
         }
         let c = SeededRng::new(43);
         assert_ne!(SeededRng::new(42).next_u64(), c.next_u64());
+    }
+
+    #[test]
+    fn below_zero_is_clamped_to_one_and_still_draws() {
+        let a = SeededRng::new(9);
+        let b = SeededRng::new(9);
+        for _ in 0..100 {
+            assert_eq!(a.below(0), 0);
+            b.next_u64();
+        }
+        assert_eq!(a.next_u64(), b.next_u64());
+        assert!(SeededRng::new(3).below(u64::MAX) < u64::MAX);
     }
 
     #[test]

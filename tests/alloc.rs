@@ -1,5 +1,5 @@
-//! The packet path allocates nothing: `route` in both modes, with every
-//! built-in scheduler, an affinity hit, `connection_closed`, and the IPVS
+//! The packet path allocates nothing: `route` in every mode (iptables,
+//! nftables, and IPVS with every built-in scheduler), an affinity hit, `connection_closed`, and the IPVS
 //! per-thread reader, measured with a counting global allocator.
 //!
 //! One test function only: the allocator counts every thread, so no other
@@ -120,14 +120,27 @@ fn packet_path_allocates_nothing() {
     let t = table();
     let flows = flows();
     let node = NodeTopology::new("this-node", "zone-a");
-    let mut dataplanes: Vec<(String, Box<dyn Dataplane>)> = vec![(
-        "iptables".into(),
-        Box::new(IptablesDataplane::new(
-            DataplaneConfig::with_seed(1).node(node.clone()),
-        )),
-    )];
+    let mut dataplanes: Vec<(String, Box<dyn Dataplane>)> = vec![
+        (
+            "iptables".into(),
+            Box::new(IptablesDataplane::new(
+                DataplaneConfig::with_seed(1)
+                    .conntrack(None)
+                    .node(node.clone()),
+            )),
+        ),
+        (
+            "nftables".into(),
+            Box::new(NftablesDataplane::new(
+                DataplaneConfig::with_seed(1)
+                    .conntrack(None)
+                    .node(node.clone()),
+            )),
+        ),
+    ];
     for kind in SchedulerKind::ALL {
         let mut config = DataplaneConfig::with_seed(1)
+            .conntrack(None)
             .node(node.clone())
             .scheduler(kind);
         config.count_connections = true;
@@ -135,7 +148,11 @@ fn packet_path_allocates_nothing() {
     }
     let all = t.full_change_set();
     // The per-thread IPVS reader, warm, then counted.
-    let rr = IpvsDataplane::new(DataplaneConfig::with_seed(1).node(node.clone()));
+    let rr = IpvsDataplane::new(
+        DataplaneConfig::with_seed(1)
+            .conntrack(None)
+            .node(node.clone()),
+    );
     rr.sync(&t, &all, Instant::ZERO);
     let mut reader = rr.reader();
     for f in &flows {
@@ -163,6 +180,18 @@ fn packet_path_allocates_nothing() {
             dp.affinity_entries(&sticky, Instant::from_secs(1)).len(),
             200,
             "{name}: affinity entries"
+        );
+        // And they were hits, as the table counts them: the warm-up pass
+        // missed 200 times, the measured pass hit 200 times.
+        let report = dp
+            .affinity_report(&sticky, Instant::from_secs(1))
+            .expect("sticky has ClientIP affinity");
+        let hits: u64 = report.ports.iter().map(|p| p.affinity_hits).sum();
+        let new: u64 = report.ports.iter().map(|p| p.new_connections).sum();
+        assert_eq!(
+            (hits, new),
+            (200, 400),
+            "{name}: affinity hits, new connections"
         );
         assert_eq!(kinds, [2200, 1, 1, 1], "{name}: verdicts");
         assert_eq!(allocs, 0, "{name}: the packet path allocated");

@@ -33,8 +33,8 @@ fn a_million_flows_stay_within_the_bound() {
         ),
     ])
     .unwrap();
-    let config = DataplaneConfig::with_seed(1)
-        .conntrack(Some(ConntrackConfig::new(BOUND).unwrap()));
+    let config =
+        DataplaneConfig::with_seed(1).conntrack(Some(ConntrackConfig::new(BOUND).unwrap()));
     let dps: Vec<(Box<dyn Dataplane>, &str)> = vec![
         (Box::new(IptablesDataplane::new(config.clone())), "iptables"),
         (Box::new(IpvsDataplane::new(config.clone())), "ipvs"),
@@ -46,7 +46,10 @@ fn a_million_flows_stay_within_the_bound() {
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let flow = |i: u32| {
             Flow::tcp(
-                SocketAddr::from(((0x0B00_0000 + (i >> 4)).to_be_bytes(), 1024 + (i & 0xF) as u16)),
+                SocketAddr::from((
+                    (0x0B00_0000 + (i >> 4)).to_be_bytes(),
+                    1024 + (i & 0xF) as u16,
+                )),
                 vip,
             )
         };
@@ -56,7 +59,11 @@ fn a_million_flows_stay_within_the_bound() {
             let v = dp.route(&flow(i), Instant::ZERO);
             assert!(v.backend().is_some());
         }
-        assert!(tracker_len(&**dp) <= BOUND, "{name}: {}", tracker_len(&**dp));
+        assert!(
+            tracker_len(&**dp) <= BOUND,
+            "{name}: {}",
+            tracker_len(&**dp)
+        );
         // The rest of the million: the live heap does not grow.
         let region = Region::new(GLOBAL);
         for i in warm..FLOWS {

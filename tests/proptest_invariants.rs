@@ -12,7 +12,7 @@
 //! | `weighted_round_robin_matches_the_kernel_cycle` | 256 |
 //! | `source_hash_is_stable_across_rebuilds` (`sh`, `sh-port`, `mh`, `mh-port`) | 256 |
 //! | `source_hash_buckets_match_a_naive_fill` | 512 |
-//! | `random_cascade_is_uniform` | 512 |
+//! | `random_cascade_is_uniform` (a plain test: the real walk, n = 1..=20, 20,000·n draws each, chi-square at p = 1e-6) | 1 |
 //!
 //! `PROPTEST_CASES=n` in the environment runs every property `n` times
 //! instead, for a longer run.
@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 
 use proptest::prelude::*;
 use reference::*;
-use svclb::scheduler::{Destination, SourceHash, iptables_probability, probability_threshold};
+use svclb::scheduler::{Destination, SourceHash};
 use svclb::*;
 
 /// The config of a property with `n` cases, unless `PROPTEST_CASES` is set
@@ -293,9 +293,9 @@ proptest! {
     }
 }
 
-/// A table of one service on `10.96.0.1:80` whose single slice holds
-/// `weights.len()` ready endpoints with these weights.
-fn weighted_table(weights: &[u8]) -> (ServiceTable, ChangeSet) {
+/// The single slice of `svc-0`: `weights.len()` ready endpoints with these
+/// weights, at `weighted_addr(i)`.
+fn weighted_slice(weights: &[u8]) -> EndpointSlice {
     let mut b = EndpointSlice::builder("default", "s-0", "svc-0", AddressType::IPv4)
         .port(SlicePortSpec::tcp(8080).name("http"));
     for (i, w) in weights.iter().enumerate() {
@@ -303,11 +303,22 @@ fn weighted_table(weights: &[u8]) -> (ServiceTable, ChangeSet) {
             EndpointSpec::new(format!("10.1.{}.{}", i / 200, i % 200 + 1)).weight(i64::from(*w)),
         );
     }
+    b.build().unwrap()
+}
+
+/// The backend address of endpoint `i` of [`weighted_slice`].
+fn weighted_addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, 1, (i / 200) as u8, (i % 200 + 1) as u8], 8080))
+}
+
+/// A table of one service on `10.96.0.1:80` whose single slice holds
+/// `weights.len()` ready endpoints with these weights.
+fn weighted_table(weights: &[u8]) -> (ServiceTable, ChangeSet) {
     let mut t = ServiceTable::new();
     let cs = t
         .apply_batch([
             Change::UpsertService(service_with_port("svc-0", "10.96.0.1")),
-            Change::UpsertSlice(b.build().unwrap()),
+            Change::UpsertSlice(weighted_slice(weights)),
         ])
         .unwrap();
     (t, cs)
@@ -332,20 +343,39 @@ proptest! {
         rounds in proptest::collection::vec((proptest::collection::vec(0u8..3, 1..40), 0usize..200), 1..4),
     ) {
         let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1).conntrack(None).scheduler(SchedulerKind::RoundRobin));
-        let mut table: Option<ServiceTable> = None;
-        for (weights, picks) in rounds {
-            let (t, _) = weighted_table(&weights);
-            // Sync as an update of the previous table when there is one.
-            dp.sync(&t, &t.full_change_set(), Instant::ZERO);
-            table = Some(t);
+        let mut table = ServiceTable::new();
+        for (round, (weights, picks)) in rounds.into_iter().enumerate() {
+            // Sync as an update of the previous table: the first round adds
+            // the service and its slice, later rounds replace the slice, and
+            // each sync gets only that change set.
+            let slice = Change::UpsertSlice(weighted_slice(&weights));
+            let cs = if round == 0 {
+                table.apply_batch([
+                    Change::UpsertService(service_with_port("svc-0", "10.96.0.1")),
+                    slice,
+                ])
+            } else {
+                table.apply(slice)
+            }
+            .unwrap();
+            dp.sync(&table, &cs, Instant::ZERO);
+            // The update took: the candidates are exactly this round's
+            // endpoints of weight above zero.
+            let expected: BTreeSet<SocketAddr> = weights
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w > 0)
+                .map(|(i, _)| weighted_addr(i))
+                .collect();
             let eligible: Vec<SocketAddr> = match dp.candidates(Protocol::Tcp, "10.96.0.1:80".parse().unwrap()) {
                 Candidates::Endpoints(v) => v,
                 Candidates::Reject => {
-                    prop_assert!(weights.iter().all(|w| *w == 0));
+                    prop_assert!(expected.is_empty(), "rejects with candidates {expected:?}");
                     continue;
                 }
                 other => { prop_assert!(false, "{other:?}"); unreachable!() }
             };
+            prop_assert_eq!(eligible.iter().copied().collect::<BTreeSet<_>>(), expected);
             let n = eligible.len();
             let mut counts: BTreeMap<SocketAddr, usize> = eligible.iter().map(|a| (*a, 0)).collect();
             for i in 0..picks {
@@ -359,7 +389,6 @@ proptest! {
                 }
             }
         }
-        prop_assert!(table.is_some());
     }
 
     /// `wrr`: over one cycle of `sum(w) / gcd(w)` picks, each backend gets
@@ -463,23 +492,73 @@ proptest! {
         }
     }
 
-    /// The iptables cascade against the naive model "each of n endpoints
-    /// with probability 1/n": the probability of reaching and matching
-    /// rule i, computed from the kernel thresholds, is 1/n within 1e-8.
-    #[test]
-    fn random_cascade_is_uniform(n in 1usize..=1000) {
-        let mut reach = 1.0f64;
-        for i in 0..n {
-            let p = if i + 1 == n {
-                1.0
-            } else {
-                f64::from(probability_threshold(iptables_probability(i, n))) / 2_147_483_648.0
-            };
-            let pick = reach * p;
-            prop_assert!((pick - 1.0 / n as f64).abs() < 1e-8, "rule {} of {}: {}", i, n, pick);
-            reach *= 1.0 - p;
+    // (`random_cascade_is_uniform` is a plain test below: it runs the walk.)
+}
+
+/// The chi-square critical value for `df` degrees of freedom at p = 1e-6
+/// (Wilson-Hilferty; within 1% of the exact value for df >= 1), so a
+/// correct cascade fails about once in a million runs per n.
+fn chi2_critical_p1e6(df: usize) -> f64 {
+    let df = df as f64;
+    let z = 4.753_424; // the standard normal's upper 1e-6 quantile
+    let h = 2.0 / (9.0 * df);
+    df * (1.0 - h + z * h.sqrt()).powi(3)
+}
+
+/// The iptables cascade, walked for real: for each n in 1..=20, a
+/// `RandomCascade` over n equal destinations picks 20,000 * n times with
+/// the dataplane's random source (`SeededRng`, one 31-bit draw per rule,
+/// as the iptables dataplane draws), and the counts pass a chi-square test
+/// against 1/n each. A seed per n from the OS-free `SeededRng` keeps it
+/// reproducible; the test would catch an off-by-one rule, a missing last
+/// rule or a threshold in the wrong unit.
+#[test]
+fn random_cascade_is_uniform() {
+    use svclb::scheduler::{PickContext, RandomCascade, Scheduler};
+    let flow = vip_flow(1);
+    for n in 1..=20usize {
+        let dests: Vec<Destination> = (0..n)
+            .map(|i| Destination::new(weighted_addr(i), 1))
+            .collect();
+        let cascade = RandomCascade::new(&dests);
+        let rng = SeededRng::new(0xCA5C_ADE0 + n as u64);
+        let ctx = PickContext {
+            flow: &flow,
+            now: Instant::ZERO,
+            rng: &rng,
+        };
+        let draws = 20_000 * n;
+        let mut counts = vec![0u64; n];
+        for _ in 0..draws {
+            let i = cascade.pick(&dests, &ctx).expect("n > 0 destinations");
+            counts[i] += 1;
         }
+        if n == 1 {
+            assert_eq!(counts, [draws as u64]);
+            continue;
+        }
+        let expected = draws as f64 / n as f64;
+        let x2: f64 = counts
+            .iter()
+            .map(|&c| (c as f64 - expected).powi(2) / expected)
+            .sum();
+        let bound = chi2_critical_p1e6(n - 1);
+        assert!(
+            x2 < bound,
+            "n = {n}: chi2 = {x2:.1} >= {bound:.1}, counts {counts:?}"
+        );
     }
+    // The test can fail: a cascade whose first rule matches twice as often
+    // (threshold 2/n) is far outside the bound.
+    let n = 5;
+    let draws = 100_000;
+    let rng = SeededRng::new(1);
+    let first = (0..draws)
+        .filter(|_| u64::from(rng.next_u64() as u32 & 0x7FFF_FFFF) < (2u64 << 31) / n as u64)
+        .count();
+    let expected = f64::from(draws) / n as f64;
+    // The first cell alone contributes (first - expected)^2 / expected.
+    assert!((first as f64 - expected).powi(2) / expected > chi2_critical_p1e6(n - 1));
 }
 
 // Regressions found by the properties above, kept as plain tests.

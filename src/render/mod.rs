@@ -232,7 +232,7 @@ impl Default for RenderOptions {
             family: IpFamily::V4,
             cluster_cidrs: Vec::new(),
             masquerade_all: false,
-            masquerade_mark: masquerade_mark(DEFAULT_MASQUERADE_BIT),
+            masquerade_mark: "0x00004000".into(),
             random_fully: true,
             localhost_nodeports: true,
             builtin_jumps: false,
@@ -250,14 +250,23 @@ pub const DEFAULT_MASQUERADE_BIT: u8 = 14;
 ///
 /// # Examples
 /// ```
-/// assert_eq!(svclb::render::masquerade_mark(14), "0x00004000");
+/// assert_eq!(svclb::render::masquerade_mark(14).unwrap(), "0x00004000");
+/// assert!(svclb::render::masquerade_mark(32).is_err());
 /// ```
 ///
-/// # Panics
-/// If `bit` is above 31.
-pub fn masquerade_mark(bit: u8) -> String {
-    assert!(bit <= 31, "masquerade bit {bit} must be 0..=31");
-    format!("0x{:08x}", 1u32 << bit)
+/// # Errors
+/// [`ValidationError::Invalid`](crate::ValidationError::Invalid) on
+/// `masqueradeBit` if `bit` is above 31 (a packet mark has 32 bits;
+/// kube-proxy's `--iptables-masquerade-bit` accepts 0..=31).
+pub fn masquerade_mark(bit: u8) -> Result<String, crate::ValidationError> {
+    if bit > 31 {
+        return Err(crate::ValidationError::Invalid {
+            field: "masqueradeBit".into(),
+            value: bit.to_string(),
+            reason: "must be in 0..=31",
+        });
+    }
+    Ok(format!("0x{:08x}", 1u32 << bit))
 }
 
 impl RenderOptions {
@@ -439,6 +448,23 @@ mod tests {
     fn default_mark_is_go_formatted() {
         assert_eq!(RenderOptions::default().masquerade_mark, "0x00004000");
         assert!(RenderOptions::default().random_fully);
-        assert_eq!(masquerade_mark(0), "0x00000001");
+        assert_eq!(masquerade_mark(0).unwrap(), "0x00000001");
+        assert_eq!(masquerade_mark(31).unwrap(), "0x80000000");
+        assert_eq!(
+            masquerade_mark(DEFAULT_MASQUERADE_BIT).unwrap(),
+            RenderOptions::default().masquerade_mark
+        );
+    }
+
+    #[test]
+    fn a_masquerade_bit_above_31_is_an_error_naming_it() {
+        for bit in [32u8, 33, 200, u8::MAX] {
+            let e = masquerade_mark(bit).unwrap_err();
+            assert_eq!(e.field(), "masqueradeBit");
+            assert_eq!(
+                e.to_string(),
+                format!("masqueradeBit: invalid value \"{bit}\": must be in 0..=31")
+            );
+        }
     }
 }
