@@ -108,8 +108,8 @@ pub use model::service::{
 pub use rng::{SeededRng, mix64};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerFactory, SchedulerKind};
 pub use table::{
-    Change, ChangeSet, EndpointInfo, ServiceSnapshot, ServiceTable, ServiceView, TableSnapshot,
-    TableStats,
+    Change, ChangeNote, ChangeSet, EndpointInfo, ServiceSnapshot, ServiceTable, ServiceView,
+    TableSnapshot, TableStats,
 };
 pub use time::Instant;
 pub use topology::NodeTopology;
