@@ -13,6 +13,8 @@
 
 pub mod dns;
 #[cfg(feature = "serde")]
+pub mod input;
+#[cfg(feature = "serde")]
 pub mod manifest;
 #[cfg(feature = "k8s-openapi")]
 pub mod openapi;
