@@ -577,7 +577,10 @@ pub struct Origin {
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.source.as_deref().unwrap_or("<input>"))?;
-        write!(f, ": document {}", self.document)?;
+        // Document 0: the input as a whole (its size, its bytes).
+        if self.document > 0 {
+            write!(f, ": document {}", self.document)?;
+        }
         if let Some(i) = self.item {
             write!(f, ", items[{i}]")?;
         }
