@@ -48,7 +48,11 @@ fn recorded_watch_stream_json_and_yaml() {
             .filter(|n| matches!(n, Note::Stale(_)))
             .collect();
         assert_eq!(stale.len(), 1, "{:#?}", report.notes);
-        assert!(stale[0].to_string().contains("resourceVersion 109 is older than 110"));
+        assert!(
+            stale[0]
+                .to_string()
+                .contains("resourceVersion 109 is older than 110")
+        );
         assert!(
             report
                 .notes
@@ -60,10 +64,7 @@ fn recorded_watch_stream_json_and_yaml() {
             Note::Table(ChangeNote::AbsentDelete { kind: "EndpointSlice", key }) if key == "shop/web-old12"
         )));
         let lines = report.lines(false);
-        assert!(
-            lines.iter().any(|l| l.contains("BOOKMARK")),
-            "{lines:#?}"
-        );
+        assert!(lines.iter().any(|l| l.contains("BOOKMARK")), "{lines:#?}");
         tables.push(t.snapshot());
     }
     assert_eq!(tables[0], tables[1]);
@@ -149,7 +150,10 @@ fn manifests_as_applied_load_with_stable_ips() {
     ipvs.sync(&t, &t.full_change_set());
     let dst = format!("{}:80", ip("default", "my-service")[0]);
     let flow = Flow::tcp("10.2.0.9:40000".parse().unwrap(), dst.parse().unwrap());
-    assert!(matches!(ipvs.route(&flow, Instant::ZERO), Verdict::Forward(_)));
+    assert!(matches!(
+        ipvs.route(&flow, Instant::ZERO),
+        Verdict::Forward(_)
+    ));
 }
 
 /// `--manifests slices.yaml services.yaml`: the slices wait for their
@@ -164,7 +168,10 @@ fn slices_before_services_load() {
             &[],
         )
         .unwrap();
-    assert_eq!(addrs(&t, "shop", "web"), ["10.244.1.20:8080", "10.244.2.20:8080"]);
+    assert_eq!(
+        addrs(&t, "shop", "web"),
+        ["10.244.1.20:8080", "10.244.2.20:8080"]
+    );
     assert_eq!(addrs(&t, "shop", "cart"), ["10.244.3.30:8080"]);
     assert!(
         report
