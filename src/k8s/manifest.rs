@@ -402,6 +402,9 @@ pub struct EndpointSliceManifest {
 /// One object svclb reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
+// Read once per document and kept in a Vec: boxing the Service would cost
+// an allocation per object for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum Manifest {
     /// A Service.
     Service(ServiceManifest),
