@@ -56,6 +56,12 @@ fn main() {
             assert!(Manifests::parse_str_with(&braces, Some("nested.yaml"), &limits).is_err())
         });
         row("nested {a: (YAML flow)", braces.len(), t);
+        // Block nesting needs no brackets: `- - - ... x`, n/2 levels.
+        let block = format!("{}x\n", "- ".repeat(n / 2));
+        let t = time(|| {
+            assert!(Manifests::parse_str_with(&block, Some("block.yaml"), &limits).is_err())
+        });
+        row("nested - - (YAML block)", block.len(), t);
         // Oversized: a limit of n/2 bytes over an endless stream of text.
         let small = InputLimits {
             max_bytes: (n / 2) as u64,

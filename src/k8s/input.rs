@@ -609,8 +609,9 @@ fn document_at_line(text: &str, line: usize) -> usize {
         .count()
 }
 
-/// A linear pre-scan of YAML flow nesting: the line (from 1) where `[`/`{`
-/// nesting passes `max`, if it does. Brackets count inside flow
+/// A linear pre-scan of YAML nesting: the line (from 1) where `[`/`{`
+/// nesting, or a chain of `- ` block indicators on one line, passes `max`,
+/// if it does. Brackets count inside flow
 /// collections, and in block context only where a value starts; quoted
 /// scalars and comments are skipped. It may count a bracket YAML would
 /// read as text, never the reverse for input made of brackets.
@@ -622,6 +623,25 @@ fn yaml_flow_too_deep(text: &str, max: usize) -> Option<usize> {
             depth = 0;
         }
         let bytes = line.as_bytes();
+        if quote.is_none() && depth == 0 {
+            // Block context: `- - - x` (or `? ? x`) opens one sequence (or
+            // mapping) per indicator on a single line, a lower bound of the
+            // nesting there. YAML's parser would load every one of them
+            // before the depth check could run.
+            let mut chain = 0usize;
+            let mut rest = line.trim_start_matches(' ');
+            while let Some(r) = rest
+                .strip_prefix("- ")
+                .or_else(|| rest.strip_prefix("-\t"))
+                .or_else(|| rest.strip_prefix("? "))
+            {
+                chain += 1;
+                if chain > max {
+                    return Some(n + 1);
+                }
+                rest = r.trim_start_matches([' ', '\t']);
+            }
+        }
         let mut prev: Option<u8> = None;
         let mut i = 0;
         while i < bytes.len() {
@@ -786,6 +806,9 @@ mod tests {
         assert_eq!(yaml_flow_too_deep("a: x[[[[[\nb: 'it''s [[[['\n", 2), None);
         assert_eq!(yaml_flow_too_deep("a: [[[\n", 2), Some(1));
         assert_eq!(yaml_flow_too_deep("# [[[[[\na: {b: [c]}\n", 2), None);
+        assert_eq!(yaml_flow_too_deep("- - x\n- - - y\n", 2), Some(2));
+        assert_eq!(yaml_flow_too_deep("- - x\n  - - y\n", 2), None);
+        assert_eq!(yaml_flow_too_deep("a: '- - - -'\n", 2), None);
     }
 
     #[test]
