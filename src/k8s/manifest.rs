@@ -849,9 +849,8 @@ impl fmt::Display for Skipped {
 /// The changes a set of manifests makes, and what it skipped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangeBatch {
-    /// Services first, then slices, each in document order: a batch that
-    /// [`ServiceTable::apply_batch`](crate::ServiceTable::apply_batch) takes
-    /// whatever order the files listed them in.
+    /// The changes in document order (watch order: the table keeps a slice
+    /// that comes before its service pending, so any order applies).
     pub changes: Vec<Change>,
     /// Where each change came from (`origins[i]` for `changes[i]`), to name
     /// the document when the table refuses a change
