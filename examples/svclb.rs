@@ -10,13 +10,13 @@
 //! cargo run --release --example svclb -- --manifests examples/manifests \
 //!     resolve _kafka._tcp.kafka-headless.messaging.svc.cluster.local --type SRV
 //! cargo run --release --example svclb -- --manifests examples/manifests dump --format iptables
-//! kubectl get services,endpointslices -A --watch --output-watch-events -o json |
-//!     cargo run --release --example svclb -- --watch - dump --format nft --family both
+//! timeout 30 kubectl get services,endpointslices -A --watch --output-watch-events -o json > events.json
+//! cargo run --release --example svclb -- --watch events.json dump --format nft --family both
 //! ```
 //!
 //! Input goes through `svclb::k8s::loader` (the flags `--watch`,
 //! `--service-cidr`, `--keep-going`, `--verbose` and the `--max-*` limits
-//! are its `LoadOptions`).
+//! are its `LoadOptions`). `--watch -` reads standard input to its end.
 //!
 //! Exit status: 0 on success, 1 for bad input (a manifest, a trace line, a
 //! refused change: the message names the file, the line or object, and the
