@@ -10,7 +10,13 @@
 //! cargo run --release --example svclb -- --manifests examples/manifests \
 //!     resolve _kafka._tcp.kafka-headless.messaging.svc.cluster.local --type SRV
 //! cargo run --release --example svclb -- --manifests examples/manifests dump --format iptables
+//! timeout 30 kubectl get services,endpointslices -A --watch --output-watch-events -o json > events.json
+//! cargo run --release --example svclb -- --watch events.json dump --format nft --family both
 //! ```
+//!
+//! Input goes through `svclb::k8s::loader` (the flags `--watch`,
+//! `--service-cidr`, `--keep-going`, `--verbose` and the `--max-*` limits
+//! are its `LoadOptions`). `--watch -` reads standard input to its end.
 //!
 //! Exit status: 0 on success, 1 for bad input (a manifest, a trace line, a
 //! refused change: the message names the file, the line or object, and the
@@ -29,8 +35,9 @@ use std::time::Instant as WallClock;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use svclb::k8s::dns::{ClusterDns, RecordType};
-use svclb::k8s::manifest::Manifests;
-use svclb::render::{self, Cidr, RenderOptions};
+use svclb::k8s::input::InputLimits;
+use svclb::k8s::loader::{self, LoadOptions, Loader};
+use svclb::render::{self, Cidr, IpFamily, RenderOptions};
 use svclb::trace::{TraceEvent, TraceLine, parse_trace};
 use svclb::*;
 
@@ -56,6 +63,16 @@ enum DumpFormat {
     /// The tracked connections: `conntrack -L` in iptables and nftables
     /// mode, `ipvsadm -lnc` in IPVS mode.
     Conntrack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FamilyArg {
+    /// IPv4 (kube-proxy's iptables / `ip` nftables table).
+    Ipv4,
+    /// IPv6 (ip6tables / `ip6` nftables table).
+    Ipv6,
+    /// Both, one after the other (nft only).
+    Both,
 }
 
 #[derive(Debug, Parser)]
@@ -87,9 +104,40 @@ struct Cli {
     /// Turn connection tracking off: every packet is scheduled afresh.
     #[arg(long)]
     no_conntrack: bool,
-    /// Manifest files or directories (`--manifests A B C`, or the flag repeated).
-    #[arg(long, required = true, action = clap::ArgAction::Append, value_name = "PATH...")]
+    /// Manifest files or directories (`--manifests A B C`, or the flag
+    /// repeated); each path is one batch, in order.
+    #[arg(long, required_unless_present = "watch", action = clap::ArgAction::Append, value_name = "PATH...")]
     manifests: Vec<PathBuf>,
+    /// A watch stream (`kubectl get services,endpointslices -A --watch
+    /// --output-watch-events -o json|yaml`), `-` for standard input (read to
+    /// its end); applied event by event after --manifests. Repeatable.
+    #[arg(long, action = clap::ArgAction::Append, value_name = "FILE|-")]
+    watch: Vec<PathBuf>,
+    /// Service CIDRs (one per family) that Services without
+    /// spec.clusterIP get an address from.
+    #[arg(long, default_value = loader::DEFAULT_SERVICE_CIDRS)]
+    service_cidr: String,
+    /// Skip bad objects (each reported) and load the rest.
+    #[arg(long)]
+    keep_going: bool,
+    /// One note per skipped object instead of a summary per kind.
+    #[arg(long)]
+    verbose: bool,
+    /// Bytes per input file or stream.
+    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_BYTES)]
+    max_input_bytes: u64,
+    /// Nesting depth of lists and objects.
+    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_DEPTH)]
+    max_depth: usize,
+    /// Documents per input.
+    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_DOCUMENTS)]
+    max_documents: usize,
+    /// Objects per input (documents, list items, watch events).
+    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_OBJECTS)]
+    max_objects: usize,
+    /// Bad objects reported per input (the rest are counted).
+    #[arg(long, default_value_t = 20)]
+    max_errors: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -137,6 +185,9 @@ enum Command {
         /// iptables, nft, ipvsadm or conntrack.
         #[arg(long, value_enum)]
         format: DumpFormat,
+        /// The family rendered (iptables, nft): ipv4, ipv6, or for nft both.
+        #[arg(long, value_enum, default_value = "ipv4")]
+        family: FamilyArg,
     },
     /// The demonstration: listing, a routed trace, headless DNS, lookup cost.
     Demo {
@@ -181,6 +232,8 @@ impl Plane {
 /// Everything a command works on.
 struct World {
     table: ServiceTable,
+    loader: Loader,
+    verbose: bool,
     plane: Plane,
     config: DataplaneConfig,
     render: RenderOptions,
@@ -241,8 +294,8 @@ fn run(cli: Cli) -> Result<()> {
             qtype,
             cluster_domain,
         } => resolve(&world, &name, &qtype, &cluster_domain),
-        Command::Dump { format } => {
-            print!("{}", dump(&world, format, Instant::ZERO));
+        Command::Dump { format, family } => {
+            print!("{}", dump_family(&world, format, family)?);
             Ok(())
         }
         Command::Demo { max_services } => demo(world, max_services),
@@ -269,9 +322,23 @@ fn setup(cli: &Cli) -> Result<World> {
         render = render
             .cluster_cidr(Cidr::parse("--cluster-cidr", cidr).map_err(|e| Failure(e.to_string()))?);
     }
+    let options = LoadOptions {
+        service_cidrs: loader::parse_service_cidrs(&cli.service_cidr)?,
+        keep_going: cli.keep_going,
+        verbose: cli.verbose,
+        limits: InputLimits {
+            max_bytes: cli.max_input_bytes,
+            max_depth: cli.max_depth,
+            max_documents: cli.max_documents,
+            max_objects: cli.max_objects,
+        },
+        max_errors: cli.max_errors,
+    };
+    let mut loader = Loader::new(options);
     let mut table = ServiceTable::new();
-    for path in &cli.manifests {
-        apply_path(&mut table, path)?;
+    let report = loader.load(&mut table, &cli.manifests, &cli.watch)?;
+    for line in report.lines(cli.verbose) {
+        eprintln!("svclb: note: {line}");
     }
     let plane = match cli.mode {
         Mode::Iptables => Plane::Iptables(IptablesDataplane::new(config.clone())),
@@ -283,64 +350,22 @@ fn setup(cli: &Cli) -> Result<World> {
         .sync(&table, &table.full_change_set(), Instant::ZERO);
     Ok(World {
         table,
+        loader,
+        verbose: cli.verbose,
         plane,
         config,
         render,
     })
 }
 
-/// The manifest files under `path` (itself if a file), sorted.
-fn manifest_files(path: &Path) -> Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path).map_err(|e| Failure(format!("{}: {e}", path.display())))?;
-    if !meta.is_dir() {
-        return Ok(vec![path.to_owned()]);
-    }
-    let mut out = Vec::new();
-    let entries =
-        std::fs::read_dir(path).map_err(|e| Failure(format!("{}: {e}", path.display())))?;
-    for entry in entries {
-        let p = entry
-            .map_err(|e| Failure(format!("{}: {e}", path.display())))?
-            .path();
-        if p.is_dir() {
-            out.extend(manifest_files(&p)?);
-        } else if matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            out.push(p);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 /// Reads every manifest under `path` and applies it as one batch; returns
 /// what changed.
-fn apply_path(table: &mut ServiceTable, path: &Path) -> Result<ChangeSet> {
-    let mut all = Manifests::new();
-    for file in manifest_files(path)? {
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| Failure(format!("{}: {e}", file.display())))?;
-        all.extend(Manifests::parse_str(
-            &text,
-            Some(&file.display().to_string()),
-        )?);
+fn apply_path(world: &mut World, path: &Path) -> Result<ChangeSet> {
+    let report = world.loader.apply_manifest_path(&mut world.table, path)?;
+    for line in report.lines(world.verbose) {
+        eprintln!("svclb: note: {line}");
     }
-    for s in &all.skipped {
-        eprintln!("svclb: note: {s}");
-    }
-    let batch = all.changes()?;
-    for s in &batch.skipped {
-        eprintln!("svclb: note: {s}");
-    }
-    table.apply_batch(batch.changes).map_err(|e| match &e {
-        UpdateError::InBatch { index, source } => match batch.origins.get(*index) {
-            Some(origin) => Failure(format!("{origin}: {source}")),
-            None => Failure(e.to_string()),
-        },
-        _ => Failure(e.to_string()),
-    })
+    Ok(report.change_sets.into_iter().last().unwrap_or_default())
 }
 
 fn parse_proto(s: &str) -> Result<Protocol> {
@@ -458,7 +483,7 @@ fn run_trace(
                 } else {
                     base.join(p)
                 };
-                let changes = apply_path(&mut world.table, &p).map_err(|Failure(m)| here(m))?;
+                let changes = apply_path(world, &p).map_err(|Failure(m)| here(m))?;
                 world.plane.dp().sync(&world.table, &changes, at);
             }
             TraceEvent::Delete { .. } => {
@@ -495,6 +520,59 @@ fn resolve(world: &World, name: &str, qtype: &str, zone: &str) -> Result<()> {
     let answer = dns.resolve(&world.table, name, qtype)?;
     println!("{answer}");
     Ok(())
+}
+
+/// `dump --format F --family X`, with a note for each service left out
+/// because it has no cluster IP of the rendered family.
+fn dump_family(world: &World, format: DumpFormat, family: FamilyArg) -> Result<String> {
+    let families: &[IpFamily] = match (format, family) {
+        (_, FamilyArg::Ipv4) => &[IpFamily::V4],
+        (_, FamilyArg::Ipv6) => &[IpFamily::V6],
+        (DumpFormat::Nft, FamilyArg::Both) => &[IpFamily::V4, IpFamily::V6],
+        (DumpFormat::Iptables, FamilyArg::Both) => {
+            return fail(
+                "--family both: iptables-restore and ip6tables-restore take separate inputs; use --family ipv4 or ipv6",
+            );
+        }
+        (DumpFormat::Ipvsadm | DumpFormat::Conntrack, FamilyArg::Both) => &[IpFamily::V4],
+    };
+    if matches!(format, DumpFormat::Ipvsadm | DumpFormat::Conntrack) {
+        return Ok(dump(world, format, Instant::ZERO));
+    }
+    let mut out = String::new();
+    for &f in families {
+        let left_out = render::services_outside_family(&world.table, f);
+        let other = match f {
+            IpFamily::V4 => "ipv6",
+            IpFamily::V6 => "ipv4",
+        };
+        let name = match f {
+            IpFamily::V4 => "ipv4",
+            IpFamily::V6 => "ipv6",
+        };
+        if families.len() == 1 && !left_out.is_empty() {
+            if world.verbose || left_out.len() <= 3 {
+                for key in &left_out {
+                    eprintln!(
+                        "svclb: note: Service {key} has no {name} cluster IP: left out of this rendering (--family {other} renders it)"
+                    );
+                }
+            } else {
+                let first: Vec<String> = left_out.iter().take(3).map(ToString::to_string).collect();
+                eprintln!(
+                    "svclb: note: {} services have no {name} cluster IP and are left out of this rendering ({}, ...; --family {other} renders them, --verbose lists them)",
+                    left_out.len(),
+                    first.join(", ")
+                );
+            }
+        }
+        let render = world.render.clone().family(f);
+        out.push_str(&match format {
+            DumpFormat::Iptables => render::iptables::render(&world.table, &render),
+            _ => render::nft::render(&world.table, &render),
+        });
+    }
+    Ok(out)
 }
 
 fn dump(world: &World, format: DumpFormat, now: Instant) -> String {

@@ -107,6 +107,10 @@ impl ValidationError {
 #[non_exhaustive]
 pub enum UpdateError {
     /// An EndpointSlice names a service the table does not hold.
+    ///
+    /// [`ServiceTable`](crate::ServiceTable) no longer returns it: such a
+    /// slice waits pending (see [`ChangeNote::Pending`](crate::ChangeNote)).
+    /// Kept so that callers matching on it still compile.
     #[error("EndpointSlice {slice}: service {service} is unknown")]
     UnknownService {
         /// `namespace/name` of the slice.
@@ -115,6 +119,10 @@ pub enum UpdateError {
         service: String,
     },
     /// A delete named an object the table does not hold.
+    ///
+    /// [`ServiceTable`](crate::ServiceTable) no longer returns it: such a
+    /// delete is a no-op (see [`ChangeNote::AbsentDelete`](crate::ChangeNote)).
+    /// Kept so that callers matching on it still compile.
     #[error("{kind} {key} not found")]
     NotFound {
         /// `Service` or `EndpointSlice`.

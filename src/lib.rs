@@ -80,7 +80,9 @@
 //! Around them:
 //!
 //! - **Kubernetes** ([`k8s`]): Service and EndpointSlice manifests as
-//!   `kubectl get -o yaml|json` prints them (feature `serde`), conversions
+//!   `kubectl get -o yaml|json` prints them and as people apply them, watch
+//!   streams, bounded input, and the [`k8s::loader`] every program shares
+//!   (feature `serde`), conversions
 //!   from k8s-openapi (feature `k8s-openapi`), and the cluster DNS answers
 //!   for headless and ClusterIP services ([`k8s::dns`]).
 //! - **Traces** ([`trace`]): timed connect/close/apply/delete events, one
@@ -133,8 +135,8 @@ pub use plan::{BackendId, BackendState, FrontendId, FrontendKey, Planner};
 pub use rng::{SeededRng, mix64};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerFactory, SchedulerKind};
 pub use table::{
-    Change, ChangeSet, EndpointInfo, ServiceSnapshot, ServiceTable, ServiceView, TableSnapshot,
-    TableStats,
+    Change, ChangeNote, ChangeSet, EndpointInfo, ServiceSnapshot, ServiceTable, ServiceView,
+    TableSnapshot, TableStats,
 };
 pub use time::Instant;
 pub use topology::NodeTopology;

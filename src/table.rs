@@ -12,6 +12,17 @@
 //! copy from the slice whose name sorts first, so the result does not depend
 //! on arrival order); the merged list is sorted as strings of `"IP:port"`.
 //!
+//! Watch order does not matter. Services and EndpointSlices are watched
+//! independently, so a slice can arrive before its service and outlive it:
+//! such a slice is kept *pending* (it never forwards traffic) and is merged
+//! when its service arrives; a slice whose service is deleted goes back to
+//! pending until it is deleted itself (the garbage collector deletes it
+//! after the service) or the service returns. Deleting an object that is
+//! not there is a no-op, reported in [`ChangeSet::notes`]. These are
+//! kube-proxy's rules (`pkg/proxy/endpointslicecache.go` keeps slices by
+//! service name whether or not the service is known). Only real conflicts
+//! (two services on one cluster IP, protocol and port) refuse a batch.
+//!
 //! Replacing one slice costs work in proportion to that slice: the old and
 //! new versions are compared endpoint by endpoint and only the endpoints that
 //! changed are removed from or added to the merged map. The other slices of
@@ -36,12 +47,56 @@ use crate::model::service::{Service, ServiceKey, ServicePort};
 pub enum Change {
     /// Add a service, or replace it (its slices stay).
     UpsertService(Service),
-    /// Delete a service and, as the garbage collector would, its slices.
+    /// Delete a service. Its slices go back to pending (they stay until
+    /// deleted, and are merged again if the service returns), as in
+    /// kube-proxy; deleting a service that is not there is a no-op noted in
+    /// [`ChangeSet::notes`].
     DeleteService(ServiceKey),
-    /// Add a slice, or replace it.
+    /// Add a slice, or replace it. A slice whose service is not in the
+    /// table is kept pending until the service arrives.
     UpsertSlice(EndpointSlice),
-    /// Delete a slice.
+    /// Delete a slice (attached or pending); deleting a slice that is not
+    /// there is a no-op noted in [`ChangeSet::notes`].
     DeleteSlice(SliceKey),
+}
+
+/// Something a successful apply did that a caller may want to report but
+/// that is not an error: watch streams deliver these in normal operation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum ChangeNote {
+    /// A delete named an object the table does not hold; nothing changed
+    /// (the garbage collector's delete of a slice that went with its
+    /// service, a replayed event).
+    AbsentDelete {
+        /// `Service` or `EndpointSlice`.
+        kind: &'static str,
+        /// `namespace/name` of the object.
+        key: String,
+    },
+    /// A slice is pending at the end of the batch: its service is not in
+    /// the table (not seen yet, or deleted). It forwards nothing until the
+    /// service arrives.
+    Pending {
+        /// The slice.
+        slice: SliceKey,
+        /// The service it names (label `kubernetes.io/service-name`).
+        service: ServiceKey,
+    },
+}
+
+impl std::fmt::Display for ChangeNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangeNote::AbsentDelete { kind, key } => {
+                write!(f, "{kind} {key}: delete of an object not present (no-op)")
+            }
+            ChangeNote::Pending { slice, service } => write!(
+                f,
+                "EndpointSlice {slice}: pending until Service {service} arrives (forwards nothing)"
+            ),
+        }
+    }
 }
 
 /// What a successful apply changed: the services whose dataplane state must
@@ -56,6 +111,9 @@ pub struct ChangeSet {
     pub removed: Vec<ServiceKey>,
     /// A full resync: the dataplane should rebuild from the whole table.
     pub full: bool,
+    /// What the apply did that is worth reporting but is no error: deletes
+    /// of absent objects, slices left pending. Dataplanes can ignore it.
+    pub notes: Vec<ChangeNote>,
 }
 
 impl ChangeSet {
@@ -478,6 +536,8 @@ pub struct ServiceSnapshot {
 pub struct TableSnapshot {
     /// Every service, by key.
     pub services: BTreeMap<ServiceKey, ServiceSnapshot>,
+    /// The pending slices (their service is not in the table), by key.
+    pub pending: BTreeMap<SliceKey, EndpointSlice>,
 }
 
 /// The control-plane table of services and endpoint slices.
@@ -505,18 +565,22 @@ pub struct TableSnapshot {
 #[derive(Debug, Clone, Default)]
 pub struct ServiceTable {
     services: AHashMap<ServiceKey, ServiceEntry>,
+    /// The service of every slice, attached or pending.
     slice_owner: AHashMap<SliceKey, ServiceKey>,
+    /// Slices whose service is not in the table, by that service.
+    pending: AHashMap<ServiceKey, BTreeMap<String, Arc<EndpointSlice>>>,
     vips: AHashMap<VipKey, ServiceKey>,
     generation: u64,
     stats: TableStats,
 }
 
 /// The state a batch would meet, for validation without touching the table.
+/// Only cluster IP, protocol and port claims can refuse a change: slices
+/// for unknown services wait pending, and deletes of absent objects are
+/// no-ops.
 struct Overlay<'a> {
     table: &'a ServiceTable,
     services: AHashMap<ServiceKey, Option<SmallVec<[VipKey; 4]>>>,
-    deleted: AHashSet<ServiceKey>,
-    slices: AHashMap<SliceKey, Option<ServiceKey>>,
     vips: AHashMap<VipKey, Option<ServiceKey>>,
 }
 
@@ -525,8 +589,6 @@ impl<'a> Overlay<'a> {
         Overlay {
             table,
             services: AHashMap::new(),
-            deleted: AHashSet::new(),
-            slices: AHashMap::new(),
             vips: AHashMap::new(),
         }
     }
@@ -535,18 +597,6 @@ impl<'a> Overlay<'a> {
         match self.services.get(key) {
             Some(v) => v.clone(),
             None => self.table.services.get(key).map(|e| vip_keys(&e.service)),
-        }
-    }
-
-    fn slice_owner(&self, key: &SliceKey) -> Option<ServiceKey> {
-        match self.slices.get(key) {
-            Some(v) => v.clone(),
-            None => self
-                .table
-                .slice_owner
-                .get(key)
-                .filter(|owner| !self.deleted.contains(*owner))
-                .cloned(),
         }
     }
 
@@ -586,42 +636,14 @@ impl<'a> Overlay<'a> {
                 self.services.insert(key.clone(), Some(new_vips));
             }
             Change::DeleteService(key) => {
-                let Some(old) = self.service_vips(key) else {
-                    return Err(UpdateError::NotFound {
-                        kind: "Service",
-                        key: key.to_string(),
-                    });
-                };
-                for vip in old {
-                    self.vips.insert(vip, None);
-                }
-                self.services.insert(key.clone(), None);
-                self.deleted.insert(key.clone());
-                for owner in self.slices.values_mut() {
-                    if owner.as_ref() == Some(key) {
-                        *owner = None;
+                if let Some(old) = self.service_vips(key) {
+                    for vip in old {
+                        self.vips.insert(vip, None);
                     }
+                    self.services.insert(key.clone(), None);
                 }
             }
-            Change::UpsertSlice(slice) => {
-                if self.service_vips(slice.service()).is_none() {
-                    return Err(UpdateError::UnknownService {
-                        slice: slice.key().to_string(),
-                        service: slice.service().to_string(),
-                    });
-                }
-                self.slices
-                    .insert(slice.key().clone(), Some(slice.service().clone()));
-            }
-            Change::DeleteSlice(key) => {
-                if self.slice_owner(key).is_none() {
-                    return Err(UpdateError::NotFound {
-                        kind: "EndpointSlice",
-                        key: key.to_string(),
-                    });
-                }
-                self.slices.insert(key.clone(), None);
-            }
+            Change::UpsertSlice(_) | Change::DeleteSlice(_) => {}
         }
         Ok(())
     }
@@ -658,10 +680,27 @@ impl ServiceTable {
         self.services.get(key).map(|e| &e.service)
     }
 
-    /// A slice, as last applied.
+    /// A slice, as last applied (attached to its service, or pending).
     pub fn slice(&self, key: &SliceKey) -> Option<&Arc<EndpointSlice>> {
         let owner = self.slice_owner.get(key)?;
-        self.services.get(owner)?.slices.get(&key.name)
+        match self.services.get(owner) {
+            Some(entry) => entry.slices.get(&key.name),
+            None => self.pending.get(owner)?.get(&key.name),
+        }
+    }
+
+    /// Whether a slice is pending: held, but its service is not in the
+    /// table, so it forwards nothing.
+    pub fn is_pending(&self, key: &SliceKey) -> bool {
+        self.slice_owner
+            .get(key)
+            .is_some_and(|owner| !self.services.contains_key(owner))
+    }
+
+    /// The pending slices (their service is not in the table), in no
+    /// particular order.
+    pub fn pending_slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.pending.values().flat_map(BTreeMap::values)
     }
 
     /// The slices of a service, in name order.
@@ -696,6 +735,7 @@ impl ServiceTable {
             updated: self.keys_sorted(),
             removed: Vec::new(),
             full: true,
+            notes: Vec::new(),
         }
     }
 
@@ -724,7 +764,11 @@ impl ServiceTable {
                 )
             })
             .collect();
-        TableSnapshot { services }
+        let pending = self
+            .pending_slices()
+            .map(|s| (s.key().clone(), (**s).clone()))
+            .collect();
+        TableSnapshot { services, pending }
     }
 
     /// Applies one change.
@@ -740,11 +784,14 @@ impl ServiceTable {
 
     /// Applies a batch of changes whole, or none of it.
     ///
+    /// A slice for a service not in the table is kept pending, and a delete
+    /// of an absent object is a no-op; both are reported in
+    /// [`ChangeSet::notes`], never refused.
+    ///
     /// # Errors
-    /// [`UpdateError::InBatch`] wrapping the first failing change: a slice
-    /// for an unknown service, a delete of an unknown object, or a service
-    /// whose cluster IP, protocol and port another service already holds.
-    /// The table is unchanged.
+    /// [`UpdateError::InBatch`] wrapping the first failing change: a
+    /// service whose cluster IP, protocol and port another service already
+    /// holds. The table is unchanged.
     pub fn apply_batch(
         &mut self,
         changes: impl IntoIterator<Item = Change>,
@@ -760,6 +807,9 @@ impl ServiceTable {
         drop(overlay);
 
         let mut touched: BTreeSet<ServiceKey> = BTreeSet::new();
+        let mut notes = Vec::new();
+        // Slices that may be pending when the batch ends.
+        let mut maybe_pending: BTreeSet<SliceKey> = BTreeSet::new();
         for change in changes {
             match change {
                 Change::UpsertService(svc) => {
@@ -767,8 +817,16 @@ impl ServiceTable {
                     self.upsert_service(svc);
                 }
                 Change::DeleteService(key) => {
-                    self.delete_service(&key);
-                    touched.insert(key);
+                    if let Some(entry) = self.services.get(&key) {
+                        maybe_pending.extend(entry.slices.values().map(|s| s.key().clone()));
+                        self.delete_service(&key);
+                        touched.insert(key);
+                    } else {
+                        notes.push(ChangeNote::AbsentDelete {
+                            kind: "Service",
+                            key: key.to_string(),
+                        });
+                    }
                 }
                 Change::UpsertSlice(slice) => {
                     if let Some(old_owner) = self.slice_owner.get(slice.key()).cloned() {
@@ -777,19 +835,40 @@ impl ServiceTable {
                             touched.insert(old_owner);
                         }
                     }
-                    touched.insert(slice.service().clone());
+                    if self.services.contains_key(slice.service()) {
+                        touched.insert(slice.service().clone());
+                    } else {
+                        maybe_pending.insert(slice.key().clone());
+                    }
                     self.upsert_slice(slice);
                 }
-                Change::DeleteSlice(key) => {
-                    if let Some(owner) = self.delete_slice(&key) {
-                        touched.insert(owner);
+                Change::DeleteSlice(key) => match self.delete_slice(&key) {
+                    Some(owner) => {
+                        if self.services.contains_key(&owner) {
+                            touched.insert(owner);
+                        }
                     }
+                    None => notes.push(ChangeNote::AbsentDelete {
+                        kind: "EndpointSlice",
+                        key: key.to_string(),
+                    }),
+                },
+            }
+        }
+        for key in maybe_pending {
+            if let Some(owner) = self.slice_owner.get(&key) {
+                if !self.services.contains_key(owner) {
+                    notes.push(ChangeNote::Pending {
+                        service: owner.clone(),
+                        slice: key,
+                    });
                 }
             }
         }
         self.generation += 1;
         let mut set = ChangeSet {
             generation: self.generation,
+            notes,
             ..ChangeSet::default()
         };
         for key in touched {
@@ -821,34 +900,51 @@ impl ServiceTable {
         match self.services.get_mut(&key) {
             Some(entry) => entry.service = svc,
             None => {
-                self.services.insert(
-                    key,
-                    ServiceEntry {
-                        service: svc,
-                        slices: BTreeMap::new(),
-                        merged: AHashMap::new(),
-                        view: None,
-                    },
-                );
+                let mut entry = ServiceEntry {
+                    service: svc,
+                    slices: BTreeMap::new(),
+                    merged: AHashMap::new(),
+                    view: None,
+                };
+                // The slices that waited for this service are merged now.
+                for (name, slice) in self.pending.remove(&key).unwrap_or_default() {
+                    self.stats.slices_merged += 1;
+                    let name_arc: Arc<str> = Arc::from(name.as_str());
+                    for ep in slice.endpoints() {
+                        add_contribution(&mut entry.merged, &slice, ep, &name_arc, &mut self.stats);
+                    }
+                    entry.slices.insert(name, slice);
+                }
+                self.services.insert(key, entry);
             }
         }
     }
 
+    /// Removes a service; its slices go back to pending.
     fn delete_service(&mut self, key: &ServiceKey) {
         if let Some(entry) = self.services.remove(key) {
             for vip in vip_keys(&entry.service) {
                 self.vips.remove(&vip);
             }
-            for slice in entry.slices.values() {
-                self.slice_owner.remove(slice.key());
+            if !entry.slices.is_empty() {
+                self.pending.insert(key.clone(), entry.slices);
             }
         }
     }
 
-    /// Removes a slice's contributions; returns its owner.
+    /// Removes a slice (and, if attached, its contributions); returns its
+    /// owner, or `None` if the table did not hold it.
     fn delete_slice(&mut self, key: &SliceKey) -> Option<ServiceKey> {
         let owner = self.slice_owner.remove(key)?;
-        let entry = self.services.get_mut(&owner)?;
+        let Some(entry) = self.services.get_mut(&owner) else {
+            if let Some(slices) = self.pending.get_mut(&owner) {
+                slices.remove(&key.name);
+                if slices.is_empty() {
+                    self.pending.remove(&owner);
+                }
+            }
+            return Some(owner);
+        };
         if let Some(old) = entry.slices.remove(&key.name) {
             entry.view = None;
             self.stats.slices_merged += 1;
@@ -862,10 +958,15 @@ impl ServiceTable {
 
     fn upsert_slice(&mut self, slice: EndpointSlice) {
         let owner = slice.service().clone();
-        let entry = self
-            .services
-            .get_mut(&owner)
-            .expect("validated: the owning service exists");
+        let Some(entry) = self.services.get_mut(&owner) else {
+            // No service yet: the slice waits, merged into nothing.
+            self.slice_owner.insert(slice.key().clone(), owner.clone());
+            self.pending
+                .entry(owner)
+                .or_default()
+                .insert(slice.key().name.clone(), Arc::new(slice));
+            return;
+        };
         self.stats.slices_merged += 1;
         entry.view = None;
         let name: Arc<str> = Arc::from(slice.key().name.as_str());
@@ -1296,20 +1397,25 @@ mod tests {
         .unwrap();
         let before = t.snapshot();
         let generation = t.generation();
+        // Good changes (a pending slice, an absent delete among them) beside
+        // one real conflict: nothing is applied.
         let err = t
             .apply_batch([
                 Change::UpsertSlice(slice("s", "web", &["10.0.0.9"])),
-                Change::DeleteService(ServiceKey::new("default", "web")),
-                Change::UpsertSlice(slice("s2", "web", &["10.0.0.7"])),
+                Change::UpsertSlice(slice("s2", "api", &["10.0.0.7"])),
+                Change::DeleteSlice(SliceKey::new("default", "gone")),
+                Change::UpsertService(svc("api", "10.96.0.1")),
             ])
             .unwrap_err();
         assert_eq!(
             err,
             UpdateError::InBatch {
-                index: 2,
-                source: Box::new(UpdateError::UnknownService {
-                    slice: "default/s2".into(),
-                    service: "default/web".into()
+                index: 3,
+                source: Box::new(UpdateError::ConflictingPort {
+                    service: "default/api".into(),
+                    field: "spec.ports[0]".into(),
+                    value: "10.96.0.1:80/TCP".into(),
+                    other: "default/web".into(),
                 })
             }
         );
@@ -1318,7 +1424,134 @@ mod tests {
     }
 
     #[test]
-    fn vip_conflicts_and_not_found() {
+    fn absent_deletes_are_noted_no_ops_beside_good_changes() {
+        let mut t = ServiceTable::new();
+        t.apply(Change::UpsertService(svc("web", "10.96.0.1")))
+            .unwrap();
+        let cs = t
+            .apply_batch([
+                Change::DeleteSlice(SliceKey::new("default", "gone")),
+                Change::UpsertSlice(slice("s", "web", &["10.0.0.1"])),
+                Change::DeleteService(ServiceKey::new("default", "nope")),
+            ])
+            .unwrap();
+        assert_eq!(cs.updated, vec![ServiceKey::new("default", "web")]);
+        assert_eq!(
+            cs.notes,
+            vec![
+                ChangeNote::AbsentDelete {
+                    kind: "EndpointSlice",
+                    key: "default/gone".into()
+                },
+                ChangeNote::AbsentDelete {
+                    kind: "Service",
+                    key: "default/nope".into()
+                },
+            ]
+        );
+        assert_eq!(addrs(&t, "web"), ["10.0.0.1:8080"]);
+        assert!(
+            cs.notes[0]
+                .to_string()
+                .contains("EndpointSlice default/gone")
+        );
+    }
+
+    #[test]
+    fn a_slice_before_its_service_waits_pending() {
+        let mut t = ServiceTable::new();
+        let cs = t
+            .apply(Change::UpsertSlice(slice("s", "web", &["10.0.0.1"])))
+            .unwrap();
+        assert!(cs.updated.is_empty() && cs.removed.is_empty());
+        assert_eq!(
+            cs.notes,
+            vec![ChangeNote::Pending {
+                slice: SliceKey::new("default", "s"),
+                service: ServiceKey::new("default", "web"),
+            }]
+        );
+        let key = SliceKey::new("default", "s");
+        assert!(t.is_pending(&key));
+        assert!(t.view(&ServiceKey::new("default", "web")).is_none());
+        let cs = t
+            .apply(Change::UpsertService(svc("web", "10.96.0.1")))
+            .unwrap();
+        assert!(cs.notes.is_empty());
+        assert!(!t.is_pending(&key));
+        assert_eq!(addrs(&t, "web"), ["10.0.0.1:8080"]);
+        // The service goes: the slice is pending again, then returns with it.
+        let cs = t
+            .apply(Change::DeleteService(ServiceKey::new("default", "web")))
+            .unwrap();
+        assert_eq!(cs.removed, vec![ServiceKey::new("default", "web")]);
+        assert!(t.is_pending(&key));
+        assert_eq!(t.pending_slices().count(), 1);
+        t.apply(Change::UpsertService(svc("web", "10.96.0.1")))
+            .unwrap();
+        assert_eq!(addrs(&t, "web"), ["10.0.0.1:8080"]);
+    }
+
+    /// Every order of a service, its two slices and an update of one slice
+    /// gives the same table; every order of their deletes empties it.
+    #[test]
+    fn every_watch_order_gives_the_same_table() {
+        fn permutations(n: usize) -> Vec<Vec<usize>> {
+            if n == 0 {
+                return vec![vec![]];
+            }
+            let mut out = Vec::new();
+            for p in permutations(n - 1) {
+                for i in 0..=p.len() {
+                    let mut q = p.clone();
+                    q.insert(i, n - 1);
+                    out.push(q);
+                }
+            }
+            out
+        }
+        let adds = [
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice("web-a", "web", &["10.0.0.1", "10.0.0.2"])),
+            Change::UpsertSlice(slice("web-b", "web", &["10.0.0.2", "10.0.0.3"])),
+        ];
+        let deletes = [
+            Change::DeleteService(ServiceKey::new("default", "web")),
+            Change::DeleteSlice(SliceKey::new("default", "web-a")),
+            Change::DeleteSlice(SliceKey::new("default", "web-b")),
+        ];
+        let mut want = ServiceTable::new();
+        want.apply_batch(adds.clone()).unwrap();
+        let want = want.snapshot();
+        for order in permutations(3) {
+            // One change at a time, and the whole order as one batch.
+            let mut one = ServiceTable::new();
+            for &i in &order {
+                one.apply(adds[i].clone()).unwrap();
+            }
+            assert_eq!(one.snapshot(), want, "{order:?}");
+            let mut batch = ServiceTable::new();
+            batch
+                .apply_batch(order.iter().map(|&i| adds[i].clone()))
+                .unwrap();
+            assert_eq!(batch.snapshot(), want, "{order:?} as a batch");
+            for del in permutations(3) {
+                let mut t = one.clone();
+                for &i in &del {
+                    t.apply(deletes[i].clone()).unwrap();
+                }
+                assert!(t.is_empty(), "{order:?} then {del:?}");
+                assert_eq!(t.pending_slices().count(), 0, "{order:?} then {del:?}");
+                assert_eq!(t.snapshot(), ServiceTable::new().snapshot());
+                // Deleting again is a no-op, noted.
+                let cs = t.apply(deletes[del[0]].clone()).unwrap();
+                assert_eq!(cs.notes.len(), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn vip_conflicts() {
         let mut t = ServiceTable::new();
         t.apply(Change::UpsertService(svc("web", "10.96.0.1")))
             .unwrap();
@@ -1340,20 +1573,10 @@ mod tests {
             Change::UpsertService(svc("api", "10.96.0.1")),
         ])
         .unwrap();
-        let err = t
-            .apply(Change::DeleteSlice(SliceKey::new("default", "nope")))
-            .unwrap_err();
-        assert_eq!(
-            err,
-            UpdateError::NotFound {
-                kind: "EndpointSlice",
-                key: "default/nope".into()
-            }
-        );
     }
 
     #[test]
-    fn deleting_a_service_deletes_its_slices() {
+    fn deleting_a_service_leaves_its_slices_pending() {
         let mut t = ServiceTable::new();
         t.apply_batch([
             Change::UpsertService(svc("web", "10.96.0.1")),
@@ -1364,10 +1587,19 @@ mod tests {
             .apply(Change::DeleteService(ServiceKey::new("default", "web")))
             .unwrap();
         assert_eq!(cs.removed, vec![ServiceKey::new("default", "web")]);
-        assert!(t.slice(&SliceKey::new("default", "s")).is_none());
-        assert!(
-            t.apply(Change::DeleteSlice(SliceKey::new("default", "s")))
-                .is_err()
+        assert_eq!(
+            cs.notes,
+            vec![ChangeNote::Pending {
+                slice: SliceKey::new("default", "s"),
+                service: ServiceKey::new("default", "web"),
+            }]
         );
+        assert!(t.is_pending(&SliceKey::new("default", "s")));
+        // The garbage collector's delete of the slice then succeeds.
+        let cs = t
+            .apply(Change::DeleteSlice(SliceKey::new("default", "s")))
+            .unwrap();
+        assert!(cs.notes.is_empty() && cs.removed.is_empty());
+        assert!(t.slice(&SliceKey::new("default", "s")).is_none());
     }
 }

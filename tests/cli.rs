@@ -322,3 +322,212 @@ fn bad_input_exits_non_zero_naming_where_and_what() {
     let _ = std::fs::remove_file(&bad);
     let _ = std::fs::remove_file(&trace);
 }
+
+// ---- input as it really arrives (issue 11) ---------------------------------
+
+#[test]
+fn slices_before_services_work() {
+    let out = ok(&[
+        "--manifests",
+        "tests/fixtures/order/slices.yaml",
+        "tests/fixtures/order/services.yaml",
+        "route",
+        "--src",
+        "10.0.0.1",
+        "--dst",
+        "10.96.7.10:80",
+        "--count",
+        "10",
+    ]);
+    assert_eq!(out, "10.244.1.20:8080 4\n10.244.2.20:8080 6\n");
+}
+
+#[test]
+fn watch_from_stdin_after_manifests() {
+    let events = std::fs::File::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/watch/events.yaml"),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args([
+            "--mode",
+            "ipvs",
+            "--manifests",
+            "tests/fixtures/order/services.yaml",
+            "--watch",
+            "-",
+            "route",
+            "--src",
+            "10.0.0.1",
+            "--dst",
+            "10.96.7.10:80",
+            "--count",
+            "4",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(events)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "10.244.1.20:8080 2\n10.244.1.21:8080 2\n"
+    );
+    assert!(
+        stderr.contains("resourceVersion 109 is older than 110"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("watch ERROR event: 410 Expired"),
+        "{stderr}"
+    );
+    // The watch deleted shop/cart, which the manifests had.
+    let cart = ok(&[
+        "--manifests",
+        "tests/fixtures/order/services.yaml",
+        "--watch",
+        "tests/fixtures/watch/events.json",
+        "route",
+        "--src",
+        "10.0.0.1",
+        "--dst",
+        "10.96.7.11:8080",
+    ]);
+    assert_eq!(cart, "NO-SERVICE\n");
+}
+
+#[test]
+fn manifests_as_applied_with_service_cidr_and_summaries() {
+    let out = svclb(&[
+        "--manifests",
+        "tests/fixtures/applied",
+        "--service-cidr",
+        "10.100.0.0/16",
+        "dump",
+        "--format",
+        "nft",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("assigned 10.100."), "{stderr}");
+    assert!(
+        stderr.contains("skipped 2 Deployment objects: not a Service"),
+        "{stderr}"
+    );
+    // The dual-stack service has no IPv6 range here: left out, with a note.
+    assert!(!stderr.contains("fd00"), "{stderr}");
+    let verbose = svclb(&[
+        "--manifests",
+        "tests/fixtures/applied",
+        "--verbose",
+        "dump",
+        "--format",
+        "nft",
+    ]);
+    let stderr = String::from_utf8_lossy(&verbose.stderr);
+    assert!(
+        stderr.contains("Deployment default/nginx-deployment: skipped"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn dump_family_notes_what_it_leaves_out() {
+    let out = svclb(&[
+        "--manifests",
+        "tests/fixtures/applied",
+        "dump",
+        "--format",
+        "iptables",
+        "--family",
+        "ipv6",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("services have no ipv6 cluster IP and are left out"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("fd00:10:96::dfee"), "{stdout}");
+    let both = ok(&[
+        "--manifests",
+        "tests/fixtures/applied",
+        "dump",
+        "--format",
+        "nft",
+        "--family",
+        "both",
+    ]);
+    assert!(both.contains("table ip kube-proxy") && both.contains("table ip6 kube-proxy"));
+    err(&[
+        "--manifests",
+        "tests/fixtures/applied",
+        "dump",
+        "--format",
+        "iptables",
+        "--family",
+        "both",
+    ]);
+}
+
+#[test]
+fn hostile_input_fails_fast_with_a_named_limit() {
+    let start = std::time::Instant::now();
+    let e = err(&["--manifests", "/dev/zero", "dump", "--format", "nft"]);
+    assert!(
+        e.contains("/dev/zero: not YAML or JSON text: a NUL byte"),
+        "{e}"
+    );
+    let deep = temp_file("deep.json", &"[".repeat(200_000));
+    let e = err(&[
+        "--manifests",
+        deep.to_str().unwrap(),
+        "dump",
+        "--format",
+        "nft",
+    ]);
+    assert!(e.contains("max-depth limit of 100"), "{e}");
+    let big = temp_file("big.yaml", &"# comment\n".repeat(1000));
+    let e = err(&[
+        "--max-input-bytes",
+        "1000",
+        "--manifests",
+        big.to_str().unwrap(),
+        "dump",
+        "--format",
+        "nft",
+    ]);
+    assert!(e.contains("max-input-bytes limit of 1000"), "{e}");
+    assert!(start.elapsed().as_secs() < 20);
+}
+
+#[test]
+fn keep_going_loads_the_good_objects() {
+    let text = "kind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 10.96.9.1, ports: [{port: 0}]}\n---\nkind: Service\nmetadata: {name: worse}\nspec: {clusterIP: 10.96.9.2, ports: [{port: 99999}]}\n---\nkind: Service\nmetadata: {name: ok}\nspec: {clusterIP: 10.96.9.3, ports: [{port: 80}]}\n";
+    let f = temp_file("keep.yaml", text);
+    let e = err(&[
+        "--manifests",
+        f.to_str().unwrap(),
+        "dump",
+        "--format",
+        "nft",
+    ]);
+    assert!(e.contains("2 bad objects"), "{e}");
+    assert!(
+        e.contains("default/bad") && e.contains("default/worse"),
+        "{e}"
+    );
+    let out = ok(&[
+        "--keep-going",
+        "--manifests",
+        f.to_str().unwrap(),
+        "route",
+        "--src",
+        "10.0.0.1",
+        "--dst",
+        "10.96.9.3:80",
+    ]);
+    assert_eq!(out, "REJECT\n");
+}

@@ -17,7 +17,10 @@ fn slice(ids: &[u8]) -> EndpointSlice {
         .unwrap()
 }
 
-fn run(dp: Arc<dyn Dataplane>, readers: Vec<Box<dyn FnMut(&Flow, TcpFlags) -> Verdict + Send>>) {
+/// One packet thread's way into a dataplane.
+type Reader = Box<dyn FnMut(&Flow, TcpFlags) -> Verdict + Send>;
+
+fn run(dp: Arc<dyn Dataplane>, readers: Vec<Reader>) {
     let mut table = ServiceTable::new();
     let cs = table
         .apply_batch([
@@ -110,7 +113,7 @@ fn tracked_flows_never_change_backend_under_churn() {
         ..DataplaneConfig::with_seed(9)
     };
     let ipvs = Arc::new(IpvsDataplane::new(config.clone()));
-    let readers: Vec<Box<dyn FnMut(&Flow, TcpFlags) -> Verdict + Send>> = (0..2)
+    let readers: Vec<Reader> = (0..2)
         .map(|_| {
             let mut r = ipvs.reader();
             Box::new(move |f: &Flow, fl: TcpFlags| r.packet(f, fl, Instant::ZERO)) as Box<_>
@@ -118,7 +121,7 @@ fn tracked_flows_never_change_backend_under_churn() {
         .collect();
     run(ipvs, readers);
     let ipt = Arc::new(IptablesDataplane::new(config.clone()));
-    let readers: Vec<Box<dyn FnMut(&Flow, TcpFlags) -> Verdict + Send>> = (0..2)
+    let readers: Vec<Reader> = (0..2)
         .map(|_| {
             let mut r = ipt.reader();
             Box::new(move |f: &Flow, fl: TcpFlags| r.packet(f, fl, Instant::ZERO)) as Box<_>
@@ -126,7 +129,7 @@ fn tracked_flows_never_change_backend_under_churn() {
         .collect();
     run(ipt, readers);
     let nft = Arc::new(NftablesDataplane::new(config));
-    let readers: Vec<Box<dyn FnMut(&Flow, TcpFlags) -> Verdict + Send>> = (0..2)
+    let readers: Vec<Reader> = (0..2)
         .map(|_| {
             let d = Arc::clone(&nft);
             Box::new(move |f: &Flow, fl: TcpFlags| d.packet(f, fl, Instant::ZERO)) as Box<_>

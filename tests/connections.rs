@@ -156,7 +156,7 @@ fn a_tracked_flow_keeps_its_removed_backend_until_it_closes() {
         dp.handle_timeout(secs(22));
         let b = dp.route(&f, secs(22)).backend().unwrap();
         assert_ne!(b, *gone, "{}", dp.mode());
-        assert!(!dp.packet(&f, TcpFlags::ACK, secs(22)).backend().is_none());
+        assert_eq!(dp.packet(&f, TcpFlags::ACK, secs(22)).backend(), Some(b));
         dp.connection_closed(&f, secs(22));
         // Restore the three endpoints, reopen for the next mode.
         w.apply(

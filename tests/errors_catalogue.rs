@@ -494,63 +494,47 @@ fn refused(t: &mut ServiceTable, batch: Vec<Change>, want: UpdateError) {
 }
 
 #[test]
-fn t1_slice_for_an_unknown_service() {
+fn t1_slice_for_an_unknown_service_waits_pending() {
+    // Watch order: a slice may come before its service. It is kept, noted,
+    // and forwards nothing until the service arrives.
     let mut t = table();
     let stray = EndpointSlice::builder("default", "api-1", "api", AddressType::IPv4)
         .endpoint(EndpointSpec::new("10.0.0.9"))
         .build()
         .unwrap();
-    refused(
-        &mut t,
-        vec![Change::UpsertSlice(stray)],
-        UpdateError::InBatch {
-            index: 0,
-            source: Box::new(UpdateError::UnknownService {
-                slice: "default/api-1".into(),
-                service: "default/api".into(),
-            }),
-        },
+    let cs = t.apply(Change::UpsertSlice(stray)).unwrap();
+    assert_eq!(
+        cs.notes,
+        vec![ChangeNote::Pending {
+            slice: SliceKey::new("default", "api-1"),
+            service: ServiceKey::new("default", "api"),
+        }]
     );
-    // The same slice after its service was deleted earlier in the batch.
-    let again = slice()
-        .endpoint(EndpointSpec::new("10.0.0.2"))
-        .build()
-        .unwrap();
-    refused(
-        &mut t,
-        vec![
-            Change::DeleteService(ServiceKey::new("default", "web")),
-            Change::UpsertSlice(again),
-        ],
-        UpdateError::InBatch {
-            index: 1,
-            source: Box::new(UpdateError::UnknownService {
-                slice: "default/web-1".into(),
-                service: "default/web".into(),
-            }),
-        },
-    );
+    assert!(t.is_pending(&SliceKey::new("default", "api-1")));
+    assert!(t.view(&ServiceKey::new("default", "api")).is_none());
 }
 
 #[test]
-fn t2_delete_of_an_unknown_object() {
+fn t2_delete_of_an_unknown_object_is_a_noted_no_op() {
     let mut t = table();
     let before = t.snapshot();
+    let cs = t
+        .apply(Change::DeleteService(ServiceKey::new("default", "nope")))
+        .unwrap();
     assert_eq!(
-        t.apply(Change::DeleteService(ServiceKey::new("default", "nope")))
-            .unwrap_err(),
-        UpdateError::NotFound {
+        cs.notes,
+        vec![ChangeNote::AbsentDelete {
             kind: "Service",
             key: "default/nope".into()
-        }
+        }]
     );
+    assert!(cs.is_empty());
+    let cs = t
+        .apply(Change::DeleteSlice(SliceKey::new("default", "nope")))
+        .unwrap();
     assert_eq!(
-        t.apply(Change::DeleteSlice(SliceKey::new("default", "nope")))
-            .unwrap_err(),
-        UpdateError::NotFound {
-            kind: "EndpointSlice",
-            key: "default/nope".into()
-        }
+        cs.notes[0].to_string(),
+        "EndpointSlice default/nope: delete of an object not present (no-op)"
     );
     assert_eq!(t.snapshot(), before);
 }
@@ -592,28 +576,27 @@ fn t4_a_batch_is_refused_whole() {
         .endpoint(EndpointSpec::new("10.0.0.5"))
         .build()
         .unwrap();
-    let e = t
-        .clone()
-        .apply_batch([
-            Change::UpsertSlice(good.clone()),
-            Change::DeleteSlice(SliceKey::new("default", "nope")),
-        ])
-        .unwrap_err();
-    assert_eq!(
-        e.root(),
-        &UpdateError::NotFound {
-            kind: "EndpointSlice",
-            key: "default/nope".into()
-        }
-    );
-    refused(
-        &mut t,
-        vec![
-            Change::UpsertSlice(good),
-            Change::DeleteSlice(SliceKey::new("default", "nope")),
-        ],
+    let conflict = Service::builder("default", "api")
+        .cluster_ip("10.96.0.10".parse().unwrap())
+        .port(ServicePortSpec::tcp(80))
+        .build()
+        .unwrap();
+    // A good slice and a stale delete (both fine alone) beside a real
+    // conflict: none of it applies.
+    let batch = vec![
+        Change::UpsertSlice(good),
+        Change::DeleteSlice(SliceKey::new("default", "nope")),
+        Change::UpsertService(conflict),
+    ];
+    let e = t.clone().apply_batch(batch.clone()).unwrap_err();
+    assert!(matches!(
         e,
-    );
+        UpdateError::InBatch {
+            index: 2,
+            ref source
+        } if matches!(**source, UpdateError::ConflictingPort { .. })
+    ));
+    refused(&mut t, batch, e);
 }
 
 // ---- Text values ----------------------------------------------------------

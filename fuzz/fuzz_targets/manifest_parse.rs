@@ -1,5 +1,8 @@
-//! `manifest_parse`: arbitrary bytes read as JSON and as YAML manifests.
+//! `manifest_parse`: arbitrary bytes read as JSON and as YAML manifests,
+//! and within input limits chosen by the first byte.
 //!
+//! - A limit passed is a `ManifestError::Limit` naming it; an input longer
+//!   than `max_bytes` is always refused with `Limit::Bytes`.
 //! - Nothing panics: parsing, conversion into table changes, applying them.
 //! - Every failure is a typed `ManifestError` (or, from the table, an
 //!   `UpdateError`) whose message names where it came from.
@@ -9,7 +12,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use svclb::k8s::manifest::{Manifests, ServiceManifest};
+use svclb::k8s::input::{InputLimits, Limit};
+use svclb::k8s::manifest::{ManifestError, Manifests, ServiceManifest};
 use svclb::{Change, ServiceTable};
 
 fn check(parsed: Result<Manifests, svclb::k8s::manifest::ManifestError>) {
@@ -45,9 +49,40 @@ fn check(parsed: Result<Manifests, svclb::k8s::manifest::ManifestError>) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
+    let Some((&knob, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
         return;
     };
     check(Manifests::parse_json(text, Some("fuzz")));
     check(Manifests::parse_yaml(text, Some("fuzz")));
+    // Small limits, so that the fuzzer reaches each of them.
+    let limits = InputLimits {
+        max_bytes: 64 + u64::from(knob & 0x3f) * 64,
+        max_depth: 1 + usize::from(knob >> 6) * 4,
+        max_documents: 1 + usize::from(knob & 7),
+        max_objects: 1 + usize::from(knob >> 3 & 7),
+    };
+    let parsed = Manifests::parse_str_with(text, Some("fuzz"), &limits);
+    if text.trim_start_matches('\u{feff}').len() as u64 > limits.max_bytes {
+        assert!(
+            matches!(
+                parsed,
+                Err(ManifestError::Limit {
+                    limit: Limit::Bytes,
+                    ..
+                })
+            ),
+            "{parsed:?}"
+        );
+    }
+    if let Err(ManifestError::Limit { limit, max, .. }) = &parsed {
+        let msg = parsed.as_ref().unwrap_err().to_string();
+        assert!(
+            msg.contains(limit.name()) && msg.contains(&max.to_string()),
+            "{msg}"
+        );
+    }
+    check(parsed);
 });

@@ -77,6 +77,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::error::ValidationError;
+use crate::k8s::input::{self, Format, InputLimits, Limit};
 use crate::model::endpoint_slice::{
     AddressType, Conditions, EndpointSlice, EndpointSpec, SlicePortSpec,
 };
@@ -136,6 +137,10 @@ pub struct ObjectMeta {
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub annotations: BTreeMap<String, String>,
+    /// `metadata.resourceVersion` (watch streams: an event older than the
+    /// last one seen for the object is ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
 }
 
 impl ObjectMeta {
@@ -245,6 +250,22 @@ pub struct ServiceSpec {
     /// `externalName` (ExternalName services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_name: Option<String>,
+    /// `selector`: a service without one has its endpoints managed by
+    /// hand, through v1 `Endpoints` (mirrored into EndpointSlices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `ipFamilies` (`IPv4`, `IPv6`): which family a cluster IP assigned
+    /// by the [loader](crate::k8s::loader) comes from.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub ip_families: Vec<String>,
+    /// `ipFamilyPolicy`: `SingleStack` (default), `PreferDualStack`,
+    /// `RequireDualStack`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_family_policy: Option<String>,
 }
 
 /// A `v1` Service manifest.
@@ -381,11 +402,166 @@ pub struct EndpointSliceManifest {
 /// One object svclb reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
+// Read once per document and kept in a Vec: boxing the Service would cost
+// an allocation per object for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum Manifest {
     /// A Service.
     Service(ServiceManifest),
     /// An EndpointSlice.
     EndpointSlice(EndpointSliceManifest),
+    /// A v1 Endpoints (legacy): mirrored into EndpointSlices for a
+    /// selector-less service, as the EndpointSlice mirroring controller does.
+    Endpoints(EndpointsManifest),
+}
+
+/// `subsets[].addresses[]` / `notReadyAddresses[]` of a v1 Endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointAddressManifest {
+    /// `ip`.
+    #[serde(default)]
+    pub ip: String,
+    /// `hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// `nodeName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+/// `subsets[]` of a v1 Endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSubset {
+    /// `addresses` (ready).
+    #[serde(default, deserialize_with = "nullable")]
+    pub addresses: Vec<EndpointAddressManifest>,
+    /// `notReadyAddresses`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_ready_addresses: Vec<EndpointAddressManifest>,
+    /// `ports` (the same shape as an EndpointSlice's).
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<EndpointPortManifest>,
+}
+
+/// A `v1` Endpoints manifest (the legacy API, still written by hand for
+/// services without a selector).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointsManifest {
+    /// `apiVersion` (`v1`).
+    #[serde(default = "api_v1")]
+    pub api_version: String,
+    /// `kind` (`Endpoints`).
+    #[serde(default = "kind_endpoints")]
+    pub kind: String,
+    /// `metadata`; the name is the service's.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// `subsets`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub subsets: Vec<EndpointSubset>,
+}
+
+fn kind_endpoints() -> String {
+    "Endpoints".into()
+}
+
+/// The `endpointslice.kubernetes.io/managed-by` value of mirrored slices.
+pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+/// The label that keeps an Endpoints from being mirrored (`"true"`).
+pub const LABEL_SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
+/// Addresses the mirroring controller copies per subset
+/// (`--mirroring-max-endpoints-per-subset`, default 1000); the rest are
+/// left out.
+pub const MIRRORING_MAX_ENDPOINTS_PER_SUBSET: usize = 1000;
+
+impl EndpointsManifest {
+    /// `Endpoints namespace/name`.
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef {
+            kind: "Endpoints".into(),
+            namespace: self.metadata.namespace_or_default().into(),
+            name: self.metadata.name.clone().unwrap_or_else(|| "?".into()),
+        }
+    }
+
+    /// The service of the same name.
+    pub fn service_key(&self) -> crate::model::service::ServiceKey {
+        crate::model::service::ServiceKey::new(
+            self.metadata.namespace_or_default(),
+            self.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+
+    /// Whether the `endpointslice.kubernetes.io/skip-mirror: "true"` label
+    /// is set.
+    pub fn skips_mirroring(&self) -> bool {
+        self.metadata
+            .labels
+            .get(LABEL_SKIP_MIRROR)
+            .is_some_and(|v| v == "true")
+    }
+
+    /// The EndpointSlices the mirroring controller writes for it
+    /// (`pkg/controller/endpointslicemirroring`): one per subset and
+    /// address family, labelled with the service name and
+    /// `managed-by: endpointslicemirroring-controller.k8s.io`; `addresses`
+    /// are ready, `notReadyAddresses` not; at most
+    /// [`MIRRORING_MAX_ENDPOINTS_PER_SUBSET`] addresses per subset; an
+    /// address that is no IP is left out, as the controller drops it. The
+    /// controller names slices `<endpoints>-<random>`; ours are
+    /// `<endpoints>-mirror-<subset>-<ipv4|ipv6>` so that the same input
+    /// gives the same names.
+    pub fn mirror(&self) -> Vec<EndpointSliceManifest> {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        for (i, subset) in self.subsets.iter().enumerate() {
+            for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+                let eps: Vec<EndpointManifest> = subset
+                    .addresses
+                    .iter()
+                    .map(|a| (a, true))
+                    .chain(subset.not_ready_addresses.iter().map(|a| (a, false)))
+                    .filter(|(a, _)| a.ip.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv6() == v6))
+                    .take(MIRRORING_MAX_ENDPOINTS_PER_SUBSET)
+                    .map(|(a, ready)| EndpointManifest {
+                        addresses: vec![a.ip.clone()],
+                        conditions: Conditions {
+                            ready: Some(ready),
+                            ..Conditions::default()
+                        },
+                        hostname: a.hostname.clone(),
+                        node_name: a.node_name.clone(),
+                        zone: None,
+                        hints: None,
+                    })
+                    .collect();
+                if eps.is_empty() {
+                    continue;
+                }
+                let mut labels = BTreeMap::new();
+                labels.insert(LABEL_SERVICE_NAME.to_owned(), name.clone());
+                labels.insert(LABEL_MANAGED_BY.to_owned(), MIRRORING_CONTROLLER.to_owned());
+                out.push(EndpointSliceManifest {
+                    api_version: api_discovery_v1(),
+                    kind: kind_endpoint_slice(),
+                    metadata: ObjectMeta {
+                        name: Some(format!("{name}-mirror-{i}-{}", family.to_lowercase())),
+                        namespace: self.metadata.namespace.clone(),
+                        labels,
+                        annotations: BTreeMap::new(),
+                        resource_version: None,
+                    },
+                    address_type: Some(family.to_owned()),
+                    endpoints: eps,
+                    ports: subset.ports.clone(),
+                });
+            }
+        }
+        out
+    }
 }
 
 /// Where a document came from: a file (if known), the document's number in
@@ -404,7 +580,10 @@ pub struct Origin {
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.source.as_deref().unwrap_or("<input>"))?;
-        write!(f, ": document {}", self.document)?;
+        // Document 0: the input as a whole (its size, its bytes).
+        if self.document > 0 {
+            write!(f, ": document {}", self.document)?;
+        }
         if let Some(i) = self.item {
             write!(f, ", items[{i}]")?;
         }
@@ -484,14 +663,109 @@ pub enum ManifestError {
         #[source]
         source: ValidationError,
     },
+    /// The input passed one of the [`InputLimits`](crate::k8s::input::InputLimits).
+    #[error("{origin}: input over the {limit} limit of {max}")]
+    Limit {
+        /// Where (document 0: the input as a whole).
+        origin: Origin,
+        /// Which limit.
+        limit: crate::k8s::input::Limit,
+        /// Its value.
+        max: u64,
+    },
+    /// An object has the same key twice (YAML and JSON parsers would
+    /// silently keep the last; Kubernetes' strict decoding refuses it).
+    #[error("{origin}: {field}: duplicate key {key:?} ({location})")]
+    DuplicateKey {
+        /// Where.
+        origin: Origin,
+        /// The path of the object holding the key (`metadata.labels`).
+        field: String,
+        /// The key.
+        key: String,
+        /// The parser's position of the second occurrence.
+        location: String,
+    },
+    /// The input is not text: a NUL byte or invalid UTF-8 at `offset`.
+    #[error("{origin}: not YAML or JSON text: {reason} at byte {offset}")]
+    NotText {
+        /// Where.
+        origin: Origin,
+        /// The byte offset.
+        offset: u64,
+        /// What was found.
+        reason: &'static str,
+    },
+    /// The input could not be read.
+    #[error("{origin}: {message}")]
+    Read {
+        /// Where.
+        origin: Origin,
+        /// The operating system's message.
+        message: String,
+    },
+}
+
+/// Several bad objects of one input, each with its error (up to a limit:
+/// `more` counts those left out).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Error)]
+pub struct ManifestErrors {
+    /// The errors, in input order.
+    pub errors: Vec<ManifestError>,
+    /// How many more errors there were.
+    pub more: usize,
+}
+
+impl fmt::Display for ManifestErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total = self.errors.len() + self.more;
+        if total != 1 {
+            write!(f, "{total} bad objects:")?;
+        }
+        for (i, e) in self.errors.iter().enumerate() {
+            if total == 1 {
+                write!(f, "{e}")?;
+            } else {
+                write!(f, "\n  {}: {e}", i + 1)?;
+            }
+        }
+        if self.more > 0 {
+            write!(f, "\n  ... and {} more", self.more)?;
+        }
+        Ok(())
+    }
+}
+
+impl ManifestErrors {
+    /// The default number of errors kept.
+    pub const DEFAULT_MAX: usize = 20;
+
+    /// Adds an error, or counts it past `max`.
+    pub fn push(&mut self, e: ManifestError, max: usize) {
+        if self.errors.len() < max {
+            self.errors.push(e);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty() && self.more == 0
+    }
 }
 
 impl ManifestError {
     /// The field path the error names (empty for syntax errors).
     pub fn field(&self) -> &str {
         match self {
-            ManifestError::Syntax { .. } => "",
-            ManifestError::Decode { field, .. } => field,
+            ManifestError::Syntax { .. }
+            | ManifestError::Limit { .. }
+            | ManifestError::NotText { .. }
+            | ManifestError::Read { .. } => "",
+            ManifestError::Decode { field, .. } | ManifestError::DuplicateKey { field, .. } => {
+                field
+            }
             ManifestError::Invalid { source, .. } => source.field(),
         }
     }
@@ -501,7 +775,11 @@ impl ManifestError {
         match self {
             ManifestError::Syntax { origin, .. }
             | ManifestError::Decode { origin, .. }
-            | ManifestError::Invalid { origin, .. } => origin,
+            | ManifestError::Invalid { origin, .. }
+            | ManifestError::Limit { origin, .. }
+            | ManifestError::DuplicateKey { origin, .. }
+            | ManifestError::NotText { origin, .. }
+            | ManifestError::Read { origin, .. } => origin,
         }
     }
 }
@@ -513,6 +791,38 @@ pub struct Document {
     pub origin: Origin,
     /// The object.
     pub manifest: Manifest,
+    /// The watch event that carried it ([`EventType::Added`] for a plain
+    /// object).
+    pub event: EventType,
+}
+
+/// The `type` of a watch event (`kubectl get --watch
+/// --output-watch-events`). BOOKMARK events are skipped and ERROR events
+/// reported in [`Manifests::watch_errors`]; these are the ones kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum EventType {
+    /// `ADDED` (and a plain object): an upsert.
+    #[default]
+    Added,
+    /// `MODIFIED`: an upsert.
+    Modified,
+    /// `DELETED`: a delete.
+    Deleted,
+}
+
+/// A watch stream's `ERROR` event (its object is a `Status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchError {
+    /// Where it came from.
+    pub origin: Origin,
+    /// `code`, `reason` and `message` of the Status.
+    pub message: String,
+}
+
+impl fmt::Display for WatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: watch ERROR event: {}", self.origin, self.message)
+    }
 }
 
 /// An object that was read but not taken, and why.
@@ -539,9 +849,8 @@ impl fmt::Display for Skipped {
 /// The changes a set of manifests makes, and what it skipped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangeBatch {
-    /// Services first, then slices, each in document order: a batch that
-    /// [`ServiceTable::apply_batch`](crate::ServiceTable::apply_batch) takes
-    /// whatever order the files listed them in.
+    /// The changes in document order (watch order: the table keeps a slice
+    /// that comes before its service pending, so any order applies).
     pub changes: Vec<Change>,
     /// Where each change came from (`origins[i]` for `changes[i]`), to name
     /// the document when the table refuses a change
@@ -554,18 +863,12 @@ pub struct ChangeBatch {
 /// The objects read from one or more manifest texts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifests {
-    /// Services and EndpointSlices, in document order.
+    /// Services, EndpointSlices and Endpoints, in document order.
     pub documents: Vec<Document>,
     /// Objects of other kinds, skipped.
     pub skipped: Vec<Skipped>,
-}
-
-fn syntax(origin: Origin, format: &'static str, e: impl fmt::Display) -> ManifestError {
-    ManifestError::Syntax {
-        origin,
-        format,
-        message: e.to_string(),
-    }
+    /// `ERROR` events of a watch stream.
+    pub watch_errors: Vec<WatchError>,
 }
 
 impl Manifests {
@@ -574,25 +877,64 @@ impl Manifests {
         Self::default()
     }
 
-    /// Reads JSON if the text starts with `{` or `[` (after white space),
-    /// YAML otherwise (and also when such text is not JSON but YAML flow
-    /// style). `source` names the file in errors.
+    /// Reads JSON if the text starts with `{` or `[` (after white space
+    /// and a byte-order mark), YAML otherwise, and YAML flow style (`{kind:
+    /// Service}`) when the JSON parser stops at a character that shows it.
+    /// Within the default [`InputLimits`]. `source` names the file in
+    /// errors. Watch events (`{"type": ..., "object": ...}`) are read too,
+    /// see [`Document::event`].
     ///
     /// # Errors
-    /// A [`ManifestError`] for the first bad document; nothing is returned
-    /// for the others.
+    /// The first [`ManifestError`]; nothing is returned for the others (see
+    /// [`Manifests::read`] for all of them).
     pub fn parse_str(text: &str, source: Option<&str>) -> Result<Self, ManifestError> {
-        match text.trim_start().as_bytes().first() {
-            Some(b'{') | Some(b'[') => match Self::parse_json(text, source) {
-                // `{kind: Service, ...}` is YAML flow style, not JSON: if it
-                // reads as YAML, take that; else report the JSON error.
-                Err(json @ ManifestError::Syntax { .. }) => {
-                    Self::parse_yaml(text, source).map_err(|_| json)
-                }
-                other => other,
-            },
-            _ => Self::parse_yaml(text, source),
+        Self::parse_str_with(text, source, &InputLimits::default())
+    }
+
+    /// [`Manifests::parse_str`] within `limits`.
+    ///
+    /// # Errors
+    /// See [`Manifests::parse_str`]; a limit passed is a
+    /// [`ManifestError::Limit`] naming it.
+    pub fn parse_str_with(
+        text: &str,
+        source: Option<&str>,
+        limits: &InputLimits,
+    ) -> Result<Self, ManifestError> {
+        Self::first_error(Self::read(text, source, limits, None))
+    }
+
+    fn first_error((m, errors): (Self, Vec<ManifestError>)) -> Result<Self, ManifestError> {
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(m),
         }
+    }
+
+    /// Reads every object it can: an object that does not decode is
+    /// returned with its error and the reading goes on; a syntax error or
+    /// a limit ends the input (also returned). `format` forces JSON or
+    /// YAML; `None` decides from the text as [`Manifests::parse_str`] does.
+    pub fn read(
+        text: &str,
+        source: Option<&str>,
+        limits: &InputLimits,
+        format: Option<InputFormat>,
+    ) -> (Self, Vec<ManifestError>) {
+        let mut out = Manifests::new();
+        let mut errors = Vec::new();
+        let mut objects = 0usize;
+        let format = format.map(|f| match f {
+            InputFormat::Json => Format::Json,
+            InputFormat::Yaml => Format::Yaml,
+        });
+        let end = input::for_each_document(text, source, limits, format, |value, origin| {
+            out.add_value(value, origin, limits, &mut objects, &mut errors)
+        });
+        if let Err(e) = end {
+            errors.push(e);
+        }
+        (out, errors)
     }
 
     /// Reads one or more concatenated JSON values (objects, or arrays of
@@ -601,18 +943,12 @@ impl Manifests {
     /// # Errors
     /// See [`Manifests::parse_str`].
     pub fn parse_json(text: &str, source: Option<&str>) -> Result<Self, ManifestError> {
-        let mut out = Manifests::new();
-        let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
-        for (i, value) in stream.enumerate() {
-            let origin = Origin {
-                source: source.map(str::to_owned),
-                document: i + 1,
-                item: None,
-            };
-            let value = value.map_err(|e| syntax(origin.clone(), "JSON", e))?;
-            out.add_value(value, origin)?;
-        }
-        Ok(out)
+        Self::first_error(Self::read(
+            text,
+            source,
+            &InputLimits::default(),
+            Some(InputFormat::Json),
+        ))
     }
 
     /// Reads one or more `---`-separated YAML documents. Empty documents
@@ -621,26 +957,29 @@ impl Manifests {
     /// # Errors
     /// See [`Manifests::parse_str`].
     pub fn parse_yaml(text: &str, source: Option<&str>) -> Result<Self, ManifestError> {
-        let mut out = Manifests::new();
-        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let origin = Origin {
-                source: source.map(str::to_owned),
-                document: i + 1,
-                item: None,
-            };
-            let value = Value::deserialize(doc).map_err(|e| syntax(origin.clone(), "YAML", e))?;
-            out.add_value(value, origin)?;
-        }
-        Ok(out)
+        Self::first_error(Self::read(
+            text,
+            source,
+            &InputLimits::default(),
+            Some(InputFormat::Yaml),
+        ))
     }
 
     /// Adds the objects of another set after these.
     pub fn extend(&mut self, other: Manifests) {
         self.documents.extend(other.documents);
         self.skipped.extend(other.skipped);
+        self.watch_errors.extend(other.watch_errors);
     }
 
-    fn add_value(&mut self, value: Value, origin: Origin) -> Result<(), ManifestError> {
+    fn add_value(
+        &mut self,
+        value: Value,
+        origin: Origin,
+        limits: &InputLimits,
+        objects: &mut usize,
+        errors: &mut Vec<ManifestError>,
+    ) -> Result<(), ManifestError> {
         match value {
             Value::Null => Ok(()),
             Value::Array(items) => {
@@ -649,15 +988,137 @@ impl Manifests {
                         item: Some(i),
                         ..origin.clone()
                     };
-                    self.add_object(item, origin)?;
+                    self.add_counted(item, origin, EventType::Added, limits, objects, errors)?;
                 }
                 Ok(())
             }
-            other => self.add_object(other, origin),
+            other => self.add_counted(other, origin, EventType::Added, limits, objects, errors),
         }
     }
 
-    fn add_object(&mut self, value: Value, origin: Origin) -> Result<(), ManifestError> {
+    /// Counts the object against the limit (an error there ends the
+    /// input), then adds it (an error there is kept, and reading goes on).
+    fn add_counted(
+        &mut self,
+        value: Value,
+        origin: Origin,
+        event: EventType,
+        limits: &InputLimits,
+        objects: &mut usize,
+        errors: &mut Vec<ManifestError>,
+    ) -> Result<(), ManifestError> {
+        *objects += 1;
+        if *objects > limits.max_objects {
+            return Err(ManifestError::Limit {
+                origin,
+                limit: Limit::Objects,
+                max: limits.max_objects as u64,
+            });
+        }
+        // A list's items are objects of their own.
+        if let Value::Object(map) = &value {
+            let kind = map.get("kind").and_then(Value::as_str).unwrap_or("");
+            if kind.ends_with("List") {
+                let object = ObjectRef::of_value(&value);
+                let Value::Object(mut map) = value else {
+                    unreachable!("matched above")
+                };
+                return match map.remove("items") {
+                    None | Some(Value::Null) => Ok(()),
+                    Some(Value::Array(items)) => {
+                        for (i, item) in items.into_iter().enumerate() {
+                            let origin = Origin {
+                                item: Some(i),
+                                ..origin.clone()
+                            };
+                            self.add_counted(item, origin, event, limits, objects, errors)?;
+                        }
+                        Ok(())
+                    }
+                    Some(other) => {
+                        errors.push(ManifestError::Decode {
+                            origin,
+                            object,
+                            field: "items".into(),
+                            message: format!("expected a list, found {}", kind_of(&other)),
+                        });
+                        Ok(())
+                    }
+                };
+            }
+            if kind.is_empty() && map.contains_key("type") && map.contains_key("object") {
+                return self.add_event(value, origin, limits, objects, errors);
+            }
+        }
+        if let Err(e) = self.add_object(value, origin, event) {
+            errors.push(e);
+        }
+        Ok(())
+    }
+
+    /// A watch event: `{"type": "ADDED"|"MODIFIED"|"DELETED"|"BOOKMARK"|"ERROR", "object": {...}}`.
+    fn add_event(
+        &mut self,
+        value: Value,
+        origin: Origin,
+        limits: &InputLimits,
+        objects: &mut usize,
+        errors: &mut Vec<ManifestError>,
+    ) -> Result<(), ManifestError> {
+        let Value::Object(mut map) = value else {
+            unreachable!("an event is an object")
+        };
+        let object = map.remove("object").unwrap_or(Value::Null);
+        let event = match map.get("type").and_then(Value::as_str) {
+            Some("ADDED") => EventType::Added,
+            Some("MODIFIED") => EventType::Modified,
+            Some("DELETED") => EventType::Deleted,
+            Some("BOOKMARK") => {
+                self.skipped.push(Skipped {
+                    origin,
+                    object: ObjectRef::of_value(&object),
+                    reason: "a watch BOOKMARK event (a resourceVersion checkpoint)",
+                });
+                return Ok(());
+            }
+            Some("ERROR") => {
+                let s = |k: &str| {
+                    object
+                        .get(k)
+                        .map(|v| v.to_string().trim_matches('"').to_owned())
+                };
+                let message = [s("code"), s("reason"), s("message")]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                self.watch_errors.push(WatchError { origin, message });
+                return Ok(());
+            }
+            other => {
+                errors.push(ManifestError::Invalid {
+                    origin,
+                    object: ObjectRef::of_value(&object),
+                    source: ValidationError::Invalid {
+                        field: "type".into(),
+                        value: other.map_or_else(|| "(none)".to_owned(), str::to_owned),
+                        reason: "a watch event's type must be ADDED, MODIFIED, DELETED, BOOKMARK or ERROR",
+                    },
+                });
+                return Ok(());
+            }
+        };
+        // The object is counted with the event.
+        *objects -= 1;
+        self.add_counted(object, origin, event, limits, objects, errors)
+    }
+
+    fn add_object(
+        &mut self,
+        value: Value,
+        origin: Origin,
+        event: EventType,
+    ) -> Result<(), ManifestError> {
         let object = ObjectRef::of_value(&value);
         if !value.is_object() {
             return Err(ManifestError::Decode {
@@ -677,7 +1138,7 @@ impl Manifests {
                     field: "apiVersion".into(),
                     value: a.into(),
                     reason: if want == "v1" {
-                        "a Service must be apiVersion v1"
+                        "a Service or Endpoints must be apiVersion v1"
                     } else {
                         "an EndpointSlice must be apiVersion discovery.k8s.io/v1"
                     },
@@ -685,72 +1146,50 @@ impl Manifests {
             }),
             _ => Ok(()),
         };
-        match kind {
-            "" => Err(ManifestError::Invalid {
-                origin,
-                object,
-                source: ValidationError::Missing {
-                    field: "kind".into(),
-                },
-            }),
+        let manifest = match kind {
+            "" => {
+                return Err(ManifestError::Invalid {
+                    origin,
+                    object,
+                    source: ValidationError::Missing {
+                        field: "kind".into(),
+                    },
+                });
+            }
             "Service" => {
                 check_api("v1")?;
-                let m = decode(value, &origin, &object)?;
-                self.documents.push(Document {
-                    origin,
-                    manifest: Manifest::Service(m),
-                });
-                Ok(())
+                Manifest::Service(decode(value, &origin, &object)?)
             }
             "EndpointSlice" => {
                 check_api("discovery.k8s.io/v1")?;
-                let m = decode(value, &origin, &object)?;
-                self.documents.push(Document {
-                    origin,
-                    manifest: Manifest::EndpointSlice(m),
-                });
-                Ok(())
+                Manifest::EndpointSlice(decode(value, &origin, &object)?)
             }
-            k if k.ends_with("List") => {
-                let Value::Object(mut map) = value else {
-                    unreachable!("checked above")
-                };
-                match map.remove("items") {
-                    None | Some(Value::Null) => Ok(()),
-                    Some(Value::Array(items)) => {
-                        for (i, item) in items.into_iter().enumerate() {
-                            let origin = Origin {
-                                item: Some(i),
-                                ..origin.clone()
-                            };
-                            self.add_object(item, origin)?;
-                        }
-                        Ok(())
-                    }
-                    Some(other) => Err(ManifestError::Decode {
-                        origin,
-                        object,
-                        field: "items".into(),
-                        message: format!("expected a list, found {}", kind_of(&other)),
-                    }),
-                }
+            "Endpoints" => {
+                check_api("v1")?;
+                Manifest::Endpoints(decode(value, &origin, &object)?)
             }
             _ => {
                 self.skipped.push(Skipped {
                     origin,
                     object,
-                    reason: "not a Service or EndpointSlice",
+                    reason: "not a Service, EndpointSlice or Endpoints",
                 });
-                Ok(())
+                return Ok(());
             }
-        }
+        };
+        self.documents.push(Document {
+            origin,
+            manifest,
+            event,
+        });
+        Ok(())
     }
 
     /// The Services, in document order.
     pub fn services(&self) -> impl Iterator<Item = (&Origin, &ServiceManifest)> {
         self.documents.iter().filter_map(|d| match &d.manifest {
             Manifest::Service(s) => Some((&d.origin, s)),
-            Manifest::EndpointSlice(_) => None,
+            _ => None,
         })
     }
 
@@ -758,48 +1197,159 @@ impl Manifests {
     pub fn endpoint_slices(&self) -> impl Iterator<Item = (&Origin, &EndpointSliceManifest)> {
         self.documents.iter().filter_map(|d| match &d.manifest {
             Manifest::EndpointSlice(s) => Some((&d.origin, s)),
-            Manifest::Service(_) => None,
+            _ => None,
         })
     }
 
-    /// Converts every object into a [`Change`] (an upsert): services first,
-    /// then slices. ExternalName services are skipped.
+    /// Converts every object into a [`Change`], in document order: an
+    /// upsert, or a delete for a `DELETED` watch event. ExternalName
+    /// services and slices without the `kubernetes.io/service-name` label
+    /// (kube-proxy ignores them) are skipped, and so are v1 Endpoints
+    /// except those of a selector-less Service in the same input, which
+    /// are mirrored into EndpointSlices ([`EndpointsManifest::mirror`]).
     ///
     /// # Errors
     /// [`ManifestError::Invalid`] for the first object that fails
-    /// validation, naming its origin, the object and the field.
+    /// validation, naming its origin, the object and the field (see
+    /// [`Manifests::changes_lenient`] for all of them).
     pub fn changes(&self) -> Result<ChangeBatch, ManifestError> {
-        let mut batch = ChangeBatch::default();
-        for (origin, svc) in self.services() {
-            if svc.is_external_name() {
-                batch.skipped.push(Skipped {
-                    origin: origin.clone(),
-                    object: svc.object_ref(),
-                    reason: "ExternalName services are DNS aliases (CNAME); nothing is proxied",
-                });
-                continue;
-            }
-            let service = svc.to_service().map_err(|source| ManifestError::Invalid {
-                origin: origin.clone(),
-                object: svc.object_ref(),
-                source,
-            })?;
-            batch.changes.push(Change::UpsertService(service));
-            batch.origins.push(origin.clone());
+        let (batch, errors) = self.changes_lenient(|_| None);
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(batch),
         }
-        for (origin, slice) in self.endpoint_slices() {
-            let s = slice
-                .to_endpoint_slice()
-                .map_err(|source| ManifestError::Invalid {
-                    origin: origin.clone(),
-                    object: slice.object_ref(),
-                    source,
-                })?;
-            batch.changes.push(Change::UpsertSlice(s));
-            batch.origins.push(origin.clone());
-        }
-        Ok(batch)
     }
+
+    /// [`Manifests::changes`], converting every object it can: the bad
+    /// ones are returned with their errors, in document order.
+    /// `has_selector` says, for services not in this input, whether one has
+    /// a selector (`None`: unknown), so that their Endpoints mirror.
+    pub fn changes_lenient(
+        &self,
+        has_selector: impl Fn(&crate::model::service::ServiceKey) -> Option<bool>,
+    ) -> (ChangeBatch, Vec<ManifestError>) {
+        use crate::model::endpoint_slice::SliceKey;
+        let mut batch = ChangeBatch::default();
+        let mut errors = Vec::new();
+        let selectors: BTreeMap<crate::model::service::ServiceKey, bool> = self
+            .services()
+            .map(|(_, s)| (s.key(), s.spec.selector.is_some()))
+            .collect();
+        for d in &self.documents {
+            let origin = &d.origin;
+            let deleted = d.event == EventType::Deleted;
+            match &d.manifest {
+                Manifest::Service(svc) => {
+                    if svc.is_external_name() {
+                        batch.skipped.push(Skipped {
+                            origin: origin.clone(),
+                            object: svc.object_ref(),
+                            reason: "ExternalName services are DNS aliases (CNAME); nothing is proxied",
+                        });
+                        continue;
+                    }
+                    if deleted {
+                        batch.changes.push(Change::DeleteService(svc.key()));
+                        batch.origins.push(origin.clone());
+                        continue;
+                    }
+                    match svc.to_service() {
+                        Ok(service) => {
+                            batch.changes.push(Change::UpsertService(service));
+                            batch.origins.push(origin.clone());
+                        }
+                        Err(source) => errors.push(ManifestError::Invalid {
+                            origin: origin.clone(),
+                            object: svc.object_ref(),
+                            source,
+                        }),
+                    }
+                }
+                Manifest::EndpointSlice(slice) => {
+                    if slice.service_name().is_none_or(str::is_empty) {
+                        batch.skipped.push(Skipped {
+                            origin: origin.clone(),
+                            object: slice.object_ref(),
+                            reason: "no kubernetes.io/service-name label (kube-proxy ignores such slices)",
+                        });
+                        continue;
+                    }
+                    if deleted {
+                        batch.changes.push(Change::DeleteSlice(SliceKey::new(
+                            slice.metadata.namespace_or_default(),
+                            slice.metadata.name.clone().unwrap_or_default(),
+                        )));
+                        batch.origins.push(origin.clone());
+                        continue;
+                    }
+                    match slice.to_endpoint_slice() {
+                        Ok(s) => {
+                            batch.changes.push(Change::UpsertSlice(s));
+                            batch.origins.push(origin.clone());
+                        }
+                        Err(source) => errors.push(ManifestError::Invalid {
+                            origin: origin.clone(),
+                            object: slice.object_ref(),
+                            source,
+                        }),
+                    }
+                }
+                Manifest::Endpoints(eps) => {
+                    let key = eps.service_key();
+                    let selector = selectors.get(&key).copied().or_else(|| has_selector(&key));
+                    let reason = match selector {
+                        _ if eps.skips_mirroring() => {
+                            Some("labelled endpointslice.kubernetes.io/skip-mirror")
+                        }
+                        Some(true) => Some(
+                            "its Service has a selector: the EndpointSlice controller writes its slices",
+                        ),
+                        None => Some("no Service of that name in the input: nothing to mirror for"),
+                        Some(false) => None,
+                    };
+                    if let Some(reason) = reason {
+                        batch.skipped.push(Skipped {
+                            origin: origin.clone(),
+                            object: eps.object_ref(),
+                            reason,
+                        });
+                        continue;
+                    }
+                    for m in eps.mirror() {
+                        let change = if deleted {
+                            Ok(Change::DeleteSlice(SliceKey::new(
+                                m.metadata.namespace_or_default(),
+                                m.metadata.name.clone().unwrap_or_default(),
+                            )))
+                        } else {
+                            m.to_endpoint_slice().map(Change::UpsertSlice)
+                        };
+                        match change {
+                            Ok(c) => {
+                                batch.changes.push(c);
+                                batch.origins.push(origin.clone());
+                            }
+                            Err(source) => errors.push(ManifestError::Invalid {
+                                origin: origin.clone(),
+                                object: eps.object_ref(),
+                                source,
+                            }),
+                        }
+                    }
+                }
+            }
+        }
+        (batch, errors)
+    }
+}
+
+/// The format of an input, when the caller knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputFormat {
+    /// JSON (concatenated values).
+    Json,
+    /// YAML (`---`-separated documents).
+    Yaml,
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -824,7 +1374,7 @@ fn decode<T: for<'de> Deserialize<'de>>(
             origin: origin.clone(),
             object: object.clone(),
             field: if field == "." { String::new() } else { field },
-            message: e.into_inner().to_string(),
+            message: input::kubernetes_terms(&e.into_inner().to_string()),
         }
     })
 }
@@ -871,6 +1421,14 @@ impl ServiceManifest {
             namespace: self.metadata.namespace_or_default().into(),
             name: self.metadata.name.clone().unwrap_or_else(|| "?".into()),
         }
+    }
+
+    /// The service's key (`namespace/name`, the namespace defaulted).
+    pub fn key(&self) -> crate::model::service::ServiceKey {
+        crate::model::service::ServiceKey::new(
+            self.metadata.namespace_or_default(),
+            self.metadata.name.clone().unwrap_or_default(),
+        )
     }
 
     /// Whether `spec.type` is `ExternalName`.
@@ -1133,6 +1691,7 @@ impl From<&Service> for ServiceManifest {
                 namespace: Some(key.namespace.clone()),
                 labels: BTreeMap::new(),
                 annotations,
+                resource_version: None,
             },
             spec: ServiceSpec {
                 type_: Some("ClusterIP".into()),
@@ -1155,6 +1714,9 @@ impl From<&Service> for ServiceManifest {
                 }),
                 publish_not_ready_addresses: svc.publish_not_ready_addresses().then_some(true),
                 external_name: None,
+                selector: None,
+                ip_families: Vec::new(),
+                ip_family_policy: None,
             },
         }
     }
@@ -1296,6 +1858,7 @@ impl From<&EndpointSlice> for EndpointSliceManifest {
                 namespace: Some(slice.key().namespace.clone()),
                 labels,
                 annotations: BTreeMap::new(),
+                resource_version: None,
             },
             address_type: Some(slice.address_type().as_api_str().to_owned()),
             endpoints,
@@ -1310,6 +1873,7 @@ impl Manifest {
         match self {
             Manifest::Service(s) => s.object_ref(),
             Manifest::EndpointSlice(s) => s.object_ref(),
+            Manifest::Endpoints(e) => e.object_ref(),
         }
     }
 
@@ -1513,7 +2077,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "l.json: document 1, items[0]: Service default/a: spec.ports: invalid type: string \"x\", expected a sequence"
+            "l.json: document 1, items[0]: Service default/a: spec.ports: invalid type: string \"x\", expected a list"
         );
     }
 
@@ -1598,9 +2162,107 @@ mod tests {
                     Manifest::EndpointSlice(s) => {
                         assert_eq!(s.to_endpoint_slice().unwrap(), slice)
                     }
+                    Manifest::Endpoints(e) => panic!("{e:?}"),
                 }
             }
         }
+    }
+
+    /// Decode messages speak Kubernetes: no Rust type, no "JSON" about
+    /// YAML, no serde words.
+    #[test]
+    fn messages_are_in_kubernetes_terms() {
+        let bad = [
+            "kind: EndpointSlice\nmetadata: {name: a}\naddressType: IPv4\nports: [x]",
+            "kind: EndpointSlice\nmetadata: {name: a}\naddressType: IPv4\nendpoints: [{addresses: [1.2.3.4], conditions: 7}]",
+            "kind: EndpointSlice\nmetadata: {name: a}\naddressType: IPv4\nendpoints: [{hints: {forZones: [3]}}]",
+            "kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 1.5}]}",
+            "kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80, targetPort: [1]}]}",
+            "kind: Service\nmetadata: {name: a}\nspec: {ports: [{name: x}]}",
+            "kind: Service\nmetadata: {name: a}\nspec: {ports: {a: 1}}",
+            "kind: Service\nmetadata: 5\n",
+            "kind: Service\nmetadata: {name: a, labels: [1]}\n",
+            "kind: Service\nmetadata: {name: a}\nspec: {sessionAffinityConfig: {clientIP: 3}}",
+            "kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 99999999999999999999999}]}",
+            "kind: Endpoints\nmetadata: {name: a}\nsubsets: [{addresses: [3]}]",
+        ];
+        for text in bad {
+            let err = Manifests::parse_str(text, Some("m.yaml")).unwrap_err();
+            let msg = err.to_string();
+            for word in [
+                "struct", "enum", "i64", "u64", "sequence", "map", "JSON", "Manifest", "floating",
+                "untagged",
+            ] {
+                assert!(!msg.contains(word), "{word:?} in {msg}");
+            }
+        }
+        let err = Manifests::parse_str(
+            "kind: Service\nmetadata: {name: a}\nspec: {ports: [{name: x}]}",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("missing required field \"port\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_bad_object_is_reported_and_the_rest_read() {
+        let text = "kind: Service\nmetadata: {name: a}\nspec: {ports: x}\n---\nkind: Service\nmetadata: {name: ok}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nports: 3\n";
+        let (m, errors) = Manifests::read(text, Some("f"), &InputLimits::default(), None);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].origin().document, 1);
+        assert_eq!(errors[1].origin().document, 3);
+        assert_eq!(m.documents.len(), 1);
+    }
+
+    #[test]
+    fn watch_events_and_unlabelled_slices() {
+        let text = r#"{"type": "ADDED", "object": {"kind": "Service", "apiVersion": "v1", "metadata": {"name": "a", "resourceVersion": "5"}, "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}}}
+{"type": "BOOKMARK", "object": {"kind": "Service", "apiVersion": "v1", "metadata": {"resourceVersion": "9"}}}
+{"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version"}}
+{"type": "DELETED", "object": {"kind": "Service", "apiVersion": "v1", "metadata": {"name": "a", "resourceVersion": "7"}, "spec": {}}}
+{"type": "ADDED", "object": {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1", "metadata": {"name": "orphan"}, "addressType": "IPv4"}}"#;
+        let m = Manifests::parse_str(text, Some("w")).unwrap();
+        assert_eq!(m.documents.len(), 3);
+        assert_eq!(m.documents[1].event, EventType::Deleted);
+        assert_eq!(m.skipped.len(), 1);
+        assert_eq!(
+            m.watch_errors[0].to_string(),
+            "w: document 3: watch ERROR event: 410 Expired too old resource version"
+        );
+        let batch = m.changes().unwrap();
+        assert_eq!(batch.changes.len(), 2);
+        assert!(matches!(batch.changes[1], Change::DeleteService(_)));
+        assert_eq!(batch.skipped.len(), 1);
+        assert!(batch.skipped[0].to_string().contains("service-name"));
+    }
+
+    #[test]
+    fn endpoints_of_selectorless_services_are_mirrored() {
+        let text = "kind: Service\nmetadata: {name: db, namespace: data}\nspec: {clusterIP: 10.96.0.9, ports: [{name: pg, port: 5432}]}\n---\nkind: Endpoints\napiVersion: v1\nmetadata: {name: db, namespace: data}\nsubsets:\n- addresses: [{ip: 192.168.1.10, nodeName: n1}, {ip: 'fd00::10'}]\n  notReadyAddresses: [{ip: 192.168.1.11}]\n  ports: [{name: pg, port: 5432}]\n---\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.8, selector: {app: web}, ports: [{port: 80}]}\n---\nkind: Endpoints\nmetadata: {name: web}\nsubsets: [{addresses: [{ip: 10.0.0.1}], ports: [{port: 80}]}]\n";
+        let m = Manifests::parse_str(text, None).unwrap();
+        let batch = m.changes().unwrap();
+        let slices: Vec<&EndpointSlice> = batch
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::UpsertSlice(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(slices.len(), 2);
+        assert_eq!(slices[0].key().name, "db-mirror-0-ipv4");
+        assert_eq!(slices[0].endpoints().len(), 2);
+        assert!(!slices[0].endpoints()[1].conditions().is_ready());
+        assert_eq!(slices[1].address_type(), AddressType::IPv6);
+        assert_eq!(batch.skipped.len(), 1);
+        assert!(batch.skipped[0].to_string().contains("selector"));
+        let mut t = crate::ServiceTable::new();
+        t.apply_batch(batch.changes).unwrap();
+        let v = t.view(&crate::ServiceKey::new("data", "db")).unwrap();
+        assert_eq!(v.ports()[0].endpoints().len(), 3);
     }
 
     #[test]

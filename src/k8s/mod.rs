@@ -5,6 +5,13 @@
 //!   the API server and `kubectl get -o json|yaml` write them, with the API
 //!   defaults, turned into [`Change`](crate::Change)s for the
 //!   [`ServiceTable`](crate::ServiceTable).
+//! - [`input`] (feature `serde`): the bounded, linear-time reader under
+//!   both, with its [`InputLimits`](input::InputLimits).
+//! - [`watch`] (feature `serde`): `kubectl get --watch
+//!   --output-watch-events` streams, and the resourceVersion check.
+//! - [`loader`] (feature `serde`): the loader every svclb program shares:
+//!   manifests then watch streams into a table, cluster IPs assigned from
+//!   `--service-cidr`, `--keep-going`, `--verbose`, the limits.
 //! - [`openapi`] (feature `k8s-openapi`): conversions from k8s-openapi's
 //!   `Service` and `EndpointSlice`, so a kube-rs watcher can feed the table.
 //! - [`dns`]: the cluster DNS answers for services (headless ones included)
@@ -13,6 +20,12 @@
 
 pub mod dns;
 #[cfg(feature = "serde")]
+pub mod input;
+#[cfg(feature = "serde")]
+pub mod loader;
+#[cfg(feature = "serde")]
 pub mod manifest;
 #[cfg(feature = "k8s-openapi")]
 pub mod openapi;
+#[cfg(feature = "serde")]
+pub mod watch;

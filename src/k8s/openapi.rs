@@ -1,6 +1,12 @@
 //! Conversions from k8s-openapi's `Service` and `EndpointSlice` (feature
-//! `k8s-openapi`, built with k8s-openapi's `latest` API version), so that a
-//! kube-rs watcher can feed the [`ServiceTable`](crate::ServiceTable):
+//! `k8s-openapi`), so that a kube-rs watcher can feed the
+//! [`ServiceTable`](crate::ServiceTable).
+//!
+//! The feature enables no k8s-openapi API version: as k8s-openapi asks of
+//! libraries, the application picks one (`k8s-openapi = { version =
+//! "0.29", features = ["v1_34"] }` in its own Cargo.toml). Every version
+//! from 1.33 on works; CI checks 1.34 and tests with `latest` (1.37).
+//!
 //!
 //! ```text
 //! watcher event Apply(svc)   -> Change::UpsertService(Service::try_from(&svc)?)
@@ -55,6 +61,7 @@ fn meta(m: &K8sMeta) -> ObjectMeta {
         namespace: m.namespace.clone(),
         labels: m.labels.clone().unwrap_or_default(),
         annotations: m.annotations.clone().unwrap_or_default(),
+        resource_version: m.resource_version.clone(),
     }
 }
 
@@ -98,6 +105,9 @@ impl From<&core::Service> for ServiceManifest {
                 traffic_distribution: spec.traffic_distribution,
                 publish_not_ready_addresses: spec.publish_not_ready_addresses,
                 external_name: spec.external_name,
+                selector: spec.selector,
+                ip_families: spec.ip_families.unwrap_or_default(),
+                ip_family_policy: spec.ip_family_policy,
             },
         }
     }
@@ -114,6 +124,25 @@ impl TryFrom<&core::Service> for Service {
     }
 }
 
+/// `EndpointSlice.endpoints` is a list up to Kubernetes 1.36 and an
+/// optional list from 1.37 on: both read as a slice, whichever API version
+/// the application picked.
+trait AsEndpoints {
+    fn as_endpoints(&self) -> &[discovery::Endpoint];
+}
+
+impl AsEndpoints for Vec<discovery::Endpoint> {
+    fn as_endpoints(&self) -> &[discovery::Endpoint] {
+        self
+    }
+}
+
+impl AsEndpoints for Option<Vec<discovery::Endpoint>> {
+    fn as_endpoints(&self) -> &[discovery::Endpoint] {
+        self.as_deref().unwrap_or_default()
+    }
+}
+
 impl From<&discovery::EndpointSlice> for EndpointSliceManifest {
     fn from(slice: &discovery::EndpointSlice) -> Self {
         EndpointSliceManifest {
@@ -123,8 +152,8 @@ impl From<&discovery::EndpointSlice> for EndpointSliceManifest {
             address_type: Some(slice.address_type.clone()),
             endpoints: slice
                 .endpoints
+                .as_endpoints()
                 .iter()
-                .flatten()
                 .map(|e| {
                     let c = e.conditions.clone().unwrap_or_default();
                     EndpointManifest {

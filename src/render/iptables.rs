@@ -112,14 +112,18 @@ fn probability(i: usize, n: usize) -> String {
 struct TableText {
     /// (chain, declared with a `:CHAIN - [0:0]` line, rules).
     chains: Vec<(String, bool, Vec<String>)>,
+    /// Chain name -> index in `chains`: finding a chain was a scan of
+    /// every chain, which made a rendering quadratic in the services.
+    index: ahash::AHashMap<String, usize>,
 }
 
 impl TableText {
     fn chain(&mut self, name: &str, declare: bool) -> &mut Vec<String> {
-        let i = match self.chains.iter().position(|(n, ..)| n == name) {
-            Some(i) => i,
+        let i = match self.index.get(name) {
+            Some(&i) => i,
             None => {
                 self.chains.push((name.to_owned(), declare, Vec::new()));
+                self.index.insert(name.to_owned(), self.chains.len() - 1);
                 self.chains.len() - 1
             }
         };

@@ -341,6 +341,40 @@ impl PortPlan<'_> {
     }
 }
 
+/// The non-headless services with no cluster IP of `family`: left out of a
+/// rendering of that family (kube-proxy runs one proxier per family), so a
+/// caller can say so.
+///
+/// # Examples
+/// ```
+/// use svclb::render::{IpFamily, services_outside_family};
+/// use svclb::*;
+/// let mut table = ServiceTable::new();
+/// let v6 = Service::builder("default", "v6")
+///     .cluster_ip("fd00::10".parse().unwrap())
+///     .port(ServicePortSpec::tcp(80))
+///     .build()
+///     .unwrap();
+/// table.apply(Change::UpsertService(v6)).unwrap();
+/// assert_eq!(services_outside_family(&table, IpFamily::V4), [ServiceKey::new("default", "v6")]);
+/// assert!(services_outside_family(&table, IpFamily::V6).is_empty());
+/// ```
+pub fn services_outside_family(
+    table: &ServiceTable,
+    family: IpFamily,
+) -> Vec<crate::model::service::ServiceKey> {
+    let mut out: Vec<_> = table
+        .views()
+        .map(|v| v.service())
+        .filter(|s| {
+            !s.is_headless() && !s.cluster_ip().addrs().iter().any(|ip| family.contains(*ip))
+        })
+        .map(|s| s.key().clone())
+        .collect();
+    out.sort();
+    out
+}
+
 /// The frontends of `plan` in `family`, in service key order then port
 /// order, and the number of endpoints of that family (kube-proxy's "large
 /// cluster" count).

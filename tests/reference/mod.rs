@@ -433,8 +433,6 @@ pub struct RefModel {
 /// [`UpdateError`] it predicts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefError {
-    UnknownService,
-    NotFound,
     ConflictingPort,
 }
 
@@ -442,12 +440,10 @@ impl RefError {
     pub fn matches(self, e: &UpdateError) -> bool {
         matches!(
             (self, e.root()),
-            (RefError::UnknownService, UpdateError::UnknownService { .. })
-                | (RefError::NotFound, UpdateError::NotFound { .. })
-                | (
-                    RefError::ConflictingPort,
-                    UpdateError::ConflictingPort { .. }
-                )
+            (
+                RefError::ConflictingPort,
+                UpdateError::ConflictingPort { .. }
+            )
         )
     }
 }
@@ -478,22 +474,18 @@ impl RefModel {
                 }
                 self.services.insert(svc.key().clone(), svc.clone());
             }
+            // A delete of an absent object is a no-op; a deleted service's
+            // slices stay (pending) until deleted; a slice for an unknown
+            // service waits pending. Pending slices merge into nothing
+            // because `merged` only reads the slices of present services.
             Change::DeleteService(key) => {
-                if self.services.remove(key).is_none() {
-                    return Err(RefError::NotFound);
-                }
-                self.slices.retain(|_, s| s.service() != key);
+                self.services.remove(key);
             }
             Change::UpsertSlice(slice) => {
-                if !self.services.contains_key(slice.service()) {
-                    return Err(RefError::UnknownService);
-                }
                 self.slices.insert(slice.key().clone(), slice.clone());
             }
             Change::DeleteSlice(key) => {
-                if self.slices.remove(key).is_none() {
-                    return Err(RefError::NotFound);
-                }
+                self.slices.remove(key);
             }
         }
         Ok(())
@@ -744,6 +736,20 @@ pub fn step_batch(
     if got != want {
         return Err(format!(
             "merged endpoints differ:\n table {got:#?}\n model {want:#?}"
+        ));
+    }
+    // Slices whose service is absent wait pending, in the table as in the
+    // model.
+    let pending: Vec<&EndpointSlice> = model
+        .slices
+        .values()
+        .filter(|s| !model.services.contains_key(s.service()))
+        .collect();
+    let snapshot = table.snapshot();
+    let got: Vec<&EndpointSlice> = snapshot.pending.values().collect();
+    if got != pending {
+        return Err(format!(
+            "pending slices differ:\n table {got:#?}\n model {pending:#?}"
         ));
     }
     check_dataplanes(model, dps)
