@@ -25,9 +25,11 @@ use common::cpu_time::thread_cpu_ns;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant as WallClock};
 
+use svclb::conntrack::Conntrack;
 use svclb::*;
 
 const FLOWS: usize = 4096;
@@ -312,9 +314,19 @@ fn measure_updates(n: usize) -> UpdateRow {
 
 /// Lookups per second from `readers` threads for `secs`, while (if
 /// `writer`) another thread applies 1,000 slice updates per second.
-fn throughput(n: usize, readers: usize, writer: bool, secs: f64) -> (Vec<f64>, f64) {
+fn throughput(n: usize, readers: usize, writer: bool, secs: f64, tracked: bool) -> (Vec<f64>, f64) {
     let mut table = common::cluster(n, 5);
-    let (_, ipvs) = common::dataplanes(&table);
+    let (_, untracked) = common::dataplanes(&table);
+    let ipvs = if tracked {
+        let dp = IpvsDataplane::new(
+            DataplaneConfig::with_seed(1)
+                .conntrack(Some(ConntrackConfig::new(1 << 16).expect("capacity"))),
+        );
+        dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+        dp
+    } else {
+        untracked
+    };
     let stop = AtomicBool::new(false);
     let updates = AtomicU64::new(0);
     let duration = Duration::from_secs_f64(secs);
@@ -328,6 +340,37 @@ fn throughput(n: usize, readers: usize, writer: bool, secs: f64) -> (Vec<f64>, f
                 s.spawn(move || {
                     let now = svclb::Instant::ZERO;
                     let mut reader = ipvs.reader();
+                    if tracked {
+                        // Open every flow: the loop below is then
+                        // established-flow lookups.
+                        let flows: Vec<Flow> = flows
+                            .iter()
+                            .map(|f| {
+                                Flow::tcp(
+                                    SocketAddr::new(
+                                        f.src.ip(),
+                                        f.src.port() ^ (r as u16 + 1) << 12,
+                                    ),
+                                    f.dst,
+                                )
+                            })
+                            .collect();
+                        for f in &flows {
+                            reader.route(f, now);
+                        }
+                        let start = WallClock::now();
+                        let mut count = 0u64;
+                        loop {
+                            for f in &flows {
+                                black_box(reader.packet(black_box(f), TcpFlags::ACK, now));
+                            }
+                            count += flows.len() as u64;
+                            if start.elapsed() >= duration || stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                        }
+                        return count as f64 / start.elapsed().as_secs_f64();
+                    }
                     let start = WallClock::now();
                     let mut count = 0u64;
                     loop {
@@ -378,15 +421,15 @@ fn throughput(n: usize, readers: usize, writer: bool, secs: f64) -> (Vec<f64>, f
     (rates, writer_rate)
 }
 
-fn measure_threads(n: usize, secs: f64) -> ThreadRow {
+fn measure_threads(n: usize, secs: f64, tracked: bool) -> ThreadRow {
     // Alternate the two set-ups three times; keep the medians.
     let mut single = Vec::new();
     let mut a = Vec::new();
     let mut b = Vec::new();
     let mut w = Vec::new();
     for _ in 0..3 {
-        single.push(throughput(n, 1, false, secs).0[0]);
-        let (rates, wr) = throughput(n, 2, true, secs);
+        single.push(throughput(n, 1, false, secs, tracked).0[0]);
+        let (rates, wr) = throughput(n, 2, true, secs, tracked);
         a.push(rates[0]);
         b.push(rates[1]);
         w.push(wr);
@@ -395,6 +438,112 @@ fn measure_threads(n: usize, secs: f64) -> ThreadRow {
         single: median(single),
         per_thread: [median(a), median(b)],
         writer_rate: median(w),
+    }
+}
+
+struct ConntrackRow {
+    mode: &'static str,
+    flows: usize,
+    hit: f64,
+    miss: f64,
+    probe: f64,
+    bytes_per_flow: f64,
+}
+
+/// `n` distinct client flows to 100 services (5 endpoints each).
+fn tracked_flows(n: usize, salt: u32) -> Vec<Flow> {
+    (0..n as u32)
+        .map(|k| {
+            let src = SocketAddr::from((
+                (0x0B00_0000u32 ^ salt).wrapping_add(k >> 4).to_be_bytes(),
+                1024 + (k & 0xF) as u16,
+            ));
+            Flow::tcp(src, common::vip((k as usize * 7919) % 100))
+        })
+        .collect()
+}
+
+/// Established-flow lookups (`packet`, tracked) and new connections (miss,
+/// schedule, insert into a table at its bound) at `n` tracked flows, in
+/// one mode, and a bare ahash probe over the same keys.
+fn measure_conntrack(mode: &'static str, n: usize) -> ConntrackRow {
+    let config =
+        DataplaneConfig::with_seed(1).conntrack(Some(ConntrackConfig::new(n).expect("capacity")));
+    match mode {
+        "iptables" => conntrack_row(mode, n, IptablesDataplane::new(config), |d| d.conntrack()),
+        "nftables" => conntrack_row(mode, n, NftablesDataplane::new(config), |d| d.conntrack()),
+        _ => conntrack_row(mode, n, IpvsDataplane::new(config), |d| d.conntrack()),
+    }
+}
+
+fn conntrack_row<D: Dataplane>(
+    mode: &'static str,
+    n: usize,
+    dp: D,
+    tracker: impl Fn(&D) -> Option<&Conntrack>,
+) -> ConntrackRow {
+    let table = common::cluster(100, 5);
+    dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+    let now = Instant::ZERO;
+    let mut flows = tracked_flows(n, 0);
+    for f in &flows {
+        dp.route(f, now);
+    }
+    // Look up in an order unrelated to insertion.
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    for i in (1..flows.len()).rev() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        flows.swap(i, (rng % (i as u64 + 1)) as usize);
+    }
+    let sample: Vec<Flow> = flows.iter().copied().take(65_536.min(n)).collect();
+    let mut hit = |f: &Flow| {
+        black_box(dp.packet(f, TcpFlags::ACK, now));
+    };
+    let passes = passes_for(&sample, &mut hit);
+    let hit_ns = median(
+        (0..5)
+            .map(|_| run_passes(&sample, passes, &mut hit))
+            .collect(),
+    );
+    let map: ahash::AHashMap<Flow, u32> = flows
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (*f, i as u32))
+        .collect();
+    let mut probe = |f: &Flow| {
+        black_box(map.get(f));
+    };
+    let passes = passes_for(&sample, &mut probe);
+    let probe_ns = median(
+        (0..5)
+            .map(|_| run_passes(&sample, passes, &mut probe))
+            .collect(),
+    );
+    drop(map);
+    let bytes = tracker(&dp).map_or(0, Conntrack::memory_bytes);
+    let len = tracker(&dp).map_or(1, |c| c.len().max(1));
+    // New connections into the full table: each evicts one.
+    let fresh = tracked_flows(65_536, 0x00F0_0000);
+    let mut k = 0usize;
+    let miss_ns = time_op(
+        Duration::from_millis(300),
+        4096,
+        16,
+        |_| {
+            k += 1;
+            fresh[k % fresh.len()]
+        },
+        |f| dp.route(&f, now),
+    );
+    ConntrackRow {
+        mode,
+        flows: n,
+        hit: hit_ns,
+        miss: miss_ns,
+        probe: probe_ns,
+        bytes_per_flow: bytes as f64 / len as f64,
     }
 }
 
@@ -644,8 +793,64 @@ fn main() {
         );
     }
 
+    let mut ct_rows = Vec::new();
+    for n in [10_000usize, 1_000_000] {
+        for mode in ["iptables", "ipvs", "nftables"] {
+            let r = measure_conntrack(mode, n);
+            json.push(format!(
+                r#"{{"mode":"{mode}","flows":{n},"op":"conntrack_hit","ns_per_op":{:.2}}}"#,
+                r.hit
+            ));
+            json.push(format!(
+                r#"{{"mode":"{mode}","flows":{n},"op":"conntrack_miss","ns_per_op":{:.2}}}"#,
+                r.miss
+            ));
+            json.push(format!(
+                r#"{{"mode":"{mode}","flows":{n},"bytes_per_flow":{:.1}}}"#,
+                r.bytes_per_flow
+            ));
+            if mode == "ipvs" {
+                json.push(format!(
+                    r#"{{"mode":"ahash-probe","flows":{n},"op":"conntrack_hit","ns_per_op":{:.2}}}"#,
+                    r.probe
+                ));
+            }
+            ct_rows.push(r);
+        }
+        eprintln!("conntrack at {n} flows done");
+    }
+    let _ = writeln!(
+        md,
+        "\n### Connection tracking: per packet, at 10,000 and 1,000,000 tracked flows (100 services)\n\n| mode | flows | established hit | new connection (miss, schedule, insert) | bare ahash probe, same keys | hit ÷ probe | miss ÷ probe | bytes per tracked flow |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in &ct_rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} |",
+            r.mode,
+            fmt_count(r.flows as f64),
+            fmt_ns(r.hit),
+            fmt_ns(r.miss),
+            fmt_ns(r.probe),
+            r.hit / r.probe,
+            r.miss / r.probe,
+            r.bytes_per_flow
+        );
+    }
+
     let tn = 10_000.min(args.max_services);
-    let th = measure_threads(tn, args.seconds);
+    let th = measure_threads(tn, args.seconds, false);
+    let tt = measure_threads(tn, args.seconds, true);
+    for (threads, writer, per) in [
+        (1, 0.0, tt.single),
+        (2, tt.writer_rate, tt.per_thread[0]),
+        (2, tt.writer_rate, tt.per_thread[1]),
+    ] {
+        json.push(format!(
+            r#"{{"mode":"ipvs","services":{tn},"threads":{threads},"writer_updates_per_sec":{writer:.0},"op":"conntrack_hit","lookups_per_sec_per_thread":{per:.0}}}"#
+        ));
+    }
+    let tracked_total = tt.per_thread[0] + tt.per_thread[1];
     let total2 = th.per_thread[0] + th.per_thread[1];
     for (threads, writer, per) in [
         (1, 0.0, th.single),
@@ -735,6 +940,36 @@ fn main() {
         md,
         "- 2 reader threads with a writer ÷ 1 thread without: {r:.2} (target ≥ 1.6: {})",
         verdict(r >= 1.6)
+    );
+    let _ = writeln!(
+        md,
+        "\n### Targets (issue 10, the connection layer), measured in this run\n"
+    );
+    let ct = |mode: &str, n: usize| ct_rows.iter().find(|r| r.mode == mode && r.flows == n);
+    for mode in ["iptables", "ipvs", "nftables"] {
+        if let (Some(a), Some(b)) = (ct(mode, 1_000_000), ct(mode, 10_000)) {
+            let (h1m, h10k) = (a.hit / a.probe, b.hit / b.probe);
+            let m = b.miss / b.probe;
+            let _ = writeln!(
+                md,
+                "- {mode}: established hit ÷ probe {h1m:.2} at 1,000,000 flows (target ≤ 1.5: {}), {h10k:.2} at 10,000 (target ≤ 2: {}); new connection ÷ probe {m:.2} (target ≤ 4: {}); {:.1} bytes per flow (target ≤ 64: {})",
+                verdict(h1m <= 1.5),
+                verdict(h10k <= 2.0),
+                verdict(m <= 4.0),
+                a.bytes_per_flow,
+                verdict(a.bytes_per_flow <= 64.0)
+            );
+        }
+    }
+    let r = tracked_total / tt.single;
+    let _ = writeln!(
+        md,
+        "- 2 threads of established-flow lookups with a writer ÷ 1 thread: {r:.2} ({:.2} M + {:.2} M vs {:.2} M; writer {:.0} updates/s; target ≥ 1.8: {})",
+        tt.per_thread[0] / 1e6,
+        tt.per_thread[1] / 1e6,
+        tt.single / 1e6,
+        tt.writer_rate,
+        verdict(r >= 1.8)
     );
 
     let json_to_stdout = matches!(args.json, Some(None));

@@ -110,11 +110,17 @@ pub fn flow_mix(services: usize, n: usize, seed: u64) -> Vec<Flow> {
         .collect()
 }
 
-/// Both dataplanes (rr for IPVS), synced with the whole table.
+/// Both dataplanes (rr for IPVS), synced with the whole table, with
+/// connection tracking off: every `route` schedules a new connection, which
+/// is what the lookup benches measure (the conntrack benches measure
+/// tracked flows).
 pub fn dataplanes(table: &ServiceTable) -> (IptablesDataplane, IpvsDataplane) {
-    let ipt = IptablesDataplane::new(DataplaneConfig::with_seed(1));
-    let ipvs =
-        IpvsDataplane::new(DataplaneConfig::with_seed(1).scheduler(SchedulerKind::RoundRobin));
+    let ipt = IptablesDataplane::new(DataplaneConfig::with_seed(1).conntrack(None));
+    let ipvs = IpvsDataplane::new(
+        DataplaneConfig::with_seed(1)
+            .conntrack(None)
+            .scheduler(SchedulerKind::RoundRobin),
+    );
     let all = table.full_change_set();
     ipt.sync(table, &all, Instant::ZERO);
     ipvs.sync(table, &all, Instant::ZERO);
