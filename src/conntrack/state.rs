@@ -563,10 +563,7 @@ impl Transitions {
     /// The code after a packet; `code` must not be 0.
     #[inline]
     pub(crate) fn next(&self, direction: Direction, flags: TcpFlags, code: u8) -> u8 {
-        let row = match flags.row() {
-            Some(r) => r,
-            None => 4,
-        };
+        let row = flags.row().unwrap_or(4);
         self.0[direction as usize][row][code as usize]
     }
 }
