@@ -640,3 +640,54 @@ fn hit_and_warm_insert_allocate_nothing() {
     assert_eq!(stats.allocations, 0, "warm inserts allocated: {stats:?}");
     assert!(ct.len() <= 65_536);
 }
+
+// ---- threads ----
+
+#[test]
+fn threads_share_one_tracker_and_counts_stay_exact() {
+    let _g = serial();
+    let ct = Conntrack::new(
+        ConntrackConfig::new(8192)
+            .unwrap()
+            .hash_key([7, 7, 7, 7])
+            .reap_batch(32)
+            .unwrap(),
+    );
+    std::thread::scope(|s| {
+        for t in 0..4u32 {
+            let ct = &ct;
+            s.spawn(move || {
+                for i in 0..20_000u32 {
+                    let f = tcp(t * 100_000 + i % 5000);
+                    let now = micros(u64::from(i) * 10_000);
+                    match i % 5 {
+                        0 | 1 => {
+                            ct.insert(&f, FrontendId(t), BackendId(i % 6), BACKEND, SYN, now);
+                        }
+                        2 => drop(ct.lookup(&f, ACK, now)),
+                        3 => drop(ct.lookup_reply(&f, FIN, now)),
+                        _ => drop(ct.remove(&f)),
+                    }
+                }
+            });
+        }
+        s.spawn(|| {
+            for i in 0..200u64 {
+                ct.handle_timeout(micros(i * 1_000_000));
+                ct.retain(|t| t.backend != BackendId(5) || t.state.is_active());
+            }
+        });
+    });
+    // Sweep nothing more: every entry, dead or alive, is still counted.
+    let far = Instant::ZERO;
+    let want = recount(&ct, far);
+    for b in 0..6 {
+        assert_eq!(
+            ct.counts(BackendId(b)),
+            want.get(&BackendId(b)).copied().unwrap_or_default(),
+            "backend {b}"
+        );
+    }
+    assert!(ct.len() <= 8192);
+    assert_eq!(ct.entries(far).len(), ct.len());
+}

@@ -671,18 +671,17 @@ impl Conntrack {
     ) -> usize {
         let mut removed = 0;
         let mut cursor = 0;
-        let mut generation = None;
+        // (generation, removals) as this walk left the table.
+        let mut seen: Option<(u64, u64)> = None;
         loop {
             let mut inner = shard.inner.lock();
             let t = table(&mut inner);
-            if generation != Some(t.generation()) {
-                if generation.is_some() {
-                    cursor = 0;
-                }
-                generation = Some(t.generation());
-            } else {
-                // Entries may have shifted back across the cursor.
-                cursor = t.run_start(cursor);
+            match seen {
+                Some((g, _)) if g != t.generation() => cursor = 0,
+                // Others' removals may have shifted entries back across the
+                // cursor, by one slot each at most.
+                Some((_, r)) => cursor = t.back_up(cursor, t.removals().wrapping_sub(r)),
+                None => {}
             }
             let n = t.slot_count();
             let mut budget = batch;
@@ -697,6 +696,7 @@ impl Conntrack {
                     cursor += 1;
                 }
             }
+            seen = Some((t.generation(), t.removals()));
             let len = inner.len();
             shard.len.store(len, Ordering::Relaxed);
             if cursor >= n {

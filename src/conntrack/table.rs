@@ -284,6 +284,8 @@ pub(crate) struct Table<E> {
     max_slots: usize,
     /// Bumped on every resize (entries move).
     generation: u64,
+    /// Bumped on every removal (later entries of its run shift back by one).
+    removals: u64,
 }
 
 impl<E: Entry> Table<E> {
@@ -293,6 +295,7 @@ impl<E: Entry> Table<E> {
             len: 0,
             max_slots,
             generation: 0,
+            removals: 0,
         }
     }
 
@@ -308,6 +311,10 @@ impl<E: Entry> Table<E> {
 
     pub(crate) fn generation(&self) -> u64 {
         self.generation
+    }
+
+    pub(crate) fn removals(&self) -> u64 {
+        self.removals
     }
 
     pub(crate) fn memory_bytes(&self) -> usize {
@@ -425,14 +432,18 @@ impl<E: Entry> Table<E> {
         }
         self.slots[hole] = E::EMPTY;
         self.len -= 1;
+        self.removals = self.removals.wrapping_add(1);
         removed
     }
 
-    /// The first index of the run of occupied slots that ends just before
-    /// `i` (or `i` itself if slot `i - 1` is empty); does not wrap past 0.
-    pub(crate) fn run_start(&self, mut i: usize) -> usize {
-        while i > 0 && i <= self.slots.len() && self.slots[i - 1].code() != 0 {
+    /// `i` moved back by up to `by` slots, not past an empty slot nor past
+    /// 0: where an entry seen at `i` can be after `by` removals (each shifts
+    /// an entry back by at most one slot, within its run).
+    pub(crate) fn back_up(&self, mut i: usize, by: u64) -> usize {
+        let mut left = by;
+        while left > 0 && i > 0 && i <= self.slots.len() && self.slots[i - 1].code() != 0 {
             i -= 1;
+            left -= 1;
         }
         i
     }
