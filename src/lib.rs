@@ -76,6 +76,7 @@
 
 pub mod affinity;
 pub mod dataplane;
+pub mod ebpf;
 pub mod error;
 pub mod k8s;
 pub mod model;
