@@ -13,7 +13,13 @@
 
 pub mod model;
 
+#[cfg(feature = "ebpf")]
+pub mod loader;
+
 pub use model::{
     BackendState, CompiledFrontend, EbpfBackendSpec, EbpfFrontendSpec, EbpfVerdict, choose,
     flow_hash,
 };
+
+#[cfg(feature = "ebpf")]
+pub use loader::{EbpfCounters, EbpfDataplane, EbpfError, TrackedConnection};
