@@ -32,6 +32,8 @@ fn main() {
                  apt-get install clang libbpf-dev; the loader will refuse to load"
             );
             std::fs::write(&out, b"").unwrap();
+            // Build again once clang is installed (a missing path reruns).
+            println!("cargo::rerun-if-changed=/usr/bin/{clang}");
         }
     }
 }

@@ -478,8 +478,36 @@ fn ebpf_dataplane_in_network_namespaces() {
     assert_eq!(c1.new_connections - c0.new_connections, 2000);
     assert!(c2.tracked - c1.tracked >= 1999, "{c2:?}");
     assert_eq!(c3.replies - c2.replies, 2000);
+    // No namespace saw a bad TCP or UDP checksum (offload is off, so the
+    // receivers verified every one the program rewrote).
+    for n in ["client", "b1", "b2", "b3"] {
+        let errors = checksum_errors(&topo.ns(n));
+        assert_eq!(errors, (0, 0), "{n}: TCP/UDP InCsumErrors");
+    }
     drop(dp);
     println!("netns test took {:?}", started.elapsed());
+}
+
+/// `InCsumErrors` of TCP and UDP in namespace `ns` (`/proc/net/snmp`).
+fn checksum_errors(ns: &str) -> (u64, u64) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
+        .output()
+        .expect("ip netns exec");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |proto: &str| -> u64 {
+        let mut rows = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{proto}: ")));
+        let (names, values) = (rows.next().unwrap_or(""), rows.next().unwrap_or(""));
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "InCsumErrors")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("InCsumErrors in /proc/net/snmp")
+    };
+    (field("Tcp"), field("Udp"))
 }
 
 /// The verifier log's size, from `bpftool -d prog load` (aya 0.14 keeps the

@@ -352,7 +352,7 @@ impl EbpfDataplane {
             }
         }
         // 2. Changed and new frontends: idle table copy, then the entry.
-        for (key, mut fe) in compiled {
+        for (key, fe) in compiled {
             let old = self.written.remove(&key);
             let id = match &old {
                 Some(w) => w.compiled.id(),
@@ -361,9 +361,7 @@ impl EbpfDataplane {
                     self.next_id - 1
                 }),
             };
-            if old.is_none() {
-                fe = CompiledFrontend::compile(fe.spec(), id, self.table_size)?;
-            }
+            let fe = fe.with_id(id);
             let same_table = old.as_ref().is_some_and(|w| {
                 w.compiled.table() == fe.table() && w.compiled.table_size() == fe.table_size()
             });

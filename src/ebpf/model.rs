@@ -203,6 +203,12 @@ impl CompiledFrontend {
         })
     }
 
+    /// The same frontend under another id (the table does not depend on it).
+    pub fn with_id(mut self, id: u32) -> Self {
+        self.id = id;
+        self
+    }
+
     /// The frontend id (the kernel's key for this frontend's table).
     pub fn id(&self) -> u32 {
         self.id
