@@ -298,6 +298,13 @@ fn ebpf_dataplane_in_network_namespaces() {
         udp_spec(),
         tcp_spec(VIP_EMPTY, &[], true),
         tcp_spec(VIP_LOCAL, &[], false),
+        EbpfFrontendSpec {
+            vip: IpAddr::V4(VIP_EMPTY),
+            port: 53,
+            protocol: Protocol::Udp,
+            backends: vec![],
+            reject_when_empty: true,
+        },
     ];
     let mut dp = in_ns(&lb, || EbpfDataplane::load(&["l0", "l1", "l2", "l3"], None))
         .expect("load and attach");
@@ -424,12 +431,23 @@ fn ebpf_dataplane_in_network_namespaces() {
     });
     let want = predicted(&ufe, local, VIP, 53) - 10;
     assert_eq!(reply, format!("B{want}:ping"));
+    // UDP to a service without endpoints: ICMP port unreachable, which a
+    // connected socket reports as ECONNREFUSED.
+    let refused = in_ns(&client, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.connect(SocketAddr::from((VIP_EMPTY, 53))).unwrap();
+        s.send(b"ping").unwrap();
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf).map(|_| ())
+    });
+    assert_eq!(refused.unwrap_err().kind(), ErrorKind::ConnectionRefused);
 
     let counters = dp.counters().unwrap();
     let tracked = dp.tracked().unwrap();
     println!("counters: {counters:?}");
     println!("tracked connections: {}", tracked.len());
-    assert!(counters.reject_rst >= 1 && counters.drop_local >= 1);
+    assert!(counters.reject_rst >= 1 && counters.reject_icmp >= 1 && counters.drop_local >= 1);
     assert_eq!(counters.drop_malformed + counters.drop_no_backend, 0);
     assert!(
         tracked
@@ -484,7 +502,28 @@ fn ebpf_dataplane_in_network_namespaces() {
         let errors = checksum_errors(&topo.ns(n));
         assert_eq!(errors, (0, 0), "{n}: TCP/UDP InCsumErrors");
     }
+    // Dropping the dataplane detaches its TCX links and unloads the program
+    // (the kernel frees a program once no link holds it).
+    let id = dp.program_id().unwrap();
+    let loaded = || {
+        Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string()])
+            .output()
+            .map(|o| o.status.success())
+    };
+    let before = loaded();
     drop(dp);
+    if let Ok(true) = before {
+        let deadline = Instant::now() + T;
+        while loaded().unwrap_or(false) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !loaded().unwrap_or(false),
+            "program {id} still loaded after drop"
+        );
+        println!("program {id} unloaded after drop");
+    }
     println!("netns test took {:?}", started.elapsed());
 }
 

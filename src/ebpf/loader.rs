@@ -85,8 +85,9 @@ pub struct EbpfCounters {
     pub replies: u64,
     /// TCP RSTs sent for frontends without backends (REJECT).
     pub reject_rst: u64,
-    /// UDP to frontends without backends: dropped (no ICMP is generated).
-    pub reject_udp_dropped: u64,
+    /// ICMP port unreachable sent for UDP to frontends without backends
+    /// (REJECT).
+    pub reject_icmp: u64,
     /// Dropped: Local policy without local backends.
     pub drop_local: u64,
     /// Dropped: the table named a backend missing from the backends map.
@@ -282,6 +283,14 @@ impl EbpfDataplane {
     /// When the program's info cannot be read.
     pub fn verified_instruction_count(&self) -> Result<Option<u32>, EbpfError> {
         Ok(self.program()?.info()?.verified_instruction_count())
+    }
+
+    /// The kernel's id of the loaded program (as `bpftool prog show` lists it).
+    ///
+    /// # Errors
+    /// When the program's info cannot be read.
+    pub fn program_id(&self) -> Result<u32, EbpfError> {
+        Ok(self.program()?.info()?.id())
     }
 
     /// Runs the program on `packet` (an Ethernet frame) `repeat` times with
@@ -497,7 +506,7 @@ impl EbpfDataplane {
             tracked: v[2],
             replies: v[3],
             reject_rst: v[4],
-            reject_udp_dropped: v[5],
+            reject_icmp: v[5],
             drop_local: v[6],
             drop_no_backend: v[7],
             drop_malformed: v[8],

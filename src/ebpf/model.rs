@@ -4,8 +4,8 @@
 //! The program, for a packet to a frontend (VIP, port, protocol) that no
 //! tracked connection covers:
 //! 1. hashes the 5-tuple with [`flow_hash`];
-//! 2. if the frontend's table holds no backend, answers REJECT (TCP RST)
-//!    when [`EbpfFrontendSpec::reject_when_empty`] is set, else DROP;
+//! 2. if the frontend's table holds no backend, answers REJECT (TCP RST,
+//!    ICMP port unreachable for UDP) when [`EbpfFrontendSpec::reject_when_empty`] is set, else DROP;
 //! 3. else takes `table[hash % M]`, a backend id.
 //!
 //! The table is Maglev ([`crate::scheduler::maglev::build_table`], Katran's
@@ -296,8 +296,8 @@ pub enum EbpfVerdict {
         /// Its address.
         addr: SocketAddr,
     },
-    /// No backend, `reject_when_empty`: a TCP RST (UDP: dropped and counted,
-    /// see the program's docs).
+    /// No backend, `reject_when_empty`: a TCP RST, or ICMP port
+    /// unreachable for UDP.
     Reject,
     /// No backend, Local policy: dropped.
     Drop,

@@ -6,8 +6,8 @@
 // conntrack map has the flow, else the Maglev choice (table[hash % M]), which
 // src/ebpf/model.rs reproduces in userspace. A reply from a backend is
 // reverse-NATed back to the VIP. Frontends without a backend REJECT (TCP: an
-// RST sent back out of the same interface; UDP: dropped and counted as
-// REJECT_UDP_DROPPED, no ICMP) or DROP (Local policy). Everything else,
+// RST, UDP: ICMP port unreachable, sent back out of the same interface) or
+// DROP (Local policy). Everything else,
 // including IPv6 and IP fragments, passes untouched.
 //
 // Keep the structs in step with src/ebpf/loader.rs.
@@ -48,6 +48,8 @@
 #define TIMEOUT_UDP (60 * NS)
 
 #define FLOW_HASH_SEED 0x9747b28cU
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
 
 enum counter {
 	C_PACKETS = 0,      /* every IPv4 TCP/UDP packet seen */
@@ -55,7 +57,7 @@ enum counter {
 	C_TRACKED,          /* packets of tracked connections (original dir) */
 	C_REPLIES,          /* reverse-NATed replies */
 	C_REJECT_RST,       /* RSTs sent for frontends without backends */
-	C_REJECT_UDP_DROPPED, /* UDP to frontends without backends, dropped */
+	C_REJECT_ICMP,      /* ICMP port unreachable sent for UDP to frontends without backends */
 	C_DROP_LOCAL,       /* dropped: Local policy, no local backend */
 	C_DROP_NO_BACKEND,  /* dropped: table names a backend the map lacks */
 	C_DROP_MALFORMED,   /* dropped: truncated headers, or a rewrite failed */
@@ -333,6 +335,62 @@ static __always_inline int reject_tcp(struct __sk_buff *skb, __u32 l4)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* Answer a UDP datagram with ICMP port unreachable (kube-proxy's REJECT,
+ * icmp-port-unreachable), sent back out of the interface it came in on:
+ * 28 bytes are opened before the original IP header for the new IP and
+ * ICMP headers, and the original is cut to its IP header + 8 bytes. */
+static __always_inline int reject_udp(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + IP_OFF;
+	if ((void *)(ip + 1) > end || ip->ihl != 5)
+		return TC_ACT_SHOT;
+	struct iphdr nip = {};
+	nip.version = 4;
+	nip.ihl = 5;
+	nip.ttl = 64;
+	nip.protocol = IPPROTO_ICMP;
+	nip.saddr = ip->daddr;
+	nip.daddr = ip->saddr;
+	nip.tot_len = bpf_htons(sizeof(struct iphdr) + 8 + sizeof(struct iphdr) + 8);
+	nip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&nip, sizeof(nip), 0));
+	unsigned char mac[2 * ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(mac + ETH_ALEN, eth->h_dest, ETH_ALEN);
+	/* the original IP header and the first 8 bytes of UDP; the new headers
+	 * go between L2 and L3 (BPF_ADJ_ROOM_MAC) */
+	__u32 orig[7];
+	if (bpf_skb_load_bytes(skb, IP_OFF, orig, sizeof(orig)) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, IP_OFF + sizeof(orig), 0) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_adjust_room(skb, sizeof(nip) + 8, BPF_ADJ_ROOM_MAC, 0) < 0)
+		return TC_ACT_SHOT;
+	struct {
+		__u8 type;
+		__u8 code;
+		__u16 check;
+		__u32 unused;
+	} icmp = {.type = ICMP_DEST_UNREACH, .code = ICMP_PORT_UNREACH};
+	__u32 c = bpf_csum_diff(0, 0, (__be32 *)&icmp, sizeof(icmp), 0);
+	c = bpf_csum_diff(0, 0, orig, sizeof(orig), c);
+	icmp.check = csum_fold(c);
+	struct {
+		unsigned char dst[ETH_ALEN];
+		unsigned char src[ETH_ALEN];
+	} macs;
+	__builtin_memcpy(macs.dst, mac, ETH_ALEN);
+	__builtin_memcpy(macs.src, mac + ETH_ALEN, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &macs, sizeof(macs), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_OFF, &nip, sizeof(nip), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_OFF + sizeof(nip), &icmp, sizeof(icmp), 0) < 0)
+		return TC_ACT_SHOT;
+	count(C_REJECT_ICMP);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 static __always_inline void ct_update(struct ct_val *ct, __u8 proto, int from_backend, __u8 flags,
 				      __u64 now)
 {
@@ -451,8 +509,7 @@ int svclb_tc(struct __sk_buff *skb)
 			}
 			if (proto == IPPROTO_TCP)
 				return reject_tcp(skb, l4);
-			count(C_REJECT_UDP_DROPPED);
-			return TC_ACT_SHOT;
+			return reject_udp(skb);
 		}
 		__u32 m = fe->table_size;
 		if (m == 0 || m > MAX_CHUNKS * TABLE_CHUNK) {
