@@ -449,11 +449,27 @@ fn ebpf_dataplane_in_network_namespaces() {
     println!("tracked connections: {}", tracked.len());
     assert!(counters.reject_rst >= 1 && counters.reject_icmp >= 1 && counters.drop_local >= 1);
     assert_eq!(counters.drop_malformed + counters.drop_no_backend, 0);
+    // Timeouts: closed TCP flows expire 10 s after their last packet, UDP
+    // 60 s after, so the UDP entry (made last) outlives every closed flow
+    // by 50 s plus the few seconds between them.
+    let udp = tracked
+        .iter()
+        .find(|c| c.protocol == Protocol::Udp && c.frontend.port() == 53 && c.backend_id > 10)
+        .expect("the UDP flow is tracked");
+    let closed: Vec<_> = tracked.iter().filter(|c| c.state == "CLOSED").collect();
     assert!(
-        tracked
-            .iter()
-            .any(|c| c.state == "CLOSED" || c.state == "FIN")
+        closed.len() >= 300,
+        "{} closed of {}",
+        closed.len(),
+        tracked.len()
     );
+    for c in &closed {
+        let gap = Duration::from_nanos(udp.expires_ns.saturating_sub(c.expires_ns));
+        assert!(
+            (Duration::from_secs(45)..=Duration::from_secs(61)).contains(&gap),
+            "{c:?}: {gap:?}"
+        );
+    }
 
     // 5. Per-packet cost in the kernel (BPF_PROG_TEST_RUN).
     let syn = frame([10, 200, 0, 9], [10, 96, 0, 10], 40000, 80, 0x02);
