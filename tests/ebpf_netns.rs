@@ -475,14 +475,35 @@ fn ebpf_dataplane_in_network_namespaces() {
     let syn = frame([10, 200, 0, 9], [10, 96, 0, 10], 40000, 80, 0x02);
     let reply = frame([10, 200, 1, 2], [10, 200, 0, 9], 8080, 40000, 0x12);
     let other = frame([10, 200, 0, 9], [10, 200, 7, 7], 40000, 80, 0x02);
+    // Kernel and model agree on 20,000 more new flows: the DNAT target of
+    // each SYN run through BPF_PROG_TEST_RUN is the model's backend.
+    let mut agree = 0;
+    for i in 0..20_000u32 {
+        let src = [10, 202, (i >> 8) as u8, i as u8];
+        let sport = 1024 + (i.wrapping_mul(7919) % 60000) as u16;
+        let r = dp
+            .test_run(&frame(src, VIP.octets(), sport, 80, 0x02), 1)
+            .unwrap();
+        let dst = SocketAddr::from((
+            [r.packet[30], r.packet[31], r.packet[32], r.packet[33]],
+            u16::from_be_bytes([r.packet[36], r.packet[37]]),
+        ));
+        let want = fe.backend(predicted(&fe, SocketAddr::from((src, sport)), VIP, 80));
+        if want.map(|b| b.addr) == Some(dst) {
+            agree += 1;
+        }
+    }
+    println!("BPF_PROG_TEST_RUN: model agrees on {agree}/20000 new flows");
+    assert_eq!(agree, 20_000);
+
     // A run rewrites its packet in place, so `repeat` would run the rest on
     // the rewritten copy: every figure is the mean of 2000 single runs.
     let mean = |pkts: &mut dyn Iterator<Item = Vec<u8>>| {
         let (mut total, mut n) = (Duration::ZERO, 0u32);
         for pkt in pkts {
-            let (rc, d) = dp.test_run(&pkt, 1).unwrap();
-            assert_eq!(rc, 0, "TC_ACT_OK");
-            total += d;
+            let r = dp.test_run(&pkt, 1).unwrap();
+            assert_eq!(r.return_value, 0, "TC_ACT_OK");
+            total += r.duration;
             n += 1;
         }
         total.as_nanos() / u128::from(n)
@@ -503,7 +524,7 @@ fn ebpf_dataplane_in_network_namespaces() {
     let replies = mean(&mut (0..2000).map(|_| reply.clone()));
     let c3 = dp.counters().unwrap();
     let pass = mean(&mut (0..2000).map(|_| other.clone()));
-    let (_, pass_repeat) = dp.test_run(&other, 100_000).unwrap();
+    let pass_repeat = dp.test_run(&other, 100_000).unwrap().duration;
     println!(
         "BPF_PROG_TEST_RUN ns/packet: new flow {new}, tracked {tracked}, reply {replies}, \
          pass {pass} (pass with repeat=100000: {})",

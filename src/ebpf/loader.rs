@@ -122,6 +122,18 @@ pub struct TrackedConnection {
     pub expires_ns: u64,
 }
 
+/// One [`EbpfDataplane::test_run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRunOutcome {
+    /// The program's return code (`TC_ACT_OK` = 0, `TC_ACT_SHOT` = 2,
+    /// `TC_ACT_REDIRECT` = 7).
+    pub return_value: u32,
+    /// The kernel's mean time per run.
+    pub duration: Duration,
+    /// The packet after the run.
+    pub packet: Vec<u8>,
+}
+
 /// Map writes done by one [`EbpfDataplane::apply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ApplyStats {
@@ -294,18 +306,24 @@ impl EbpfDataplane {
     }
 
     /// Runs the program on `packet` (an Ethernet frame) `repeat` times with
-    /// `BPF_PROG_TEST_RUN`: its return code and mean time per run.
+    /// `BPF_PROG_TEST_RUN`: its return code, the kernel's mean time per run,
+    /// and the packet as the (last) run left it.
     ///
     /// # Errors
     /// When the kernel refuses the test run.
-    pub fn test_run(&self, packet: &[u8], repeat: u32) -> Result<(u32, Duration), EbpfError> {
+    pub fn test_run(&self, packet: &[u8], repeat: u32) -> Result<TestRunOutcome, EbpfError> {
         let mut out = vec![0u8; packet.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat.max(1);
         let r = self.program()?.test_run(opts)?;
-        Ok((r.return_value, r.duration))
+        out.truncate(r.data_size_out as usize);
+        Ok(TestRunOutcome {
+            return_value: r.return_value,
+            duration: r.duration,
+            packet: out,
+        })
     }
 
     /// Writes the maps so that the kernel serves exactly `specs`, touching

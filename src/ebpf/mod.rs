@@ -22,4 +22,6 @@ pub use model::{
 };
 
 #[cfg(feature = "ebpf")]
-pub use loader::{EbpfCounters, EbpfDataplane, EbpfError, TrackedConnection};
+pub use loader::{
+    ApplyStats, EbpfCounters, EbpfDataplane, EbpfError, TestRunOutcome, TrackedConnection,
+};
