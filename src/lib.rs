@@ -93,6 +93,10 @@
 //!   and the manifest reader [`k8s::manifest`] (serde_json, serde_yaml_ng).
 //! - `k8s-openapi`: `TryFrom` k8s-openapi's `Service` and `EndpointSlice`
 //!   ([`k8s::openapi`]), so a kube-rs watcher can feed the table.
+//! - `ebpf`: [`ebpf::EbpfDataplane`], which loads the TC program
+//!   `src/ebpf/svclb.bpf.c` (compiled by `build.rs` with clang) with aya
+//!   0.14 and writes its maps. The model of that program,
+//!   [`ebpf::model`], needs no feature.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -100,6 +104,7 @@
 pub mod affinity;
 pub mod conntrack;
 pub mod dataplane;
+pub mod ebpf;
 pub mod error;
 pub mod k8s;
 pub mod model;

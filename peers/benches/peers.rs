@@ -115,10 +115,29 @@ fn bench_pick(c: &mut Criterion<ThreadCpu>) {
     group.finish();
 }
 
+/// Table build time at N = 1000, M = 65537: svclb's populate (with Katran's
+/// hashes) against the `maglev` crate, which builds its own table of size
+/// 65537 (its default prime) from the same addresses.
+fn bench_build(c: &mut Criterion<ThreadCpu>) {
+    let mut group = c.benchmark_group("maglev_build");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_millis(500));
+    group.measurement_time(std::time::Duration::from_secs(3));
+    let addrs = backends(1000);
+    let weighted: Vec<(SocketAddr, u32)> = addrs.iter().map(|&a| (a, 1)).collect();
+    group.bench_function(BenchmarkId::new("svclb/build_table", 1000), |b| {
+        b.iter(|| black_box(svclb::scheduler::maglev::build_table(&weighted, 65537)))
+    });
+    group.bench_function(BenchmarkId::new("maglev/with_capacity", 1000), |b| {
+        b.iter(|| black_box(Maglev::with_capacity(addrs.iter().copied(), 65537)))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Thread CPU time, as in the repository's benches.
     config = Criterion::default().with_measurement(ThreadCpu);
-    targets = bench_pick
+    targets = bench_pick, bench_build
 }
 criterion_main!(benches);

@@ -10,7 +10,7 @@
 //! pass it as [`SchedulerConfig::Custom`].
 
 mod least_conn;
-mod maglev;
+pub mod maglev;
 mod numgen;
 pub(crate) mod random;
 mod round_robin;

@@ -1,0 +1,554 @@
+// SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0)
+// svclb's TC program: Kubernetes Service load balancing for IPv4 TCP/UDP.
+//
+// Attached to TC ingress of the router's interfaces. A packet to a frontend
+// (VIP, port, protocol) is DNATed to a backend: the tracked one when the
+// conntrack map has the flow, else the Maglev choice (table[hash % M]), which
+// src/ebpf/model.rs reproduces in userspace. A reply from a backend is
+// reverse-NATed back to the VIP. Frontends without a backend REJECT (TCP: an
+// RST, UDP: ICMP port unreachable, sent back out of the same interface) or
+// DROP (Local policy). Everything else,
+// including IPv6 and IP fragments, passes untouched.
+//
+// Keep the structs in step with src/ebpf/loader.rs.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#define MAX_FRONTENDS 65536
+#define MAX_BACKENDS 65536
+#define TABLE_CHUNK 4096            /* slots per table-map value */
+#define MAX_CHUNKS 32               /* 131071 slots at most */
+#define CT_ENTRIES 262144
+
+#define FE_REJECT_WHEN_EMPTY 1
+
+#define BE_ACTIVE 0
+#define BE_DRAINING 1
+
+/* conntrack states */
+#define CT_SYN 1
+#define CT_ESTABLISHED 2
+#define CT_FIN 3   /* a FIN seen in either direction */
+#define CT_CLOSED 4 /* RST, or FINs both ways */
+#define CT_UDP 5
+
+#define NS 1000000000ULL
+/* Cilium's agent defaults (bpf-ct-timeout-*). */
+#define TIMEOUT_SYN (60 * NS)
+#define TIMEOUT_TCP (8000 * NS)
+#define TIMEOUT_FIN (10 * NS)
+#define TIMEOUT_UDP (60 * NS)
+
+#define FLOW_HASH_SEED 0x9747b28cU
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+
+enum counter {
+	C_PACKETS = 0,      /* every IPv4 TCP/UDP packet seen */
+	C_NEW,              /* new connections scheduled */
+	C_TRACKED,          /* packets of tracked connections (original dir) */
+	C_REPLIES,          /* reverse-NATed replies */
+	C_REJECT_RST,       /* RSTs sent for frontends without backends */
+	C_REJECT_ICMP,      /* ICMP port unreachable sent for UDP to frontends without backends */
+	C_DROP_LOCAL,       /* dropped: Local policy, no local backend */
+	C_DROP_NO_BACKEND,  /* dropped: table names a backend the map lacks */
+	C_DROP_MALFORMED,   /* dropped: truncated headers, or a rewrite failed */
+	C_RESCHEDULED,      /* tracked flows whose backend was gone or a SYN to a draining one */
+	C_PASS_FRAGMENT,    /* IPv4 fragments passed untouched */
+	C_MAX,
+};
+
+struct fe_key {
+	__u32 vip;   /* network order */
+	__u16 port;  /* network order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct fe_val {
+	__u32 id;
+	__u32 count;      /* backends in the table; 0 = reject or drop */
+	__u32 flags;
+	__u32 table_size; /* M, a prime <= MAX_CHUNKS * TABLE_CHUNK */
+	__u32 version;    /* which of the two table copies is live: 0 or 1 */
+	__u32 pad;
+};
+
+struct be_val {
+	__u32 addr; /* network order */
+	__u16 port; /* network order */
+	__u8 state;
+	__u8 pad;
+};
+
+struct table_key {
+	__u32 fe_id;
+	__u16 version;
+	__u16 chunk;
+};
+
+struct table_val {
+	__u32 ids[TABLE_CHUNK];
+};
+
+struct ct_key { /* the client's tuple: client -> VIP */
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct ct_val {
+	__u64 expires; /* bpf_ktime_get_ns() deadline */
+	__u32 backend_id;
+	__u32 fe_id;
+	__u8 state;
+	__u8 fin_seen; /* bit 0: from the client, bit 1: from the backend */
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct rnat_key { /* the backend's reply tuple: backend -> client */
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct rnat_val {
+	__u32 vip;
+	__u16 vport;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_FRONTENDS);
+	__type(key, struct fe_key);
+	__type(value, struct fe_val);
+} svclb_frontends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct be_val);
+} svclb_backends SEC(".maps");
+
+/* Double-buffered Maglev tables: (frontend, version, chunk) -> 4096 ids. A
+ * rewrite fills the other version, then flips fe_val.version in one update. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct table_key);
+	__type(value, struct table_val);
+} svclb_tables SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CT_ENTRIES);
+	__type(key, struct ct_key);
+	__type(value, struct ct_val);
+} svclb_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CT_ENTRIES);
+	__type(key, struct rnat_key);
+	__type(value, struct rnat_val);
+} svclb_rnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, C_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} svclb_counters SEC(".maps");
+
+static __always_inline void count(__u32 c)
+{
+	__u64 *v = bpf_map_lookup_elem(&svclb_counters, &c);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline __u64 rotl64(__u64 x, int r)
+{
+	return (x << r) | (x >> (64 - r));
+}
+
+static __always_inline __u64 fmix64(__u64 k)
+{
+	k ^= k >> 33;
+	k *= 0xff51afd7ed558ccdULL;
+	k ^= k >> 33;
+	k *= 0xc4ceb9fe1a85ec53ULL;
+	k ^= k >> 33;
+	return k;
+}
+
+/* Katran's MurmurHash3_x64_64(A, B, seed); the model's murmur3_x64_64. */
+static __always_inline __u64 murmur3_x64_64(__u64 a, __u64 b, __u32 seed)
+{
+	const __u64 c1 = 0x87c37b91114253d5ULL, c2 = 0x4cf5ad432745937fULL;
+	__u64 h1 = seed, h2 = seed;
+	__u64 k1 = a * c1;
+	k1 = rotl64(k1, 31) * c2;
+	h1 ^= k1;
+	h1 = rotl64(h1, 27) + h2;
+	h1 = h1 * 5 + 0x52dce729;
+	__u64 k2 = b * c2;
+	k2 = rotl64(k2, 33) * c1;
+	h2 ^= k2;
+	h2 = rotl64(h2, 31) + h1;
+	h2 = h2 * 5 + 0x38495ab5;
+	h1 ^= 16;
+	h2 ^= 16;
+	h1 += h2;
+	h2 += h1;
+	h1 = fmix64(h1);
+	h2 = fmix64(h2);
+	return h1 + h2;
+}
+
+static __always_inline __u64 flow_hash(const struct ct_key *k)
+{
+	__u64 a = ((__u64)bpf_ntohl(k->saddr) << 32) | bpf_ntohl(k->daddr);
+	__u64 b = ((__u64)bpf_ntohs(k->sport) << 48) | ((__u64)bpf_ntohs(k->dport) << 32) | k->proto;
+	return murmur3_x64_64(a, b, FLOW_HASH_SEED);
+}
+
+#define ETH_OFF 0
+#define IP_OFF (sizeof(struct ethhdr))
+#define IP_CSUM_OFF (IP_OFF + offsetof(struct iphdr, check))
+#define IP_SRC_OFF (IP_OFF + offsetof(struct iphdr, saddr))
+#define IP_DST_OFF (IP_OFF + offsetof(struct iphdr, daddr))
+
+static __always_inline __u32 l4_csum_off(__u32 l4, __u8 proto)
+{
+	return l4 + (proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
+}
+
+/* Rewrite one address (src or dst) and port, with L3 and L4 checksums. */
+static __always_inline int rewrite(struct __sk_buff *skb, __u32 l4, __u8 proto, int dst,
+				   __u32 old_ip, __u32 new_ip, __u16 old_port, __u16 new_port)
+{
+	__u32 csum_off = l4_csum_off(l4, proto);
+	__u64 flags = BPF_F_PSEUDO_HDR | sizeof(new_ip);
+	if (proto == IPPROTO_UDP)
+		flags |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(skb, csum_off, old_ip, new_ip, flags) < 0)
+		return -1;
+	__u64 pflags = sizeof(new_port);
+	if (proto == IPPROTO_UDP)
+		pflags |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, pflags) < 0)
+		return -1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ip, new_ip, sizeof(new_ip)) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, dst ? IP_DST_OFF : IP_SRC_OFF, &new_ip, sizeof(new_ip), 0) < 0)
+		return -1;
+	/* source port at l4 + 0, destination port at l4 + 2 for TCP and UDP */
+	if (bpf_skb_store_bytes(skb, l4 + (dst ? 2 : 0), &new_port, sizeof(new_port), 0) < 0)
+		return -1;
+	return 0;
+}
+
+static __always_inline __u16 csum_fold(__u32 c)
+{
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)~c;
+}
+
+struct rst_pseudo {
+	__u32 saddr;
+	__u32 daddr;
+	__u8 zero;
+	__u8 proto;
+	__u16 len;
+	struct tcphdr tcp;
+};
+
+/* Turn a TCP segment into the RST that answers it and send it back out of
+ * the interface it came in on (kube-proxy's REJECT --reject-with tcp-reset). */
+static __always_inline int reject_tcp(struct __sk_buff *skb, __u32 l4)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + IP_OFF;
+	if ((void *)(ip + 1) > end || ip->ihl != 5)
+		return TC_ACT_SHOT;
+	struct tcphdr *tcp = data + l4;
+	if ((void *)(tcp + 1) > end)
+		return TC_ACT_SHOT;
+	if (tcp->rst)
+		return TC_ACT_SHOT;
+	__u32 payload = bpf_ntohs(ip->tot_len) - ip->ihl * 4 - tcp->doff * 4;
+	struct rst_pseudo p = {};
+	p.saddr = ip->daddr;
+	p.daddr = ip->saddr;
+	p.proto = IPPROTO_TCP;
+	p.len = bpf_htons(sizeof(struct tcphdr));
+	p.tcp.source = tcp->dest;
+	p.tcp.dest = tcp->source;
+	p.tcp.doff = 5;
+	p.tcp.rst = 1;
+	if (tcp->ack) {
+		p.tcp.seq = tcp->ack_seq;
+	} else {
+		p.tcp.ack = 1;
+		p.tcp.ack_seq = bpf_htonl(bpf_ntohl(tcp->seq) + payload + tcp->syn + tcp->fin);
+	}
+	unsigned char mac[ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+	struct iphdr nip = *ip;
+	nip.saddr = p.saddr;
+	nip.daddr = p.daddr;
+	nip.tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct tcphdr));
+	nip.ttl = 64;
+	nip.frag_off = bpf_htons(0x4000); /* DF */
+	nip.check = 0;
+	nip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&nip, sizeof(nip), 0));
+	*ip = nip;
+	p.tcp.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&p, sizeof(p), 0));
+	*tcp = p.tcp;
+	if (bpf_skb_change_tail(skb, l4 + sizeof(struct tcphdr), 0) < 0)
+		return TC_ACT_SHOT;
+	count(C_REJECT_RST);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Answer a UDP datagram with ICMP port unreachable (kube-proxy's REJECT,
+ * icmp-port-unreachable), sent back out of the interface it came in on:
+ * 28 bytes are opened before the original IP header for the new IP and
+ * ICMP headers, and the original is cut to its IP header + 8 bytes. */
+static __always_inline int reject_udp(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + IP_OFF;
+	if ((void *)(ip + 1) > end || ip->ihl != 5)
+		return TC_ACT_SHOT;
+	struct iphdr nip = {};
+	nip.version = 4;
+	nip.ihl = 5;
+	nip.ttl = 64;
+	nip.protocol = IPPROTO_ICMP;
+	nip.saddr = ip->daddr;
+	nip.daddr = ip->saddr;
+	nip.tot_len = bpf_htons(sizeof(struct iphdr) + 8 + sizeof(struct iphdr) + 8);
+	nip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&nip, sizeof(nip), 0));
+	unsigned char mac[2 * ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(mac + ETH_ALEN, eth->h_dest, ETH_ALEN);
+	/* the original IP header and the first 8 bytes of UDP; the new headers
+	 * go between L2 and L3 (BPF_ADJ_ROOM_MAC) */
+	__u32 orig[7];
+	if (bpf_skb_load_bytes(skb, IP_OFF, orig, sizeof(orig)) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, IP_OFF + sizeof(orig), 0) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_adjust_room(skb, sizeof(nip) + 8, BPF_ADJ_ROOM_MAC, 0) < 0)
+		return TC_ACT_SHOT;
+	struct {
+		__u8 type;
+		__u8 code;
+		__u16 check;
+		__u32 unused;
+	} icmp = {.type = ICMP_DEST_UNREACH, .code = ICMP_PORT_UNREACH};
+	__u32 c = bpf_csum_diff(0, 0, (__be32 *)&icmp, sizeof(icmp), 0);
+	c = bpf_csum_diff(0, 0, orig, sizeof(orig), c);
+	icmp.check = csum_fold(c);
+	struct {
+		unsigned char dst[ETH_ALEN];
+		unsigned char src[ETH_ALEN];
+	} macs;
+	__builtin_memcpy(macs.dst, mac, ETH_ALEN);
+	__builtin_memcpy(macs.src, mac + ETH_ALEN, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &macs, sizeof(macs), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_OFF, &nip, sizeof(nip), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_OFF + sizeof(nip), &icmp, sizeof(icmp), 0) < 0)
+		return TC_ACT_SHOT;
+	count(C_REJECT_ICMP);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+static __always_inline void ct_update(struct ct_val *ct, __u8 proto, int from_backend, __u8 flags,
+				      __u64 now)
+{
+	if (proto != IPPROTO_TCP) {
+		ct->state = CT_UDP;
+		ct->expires = now + TIMEOUT_UDP;
+		return;
+	}
+	/* tcp flag byte: FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10 */
+	if (flags & 0x04) {
+		ct->state = CT_CLOSED;
+	} else if (flags & 0x01) {
+		ct->fin_seen |= from_backend ? 2 : 1;
+		ct->state = ct->fin_seen == 3 ? CT_CLOSED : CT_FIN;
+	} else if (ct->state == CT_SYN && (flags & 0x10) && !from_backend) {
+		ct->state = CT_ESTABLISHED;
+	}
+	switch (ct->state) {
+	case CT_SYN:
+		ct->expires = now + TIMEOUT_SYN;
+		break;
+	case CT_ESTABLISHED:
+		ct->expires = now + TIMEOUT_TCP;
+		break;
+	default:
+		ct->expires = now + TIMEOUT_FIN;
+	}
+}
+
+SEC("classifier")
+int svclb_tc(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = data + IP_OFF;
+	if ((void *)(ip + 1) > end || ip->ihl < 5)
+		return TC_ACT_OK;
+	__u8 proto = ip->protocol;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return TC_ACT_OK;
+	if (ip->frag_off & bpf_htons(0x3fff)) {
+		count(C_PASS_FRAGMENT);
+		return TC_ACT_OK;
+	}
+	count(C_PACKETS);
+	__u32 l4 = IP_OFF + ip->ihl * 4;
+	if (l4 > 60 + IP_OFF)
+		return TC_ACT_OK;
+	__u16 *ports = data + l4;
+	if ((void *)(ports + 2) > end)
+		return TC_ACT_OK;
+	__u8 tflags = 0;
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = data + l4;
+		if ((void *)(tcp + 1) > end) {
+			count(C_DROP_MALFORMED);
+			return TC_ACT_SHOT;
+		}
+		tflags = ((__u8 *)tcp)[13];
+	}
+	__u32 saddr = ip->saddr, daddr = ip->daddr;
+	__u16 sport = ports[0], dport = ports[1];
+	__u64 now = bpf_ktime_get_ns();
+
+	struct fe_key fk = {.vip = daddr, .port = dport, .proto = proto};
+	struct fe_val *fe = bpf_map_lookup_elem(&svclb_frontends, &fk);
+	if (!fe) {
+		/* A reply from a backend? */
+		struct rnat_key rk = {.saddr = saddr, .daddr = daddr, .sport = sport, .dport = dport,
+				      .proto = proto};
+		struct rnat_val *rn = bpf_map_lookup_elem(&svclb_rnat, &rk);
+		if (!rn)
+			return TC_ACT_OK;
+		__u32 vip = rn->vip;
+		__u16 vport = rn->vport;
+		struct ct_key ck = {.saddr = daddr, .daddr = vip, .sport = dport, .dport = vport,
+				    .proto = proto};
+		struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct, &ck);
+		if (ct)
+			ct_update(ct, proto, 1, tflags, now);
+		if (rewrite(skb, l4, proto, 0, saddr, vip, sport, vport) < 0) {
+			count(C_DROP_MALFORMED);
+			return TC_ACT_SHOT;
+		}
+		count(C_REPLIES);
+		return TC_ACT_OK;
+	}
+
+	struct ct_key ck = {.saddr = saddr, .daddr = daddr, .sport = sport, .dport = dport,
+			    .proto = proto};
+	int syn = (tflags & 0x12) == 0x02;
+	struct be_val *be = 0;
+	__u32 backend_id = 0;
+	struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct, &ck);
+	if (ct && ct->expires > now && ct->fe_id == fe->id) {
+		be = bpf_map_lookup_elem(&svclb_backends, &ct->backend_id);
+		/* A SYN reopening a closed flow, or sent to a draining backend,
+		 * is a new connection; other packets keep their backend. */
+		if (be && syn && (be->state != BE_ACTIVE || ct->state >= CT_FIN))
+			be = 0;
+		if (be) {
+			backend_id = ct->backend_id;
+			count(C_TRACKED);
+		} else {
+			count(C_RESCHEDULED);
+		}
+	}
+	if (!be) {
+		if (fe->count == 0) {
+			if (!(fe->flags & FE_REJECT_WHEN_EMPTY)) {
+				count(C_DROP_LOCAL);
+				return TC_ACT_SHOT;
+			}
+			if (proto == IPPROTO_TCP)
+				return reject_tcp(skb, l4);
+			return reject_udp(skb);
+		}
+		__u32 m = fe->table_size;
+		if (m == 0 || m > MAX_CHUNKS * TABLE_CHUNK) {
+			count(C_DROP_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		__u32 slot = flow_hash(&ck) % m;
+		struct table_key tk = {.fe_id = fe->id, .version = fe->version,
+				       .chunk = slot / TABLE_CHUNK};
+		struct table_val *tv = bpf_map_lookup_elem(&svclb_tables, &tk);
+		if (!tv) {
+			count(C_DROP_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		backend_id = tv->ids[slot & (TABLE_CHUNK - 1)];
+		be = bpf_map_lookup_elem(&svclb_backends, &backend_id);
+		if (!be) {
+			count(C_DROP_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		struct ct_val nct = {.backend_id = backend_id, .fe_id = fe->id,
+				     .state = proto == IPPROTO_TCP ? CT_SYN : CT_UDP};
+		ct_update(&nct, proto, 0, tflags, now);
+		bpf_map_update_elem(&svclb_ct, &ck, &nct, BPF_ANY);
+		struct rnat_key rk = {.saddr = be->addr, .daddr = saddr, .sport = be->port,
+				      .dport = sport, .proto = proto};
+		struct rnat_val rv = {.vip = daddr, .vport = dport};
+		bpf_map_update_elem(&svclb_rnat, &rk, &rv, BPF_ANY);
+		count(C_NEW);
+	} else {
+		ct_update(ct, proto, 0, tflags, now);
+	}
+	__u32 baddr = be->addr;
+	__u16 bport = be->port;
+	if (rewrite(skb, l4, proto, 1, daddr, baddr, dport, bport) < 0) {
+		count(C_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "GPL";
