@@ -79,6 +79,8 @@ pub mod dataplane;
 pub mod error;
 pub mod k8s;
 pub mod model;
+#[cfg(feature = "packet")]
+pub mod packet;
 pub mod render;
 mod rng;
 pub mod scheduler;
