@@ -525,3 +525,11 @@ fn tcp_flags_bits_convert() {
     assert_eq!(TcpFlags::from_bits_truncate(f.bits()), f);
     assert!(TcpFlags::empty().is_empty());
 }
+
+#[test]
+fn parsed_packet_is_small_enough_to_copy() {
+    // The parse result travels by value: keep it within a few cache lines.
+    let size = core::mem::size_of::<ParsedPacket>();
+    println!("ParsedPacket: {size} bytes");
+    assert!(size <= 128, "{size}");
+}

@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         let Ok(p) = parse(data, link) else {
             continue;
         };
-        let lay = *p.layout();
+        let lay = p.layout();
         assert!(lay.l3 <= lay.l4 && lay.l4 <= lay.end && lay.end <= data.len());
         let _ = verify_checksums(data, &p);
         let (a, b): (SocketAddr, SocketAddr) = match p.version() {
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = rewrite_src(&mut buf, &p, b);
         if dst.is_ok() {
             let q = parse(&buf, link).expect("a rewritten packet parses");
-            assert_eq!(q.layout(), &lay);
+            assert_eq!(q.layout(), lay);
             if let Some(f) = q.flow() {
                 assert_eq!(f.dst.ip(), a.ip());
                 if !q.is_fragmented() {

@@ -28,10 +28,17 @@
 //!
 //! # Examples
 //! ```
-//! use svclb::packet::{parse, rewrite_dst, verify_checksums, LinkType};
-//! // IPv4 + TCP SYN, 10.1.0.5:40000 -> 10.96.0.10:80, checksums valid.
-//! let mut p = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0x26, 0x4f, 10, 1, 0, 5, 10, 96, 0, 10];
-//! p.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0x52, 0x5b, 0, 0]);
+//! use svclb::packet::{internet_checksum, parse, rewrite_dst, verify_checksums, LinkType};
+//! // IPv4 + TCP SYN, 10.1.0.5:40000 -> 10.96.0.10:80.
+//! let mut p = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 1, 0, 5, 10, 96, 0, 10];
+//! p.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+//! let ip = internet_checksum(&p[..20]);
+//! p[10..12].copy_from_slice(&ip.to_be_bytes());
+//! let mut pseudo = p[12..20].to_vec(); // addresses, protocol, TCP length, segment
+//! pseudo.extend_from_slice(&[0, 6, 0, 20]);
+//! pseudo.extend_from_slice(&p[20..]);
+//! let tcp = internet_checksum(&pseudo);
+//! p[36..38].copy_from_slice(&tcp.to_be_bytes());
 //! let parsed = parse(&p, LinkType::Ip)?;
 //! verify_checksums(&p, &parsed)?;
 //! rewrite_dst(&mut p, &parsed, "10.1.7.7:8080".parse()?)?;

@@ -291,9 +291,39 @@ pub struct ParsedPacket {
     transport: Option<Transport>,
     tcp_flags: Option<TcpFlags>,
     fragmented: bool,
-    first_fragment: Option<FragmentKey>,
+    /// A first fragment of several: `frag_id` is its identification.
+    first: bool,
     vlan_tags: u8,
-    layout: Layout,
+    frag_id: u32,
+    offsets: Offsets,
+}
+
+/// [`Layout`] in 32-bit offsets, so that the parse result, which travels
+/// by value, stays within two cache lines (112 bytes rather than 168).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Offsets {
+    l3: u32,
+    l4: u32,
+    end: u32,
+    inner_l3: u32,
+    inner_l4: u32,
+    /// 0: no inner packet; 1: present; 2: present and complete.
+    inner: u8,
+    inner_transport: Transport,
+}
+
+impl Offsets {
+    fn new(l3: usize, l4: usize, end: usize) -> Self {
+        Offsets {
+            l3: l3 as u32,
+            l4: l4 as u32,
+            end: end as u32,
+            inner_l3: 0,
+            inner_l4: 0,
+            inner: 0,
+            inner_transport: Transport::Tcp,
+        }
+    }
 }
 
 impl ParsedPacket {
@@ -339,8 +369,16 @@ impl ParsedPacket {
     /// For the first fragment of a fragmented TCP/UDP/SCTP datagram: the
     /// key its later fragments will carry. Record it with
     /// [`FragmentTracker::insert`](super::FragmentTracker::insert).
-    pub const fn first_fragment(&self) -> Option<FragmentKey> {
-        self.first_fragment
+    pub fn first_fragment(&self) -> Option<FragmentKey> {
+        match self.kind {
+            PacketKind::Flow(f) if self.first => Some(FragmentKey {
+                src: f.src.ip(),
+                dst: f.dst.ip(),
+                id: self.frag_id,
+                protocol: f.protocol,
+            }),
+            _ => None,
+        }
     }
 
     /// How many VLAN tags the Ethernet frame carried.
@@ -349,8 +387,20 @@ impl ParsedPacket {
     }
 
     /// The layer offsets.
-    pub const fn layout(&self) -> &Layout {
-        &self.layout
+    pub fn layout(&self) -> Layout {
+        let o = &self.offsets;
+        Layout {
+            l3: o.l3 as usize,
+            l4: o.l4 as usize,
+            end: o.end as usize,
+            inner: (o.inner != 0).then_some(InnerLayout {
+                version: self.version,
+                transport: o.inner_transport,
+                l3: o.inner_l3 as usize,
+                l4: o.inner_l4 as usize,
+                complete: o.inner == 2,
+            }),
+        }
     }
 }
 
@@ -382,6 +432,7 @@ fn be16(s: &[u8], at: usize) -> u16 {
 ///
 /// # Errors
 /// A [`ParseError`] naming the layer and what is wrong. No input panics.
+#[inline]
 pub fn parse(buf: &[u8], link: LinkType) -> Result<ParsedPacket, ParseError> {
     let (l3, ethertype, vlan_tags) = match link {
         LinkType::Ip => {
@@ -441,6 +492,7 @@ struct FragInfo {
     more: bool,
 }
 
+#[inline]
 fn parse_ipv4(buf: &[u8], l3: usize) -> Result<ParsedPacket, ParseError> {
     let s = buf.get(l3..).unwrap_or(&[]);
     let h = Ipv4HeaderSlice::from_slice(s).map_err(|e| v4_error("ipv4", e))?;
@@ -554,6 +606,7 @@ fn v6_exts(
     Ok((proto.0, used, frag))
 }
 
+#[inline]
 fn parse_ipv6(buf: &[u8], l3: usize) -> Result<ParsedPacket, ParseError> {
     let s = buf.get(l3..).unwrap_or(&[]);
     let h = Ipv6HeaderSlice::from_slice(s).map_err(|e| v6_error("ipv6", e))?;
@@ -601,6 +654,7 @@ fn icmp_number(version: IpVersion) -> u8 {
 }
 
 #[allow(clippy::too_many_arguments)]
+#[inline]
 fn classify(
     buf: &[u8],
     version: IpVersion,
@@ -624,14 +678,10 @@ fn classify(
         transport: None,
         tcp_flags: None,
         fragmented,
-        first_fragment: None,
+        first: false,
         vlan_tags: 0,
-        layout: Layout {
-            l3,
-            l4,
-            end,
-            inner: None,
-        },
+        frag_id: frag.id,
+        offsets: Offsets::new(l3, l4, end),
     };
     let service = service_protocol(proto);
     let is_icmp = proto == icmp_number(version);
@@ -750,7 +800,10 @@ fn classify(
                 None => PacketKind::Unroutable(Unroutable::IcmpInformational { icmp_type, code }),
                 Some(kind) => match parse_inner(buf, l4 + 8, end, version)? {
                     Ok((inner, lay)) => {
-                        p.layout.inner = Some(lay);
+                        p.offsets.inner_l3 = lay.l3 as u32;
+                        p.offsets.inner_l4 = lay.l4 as u32;
+                        p.offsets.inner = 1 + u8::from(lay.complete);
+                        p.offsets.inner_transport = lay.transport;
                         PacketKind::IcmpError {
                             error: IcmpError {
                                 kind,
@@ -766,14 +819,7 @@ fn classify(
             return Ok(p);
         }
     }
-    if first {
-        p.first_fragment = service.map(|protocol| FragmentKey {
-            src,
-            dst,
-            id: frag.id,
-            protocol,
-        });
-    }
+    p.first = first;
     Ok(p)
 }
 

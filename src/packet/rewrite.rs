@@ -36,8 +36,10 @@ use crate::Flow;
 ///
 /// # Examples
 /// ```
-/// use svclb::packet::{parse, rewrite_dst, verify_checksums, LinkType};
-/// let mut p = vec![0x45, 0, 0, 28, 0, 1, 0, 0, 64, 17, 0x66, 0x4e, 10, 1, 0, 5, 10, 96, 0, 10];
+/// use svclb::packet::{internet_checksum, parse, rewrite_dst, verify_checksums, LinkType};
+/// let mut p = vec![0x45, 0, 0, 28, 0, 1, 0, 0, 64, 17, 0, 0, 10, 1, 0, 5, 10, 96, 0, 10];
+/// let c = internet_checksum(&p);
+/// p[10..12].copy_from_slice(&c.to_be_bytes());
 /// p.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 8, 0, 0]); // UDP, no checksum
 /// let parsed = parse(&p, LinkType::Ip)?;
 /// verify_checksums(&p, &parsed)?;
@@ -181,7 +183,7 @@ fn rewrite(
     dst: bool,
 ) -> Result<(), RewriteError> {
     check(buf, p, new)?;
-    let lay = *p.layout();
+    let lay = p.layout();
     let (ip, ip_len) = addr_bytes(new.ip());
     let ip = &ip[..ip_len];
     let v4 = p.version() == IpVersion::V4;
