@@ -108,6 +108,8 @@ pub mod ebpf;
 pub mod error;
 pub mod k8s;
 pub mod model;
+#[cfg(feature = "packet")]
+pub mod packet;
 pub mod plan;
 pub mod render;
 mod rng;

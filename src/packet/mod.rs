@@ -1,0 +1,70 @@
+//! The packet path (feature `packet`): raw packets into [`Flow`](crate::Flow)s,
+//! and DNAT, SNAT and reverse NAT in place with incremental checksums.
+//!
+//! 1. [`parse`] a frame ([`LinkType::Ethernet`], with up to two VLAN
+//!    tags) or a bare IP packet ([`LinkType::Ip`]): IPv4 or IPv6 (hop-by-hop,
+//!    routing, destination-options, fragment and authentication headers
+//!    skipped), then TCP, UDP, SCTP or ICMP/ICMPv6. The [`ParsedPacket`]
+//!    says what it is ([`PacketKind`]: a flow, an ICMP error with its
+//!    embedded flow, a later fragment, or why it is unroutable), its
+//!    [`TcpFlags`], and its [`Layout`]. Malformed input gets a typed
+//!    [`ParseError`]; no input panics.
+//! 2. Route the flow (a [`Dataplane`](crate::Dataplane)), then
+//!    [`rewrite_dst`] (DNAT) and, for full NAT, [`rewrite_src`] with a
+//!    port from a [`SourcePortAllocator`]. Replies go back through
+//!    [`reverse_nat`]. Checksums are updated incrementally (RFC 1624):
+//!    the IPv4 header, TCP and UDP with their pseudo-headers (UDP's "no
+//!    checksum" 0 kept), SCTP's CRC32c recomputed; ICMP errors get their
+//!    embedded headers translated as Linux's NAT does.
+//! 3. Later IPv4/IPv6 fragments carry no ports: a [`FragmentTracker`]
+//!    maps them to their first fragment's flow, or says they are
+//!    unroutable.
+//!
+//! [`verify_checksums`] recomputes every checksum from scratch, for tests
+//! and for callers that must check what they receive.
+//!
+//! Header validation is etherparse's (zero-copy header slices); the
+//! checksums, the CRC32c and the NAT logic are this module's.
+//!
+//! # Examples
+//! ```
+//! use svclb::packet::{internet_checksum, parse, rewrite_dst, verify_checksums, LinkType};
+//! // IPv4 + TCP SYN, 10.1.0.5:40000 -> 10.96.0.10:80.
+//! let mut p = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 1, 0, 5, 10, 96, 0, 10];
+//! p.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+//! let ip = internet_checksum(&p[..20]);
+//! p[10..12].copy_from_slice(&ip.to_be_bytes());
+//! let mut pseudo = p[12..20].to_vec(); // addresses, protocol, TCP length, segment
+//! pseudo.extend_from_slice(&[0, 6, 0, 20]);
+//! pseudo.extend_from_slice(&p[20..]);
+//! let tcp = internet_checksum(&pseudo);
+//! p[36..38].copy_from_slice(&tcp.to_be_bytes());
+//! let parsed = parse(&p, LinkType::Ip)?;
+//! verify_checksums(&p, &parsed)?;
+//! rewrite_dst(&mut p, &parsed, "10.1.7.7:8080".parse()?)?;
+//! let after = parse(&p, LinkType::Ip)?;
+//! assert_eq!(after.flow().unwrap().dst, "10.1.7.7:8080".parse()?);
+//! verify_checksums(&p, &after)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod checksum;
+mod crc32c;
+mod error;
+mod fragment;
+mod parse;
+mod ports;
+mod rewrite;
+mod tcp_flags;
+
+pub use checksum::{internet_checksum, verify_checksums};
+pub use crc32c::{crc32c, sctp_checksum};
+pub use error::{ChecksumError, Exhausted, ParseError, RewriteError};
+pub use fragment::FragmentTracker;
+pub use parse::{
+    Fragment, FragmentKey, IcmpError, IcmpErrorKind, InnerLayout, IpVersion, Layout, LinkType,
+    PacketKind, ParsedPacket, Transport, Unroutable, parse,
+};
+pub use ports::{DEFAULT_PORT_RANGE, SourcePortAllocator};
+pub use rewrite::{reverse_nat, rewrite_dst, rewrite_src};
+pub use tcp_flags::TcpFlags;

@@ -1,0 +1,139 @@
+//! The packet path allocates nothing: parse, every rewrite, reverse NAT,
+//! ICMP error translation, checksum verification, the fragment tracker
+//! once warm, and the source-port allocator once its pool exists,
+//! measured with a counting global allocator.
+//!
+//! One test function only: the allocator counts every thread, so no other
+//! test may run while a region is measured.
+#![cfg(feature = "packet")]
+
+use std::alloc::System;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use etherparse::PacketBuilder;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use svclb::packet::*;
+use svclb::{Flow, Instant, Protocol};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+fn packets() -> Vec<(Vec<u8>, LinkType)> {
+    let mut out = Vec::new();
+    let mut p = Vec::new();
+    PacketBuilder::ipv4([10, 2, 0, 9], [10, 96, 0, 10], 64)
+        .tcp(40000, 80, 1, 1000)
+        .syn()
+        .write(&mut p, &[1; 20])
+        .unwrap();
+    out.push((p.clone(), LinkType::Ip));
+    let mut icmp = Vec::new();
+    PacketBuilder::ipv4([10, 1, 0, 5], [10, 2, 0, 9], 64)
+        .icmpv4_raw(3, 3, [0; 4])
+        .write(&mut icmp, &p)
+        .unwrap();
+    out.push((icmp, LinkType::Ip));
+    let mut v6 = Vec::new();
+    let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+    a[0] = 0xfd;
+    b[0] = 0xfd;
+    a[15] = 1;
+    b[15] = 2;
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .single_vlan(10.try_into().unwrap())
+        .ipv6(a, b, 64)
+        .udp(40000, 53)
+        .write(&mut v6, &[2; 30])
+        .unwrap();
+    out.push((v6, LinkType::Ethernet));
+    out
+}
+
+#[test]
+fn packet_path_allocates_nothing() {
+    // The counter works.
+    let region = Region::new(GLOBAL);
+    let v: Vec<u64> = std::hint::black_box(Vec::with_capacity(16));
+    assert!(region.change().allocations >= 1);
+    drop(v);
+
+    let mut pkts = packets();
+    let v4: SocketAddr = "10.1.0.5:8080".parse().unwrap();
+    let v6: SocketAddr = "[fd00::5]:8080".parse().unwrap();
+    let snat_v4: SocketAddr = "10.0.0.1:40001".parse().unwrap();
+    let snat_v6: SocketAddr = "[fd00::1]:40001".parse().unwrap();
+    let mut tracker = FragmentTracker::new(64, Duration::from_secs(30));
+    let mut ports = SourcePortAllocator::default();
+    let snat_ip = snat_v4.ip();
+    let flow = Flow::tcp(
+        "10.2.0.9:40000".parse().unwrap(),
+        "10.96.0.10:80".parse().unwrap(),
+    );
+    let key = FragmentKey {
+        src: flow.src.ip(),
+        dst: flow.dst.ip(),
+        id: 1,
+        protocol: Protocol::Tcp,
+    };
+    // Warm: the pool and the tracker's tables exist.
+    let port = ports.allocate(Protocol::Tcp, v4, snat_ip).unwrap();
+    ports.release(Protocol::Tcp, v4, snat_ip, port);
+    tracker.insert(key, flow, Instant::ZERO);
+    tracker.handle_timeout(Instant::from_secs(60));
+
+    let region = Region::new(GLOBAL);
+    let mut done = 0;
+    for round in 0..100u64 {
+        for (buf, link) in pkts.iter_mut() {
+            let p = parse(buf, *link).unwrap();
+            let (new, snat) = match p.version() {
+                IpVersion::V4 => (v4, snat_v4),
+                IpVersion::V6 => (v6, snat_v6),
+            };
+            match *p.kind() {
+                PacketKind::Flow(f) => {
+                    rewrite_dst(buf, &p, new).unwrap();
+                    rewrite_src(buf, &p, snat).unwrap();
+                    let q = parse(buf, *link).unwrap();
+                    verify_checksums(buf, &q).unwrap();
+                    reverse_nat(buf, &q, &Flow::new(f.protocol, f.dst, f.src), true).unwrap();
+                }
+                PacketKind::IcmpError { .. } => {
+                    rewrite_src(buf, &p, new).unwrap();
+                    verify_checksums(buf, &p).unwrap();
+                }
+                _ => unreachable!(),
+            }
+            done += 1;
+        }
+        let now = Instant::from_secs(round);
+        tracker.insert(
+            FragmentKey {
+                id: round as u32,
+                ..key
+            },
+            flow,
+            now,
+        );
+        assert_eq!(
+            tracker.lookup(
+                &FragmentKey {
+                    id: round as u32,
+                    ..key
+                },
+                now
+            ),
+            Some(flow)
+        );
+        let port = ports.allocate(Protocol::Tcp, v4, snat_ip).unwrap();
+        assert!(ports.release(Protocol::Tcp, v4, snat_ip, port));
+    }
+    let c = region.change();
+    assert_eq!(done, 300);
+    assert_eq!(
+        c.allocations + c.reallocations + c.deallocations,
+        0,
+        "the packet path allocated: {c:?}"
+    );
+}
