@@ -120,9 +120,8 @@ def main(path):
     def emit_assoc(prefix, ids, trait=None):
         for aid in ids:
             a = item(aid)
-            if a is None or a.get("visibility") not in ("public", "default", None) and trait is None:
-                continue
-            if trait is None and a.get("visibility") != "public":
+            # Inherent impls: public items only.
+            if a is None or (trait is None and a.get("visibility") != "public"):
                 continue
             k = kind_of(a)
             name = a.get("name") or "?"
