@@ -49,9 +49,15 @@ def main(path):
         if k == "generic":
             return v
         if k == "resolved_path":
+            # The item's canonical path when it is svclb's own (so the
+            # spelling at the use site does not matter), its name otherwise.
             name = v.get("path") or v.get("name") or "?"
-            args = v.get("args")
-            return name + generic_args(args)
+            info = paths.get(str(v.get("id")))
+            if info and info.get("crate_id") == 0:
+                name = "::".join(info["path"])
+            else:
+                name = name.split("::")[-1]
+            return name + generic_args(v.get("args"))
         if k == "borrowed_ref":
             lt = (v.get("lifetime") or "") + " " if v.get("lifetime") else ""
             m = "mut " if v.get("is_mutable") or v.get("mutable") else ""
@@ -114,9 +120,8 @@ def main(path):
     def emit_assoc(prefix, ids, trait=None):
         for aid in ids:
             a = item(aid)
-            if a is None or a.get("visibility") not in ("public", "default", None) and trait is None:
-                continue
-            if trait is None and a.get("visibility") != "public":
+            # Inherent impls: public items only.
+            if a is None or (trait is None and a.get("visibility") != "public"):
                 continue
             k = kind_of(a)
             name = a.get("name") or "?"

@@ -120,8 +120,8 @@ fn bench_shard_hash(c: &mut Criterion) {
     let scope = table.new_scope(Duration::from_secs(10));
     let seed = mix64(7 ^ 0xA5F1_7AB1_E000_0001);
     let mask = table.shards() - 1;
-    type KeyFn = fn(u32) -> AffinityKey;
-    let kinds: [(&str, KeyFn); 3] = [
+    type MakeKey = fn(u32) -> AffinityKey;
+    let kinds: [(&str, MakeKey); 3] = [
         ("ipv4", |k| {
             AffinityKey::ClientIp(std::net::Ipv4Addr::from(0x0A00_0000 | k).into())
         }),

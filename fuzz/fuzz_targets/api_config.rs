@@ -170,7 +170,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         .map(|_| {
             let src = SocketAddr::from((Ipv4Addr::from(u.arbitrary::<u32>()?), u.arbitrary()?));
             let dst = SocketAddr::from(([10, 96, 0, 1], u.arbitrary()?));
-            Ok((Flow::tcp(src, dst), u.arbitrary()?, Instant::from_nanos(u.arbitrary()?)))
+            Ok((
+                Flow::tcp(src, dst),
+                u.arbitrary()?,
+                Instant::from_nanos(u.arbitrary()?),
+            ))
         })
         .collect::<Result<_>>()?;
     let key = ServiceKey::new("default", "web");
@@ -200,7 +204,13 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         let k = AffinityKey::Caller(u.arbitrary()?);
         let now = Instant::from_nanos(u.arbitrary()?);
         assert!(table.shard_index(&scope, k) < table.shards());
-        let _ = table.route(&scope, k, now, |e| (e == backend).then_some(0), || Some((0, backend)));
+        let _ = table.route(
+            &scope,
+            k,
+            now,
+            |e| (e == backend).then_some(0),
+            || Some((0, backend)),
+        );
         assert!(table.len() <= table.capacity());
     }
     let rng = SeededRng::new(0);

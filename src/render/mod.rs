@@ -255,12 +255,12 @@ pub const DEFAULT_MASQUERADE_BIT: u8 = 14;
 /// ```
 ///
 /// # Errors
-/// [`ValidationError::Invalid`](crate::ValidationError::Invalid) on
+/// [`ValidationError::Invalid`] on
 /// `masqueradeBit` if `bit` is above 31 (a packet mark has 32 bits;
 /// kube-proxy's `--iptables-masquerade-bit` accepts 0..=31).
-pub fn masquerade_mark(bit: u8) -> Result<String, crate::ValidationError> {
+pub fn masquerade_mark(bit: u8) -> Result<String, ValidationError> {
     if bit > 31 {
-        return Err(crate::ValidationError::Invalid {
+        return Err(ValidationError::Invalid {
             field: "masqueradeBit".into(),
             value: bit.to_string(),
             reason: "must be in 0..=31",
