@@ -522,7 +522,7 @@ fn conntrack_row<D: Dataplane>(
             .collect(),
     );
     drop(map);
-    let bytes = tracker(&dp).map_or(0, Conntrack::memory_bytes);
+    let bytes = tracker(&dp).map_or(0, Conntrack::memory_total_bytes);
     let len = tracker(&dp).map_or(1, |c| c.len().max(1));
     // New connections into the full table: each evicts one.
     let fresh = tracked_flows(65_536, 0x00F0_0000);
