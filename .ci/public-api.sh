@@ -14,7 +14,7 @@ if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   exit 0
 fi
 # All features: the k8s-openapi conversions are public API too.
-RUSTDOCFLAGS="" cargo +nightly rustdoc --quiet --lib --all-features -- \
+RUSTDOCFLAGS="" cargo +nightly rustdoc --quiet --lib --all-features --features k8s-openapi/latest -- \
   -Z unstable-options --output-format json
 current="$(mktemp)"
 python3 .ci/public-api.py target/doc/svclb.json >"$current"
