@@ -215,17 +215,25 @@ impl Shared {
     }
 
     #[inline]
-    fn packet(
+    /// One packet; `rules` loads the rule list, only for a new connection
+    /// (a tracked hit never reads it).
+    fn packet<R>(
         &self,
-        rules: &Ruleset,
+        rules: impl FnOnce() -> R,
         rng: &SeededRng,
         flow: &Flow,
         key: Option<u64>,
         flags: TcpFlags,
         now: Instant,
-    ) -> Verdict {
+    ) -> Verdict
+    where
+        R: core::ops::Deref,
+        R::Target: core::borrow::Borrow<Ruleset>,
+    {
         self.conn.packet(&self.states, flow, flags, now, || {
-            rules.decide(flow, key, now, rng, &self.affinity)
+            let held = rules();
+            let rs: &Ruleset = core::borrow::Borrow::borrow(&*held);
+            rs.decide(flow, key, now, rng, &self.affinity)
         })
     }
 }
@@ -255,16 +263,23 @@ impl IptablesReader {
     /// [`route`](Self::route) with a caller-supplied affinity key.
     #[inline]
     pub fn route_with_key(&mut self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
-        let rules = self.rules.load();
-        self.shared
-            .packet(rules, &self.rng, flow, key, first_packet(flow), now)
+        let cache = &mut self.rules;
+        self.shared.packet(
+            || &**cache.load(),
+            &self.rng,
+            flow,
+            key,
+            first_packet(flow),
+            now,
+        )
     }
 
     /// Any packet of a flow, as [`Dataplane::packet`].
     #[inline]
     pub fn packet(&mut self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
-        let rules = self.rules.load();
-        self.shared.packet(rules, &self.rng, flow, None, flags, now)
+        let cache = &mut self.rules;
+        self.shared
+            .packet(|| &**cache.load(), &self.rng, flow, None, flags, now)
     }
 }
 
@@ -340,14 +355,19 @@ impl Dataplane for IptablesDataplane {
 
     fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
         let sh = &*self.shared;
-        let rules = sh.rules.load();
-        sh.packet(&rules, &sh.rng, flow, key, first_packet(flow), now)
+        sh.packet(
+            || sh.rules.load(),
+            &sh.rng,
+            flow,
+            key,
+            first_packet(flow),
+            now,
+        )
     }
 
     fn packet(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
         let sh = &*self.shared;
-        let rules = sh.rules.load();
-        sh.packet(&rules, &sh.rng, flow, None, flags, now)
+        sh.packet(|| sh.rules.load(), &sh.rng, flow, None, flags, now)
     }
 
     fn connection_closed(&self, flow: &Flow, _now: Instant) -> Option<Tracked> {
