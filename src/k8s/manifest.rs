@@ -1137,10 +1137,10 @@ impl Manifests {
                 source: ValidationError::Invalid {
                     field: "apiVersion".into(),
                     value: a.into(),
-                    reason: if want == "v1" {
-                        "a Service or Endpoints must be apiVersion v1"
-                    } else {
-                        "an EndpointSlice must be apiVersion discovery.k8s.io/v1"
+                    reason: match kind {
+                        "Service" => "a Service must be apiVersion v1",
+                        "Endpoints" => "an Endpoints must be apiVersion v1",
+                        _ => "an EndpointSlice must be apiVersion discovery.k8s.io/v1",
                     },
                 },
             }),
