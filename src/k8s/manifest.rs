@@ -663,7 +663,7 @@ pub enum ManifestError {
         #[source]
         source: ValidationError,
     },
-    /// The input passed one of the [`InputLimits`](crate::k8s::input::InputLimits).
+    /// The input passed one of the [`InputLimits`].
     #[error("{origin}: input over the {limit} limit of {max}")]
     Limit {
         /// Where (document 0: the input as a whole).
