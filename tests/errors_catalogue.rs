@@ -824,9 +824,73 @@ mod manifests {
     }
 
     #[test]
+    fn m7_limits_are_named() {
+        use svclb::k8s::input::{InputLimits, Limit};
+        let small = InputLimits {
+            max_bytes: 100,
+            max_depth: 4,
+            max_documents: 2,
+            max_objects: 3,
+        };
+        let cases = [
+            ("a: 1\n".repeat(30), Limit::Bytes, 100),
+            ("[[[[[[1]]]]]]".to_owned(), Limit::Depth, 4),
+            (
+                "kind: ConfigMap\n---\nkind: ConfigMap\n---\nkind: ConfigMap\n".to_owned(),
+                Limit::Documents,
+                2,
+            ),
+            (
+                "[{kind: A}, {kind: B}, {kind: C}, {kind: D}]".to_owned(),
+                Limit::Objects,
+                3,
+            ),
+        ];
+        for (text, want, max) in cases {
+            let e = Manifests::parse_str_with(&text, Some("bad.yaml"), &small).unwrap_err();
+            match &e {
+                ManifestError::Limit { limit, max: m, .. } => {
+                    assert_eq!((*limit, *m), (want, max), "{e}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+            assert!(e.to_string().contains(want.name()), "{e}");
+        }
+    }
+
+    #[test]
+    fn m8_duplicate_keys() {
+        let e = read("kind: Service\nmetadata: {name: a, labels: {app: x, app: y}}\n").unwrap_err();
+        match &e {
+            ManifestError::DuplicateKey { field, key, .. } => {
+                assert_eq!((field.as_str(), key.as_str()), ("metadata.labels", "app"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn m9_m10_not_text_and_unreadable() {
+        use svclb::k8s::input::{InputLimits, read_capped};
+        let e =
+            read_capped(&b"kind: \0"[..], Some("bad.yaml"), &InputLimits::default()).unwrap_err();
+        assert!(
+            matches!(e, ManifestError::NotText { offset: 6, .. }),
+            "{e:?}"
+        );
+        let mut t = svclb::ServiceTable::new();
+        let e = svclb::k8s::loader::Loader::default()
+            .apply_manifest_path(&mut t, std::path::Path::new("/nonexistent/x.yaml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x.yaml"), "{e}");
+    }
+
+    #[test]
     fn m5_builder_errors_carry_the_manifest_context() {
         invalid(
-            &service("", ", port: 70000"),
+            // (`port` given once: a second `port` key is now a duplicate-key
+            // error, m8.)
+            &service("", "").replace("port: 80", "port: 70000"),
             "Service default/web",
             ValidationError::PortOutOfRange {
                 field: "spec.ports[0].port".into(),

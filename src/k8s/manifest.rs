@@ -663,7 +663,7 @@ pub enum ManifestError {
         #[source]
         source: ValidationError,
     },
-    /// The input passed one of the [`InputLimits`](crate::k8s::input::InputLimits).
+    /// The input passed one of the [`InputLimits`].
     #[error("{origin}: input over the {limit} limit of {max}")]
     Limit {
         /// Where (document 0: the input as a whole).
@@ -1137,10 +1137,10 @@ impl Manifests {
                 source: ValidationError::Invalid {
                     field: "apiVersion".into(),
                     value: a.into(),
-                    reason: if want == "v1" {
-                        "a Service or Endpoints must be apiVersion v1"
-                    } else {
-                        "an EndpointSlice must be apiVersion discovery.k8s.io/v1"
+                    reason: match kind {
+                        "Service" => "a Service must be apiVersion v1",
+                        "Endpoints" => "an Endpoints must be apiVersion v1",
+                        _ => "an EndpointSlice must be apiVersion discovery.k8s.io/v1",
                     },
                 },
             }),

@@ -135,7 +135,17 @@ impl TableText {
     }
 
     fn rule(&mut self, chain: &str, args: &[&str]) {
-        let line = format!("-A {chain} {}", args.join(" "));
+        let len = 4 + chain.len() + args.iter().map(|a| a.len() + 1).sum::<usize>();
+        let mut line = String::with_capacity(len);
+        line.push_str("-A ");
+        line.push_str(chain);
+        line.push(' ');
+        for (i, a) in args.iter().enumerate() {
+            if i > 0 {
+                line.push(' ');
+            }
+            line.push_str(a);
+        }
         self.chain(chain, false).push(line);
     }
 
@@ -401,85 +411,78 @@ fn write_service_port(
             (endpoint_chain_name(name, protocol, &addr), addr)
         })
         .collect();
-    let comment_args = |comment: &str| -> Vec<String> {
-        if large_cluster {
-            Vec::new()
-        } else {
-            vec![
-                "-m".into(),
-                "comment".into(),
-                "--comment".into(),
-                comment.into(),
-            ]
-        }
-    };
+    // Rules are built from borrowed pieces: one String per rule, not one
+    // per argument.
     if let Some(seconds) = &affinity {
         for (sep_chain, addr) in &sep {
-            let mut args = comment_args(&format!("\"{name} -> {addr}\""));
-            args.extend(
-                [
-                    "-m",
-                    "recent",
-                    "--name",
-                    sep_chain,
-                    "--rcheck",
-                    "--seconds",
-                    seconds,
-                    "--reap",
-                    "-j",
-                    sep_chain,
-                ]
-                .map(String::from),
-            );
-            nat.rule(&chain, &args.iter().map(String::as_str).collect::<Vec<_>>());
+            let text = format!("\"{name} -> {addr}\"");
+            let mut args: Vec<&str> = Vec::with_capacity(16);
+            if !large_cluster {
+                args.extend(["-m", "comment", "--comment", &text]);
+            }
+            args.extend([
+                "-m",
+                "recent",
+                "--name",
+                sep_chain,
+                "--rcheck",
+                "--seconds",
+                seconds,
+                "--reap",
+                "-j",
+                sep_chain,
+            ]);
+            nat.rule(&chain, &args);
         }
     }
     let n = sep.len();
     for (i, (sep_chain, addr)) in sep.iter().enumerate() {
-        let mut args = comment_args(&format!("\"{name} -> {addr}\""));
-        if i + 1 < n {
-            args.extend(["-m", "statistic", "--mode", "random", "--probability"].map(String::from));
-            args.push(probability(i, n));
+        let text = format!("\"{name} -> {addr}\"");
+        let prob;
+        let mut args: Vec<&str> = Vec::with_capacity(16);
+        if !large_cluster {
+            args.extend(["-m", "comment", "--comment", &text]);
         }
-        args.extend(["-j".to_owned(), sep_chain.clone()]);
-        nat.rule(&chain, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        if i + 1 < n {
+            prob = probability(i, n);
+            args.extend([
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &prob,
+            ]);
+        }
+        args.extend(["-j", sep_chain]);
+        nat.rule(&chain, &args);
     }
 
     for ((sep_chain, addr), ep) in sep.iter().zip(eps) {
         nat.declare(sep_chain);
         let ip = ep.addr().ip().to_string();
-        let mut base = comment_args(name);
-        let mut hairpin = base.clone();
-        hairpin.extend([
-            "-s".to_owned(),
-            ip,
-            "-j".to_owned(),
-            KUBE_MARK_MASQ.to_owned(),
-        ]);
-        nat.rule(
-            sep_chain,
-            &hairpin.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        if affinity.is_some() {
-            base.extend(["-m", "recent", "--name", sep_chain, "--set"].map(String::from));
+        let mut args: Vec<&str> = Vec::with_capacity(16);
+        if !large_cluster {
+            args.extend(["-m", "comment", "--comment", name]);
         }
-        base.extend(
-            [
-                "-m",
-                proto,
-                "-p",
-                proto,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                addr,
-            ]
-            .map(String::from),
-        );
-        nat.rule(
-            sep_chain,
-            &base.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let base = args.len();
+        args.extend(["-s", &ip, "-j", KUBE_MARK_MASQ]);
+        nat.rule(sep_chain, &args);
+        args.truncate(base);
+        if affinity.is_some() {
+            args.extend(["-m", "recent", "--name", sep_chain, "--set"]);
+        }
+        args.extend([
+            "-m",
+            proto,
+            "-p",
+            proto,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            addr,
+        ]);
+        nat.rule(sep_chain, &args);
     }
 }
 
