@@ -65,11 +65,20 @@ fn run(dp: Arc<dyn Dataplane>, readers: Vec<Reader>) {
                         .iter()
                         .map(|f| route(f, TcpFlags::SYN).backend())
                         .collect();
+                    // A flow whose backend went away for good (a Drop:
+                    // expire_nodest_conn) may be balanced afresh after it.
+                    let mut gone = vec![false; flows.len()];
                     for _ in 0..20 {
-                        for (f, b) in flows.iter().zip(&opened) {
+                        for (k, (f, b)) in flows.iter().zip(&opened).enumerate() {
                             let Some(b) = b else { continue };
                             let v = route(f, TcpFlags::ACK);
                             packets += 1;
+                            if v == Verdict::Drop {
+                                gone[k] = true;
+                            }
+                            if gone[k] {
+                                continue;
+                            }
                             // A backend that went before the flow was
                             // inserted is gone: its packet is dropped
                             // (expire_nodest_conn). Never another backend.

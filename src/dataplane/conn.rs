@@ -70,7 +70,7 @@ impl ConnLayer {
         flow: &Flow,
         flags: TcpFlags,
         now: Instant,
-        schedule: impl FnOnce() -> Scheduled,
+        mut schedule: impl FnMut() -> Scheduled,
     ) -> Verdict {
         if let Some(ct) = &self.tracker {
             if let Some(hit) = ct.lookup(flow, flags, now) {
@@ -103,26 +103,38 @@ impl ConnLayer {
                 }
             }
         }
-        match schedule() {
-            Scheduled::Forward {
-                frontend,
-                backend,
-                addr,
-            } => {
-                if let Some(ct) = &self.tracker {
-                    ct.insert(flow, frontend, backend, addr, flags, now);
-                }
-                Verdict::Forward(Forward {
-                    backend: addr,
-                    backend_id: backend,
+        // A backend chosen from a rule list that a concurrent sync has just
+        // retired may be gone by the time the flow is tracked: check after
+        // the insert (which the writer's connection count sees) and
+        // schedule once more, so a new connection does not start on a
+        // dead backend.
+        for attempt in 0..2 {
+            match schedule() {
+                Scheduled::Forward {
                     frontend,
-                    tracked: false,
-                })
+                    backend,
+                    addr,
+                } => {
+                    if let Some(ct) = &self.tracker {
+                        ct.insert(flow, frontend, backend, addr, flags, now);
+                        if attempt == 0 && states.state(backend) == BackendState::Gone {
+                            ct.remove(flow);
+                            continue;
+                        }
+                    }
+                    return Verdict::Forward(Forward {
+                        backend: addr,
+                        backend_id: backend,
+                        frontend,
+                        tracked: false,
+                    });
+                }
+                Scheduled::Reject => return Verdict::Reject,
+                Scheduled::Drop => return Verdict::Drop,
+                Scheduled::NotAService => return Verdict::NotAService,
             }
-            Scheduled::Reject => Verdict::Reject,
-            Scheduled::Drop => Verdict::Drop,
-            Scheduled::NotAService => Verdict::NotAService,
         }
+        Verdict::Drop
     }
 
     /// Ends the tracked connection of `flow`.

@@ -219,7 +219,7 @@ impl Shared {
     /// (a tracked hit never reads it).
     fn packet<R>(
         &self,
-        rules: impl FnOnce() -> R,
+        mut rules: impl FnMut() -> R,
         rng: &SeededRng,
         flow: &Flow,
         key: Option<u64>,
