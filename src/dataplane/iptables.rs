@@ -263,23 +263,18 @@ impl IptablesReader {
     /// [`route`](Self::route) with a caller-supplied affinity key.
     #[inline]
     pub fn route_with_key(&mut self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
-        let cache = &mut self.rules;
-        self.shared.packet(
-            || &**cache.load(),
-            &self.rng,
-            flow,
-            key,
-            first_packet(flow),
-            now,
-        )
+        // The cache's check is one atomic load: cheap enough to do up front.
+        let rules: &Arc<Ruleset> = self.rules.load();
+        self.shared
+            .packet(move || rules, &self.rng, flow, key, first_packet(flow), now)
     }
 
     /// Any packet of a flow, as [`Dataplane::packet`].
     #[inline]
     pub fn packet(&mut self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
-        let cache = &mut self.rules;
+        let rules: &Arc<Ruleset> = self.rules.load();
         self.shared
-            .packet(|| &**cache.load(), &self.rng, flow, None, flags, now)
+            .packet(move || rules, &self.rng, flow, None, flags, now)
     }
 }
 
