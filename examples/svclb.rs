@@ -50,6 +50,9 @@ enum Mode {
     Nftables,
     /// kube-proxy's IPVS mode: a hash table of virtual services, O(1) lookup.
     Ipvs,
+    /// The userspace model of the eBPF dataplane: the TC program's Maglev
+    /// choice, so `route` prints the backend the kernel program picks.
+    Ebpf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -344,6 +347,7 @@ fn setup(cli: &Cli) -> Result<World> {
         Mode::Iptables => Plane::Iptables(IptablesDataplane::new(config.clone())),
         Mode::Ipvs => Plane::Ipvs(IpvsDataplane::new(config.clone())),
         Mode::Nftables => Plane::Nftables(NftablesDataplane::new(config.clone())),
+        Mode::Ebpf => Plane::Ipvs(IpvsDataplane::ebpf_model(config.clone())),
     };
     plane
         .dp()

@@ -181,13 +181,15 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     for dp in &dps {
         dp.sync(&t, &all, Instant::ZERO);
         for (f, k, now) in &flows {
-            if let Verdict::Forward(b) = dp.route_with_key(f, *k, *now) {
+            if let Some(b) = dp.route_with_key(f, *k, *now).backend() {
                 assert!(
                     b.ip().to_string().starts_with("10.1.0.") && b.port() == 8080,
                     "{}: forwarded to {b}",
                     dp.mode()
                 );
-                dp.connection_closed(f, b, *now);
+                let _ = dp.packet(f, TcpFlags::from_bits(k.unwrap_or(0x10) as u8 & 0x17), *now);
+                dp.handle_timeout(*now);
+                dp.connection_closed(f, *now);
             }
         }
         let _ = dp.affinity_report(&key, Instant::ZERO);

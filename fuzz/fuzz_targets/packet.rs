@@ -22,8 +22,14 @@ fuzz_target!(|data: &[u8]| {
         assert!(lay.l3 <= lay.l4 && lay.l4 <= lay.end && lay.end <= data.len());
         let _ = verify_checksums(data, &p);
         let (a, b): (SocketAddr, SocketAddr) = match p.version() {
-            IpVersion::V4 => ("10.1.2.3:8080".parse().unwrap(), "10.0.0.1:40000".parse().unwrap()),
-            IpVersion::V6 => ("[fd00::5]:8080".parse().unwrap(), "[fd00::1]:40000".parse().unwrap()),
+            IpVersion::V4 => (
+                "10.1.2.3:8080".parse().unwrap(),
+                "10.0.0.1:40000".parse().unwrap(),
+            ),
+            IpVersion::V6 => (
+                "[fd00::5]:8080".parse().unwrap(),
+                "[fd00::1]:40000".parse().unwrap(),
+            ),
         };
         let wrong: SocketAddr = match p.version() {
             IpVersion::V4 => "[fd00::5]:1".parse().unwrap(),

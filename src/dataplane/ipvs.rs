@@ -481,6 +481,20 @@ impl IpvsDataplane {
         Self::with_mode(config, Mode::Ipvs)
     }
 
+    /// The userspace model of the eBPF dataplane (`--mode ebpf`): the IPVS
+    /// frontend table and the connection layer, with the TC program's pick
+    /// ([`KernelMaglevFactory`](crate::ebpf::model::KernelMaglevFactory):
+    /// its flow hash and Maglev table) as the only scheduler, and the
+    /// program's timeouts. For a new connection it decides exactly what the
+    /// kernel program decides for the frontends
+    /// [`frontend_spec`](crate::ebpf::model::frontend_spec) writes.
+    pub fn ebpf_model(mut config: DataplaneConfig) -> Self {
+        config.scheduler = crate::scheduler::SchedulerConfig::Custom(
+            crate::ebpf::model::KernelMaglevFactory::shared(),
+        );
+        Self::with_mode(config, Mode::Ebpf)
+    }
+
     pub(crate) fn with_mode(config: DataplaneConfig, mode: Mode) -> Self {
         IpvsDataplane {
             shared: Arc::new(Shared::new(config, mode)),

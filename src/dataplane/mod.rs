@@ -98,6 +98,9 @@ pub enum Mode {
     Ipvs,
     /// nftables mode.
     Nftables,
+    /// The userspace model of the eBPF dataplane
+    /// ([`IpvsDataplane::ebpf_model`]).
+    Ebpf,
 }
 
 impl Mode {
@@ -107,14 +110,28 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Ipvs => "ipvs",
             Mode::Nftables => "nftables",
+            Mode::Ebpf => "ebpf",
         }
     }
 
     /// The connection-tracking timeouts the mode's kernel uses: netfilter's
     /// for iptables and nftables, IPVS's for IPVS.
+    /// The eBPF mode uses the TC program's (Cilium's agent defaults:
+    /// TCP 8000 s, SYN 60 s, FIN and close 10 s, non-TCP 60 s).
     pub fn default_timeouts(self) -> Timeouts {
         match self {
             Mode::Ipvs => Timeouts::ipvs(),
+            Mode::Ebpf => {
+                let mut t = Timeouts::ipvs();
+                t.tcp_established = Duration::from_secs(8000);
+                t.tcp_syn_recv = Duration::from_secs(60);
+                t.tcp_fin_wait = Duration::from_secs(10);
+                t.tcp_time_wait = Duration::from_secs(10);
+                t.tcp_close = Duration::from_secs(10);
+                t.udp = Duration::from_secs(60);
+                t.udp_replied = Duration::from_secs(60);
+                t
+            }
             _ => Timeouts::netfilter(),
         }
     }

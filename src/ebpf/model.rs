@@ -315,6 +315,117 @@ pub fn outcome(frontend: &CompiledFrontend, flow: &Flow) -> EbpfVerdict {
     }
 }
 
+/// The spec of a plan frontend, as the map writer writes it: backend id
+/// = the plan's [`BackendId`](crate::plan::BackendId) + 1 (the kernel
+/// reserves 0; an id that would overflow is left out), active backends in
+/// plan order with their weights (clamped to `u16`), then the draining ones;
+/// a frontend that drops (a Local policy without local endpoints) drops
+/// when empty, every other one rejects.
+pub fn frontend_spec(fe: &crate::plan::Frontend) -> EbpfFrontendSpec {
+    let key = fe.key();
+    let id = |b: &crate::plan::PlanBackend| b.id().0.checked_add(1);
+    let mut backends: Vec<EbpfBackendSpec> = Vec::new();
+    for b in fe.backends() {
+        if let Some(id) = id(b) {
+            backends.push(EbpfBackendSpec {
+                id,
+                addr: b.addr(),
+                weight: u16::try_from(b.weight()).unwrap_or(u16::MAX),
+                state: BackendState::Active,
+            });
+        }
+    }
+    for b in fe.draining() {
+        if let (Some(id), false) = (id(b), backends.iter().any(|x| x.addr == b.addr())) {
+            backends.push(EbpfBackendSpec::draining(id, b.addr()));
+        }
+    }
+    EbpfFrontendSpec {
+        vip: key.addr,
+        port: key.port,
+        protocol: key.protocol,
+        backends,
+        reject_when_empty: fe.outcome() != crate::plan::Outcome::Drop,
+    }
+}
+
+/// The kernel program's choice as a [`Scheduler`](crate::Scheduler): the
+/// `ebpf` mode's userspace dataplane
+/// ([`IpvsDataplane`](crate::IpvsDataplane)'s frontend table and the
+/// connection layer, with this pick) decides every new connection as the
+/// TC program does, so `svclb --mode ebpf route` prints the backend the
+/// kernel will choose. Destinations become backends with id = backend id + 1,
+/// as [`frontend_spec`] numbers them.
+#[derive(Debug)]
+pub struct KernelMaglev {
+    frontend: Option<CompiledFrontend>,
+}
+
+impl crate::scheduler::Scheduler for KernelMaglev {
+    fn pick(
+        &self,
+        dests: &[crate::scheduler::Destination],
+        ctx: &crate::scheduler::PickContext<'_>,
+    ) -> Option<usize> {
+        let id = choose(self.frontend.as_ref()?, ctx.flow)?;
+        dests
+            .iter()
+            .position(|d| d.id().0.checked_add(1) == Some(id))
+    }
+}
+
+/// Builds [`KernelMaglev`] schedulers: `SchedulerConfig::Custom(KernelMaglevFactory::shared())`.
+#[derive(Debug, Default)]
+pub struct KernelMaglevFactory;
+
+impl KernelMaglevFactory {
+    /// The factory, shared.
+    pub fn shared() -> std::sync::Arc<dyn crate::scheduler::SchedulerFactory> {
+        std::sync::Arc::new(KernelMaglevFactory)
+    }
+}
+
+impl crate::scheduler::SchedulerFactory for KernelMaglevFactory {
+    fn name(&self) -> &str {
+        "maglev-ebpf"
+    }
+
+    fn build(
+        &self,
+        dests: &[crate::scheduler::Destination],
+    ) -> Box<dyn crate::scheduler::Scheduler> {
+        // The table depends on the backends only; the VIP is a placeholder
+        // of their family (the flow's own VIP goes into the hash).
+        let frontend = dests.first().and_then(|first| {
+            let vip = if first.addr().is_ipv4() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([0u16; 8])
+            };
+            let spec = EbpfFrontendSpec {
+                vip,
+                port: 0,
+                protocol: Protocol::Tcp,
+                backends: dests
+                    .iter()
+                    .filter(|d| d.addr().is_ipv4() == vip.is_ipv4())
+                    .filter_map(|d| {
+                        Some(EbpfBackendSpec {
+                            id: d.id().0.checked_add(1)?,
+                            addr: d.addr(),
+                            weight: u16::try_from(d.weight()).unwrap_or(u16::MAX),
+                            state: BackendState::Active,
+                        })
+                    })
+                    .collect(),
+                reject_when_empty: true,
+            };
+            CompiledFrontend::compile(&spec, 0, None).ok()
+        });
+        Box::new(KernelMaglev { frontend })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
