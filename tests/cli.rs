@@ -531,3 +531,87 @@ fn keep_going_loads_the_good_objects() {
     ]);
     assert_eq!(out, "REJECT\n");
 }
+
+/// The connection layer from the command line: `packet` lines follow the
+/// tracker (and print like `connect`), `tick` runs the timers, `replay
+/// --dump conntrack` lists what is tracked (`ipvsadm -lnc` in IPVS mode,
+/// `conntrack -L` in iptables mode), and `--no-conntrack` schedules every
+/// packet afresh.
+#[test]
+fn replay_tracks_connections_and_dumps_them() {
+    let trace = temp_file(
+        "conntrack.trace",
+        "0.000 connect tcp 10.244.9.11:40001 10.96.0.10:80\n\
+         0.001 packet tcp 10.244.9.11:40001 10.96.0.10:80 ack\n\
+         0.002 connect udp 10.244.9.12:5353 10.96.0.10:80\n\
+         1.000 tick\n\
+         2.000 packet tcp 10.244.9.11:40001 10.96.0.10:80\n\
+         3.000 connect tcp 10.244.9.13:40003 10.96.0.10:80\n\
+         3.500 close tcp 10.244.9.13:40003 10.96.0.10:80\n",
+    );
+    let t = trace.to_str().unwrap();
+    let out = ok(&with(
+        &["--mode", "ipvs"],
+        &["replay", t, "--dump", "conntrack"],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    // The connect and both packets of the TCP flow go to one backend.
+    let backend = |l: &str| l.rsplit_once(' ').unwrap().1.to_owned();
+    assert!(
+        lines[0].starts_with("0.000 10.244.9.11:40001 -> 10.96.0.10:80 FORWARD "),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("0.001 10.244.9.11:40001 -> 10.96.0.10:80 FORWARD "),
+        "{out}"
+    );
+    assert!(
+        lines[3].starts_with("2.000 10.244.9.11:40001 -> 10.96.0.10:80 FORWARD "),
+        "{out}"
+    );
+    assert_eq!(backend(lines[0]), backend(lines[1]));
+    assert_eq!(backend(lines[0]), backend(lines[3]));
+    // The web service is TCP only: the UDP flow is not a service.
+    assert_eq!(
+        lines[2],
+        "0.002 10.244.9.12:5353 -> 10.96.0.10:80 NO-SERVICE"
+    );
+    let dump = &lines[5..];
+    assert_eq!(dump[0], "IPVS connection entries", "{out}");
+    assert!(dump[1].starts_with("pro expire state"), "{out}");
+    // One established connection left (the other was closed), 900 s from
+    // its last packet at 2 s, listed at the replay's end (3.5 s).
+    assert_eq!(dump.len(), 3, "{out}");
+    assert!(
+        dump[2].starts_with("TCP 14:58  ESTABLISHED 10.244.9.11:40001  10.96.0.10:80      "),
+        "{out}"
+    );
+    assert!(dump[2].ends_with(&backend(lines[0])), "{out}");
+
+    let out = ok(&with(&[], &["replay", t, "--dump", "conntrack"]));
+    assert!(
+        out.lines().any(|l| l.starts_with("tcp      6  431998 ESTABLISHED src=10.244.9.11 dst=10.96.0.10 sport=40001 dport=80 src=")),
+        "netfilter's 5-day timeout in iptables mode:\n{out}"
+    );
+    assert!(out.contains("1 flow entries have been shown."), "{out}");
+
+    let out = ok(&with(
+        &["--no-conntrack"],
+        &["replay", t, "--dump", "conntrack"],
+    ));
+    assert!(out.contains("0 flow entries have been shown."), "{out}");
+    let out = err(&with(
+        &[],
+        &[
+            "replay",
+            &temp_file(
+                "bad-flags.trace",
+                "0 packet tcp 10.0.0.1:1 10.96.0.10:80 syn,psh\n",
+            )
+            .to_string_lossy(),
+            "--dump",
+            "conntrack",
+        ],
+    ));
+    assert!(out.contains("flags") && out.contains("syn,psh"), "{out}");
+}
