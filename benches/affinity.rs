@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use svclb::rng::mix64;
 use svclb::*;
 
 /// Distinct clients of the hit benchmark.

@@ -50,7 +50,7 @@ fn bench_schedulers(c: &mut Criterion<ThreadCpu>) {
                 )
             })
             .collect();
-        for kind in SchedulerKind::ALL {
+        for kind in SchedulerKind::ALL.iter().copied() {
             let sel = SchedulerConfig::from(kind).build(&dests);
             group.bench_function(BenchmarkId::new(kind.name(), n), |b| {
                 let mut k = 0usize;

@@ -112,7 +112,7 @@ pub mod model;
 pub mod packet;
 pub mod plan;
 pub mod render;
-mod rng;
+pub mod rng;
 pub mod scheduler;
 pub mod table;
 mod time;
@@ -120,8 +120,8 @@ pub mod topology;
 pub mod trace;
 
 pub use affinity::{
-    AffinityConfig, AffinityEntry, AffinityKey, AffinityReport, AffinityScope, AffinityTable,
-    EndpointAffinityStats, Hotspot, Pinned, PortAffinityReport, ScopeEntry,
+    AffinityConfig, AffinityEntry, AffinityKey, AffinityReport, AffinityTable,
+    EndpointAffinityStats, Hotspot, PortAffinityReport,
 };
 pub use conntrack::{ConnState, ConntrackConfig, TcpFlags, TcpState, Timeouts, Tracked};
 pub use dataplane::{
@@ -139,7 +139,7 @@ pub use model::service::{
     SessionAffinity, TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
 };
 pub use plan::{BackendId, BackendState, FrontendId, FrontendKey, Planner};
-pub use rng::{SeededRng, mix64};
+pub use rng::SeededRng;
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerFactory, SchedulerKind};
 pub use table::{
     Change, ChangeNote, ChangeSet, EndpointInfo, ServiceSnapshot, ServiceTable, ServiceView,

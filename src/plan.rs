@@ -22,7 +22,7 @@
 //!   gone expires that connection (`expire_nodest_conn`).
 //!
 //! The [`Planner`] keeps the plan up to date from each
-//! [`ChangeSet`](crate::ChangeSet), recompiling only the services that
+//! [`ChangeSet`], recompiling only the services that
 //! changed, and reports a [`PlanDiff`]. Every dataplane, every renderer and
 //! the eBPF map writer read the plan and its diffs; none re-derives them
 //! from the table.

@@ -19,7 +19,9 @@ use core::time::Duration;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use svclb::{AffinityConfig, AffinityKey, AffinityScope, AffinityTable, Instant, mix64};
+use svclb::affinity::AffinityScope;
+use svclb::rng::mix64;
+use svclb::{AffinityConfig, AffinityKey, AffinityTable, Instant};
 
 const CAPACITY: usize = 4096;
 const SHARDS: usize = 32;

@@ -138,7 +138,7 @@ fn packet_path_allocates_nothing() {
             )),
         ),
     ];
-    for kind in SchedulerKind::ALL {
+    for kind in SchedulerKind::ALL.iter().copied() {
         let mut config = DataplaneConfig::with_seed(1)
             .conntrack(None)
             .node(node.clone())

@@ -283,7 +283,7 @@ fn schedulers_build_and_pick_with_no_or_huge_destinations() {
             .map(|i| Destination::new(addr(i), u32::MAX - i))
             .collect(),
     ];
-    for kind in SchedulerKind::ALL {
+    for kind in SchedulerKind::ALL.iter().copied() {
         let config = SchedulerConfig::from(kind);
         for dests in &sets {
             let selector = config.build(dests);
@@ -343,7 +343,8 @@ fn dataplanes_take_hostile_flows_and_times() {
         .affinity(AffinityConfig::new(1).unwrap())
         .node(NodeTopology::new("", ""));
     let dps: Vec<Box<dyn Dataplane>> = SchedulerKind::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .map(|k| Box::new(IpvsDataplane::new(config.clone().scheduler(k))) as Box<dyn Dataplane>)
         .chain([
             Box::new(IptablesDataplane::new(config.clone())) as Box<dyn Dataplane>,

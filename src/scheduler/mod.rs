@@ -282,8 +282,9 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
-    /// Every built-in, for tests and listings.
-    pub const ALL: [SchedulerKind; 9] = [
+    /// Every built-in, for tests and listings (a slice: the list grows
+    /// without changing the type).
+    pub const ALL: &'static [SchedulerKind] = &[
         SchedulerKind::Random,
         SchedulerKind::RoundRobin,
         SchedulerKind::WeightedRoundRobin,
@@ -321,7 +322,8 @@ impl FromStr for SchedulerKind {
     type Err = ValidationError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         SchedulerKind::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|k| k.name() == s)
             .ok_or_else(|| ValidationError::Invalid {
                 field: "scheduler".into(),
@@ -522,7 +524,7 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_names() {
-        for k in SchedulerKind::ALL {
+        for k in SchedulerKind::ALL.iter().copied() {
             assert_eq!(k.name().parse::<SchedulerKind>().unwrap(), k);
         }
         let err = "nq".parse::<SchedulerKind>().unwrap_err();
