@@ -38,11 +38,10 @@
 //!    [`AffinityTable`], with kube-proxy's timer semantics, inspection
 //!    ([`Dataplane::affinity_entries`]) and NAT-hotspot reports
 //!    ([`Dataplane::affinity_report`]).
-//! 7. **Connection tracking** ([`conntrack`]): a bounded, sharded table of
-//!    connections with IPVS's TCP states, timeouts and per-backend counts.
-//! 8. **Renderings** ([`render`]): the table as `iptables-restore` and
-//!    `nft -f` input in kube-proxy's exact terms, and an `ipvsadm -ln`
-//!    listing of the IPVS dataplane.
+//! 9. **Renderings** ([`render`]): the plan as `iptables-restore` and
+//!    `nft -f` input in kube-proxy's exact terms, an `ipvsadm -ln` listing
+//!    of the IPVS dataplane, and tracked connections as `conntrack -L` and
+//!    `ipvsadm -lnc` list them.
 //!
 //! Time comes from the caller ([`Instant`]) and randomness from a seeded
 //! generator ([`SeededRng`]): a fixed seed replays a run exactly.
@@ -85,8 +84,14 @@
 //!   (feature `serde`), conversions
 //!   from k8s-openapi (feature `k8s-openapi`), and the cluster DNS answers
 //!   for headless and ClusterIP services ([`k8s::dns`]).
-//! - **Traces** ([`trace`]): timed connect/close/apply/delete events, one
-//!   per line, for replays and simulators.
+//! - **Traces** ([`trace`]): timed connect/packet/close/tick/apply/delete
+//!   events, one per line, for replays and simulators.
+//! - **eBPF** ([`ebpf`]): the userspace model of the TC program
+//!   ([`ebpf::model`], and the `ebpf` mode
+//!   [`IpvsDataplane::ebpf_model`]) and, with the `ebpf` feature, its
+//!   loader.
+//! - **Packets** (`packet`, feature `packet`): raw packets into flows, and
+//!   DNAT, SNAT and reverse NAT in place with incremental checksums.
 //!
 //! ## Features
 //! - `serde` (default): `Serialize`/`Deserialize` on the plain model types,
@@ -97,6 +102,8 @@
 //!   `src/ebpf/svclb.bpf.c` (compiled by `build.rs` with clang) with aya
 //!   0.14 and writes its maps. The model of that program,
 //!   [`ebpf::model`], needs no feature.
+//! - `packet`: `svclb::packet` (etherparse): parsing, NAT rewrites with
+//!   incremental checksums, fragments, source ports.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
