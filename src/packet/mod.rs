@@ -55,8 +55,10 @@ mod fragment;
 mod parse;
 mod ports;
 mod rewrite;
-mod tcp_flags;
 
+/// The TCP flags of a parsed packet: the connection tracker's own type, so
+/// a parsed packet's flags go straight to [`Dataplane::packet`](crate::Dataplane::packet).
+pub use crate::conntrack::TcpFlags;
 pub use checksum::{internet_checksum, verify_checksums};
 pub use crc32c::{crc32c, sctp_checksum};
 pub use error::{ChecksumError, Exhausted, ParseError, RewriteError};
@@ -67,4 +69,3 @@ pub use parse::{
 };
 pub use ports::{DEFAULT_PORT_RANGE, SourcePortAllocator};
 pub use rewrite::{reverse_nat, rewrite_dst, rewrite_src};
-pub use tcp_flags::TcpFlags;

@@ -16,7 +16,7 @@ use etherparse::{
 };
 
 use super::error::ParseError;
-use super::tcp_flags::TcpFlags;
+use crate::conntrack::TcpFlags;
 use crate::{Flow, Protocol};
 
 const ETH_IPV4: u16 = 0x0800;
@@ -750,7 +750,7 @@ fn classify(
             })?;
             let (s, d) = ports(seg);
             p.transport = Some(Transport::Tcp);
-            p.tcp_flags = Some(TcpFlags::from_bits_truncate(tcp.slice()[13]));
+            p.tcp_flags = Some(TcpFlags::from_bits(tcp.slice()[13]));
             p.kind = PacketKind::Flow(Flow::new(Protocol::Tcp, s, d));
         }
         Some(Protocol::Udp) => {
