@@ -508,7 +508,13 @@ fn offset_of(text: &str, line: usize, column: usize) -> usize {
 /// Whether the character at `at` starts a YAML plain scalar that JSON
 /// cannot have: a letter or a quote JSON does not use.
 fn shows_yaml(text: &str, at: usize) -> bool {
-    let rest = &text[at.min(text.len())..];
+    // The JSON parser's position may fall inside a multi-byte character:
+    // step back to its start (slicing there would panic).
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let rest = &text[at..];
     let rest = rest.trim_start();
     if ["true", "false", "null"]
         .iter()
@@ -750,6 +756,21 @@ mod tests {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Found by the `manifest_parse` fuzz target: a JSON syntax error whose
+    /// position falls inside a multi-byte character (here a BOM that is not
+    /// at the start) made the YAML sniff slice mid-character and panic.
+    #[test]
+    fn a_json_error_inside_a_multibyte_character_is_an_error_not_a_panic() {
+        let text = "\u{1}{\"kiitemkA\u{feff}";
+        let l = InputLimits::default();
+        let r = for_each_document(text, Some("t"), &l, Some(Format::Json), |_, _| Ok(()));
+        assert!(r.is_err());
+        for cut in ["{\"a\u{e9}", "{\"a\":\u{1F600}", "{\u{e9}"] {
+            let r = for_each_document(cut, Some("t"), &l, Some(Format::Json), |_, _| Ok(()));
+            assert!(r.is_err(), "{cut:?}");
+        }
     }
 
     #[test]
