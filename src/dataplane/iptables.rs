@@ -30,7 +30,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwap;
 use arc_swap::cache::Cache;
@@ -44,7 +44,7 @@ use crate::conntrack::{TcpFlags, Tracked};
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::ServiceKey;
 use crate::plan::{BackendId, BackendStates, FrontendId, Outcome, Planner};
-use crate::rng::{SeededRng, mix64};
+use crate::rng::SeededRng;
 use crate::scheduler::random::cascade_rules;
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
@@ -281,10 +281,7 @@ impl IptablesReader {
 impl IptablesDataplane {
     /// An empty dataplane (every flow is not-a-service until a sync).
     pub fn new(mut config: DataplaneConfig) -> Self {
-        let tracker = config.tracker_for(Mode::Iptables);
-        config.conntrack = tracker.clone();
-        let mut planner = Planner::new(config.node.clone());
-        planner.set_drain_grace(config.drain_grace);
+        let (planner, conn) = super::connection_setup(&mut config, Mode::Iptables);
         IptablesDataplane {
             shared: Arc::new(Shared {
                 rng: SeededRng::new(config.seed),
@@ -294,7 +291,7 @@ impl IptablesDataplane {
                 scopes: Mutex::new(ScopeRegistry::default()),
                 states: Arc::clone(planner.states()),
                 planner: Mutex::new(planner),
-                conn: ConnLayer::new(tracker.as_ref()),
+                conn,
                 config,
             }),
         }
@@ -325,13 +322,10 @@ impl IptablesDataplane {
     /// A reader for one packet thread, with its own random source; see
     /// [`IpvsDataplane::reader`](super::IpvsDataplane::reader).
     pub fn reader(&self) -> IptablesReader {
-        let n = self.shared.readers.fetch_add(1, Ordering::Relaxed) + 1;
         IptablesReader {
             shared: Arc::clone(&self.shared),
             rules: Cache::new(Arc::clone(&self.shared.rules)),
-            rng: SeededRng::new(mix64(
-                self.shared.config.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            )),
+            rng: super::reader_rng(self.shared.config.seed, &self.shared.readers),
         }
     }
 }

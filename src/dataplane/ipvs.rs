@@ -28,7 +28,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use ahash::AHashMap;
 use arc_swap::ArcSwap;
@@ -42,7 +42,7 @@ use crate::conntrack::{TcpFlags, Tracked};
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::{ServiceKey, SessionAffinity};
 use crate::plan::{BackendStates, Frontend, FrontendId, FrontendKey, Outcome, PlanDiff, Planner};
-use crate::rng::{SeededRng, mix64};
+use crate::rng::SeededRng;
 use crate::scheduler::{Destination, PickContext, Selector};
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
@@ -210,10 +210,7 @@ pub(crate) fn first_packet(flow: &Flow) -> TcpFlags {
 
 impl Shared {
     fn new(mut config: DataplaneConfig, mode: Mode) -> Self {
-        let tracker = config.tracker_for(mode);
-        config.conntrack = tracker.clone();
-        let mut planner = Planner::new(config.node.clone());
-        planner.set_drain_grace(config.drain_grace);
+        let (planner, conn) = super::connection_setup(&mut config, mode);
         Shared {
             rng: SeededRng::new(config.seed),
             readers: AtomicU64::new(0),
@@ -222,7 +219,7 @@ impl Shared {
             scopes: Mutex::new(ScopeRegistry::default()),
             states: Arc::clone(planner.states()),
             planner: Mutex::new(planner),
-            conn: ConnLayer::new(tracker.as_ref()),
+            conn,
             config,
             mode,
         }
@@ -631,13 +628,10 @@ impl IpvsDataplane {
     /// assert_eq!(t.join().unwrap(), Some("10.0.0.2:8080".parse().unwrap()));
     /// ```
     pub fn reader(&self) -> IpvsReader {
-        let n = self.shared.readers.fetch_add(1, Ordering::Relaxed) + 1;
         IpvsReader {
             shared: Arc::clone(&self.shared),
             table: Cache::new(Arc::clone(&self.shared.table)),
-            rng: SeededRng::new(mix64(
-                self.shared.config.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            )),
+            rng: super::reader_rng(self.shared.config.seed, &self.shared.readers),
         }
     }
 }

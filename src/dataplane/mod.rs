@@ -66,6 +66,29 @@ pub(crate) fn reply_via_plan(
     None
 }
 
+/// What every dataplane sets up alike: the config with the mode's tracker
+/// timeouts filled in, the planner (with the drain grace) and the
+/// connection layer.
+pub(crate) fn connection_setup(
+    config: &mut DataplaneConfig,
+    mode: Mode,
+) -> (crate::plan::Planner, conn::ConnLayer) {
+    let tracker = config.tracker_for(mode);
+    config.conntrack = tracker.clone();
+    let mut planner = crate::plan::Planner::new(config.node.clone());
+    planner.set_drain_grace(config.drain_grace);
+    (planner, conn::ConnLayer::new(tracker.as_ref()))
+}
+
+/// The random source of a dataplane's next reader: a stream of its own,
+/// derived from the seed and the reader's number.
+pub(crate) fn reader_rng(seed: u64, readers: &core::sync::atomic::AtomicU64) -> crate::SeededRng {
+    let n = readers.fetch_add(1, core::sync::atomic::Ordering::Relaxed) + 1;
+    crate::SeededRng::new(crate::rng::mix64(
+        seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ))
+}
+
 /// The earlier of two optional deadlines.
 pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
