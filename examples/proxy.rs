@@ -1,0 +1,1237 @@
+//! `proxy`: a userspace L4 proxy (kube-proxy's old userspace mode, done on
+//! svclb's connection layer). It loads Service and EndpointSlice manifests
+//! with the same loader and flags as `examples/svclb.rs`, listens on every
+//! TCP and UDP frontend of the plan (each cluster IP:port), and carries
+//! real connections to the backends the dataplane chooses.
+//!
+//! ```sh
+//! cargo run --release --example proxy -- --manifests PATH... [--watch FILE|-] \
+//!     [--mode iptables|nftables|ipvs] [--scheduler NAME] [--metrics ADDR] [--log info|debug]
+//! ```
+//!
+//! - The dataplane's connection tracker is the flow table: every accepted
+//!   connection is routed (`Dataplane::route`, source = the client's
+//!   IP:port, destination = the frontend), its handshake, half-closes and
+//!   end are reported (`Dataplane::packet` / `reply` with TCP flags,
+//!   `Dataplane::connection_closed`), and timers run from
+//!   `poll_timeout`/`handle_timeout`. The proxy keeps one task per
+//!   connection or UDP session and no map of its own from flows to
+//!   backends.
+//! - A failed connect to a backend is counted, closed in the tracker, and
+//!   the flow routed again, skipping the backends that failed (at most
+//!   [`MAX_CONNECT_ATTEMPTS`] tries); the dataplane never offers a draining
+//!   or removed backend to a new connection.
+//! - Reject (no endpoints): the accepted connection is reset (SO_LINGER 0).
+//!   Drop: it is closed without a byte read or written (a userspace proxy
+//!   has already completed the handshake; it cannot stay silent to a SYN).
+//! - Each established connection asks the tracker about itself once a
+//!   second (`Dataplane::packet` with ACK): a connection whose backend was
+//!   removed keeps working while it drains, and is closed (reset) once the
+//!   dataplane drops it (the drain grace passed: `expire_nodest_conn`).
+//! - UDP: one session per client address, with a socket connected to the
+//!   backend; replies go out of the socket bound to the service address.
+//!   A session ends when the tracker has expired its flow (the mode's UDP
+//!   timeout, `--udp-timeout` to change it).
+//! - Reload: SIGHUP, a change of a manifest file (mtimes and sizes polled
+//!   every 500 ms), and `--watch` input as it arrives (a file is followed
+//!   as it grows, `-` reads standard input; continuous input must be JSON
+//!   watch events as `kubectl ... --watch --output-watch-events -o json`
+//!   prints them). A reload loads the manifests again (objects gone from
+//!   the files are deleted), applies the difference to the table and
+//!   `Dataplane::sync`s it; open connections survive, new listeners open,
+//!   removed ones close.
+//! - Log lines (standard output, one per line, `key=value` fields) are
+//!   documented in the README ("The userspace proxy").
+
+#[path = "shared/load.rs"]
+mod load;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Read as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant as WallClock, SystemTime};
+
+use clap::{Parser, ValueEnum};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use svclb::k8s::loader::{LoadOptions, LoadReport, Loader};
+use svclb::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+/// Routes tried for one connection before it is refused.
+const MAX_CONNECT_ATTEMPTS: usize = 4;
+/// How long a connect to a backend may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an open connection asks the tracker whether it may go on.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often manifest files and followed watch files are polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// The copy buffer per direction of a TCP connection.
+const BUF: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    /// kube-proxy's iptables mode (random cascade).
+    Iptables,
+    /// kube-proxy's nftables mode (`numgen random mod N`).
+    Nftables,
+    /// kube-proxy's IPVS mode (the --scheduler flag applies).
+    Ipvs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum LogLevel {
+    /// One line per connection, reload and listener.
+    Info,
+    /// Also every routing decision and connect failure.
+    Debug,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "proxy",
+    about = "A userspace L4 proxy for Kubernetes Services on svclb's dataplanes"
+)]
+struct Cli {
+    /// Manifest files or directories (`--manifests A B C`, or the flag
+    /// repeated); reloaded on SIGHUP and when a file changes.
+    #[arg(long, required_unless_present = "watch", num_args = 1.., action = clap::ArgAction::Append, value_name = "PATH...")]
+    manifests: Vec<PathBuf>,
+    /// A watch stream (`kubectl get services,endpointslices -A --watch
+    /// --output-watch-events -o json`), `-` for standard input; followed
+    /// as it grows. Repeatable.
+    #[arg(long, action = clap::ArgAction::Append, value_name = "FILE|-")]
+    watch: Vec<PathBuf>,
+    /// Dataplane mode.
+    #[arg(long, value_enum, default_value = "iptables")]
+    mode: ModeArg,
+    /// IPVS scheduler: rr, wrr, lc, wlc, sh, sh-port, mh, mh-port, random.
+    #[arg(long, default_value = "rr")]
+    scheduler: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Log level.
+    #[arg(long, value_enum, default_value = "info")]
+    log: LogLevel,
+    /// Seed of the dataplane's random source.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// On SIGINT/SIGTERM, how long open connections may drain (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    drain_timeout: f64,
+    /// How long a removed backend's connections may drain (seconds).
+    #[arg(long, default_value_t = 900.0)]
+    drain_grace: f64,
+    /// The UDP session timeout (seconds); the mode's own by default.
+    #[arg(long)]
+    udp_timeout: Option<f64>,
+    /// Dial endpoints of FROM_CIDR at the same offset in TO_CIDR instead
+    /// (`10.244.0.0/24=127.0.1.0/24`): the API forbids loopback endpoint
+    /// addresses, so local stand-ins for a cluster's pods go through this.
+    /// Repeatable; IPv4 and IPv6 (same family on both sides). Metrics and
+    /// logs name the endpoint address.
+    #[arg(long, value_name = "FROM_CIDR=TO_CIDR", action = clap::ArgAction::Append)]
+    connect_map: Vec<String>,
+    /// Worker threads of the runtime (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    load: load::LoadArgs,
+}
+
+/// The proxy's metrics.
+struct Metrics {
+    registry: Registry,
+    connections: Family<Vec<(String, String)>, Counter>,
+    active: Family<Vec<(String, String)>, Gauge>,
+    bytes: Family<Vec<(String, String)>, Counter>,
+    connect_errors: Family<Vec<(String, String)>, Counter>,
+    reloads: Counter,
+    tracked: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            connections: Family::default(),
+            active: Family::default(),
+            bytes: Family::default(),
+            connect_errors: Family::default(),
+            reloads: Counter::default(),
+            tracked: Gauge::default(),
+        };
+        registry.register(
+            "svclb_proxy_connections",
+            "Connections (TCP) and sessions (UDP) forwarded, per service and backend",
+            m.connections.clone(),
+        );
+        registry.register(
+            "svclb_proxy_active_connections",
+            "Open connections and sessions per service",
+            m.active.clone(),
+        );
+        registry.register(
+            "svclb_proxy_bytes",
+            "Bytes carried per service; direction is in (client to backend) or out",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "svclb_proxy_connect_errors",
+            "Failed connects to a backend, per service and backend",
+            m.connect_errors.clone(),
+        );
+        registry.register(
+            "svclb_proxy_reloads",
+            "Reloads applied (SIGHUP, file changes, watch input)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "svclb_proxy_tracked_connections",
+            "Connections the dataplane's tracker holds",
+            m.tracked.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// What every task shares.
+struct Shared {
+    dp: Box<dyn Dataplane>,
+    start: WallClock,
+    metrics: Metrics,
+    log: LogLevel,
+    /// Open TCP connections (for the shutdown drain).
+    open: AtomicUsize,
+    /// `--connect-map`.
+    connect_map: Vec<(svclb::render::Cidr, svclb::render::Cidr)>,
+}
+
+impl Shared {
+    /// The dataplane's clock: time since start.
+    fn now(&self) -> Instant {
+        Instant::from_nanos(self.start.elapsed().as_nanos() as u64)
+    }
+
+    /// The address to dial for endpoint `addr` (`--connect-map`).
+    fn dial(&self, addr: SocketAddr) -> SocketAddr {
+        for (from, to) in &self.connect_map {
+            if !from.contains(addr.ip()) {
+                continue;
+            }
+            let ip = match (addr.ip(), to.addr()) {
+                (IpAddr::V4(a), IpAddr::V4(t)) => {
+                    let host = u32::MAX
+                        .checked_shr(u32::from(from.prefix_len()))
+                        .unwrap_or(0);
+                    IpAddr::V4(Ipv4Addr::from(
+                        (u32::from(t) & !host) | (u32::from(a) & host),
+                    ))
+                }
+                (IpAddr::V6(a), IpAddr::V6(t)) => {
+                    let host = u128::MAX
+                        .checked_shr(u32::from(from.prefix_len()))
+                        .unwrap_or(0);
+                    IpAddr::V6(Ipv6Addr::from(
+                        (u128::from(t) & !host) | (u128::from(a) & host),
+                    ))
+                }
+                _ => continue,
+            };
+            return SocketAddr::new(ip, addr.port());
+        }
+        addr
+    }
+
+    fn debug(&self, line: std::fmt::Arguments<'_>) {
+        if self.log >= LogLevel::Debug {
+            println!("{line}");
+        }
+    }
+}
+
+/// One listener's frontend.
+struct FrontendInfo {
+    key: FrontendKey,
+    /// `namespace/name[:port-name]`, the metrics' `service` label.
+    service: String,
+}
+
+/// One connection's record, logged and counted at its end.
+struct ConnEnd<'a> {
+    fe: &'a FrontendInfo,
+    client: SocketAddr,
+    backend: Option<SocketAddr>,
+    bytes_in: u64,
+    bytes_out: u64,
+    started: WallClock,
+    end: &'a str,
+}
+
+fn log_conn(sh: &Shared, c: &ConnEnd<'_>) {
+    let backend = c.backend.map_or_else(|| "-".to_owned(), |b| b.to_string());
+    if c.bytes_in > 0 {
+        sh.metrics
+            .bytes
+            .get_or_create(&labels(&[("service", &c.fe.service), ("direction", "in")]))
+            .inc_by(c.bytes_in);
+    }
+    if c.bytes_out > 0 {
+        sh.metrics
+            .bytes
+            .get_or_create(&labels(&[("service", &c.fe.service), ("direction", "out")]))
+            .inc_by(c.bytes_out);
+    }
+    println!(
+        "conn proto={} client={} service={} frontend={} backend={} bytes_in={} bytes_out={} duration_ms={} end={}",
+        c.fe.key.protocol.as_lower_str(),
+        c.client,
+        c.fe.service,
+        c.fe.key.socket_addr(),
+        backend,
+        c.bytes_in,
+        c.bytes_out,
+        c.started.elapsed().as_millis(),
+        c.end
+    );
+}
+
+/// Resets a TCP connection: SO_LINGER 0, then close.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Counts a connection open for as long as it lives.
+/// TCP connections count toward the shutdown drain; UDP sessions, which
+/// never close, do not.
+struct OpenGuard<'a> {
+    sh: &'a Shared,
+    service: &'a str,
+    drains: bool,
+}
+
+impl<'a> OpenGuard<'a> {
+    fn new(sh: &'a Shared, service: &'a str, drains: bool) -> Self {
+        if drains {
+            sh.open.fetch_add(1, Ordering::Relaxed);
+        }
+        sh.metrics
+            .active
+            .get_or_create(&labels(&[("service", service)]))
+            .inc();
+        OpenGuard {
+            sh,
+            service,
+            drains,
+        }
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        if self.drains {
+            self.sh.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.sh
+            .metrics
+            .active
+            .get_or_create(&labels(&[("service", self.service)]))
+            .dec();
+    }
+}
+
+async fn accept_tcp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_tcp(Arc::clone(&sh), Arc::clone(&fe), stream, peer));
+            }
+            Err(e) => {
+                eprintln!("proxy: accept on {}: {e}", fe.key);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Connects `flow` to a backend: routes, connects, and on failure routes
+/// again without the failed backends.
+async fn connect_backend(
+    sh: &Shared,
+    fe: &FrontendInfo,
+    flow: &Flow,
+) -> Result<(TcpStream, Forward), &'static str> {
+    let mut failed: Vec<BackendId> = Vec::new();
+    let mut last = "no-backend";
+    for _ in 0..MAX_CONNECT_ATTEMPTS {
+        let v = sh.dp.route(flow, sh.now());
+        sh.debug(format_args!("route {flow} {v}"));
+        let fw = match v {
+            Verdict::Forward(fw) => fw,
+            Verdict::Reject => return Err("reject"),
+            Verdict::Drop => return Err("drop"),
+            _ => return Err("not-a-service"),
+        };
+        if failed.contains(&fw.backend_id) {
+            // The scheduler offered a backend that just failed: give it
+            // another turn (rr and random move on; lc, sh, mh and affinity
+            // may insist, and the connection is then refused).
+            sh.dp.connection_closed(flow, sh.now());
+            continue;
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sh.dial(fw.backend))).await {
+            Ok(Ok(s)) => return Ok((s, fw)),
+            Ok(Err(e)) => sh.debug(format_args!("connect {} for {flow}: {e}", fw.backend)),
+            Err(_) => sh.debug(format_args!("connect {} for {flow}: timed out", fw.backend)),
+        }
+        sh.metrics
+            .connect_errors
+            .get_or_create(&labels(&[
+                ("service", &fe.service),
+                ("backend", &fw.backend.to_string()),
+            ]))
+            .inc();
+        sh.dp.packet(flow, TcpFlags::RST, sh.now());
+        sh.dp.connection_closed(flow, sh.now());
+        failed.push(fw.backend_id);
+        last = "connect-failed";
+    }
+    Err(last)
+}
+
+async fn serve_tcp(
+    sh: Arc<Shared>,
+    fe: Arc<FrontendInfo>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
+    let started = WallClock::now();
+    let flow = Flow::tcp(peer, fe.key.socket_addr());
+    let _open = OpenGuard::new(&sh, &fe.service, true);
+    let (mut backend, fw) = match connect_backend(&sh, &fe, &flow).await {
+        Ok(x) => x,
+        Err(end) => {
+            if end == "drop" {
+                drop(client);
+            } else {
+                reset(client);
+            }
+            log_conn(
+                &sh,
+                &ConnEnd {
+                    fe: &fe,
+                    client: peer,
+                    backend: None,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    started,
+                    end,
+                },
+            );
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+    sh.metrics
+        .connections
+        .get_or_create(&labels(&[
+            ("service", &fe.service),
+            ("backend", &fw.backend.to_string()),
+        ]))
+        .inc();
+    // The handshake as the tracker sees it: SYN (route), SYN-ACK back,
+    // ACK: the connection is ESTABLISHED (lc counts it active).
+    let reply = Flow::tcp(fw.backend, peer);
+    sh.dp.reply(&reply, TcpFlags::SYN | TcpFlags::ACK, sh.now());
+    sh.dp.packet(&flow, TcpFlags::ACK, sh.now());
+
+    let bytes_in = AtomicU64::new(0);
+    let bytes_out = AtomicU64::new(0);
+    let end = {
+        let (mut cr, mut cw) = client.split();
+        let (mut br, mut bw) = backend.split();
+        let c2s = async {
+            let mut buf = vec![0u8; BUF];
+            loop {
+                match cr.read(&mut buf).await {
+                    Ok(0) => {
+                        sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                        let _ = bw.shutdown().await;
+                        return true;
+                    }
+                    Ok(n) => {
+                        if bw.write_all(&buf[..n]).await.is_err() {
+                            return false;
+                        }
+                        bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => return false,
+                }
+            }
+        };
+        let s2c = async {
+            let mut buf = vec![0u8; BUF];
+            loop {
+                match br.read(&mut buf).await {
+                    Ok(0) => {
+                        sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                        let _ = cw.shutdown().await;
+                        return true;
+                    }
+                    Ok(n) => {
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return false;
+                        }
+                        bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => return false,
+                }
+            }
+        };
+        let check = async {
+            let mut tick = tokio::time::interval(CHECK_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match sh.dp.packet(&flow, TcpFlags::ACK, sh.now()) {
+                    Verdict::Forward(f) if f.tracked && f.backend_id == fw.backend_id => {}
+                    _ => return,
+                }
+            }
+        };
+        // A direction that fails ends the connection; a clean EOF waits
+        // for the other direction (half-close).
+        let both = async {
+            let (a, b) = tokio::join!(c2s, s2c);
+            a && b
+        };
+        tokio::select! {
+            ok = both => if ok { "closed" } else { "reset" },
+            () = check => "expired",
+        }
+    };
+    if end != "closed" {
+        reset(client);
+        reset(backend);
+    }
+    sh.dp.connection_closed(&flow, sh.now());
+    log_conn(
+        &sh,
+        &ConnEnd {
+            fe: &fe,
+            client: peer,
+            backend: Some(fw.backend),
+            bytes_in: bytes_in.load(Ordering::Relaxed),
+            bytes_out: bytes_out.load(Ordering::Relaxed),
+            started,
+            end,
+        },
+    );
+}
+
+/// A UDP session's state shared between the listener and its task.
+struct UdpSession {
+    socket: UdpSocket,
+    backend: parking_lot::Mutex<SocketAddr>,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+type Sessions = Arc<parking_lot::Mutex<HashMap<SocketAddr, Arc<UdpSession>>>>;
+
+async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, udp_check: Duration) {
+    let socket = Arc::new(socket);
+    let sessions: Sessions = Arc::default();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                sh.debug(format_args!("udp recv on {}: {e}", fe.key));
+                continue;
+            }
+        };
+        let flow = Flow::udp(peer, fe.key.socket_addr());
+        let v = sh.dp.packet(&flow, TcpFlags::NONE, sh.now());
+        let Verdict::Forward(fw) = v else {
+            sh.debug(format_args!("udp {flow} {v}"));
+            continue;
+        };
+        let existing = sessions.lock().get(&peer).cloned();
+        let session = match existing {
+            Some(s) => {
+                let moved = *s.backend.lock() != fw.backend;
+                if moved {
+                    // The tracker flushed the flow of a removed backend and
+                    // balanced it afresh.
+                    if s.socket.connect(sh.dial(fw.backend)).await.is_err() {
+                        continue;
+                    }
+                    *s.backend.lock() = fw.backend;
+                }
+                s
+            }
+            None => {
+                let bind: SocketAddr = if fw.backend.is_ipv4() {
+                    "0.0.0.0:0".parse().expect("addr")
+                } else {
+                    "[::]:0".parse().expect("addr")
+                };
+                let Ok(us) = UdpSocket::bind(bind).await else {
+                    continue;
+                };
+                if us.connect(sh.dial(fw.backend)).await.is_err() {
+                    continue;
+                }
+                let s = Arc::new(UdpSession {
+                    socket: us,
+                    backend: parking_lot::Mutex::new(fw.backend),
+                    bytes_in: AtomicU64::new(0),
+                    bytes_out: AtomicU64::new(0),
+                });
+                sessions.lock().insert(peer, Arc::clone(&s));
+                sh.metrics
+                    .connections
+                    .get_or_create(&labels(&[
+                        ("service", &fe.service),
+                        ("backend", &fw.backend.to_string()),
+                    ]))
+                    .inc();
+                tokio::spawn(udp_session(
+                    Arc::clone(&sh),
+                    Arc::clone(&fe),
+                    Arc::clone(&socket),
+                    Arc::clone(&sessions),
+                    Arc::clone(&s),
+                    peer,
+                    udp_check,
+                ));
+                s
+            }
+        };
+        if session.socket.send(&buf[..n]).await.is_ok() {
+            session.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn udp_session(
+    sh: Arc<Shared>,
+    fe: Arc<FrontendInfo>,
+    listener: Arc<UdpSocket>,
+    sessions: Sessions,
+    s: Arc<UdpSession>,
+    peer: SocketAddr,
+    check: Duration,
+) {
+    let started = WallClock::now();
+    let _open = OpenGuard::new(&sh, &fe.service, false);
+    let flow = Flow::udp(peer, fe.key.socket_addr());
+    let mut buf = vec![0u8; 65536];
+    let mut tick = tokio::time::interval(check);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = s.socket.recv(&mut buf) => {
+                let Ok(n) = r else { continue };
+                let backend = *s.backend.lock();
+                sh.dp.reply(&Flow::udp(backend, peer), TcpFlags::NONE, sh.now());
+                if listener.send_to(&buf[..n], peer).await.is_ok() {
+                    s.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            _ = tick.tick() => {
+                // The tracker's UDP timeout ends the session: once
+                // handle_timeout expired the flow, it is gone.
+                let now = sh.now();
+                let live = sh.dp.connections(now).iter().any(|t| t.flow == flow);
+                if !live {
+                    break;
+                }
+            }
+        }
+    }
+    sessions.lock().remove(&peer);
+    let backend = *s.backend.lock();
+    log_conn(
+        &sh,
+        &ConnEnd {
+            fe: &fe,
+            client: peer,
+            backend: Some(backend),
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+            started,
+            end: "timeout",
+        },
+    );
+}
+
+/// Runs the dataplane's timers from the wall clock.
+async fn timers(sh: Arc<Shared>) {
+    loop {
+        let now = sh.now();
+        let wait = sh.dp.poll_timeout().map_or(Duration::from_secs(1), |t| {
+            t.saturating_duration_since(now)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1))
+        });
+        tokio::time::sleep(wait).await;
+        sh.dp.handle_timeout(sh.now());
+    }
+}
+
+/// `GET /metrics` over HTTP/1.1, one request per connection.
+async fn serve_metrics(sh: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let sh = Arc::clone(&sh);
+        tokio::spawn(async move {
+            let mut req = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if read != Ok(true) {
+                return;
+            }
+            let (status, body) = if req.starts_with(b"GET /metrics ") {
+                sh.metrics
+                    .tracked
+                    .set(sh.dp.connections(sh.now()).len() as i64);
+                let mut body = String::new();
+                let _ = encode(&mut body, &sh.metrics.registry);
+                ("200 OK", body)
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// An object the manifests own (deleted when it leaves the files).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Owned {
+    Service(ServiceKey),
+    Slice(SliceKey),
+}
+
+/// A followed watch input.
+struct WatchInput {
+    path: PathBuf,
+    /// Bytes of the file already read.
+    offset: u64,
+    /// Text read but not yet a whole JSON value.
+    pending: String,
+}
+
+/// The control plane: the table, the loader, the listeners.
+struct Control {
+    sh: Arc<Shared>,
+    table: ServiceTable,
+    loader: Loader,
+    options: LoadOptions,
+    node: NodeTopology,
+    paths: Vec<PathBuf>,
+    owned: BTreeSet<Owned>,
+    stamps: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    watches: Vec<WatchInput>,
+    stdin_pending: String,
+    listeners: BTreeMap<FrontendKey, AbortHandle>,
+    udp_check: Duration,
+}
+
+/// The length of the longest prefix of `text` made of whole top-level JSON
+/// values (objects or arrays), with what follows the last one.
+fn json_prefix(text: &str) -> usize {
+    let (mut depth, mut in_str, mut esc, mut end) = (0usize, false, false, 0usize);
+    for (i, c) in text.char_indices() {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if c == '\\' {
+                esc = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' | '[' => depth += 1,
+            '}' | ']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    end = i + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    end
+}
+
+impl Control {
+    fn stamps(&self) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+        let mut out = Vec::new();
+        for p in &self.paths {
+            for f in Loader::manifest_files(p).unwrap_or_default() {
+                let meta = std::fs::metadata(&f).ok();
+                let mtime = meta.as_ref().and_then(|m| m.modified().ok());
+                out.push((f, mtime, meta.map_or(0, |m| m.len())));
+            }
+        }
+        out
+    }
+
+    fn owned_keys(table: &ServiceTable) -> BTreeSet<Owned> {
+        let mut out = BTreeSet::new();
+        for v in table.views() {
+            let key = v.service().key().clone();
+            for s in table.slices_of(&key) {
+                out.insert(Owned::Slice(s.key().clone()));
+            }
+            out.insert(Owned::Service(key));
+        }
+        for s in table.pending_slices() {
+            out.insert(Owned::Slice(s.key().clone()));
+        }
+        out
+    }
+
+    fn notes(&self, report: &LoadReport) {
+        for line in report.lines(self.options.verbose) {
+            eprintln!("proxy: note: {line}");
+        }
+    }
+
+    /// Loads the manifests again and applies the difference.
+    fn reload_manifests(&mut self, source: &str) {
+        self.stamps = self.stamps();
+        // Read into a scratch table first: a bad file changes nothing.
+        let mut scratch = ServiceTable::new();
+        let mut scratch_loader = Loader::new(self.options.clone());
+        if let Err(e) = scratch_loader.load(&mut scratch, &self.paths, &[]) {
+            println!("reload error source={source} error={e:?}");
+            eprintln!("proxy: reload ({source}) refused: {e}");
+            return;
+        }
+        let owned = Self::owned_keys(&scratch);
+        let mut sets = Vec::new();
+        match self.loader.load(&mut self.table, &self.paths, &[]) {
+            Ok(r) => {
+                self.notes(&r);
+                sets.extend(r.change_sets);
+            }
+            Err(e) => {
+                println!("reload error source={source} error={e:?}");
+                eprintln!("proxy: reload ({source}) refused: {e}");
+                return;
+            }
+        }
+        let deletes: Vec<Change> = self
+            .owned
+            .difference(&owned)
+            .map(|o| match o {
+                Owned::Service(k) => Change::DeleteService(k.clone()),
+                Owned::Slice(k) => Change::DeleteSlice(k.clone()),
+            })
+            .collect();
+        if !deletes.is_empty() {
+            match self.table.apply_batch(deletes) {
+                Ok(cs) => sets.push(cs),
+                Err(e) => eprintln!("proxy: reload ({source}): delete refused: {e}"),
+            }
+        }
+        self.owned = owned;
+        self.apply(sets, source);
+    }
+
+    /// Applies the watch text that has arrived whole.
+    fn apply_watch(&mut self, text: &str, source: &str) {
+        if text.trim().is_empty() {
+            return;
+        }
+        match self.loader.apply_watch_text(&mut self.table, text, source) {
+            Ok(r) => {
+                self.notes(&r);
+                self.apply(r.change_sets, "watch");
+            }
+            Err(e) => {
+                println!("reload error source=watch error={e:?}");
+                eprintln!("proxy: watch input {source}: {e}");
+            }
+        }
+    }
+
+    /// Reads what a followed watch file has gained.
+    fn poll_watches(&mut self) {
+        for i in 0..self.watches.len() {
+            let w = &mut self.watches[i];
+            let Ok(mut f) = std::fs::File::open(&w.path) else {
+                continue;
+            };
+            let len = f.metadata().map_or(0, |m| m.len());
+            if len < w.offset {
+                // Truncated: start over.
+                w.offset = 0;
+                w.pending.clear();
+            }
+            if len == w.offset {
+                continue;
+            }
+            use std::io::Seek as _;
+            if f.seek(std::io::SeekFrom::Start(w.offset)).is_err() {
+                continue;
+            }
+            let mut bytes = Vec::new();
+            if f.take(len - w.offset).read_to_end(&mut bytes).is_err() {
+                continue;
+            }
+            w.offset += bytes.len() as u64;
+            w.pending.push_str(&String::from_utf8_lossy(&bytes));
+            let cut = json_prefix(&w.pending);
+            let text: String = w.pending.drain(..cut).collect();
+            let source = w.path.display().to_string();
+            self.apply_watch(&text, &source);
+        }
+    }
+
+    fn stdin_chunk(&mut self, chunk: &str) {
+        self.stdin_pending.push_str(chunk);
+        let cut = json_prefix(&self.stdin_pending);
+        let text: String = self.stdin_pending.drain(..cut).collect();
+        self.apply_watch(&text, "<stdin>");
+    }
+
+    /// Syncs the dataplane with what changed and reconciles the
+    /// listeners.
+    fn apply(&mut self, sets: Vec<ChangeSet>, source: &str) {
+        let now = self.sh.now();
+        for cs in &sets {
+            if !cs.is_empty() {
+                self.sh.dp.sync(&self.table, cs, now);
+            }
+        }
+        self.sh.metrics.reloads.inc();
+        let (opened, closed) = self.reconcile();
+        println!(
+            "reload ok source={source} services={} listeners={} opened={opened} closed={closed}",
+            self.table.len(),
+            self.listeners.len()
+        );
+    }
+
+    /// Opens a listener per new TCP/UDP frontend, closes the removed ones.
+    fn reconcile(&mut self) -> (usize, usize) {
+        let planner = Planner::compile(&self.table, &self.node);
+        let mut want: BTreeMap<FrontendKey, String> = BTreeMap::new();
+        for fe in planner.frontends() {
+            let key = fe.key();
+            if matches!(key.protocol, Protocol::Tcp | Protocol::Udp) {
+                want.insert(key, fe.name().to_owned());
+            }
+        }
+        let mut closed = 0;
+        self.listeners.retain(|key, handle| {
+            let keep = want.contains_key(key);
+            if !keep {
+                handle.abort();
+                println!("listener closed {key}");
+                closed += 1;
+            }
+            keep
+        });
+        let mut opened = 0;
+        for (key, service) in want {
+            if self.listeners.contains_key(&key) {
+                continue;
+            }
+            let fe = Arc::new(FrontendInfo { key, service });
+            let addr = key.socket_addr();
+            let sh = Arc::clone(&self.sh);
+            let handle = match key.protocol {
+                Protocol::Tcp => match std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(TcpListener::from_std)
+                {
+                    Ok(l) => tokio::spawn(accept_tcp(sh, Arc::clone(&fe), l)).abort_handle(),
+                    Err(e) => {
+                        eprintln!("proxy: cannot listen on {key}: {e}");
+                        continue;
+                    }
+                },
+                _ => match std::net::UdpSocket::bind(addr)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .and_then(UdpSocket::from_std)
+                {
+                    Ok(s) => tokio::spawn(serve_udp(sh, Arc::clone(&fe), s, self.udp_check))
+                        .abort_handle(),
+                    Err(e) => {
+                        eprintln!("proxy: cannot listen on {key}: {e}");
+                        continue;
+                    }
+                },
+            };
+            println!("listener opened {key} service={}", fe.service);
+            self.listeners.insert(key, handle);
+            opened += 1;
+        }
+        (opened, closed)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = cli.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("proxy: error: runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("proxy: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let scheduler: SchedulerKind = cli
+        .scheduler
+        .parse()
+        .map_err(|e| format!("--scheduler: {e}"))?;
+    let options = cli.load.options().map_err(|e| e.to_string())?;
+    let node = cli.load.node();
+    let mode = match cli.mode {
+        ModeArg::Iptables => svclb::Mode::Iptables,
+        ModeArg::Nftables => svclb::Mode::Nftables,
+        ModeArg::Ipvs => svclb::Mode::Ipvs,
+    };
+    let secs = |flag: &str, v: f64| {
+        if (0.0..1e9).contains(&v) {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(format!(
+                "{flag}: invalid value {v}: must be seconds, 0 or more"
+            ))
+        }
+    };
+    let drain_timeout = secs("--drain-timeout", cli.drain_timeout)?;
+    let mut config = DataplaneConfig::with_seed(cli.seed)
+        .node(node.clone())
+        .scheduler(scheduler);
+    config.count_connections = true;
+    config.drain_grace = secs("--drain-grace", cli.drain_grace)?;
+    let mut timeouts = mode.default_timeouts();
+    if let Some(t) = cli.udp_timeout {
+        let t = secs("--udp-timeout", t)?;
+        timeouts.udp = t;
+        timeouts.udp_replied = t;
+    }
+    let udp_check = (timeouts.udp_replied.min(timeouts.udp) / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(5));
+    config.conntrack_timeouts = Some(timeouts);
+    let dp: Box<dyn Dataplane> = match mode {
+        svclb::Mode::Ipvs => Box::new(IpvsDataplane::new(config)),
+        svclb::Mode::Nftables => Box::new(NftablesDataplane::new(config)),
+        _ => Box::new(IptablesDataplane::new(config)),
+    };
+    let mut connect_map = Vec::new();
+    for m in &cli.connect_map {
+        let bad = || {
+            format!("--connect-map: invalid value {m:?}: must be FROM_CIDR=TO_CIDR of one family")
+        };
+        let (a, b) = m.split_once('=').ok_or_else(bad)?;
+        let from =
+            svclb::render::Cidr::parse("--connect-map", a.trim()).map_err(|e| e.to_string())?;
+        let to =
+            svclb::render::Cidr::parse("--connect-map", b.trim()).map_err(|e| e.to_string())?;
+        if from.addr().is_ipv4() != to.addr().is_ipv4() {
+            return Err(bad());
+        }
+        connect_map.push((from, to));
+    }
+    let sh = Arc::new(Shared {
+        connect_map,
+        dp,
+        start: WallClock::now(),
+        metrics: Metrics::new(),
+        log: cli.log,
+        open: AtomicUsize::new(0),
+    });
+
+    // Signals first, so that a SIGHUP right after start is not fatal.
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+
+    let mut ctl = Control {
+        sh: Arc::clone(&sh),
+        table: ServiceTable::new(),
+        loader: Loader::new(options.clone()),
+        options,
+        node,
+        paths: cli.manifests.clone(),
+        owned: BTreeSet::new(),
+        stamps: Vec::new(),
+        watches: Vec::new(),
+        stdin_pending: String::new(),
+        listeners: BTreeMap::new(),
+        udp_check,
+    };
+    // The first load: any error is fatal.
+    ctl.stamps = ctl.stamps();
+    let report = ctl
+        .loader
+        .load(&mut ctl.table, &cli.manifests, &[])
+        .map_err(|e| e.to_string())?;
+    ctl.notes(&report);
+    ctl.owned = Control::owned_keys(&ctl.table);
+    let mut stdin = false;
+    for w in &cli.watch {
+        if w.as_os_str() == "-" {
+            stdin = true;
+        } else {
+            ctl.watches.push(WatchInput {
+                path: w.clone(),
+                offset: 0,
+                pending: String::new(),
+            });
+        }
+    }
+    // Whole watch files now (any format the loader reads), then followed.
+    for i in 0..ctl.watches.len() {
+        let path = ctl.watches[i].path.clone();
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        ctl.watches[i].offset = text.len() as u64;
+        let report = ctl
+            .loader
+            .apply_watch_text(&mut ctl.table, &text, &path.display().to_string())
+            .map_err(|e| e.to_string())?;
+        ctl.notes(&report);
+    }
+    sh.dp
+        .sync(&ctl.table, &ctl.table.full_change_set(), sh.now());
+    let (opened, _) = ctl.reconcile();
+
+    let (stdin_tx, mut stdin_rx) = mpsc::channel::<String>(16);
+    if stdin {
+        std::thread::spawn(move || {
+            let mut input = std::io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let chunk = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        if stdin_tx.blocking_send(chunk).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    } else {
+        drop(stdin_tx);
+    }
+
+    tokio::spawn(timers(Arc::clone(&sh)));
+    if let Some(addr) = cli.metrics {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--metrics {addr}: {e}"))?;
+        println!(
+            "metrics listening on {}",
+            l.local_addr().map_err(|e| e.to_string())?
+        );
+        tokio::spawn(serve_metrics(Arc::clone(&sh), l));
+    }
+    println!(
+        "ready mode={} services={} listeners={opened}",
+        mode,
+        ctl.table.len()
+    );
+
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    let mut stdin_open = stdin;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => ctl.reload_manifests("sighup"),
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            chunk = stdin_rx.recv(), if stdin_open => match chunk {
+                Some(c) => ctl.stdin_chunk(&c),
+                None => stdin_open = false,
+            },
+            _ = poll.tick() => {
+                if ctl.stamps() != ctl.stamps {
+                    ctl.reload_manifests("files");
+                }
+                ctl.poll_watches();
+            }
+        }
+    }
+
+    // Shutdown: stop accepting, drain for a bounded time.
+    for (_, h) in std::mem::take(&mut ctl.listeners) {
+        h.abort();
+    }
+    let deadline = WallClock::now() + drain_timeout;
+    let open = sh.open.load(Ordering::Relaxed);
+    println!("shutdown draining={open}");
+    while sh.open.load(Ordering::Relaxed) > 0 && WallClock::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "shutdown done remaining={}",
+        sh.open.load(Ordering::Relaxed)
+    );
+    Ok(())
+}

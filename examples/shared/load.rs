@@ -1,0 +1,72 @@
+//! The input flags every example that loads Kubernetes input takes, and
+//! their translation into `svclb::k8s::loader::LoadOptions` and a node
+//! topology: `--service-cidr`, `--node`, `--zone`, `--keep-going`,
+//! `--verbose` and the `--max-*` limits (the same names and defaults as
+//! `examples/svclb.rs`).
+
+use clap::Args;
+use svclb::k8s::input::InputLimits;
+use svclb::k8s::loader::{self, LoadOptions};
+use svclb::{NodeTopology, ValidationError};
+
+/// The loader's flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct LoadArgs {
+    /// This node's name (Local traffic policies, node hints).
+    #[arg(long)]
+    pub(crate) node: Option<String>,
+    /// This node's zone (topology hints).
+    #[arg(long)]
+    pub(crate) zone: Option<String>,
+    /// Service CIDRs (one per family) that Services without
+    /// spec.clusterIP get an address from.
+    #[arg(long, default_value = loader::DEFAULT_SERVICE_CIDRS)]
+    pub(crate) service_cidr: String,
+    /// Skip bad objects (each reported) and load the rest.
+    #[arg(long)]
+    pub(crate) keep_going: bool,
+    /// One note per skipped object instead of a summary per kind.
+    #[arg(long)]
+    pub(crate) verbose: bool,
+    /// Bytes per input file or stream.
+    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_BYTES)]
+    pub(crate) max_input_bytes: u64,
+    /// Nesting depth of lists and objects.
+    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_DEPTH)]
+    pub(crate) max_depth: usize,
+    /// Documents per input.
+    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_DOCUMENTS)]
+    pub(crate) max_documents: usize,
+    /// Objects per input (documents, list items, watch events).
+    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_OBJECTS)]
+    pub(crate) max_objects: usize,
+    /// Bad objects reported per input (the rest are counted).
+    #[arg(long, default_value_t = 20)]
+    pub(crate) max_errors: usize,
+}
+
+impl LoadArgs {
+    /// The loader's options.
+    pub(crate) fn options(&self) -> Result<LoadOptions, ValidationError> {
+        Ok(LoadOptions {
+            service_cidrs: loader::parse_service_cidrs(&self.service_cidr)?,
+            keep_going: self.keep_going,
+            verbose: self.verbose,
+            limits: InputLimits {
+                max_bytes: self.max_input_bytes,
+                max_depth: self.max_depth,
+                max_documents: self.max_documents,
+                max_objects: self.max_objects,
+            },
+            max_errors: self.max_errors,
+        })
+    }
+
+    /// The node's name and zone.
+    pub(crate) fn node(&self) -> NodeTopology {
+        let mut node = NodeTopology::default();
+        node.node_name = self.node.clone();
+        node.zone = self.zone.clone();
+        node
+    }
+}
