@@ -67,7 +67,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 
 /// Routes tried for one connection before it is refused.
 const MAX_CONNECT_ATTEMPTS: usize = 4;
@@ -428,7 +428,7 @@ async fn serve_tcp(
 ) {
     let started = WallClock::now();
     let flow = Flow::tcp(peer, fe.key.socket_addr());
-    let _open = OpenGuard::new(&sh, &fe.service, true);
+    let open = OpenGuard::new(&sh, &fe.service, true);
     let (mut backend, fw) = match connect_backend(&sh, &fe, &flow).await {
         Ok(x) => x,
         Err(end) => {
@@ -437,6 +437,7 @@ async fn serve_tcp(
             } else {
                 reset(client);
             }
+            drop(open);
             log_conn(
                 &sh,
                 &ConnEnd {
@@ -537,6 +538,7 @@ async fn serve_tcp(
         reset(backend);
     }
     sh.dp.connection_closed(&flow, sh.now());
+    drop(open);
     log_conn(
         &sh,
         &ConnEnd {
@@ -647,7 +649,7 @@ async fn udp_session(
     check: Duration,
 ) {
     let started = WallClock::now();
-    let _open = OpenGuard::new(&sh, &fe.service, false);
+    let open = OpenGuard::new(&sh, &fe.service, false);
     let flow = Flow::udp(peer, fe.key.socket_addr());
     let mut buf = vec![0u8; 65536];
     let mut tick = tokio::time::interval(check);
@@ -675,6 +677,7 @@ async fn udp_session(
     }
     sessions.lock().remove(&peer);
     let backend = *s.backend.lock();
+    drop(open);
     log_conn(
         &sh,
         &ConnEnd {
@@ -774,7 +777,7 @@ struct Control {
     stamps: Vec<(PathBuf, Option<SystemTime>, u64)>,
     watches: Vec<WatchInput>,
     stdin_pending: String,
-    listeners: BTreeMap<FrontendKey, AbortHandle>,
+    listeners: BTreeMap<FrontendKey, JoinHandle<()>>,
     udp_check: Duration,
 }
 
@@ -992,7 +995,7 @@ impl Control {
                     .and_then(|l| l.set_nonblocking(true).map(|()| l))
                     .and_then(TcpListener::from_std)
                 {
-                    Ok(l) => tokio::spawn(accept_tcp(sh, Arc::clone(&fe), l)).abort_handle(),
+                    Ok(l) => tokio::spawn(accept_tcp(sh, Arc::clone(&fe), l)),
                     Err(e) => {
                         eprintln!("proxy: cannot listen on {key}: {e}");
                         continue;
@@ -1002,8 +1005,7 @@ impl Control {
                     .and_then(|s| s.set_nonblocking(true).map(|()| s))
                     .and_then(UdpSocket::from_std)
                 {
-                    Ok(s) => tokio::spawn(serve_udp(sh, Arc::clone(&fe), s, self.udp_check))
-                        .abort_handle(),
+                    Ok(s) => tokio::spawn(serve_udp(sh, Arc::clone(&fe), s, self.udp_check)),
                     Err(e) => {
                         eprintln!("proxy: cannot listen on {key}: {e}");
                         continue;
@@ -1222,6 +1224,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     // Shutdown: stop accepting, drain for a bounded time.
     for (_, h) in std::mem::take(&mut ctl.listeners) {
         h.abort();
+        // Cancelled: the listening socket is closed once this returns.
+        let _ = h.await;
     }
     let deadline = WallClock::now() + drain_timeout;
     let open = sh.open.load(Ordering::Relaxed);

@@ -1,0 +1,647 @@
+//! Runs `examples/proxy.rs` against echo backends on loopback: every byte
+//! echoed, the distribution over backends for rr, random and lc, ClientIP
+//! affinity, reloads (file change and SIGHUP) that remove a backend while a
+//! connection to it stays open, a service without endpoints, UDP sessions,
+//! metrics, and a clean shutdown.
+//!
+//! Every server and client uses addresses in 127.0.0.0/8 only: backends on
+//! 127.77.K.1-3 (standing in for endpoints 10.244.K.1-3 through the proxy's
+//! `--connect-map`, as the API refuses loopback endpoints), the services on
+//! 127.78.0.K, clients bound to 127.0.0.2 and up. K is a test's own number,
+//! so the tests run in parallel. Every wait is bounded.
+#![cfg(all(feature = "serde", target_os = "linux"))]
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const BACKEND_PORT: u16 = 9000;
+const SERVICE_PORT: u16 = 8000;
+/// The longest any wait in these tests may take.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let bin = profile_dir
+            .join("examples")
+            .join(format!("proxy{}", std::env::consts::EXE_SUFFIX));
+        // As tests/cli.rs: always ask cargo (a no-op after `cargo test`).
+        let mut features = String::from("serde");
+        if cfg!(feature = "k8s-openapi") {
+            features.push_str(",k8s-openapi");
+        }
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "--quiet",
+            "--example",
+            "proxy",
+            "--features",
+            &features,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the proxy example failed");
+        assert!(bin.exists(), "{} not found", bin.display());
+        bin
+    })
+}
+
+/// Three echo backends: TCP and UDP on 127.77.K.1-3:9000. Each TCP
+/// connection first gets the backend's number as one byte (`1`..`3`), then
+/// the echo of everything it sends; each UDP datagram comes back prefixed
+/// with that byte.
+struct Backends {
+    accepted: Vec<Arc<AtomicUsize>>,
+}
+
+fn backend_ip(k: u8, i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 77, k, i)
+}
+
+fn start_backends(k: u8) -> Backends {
+    let mut accepted = Vec::new();
+    for i in 1..=3u8 {
+        let addr = SocketAddr::new(IpAddr::V4(backend_ip(k, i)), BACKEND_PORT);
+        let listener = TcpListener::bind(addr).expect("bind backend");
+        let count = Arc::new(AtomicUsize::new(0));
+        accepted.push(Arc::clone(&count));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let id = b'0' + i;
+                    if c.write_all(&[id]).is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if c.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = c.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        let udp = UdpSocket::bind(addr).expect("bind udp backend");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            loop {
+                let Ok((n, peer)) = udp.recv_from(&mut buf[1..]) else {
+                    return;
+                };
+                buf[0] = b'0' + i;
+                let _ = udp.send_to(&buf[..=n], peer);
+            }
+        });
+    }
+    Backends { accepted }
+}
+
+impl Backends {
+    fn counts(&self) -> Vec<usize> {
+        self.accepted
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .collect()
+    }
+}
+
+fn vip(k: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 78, 0, k)), SERVICE_PORT)
+}
+
+/// A Service `echo` on 127.78.0.K with TCP and UDP port 8000, and a slice
+/// with the endpoints 10.244.K.I for I in `endpoints`.
+fn manifest(k: u8, endpoints: &[u8], affinity: bool) -> String {
+    let mut m = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: default}}\nspec:\n  clusterIP: 127.78.0.{k}\n"
+    );
+    if affinity {
+        m.push_str("  sessionAffinity: ClientIP\n");
+    }
+    m.push_str(
+        "  ports:\n  - {name: tcp, port: 8000, targetPort: 9000, protocol: TCP}\n  - {name: udp, port: 8000, targetPort: 9000, protocol: UDP}\n",
+    );
+    m.push_str(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports:\n- {name: tcp, port: 9000, protocol: TCP}\n- {name: udp, port: 9000, protocol: UDP}\n",
+    );
+    m.push_str(if endpoints.is_empty() {
+        "endpoints: []\n"
+    } else {
+        "endpoints:\n"
+    });
+    for i in endpoints {
+        m.push_str(&format!("- addresses: [\"10.244.{k}.{i}\"]\n"));
+    }
+    m
+}
+
+/// A temporary directory for one test's manifests.
+fn temp_dir(k: u8) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("svclb-proxy-test-{}-{k}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Replaces `path` with `text` in one step (a rename), with mtime `mtime`
+/// if given, so that the proxy's poll never sees a half-written file.
+fn write_file(path: &Path, text: &str, mtime: Option<std::time::SystemTime>) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write manifest");
+    if let Some(t) = mtime {
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .and_then(|f| f.set_modified(t))
+            .expect("set mtime");
+    }
+    std::fs::rename(&tmp, path).expect("rename manifest");
+}
+
+/// A running proxy with its standard output collected line by line.
+struct Proxy {
+    child: Child,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    metrics: SocketAddr,
+}
+
+impl Proxy {
+    fn start(k: u8, manifests: &Path, extra: &[&str]) -> Proxy {
+        let metrics = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 78, 1, k)), 9100);
+        let mut child = Command::new(binary())
+            .arg("--manifests")
+            .arg(manifests)
+            .args([
+                "--service-cidr",
+                "127.78.0.0/16",
+                "--connect-map",
+                &format!("10.244.{k}.0/24=127.77.{k}.0/24"),
+                "--metrics",
+                &metrics.to_string(),
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn proxy");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let l2 = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let (m, cv) = &*l2;
+                m.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        let p = Proxy {
+            child,
+            lines,
+            metrics,
+        };
+        p.wait_line(|l| l.starts_with("ready "));
+        p
+    }
+
+    /// Waits (at most [`WAIT`]) for `n` lines matching `pred`; returns
+    /// them.
+    fn wait_lines(&self, n: usize, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let (m, cv) = &*self.lines;
+        let deadline = Instant::now() + WAIT;
+        let mut g = m.lock().unwrap();
+        loop {
+            let found: Vec<String> = g.iter().filter(|l| pred(l)).cloned().collect();
+            if found.len() >= n {
+                return found;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "waited for {n} lines, got {}; output:\n{}",
+                found.len(),
+                g.join("\n")
+            );
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    fn wait_line(&self, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_lines(1, pred).pop().expect("a line")
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success());
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.metrics).expect("connect metrics");
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read metrics");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        out
+    }
+
+    /// The value of the metric line that starts with `name`.
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("-TERM");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "proxy did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connection to the service from `src`, after the backend's greeting:
+/// returns the stream and the backend's number.
+fn open(k: u8, src: Ipv4Addr) -> (TcpStream, u8) {
+    let sock = socket_from(src);
+    sock.connect(&vip(k).into())
+        .expect("connect to the service");
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut id = [0u8; 1];
+    s.read_exact(&mut id).expect("backend greeting");
+    (s, id[0] - b'0')
+}
+
+fn socket_from(src: Ipv4Addr) -> socket2::Socket {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&SocketAddr::new(IpAddr::V4(src), 0).into())
+        .expect("bind client");
+    sock
+}
+
+/// Sends `payload`, checks every byte comes back.
+fn echo(s: &mut TcpStream, payload: &[u8]) {
+    s.write_all(payload).expect("send");
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).expect("echo");
+    assert_eq!(back, payload, "echoed bytes differ");
+}
+
+/// One whole connection: greeting, echo, half-close, EOF. Returns the
+/// backend.
+fn one_connection(k: u8, src: Ipv4Addr, payload: &[u8]) -> u8 {
+    let (mut s, id) = open(k, src);
+    s.write_all(payload).expect("send");
+    s.shutdown(Shutdown::Write).expect("half-close");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("read to EOF");
+    assert_eq!(back, payload, "echoed bytes differ");
+    id
+}
+
+fn client(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (i % 50) as u8)
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    (0..1000 + i % 100).map(|j| (i * 31 + j) as u8).collect()
+}
+
+fn histogram(ids: &[u8]) -> [usize; 3] {
+    let mut h = [0; 3];
+    for &id in ids {
+        h[usize::from(id - 1)] += 1;
+    }
+    h
+}
+
+#[test]
+fn rr_echoes_every_byte_and_metrics_count_it() {
+    let k = 1;
+    let backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    let proxy = Proxy::start(k, &file, &["--mode", "ipvs", "--scheduler", "rr"]);
+    let mut ids = Vec::new();
+    let mut sent = 0;
+    for i in 0..300 {
+        let p = payload(i);
+        sent += p.len();
+        ids.push(one_connection(k, client(i), &p));
+    }
+    // rr with one connection at a time: exactly even.
+    assert_eq!(histogram(&ids), [100, 100, 100]);
+    assert_eq!(backends.counts(), vec![100, 100, 100]);
+    let done = proxy.wait_lines(300, |l| {
+        l.starts_with("conn proto=tcp") && l.contains("end=closed")
+    });
+    assert!(done[0].contains("service=default/echo:tcp"), "{}", done[0]);
+    for i in 1..=3 {
+        let m = proxy.metric(&format!(
+            "svclb_proxy_connections_total{{service=\"default/echo:tcp\",backend=\"10.244.{k}.{i}:9000\"}}"
+        ));
+        assert_eq!(m, 100.0);
+    }
+    let bytes_in =
+        proxy.metric("svclb_proxy_bytes_total{service=\"default/echo:tcp\",direction=\"in\"}");
+    let bytes_out =
+        proxy.metric("svclb_proxy_bytes_total{service=\"default/echo:tcp\",direction=\"out\"}");
+    assert_eq!(bytes_in, sent as f64);
+    // Out: the echo plus each backend's greeting byte.
+    assert_eq!(bytes_out, (sent + 300) as f64);
+    assert_eq!(
+        proxy.metric("svclb_proxy_active_connections{service=\"default/echo:tcp\"}"),
+        0.0
+    );
+    assert_eq!(proxy.metric("svclb_proxy_tracked_connections"), 0.0);
+    assert_eq!(proxy.metric("svclb_proxy_reloads_total"), 0.0);
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn random_spreads_connections() {
+    let k = 2;
+    let backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    let proxy = Proxy::start(k, &file, &["--mode", "iptables"]);
+    let ids: Vec<u8> = (0..300)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    // iptables' random cascade: each backend a third in expectation; 60..140
+    // is about 5 standard deviations either side.
+    for n in histogram(&ids) {
+        assert!((60..=140).contains(&n), "{:?}", histogram(&ids));
+    }
+    assert_eq!(backends.counts().iter().sum::<usize>(), 300);
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn least_connection_balances_open_connections() {
+    let k = 3;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    let proxy = Proxy::start(k, &file, &["--mode", "ipvs", "--scheduler", "lc"]);
+    // 300 connections held open: each goes to the backend with the fewest
+    // (the tracker's ESTABLISHED counts), so exactly 100 each.
+    let mut open_conns = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let (mut s, id) = open(k, client(i));
+        echo(&mut s, &payload(i));
+        ids.push(id);
+        open_conns.push(s);
+    }
+    assert_eq!(histogram(&ids), [100, 100, 100]);
+    assert_eq!(proxy.metric("svclb_proxy_tracked_connections"), 300.0);
+    drop(open_conns);
+    proxy.wait_lines(300, |l| l.starts_with("conn proto=tcp"));
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn client_ip_affinity_pins_each_client() {
+    let k = 4;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], true), None);
+    let proxy = Proxy::start(k, &file, &["--mode", "iptables"]);
+    let mut seen: std::collections::BTreeMap<Ipv4Addr, std::collections::BTreeSet<u8>> =
+        Default::default();
+    for i in 0..300 {
+        let src = Ipv4Addr::new(127, 0, 0, 2 + (i % 30) as u8);
+        let id = one_connection(k, src, &payload(i));
+        seen.entry(src).or_default().insert(id);
+    }
+    assert_eq!(seen.len(), 30);
+    for (src, ids) in &seen {
+        assert_eq!(ids.len(), 1, "{src} went to {ids:?}");
+    }
+    // 30 clients over 3 backends: more than one backend is used.
+    let used: std::collections::BTreeSet<u8> = seen.values().flatten().copied().collect();
+    assert!(used.len() > 1, "{used:?}");
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn reloads_by_file_change_and_sighup_drain_open_connections() {
+    let k = 5;
+    let backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    let proxy = Proxy::start(k, &file, &["--mode", "ipvs", "--scheduler", "rr"]);
+    // Open connections until one is on backend 3, and keep it.
+    let mut on3 = None;
+    for i in 0..3 {
+        let (s, id) = open(k, client(i));
+        if id == 3 {
+            on3 = Some(s);
+        }
+    }
+    let mut on3 = on3.expect("rr reached backend 3");
+    let on3_client = on3.local_addr().unwrap();
+
+    // File change: backend 3 leaves the slice.
+    write_file(&file, &manifest(k, &[1, 2], false), None);
+    proxy.wait_line(|l| l.starts_with("reload ok source=files"));
+    let before = backends.counts();
+    let ids: Vec<u8> = (0..30)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    assert!(!ids.contains(&3), "{ids:?}");
+    assert_eq!(backends.counts()[2], before[2]);
+    // The open connection to the removed backend keeps working.
+    echo(&mut on3, b"still here after the reload");
+
+    // SIGHUP: a change the file poll cannot see (same size, same mtime):
+    // endpoint 2 becomes endpoint 3.
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let text = manifest(k, &[1, 3], false);
+    assert_eq!(text.len(), manifest(k, &[1, 2], false).len());
+    write_file(&file, &text, Some(mtime));
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        proxy.wait_lines(1, |l| l.starts_with("reload ok")).len() == 1,
+        "the poll must not see a change of neither size nor mtime"
+    );
+    proxy.signal("-HUP");
+    proxy.wait_line(|l| l.starts_with("reload ok source=sighup"));
+    let ids: Vec<u8> = (0..30)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    assert!(!ids.contains(&2), "{ids:?}");
+    assert!(ids.contains(&3), "{ids:?}");
+    echo(&mut on3, b"and after the second");
+    assert_eq!(proxy.metric("svclb_proxy_reloads_total"), 2.0);
+    on3.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    on3.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let line = proxy.wait_line(|l| l.contains(&format!("client={on3_client} ")));
+    assert!(
+        line.contains(&format!("backend=10.244.{k}.3:9000")),
+        "{line}"
+    );
+    assert!(line.contains("end=closed"), "{line}");
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn service_without_endpoints_refuses() {
+    let k = 6;
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[], false), None);
+    let proxy = Proxy::start(k, &file, &[]);
+    for i in 0..3 {
+        let sock = socket_from(client(i));
+        sock.connect(&vip(k).into()).expect("the listener accepts");
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 16];
+        let r = s.read(&mut buf);
+        match r {
+            Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
+            Ok(n) => panic!("read {n} bytes from a service without endpoints"),
+        }
+    }
+    proxy.wait_lines(3, |l| {
+        l.starts_with("conn proto=tcp") && l.contains("end=reject")
+    });
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn udp_sessions_reply_from_the_service_and_time_out() {
+    let k = 7;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &["--mode", "ipvs", "--scheduler", "rr", "--udp-timeout", "1"],
+    );
+    let mut backends_seen = Vec::new();
+    let mut sent = 0;
+    for c in 0..3u8 {
+        let sock = UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2 + c), 0)).expect("bind client");
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let mut session_backend = None;
+        for n in 0..5u8 {
+            let msg = [b'u', c, n];
+            sent += msg.len();
+            sock.send_to(&msg, vip(k)).expect("send");
+            let mut buf = [0u8; 64];
+            let (len, from) = sock.recv_from(&mut buf).expect("reply");
+            assert_eq!(from, vip(k), "the reply comes from the service address");
+            assert_eq!(&buf[1..len], &msg);
+            let id = buf[0];
+            assert_eq!(
+                *session_backend.get_or_insert(id),
+                id,
+                "one backend per session"
+            );
+        }
+        backends_seen.push(session_backend.unwrap());
+    }
+    backends_seen.sort_unstable();
+    assert_eq!(backends_seen, vec![b'1', b'2', b'3']);
+    // The tracker's UDP timeout (1 s here) ends the sessions.
+    let ended = proxy.wait_lines(3, |l| {
+        l.starts_with("conn proto=udp") && l.contains("end=timeout")
+    });
+    let total_in: usize = ended
+        .iter()
+        .map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("bytes_in="))
+                .and_then(|v| v.parse::<usize>().ok())
+                .expect("bytes_in")
+        })
+        .sum();
+    assert_eq!(total_in, sent);
+    assert_eq!(
+        proxy.metric("svclb_proxy_bytes_total{service=\"default/echo:udp\",direction=\"in\"}"),
+        sent as f64
+    );
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn shutdown_stops_accepting_and_drains() {
+    let k = 8;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    let mut proxy = Proxy::start(k, &file, &["--drain-timeout", "8"]);
+    let (mut s, _) = open(k, client(0));
+    proxy.signal("-TERM");
+    proxy.wait_line(|l| l == "shutdown draining=1");
+    // No longer accepting.
+    let refused = socket_from(client(1)).connect(&vip(k).into());
+    assert!(refused.is_err(), "the listener must be closed");
+    // The open connection still works, and its end lets the proxy exit.
+    echo(&mut s, b"draining");
+    drop(s);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = proxy.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "proxy did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    proxy.wait_line(|l| l == "shutdown done remaining=0");
+}
