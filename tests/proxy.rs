@@ -645,3 +645,96 @@ fn shutdown_stops_accepting_and_drains() {
     assert!(status.success(), "{status:?}");
     proxy.wait_line(|l| l == "shutdown done remaining=0");
 }
+
+#[test]
+fn drain_grace_ends_connections_to_a_removed_backend() {
+    let k = 9;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &["--mode", "ipvs", "--scheduler", "rr", "--drain-grace", "1"],
+    );
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        kept.push(open(k, client(i)));
+    }
+    let (mut on3, _) = kept.remove(kept.iter().position(|(_, id)| *id == 3).expect("on 3"));
+    let on3_client = on3.local_addr().unwrap();
+    write_file(&file, &manifest(k, &[1, 2], false), None);
+    proxy.wait_line(|l| l.starts_with("reload ok source=files"));
+    echo(&mut on3, b"draining");
+    // Once the grace has passed the dataplane drops the connection's
+    // packets (expire_nodest_conn), and the proxy closes it.
+    let line = proxy.wait_line(|l| l.contains(&format!("client={on3_client} ")));
+    assert!(line.contains("end=expired"), "{line}");
+    let mut buf = [0u8; 8];
+    match on3.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
+        Ok(n) => panic!("read {n} bytes after the drain ended"),
+    }
+    // The connections to the remaining backends are untouched.
+    for (s, _) in &mut kept {
+        echo(s, b"still open");
+    }
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn watch_input_is_applied_as_it_arrives() {
+    let k = 10;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let svc = dir.join("service.yaml");
+    // The service from a manifest, its endpoints from a watch stream.
+    let text = manifest(k, &[], false);
+    let service_only = text.split("---").next().unwrap();
+    write_file(&svc, service_only, None);
+    let slice = |eps: &[u8], rv: u32| {
+        let endpoints: Vec<String> = eps
+            .iter()
+            .map(|i| format!("{{\"addresses\": [\"10.244.{k}.{i}\"]}}"))
+            .collect();
+        format!(
+            "{{\"type\": \"ADDED\", \"object\": {{\"apiVersion\": \"discovery.k8s.io/v1\", \"kind\": \"EndpointSlice\", \"metadata\": {{\"name\": \"echo-1\", \"namespace\": \"default\", \"resourceVersion\": \"{rv}\", \"labels\": {{\"kubernetes.io/service-name\": \"echo\"}}}}, \"addressType\": \"IPv4\", \"ports\": [{{\"name\": \"tcp\", \"port\": 9000, \"protocol\": \"TCP\"}}], \"endpoints\": [{}]}}}}\n",
+            endpoints.join(", ")
+        )
+    };
+    let events = dir.join("events.json");
+    std::fs::write(&events, slice(&[1, 2, 3], 10)).unwrap();
+    let proxy = Proxy::start(
+        k,
+        &svc,
+        &[
+            "--watch",
+            events.to_str().unwrap(),
+            "--mode",
+            "ipvs",
+            "--scheduler",
+            "rr",
+        ],
+    );
+    let ids: Vec<u8> = (0..30)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    assert_eq!(histogram(&ids), [10, 10, 10]);
+    // A MODIFIED event appended to the stream, written in two parts: the
+    // proxy applies it once it is whole.
+    let ev = slice(&[1], 11).replace("ADDED", "MODIFIED");
+    let (a, b) = ev.split_at(ev.len() / 2);
+    let mut f = std::fs::File::options().append(true).open(&events).unwrap();
+    f.write_all(a.as_bytes()).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    f.write_all(b.as_bytes()).unwrap();
+    proxy.wait_line(|l| l.starts_with("reload ok source=watch"));
+    let ids: Vec<u8> = (0..30)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    assert_eq!(histogram(&ids), [30, 0, 0]);
+    assert!(proxy.stop().success());
+}
