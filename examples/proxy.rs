@@ -47,7 +47,7 @@
 mod load;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -275,6 +275,32 @@ struct FrontendInfo {
     key: FrontendKey,
     /// `namespace/name[:port-name]`, the metrics' `service` label.
     service: String,
+    /// Its series of the per-service metrics, looked up once.
+    active: Gauge,
+    bytes_in: Counter,
+    bytes_out: Counter,
+}
+
+impl FrontendInfo {
+    fn new(metrics: &Metrics, key: FrontendKey, service: String) -> Self {
+        let active = metrics
+            .active
+            .get_or_create(&labels(&[("service", &service)]))
+            .clone();
+        let bytes = |d: &str| {
+            metrics
+                .bytes
+                .get_or_create(&labels(&[("service", &service), ("direction", d)]))
+                .clone()
+        };
+        FrontendInfo {
+            key,
+            active,
+            bytes_in: bytes("in"),
+            bytes_out: bytes("out"),
+            service,
+        }
+    }
 }
 
 /// One connection's record, logged and counted at its end.
@@ -288,21 +314,35 @@ struct ConnEnd<'a> {
     end: &'a str,
 }
 
-fn log_conn(sh: &Shared, c: &ConnEnd<'_>) {
-    let backend = c.backend.map_or_else(|| "-".to_owned(), |b| b.to_string());
-    if c.bytes_in > 0 {
-        sh.metrics
-            .bytes
-            .get_or_create(&labels(&[("service", &c.fe.service), ("direction", "in")]))
-            .inc_by(c.bytes_in);
+/// Connection log lines not yet written: one write per flush
+/// ([`LOG_FLUSH`]) instead of a `write(2)` per connection.
+static CONN_LOG: parking_lot::Mutex<String> = parking_lot::Mutex::new(String::new());
+/// How often the connection log is written out.
+const LOG_FLUSH: Duration = Duration::from_millis(100);
+
+/// Writes the buffered connection log lines to standard output.
+fn flush_conn_log() {
+    let text = std::mem::take(&mut *CONN_LOG.lock());
+    if !text.is_empty() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
     }
-    if c.bytes_out > 0 {
-        sh.metrics
-            .bytes
-            .get_or_create(&labels(&[("service", &c.fe.service), ("direction", "out")]))
-            .inc_by(c.bytes_out);
+}
+
+fn log_conn(c: &ConnEnd<'_>) {
+    use std::fmt::Write as _;
+    c.fe.bytes_in.inc_by(c.bytes_in);
+    c.fe.bytes_out.inc_by(c.bytes_out);
+    let mut backend = String::new();
+    match c.backend {
+        Some(b) => {
+            let _ = write!(backend, "{b}");
+        }
+        None => backend.push('-'),
     }
-    println!(
+    let _ = writeln!(
+        CONN_LOG.lock(),
         "conn proto={} client={} service={} frontend={} backend={} bytes_in={} bytes_out={} duration_ms={} end={}",
         c.fe.key.protocol.as_lower_str(),
         c.client,
@@ -327,24 +367,17 @@ fn reset(stream: TcpStream) {
 /// never close, do not.
 struct OpenGuard<'a> {
     sh: &'a Shared,
-    service: &'a str,
+    fe: &'a FrontendInfo,
     drains: bool,
 }
 
 impl<'a> OpenGuard<'a> {
-    fn new(sh: &'a Shared, service: &'a str, drains: bool) -> Self {
+    fn new(sh: &'a Shared, fe: &'a FrontendInfo, drains: bool) -> Self {
         if drains {
             sh.open.fetch_add(1, Ordering::Relaxed);
         }
-        sh.metrics
-            .active
-            .get_or_create(&labels(&[("service", service)]))
-            .inc();
-        OpenGuard {
-            sh,
-            service,
-            drains,
-        }
+        fe.active.inc();
+        OpenGuard { sh, fe, drains }
     }
 }
 
@@ -353,11 +386,7 @@ impl Drop for OpenGuard<'_> {
         if self.drains {
             self.sh.open.fetch_sub(1, Ordering::Relaxed);
         }
-        self.sh
-            .metrics
-            .active
-            .get_or_create(&labels(&[("service", self.service)]))
-            .dec();
+        self.fe.active.dec();
     }
 }
 
@@ -428,7 +457,7 @@ async fn serve_tcp(
 ) {
     let started = WallClock::now();
     let flow = Flow::tcp(peer, fe.key.socket_addr());
-    let open = OpenGuard::new(&sh, &fe.service, true);
+    let open = OpenGuard::new(&sh, &fe, true);
     let (mut backend, fw) = match connect_backend(&sh, &fe, &flow).await {
         Ok(x) => x,
         Err(end) => {
@@ -438,18 +467,15 @@ async fn serve_tcp(
                 reset(client);
             }
             drop(open);
-            log_conn(
-                &sh,
-                &ConnEnd {
-                    fe: &fe,
-                    client: peer,
-                    backend: None,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    started,
-                    end,
-                },
-            );
+            log_conn(&ConnEnd {
+                fe: &fe,
+                client: peer,
+                backend: None,
+                bytes_in: 0,
+                bytes_out: 0,
+                started,
+                end,
+            });
             return;
         }
     };
@@ -462,11 +488,10 @@ async fn serve_tcp(
             ("backend", &fw.backend.to_string()),
         ]))
         .inc();
-    // The handshake as the tracker sees it: SYN (route), SYN-ACK back,
-    // ACK: the connection is ESTABLISHED (lc counts it active).
-    let reply = Flow::tcp(fw.backend, peer);
-    sh.dp.reply(&reply, TcpFlags::SYN | TcpFlags::ACK, sh.now());
+    // The handshake as the tracker sees it: SYN (route), then the ACK:
+    // ESTABLISHED (lc counts it active).
     sh.dp.packet(&flow, TcpFlags::ACK, sh.now());
+    let reply = Flow::tcp(fw.backend, peer);
 
     let bytes_in = AtomicU64::new(0);
     let bytes_out = AtomicU64::new(0);
@@ -474,16 +499,18 @@ async fn serve_tcp(
         let (mut cr, mut cw) = client.split();
         let (mut br, mut bw) = backend.split();
         let c2s = async {
-            let mut buf = vec![0u8; BUF];
+            // Not zeroed: read_buf fills the spare capacity.
+            let mut buf = Vec::with_capacity(BUF);
             loop {
-                match cr.read(&mut buf).await {
+                buf.clear();
+                match cr.read_buf(&mut buf).await {
                     Ok(0) => {
                         sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
                         let _ = bw.shutdown().await;
                         return true;
                     }
                     Ok(n) => {
-                        if bw.write_all(&buf[..n]).await.is_err() {
+                        if bw.write_all(&buf).await.is_err() {
                             return false;
                         }
                         bytes_in.fetch_add(n as u64, Ordering::Relaxed);
@@ -493,16 +520,18 @@ async fn serve_tcp(
             }
         };
         let s2c = async {
-            let mut buf = vec![0u8; BUF];
+            // Not zeroed: read_buf fills the spare capacity.
+            let mut buf = Vec::with_capacity(BUF);
             loop {
-                match br.read(&mut buf).await {
+                buf.clear();
+                match br.read_buf(&mut buf).await {
                     Ok(0) => {
                         sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
                         let _ = cw.shutdown().await;
                         return true;
                     }
                     Ok(n) => {
-                        if cw.write_all(&buf[..n]).await.is_err() {
+                        if cw.write_all(&buf).await.is_err() {
                             return false;
                         }
                         bytes_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -539,18 +568,15 @@ async fn serve_tcp(
     }
     sh.dp.connection_closed(&flow, sh.now());
     drop(open);
-    log_conn(
-        &sh,
-        &ConnEnd {
-            fe: &fe,
-            client: peer,
-            backend: Some(fw.backend),
-            bytes_in: bytes_in.load(Ordering::Relaxed),
-            bytes_out: bytes_out.load(Ordering::Relaxed),
-            started,
-            end,
-        },
-    );
+    log_conn(&ConnEnd {
+        fe: &fe,
+        client: peer,
+        backend: Some(fw.backend),
+        bytes_in: bytes_in.load(Ordering::Relaxed),
+        bytes_out: bytes_out.load(Ordering::Relaxed),
+        started,
+        end,
+    });
 }
 
 /// A UDP session's state shared between the listener and its task.
@@ -649,7 +675,7 @@ async fn udp_session(
     check: Duration,
 ) {
     let started = WallClock::now();
-    let open = OpenGuard::new(&sh, &fe.service, false);
+    let open = OpenGuard::new(&sh, &fe, false);
     let flow = Flow::udp(peer, fe.key.socket_addr());
     let mut buf = vec![0u8; 65536];
     let mut tick = tokio::time::interval(check);
@@ -678,18 +704,15 @@ async fn udp_session(
     sessions.lock().remove(&peer);
     let backend = *s.backend.lock();
     drop(open);
-    log_conn(
-        &sh,
-        &ConnEnd {
-            fe: &fe,
-            client: peer,
-            backend: Some(backend),
-            bytes_in: s.bytes_in.load(Ordering::Relaxed),
-            bytes_out: s.bytes_out.load(Ordering::Relaxed),
-            started,
-            end: "timeout",
-        },
-    );
+    log_conn(&ConnEnd {
+        fe: &fe,
+        client: peer,
+        backend: Some(backend),
+        bytes_in: s.bytes_in.load(Ordering::Relaxed),
+        bytes_out: s.bytes_out.load(Ordering::Relaxed),
+        started,
+        end: "timeout",
+    });
 }
 
 /// Runs the dataplane's timers from the wall clock.
@@ -987,7 +1010,7 @@ impl Control {
             if self.listeners.contains_key(&key) {
                 continue;
             }
-            let fe = Arc::new(FrontendInfo { key, service });
+            let fe = Arc::new(FrontendInfo::new(&self.sh.metrics, key, service));
             let addr = key.socket_addr();
             let sh = Arc::clone(&self.sh);
             let handle = match key.protocol {
@@ -1022,11 +1045,18 @@ impl Control {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One thread: a current-thread runtime, which wakes no other thread
+    // (no eventfd write per spawned task); otherwise work stealing over N.
+    let mut rt = match cli.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
-    if let Some(n) = cli.threads {
-        rt.worker_threads(n.max(1));
-    }
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -1185,6 +1215,13 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 
     tokio::spawn(timers(Arc::clone(&sh)));
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(LOG_FLUSH);
+        loop {
+            tick.tick().await;
+            flush_conn_log();
+        }
+    });
     if let Some(addr) = cli.metrics {
         let l = TcpListener::bind(addr)
             .await
@@ -1233,6 +1270,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     while sh.open.load(Ordering::Relaxed) > 0 && WallClock::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    flush_conn_log();
     println!(
         "shutdown done remaining={}",
         sh.open.load(Ordering::Relaxed)

@@ -363,7 +363,12 @@ fn rr_echoes_every_byte_and_metrics_count_it() {
     let dir = temp_dir(k);
     let file = dir.join("echo.yaml");
     write_file(&file, &manifest(k, &[1, 2, 3], false), None);
-    let proxy = Proxy::start(k, &file, &["--mode", "ipvs", "--scheduler", "rr"]);
+    // One thread: the current-thread runtime.
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &["--mode", "ipvs", "--scheduler", "rr", "--threads", "1"],
+    );
     let mut ids = Vec::new();
     let mut sent = 0;
     for i in 0..300 {

@@ -121,7 +121,7 @@ PIDS+=($!)
 cat > "$WORK/haproxy.cfg" <<CONF
 global
     nbthread 1
-    maxconn 100000
+    maxconn 8000
 defaults
     mode tcp
     timeout connect 5s
@@ -175,16 +175,17 @@ emit() { # proxy test value
 # wrk's latency in ms from "99%  1.23ms" (us, ms or s).
 p99_ms() {
     awk '$1 == "99%" { v = $2; u = v; gsub(/[0-9.]/, "", u); sub(/[a-z]+$/, "", v);
-        if (u == "us") v /= 1000; else if (u == "s") v *= 1000; printf "%.3f", v }'
+        if (u == "us") v /= 1000; else if (u == "s") v *= 1000; printf "%.3f", v; found = 1 }
+        END { if (!found) printf "null" }'
 }
-rps() { awk '/^Requests\/sec:/ { printf "%.0f", $2 }'; }
+rps() { awk '/^Requests\/sec:/ { printf "%.0f", $2; found = 1 } END { if (!found) printf "null" }'; }
 
 run_one() { # name host port iperf_host
     local name=$1 host=$2 port=$3 ih=$4 out
-    out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" --latency "http://$host:$port/" 2>&1)"
+    out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" --latency "http://$host:$port/" 2>&1 || true)"
     emit "$name" req_per_sec "$(rps <<<"$out")"
     emit "$name" p99_ms "$(p99_ms <<<"$out")"
-    out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" -H 'Connection: close' "http://$host:$port/" 2>&1)"
+    out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" -H 'Connection: close' "http://$host:$port/" 2>&1 || true)"
     emit "$name" conn_per_sec "$(rps <<<"$out")"
     out="$(iperf3 -c "$ih" -p 5201 -t "$SECONDS_PER_TEST" -J 2>/dev/null || true)"
     emit "$name" throughput_mb_s "$(python3 -c 'import json,sys
