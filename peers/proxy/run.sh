@@ -3,7 +3,10 @@
 # (mode tcp, roundrobin), nginx's stream module and a direct connection to
 # one backend, in one go on this machine.
 #
-#   peers/proxy/run.sh [--seconds N]
+#   peers/proxy/run.sh [--seconds N] [--rounds N]
+#
+# Each test runs N seconds per proxy, in --rounds rounds (default 3) with the
+# proxies in rotated order; each value is the median of its rounds.
 #
 # Backends: one nginx (Debian's) serving a 612-byte static page on
 # 127.0.250.1-3:18080 (the same 3 for every proxy), and one iperf3 server on
@@ -19,10 +22,12 @@
 set -euo pipefail
 
 SECONDS_PER_TEST=10
+ROUNDS=3
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) SECONDS_PER_TEST="$2"; shift 2 ;;
-        *) echo "usage: $0 [--seconds N]" >&2; exit 2 ;;
+        --rounds) ROUNDS="$2"; shift 2 ;;
+        *) echo "usage: $0 [--seconds N] [--rounds N]" >&2; exit 2 ;;
     esac
 done
 
@@ -178,25 +183,73 @@ p99_ms() {
         if (u == "us") v /= 1000; else if (u == "s") v *= 1000; printf "%.3f", v; found = 1 }
         END { if (!found) printf "null" }'
 }
+host_of() {
+    case $1 in
+        direct) echo "$B1:$BPORT" ;;
+        svclb) echo "$SVCLB:8080" ;;
+        haproxy) echo "$HAPROXY:8080" ;;
+        nginx) echo "$NGINX:8080" ;;
+    esac
+}
 rps() { awk '/^Requests\/sec:/ { printf "%.0f", $2; found = 1 } END { if (!found) printf "null" }'; }
 
-run_one() { # name host port iperf_host
-    local name=$1 host=$2 port=$3 ih=$4 out
-    out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" --latency "http://$host:$port/" 2>&1 || true)"
-    emit "$name" req_per_sec "$(rps <<<"$out")"
-    emit "$name" p99_ms "$(p99_ms <<<"$out")"
-    out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" -H 'Connection: close' "http://$host:$port/" 2>&1 || true)"
-    emit "$name" conn_per_sec "$(rps <<<"$out")"
-    out="$(iperf3 -c "$ih" -p 5201 -t "$SECONDS_PER_TEST" -J 2>/dev/null || true)"
-    emit "$name" throughput_mb_s "$(python3 -c 'import json,sys
+# One measurement: test proxy -> value.
+measure() {
+    local test=$1 name=$2 host port=8080 out
+    case $name in
+        direct) host=$B1; port=$BPORT ;;
+        svclb) host=$SVCLB ;;
+        haproxy) host=$HAPROXY ;;
+        nginx) host=$NGINX ;;
+    esac
+    case $test in
+        req_per_sec|p99_ms)
+            out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" --latency "http://$host:$port/" 2>&1 || true)"
+            if [ "$test" = req_per_sec ]; then rps <<<"$out"; else p99_ms <<<"$out"; fi ;;
+        conn_per_sec)
+            out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" -H 'Connection: close' "http://$host:$port/" 2>&1 || true)"
+            rps <<<"$out" ;;
+        throughput_mb_s)
+            [ "$name" = direct ] && host=$B1
+            out="$(iperf3 -c "$host" -p 5201 -t "$SECONDS_PER_TEST" -J 2>/dev/null || true)"
+            python3 -c 'import json,sys
 try: print("%.1f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8e6))
-except Exception: print("null")' <<<"$out")"
+except Exception: print("null")' <<<"$out" ;;
+    esac
 }
+median() { python3 -c 'import sys, statistics
+v = [float(x) for x in sys.argv[1:] if x != "null"]
+print(round(statistics.median(v), 3) if v else "null")' "$@"; }
 
-run_one direct $B1 $BPORT $B1
-run_one svclb $SVCLB 8080 $SVCLB
-run_one haproxy $HAPROXY 8080 $HAPROXY
-run_one nginx $NGINX 8080 $NGINX
+# The machine is shared: the proxies take turns, in rotated order, for
+# ROUNDS rounds per test, and each value is the median of its rounds, so a
+# load that drifts during the run falls on all of them alike.
+PROXIES=(svclb haproxy nginx direct)
+for test in conn_per_sec req_per_sec throughput_mb_s; do
+    declare -A vals=()
+    for r in $(seq 0 $((ROUNDS - 1))); do
+        for j in 0 1 2 3; do
+            name=${PROXIES[$(((j + r) % 4))]}
+            if [ "$test" = req_per_sec ]; then
+                # req/s and p99 from the same keep-alive run.
+                out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" --latency "http://$(host_of "$name")/" 2>&1 || true)"
+                vals[$name,req]+=" $(rps <<<"$out")"
+                vals[$name,p99]+=" $(p99_ms <<<"$out")"
+            else
+                vals[$name,x]+=" $(measure "$test" "$name")"
+            fi
+        done
+    done
+    for name in "${PROXIES[@]}"; do
+        if [ "$test" = req_per_sec ]; then
+            emit "$name" req_per_sec "$(median ${vals[$name,req]})"
+            emit "$name" p99_ms "$(median ${vals[$name,p99]})"
+        else
+            emit "$name" "$test" "$(median ${vals[$name,x]})"
+        fi
+    done
+    unset vals
+done
 
 python3 - "$RESULTS" <<'PY'
 import json, sys
