@@ -743,3 +743,33 @@ fn watch_input_is_applied_as_it_arrives() {
     assert_eq!(histogram(&ids), [30, 0, 0]);
     assert!(proxy.stop().success());
 }
+
+#[test]
+fn a_failed_connect_retries_another_backend() {
+    let k = 11;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    // Endpoint 4 has no server: its connects are refused.
+    write_file(&file, &manifest(k, &[1, 2, 3, 4], false), None);
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &["--mode", "ipvs", "--scheduler", "rr", "--log", "debug"],
+    );
+    let ids: Vec<u8> = (0..40)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    let h = histogram(&ids);
+    assert_eq!(h.iter().sum::<usize>(), 40);
+    assert!(h.iter().all(|&n| n > 0), "{h:?}");
+    let errors = proxy.metric(&format!(
+        "svclb_proxy_connect_errors_total{{service=\"default/echo:tcp\",backend=\"10.244.{k}.4:9000\"}}"
+    ));
+    // rr offers endpoint 4 every fourth route: about 10 of the 40
+    // connections hit it first, and each went on to another backend.
+    assert!(errors >= 5.0, "{errors}");
+    let done = proxy.wait_lines(40, |l| l.starts_with("conn proto=tcp"));
+    assert!(done.iter().all(|l| l.contains("end=closed")), "{done:?}");
+    assert!(proxy.stop().success());
+}
