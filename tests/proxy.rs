@@ -188,6 +188,10 @@ struct Proxy {
 
 impl Proxy {
     fn start(k: u8, manifests: &Path, extra: &[&str]) -> Proxy {
+        Self::start_with(k, manifests, extra, Stdio::null())
+    }
+
+    fn start_with(k: u8, manifests: &Path, extra: &[&str], stdin: Stdio) -> Proxy {
         let metrics = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 78, 1, k)), 9100);
         let mut child = Command::new(binary())
             .arg("--manifests")
@@ -201,6 +205,7 @@ impl Proxy {
                 &metrics.to_string(),
             ])
             .args(extra)
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -699,16 +704,7 @@ fn watch_input_is_applied_as_it_arrives() {
     let text = manifest(k, &[], false);
     let service_only = text.split("---").next().unwrap();
     write_file(&svc, service_only, None);
-    let slice = |eps: &[u8], rv: u32| {
-        let endpoints: Vec<String> = eps
-            .iter()
-            .map(|i| format!("{{\"addresses\": [\"10.244.{k}.{i}\"]}}"))
-            .collect();
-        format!(
-            "{{\"type\": \"ADDED\", \"object\": {{\"apiVersion\": \"discovery.k8s.io/v1\", \"kind\": \"EndpointSlice\", \"metadata\": {{\"name\": \"echo-1\", \"namespace\": \"default\", \"resourceVersion\": \"{rv}\", \"labels\": {{\"kubernetes.io/service-name\": \"echo\"}}}}, \"addressType\": \"IPv4\", \"ports\": [{{\"name\": \"tcp\", \"port\": 9000, \"protocol\": \"TCP\"}}], \"endpoints\": [{}]}}}}\n",
-            endpoints.join(", ")
-        )
-    };
+    let slice = |eps: &[u8], rv: u32| slice_event(k, eps, rv);
     let events = dir.join("events.json");
     std::fs::write(&events, slice(&[1, 2, 3], 10)).unwrap();
     let proxy = Proxy::start(
@@ -771,5 +767,45 @@ fn a_failed_connect_retries_another_backend() {
     assert!(errors >= 5.0, "{errors}");
     let done = proxy.wait_lines(40, |l| l.starts_with("conn proto=tcp"));
     assert!(done.iter().all(|l| l.contains("end=closed")), "{done:?}");
+    assert!(proxy.stop().success());
+}
+
+/// A watch event (one JSON line) for slice `echo-1` of service K.
+fn slice_event(k: u8, eps: &[u8], rv: u32) -> String {
+    let endpoints: Vec<String> = eps
+        .iter()
+        .map(|i| format!("{{\"addresses\": [\"10.244.{k}.{i}\"]}}"))
+        .collect();
+    format!(
+        "{{\"type\": \"ADDED\", \"object\": {{\"apiVersion\": \"discovery.k8s.io/v1\", \"kind\": \"EndpointSlice\", \"metadata\": {{\"name\": \"echo-1\", \"namespace\": \"default\", \"resourceVersion\": \"{rv}\", \"labels\": {{\"kubernetes.io/service-name\": \"echo\"}}}}, \"addressType\": \"IPv4\", \"ports\": [{{\"name\": \"tcp\", \"port\": 9000, \"protocol\": \"TCP\"}}], \"endpoints\": [{}]}}}}\n",
+        endpoints.join(", ")
+    )
+}
+
+#[test]
+fn watch_from_standard_input() {
+    let k = 12;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let svc = dir.join("service.yaml");
+    let text = manifest(k, &[], false);
+    write_file(&svc, text.split("---").next().unwrap(), None);
+    let mut proxy = Proxy::start_with(
+        k,
+        &svc,
+        &["--watch", "-", "--mode", "ipvs", "--scheduler", "rr"],
+        Stdio::piped(),
+    );
+    let mut stdin = proxy.child.stdin.take().expect("stdin");
+    stdin
+        .write_all(slice_event(k, &[2, 3], 5).as_bytes())
+        .unwrap();
+    stdin.flush().unwrap();
+    proxy.wait_line(|l| l.starts_with("reload ok source=watch"));
+    let ids: Vec<u8> = (0..20)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    assert_eq!(histogram(&ids), [0, 10, 10]);
+    drop(stdin);
     assert!(proxy.stop().success());
 }
