@@ -16,7 +16,8 @@
 //!
 //! Input goes through `svclb::k8s::loader` (the flags `--watch`,
 //! `--service-cidr`, `--keep-going`, `--verbose` and the `--max-*` limits
-//! are its `LoadOptions`). `--watch -` reads standard input to its end.
+//! are its `LoadOptions`, parsed in `examples/shared/load.rs`, which the
+//! proxy shares). `--watch -` reads standard input to its end.
 //!
 //! Exit status: 0 on success, 1 for bad input (a manifest, a trace line, a
 //! refused change: the message names the file, the line or object, and the
@@ -24,6 +25,8 @@
 
 #[path = "../benches/common/mod.rs"]
 mod common;
+#[path = "shared/load.rs"]
+mod load;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -35,8 +38,7 @@ use std::time::Instant as WallClock;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use svclb::k8s::dns::{ClusterDns, RecordType};
-use svclb::k8s::input::InputLimits;
-use svclb::k8s::loader::{self, LoadOptions, Loader};
+use svclb::k8s::loader::Loader;
 use svclb::render::{self, Cidr, IpFamily, RenderOptions};
 use svclb::trace::{TraceEvent, TraceLine, parse_trace};
 use svclb::*;
@@ -95,12 +97,6 @@ struct Cli {
     /// Seed of the dataplane's random source (same seed, same run).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// This node's name (Local traffic policies, node hints).
-    #[arg(long)]
-    node: Option<String>,
-    /// This node's zone (topology hints).
-    #[arg(long)]
-    zone: Option<String>,
     /// The cluster's pod CIDR: adds kube-proxy's masquerade rules to dumps.
     #[arg(long)]
     cluster_cidr: Option<String>,
@@ -116,31 +112,10 @@ struct Cli {
     /// its end); applied event by event after --manifests. Repeatable.
     #[arg(long, action = clap::ArgAction::Append, value_name = "FILE|-")]
     watch: Vec<PathBuf>,
-    /// Service CIDRs (one per family) that Services without
-    /// spec.clusterIP get an address from.
-    #[arg(long, default_value = loader::DEFAULT_SERVICE_CIDRS)]
-    service_cidr: String,
-    /// Skip bad objects (each reported) and load the rest.
-    #[arg(long)]
-    keep_going: bool,
-    /// One note per skipped object instead of a summary per kind.
-    #[arg(long)]
-    verbose: bool,
-    /// Bytes per input file or stream.
-    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_BYTES)]
-    max_input_bytes: u64,
-    /// Nesting depth of lists and objects.
-    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_DEPTH)]
-    max_depth: usize,
-    /// Documents per input.
-    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_DOCUMENTS)]
-    max_documents: usize,
-    /// Objects per input (documents, list items, watch events).
-    #[arg(long, default_value_t = InputLimits::DEFAULT_MAX_OBJECTS)]
-    max_objects: usize,
-    /// Bad objects reported per input (the rest are counted).
-    #[arg(long, default_value_t = 20)]
-    max_errors: usize,
+    /// The loader's flags (`--node`, `--zone`, `--service-cidr`,
+    /// `--keep-going`, `--verbose`, `--max-*`), shared with the proxy.
+    #[command(flatten)]
+    load: load::LoadArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -268,10 +243,13 @@ fn split_manifest_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse_from(split_manifest_args(std::env::args()));
-    if matches!(cli.command, Command::Demo { .. }) && cli.node.is_none() && cli.zone.is_none() {
+    if matches!(cli.command, Command::Demo { .. })
+        && cli.load.node.is_none()
+        && cli.load.zone.is_none()
+    {
         // The demo runs on node-a in zone-a of the bundled manifests.
-        cli.node = Some("node-a".into());
-        cli.zone = Some("zone-a".into());
+        cli.load.node = Some("node-a".into());
+        cli.load.zone = Some("zone-a".into());
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -310,9 +288,7 @@ fn setup(cli: &Cli) -> Result<World> {
         .scheduler
         .parse()
         .map_err(|e| Failure(format!("--scheduler: {e}")))?;
-    let mut node = NodeTopology::default();
-    node.node_name = cli.node.clone();
-    node.zone = cli.zone.clone();
+    let node = cli.load.node();
     let mut config = DataplaneConfig::with_seed(cli.seed)
         .node(node.clone())
         .scheduler(scheduler);
@@ -325,22 +301,11 @@ fn setup(cli: &Cli) -> Result<World> {
         render = render
             .cluster_cidr(Cidr::parse("--cluster-cidr", cidr).map_err(|e| Failure(e.to_string()))?);
     }
-    let options = LoadOptions {
-        service_cidrs: loader::parse_service_cidrs(&cli.service_cidr)?,
-        keep_going: cli.keep_going,
-        verbose: cli.verbose,
-        limits: InputLimits {
-            max_bytes: cli.max_input_bytes,
-            max_depth: cli.max_depth,
-            max_documents: cli.max_documents,
-            max_objects: cli.max_objects,
-        },
-        max_errors: cli.max_errors,
-    };
+    let options = cli.load.options()?;
     let mut loader = Loader::new(options);
     let mut table = ServiceTable::new();
     let report = loader.load(&mut table, &cli.manifests, &cli.watch)?;
-    for line in report.lines(cli.verbose) {
+    for line in report.lines(cli.load.verbose) {
         eprintln!("svclb: note: {line}");
     }
     let plane = match cli.mode {
@@ -355,7 +320,7 @@ fn setup(cli: &Cli) -> Result<World> {
     Ok(World {
         table,
         loader,
-        verbose: cli.verbose,
+        verbose: cli.load.verbose,
         plane,
         config,
         render,
