@@ -52,7 +52,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant as WallClock, SystemTime};
 
 use clap::{Parser, ValueEnum};
@@ -553,13 +553,30 @@ async fn serve_tcp(
         };
         // A direction that fails ends the connection; a clean EOF waits
         // for the other direction (half-close).
-        let both = async {
-            let (a, b) = tokio::join!(c2s, s2c);
-            a && b
-        };
-        tokio::select! {
-            ok = both => if ok { "closed" } else { "reset" },
-            () = check => "expired",
+        tokio::pin!(c2s, s2c, check);
+        let (mut c_done, mut s_done) = (false, false);
+        loop {
+            tokio::select! {
+                ok = &mut c2s, if !c_done => {
+                    if !ok {
+                        break "reset";
+                    }
+                    c_done = true;
+                    if s_done {
+                        break "closed";
+                    }
+                }
+                ok = &mut s2c, if !s_done => {
+                    if !ok {
+                        break "reset";
+                    }
+                    s_done = true;
+                    if c_done {
+                        break "closed";
+                    }
+                }
+                () = &mut check => break "expired",
+            }
         }
     };
     if end != "closed" {
@@ -579,6 +596,15 @@ async fn serve_tcp(
     });
 }
 
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A UDP session's state shared between the listener and its task.
 struct UdpSession {
     socket: UdpSocket,
@@ -592,6 +618,10 @@ type Sessions = Arc<parking_lot::Mutex<HashMap<SocketAddr, Arc<UdpSession>>>>;
 async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, udp_check: Duration) {
     let socket = Arc::new(socket);
     let sessions: Sessions = Arc::default();
+    // Set when this task ends (the listener is closed on a reload):
+    // its sessions then end too and let go of the socket.
+    let closed = Arc::new(AtomicBool::new(false));
+    let _closing = SetOnDrop(Arc::clone(&closed));
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -654,7 +684,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
                     Arc::clone(&sessions),
                     Arc::clone(&s),
                     peer,
-                    udp_check,
+                    (udp_check, Arc::clone(&closed)),
                 ));
                 s
             }
@@ -672,7 +702,7 @@ async fn udp_session(
     sessions: Sessions,
     s: Arc<UdpSession>,
     peer: SocketAddr,
-    check: Duration,
+    (check, closed): (Duration, Arc<AtomicBool>),
 ) {
     let started = WallClock::now();
     let open = OpenGuard::new(&sh, &fe, false);
@@ -680,6 +710,7 @@ async fn udp_session(
     let mut buf = vec![0u8; 65536];
     let mut tick = tokio::time::interval(check);
     tick.tick().await;
+    let mut end = "timeout";
     loop {
         tokio::select! {
             r = s.socket.recv(&mut buf) => {
@@ -693,6 +724,10 @@ async fn udp_session(
             _ = tick.tick() => {
                 // The tracker's UDP timeout ends the session: once
                 // handle_timeout expired the flow, it is gone.
+                if closed.load(Ordering::Relaxed) {
+                    end = "listener-closed";
+                    break;
+                }
                 let now = sh.now();
                 let live = sh.dp.connections(now).iter().any(|t| t.flow == flow);
                 if !live {
@@ -702,6 +737,9 @@ async fn udp_session(
         }
     }
     sessions.lock().remove(&peer);
+    if end != "timeout" {
+        sh.dp.connection_closed(&flow, sh.now());
+    }
     let backend = *s.backend.lock();
     drop(open);
     log_conn(&ConnEnd {
@@ -711,7 +749,7 @@ async fn udp_session(
         bytes_in: s.bytes_in.load(Ordering::Relaxed),
         bytes_out: s.bytes_out.load(Ordering::Relaxed),
         started,
-        end: "timeout",
+        end,
     });
 }
 

@@ -809,3 +809,30 @@ fn watch_from_standard_input() {
     drop(stdin);
     assert!(proxy.stop().success());
 }
+
+#[test]
+fn a_client_reset_ends_the_connection() {
+    let k = 13;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    let proxy = Proxy::start(k, &file, &[]);
+    let (mut s, _) = open(k, client(0));
+    echo(&mut s, b"before the reset");
+    let addr = s.local_addr().unwrap();
+    // SO_LINGER 0: close sends a RST.
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    // The backend never closes on its own: only the reset ends it.
+    let line = proxy.wait_line(|l| l.contains(&format!("client={addr} ")));
+    assert!(line.contains("end=reset"), "{line}");
+    assert_eq!(
+        proxy.metric("svclb_proxy_active_connections{service=\"default/echo:tcp\"}"),
+        0.0
+    );
+    assert_eq!(proxy.metric("svclb_proxy_tracked_connections"), 0.0);
+    assert!(proxy.stop().success());
+}
