@@ -412,16 +412,25 @@ fn rr_echoes_every_byte_and_metrics_count_it() {
 
 #[test]
 fn random_spreads_connections() {
-    let k = 2;
+    random_spreads_connections_in(2, "iptables");
+}
+
+#[test]
+fn nftables_numgen_spreads_connections() {
+    random_spreads_connections_in(14, "nftables");
+}
+
+fn random_spreads_connections_in(k: u8, mode: &str) {
     let backends = start_backends(k);
     let dir = temp_dir(k);
     let file = dir.join("echo.yaml");
     write_file(&file, &manifest(k, &[1, 2, 3], false), None);
-    let proxy = Proxy::start(k, &file, &["--mode", "iptables"]);
+    let proxy = Proxy::start(k, &file, &["--mode", mode]);
     let ids: Vec<u8> = (0..300)
         .map(|i| one_connection(k, client(i), &payload(i)))
         .collect();
-    // iptables' random cascade: each backend a third in expectation; 60..140
+    // iptables' random cascade, nftables' numgen: each backend a third in
+    // expectation; 60..140
     // is about 5 standard deviations either side.
     for n in histogram(&ids) {
         assert!((60..=140).contains(&n), "{:?}", histogram(&ids));
