@@ -157,11 +157,26 @@ fn manifest(k: u8, endpoints: &[u8], affinity: bool) -> String {
     m
 }
 
-/// A temporary directory for one test's manifests.
-fn temp_dir(k: u8) -> PathBuf {
+/// A temporary directory for one test's manifests, removed when dropped.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(k: u8) -> TempDir {
     let dir = std::env::temp_dir().join(format!("svclb-proxy-test-{}-{k}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    TempDir(dir)
 }
 
 /// Replaces `path` with `text` in one step (a rename), with mtime `mtime`
