@@ -824,10 +824,23 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
 
     // The example runs in lb's namespace: a child forked from a thread that
     // entered it inherits it.
+    // A watch stream the example follows as it grows (outside the
+    // manifest directory).
+    let events = dir.with_extension("events.json");
+    std::fs::write(&events, "").unwrap();
+    struct RmFile(std::path::PathBuf);
+    impl Drop for RmFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rm_events = RmFile(events.clone());
     let child = in_ns(&lb, || {
         Command::new(&bin)
             .arg("--manifests")
             .arg(&dir)
+            .arg("--watch")
+            .arg(&events)
             .args(["--iface", "l0,l1,l2,l3"])
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -918,6 +931,25 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
     // The drain ends once backend 2's connections have closed.
     drop(open);
     ex.wait_for("synced drain");
+    // Watch events appended to the stream apply as they arrive: a new
+    // service `api` (10.96.0.20) on backend 3 only.
+    let api = r#"{"type":"ADDED","object":{"apiVersion":"v1","kind":"Service","metadata":{"name":"api","namespace":"default","resourceVersion":"10"},"spec":{"clusterIP":"10.96.0.20","selector":{"app":"api"},"ports":[{"name":"http","port":80,"protocol":"TCP","targetPort":8080}]}}}
+{"type":"ADDED","object":{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"api-1","namespace":"default","resourceVersion":"11","labels":{"kubernetes.io/service-name":"api"}},"addressType":"IPv4","ports":[{"name":"http","port":8080,"protocol":"TCP"}],"endpoints":[{"addresses":["10.200.3.2"],"conditions":{"ready":true}}]}}
+"#;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&events)
+        .unwrap()
+        .write_all(api.as_bytes())
+        .unwrap();
+    ex.wait_for(&format!("synced {}: +1", events.display()));
+    let on = in_ns(&client, || {
+        (0..10)
+            .map(|_| connect(Ipv4Addr::new(10, 96, 0, 20)).map(|c| c.backend))
+            .collect::<std::io::Result<Vec<u32>>>()
+    })
+    .expect("connections to the watched service");
+    assert!(on.iter().all(|&b| b == 3), "{on:?}");
     // SIGHUP with nothing changed writes nothing (the plan may list the
     // frontend: the new table's objects are new; the map writer compares).
     ex.signal(Signal::SIGHUP);
