@@ -278,10 +278,28 @@ impl Sync {
             .iter()
             .map(|(_, k)| (k.addr, k.port, k.protocol))
             .collect();
-        let stats: ApplyStats = self
-            .dp
-            .apply_diff(&upserts, &removed)
-            .map_err(|e| format!("writing the maps: {e}"))?;
+        let stats: ApplyStats = match self.dp.apply_diff(&upserts, &removed) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // The planner has moved on, so the next diff would not name
+                // these frontends again: write the whole plan (unchanged
+                // frontends cost nothing), then report.
+                let all: Vec<EbpfFrontendSpec> = self
+                    .planner
+                    .frontends()
+                    .filter(|fe| kernel_serves(fe))
+                    .map(|fe| frontend_spec(fe))
+                    .collect();
+                return match self.dp.apply(&all) {
+                    Ok(_) => Err(format!(
+                        "writing the maps ({why}): {e}; rewrote the whole plan instead"
+                    )),
+                    Err(e2) => Err(format!(
+                        "writing the maps ({why}): {e}; the whole plan failed too: {e2}"
+                    )),
+                };
+            }
+        };
         println!(
             "synced {why}: +{} ~{} -{} frontends; map writes: {} frontend, {} backend, {} tables ({} chunks)",
             diff.added.len(),

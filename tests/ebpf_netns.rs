@@ -978,3 +978,41 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
     });
     assert!(gone.is_err(), "the VIP still answers after detach");
 }
+
+/// Bad input and a missing interface: exit status 1 with a message naming
+/// what was wrong, and nothing left attached.
+#[cfg(feature = "serde")]
+#[test]
+fn ebpf_example_refuses_bad_input() {
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let bin = example_binary();
+    let missing = std::env::temp_dir().join(format!("svbpf-missing-{}", std::process::id()));
+    let out = Command::new(&bin)
+        .arg("--manifests")
+        .arg(&missing)
+        .args(["--iface", "lo"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
+
+    let dir = std::env::temp_dir().join(format!("svbpf-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), web_manifest(&[1])).unwrap();
+    let out = Command::new(&bin)
+        .arg("--manifests")
+        .arg(&dir)
+        .args(["--iface", "svbpfnone0"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("svbpfnone0"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
+}
