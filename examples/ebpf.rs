@@ -14,11 +14,13 @@
 //!   and the maps are written.
 //! - **Reload**: SIGHUP, or a change to a manifest file (size or
 //!   modification time, polled every 200 ms), reads the manifests again
-//!   (and the watch events seen so far) into a new table. The planner
-//!   diffs it against what it compiled last, and only that diff becomes map
-//!   writes: one endpoint change costs O(1) backend writes and one table
-//!   rewrite for its frontend, and no other frontend is touched. A bad
-//!   reload is reported and the maps stay as they were (whole or nothing).
+//!   (and the watch events seen so far) into a new table. Only the
+//!   Services and EndpointSlices that differ from the live table are
+//!   applied to it (one batch), the planner recompiles only their services,
+//!   and only its diff becomes map writes: one endpoint change costs O(1)
+//!   backend writes and one table rewrite for its frontend, and no other
+//!   frontend is touched. A bad reload is reported and the maps stay as
+//!   they were (whole or nothing).
 //! - **`--watch FILE|-`** applies a watch stream event by event as it
 //!   arrives: a file is followed as it grows (`tail -f`), `-` is standard
 //!   input.
@@ -37,11 +39,12 @@
 //! Exit status: 0 after SIGINT/SIGTERM, 1 when the first load, the program
 //! load (verifier) or the attach fails, 2 for bad usage.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant as WallClock, SystemTime};
 
@@ -53,7 +56,10 @@ use svclb::ebpf::{ApplyStats, EbpfDataplane, EbpfFrontendSpec};
 use svclb::k8s::input::InputLimits;
 use svclb::k8s::loader::{self, LoadOptions, Loader};
 use svclb::plan::{Frontend, PlanDiff, Planner};
-use svclb::{BackendId, Instant, NodeTopology, Protocol, ServiceTable};
+use svclb::{
+    BackendId, Change, EndpointSlice, Instant, NodeTopology, Protocol, Service, ServiceTable,
+    SliceKey,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -448,20 +454,79 @@ fn options_limit(options: &LoadOptions) -> u64 {
     options.limits.max_bytes
 }
 
-/// Rebuilds the table and writes only the plan's diff; on error the old
-/// table and maps stay.
+/// Every slice of a table (attached or pending), by key.
+fn slices(table: &ServiceTable) -> BTreeMap<SliceKey, Arc<EndpointSlice>> {
+    let mut out = BTreeMap::new();
+    for key in table.keys_sorted() {
+        for s in table.slices_of(&key) {
+            out.insert(s.key().clone(), Arc::clone(s));
+        }
+    }
+    for s in table.pending_slices() {
+        out.insert(s.key().clone(), Arc::clone(s));
+    }
+    out
+}
+
+/// The changes that turn `old` into `new`: upserts of the services and
+/// slices that differ, deletes of those gone.
+fn table_changes(old: &ServiceTable, new: &ServiceTable) -> Vec<Change> {
+    let mut out = Vec::new();
+    for key in new.keys_sorted() {
+        let svc = new.service(&key).expect("listed");
+        if old.service(&key).is_none_or(|o| o != svc) {
+            out.push(Change::UpsertService(Service::clone(svc)));
+        }
+    }
+    let (old_slices, new_slices) = (slices(old), slices(new));
+    for (key, slice) in &new_slices {
+        if old_slices.get(key) != Some(slice) {
+            out.push(Change::UpsertSlice(EndpointSlice::clone(slice)));
+        }
+    }
+    for key in old_slices.keys() {
+        if !new_slices.contains_key(key) {
+            out.push(Change::DeleteSlice(key.clone()));
+        }
+    }
+    for key in old.keys_sorted() {
+        if new.service(&key).is_none() {
+            out.push(Change::DeleteService(key));
+        }
+    }
+    out
+}
+
+/// Reads the input again into a new table, applies to the live table only
+/// the objects that differ (one batch, whole or not at all), and writes
+/// only the plan's diff; on error the table and maps stay as they were.
 fn reload(input: &mut Input, sync: &mut Sync, why: &str) {
-    match input.rebuild() {
-        Ok((loader, table)) => {
+    let result = input.rebuild().and_then(|(loader, table)| {
+        let changes = table_changes(&input.table, &table);
+        if changes.is_empty() {
             input.loader = loader;
-            input.table = table;
-            let diff = sync.update(&input.table, &input.table.full_change_set());
+            return Ok(None);
+        }
+        let cs = input
+            .table
+            .apply_batch(changes)
+            .map_err(|e| e.to_string())?;
+        input.loader = loader;
+        Ok(Some(cs))
+    });
+    match result {
+        Ok(Some(cs)) => {
+            let diff = sync.update(&input.table, &cs);
             if let Err(e) = sync.write(&diff, why) {
                 eprintln!("ebpf: error: {e}");
             } else if diff.is_empty() {
                 println!("synced {why}: no change");
                 let _ = std::io::stdout().flush();
             }
+        }
+        Ok(None) => {
+            println!("synced {why}: no change");
+            let _ = std::io::stdout().flush();
         }
         Err(e) => eprintln!("ebpf: error: reload ({why}): {e}; the maps stay as they were"),
     }
