@@ -92,9 +92,10 @@ impl Topology {
         format!("{}{name}", self.prefix)
     }
 
-    fn build() -> Result<Topology, String> {
+    /// `tag` tells apart topologies alive at the same time.
+    fn build(tag: &str) -> Result<Topology, String> {
         let topo = Topology {
-            prefix: format!("svbpfb{}-", std::process::id()),
+            prefix: format!("svbpfb{}{tag}-", std::process::id()),
         };
         let (c, lb) = (topo.ns("client"), topo.ns("lb"));
         let backends: Vec<String> = (1..=3).map(|i| topo.ns(&format!("b{i}"))).collect();
@@ -407,7 +408,7 @@ fn pps(
         })
         .collect();
     // Warm up (ARP, the first packet's new-flow path), then count.
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(100));
     let r0 = received.load(Ordering::Relaxed);
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -544,8 +545,8 @@ fn bench(cli: &Cli) -> Result<(), String> {
     println!("{}", machine());
     // A fresh topology for every measured case: no conntrack entries,
     // TIME_WAIT sockets or netfilter hooks carry over between cases.
-    let fresh = || -> Result<(Topology, Arc<AtomicU64>), String> {
-        let topo = Topology::build()?;
+    let fresh_tagged = |tag: &str| -> Result<(Topology, Arc<AtomicU64>), String> {
+        let topo = Topology::build(tag)?;
         let udp_seen = Arc::new(AtomicU64::new(0));
         for n in 1..=3 {
             spawn_backend(topo.ns(&format!("b{n}")), Arc::clone(&udp_seen))?;
@@ -555,6 +556,7 @@ fn bench(cli: &Cli) -> Result<(), String> {
         settle();
         Ok((topo, udp_seen))
     };
+    let fresh = || fresh_tagged("");
     let ifaces = ["l0", "l1", "l2", "l3"];
     let load = |topo: &Topology| {
         in_ns(&topo.ns("lb"), || {
@@ -618,31 +620,24 @@ fn bench(cli: &Cli) -> Result<(), String> {
     };
     let (mut pps_without, mut pps_with) = (Vec::new(), Vec::new());
     let (mut cpu_without, mut cpu_with) = (Vec::new(), Vec::new());
-    for round in 0..cli.rounds {
-        let (topo, udp_seen) = fresh()?;
-        let client = topo.ns("client");
-        let without = pps(&client, direct, &udp_seen, cli.threads, cli.seconds)?;
-        drop(topo);
-        settle();
-        let (topo, udp_seen) = fresh()?;
-        let client = topo.ns("client");
-        let mut dp = load(&topo)?;
-        dp.apply(std::slice::from_ref(&udp))
-            .map_err(|e| e.to_string())?;
+    // Both paths stay up side by side, in two topologies, and the senders
+    // alternate between them in short slices: a change of load on the
+    // shared machine hits both halves of a pair alike.
+    let (plain, plain_seen) = fresh_tagged("a")?;
+    let (through, through_seen) = fresh_tagged("p")?;
+    let mut dp = load(&through)?;
+    dp.apply(std::slice::from_ref(&udp))
+        .map_err(|e| e.to_string())?;
+    let slice = cli.seconds / 2.0;
+    for round in 0..cli.rounds * 4 {
+        let without = pps(&plain.ns("client"), direct, &plain_seen, cli.threads, slice)?;
         let with = pps(
-            &client,
+            &through.ns("client"),
             SocketAddr::from((vip(0), 53)),
-            &udp_seen,
+            &through_seen,
             cli.threads,
-            cli.seconds,
+            slice,
         )?;
-        let c = dp.counters().map_err(|e| e.to_string())?;
-        if c.tracked == 0 {
-            return Err("the program saw no tracked packet: the VIP path was not taken".into());
-        }
-        drop(dp);
-        drop(topo);
-        settle();
         println!(
             "{{\"bench\":\"pps\",\"round\":{round},\"without_program\":{:.0},\"with_program\":{:.0},\"sent_without\":{},\"sent_with\":{},\"sender_cpu_ns_without\":{:.0},\"sender_cpu_ns_with\":{:.0},\"seconds\":{}}}",
             without.received_per_s,
@@ -651,22 +646,30 @@ fn bench(cli: &Cli) -> Result<(), String> {
             with.sent,
             without.cpu_ns_per_sent,
             with.cpu_ns_per_sent,
-            cli.seconds
+            slice
         );
         pps_without.push(without.received_per_s);
         pps_with.push(with.received_per_s);
         cpu_without.push(without.cpu_ns_per_sent);
         cpu_with.push(with.cpu_ns_per_sent);
     }
+    let c = dp.counters().map_err(|e| e.to_string())?;
+    if c.tracked == 0 {
+        return Err("the program saw no tracked packet: the VIP path was not taken".into());
+    }
+    drop(dp);
+    drop(plain);
+    drop(through);
+    settle();
     let (pps_without_rounds, pps_with_rounds) = (pps_without.clone(), pps_with.clone());
     let (cpu_without_rounds, cpu_with_rounds) = (cpu_without.clone(), cpu_with.clone());
     let (without, with) = (median(&mut pps_without), median(&mut pps_with));
     let (cw, cv) = (median(&mut cpu_without), median(&mut cpu_with));
     println!(
-        "{{\"bench\":\"pps\",\"median_without_program\":{without:.0},\"median_with_program\":{with:.0},\"ratio\":{:.3},\"median_sender_cpu_ns_without\":{cw:.0},\"median_sender_cpu_ns_with\":{cv:.0},\"cpu_ratio_without_over_with\":{:.3},\"rounds\":{}}}",
+        "{{\"bench\":\"pps\",\"median_without_program\":{without:.0},\"median_with_program\":{with:.0},\"ratio_of_medians\":{:.3},\"median_sender_cpu_ns_without\":{cw:.0},\"median_sender_cpu_ns_with\":{cv:.0},\"cpu_ratio_of_medians\":{:.3},\"pairs\":{}}}",
         with / without,
         cw / cv,
-        cli.rounds
+        cli.rounds * 4
     );
 
     // 3. New connections/s through the eBPF program (iptables rules
