@@ -10,6 +10,12 @@
 //! otherwise). Needs root and an object built with clang; prints
 //! `SKIPPED: <reason>` and passes otherwise. The namespaces are deleted at
 //! the end, also on failure (a Drop guard).
+//!
+//! One test drives the loader directly; two (feature `serde` too) run
+//! `examples/ebpf.rs` in the same topology: ready, 300 predicted
+//! connections, a reload that removes a backend under open connections,
+//! the drain's end, a followed watch file, SIGHUP, SIGTERM; and its exit 1
+//! on bad input. Each test's namespaces are `svbpf<pid><tag>-*`.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
