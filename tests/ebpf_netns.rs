@@ -10,6 +10,12 @@
 //! otherwise). Needs root and an object built with clang; prints
 //! `SKIPPED: <reason>` and passes otherwise. The namespaces are deleted at
 //! the end, also on failure (a Drop guard).
+//!
+//! One test drives the loader directly; two (feature `serde` too) run
+//! `examples/ebpf.rs` in the same topology: ready, 300 predicted
+//! connections, a reload that removes a backend under open connections,
+//! the drain's end, a followed watch file, SIGHUP, SIGTERM; and its exit 1
+//! on bad input. Each test's namespaces are `svbpf<pid><tag>-*`.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -53,9 +59,11 @@ impl Topology {
         format!("{}{name}", self.prefix)
     }
 
-    fn build() -> Result<Topology, String> {
+    /// `tag` tells apart the topologies of the tests in this binary (they
+    /// run in parallel); the prefix `svbpf` those of other tests.
+    fn build(tag: &str) -> Result<Topology, String> {
         let topo = Topology {
-            prefix: format!("svclbt{}-", std::process::id()),
+            prefix: format!("svbpf{}{tag}-", std::process::id()),
         };
         let (c, lb) = (topo.ns("client"), topo.ns("lb"));
         let backends: Vec<String> = (1..=3).map(|i| topo.ns(&format!("b{i}"))).collect();
@@ -287,7 +295,7 @@ fn ebpf_dataplane_in_network_namespaces() {
         return;
     }
     let started = Instant::now();
-    let topo = Topology::build().expect("topology");
+    let topo = Topology::build("d").expect("topology");
     for n in 1..=3u8 {
         spawn_backend(topo.ns(&format!("b{n}")), n);
     }
@@ -664,4 +672,349 @@ fn csum(b: &[u8], init: u32) -> u16 {
         s = (s & 0xffff) + (s >> 16);
     }
     !(s as u16)
+}
+
+/// `examples/ebpf.rs`, built with this test's features (a no-op after
+/// `cargo test`, which builds the examples; a rebuild after a filtered run).
+#[cfg(feature = "serde")]
+fn example_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>");
+    let bin = profile_dir.join("examples").join("ebpf");
+    let mut features = vec!["ebpf", "serde"];
+    for (on, name) in [
+        (cfg!(feature = "k8s-openapi"), "k8s-openapi"),
+        (cfg!(feature = "packet"), "packet"),
+    ] {
+        if on {
+            features.push(name);
+        }
+    }
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "--example", "ebpf", "--features"])
+        .arg(features.join(","))
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    assert!(cmd.status().expect("cargo build").success());
+    bin
+}
+
+/// The manifests the example serves: `web` (10.96.0.10:80 -> the backends'
+/// 8080) with the endpoints `backends` (1..=3).
+#[cfg(feature = "serde")]
+fn web_manifest(backends: &[u8]) -> String {
+    let mut s = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+         spec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  \
+         - {name: http, port: 80, protocol: TCP, targetPort: 8080}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web-1\n  namespace: default\n  \
+         labels: {kubernetes.io/service-name: web}\naddressType: IPv4\n\
+         ports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n",
+    );
+    for b in backends {
+        s.push_str(&format!(
+            "- addresses: [\"10.200.{b}.2\"]\n  conditions: {{ready: true}}\n"
+        ));
+    }
+    s
+}
+
+/// The model's Maglev table for `web` as the example compiles it: the same
+/// loader and planner over the same manifests, one frontend spec.
+#[cfg(feature = "serde")]
+fn web_model(dir: &std::path::Path, has_connections: bool) -> CompiledFrontend {
+    use svclb::k8s::loader::{LoadOptions, Loader};
+    let mut loader = Loader::new(LoadOptions::default());
+    let mut table = svclb::ServiceTable::new();
+    loader
+        .load(&mut table, &[dir.to_owned()], &[])
+        .expect("manifests load");
+    let mut planner = svclb::Planner::new(svclb::NodeTopology::default());
+    planner.update(
+        &table,
+        &table.full_change_set(),
+        svclb::Instant::ZERO,
+        |_| has_connections,
+    );
+    let fe = planner
+        .frontend_by_key(&SocketAddr::from((VIP, 80)), Protocol::Tcp)
+        .expect("web's frontend");
+    CompiledFrontend::compile(&svclb::ebpf::model::frontend_spec(fe), 1, None).unwrap()
+}
+
+/// Kills the example on drop (a failing test leaves no process behind).
+#[cfg(feature = "serde")]
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+#[cfg(feature = "serde")]
+impl Running {
+    /// Waits (at most 30 s) for a stdout line starting with `prefix`.
+    fn wait_for(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    println!("example: {line}");
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line {prefix:?} from the example; saw {:?}", self.seen);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("kill");
+    }
+}
+
+#[cfg(feature = "serde")]
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Backend number (1..=3) of a backend address 10.200.N.2.
+#[cfg(feature = "serde")]
+fn backend_number(fe: &CompiledFrontend, id: u32) -> u32 {
+    let addr = fe.backend(id).expect("a backend").addr;
+    match addr.ip() {
+        IpAddr::V4(v4) => u32::from(v4.octets()[2]),
+        IpAddr::V6(_) => unreachable!("IPv4 backends"),
+    }
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn ebpf_example_attaches_syncs_reloads_and_exits() {
+    use nix::sys::signal::Signal;
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let bin = example_binary();
+    let topo = Topology::build("x").expect("topology");
+    for n in 1..=3u8 {
+        spawn_backend(topo.ns(&format!("b{n}")), n);
+    }
+    let (lb, client) = (topo.ns("lb"), topo.ns("client"));
+    let dir = std::env::temp_dir().join(format!("svbpf-example-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct RmDir(std::path::PathBuf);
+    impl Drop for RmDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = RmDir(dir.clone());
+    let manifest = dir.join("web.yaml");
+    std::fs::write(&manifest, web_manifest(&[1, 2, 3])).unwrap();
+
+    // The example runs in lb's namespace: a child forked from a thread that
+    // entered it inherits it.
+    // A watch stream the example follows as it grows (outside the
+    // manifest directory).
+    let events = dir.with_extension("events.json");
+    std::fs::write(&events, "").unwrap();
+    struct RmFile(std::path::PathBuf);
+    impl Drop for RmFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rm_events = RmFile(events.clone());
+    let child = in_ns(&lb, || {
+        Command::new(&bin)
+            .arg("--manifests")
+            .arg(&dir)
+            .arg("--watch")
+            .arg(&events)
+            .args(["--iface", "l0,l1,l2,l3"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the example")
+    });
+    let mut child = child;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut ex = Running {
+        child,
+        lines,
+        seen: Vec::new(),
+    };
+    ex.wait_for("ready");
+
+    // 300 connections, every byte echoed, each on the model's backend.
+    let fe = web_model(&dir, false);
+    let results: Vec<(SocketAddr, u32)> = in_ns(&client, || {
+        (0..300u32)
+            .map(|i| {
+                let mut c = connect(VIP).expect("connect");
+                echo(&mut c, i).expect("echo");
+                (c.local, c.backend)
+            })
+            .collect()
+    });
+    let agree = results
+        .iter()
+        .filter(|(local, b)| backend_number(&fe, predicted(&fe, *local, VIP, 80)) == *b)
+        .count();
+    let mut per = [0usize; 4];
+    for (_, b) in &results {
+        per[*b as usize] += 1;
+    }
+    println!(
+        "example: model agrees on {agree}/300; per backend {:?}",
+        &per[1..]
+    );
+    assert_eq!(agree, 300);
+    assert!(per[1..].iter().all(|&k| k > 50), "{per:?}");
+
+    // A reload (the manifest file changes) removes backend 2 while 30
+    // connections are open: they keep working, new ones avoid it.
+    let mut open: Vec<Conn> = in_ns(&client, || {
+        (0..30).map(|_| connect(VIP).expect("connect")).collect()
+    });
+    let on_b2 = open.iter().filter(|c| c.backend == 2).count();
+    assert!(on_b2 > 0, "no open connection on backend 2");
+    std::fs::write(&manifest, web_manifest(&[1, 3])).unwrap();
+    let synced = ex.wait_for("synced manifests changed");
+    assert!(synced.contains("~1 "), "{synced}");
+    let echoed = in_ns(&client, || {
+        open.iter_mut()
+            .enumerate()
+            .map(|(i, c)| echo(c, 1000 + i as u32).map(|()| c.backend))
+            .collect::<Result<Vec<u32>, _>>()
+    })
+    .expect("open connections echo after the reload");
+    println!(
+        "example: {}/30 open connections echoed after the reload ({on_b2} on backend 2)",
+        echoed.len()
+    );
+    let fe = web_model(&dir, true);
+    let after: Vec<(SocketAddr, u32)> = in_ns(&client, || {
+        (0..60u32)
+            .map(|i| {
+                let mut c = connect(VIP).expect("connect");
+                echo(&mut c, 5000 + i).expect("echo");
+                (c.local, c.backend)
+            })
+            .collect()
+    });
+    assert!(after.iter().all(|(_, b)| *b != 2), "{after:?}");
+    let agree = after
+        .iter()
+        .filter(|(local, b)| backend_number(&fe, predicted(&fe, *local, VIP, 80)) == *b)
+        .count();
+    assert_eq!(agree, 60, "model after the reload");
+
+    // The drain ends once backend 2's connections have closed.
+    drop(open);
+    ex.wait_for("synced drain");
+    // Watch events appended to the stream apply as they arrive: a new
+    // service `api` (10.96.0.20) on backend 3 only.
+    let api = r#"{"type":"ADDED","object":{"apiVersion":"v1","kind":"Service","metadata":{"name":"api","namespace":"default","resourceVersion":"10"},"spec":{"clusterIP":"10.96.0.20","selector":{"app":"api"},"ports":[{"name":"http","port":80,"protocol":"TCP","targetPort":8080}]}}}
+{"type":"ADDED","object":{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"api-1","namespace":"default","resourceVersion":"11","labels":{"kubernetes.io/service-name":"api"}},"addressType":"IPv4","ports":[{"name":"http","port":8080,"protocol":"TCP"}],"endpoints":[{"addresses":["10.200.3.2"],"conditions":{"ready":true}}]}}
+"#;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&events)
+        .unwrap()
+        .write_all(api.as_bytes())
+        .unwrap();
+    ex.wait_for(&format!("synced {}: +1", events.display()));
+    let on = in_ns(&client, || {
+        (0..10)
+            .map(|_| connect(Ipv4Addr::new(10, 96, 0, 20)).map(|c| c.backend))
+            .collect::<std::io::Result<Vec<u32>>>()
+    })
+    .expect("connections to the watched service");
+    assert!(on.iter().all(|&b| b == 3), "{on:?}");
+    // SIGHUP with nothing changed (manifests and the watched events read
+    // again) changes nothing.
+    ex.signal(Signal::SIGHUP);
+    let hup = ex.wait_for("synced SIGHUP:");
+    assert_eq!(hup, "synced SIGHUP: no change");
+
+    // SIGTERM: detached, exit 0, and the VIP no longer answers.
+    ex.signal(Signal::SIGTERM);
+    ex.wait_for("detached");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = ex.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the example did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    let gone = in_ns(&client, || {
+        TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_millis(500))
+            .map(|_| ())
+    });
+    assert!(gone.is_err(), "the VIP still answers after detach");
+}
+
+/// Bad input and a missing interface: exit status 1 with a message naming
+/// what was wrong, and nothing left attached.
+#[cfg(feature = "serde")]
+#[test]
+fn ebpf_example_refuses_bad_input() {
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let bin = example_binary();
+    let missing = std::env::temp_dir().join(format!("svbpf-missing-{}", std::process::id()));
+    let out = Command::new(&bin)
+        .arg("--manifests")
+        .arg(&missing)
+        .args(["--iface", "lo"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
+
+    let dir = std::env::temp_dir().join(format!("svbpf-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), web_manifest(&[1])).unwrap();
+    let out = Command::new(&bin)
+        .arg("--manifests")
+        .arg(&dir)
+        .args(["--iface", "svbpfnone0"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("svbpfnone0"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
 }

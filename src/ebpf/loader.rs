@@ -156,6 +156,42 @@ struct Written {
 
 type FeKey = [u8; 8];
 
+/// How many written frontends name a backend id, and its address.
+#[derive(Debug, Clone, Copy, Default)]
+struct BackendUsers {
+    addr: [u8; 6],
+    active: u32,
+    draining: u32,
+}
+
+impl BackendUsers {
+    fn count(&self) -> u32 {
+        self.active + self.draining
+    }
+
+    fn add(&mut self, state: BackendState) {
+        match state {
+            BackendState::Active => self.active += 1,
+            BackendState::Draining => self.draining += 1,
+        }
+    }
+
+    fn sub(&mut self, state: BackendState) {
+        match state {
+            BackendState::Active => self.active -= 1,
+            BackendState::Draining => self.draining -= 1,
+        }
+    }
+
+    /// The backends-map value: active anywhere wins over draining.
+    fn value(&self) -> [u8; 8] {
+        let mut v = [0u8; 8];
+        v[..6].copy_from_slice(&self.addr);
+        v[6] = u8::from(self.active == 0);
+        v
+    }
+}
+
 /// The loaded, attached eBPF dataplane. Dropping it detaches the program
 /// and frees its maps.
 pub struct EbpfDataplane {
@@ -167,6 +203,7 @@ pub struct EbpfDataplane {
     counters: PerCpuArray<MapData, u64>,
     written: StdHashMap<FeKey, Written>,
     written_backends: StdHashMap<u32, [u8; 8]>,
+    users: StdHashMap<u32, BackendUsers>,
     next_id: u32,
     free_ids: Vec<u32>,
     table_size: Option<u32>,
@@ -191,15 +228,19 @@ fn proto_number(p: Protocol) -> u8 {
     }
 }
 
+fn key_of(vip: Ipv4Addr, port: u16, protocol: Protocol) -> FeKey {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&vip.octets());
+    k[4..6].copy_from_slice(&port.to_be_bytes());
+    k[6] = proto_number(protocol);
+    k
+}
+
 fn fe_key(spec: &EbpfFrontendSpec) -> Result<FeKey, EbpfError> {
     let IpAddr::V4(v4) = spec.vip else {
         return Err(EbpfError::Ipv6(spec.vip));
     };
-    let mut k = [0u8; 8];
-    k[..4].copy_from_slice(&v4.octets());
-    k[4..6].copy_from_slice(&spec.port.to_be_bytes());
-    k[6] = proto_number(spec.protocol);
-    Ok(k)
+    Ok(key_of(v4, spec.port, spec.protocol))
 }
 
 fn table_key(fe_id: u32, version: u16, chunk: u16) -> [u8; 8] {
@@ -264,6 +305,7 @@ impl EbpfDataplane {
             counters,
             written: StdHashMap::new(),
             written_backends: StdHashMap::new(),
+            users: StdHashMap::new(),
             next_id: 1,
             free_ids: Vec::new(),
             table_size,
@@ -335,28 +377,69 @@ impl EbpfDataplane {
     /// kernel refuses a write (the maps may then be partly written; apply
     /// again).
     pub fn apply(&mut self, specs: &[EbpfFrontendSpec]) -> Result<ApplyStats, EbpfError> {
+        let mut keep: HashSet<FeKey> = HashSet::with_capacity(specs.len());
+        for spec in specs {
+            keep.insert(fe_key(spec)?);
+        }
+        let removed: Vec<FeKey> = self
+            .written
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .copied()
+            .collect();
+        self.apply_keys(specs, &removed)
+    }
+
+    /// Applies a diff: writes (or rewrites) the frontends in `upserts` and
+    /// deletes the frontends `removed` names (VIP, port, protocol), leaving
+    /// every other frontend as it is. This is what a plan diff becomes:
+    /// its added and changed frontends as specs, its removed ones as keys.
+    /// Costs what [`apply`](Self::apply) costs for the same frontends, and
+    /// nothing for the others. A backend stays in the backends map while
+    /// any frontend names it (active anywhere wins over draining).
+    ///
+    /// # Errors
+    /// As [`apply`](Self::apply); a frontend named in both lists is
+    /// upserted.
+    pub fn apply_diff(
+        &mut self,
+        upserts: &[EbpfFrontendSpec],
+        removed: &[(IpAddr, u16, Protocol)],
+    ) -> Result<ApplyStats, EbpfError> {
+        let mut keys = Vec::with_capacity(removed.len());
+        for &(vip, port, protocol) in removed {
+            let IpAddr::V4(v4) = vip else {
+                // Never written: nothing to delete.
+                continue;
+            };
+            keys.push(key_of(v4, port, protocol));
+        }
+        self.apply_keys(upserts, &keys)
+    }
+
+    fn apply_keys(
+        &mut self,
+        specs: &[EbpfFrontendSpec],
+        removed: &[FeKey],
+    ) -> Result<ApplyStats, EbpfError> {
         let mut stats = ApplyStats::default();
         // Validate and compile first: a bad spec writes nothing.
-        let mut wanted_backends: StdHashMap<u32, [u8; 8]> = StdHashMap::new();
         let mut plan: Vec<(FeKey, &EbpfFrontendSpec)> = Vec::with_capacity(specs.len());
+        let mut upserted: HashSet<FeKey> = HashSet::with_capacity(specs.len());
         for spec in specs {
             let key = fe_key(spec)?;
             for b in &spec.backends {
-                let v = be_val(b.addr, b.state)?;
-                let e = wanted_backends.entry(b.id).or_insert(v);
-                if e[..6] != v[..6] {
-                    return Err(ValidationError::Invalid {
-                        field: "backends.id".into(),
-                        value: b.id.to_string(),
-                        reason: "one backend id with two addresses",
-                    }
-                    .into());
-                }
-                // Active anywhere wins over draining.
-                e[6] = e[6].min(v[6]);
+                be_val(b.addr, b.state)?;
             }
-            plan.push((key, spec));
+            if upserted.insert(key) {
+                plan.push((key, spec));
+            }
         }
+        let removed: Vec<FeKey> = removed
+            .iter()
+            .filter(|k| !upserted.contains(*k) && self.written.contains_key(*k))
+            .copied()
+            .collect();
         let mut compiled = Vec::new();
         for &(key, spec) in &plan {
             match self.written.get(&key) {
@@ -368,13 +451,56 @@ impl EbpfDataplane {
                 None => compiled.push((key, CompiledFrontend::compile(spec, 0, self.table_size)?)),
             }
         }
+        // The backends' users after this apply: the touched entries only.
+        let mut users: StdHashMap<u32, BackendUsers> = StdHashMap::new();
+        let touch = |users: &mut StdHashMap<u32, BackendUsers>, id: u32| {
+            users
+                .entry(id)
+                .or_insert_with(|| self.users.get(&id).copied().unwrap_or_default());
+        };
+        for (key, _) in &compiled {
+            if let Some(w) = self.written.get(key) {
+                for b in &w.compiled.spec().backends {
+                    touch(&mut users, b.id);
+                    users.get_mut(&b.id).expect("touched").sub(b.state);
+                }
+            }
+        }
+        for key in &removed {
+            let w = self.written.get(key).expect("filtered");
+            for b in &w.compiled.spec().backends {
+                touch(&mut users, b.id);
+                users.get_mut(&b.id).expect("touched").sub(b.state);
+            }
+        }
+        for (_, fe) in &compiled {
+            for b in &fe.spec().backends {
+                touch(&mut users, b.id);
+                let v = be_val(b.addr, b.state)?;
+                let u = users.get_mut(&b.id).expect("touched");
+                if u.count() > 0 && u.addr != v[..6] {
+                    return Err(ValidationError::Invalid {
+                        field: "backends.id".into(),
+                        value: b.id.to_string(),
+                        reason: "one backend id with two addresses",
+                    }
+                    .into());
+                }
+                u.addr.copy_from_slice(&v[..6]);
+                u.add(b.state);
+            }
+        }
         // 1. Backends first, so no table names a backend the map lacks.
-        for (&id, v) in &wanted_backends {
-            if self.written_backends.get(&id) != Some(v) {
+        for (&id, u) in &users {
+            if u.count() == 0 {
+                continue;
+            }
+            let v = u.value();
+            if self.written_backends.get(&id) != Some(&v) {
                 self.backends
                     .insert(id, v, 0)
                     .map_err(map_err("svclb_backends"))?;
-                self.written_backends.insert(id, *v);
+                self.written_backends.insert(id, v);
                 stats.backend_writes += 1;
             }
         }
@@ -430,15 +556,8 @@ impl EbpfDataplane {
             );
         }
         // 3. Frontends no longer wanted: entry first, then both table copies.
-        let keep: HashSet<FeKey> = plan.iter().map(|p| p.0).collect();
-        let gone: Vec<FeKey> = self
-            .written
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .copied()
-            .collect();
-        for key in gone {
-            let w = self.written.remove(&key).expect("listed above");
+        for key in removed {
+            let w = self.written.remove(&key).expect("filtered");
             self.frontends
                 .remove(&key)
                 .map_err(map_err("svclb_frontends"))?;
@@ -451,19 +570,19 @@ impl EbpfDataplane {
             }
             self.free_ids.push(w.compiled.id());
         }
-        // 4. Backends no frontend names.
-        let stale: Vec<u32> = self
-            .written_backends
-            .keys()
-            .filter(|id| !wanted_backends.contains_key(id))
-            .copied()
-            .collect();
-        for id in stale {
-            self.backends
-                .remove(&id)
-                .map_err(map_err("svclb_backends"))?;
-            self.written_backends.remove(&id);
-            stats.backend_writes += 1;
+        // 4. Backends no frontend names any more.
+        for (id, u) in users {
+            if u.count() > 0 {
+                self.users.insert(id, u);
+                continue;
+            }
+            self.users.remove(&id);
+            if self.written_backends.remove(&id).is_some() {
+                self.backends
+                    .remove(&id)
+                    .map_err(map_err("svclb_backends"))?;
+                stats.backend_writes += 1;
+            }
         }
         Ok(stats)
     }
@@ -497,11 +616,9 @@ impl EbpfDataplane {
         port: u16,
         protocol: Protocol,
     ) -> Option<&CompiledFrontend> {
-        let mut k = [0u8; 8];
-        k[..4].copy_from_slice(&vip.octets());
-        k[4..6].copy_from_slice(&port.to_be_bytes());
-        k[6] = proto_number(protocol);
-        self.written.get(&k).map(|w| &w.compiled)
+        self.written
+            .get(&key_of(vip, port, protocol))
+            .map(|w| &w.compiled)
     }
 
     /// The counters, summed over CPUs.
