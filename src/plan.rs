@@ -747,7 +747,7 @@ impl Planner {
         for key in touched {
             let view = table
                 .view(&key)
-                .filter(|v| !v.service().is_headless())
+                .filter(|v| v.service().is_proxied())
                 .cloned();
             let keep: SmallVec<[FrontendKey; 4]> =
                 view.as_deref().map(frontend_keys).unwrap_or_default();

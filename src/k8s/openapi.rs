@@ -49,8 +49,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString as K8sIntOrString;
 use crate::error::ValidationError;
 use crate::k8s::manifest::{
     ClientIpConfig, EndpointHints, EndpointManifest, EndpointPortManifest, EndpointSliceManifest,
-    HintName, IntOrString, ObjectMeta, ServiceManifest, ServicePortManifest, ServiceSpec,
-    SessionAffinityConfig,
+    HintName, IntOrString, LoadBalancerIngressManifest, LoadBalancerStatusManifest, ObjectMeta,
+    ServiceManifest, ServicePortManifest, ServiceSpec, ServiceStatus, SessionAffinityConfig,
 };
 use crate::model::endpoint_slice::{Conditions, EndpointSlice};
 use crate::model::service::Service;
@@ -105,9 +105,31 @@ impl From<&core::Service> for ServiceManifest {
                 traffic_distribution: spec.traffic_distribution,
                 publish_not_ready_addresses: spec.publish_not_ready_addresses,
                 external_name: spec.external_name,
+                external_ips: spec.external_ips.unwrap_or_default(),
+                load_balancer_source_ranges: spec.load_balancer_source_ranges.unwrap_or_default(),
+                health_check_node_port: spec.health_check_node_port.map(i64::from),
+                allocate_load_balancer_node_ports: spec.allocate_load_balancer_node_ports,
                 selector: spec.selector,
                 ip_families: spec.ip_families.unwrap_or_default(),
                 ip_family_policy: spec.ip_family_policy,
+            },
+            status: ServiceStatus {
+                load_balancer: svc
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.load_balancer.as_ref())
+                    .map(|lb| LoadBalancerStatusManifest {
+                        ingress: lb
+                            .ingress
+                            .iter()
+                            .flatten()
+                            .map(|i| LoadBalancerIngressManifest {
+                                ip: i.ip.clone(),
+                                hostname: i.hostname.clone(),
+                                ip_mode: i.ip_mode.clone(),
+                            })
+                            .collect(),
+                    }),
             },
         }
     }
@@ -117,8 +139,7 @@ impl TryFrom<&core::Service> for Service {
     type Error = ValidationError;
 
     /// Applies the API defaults and validates, as
-    /// [`ServiceManifest::to_service`] does (ExternalName services are
-    /// refused, naming `spec.type`).
+    /// [`ServiceManifest::to_service`] does.
     fn try_from(svc: &core::Service) -> Result<Self, Self::Error> {
         ServiceManifest::from(svc).to_service()
     }
@@ -275,7 +296,16 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(Service::try_from(&k).unwrap_err().field(), "spec.type");
+        assert_eq!(
+            Service::try_from(&k).unwrap().external_name(),
+            Some("db.example.com")
+        );
+        let mut k = k;
+        k.spec.as_mut().unwrap().external_name = Some("Not_A_Name".into());
+        assert_eq!(
+            Service::try_from(&k).unwrap_err().field(),
+            "spec.externalName"
+        );
         let k = discovery::EndpointSlice {
             address_type: "IPv4".into(),
             metadata: K8sMeta {
