@@ -142,10 +142,11 @@ pub use model::endpoint_slice::{
 };
 pub use model::flow::{Flow, Forward, Protocol, Verdict};
 pub use model::service::{
-    AffinityKeyKind, ClusterIp, Service, ServiceBuilder, ServiceKey, ServicePort, ServicePortSpec,
-    SessionAffinity, TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
+    AffinityKeyKind, ClusterIp, IpMode, LoadBalancerIngress, Service, ServiceBuilder, ServiceKey,
+    ServicePort, ServicePortSpec, ServiceType, SessionAffinity, TargetPort, TargetPortSpec,
+    TrafficDistribution, TrafficPolicy,
 };
-pub use plan::{BackendId, BackendState, FrontendId, FrontendKey, Planner};
+pub use plan::{BackendId, BackendState, FrontendId, FrontendKey, FrontendKind, Planner};
 pub use rng::SeededRng;
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerFactory, SchedulerKind};
 pub use table::{

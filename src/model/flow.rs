@@ -131,6 +131,13 @@ pub struct Forward {
     /// Whether the connection tracker already knew the flow (`true`) or it
     /// was scheduled now (`false`).
     pub tracked: bool,
+    /// Whether kube-proxy would masquerade (SNAT to the node) the flow:
+    /// the caller's packet I/O rewrites the source too. Hairpin traffic,
+    /// off-cluster traffic to a cluster IP (with `--cluster-cidr`, or
+    /// `--masquerade-all`), and external traffic under
+    /// `externalTrafficPolicy: Cluster` (or from the node itself under
+    /// `Local`). See [`DataplaneConfig::cluster_cidrs`](crate::DataplaneConfig::cluster_cidrs).
+    pub masquerade: bool,
 }
 
 /// What a dataplane decided for a flow.
@@ -206,6 +213,7 @@ mod tests {
             backend_id: BackendId(0),
             frontend: FrontendId(0),
             tracked: false,
+            masquerade: false,
         });
         assert_eq!(v.to_string(), "FORWARD 10.0.1.8:9092");
         assert_eq!(Verdict::Reject.to_string(), "REJECT");
