@@ -149,12 +149,12 @@ impl Surface {
     }
 
     #[inline]
-    fn from_pod(&self, ip: IpAddr) -> bool {
+    fn is_pod(&self, ip: IpAddr) -> bool {
         self.cluster_cidrs.iter().any(|c| c.contains(ip))
     }
 
     #[inline]
-    fn from_node(&self, ip: IpAddr) -> bool {
+    fn is_node(&self, ip: IpAddr) -> bool {
         self.node_ips.contains(&ip)
     }
 
@@ -182,7 +182,7 @@ impl Surface {
         {
             return Admit::Drop;
         }
-        if p.external_local && (self.from_pod(src) || self.from_node(src)) {
+        if p.external_local && (self.is_pod(src) || self.is_node(src)) {
             if let Some(t) = p.cluster_target {
                 return Admit::Redirect(t, id);
             }
@@ -211,8 +211,8 @@ impl Surface {
         }
         let p = self.by_id.get(frontend.0 as usize);
         match p.and_then(|p| p.kind.map(|k| (k, p.external_local))) {
-            Some((k, local)) if k.is_external() => !local || self.from_node(src),
-            _ => self.masquerade_all || (!self.cluster_cidrs.is_empty() && !self.from_pod(src)),
+            Some((k, local)) if k.is_external() => !local || self.is_node(src),
+            _ => self.masquerade_all || (!self.cluster_cidrs.is_empty() && !self.is_pod(src)),
         }
     }
 }

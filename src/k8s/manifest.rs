@@ -928,7 +928,7 @@ pub struct ChangeBatch {
     /// the document when the table refuses a change
     /// ([`UpdateError::InBatch`](crate::UpdateError::InBatch) gives its index).
     pub origins: Vec<Origin>,
-    /// Objects not turned into changes (ExternalName services).
+    /// Objects not turned into changes.
     pub skipped: Vec<Skipped>,
 }
 
@@ -1274,9 +1274,9 @@ impl Manifests {
     }
 
     /// Converts every object into a [`Change`], in document order: an
-    /// upsert, or a delete for a `DELETED` watch event. ExternalName
-    /// services and slices without the `kubernetes.io/service-name` label
-    /// (kube-proxy ignores them) are skipped, and so are v1 Endpoints
+    /// upsert, or a delete for a `DELETED` watch event. Slices without the
+    /// `kubernetes.io/service-name` label (kube-proxy ignores them) are
+    /// skipped, and so are v1 Endpoints
     /// except those of a selector-less Service in the same input, which
     /// are mirrored into EndpointSlices ([`EndpointsManifest::mirror`]).
     ///
@@ -1597,7 +1597,8 @@ impl ServiceManifest {
     /// A [`ValidationError`] naming the field: anything the builder refuses,
     /// an unknown `type`, `protocol`, `sessionAffinity`, traffic policy or
     /// `trafficDistribution`, a `clusterIP` that is no IP, a `clusterIPs[0]`
-    /// that differs from `clusterIP`, and `spec.type: ExternalName`.
+    /// that differs from `clusterIP`, an external or load-balancer IP that
+    /// is no IP, a source range that is no CIDR, an unknown `ipMode`.
     pub fn to_service(&self) -> Result<Service, ValidationError> {
         let mut m = self.clone();
         m.apply_defaults();

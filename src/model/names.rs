@@ -83,38 +83,6 @@ pub(crate) fn validate_port(field: &str, value: i64) -> Result<u16, ValidationEr
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dns_labels() {
-        assert!(validate_dns_label("f", "web-1").is_ok());
-        for bad in ["", "-a", "a-", "A", "a_b", &"x".repeat(64)] {
-            assert!(validate_dns_label("f", bad).is_err(), "{bad}");
-        }
-        assert!(validate_dns_subdomain("f", "web-abc12.x").is_ok());
-        assert!(validate_dns_subdomain("f", "web..x").is_err());
-    }
-
-    #[test]
-    fn port_names() {
-        assert!(validate_port_name("f", "http").is_ok());
-        assert!(validate_port_name("f", "h2c-8080").is_ok());
-        for bad in ["", "8080", "a--b", "-a", "way-too-long-port-name", "Http"] {
-            assert!(validate_port_name("f", bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn ports() {
-        assert_eq!(validate_port("f", 1).unwrap(), 1);
-        assert_eq!(validate_port("f", 65_535).unwrap(), 65_535);
-        assert!(validate_port("f", 0).is_err());
-        assert!(validate_port("f", 65_536).is_err());
-    }
-}
-
 /// Parses an IP address as kube-proxy does (`netutils.ParseIPSloppy`, Go's
 /// pre-1.17 `net.ParseIP`): an IPv4 octet may carry leading zeros and is
 /// read as decimal, so `172.30.0.041` is 172.30.0.41 (not octal 33).
@@ -149,4 +117,36 @@ pub fn parse_ip_sloppy(text: &str) -> Option<std::net::IpAddr> {
         return None;
     }
     Some(std::net::IpAddr::from(octets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        assert!(validate_dns_label("f", "web-1").is_ok());
+        for bad in ["", "-a", "a-", "A", "a_b", &"x".repeat(64)] {
+            assert!(validate_dns_label("f", bad).is_err(), "{bad}");
+        }
+        assert!(validate_dns_subdomain("f", "web-abc12.x").is_ok());
+        assert!(validate_dns_subdomain("f", "web..x").is_err());
+    }
+
+    #[test]
+    fn port_names() {
+        assert!(validate_port_name("f", "http").is_ok());
+        assert!(validate_port_name("f", "h2c-8080").is_ok());
+        for bad in ["", "8080", "a--b", "-a", "way-too-long-port-name", "Http"] {
+            assert!(validate_port_name("f", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(validate_port("f", 1).unwrap(), 1);
+        assert_eq!(validate_port("f", 65_535).unwrap(), 65_535);
+        assert!(validate_port("f", 0).is_err());
+        assert!(validate_port("f", 65_536).is_err());
+    }
 }
