@@ -101,9 +101,22 @@ struct Cli {
     /// This node's zone (topology hints).
     #[arg(long)]
     zone: Option<String>,
-    /// The cluster's pod CIDR: adds kube-proxy's masquerade rules to dumps.
+    /// The cluster's pod CIDR: adds kube-proxy's masquerade rules to dumps,
+    /// and is the dataplane's local-traffic detector (masquerade decision,
+    /// short-circuit of pod traffic to external Local destinations).
     #[arg(long)]
     cluster_cidr: Option<String>,
+    /// A node IP: node ports answer on it, traffic from it is the node's
+    /// own. Repeatable.
+    #[arg(long = "node-ip", action = clap::ArgAction::Append, value_name = "IP")]
+    node_ip: Vec<IpAddr>,
+    /// kube-proxy's --nodeport-addresses: node ports answer only on the
+    /// node IPs inside these prefixes.
+    #[arg(long = "nodeport-addresses", value_name = "CIDR[,CIDR]")]
+    nodeport_addresses: Option<String>,
+    /// kube-proxy's --masquerade-all: masquerade all cluster-IP traffic.
+    #[arg(long)]
+    masquerade_all: bool,
     /// Turn connection tracking off: every packet is scheduled afresh.
     #[arg(long)]
     no_conntrack: bool,
@@ -192,6 +205,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "ipv4")]
         family: FamilyArg,
     },
+    /// Answer a service's health-check node port as kube-proxy does on this
+    /// node (--node): prints the status and the body.
+    Health {
+        /// The service, NAMESPACE/NAME.
+        service: String,
+    },
     /// The demonstration: listing, a routed trace, headless DNS, lookup cost.
     Demo {
         /// The largest synthetic cluster of the lookup-cost table.
@@ -242,7 +261,9 @@ struct World {
     render: RenderOptions,
 }
 
-const COMMANDS: [&str; 6] = ["route", "replay", "resolve", "dump", "demo", "help"];
+const COMMANDS: [&str; 7] = [
+    "route", "replay", "resolve", "dump", "health", "demo", "help",
+];
 
 /// `--manifests A B demo` -> `--manifests A --manifests B demo`: the paths
 /// run until the next flag or command name (clap alone would take `demo` as
@@ -301,8 +322,30 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", dump_family(&world, format, family)?);
             Ok(())
         }
+        Command::Health { service } => health(&world, &service),
         Command::Demo { max_services } => demo(world, max_services),
     }
+}
+
+fn health(world: &World, service: &str) -> Result<()> {
+    let Some((ns, name)) = service.split_once('/') else {
+        return fail(format!(
+            "health: invalid value {service:?}: must be NAMESPACE/NAME"
+        ));
+    };
+    let key = ServiceKey::new(ns, name);
+    if world.table.service(&key).is_none() {
+        return fail(format!("health: no service {key}"));
+    }
+    let Some(r) = svclb::k8s::health::service_health(&world.table, &world.config.node, &key, true)
+    else {
+        return fail(format!(
+            "health: {key} has no healthCheckNodePort (only LoadBalancer services with externalTrafficPolicy Local have one)"
+        ));
+    };
+    println!("{}", r.status_line());
+    println!("{}", r.body);
+    Ok(())
 }
 
 fn setup(cli: &Cli) -> Result<World> {
@@ -320,10 +363,20 @@ fn setup(cli: &Cli) -> Result<World> {
     if cli.no_conntrack {
         config.conntrack = None;
     }
+    config.node_ips = cli.node_ip.clone();
+    if let Some(list) = &cli.nodeport_addresses {
+        for part in list.split(',') {
+            config
+                .nodeport_addresses
+                .push(Cidr::parse("--nodeport-addresses", part.trim())?);
+        }
+    }
+    config.masquerade_all = cli.masquerade_all;
     let mut render = RenderOptions::default().node(node);
     if let Some(cidr) = &cli.cluster_cidr {
-        render = render
-            .cluster_cidr(Cidr::parse("--cluster-cidr", cidr).map_err(|e| Failure(e.to_string()))?);
+        let cidr = Cidr::parse("--cluster-cidr", cidr).map_err(|e| Failure(e.to_string()))?;
+        render = render.cluster_cidr(cidr);
+        config.cluster_cidrs.push(cidr);
     }
     let options = LoadOptions {
         service_cidrs: loader::parse_service_cidrs(&cli.service_cidr)?,
