@@ -189,7 +189,7 @@ enum Command {
     Resolve {
         /// The name, e.g. kafka-0.kafka-headless.messaging.svc.cluster.local.
         name: String,
-        /// The record type: A, AAAA or SRV.
+        /// The record type: A, AAAA, SRV or CNAME.
         #[arg(long = "type", default_value = "A")]
         qtype: String,
         /// The cluster domain (DNS zone).
@@ -452,6 +452,11 @@ const FIRST_EPHEMERAL_PORT: u16 = 40_000;
 fn route(world: &World, src: &str, dst: SocketAddr, proto: &str, count: Option<u32>) -> Result<()> {
     let protocol = parse_proto(proto)?;
     let (ip, port) = parse_src(src)?;
+    if ip.is_ipv4() != dst.is_ipv4() {
+        return fail(format!(
+            "--src {src} and --dst {dst}: source and destination must be of one address family"
+        ));
+    }
     let dp = world.plane.dp();
     let Some(n) = count else {
         let flow = Flow::new(
