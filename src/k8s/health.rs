@@ -7,19 +7,9 @@
 //!   services): `200` when this node has a ready endpoint of the service
 //!   and the proxy is healthy, else `503`; headers `Content-Type:
 //!   application/json`, `X-Content-Type-Options: nosniff` and
-//!   `X-Load-Balancing-Endpoint-Weight: N`; the body (tab-indented, as
-//!   kube-proxy's dedented template leaves it)
-//!
-//!   ```text
-//!   {
-//!   	"service": {
-//!   		"namespace": "ns1",
-//!   		"name": "svc1"
-//!   	},
-//!   	"localEndpoints": 1,
-//!   	"serviceProxyHealthy": true
-//!   }
-//!   ```
+//!   `X-Load-Balancing-Endpoint-Weight: N`; the body, indented with tabs
+//!   as kube-proxy's dedented template leaves it:
+//!   `{\n\t"service": {\n\t\t"namespace": "ns1",\n\t\t"name": "svc1"\n\t},\n\t"localEndpoints": 1,\n\t"serviceProxyHealthy": true\n}`.
 //!
 //!   `localEndpoints` counts this node's ready endpoints of the service,
 //!   each `IP:port` once across the service's ports (kube-proxy's
