@@ -1,10 +1,22 @@
 //! The one compile step: the [`ServiceTable`] turned into frontends and
 //! backends with stable identities, and the diff of every change.
 //!
-//! A *frontend* is one (VIP, protocol, port) a dataplane answers: a cluster
-//! IP of a service port. Its [`Outcome`] is what it does with a new
-//! connection (forward to its backends, reject, or drop), decided by
-//! [`topology`](crate::topology) for this node. A *backend* is one
+//! A *frontend* is one (VIP, protocol, port) a dataplane answers, of one
+//! [`FrontendKind`]: a cluster IP of a service port (under the internal
+//! traffic policy), or an external destination under the external traffic
+//! policy: a node IP at the port's `nodePort` (the node's addresses are
+//! [`NodeAddresses`], kube-proxy's `--nodeport-addresses` applied), an
+//! `externalIPs` address, or a load-balancer ingress IP of `ipMode: VIP`
+//! (`Proxy` ones are not captured, as in kube-proxy). Its [`Outcome`] is
+//! what it does with a new connection (forward to its backends, reject, or
+//! drop), decided by [`topology`](crate::topology) for this node: a service
+//! with no usable endpoint rejects everywhere; an external Local frontend
+//! with no local endpoint drops. What depends on the packet's source
+//! (source ranges, the short-circuit of this node's pods and of the node
+//! itself to the Cluster-policy endpoints, masquerading) is the
+//! dataplanes' shared connection layer's, from
+//! [`Frontend::external_local`], [`Frontend::cluster_backends`] and the
+//! service. A *backend* is one
 //! `IP:port` of a service for one protocol.
 //!
 //! Identities are stable: a frontend keeps its [`FrontendId`] while the same
