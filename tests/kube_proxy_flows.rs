@@ -1094,3 +1094,130 @@ fn terminating_endpoints() {
         );
     }
 }
+
+/// The source-dependent rules follow incremental syncs: an external Local
+/// destination loses its local endpoint (external traffic drops, pods are
+/// still short-circuited to the remote one), an unrelated cluster-IP change
+/// leaves them be, and the service's deletion removes them.
+#[test]
+fn surface_follows_incremental_syncs() {
+    let node = Node::v4();
+    for (mode, dp) in dataplanes(&node) {
+        let mut t = ServiceTable::new();
+        let svc = lb_service("ns1", "svc1", "172.30.0.41", Some(3001))
+            .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+            .load_balancer_source_range(cidr("203.0.113.0/25"))
+            .external_traffic_policy(TrafficPolicy::Local)
+            .build()
+            .unwrap();
+        let cs = t
+            .apply_batch([
+                Change::UpsertService(svc),
+                slice(
+                    "ns1",
+                    "svc1",
+                    vec![
+                        ep("10.180.0.1", Some(HOST)),
+                        ep("10.180.1.1", Some("remote")),
+                    ],
+                ),
+            ])
+            .unwrap();
+        dp.sync(&t, &cs, Instant::ZERO);
+        let check = |t: &FlowTest| {
+            assert_eq!(
+                observe(&*dp, t).as_ref(),
+                Ok(&t.expect),
+                "{mode}: {}",
+                t.name
+            );
+        };
+        check(&flow(
+            "external to LB",
+            EXTERNAL_CLIENT,
+            "1.2.3.4",
+            80,
+            to("10.180.0.1:80", false),
+        ));
+        check(&flow(
+            "blocked",
+            EXTERNAL_CLIENT_BLOCKED,
+            "1.2.3.4",
+            80,
+            Expect::Drop,
+        ));
+        let cs = t
+            .apply(slice("ns1", "svc1", vec![ep("10.180.1.1", Some("remote"))]))
+            .unwrap();
+        dp.sync(&t, &cs, Instant::from_secs(1));
+        check(&flow(
+            "external, no local endpoint",
+            EXTERNAL_CLIENT,
+            NODE_IP,
+            3001,
+            Expect::Drop,
+        ));
+        check(&flow(
+            "pod short-circuits",
+            POD,
+            NODE_IP,
+            3001,
+            to("10.180.1.1:80", false),
+        ));
+        // The node itself: outside the source ranges, so the LB IP drops it
+        // (KUBE-FW- before KUBE-EXT-), while the node port short-circuits it.
+        check(&flow(
+            "node to LB, outside the ranges",
+            NODE_IP,
+            "1.2.3.4",
+            80,
+            Expect::Drop,
+        ));
+        check(&flow(
+            "node short-circuits",
+            NODE_IP,
+            NODE_IP,
+            3001,
+            to("10.180.1.1:80", true),
+        ));
+        let other = Service::builder("ns1", "other")
+            .cluster_ip(ip("172.30.0.99"))
+            .port(ServicePortSpec::tcp(80).name("p80"))
+            .build()
+            .unwrap();
+        let cs = t.apply(Change::UpsertService(other)).unwrap();
+        dp.sync(&t, &cs, Instant::from_secs(2));
+        check(&flow(
+            "blocked, still",
+            EXTERNAL_CLIENT_BLOCKED,
+            "1.2.3.4",
+            80,
+            Expect::Drop,
+        ));
+        check(&flow(
+            "pod, still",
+            POD,
+            NODE_IP,
+            3001,
+            to("10.180.1.1:80", false),
+        ));
+        let cs = t
+            .apply(Change::DeleteService(ServiceKey::new("ns1", "svc1")))
+            .unwrap();
+        dp.sync(&t, &cs, Instant::from_secs(3));
+        check(&flow(
+            "gone",
+            EXTERNAL_CLIENT_BLOCKED,
+            "1.2.3.4",
+            80,
+            Expect::Ignored,
+        ));
+        check(&flow(
+            "gone node port (a new client: tracked flows keep their draining backend)",
+            "10.0.0.3",
+            NODE_IP,
+            3001,
+            Expect::Ignored,
+        ));
+    }
+}

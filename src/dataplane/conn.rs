@@ -20,7 +20,8 @@ use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState
 use crate::model::flow::{Flow, Forward, Protocol, Verdict};
 use crate::model::service::TrafficPolicy;
 use crate::plan::{
-    BackendId, BackendState, BackendStates, FrontendId, FrontendKey, FrontendKind, Outcome, Planner,
+    BackendId, BackendState, BackendStates, FrontendId, FrontendKey, FrontendKind, Outcome,
+    PlanDiff, Planner,
 };
 use crate::render::Cidr;
 use crate::scheduler::ConnectionCounts;
@@ -39,8 +40,8 @@ pub(crate) struct Surface {
     masquerade_all: bool,
     /// This node's addresses (`--src-type LOCAL`).
     node_ips: Box<[IpAddr]>,
-    /// Per frontend id.
-    by_id: Vec<FrontendPolicy>,
+    /// The external frontends (a frontend not listed is a cluster IP).
+    by_id: AHashMap<FrontendId, FrontendPolicy>,
     /// External frontends whose new connections depend on the source.
     special: AHashMap<FrontendKey, FrontendId>,
 }
@@ -84,15 +85,14 @@ impl Surface {
         masquerade_all: bool,
     ) -> Surface {
         let node_ips: Box<[IpAddr]> = planner.node_addresses().node_ips.clone().into();
-        let mut by_id: Vec<FrontendPolicy> = Vec::new();
+        let mut by_id = AHashMap::new();
         let mut special = AHashMap::new();
         for fe in planner.frontends() {
-            let i = fe.id().0 as usize;
-            if by_id.len() <= i {
-                by_id.resize_with(i + 1, FrontendPolicy::default);
+            let kind = fe.kind();
+            if !kind.is_external() {
+                continue;
             }
             let svc = fe.service();
-            let kind = fe.kind();
             let lb = kind == FrontendKind::LoadBalancer;
             let source_ranges: Box<[Cidr]> = if lb {
                 svc.load_balancer_source_ranges().into()
@@ -129,15 +129,18 @@ impl Surface {
             if external_local || !source_ranges.is_empty() {
                 special.insert(fe.key(), fe.id());
             }
-            by_id[i] = FrontendPolicy {
-                kind: Some(kind),
-                external_local,
-                has_endpoints: fe.outcome() != Outcome::Reject,
-                cluster_target,
-                cluster_backends,
-                source_ranges,
-                source_extra,
-            };
+            by_id.insert(
+                fe.id(),
+                FrontendPolicy {
+                    kind: Some(kind),
+                    external_local,
+                    has_endpoints: fe.outcome() != Outcome::Reject,
+                    cluster_target,
+                    cluster_backends,
+                    source_ranges,
+                    source_extra,
+                },
+            );
         }
         Surface {
             cluster_cidrs: cluster_cidrs.into(),
@@ -167,7 +170,7 @@ impl Surface {
         let Some(&id) = self.special.get(&FrontendKey::new(flow.protocol, flow.dst)) else {
             return Admit::Lookup;
         };
-        let Some(p) = self.by_id.get(id.0 as usize) else {
+        let Some(p) = self.by_id.get(&id) else {
             return Admit::Lookup;
         };
         if !p.has_endpoints {
@@ -209,7 +212,11 @@ impl Surface {
         if backend.ip() == src {
             return true;
         }
-        let p = self.by_id.get(frontend.0 as usize);
+        let p = if self.by_id.is_empty() {
+            None
+        } else {
+            self.by_id.get(&frontend)
+        };
         match p.and_then(|p| p.kind.map(|k| (k, p.external_local))) {
             Some((k, local)) if k.is_external() => !local || self.is_node(src),
             _ => self.masquerade_all || (!self.cluster_cidrs.is_empty() && !self.is_pod(src)),
@@ -281,9 +288,29 @@ impl ConnLayer {
         }
     }
 
-    /// Publishes the source-dependent rules of `planner`'s frontends; call
-    /// after every plan change.
-    pub(crate) fn publish(&self, planner: &Planner) {
+    /// Publishes the source-dependent rules of `planner`'s frontends after
+    /// the change `diff`: rebuilt (a walk of the plan) only when the change
+    /// touches an external frontend, so cluster-IP churn costs a scan of
+    /// the diff and nothing more.
+    pub(crate) fn publish(&self, planner: &Planner, diff: &PlanDiff) {
+        let current = self.surface.load();
+        let external = |id: &FrontendId| {
+            current.by_id.contains_key(id)
+                || planner
+                    .frontend(*id)
+                    .is_some_and(|f| f.kind().is_external())
+        };
+        let touched = diff.full
+            || diff.added.iter().any(external)
+            || diff.changed.iter().any(external)
+            || diff
+                .removed
+                .iter()
+                .any(|(id, _)| current.by_id.contains_key(id));
+        if !touched {
+            return;
+        }
+        drop(current);
         self.surface.store(Arc::new(Surface::build(
             planner,
             &self.cluster_cidrs,

@@ -426,7 +426,7 @@ impl Shared {
         let mut planner = self.planner.lock();
         let diff = planner.update(table, changes, now, |id| self.conn.has_connections(id));
         self.apply(&planner, &diff);
-        self.conn.publish(&planner);
+        self.conn.publish(&planner, &diff);
     }
 
     fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked> {
@@ -444,7 +444,7 @@ impl Shared {
         let diff = planner.handle_timeout(now, |id| self.conn.has_connections(id));
         if !diff.is_empty() {
             self.apply(&planner, &diff);
-            self.conn.publish(&planner);
+            self.conn.publish(&planner, &diff);
         }
     }
 
