@@ -1221,3 +1221,40 @@ fn surface_follows_incremental_syncs() {
         ));
     }
 }
+
+/// TestHealthCheckNodePort: the health-check node port is the node's own
+/// (kube-proxy only ACCEPTs it in the filter table): no dataplane captures
+/// it, and the answer there is `k8s::health`'s.
+#[test]
+fn health_check_node_port() {
+    let t = etp_table(TrafficPolicy::Local);
+    let flows = [
+        flow(
+            "external to HealthCheckNodePort",
+            "1.2.3.4",
+            NODE_IP,
+            30000,
+            Expect::Ignored,
+        ),
+        flow(
+            "external to HealthCheckNodePort on another node IP",
+            "1.2.3.4",
+            NODE_IP_ALT,
+            30000,
+            Expect::Ignored,
+        ),
+    ];
+    run("HealthCheckNodePort", &Node::v4(), &t, &flows);
+    let key = ServiceKey::new("ns1", "svc1");
+    let here =
+        svclb::k8s::health::service_health(&t, &NodeTopology::new(HOST, "z"), &key, true).unwrap();
+    assert_eq!((here.status, here.headers[2].1.as_str()), (200, "1"));
+    let there =
+        svclb::k8s::health::service_health(&t, &NodeTopology::new("host-2", "z"), &key, true)
+            .unwrap();
+    assert_eq!(there.status, 503);
+    let unhealthy =
+        svclb::k8s::health::service_health(&t, &NodeTopology::new(HOST, "z"), &key, false).unwrap();
+    assert_eq!(unhealthy.status, 503);
+    assert!(unhealthy.body.contains("\"serviceProxyHealthy\": false"));
+}
