@@ -910,6 +910,15 @@ impl ServiceBuilder {
                 });
             }
         }
+        let externally_accessible = matches!(ty, ServiceType::NodePort | ServiceType::LoadBalancer)
+            || (ty == ServiceType::ClusterIP && !external_ips.is_empty());
+        if self.external_traffic_policy == TrafficPolicy::Local && !externally_accessible {
+            return Err(ValidationError::Invalid {
+                field: "spec.externalTrafficPolicy".into(),
+                value: "Local".into(),
+                reason: "may only be set for externally-accessible services (NodePort, LoadBalancer, or with externalIPs)",
+            });
+        }
         let health_check_node_port = match self.health_check_node_port {
             None | Some(0) => None,
             Some(n) => {
@@ -1116,6 +1125,59 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err.field(), "metadata.namespace");
+    }
+
+    #[test]
+    fn external_surface_validation() {
+        let err = base()
+            .port(ServicePortSpec::tcp(80))
+            .external_traffic_policy(TrafficPolicy::Local)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.externalTrafficPolicy");
+        // With an external IP, a ClusterIP service is externally accessible.
+        let s = base()
+            .port(ServicePortSpec::tcp(80))
+            .external_ip("192.168.99.11".parse().unwrap())
+            .external_ip("192.168.99.11".parse().unwrap())
+            .external_traffic_policy(TrafficPolicy::Local)
+            .build()
+            .unwrap();
+        assert_eq!(s.external_ips().len(), 1);
+        assert!(s.externally_accessible());
+        let err = base()
+            .service_type(ServiceType::NodePort)
+            .port(ServicePortSpec::tcp(80).name("a").node_port(30_001))
+            .port(ServicePortSpec::tcp(81).name("b").node_port(30_001))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ValidationError::Duplicate {
+                field: "spec.ports[1].nodePort".into(),
+                value: "30001/TCP".into()
+            }
+        );
+        // A configured range (kube-proxy's tests use 3001).
+        assert!(
+            base()
+                .service_type(ServiceType::NodePort)
+                .node_port_range(1..=65_535)
+                .port(ServicePortSpec::tcp(80).node_port(3001))
+                .build()
+                .is_ok()
+        );
+        let err = base()
+            .service_type(ServiceType::NodePort)
+            .port(ServicePortSpec::tcp(80).node_port(3001))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.ports[0].nodePort");
+        let err = Service::builder("default", "x")
+            .service_type(ServiceType::ExternalName)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.externalName");
     }
 
     #[test]
