@@ -264,6 +264,29 @@ mod tests {
         };
         assert_eq!(m.to_service().unwrap(), ours);
 
+        // The external surface, the same through both readers.
+        let lb_json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"edge","namespace":"ml"},
+            "spec":{"type":"LoadBalancer","clusterIP":"10.96.40.13","externalIPs":["192.168.99.11"],
+                    "externalTrafficPolicy":"Local","healthCheckNodePort":30000,
+                    "loadBalancerSourceRanges":["203.0.113.0/25"],"allocateLoadBalancerNodePorts":false,
+                    "ports":[{"name":"http","port":80,"nodePort":30080}]},
+            "status":{"loadBalancer":{"ingress":[{"ip":"1.2.3.4"},{"ip":"5.6.7.8","ipMode":"Proxy"}]}}}"#;
+        let k: core::Service = serde_json::from_str(lb_json).unwrap();
+        let ours = Service::try_from(&k).unwrap();
+        assert_eq!(ours.ports()[0].node_port(), Some(30080));
+        assert_eq!(ours.health_check_node_port(), Some(30000));
+        assert!(!ours.allocate_load_balancer_node_ports());
+        assert_eq!(ours.external_ips().len(), 1);
+        assert_eq!(ours.load_balancer_ingress().len(), 2);
+        assert_eq!(ours.load_balancer_vips().count(), 1);
+        assert_eq!(ours.load_balancer_source_ranges().len(), 1);
+        let Manifest::Service(m) =
+            &Manifests::parse_str(lb_json, None).unwrap().documents[0].manifest
+        else {
+            panic!()
+        };
+        assert_eq!(m.to_service().unwrap(), ours);
+
         let slice_json = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","addressType":"IPv4",
             "metadata":{"name":"api-x","namespace":"ml","labels":{"kubernetes.io/service-name":"api"}},
             "ports":[{"name":"http","port":8080,"protocol":"TCP"}],
