@@ -97,9 +97,22 @@ struct Cli {
     /// Seed of the dataplane's random source (same seed, same run).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The cluster's pod CIDR: adds kube-proxy's masquerade rules to dumps.
+    /// The cluster's pod CIDR: adds kube-proxy's masquerade rules to dumps,
+    /// and is the dataplane's local-traffic detector (masquerade decision,
+    /// short-circuit of pod traffic to external Local destinations).
     #[arg(long)]
     cluster_cidr: Option<String>,
+    /// A node IP: node ports answer on it, traffic from it is the node's
+    /// own. Repeatable.
+    #[arg(long = "node-ip", action = clap::ArgAction::Append, value_name = "IP")]
+    node_ip: Vec<IpAddr>,
+    /// kube-proxy's --nodeport-addresses: node ports answer only on the
+    /// node IPs inside these prefixes.
+    #[arg(long = "nodeport-addresses", value_name = "CIDR[,CIDR]")]
+    nodeport_addresses: Option<String>,
+    /// kube-proxy's --masquerade-all: masquerade all cluster-IP traffic.
+    #[arg(long)]
+    masquerade_all: bool,
     /// Turn connection tracking off: every packet is scheduled afresh.
     #[arg(long)]
     no_conntrack: bool,
@@ -151,7 +164,7 @@ enum Command {
     Resolve {
         /// The name, e.g. kafka-0.kafka-headless.messaging.svc.cluster.local.
         name: String,
-        /// The record type: A, AAAA or SRV.
+        /// The record type: A, AAAA, SRV or CNAME.
         #[arg(long = "type", default_value = "A")]
         qtype: String,
         /// The cluster domain (DNS zone).
@@ -166,6 +179,12 @@ enum Command {
         /// The family rendered (iptables, nft): ipv4, ipv6, or for nft both.
         #[arg(long, value_enum, default_value = "ipv4")]
         family: FamilyArg,
+    },
+    /// Answer a service's health-check node port as kube-proxy does on this
+    /// node (--node): prints the status and the body.
+    Health {
+        /// The service, NAMESPACE/NAME.
+        service: String,
     },
     /// The demonstration: listing, a routed trace, headless DNS, lookup cost.
     Demo {
@@ -217,7 +236,9 @@ struct World {
     render: RenderOptions,
 }
 
-const COMMANDS: [&str; 6] = ["route", "replay", "resolve", "dump", "demo", "help"];
+const COMMANDS: [&str; 7] = [
+    "route", "replay", "resolve", "dump", "health", "demo", "help",
+];
 
 /// `--manifests A B demo` -> `--manifests A --manifests B demo`: the paths
 /// run until the next flag or command name (clap alone would take `demo` as
@@ -279,8 +300,30 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", dump_family(&world, format, family)?);
             Ok(())
         }
+        Command::Health { service } => health(&world, &service),
         Command::Demo { max_services } => demo(world, max_services),
     }
+}
+
+fn health(world: &World, service: &str) -> Result<()> {
+    let Some((ns, name)) = service.split_once('/') else {
+        return fail(format!(
+            "health: invalid value {service:?}: must be NAMESPACE/NAME"
+        ));
+    };
+    let key = ServiceKey::new(ns, name);
+    if world.table.service(&key).is_none() {
+        return fail(format!("health: no service {key}"));
+    }
+    let Some(r) = svclb::k8s::health::service_health(&world.table, &world.config.node, &key, true)
+    else {
+        return fail(format!(
+            "health: {key} has no healthCheckNodePort (only LoadBalancer services with externalTrafficPolicy Local have one)"
+        ));
+    };
+    println!("{}", r.status_line());
+    println!("{}", r.body);
+    Ok(())
 }
 
 fn setup(cli: &Cli) -> Result<World> {
@@ -296,10 +339,20 @@ fn setup(cli: &Cli) -> Result<World> {
     if cli.no_conntrack {
         config.conntrack = None;
     }
+    config.node_ips = cli.node_ip.clone();
+    if let Some(list) = &cli.nodeport_addresses {
+        for part in list.split(',') {
+            config
+                .nodeport_addresses
+                .push(Cidr::parse("--nodeport-addresses", part.trim())?);
+        }
+    }
+    config.masquerade_all = cli.masquerade_all;
     let mut render = RenderOptions::default().node(node);
     if let Some(cidr) = &cli.cluster_cidr {
-        render = render
-            .cluster_cidr(Cidr::parse("--cluster-cidr", cidr).map_err(|e| Failure(e.to_string()))?);
+        let cidr = Cidr::parse("--cluster-cidr", cidr).map_err(|e| Failure(e.to_string()))?;
+        render = render.cluster_cidr(cidr);
+        config.cluster_cidrs.push(cidr);
     }
     let options = cli.load.options()?;
     let mut loader = Loader::new(options);
@@ -364,6 +417,11 @@ const FIRST_EPHEMERAL_PORT: u16 = 40_000;
 fn route(world: &World, src: &str, dst: SocketAddr, proto: &str, count: Option<u32>) -> Result<()> {
     let protocol = parse_proto(proto)?;
     let (ip, port) = parse_src(src)?;
+    if ip.is_ipv4() != dst.is_ipv4() {
+        return fail(format!(
+            "--src {src} and --dst {dst}: source and destination must be of one address family"
+        ));
+    }
     let dp = world.plane.dp();
     let Some(n) = count else {
         let flow = Flow::new(

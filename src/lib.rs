@@ -13,7 +13,9 @@
 //! 2. **Table** ([`ServiceTable`]): takes [`Change`]s whole or not at all,
 //!    merges slices as kube-proxy does, and reports a [`ChangeSet`].
 //! 3. **Plan** ([`plan`]): the one compile step. The table becomes
-//!    frontends (VIP, protocol, port) with an outcome (forward, reject,
+//!    frontends (VIP, protocol, port) of every [`FrontendKind`] kube-proxy
+//!    captures (cluster IPs, node IPs at node ports, external IPs,
+//!    load-balancer IPs) with an outcome (forward, reject,
 //!    drop) and backends with stable [`FrontendId`]s and [`BackendId`]s and
 //!    a [`BackendState`] (active, draining, gone); every change yields a
 //!    [`PlanDiff`](plan::PlanDiff) that dataplanes and renderers read.
@@ -21,7 +23,11 @@
 //!    list walked in order), [`IpvsDataplane`] (a hash table of virtual
 //!    services) and [`NftablesDataplane`] (a verdict map and a uniform
 //!    `numgen` pick), all behind the [`Dataplane`] trait, each with an
-//!    owned per-thread reader.
+//!    owned per-thread reader. Their shared connection layer applies what
+//!    depends on the source (`loadBalancerSourceRanges`, the short-circuit
+//!    of pod and node traffic to external Local destinations) and says in
+//!    the verdict whether kube-proxy masquerades the flow
+//!    ([`Forward::masquerade`]).
 //! 5. **Connections** ([`conntrack`]): a bounded, sharded connection
 //!    tracker in front of every dataplane (on by default). A tracked flow
 //!    keeps its backend across endpoint changes; TCP states and timeouts
@@ -82,8 +88,9 @@
 //!   `kubectl get -o yaml|json` prints them and as people apply them, watch
 //!   streams, bounded input, and the [`k8s::loader`] every program shares
 //!   (feature `serde`), conversions
-//!   from k8s-openapi (feature `k8s-openapi`), and the cluster DNS answers
-//!   for headless and ClusterIP services ([`k8s::dns`]).
+//!   from k8s-openapi (feature `k8s-openapi`), the cluster DNS answers
+//!   for headless, ClusterIP and ExternalName services ([`k8s::dns`]), and
+//!   kube-proxy's health-check answers ([`k8s::health`]).
 //! - **Traces** ([`trace`]): timed connect/packet/close/tick/apply/delete
 //!   events, one per line, for replays and simulators.
 //! - **eBPF** ([`ebpf`]): the userspace model of the TC program
@@ -142,10 +149,11 @@ pub use model::endpoint_slice::{
 };
 pub use model::flow::{Flow, Forward, Protocol, Verdict};
 pub use model::service::{
-    AffinityKeyKind, ClusterIp, Service, ServiceBuilder, ServiceKey, ServicePort, ServicePortSpec,
-    SessionAffinity, TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
+    AffinityKeyKind, ClusterIp, IpMode, LoadBalancerIngress, Service, ServiceBuilder, ServiceKey,
+    ServicePort, ServicePortSpec, ServiceType, SessionAffinity, TargetPort, TargetPortSpec,
+    TrafficDistribution, TrafficPolicy,
 };
-pub use plan::{BackendId, BackendState, FrontendId, FrontendKey, Planner};
+pub use plan::{BackendId, BackendState, FrontendId, FrontendKey, FrontendKind, Planner};
 pub use rng::SeededRng;
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerFactory, SchedulerKind};
 pub use table::{

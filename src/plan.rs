@@ -1,10 +1,22 @@
 //! The one compile step: the [`ServiceTable`] turned into frontends and
 //! backends with stable identities, and the diff of every change.
 //!
-//! A *frontend* is one (VIP, protocol, port) a dataplane answers: a cluster
-//! IP of a service port. Its [`Outcome`] is what it does with a new
-//! connection (forward to its backends, reject, or drop), decided by
-//! [`topology`](crate::topology) for this node. A *backend* is one
+//! A *frontend* is one (VIP, protocol, port) a dataplane answers, of one
+//! [`FrontendKind`]: a cluster IP of a service port (under the internal
+//! traffic policy), or an external destination under the external traffic
+//! policy: a node IP at the port's `nodePort` (the node's addresses are
+//! [`NodeAddresses`], kube-proxy's `--nodeport-addresses` applied), an
+//! `externalIPs` address, or a load-balancer ingress IP of `ipMode: VIP`
+//! (`Proxy` ones are not captured, as in kube-proxy). Its [`Outcome`] is
+//! what it does with a new connection (forward to its backends, reject, or
+//! drop), decided by [`topology`](crate::topology) for this node: a service
+//! with no usable endpoint rejects everywhere; an external Local frontend
+//! with no local endpoint drops. What depends on the packet's source
+//! (source ranges, the short-circuit of this node's pods and of the node
+//! itself to the Cluster-policy endpoints, masquerading) is the
+//! dataplanes' shared connection layer's, from
+//! [`Frontend::external_local`], [`Frontend::cluster_backends`] and the
+//! service. A *backend* is one
 //! `IP:port` of a service for one protocol.
 //!
 //! Identities are stable: a frontend keeps its [`FrontendId`] while the same
@@ -189,6 +201,93 @@ pub enum Outcome {
     Drop,
 }
 
+/// How traffic reaches a frontend: kube-proxy's kinds of service
+/// destination. The cluster IP follows the internal traffic policy; the
+/// others are *external* destinations and follow the external one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum FrontendKind {
+    /// A cluster IP (`spec.clusterIPs`) and service port.
+    ClusterIp,
+    /// A node address and `nodePort`.
+    NodePort,
+    /// An `spec.externalIPs` address and service port.
+    ExternalIp,
+    /// A load-balancer ingress IP (`ipMode: VIP`) and service port.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// `cluster-ip`, `node-port`, `external-ip`, `load-balancer`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "cluster-ip",
+            FrontendKind::NodePort => "node-port",
+            FrontendKind::ExternalIp => "external-ip",
+            FrontendKind::LoadBalancer => "load-balancer",
+        }
+    }
+
+    /// Whether it is an external destination (everything but the cluster
+    /// IP).
+    pub const fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The node addresses node ports answer on: kube-proxy's `--nodeport-addresses`
+/// applied to the node's IPs.
+///
+/// # Examples
+/// ```
+/// use svclb::plan::NodeAddresses;
+/// let n = NodeAddresses::new(
+///     vec!["192.168.0.2".parse().unwrap(), "10.1.0.2".parse().unwrap()],
+///     vec!["192.168.0.0/16".parse().unwrap()],
+/// );
+/// assert_eq!(n.node_port_ips().collect::<Vec<_>>(), ["192.168.0.2".parse::<std::net::IpAddr>().unwrap()]);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAddresses {
+    /// The node's IPs (`--node-ip`).
+    pub node_ips: Vec<IpAddr>,
+    /// `--nodeport-addresses`: node ports answer on the node IPs inside
+    /// these prefixes; empty means on every node IP.
+    pub nodeport_addresses: Vec<crate::render::Cidr>,
+}
+
+impl NodeAddresses {
+    /// From the node's IPs and `--nodeport-addresses`.
+    pub fn new(node_ips: Vec<IpAddr>, nodeport_addresses: Vec<crate::render::Cidr>) -> Self {
+        NodeAddresses {
+            node_ips,
+            nodeport_addresses,
+        }
+    }
+
+    /// The node IPs node ports answer on, in the order given, each once.
+    pub fn node_port_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.node_ips.iter().enumerate().filter_map(|(i, ip)| {
+            let first = !self.node_ips[..i].contains(ip);
+            let wanted = self.nodeport_addresses.is_empty()
+                || self.nodeport_addresses.iter().any(|c| c.contains(*ip));
+            (first && wanted).then_some(*ip)
+        })
+    }
+
+    /// Whether `ip` is one of the node's own addresses (iptables'
+    /// `--src-type LOCAL`).
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        self.node_ips.contains(&ip)
+    }
+}
+
 /// A backend's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -326,12 +425,14 @@ impl PlanBackend {
 pub struct Frontend {
     id: FrontendId,
     key: FrontendKey,
+    kind: FrontendKind,
     service: Arc<Service>,
     port_index: usize,
     name: String,
     outcome: Outcome,
     backends: Vec<PlanBackend>,
     draining: Vec<PlanBackend>,
+    cluster_backends: Vec<PlanBackend>,
 }
 
 impl Frontend {
@@ -342,6 +443,33 @@ impl Frontend {
     /// Its key.
     pub fn key(&self) -> FrontendKey {
         self.key
+    }
+    /// How traffic reaches it.
+    pub fn kind(&self) -> FrontendKind {
+        self.kind
+    }
+    /// The traffic policy that chose its backends: the internal one for a
+    /// cluster IP, the external one for the other kinds.
+    pub fn policy(&self) -> TrafficPolicy {
+        if self.kind.is_external() {
+            self.service.external_traffic_policy()
+        } else {
+            self.service.internal_traffic_policy()
+        }
+    }
+    /// Whether it is an external destination under
+    /// `externalTrafficPolicy: Local` (kube-proxy's `ExternalPolicyLocal`):
+    /// traffic from outside keeps its source and goes to local endpoints
+    /// only, while traffic from this node's pods and from the node itself
+    /// is short-circuited to the Cluster-policy endpoints.
+    pub fn external_local(&self) -> bool {
+        self.kind.is_external() && self.service.external_traffic_policy() == TrafficPolicy::Local
+    }
+    /// For an [`external_local`](Self::external_local) frontend: the
+    /// endpoints of the Cluster policy (kube-proxy's `KUBE-SVC-` chain),
+    /// where short-circuited traffic goes. Empty otherwise.
+    pub fn cluster_backends(&self) -> &[PlanBackend] {
+        &self.cluster_backends
     }
     /// The service it belongs to.
     pub fn service(&self) -> &Arc<Service> {
@@ -388,9 +516,10 @@ impl Frontend {
             o => o,
         }
     }
-    /// Whether the internal traffic policy is Local.
+    /// Whether the policy that applies to it ([`policy`](Self::policy)) is
+    /// Local.
     pub fn local_policy(&self) -> bool {
-        self.service.internal_traffic_policy() == TrafficPolicy::Local
+        self.policy() == TrafficPolicy::Local
     }
     /// The backend with this id among the active and draining ones.
     pub fn backend(&self, id: BackendId) -> Option<&PlanBackend> {
@@ -474,7 +603,11 @@ pub struct Planner {
     retired: Vec<BackendId>,
     states: Arc<BackendStates>,
     synced: bool,
+    addresses: NodeAddresses,
 }
+
+/// One frontend a service view asks for: key, kind, port index.
+type FrontendSpec = (FrontendKey, FrontendKind, usize);
 
 impl Planner {
     /// An empty plan for a dataplane on `node`.
@@ -493,7 +626,81 @@ impl Planner {
             retired: Vec::new(),
             states: Arc::default(),
             synced: false,
+            addresses: NodeAddresses::default(),
         }
+    }
+
+    /// Sets the node addresses node ports answer on. Takes effect for the
+    /// services the next update compiles: set it before the first.
+    pub fn set_node_addresses(&mut self, addresses: NodeAddresses) {
+        self.addresses = addresses;
+    }
+
+    /// The node addresses.
+    pub fn node_addresses(&self) -> &NodeAddresses {
+        &self.addresses
+    }
+
+    /// The frontends of a service view, in kube-proxy's order: cluster IPs,
+    /// external IPs, load-balancer IPs, node ports (each by address, then
+    /// port), each key once; a key another service holds stays with it.
+    fn frontend_specs(&self, view: &ServiceView) -> SmallVec<[FrontendSpec; 4]> {
+        let svc = view.service();
+        let mut out: SmallVec<[FrontendSpec; 4]> = SmallVec::new();
+        let mut push = |key: FrontendKey, kind: FrontendKind, i: usize| {
+            if out.iter().any(|(k, _, _)| *k == key) {
+                return;
+            }
+            if let Some(fe) = self.by_key.get(&key).and_then(|id| self.frontend(*id)) {
+                if fe.service.key() != svc.key() {
+                    return;
+                }
+            }
+            out.push((key, kind, i));
+        };
+        let ports = view.ports();
+        let each = |addr: IpAddr,
+                    kind: FrontendKind,
+                    push: &mut dyn FnMut(FrontendKey, FrontendKind, usize)| {
+            for (i, pv) in ports.iter().enumerate() {
+                let p = pv.port();
+                push(
+                    FrontendKey {
+                        addr,
+                        port: p.port(),
+                        protocol: p.protocol(),
+                    },
+                    kind,
+                    i,
+                );
+            }
+        };
+        for &addr in svc.cluster_ip().addrs() {
+            each(addr, FrontendKind::ClusterIp, &mut push);
+        }
+        for &addr in svc.external_ips() {
+            each(addr, FrontendKind::ExternalIp, &mut push);
+        }
+        for addr in svc.load_balancer_vips() {
+            each(addr, FrontendKind::LoadBalancer, &mut push);
+        }
+        for addr in self.addresses.node_port_ips() {
+            for (i, pv) in ports.iter().enumerate() {
+                let p = pv.port();
+                if let Some(np) = p.node_port() {
+                    push(
+                        FrontendKey {
+                            addr,
+                            port: np,
+                            protocol: p.protocol(),
+                        },
+                        FrontendKind::NodePort,
+                        i,
+                    );
+                }
+            }
+        }
+        out
     }
 
     /// The plan of `table` compiled from scratch, for one-off readers such
@@ -747,10 +954,12 @@ impl Planner {
         for key in touched {
             let view = table
                 .view(&key)
-                .filter(|v| !v.service().is_headless())
+                .filter(|v| v.service().is_proxied())
                 .cloned();
-            let keep: SmallVec<[FrontendKey; 4]> =
-                view.as_deref().map(frontend_keys).unwrap_or_default();
+            let keep: SmallVec<[FrontendKey; 4]> = view
+                .as_deref()
+                .map(|v| self.frontend_specs(v).into_iter().map(|s| s.0).collect())
+                .unwrap_or_default();
             if let Some(ids) = self.by_service.get(&key).cloned() {
                 let mut left: SmallVec<[FrontendId; 2]> = SmallVec::new();
                 for id in ids {
@@ -800,61 +1009,82 @@ impl Planner {
         let mut new_frontends: SmallVec<[Frontend; 4]> = SmallVec::new();
         if let Some(view) = view {
             let svc = view.service();
-            for &vip in svc.cluster_ip().addrs() {
-                for (port_index, pv) in view.ports().iter().enumerate() {
-                    let port = pv.port();
-                    let protocol = port.protocol();
-                    let fkey = FrontendKey {
-                        addr: vip,
-                        port: port.port(),
-                        protocol,
-                    };
-                    let selection =
-                        categorize_port(pv, svc.internal_traffic_policy(), &self.node, Some(vip));
-                    let (outcome, usable): (Outcome, Vec<&Arc<EndpointInfo>>) = match selection {
-                        SelectionRef::Usable(u) => (Outcome::Forward, u.iter().collect()),
-                        SelectionRef::NoEndpoints => (Outcome::Reject, Vec::new()),
-                        SelectionRef::NoLocalEndpoints => (Outcome::Drop, Vec::new()),
-                    };
-                    let mut backends = Vec::with_capacity(usable.len());
-                    for ep in usable {
-                        let id = self.backend_id(key, protocol, ep);
-                        active.insert(id);
-                        backends.push(PlanBackend {
-                            id,
-                            endpoint: Arc::clone(ep),
-                        });
-                    }
-                    // Serving-and-terminating endpoints of this family that
-                    // take no new connections drain.
-                    let mut draining = Vec::new();
-                    for ep in pv.endpoints() {
-                        if ep.addr().is_ipv4() != vip.is_ipv4() {
-                            continue;
-                        }
-                        if ep.is_serving() && ep.is_terminating() {
-                            let id = self.backend_id(key, protocol, ep);
-                            serving.insert(id);
-                            if !backends.iter().any(|b| b.id == id) {
-                                draining.push(PlanBackend {
-                                    id,
-                                    endpoint: Arc::clone(ep),
-                                });
-                            }
-                        }
-                    }
-                    let id = self.by_key.get(&fkey).copied();
-                    new_frontends.push(Frontend {
-                        id: id.unwrap_or(FrontendId(u32::MAX)),
-                        key: fkey,
-                        service: Arc::clone(svc),
-                        port_index,
-                        name: svc.port_name_string(port),
-                        outcome,
-                        backends,
-                        draining,
+            for (fkey, kind, port_index) in self.frontend_specs(view) {
+                let vip = fkey.addr;
+                let pv = &view.ports()[port_index];
+                let port = pv.port();
+                let protocol = port.protocol();
+                let policy = if kind.is_external() {
+                    svc.external_traffic_policy()
+                } else {
+                    svc.internal_traffic_policy()
+                };
+                let selection = categorize_port(pv, policy, &self.node, Some(vip));
+                let (outcome, usable): (Outcome, Vec<&Arc<EndpointInfo>>) = match selection {
+                    SelectionRef::Usable(u) => (Outcome::Forward, u.iter().collect()),
+                    SelectionRef::NoEndpoints => (Outcome::Reject, Vec::new()),
+                    SelectionRef::NoLocalEndpoints => (Outcome::Drop, Vec::new()),
+                };
+                let mut backends = Vec::with_capacity(usable.len());
+                for ep in usable {
+                    let id = self.backend_id(key, protocol, ep);
+                    active.insert(id);
+                    backends.push(PlanBackend {
+                        id,
+                        endpoint: Arc::clone(ep),
                     });
                 }
+                // An external Local frontend short-circuits traffic from
+                // this node's pods and from the node to the Cluster-policy
+                // endpoints (kube-proxy's KUBE-EXT chain).
+                let mut cluster_backends = Vec::new();
+                if kind.is_external() && policy == TrafficPolicy::Local {
+                    if let SelectionRef::Usable(u) =
+                        categorize_port(pv, TrafficPolicy::Cluster, &self.node, Some(vip))
+                    {
+                        for ep in u.iter() {
+                            let id = self.backend_id(key, protocol, ep);
+                            active.insert(id);
+                            cluster_backends.push(PlanBackend {
+                                id,
+                                endpoint: Arc::clone(ep),
+                            });
+                        }
+                    }
+                }
+                // Serving-and-terminating endpoints of this family that
+                // take no new connections drain.
+                let mut draining = Vec::new();
+                for ep in pv.endpoints() {
+                    if ep.addr().is_ipv4() != vip.is_ipv4() {
+                        continue;
+                    }
+                    if ep.is_serving() && ep.is_terminating() {
+                        let id = self.backend_id(key, protocol, ep);
+                        serving.insert(id);
+                        if !backends.iter().any(|b| b.id == id)
+                            && !cluster_backends.iter().any(|b| b.id == id)
+                        {
+                            draining.push(PlanBackend {
+                                id,
+                                endpoint: Arc::clone(ep),
+                            });
+                        }
+                    }
+                }
+                let id = self.by_key.get(&fkey).copied();
+                new_frontends.push(Frontend {
+                    id: id.unwrap_or(FrontendId(u32::MAX)),
+                    key: fkey,
+                    kind,
+                    service: Arc::clone(svc),
+                    port_index,
+                    name: svc.port_name_string(port),
+                    outcome,
+                    backends,
+                    draining,
+                    cluster_backends,
+                });
             }
         }
         // Settle backend states.
@@ -1014,26 +1244,12 @@ fn same_frontend(a: &Frontend, b: &Frontend) -> bool {
                 .all(|(p, q)| p.id == q.id && p.endpoint == q.endpoint)
     };
     a.outcome == b.outcome
+        && a.kind == b.kind
         && a.port_index == b.port_index
+        && same_list(&a.cluster_backends, &b.cluster_backends)
         && Arc::ptr_eq(&a.service, &b.service)
         && same_list(&a.backends, &b.backends)
         && same_list(&a.draining, &b.draining)
-}
-
-/// The frontend keys of a service view, in cluster-IP then port order.
-pub(crate) fn frontend_keys(view: &ServiceView) -> SmallVec<[FrontendKey; 4]> {
-    let svc = view.service();
-    let mut keys = SmallVec::new();
-    for &addr in svc.cluster_ip().addrs() {
-        for p in view.ports() {
-            keys.push(FrontendKey {
-                addr,
-                port: p.port().port(),
-                protocol: p.port().protocol(),
-            });
-        }
-    }
-    keys
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! The packet path allocates nothing: `route` in every mode (iptables,
 //! nftables, and IPVS with every built-in scheduler), an affinity hit, `connection_closed`, and the IPVS
-//! per-thread reader, measured with a counting global allocator.
+//! per-thread reader, measured with a counting global allocator. The flows
+//! include node-port and load-balancer flows of an `externalTrafficPolicy:
+//! Local` service: a local endpoint, a pod short-circuited to the Cluster
+//! endpoints, a source range letting one client in and dropping another.
 //!
 //! One test function only: the allocator counts every thread, so no other
 //! test may run while a region is measured.
@@ -55,8 +58,39 @@ fn table() -> ServiceTable {
             8080,
         )),
     ]);
+    let edge = Service::builder("default", "edge")
+        .cluster_ip("10.96.1.4".parse().unwrap())
+        .service_type(ServiceType::LoadBalancer)
+        .external_traffic_policy(TrafficPolicy::Local)
+        .internal_traffic_policy(TrafficPolicy::Local)
+        .load_balancer_ingress("1.2.3.4".parse().unwrap(), IpMode::VIP)
+        .load_balancer_source_range("203.0.113.0/25".parse().unwrap())
+        .port(ServicePortSpec::tcp(80).target_port(8080).node_port(30080))
+        .build()
+        .unwrap();
+    changes.extend([
+        Change::UpsertService(edge),
+        Change::UpsertSlice(
+            EndpointSlice::builder("default", "edge-1", "edge", AddressType::IPv4)
+                .port(SlicePortSpec::tcp(8080))
+                .endpoint(EndpointSpec::new("10.1.201.1").node("this-node"))
+                .endpoint(EndpointSpec::new("10.1.201.2").node("elsewhere"))
+                .build()
+                .unwrap(),
+        ),
+    ]);
     t.apply_batch(changes).unwrap();
     t
+}
+
+/// A dataplane config on this node, its address 192.168.0.2, pods in
+/// 10.0.0.0/8.
+fn config() -> DataplaneConfig {
+    DataplaneConfig::with_seed(1)
+        .conntrack(None)
+        .node(NodeTopology::new("this-node", "zone-a"))
+        .node_ip("192.168.0.2".parse().unwrap())
+        .cluster_cidr("10.0.0.0/8".parse().unwrap())
 }
 
 fn flows() -> Vec<Flow> {
@@ -76,6 +110,10 @@ fn flows() -> Vec<Flow> {
     out.push(flow("10.2.0.1:1000", "10.96.1.1:80")); // reject
     out.push(flow("10.2.0.1:1000", "10.96.1.2:80")); // drop
     out.push(flow("10.2.0.1:1000", "10.96.9.9:80")); // not a service
+    out.push(flow("203.0.113.2:1000", "192.168.0.2:30080")); // local endpoint
+    out.push(flow("10.2.0.1:1000", "192.168.0.2:30080")); // pod: short-circuit
+    out.push(flow("203.0.113.2:1001", "1.2.3.4:80")); // in the source range
+    out.push(flow("203.0.113.200:1000", "1.2.3.4:80")); // outside: drop
     out
 }
 
@@ -119,40 +157,24 @@ fn packet_path_allocates_nothing() {
 
     let t = table();
     let flows = flows();
-    let node = NodeTopology::new("this-node", "zone-a");
     let mut dataplanes: Vec<(String, Box<dyn Dataplane>)> = vec![
         (
             "iptables".into(),
-            Box::new(IptablesDataplane::new(
-                DataplaneConfig::with_seed(1)
-                    .conntrack(None)
-                    .node(node.clone()),
-            )),
+            Box::new(IptablesDataplane::new(config())),
         ),
         (
             "nftables".into(),
-            Box::new(NftablesDataplane::new(
-                DataplaneConfig::with_seed(1)
-                    .conntrack(None)
-                    .node(node.clone()),
-            )),
+            Box::new(NftablesDataplane::new(config())),
         ),
     ];
     for kind in SchedulerKind::ALL.iter().copied() {
-        let mut config = DataplaneConfig::with_seed(1)
-            .conntrack(None)
-            .node(node.clone())
-            .scheduler(kind);
+        let mut config = config().scheduler(kind);
         config.count_connections = true;
         dataplanes.push((format!("ipvs/{kind}"), Box::new(IpvsDataplane::new(config))));
     }
     let all = t.full_change_set();
     // The per-thread IPVS reader, warm, then counted.
-    let rr = IpvsDataplane::new(
-        DataplaneConfig::with_seed(1)
-            .conntrack(None)
-            .node(node.clone()),
-    );
+    let rr = IpvsDataplane::new(config());
     rr.sync(&t, &all, Instant::ZERO);
     let mut reader = rr.reader();
     for f in &flows {
@@ -164,7 +186,7 @@ fn packet_path_allocates_nothing() {
         .filter(|f| matches!(reader.route(f, Instant::from_secs(1)), Verdict::Forward(_)))
         .count();
     let c = region.change();
-    assert_eq!(forwarded, 2200, "ipvs reader: verdicts");
+    assert_eq!(forwarded, 2203, "ipvs reader: verdicts");
     assert_eq!(
         c.allocations + c.reallocations + c.deallocations,
         0,
@@ -193,7 +215,7 @@ fn packet_path_allocates_nothing() {
             (200, 400),
             "{name}: affinity hits, new connections"
         );
-        assert_eq!(kinds, [2200, 1, 1, 1], "{name}: verdicts");
+        assert_eq!(kinds, [2203, 1, 2, 1], "{name}: verdicts");
         assert_eq!(allocs, 0, "{name}: the packet path allocated");
     }
 }

@@ -615,3 +615,66 @@ fn replay_tracks_connections_and_dumps_them() {
     ));
     assert!(out.contains("flags") && out.contains("syn,psh"), "{out}");
 }
+
+const LB: [&str; 2] = ["--manifests", "tests/fixtures/surface/lb.yaml"];
+
+fn lb<'a>(pre: &[&'a str], rest: &[&'a str]) -> Vec<&'a str> {
+    pre.iter().chain(LB.iter()).chain(rest).copied().collect()
+}
+
+/// Node ports (`--node-ip`, `--nodeport-addresses`), external and
+/// load-balancer IPs route as kube-proxy does; `health` answers the
+/// health-check node port.
+#[test]
+fn node_ports_external_ips_and_health() {
+    let node = [
+        "--node",
+        "node-a",
+        "--node-ip",
+        "192.168.0.2",
+        "--node-ip",
+        "10.1.0.2",
+        "--nodeport-addresses",
+        "192.168.0.0/24",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+    ];
+    for mode in ["iptables", "ipvs", "nftables", "ebpf"] {
+        let mut pre = vec!["--mode", mode];
+        pre.extend(node);
+        let route = |src: &'static str, dst: &'static str| {
+            ok(&lb(&pre, &["route", "--src", src, "--dst", dst]))
+        };
+        // External clients reach only the local endpoint (eTP Local).
+        let local = "FORWARD 10.244.1.5:8080";
+        assert!(
+            route("198.51.100.7", "192.168.0.2:30080").contains(local),
+            "{mode}"
+        );
+        assert!(
+            route("203.0.113.9", "192.168.99.11:80").contains(local),
+            "{mode}"
+        );
+        assert!(route("203.0.113.9", "1.2.3.4:80").contains(local), "{mode}");
+        // The source range blocks the LB IP, not the node port.
+        assert!(
+            route("198.51.100.7", "1.2.3.4:80").contains("DROP"),
+            "{mode}"
+        );
+        // --nodeport-addresses leaves 10.1.0.2 out.
+        assert!(
+            route("198.51.100.7", "10.1.0.2:30080").contains("NO-SERVICE"),
+            "{mode}"
+        );
+    }
+    let out = ok(&lb(&node, &["health", "prod/shop"]));
+    assert_eq!(
+        out,
+        "200 OK\n{\n\t\"service\": {\n\t\t\"namespace\": \"prod\",\n\t\t\"name\": \"shop\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": true\n}\n"
+    );
+    let out = ok(&lb(&["--node", "node-c"], &["health", "prod/shop"]));
+    assert!(out.starts_with("503 Service Unavailable\n"), "{out}");
+    assert!(out.contains("\"localEndpoints\": 0"), "{out}");
+    let e = err(&lb(&[], &["health", "prod/nope"]));
+    assert!(e.contains("no service prod/nope"), "{e}");
+}

@@ -101,7 +101,16 @@ fn manifests_as_applied_load_with_stable_ips() {
             "monitoring/grafana",
             "monitoring/node-exporter",
             "monitoring/prometheus-k8s",
+            // An ExternalName service (the website's my-database) enters
+            // the table for DNS; it has no cluster IP and no frontend.
+            "prod/my-database",
         ]
+    );
+    assert_eq!(
+        t.service(&ServiceKey::new("prod", "my-database"))
+            .unwrap()
+            .external_name(),
+        Some("my.database.example.com")
     );
     // Pinned: the hash and the probing are part of the contract.
     let ip = |ns: &str, n: &str| {

@@ -10,14 +10,240 @@
 //! TIME_WAIT or CLOSE, goes to the mode's scheduler, and a forward is
 //! tracked.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
 
 use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
 use crate::model::flow::{Flow, Forward, Protocol, Verdict};
-use crate::plan::{BackendId, BackendState, BackendStates, FrontendId};
+use crate::model::service::TrafficPolicy;
+use crate::plan::{
+    BackendId, BackendState, BackendStates, FrontendId, FrontendKey, FrontendKind, Outcome,
+    PlanDiff, Planner,
+};
+use crate::render::Cidr;
 use crate::scheduler::ConnectionCounts;
 use crate::time::Instant;
+
+/// What kube-proxy decides from a packet's *source*, beside the mode's
+/// lookup: the masquerade decision, `loadBalancerSourceRanges`, and the
+/// short-circuit of this node's own traffic to external destinations of
+/// `externalTrafficPolicy: Local` services. Built from the plan at each
+/// sync and published whole.
+#[derive(Debug, Default)]
+pub(crate) struct Surface {
+    /// `--cluster-cidr` (kube-proxy's local-traffic detector); empty: none.
+    cluster_cidrs: Box<[Cidr]>,
+    /// `--masquerade-all`.
+    masquerade_all: bool,
+    /// This node's addresses (`--src-type LOCAL`).
+    node_ips: Box<[IpAddr]>,
+    /// The external frontends (a frontend not listed is a cluster IP).
+    by_id: AHashMap<FrontendId, FrontendPolicy>,
+    /// External frontends whose new connections depend on the source.
+    special: AHashMap<FrontendKey, FrontendId>,
+}
+
+#[derive(Debug, Default)]
+struct FrontendPolicy {
+    kind: Option<FrontendKind>,
+    external_local: bool,
+    /// The service has usable endpoints somewhere (its outcome is not
+    /// REJECT).
+    has_endpoints: bool,
+    /// Where short-circuited traffic goes when the service's cluster IP
+    /// uses the Cluster policy: that cluster IP and port.
+    cluster_target: Option<SocketAddr>,
+    /// Otherwise, the Cluster-policy endpoints themselves.
+    cluster_backends: Box<[(BackendId, SocketAddr)]>,
+    /// `loadBalancerSourceRanges` (load-balancer frontends only).
+    source_ranges: Box<[Cidr]>,
+    /// Sources let through besides the ranges: the load-balancer IPs,
+    /// when a range holds a node IP (kube-proxy's `allowFromNode`).
+    source_extra: Box<[IpAddr]>,
+}
+
+/// A new connection's treatment before the mode's lookup.
+enum Admit<'a> {
+    /// The mode decides.
+    Lookup,
+    /// Dropped by `loadBalancerSourceRanges` (`KUBE-PROXY-FIREWALL`).
+    Drop,
+    /// Short-circuited to the Cluster policy through this cluster IP.
+    Redirect(SocketAddr, FrontendId),
+    /// Short-circuited to these Cluster-policy endpoints.
+    Pick(&'a [(BackendId, SocketAddr)], FrontendId),
+}
+
+impl Surface {
+    /// The surface of `planner`'s frontends under `config`'s addresses.
+    pub(crate) fn build(
+        planner: &Planner,
+        cluster_cidrs: &[Cidr],
+        masquerade_all: bool,
+    ) -> Surface {
+        let node_ips: Box<[IpAddr]> = planner.node_addresses().node_ips.clone().into();
+        let mut by_id = AHashMap::new();
+        let mut special = AHashMap::new();
+        for fe in planner.frontends() {
+            let kind = fe.kind();
+            if !kind.is_external() {
+                continue;
+            }
+            let svc = fe.service();
+            let lb = kind == FrontendKind::LoadBalancer;
+            let source_ranges: Box<[Cidr]> = if lb {
+                svc.load_balancer_source_ranges().into()
+            } else {
+                Box::default()
+            };
+            let allow_node = source_ranges
+                .iter()
+                .any(|c| node_ips.iter().any(|ip| c.contains(*ip)));
+            let source_extra: Box<[IpAddr]> = if allow_node {
+                svc.load_balancer_vips().collect()
+            } else {
+                Box::default()
+            };
+            let external_local = fe.external_local();
+            let cluster_target = (external_local
+                && svc.internal_traffic_policy() == TrafficPolicy::Cluster)
+                .then(|| {
+                    svc.cluster_ip()
+                        .addrs()
+                        .iter()
+                        .find(|ip| ip.is_ipv4() == fe.key().addr.is_ipv4())
+                        .map(|ip| SocketAddr::new(*ip, fe.port().port()))
+                })
+                .flatten();
+            let cluster_backends: Box<[(BackendId, SocketAddr)]> = if cluster_target.is_none() {
+                fe.cluster_backends()
+                    .iter()
+                    .map(|b| (b.id(), b.addr()))
+                    .collect()
+            } else {
+                Box::default()
+            };
+            if external_local || !source_ranges.is_empty() {
+                special.insert(fe.key(), fe.id());
+            }
+            by_id.insert(
+                fe.id(),
+                FrontendPolicy {
+                    kind: Some(kind),
+                    external_local,
+                    has_endpoints: fe.outcome() != Outcome::Reject,
+                    cluster_target,
+                    cluster_backends,
+                    source_ranges,
+                    source_extra,
+                },
+            );
+        }
+        Surface {
+            cluster_cidrs: cluster_cidrs.into(),
+            masquerade_all,
+            node_ips,
+            by_id,
+            special,
+        }
+    }
+
+    #[inline]
+    fn is_pod(&self, ip: IpAddr) -> bool {
+        self.cluster_cidrs.iter().any(|c| c.contains(ip))
+    }
+
+    #[inline]
+    fn is_node(&self, ip: IpAddr) -> bool {
+        self.node_ips.contains(&ip)
+    }
+
+    /// kube-proxy's source-dependent rules for a new connection.
+    #[inline]
+    fn admit(&self, flow: &Flow) -> Admit<'_> {
+        if self.special.is_empty() {
+            return Admit::Lookup;
+        }
+        let Some(&id) = self.special.get(&FrontendKey::new(flow.protocol, flow.dst)) else {
+            return Admit::Lookup;
+        };
+        let Some(p) = self.by_id.get(&id) else {
+            return Admit::Lookup;
+        };
+        if !p.has_endpoints {
+            // No endpoints at all: the filter table REJECTs, whatever the
+            // source (kube-proxy writes no firewall chain then).
+            return Admit::Lookup;
+        }
+        let src = flow.src.ip();
+        if !p.source_ranges.is_empty()
+            && !p.source_ranges.iter().any(|c| c.contains(src))
+            && !p.source_extra.contains(&src)
+        {
+            return Admit::Drop;
+        }
+        if p.external_local && (self.is_pod(src) || self.is_node(src)) {
+            if let Some(t) = p.cluster_target {
+                return Admit::Redirect(t, id);
+            }
+            if !p.cluster_backends.is_empty() {
+                return Admit::Pick(&p.cluster_backends, id);
+            }
+        }
+        Admit::Lookup
+    }
+
+    /// Whether kube-proxy masquerades (SNATs) this flow to this backend:
+    /// hairpin traffic (a pod reaching itself through its service); for a
+    /// cluster IP, `--masquerade-all` or a source outside `--cluster-cidr`;
+    /// for an external destination, always under the Cluster policy, and
+    /// under the Local policy only traffic from the node itself.
+    #[inline]
+    pub(crate) fn masquerade(
+        &self,
+        flow: &Flow,
+        frontend: FrontendId,
+        backend: SocketAddr,
+    ) -> bool {
+        let src = flow.src.ip();
+        if backend.ip() == src {
+            return true;
+        }
+        let p = if self.by_id.is_empty() {
+            None
+        } else {
+            self.by_id.get(&frontend)
+        };
+        match p.and_then(|p| p.kind.map(|k| (k, p.external_local))) {
+            Some((k, local)) if k.is_external() => !local || self.is_node(src),
+            _ => self.masquerade_all || (!self.cluster_cidrs.is_empty() && !self.is_pod(src)),
+        }
+    }
+}
+
+/// A short-circuit pick among Cluster-policy endpoints: a hash of the
+/// 5-tuple (kube-proxy's `KUBE-SVC-` chain draws at random; the hash keeps
+/// the pick allocation-free and replayable).
+#[inline]
+fn pick_by_hash(flow: &Flow, n: usize) -> usize {
+    let ip = |a: IpAddr| match a {
+        IpAddr::V4(v) => u64::from(u32::from(v)),
+        IpAddr::V6(v) => {
+            let x = u128::from(v);
+            (x as u64) ^ ((x >> 64) as u64)
+        }
+    };
+    let h = crate::rng::mix64(
+        ip(flow.src.ip())
+            ^ ip(flow.dst.ip()).rotate_left(17)
+            ^ (u64::from(flow.src.port()) << 32)
+            ^ u64::from(flow.dst.port()),
+    );
+    (h % n as u64) as usize
+}
 
 /// What a mode's scheduling decided for a new connection.
 #[derive(Debug, Clone, Copy)]
@@ -37,15 +263,59 @@ pub(crate) enum Scheduled {
 pub(crate) struct ConnLayer {
     tracker: Option<Conntrack>,
     counts: Arc<ConnectionCounts>,
+    surface: ArcSwap<Surface>,
+    cluster_cidrs: Box<[Cidr]>,
+    masquerade_all: bool,
 }
 
 impl ConnLayer {
-    pub(crate) fn new(config: Option<&ConntrackConfig>) -> Self {
+    pub(crate) fn new(
+        config: Option<&ConntrackConfig>,
+        cluster_cidrs: &[Cidr],
+        masquerade_all: bool,
+    ) -> Self {
         let counts = Arc::new(ConnectionCounts::default());
         ConnLayer {
             tracker: config.map(|c| Conntrack::with_counts(c.clone(), Arc::clone(&counts))),
             counts,
+            surface: ArcSwap::from_pointee(Surface {
+                cluster_cidrs: cluster_cidrs.into(),
+                masquerade_all,
+                ..Surface::default()
+            }),
+            cluster_cidrs: cluster_cidrs.into(),
+            masquerade_all,
         }
+    }
+
+    /// Publishes the source-dependent rules of `planner`'s frontends after
+    /// the change `diff`: rebuilt (a walk of the plan) only when the change
+    /// touches an external frontend, so cluster-IP churn costs a scan of
+    /// the diff and nothing more.
+    pub(crate) fn publish(&self, planner: &Planner, diff: &PlanDiff) {
+        let current = self.surface.load();
+        let external = |id: &FrontendId| {
+            current.by_id.contains_key(id)
+                || planner
+                    .frontend(*id)
+                    .is_some_and(|f| f.kind().is_external())
+        };
+        let touched = diff.full
+            || diff.added.iter().any(external)
+            || diff.changed.iter().any(external)
+            || diff
+                .removed
+                .iter()
+                .any(|(id, _)| current.by_id.contains_key(id));
+        if !touched {
+            return;
+        }
+        drop(current);
+        self.surface.store(Arc::new(Surface::build(
+            planner,
+            &self.cluster_cidrs,
+            self.masquerade_all,
+        )));
     }
 
     pub(crate) fn tracker(&self) -> Option<&Conntrack> {
@@ -62,7 +332,8 @@ impl ConnLayer {
     }
 
     /// One packet of `flow` with `flags`; `schedule` decides a new
-    /// connection.
+    /// connection to the destination of the flow it is given (the packet's
+    /// own, or the cluster IP a short-circuit redirects to).
     #[inline]
     pub(crate) fn packet(
         &self,
@@ -70,8 +341,9 @@ impl ConnLayer {
         flow: &Flow,
         flags: TcpFlags,
         now: Instant,
-        mut schedule: impl FnMut() -> Scheduled,
+        mut schedule: impl FnMut(&Flow) -> Scheduled,
     ) -> Verdict {
+        let surface = self.surface.load();
         if let Some(ct) = &self.tracker {
             if let Some(hit) = ct.lookup(flow, flags, now) {
                 match states.state(hit.backend) {
@@ -89,6 +361,11 @@ impl ConnLayer {
                                 backend_id: hit.backend,
                                 frontend: hit.frontend,
                                 tracked: true,
+                                masquerade: surface.masquerade(
+                                    flow,
+                                    hit.frontend,
+                                    hit.backend_addr,
+                                ),
                             });
                         }
                         ct.remove(flow);
@@ -108,8 +385,28 @@ impl ConnLayer {
         // the insert (which the writer's connection count sees) and
         // schedule once more, so a new connection does not start on a
         // dead backend.
+        let mut decide = || match surface.admit(flow) {
+            Admit::Lookup => schedule(flow),
+            Admit::Drop => Scheduled::Drop,
+            Admit::Redirect(dst, id) => match schedule(&Flow { dst, ..*flow }) {
+                Scheduled::Forward { backend, addr, .. } => Scheduled::Forward {
+                    frontend: id,
+                    backend,
+                    addr,
+                },
+                other => other,
+            },
+            Admit::Pick(backends, id) => {
+                let (backend, addr) = backends[pick_by_hash(flow, backends.len())];
+                Scheduled::Forward {
+                    frontend: id,
+                    backend,
+                    addr,
+                }
+            }
+        };
         for attempt in 0..2 {
-            match schedule() {
+            match decide() {
                 Scheduled::Forward {
                     frontend,
                     backend,
@@ -127,6 +424,7 @@ impl ConnLayer {
                         backend_id: backend,
                         frontend,
                         tracked: false,
+                        masquerade: surface.masquerade(flow, frontend, addr),
                     });
                 }
                 Scheduled::Reject => return Verdict::Reject,

@@ -230,7 +230,7 @@ impl Shared {
         R: core::ops::Deref,
         R::Target: core::borrow::Borrow<Ruleset>,
     {
-        self.conn.packet(&self.states, flow, flags, now, || {
+        self.conn.packet(&self.states, flow, flags, now, |flow| {
             let held = rules();
             let rs: &Ruleset = core::borrow::Borrow::borrow(&*held);
             rs.decide(flow, key, now, rng, &self.affinity)
@@ -338,8 +338,9 @@ impl Dataplane for IptablesDataplane {
     fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant) {
         let sh = &*self.shared;
         let mut planner = sh.planner.lock();
-        planner.update(table, changes, now, |id| sh.conn.has_connections(id));
+        let diff = planner.update(table, changes, now, |id| sh.conn.has_connections(id));
         sh.recompile(&planner);
+        sh.conn.publish(&planner, &diff);
     }
 
     fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
@@ -400,6 +401,7 @@ impl Dataplane for IptablesDataplane {
         let diff = planner.handle_timeout(now, |id| sh.conn.has_connections(id));
         if !diff.is_empty() {
             sh.recompile(&planner);
+            sh.conn.publish(&planner, &diff);
         }
     }
 

@@ -190,12 +190,14 @@ impl IpvsReader {
         let shared = &*self.shared;
         let table = self.table.load();
         let rng = &self.rng;
-        shared.conn.packet(&shared.states, flow, flags, now, || {
-            match table.by_key.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                None => Scheduled::NotAService,
-                Some(slot) => shared.decide(&slot.load(), flow, key, now, rng),
-            }
-        })
+        shared
+            .conn
+            .packet(&shared.states, flow, flags, now, |flow| {
+                match table.by_key.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                    None => Scheduled::NotAService,
+                    Some(slot) => shared.decide(&slot.load(), flow, key, now, rng),
+                }
+            })
     }
 }
 
@@ -412,7 +414,7 @@ impl Shared {
     #[inline]
     fn packet(&self, flow: &Flow, key: Option<u64>, flags: TcpFlags, now: Instant) -> Verdict {
         let table = self.table.load();
-        self.conn.packet(&self.states, flow, flags, now, || {
+        self.conn.packet(&self.states, flow, flags, now, |flow| {
             match table.by_key.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                 None => Scheduled::NotAService,
                 Some(slot) => self.decide(&slot.load(), flow, key, now, &self.rng),
@@ -424,6 +426,7 @@ impl Shared {
         let mut planner = self.planner.lock();
         let diff = planner.update(table, changes, now, |id| self.conn.has_connections(id));
         self.apply(&planner, &diff);
+        self.conn.publish(&planner, &diff);
     }
 
     fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked> {
@@ -441,6 +444,7 @@ impl Shared {
         let diff = planner.handle_timeout(now, |id| self.conn.has_connections(id));
         if !diff.is_empty() {
             self.apply(&planner, &diff);
+            self.conn.publish(&planner, &diff);
         }
     }
 

@@ -27,7 +27,7 @@ mod ipvs;
 mod nftables;
 
 use core::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 pub use iptables::{IptablesDataplane, IptablesReader};
@@ -36,6 +36,7 @@ pub use nftables::{NftablesDataplane, NftablesReader};
 
 use crate::conntrack::{ConntrackConfig, TcpFlags, Timeouts, Tracked};
 use crate::plan::DEFAULT_DRAIN_GRACE;
+use crate::render::Cidr;
 
 use crate::affinity::{AffinityConfig, AffinityEntry, AffinityReport};
 use crate::model::flow::{Flow, Protocol, Verdict};
@@ -77,7 +78,16 @@ pub(crate) fn connection_setup(
     config.conntrack = tracker.clone();
     let mut planner = crate::plan::Planner::new(config.node.clone());
     planner.set_drain_grace(config.drain_grace);
-    (planner, conn::ConnLayer::new(tracker.as_ref()))
+    planner.set_node_addresses(crate::plan::NodeAddresses::new(
+        config.node_ips.clone(),
+        config.nodeport_addresses.clone(),
+    ));
+    let conn = conn::ConnLayer::new(
+        tracker.as_ref(),
+        &config.cluster_cidrs,
+        config.masquerade_all,
+    );
+    (planner, conn)
 }
 
 /// The random source of a dataplane's next reader: a stream of its own,
@@ -191,6 +201,21 @@ pub struct DataplaneConfig {
     pub conntrack_timeouts: Option<Timeouts>,
     /// How long a removed TCP backend with connections drains at most.
     pub drain_grace: Duration,
+    /// This node's IPs (kube-proxy's node addresses; the CLI's `--node-ip`):
+    /// node ports answer on them, and traffic from them is the node's own
+    /// (`--src-type LOCAL`). Empty (the default): no node-port frontends.
+    pub node_ips: Vec<IpAddr>,
+    /// `--nodeport-addresses`: node ports answer only on the node IPs
+    /// inside these prefixes; empty (the default) means all of them.
+    pub nodeport_addresses: Vec<Cidr>,
+    /// `--cluster-cidr`, kube-proxy's local-traffic detector: sources in
+    /// it are this cluster's pods. Traffic to a cluster IP from outside it
+    /// is masqueraded, and pod traffic to an external destination of an
+    /// `externalTrafficPolicy: Local` service is short-circuited to the
+    /// Cluster-policy endpoints. Empty (the default): no detector.
+    pub cluster_cidrs: Vec<Cidr>,
+    /// `--masquerade-all`: masquerade all traffic to cluster IPs.
+    pub masquerade_all: bool,
 }
 
 impl Default for DataplaneConfig {
@@ -204,6 +229,10 @@ impl Default for DataplaneConfig {
             conntrack: Some(ConntrackConfig::default()),
             conntrack_timeouts: None,
             drain_grace: DEFAULT_DRAIN_GRACE,
+            node_ips: Vec::new(),
+            nodeport_addresses: Vec::new(),
+            cluster_cidrs: Vec::new(),
+            masquerade_all: false,
         }
     }
 }
@@ -232,6 +261,30 @@ impl DataplaneConfig {
     /// Sets the session-affinity table's capacity and hotspot thresholds.
     pub fn affinity(mut self, affinity: AffinityConfig) -> Self {
         self.affinity = affinity;
+        self
+    }
+
+    /// Adds a node IP ([`node_ips`](Self::node_ips)).
+    pub fn node_ip(mut self, ip: IpAddr) -> Self {
+        self.node_ips.push(ip);
+        self
+    }
+
+    /// Sets `--nodeport-addresses` ([`nodeport_addresses`](Self::nodeport_addresses)).
+    pub fn nodeport_addresses(mut self, cidrs: Vec<Cidr>) -> Self {
+        self.nodeport_addresses = cidrs;
+        self
+    }
+
+    /// Adds a `--cluster-cidr` prefix ([`cluster_cidrs`](Self::cluster_cidrs)).
+    pub fn cluster_cidr(mut self, cidr: Cidr) -> Self {
+        self.cluster_cidrs.push(cidr);
+        self
+    }
+
+    /// Sets `--masquerade-all`.
+    pub fn masquerade_all(mut self, on: bool) -> Self {
+        self.masquerade_all = on;
         self
     }
 

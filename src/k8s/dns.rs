@@ -73,15 +73,18 @@ pub enum RecordType {
     Aaaa,
     /// A service location (RFC 2782).
     Srv,
+    /// An alias (the answer of an ExternalName service).
+    Cname,
 }
 
 impl RecordType {
-    /// `A`, `AAAA` or `SRV`.
+    /// `A`, `AAAA`, `SRV` or `CNAME`.
     pub const fn as_str(self) -> &'static str {
         match self {
             RecordType::A => "A",
             RecordType::Aaaa => "AAAA",
             RecordType::Srv => "SRV",
+            RecordType::Cname => "CNAME",
         }
     }
 }
@@ -95,16 +98,21 @@ impl fmt::Display for RecordType {
 impl FromStr for RecordType {
     type Err = ValidationError;
 
-    /// `A`, `AAAA` or `SRV`, in any case.
+    /// `A`, `AAAA`, `SRV` or `CNAME`, in any case.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [RecordType::A, RecordType::Aaaa, RecordType::Srv]
-            .into_iter()
-            .find(|t| t.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| ValidationError::Invalid {
-                field: "type".into(),
-                value: s.into(),
-                reason: "must be A, AAAA or SRV",
-            })
+        [
+            RecordType::A,
+            RecordType::Aaaa,
+            RecordType::Srv,
+            RecordType::Cname,
+        ]
+        .into_iter()
+        .find(|t| t.as_str().eq_ignore_ascii_case(s))
+        .ok_or_else(|| ValidationError::Invalid {
+            field: "type".into(),
+            value: s.into(),
+            reason: "must be A, AAAA, SRV or CNAME",
+        })
     }
 }
 
@@ -126,6 +134,9 @@ pub enum RecordData {
         /// The target host, fully qualified with a trailing dot.
         target: String,
     },
+    /// A CNAME record: the canonical name, fully qualified with a trailing
+    /// dot.
+    Cname(String),
 }
 
 impl RecordData {
@@ -135,6 +146,7 @@ impl RecordData {
             RecordData::A(_) => RecordType::A,
             RecordData::Aaaa(_) => RecordType::Aaaa,
             RecordData::Srv { .. } => RecordType::Srv,
+            RecordData::Cname(_) => RecordType::Cname,
         }
     }
 
@@ -157,6 +169,7 @@ impl fmt::Display for RecordData {
                 port,
                 target,
             } => write!(f, "{priority} {weight} {port} {target}"),
+            RecordData::Cname(target) => f.write_str(target),
         }
     }
 }
@@ -389,6 +402,16 @@ impl ClusterDns {
                 let Some(svc) = table.service(&key) else {
                     return Answer::NxDomain;
                 };
+                // An ExternalName service is a CNAME to its externalName,
+                // whatever the type asked (DNS specification 2.4; the
+                // resolver follows the alias).
+                if let Some(target) = svc.external_name() {
+                    return Answer::Records(vec![Record {
+                        name: owner,
+                        ttl: self.ttl,
+                        data: RecordData::Cname(format!("{target}.")),
+                    }]);
+                }
                 let ips = if svc.is_headless() {
                     endpoint_ips(table, svc, |_| true)
                 } else {
@@ -407,7 +430,7 @@ impl ClusterDns {
                 address_records(ips, owner)
             }
             Query::Srv(port_name, proto, key) => {
-                let Some(svc) = table.service(&key) else {
+                let Some(svc) = table.service(&key).filter(|s| s.external_name().is_none()) else {
                     return Answer::NxDomain;
                 };
                 let Some(port) = svc
@@ -546,6 +569,43 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn external_name_answers_cname_and_other_families_no_data() {
+        let mut t = ServiceTable::new();
+        let db = crate::Service::builder("prod", "db")
+            .service_type(crate::ServiceType::ExternalName)
+            .external_name("db.example.com.")
+            .build()
+            .unwrap();
+        let v4 = crate::Service::builder("prod", "web")
+            .cluster_ip("10.96.0.5".parse().unwrap())
+            .port(crate::ServicePortSpec::tcp(80))
+            .build()
+            .unwrap();
+        t.apply_batch([
+            crate::Change::UpsertService(db),
+            crate::Change::UpsertService(v4),
+        ])
+        .unwrap();
+        let dns = ClusterDns::new("cluster.local").unwrap();
+        for q in [RecordType::A, RecordType::Aaaa, RecordType::Cname] {
+            let a = dns.resolve(&t, "db.prod.svc.cluster.local", q).unwrap();
+            assert_eq!(
+                a.to_string(),
+                "db.prod.svc.cluster.local. 5 IN CNAME db.example.com."
+            );
+        }
+        // An IPv4-only service: AAAA is an empty answer, not a wrong one.
+        assert_eq!(
+            dns.resolve(&t, "web.prod.svc.cluster.local", RecordType::Aaaa),
+            Ok(Answer::NoData)
+        );
+        assert_eq!(
+            dns.resolve(&t, "_http._tcp.db.prod.svc.cluster.local", RecordType::Srv),
+            Ok(Answer::NxDomain)
+        );
     }
 
     #[test]

@@ -146,8 +146,8 @@ pub enum Note {
         /// The addresses, primary family first.
         ips: Vec<IpAddr>,
     },
-    /// An object not turned into a change (another kind, an ExternalName
-    /// service, a slice without the service-name label, a BOOKMARK).
+    /// An object not turned into a change (another kind, a slice without
+    /// the service-name label, a BOOKMARK).
     Skipped(Skipped),
     /// A bad object skipped under `keep_going`.
     BadObject(ManifestError),

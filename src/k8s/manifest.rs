@@ -20,11 +20,13 @@
 //!   [`EndpointSlice::builder`], so a manifest is validated exactly as
 //!   builder calls are; a [`ManifestError`] names the file, the document,
 //!   the object (`Service messaging/kafka-headless`) and the field path.
-//! - `ExternalName` services are DNS aliases that no proxy programs:
-//!   [`ServiceManifest::to_service`] refuses them with a typed error naming
-//!   `spec.type`, and [`Manifests::changes`] skips them (reported in
-//!   [`ChangeBatch::skipped`]). `NodePort` and `LoadBalancer` services are
-//!   proxied on their cluster IP like `ClusterIP` ones.
+//! - `ExternalName` services are DNS aliases that no proxy programs: they
+//!   enter the table (the DNS model answers a CNAME for them) and get no
+//!   frontend. `NodePort` and `LoadBalancer` services are proxied on their
+//!   cluster IP, on the node addresses at each `nodePort`, on their
+//!   `externalIPs` and on their `status.loadBalancer.ingress` IPs (see
+//!   [`plan`](crate::plan)). IP addresses are read as kube-proxy reads them
+//!   (leading zeros are decimal: `172.30.0.041` is 172.30.0.41).
 //! - Everything serializes back ([`From<&Service>`](ServiceManifest) and
 //!   [`From<&EndpointSlice>`](EndpointSliceManifest) build a manifest from
 //!   the model), so `model -> YAML -> model` is the identity (the svclb-only
@@ -83,8 +85,8 @@ use crate::model::endpoint_slice::{
 };
 use crate::model::flow::Protocol;
 use crate::model::service::{
-    ClusterIp, DEFAULT_AFFINITY_TIMEOUT_SECS, Service, ServicePortSpec, SessionAffinity,
-    TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
+    ClusterIp, DEFAULT_AFFINITY_TIMEOUT_SECS, IpMode, Service, ServicePortSpec, ServiceType,
+    SessionAffinity, TargetPort, TargetPortSpec, TrafficDistribution, TrafficPolicy,
 };
 use crate::table::Change;
 
@@ -177,7 +179,7 @@ pub struct ServicePortManifest {
     /// `targetPort` (the same as `port` when absent, 0 or empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<IntOrString>,
-    /// `nodePort` (read and written back, not used).
+    /// `nodePort` (NodePort and LoadBalancer services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_port: Option<i64>,
     /// `appProtocol` (read and written back, not used).
@@ -250,6 +252,27 @@ pub struct ServiceSpec {
     /// `externalName` (ExternalName services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_name: Option<String>,
+    /// `externalIPs`.
+    #[serde(
+        default,
+        rename = "externalIPs",
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub external_ips: Vec<String>,
+    /// `loadBalancerSourceRanges` (CIDRs).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub load_balancer_source_ranges: Vec<String>,
+    /// `healthCheckNodePort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<i64>,
+    /// `allocateLoadBalancerNodePorts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocate_load_balancer_node_ports: Option<bool>,
     /// `selector`: a service without one has its endpoints managed by
     /// hand, through v1 `Endpoints` (mirrored into EndpointSlices).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -284,6 +307,55 @@ pub struct ServiceManifest {
     /// `spec`.
     #[serde(default)]
     pub spec: ServiceSpec,
+    /// `status` (only `loadBalancer.ingress` is read).
+    #[serde(default, skip_serializing_if = "ServiceStatus::is_empty")]
+    pub status: ServiceStatus,
+}
+
+/// `status.loadBalancer.ingress[]` of a Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerIngressManifest {
+    /// `ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// `hostname` (read and written back; kube-proxy ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// `ipMode`: `VIP` (default) or `Proxy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_mode: Option<String>,
+}
+
+/// `status.loadBalancer` of a Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerStatusManifest {
+    /// `ingress`.
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub ingress: Vec<LoadBalancerIngressManifest>,
+}
+
+/// A Service's `status`, the parts svclb reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// `loadBalancer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerStatusManifest>,
+}
+
+impl ServiceStatus {
+    /// Whether it carries no ingress.
+    pub fn is_empty(&self) -> bool {
+        self.load_balancer
+            .as_ref()
+            .is_none_or(|lb| lb.ingress.is_empty())
+    }
 }
 
 fn api_v1() -> String {
@@ -856,7 +928,7 @@ pub struct ChangeBatch {
     /// the document when the table refuses a change
     /// ([`UpdateError::InBatch`](crate::UpdateError::InBatch) gives its index).
     pub origins: Vec<Origin>,
-    /// Objects not turned into changes (ExternalName services).
+    /// Objects not turned into changes.
     pub skipped: Vec<Skipped>,
 }
 
@@ -1202,9 +1274,9 @@ impl Manifests {
     }
 
     /// Converts every object into a [`Change`], in document order: an
-    /// upsert, or a delete for a `DELETED` watch event. ExternalName
-    /// services and slices without the `kubernetes.io/service-name` label
-    /// (kube-proxy ignores them) are skipped, and so are v1 Endpoints
+    /// upsert, or a delete for a `DELETED` watch event. Slices without the
+    /// `kubernetes.io/service-name` label (kube-proxy ignores them) are
+    /// skipped, and so are v1 Endpoints
     /// except those of a selector-less Service in the same input, which
     /// are mirrored into EndpointSlices ([`EndpointsManifest::mirror`]).
     ///
@@ -1240,14 +1312,6 @@ impl Manifests {
             let deleted = d.event == EventType::Deleted;
             match &d.manifest {
                 Manifest::Service(svc) => {
-                    if svc.is_external_name() {
-                        batch.skipped.push(Skipped {
-                            origin: origin.clone(),
-                            object: svc.object_ref(),
-                            reason: "ExternalName services are DNS aliases (CNAME); nothing is proxied",
-                        });
-                        continue;
-                    }
                     if deleted {
                         batch.changes.push(Change::DeleteService(svc.key()));
                         batch.origins.push(origin.clone());
@@ -1405,12 +1469,43 @@ fn parse_policy(field: &str, value: Option<&str>) -> Result<TrafficPolicy, Valid
     }
 }
 
+/// An IP as kube-proxy reads it (leading zeros are decimal).
 fn parse_ip(field: String, value: &str) -> Result<IpAddr, ValidationError> {
-    value.parse().map_err(|_| ValidationError::Invalid {
+    crate::model::names::parse_ip_sloppy(value).ok_or_else(|| ValidationError::Invalid {
         field,
         value: value.into(),
         reason: "must be an IP address, or None for a headless service",
     })
+}
+
+/// An external or load-balancer IP, read leniently as kube-proxy does.
+fn parse_plain_ip(field: String, value: &str) -> Result<IpAddr, ValidationError> {
+    crate::model::names::parse_ip_sloppy(value).ok_or_else(|| ValidationError::Invalid {
+        field,
+        value: value.into(),
+        reason: "must be a valid IP address",
+    })
+}
+
+/// A CIDR, its address read leniently (kube-proxy's ParseCIDRSloppy).
+fn parse_cidr_sloppy(field: &str, value: &str) -> Result<crate::render::Cidr, ValidationError> {
+    let v = value.trim();
+    match v.split_once('/') {
+        Some((a, len)) => match crate::model::names::parse_ip_sloppy(a) {
+            Some(ip) => {
+                crate::render::Cidr::parse(field, &format!("{ip}/{len}")).map_err(|e| match e {
+                    ValidationError::Invalid { field, reason, .. } => ValidationError::Invalid {
+                        field,
+                        value: value.into(),
+                        reason,
+                    },
+                    e => e,
+                })
+            }
+            None => crate::render::Cidr::parse(field, v),
+        },
+        None => crate::render::Cidr::parse(field, v),
+    }
 }
 
 impl ServiceManifest {
@@ -1502,21 +1597,18 @@ impl ServiceManifest {
     /// A [`ValidationError`] naming the field: anything the builder refuses,
     /// an unknown `type`, `protocol`, `sessionAffinity`, traffic policy or
     /// `trafficDistribution`, a `clusterIP` that is no IP, a `clusterIPs[0]`
-    /// that differs from `clusterIP`, and `spec.type: ExternalName`.
+    /// that differs from `clusterIP`, an external or load-balancer IP that
+    /// is no IP, a source range that is no CIDR, an unknown `ipMode`.
     pub fn to_service(&self) -> Result<Service, ValidationError> {
         let mut m = self.clone();
         m.apply_defaults();
         let spec = &m.spec;
         let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
-        match ty {
-            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
-            "ExternalName" => {
-                return Err(ValidationError::Invalid {
-                    field: "spec.type".into(),
-                    value: ty.into(),
-                    reason: "ExternalName services are DNS aliases (CNAME); svclb proxies ClusterIP, NodePort and LoadBalancer services",
-                });
-            }
+        let service_type = match ty {
+            "ClusterIP" => ServiceType::ClusterIP,
+            "NodePort" => ServiceType::NodePort,
+            "LoadBalancer" => ServiceType::LoadBalancer,
+            "ExternalName" => ServiceType::ExternalName,
             other => {
                 return Err(ValidationError::Invalid {
                     field: "spec.type".into(),
@@ -1524,14 +1616,59 @@ impl ServiceManifest {
                     reason: "must be ClusterIP, NodePort, LoadBalancer or ExternalName",
                 });
             }
-        }
+        };
         let mut b = Service::builder(
             m.metadata.namespace_or_default(),
             m.metadata.name.clone().unwrap_or_default(),
-        );
+        )
+        .service_type(service_type);
+        if let Some(n) = &spec.external_name {
+            b = b.external_name(n.clone());
+        }
+        for (i, ip) in spec.external_ips.iter().enumerate() {
+            b = b.external_ip(parse_plain_ip(format!("spec.externalIPs[{i}]"), ip)?);
+        }
+        for (i, c) in spec.load_balancer_source_ranges.iter().enumerate() {
+            b = b.load_balancer_source_range(parse_cidr_sloppy(
+                &format!("spec.loadBalancerSourceRanges[{i}]"),
+                c,
+            )?);
+        }
+        if let Some(p) = spec.health_check_node_port {
+            b = b.health_check_node_port(p);
+        }
+        if let Some(a) = spec.allocate_load_balancer_node_ports {
+            b = b.allocate_load_balancer_node_ports(a);
+        }
+        let ingress = m
+            .status
+            .load_balancer
+            .as_ref()
+            .map(|lb| lb.ingress.as_slice())
+            .unwrap_or_default();
+        for (i, ing) in ingress.iter().enumerate() {
+            let Some(ip) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            let ip = parse_plain_ip(format!("status.loadBalancer.ingress[{i}].ip"), ip)?;
+            let mode = match ing.ip_mode.as_deref() {
+                None | Some("") | Some("VIP") => IpMode::VIP,
+                Some("Proxy") => IpMode::Proxy,
+                Some(other) => {
+                    return Err(ValidationError::Invalid {
+                        field: format!("status.loadBalancer.ingress[{i}].ipMode"),
+                        value: other.into(),
+                        reason: "must be VIP or Proxy",
+                    });
+                }
+            };
+            b = b.load_balancer_ingress(ip, mode);
+        }
         let headless = spec.cluster_ip.as_deref() == Some("None")
             || spec.cluster_ips.first().map(String::as_str) == Some("None");
-        if headless {
+        if service_type == ServiceType::ExternalName && (headless || spec.cluster_ips.is_empty()) {
+            // No cluster IP: the builder checks that none is given.
+        } else if headless {
             b = b.headless();
             if let Some(ip) = spec.cluster_ips.get(1) {
                 return Err(ValidationError::Invalid {
@@ -1565,6 +1702,7 @@ impl ServiceManifest {
                 IntOrString::Int(n) => TargetPortSpec::Number(*n),
                 IntOrString::String(s) => TargetPortSpec::Name(s.clone()),
             });
+            ps.node_port = p.node_port;
             b = b.port(ps);
         }
         match spec.session_affinity.as_deref() {
@@ -1664,7 +1802,7 @@ impl From<&Service> for ServiceManifest {
                     TargetPort::Number(n) => IntOrString::Int(i64::from(*n)),
                     TargetPort::Name(s) => IntOrString::String(s.clone()),
                 }),
-                node_port: None,
+                node_port: p.node_port().map(i64::from),
                 app_protocol: None,
             })
             .collect();
@@ -1693,8 +1831,29 @@ impl From<&Service> for ServiceManifest {
                 annotations,
                 resource_version: None,
             },
+            status: ServiceStatus {
+                load_balancer: (!svc.load_balancer_ingress().is_empty()).then(|| {
+                    LoadBalancerStatusManifest {
+                        ingress: svc
+                            .load_balancer_ingress()
+                            .iter()
+                            .map(|i| LoadBalancerIngressManifest {
+                                ip: Some(i.ip.to_string()),
+                                hostname: None,
+                                ip_mode: Some(
+                                    match i.ip_mode {
+                                        IpMode::VIP => "VIP",
+                                        IpMode::Proxy => "Proxy",
+                                    }
+                                    .into(),
+                                ),
+                            })
+                            .collect(),
+                    }
+                }),
+            },
             spec: ServiceSpec {
-                type_: Some("ClusterIP".into()),
+                type_: Some(svc.service_type().as_api_str().into()),
                 cluster_ip,
                 cluster_ips,
                 ports,
@@ -1713,7 +1872,18 @@ impl From<&Service> for ServiceManifest {
                     .to_owned()
                 }),
                 publish_not_ready_addresses: svc.publish_not_ready_addresses().then_some(true),
-                external_name: None,
+                external_name: svc.external_name().map(str::to_owned),
+                external_ips: svc.external_ips().iter().map(ToString::to_string).collect(),
+                load_balancer_source_ranges: svc
+                    .load_balancer_source_ranges()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                health_check_node_port: svc.health_check_node_port().map(i64::from),
+                allocate_load_balancer_node_ports: (svc.service_type()
+                    == crate::model::service::ServiceType::LoadBalancer
+                    && !svc.allocate_load_balancer_node_ports())
+                .then_some(false),
                 selector: None,
                 ip_families: Vec::new(),
                 ip_family_policy: None,
@@ -2108,10 +2278,88 @@ mod tests {
         let Manifest::Service(s) = &m.documents[0].manifest else {
             panic!()
         };
-        assert_eq!(s.to_service().unwrap_err().field(), "spec.type");
+        let svc = s.to_service().unwrap();
+        assert_eq!(svc.external_name(), Some("db.example.com"));
+        assert!(!svc.is_proxied() && !svc.is_headless());
+        // It enters the table (DNS answers a CNAME), and no proxy programs it.
         let batch = m.changes().unwrap();
-        assert!(batch.changes.is_empty());
-        assert_eq!(batch.skipped.len(), 1);
+        assert_eq!(batch.changes.len(), 1);
+        assert!(batch.skipped.is_empty());
+        let err = svc_text("{type: ExternalName, externalName: 'Not A Name'}").unwrap_err();
+        assert_eq!(err.field(), "spec.externalName");
+        let err =
+            svc_text("{type: ExternalName, externalName: db.example.com, clusterIP: 10.96.0.9}")
+                .unwrap_err();
+        assert_eq!(err.field(), "spec.clusterIP");
+    }
+
+    fn svc_text(spec: &str) -> Result<Service, ValidationError> {
+        svc(&format!(
+            "kind: Service\nmetadata: {{name: x}}\nspec: {spec}"
+        ))
+    }
+
+    #[test]
+    fn the_external_surface_reads_and_round_trips() {
+        let text = "kind: Service
+metadata: {name: lb, namespace: ns1}
+spec:
+  type: LoadBalancer
+  clusterIP: 172.30.0.041
+  externalIPs: [192.168.99.11, 192.168.099.11, 192.168.99.12]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30000
+  loadBalancerSourceRanges: [203.0.113.0/25]
+  ports: [{name: p80, port: 80, nodePort: 30001}]
+status:
+  loadBalancer:
+    ingress: [{ip: 1.2.3.004}, {ip: 5.6.7.8, ipMode: Proxy}]
+";
+        let s = svc(text).unwrap();
+        assert_eq!(s.service_type(), ServiceType::LoadBalancer);
+        assert_eq!(
+            s.cluster_ip().addrs(),
+            ["172.30.0.41".parse::<IpAddr>().unwrap()]
+        );
+        // A repeated address (192.168.099.11 is 192.168.99.11) is kept once.
+        assert_eq!(s.external_ips().len(), 2);
+        assert_eq!(s.ports()[0].node_port(), Some(30001));
+        assert_eq!(s.health_check_node_port(), Some(30000));
+        assert_eq!(
+            s.load_balancer_source_ranges()[0].to_string(),
+            "203.0.113.0/25"
+        );
+        let vips: Vec<IpAddr> = s.load_balancer_vips().collect();
+        assert_eq!(vips, ["1.2.3.4".parse::<IpAddr>().unwrap()]);
+        let back = ServiceManifest::from(&s);
+        let yaml = serde_yaml_ng::to_string(&back).unwrap();
+        assert_eq!(svc(&yaml).unwrap(), s, "{yaml}");
+        // What the API refuses, named in its terms.
+        let err =
+            svc_text("{clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 30001}]}").unwrap_err();
+        assert_eq!(err.field(), "spec.ports[0].nodePort");
+        let err =
+            svc_text("{type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 80}]}")
+                .unwrap_err();
+        assert_eq!(err.field(), "spec.ports[0].nodePort");
+        assert!(err.to_string().contains("80"), "{err}");
+        let err = svc_text("{type: NodePort, clusterIP: 10.96.0.1, healthCheckNodePort: 30000, ports: [{port: 80}]}")
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.healthCheckNodePort");
+        let err = svc_text("{clusterIP: 10.96.0.1, externalIPs: [127.0.0.1], ports: [{port: 80}]}")
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.externalIPs[0]");
+        let err = svc_text(
+            "{clusterIP: 10.96.0.1, loadBalancerSourceRanges: [10.0.0.0/8], ports: [{port: 80}]}",
+        )
+        .unwrap_err();
+        assert_eq!(err.field(), "spec.loadBalancerSourceRanges");
+        let err = svc_text("{type: LoadBalancer, clusterIP: 10.96.0.1, loadBalancerSourceRanges: [10.0.0.0/33], ports: [{port: 80}]}")
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.loadBalancerSourceRanges[0]");
+        let err = svc("kind: Service\nmetadata: {name: x}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.1, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3.4, ipMode: Direct}]}}")
+            .unwrap_err();
+        assert_eq!(err.field(), "status.loadBalancer.ingress[0].ipMode");
     }
 
     #[test]

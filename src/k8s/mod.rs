@@ -17,8 +17,12 @@
 //! - [`dns`]: the cluster DNS answers for services (headless ones included)
 //!   over a [`ServiceTable`](crate::ServiceTable), as the Kubernetes DNS
 //!   specification defines them.
+//! - [`health`]: kube-proxy's health checks (a service's
+//!   `healthCheckNodePort`, the node's `/healthz`) as status, headers and
+//!   body.
 
 pub mod dns;
+pub mod health;
 #[cfg(feature = "serde")]
 pub mod input;
 #[cfg(feature = "serde")]

@@ -49,8 +49,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString as K8sIntOrString;
 use crate::error::ValidationError;
 use crate::k8s::manifest::{
     ClientIpConfig, EndpointHints, EndpointManifest, EndpointPortManifest, EndpointSliceManifest,
-    HintName, IntOrString, ObjectMeta, ServiceManifest, ServicePortManifest, ServiceSpec,
-    SessionAffinityConfig,
+    HintName, IntOrString, LoadBalancerIngressManifest, LoadBalancerStatusManifest, ObjectMeta,
+    ServiceManifest, ServicePortManifest, ServiceSpec, ServiceStatus, SessionAffinityConfig,
 };
 use crate::model::endpoint_slice::{Conditions, EndpointSlice};
 use crate::model::service::Service;
@@ -105,9 +105,31 @@ impl From<&core::Service> for ServiceManifest {
                 traffic_distribution: spec.traffic_distribution,
                 publish_not_ready_addresses: spec.publish_not_ready_addresses,
                 external_name: spec.external_name,
+                external_ips: spec.external_ips.unwrap_or_default(),
+                load_balancer_source_ranges: spec.load_balancer_source_ranges.unwrap_or_default(),
+                health_check_node_port: spec.health_check_node_port.map(i64::from),
+                allocate_load_balancer_node_ports: spec.allocate_load_balancer_node_ports,
                 selector: spec.selector,
                 ip_families: spec.ip_families.unwrap_or_default(),
                 ip_family_policy: spec.ip_family_policy,
+            },
+            status: ServiceStatus {
+                load_balancer: svc
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.load_balancer.as_ref())
+                    .map(|lb| LoadBalancerStatusManifest {
+                        ingress: lb
+                            .ingress
+                            .iter()
+                            .flatten()
+                            .map(|i| LoadBalancerIngressManifest {
+                                ip: i.ip.clone(),
+                                hostname: i.hostname.clone(),
+                                ip_mode: i.ip_mode.clone(),
+                            })
+                            .collect(),
+                    }),
             },
         }
     }
@@ -117,8 +139,7 @@ impl TryFrom<&core::Service> for Service {
     type Error = ValidationError;
 
     /// Applies the API defaults and validates, as
-    /// [`ServiceManifest::to_service`] does (ExternalName services are
-    /// refused, naming `spec.type`).
+    /// [`ServiceManifest::to_service`] does.
     fn try_from(svc: &core::Service) -> Result<Self, Self::Error> {
         ServiceManifest::from(svc).to_service()
     }
@@ -243,6 +264,29 @@ mod tests {
         };
         assert_eq!(m.to_service().unwrap(), ours);
 
+        // The external surface, the same through both readers.
+        let lb_json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"edge","namespace":"ml"},
+            "spec":{"type":"LoadBalancer","clusterIP":"10.96.40.13","externalIPs":["192.168.99.11"],
+                    "externalTrafficPolicy":"Local","healthCheckNodePort":30000,
+                    "loadBalancerSourceRanges":["203.0.113.0/25"],"allocateLoadBalancerNodePorts":false,
+                    "ports":[{"name":"http","port":80,"nodePort":30080}]},
+            "status":{"loadBalancer":{"ingress":[{"ip":"1.2.3.4"},{"ip":"5.6.7.8","ipMode":"Proxy"}]}}}"#;
+        let k: core::Service = serde_json::from_str(lb_json).unwrap();
+        let ours = Service::try_from(&k).unwrap();
+        assert_eq!(ours.ports()[0].node_port(), Some(30080));
+        assert_eq!(ours.health_check_node_port(), Some(30000));
+        assert!(!ours.allocate_load_balancer_node_ports());
+        assert_eq!(ours.external_ips().len(), 1);
+        assert_eq!(ours.load_balancer_ingress().len(), 2);
+        assert_eq!(ours.load_balancer_vips().count(), 1);
+        assert_eq!(ours.load_balancer_source_ranges().len(), 1);
+        let Manifest::Service(m) =
+            &Manifests::parse_str(lb_json, None).unwrap().documents[0].manifest
+        else {
+            panic!()
+        };
+        assert_eq!(m.to_service().unwrap(), ours);
+
         let slice_json = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","addressType":"IPv4",
             "metadata":{"name":"api-x","namespace":"ml","labels":{"kubernetes.io/service-name":"api"}},
             "ports":[{"name":"http","port":8080,"protocol":"TCP"}],
@@ -275,7 +319,16 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(Service::try_from(&k).unwrap_err().field(), "spec.type");
+        assert_eq!(
+            Service::try_from(&k).unwrap().external_name(),
+            Some("db.example.com")
+        );
+        let mut k = k;
+        k.spec.as_mut().unwrap().external_name = Some("Not_A_Name".into());
+        assert_eq!(
+            Service::try_from(&k).unwrap_err().field(),
+            "spec.externalName"
+        );
         let k = discovery::EndpointSlice {
             address_type: "IPv4".into(),
             metadata: K8sMeta {

@@ -475,10 +475,18 @@ impl EndpointSliceBuilder {
         for (i, spec) in self.endpoints.into_iter().enumerate() {
             let ep = build_endpoint(i, spec, self.address_type)?;
             if !seen.insert(ep.addresses[0].clone()) {
-                return Err(ValidationError::Duplicate {
-                    field: format!("endpoints[{i}].addresses[0]"),
-                    value: ep.addresses[0].to_string(),
-                });
+                // The same address twice: kube-proxy keeps the rest of the
+                // slice and one copy of the address, a non-terminating copy
+                // over a terminating one (endpointslicecache.go).
+                if let Some(prev) = endpoints
+                    .iter_mut()
+                    .find(|p: &&mut Endpoint| p.addresses[0] == ep.addresses[0])
+                {
+                    if prev.conditions.is_terminating() && !ep.conditions.is_terminating() {
+                        *prev = ep;
+                    }
+                }
+                continue;
             }
             endpoints.push(ep);
         }
@@ -570,8 +578,9 @@ fn build_endpoint(
             None => Ok(EndpointAddress::Ip(ip)),
         };
         let addr = match address_type {
-            AddressType::IPv4 => match raw.parse::<IpAddr>() {
-                Ok(ip @ IpAddr::V4(_)) => special(ip)?,
+            // Leading zeros read as decimal, as kube-proxy's ParseIPSloppy.
+            AddressType::IPv4 => match crate::model::names::parse_ip_sloppy(raw) {
+                Some(ip @ IpAddr::V4(_)) => special(ip)?,
                 _ => return Err(wrong()),
             },
             AddressType::IPv6 => match raw.parse::<IpAddr>() {
@@ -679,18 +688,22 @@ mod tests {
 
     #[test]
     fn rejects_duplicate_endpoint_and_port_names() {
-        let err = b()
-            .endpoint(EndpointSpec::new("10.0.0.1"))
+        // The same address twice keeps the rest of the slice and one copy
+        // (a non-terminating one wins), as kube-proxy does.
+        let s = b()
+            .endpoint(EndpointSpec::new("10.0.0.1").ready(false).terminating(true))
+            .endpoint(EndpointSpec::new("10.0.0.2"))
             .endpoint(EndpointSpec::new("10.0.0.1"))
             .build()
-            .unwrap_err();
-        assert_eq!(
-            err,
-            ValidationError::Duplicate {
-                field: "endpoints[1].addresses[0]".into(),
-                value: "10.0.0.1".into()
-            }
-        );
+            .unwrap();
+        assert_eq!(s.endpoints().len(), 2);
+        assert!(!s.endpoints()[0].conditions().is_terminating());
+        // Leading zeros read as decimal (kube-proxy's ParseIPSloppy).
+        let s = b()
+            .endpoint(EndpointSpec::new("10.0.0.041"))
+            .build()
+            .unwrap();
+        assert_eq!(s.endpoints()[0].addresses()[0].to_string(), "10.0.0.41");
         let err = b()
             .port(SlicePortSpec::tcp(9090).name("http"))
             .build()

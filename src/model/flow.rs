@@ -90,9 +90,43 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// A flow from its three parts.
+    /// A flow from its three parts (unchecked: see [`Flow::try_new`]).
     pub const fn new(protocol: Protocol, src: SocketAddr, dst: SocketAddr) -> Self {
         Flow { protocol, src, dst }
+    }
+
+    /// A flow from its three parts, refusing a source and destination of
+    /// different address families (no packet carries both: an IPv4-mapped
+    /// IPv6 address is IPv6 here).
+    ///
+    /// # Errors
+    /// [`ValidationError::Invalid`] naming `flow` and the two addresses.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::{Flow, Protocol};
+    /// assert!(Flow::try_new(Protocol::Tcp, "10.0.0.1:1".parse().unwrap(), "10.96.0.1:80".parse().unwrap()).is_ok());
+    /// let err = Flow::try_new(Protocol::Tcp, "10.0.0.1:1".parse().unwrap(), "[fd00::1]:80".parse().unwrap()).unwrap_err();
+    /// assert_eq!(err.field(), "flow");
+    /// ```
+    pub fn try_new(
+        protocol: Protocol,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<Self, ValidationError> {
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Err(ValidationError::Invalid {
+                field: "flow".into(),
+                value: format!("{src} -> {dst}"),
+                reason: "source and destination must be of one address family",
+            });
+        }
+        Ok(Flow { protocol, src, dst })
+    }
+
+    /// Whether source and destination are of one address family.
+    pub const fn is_single_family(&self) -> bool {
+        self.src.is_ipv4() == self.dst.is_ipv4()
     }
 
     /// A TCP flow.
@@ -131,6 +165,13 @@ pub struct Forward {
     /// Whether the connection tracker already knew the flow (`true`) or it
     /// was scheduled now (`false`).
     pub tracked: bool,
+    /// Whether kube-proxy would masquerade (SNAT to the node) the flow:
+    /// the caller's packet I/O rewrites the source too. Hairpin traffic,
+    /// off-cluster traffic to a cluster IP (with `--cluster-cidr`, or
+    /// `--masquerade-all`), and external traffic under
+    /// `externalTrafficPolicy: Cluster` (or from the node itself under
+    /// `Local`). See [`DataplaneConfig::cluster_cidrs`](crate::DataplaneConfig::cluster_cidrs).
+    pub masquerade: bool,
 }
 
 /// What a dataplane decided for a flow.
@@ -206,6 +247,7 @@ mod tests {
             backend_id: BackendId(0),
             frontend: FrontendId(0),
             tracked: false,
+            masquerade: false,
         });
         assert_eq!(v.to_string(), "FORWARD 10.0.1.8:9092");
         assert_eq!(Verdict::Reject.to_string(), "REJECT");

@@ -2,5 +2,5 @@
 
 pub mod endpoint_slice;
 pub mod flow;
-pub(crate) mod names;
+pub mod names;
 pub mod service;

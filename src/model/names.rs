@@ -83,6 +83,42 @@ pub(crate) fn validate_port(field: &str, value: i64) -> Result<u16, ValidationEr
     }
 }
 
+/// Parses an IP address as kube-proxy does (`netutils.ParseIPSloppy`, Go's
+/// pre-1.17 `net.ParseIP`): an IPv4 octet may carry leading zeros and is
+/// read as decimal, so `172.30.0.041` is 172.30.0.41 (not octal 33).
+/// Everything else must be a plain IPv4 or IPv6 address. `None` if it is
+/// none.
+///
+/// # Examples
+/// ```
+/// use svclb::model::names::parse_ip_sloppy;
+/// assert_eq!(parse_ip_sloppy("172.30.0.041"), Some("172.30.0.41".parse().unwrap()));
+/// assert_eq!(parse_ip_sloppy("fd00::1"), Some("fd00::1".parse().unwrap()));
+/// assert_eq!(parse_ip_sloppy("172.30.0.256"), None);
+/// assert_eq!(parse_ip_sloppy("www.example.com"), None);
+/// ```
+pub fn parse_ip_sloppy(text: &str) -> Option<std::net::IpAddr> {
+    if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+        return Some(ip);
+    }
+    if text.contains(':') {
+        return None;
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = text.split('.');
+    for o in &mut octets {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *o = p.parse().ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(std::net::IpAddr::from(octets))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! Services: keys, cluster IPs, ports, session affinity and traffic policies.
 
 use core::fmt;
+use core::ops::RangeInclusive;
 use core::time::Duration;
 use std::net::IpAddr;
 
@@ -8,7 +9,13 @@ use smallvec::SmallVec;
 
 use crate::error::ValidationError;
 use crate::model::flow::Protocol;
-use crate::model::names::{validate_dns_label, validate_port, validate_port_name};
+use crate::model::names::{
+    validate_dns_label, validate_dns_subdomain, validate_port, validate_port_name,
+};
+use crate::render::Cidr;
+
+/// The API server's default `--service-node-port-range`: 30000-32767.
+pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30_000..=32_767;
 
 /// The default `sessionAffinityConfig.clientIP.timeoutSeconds`: 3 hours.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
@@ -124,6 +131,8 @@ pub struct ServicePortSpec {
     pub target_port: Option<TargetPortSpec>,
     /// The protocol.
     pub protocol: Protocol,
+    /// `nodePort` (NodePort and LoadBalancer services); `None` or 0: none.
+    pub node_port: Option<i64>,
 }
 
 impl ServicePortSpec {
@@ -134,7 +143,13 @@ impl ServicePortSpec {
             port,
             target_port: None,
             protocol,
+            node_port: None,
         }
+    }
+    /// Sets `nodePort`.
+    pub fn node_port(mut self, port: i64) -> Self {
+        self.node_port = Some(port);
+        self
     }
     /// A TCP port.
     pub fn tcp(port: i64) -> Self {
@@ -172,9 +187,14 @@ pub struct ServicePort {
     port: u16,
     target_port: TargetPort,
     protocol: Protocol,
+    node_port: Option<u16>,
 }
 
 impl ServicePort {
+    /// `nodePort`, if the port has one.
+    pub fn node_port(&self) -> Option<u16> {
+        self.node_port
+    }
     /// The port name, if any. Endpoint ports are matched to service ports by
     /// this name, as kube-proxy does.
     pub fn name(&self) -> Option<&str> {
@@ -319,6 +339,83 @@ pub enum TrafficDistribution {
     PreferSameNode,
 }
 
+/// `spec.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum ServiceType {
+    /// Reachable on its cluster IP (the default).
+    #[default]
+    ClusterIP,
+    /// Also on every node's addresses at `spec.ports[].nodePort`.
+    NodePort,
+    /// Also on the load balancer's ingress IPs (`status.loadBalancer`).
+    LoadBalancer,
+    /// A DNS alias (CNAME) of `spec.externalName`; no proxy programs it.
+    ExternalName,
+}
+
+impl ServiceType {
+    /// `ClusterIP`, `NodePort`, `LoadBalancer`, `ExternalName`.
+    pub const fn as_api_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+            ServiceType::ExternalName => "ExternalName",
+        }
+    }
+}
+
+impl fmt::Display for ServiceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_api_str())
+    }
+}
+
+/// `status.loadBalancer.ingress[].ipMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum IpMode {
+    /// Traffic arrives with the load-balancer IP as destination; kube-proxy
+    /// captures it (the default).
+    #[default]
+    VIP,
+    /// The load balancer proxies to the node; kube-proxy does not capture
+    /// the IP.
+    Proxy,
+}
+
+/// One `status.loadBalancer.ingress[]` entry with an `ip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct LoadBalancerIngress {
+    /// `ip`.
+    pub ip: IpAddr,
+    /// `ipMode`.
+    pub ip_mode: IpMode,
+}
+
+/// Why an IP cannot be an external IP (`ValidateNonSpecialIP`).
+fn special_ip_reason(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        return Some("may not be unspecified (0.0.0.0 or ::)");
+    }
+    if ip.is_loopback() {
+        return Some("may not be in the loopback range (127.0.0.0/8, ::1/128)");
+    }
+    let link_local = match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    if link_local {
+        return Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)");
+    }
+    if ip.is_multicast() {
+        return Some("may not be in the multicast range (224.0.0.0/4, ff00::/8)");
+    }
+    None
+}
+
 /// A validated Kubernetes Service, as far as the dataplane cares.
 ///
 /// Build one with [`Service::builder`].
@@ -334,6 +431,13 @@ pub struct Service {
     traffic_distribution: Option<TrafficDistribution>,
     topology_mode: Option<String>,
     publish_not_ready_addresses: bool,
+    service_type: ServiceType,
+    external_ips: SmallVec<[IpAddr; 1]>,
+    load_balancer_ingress: SmallVec<[LoadBalancerIngress; 1]>,
+    load_balancer_source_ranges: Vec<Cidr>,
+    health_check_node_port: Option<u16>,
+    allocate_load_balancer_node_ports: bool,
+    external_name: Option<String>,
 }
 
 impl Service {
@@ -363,7 +467,66 @@ impl Service {
             traffic_distribution: None,
             topology_mode: None,
             publish_not_ready_addresses: false,
+            service_type: ServiceType::ClusterIP,
+            external_ips: Vec::new(),
+            load_balancer_ingress: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            health_check_node_port: None,
+            allocate_load_balancer_node_ports: None,
+            external_name: None,
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
         }
+    }
+
+    /// `spec.type`.
+    pub fn service_type(&self) -> ServiceType {
+        self.service_type
+    }
+    /// `spec.externalIPs`, duplicates removed.
+    pub fn external_ips(&self) -> &[IpAddr] {
+        &self.external_ips
+    }
+    /// `status.loadBalancer.ingress[]` entries with an IP.
+    pub fn load_balancer_ingress(&self) -> &[LoadBalancerIngress] {
+        &self.load_balancer_ingress
+    }
+    /// The load-balancer IPs kube-proxy captures: ingress IPs whose
+    /// `ipMode` is `VIP` (kube-proxy's `LoadBalancerVIPs`).
+    pub fn load_balancer_vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.load_balancer_ingress
+            .iter()
+            .filter(|i| i.ip_mode == IpMode::VIP)
+            .map(|i| i.ip)
+    }
+    /// `spec.loadBalancerSourceRanges` (empty: any source).
+    pub fn load_balancer_source_ranges(&self) -> &[Cidr] {
+        &self.load_balancer_source_ranges
+    }
+    /// `spec.healthCheckNodePort`.
+    pub fn health_check_node_port(&self) -> Option<u16> {
+        self.health_check_node_port
+    }
+    /// `spec.allocateLoadBalancerNodePorts` (true unless set false; only
+    /// meaningful for LoadBalancer services).
+    pub fn allocate_load_balancer_node_ports(&self) -> bool {
+        self.allocate_load_balancer_node_ports
+    }
+    /// `spec.externalName` (ExternalName services), without a trailing dot.
+    pub fn external_name(&self) -> Option<&str> {
+        self.external_name.as_deref()
+    }
+    /// Whether kube-proxy programs the service: not headless, not
+    /// ExternalName.
+    pub fn is_proxied(&self) -> bool {
+        !self.cluster_ip.is_headless() && self.service_type != ServiceType::ExternalName
+    }
+    /// Whether traffic reaches it from outside the cluster network: node
+    /// ports, external IPs or load-balancer IPs (kube-proxy's
+    /// `ExternallyAccessible`).
+    pub fn externally_accessible(&self) -> bool {
+        self.ports.iter().any(|p| p.node_port.is_some())
+            || !self.external_ips.is_empty()
+            || self.load_balancer_vips().next().is_some()
     }
 
     /// `namespace/name`.
@@ -374,9 +537,10 @@ impl Service {
     pub fn cluster_ip(&self) -> &ClusterIp {
         &self.cluster_ip
     }
-    /// Whether the service is headless.
+    /// Whether the service is headless (`clusterIP: None`; not an
+    /// ExternalName service, which has no cluster IP either).
     pub fn is_headless(&self) -> bool {
-        self.cluster_ip.is_headless()
+        self.cluster_ip.is_headless() && self.service_type != ServiceType::ExternalName
     }
     /// The ports.
     pub fn ports(&self) -> &[ServicePort] {
@@ -437,9 +601,59 @@ pub struct ServiceBuilder {
     traffic_distribution: Option<TrafficDistribution>,
     topology_mode: Option<String>,
     publish_not_ready_addresses: bool,
+    service_type: ServiceType,
+    external_ips: Vec<IpAddr>,
+    load_balancer_ingress: Vec<LoadBalancerIngress>,
+    load_balancer_source_ranges: Vec<Cidr>,
+    health_check_node_port: Option<i64>,
+    allocate_load_balancer_node_ports: Option<bool>,
+    external_name: Option<String>,
+    node_port_range: RangeInclusive<u16>,
 }
 
 impl ServiceBuilder {
+    /// `spec.type` (default `ClusterIP`).
+    pub fn service_type(mut self, t: ServiceType) -> Self {
+        self.service_type = t;
+        self
+    }
+    /// Adds an `spec.externalIPs` entry (a repeated one is kept once).
+    pub fn external_ip(mut self, ip: IpAddr) -> Self {
+        self.external_ips.push(ip);
+        self
+    }
+    /// Adds a `status.loadBalancer.ingress[]` entry.
+    pub fn load_balancer_ingress(mut self, ip: IpAddr, ip_mode: IpMode) -> Self {
+        self.load_balancer_ingress
+            .push(LoadBalancerIngress { ip, ip_mode });
+        self
+    }
+    /// Adds a `spec.loadBalancerSourceRanges` entry.
+    pub fn load_balancer_source_range(mut self, cidr: Cidr) -> Self {
+        self.load_balancer_source_ranges.push(cidr);
+        self
+    }
+    /// `spec.healthCheckNodePort`.
+    pub fn health_check_node_port(mut self, port: i64) -> Self {
+        self.health_check_node_port = Some(port);
+        self
+    }
+    /// `spec.allocateLoadBalancerNodePorts`.
+    pub fn allocate_load_balancer_node_ports(mut self, allocate: bool) -> Self {
+        self.allocate_load_balancer_node_ports = Some(allocate);
+        self
+    }
+    /// `spec.externalName` (ExternalName services).
+    pub fn external_name(mut self, name: impl Into<String>) -> Self {
+        self.external_name = Some(name.into());
+        self
+    }
+    /// The node-port range `nodePort`s must fall in (the API server's
+    /// `--service-node-port-range`, default [`DEFAULT_NODE_PORT_RANGE`]).
+    pub fn node_port_range(mut self, range: RangeInclusive<u16>) -> Self {
+        self.node_port_range = range;
+        self
+    }
     /// Adds a cluster IP (call twice for dual stack).
     pub fn cluster_ip(mut self, ip: IpAddr) -> Self {
         self.cluster_ips.push(ip);
@@ -505,7 +719,25 @@ impl ServiceBuilder {
     pub fn build(self) -> Result<Service, ValidationError> {
         validate_dns_label("metadata.namespace", &self.key.namespace)?;
         validate_dns_label("metadata.name", &self.key.name)?;
-        let cluster_ip = if self.headless {
+        let ty = self.service_type;
+        let external_name = if ty == ServiceType::ExternalName {
+            let name = self.external_name.clone().unwrap_or_default();
+            let name = name.strip_suffix('.').unwrap_or(&name).to_owned();
+            validate_dns_subdomain("spec.externalName", &name)?;
+            if let Some(ip) = self.cluster_ips.first() {
+                return Err(ValidationError::Invalid {
+                    field: "spec.clusterIP".into(),
+                    value: ip.to_string(),
+                    reason: "must be empty for ExternalName services",
+                });
+            }
+            Some(name)
+        } else {
+            None
+        };
+        let cluster_ip = if ty == ServiceType::ExternalName {
+            ClusterIp::Headless
+        } else if self.headless {
             if let Some(ip) = self.cluster_ips.first() {
                 return Err(ValidationError::Invalid {
                     field: "spec.clusterIP".into(),
@@ -579,11 +811,43 @@ impl ServiceBuilder {
                     value: format!("{port}/{}", spec.protocol),
                 });
             }
+            let node_port = match spec.node_port {
+                None | Some(0) => None,
+                Some(n) => {
+                    let field = format!("spec.ports[{i}].nodePort");
+                    if !matches!(ty, ServiceType::NodePort | ServiceType::LoadBalancer) {
+                        return Err(ValidationError::Invalid {
+                            field,
+                            value: n.to_string(),
+                            reason: "may not be used when `type` is not 'NodePort' or 'LoadBalancer'",
+                        });
+                    }
+                    let n16 = validate_port(&field, n)?;
+                    if !self.node_port_range.contains(&n16) {
+                        return Err(ValidationError::Invalid {
+                            field,
+                            value: n.to_string(),
+                            reason: "provided port is not in the valid range (the service node-port range, by default 30000-32767)",
+                        });
+                    }
+                    if ports
+                        .iter()
+                        .any(|p| p.node_port == Some(n16) && p.protocol == spec.protocol)
+                    {
+                        return Err(ValidationError::Duplicate {
+                            field,
+                            value: format!("{n16}/{}", spec.protocol),
+                        });
+                    }
+                    Some(n16)
+                }
+            };
             ports.push(ServicePort {
                 name,
                 port,
                 target_port,
                 protocol: spec.protocol,
+                node_port,
             });
         }
         let session_affinity = match self.affinity {
@@ -610,7 +874,75 @@ impl ServiceBuilder {
                 reason: "an affinity key needs sessionAffinity ClientIP",
             });
         }
+        let is_lb = ty == ServiceType::LoadBalancer;
+        let mut external_ips: SmallVec<[IpAddr; 1]> = SmallVec::new();
+        for (i, ip) in self.external_ips.iter().enumerate() {
+            if let Some(reason) = special_ip_reason(*ip) {
+                return Err(ValidationError::Invalid {
+                    field: format!("spec.externalIPs[{i}]"),
+                    value: ip.to_string(),
+                    reason,
+                });
+            }
+            if !external_ips.contains(ip) {
+                external_ips.push(*ip);
+            }
+        }
+        let mut load_balancer_ingress: SmallVec<[LoadBalancerIngress; 1]> = SmallVec::new();
+        for ing in &self.load_balancer_ingress {
+            if !load_balancer_ingress.iter().any(|x| x.ip == ing.ip) {
+                load_balancer_ingress.push(*ing);
+            }
+        }
+        if !is_lb {
+            if let Some(c) = self.load_balancer_source_ranges.first() {
+                return Err(ValidationError::Invalid {
+                    field: "spec.loadBalancerSourceRanges".into(),
+                    value: c.to_string(),
+                    reason: "may only be used when `type` is 'LoadBalancer'",
+                });
+            }
+            if let Some(a) = self.allocate_load_balancer_node_ports {
+                return Err(ValidationError::Invalid {
+                    field: "spec.allocateLoadBalancerNodePorts".into(),
+                    value: a.to_string(),
+                    reason: "may only be used when `type` is 'LoadBalancer'",
+                });
+            }
+        }
+        let externally_accessible = matches!(ty, ServiceType::NodePort | ServiceType::LoadBalancer)
+            || (ty == ServiceType::ClusterIP && !external_ips.is_empty());
+        if self.external_traffic_policy == TrafficPolicy::Local && !externally_accessible {
+            return Err(ValidationError::Invalid {
+                field: "spec.externalTrafficPolicy".into(),
+                value: "Local".into(),
+                reason: "may only be set for externally-accessible services (NodePort, LoadBalancer, or with externalIPs)",
+            });
+        }
+        let health_check_node_port = match self.health_check_node_port {
+            None | Some(0) => None,
+            Some(n) => {
+                let field = "spec.healthCheckNodePort";
+                if !is_lb || self.external_traffic_policy != TrafficPolicy::Local {
+                    return Err(ValidationError::Invalid {
+                        field: field.into(),
+                        value: n.to_string(),
+                        reason: "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'",
+                    });
+                }
+                Some(validate_port(field, n)?)
+            }
+        };
         Ok(Service {
+            service_type: ty,
+            external_ips,
+            load_balancer_ingress,
+            load_balancer_source_ranges: self.load_balancer_source_ranges,
+            health_check_node_port,
+            allocate_load_balancer_node_ports: self
+                .allocate_load_balancer_node_ports
+                .unwrap_or(true),
+            external_name,
             key: self.key,
             cluster_ip,
             ports,
@@ -793,6 +1125,59 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err.field(), "metadata.namespace");
+    }
+
+    #[test]
+    fn external_surface_validation() {
+        let err = base()
+            .port(ServicePortSpec::tcp(80))
+            .external_traffic_policy(TrafficPolicy::Local)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.externalTrafficPolicy");
+        // With an external IP, a ClusterIP service is externally accessible.
+        let s = base()
+            .port(ServicePortSpec::tcp(80))
+            .external_ip("192.168.99.11".parse().unwrap())
+            .external_ip("192.168.99.11".parse().unwrap())
+            .external_traffic_policy(TrafficPolicy::Local)
+            .build()
+            .unwrap();
+        assert_eq!(s.external_ips().len(), 1);
+        assert!(s.externally_accessible());
+        let err = base()
+            .service_type(ServiceType::NodePort)
+            .port(ServicePortSpec::tcp(80).name("a").node_port(30_001))
+            .port(ServicePortSpec::tcp(81).name("b").node_port(30_001))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ValidationError::Duplicate {
+                field: "spec.ports[1].nodePort".into(),
+                value: "30001/TCP".into()
+            }
+        );
+        // A configured range (kube-proxy's tests use 3001).
+        assert!(
+            base()
+                .service_type(ServiceType::NodePort)
+                .node_port_range(1..=65_535)
+                .port(ServicePortSpec::tcp(80).node_port(3001))
+                .build()
+                .is_ok()
+        );
+        let err = base()
+            .service_type(ServiceType::NodePort)
+            .port(ServicePortSpec::tcp(80).node_port(3001))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.ports[0].nodePort");
+        let err = Service::builder("default", "x")
+            .service_type(ServiceType::ExternalName)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "spec.externalName");
     }
 
     #[test]

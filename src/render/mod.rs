@@ -385,7 +385,11 @@ pub(crate) fn port_plans<'a>(
 ) -> (Vec<PortPlan<'a>>, usize) {
     let mut plans = Vec::new();
     for fe in plan.frontends() {
-        if !opts.family.contains(fe.key().addr) {
+        // The renderings write cluster IPs; node ports, external and
+        // load-balancer IPs (KUBE-NODEPORTS, KUBE-EXT-, ...) are not
+        // rendered yet.
+        if !opts.family.contains(fe.key().addr) || fe.kind() != crate::plan::FrontendKind::ClusterIp
+        {
             continue;
         }
         plans.push(PortPlan {
