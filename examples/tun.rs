@@ -534,6 +534,7 @@ fn run(cli: Cli) -> Result<()> {
     let mut config = tun::Configuration::default();
     config.tun_name(&cli.dev).mtu(1500).up();
     let dev = tun::Device::new(&config).map_err(|e| Failure(format!("--dev {}: {e}", cli.dev)))?;
+    dev.set_nonblock()?;
     println!("device {}", cli.dev);
     ip(&["route", "replace", &pool.prefix(), "dev", &cli.dev])?;
     println!("snat {}", pool.prefix());
@@ -598,9 +599,25 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        let n = match dev.recv_timeout(&mut buf, Duration::from_millis(50)) {
+        // Non-blocking first (one syscall a packet under load), then a
+        // bounded wait, so that signals, timers and the watch are seen.
+        let n = match dev.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Interrupted) => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                match dev.recv_timeout(&mut buf, Duration::from_millis(50)) {
+                    Ok(n) => n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::TimedOut | ErrorKind::Interrupted | ErrorKind::WouldBlock
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(Failure(format!("reading {}: {e}", world.cli.dev))),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(Failure(format!("reading {}: {e}", world.cli.dev))),
         };
         if handle(&mut world, &mut buf[..n], &mut fragments, &mut stats) {
