@@ -389,6 +389,14 @@ impl ParsedPacket {
         self.vlan_tags
     }
 
+    /// The outer offsets alone (IP header, transport header, end): what a
+    /// rewrite of a flow reads, without building the inner layout.
+    #[inline]
+    pub(crate) const fn span(&self) -> (usize, usize, usize) {
+        let o = &self.offsets;
+        (o.l3 as usize, o.l4 as usize, o.end as usize)
+    }
+
     /// The layer offsets.
     pub fn layout(&self) -> Layout {
         let o = &self.offsets;

@@ -127,10 +127,10 @@ fn check(buf: &[u8], p: &ParsedPacket, new: SocketAddr) -> Result<(), RewriteErr
             new,
         });
     }
-    let lay = p.layout();
-    if buf.len() < lay.end {
+    let (_, _, end) = p.span();
+    if buf.len() < end {
         return Err(RewriteError::BufferTooShort {
-            needed: lay.end,
+            needed: end,
             got: buf.len(),
         });
     }
@@ -199,42 +199,45 @@ fn rewrite_with<const N: usize>(
     ip: [u8; N],
     dst: bool,
 ) {
-    let lay = p.layout();
+    // Only an ICMP error needs the inner layout; a flow reads the three
+    // outer offsets (building the whole layout read the parse result's
+    // inner offsets with loads that stalled on the parse's stores).
+    let (l3, l4, end) = p.span();
     let ip = &ip[..];
     let v4 = p.version() == IpVersion::V4;
 
     // The outer address, and the IPv4 header checksum over it.
-    let (at, _) = addr_range(p.version(), lay.l3, dst);
+    let (at, _) = addr_range(p.version(), l3, dst);
     let mut addr = Delta::default();
     put(buf, at, ip, &mut [&mut addr]);
     if v4 {
-        fix(buf, lay.l3 + 10, addr, false, None);
+        fix(buf, l3 + 10, addr, false, None);
     }
 
     match p.kind() {
         PacketKind::Fragment(_) => {}
         PacketKind::Flow(_) => {
-            let port_at = lay.l4 + if dst { 2 } else { 0 };
-            let mut l4 = addr;
+            let port_at = l4 + if dst { 2 } else { 0 };
+            let mut seg = addr;
             match p.transport() {
                 Some(Transport::Tcp) => {
-                    put(buf, port_at, &new.port().to_be_bytes(), &mut [&mut l4]);
-                    fix(buf, lay.l4 + 16, l4, false, None);
+                    put(buf, port_at, &new.port().to_be_bytes(), &mut [&mut seg]);
+                    fix(buf, l4 + 16, seg, false, None);
                 }
                 Some(Transport::Udp) => {
-                    put(buf, port_at, &new.port().to_be_bytes(), &mut [&mut l4]);
-                    fix(buf, lay.l4 + 6, l4, true, None);
+                    put(buf, port_at, &new.port().to_be_bytes(), &mut [&mut seg]);
+                    fix(buf, l4 + 6, seg, true, None);
                 }
                 Some(Transport::Sctp) => {
                     buf[port_at..port_at + 2].copy_from_slice(&new.port().to_be_bytes());
-                    let crc = sctp_checksum(&buf[lay.l4..lay.end]);
-                    buf[lay.l4 + 8..lay.l4 + 12].copy_from_slice(&crc.to_le_bytes());
+                    let crc = sctp_checksum(&buf[l4..end]);
+                    buf[l4 + 8..l4 + 12].copy_from_slice(&crc.to_le_bytes());
                 }
                 Some(Transport::Icmp) | None => {}
             }
         }
         PacketKind::IcmpError { .. } => {
-            let Some(inner) = lay.inner else {
+            let Some(inner) = p.layout().inner else {
                 return;
             };
             // Everything written inside the ICMP message, for its checksum.
@@ -243,8 +246,8 @@ fn rewrite_with<const N: usize>(
                 // ICMPv6's checksum covers the pseudo-header.
                 icmp.add(addr);
             }
-            rewrite_inner(buf, &inner, lay.end, new, ip, !dst, &mut icmp);
-            fix(buf, lay.l4 + 2, icmp, false, None);
+            rewrite_inner(buf, &inner, end, new, ip, !dst, &mut icmp);
+            fix(buf, l4 + 2, icmp, false, None);
         }
         PacketKind::Unroutable(_) => {}
     }
