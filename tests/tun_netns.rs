@@ -14,6 +14,8 @@
 //! - a backend removed (manifest rewritten, `SIGHUP`) while 100 connections
 //!   to it are open: they keep working, and 30 new ones avoid it;
 //! - a UDP exchange, each answer coming back from the cluster IP;
+//! - a watch event (`--watch FILE`, appended to while it runs) that brings
+//!   the backend back: 30 new connections, 10 to each;
 //! - `SIGTERM` ends the example with status 0.
 //!
 //! Needs root, `ip`, `ethtool` and `/dev/net/tun`; prints `SKIPPED:
@@ -84,13 +86,9 @@ fn binary() -> PathBuf {
     dir.join("examples").join("tun")
 }
 
-fn manifest(backends: &[u8]) -> String {
+fn slice(backends: &[u8]) -> String {
     let mut s = String::from(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: svtun}\n\
-         spec:\n  clusterIP: 10.96.77.10\n  ports:\n  \
-         - {name: tcp, port: 80, protocol: TCP, targetPort: 8080}\n  \
-         - {name: udp, port: 53, protocol: UDP, targetPort: 5353}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata:\n  name: echo-1\n  namespace: svtun\n  \
          labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports:\n\
          - {name: tcp, port: 8080, protocol: TCP}\n- {name: udp, port: 5353, protocol: UDP}\n\
@@ -100,6 +98,27 @@ fn manifest(backends: &[u8]) -> String {
         s.push_str(&format!("- addresses: [\"10.77.0.{b}\"]\n"));
     }
     s
+}
+
+fn manifest(backends: &[u8]) -> String {
+    "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: svtun}\n\
+     spec:\n  clusterIP: 10.96.77.10\n  ports:\n  \
+     - {name: tcp, port: 80, protocol: TCP, targetPort: 8080}\n  \
+     - {name: udp, port: 53, protocol: UDP, targetPort: 5353}\n---\n"
+        .to_owned()
+        + &slice(backends)
+}
+
+/// A watch event (as `kubectl get -w -o yaml` writes one) that sets the
+/// slice's endpoints, ended by `---`.
+fn watch_event(backends: &[u8]) -> String {
+    let mut s = String::from("type: MODIFIED\nobject:\n");
+    for line in slice(backends).lines() {
+        s.push_str("  ");
+        s.push_str(line);
+        s.push('\n');
+    }
+    s + "---\n"
 }
 
 /// The namespace, the example and the manifests, removed on drop.
@@ -319,15 +338,20 @@ fn tun_dataplane_carries_real_connections() {
     for a in ["10.77.0.1/32", "10.77.0.2/32", "10.77.0.3/32"] {
         run(&["ip", "-n", &ns, "addr", "add", a, "dev", "lo"]).unwrap();
     }
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("echo.yaml");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let file = manifests.join("echo.yaml");
     std::fs::write(&file, manifest(&[1, 2, 3])).unwrap();
+    let watch = dir.join("watch.yaml");
+    std::fs::write(&watch, "").unwrap();
 
     let mut child = Command::new("ip")
         .args(["netns", "exec", &ns])
         .arg(&bin)
         .args(["--manifests"])
-        .arg(&dir)
+        .arg(&manifests)
+        .arg("--watch")
+        .arg(&watch)
         .args(["--mode", "ipvs", "--scheduler", "rr", "--dev", DEV])
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
@@ -420,6 +444,32 @@ fn tun_dataplane_carries_real_connections() {
         let (b, body) = text.split_once(':').unwrap();
         assert!(b == "B1" || b == "B2", "{text}");
         assert_eq!(body, msg);
+    }
+
+    // A watch event brings backend 3 back: new connections reach it again.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&watch)
+        .unwrap()
+        .write_all(watch_event(&[1, 2, 3]).as_bytes())
+        .unwrap();
+    wait_for(&out, "watch applied");
+    let back = in_ns(&ns, || {
+        (0..30u32)
+            .map(|i| {
+                let mut c =
+                    connect().unwrap_or_else(|e| panic!("connection {i} after the watch: {e}"));
+                echo(&mut c, 9000 + i).unwrap();
+                c.backend
+            })
+            .collect::<Vec<_>>()
+    });
+    for b in 1..=3 {
+        assert_eq!(
+            back.iter().filter(|x| **x == b).count(),
+            10,
+            "B{b}: {back:?}"
+        );
     }
 
     assert_eq!(
