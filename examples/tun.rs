@@ -12,7 +12,7 @@
 //! As root, in the current network namespace, it
 //! 1. opens the TUN device `--dev` (default `svtun0`), brings it up and
 //!    prints `device NAME`;
-//! 2. routes the SNAT pool (`--snat-pool`, default `169.254.0.0/16`) into
+//! 2. routes the SNAT pool (`--snat-pool`, default `169.254.0.0/17`) into
 //!    it (`ip route replace POOL dev NAME`) and prints `snat POOL`;
 //! 3. routes every IPv4 cluster IP of the manifests into it (`ip route
 //!    replace VIP/32 dev NAME`), printing `route VIP/32 dev NAME` for each
@@ -104,8 +104,10 @@ struct Cli {
     /// Seed of the dataplane's random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// IPv4 prefix of the SNAT addresses, routed into the device.
-    #[arg(long, default_value = "169.254.0.0/16")]
+    /// IPv4 prefix of the SNAT addresses, routed into the device. The
+    /// default is the lower half of the link-local range: the upper half
+    /// holds 169.254.169.254, which clouds use for instance metadata.
+    #[arg(long, default_value = "169.254.0.0/17")]
     snat_pool: String,
 }
 
@@ -162,7 +164,7 @@ impl SnatPool {
     fn parse(text: &str) -> Result<SnatPool> {
         let bad = || {
             Failure(format!(
-                "--snat-pool: invalid value {text:?}: must be an IPv4 prefix such as 169.254.0.0/16, /8 to /30"
+                "--snat-pool: invalid value {text:?}: must be an IPv4 prefix such as 169.254.0.0/17, /8 to /30"
             ))
         };
         let (addr, len) = text.split_once('/').ok_or_else(bad)?;

@@ -364,7 +364,7 @@ fn tun_dataplane_carries_real_connections() {
     let setup = wait_for(&out, "ready");
     assert!(setup.contains(&format!("device {DEV}")), "{setup:?}");
     assert!(
-        setup.contains(&"snat 169.254.0.0/16".to_owned()),
+        setup.contains(&"snat 169.254.0.0/17".to_owned()),
         "{setup:?}"
     );
     assert!(
