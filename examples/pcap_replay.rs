@@ -7,12 +7,16 @@
 //!     --manifests examples/manifests --in IN.pcap --out OUT.pcap [--mode ipvs]
 //! ```
 //!
-//! - Original-direction packets to a frontend are routed once per flow
-//!   (the decision is kept in a small flow table, which stands in for the
-//!   connection layer) and DNATed to the backend.
-//! - Replies from a backend to a client it serves get reverse NAT back to
-//!   the frontend ([`reverse`]), as do ICMP errors a backend sends about a
-//!   client's packet.
+//! - Original-direction packets to a frontend go through the dataplane's
+//!   connection layer (`Dataplane::packet` with their TCP flags: a new
+//!   flow is scheduled and tracked, a tracked one keeps its backend) and
+//!   are DNATed to the backend.
+//! - Replies from a backend to a client are found in the same tracker by
+//!   their 5-tuple (`Dataplane::reply`, which advances the connection's
+//!   state) and get reverse NAT back to the frontend ([`reverse`]); so do
+//!   ICMP errors a backend sends about a client's packet, found with
+//!   `Dataplane::peek_reply` (no state change). The example keeps no flow
+//!   table of its own.
 //! - Later IPv4/IPv6 fragments follow their first fragment (a
 //!   `FragmentTracker`); the unmatched ones are dropped, never guessed.
 //! - Packets that do not parse, and rejected or dropped flows, are not
@@ -20,7 +24,7 @@
 //!
 //! Link types: Ethernet (1) and raw IP (101, 228, 229).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::net::SocketAddr;
@@ -33,8 +37,8 @@ use pcap_file::DataLink;
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
 use svclb::k8s::manifest::Manifests;
 use svclb::packet::{
-    FragmentTracker, LinkType, PacketKind, ParsedPacket, RewriteError, parse, reverse_nat,
-    rewrite_dst, rewrite_src,
+    FragmentTracker, LinkType, PacketKind, ParsedPacket, RewriteError, TcpFlags, parse,
+    reverse_nat, rewrite_dst, rewrite_src,
 };
 use svclb::*;
 
@@ -69,9 +73,9 @@ struct Cli {
 }
 
 /// Reverse NAT of a packet going back to a client, given the client's
-/// original flow (client -> frontend): the seam the connection layer will
-/// call once it finds `original` by the reply's 5-tuple. With `full_nat`
-/// the destination is restored to the client too.
+/// original flow (client -> frontend), which the connection layer found by
+/// the reply's 5-tuple. With `full_nat` the destination is restored to the
+/// client too.
 ///
 /// An ICMP error from the backend about the client's packet is handled by
 /// the same call: its outer source and embedded destination become the
@@ -176,9 +180,6 @@ fn run(cli: &Cli) -> Result<Stats, String> {
 
     let mut stats = Stats::default();
     let mut fragments = FragmentTracker::new(4096, Duration::from_secs(30));
-    // flow as it arrived -> backend; (backend, client) -> original flow.
-    let mut flows: HashMap<Flow, SocketAddr> = HashMap::new();
-    let mut replies: HashMap<(Protocol, SocketAddr, SocketAddr), Flow> = HashMap::new();
     while let Some(pkt) = reader.next_packet() {
         let pkt = pkt.map_err(|e| e.to_string())?;
         stats.read += 1;
@@ -212,15 +213,17 @@ fn run(cli: &Cli) -> Result<Stats, String> {
         };
         let len = buf.len() as u64;
         let icmp_error = matches!(parsed.kind(), PacketKind::IcmpError { .. });
-        // A reply from a backend (or a backend's ICMP error about the
-        // client's packet, whose embedded flow is client -> backend).
-        let reply_key = if icmp_error {
-            (flow.protocol, flow.dst, flow.src)
+        let flags = parsed.tcp_flags().unwrap_or(TcpFlags::ACK);
+        // A reply from a backend, or a backend's ICMP error about the
+        // client's packet (whose embedded flow is client -> backend: the
+        // reply direction is its reverse).
+        let tracked = if icmp_error {
+            dp.peek_reply(&Flow::new(flow.protocol, flow.dst, flow.src), now)
         } else {
-            (flow.protocol, flow.src, flow.dst)
+            dp.reply(&flow, flags, now)
         };
-        if let Some(original) = replies.get(&reply_key).copied() {
-            match reverse(&mut buf, &parsed, &original, false) {
+        if let Some(t) = tracked {
+            match reverse(&mut buf, &parsed, &t.flow, false) {
                 Ok(()) => stats.reverse += 1,
                 Err(_) => {
                     stats.refused += 1;
@@ -235,21 +238,14 @@ fn run(cli: &Cli) -> Result<Stats, String> {
             write(&mut writer, &pkt, &buf, &mut stats)?;
             continue;
         }
-        let backend = match flows.get(&flow) {
-            Some(b) => *b,
-            None => match dp.route(&flow, now) {
-                Verdict::Forward(svclb::Forward { backend: b, .. }) => {
-                    flows.insert(flow, b);
-                    replies.insert((flow.protocol, b, flow.src), flow);
-                    b
-                }
-                Verdict::NotAService => {
-                    stats.passed += 1;
-                    write(&mut writer, &pkt, &buf, &mut stats)?;
-                    continue;
-                }
-                _ => continue,
-            },
+        let backend = match dp.packet(&flow, flags, now) {
+            Verdict::Forward(fw) => fw.backend,
+            Verdict::NotAService => {
+                stats.passed += 1;
+                write(&mut writer, &pkt, &buf, &mut stats)?;
+                continue;
+            }
+            _ => continue,
         };
         if rewrite_dst(&mut buf, &parsed, backend).is_err() {
             stats.refused += 1;

@@ -98,7 +98,9 @@
 //!   [`IpvsDataplane::ebpf_model`]) and, with the `ebpf` feature, its
 //!   loader.
 //! - **Packets** (`packet`, feature `packet`): raw packets into flows, and
-//!   DNAT, SNAT and reverse NAT in place with incremental checksums.
+//!   DNAT, SNAT and reverse NAT in place with incremental checksums
+//!   (`examples/pcap_replay.rs` replays a capture through it,
+//!   `examples/tun.rs` carries real connections through a TUN device).
 //!
 //! ## Features
 //! - `serde` (default): `Serialize`/`Deserialize` on the plain model types,

@@ -488,3 +488,63 @@ fn lc_with_a_flapping_endpoint_stays_balanced() {
     let min = counts.values().min().unwrap();
     assert!(max - min <= 8, "{counts:?}");
 }
+
+#[test]
+fn peek_reply_finds_the_connection_of_a_reply_and_changes_nothing() {
+    let mut w = World::new(
+        DataplaneConfig::with_seed(3),
+        vec![
+            Change::UpsertService(web()),
+            Change::UpsertSlice(ready(&["10.1.0.1", "10.1.0.2"])),
+        ],
+    );
+    let flow = client(40000);
+    for dp in &w.dps {
+        let b = dp.route(&flow, secs(0)).backend().unwrap();
+        let answer = Flow::tcp(b, flow.src);
+        let seen = dp
+            .peek_reply(&answer, secs(1))
+            .unwrap_or_else(|| panic!("{}: no connection for {answer}", dp.mode()));
+        assert_eq!((seen.flow, seen.backend_addr), (flow, b), "{}", dp.mode());
+        // Nothing moved: the same entry, the same state and expiry.
+        assert_eq!(dp.peek_reply(&answer, secs(2)), Some(seen), "{}", dp.mode());
+        // The reply itself advances the state (SYN_RECV -> ESTABLISHED
+        // needs the SYN-ACK) and restarts the timer.
+        let after = dp
+            .reply(&answer, TcpFlags::SYN | TcpFlags::ACK, secs(2))
+            .unwrap();
+        assert_ne!(
+            (after.state, after.expires),
+            (seen.state, seen.expires),
+            "{}",
+            dp.mode()
+        );
+        // Not a reply of a tracked connection: from another address, to
+        // another client port, or from a backend the plan does not list.
+        let other = if b.ip().to_string() == "10.1.0.1" {
+            "10.1.0.2:8080"
+        } else {
+            "10.1.0.1:8080"
+        };
+        for f in [
+            Flow::tcp(other.parse().unwrap(), flow.src),
+            Flow::tcp(b, SocketAddr::from(([10, 2, 0, 1], 40001))),
+            Flow::tcp("10.9.9.9:8080".parse().unwrap(), flow.src),
+        ] {
+            assert_eq!(dp.peek_reply(&f, secs(2)), None, "{}: {f}", dp.mode());
+        }
+    }
+    // A backend removed while draining is still found; an expired entry is not.
+    w.apply(Change::UpsertSlice(ready(&["10.1.0.9"])), secs(3));
+    for dp in &w.dps {
+        let t = dp.connections(secs(3))[0];
+        let answer = Flow::tcp(t.backend_addr, flow.src);
+        assert_eq!(
+            dp.peek_reply(&answer, secs(3)).map(|t| t.flow),
+            Some(flow),
+            "{}",
+            dp.mode()
+        );
+        assert_eq!(dp.peek_reply(&answer, t.expires), None, "{}", dp.mode());
+    }
+}

@@ -535,3 +535,59 @@ fn parsed_packet_is_small_enough_to_copy() {
     println!("ParsedPacket: {size} bytes");
     assert!(size <= 128, "{size}");
 }
+
+// The outer IPv4 and TCP headers are checked in place with etherparse's
+// rules: on any input, the header errors are exactly the slices'.
+proptest::proptest! {
+    #[test]
+    fn in_place_ipv4_and_tcp_checks_agree_with_etherparse(
+        mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..80),
+        ihl in 0u8..16,
+        doff in 0u8..16,
+    ) {
+        use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice};
+        if let Some(b) = bytes.first_mut() {
+            *b = 0x40 | ihl;
+        }
+        if bytes.len() >= 10 {
+            let len = bytes.len() as u16;
+            bytes[2..4].copy_from_slice(&len.to_be_bytes());
+            bytes[9] = 6; // TCP
+            bytes[6] &= 0x40; // not a fragment
+            bytes[7] = 0;
+        }
+        let hl = usize::from(ihl) * 4;
+        if bytes.len() > hl + 12 {
+            bytes[hl + 12] = doff << 4;
+        }
+        let ours = parse(&bytes, LinkType::Ip);
+        match Ipv4HeaderSlice::from_slice(&bytes) {
+            Err(etherparse::err::ipv4::HeaderSliceError::Len(e)) => proptest::prop_assert_eq!(
+                ours.unwrap_err(),
+                ParseError::TruncatedHeader { layer: "ipv4", needed: e.required_len, got: e.len }
+            ),
+            Err(etherparse::err::ipv4::HeaderSliceError::Content(_)) => {
+                proptest::prop_assert_eq!(ours.unwrap_err(), ParseError::BadIhl { layer: "ipv4", ihl })
+            }
+            Ok(h) => {
+                let total = usize::from(h.total_len());
+                if total < hl || total > bytes.len() {
+                    proptest::prop_assert!(ours.is_err());
+                } else if let Ok(p) = &ours {
+                    // A complete TCP header, valid by etherparse too.
+                    let seg = &bytes[hl..total];
+                    let tcp = TcpHeaderSlice::from_slice(seg).unwrap();
+                    proptest::prop_assert_eq!(p.tcp_flags(), Some(TcpFlags::from_bits(tcp.slice()[13])));
+                    proptest::prop_assert_eq!(p.flow().unwrap().src.port(), tcp.source_port());
+                } else if let Err(ParseError::BadTcpDataOffset { data_offset }) = ours {
+                    let seg = &bytes[hl..total];
+                    proptest::prop_assert!(matches!(
+                        TcpHeaderSlice::from_slice(seg),
+                        Err(etherparse::err::tcp::HeaderSliceError::Content(_))
+                    ));
+                    proptest::prop_assert_eq!(data_offset, doff);
+                }
+            }
+        }
+    }
+}

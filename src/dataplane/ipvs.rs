@@ -429,7 +429,7 @@ impl Shared {
         self.conn.publish(&planner, &diff);
     }
 
-    fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked> {
+    fn reply(&self, reply: &Flow, flags: Option<TcpFlags>, now: Instant) -> Option<Tracked> {
         let planner = self.planner.lock();
         super::reply_via_plan(&planner, &self.conn, reply, flags, now)
     }
@@ -664,7 +664,11 @@ impl Dataplane for IpvsDataplane {
     }
 
     fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked> {
-        self.shared.reply(reply, flags, now)
+        self.shared.reply(reply, Some(flags), now)
+    }
+
+    fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
+        self.shared.reply(reply, None, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {

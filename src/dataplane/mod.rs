@@ -48,17 +48,23 @@ use crate::topology::NodeTopology;
 
 /// The tracked connection a reply from `reply.src` to `reply.dst` belongs
 /// to: the frontends that list that backend, each probed with the original
-/// direction (client to frontend).
+/// direction (client to frontend). With `flags` the reply advances the
+/// connection's state ([`Dataplane::reply`]); without, nothing changes
+/// ([`Dataplane::peek_reply`]).
 pub(crate) fn reply_via_plan(
     planner: &crate::plan::Planner,
     conn: &conn::ConnLayer,
     reply: &Flow,
-    flags: TcpFlags,
+    flags: Option<TcpFlags>,
     now: Instant,
 ) -> Option<Tracked> {
     for fe in planner.frontends_with_backend(reply.protocol, reply.src) {
         let orig = Flow::new(reply.protocol, reply.dst, fe.key().socket_addr());
-        if let Some(t) = conn.reply(&orig, flags, now) {
+        let found = match flags {
+            Some(flags) => conn.reply(&orig, flags, now),
+            None => conn.tracker().and_then(|ct| ct.get(&orig, now)),
+        };
+        if let Some(t) = found {
             if t.backend_addr == reply.src {
                 return Some(t);
             }
@@ -372,6 +378,46 @@ pub trait Dataplane: Send + Sync {
     /// `None` if no tracked connection matches. Takes the writer's lock to
     /// find the frontends of the backend; not for the hottest paths.
     fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked>;
+
+    /// The tracked connection a packet from `reply.src` (a backend) to
+    /// `reply.dst` (a client) belongs to, as [`reply`](Self::reply) finds
+    /// it, with no side effect: no state change, no timer restarted. For
+    /// what is about a connection without being one of its packets, such
+    /// as an ICMP error a backend sends about a client's packet (the
+    /// error's embedded flow, reversed), and for checks. `None` if no
+    /// tracked connection matches, and by default, for dataplanes that
+    /// track nothing. Takes the writer's lock, as `reply` does.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::*;
+    /// let mut table = ServiceTable::new();
+    /// let svc = Service::builder("default", "dns")
+    ///     .cluster_ip("10.96.0.10".parse().unwrap())
+    ///     .port(ServicePortSpec::udp(53).target_port(5353))
+    ///     .build().unwrap();
+    /// let slice = EndpointSlice::builder("default", "dns-1", "dns", AddressType::IPv4)
+    ///     .port(SlicePortSpec::udp(5353))
+    ///     .endpoint(EndpointSpec::new("10.0.0.2"))
+    ///     .build().unwrap();
+    /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+    /// let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1));
+    /// dp.sync(&table, &changes, Instant::ZERO);
+    /// let query = Flow::udp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:53".parse().unwrap());
+    /// dp.route(&query, Instant::ZERO);
+    /// // The answer, as the backend sends it (DNAT only: back to the client).
+    /// let answer = Flow::udp("10.0.0.2:5353".parse().unwrap(), "10.1.0.9:40000".parse().unwrap());
+    /// let before = dp.peek_reply(&answer, Instant::ZERO).unwrap();
+    /// assert_eq!(before.flow, query);
+    /// // Peeking changed nothing; a real reply marks the flow replied.
+    /// assert_eq!(dp.peek_reply(&answer, Instant::ZERO), Some(before));
+    /// let after = dp.reply(&answer, TcpFlags::NONE, Instant::ZERO).unwrap();
+    /// assert_ne!(after.state, before.state);
+    /// ```
+    fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
+        let _ = (reply, now);
+        None
+    }
 
     /// The backends that may take a new connection to `dst`, or the verdict
     /// for all of them. For inspection and tests; it allocates.

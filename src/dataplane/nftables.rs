@@ -107,6 +107,10 @@ impl Dataplane for NftablesDataplane {
         self.inner.reply(reply, flags, now)
     }
 
+    fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
+        self.inner.peek_reply(reply, now)
+    }
+
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
         self.inner.candidates(protocol, dst)
     }

@@ -1,14 +1,12 @@
 //! In-place rewrites with incremental checksum updates (RFC 1624): DNAT,
 //! SNAT, and reverse NAT of replies and of ICMP errors about them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::checksum::Delta;
 use super::crc32c::sctp_checksum;
 use super::error::RewriteError;
-use super::parse::{
-    InnerLayout, IpVersion, PacketKind, ParsedPacket, Transport, addr_bytes, addr_range,
-};
+use super::parse::{InnerLayout, IpVersion, PacketKind, ParsedPacket, Transport, addr_range};
 use crate::Flow;
 
 /// Rewrites the destination address and port to `new` (DNAT; for a reply
@@ -129,10 +127,10 @@ fn check(buf: &[u8], p: &ParsedPacket, new: SocketAddr) -> Result<(), RewriteErr
             new,
         });
     }
-    let lay = p.layout();
-    if buf.len() < lay.end {
+    let (_, _, end) = p.span();
+    if buf.len() < end {
         return Err(RewriteError::BufferTooShort {
-            needed: lay.end,
+            needed: end,
             got: buf.len(),
         });
     }
@@ -183,44 +181,64 @@ fn rewrite(
     dst: bool,
 ) -> Result<(), RewriteError> {
     check(buf, p, new)?;
-    let lay = p.layout();
-    let (ip, ip_len) = addr_bytes(new.ip());
-    let ip = &ip[..ip_len];
+    // The address as a fixed-size array: every copy and checksum word
+    // below then has a length the compiler knows (no memcpy call, the
+    // sums unrolled).
+    match new.ip() {
+        IpAddr::V4(a) => rewrite_with(buf, p, new, a.octets(), dst),
+        IpAddr::V6(a) => rewrite_with(buf, p, new, a.octets(), dst),
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn rewrite_with<const N: usize>(
+    buf: &mut [u8],
+    p: &ParsedPacket,
+    new: SocketAddr,
+    ip: [u8; N],
+    dst: bool,
+) {
+    // Only an ICMP error needs the inner layout; a flow reads the three
+    // outer offsets (building the whole layout read the parse result's
+    // inner offsets with loads that stalled on the parse's stores).
+    let (l3, l4, end) = p.span();
+    let ip = &ip[..];
     let v4 = p.version() == IpVersion::V4;
 
     // The outer address, and the IPv4 header checksum over it.
-    let (at, _) = addr_range(p.version(), lay.l3, dst);
+    let (at, _) = addr_range(p.version(), l3, dst);
     let mut addr = Delta::default();
     put(buf, at, ip, &mut [&mut addr]);
     if v4 {
-        fix(buf, lay.l3 + 10, addr, false, None);
+        fix(buf, l3 + 10, addr, false, None);
     }
 
     match p.kind() {
         PacketKind::Fragment(_) => {}
         PacketKind::Flow(_) => {
-            let port_at = lay.l4 + if dst { 2 } else { 0 };
-            let mut l4 = addr;
+            let port_at = l4 + if dst { 2 } else { 0 };
+            let mut seg = addr;
             match p.transport() {
                 Some(Transport::Tcp) => {
-                    put(buf, port_at, &new.port().to_be_bytes(), &mut [&mut l4]);
-                    fix(buf, lay.l4 + 16, l4, false, None);
+                    put(buf, port_at, &new.port().to_be_bytes(), &mut [&mut seg]);
+                    fix(buf, l4 + 16, seg, false, None);
                 }
                 Some(Transport::Udp) => {
-                    put(buf, port_at, &new.port().to_be_bytes(), &mut [&mut l4]);
-                    fix(buf, lay.l4 + 6, l4, true, None);
+                    put(buf, port_at, &new.port().to_be_bytes(), &mut [&mut seg]);
+                    fix(buf, l4 + 6, seg, true, None);
                 }
                 Some(Transport::Sctp) => {
                     buf[port_at..port_at + 2].copy_from_slice(&new.port().to_be_bytes());
-                    let crc = sctp_checksum(&buf[lay.l4..lay.end]);
-                    buf[lay.l4 + 8..lay.l4 + 12].copy_from_slice(&crc.to_le_bytes());
+                    let crc = sctp_checksum(&buf[l4..end]);
+                    buf[l4 + 8..l4 + 12].copy_from_slice(&crc.to_le_bytes());
                 }
                 Some(Transport::Icmp) | None => {}
             }
         }
         PacketKind::IcmpError { .. } => {
-            let Some(inner) = lay.inner else {
-                return Ok(());
+            let Some(inner) = p.layout().inner else {
+                return;
             };
             // Everything written inside the ICMP message, for its checksum.
             let mut icmp = Delta::default();
@@ -228,12 +246,11 @@ fn rewrite(
                 // ICMPv6's checksum covers the pseudo-header.
                 icmp.add(addr);
             }
-            rewrite_inner(buf, &inner, lay.end, new, ip, !dst, &mut icmp);
-            fix(buf, lay.l4 + 2, icmp, false, None);
+            rewrite_inner(buf, &inner, end, new, ip, !dst, &mut icmp);
+            fix(buf, l4 + 2, icmp, false, None);
         }
         PacketKind::Unroutable(_) => {}
     }
-    Ok(())
 }
 
 /// Rewrites the embedded packet's source (`dst == false`) or destination

@@ -1,0 +1,504 @@
+//! `examples/tun.rs` carrying real connections, in a fresh network
+//! namespace (`svtun-<pid>`): three echo backends listen on 10.77.0.1-3 (on
+//! the namespace's loopback), the service 10.96.77.10 (TCP 80 -> 8080, UDP
+//! 53 -> 5353) is routed into the TUN device, and every packet between a
+//! client and a backend crosses the device twice, NATed by the example.
+//!
+//! Checksum offload is turned off on every interface that can turn it off
+//! (the TUN device; the loopback's is fixed on, and the test checks that the
+//! connections do not cross it), so the kernel verifies every IP, TCP and
+//! UDP checksum the example writes: a wrong one drops the packet, and
+//! `InCsumErrors` must not move.
+//!
+//! - 300 TCP connections, every byte echoed, spread by `rr` in exact thirds;
+//! - a backend removed (manifest rewritten, `SIGHUP`) while 100 connections
+//!   to it are open: they keep working, and 30 new ones avoid it;
+//! - a UDP exchange, each answer coming back from the cluster IP;
+//! - a watch event (`--watch FILE`, appended to while it runs) that brings
+//!   the backend back: 30 new connections, 10 to each;
+//! - `SIGTERM` ends the example with status 0.
+//!
+//! Needs root, `ip`, `ethtool` and `/dev/net/tun`; prints `SKIPPED:
+//! <reason>` and passes otherwise. The namespace, the example and the
+//! manifests are removed on every path (a guard's `Drop`).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
+
+use nix::sched::{CloneFlags, setns};
+
+const T: Duration = Duration::from_secs(5);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
+const DEV: &str = "svtun0";
+
+fn run(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn skip_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("not root (network namespaces and TUN devices need it)".into());
+    }
+    for tool in ["ip", "ethtool"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    None
+}
+
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "--quiet",
+        "--example",
+        "tun",
+        "--features",
+        "packet,serde",
+    ])
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    assert!(cmd.status().unwrap().success(), "building tun failed");
+    dir.join("examples").join("tun")
+}
+
+fn slice(backends: &[u8]) -> String {
+    let mut s = String::from(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: echo-1\n  namespace: svtun\n  \
+         labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports:\n\
+         - {name: tcp, port: 8080, protocol: TCP}\n- {name: udp, port: 5353, protocol: UDP}\n\
+         endpoints:\n",
+    );
+    for b in backends {
+        s.push_str(&format!("- addresses: [\"10.77.0.{b}\"]\n"));
+    }
+    s
+}
+
+fn manifest(backends: &[u8]) -> String {
+    "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: svtun}\n\
+     spec:\n  clusterIP: 10.96.77.10\n  ports:\n  \
+     - {name: tcp, port: 80, protocol: TCP, targetPort: 8080}\n  \
+     - {name: udp, port: 53, protocol: UDP, targetPort: 5353}\n---\n"
+        .to_owned()
+        + &slice(backends)
+}
+
+/// A watch event (as `kubectl get -w -o yaml` writes one) that sets the
+/// slice's endpoints, ended by `---`.
+fn watch_event(backends: &[u8]) -> String {
+    let mut s = String::from("type: MODIFIED\nobject:\n");
+    for line in slice(backends).lines() {
+        s.push_str("  ");
+        s.push_str(line);
+        s.push('\n');
+    }
+    s + "---\n"
+}
+
+/// The namespace, the example and the manifests, removed on drop.
+struct Guard {
+    ns: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = run(&["ip", "netns", "del", &self.ns]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn enter(ns: &str) {
+    let f = File::open(format!("/run/netns/{ns}")).expect("netns file");
+    setns(f, CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// Runs `f` on a thread inside namespace `ns`.
+fn in_ns<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(ns);
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    })
+}
+
+/// Echo servers on 10.77.0.`n`: TCP 8080 sends "B<n>\n", then echoes; UDP
+/// 5353 answers "B<n>:" + the datagram. The threads end with the process
+/// (their sockets go with the namespace).
+fn spawn_backend(ns: &str, n: u8) {
+    let ns = ns.to_owned();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        enter(&ns);
+        let addr = Ipv4Addr::new(10, 77, 0, n);
+        let l = TcpListener::bind((addr, 8080)).unwrap();
+        let u = UdpSocket::bind((addr, 5353)).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((len, from)) = u.recv_from(&mut buf) {
+                let mut reply = format!("B{n}:").into_bytes();
+                reply.extend_from_slice(&buf[..len]);
+                let _ = u.send_to(&reply, from);
+            }
+        });
+        tx.send(()).unwrap();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                let _ = s.write_all(format!("B{n}\n").as_bytes());
+                let mut buf = [0u8; 4096];
+                while let Ok(k) = s.read(&mut buf) {
+                    if k == 0 || s.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    rx.recv_timeout(T).expect("backend listening");
+}
+
+struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    backend: u8,
+}
+
+fn connect() -> std::io::Result<Conn> {
+    let stream = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), T)?;
+    stream.set_read_timeout(Some(T))?;
+    stream.set_write_timeout(Some(T))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let backend = line
+        .trim()
+        .strip_prefix('B')
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad banner {line:?}")))?;
+    Ok(Conn {
+        stream,
+        reader,
+        backend,
+    })
+}
+
+/// Sends 1,400 bytes (more than one segment's worth with the banner) and
+/// checks that every byte comes back.
+fn echo(c: &mut Conn, seed: u32) -> std::io::Result<()> {
+    let msg: Vec<u8> = (0..1400u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+        .collect();
+    c.stream.write_all(&msg)?;
+    let mut back = vec![0u8; msg.len()];
+    c.reader.read_exact(&mut back)?;
+    if back != msg {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+/// Lines of the example's standard output, as they come.
+fn lines(child: &mut Child) -> Receiver<String> {
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line starting with `prefix`; returns the lines
+/// seen up to it.
+fn wait_for(rx: &Receiver<String>, prefix: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        match rx.recv_timeout(T) {
+            Ok(l) => {
+                let done = l.starts_with(prefix);
+                seen.push(l);
+                if done {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("no {prefix:?} line from the example ({e}); saw {seen:?}"),
+        }
+    }
+    panic!("no {prefix:?} line in 100 lines: {seen:?}");
+}
+
+/// The namespace's `InCsumErrors` for TCP and UDP (/proc/net/snmp).
+fn csum_errors(ns: &str) -> (u64, u64) {
+    let snmp = run(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]).unwrap();
+    let field = |proto: &str| -> u64 {
+        let rows: Vec<&str> = snmp
+            .lines()
+            .filter(|l| l.starts_with(&format!("{proto}:")))
+            .collect();
+        let names: Vec<&str> = rows[0].split_whitespace().collect();
+        let values: Vec<&str> = rows[1].split_whitespace().collect();
+        let i = names.iter().position(|n| *n == "InCsumErrors").unwrap();
+        values[i].parse().unwrap()
+    };
+    (field("Tcp"), field("Udp"))
+}
+
+/// Packets the namespace's loopback has received.
+fn lo_rx_packets(ns: &str) -> u64 {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "cat",
+        "/sys/class/net/lo/statistics/rx_packets",
+    ])
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// Turns checksum offload off on every interface of `ns` and returns, per
+/// interface, whether TX checksumming is now off (`ethtool -k`).
+fn offload_off(ns: &str) -> Vec<(String, bool)> {
+    let links = run(&["ip", "-n", ns, "-o", "link", "show"]).unwrap();
+    let mut out = Vec::new();
+    for l in links.lines() {
+        let Some(name) = l.split(':').nth(1).map(|n| n.trim().to_owned()) else {
+            continue;
+        };
+        // A fixed feature makes ethtool report, not fail.
+        let _ = run(&[
+            "ip", "netns", "exec", ns, "ethtool", "-K", &name, "tx", "off", "rx", "off",
+        ]);
+        let k = run(&["ip", "netns", "exec", ns, "ethtool", "-k", &name]).unwrap();
+        out.push((name, k.contains("tx-checksumming: off")));
+    }
+    out
+}
+
+#[test]
+fn tun_dataplane_carries_real_connections() {
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let bin = binary();
+    let ns = format!("svtun-{}", std::process::id());
+    let dir = std::env::temp_dir().join(&ns);
+    let mut guard = Guard {
+        ns: ns.clone(),
+        dir: dir.clone(),
+        child: None,
+    };
+    let _ = run(&["ip", "netns", "del", &ns]);
+    run(&["ip", "netns", "add", &ns]).unwrap();
+    run(&["ip", "-n", &ns, "link", "set", "lo", "up"]).unwrap();
+    for a in ["10.77.0.1/32", "10.77.0.2/32", "10.77.0.3/32"] {
+        run(&["ip", "-n", &ns, "addr", "add", a, "dev", "lo"]).unwrap();
+    }
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let file = manifests.join("echo.yaml");
+    std::fs::write(&file, manifest(&[1, 2, 3])).unwrap();
+    let watch = dir.join("watch.yaml");
+    std::fs::write(&watch, "").unwrap();
+
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&bin)
+        .args(["--manifests"])
+        .arg(&manifests)
+        .arg("--watch")
+        .arg(&watch)
+        .args(["--mode", "ipvs", "--scheduler", "rr", "--dev", DEV])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // `ip netns exec` execs the example: this pid is the example's.
+    let pid = child.id().to_string();
+    let out = lines(&mut child);
+    guard.child = Some(child);
+    let setup = wait_for(&out, "ready");
+    assert!(setup.contains(&format!("device {DEV}")), "{setup:?}");
+    assert!(
+        setup.contains(&"snat 169.254.0.0/17".to_owned()),
+        "{setup:?}"
+    );
+    assert!(
+        setup.contains(&format!("route {VIP}/32 dev {DEV}")),
+        "{setup:?}"
+    );
+
+    let offload = offload_off(&ns);
+    assert!(
+        offload.iter().any(|(n, off)| n == DEV && *off),
+        "TX checksum offload still on for {DEV}: {offload:?}"
+    );
+    for b in 1..=3 {
+        spawn_backend(&ns, b);
+    }
+    let csum_before = csum_errors(&ns);
+    let lo_before = lo_rx_packets(&ns);
+
+    // 300 connections, kept open: rr in exact thirds, every byte echoed.
+    let mut conns = in_ns(&ns, || {
+        (0..300u32)
+            .map(|i| {
+                let mut c = connect().unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                echo(&mut c, i).unwrap_or_else(|e| panic!("echo on connection {i}: {e}"));
+                c
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut per = [0u32; 4];
+    for c in &conns {
+        per[usize::from(c.backend)] += 1;
+    }
+    assert_eq!(&per[1..], &[100, 100, 100], "rr spread");
+
+    // Backend 3 goes while 100 connections to it are open.
+    std::fs::write(&file, manifest(&[1, 2])).unwrap();
+    run(&["kill", "-HUP", &pid]).unwrap();
+    wait_for(&out, "reloaded");
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo(c, 1000 + i as u32)
+            .unwrap_or_else(|e| panic!("open connection {i} to B{}: {e}", c.backend));
+    }
+    let fresh = in_ns(&ns, || {
+        (0..30u32)
+            .map(|i| {
+                let mut c = connect().unwrap_or_else(|e| panic!("new connection {i}: {e}"));
+                echo(&mut c, 5000 + i).unwrap();
+                c.backend
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        !fresh.contains(&3),
+        "a new connection reached B3: {fresh:?}"
+    );
+    assert_eq!(fresh.iter().filter(|b| **b == 1).count(), 15, "{fresh:?}");
+    drop(conns);
+
+    // UDP: each answer comes from a remaining backend and, reverse-NATed,
+    // from the cluster IP.
+    let answers = in_ns(&ns, || {
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(T)).unwrap();
+        (0..6)
+            .map(|i| {
+                let msg = format!("ping {i}");
+                u.send_to(msg.as_bytes(), (VIP, 53)).unwrap();
+                let mut buf = [0u8; 512];
+                let (n, from) = u.recv_from(&mut buf).expect("UDP answer");
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                (from, text, msg)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (from, text, msg) in &answers {
+        assert_eq!(*from, SocketAddr::from((VIP, 53)), "{text}");
+        let (b, body) = text.split_once(':').unwrap();
+        assert!(b == "B1" || b == "B2", "{text}");
+        assert_eq!(body, msg);
+    }
+
+    // A watch event brings backend 3 back: new connections reach it again.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&watch)
+        .unwrap()
+        .write_all(watch_event(&[1, 2, 3]).as_bytes())
+        .unwrap();
+    wait_for(&out, "watch applied");
+    let back = in_ns(&ns, || {
+        (0..30u32)
+            .map(|i| {
+                let mut c =
+                    connect().unwrap_or_else(|e| panic!("connection {i} after the watch: {e}"));
+                echo(&mut c, 9000 + i).unwrap();
+                c.backend
+            })
+            .collect::<Vec<_>>()
+    });
+    for b in 1..=3 {
+        assert_eq!(
+            back.iter().filter(|x| **x == b).count(),
+            10,
+            "B{b}: {back:?}"
+        );
+    }
+
+    assert_eq!(
+        csum_errors(&ns),
+        csum_before,
+        "InCsumErrors (TCP, UDP) moved"
+    );
+    let lo_after = lo_rx_packets(&ns);
+    assert!(
+        lo_after - lo_before < 300,
+        "the connections crossed lo ({} packets), not the TUN device",
+        lo_after - lo_before
+    );
+
+    run(&["kill", "-TERM", &pid]).unwrap();
+    let stats = wait_for(&out, "stats");
+    let mut child = guard.child.take().unwrap();
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(status) = status else {
+        guard.child = Some(child);
+        panic!("the example did not exit on SIGTERM");
+    };
+    assert!(status.success(), "exit status {status}: {stats:?}");
+    println!("{}", stats.last().unwrap());
+}
