@@ -1,23 +1,26 @@
 //! The virtual-service table of the hash-table modes (IPVS, nftables, the
 //! eBPF model): a persistent hash trie keyed by [`FrontendKey`].
 //!
-//! The trie has a fixed depth of [`LEVELS`] branch levels of [`FANOUT`]
-//! children each, above leaves of a few entries, indexed by a keyed hash
+//! The trie has a fixed depth of three branch levels (the root and two
+//! more) of [`FANOUT`] children each (32,768 leaves, so that even 100,000
+//! virtual services leave a handful per leaf), above leaves of a few entries, indexed by a keyed hash
 //! of the frontend key (ahash with a random state: the trie only speeds up
 //! lookups, so nobody outside should predict where a key lands). Tables
 //! share every node they have in common: the writer clones the published
 //! table (only its root), then each insert or remove copies just the nodes
 //! on its key's path ([`Arc::make_mut`]: a node already copied in this
 //! batch is changed in place). Adding or deleting one virtual service thus
-//! copies `LEVELS × FANOUT` child pointers and one small leaf, whatever the
+//! copies `3 × FANOUT` child pointers and one small leaf, whatever the
 //! number of services, and a whole batch is published with one pointer
 //! store: readers see all of it or none of it.
 //!
-//! A lookup hashes the key once and follows `LEVELS` pointers to a leaf,
+//! A lookup hashes the key once and follows three pointers to a leaf,
 //! then compares the hash and key of its few entries: no lock, no
 //! allocation, no atomic operation.
 
 use std::sync::Arc;
+
+use smallvec::SmallVec;
 
 use crate::plan::FrontendKey;
 
@@ -25,41 +28,148 @@ use crate::plan::FrontendKey;
 const BITS: u32 = 5;
 /// Children per branch node.
 pub(crate) const FANOUT: usize = 1 << BITS;
-/// Branch levels above the leaves: 32,768 leaves, so that even 100,000
-/// virtual services leave a handful of entries per leaf.
-pub(crate) const LEVELS: u32 = 3;
 
-#[derive(Debug)]
-enum Node<V> {
-    Branch(Box<[Option<Arc<Node<V>>>; FANOUT]>),
-    Leaf(Vec<(u64, FrontendKey, Arc<V>)>),
+/// One entry: the key's hash, the key, the value.
+type Entry<V> = (u64, FrontendKey, Arc<V>);
+
+/// A level of the trie: a branch of children, or a leaf.
+trait Level<V>: Sized {
+    fn empty() -> Self;
+    fn copy(&self) -> Self;
+    fn get(&self, h: u64, key: &FrontendKey, depth: u32) -> Option<&Arc<V>>;
+    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, depth: u32) -> Option<Arc<V>>;
+    fn remove(&mut self, h: u64, key: &FrontendKey, depth: u32) -> Option<Arc<V>>;
+    fn is_empty(&self) -> bool;
+    #[cfg(test)]
+    fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Entry<V>));
 }
 
-impl<V> Clone for Node<V> {
-    /// A copy of this node only: children and values are shared.
-    fn clone(&self) -> Self {
-        match self {
-            Node::Branch(c) => Node::Branch(c.clone()),
-            Node::Leaf(e) => Node::Leaf(e.clone()),
+/// A branch: its children inline (one pointer to follow per level).
+#[derive(Debug)]
+struct Branch<C> {
+    children: [Option<Arc<C>>; FANOUT],
+}
+
+/// A leaf: its few entries inline.
+#[derive(Debug)]
+struct Leaf<V> {
+    entries: SmallVec<[Entry<V>; 2]>,
+}
+
+/// A node shared by versions, copied on write (like [`Arc::make_mut`],
+/// without asking `Clone` of the values).
+fn make_mut<C: Level<V>, V>(node: &mut Arc<C>) -> &mut C {
+    if Arc::get_mut(node).is_none() {
+        *node = Arc::new(node.copy());
+    }
+    Arc::get_mut(node).expect("unique after the copy")
+}
+
+#[inline]
+fn index(hash: u64, depth: u32) -> usize {
+    ((hash >> (64 - BITS * (depth + 1))) as usize) & (FANOUT - 1)
+}
+
+impl<C: Level<V>, V> Level<V> for Branch<C> {
+    fn empty() -> Self {
+        Branch {
+            children: core::array::from_fn(|_| None),
+        }
+    }
+
+    fn copy(&self) -> Self {
+        Branch {
+            children: self.children.clone(),
+        }
+    }
+
+    #[inline]
+    fn get(&self, h: u64, key: &FrontendKey, depth: u32) -> Option<&Arc<V>> {
+        self.children[index(h, depth)]
+            .as_deref()?
+            .get(h, key, depth + 1)
+    }
+
+    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, depth: u32) -> Option<Arc<V>> {
+        let child = self.children[index(h, depth)].get_or_insert_with(|| Arc::new(C::empty()));
+        make_mut(child).insert(h, key, value, depth + 1)
+    }
+
+    fn remove(&mut self, h: u64, key: &FrontendKey, depth: u32) -> Option<Arc<V>> {
+        let slot = &mut self.children[index(h, depth)];
+        let child = make_mut(slot.as_mut()?);
+        let removed = child.remove(h, key, depth + 1);
+        if child.is_empty() {
+            *slot = None;
+        }
+        removed
+    }
+
+    fn is_empty(&self) -> bool {
+        self.children.iter().all(Option::is_none)
+    }
+
+    #[cfg(test)]
+    fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Entry<V>)) {
+        for c in self.children.iter().flatten() {
+            c.for_each(f);
         }
     }
 }
 
-fn empty_branch<V>() -> Node<V> {
-    Node::Branch(Box::new(core::array::from_fn(|_| None)))
+impl<V> Level<V> for Leaf<V> {
+    fn empty() -> Self {
+        Leaf {
+            entries: SmallVec::new(),
+        }
+    }
+
+    fn copy(&self) -> Self {
+        Leaf {
+            entries: self.entries.clone(),
+        }
+    }
+
+    #[inline]
+    fn get(&self, h: u64, key: &FrontendKey, _depth: u32) -> Option<&Arc<V>> {
+        self.entries
+            .iter()
+            .find(|e| e.0 == h && e.1 == *key)
+            .map(|e| &e.2)
+    }
+
+    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, _depth: u32) -> Option<Arc<V>> {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.0 == h && e.1 == key) {
+            return Some(core::mem::replace(&mut e.2, value));
+        }
+        self.entries.push((h, key, value));
+        None
+    }
+
+    fn remove(&mut self, h: u64, key: &FrontendKey, _depth: u32) -> Option<Arc<V>> {
+        let i = self.entries.iter().position(|e| e.0 == h && e.1 == *key)?;
+        Some(self.entries.swap_remove(i).2)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    #[cfg(test)]
+    fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Entry<V>)) {
+        self.entries.iter().for_each(f);
+    }
 }
 
-#[inline]
-fn index(hash: u64, level: u32) -> usize {
-    ((hash >> (64 - BITS * (level + 1))) as usize) & (FANOUT - 1)
-}
+/// The root: three branch levels above the leaves.
+type Root<V> = Branch<Branch<Branch<Leaf<V>>>>;
 
 /// A persistent map from frontend keys to shared values; see the module
 /// docs.
 #[derive(Debug)]
 pub(crate) struct VsTable<V> {
     hasher: ahash::RandomState,
-    root: Node<V>,
+    root: Root<V>,
     len: usize,
 }
 
@@ -67,7 +177,7 @@ impl<V> Default for VsTable<V> {
     fn default() -> Self {
         VsTable {
             hasher: ahash::RandomState::new(),
-            root: empty_branch(),
+            root: Root::empty(),
             len: 0,
         }
     }
@@ -78,7 +188,7 @@ impl<V> Clone for VsTable<V> {
     fn clone(&self) -> Self {
         VsTable {
             hasher: self.hasher.clone(),
-            root: self.root.clone(),
+            root: self.root.copy(),
             len: self.len,
         }
     }
@@ -90,7 +200,7 @@ impl<V> VsTable<V> {
     pub(crate) fn empty_like(&self) -> Self {
         VsTable {
             hasher: self.hasher.clone(),
-            root: empty_branch(),
+            root: Root::empty(),
             len: 0,
         }
     }
@@ -108,23 +218,7 @@ impl<V> VsTable<V> {
     /// The value of `key`.
     #[inline]
     pub(crate) fn get(&self, key: &FrontendKey) -> Option<&Arc<V>> {
-        let h = self.hash(key);
-        let mut node = &self.root;
-        let mut level = 0;
-        loop {
-            match node {
-                Node::Branch(children) => {
-                    node = children[index(h, level)].as_deref()?;
-                    level += 1;
-                }
-                Node::Leaf(entries) => {
-                    return entries
-                        .iter()
-                        .find(|e| e.0 == h && e.1 == *key)
-                        .map(|e| &e.2);
-                }
-            }
-        }
+        self.root.get(self.hash(key), key, 0)
     }
 
     /// Whether `key` has a value.
@@ -136,89 +230,33 @@ impl<V> VsTable<V> {
     /// versions share. Returns the previous value.
     pub(crate) fn insert(&mut self, key: FrontendKey, value: Arc<V>) -> Option<Arc<V>> {
         let h = self.hash(&key);
-        let mut node = &mut self.root;
-        let mut level = 0;
-        loop {
-            match node {
-                Node::Branch(children) => {
-                    let child = children[index(h, level)].get_or_insert_with(|| {
-                        Arc::new(if level + 1 < LEVELS {
-                            empty_branch()
-                        } else {
-                            Node::Leaf(Vec::new())
-                        })
-                    });
-                    node = Arc::make_mut(child);
-                    level += 1;
-                }
-                Node::Leaf(entries) => {
-                    if let Some(e) = entries.iter_mut().find(|e| e.0 == h && e.1 == key) {
-                        return Some(core::mem::replace(&mut e.2, value));
-                    }
-                    entries.push((h, key, value));
-                    self.len += 1;
-                    return None;
-                }
-            }
+        let old = self.root.insert(h, key, value, 0);
+        if old.is_none() {
+            self.len += 1;
         }
+        old
     }
 
     /// Removes `key`, copying the nodes on its path that other versions
-    /// share; a leaf left empty is unlinked. Returns the value it had.
+    /// share; a node left empty is unlinked. Returns the value it had.
     pub(crate) fn remove(&mut self, key: &FrontendKey) -> Option<Arc<V>> {
         if !self.contains_key(key) {
             // Copy nothing for an absent key.
             return None;
         }
-        let h = self.hash(key);
-        let removed = remove_in(&mut self.root, h, key, 0);
+        let removed = self.root.remove(self.hash(key), key, 0);
         if removed.is_some() {
             self.len -= 1;
         }
         removed
     }
 
-    /// Every entry, in no particular order. For the writer's full passes
-    /// and inspection.
+    /// Every entry, in no particular order.
     #[cfg(test)]
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&FrontendKey, &Arc<V>)> {
-        let mut stack: Vec<&Node<V>> = vec![&self.root];
-        let mut leaf: core::slice::Iter<'_, (u64, FrontendKey, Arc<V>)> = [].iter();
-        core::iter::from_fn(move || {
-            loop {
-                if let Some(e) = leaf.next() {
-                    return Some((&e.1, &e.2));
-                }
-                match stack.pop()? {
-                    Node::Branch(children) => stack.extend(children.iter().flatten().map(|c| &**c)),
-                    Node::Leaf(entries) => leaf = entries.iter(),
-                }
-            }
-        })
-    }
-}
-
-/// Removes `key` under `node` (which holds it); returns the value and
-/// unlinks a child left empty.
-fn remove_in<V>(node: &mut Node<V>, h: u64, key: &FrontendKey, level: u32) -> Option<Arc<V>> {
-    match node {
-        Node::Branch(children) => {
-            let slot = &mut children[index(h, level)];
-            let child = Arc::make_mut(slot.as_mut()?);
-            let removed = remove_in(child, h, key, level + 1);
-            let empty = match child {
-                Node::Leaf(e) => e.is_empty(),
-                Node::Branch(c) => c.iter().all(Option::is_none),
-            };
-            if empty {
-                *slot = None;
-            }
-            removed
-        }
-        Node::Leaf(entries) => {
-            let i = entries.iter().position(|e| e.0 == h && e.1 == *key)?;
-            Some(entries.swap_remove(i).2)
-        }
+    pub(crate) fn entries(&self) -> Vec<(FrontendKey, &Arc<V>)> {
+        let mut out = Vec::new();
+        self.root.for_each(&mut |e| out.push((e.1, &e.2)));
+        out
     }
 }
 
@@ -253,7 +291,7 @@ mod tests {
             }
         }
         assert_eq!(t.len(), model.len());
-        assert_eq!(t.iter().count(), model.len());
+        assert_eq!(t.entries().len(), model.len());
         for (k, v) in &model {
             assert_eq!(t.get(k).map(|x| **x), Some(*v));
         }
@@ -267,7 +305,7 @@ mod tests {
             t.remove(&key(i));
         }
         assert_eq!(t.len(), 0);
-        assert!(matches!(&t.root, Node::Branch(c) if c.iter().all(Option::is_none)));
+        assert!(t.root.is_empty());
     }
 
     /// A change to a new version copies only the path: every other child
@@ -280,12 +318,11 @@ mod tests {
         }
         let mut next = t.clone();
         next.insert(key(20_000), Arc::new(0));
-        let (Node::Branch(a), Node::Branch(b)) = (&t.root, &next.root) else {
-            panic!("roots are branches");
-        };
-        let shared = a
+        let shared = t
+            .root
+            .children
             .iter()
-            .zip(b.iter())
+            .zip(next.root.children.iter())
             .filter(|(x, y)| match (x, y) {
                 (Some(x), Some(y)) => Arc::ptr_eq(x, y),
                 _ => false,
