@@ -356,59 +356,69 @@ const CHURN_SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
 
 /// Thread-CPU ns of adding one service (with its slice of 5 endpoints) to a
 /// cluster of `n`, and of deleting it again (service and slice), each the
-/// table's apply plus the dataplane's sync, timed alone and alternately,
-/// so that the cluster stays at `n` services. Medians over rounds until
-/// `budget` is spent (at least 5, at most 2,001).
-fn service_churn(
-    table: &mut ServiceTable,
-    dp: &dyn Dataplane,
-    n: usize,
-    budget: Duration,
-) -> (f64, f64) {
-    let start = WallClock::now();
-    let (mut adds, mut deletes) = (Vec::new(), Vec::new());
-    for k in 0..2001usize {
-        if adds.len() >= 5 && start.elapsed() > budget {
-            break;
-        }
-        // A new service each round, beyond the cluster's, with endpoints
-        // of its own.
-        let i = n + 1 + k % 64;
-        let add = common::service_changes(i, 5 * i, 5, 100);
-        let key = ServiceKey::new("default", format!("svc-{i}"));
-        let delete = vec![
-            Change::DeleteService(key),
-            Change::DeleteSlice(SliceKey::new("default", format!("svc-{i}-0"))),
-        ];
-        let t = thread_cpu_ns();
-        let cs = table.apply_batch(add).unwrap();
-        dp.sync(table, &cs, Instant::ZERO);
-        adds.push((thread_cpu_ns() - t) as f64);
-        drop(cs);
-        let t = thread_cpu_ns();
-        let cs = table.apply_batch(delete).unwrap();
-        dp.sync(table, &cs, Instant::ZERO);
-        deletes.push((thread_cpu_ns() - t) as f64);
-        drop(cs);
-    }
-    (median(adds), median(deletes))
+/// table's apply plus the dataplane's sync, timed alone. Round `k` adds and
+/// deletes service `n + 1 + k % 64`, so that the cluster stays at `n`.
+fn churn_round(table: &mut ServiceTable, dp: &dyn Dataplane, n: usize, k: usize) -> (f64, f64) {
+    let i = n + 1 + k % 64;
+    let add = common::service_changes(i, 5 * i, 5, 100);
+    let key = ServiceKey::new("default", format!("svc-{i}"));
+    let delete = vec![
+        Change::DeleteService(key),
+        Change::DeleteSlice(SliceKey::new("default", format!("svc-{i}-0"))),
+    ];
+    let t = thread_cpu_ns();
+    let cs = table.apply_batch(add).unwrap();
+    dp.sync(table, &cs, Instant::ZERO);
+    let added = (thread_cpu_ns() - t) as f64;
+    drop(cs);
+    let t = thread_cpu_ns();
+    let cs = table.apply_batch(delete).unwrap();
+    dp.sync(table, &cs, Instant::ZERO);
+    let deleted = (thread_cpu_ns() - t) as f64;
+    drop(cs);
+    (added, deleted)
 }
 
-/// One row of service add/delete costs: (mode, services, add, delete).
-fn measure_service_churn(n: usize) -> Vec<(&'static str, usize, f64, f64)> {
-    let mut table = common::cluster(n, 5);
+/// Service add and delete costs in every mode at every size of `sizes`:
+/// (mode, services, add, delete). Per mode, the clusters of all sizes are
+/// built first, and the rounds then take turns over the sizes, so that a
+/// burst of other work on the machine touches every size alike (the
+/// ratios between sizes are what the issue asks for). Medians of at least
+/// 5 rounds, more until the mode's budget is spent (at most 2,001).
+fn measure_service_churn(sizes: &[usize]) -> Vec<(&'static str, usize, f64, f64)> {
     let config = || DataplaneConfig::with_seed(1).conntrack(None);
-    let dps: [(&'static str, Box<dyn Dataplane>); 3] = [
-        ("iptables", Box::new(IptablesDataplane::new(config()))),
-        ("ipvs", Box::new(IpvsDataplane::new(config()))),
-        ("nftables", Box::new(NftablesDataplane::new(config()))),
-    ];
     let mut rows = Vec::new();
-    for (mode, dp) in &dps {
-        dp.sync(&table, &table.full_change_set(), Instant::ZERO);
-        let budget = Duration::from_millis(if *mode == "iptables" { 3000 } else { 700 });
-        let (add, delete) = service_churn(&mut table, dp.as_ref(), n, budget);
-        rows.push((*mode, n, add, delete));
+    for mode in ["iptables", "ipvs", "nftables"] {
+        let mut setups: Vec<(usize, ServiceTable, Box<dyn Dataplane>)> = sizes
+            .iter()
+            .map(|&n| {
+                let table = common::cluster(n, 5);
+                let dp: Box<dyn Dataplane> = match mode {
+                    "iptables" => Box::new(IptablesDataplane::new(config())),
+                    "ipvs" => Box::new(IpvsDataplane::new(config())),
+                    _ => Box::new(NftablesDataplane::new(config())),
+                };
+                dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+                (n, table, dp)
+            })
+            .collect();
+        let budget = Duration::from_millis(if mode == "iptables" { 6000 } else { 2000 });
+        let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); sizes.len()];
+        let start = WallClock::now();
+        for k in 0..2001usize {
+            if k >= 5 && start.elapsed() > budget {
+                break;
+            }
+            for (s, (n, table, dp)) in setups.iter_mut().enumerate() {
+                let (a, d) = churn_round(table, dp.as_ref(), *n, k);
+                samples[s].0.push(a);
+                samples[s].1.push(d);
+            }
+        }
+        for (s, (adds, deletes)) in samples.into_iter().enumerate() {
+            rows.push((mode, sizes[s], median(adds), median(deletes)));
+        }
+        eprintln!("service changes in {mode} mode done");
     }
     rows
 }
@@ -923,8 +933,8 @@ fn main() {
     }
 
     let mut churn = Vec::new();
-    for &n in CHURN_SIZES.iter().filter(|_| args.runs("service-changes")) {
-        for (mode, n, add, delete) in measure_service_churn(n) {
+    if args.runs("service-changes") {
+        for (mode, n, add, delete) in measure_service_churn(&CHURN_SIZES) {
             for (op, ns) in [("add_service", add), ("delete_service", delete)] {
                 json.push(format!(
                     r#"{{"mode":"{mode}","services":{n},"op":"{op}","ns_per_op":{ns:.0}}}"#
@@ -932,7 +942,6 @@ fn main() {
             }
             churn.push((mode, n, add, delete));
         }
-        eprintln!("service changes at {n} services done");
     }
     if !churn.is_empty() {
         let _ = writeln!(
