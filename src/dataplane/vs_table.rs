@@ -2,7 +2,7 @@
 //! eBPF model): a persistent hash trie keyed by [`FrontendKey`].
 //!
 //! The trie has a fixed depth of three branch levels (the root and two
-//! more) of [`FANOUT`] children each (32,768 leaves, so that even 100,000
+//! more, of 64, 64 and 8 children: 32,768 leaves, so that even 100,000
 //! virtual services leave a handful per leaf), above leaves of a few entries, indexed by a keyed hash
 //! of the frontend key (ahash with a random state: the trie only speeds up
 //! lookups, so nobody outside should predict where a key lands). Tables
@@ -10,7 +10,7 @@
 //! table (only its root), then each insert or remove copies just the nodes
 //! on its key's path ([`Arc::make_mut`]: a node already copied in this
 //! batch is changed in place). Adding or deleting one virtual service thus
-//! copies `3 × FANOUT` child pointers and one small leaf, whatever the
+//! copies 136 child pointers and one small leaf, whatever the
 //! number of services, and a whole batch is published with one pointer
 //! store: readers see all of it or none of it.
 //!
@@ -24,11 +24,6 @@ use smallvec::SmallVec;
 
 use crate::plan::FrontendKey;
 
-/// log2 of the children per branch.
-const BITS: u32 = 5;
-/// Children per branch node.
-pub(crate) const FANOUT: usize = 1 << BITS;
-
 /// One entry: the key's hash, the key, the value.
 type Entry<V> = (u64, FrontendKey, Arc<V>);
 
@@ -36,18 +31,30 @@ type Entry<V> = (u64, FrontendKey, Arc<V>);
 trait Level<V>: Sized {
     fn empty() -> Self;
     fn copy(&self) -> Self;
-    fn get(&self, h: u64, key: &FrontendKey, depth: u32) -> Option<&Arc<V>>;
-    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, depth: u32) -> Option<Arc<V>>;
-    fn remove(&mut self, h: u64, key: &FrontendKey, depth: u32) -> Option<Arc<V>>;
+    /// `shift`: the hash bits the levels above used.
+    fn get(&self, h: u64, key: &FrontendKey, shift: u32) -> Option<&Arc<V>>;
+    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, shift: u32) -> Option<Arc<V>>;
+    fn remove(&mut self, h: u64, key: &FrontendKey, shift: u32) -> Option<Arc<V>>;
     fn is_empty(&self) -> bool;
     #[cfg(test)]
     fn for_each<'a>(&'a self, f: &mut dyn FnMut(&'a Entry<V>));
 }
 
-/// A branch: its children inline (one pointer to follow per level).
+/// A branch of `N` children (a power of two), inline: one pointer to
+/// follow per level.
 #[derive(Debug)]
-struct Branch<C> {
-    children: [Option<Arc<C>>; FANOUT],
+struct Branch<C, const N: usize> {
+    children: [Option<Arc<C>>; N],
+}
+
+impl<C, const N: usize> Branch<C, N> {
+    const BITS: u32 = N.trailing_zeros();
+
+    /// The child slot of hash `h` below `shift` used bits.
+    #[inline]
+    fn index(h: u64, shift: u32) -> usize {
+        ((h << shift) >> (64 - Self::BITS)) as usize
+    }
 }
 
 /// A leaf: its few entries inline.
@@ -65,12 +72,7 @@ fn make_mut<C: Level<V>, V>(node: &mut Arc<C>) -> &mut C {
     Arc::get_mut(node).expect("unique after the copy")
 }
 
-#[inline]
-fn index(hash: u64, depth: u32) -> usize {
-    ((hash >> (64 - BITS * (depth + 1))) as usize) & (FANOUT - 1)
-}
-
-impl<C: Level<V>, V> Level<V> for Branch<C> {
+impl<C: Level<V>, V, const N: usize> Level<V> for Branch<C, N> {
     fn empty() -> Self {
         Branch {
             children: core::array::from_fn(|_| None),
@@ -84,21 +86,22 @@ impl<C: Level<V>, V> Level<V> for Branch<C> {
     }
 
     #[inline]
-    fn get(&self, h: u64, key: &FrontendKey, depth: u32) -> Option<&Arc<V>> {
-        self.children[index(h, depth)]
+    fn get(&self, h: u64, key: &FrontendKey, shift: u32) -> Option<&Arc<V>> {
+        self.children[Self::index(h, shift)]
             .as_deref()?
-            .get(h, key, depth + 1)
+            .get(h, key, shift + Self::BITS)
     }
 
-    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, depth: u32) -> Option<Arc<V>> {
-        let child = self.children[index(h, depth)].get_or_insert_with(|| Arc::new(C::empty()));
-        make_mut(child).insert(h, key, value, depth + 1)
+    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, shift: u32) -> Option<Arc<V>> {
+        let child =
+            self.children[Self::index(h, shift)].get_or_insert_with(|| Arc::new(C::empty()));
+        make_mut(child).insert(h, key, value, shift + Self::BITS)
     }
 
-    fn remove(&mut self, h: u64, key: &FrontendKey, depth: u32) -> Option<Arc<V>> {
-        let slot = &mut self.children[index(h, depth)];
+    fn remove(&mut self, h: u64, key: &FrontendKey, shift: u32) -> Option<Arc<V>> {
+        let slot = &mut self.children[Self::index(h, shift)];
         let child = make_mut(slot.as_mut()?);
-        let removed = child.remove(h, key, depth + 1);
+        let removed = child.remove(h, key, shift + Self::BITS);
         if child.is_empty() {
             *slot = None;
         }
@@ -131,14 +134,14 @@ impl<V> Level<V> for Leaf<V> {
     }
 
     #[inline]
-    fn get(&self, h: u64, key: &FrontendKey, _depth: u32) -> Option<&Arc<V>> {
+    fn get(&self, h: u64, key: &FrontendKey, _shift: u32) -> Option<&Arc<V>> {
         self.entries
             .iter()
             .find(|e| e.0 == h && e.1 == *key)
             .map(|e| &e.2)
     }
 
-    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, _depth: u32) -> Option<Arc<V>> {
+    fn insert(&mut self, h: u64, key: FrontendKey, value: Arc<V>, _shift: u32) -> Option<Arc<V>> {
         if let Some(e) = self.entries.iter_mut().find(|e| e.0 == h && e.1 == key) {
             return Some(core::mem::replace(&mut e.2, value));
         }
@@ -146,7 +149,7 @@ impl<V> Level<V> for Leaf<V> {
         None
     }
 
-    fn remove(&mut self, h: u64, key: &FrontendKey, _depth: u32) -> Option<Arc<V>> {
+    fn remove(&mut self, h: u64, key: &FrontendKey, _shift: u32) -> Option<Arc<V>> {
         let i = self.entries.iter().position(|e| e.0 == h && e.1 == *key)?;
         Some(self.entries.swap_remove(i).2)
     }
@@ -161,8 +164,15 @@ impl<V> Level<V> for Leaf<V> {
     }
 }
 
-/// The root: three branch levels above the leaves.
-type Root<V> = Branch<Branch<Branch<Leaf<V>>>>;
+/// The root: three branch levels above the leaves, of 64, 64 and 8
+/// children (32,768 leaves). A change copies one node per level; the
+/// lowest level is the narrowest because its children (the leaves) are
+/// the ones least likely to be in cache when their counts are touched.
+type Root<V> = Branch<Branch<Branch<Leaf<V>, 8>, 64>, 64>;
+
+/// Children of the root.
+#[cfg(test)]
+const FANOUT: usize = 64;
 
 /// A persistent map from frontend keys to shared values; see the module
 /// docs.
