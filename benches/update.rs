@@ -9,6 +9,12 @@
 //!
 //! Targets (issue 6), read as ratios within one run: incremental ≤ 10% of
 //! the rebuild; incremental at 10,000 services ≤ 1.5× at 10.
+//!
+//! Adding and deleting one service (`service_add_delete`) at 10, 1,000,
+//! 10,000 and 100,000 services. Target (issue 11, part 4): at 100,000 ≤ 2×
+//! at 10 in the hash-table modes. iptables mode rewrites its rule list on
+//! every change, as an `iptables-restore` does, so it runs only up to
+//! 10,000 services here (`examples/scale.rs` measures it at 100,000).
 
 // criterion_group! generates undocumented public functions.
 #![allow(missing_docs)]
@@ -164,10 +170,79 @@ fn bench_full_sync(c: &mut Criterion<ThreadCpu>) {
     group.finish();
 }
 
+/// Service `i` (beyond the cluster's) and the batch that deletes it again.
+fn churn_batches(i: usize) -> (Vec<Change>, Vec<Change>) {
+    let add = common::service_changes(i, 5 * i, 5, 100);
+    let delete = vec![
+        Change::DeleteService(ServiceKey::new("default", format!("svc-{i}"))),
+        Change::DeleteSlice(SliceKey::new("default", format!("svc-{i}-0"))),
+    ];
+    (add, delete)
+}
+
+/// Times adding (`time_add`) or deleting one service of a cluster of `n`;
+/// the other half of each add/delete pair runs untimed, so the cluster
+/// stays at `n` services.
+fn churn_bench(
+    b: &mut criterion::Bencher<'_, ThreadCpu>,
+    table: &mut ServiceTable,
+    dp: &dyn Dataplane,
+    n: usize,
+    time_add: bool,
+) {
+    let mut k = 0usize;
+    b.iter_custom(|iters| {
+        let mut total = 0u64;
+        for _ in 0..iters {
+            k += 1;
+            let (add, delete) = churn_batches(n + 1 + k % 64);
+            let t = common::cpu_time::thread_cpu_ns();
+            let cs = table.apply_batch(add).unwrap();
+            dp.sync(table, &cs, Instant::ZERO);
+            let added = common::cpu_time::thread_cpu_ns();
+            drop(black_box(cs));
+            let d = common::cpu_time::thread_cpu_ns();
+            let cs = table.apply_batch(delete).unwrap();
+            dp.sync(table, &cs, Instant::ZERO);
+            let deleted = common::cpu_time::thread_cpu_ns();
+            drop(black_box(cs));
+            total += if time_add { added - t } else { deleted - d };
+        }
+        total
+    });
+}
+
+fn bench_service_add_delete(c: &mut Criterion<ThreadCpu>) {
+    let mut group = c.benchmark_group("service_add_delete");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(1));
+    for n in [10usize, 1_000, 10_000, 100_000] {
+        let mut table = common::cluster(n, 5);
+        let config = || DataplaneConfig::with_seed(1).conntrack(None);
+        let mut dps: Vec<(&str, Box<dyn Dataplane>)> = vec![
+            ("ipvs", Box::new(IpvsDataplane::new(config()))),
+            ("nftables", Box::new(NftablesDataplane::new(config()))),
+        ];
+        if n <= 10_000 {
+            dps.push(("iptables", Box::new(IptablesDataplane::new(config()))));
+        }
+        for (mode, dp) in &dps {
+            dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+            for (op, add) in [("add_service", true), ("delete_service", false)] {
+                group.bench_function(BenchmarkId::new(format!("{mode}_{op}"), n), |b| {
+                    churn_bench(b, &mut table, dp.as_ref(), n, add)
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Thread CPU time, not wall-clock time: see benches/common/cpu_time.rs.
     config = Criterion::default().with_measurement(ThreadCpu);
-    targets = bench_big_service, bench_one_change_by_size, bench_full_sync
+    targets = bench_big_service, bench_one_change_by_size, bench_full_sync, bench_service_add_delete
 }
 criterion_main!(benches);

@@ -7,7 +7,14 @@
 //! cargo run --release --example scale                       # markdown tables
 //! cargo run --release --example scale -- --max-services 100000
 //! cargo run --release --example scale -- --json out.jsonl --svg docs/scaling.svg
+//! cargo run --release --example scale -- --only service-changes,render --json -
 //! ```
+//!
+//! `--only` runs some of the sections: `lookups`, `updates`,
+//! `service-changes` (adding and deleting one service at 10, 1,000, 10,000
+//! and 100,000 services, in every mode), `render` (`render::iptables`
+//! against `render::nft` at 1,000 and 10,000 services), `conntrack` and
+//! `threads`. `--json -` is `--json` to standard output.
 //!
 //! Every cost is the median of repeated runs in this process, in thread CPU
 //! time (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`; the wall clock elsewhere),
@@ -39,6 +46,25 @@ struct Args {
     json: Option<Option<String>>,
     svg: Option<String>,
     seconds: f64,
+    only: Option<Vec<String>>,
+}
+
+const SECTIONS: [&str; 6] = [
+    "lookups",
+    "updates",
+    "service-changes",
+    "render",
+    "conntrack",
+    "threads",
+];
+
+impl Args {
+    /// Whether section `name` runs (every one without `--only`).
+    fn runs(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|v| v.iter().any(|s| s == name))
+    }
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -47,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
         json: None,
         svg: None,
         seconds: 1.0,
+        only: None,
     };
     let mut it = std::env::args().skip(1).peekable();
     while let Some(a) = it.next() {
@@ -60,8 +87,19 @@ fn parse_args() -> Result<Args, String> {
                     .ok_or_else(|| format!("--max-services: {v:?} is not a number >= 10"))?;
             }
             "--json" => {
-                let file = it.next_if(|v| !v.starts_with("--"));
+                let file = it.next_if(|v| !v.starts_with("--")).filter(|f| f != "-");
                 args.json = Some(file);
+            }
+            "--only" => {
+                let v = it.next().ok_or("--only needs a list of sections")?;
+                let list: Vec<String> = v.split(',').map(str::to_owned).collect();
+                if let Some(bad) = list.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+                    return Err(format!(
+                        "--only: {bad:?} is not a section (one of {})",
+                        SECTIONS.join(", ")
+                    ));
+                }
+                args.only = Some(list);
             }
             "--svg" => args.svg = Some(it.next().ok_or("--svg needs a file name")?),
             "--thread-seconds" => {
@@ -73,7 +111,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: scale [--max-services N] [--json [FILE]] [--svg FILE] [--thread-seconds S]"
+                    "usage: scale [--max-services N] [--json [FILE|-]] [--svg FILE] [--thread-seconds S] [--only SECTION,...]"
                 );
                 std::process::exit(0);
             }
@@ -163,6 +201,7 @@ struct UpdateRow {
     iptables_full: f64,
 }
 
+#[derive(Clone)]
 struct ThreadRow {
     single: f64,
     per_thread: [f64; 2],
@@ -310,6 +349,106 @@ fn measure_updates(n: usize) -> UpdateRow {
         ipvs_full,
         iptables_full,
     }
+}
+
+/// The sizes of the service add/delete measurement (issue 11, part 4).
+const CHURN_SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
+
+/// Thread-CPU ns of adding one service (with its slice of 5 endpoints) to a
+/// cluster of `n`, and of deleting it again (service and slice), each the
+/// table's apply plus the dataplane's sync, timed alone. Round `k` adds and
+/// deletes service `n + 1 + k % 128`, so that the cluster stays at `n`.
+fn churn_round(table: &mut ServiceTable, dp: &dyn Dataplane, n: usize, k: usize) -> (f64, f64) {
+    let i = n + 1 + k % 128;
+    let add = common::service_changes(i, 5 * i, 5, 100);
+    let key = ServiceKey::new("default", format!("svc-{i}"));
+    let delete = vec![
+        Change::DeleteService(key),
+        Change::DeleteSlice(SliceKey::new("default", format!("svc-{i}-0"))),
+    ];
+    let t = thread_cpu_ns();
+    let cs = table.apply_batch(add).unwrap();
+    dp.sync(table, &cs, Instant::ZERO);
+    let added = (thread_cpu_ns() - t) as f64;
+    drop(cs);
+    let t = thread_cpu_ns();
+    let cs = table.apply_batch(delete).unwrap();
+    dp.sync(table, &cs, Instant::ZERO);
+    let deleted = (thread_cpu_ns() - t) as f64;
+    drop(cs);
+    (added, deleted)
+}
+
+/// Service add and delete costs in every mode at every size of `sizes`:
+/// (mode, services, add, delete). Per mode, the clusters of all sizes are
+/// built first, and the rounds then take turns over the sizes, so that a
+/// burst of other work on the machine touches every size alike (the
+/// ratios between sizes are what the issue asks for). Medians of at least
+/// 5 rounds, more until the mode's budget is spent (at most 2,001).
+fn measure_service_churn(sizes: &[usize]) -> Vec<(&'static str, usize, f64, f64)> {
+    let config = || DataplaneConfig::with_seed(1).conntrack(None);
+    let mut rows = Vec::new();
+    for mode in ["iptables", "ipvs", "nftables"] {
+        let mut setups: Vec<(usize, ServiceTable, Box<dyn Dataplane>)> = sizes
+            .iter()
+            .map(|&n| {
+                let table = common::cluster(n, 5);
+                let dp: Box<dyn Dataplane> = match mode {
+                    "iptables" => Box::new(IptablesDataplane::new(config())),
+                    "ipvs" => Box::new(IpvsDataplane::new(config())),
+                    _ => Box::new(NftablesDataplane::new(config())),
+                };
+                dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+                (n, table, dp)
+            })
+            .collect();
+        let budget = Duration::from_millis(if mode == "iptables" { 6000 } else { 2000 });
+        let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); sizes.len()];
+        let start = WallClock::now();
+        for k in 0..2001usize {
+            if k >= 5 && start.elapsed() > budget {
+                break;
+            }
+            for (s, (n, table, dp)) in setups.iter_mut().enumerate() {
+                // One untimed round first (another service): it absorbs what
+                // the previous size left to the allocator (the frees of a
+                // 100,000-rule list are consolidated at the next mallocs).
+                churn_round(table, dp.as_ref(), *n, k + 64);
+                let (a, d) = churn_round(table, dp.as_ref(), *n, k);
+                samples[s].0.push(a);
+                samples[s].1.push(d);
+            }
+        }
+        for (s, (adds, deletes)) in samples.into_iter().enumerate() {
+            rows.push((mode, sizes[s], median(adds), median(deletes)));
+        }
+        eprintln!("service changes in {mode} mode done");
+    }
+    rows
+}
+
+/// Thread-CPU ns of `render::iptables` and `render::nft` of a cluster of
+/// `n` services, measured turn about.
+fn measure_render(n: usize) -> (f64, f64) {
+    use svclb::render::{self, RenderOptions};
+    let table = common::cluster(n, 5);
+    let opts = RenderOptions::default();
+    let (mut ipt, mut nft) = (Vec::new(), Vec::new());
+    let start = WallClock::now();
+    for _ in 0..15 {
+        if ipt.len() >= 5 && start.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+        let t = thread_cpu_ns();
+        let out = black_box(render::iptables::render(&table, &opts));
+        ipt.push((thread_cpu_ns() - t) as f64);
+        drop(out);
+        let t = thread_cpu_ns();
+        let out = black_box(render::nft::render(&table, &opts));
+        nft.push((thread_cpu_ns() - t) as f64);
+        drop(out);
+    }
+    (median(ipt), median(nft))
 }
 
 /// Lookups per second from `readers` threads for `secs`, while (if
@@ -721,7 +860,7 @@ fn main() {
         }
     );
     let mut lookups = Vec::new();
-    for &n in &sizes {
+    for &n in sizes.iter().filter(|_| args.runs("lookups")) {
         let table = common::cluster(n, 5);
         let row = measure_lookups(&table, n);
         for (mode, ns) in [
@@ -738,28 +877,30 @@ fn main() {
         eprintln!("lookups at {n} services done");
         lookups.push(row);
     }
-    let _ = writeln!(
-        md,
-        "### Lookup: one `route()` over a random mix of services\n\n| services | endpoints | iptables mode | IPVS mode (rr) | IPVS, per-thread reader | bare ahash probe | iptables ÷ IPVS | IPVS ÷ probe | reader ÷ probe |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
-    for r in &lookups {
+    if !lookups.is_empty() {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} |",
-            fmt_count(r.services as f64),
-            fmt_count((r.services * 5) as f64),
-            fmt_ns(r.iptables),
-            fmt_ns(r.ipvs),
-            fmt_ns(r.reader),
-            fmt_ns(r.floor),
-            r.iptables / r.ipvs,
-            r.ipvs / r.floor,
-            r.reader / r.floor
+            "### Lookup: one `route()` over a random mix of services\n\n| services | endpoints | iptables mode | IPVS mode (rr) | IPVS, per-thread reader | bare ahash probe | iptables ÷ IPVS | IPVS ÷ probe | reader ÷ probe |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
+        for r in &lookups {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} |",
+                fmt_count(r.services as f64),
+                fmt_count((r.services * 5) as f64),
+                fmt_ns(r.iptables),
+                fmt_ns(r.ipvs),
+                fmt_ns(r.reader),
+                fmt_ns(r.floor),
+                r.iptables / r.ipvs,
+                r.ipvs / r.floor,
+                r.reader / r.floor
+            );
+        }
     }
 
     let mut updates = Vec::new();
-    for &n in &sizes {
+    for &n in sizes.iter().filter(|_| args.runs("updates")) {
         let row = measure_updates(n);
         for (mode, op, ns) in [
             ("ipvs", "one_endpoint_change", row.ipvs_change),
@@ -776,25 +917,88 @@ fn main() {
         eprintln!("updates at {n} services done");
         updates.push(row);
     }
-    let _ = writeln!(
-        md,
-        "\n### Updates: table apply + dataplane sync\n\n| services | one endpoint change, IPVS (incremental) | one endpoint change, iptables (recompile) | full sync: table | full sync: IPVS | full sync: iptables |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
-    for r in &updates {
+    if !updates.is_empty() {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} |",
-            fmt_count(r.services as f64),
-            fmt_ns(r.ipvs_change),
-            fmt_ns(r.iptables_change),
-            fmt_ns(r.table_full),
-            fmt_ns(r.ipvs_full),
-            fmt_ns(r.iptables_full)
+            "\n### Updates: table apply + dataplane sync\n\n| services | one endpoint change, IPVS (incremental) | one endpoint change, iptables (recompile) | full sync: table | full sync: IPVS | full sync: iptables |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
         );
+        for r in &updates {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                fmt_count(r.services as f64),
+                fmt_ns(r.ipvs_change),
+                fmt_ns(r.iptables_change),
+                fmt_ns(r.table_full),
+                fmt_ns(r.ipvs_full),
+                fmt_ns(r.iptables_full)
+            );
+        }
+    }
+
+    let mut churn = Vec::new();
+    if args.runs("service-changes") {
+        for (mode, n, add, delete) in measure_service_churn(&CHURN_SIZES) {
+            for (op, ns) in [("add_service", add), ("delete_service", delete)] {
+                json.push(format!(
+                    r#"{{"mode":"{mode}","services":{n},"op":"{op}","ns_per_op":{ns:.0}}}"#
+                ));
+            }
+            churn.push((mode, n, add, delete));
+        }
+    }
+    if !churn.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### Adding and deleting one service: table apply + dataplane sync\n\n| mode | services | add | delete |\n| --- | ---: | ---: | ---: |"
+        );
+        for (mode, n, add, delete) in &churn {
+            let _ = writeln!(
+                md,
+                "| {mode} | {} | {} | {} |",
+                fmt_count(*n as f64),
+                fmt_ns(*add),
+                fmt_ns(*delete)
+            );
+        }
+    }
+
+    let mut renders = Vec::new();
+    for n in [1_000usize, 10_000]
+        .into_iter()
+        .filter(|_| args.runs("render"))
+    {
+        let (ipt, nft) = measure_render(n);
+        for (mode, ns) in [("render-iptables", ipt), ("render-nft", nft)] {
+            json.push(format!(
+                r#"{{"mode":"{mode}","services":{n},"op":"render","ns_per_op":{ns:.0}}}"#
+            ));
+        }
+        renders.push((n, ipt, nft));
+        eprintln!("render at {n} services done");
+    }
+    if !renders.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### Rendering the whole table\n\n| services | `render::iptables` | `render::nft` | iptables ÷ nft |\n| ---: | ---: | ---: | ---: |"
+        );
+        for (n, ipt, nft) in &renders {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.2} |",
+                fmt_count(*n as f64),
+                fmt_ns(*ipt),
+                fmt_ns(*nft),
+                ipt / nft
+            );
+        }
     }
 
     let mut ct_rows = Vec::new();
-    for n in [10_000usize, 1_000_000] {
+    for n in [10_000usize, 1_000_000]
+        .into_iter()
+        .filter(|_| args.runs("conntrack"))
+    {
         for mode in ["iptables", "ipvs", "nftables"] {
             let r = measure_conntrack(mode, n);
             json.push(format!(
@@ -819,63 +1023,67 @@ fn main() {
         }
         eprintln!("conntrack at {n} flows done");
     }
-    let _ = writeln!(
-        md,
-        "\n### Connection tracking: per packet, at 10,000 and 1,000,000 tracked flows (100 services)\n\n| mode | flows | established hit | new connection (miss, schedule, insert) | bare ahash probe, same keys | hit ÷ probe | miss ÷ probe | bytes per tracked flow |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
-    for r in &ct_rows {
+    if !ct_rows.is_empty() {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} |",
-            r.mode,
-            fmt_count(r.flows as f64),
-            fmt_ns(r.hit),
-            fmt_ns(r.miss),
-            fmt_ns(r.probe),
-            r.hit / r.probe,
-            r.miss / r.probe,
-            r.bytes_per_flow
+            "\n### Connection tracking: per packet, at 10,000 and 1,000,000 tracked flows (100 services)\n\n| mode | flows | established hit | new connection (miss, schedule, insert) | bare ahash probe, same keys | hit ÷ probe | miss ÷ probe | bytes per tracked flow |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
+        for r in &ct_rows {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} |",
+                r.mode,
+                fmt_count(r.flows as f64),
+                fmt_ns(r.hit),
+                fmt_ns(r.miss),
+                fmt_ns(r.probe),
+                r.hit / r.probe,
+                r.miss / r.probe,
+                r.bytes_per_flow
+            );
+        }
     }
 
-    let tn = 10_000.min(args.max_services);
-    let th = measure_threads(tn, args.seconds, false);
-    let tt = measure_threads(tn, args.seconds, true);
-    for (threads, writer, per) in [
-        (1, 0.0, tt.single),
-        (2, tt.writer_rate, tt.per_thread[0]),
-        (2, tt.writer_rate, tt.per_thread[1]),
-    ] {
-        json.push(format!(
+    let mut thread_ratios = None;
+    if args.runs("threads") {
+        let tn = 10_000.min(args.max_services);
+        let th = measure_threads(tn, args.seconds, false);
+        let tt = measure_threads(tn, args.seconds, true);
+        for (threads, writer, per) in [
+            (1, 0.0, tt.single),
+            (2, tt.writer_rate, tt.per_thread[0]),
+            (2, tt.writer_rate, tt.per_thread[1]),
+        ] {
+            json.push(format!(
             r#"{{"mode":"ipvs","services":{tn},"threads":{threads},"writer_updates_per_sec":{writer:.0},"op":"conntrack_hit","lookups_per_sec_per_thread":{per:.0}}}"#
         ));
-    }
-    let tracked_total = tt.per_thread[0] + tt.per_thread[1];
-    let total2 = th.per_thread[0] + th.per_thread[1];
-    for (threads, writer, per) in [
-        (1, 0.0, th.single),
-        (2, th.writer_rate, th.per_thread[0]),
-        (2, th.writer_rate, th.per_thread[1]),
-    ] {
-        json.push(format!(
+        }
+        let tracked_total = tt.per_thread[0] + tt.per_thread[1];
+        let total2 = th.per_thread[0] + th.per_thread[1];
+        thread_ratios = Some((total2 / th.single, tracked_total, tt.clone()));
+        for (threads, writer, per) in [
+            (1, 0.0, th.single),
+            (2, th.writer_rate, th.per_thread[0]),
+            (2, th.writer_rate, th.per_thread[1]),
+        ] {
+            json.push(format!(
             r#"{{"mode":"ipvs","services":{tn},"threads":{threads},"writer_updates_per_sec":{writer:.0},"lookups_per_sec_per_thread":{per:.0}}}"#
         ));
+        }
+        let _ = writeln!(
+            md,
+            "\n### Throughput: IPVS-mode lookups (`IpvsReader::route`) at {} services\n\n| set-up | lookups/s per thread | total |\n| --- | ---: | ---: |\n| 1 thread, no writer | {:.2} M | {:.2} M |\n| 2 threads, writer at {:.0} slice updates/s | {:.2} M, {:.2} M | {:.2} M ({:.2}×) |",
+            fmt_count(tn as f64),
+            th.single / 1e6,
+            th.single / 1e6,
+            th.writer_rate,
+            th.per_thread[0] / 1e6,
+            th.per_thread[1] / 1e6,
+            total2 / 1e6,
+            total2 / th.single
+        );
     }
-    let _ = writeln!(
-        md,
-        "\n### Throughput: IPVS-mode lookups (`IpvsReader::route`) at {} services\n\n| set-up | lookups/s per thread | total |\n| --- | ---: | ---: |\n| 1 thread, no writer | {:.2} M | {:.2} M |\n| 2 threads, writer at {:.0} slice updates/s | {:.2} M, {:.2} M | {:.2} M ({:.2}×) |",
-        fmt_count(tn as f64),
-        th.single / 1e6,
-        th.single / 1e6,
-        th.writer_rate,
-        th.per_thread[0] / 1e6,
-        th.per_thread[1] / 1e6,
-        total2 / 1e6,
-        total2 / th.single
-    );
-
     // Targets, as ratios within this run.
-    let first = &lookups[0];
     let at = |n: usize| lookups.iter().find(|r| r.services == n);
     let up = |n: usize| updates.iter().find(|r| r.services == n);
     let _ = writeln!(md, "\n### Targets (issue 6), measured in this run\n");
@@ -926,7 +1134,6 @@ fn main() {
     } else {
         let _ = writeln!(md, "- (needs --max-services >= 10000)");
     }
-    let _ = first;
     if let (Some(u10), Some(u10k)) = (up(10), up(10_000)) {
         let r = u10k.ipvs_change / u10.ipvs_change;
         let _ = writeln!(
@@ -935,12 +1142,14 @@ fn main() {
             verdict(r <= 1.5)
         );
     }
-    let r = total2 / th.single;
-    let _ = writeln!(
-        md,
-        "- 2 reader threads with a writer ÷ 1 thread without: {r:.2} (target ≥ 1.6: {})",
-        verdict(r >= 1.6)
-    );
+    if let Some((r, _, _)) = &thread_ratios {
+        let r = *r;
+        let _ = writeln!(
+            md,
+            "- 2 reader threads with a writer ÷ 1 thread without: {r:.2} (target ≥ 1.6: {})",
+            verdict(r >= 1.6)
+        );
+    }
     let _ = writeln!(
         md,
         "\n### Targets (issue 10, the connection layer), measured in this run\n"
@@ -961,16 +1170,41 @@ fn main() {
             );
         }
     }
-    let r = tracked_total / tt.single;
-    let _ = writeln!(
-        md,
-        "- 2 threads of established-flow lookups with a writer ÷ 1 thread: {r:.2} ({:.2} M + {:.2} M vs {:.2} M; writer {:.0} updates/s; target ≥ 1.8: {})",
-        tt.per_thread[0] / 1e6,
-        tt.per_thread[1] / 1e6,
-        tt.single / 1e6,
-        tt.writer_rate,
-        verdict(r >= 1.8)
-    );
+    if let Some((_, tracked_total, tt)) = &thread_ratios {
+        let r = tracked_total / tt.single;
+        let _ = writeln!(
+            md,
+            "- 2 threads of established-flow lookups with a writer ÷ 1 thread: {r:.2} ({:.2} M + {:.2} M vs {:.2} M; writer {:.0} updates/s; target ≥ 1.8: {})",
+            tt.per_thread[0] / 1e6,
+            tt.per_thread[1] / 1e6,
+            tt.single / 1e6,
+            tt.writer_rate,
+            verdict(r >= 1.8)
+        );
+    }
+    let churn_at = |mode: &str, n: usize| churn.iter().find(|c| c.0 == mode && c.1 == n);
+    if !churn.is_empty() || !renders.is_empty() {
+        let _ = writeln!(md, "\n### Targets (issue 11), measured in this run\n");
+    }
+    for mode in ["iptables", "ipvs", "nftables"] {
+        if let (Some(lo), Some(hi)) = (churn_at(mode, 10), churn_at(mode, 100_000)) {
+            let (a, d) = (hi.2 / lo.2, hi.3 / lo.3);
+            let _ = writeln!(
+                md,
+                "- {mode}: add a service at 100,000 services ÷ at 10: {a:.2}, delete: {d:.2} (target ≤ 2: {}, {})",
+                verdict(a <= 2.0),
+                verdict(d <= 2.0)
+            );
+        }
+    }
+    if let Some((_, ipt, nft)) = renders.iter().find(|r| r.0 == 10_000) {
+        let r = ipt / nft;
+        let _ = writeln!(
+            md,
+            "- render iptables ÷ nft at 10,000 services: {r:.2} (target ≤ 2: {})",
+            verdict(r <= 2.0)
+        );
+    }
 
     let json_to_stdout = matches!(args.json, Some(None));
     if json_to_stdout {

@@ -606,10 +606,23 @@ struct Shard {
     cap: usize,
     /// Hits since the last reap.
     hits: u32,
+    /// The most entries one sync chunk walked (tests check the bound).
+    #[cfg(test)]
+    max_sync_walk: usize,
 }
 
 /// A hit reaps once in this many (a miss always reaps).
 const HIT_REAP_PERIOD: u32 = 8;
+
+/// The most entries a sync walks under one shard lock: purges on sync go
+/// in chunks of this many, releasing the lock between chunks, so a packet
+/// thread waits for at most one chunk whatever the scope's size.
+pub(crate) const SYNC_CHUNK: usize = 64;
+
+/// How often a purge restarts a shard's walk because its cursor entry was
+/// removed or reused while the lock was released, before it leaves the
+/// rest to lazy expiry (a lookup rechecks an entry's endpoint anyway).
+const SYNC_RESTARTS: usize = 4;
 
 impl Shard {
     fn new(cap: usize) -> Self {
@@ -623,6 +636,8 @@ impl Shard {
             len: 0,
             cap,
             hits: 0,
+            #[cfg(test)]
+            max_sync_walk: 0,
         }
     }
 
@@ -833,19 +848,41 @@ impl Shard {
         }
     }
 
-    /// Removes every entry of `slot` that `drop` says to.
-    fn retain_scope(&mut self, slot: u32, mut drop: impl FnMut(&Node) -> bool) -> usize {
+    /// Walks at most `budget` entries of `slot`'s list from `start` (the
+    /// head if `None`), removing those `drop` says to. Returns how many it
+    /// removed and where to go on (`None`: the list is done).
+    fn retain_scope_chunk(
+        &mut self,
+        slot: u32,
+        start: Option<u32>,
+        budget: usize,
+        drop: &mut impl FnMut(&Node) -> bool,
+    ) -> (usize, Option<u32>) {
         let mut removed = 0;
-        let mut i = self.scope_links(slot).head;
-        while i != NIL {
+        let mut i = start.unwrap_or_else(|| self.scope_links(slot).head);
+        let mut steps = 0;
+        while i != NIL && steps < budget {
             let next = self.nodes[i as usize].snext;
             if drop(&self.nodes[i as usize]) {
                 self.remove(i);
                 removed += 1;
             }
             i = next;
+            steps += 1;
         }
-        removed
+        #[cfg(test)]
+        {
+            self.max_sync_walk = self.max_sync_walk.max(steps);
+        }
+        (removed, (i != NIL).then_some(i))
+    }
+
+    /// Whether node `i` is still `key`'s entry in scope `slot` (a cursor
+    /// kept across an unlock is valid only then).
+    fn holds(&self, i: u32, slot: u32, key: AffinityKey) -> bool {
+        self.nodes
+            .get(i as usize)
+            .is_some_and(|n| n.key == key && n.scope.as_ref().is_some_and(|s| s.slot == slot))
     }
 }
 
@@ -1002,11 +1039,19 @@ impl AffinityTable {
         if scope.dead.swap(true, Ordering::AcqRel) {
             return;
         }
+        // The flag is set: no route inserts into this scope any more, so
+        // each shard's list only shrinks. Chunks from the head, the lock
+        // released between them.
         for shard in self.shards.iter() {
-            let mut sh = shard.lock();
-            sh.retain_scope(scope.slot, |_| true);
-            if let Some(l) = sh.scopes.get_mut(scope.slot as usize) {
-                *l = EMPTY;
+            loop {
+                let mut sh = shard.lock();
+                let (_, rest) = sh.retain_scope_chunk(scope.slot, None, SYNC_CHUNK, &mut |_| true);
+                if rest.is_none() {
+                    if let Some(l) = sh.scopes.get_mut(scope.slot as usize) {
+                        *l = EMPTY;
+                    }
+                    break;
+                }
             }
         }
         self.slots.lock().0.push(scope.slot);
@@ -1186,8 +1231,14 @@ impl AffinityTable {
 
     /// Drops every entry of `scope` whose endpoint `keep` rejects (or that
     /// has expired); returns how many were dropped. Walks only this scope's
-    /// entries, one shard at a time. The dataplanes call it on sync when an
-    /// endpoint stops taking new connections.
+    /// entries, one shard at a time, in chunks of at most 64 entries per
+    /// lock hold (packet threads wait for one chunk at most). An entry
+    /// that a concurrent route removes or reuses between two chunks makes
+    /// the walk restart at its shard's head, a few times at most; entries
+    /// left then, or touched by a route while the lock was released, are
+    /// dropped lazily (a route rechecks the endpoint of every entry it
+    /// finds). The dataplanes call it on sync when an endpoint
+    /// stops taking new connections.
     pub fn retain(
         &self,
         scope: &AffinityScope,
@@ -1197,14 +1248,33 @@ impl AffinityTable {
         if scope.is_removed() {
             return 0;
         }
-        self.shards
-            .iter()
-            .map(|shard| {
-                shard.lock().retain_scope(scope.slot, |n| {
-                    !keep(n.endpoint) || !scope.is_live(n.last, now)
-                })
-            })
-            .sum()
+        let mut drop = |n: &Node| !keep(n.endpoint) || !scope.is_live(n.last, now);
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut cursor: Option<(u32, AffinityKey)> = None;
+            let mut restarts = 0;
+            loop {
+                let mut sh = shard.lock();
+                let start = match cursor {
+                    None => None,
+                    Some((i, key)) if sh.holds(i, scope.slot, key) => Some(i),
+                    Some(_) => {
+                        restarts += 1;
+                        if restarts > SYNC_RESTARTS {
+                            break;
+                        }
+                        None
+                    }
+                };
+                let (n, rest) = sh.retain_scope_chunk(scope.slot, start, SYNC_CHUNK, &mut drop);
+                removed += n;
+                match rest {
+                    None => break,
+                    Some(i) => cursor = Some((i, sh.nodes[i as usize].key)),
+                }
+            }
+        }
+        removed
     }
 
     /// The live entries of `scope`, sorted by key. Allocates; for
@@ -1769,6 +1839,27 @@ mod tests {
             let p = h.route(ip(7), secs(n * 9));
             assert!(p.hit && p.endpoint == first.endpoint, "connection {n}");
         }
+    }
+
+    /// Purges on sync walk at most `SYNC_CHUNK` entries per lock hold,
+    /// and still drop every entry they should: 1,000 entries of one scope
+    /// in one shard.
+    #[test]
+    fn sync_purges_walk_bounded_chunks_per_lock() {
+        let config = AffinityConfig::new(4096).unwrap().shards(1).unwrap();
+        let h = Harness::new(config, 1000, 4);
+        for i in 0..1000 {
+            h.route(ip(i), secs(0));
+        }
+        assert_eq!(h.table.len(), 1000);
+        let gone = h.dests[0];
+        let dropped = h.table.retain(&h.scope, secs(1), |ep| ep != gone);
+        assert_eq!(dropped, 250);
+        assert_eq!(h.table.len(), 750);
+        h.table.remove_scope(&h.scope);
+        assert_eq!(h.table.len(), 0);
+        let walked = h.table.shards[0].lock().max_sync_walk;
+        assert!(walked > 0 && walked <= SYNC_CHUNK, "walked {walked}");
     }
 
     #[test]

@@ -535,6 +535,9 @@ impl Frontend {
 pub struct PlanDiff {
     /// Whether this was a full recompile (the first sync, or a resync).
     pub full: bool,
+    /// Whether the change set's generation did not follow the previous
+    /// one's, so that the plan resynced in full (`full` is set too).
+    pub gap: bool,
     /// New frontends.
     pub added: Vec<FrontendId>,
     /// Frontends whose outcome or backends changed.
@@ -604,6 +607,10 @@ pub struct Planner {
     states: Arc<BackendStates>,
     synced: bool,
     addresses: NodeAddresses,
+    /// The generation of the last change set applied.
+    generation: Option<u64>,
+    /// Change sets whose generation did not follow the previous one's.
+    generation_gaps: u64,
 }
 
 /// One frontend a service view asks for: key, kind, port index.
@@ -627,6 +634,8 @@ impl Planner {
             states: Arc::default(),
             synced: false,
             addresses: NodeAddresses::default(),
+            generation: None,
+            generation_gaps: 0,
         }
     }
 
@@ -915,11 +924,24 @@ impl Planner {
         id
     }
 
+    /// How many change sets [`update`](Self::update) received whose
+    /// generation was not the previous one's plus one (a sync skipped, or
+    /// one replayed), each answered with a full resync.
+    pub fn generation_gaps(&self) -> u64 {
+        self.generation_gaps
+    }
+
     /// Brings the plan up to date with `table` after `changes`, and says
     /// what changed. `has_connections(id)` tells whether a backend still
     /// has tracked connections: a removed TCP backend that has drains,
     /// every other removed backend is gone at once. `now` starts drain
     /// grace periods.
+    ///
+    /// A change set whose [`generation`](ChangeSet::generation) does not
+    /// follow the last one's (a sync was skipped, or an old change set is
+    /// replayed) would leave stale state: the plan resyncs in full from
+    /// `table` instead, marks the diff [`gap`](PlanDiff::gap) and counts it
+    /// ([`generation_gaps`](Self::generation_gaps)).
     pub fn update(
         &mut self,
         table: &ServiceTable,
@@ -928,9 +950,18 @@ impl Planner {
         mut has_connections: impl FnMut(BackendId) -> bool,
     ) -> PlanDiff {
         let mut diff = PlanDiff::default();
-        let full = changes.full || !self.synced;
+        let gap = !changes.full
+            && self
+                .generation
+                .is_some_and(|g| changes.generation != g.wrapping_add(1));
+        if gap {
+            self.generation_gaps += 1;
+        }
+        self.generation = Some(changes.generation);
+        let full = changes.full || !self.synced || gap;
         self.synced = true;
         diff.full = full;
+        diff.gap = gap;
         let mut touched: Vec<ServiceKey> = if full {
             let mut keys: Vec<ServiceKey> = self.by_service.keys().cloned().collect();
             keys.extend(table.views().map(|v| v.service().key().clone()));

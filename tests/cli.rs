@@ -342,6 +342,62 @@ fn slices_before_services_work() {
     assert_eq!(out, "10.244.1.20:8080 4\n10.244.2.20:8080 6\n");
 }
 
+/// `--watch -` from a pipe that delivers the stream in small writes reads
+/// to end of file: the last events (the ERROR, the delete of an absent
+/// slice) are applied or noted, and the command runs once, after them.
+#[test]
+fn watch_from_a_pipe_reads_to_end_of_file() {
+    use std::io::Write as _;
+    let events = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/watch/events.json"),
+    )
+    .unwrap();
+    let mut child = Command::new(binary())
+        .args([
+            "--mode",
+            "ipvs",
+            "--manifests",
+            "tests/fixtures/order/services.yaml",
+            "--watch",
+            "-",
+            "route",
+            "--src",
+            "10.0.0.1",
+            "--dst",
+            "10.96.7.10:80",
+            "--count",
+            "4",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        // 13-byte writes, each flushed: every read sees part of an event.
+        for chunk in events.chunks(13) {
+            stdin.write_all(chunk).unwrap();
+            stdin.flush().unwrap();
+        }
+        // Dropping the pipe's end is the end of file.
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "10.244.1.20:8080 2\n10.244.1.21:8080 2\n"
+    );
+    assert!(stderr.contains("410 Expired"), "{stderr}");
+    assert!(
+        stderr.contains("EndpointSlice shop/web-old12: delete of an object not present"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn watch_from_stdin_after_manifests() {
     let events = std::fs::File::open(

@@ -331,6 +331,10 @@ impl IptablesDataplane {
 }
 
 impl Dataplane for IptablesDataplane {
+    fn generation_gaps(&self) -> u64 {
+        self.shared.planner.lock().generation_gaps()
+    }
+
     fn mode(&self) -> Mode {
         Mode::Iptables
     }

@@ -25,6 +25,7 @@ mod conn;
 mod iptables;
 mod ipvs;
 mod nftables;
+mod vs_table;
 
 use core::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -344,7 +345,18 @@ pub trait Dataplane: Send + Sync {
     /// Brings the dataplane up to date with `table`, given what changed.
     /// Pass [`ServiceTable::full_change_set`] for a full resync. `now`
     /// starts the grace period of backends that begin to drain.
+    ///
+    /// A change set whose generation does not follow the last one synced
+    /// (a sync skipped or replayed) is a gap: the dataplane resyncs in full
+    /// from `table` instead of running on stale state, and counts it in
+    /// [`generation_gaps`](Self::generation_gaps).
     fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant);
+
+    /// How many syncs met a generation gap and resynced in full. `0` by
+    /// default, for dataplanes that do not track generations.
+    fn generation_gaps(&self) -> u64 {
+        0
+    }
 
     /// A new connection's first packet (a SYN for TCP): forward, reject,
     /// drop, or pass through. With tracking on, a flow the tracker knows

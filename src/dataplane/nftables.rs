@@ -85,6 +85,10 @@ impl Dataplane for NftablesDataplane {
         Mode::Nftables
     }
 
+    fn generation_gaps(&self) -> u64 {
+        self.inner.generation_gaps()
+    }
+
     fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant) {
         self.inner.sync(table, changes, now);
     }
