@@ -49,7 +49,14 @@ impl FragmentTracker {
         FragmentTracker {
             capacity,
             timeout,
-            entries: HashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new()),
+            // Twice the capacity: at most half full, so when removals'
+            // tombstones use up the free slots the table rehashes in place
+            // instead of growing (hashbrown grows only past half full),
+            // and a full tracker under churn never allocates.
+            entries: HashMap::with_capacity_and_hasher(
+                capacity.saturating_mul(2),
+                ahash::RandomState::new(),
+            ),
             order: VecDeque::with_capacity(capacity),
         }
     }
