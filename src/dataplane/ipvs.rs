@@ -171,12 +171,14 @@ impl IpvsReader {
         let shared = &*self.shared;
         let table = self.table.load();
         let rng = &self.rng;
-        shared.conn.packet(&shared.states, flow, flags, now, |flow| {
-            match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                None => Scheduled::NotAService,
-                Some(state) => shared.decide(state, flow, key, now, rng),
-            }
-        })
+        shared
+            .conn
+            .packet(&shared.states, flow, flags, now, |flow| {
+                match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                    None => Scheduled::NotAService,
+                    Some(state) => shared.decide(state, flow, key, now, rng),
+                }
+            })
     }
 }
 
