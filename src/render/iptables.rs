@@ -26,15 +26,22 @@
 //! jump last. Like kube-proxy, more than 1000 endpoints in total switch to
 //! "large cluster mode", which leaves the comments off the endpoint rules.
 //!
+//! [`Syncer`] writes kube-proxy's partial syncs: after the first (full)
+//! sync, only the chains of services whose rules changed, and `-X` for
+//! chains no longer used.
+//!
 //! Not rendered: NodePort, LoadBalancer and external-IP rules (svclb models
-//! cluster IPs), stale-chain deletion (`-X`), and `nfacct` counters.
+//! cluster IPs), and `nfacct` counters.
 
 use std::fmt::Write as _;
 
-use super::{PortPlan, RenderOptions, hash, port_plans};
+use core::time::Duration;
+
+use super::{PortPlan, RenderOptions, RulesSync, hash, port_plans};
 use crate::model::flow::Protocol;
 use crate::plan::{Outcome, Planner};
 use crate::table::ServiceTable;
+use crate::time::Instant;
 
 const KUBE_SERVICES: &str = "KUBE-SERVICES";
 const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
@@ -107,14 +114,29 @@ fn probability(i: usize, n: usize) -> String {
     format!("{:.10}", 1.0 / (n - i) as f64)
 }
 
+/// One chain being assembled.
+#[derive(Debug)]
+struct Chain {
+    name: String,
+    /// Declared with a `:CHAIN - [0:0]` line.
+    declared: bool,
+    rules: Vec<String>,
+    /// The service (index into [`Built::services`]) whose chain this is;
+    /// `None` for kube-proxy's fixed chains.
+    owner: Option<u32>,
+    /// A stale chain a sync flushes and deletes (`-X`).
+    delete: bool,
+}
+
 /// One table being assembled: declared chains and rules grouped by chain.
 #[derive(Debug, Default)]
 struct TableText {
-    /// (chain, declared with a `:CHAIN - [0:0]` line, rules).
-    chains: Vec<(String, bool, Vec<String>)>,
+    chains: Vec<Chain>,
     /// Chain name -> index in `chains`: finding a chain was a scan of
     /// every chain, which made a rendering quadratic in the services.
     index: ahash::AHashMap<String, usize>,
+    /// The service whose chains are being written now.
+    owner: Option<u32>,
 }
 
 impl TableText {
@@ -122,12 +144,18 @@ impl TableText {
         let i = match self.index.get(name) {
             Some(&i) => i,
             None => {
-                self.chains.push((name.to_owned(), declare, Vec::new()));
+                self.chains.push(Chain {
+                    name: name.to_owned(),
+                    declared: declare,
+                    rules: Vec::new(),
+                    owner: self.owner,
+                    delete: false,
+                });
                 self.index.insert(name.to_owned(), self.chains.len() - 1);
                 self.chains.len() - 1
             }
         };
-        &mut self.chains[i].2
+        &mut self.chains[i].rules
     }
 
     fn declare(&mut self, name: &str) {
@@ -150,8 +178,10 @@ impl TableText {
     }
 
     /// The sorted form: `KUBE-NODEPORTS`, `KUBE-SERVICES`, other `KUBE-*`,
-    /// then the rest, each group alphabetical.
-    fn write(mut self, out: &mut String, name: &str) {
+    /// then the rest, each group alphabetical. Chains for which `keep`
+    /// says no are left out; chains marked `delete` are declared (which
+    /// flushes them) and deleted with `-X` after the rules.
+    fn write(mut self, out: &mut String, name: &str, keep: impl Fn(&Chain) -> bool) {
         fn rank(chain: &str) -> u8 {
             match chain {
                 KUBE_NODEPORTS => 0,
@@ -160,19 +190,24 @@ impl TableText {
                 _ => 3,
             }
         }
-        self.chains
-            .sort_by(|(a, ..), (b, ..)| (rank(a), a.as_str()).cmp(&(rank(b), b.as_str())));
+        self.chains.retain(|c| c.delete || keep(c));
+        self.chains.sort_by(|a, b| {
+            (rank(&a.name), a.name.as_str()).cmp(&(rank(&b.name), b.name.as_str()))
+        });
         let _ = writeln!(out, "*{name}");
-        for (chain, declared, _) in &self.chains {
-            if *declared {
-                let _ = writeln!(out, ":{chain} - [0:0]");
+        for c in &self.chains {
+            if c.declared {
+                let _ = writeln!(out, ":{} - [0:0]", c.name);
             }
         }
-        for (_, _, rules) in &self.chains {
-            for rule in rules {
+        for c in &self.chains {
+            for rule in &c.rules {
                 out.push_str(rule);
                 out.push('\n');
             }
+        }
+        for c in self.chains.iter().filter(|c| c.delete) {
+            let _ = writeln!(out, "-X {}", c.name);
         }
         out.push_str("COMMIT\n");
     }
@@ -195,6 +230,25 @@ fn comment_service_name(rule: &str) -> &str {
 /// # Examples
 /// See the [`render`](crate::render) module.
 pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
+    let built = build(table, opts);
+    let mut out = String::new();
+    built.filter.write(&mut out, "filter", |_| true);
+    built.nat.write(&mut out, "nat", |_| true);
+    out
+}
+
+/// A rendering before it is written out: both tables, with each
+/// service's chains marked as that service's.
+#[derive(Debug)]
+struct Built {
+    filter: TableText,
+    nat: TableText,
+    /// `ns/name` of each service that owns chains, by owner index.
+    services: Vec<String>,
+    large_cluster: bool,
+}
+
+fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
     let plan = Planner::compile(table, &opts.node);
     let (plans, total_endpoints) = port_plans(table, &plan, opts);
     let large_cluster = total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD;
@@ -268,7 +322,16 @@ pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
     // KUBE-SERVICES rules are collected apart and sorted by service name.
     let mut filter_services: Vec<String> = Vec::new();
     let mut nat_services: Vec<String> = Vec::new();
+    let mut services: Vec<String> = Vec::new();
+    let mut owners: ahash::AHashMap<&crate::model::service::ServiceKey, u32> =
+        ahash::AHashMap::new();
     for p in &plans {
+        let key = p.service.key();
+        let owner = *owners.entry(key).or_insert_with(|| {
+            services.push(format!("{}/{}", key.namespace, key.name));
+            (services.len() - 1) as u32
+        });
+        nat.owner = Some(owner);
         write_service_port(
             p,
             opts,
@@ -277,6 +340,7 @@ pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
             &mut filter_services,
             &mut nat_services,
         );
+        nat.owner = None;
     }
     filter_services.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
     nat_services.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
@@ -331,10 +395,12 @@ pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
         write_builtin_jumps(&mut filter, &mut nat, kubelet_firewall);
     }
 
-    let mut out = String::new();
-    filter.write(&mut out, "filter");
-    nat.write(&mut out, "nat");
-    out
+    Built {
+        filter,
+        nat,
+        services,
+        large_cluster,
+    }
 }
 
 /// The rules of one service port on one cluster IP.
@@ -590,6 +656,206 @@ fn write_builtin_jumps(filter: &mut TableText, nat: &mut TableText, kubelet_fire
         args.extend(["-j", target]);
         let table = if is_nat { &mut *nat } else { &mut *filter };
         table.rule(builtin, &args);
+    }
+}
+
+/// kube-proxy's `FullSyncPeriod` (`pkg/proxy/util`): a sync more than this
+/// long after the last full one is full again (except in large cluster
+/// mode).
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
+/// kube-proxy's default `--iptables-sync-period`: in large cluster mode,
+/// stale chains are deleted at most this often.
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+
+/// kube-proxy's partial syncs (`syncProxyRules` with `tryPartialSync`,
+/// Kubernetes 1.27+): keeps what it wrote last and returns each sync's
+/// `iptables-restore --noflush` input.
+///
+/// - The first sync, a sync after [`force_full_sync`](Syncer::force_full_sync)
+///   (kube-proxy's `needFullSync`, set after a failed restore) and a sync
+///   more than [`FULL_SYNC_PERIOD`] after the last full one (not in large
+///   cluster mode) are full: the whole [`render`] output.
+/// - Otherwise the sync is partial: the `*filter` table and kube-proxy's
+///   fixed `*nat` chains (`KUBE-SERVICES`, `KUBE-NODEPORTS`,
+///   `KUBE-POSTROUTING`, `KUBE-MARK-MASQ`) are written whole, as kube-proxy
+///   does; a service's own chains (`KUBE-SVC-`, `KUBE-SVL-`, `KUBE-SEP-`)
+///   are declared and written only when they changed.
+/// - On every sync, chains written before and no longer used are declared
+///   (which flushes them) and deleted with `-X`; in large cluster mode
+///   (more than [`LARGE_CLUSTER_ENDPOINTS_THRESHOLD`] endpoints) at most
+///   once per sync period ([`DEFAULT_SYNC_PERIOD`]), as kube-proxy does to
+///   avoid `iptables-save` runs.
+///
+/// kube-proxy learns which services changed from its change trackers; the
+/// syncer compares each service's rendered chains with what it wrote
+/// last, so a change that leaves a service's rules as they were (a label,
+/// say) writes nothing for it, where kube-proxy would rewrite its chains.
+/// The syncer assumes each restore it returned was applied; when one was
+/// not, call [`force_full_sync`](Syncer::force_full_sync).
+///
+/// # Examples
+/// ```
+/// use svclb::*;
+/// use svclb::render::{RenderOptions, iptables::Syncer};
+///
+/// let mut table = ServiceTable::new();
+/// let mut syncer = Syncer::new(RenderOptions::default());
+/// let svc = |ns: &str, ip: &str| {
+///     Service::builder(ns, "svc")
+///         .cluster_ip(ip.parse().unwrap())
+///         .port(ServicePortSpec::tcp(80))
+///         .build()
+/// };
+/// let slice = |ns: &str, ip: &str| {
+///     EndpointSlice::builder(ns, "svc-1", "svc", AddressType::IPv4)
+///         .port(SlicePortSpec::tcp(80))
+///         .endpoint(EndpointSpec::new(ip))
+///         .build()
+/// };
+/// table.apply_batch([Change::UpsertService(svc("a", "172.30.0.1")?), Change::UpsertSlice(slice("a", "10.0.0.1")?)])?;
+/// let first = syncer.sync(&table, Instant::ZERO);
+/// assert!(first.full);
+/// table.apply_batch([Change::UpsertService(svc("b", "172.30.0.2")?), Change::UpsertSlice(slice("b", "10.0.0.2")?)])?;
+/// let second = syncer.sync(&table, Instant::from_secs(1));
+/// assert!(!second.full);
+/// assert_eq!(second.services_written, 1);
+/// assert!(!second.text.contains("--to-destination 10.0.0.1:80"));
+/// assert!(second.text.contains("--to-destination 10.0.0.2:80"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Syncer {
+    opts: RenderOptions,
+    /// `ns/name` -> fingerprint of the service's nat chains as last written.
+    written: ahash::AHashMap<String, u64>,
+    /// Service chains in the kernel after the last sync.
+    existing: ahash::AHashSet<String>,
+    /// ... and before it (what stays after a failed restore).
+    existing_before: ahash::AHashSet<String>,
+    last_full: Option<Instant>,
+    last_cleanup: Option<Instant>,
+    need_full: bool,
+    full_sync_period: Duration,
+    sync_period: Duration,
+}
+
+impl Syncer {
+    /// A syncer that has written nothing yet: its first sync is full.
+    pub fn new(opts: RenderOptions) -> Syncer {
+        Syncer {
+            opts,
+            written: ahash::AHashMap::new(),
+            existing: ahash::AHashSet::new(),
+            existing_before: ahash::AHashSet::new(),
+            last_full: None,
+            last_cleanup: None,
+            need_full: true,
+            full_sync_period: FULL_SYNC_PERIOD,
+            sync_period: DEFAULT_SYNC_PERIOD,
+        }
+    }
+
+    /// Sets the period after which a sync is full again
+    /// ([`FULL_SYNC_PERIOD`] by default).
+    pub fn full_sync_period(mut self, period: Duration) -> Syncer {
+        self.full_sync_period = period;
+        self
+    }
+
+    /// Sets `--iptables-sync-period` ([`DEFAULT_SYNC_PERIOD`] by default).
+    pub fn sync_period(mut self, period: Duration) -> Syncer {
+        self.sync_period = period;
+        self
+    }
+
+    /// Makes the next sync full (kube-proxy's `needFullSync`, as after a
+    /// failed restore).
+    pub fn force_full_sync(&mut self) {
+        self.need_full = true;
+    }
+
+    /// Tells the syncer that the last sync's restore failed (kube-proxy:
+    /// `iptables-restore` returned an error): the next sync is full, and
+    /// deletes the stale chains the failed restore left in place.
+    pub fn restore_failed(&mut self) {
+        let before = std::mem::take(&mut self.existing_before);
+        self.existing.extend(before);
+        self.need_full = true;
+    }
+
+    /// The rendering options.
+    pub fn options(&self) -> &RenderOptions {
+        &self.opts
+    }
+
+    /// The restore input that brings the rules written so far to `table`'s.
+    pub fn sync(&mut self, table: &ServiceTable, now: Instant) -> RulesSync {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut built = build(table, &self.opts);
+        let full = self.need_full
+            || self.last_full.is_none_or(|t| {
+                now.saturating_duration_since(t) > self.full_sync_period && !built.large_cluster
+            });
+        let mut prints: Vec<std::hash::DefaultHasher> =
+            vec![std::hash::DefaultHasher::new(); built.services.len()];
+        let mut active = ahash::AHashSet::new();
+        for c in &built.nat.chains {
+            if let Some(o) = c.owner {
+                let h = &mut prints[o as usize];
+                c.name.hash(h);
+                c.rules.hash(h);
+                active.insert(c.name.clone());
+            }
+        }
+        let prints: Vec<u64> = prints.iter().map(|h| h.finish()).collect();
+        let changed: Vec<bool> = built
+            .services
+            .iter()
+            .zip(&prints)
+            .map(|(k, p)| full || self.written.get(k) != Some(p))
+            .collect();
+        let cleanup = !built.large_cluster
+            || self
+                .last_cleanup
+                .is_none_or(|t| now.saturating_duration_since(t) > self.sync_period);
+        let mut chains_deleted = 0;
+        if cleanup {
+            for name in self.existing.difference(&active) {
+                built.nat.chains.push(Chain {
+                    name: name.clone(),
+                    declared: true,
+                    rules: Vec::new(),
+                    owner: None,
+                    delete: true,
+                });
+                chains_deleted += 1;
+            }
+        }
+        let mut text = String::new();
+        built.filter.write(&mut text, "filter", |_| true);
+        built.nat.write(&mut text, "nat", |c| {
+            c.owner.is_none_or(|o| changed[o as usize])
+        });
+        let services_written = changed.iter().filter(|c| **c).count();
+        self.written = built.services.into_iter().zip(prints).collect();
+        self.existing_before = self.existing.clone();
+        if cleanup {
+            self.existing = active;
+            self.last_cleanup = Some(now);
+        } else {
+            self.existing.extend(active);
+        }
+        if full {
+            self.last_full = Some(now);
+        }
+        self.need_full = false;
+        RulesSync {
+            text,
+            full,
+            services_written,
+            chains_deleted,
+        }
     }
 }
 

@@ -242,6 +242,20 @@ impl Default for RenderOptions {
     }
 }
 
+/// One sync's rules, as a partial-sync [`iptables::Syncer`] or
+/// [`nft::Syncer`] writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulesSync {
+    /// The restore input (`iptables-restore --noflush`, `nft -f`).
+    pub text: String,
+    /// Whether this was a full sync (everything written).
+    pub full: bool,
+    /// How many services had their chains written.
+    pub services_written: usize,
+    /// How many stale chains this sync deletes.
+    pub chains_deleted: usize,
+}
+
 /// kube-proxy's default `--iptables-masquerade-bit`.
 pub const DEFAULT_MASQUERADE_BIT: u8 = 14;
 
