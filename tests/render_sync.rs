@@ -321,3 +321,219 @@ fn partial_syncs_add_up_to_a_full_render() {
         "partial syncs wrote {partial_bytes} bytes, full renders {full_bytes}"
     );
 }
+
+/// The `kube-proxy` nftables table as `nft -f` leaves it: chains with
+/// rules, sets and maps with elements. Errors as nft reports them: a rule
+/// or element that jumps to a missing chain, deleting a chain that is not
+/// empty or is referenced, adding an element whose key is there with
+/// another value, deleting a missing element.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct NftTable {
+    chains: BTreeMap<String, Vec<String>>,
+    /// set or map -> key -> what follows the key.
+    elements: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl NftTable {
+    fn targets(text: &str) -> impl Iterator<Item = &str> {
+        text.split(' ')
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "goto" || w[0] == "jump")
+            .map(|w| w[1])
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    fn referenced(&self, chain: &str) -> bool {
+        self.chains
+            .values()
+            .flatten()
+            .chain(self.elements.values().flat_map(|m| m.values()))
+            .any(|r| Self::targets(r).any(|t| t == chain))
+    }
+
+    fn apply(&mut self, text: &str) -> Result<(), String> {
+        let mut next = self.clone();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let (verb, rest) = line
+                .split_once(" ip kube-proxy")
+                .ok_or_else(|| format!("not the ip kube-proxy table: {line}"))?;
+            let rest = rest.trim_start();
+            let name = rest.split(' ').next().unwrap_or("").to_owned();
+            match verb {
+                "add table" => {}
+                "add chain" => {
+                    next.chains.entry(name).or_default();
+                }
+                "flush chain" => next
+                    .chains
+                    .get_mut(&name)
+                    .ok_or(format!("{line}: no chain"))?
+                    .clear(),
+                "delete chain" => {
+                    if next.chains.get(&name).is_none_or(|r| !r.is_empty()) {
+                        return Err(format!("{line}: not an empty chain"));
+                    }
+                    next.chains.remove(&name);
+                    if next.referenced(&name) {
+                        return Err(format!("{line}: chain is referenced"));
+                    }
+                }
+                "add rule" => {
+                    let body = rest[name.len()..].trim_start().to_owned();
+                    next.chains
+                        .get_mut(&name)
+                        .ok_or(format!("{line}: no chain"))?
+                        .push(body);
+                }
+                "add set" | "add map" => {
+                    next.elements.entry(name).or_default();
+                }
+                "flush set" | "flush map" => next
+                    .elements
+                    .get_mut(&name)
+                    .ok_or(format!("{line}: no set"))?
+                    .clear(),
+                "delete set" => {
+                    next.elements
+                        .remove(&name)
+                        .ok_or(format!("{line}: no set"))?;
+                }
+                "add element" | "delete element" => {
+                    let inner = rest[name.len()..]
+                        .trim()
+                        .strip_prefix("{ ")
+                        .and_then(|r| r.strip_suffix(" }"))
+                        .ok_or(format!("{line}: not {{ ... }}"))?;
+                    let (key, value) = match inner.find(" comment ").or(inner.find(" : ")) {
+                        Some(i) => (&inner[..i], &inner[i..]),
+                        None => (inner, ""),
+                    };
+                    let set = next
+                        .elements
+                        .get_mut(&name)
+                        .ok_or(format!("{line}: no set"))?;
+                    if verb == "add element" {
+                        match set.get(key) {
+                            Some(v) if v != value => {
+                                return Err(format!("{line}: key exists with {v:?}"));
+                            }
+                            _ => {}
+                        }
+                        set.insert(key.to_owned(), value.to_owned());
+                    } else {
+                        set.remove(key).ok_or(format!("{line}: no such element"))?;
+                    }
+                }
+                _ => return Err(format!("unexpected line {line:?}")),
+            }
+        }
+        // Every jump and goto lands on a chain.
+        for (chain, rules) in &next.chains {
+            for r in rules {
+                for target in Self::targets(r) {
+                    if !next.chains.contains_key(target) {
+                        return Err(format!("{chain}: {r}: no chain {target}"));
+                    }
+                }
+            }
+        }
+        for (set, elements) in &next.elements {
+            for (k, v) in elements {
+                for target in Self::targets(v) {
+                    if !next.chains.contains_key(target) {
+                        return Err(format!("{set} {k}{v}: no chain {target}"));
+                    }
+                }
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Without the chains that are empty and unreferenced (stale chains
+    /// waiting for deletion), which hold no rules and route nothing.
+    fn live(&self) -> NftTable {
+        let mut t = self.clone();
+        let dead: Vec<String> = t
+            .chains
+            .iter()
+            .filter(|(c, r)| r.is_empty() && c.contains('/') && !self.referenced(c))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in dead {
+            t.chains.remove(&c);
+        }
+        t
+    }
+}
+
+#[test]
+fn nft_partial_syncs_add_up_to_a_full_render() {
+    let opts = kube_proxy_test_options();
+    let mut table = ServiceTable::new();
+    let mut syncer = render::nft::Syncer::new(opts.clone());
+    let mut kernel = NftTable::default();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let (mut partial_bytes, mut full_bytes, mut deleted) = (0, 0, 0);
+    let mut now = Instant::ZERO;
+    for step in 0..200u64 {
+        for _ in 0..=rng.below(3) {
+            let i = rng.below(24);
+            let (ns, name) = (format!("ns{i}"), format!("svc{i}"));
+            let ip = format!("172.30.1.{}", i + 1);
+            let change = match rng.below(7) {
+                0 => Change::DeleteService(ServiceKey::new(&ns, &name)),
+                1 => Change::DeleteSlice(SliceKey::new(&ns, format!("{name}-1"))),
+                2 => service(&ns, &name, &ip, "p80", 80),
+                3 => Change::UpsertService(
+                    Service::builder(&ns, &name)
+                        .cluster_ip(ip.parse().unwrap())
+                        .port(ServicePortSpec::tcp(80).name("p80"))
+                        .client_ip_affinity(Some(10800))
+                        .build()
+                        .unwrap(),
+                ),
+                _ => {
+                    let n = rng.below(4) as usize;
+                    let ips: Vec<String> = (0..n)
+                        .map(|k| format!("10.1.{i}.{}", 1 + rng.below(6) + k as u64 * 10))
+                        .collect();
+                    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+                    slice(&ns, &name, "p80", 80, &ips)
+                }
+            };
+            let _ = table.apply(change);
+        }
+        // 0.2 to 2 s apart: stale chains wait a sync or more.
+        now = now + std::time::Duration::from_millis(200 + rng.below(1800));
+        let sync = syncer.sync(&table, now);
+        assert_eq!(sync.full, step == 0);
+        deleted += sync.chains_deleted;
+        kernel
+            .apply(&sync.text)
+            .unwrap_or_else(|e| panic!("sync {step}: {e}\n{}", sync.text));
+        let full = render::nft::render(&table, &opts);
+        let mut fresh = NftTable::default();
+        fresh.apply(&full).unwrap();
+        assert_eq!(kernel.live(), fresh, "after sync {step}");
+        if step > 0 {
+            partial_bytes += sync.text.len();
+            full_bytes += full.len();
+        }
+    }
+    // A forced full resync over the existing table ends in the same place.
+    syncer.force_full_sync();
+    let resync = syncer.sync(&table, Instant::from_secs(1000));
+    assert!(resync.full);
+    kernel.apply(&resync.text).unwrap();
+    let mut fresh = NftTable::default();
+    fresh.apply(&render::nft::render(&table, &opts)).unwrap();
+    assert_eq!(kernel.live(), fresh);
+    assert!(deleted > 0, "the sequence deletes chains");
+    assert!(
+        partial_bytes < full_bytes,
+        "partial syncs wrote {partial_bytes} bytes, full renders {full_bytes}"
+    );
+}

@@ -21,16 +21,22 @@
 //!
 //! Chain names hash `ns/name/proto/port` (and `__IP/PORT`) with sha256 and
 //! keep the first 8 base32 characters as a prefix, as kube-proxy does.
+//! [`Syncer`] writes kube-proxy's partial syncs: changed services' chains,
+//! changed elements, stale chains flushed and later deleted.
+//!
 //! Not rendered: NodePort, LoadBalancer, external-IP and firewall entries.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::{IpFamily, PortPlan, RenderOptions, hash, port_plans};
+use core::time::Duration;
+
+use super::{IpFamily, PortPlan, RenderOptions, RulesSync, hash, port_plans};
 use crate::model::flow::Protocol;
 use crate::plan::{Outcome, Planner};
 use crate::table::ServiceTable;
+use crate::time::Instant;
 
 /// kube-proxy's limit on the part of a chain name after its prefix.
 const CHAIN_NAME_BASE_LENGTH_MAX: usize = 256 - 16;
@@ -90,7 +96,18 @@ pub fn endpoint_chain_base(
 }
 
 /// The base ruleset (kube-proxy's `setupNFTables`), for one family.
-fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, addr_type: &str) {
+/// The table, its sets and maps, base chains and their rules. With
+/// `flush`, as a full resync writes it over an existing table: every base
+/// chain and kube-proxy's element sets and maps are flushed after they are
+/// added (the affinity sets are not touched).
+fn write_base(
+    out: &mut String,
+    opts: &RenderOptions,
+    fam: &str,
+    ip_x: &str,
+    addr_type: &str,
+    flush: bool,
+) {
     let t = format!("{fam} kube-proxy");
     let mark = &opts.masquerade_mark;
     let _ = writeln!(
@@ -106,6 +123,10 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
         out,
         "add set {t} nodeport-ips {{ type {addr_type} ; comment \"IPs that accept NodePort traffic\" ; }}"
     );
+    if flush {
+        let _ = writeln!(out, "flush set {t} cluster-ips");
+        let _ = writeln!(out, "flush set {t} nodeport-ips");
+    }
     out.push('\n');
     for (map, key, comment) in [
         (
@@ -139,6 +160,9 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
             out,
             "add map {t} {map} {{ type {key} : verdict ; comment \"{comment}\" ; }}"
         );
+        if flush {
+            let _ = writeln!(out, "flush map {t} {map}");
+        }
     }
     out.push('\n');
     for chain in [
@@ -160,6 +184,10 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
         "service-endpoints-check",
     ] {
         let _ = writeln!(out, "add chain {t} {chain}");
+        if flush {
+            let name = chain.split(' ').next().unwrap_or(chain);
+            let _ = writeln!(out, "flush chain {t} {name}");
+        }
     }
     out.push('\n');
     let mut rules = vec![format!(
@@ -239,32 +267,122 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
 /// ));
 /// ```
 pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
+    let built = build(table, opts);
+    let mut out = String::new();
+    write_base(
+        &mut out,
+        opts,
+        built.fam,
+        built.ip_x,
+        built.addr_type,
+        false,
+    );
+    for p in &built.ports {
+        out.push('\n');
+        for line in p.decls.iter().chain(&p.rules) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if !p.decls.is_empty() {
+            out.push('\n');
+        }
+        for e in &p.elements {
+            e.write_add(&mut out, &built.t);
+        }
+    }
+    out
+}
+
+/// One element of a kube-proxy set or map: `add element T MAP { KEY REST }`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Element {
+    map: &'static str,
+    key: String,
+    /// What follows the key: a comment and/or ` : VERDICT`.
+    rest: String,
+}
+
+impl Element {
+    fn write_add(&self, out: &mut String, t: &str) {
+        let _ = writeln!(
+            out,
+            "add element {t} {} {{ {}{} }}",
+            self.map, self.key, self.rest
+        );
+    }
+}
+
+/// One service port's part of the table.
+#[derive(Debug, Default)]
+struct PortText {
+    /// Index into [`Built::services`].
+    owner: u32,
+    /// `add chain` / `add set` lines, in the order they are written.
+    decls: Vec<String>,
+    /// The service and endpoint chains it declares.
+    chains: Vec<String>,
+    /// The affinity sets it declares.
+    sets: Vec<String>,
+    /// `add rule` lines.
+    rules: Vec<String>,
+    elements: Vec<Element>,
+}
+
+/// A rendering before it is written out.
+#[derive(Debug)]
+struct Built {
+    fam: &'static str,
+    ip_x: &'static str,
+    addr_type: &'static str,
+    /// `FAMILY kube-proxy`.
+    t: String,
+    ports: Vec<PortText>,
+    /// `ns/name` by owner index.
+    services: Vec<String>,
+}
+
+fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
     let plan = Planner::compile(table, &opts.node);
     let (plans, _) = port_plans(table, &plan, opts);
     let (fam, ip_x, addr_type) = match opts.family {
         IpFamily::V4 => ("ip", "ip", "ipv4_addr"),
         IpFamily::V6 => ("ip6", "ip6", "ipv6_addr"),
     };
-    let mut out = String::new();
-    write_base(&mut out, opts, fam, ip_x, addr_type);
     let t = format!("{fam} kube-proxy");
     let mut cluster_ips: HashSet<IpAddr> = HashSet::new();
+    let mut services: Vec<String> = Vec::new();
+    let mut owners: ahash::AHashMap<&crate::model::service::ServiceKey, u32> =
+        ahash::AHashMap::new();
+    let mut ports = Vec::with_capacity(plans.len());
     for p in &plans {
-        out.push('\n');
-        write_service_port(&mut out, p, opts, &t, ip_x, addr_type, &mut cluster_ips);
+        let key = p.service.key();
+        let owner = *owners.entry(key).or_insert_with(|| {
+            services.push(format!("{}/{}", key.namespace, key.name));
+            (services.len() - 1) as u32
+        });
+        let mut text = write_service_port(p, opts, &t, ip_x, addr_type, &mut cluster_ips);
+        text.owner = owner;
+        ports.push(text);
     }
-    out
+    Built {
+        fam,
+        ip_x,
+        addr_type,
+        t,
+        ports,
+        services,
+    }
 }
 
 fn write_service_port(
-    out: &mut String,
     p: &PortPlan<'_>,
     opts: &RenderOptions,
     t: &str,
     ip_x: &str,
     addr_type: &str,
     cluster_ips: &mut HashSet<IpAddr>,
-) {
+) -> PortText {
+    let mut text = PortText::default();
     let key = p.service.key();
     let protocol = p.port.protocol();
     let proto = p.proto();
@@ -272,9 +390,12 @@ fn write_service_port(
     let vip = p.vip;
     let dport = p.port.port();
     let element_key = format!("{vip} . {proto} . {dport}");
-    let mut elements = Vec::new();
     if cluster_ips.insert(vip) {
-        elements.push(format!("add element {t} cluster-ips {{ {vip} }}"));
+        text.elements.push(Element {
+            map: "cluster-ips",
+            key: vip.to_string(),
+            rest: String::new(),
+        });
     }
     match p.outcome {
         Outcome::Reject | Outcome::Drop => {
@@ -283,10 +404,11 @@ fn write_service_port(
             } else {
                 "goto reject-chain"
             };
-            elements.push(format!(
-                "add element {t} no-endpoint-services {{ {element_key} comment \"{}\" : {verdict} }}",
-                p.name
-            ));
+            text.elements.push(Element {
+                map: "no-endpoint-services",
+                key: element_key,
+                rest: format!(" comment \"{}\" : {verdict}", p.name),
+            });
         }
         _ => {
             let eps = &p.endpoints;
@@ -316,37 +438,37 @@ fn write_service_port(
                 eps.iter().collect();
             sorted.sort_by(|a, b| a.0.cmp(&b.0));
             for (ep_chain, ..) in &sorted {
-                let _ = writeln!(out, "add chain {t} {ep_chain}");
+                text.decls.push(format!("add chain {t} {ep_chain}"));
+                text.chains.push(ep_chain.clone());
             }
             let affinity = p.service.session_affinity().timeout().map(|d| d.as_secs());
             if let Some(secs) = affinity {
                 let mut sets: Vec<&String> = eps.iter().map(|(_, s, _)| s).collect();
                 sets.sort();
                 for set in sets {
-                    let _ = writeln!(
-                        out,
+                    text.decls.push(format!(
                         "add set {t} {set} {{ type {addr_type} ; flags dynamic,timeout ; timeout {secs}s ; }}"
-                    );
+                    ));
+                    text.sets.push(set.clone());
                 }
             }
-            let _ = writeln!(out, "add chain {t} {chain}");
+            text.decls.push(format!("add chain {t} {chain}"));
+            text.chains.push(chain.clone());
+            let rules = &mut text.rules;
             if opts.masquerade_all {
-                let _ = writeln!(
-                    out,
+                rules.push(format!(
                     "add rule {t} {chain} {ip_x} daddr {vip} jump mark-for-masquerade"
-                );
+                ));
             } else if let Some(cidr) = opts.family_cluster_cidr() {
-                let _ = writeln!(
-                    out,
+                rules.push(format!(
                     "add rule {t} {chain} {ip_x} daddr {vip} {ip_x} saddr != {cidr} jump mark-for-masquerade"
-                );
+                ));
             }
             if affinity.is_some() {
                 for (ep_chain, set, _) in &eps {
-                    let _ = writeln!(
-                        out,
+                    rules.push(format!(
                         "add rule {t} {chain} {ip_x} saddr @{set} goto {ep_chain}"
-                    );
+                    ));
                 }
             }
             let vmap: Vec<String> = eps
@@ -354,39 +476,291 @@ fn write_service_port(
                 .enumerate()
                 .map(|(i, (ep_chain, ..))| format!("{i} : goto {ep_chain}"))
                 .collect();
-            let _ = writeln!(
-                out,
+            rules.push(format!(
                 "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
                 eps.len(),
                 vmap.join(" , ")
-            );
+            ));
             for (ep_chain, set, ep) in sorted {
-                let _ = writeln!(
-                    out,
+                rules.push(format!(
                     "add rule {t} {ep_chain} {ip_x} saddr {} jump mark-for-masquerade",
                     ep.addr().ip()
-                );
+                ));
                 if affinity.is_some() {
-                    let _ = writeln!(
-                        out,
+                    rules.push(format!(
                         "add rule {t} {ep_chain} update @{set} {{ {ip_x} saddr }}"
-                    );
+                    ));
                 }
-                let _ = writeln!(
-                    out,
+                rules.push(format!(
                     "add rule {t} {ep_chain} meta l4proto {proto} dnat to {}",
                     ep.addr_string()
-                );
+                ));
             }
-            out.push('\n');
-            elements.push(format!(
-                "add element {t} service-ips {{ {element_key} : goto {chain} }}"
-            ));
+            text.elements.push(Element {
+                map: "service-ips",
+                key: element_key,
+                rest: format!(" : goto {chain}"),
+            });
         }
     }
-    for e in elements {
-        out.push_str(&e);
-        out.push('\n');
+    text
+}
+
+/// How long a stale chain stays flushed before kube-proxy deletes it (a
+/// map element that pointed at it may be released late on kernels before
+/// 6.2).
+pub const STALE_CHAIN_DELAY: Duration = Duration::from_secs(1);
+
+/// kube-proxy's nftables partial syncs (`pkg/proxy/nftables/proxier.go`,
+/// Kubernetes 1.31+): keeps what it wrote last and returns each sync's
+/// `nft -f` transaction.
+///
+/// - The first sync is the whole [`render`] output. A forced sync
+///   ([`force_full_sync`](Syncer::force_full_sync), kube-proxy's
+///   `needFullSync`) and a sync more than
+///   [`FULL_SYNC_PERIOD`](super::iptables::FULL_SYNC_PERIOD) after the last
+///   full one rewrite everything over the existing table: base chains and
+///   kube-proxy's element sets and maps flushed and refilled, every
+///   service chain flushed and rewritten (affinity sets keep their
+///   entries).
+/// - A partial sync writes a changed service's chains (`add chain`,
+///   `flush chain`, its rules, its affinity sets) and only the elements of
+///   `cluster-ips`, `service-ips` and `no-endpoint-services` that are new
+///   or changed (`delete element` + `add element`) or gone
+///   (`delete element`), as kube-proxy's `nftElementStorage` does.
+/// - Chains no longer used are flushed, and deleted (`delete chain`) at the
+///   start of the first sync more than [`STALE_CHAIN_DELAY`] later; stale
+///   affinity sets are deleted at once. As in kube-proxy, a sync that finds
+///   a stale chain still there flushes it again and restarts its delay, so
+///   syncs less than a second apart keep deleting nothing (kube-proxy's
+///   `--min-sync-period` of 1 s keeps that from mattering).
+///
+/// As [`iptables::Syncer`](super::iptables::Syncer), a service counts as
+/// changed when its rendered chains differ from what was last written.
+///
+/// # Examples
+/// ```
+/// use svclb::*;
+/// use svclb::render::{RenderOptions, nft::Syncer};
+///
+/// let mut table = ServiceTable::new();
+/// let mut syncer = Syncer::new(RenderOptions::default());
+/// let svc = Service::builder("a", "svc")
+///     .cluster_ip("172.30.0.1".parse().unwrap())
+///     .port(ServicePortSpec::tcp(80))
+///     .build()?;
+/// table.apply(Change::UpsertService(svc))?;
+/// assert!(syncer.sync(&table, Instant::ZERO).full);
+/// table.apply(Change::DeleteService(ServiceKey::new("a", "svc")))?;
+/// let sync = syncer.sync(&table, Instant::from_secs(1));
+/// assert_eq!(
+///     sync.text,
+///     "delete element ip kube-proxy cluster-ips { 172.30.0.1 }\n\
+///      delete element ip kube-proxy no-endpoint-services { 172.30.0.1 . tcp . 80 }\n"
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Syncer {
+    opts: RenderOptions,
+    /// `ns/name` -> fingerprint of the service's chains as last written.
+    written: ahash::AHashMap<String, u64>,
+    /// (set or map, key) -> what follows the key, as in the kernel.
+    elements: ahash::AHashMap<(&'static str, String), String>,
+    /// Service and endpoint chains in the kernel.
+    chains: ahash::AHashSet<String>,
+    /// Affinity sets in the kernel.
+    sets: ahash::AHashSet<String>,
+    /// Chains flushed as stale, and when.
+    stale: ahash::AHashMap<String, Instant>,
+    last_full: Option<Instant>,
+    need_full: bool,
+    full_sync_period: Duration,
+}
+
+impl Syncer {
+    /// A syncer that has written nothing yet: its first sync is full.
+    pub fn new(opts: RenderOptions) -> Syncer {
+        Syncer {
+            opts,
+            written: ahash::AHashMap::new(),
+            elements: ahash::AHashMap::new(),
+            chains: ahash::AHashSet::new(),
+            sets: ahash::AHashSet::new(),
+            stale: ahash::AHashMap::new(),
+            last_full: None,
+            need_full: true,
+            full_sync_period: super::iptables::FULL_SYNC_PERIOD,
+        }
+    }
+
+    /// Sets the period after which a sync is full again.
+    pub fn full_sync_period(mut self, period: Duration) -> Syncer {
+        self.full_sync_period = period;
+        self
+    }
+
+    /// Makes the next sync full (kube-proxy's `needFullSync`, as after a
+    /// failed transaction).
+    pub fn force_full_sync(&mut self) {
+        self.need_full = true;
+    }
+
+    /// The rendering options.
+    pub fn options(&self) -> &RenderOptions {
+        &self.opts
+    }
+
+    /// The transaction that brings the table written so far to `table`'s.
+    pub fn sync(&mut self, table: &ServiceTable, now: Instant) -> RulesSync {
+        use std::hash::{Hash as _, Hasher as _};
+        let built = build(table, &self.opts);
+        let t = &built.t;
+        let first = self.last_full.is_none();
+        let full = self.need_full
+            || self
+                .last_full
+                .is_none_or(|l| now.saturating_duration_since(l) > self.full_sync_period);
+        let mut out = String::new();
+        let mut chains_deleted = 0;
+
+        // kube-proxy deletes sufficiently stale chains first.
+        let mut gone: Vec<String> = self
+            .stale
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) > STALE_CHAIN_DELAY)
+            .map(|(c, _)| c.clone())
+            .collect();
+        gone.sort();
+        for chain in gone {
+            let _ = writeln!(out, "delete chain {t} {chain}");
+            self.stale.remove(&chain);
+            self.chains.remove(&chain);
+            chains_deleted += 1;
+        }
+
+        let mut prints: Vec<std::hash::DefaultHasher> =
+            vec![std::hash::DefaultHasher::new(); built.services.len()];
+        let mut active_chains = ahash::AHashSet::new();
+        let mut active_sets = ahash::AHashSet::new();
+        for p in &built.ports {
+            let h = &mut prints[p.owner as usize];
+            p.decls.hash(h);
+            p.rules.hash(h);
+            active_chains.extend(p.chains.iter().cloned());
+            active_sets.extend(p.sets.iter().cloned());
+        }
+        let prints: Vec<u64> = prints.iter().map(|h| h.finish()).collect();
+        let changed: Vec<bool> = built
+            .services
+            .iter()
+            .zip(&prints)
+            .map(|(k, p)| full || self.written.get(k) != Some(p))
+            .collect();
+
+        if first {
+            // Into an empty table: exactly the full rendering.
+            write_base(
+                &mut out,
+                &self.opts,
+                built.fam,
+                built.ip_x,
+                built.addr_type,
+                false,
+            );
+        } else if full {
+            write_base(
+                &mut out,
+                &self.opts,
+                built.fam,
+                built.ip_x,
+                built.addr_type,
+                true,
+            );
+            self.elements.clear();
+        }
+        let mut current: ahash::AHashSet<(&'static str, &str)> = ahash::AHashSet::new();
+        for p in &built.ports {
+            let write_chains = changed[p.owner as usize];
+            if first {
+                out.push('\n');
+            }
+            if write_chains {
+                for line in &p.decls {
+                    out.push_str(line);
+                    out.push('\n');
+                    if !first {
+                        if let Some(chain) = line.strip_prefix("add chain ") {
+                            let _ = writeln!(out, "flush chain {chain}");
+                        }
+                    }
+                }
+                for line in &p.rules {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+                if first && !p.decls.is_empty() {
+                    out.push('\n');
+                }
+            }
+            for e in &p.elements {
+                current.insert((e.map, e.key.as_str()));
+                match self.elements.get(&(e.map, e.key.clone())) {
+                    Some(rest) if *rest == e.rest => {}
+                    Some(_) => {
+                        let _ = writeln!(out, "delete element {t} {} {{ {} }}", e.map, e.key);
+                        e.write_add(&mut out, t);
+                    }
+                    None => e.write_add(&mut out, t),
+                }
+            }
+        }
+        // Chains no longer used are flushed now and deleted later.
+        let mut stale: Vec<&String> = self.chains.difference(&active_chains).collect();
+        stale.sort();
+        for chain in stale {
+            let _ = writeln!(out, "flush chain {t} {chain}");
+            self.stale.insert(chain.clone(), now);
+        }
+        for chain in &active_chains {
+            self.stale.remove(chain);
+        }
+        let mut stale_sets: Vec<&String> = self.sets.difference(&active_sets).collect();
+        stale_sets.sort();
+        for set in stale_sets {
+            let _ = writeln!(out, "delete set {t} {set}");
+        }
+        // Elements left over.
+        let mut leftover: Vec<&(&'static str, String)> = self
+            .elements
+            .keys()
+            .filter(|(m, k)| !current.contains(&(*m, k.as_str())))
+            .collect();
+        leftover.sort();
+        for (map, key) in leftover {
+            let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
+        }
+
+        self.elements = built
+            .ports
+            .iter()
+            .flat_map(|p| &p.elements)
+            .map(|e| ((e.map, e.key.clone()), e.rest.clone()))
+            .collect();
+        self.chains.extend(active_chains);
+        self.sets = active_sets;
+        let services_written = changed.iter().filter(|c| **c).count();
+        self.written = built.services.into_iter().zip(prints).collect();
+        if full {
+            self.last_full = Some(now);
+        }
+        self.need_full = false;
+        RulesSync {
+            text: out,
+            full,
+            services_written,
+            chains_deleted,
+        }
     }
 }
 
