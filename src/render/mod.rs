@@ -9,6 +9,8 @@
 //!   with its live connection counters.
 //! - [`conntrack`]: tracked connections as `conntrack -L` and
 //!   `ipvsadm -lnc` list them.
+//! - [`iptables::Syncer`] and [`nft::Syncer`]: kube-proxy's partial syncs,
+//!   each sync's restore input written from what the last one left.
 //!
 //! Renderers read the table (and, for `ipvsadm`, the dataplane); they run at
 //! control-plane speed, allocate freely and never touch a packet path. Which
