@@ -17,12 +17,15 @@ use svclb::render::iptables::Syncer;
 use svclb::render::{self, RenderOptions};
 use svclb::*;
 
-/// kube-proxy's test configuration (as in tests/render_golden.rs).
+/// kube-proxy's test configuration (as in tests/render_golden.rs). The
+/// TestSyncProxyRulesRepeated copy is from before kube-proxy's nfacct
+/// counters (1.31), so without them.
 fn kube_proxy_test_options() -> RenderOptions {
     RenderOptions::default()
         .cluster_cidr("10.0.0.0/8".parse().unwrap())
         .masquerade_mark("0x4000")
         .random_fully(false)
+        .nfacct(false)
 }
 
 fn expected(step: usize) -> String {

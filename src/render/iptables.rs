@@ -1,14 +1,21 @@
 //! The table as `iptables-restore` input, written the way kube-proxy's
 //! iptables mode writes it (`pkg/proxy/iptables/proxier.go`, Kubernetes
-//! 1.28–1.33 generation) for ClusterIP services:
+//! 1.31–1.33 generation):
 //!
 //! - `*filter`: the fixed chains, `REJECT` rules for service ports without
 //!   endpoints (`"ns/svc:port has no endpoints"`), `DROP` rules for Local
-//!   policies without local endpoints, `KUBE-FIREWALL` and `KUBE-FORWARD`
-//!   (the flavour without `nfacct` counters);
-//! - `*nat`: `KUBE-SERVICES` jumps per (cluster IP, protocol, port),
-//!   `KUBE-SVC-…`/`KUBE-SVL-…` chains with the `-m statistic` cascade and
-//!   the `-m recent --rcheck` ClientIP-affinity rules, `KUBE-SEP-…` chains
+//!   policies without local endpoints, the same for external destinations
+//!   in `KUBE-EXTERNAL-SERVICES`, health-check node ports accepted in
+//!   `KUBE-NODEPORTS`, `KUBE-PROXY-FIREWALL` drops for load-balancer IPs
+//!   with source ranges, `KUBE-FIREWALL` and `KUBE-FORWARD` (with the
+//!   `nfacct` counter unless [`RenderOptions::nfacct`] is off);
+//! - `*nat`: `KUBE-SERVICES` jumps per (cluster IP, external IP,
+//!   load-balancer IP; protocol, port), `KUBE-NODEPORTS` jumps per node
+//!   port (and for `127.0.0.0/8`, counted by `nfacct`), `KUBE-SVC-…`/`KUBE-SVL-…`
+//!   chains with the `-m statistic` cascade and the `-m recent --rcheck`
+//!   ClientIP-affinity rules, `KUBE-EXT-…` chains (masquerade, or for
+//!   `externalTrafficPolicy: Local` the pod and LOCAL short-circuits),
+//!   `KUBE-FW-…` chains for `loadBalancerSourceRanges`, `KUBE-SEP-…` chains
 //!   with the hairpin masquerade, `-m recent --set` and the DNAT, and the
 //!   fixed `KUBE-MARK-MASQ`/`KUBE-POSTROUTING` chains.
 //!
@@ -30,8 +37,11 @@
 //! sync, only the chains of services whose rules changed, and `-X` for
 //! chains no longer used.
 //!
-//! Not rendered: NodePort, LoadBalancer and external-IP rules (svclb models
-//! cluster IPs), and `nfacct` counters.
+//! Not rendered yet: external destinations of services with
+//! `internalTrafficPolicy: Local`; `--nodeport-addresses` (node ports are
+//! matched with `-m addrtype --dst-type LOCAL`, kube-proxy's default); the
+//! `allowFromNode` source-range rule (the node's IP is not a render
+//! option).
 
 use std::fmt::Write as _;
 
@@ -39,9 +49,12 @@ use core::time::Duration;
 
 use super::{PortPlan, RenderOptions, RulesSync, hash, port_plans};
 use crate::model::flow::Protocol;
+use crate::model::service::TrafficPolicy;
 use crate::plan::{Outcome, Planner};
-use crate::table::ServiceTable;
+use crate::table::{EndpointInfo, ServiceTable};
 use crate::time::Instant;
+use crate::topology::{Selection, categorize};
+use std::sync::Arc;
 
 const KUBE_SERVICES: &str = "KUBE-SERVICES";
 const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
@@ -53,6 +66,45 @@ const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
 const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
 const NODEPORTS_COMMENT: &str =
     "\"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+
+/// kube-proxy's nfacct counter of packets dropped as conntrack-INVALID.
+const NFACCT_INVALID: &str = "ct_state_invalid_dropped_pkts";
+/// kube-proxy's nfacct counter of packets accepted on localhost node ports.
+const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
+
+/// Rules of kube-proxy's top-level chains, collected per service and
+/// sorted by service name when written.
+#[derive(Debug, Default)]
+struct Collected {
+    filter_services: Vec<String>,
+    nat_services: Vec<String>,
+    filter_external: Vec<String>,
+    filter_nodeports: Vec<String>,
+    filter_firewall: Vec<String>,
+    nat_nodeports: Vec<String>,
+}
+
+/// The `KUBE-EXT-…` chain of a service port (external destinations).
+///
+/// # Examples
+/// ```
+/// use svclb::{Protocol, render::iptables::external_chain_name};
+/// assert_eq!(external_chain_name("ns2/svc2:p80", Protocol::Tcp), "KUBE-EXT-GNZBNJ2PO5MGZ6GT");
+/// ```
+pub fn external_chain_name(service_port_name: &str, protocol: Protocol) -> String {
+    format!("KUBE-EXT-{}", port_proto_hash(service_port_name, protocol))
+}
+
+/// The `KUBE-FW-…` chain of a service port (load-balancer source ranges).
+///
+/// # Examples
+/// ```
+/// use svclb::{Protocol, render::iptables::firewall_chain_name};
+/// assert_eq!(firewall_chain_name("ns5/svc5:p80", Protocol::Tcp), "KUBE-FW-NUKIZ6OKUXPJNT4C");
+/// ```
+pub fn firewall_chain_name(service_port_name: &str, protocol: Protocol) -> String {
+    format!("KUBE-FW-{}", port_proto_hash(service_port_name, protocol))
+}
 
 /// More endpoints than this and kube-proxy drops the per-endpoint comments.
 pub const LARGE_CLUSTER_ENDPOINTS_THRESHOLD: usize = 1000;
@@ -319,9 +371,9 @@ fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
         );
     }
 
-    // KUBE-SERVICES rules are collected apart and sorted by service name.
-    let mut filter_services: Vec<String> = Vec::new();
-    let mut nat_services: Vec<String> = Vec::new();
+    // KUBE-SERVICES (and the other per-service top-level chains') rules
+    // are collected apart and sorted by service name.
+    let mut c = Collected::default();
     let mut services: Vec<String> = Vec::new();
     let mut owners: ahash::AHashMap<&crate::model::service::ServiceKey, u32> =
         ahash::AHashMap::new();
@@ -332,19 +384,35 @@ fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
             (services.len() - 1) as u32
         });
         nat.owner = Some(owner);
-        write_service_port(
-            p,
-            opts,
-            large_cluster,
-            &mut nat,
-            &mut filter_services,
-            &mut nat_services,
-        );
+        write_service_port(p, table, opts, large_cluster, &mut nat, &mut c);
         nat.owner = None;
     }
-    filter_services.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
-    nat_services.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
+    let by_service = |v: &mut Vec<String>| {
+        v.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
+    };
+    let Collected {
+        mut filter_services,
+        mut nat_services,
+        mut filter_external,
+        mut filter_nodeports,
+        mut filter_firewall,
+        mut nat_nodeports,
+    } = c;
+    for v in [
+        &mut filter_services,
+        &mut nat_services,
+        &mut filter_external,
+        &mut filter_nodeports,
+        &mut filter_firewall,
+        &mut nat_nodeports,
+    ] {
+        by_service(v);
+    }
     *filter.chain(KUBE_SERVICES, true) = filter_services;
+    *filter.chain(KUBE_EXTERNAL_SERVICES, true) = filter_external;
+    *filter.chain(KUBE_NODEPORTS, true) = filter_nodeports;
+    *filter.chain(KUBE_PROXY_FIREWALL, true) = filter_firewall;
+    *nat.chain(KUBE_NODEPORTS, true) = nat_nodeports;
     let mut nodeports = vec!["-m", "comment", "--comment", NODEPORTS_COMMENT];
     nodeports.extend(["-m", "addrtype", "--dst-type", "LOCAL"]);
     if ipv6 {
@@ -356,10 +424,12 @@ fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
     nat_services.push(format!("-A {KUBE_SERVICES} {}", nodeports.join(" ")));
     *nat.chain(KUBE_SERVICES, true) = nat_services;
 
-    filter.rule(
-        KUBE_FORWARD,
-        &["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
-    );
+    let mut invalid = vec!["-m", "conntrack", "--ctstate", "INVALID"];
+    if opts.nfacct {
+        invalid.extend(["-m", "nfacct", "--nfacct-name", NFACCT_INVALID]);
+    }
+    invalid.extend(["-j", "DROP"]);
+    filter.rule(KUBE_FORWARD, &invalid);
     filter.rule(
         KUBE_FORWARD,
         &[
@@ -406,11 +476,11 @@ fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
 /// The rules of one service port on one cluster IP.
 fn write_service_port(
     p: &PortPlan<'_>,
+    table: &ServiceTable,
     opts: &RenderOptions,
     large_cluster: bool,
     nat: &mut TableText,
-    filter_services: &mut Vec<String>,
-    nat_services: &mut Vec<String>,
+    c: &mut Collected,
 ) {
     let proto = p.proto();
     let protocol = p.port.protocol();
@@ -423,10 +493,11 @@ fn write_service_port(
     };
     let eps = &p.endpoints;
     if p.outcome != Outcome::Forward {
-        // No nat chains at all: only the filter rule for the cluster IP.
-        filter_services.push(format!(
+        // No nat chains for the cluster IP: only its filter rule.
+        c.filter_services.push(format!(
             "-A {KUBE_SERVICES} -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {vip} --dport {dport} -j {verdict}"
         ));
+        write_external(p, table, opts, large_cluster, nat, c);
         return;
     }
     let chain = if p.local_policy() {
@@ -435,9 +506,10 @@ fn write_service_port(
         service_chain_name(name, protocol)
     };
     let cluster_ip_comment = format!("\"{name} cluster IP\"");
-    nat_services.push(format!(
+    c.nat_services.push(format!(
         "-A {KUBE_SERVICES} -m comment --comment {cluster_ip_comment} -m {proto} -p {proto} -d {vip} --dport {dport} -j {chain}"
     ));
+    write_external(p, table, opts, large_cluster, nat, c);
 
     nat.declare(&chain);
     let capture = [
@@ -549,6 +621,300 @@ fn write_service_port(
             addr,
         ]);
         nat.rule(sep_chain, &args);
+    }
+}
+
+/// The rules of a service port's external destinations (its node port,
+/// external IPs and load-balancer IPs), as kube-proxy's `syncProxyRules`
+/// writes them: the `KUBE-SERVICES` and `KUBE-NODEPORTS` jumps, the
+/// `KUBE-EXTERNAL-SERVICES` and `KUBE-PROXY-FIREWALL` filter rules, the
+/// health-check node port, and the `KUBE-EXT-`, `KUBE-FW-` and (for
+/// `externalTrafficPolicy: Local`) `KUBE-SVL-` chains.
+///
+/// Services with `internalTrafficPolicy: Local` get no external rules here
+/// (not rendered yet).
+fn write_external(
+    p: &PortPlan<'_>,
+    table: &ServiceTable,
+    opts: &RenderOptions,
+    large_cluster: bool,
+    nat: &mut TableText,
+    c: &mut Collected,
+) {
+    let svc = p.service;
+    if !svc.externally_accessible() || p.local_policy() {
+        return;
+    }
+    let fam = opts.family;
+    let name = p.name;
+    let proto = p.proto();
+    let protocol = p.port.protocol();
+    let dport = p.port.port().to_string();
+    let has_endpoints = p.outcome != Outcome::Reject;
+    let etp_local = svc.external_traffic_policy() == TrafficPolicy::Local;
+    let local: Vec<Arc<EndpointInfo>> = if etp_local {
+        table
+            .view(svc.key())
+            .and_then(|v| {
+                v.ports().iter().find(|pv| {
+                    pv.port().port() == p.port.port() && pv.port().protocol() == protocol
+                })
+            })
+            .map(|pv| {
+                match categorize(
+                    pv.endpoints(),
+                    TrafficPolicy::Local,
+                    &opts.node,
+                    Some(p.vip),
+                ) {
+                    Selection::Usable(v) => v,
+                    _ => Vec::new(),
+                }
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let has_external = has_endpoints && (!etp_local || !local.is_empty());
+    let ext = external_chain_name(name, protocol);
+    let fw = firewall_chain_name(name, protocol);
+    let svc_chain = service_chain_name(name, protocol);
+    let ext_ips: Vec<String> = svc
+        .external_ips()
+        .iter()
+        .filter(|ip| fam.contains(**ip))
+        .map(ToString::to_string)
+        .collect();
+    let lb_ips: Vec<String> = svc
+        .load_balancer_vips()
+        .filter(|ip| fam.contains(*ip))
+        .map(|ip| ip.to_string())
+        .collect();
+    let ranges: Vec<String> = svc
+        .load_balancer_source_ranges()
+        .iter()
+        .filter(|r| fam.contains(r.addr()))
+        .map(ToString::to_string)
+        .collect();
+    let uses_fw = !lb_ips.is_empty() && !ranges.is_empty();
+    let (what, verdict) = if has_endpoints {
+        ("has no local endpoints", "DROP")
+    } else {
+        ("has no endpoints", "REJECT")
+    };
+    for ip in &ext_ips {
+        if has_endpoints {
+            c.nat_services.push(format!(
+                "-A {KUBE_SERVICES} -m comment --comment \"{name} external IP\" -m {proto} -p {proto} -d {ip} --dport {dport} -j {ext}"
+            ));
+        }
+        if !has_external {
+            c.filter_external.push(format!(
+                "-A {KUBE_EXTERNAL_SERVICES} -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {ip} --dport {dport} -j {verdict}"
+            ));
+        }
+    }
+    for ip in &lb_ips {
+        if has_endpoints {
+            let target = if uses_fw { &fw } else { &ext };
+            c.nat_services.push(format!(
+                "-A {KUBE_SERVICES} -m comment --comment \"{name} loadbalancer IP\" -m {proto} -p {proto} -d {ip} --dport {dport} -j {target}"
+            ));
+        }
+        if uses_fw {
+            c.filter_firewall.push(format!(
+                "-A {KUBE_PROXY_FIREWALL} -m comment --comment \"{name} traffic not accepted by {fw}\" -m {proto} -p {proto} -d {ip} --dport {dport} -j DROP"
+            ));
+        }
+    }
+    if !has_external {
+        for ip in &lb_ips {
+            c.filter_external.push(format!(
+                "-A {KUBE_EXTERNAL_SERVICES} -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {ip} --dport {dport} -j {verdict}"
+            ));
+        }
+    }
+    if let Some(np) = p.port.node_port() {
+        if has_endpoints {
+            if fam == super::IpFamily::V4 && opts.localhost_nodeports {
+                let nfacct = if opts.nfacct {
+                    format!(" -m nfacct --nfacct-name {NFACCT_LOCALHOST_NODEPORTS}")
+                } else {
+                    String::new()
+                };
+                c.nat_nodeports.push(format!(
+                    "-A {KUBE_NODEPORTS} -m comment --comment {name} -m {proto} -p {proto} -d 127.0.0.0/8 --dport {np}{nfacct} -j {ext}"
+                ));
+            }
+            c.nat_nodeports.push(format!(
+                "-A {KUBE_NODEPORTS} -m comment --comment {name} -m {proto} -p {proto} --dport {np} -j {ext}"
+            ));
+        }
+        if !has_external {
+            c.filter_external.push(format!(
+                "-A {KUBE_EXTERNAL_SERVICES} -m comment --comment \"{name} {what}\" -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {verdict}"
+            ));
+        }
+    }
+    if let Some(hc) = svc.health_check_node_port() {
+        c.filter_nodeports.push(format!(
+            "-A {KUBE_NODEPORTS} -m comment --comment \"{name} health check node port\" -m tcp -p tcp --dport {hc} -j ACCEPT"
+        ));
+    }
+    if !has_endpoints {
+        return;
+    }
+    nat.declare(&ext);
+    let dest = "external destinations\"";
+    if etp_local {
+        if let Some(cidr) = opts.family_cluster_cidr() {
+            let cidr = cidr.to_string();
+            let comment = format!("\"pod traffic for {name} {dest}");
+            nat.rule(
+                &ext,
+                &[
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                    "-s",
+                    &cidr,
+                    "-j",
+                    &svc_chain,
+                ],
+            );
+        }
+        let comment = format!("\"masquerade LOCAL traffic for {name} {dest}");
+        nat.rule(
+            &ext,
+            &[
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-m",
+                "addrtype",
+                "--src-type",
+                "LOCAL",
+                "-j",
+                KUBE_MARK_MASQ,
+            ],
+        );
+        let comment = format!("\"route LOCAL traffic for {name} {dest}");
+        nat.rule(
+            &ext,
+            &[
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-m",
+                "addrtype",
+                "--src-type",
+                "LOCAL",
+                "-j",
+                &svc_chain,
+            ],
+        );
+    } else {
+        let comment = format!("\"masquerade traffic for {name} {dest}");
+        nat.rule(
+            &ext,
+            &["-m", "comment", "--comment", &comment, "-j", KUBE_MARK_MASQ],
+        );
+    }
+    if has_external {
+        if etp_local {
+            let svl = local_chain_name(name, protocol);
+            nat.rule(&ext, &["-j", &svl]);
+            nat.declare(&svl);
+            let refs: Vec<&Arc<EndpointInfo>> = local.iter().collect();
+            write_endpoint_jumps(nat, &svl, p, &refs, large_cluster);
+        } else {
+            nat.rule(&ext, &["-j", &svc_chain]);
+        }
+    }
+    if uses_fw {
+        nat.declare(&fw);
+        let comment = format!("\"{name} loadbalancer IP\"");
+        for r in &ranges {
+            nat.rule(
+                &fw,
+                &["-m", "comment", "--comment", &comment, "-s", r, "-j", &ext],
+            );
+        }
+        let comment =
+            format!("\"other traffic to {name} will be dropped by {KUBE_PROXY_FIREWALL}\"");
+        nat.rule(&fw, &["-m", "comment", "--comment", &comment]);
+    }
+}
+
+/// The affinity checks and the `-m statistic` cascade from `chain` to the
+/// endpoints' `KUBE-SEP-` chains.
+fn write_endpoint_jumps(
+    nat: &mut TableText,
+    chain: &str,
+    p: &PortPlan<'_>,
+    eps: &[&Arc<EndpointInfo>],
+    large_cluster: bool,
+) {
+    let name = p.name;
+    let protocol = p.port.protocol();
+    let affinity = p
+        .service
+        .session_affinity()
+        .timeout()
+        .map(|t| t.as_secs().to_string());
+    let sep: Vec<(String, String)> = eps
+        .iter()
+        .map(|e| {
+            let addr = e.addr_string();
+            (endpoint_chain_name(name, protocol, &addr), addr)
+        })
+        .collect();
+    if let Some(seconds) = &affinity {
+        for (sep_chain, addr) in &sep {
+            let text = format!("\"{name} -> {addr}\"");
+            let mut args: Vec<&str> = Vec::with_capacity(16);
+            if !large_cluster {
+                args.extend(["-m", "comment", "--comment", &text]);
+            }
+            args.extend([
+                "-m",
+                "recent",
+                "--name",
+                sep_chain,
+                "--rcheck",
+                "--seconds",
+                seconds,
+                "--reap",
+                "-j",
+                sep_chain,
+            ]);
+            nat.rule(chain, &args);
+        }
+    }
+    let n = sep.len();
+    for (i, (sep_chain, addr)) in sep.iter().enumerate() {
+        let text = format!("\"{name} -> {addr}\"");
+        let prob;
+        let mut args: Vec<&str> = Vec::with_capacity(16);
+        if !large_cluster {
+            args.extend(["-m", "comment", "--comment", &text]);
+        }
+        if i + 1 < n {
+            prob = probability(i, n);
+            args.extend([
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &prob,
+            ]);
+        }
+        args.extend(["-j", sep_chain]);
+        nat.rule(chain, &args);
     }
 }
 

@@ -2,8 +2,9 @@
 //! kube-proxy and IPVS tools produce.
 //!
 //! - [`iptables`]: `iptables-restore` input, the rules kube-proxy's iptables
-//!   mode writes for ClusterIP services (chain names, comments and argument
-//!   order exactly as kube-proxy's; see that module for the version).
+//!   mode writes for cluster IPs, node ports, external and load-balancer
+//!   IPs (chain names, comments and argument order exactly as
+//!   kube-proxy's; see that module for the version).
 //! - [`nft`]: `nft -f` input, kube-proxy's nftables-mode table.
 //! - [`ipvsadm`]: an `ipvsadm -ln` listing of an [`IpvsDataplane`](crate::IpvsDataplane),
 //!   with its live connection counters.
@@ -225,6 +226,12 @@ pub struct RenderOptions {
     pub service_cidrs: Vec<Cidr>,
     /// The connection-table size `ipvsadm` prints in its header.
     pub ipvs_conn_table_size: u32,
+    /// Write the `nfacct` counters kube-proxy 1.31+ adds to its iptables
+    /// rules (`-m nfacct --nfacct-name ct_state_invalid_dropped_pkts` on
+    /// the conntrack-INVALID drop, `localhost_nps_accepted_pkts` on
+    /// localhost node ports). On by default, as kube-proxy has them where
+    /// the kernel supports `xt_nfacct`.
+    pub nfacct: bool,
 }
 
 impl Default for RenderOptions {
@@ -240,6 +247,7 @@ impl Default for RenderOptions {
             builtin_jumps: false,
             service_cidrs: Vec::new(),
             ipvs_conn_table_size: 4096,
+            nfacct: true,
         }
     }
 }
@@ -317,6 +325,11 @@ impl RenderOptions {
     /// Turns `MASQUERADE --random-fully` on or off.
     pub fn random_fully(mut self, on: bool) -> Self {
         self.random_fully = on;
+        self
+    }
+    /// Sets [`nfacct`](Self::nfacct).
+    pub fn nfacct(mut self, on: bool) -> Self {
+        self.nfacct = on;
         self
     }
     /// Turns the built-in chain jumps on or off.
