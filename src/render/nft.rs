@@ -1,6 +1,6 @@
 //! The table as `nft -f` input, written the way kube-proxy's nftables mode
 //! (`pkg/proxy/nftables/proxier.go`, Kubernetes 1.33 generation) builds its
-//! `kube-proxy` table for ClusterIP services:
+//! `kube-proxy` table:
 //!
 //! - the base ruleset: the `cluster-ips` set, the `service-ips` verdict map
 //!   keyed by `daddr . l4proto . dport` (one O(1) lookup finds the service),
@@ -24,7 +24,12 @@
 //! [`Syncer`] writes kube-proxy's partial syncs: changed services' chains,
 //! changed elements, stale chains flushed and later deleted.
 //!
-//! Not rendered: NodePort, LoadBalancer, external-IP and firewall entries.
+//! External destinations: `service-ips` entries for external and
+//! load-balancer IPs, `service-nodeports`, `firewall-ips`,
+//! `no-endpoint-nodeports` and the `external-`, `firewall-` and `local-`
+//! chains, as kube-proxy writes them. Not rendered yet: `nodeport-ips`
+//! elements (the node's addresses are not a render option), and external
+//! destinations of services with `internalTrafficPolicy: Local`.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -34,9 +39,12 @@ use core::time::Duration;
 
 use super::{IpFamily, PortPlan, RenderOptions, RulesSync, hash, port_plans};
 use crate::model::flow::Protocol;
+use crate::model::service::TrafficPolicy;
 use crate::plan::{Outcome, Planner};
-use crate::table::ServiceTable;
+use crate::table::{EndpointInfo, ServiceTable};
 use crate::time::Instant;
+use crate::topology::{Selection, categorize};
+use std::sync::Arc;
 
 /// kube-proxy's limit on the part of a chain name after its prefix.
 const CHAIN_NAME_BASE_LENGTH_MAX: usize = 256 - 16;
@@ -360,7 +368,7 @@ fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
             services.push(format!("{}/{}", key.namespace, key.name));
             (services.len() - 1) as u32
         });
-        let mut text = write_service_port(p, opts, &t, ip_x, addr_type, &mut cluster_ips);
+        let mut text = write_service_port(p, table, opts, &t, ip_x, addr_type, &mut cluster_ips);
         text.owner = owner;
         ports.push(text);
     }
@@ -376,6 +384,7 @@ fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
 
 fn write_service_port(
     p: &PortPlan<'_>,
+    table: &ServiceTable,
     opts: &RenderOptions,
     t: &str,
     ip_x: &str,
@@ -503,7 +512,226 @@ fn write_service_port(
             });
         }
     }
+    write_external(&mut text, p, table, opts, t, ip_x);
     text
+}
+
+/// A service port's external destinations (node port, external IPs,
+/// load-balancer IPs), as kube-proxy's nftables proxier writes them: the
+/// `service-ips`, `service-nodeports`, `firewall-ips`,
+/// `no-endpoint-services` and `no-endpoint-nodeports` elements and the
+/// `external-`, `firewall-` and (for `externalTrafficPolicy: Local`)
+/// `local-` chains. Not for services with `internalTrafficPolicy: Local`
+/// (not rendered yet); the `nodeport-ips` set's elements need the node's
+/// addresses, which are not a render option.
+fn write_external(
+    text: &mut PortText,
+    p: &PortPlan<'_>,
+    table: &ServiceTable,
+    opts: &RenderOptions,
+    t: &str,
+    ip_x: &str,
+) {
+    let svc = p.service;
+    if !svc.externally_accessible() || p.local_policy() {
+        return;
+    }
+    let key = svc.key();
+    let fam = opts.family;
+    let protocol = p.port.protocol();
+    let proto = p.proto();
+    let port_name = p.port.name_or_empty();
+    let dport = p.port.port();
+    let has_endpoints = p.outcome != Outcome::Reject;
+    let etp_local = svc.external_traffic_policy() == TrafficPolicy::Local;
+    let local: Vec<Arc<EndpointInfo>> = if etp_local {
+        table
+            .view(key)
+            .and_then(|v| {
+                v.ports().iter().find(|pv| {
+                    pv.port().port() == p.port.port() && pv.port().protocol() == protocol
+                })
+            })
+            .map(|pv| {
+                match categorize(
+                    pv.endpoints(),
+                    TrafficPolicy::Local,
+                    &opts.node,
+                    Some(p.vip),
+                ) {
+                    Selection::Usable(v) => v,
+                    _ => Vec::new(),
+                }
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let has_external = has_endpoints && (!etp_local || !local.is_empty());
+    let base = service_chain_base(&key.namespace, &key.name, protocol, port_name);
+    let ext = format!("external-{base}");
+    let fw = format!("firewall-{base}");
+    let cluster_chain = format!("service-{base}");
+    let ext_ips: Vec<IpAddr> = svc
+        .external_ips()
+        .iter()
+        .copied()
+        .filter(|ip| fam.contains(*ip))
+        .collect();
+    let lb_ips: Vec<IpAddr> = svc
+        .load_balancer_vips()
+        .filter(|ip| fam.contains(*ip))
+        .collect();
+    let ranges: Vec<String> = svc
+        .load_balancer_source_ranges()
+        .iter()
+        .filter(|r| fam.contains(r.addr()))
+        .map(ToString::to_string)
+        .collect();
+    let uses_fw = !lb_ips.is_empty() && !ranges.is_empty();
+    let verdict = if has_endpoints {
+        "drop"
+    } else {
+        "goto reject-chain"
+    };
+    let name = p.name;
+    let mut elements = Vec::new();
+    for ip in &ext_ips {
+        if has_endpoints {
+            elements.push((
+                "service-ips",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" : goto {ext}"),
+            ));
+        }
+        if !has_external {
+            elements.push((
+                "no-endpoint-services",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" comment \"{name}\" : {verdict}"),
+            ));
+        }
+    }
+    for ip in &lb_ips {
+        if has_endpoints {
+            elements.push((
+                "service-ips",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" : goto {ext}"),
+            ));
+        }
+        if uses_fw {
+            elements.push((
+                "firewall-ips",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" : goto {fw}"),
+            ));
+        }
+    }
+    if !has_external {
+        for ip in &lb_ips {
+            elements.push((
+                "no-endpoint-services",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" comment \"{name}\" : {verdict}"),
+            ));
+        }
+    }
+    if let Some(np) = p.port.node_port() {
+        if has_endpoints {
+            elements.push((
+                "service-nodeports",
+                format!("{proto} . {np}"),
+                format!(" : goto {ext}"),
+            ));
+        }
+        if !has_external {
+            elements.push((
+                "no-endpoint-nodeports",
+                format!("{proto} . {np}"),
+                format!(" comment \"{name}\" : {verdict}"),
+            ));
+        }
+    }
+    if has_endpoints {
+        if etp_local && !local.is_empty() {
+            // The Local-policy chain: its endpoint chains are the cluster
+            // chain's (ITP Cluster), declared already.
+            let local_chain = format!("local-{base}");
+            text.decls.push(format!("add chain {t} {local_chain}"));
+            text.chains.push(local_chain.clone());
+            let affinity = svc.session_affinity().timeout().is_some();
+            let eps: Vec<(String, String)> = local
+                .iter()
+                .map(|e| {
+                    let b = endpoint_chain_base(
+                        &key.namespace,
+                        &key.name,
+                        protocol,
+                        port_name,
+                        e.addr(),
+                    );
+                    (format!("endpoint-{b}"), format!("affinity-{b}"))
+                })
+                .collect();
+            if affinity {
+                for (ep_chain, set) in &eps {
+                    text.rules.push(format!(
+                        "add rule {t} {local_chain} {ip_x} saddr @{set} goto {ep_chain}"
+                    ));
+                }
+            }
+            let vmap: Vec<String> = eps
+                .iter()
+                .enumerate()
+                .map(|(i, (ep_chain, _))| format!("{i} : goto {ep_chain}"))
+                .collect();
+            text.rules.push(format!(
+                "add rule {t} {local_chain} numgen random mod {} vmap {{ {} }}",
+                eps.len(),
+                vmap.join(" , ")
+            ));
+        }
+        text.decls.push(format!("add chain {t} {ext}"));
+        text.chains.push(ext.clone());
+        if etp_local {
+            if let Some(cidr) = opts.family_cluster_cidr() {
+                text.rules.push(format!(
+                    "add rule {t} {ext} {ip_x} saddr {cidr} goto {cluster_chain} comment \"short-circuit pod traffic\""
+                ));
+            }
+            text.rules.push(format!(
+                "add rule {t} {ext} fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\""
+            ));
+            text.rules.push(format!(
+                "add rule {t} {ext} fib saddr type local goto {cluster_chain} comment \"short-circuit local traffic\""
+            ));
+            if has_external {
+                text.rules
+                    .push(format!("add rule {t} {ext} goto local-{base}"));
+            }
+        } else {
+            text.rules
+                .push(format!("add rule {t} {ext} jump mark-for-masquerade"));
+            text.rules
+                .push(format!("add rule {t} {ext} goto {cluster_chain}"));
+        }
+    }
+    // The firewall chain is there with or without endpoints, as
+    // `firewall-ips` points at it either way.
+    if uses_fw {
+        text.decls.push(format!("add chain {t} {fw}"));
+        text.chains.push(fw.clone());
+        text.rules.push(format!(
+            "add rule {t} {fw} {ip_x} saddr != {{ {} }} drop",
+            ranges.join(" , ")
+        ));
+    }
+    text.elements.extend(
+        elements
+            .into_iter()
+            .map(|(map, key, rest)| Element { map, key, rest }),
+    );
 }
 
 /// How long a stale chain stays flushed before kube-proxy deletes it (a
