@@ -486,7 +486,7 @@ fn nft_partial_syncs_add_up_to_a_full_render() {
             let i = rng.below(24);
             let (ns, name) = (format!("ns{i}"), format!("svc{i}"));
             let ip = format!("172.30.1.{}", i + 1);
-            let change = match rng.below(7) {
+            let change = match rng.below(8) {
                 0 => Change::DeleteService(ServiceKey::new(&ns, &name)),
                 1 => Change::DeleteSlice(SliceKey::new(&ns, format!("{name}-1"))),
                 2 => service(&ns, &name, &ip, "p80", 80),
@@ -495,6 +495,31 @@ fn nft_partial_syncs_add_up_to_a_full_render() {
                         .cluster_ip(ip.parse().unwrap())
                         .port(ServicePortSpec::tcp(80).name("p80"))
                         .client_ip_affinity(Some(10800))
+                        .build()
+                        .unwrap(),
+                ),
+                // A LoadBalancer: node port, external IP, ingress IP with a
+                // source range, and either traffic policy.
+                4 => Change::UpsertService(
+                    Service::builder(&ns, &name)
+                        .cluster_ip(ip.parse().unwrap())
+                        .service_type(ServiceType::LoadBalancer)
+                        .port(
+                            ServicePortSpec::tcp(80)
+                                .name("p80")
+                                .node_port(30000 + i as i64),
+                        )
+                        .external_ip(format!("192.168.99.{}", i + 1).parse().unwrap())
+                        .load_balancer_ingress(
+                            format!("5.6.7.{}", i + 1).parse().unwrap(),
+                            IpMode::VIP,
+                        )
+                        .load_balancer_source_range("203.0.113.0/25".parse().unwrap())
+                        .external_traffic_policy(if rng.below(2) == 0 {
+                            TrafficPolicy::Local
+                        } else {
+                            TrafficPolicy::Cluster
+                        })
                         .build()
                         .unwrap(),
                 ),
