@@ -414,9 +414,9 @@ pub(crate) fn port_plans<'a>(
 ) -> (Vec<PortPlan<'a>>, usize) {
     let mut plans = Vec::new();
     for fe in plan.frontends() {
-        // The renderings write cluster IPs; node ports, external and
-        // load-balancer IPs (KUBE-NODEPORTS, KUBE-EXT-, ...) are not
-        // rendered yet.
+        // One plan per cluster-IP frontend: the renderers write a service
+        // port's node port, external and load-balancer IPs from the
+        // service itself, next to its cluster IP, as kube-proxy does.
         if !opts.family.contains(fe.key().addr) || fe.kind() != crate::plan::FrontendKind::ClusterIp
         {
             continue;
