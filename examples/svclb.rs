@@ -159,6 +159,13 @@ enum Command {
         /// `conntrack`).
         #[arg(long, value_enum)]
         dump: Option<DumpFormat>,
+        /// Write each sync's rules as kube-proxy's partial syncs write them:
+        /// `DIR/0001.iptables` and `DIR/0001.nft` for the rules the
+        /// manifests give (a full sync), then `0002.*`, ... for each
+        /// `apply` and `delete` (partial syncs). Prints a `sync NNNN:` line
+        /// per sync with its bytes and those of a full rewrite.
+        #[arg(long, value_name = "DIR")]
+        syncs: Option<PathBuf>,
     },
     /// Answer a cluster DNS question.
     Resolve {
@@ -290,7 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             proto,
             count,
         } => route(&world, &src, dst, &proto, count),
-        Command::Replay { trace, dump } => replay(world, &trace, dump),
+        Command::Replay { trace, dump, syncs } => replay(world, &trace, dump, syncs.as_deref()),
         Command::Resolve {
             name,
             qtype,
@@ -476,6 +483,7 @@ fn run_trace(
     lines: &[TraceLine],
     source: &str,
     base: &Path,
+    mut syncs: Option<&mut Syncs>,
 ) -> Result<(String, Instant)> {
     let mut out = String::new();
     let mut last = Instant::ZERO;
@@ -512,6 +520,9 @@ fn run_trace(
                 };
                 let changes = apply_path(world, &p).map_err(|Failure(m)| here(m))?;
                 world.plane.dp().sync(&world.table, &changes, at);
+                if let Some(s) = syncs.as_deref_mut() {
+                    out.push_str(&s.sync(&world.table, at)?);
+                }
             }
             TraceEvent::Delete { .. } => {
                 let change = line
@@ -520,6 +531,9 @@ fn run_trace(
                     .expect("a delete event makes a change");
                 let changes = world.table.apply(change).map_err(|e| here(e.to_string()))?;
                 world.plane.dp().sync(&world.table, &changes, at);
+                if let Some(s) = syncs.as_deref_mut() {
+                    out.push_str(&s.sync(&world.table, at)?);
+                }
             }
             other => return Err(here(format!("unsupported event {other:?}"))),
         }
@@ -527,13 +541,63 @@ fn run_trace(
     Ok((out, last))
 }
 
-fn replay(mut world: World, trace: &Path, then: Option<DumpFormat>) -> Result<()> {
+/// `replay --syncs DIR`: kube-proxy's syncs, one pair of files per sync.
+struct Syncs {
+    dir: PathBuf,
+    iptables: render::iptables::Syncer,
+    nft: render::nft::Syncer,
+    count: usize,
+}
+
+impl Syncs {
+    fn new(dir: &Path, opts: &RenderOptions) -> Result<Syncs> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure(format!("--syncs {}: {e}", dir.display())))?;
+        Ok(Syncs {
+            dir: dir.to_owned(),
+            iptables: render::iptables::Syncer::new(opts.clone()),
+            nft: render::nft::Syncer::new(opts.clone()),
+            count: 0,
+        })
+    }
+
+    /// Writes this sync's files; returns its `sync NNNN: ...` line.
+    fn sync(&mut self, table: &ServiceTable, at: Instant) -> Result<String> {
+        self.count += 1;
+        let n = self.count;
+        let ipt = self.iptables.sync(table, at);
+        let nft = self.nft.sync(table, at);
+        let ipt_full = render::iptables::render(table, self.iptables.options()).len();
+        let nft_full = render::nft::render(table, self.nft.options()).len();
+        for (ext, text) in [("iptables", &ipt.text), ("nft", &nft.text)] {
+            let path = self.dir.join(format!("{n:04}.{ext}"));
+            std::fs::write(&path, text).map_err(|e| Failure(format!("{}: {e}", path.display())))?;
+        }
+        Ok(format!(
+            "sync {n:04}: iptables {} bytes (full {ipt_full}), nft {} bytes (full {nft_full})\n",
+            ipt.text.len(),
+            nft.text.len(),
+        ))
+    }
+}
+
+fn replay(
+    mut world: World,
+    trace: &Path,
+    then: Option<DumpFormat>,
+    syncs: Option<&Path>,
+) -> Result<()> {
     let text =
         std::fs::read_to_string(trace).map_err(|e| Failure(format!("{}: {e}", trace.display())))?;
     let source = trace.display().to_string();
     let lines = parse_trace(&text).map_err(|e| Failure(format!("{source}: {e}")))?;
     let base = trace.parent().unwrap_or(Path::new("."));
-    let (out, last) = run_trace(&mut world, &lines, &source, base)?;
+    let mut syncs = syncs.map(|d| Syncs::new(d, &world.render)).transpose()?;
+    if let Some(s) = syncs.as_mut() {
+        // The rules the manifests give, before the trace's first event.
+        print!("{}", s.sync(&world.table, Instant::ZERO)?);
+    }
+    let (out, last) = run_trace(&mut world, &lines, &source, base, syncs.as_mut())?;
     print!("{out}");
     if let Some(format) = then {
         print!("{}", dump(&world, format, last));
@@ -666,7 +730,7 @@ fn demo(mut world: World, max_services: usize) -> Result<()> {
     let keep = world.table.clone();
     print!(
         "{}",
-        run_trace(&mut world, &lines, "demo trace", Path::new("."))?.0
+        run_trace(&mut world, &lines, "demo trace", Path::new("."), None)?.0
     );
     world.table = keep;
     world

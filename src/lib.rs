@@ -48,7 +48,8 @@
 //! 9. **Renderings** ([`render`]): the plan as `iptables-restore` and
 //!    `nft -f` input in kube-proxy's exact terms, an `ipvsadm -ln` listing
 //!    of the IPVS dataplane, and tracked connections as `conntrack -L` and
-//!    `ipvsadm -lnc` list them.
+//!    `ipvsadm -lnc` list them; kube-proxy's partial syncs
+//!    ([`render::iptables::Syncer`], [`render::nft::Syncer`]).
 //!
 //! Time comes from the caller ([`Instant`]) and randomness from a seeded
 //! generator ([`SeededRng`]): a fixed seed replays a run exactly.

@@ -734,3 +734,67 @@ fn node_ports_external_ips_and_health() {
     let e = err(&lb(&[], &["health", "prod/nope"]));
     assert!(e.contains("no service prod/nope"), "{e}");
 }
+
+#[test]
+fn replay_writes_each_sync_as_kube_proxy_partial_syncs() {
+    let dir = std::env::temp_dir().join(format!("svclb-cli-{}-syncs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let out = ok(&with(
+        &[],
+        &["replay", "examples/traces/web.trace", "--syncs", d],
+    ));
+    let syncs: Vec<&str> = out.lines().filter(|l| l.starts_with("sync ")).collect();
+    // The manifests' rules, then web.trace's apply and delete.
+    assert_eq!(syncs.len(), 3, "{out}");
+    let bytes = |line: &str, what: &str| -> (usize, usize) {
+        // "... iptables N bytes (full M) ..."
+        let rest = line.split_once(&format!("{what} ")).unwrap().1;
+        let n = rest.split(' ').next().unwrap().parse().unwrap();
+        let full = rest.split_once("(full ").unwrap().1;
+        let m = full.split(')').next().unwrap().parse().unwrap();
+        (n, m)
+    };
+    for (i, line) in syncs.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("sync {:04}: iptables ", i + 1)),
+            "{line}"
+        );
+        for (what, ext) in [("iptables", "iptables"), ("nft", "nft")] {
+            let (n, full) = bytes(line, what);
+            let file = dir.join(format!("{:04}.{ext}", i + 1));
+            let text = std::fs::read_to_string(&file).unwrap();
+            assert_eq!(text.len(), n, "{line}: {}", file.display());
+            if i == 0 {
+                assert_eq!(n, full, "the first sync is full: {line}");
+            } else {
+                assert!(n < full, "a partial sync writes less: {line}");
+            }
+        }
+    }
+    // The first sync is what `dump` prints.
+    let dump = ok(&with(&[], &["dump", "--format", "iptables"]));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("0001.iptables")).unwrap(),
+        dump
+    );
+    // The rollout rewrites web's chains and deletes the terminated
+    // endpoint's; the delete of web flushes and deletes all of web's.
+    let second = std::fs::read_to_string(dir.join("0002.iptables")).unwrap();
+    assert!(
+        second.contains("--to-destination 10.244.1.6:8080"),
+        "{second}"
+    );
+    assert!(!second.contains("ml/inference-api:http ->"), "{second}");
+    assert!(second.contains("\n-X KUBE-SEP-"), "{second}");
+    let third = std::fs::read_to_string(dir.join("0003.nft")).unwrap();
+    assert!(
+        third.contains("flush chain ip kube-proxy service-"),
+        "{third}"
+    );
+    assert!(
+        third.contains("delete element ip kube-proxy service-ips { 10.96.0.10 . tcp . 80 }"),
+        "{third}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

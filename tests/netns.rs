@@ -385,11 +385,14 @@ fn check_backend(backend: Backend, a: &Addrs, table: &ServiceTable) -> Result<()
         ));
     }
 
+    // No nfacct counters: the namespace has no nfacct objects (kube-proxy
+    // creates them over netlink), and `-m nfacct` needs them.
     let opts = RenderOptions::default()
         .family(a.family())
         .node(node())
         .cluster_cidr(a.cluster_cidr.parse().unwrap())
-        .builtin_jumps(true);
+        .builtin_jumps(true)
+        .nfacct(false);
     let text = match backend {
         Backend::Nft => {
             let _ = ns.exec("nft", &["delete", "table", "ip", "svclb-probe"]);
@@ -729,7 +732,9 @@ fn kernel_accepts_ipv6_udp_and_sctp_renderings() {
     let table = dual_stack_table();
     let mut loaded = 0;
     for (ipv6, family) in [(false, render::IpFamily::V4), (true, render::IpFamily::V6)] {
+        // No nfacct counters: the namespace has no nfacct objects.
         let opts = RenderOptions::default()
+            .nfacct(false)
             .family(family)
             .node(node())
             .cluster_cidr("10.0.0.0/8".parse().unwrap())

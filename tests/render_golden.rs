@@ -271,7 +271,10 @@ fn internal_policy_table(itp_local: bool) -> ServiceTable {
 
 #[test]
 fn itp_cluster_three_endpoints_is_byte_identical() {
-    let opts = kube_proxy_test_options().node(NodeTopology::new("test-node", "zone-a"));
+    // The fixture is from before kube-proxy's nfacct counters (1.31).
+    let opts = kube_proxy_test_options()
+        .node(NodeTopology::new("test-node", "zone-a"))
+        .nfacct(false);
     let text = render::iptables::render(&internal_policy_table(false), &opts);
     let fixture = golden("kube-proxy-itp-cluster.iptables");
     assert_lines_eq(
@@ -284,7 +287,10 @@ fn itp_cluster_three_endpoints_is_byte_identical() {
 
 #[test]
 fn itp_local_without_local_endpoints_drops_byte_identical() {
-    let opts = kube_proxy_test_options().node(NodeTopology::new("other-node", "zone-a"));
+    // The fixture is from before kube-proxy's nfacct counters (1.31).
+    let opts = kube_proxy_test_options()
+        .node(NodeTopology::new("other-node", "zone-a"))
+        .nfacct(false);
     let text = render::iptables::render(&internal_policy_table(true), &opts);
     assert_eq!(text, golden("kube-proxy-itp-local-no-local.iptables"));
 }
@@ -581,4 +587,125 @@ TCP  172.30.0.45:80 rr persistent 10800\n\
 \x20 -> 10.180.0.3:80                Masq    1      0          0         \n\
 TCP  172.30.0.46:80 rr\n";
     assert_eq!(text, want);
+}
+
+/// (namespace, service, [(endpoint IP, node)]).
+type Slice<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+/// All of kube-proxy's TestOverallIPTablesRules objects: svc1..svc6 with
+/// their node ports, external IPs, load-balancer ingress, source range,
+/// health-check node port and traffic policies.
+fn overall_table_full() -> ServiceTable {
+    let p80 = |np: Option<i64>| {
+        let p = ServicePortSpec::tcp(80).name("p80");
+        match np {
+            Some(n) => p.node_port(n),
+            None => p,
+        }
+    };
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let svc = |ns: &str, name: &str, cip: &str| {
+        Service::builder(ns, name)
+            .cluster_ip(ip(cip))
+            .node_port_range(1..=32767)
+    };
+    let services = [
+        svc("ns1", "svc1", "172.30.0.41").port(p80(None)),
+        // A LoadBalancer with a node port, an external IP, an ingress IP,
+        // externalTrafficPolicy Local and a health-check node port.
+        svc("ns2", "svc2", "172.30.0.42")
+            .service_type(ServiceType::LoadBalancer)
+            .port(p80(Some(3001)))
+            .external_ip(ip("192.168.99.22"))
+            .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+            .external_traffic_policy(TrafficPolicy::Local)
+            .health_check_node_port(30000),
+        // A NodePort.
+        svc("ns3", "svc3", "172.30.0.43")
+            .service_type(ServiceType::NodePort)
+            .port(p80(Some(3003))),
+        // An external IP.
+        svc("ns4", "svc4", "172.30.0.44")
+            .port(p80(None))
+            .external_ip(ip("192.168.99.33")),
+        // A LoadBalancer with a source range and ClientIP affinity.
+        svc("ns5", "svc5", "172.30.0.45")
+            .service_type(ServiceType::LoadBalancer)
+            .port(p80(Some(3002)))
+            .load_balancer_ingress(ip("5.6.7.8"), IpMode::VIP)
+            .load_balancer_source_range("203.0.113.0/25".parse().unwrap())
+            .client_ip_affinity(Some(10800)),
+        // No endpoints.
+        svc("ns6", "svc6", "172.30.0.46").port(p80(None)),
+    ];
+    let slices: [Slice<'_>; 5] = [
+        ("ns1", "svc1", &[("10.180.0.1", "host1")]),
+        ("ns2", "svc2", &[("10.180.0.2", "host2")]),
+        ("ns3", "svc3", &[("10.180.0.3", "host2")]),
+        (
+            "ns4",
+            "svc4",
+            &[("10.180.0.4", "host2"), ("10.180.0.5", "test-node")],
+        ),
+        ("ns5", "svc5", &[("10.180.0.3", "host2")]),
+    ];
+    let mut changes: Vec<Change> = services
+        .into_iter()
+        .map(|b| Change::UpsertService(b.build().unwrap()))
+        .collect();
+    for (ns, name, eps) in slices {
+        changes.push(Change::UpsertSlice(
+            EndpointSlice::builder(ns, format!("{name}-abc"), name, AddressType::IPv4)
+                .port(SlicePortSpec::tcp(80).name("p80"))
+                .endpoints(
+                    eps.iter()
+                        .map(|(ip, node)| EndpointSpec::new(*ip).node(*node)),
+                )
+                .build()
+                .unwrap(),
+        ));
+    }
+    let mut table = ServiceTable::new();
+    table.apply_batch(changes).unwrap();
+    table
+}
+
+#[test]
+fn overall_iptables_rules_are_kube_proxys_line_for_line() {
+    // TestOverallIPTablesRules in full: node ports, external IPs,
+    // load-balancer IPs and their firewall, externalTrafficPolicy Local,
+    // the health-check node port, the filter table and the nfacct counters.
+    let opts = kube_proxy_test_options().node(NodeTopology::new("test-node", "zone-a"));
+    let text = render::iptables::render(&overall_table_full(), &opts);
+    let fixture = golden("kube-proxy-overall.iptables");
+    let ours: Vec<&str> = text.lines().collect();
+    let theirs: Vec<&str> = fixture.lines().collect();
+    assert_lines_eq(&ours, &theirs, "TestOverallIPTablesRules (all of it)");
+    assert_eq!(text, fixture, "byte for byte");
+}
+
+#[test]
+fn overall_nftables_rules_are_kube_proxys() {
+    // TestOverallNFTablesRules with all of its objects: node ports, external
+    // and load-balancer IPs, the firewall, externalTrafficPolicy Local.
+    // Compared regardless of order, as kube-proxy's test does. The one line
+    // left out is the `nodeport-ips` element (the node's own address, which
+    // is not a render option).
+    let opts = kube_proxy_test_options().service_cidr("172.30.0.0/16".parse().unwrap());
+    let text = render::nft::render(&overall_table_full(), &opts);
+    let fixture = golden("kube-proxy-overall.nft");
+    let mut theirs: Vec<&str> = fixture
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter(|l| !l.starts_with("add element ip kube-proxy nodeport-ips "))
+        .collect();
+    let mut ours: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    theirs.sort_unstable();
+    ours.sort_unstable();
+    assert!(
+        theirs
+            .iter()
+            .any(|l| l.contains("service-nodeports { tcp . 3001"))
+    );
+    assert_lines_eq(&ours, &theirs, "TestOverallNFTablesRules (all of it)");
 }

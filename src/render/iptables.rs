@@ -1,14 +1,21 @@
 //! The table as `iptables-restore` input, written the way kube-proxy's
 //! iptables mode writes it (`pkg/proxy/iptables/proxier.go`, Kubernetes
-//! 1.28–1.33 generation) for ClusterIP services:
+//! 1.31–1.33 generation):
 //!
 //! - `*filter`: the fixed chains, `REJECT` rules for service ports without
 //!   endpoints (`"ns/svc:port has no endpoints"`), `DROP` rules for Local
-//!   policies without local endpoints, `KUBE-FIREWALL` and `KUBE-FORWARD`
-//!   (the flavour without `nfacct` counters);
-//! - `*nat`: `KUBE-SERVICES` jumps per (cluster IP, protocol, port),
-//!   `KUBE-SVC-…`/`KUBE-SVL-…` chains with the `-m statistic` cascade and
-//!   the `-m recent --rcheck` ClientIP-affinity rules, `KUBE-SEP-…` chains
+//!   policies without local endpoints, the same for external destinations
+//!   in `KUBE-EXTERNAL-SERVICES`, health-check node ports accepted in
+//!   `KUBE-NODEPORTS`, `KUBE-PROXY-FIREWALL` drops for load-balancer IPs
+//!   with source ranges, `KUBE-FIREWALL` and `KUBE-FORWARD` (with the
+//!   `nfacct` counter unless [`RenderOptions::nfacct`] is off);
+//! - `*nat`: `KUBE-SERVICES` jumps per (cluster IP, external IP,
+//!   load-balancer IP; protocol, port), `KUBE-NODEPORTS` jumps per node
+//!   port (and for `127.0.0.0/8`, counted by `nfacct`), `KUBE-SVC-…`/`KUBE-SVL-…`
+//!   chains with the `-m statistic` cascade and the `-m recent --rcheck`
+//!   ClientIP-affinity rules, `KUBE-EXT-…` chains (masquerade, or for
+//!   `externalTrafficPolicy: Local` the pod and LOCAL short-circuits),
+//!   `KUBE-FW-…` chains for `loadBalancerSourceRanges`, `KUBE-SEP-…` chains
 //!   with the hairpin masquerade, `-m recent --set` and the DNAT, and the
 //!   fixed `KUBE-MARK-MASQ`/`KUBE-POSTROUTING` chains.
 //!
@@ -26,15 +33,28 @@
 //! jump last. Like kube-proxy, more than 1000 endpoints in total switch to
 //! "large cluster mode", which leaves the comments off the endpoint rules.
 //!
-//! Not rendered: NodePort, LoadBalancer and external-IP rules (svclb models
-//! cluster IPs), stale-chain deletion (`-X`), and `nfacct` counters.
+//! [`Syncer`] writes kube-proxy's partial syncs: after the first (full)
+//! sync, only the chains of services whose rules changed, and `-X` for
+//! chains no longer used.
+//!
+//! Not rendered yet: external destinations of services with
+//! `internalTrafficPolicy: Local`; `--nodeport-addresses` (node ports are
+//! matched with `-m addrtype --dst-type LOCAL`, kube-proxy's default); the
+//! `allowFromNode` source-range rule (the node's IP is not a render
+//! option).
 
 use std::fmt::Write as _;
 
-use super::{PortPlan, RenderOptions, hash, port_plans};
+use core::time::Duration;
+
+use super::{PortPlan, RenderOptions, RulesSync, hash, port_plans};
 use crate::model::flow::Protocol;
+use crate::model::service::TrafficPolicy;
 use crate::plan::{Outcome, Planner};
-use crate::table::ServiceTable;
+use crate::table::{EndpointInfo, ServiceTable};
+use crate::time::Instant;
+use crate::topology::{Selection, categorize};
+use std::sync::Arc;
 
 const KUBE_SERVICES: &str = "KUBE-SERVICES";
 const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
@@ -46,6 +66,45 @@ const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
 const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
 const NODEPORTS_COMMENT: &str =
     "\"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+
+/// kube-proxy's nfacct counter of packets dropped as conntrack-INVALID.
+const NFACCT_INVALID: &str = "ct_state_invalid_dropped_pkts";
+/// kube-proxy's nfacct counter of packets accepted on localhost node ports.
+const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
+
+/// Rules of kube-proxy's top-level chains, collected per service and
+/// sorted by service name when written.
+#[derive(Debug, Default)]
+struct Collected {
+    filter_services: Vec<String>,
+    nat_services: Vec<String>,
+    filter_external: Vec<String>,
+    filter_nodeports: Vec<String>,
+    filter_firewall: Vec<String>,
+    nat_nodeports: Vec<String>,
+}
+
+/// The `KUBE-EXT-…` chain of a service port (external destinations).
+///
+/// # Examples
+/// ```
+/// use svclb::{Protocol, render::iptables::external_chain_name};
+/// assert_eq!(external_chain_name("ns2/svc2:p80", Protocol::Tcp), "KUBE-EXT-GNZBNJ2PO5MGZ6GT");
+/// ```
+pub fn external_chain_name(service_port_name: &str, protocol: Protocol) -> String {
+    format!("KUBE-EXT-{}", port_proto_hash(service_port_name, protocol))
+}
+
+/// The `KUBE-FW-…` chain of a service port (load-balancer source ranges).
+///
+/// # Examples
+/// ```
+/// use svclb::{Protocol, render::iptables::firewall_chain_name};
+/// assert_eq!(firewall_chain_name("ns5/svc5:p80", Protocol::Tcp), "KUBE-FW-NUKIZ6OKUXPJNT4C");
+/// ```
+pub fn firewall_chain_name(service_port_name: &str, protocol: Protocol) -> String {
+    format!("KUBE-FW-{}", port_proto_hash(service_port_name, protocol))
+}
 
 /// More endpoints than this and kube-proxy drops the per-endpoint comments.
 pub const LARGE_CLUSTER_ENDPOINTS_THRESHOLD: usize = 1000;
@@ -107,14 +166,29 @@ fn probability(i: usize, n: usize) -> String {
     format!("{:.10}", 1.0 / (n - i) as f64)
 }
 
+/// One chain being assembled.
+#[derive(Debug)]
+struct Chain {
+    name: String,
+    /// Declared with a `:CHAIN - [0:0]` line.
+    declared: bool,
+    rules: Vec<String>,
+    /// The service (index into [`Built::services`]) whose chain this is;
+    /// `None` for kube-proxy's fixed chains.
+    owner: Option<u32>,
+    /// A stale chain a sync flushes and deletes (`-X`).
+    delete: bool,
+}
+
 /// One table being assembled: declared chains and rules grouped by chain.
 #[derive(Debug, Default)]
 struct TableText {
-    /// (chain, declared with a `:CHAIN - [0:0]` line, rules).
-    chains: Vec<(String, bool, Vec<String>)>,
+    chains: Vec<Chain>,
     /// Chain name -> index in `chains`: finding a chain was a scan of
     /// every chain, which made a rendering quadratic in the services.
     index: ahash::AHashMap<String, usize>,
+    /// The service whose chains are being written now.
+    owner: Option<u32>,
 }
 
 impl TableText {
@@ -122,12 +196,18 @@ impl TableText {
         let i = match self.index.get(name) {
             Some(&i) => i,
             None => {
-                self.chains.push((name.to_owned(), declare, Vec::new()));
+                self.chains.push(Chain {
+                    name: name.to_owned(),
+                    declared: declare,
+                    rules: Vec::new(),
+                    owner: self.owner,
+                    delete: false,
+                });
                 self.index.insert(name.to_owned(), self.chains.len() - 1);
                 self.chains.len() - 1
             }
         };
-        &mut self.chains[i].2
+        &mut self.chains[i].rules
     }
 
     fn declare(&mut self, name: &str) {
@@ -150,8 +230,10 @@ impl TableText {
     }
 
     /// The sorted form: `KUBE-NODEPORTS`, `KUBE-SERVICES`, other `KUBE-*`,
-    /// then the rest, each group alphabetical.
-    fn write(mut self, out: &mut String, name: &str) {
+    /// then the rest, each group alphabetical. Chains for which `keep`
+    /// says no are left out; chains marked `delete` are declared (which
+    /// flushes them) and deleted with `-X` after the rules.
+    fn write(mut self, out: &mut String, name: &str, keep: impl Fn(&Chain) -> bool) {
         fn rank(chain: &str) -> u8 {
             match chain {
                 KUBE_NODEPORTS => 0,
@@ -160,19 +242,24 @@ impl TableText {
                 _ => 3,
             }
         }
-        self.chains
-            .sort_by(|(a, ..), (b, ..)| (rank(a), a.as_str()).cmp(&(rank(b), b.as_str())));
+        self.chains.retain(|c| c.delete || keep(c));
+        self.chains.sort_by(|a, b| {
+            (rank(&a.name), a.name.as_str()).cmp(&(rank(&b.name), b.name.as_str()))
+        });
         let _ = writeln!(out, "*{name}");
-        for (chain, declared, _) in &self.chains {
-            if *declared {
-                let _ = writeln!(out, ":{chain} - [0:0]");
+        for c in &self.chains {
+            if c.declared {
+                let _ = writeln!(out, ":{} - [0:0]", c.name);
             }
         }
-        for (_, _, rules) in &self.chains {
-            for rule in rules {
+        for c in &self.chains {
+            for rule in &c.rules {
                 out.push_str(rule);
                 out.push('\n');
             }
+        }
+        for c in self.chains.iter().filter(|c| c.delete) {
+            let _ = writeln!(out, "-X {}", c.name);
         }
         out.push_str("COMMIT\n");
     }
@@ -195,6 +282,25 @@ fn comment_service_name(rule: &str) -> &str {
 /// # Examples
 /// See the [`render`](crate::render) module.
 pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
+    let built = build(table, opts);
+    let mut out = String::new();
+    built.filter.write(&mut out, "filter", |_| true);
+    built.nat.write(&mut out, "nat", |_| true);
+    out
+}
+
+/// A rendering before it is written out: both tables, with each
+/// service's chains marked as that service's.
+#[derive(Debug)]
+struct Built {
+    filter: TableText,
+    nat: TableText,
+    /// `ns/name` of each service that owns chains, by owner index.
+    services: Vec<String>,
+    large_cluster: bool,
+}
+
+fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
     let plan = Planner::compile(table, &opts.node);
     let (plans, total_endpoints) = port_plans(table, &plan, opts);
     let large_cluster = total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD;
@@ -265,22 +371,48 @@ pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
         );
     }
 
-    // KUBE-SERVICES rules are collected apart and sorted by service name.
-    let mut filter_services: Vec<String> = Vec::new();
-    let mut nat_services: Vec<String> = Vec::new();
+    // KUBE-SERVICES (and the other per-service top-level chains') rules
+    // are collected apart and sorted by service name.
+    let mut c = Collected::default();
+    let mut services: Vec<String> = Vec::new();
+    let mut owners: ahash::AHashMap<&crate::model::service::ServiceKey, u32> =
+        ahash::AHashMap::new();
     for p in &plans {
-        write_service_port(
-            p,
-            opts,
-            large_cluster,
-            &mut nat,
-            &mut filter_services,
-            &mut nat_services,
-        );
+        let key = p.service.key();
+        let owner = *owners.entry(key).or_insert_with(|| {
+            services.push(format!("{}/{}", key.namespace, key.name));
+            (services.len() - 1) as u32
+        });
+        nat.owner = Some(owner);
+        write_service_port(p, table, opts, large_cluster, &mut nat, &mut c);
+        nat.owner = None;
     }
-    filter_services.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
-    nat_services.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
+    let by_service = |v: &mut Vec<String>| {
+        v.sort_by(|a, b| comment_service_name(a).cmp(comment_service_name(b)));
+    };
+    let Collected {
+        mut filter_services,
+        mut nat_services,
+        mut filter_external,
+        mut filter_nodeports,
+        mut filter_firewall,
+        mut nat_nodeports,
+    } = c;
+    for v in [
+        &mut filter_services,
+        &mut nat_services,
+        &mut filter_external,
+        &mut filter_nodeports,
+        &mut filter_firewall,
+        &mut nat_nodeports,
+    ] {
+        by_service(v);
+    }
     *filter.chain(KUBE_SERVICES, true) = filter_services;
+    *filter.chain(KUBE_EXTERNAL_SERVICES, true) = filter_external;
+    *filter.chain(KUBE_NODEPORTS, true) = filter_nodeports;
+    *filter.chain(KUBE_PROXY_FIREWALL, true) = filter_firewall;
+    *nat.chain(KUBE_NODEPORTS, true) = nat_nodeports;
     let mut nodeports = vec!["-m", "comment", "--comment", NODEPORTS_COMMENT];
     nodeports.extend(["-m", "addrtype", "--dst-type", "LOCAL"]);
     if ipv6 {
@@ -292,10 +424,12 @@ pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
     nat_services.push(format!("-A {KUBE_SERVICES} {}", nodeports.join(" ")));
     *nat.chain(KUBE_SERVICES, true) = nat_services;
 
-    filter.rule(
-        KUBE_FORWARD,
-        &["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
-    );
+    let mut invalid = vec!["-m", "conntrack", "--ctstate", "INVALID"];
+    if opts.nfacct {
+        invalid.extend(["-m", "nfacct", "--nfacct-name", NFACCT_INVALID]);
+    }
+    invalid.extend(["-j", "DROP"]);
+    filter.rule(KUBE_FORWARD, &invalid);
     filter.rule(
         KUBE_FORWARD,
         &[
@@ -331,20 +465,22 @@ pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
         write_builtin_jumps(&mut filter, &mut nat, kubelet_firewall);
     }
 
-    let mut out = String::new();
-    filter.write(&mut out, "filter");
-    nat.write(&mut out, "nat");
-    out
+    Built {
+        filter,
+        nat,
+        services,
+        large_cluster,
+    }
 }
 
 /// The rules of one service port on one cluster IP.
 fn write_service_port(
     p: &PortPlan<'_>,
+    table: &ServiceTable,
     opts: &RenderOptions,
     large_cluster: bool,
     nat: &mut TableText,
-    filter_services: &mut Vec<String>,
-    nat_services: &mut Vec<String>,
+    c: &mut Collected,
 ) {
     let proto = p.proto();
     let protocol = p.port.protocol();
@@ -357,10 +493,11 @@ fn write_service_port(
     };
     let eps = &p.endpoints;
     if p.outcome != Outcome::Forward {
-        // No nat chains at all: only the filter rule for the cluster IP.
-        filter_services.push(format!(
+        // No nat chains for the cluster IP: only its filter rule.
+        c.filter_services.push(format!(
             "-A {KUBE_SERVICES} -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {vip} --dport {dport} -j {verdict}"
         ));
+        write_external(p, table, opts, large_cluster, nat, c);
         return;
     }
     let chain = if p.local_policy() {
@@ -369,9 +506,10 @@ fn write_service_port(
         service_chain_name(name, protocol)
     };
     let cluster_ip_comment = format!("\"{name} cluster IP\"");
-    nat_services.push(format!(
+    c.nat_services.push(format!(
         "-A {KUBE_SERVICES} -m comment --comment {cluster_ip_comment} -m {proto} -p {proto} -d {vip} --dport {dport} -j {chain}"
     ));
+    write_external(p, table, opts, large_cluster, nat, c);
 
     nat.declare(&chain);
     let capture = [
@@ -486,6 +624,300 @@ fn write_service_port(
     }
 }
 
+/// The rules of a service port's external destinations (its node port,
+/// external IPs and load-balancer IPs), as kube-proxy's `syncProxyRules`
+/// writes them: the `KUBE-SERVICES` and `KUBE-NODEPORTS` jumps, the
+/// `KUBE-EXTERNAL-SERVICES` and `KUBE-PROXY-FIREWALL` filter rules, the
+/// health-check node port, and the `KUBE-EXT-`, `KUBE-FW-` and (for
+/// `externalTrafficPolicy: Local`) `KUBE-SVL-` chains.
+///
+/// Services with `internalTrafficPolicy: Local` get no external rules here
+/// (not rendered yet).
+fn write_external(
+    p: &PortPlan<'_>,
+    table: &ServiceTable,
+    opts: &RenderOptions,
+    large_cluster: bool,
+    nat: &mut TableText,
+    c: &mut Collected,
+) {
+    let svc = p.service;
+    if !svc.externally_accessible() || p.local_policy() {
+        return;
+    }
+    let fam = opts.family;
+    let name = p.name;
+    let proto = p.proto();
+    let protocol = p.port.protocol();
+    let dport = p.port.port().to_string();
+    let has_endpoints = p.outcome != Outcome::Reject;
+    let etp_local = svc.external_traffic_policy() == TrafficPolicy::Local;
+    let local: Vec<Arc<EndpointInfo>> = if etp_local {
+        table
+            .view(svc.key())
+            .and_then(|v| {
+                v.ports().iter().find(|pv| {
+                    pv.port().port() == p.port.port() && pv.port().protocol() == protocol
+                })
+            })
+            .map(|pv| {
+                match categorize(
+                    pv.endpoints(),
+                    TrafficPolicy::Local,
+                    &opts.node,
+                    Some(p.vip),
+                ) {
+                    Selection::Usable(v) => v,
+                    _ => Vec::new(),
+                }
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let has_external = has_endpoints && (!etp_local || !local.is_empty());
+    let ext = external_chain_name(name, protocol);
+    let fw = firewall_chain_name(name, protocol);
+    let svc_chain = service_chain_name(name, protocol);
+    let ext_ips: Vec<String> = svc
+        .external_ips()
+        .iter()
+        .filter(|ip| fam.contains(**ip))
+        .map(ToString::to_string)
+        .collect();
+    let lb_ips: Vec<String> = svc
+        .load_balancer_vips()
+        .filter(|ip| fam.contains(*ip))
+        .map(|ip| ip.to_string())
+        .collect();
+    let ranges: Vec<String> = svc
+        .load_balancer_source_ranges()
+        .iter()
+        .filter(|r| fam.contains(r.addr()))
+        .map(ToString::to_string)
+        .collect();
+    let uses_fw = !lb_ips.is_empty() && !ranges.is_empty();
+    let (what, verdict) = if has_endpoints {
+        ("has no local endpoints", "DROP")
+    } else {
+        ("has no endpoints", "REJECT")
+    };
+    for ip in &ext_ips {
+        if has_endpoints {
+            c.nat_services.push(format!(
+                "-A {KUBE_SERVICES} -m comment --comment \"{name} external IP\" -m {proto} -p {proto} -d {ip} --dport {dport} -j {ext}"
+            ));
+        }
+        if !has_external {
+            c.filter_external.push(format!(
+                "-A {KUBE_EXTERNAL_SERVICES} -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {ip} --dport {dport} -j {verdict}"
+            ));
+        }
+    }
+    for ip in &lb_ips {
+        if has_endpoints {
+            let target = if uses_fw { &fw } else { &ext };
+            c.nat_services.push(format!(
+                "-A {KUBE_SERVICES} -m comment --comment \"{name} loadbalancer IP\" -m {proto} -p {proto} -d {ip} --dport {dport} -j {target}"
+            ));
+        }
+        if uses_fw {
+            c.filter_firewall.push(format!(
+                "-A {KUBE_PROXY_FIREWALL} -m comment --comment \"{name} traffic not accepted by {fw}\" -m {proto} -p {proto} -d {ip} --dport {dport} -j DROP"
+            ));
+        }
+    }
+    if !has_external {
+        for ip in &lb_ips {
+            c.filter_external.push(format!(
+                "-A {KUBE_EXTERNAL_SERVICES} -m comment --comment \"{name} {what}\" -m {proto} -p {proto} -d {ip} --dport {dport} -j {verdict}"
+            ));
+        }
+    }
+    if let Some(np) = p.port.node_port() {
+        if has_endpoints {
+            if fam == super::IpFamily::V4 && opts.localhost_nodeports {
+                let nfacct = if opts.nfacct {
+                    format!(" -m nfacct --nfacct-name {NFACCT_LOCALHOST_NODEPORTS}")
+                } else {
+                    String::new()
+                };
+                c.nat_nodeports.push(format!(
+                    "-A {KUBE_NODEPORTS} -m comment --comment {name} -m {proto} -p {proto} -d 127.0.0.0/8 --dport {np}{nfacct} -j {ext}"
+                ));
+            }
+            c.nat_nodeports.push(format!(
+                "-A {KUBE_NODEPORTS} -m comment --comment {name} -m {proto} -p {proto} --dport {np} -j {ext}"
+            ));
+        }
+        if !has_external {
+            c.filter_external.push(format!(
+                "-A {KUBE_EXTERNAL_SERVICES} -m comment --comment \"{name} {what}\" -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {verdict}"
+            ));
+        }
+    }
+    if let Some(hc) = svc.health_check_node_port() {
+        c.filter_nodeports.push(format!(
+            "-A {KUBE_NODEPORTS} -m comment --comment \"{name} health check node port\" -m tcp -p tcp --dport {hc} -j ACCEPT"
+        ));
+    }
+    if !has_endpoints {
+        return;
+    }
+    nat.declare(&ext);
+    let dest = "external destinations\"";
+    if etp_local {
+        if let Some(cidr) = opts.family_cluster_cidr() {
+            let cidr = cidr.to_string();
+            let comment = format!("\"pod traffic for {name} {dest}");
+            nat.rule(
+                &ext,
+                &[
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                    "-s",
+                    &cidr,
+                    "-j",
+                    &svc_chain,
+                ],
+            );
+        }
+        let comment = format!("\"masquerade LOCAL traffic for {name} {dest}");
+        nat.rule(
+            &ext,
+            &[
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-m",
+                "addrtype",
+                "--src-type",
+                "LOCAL",
+                "-j",
+                KUBE_MARK_MASQ,
+            ],
+        );
+        let comment = format!("\"route LOCAL traffic for {name} {dest}");
+        nat.rule(
+            &ext,
+            &[
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-m",
+                "addrtype",
+                "--src-type",
+                "LOCAL",
+                "-j",
+                &svc_chain,
+            ],
+        );
+    } else {
+        let comment = format!("\"masquerade traffic for {name} {dest}");
+        nat.rule(
+            &ext,
+            &["-m", "comment", "--comment", &comment, "-j", KUBE_MARK_MASQ],
+        );
+    }
+    if has_external {
+        if etp_local {
+            let svl = local_chain_name(name, protocol);
+            nat.rule(&ext, &["-j", &svl]);
+            nat.declare(&svl);
+            let refs: Vec<&Arc<EndpointInfo>> = local.iter().collect();
+            write_endpoint_jumps(nat, &svl, p, &refs, large_cluster);
+        } else {
+            nat.rule(&ext, &["-j", &svc_chain]);
+        }
+    }
+    if uses_fw {
+        nat.declare(&fw);
+        let comment = format!("\"{name} loadbalancer IP\"");
+        for r in &ranges {
+            nat.rule(
+                &fw,
+                &["-m", "comment", "--comment", &comment, "-s", r, "-j", &ext],
+            );
+        }
+        let comment =
+            format!("\"other traffic to {name} will be dropped by {KUBE_PROXY_FIREWALL}\"");
+        nat.rule(&fw, &["-m", "comment", "--comment", &comment]);
+    }
+}
+
+/// The affinity checks and the `-m statistic` cascade from `chain` to the
+/// endpoints' `KUBE-SEP-` chains.
+fn write_endpoint_jumps(
+    nat: &mut TableText,
+    chain: &str,
+    p: &PortPlan<'_>,
+    eps: &[&Arc<EndpointInfo>],
+    large_cluster: bool,
+) {
+    let name = p.name;
+    let protocol = p.port.protocol();
+    let affinity = p
+        .service
+        .session_affinity()
+        .timeout()
+        .map(|t| t.as_secs().to_string());
+    let sep: Vec<(String, String)> = eps
+        .iter()
+        .map(|e| {
+            let addr = e.addr_string();
+            (endpoint_chain_name(name, protocol, &addr), addr)
+        })
+        .collect();
+    if let Some(seconds) = &affinity {
+        for (sep_chain, addr) in &sep {
+            let text = format!("\"{name} -> {addr}\"");
+            let mut args: Vec<&str> = Vec::with_capacity(16);
+            if !large_cluster {
+                args.extend(["-m", "comment", "--comment", &text]);
+            }
+            args.extend([
+                "-m",
+                "recent",
+                "--name",
+                sep_chain,
+                "--rcheck",
+                "--seconds",
+                seconds,
+                "--reap",
+                "-j",
+                sep_chain,
+            ]);
+            nat.rule(chain, &args);
+        }
+    }
+    let n = sep.len();
+    for (i, (sep_chain, addr)) in sep.iter().enumerate() {
+        let text = format!("\"{name} -> {addr}\"");
+        let prob;
+        let mut args: Vec<&str> = Vec::with_capacity(16);
+        if !large_cluster {
+            args.extend(["-m", "comment", "--comment", &text]);
+        }
+        if i + 1 < n {
+            prob = probability(i, n);
+            args.extend([
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &prob,
+            ]);
+        }
+        args.extend(["-j", sep_chain]);
+        nat.rule(chain, &args);
+    }
+}
+
 /// The jumps kube-proxy (and kubelet, for `KUBE-FIREWALL`) install into the
 /// built-in chains with `iptables -I`, in the order they end up in.
 fn write_builtin_jumps(filter: &mut TableText, nat: &mut TableText, kubelet_firewall: bool) {
@@ -590,6 +1022,206 @@ fn write_builtin_jumps(filter: &mut TableText, nat: &mut TableText, kubelet_fire
         args.extend(["-j", target]);
         let table = if is_nat { &mut *nat } else { &mut *filter };
         table.rule(builtin, &args);
+    }
+}
+
+/// kube-proxy's `FullSyncPeriod` (`pkg/proxy/util`): a sync more than this
+/// long after the last full one is full again (except in large cluster
+/// mode).
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
+/// kube-proxy's default `--iptables-sync-period`: in large cluster mode,
+/// stale chains are deleted at most this often.
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+
+/// kube-proxy's partial syncs (`syncProxyRules` with `tryPartialSync`,
+/// Kubernetes 1.27+): keeps what it wrote last and returns each sync's
+/// `iptables-restore --noflush` input.
+///
+/// - The first sync, a sync after [`force_full_sync`](Syncer::force_full_sync)
+///   (kube-proxy's `needFullSync`, set after a failed restore) and a sync
+///   more than [`FULL_SYNC_PERIOD`] after the last full one (not in large
+///   cluster mode) are full: the whole [`render`] output.
+/// - Otherwise the sync is partial: the `*filter` table and kube-proxy's
+///   fixed `*nat` chains (`KUBE-SERVICES`, `KUBE-NODEPORTS`,
+///   `KUBE-POSTROUTING`, `KUBE-MARK-MASQ`) are written whole, as kube-proxy
+///   does; a service's own chains (`KUBE-SVC-`, `KUBE-SVL-`, `KUBE-SEP-`)
+///   are declared and written only when they changed.
+/// - On every sync, chains written before and no longer used are declared
+///   (which flushes them) and deleted with `-X`; in large cluster mode
+///   (more than [`LARGE_CLUSTER_ENDPOINTS_THRESHOLD`] endpoints) at most
+///   once per sync period ([`DEFAULT_SYNC_PERIOD`]), as kube-proxy does to
+///   avoid `iptables-save` runs.
+///
+/// kube-proxy learns which services changed from its change trackers; the
+/// syncer compares each service's rendered chains with what it wrote
+/// last, so a change that leaves a service's rules as they were (a label,
+/// say) writes nothing for it, where kube-proxy would rewrite its chains.
+/// The syncer assumes each restore it returned was applied; when one was
+/// not, call [`force_full_sync`](Syncer::force_full_sync).
+///
+/// # Examples
+/// ```
+/// use svclb::*;
+/// use svclb::render::{RenderOptions, iptables::Syncer};
+///
+/// let mut table = ServiceTable::new();
+/// let mut syncer = Syncer::new(RenderOptions::default());
+/// let svc = |ns: &str, ip: &str| {
+///     Service::builder(ns, "svc")
+///         .cluster_ip(ip.parse().unwrap())
+///         .port(ServicePortSpec::tcp(80))
+///         .build()
+/// };
+/// let slice = |ns: &str, ip: &str| {
+///     EndpointSlice::builder(ns, "svc-1", "svc", AddressType::IPv4)
+///         .port(SlicePortSpec::tcp(80))
+///         .endpoint(EndpointSpec::new(ip))
+///         .build()
+/// };
+/// table.apply_batch([Change::UpsertService(svc("a", "172.30.0.1")?), Change::UpsertSlice(slice("a", "10.0.0.1")?)])?;
+/// let first = syncer.sync(&table, Instant::ZERO);
+/// assert!(first.full);
+/// table.apply_batch([Change::UpsertService(svc("b", "172.30.0.2")?), Change::UpsertSlice(slice("b", "10.0.0.2")?)])?;
+/// let second = syncer.sync(&table, Instant::from_secs(1));
+/// assert!(!second.full);
+/// assert_eq!(second.services_written, 1);
+/// assert!(!second.text.contains("--to-destination 10.0.0.1:80"));
+/// assert!(second.text.contains("--to-destination 10.0.0.2:80"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Syncer {
+    opts: RenderOptions,
+    /// `ns/name` -> fingerprint of the service's nat chains as last written.
+    written: ahash::AHashMap<String, u64>,
+    /// Service chains in the kernel after the last sync.
+    existing: ahash::AHashSet<String>,
+    /// ... and before it (what stays after a failed restore).
+    existing_before: ahash::AHashSet<String>,
+    last_full: Option<Instant>,
+    last_cleanup: Option<Instant>,
+    need_full: bool,
+    full_sync_period: Duration,
+    sync_period: Duration,
+}
+
+impl Syncer {
+    /// A syncer that has written nothing yet: its first sync is full.
+    pub fn new(opts: RenderOptions) -> Syncer {
+        Syncer {
+            opts,
+            written: ahash::AHashMap::new(),
+            existing: ahash::AHashSet::new(),
+            existing_before: ahash::AHashSet::new(),
+            last_full: None,
+            last_cleanup: None,
+            need_full: true,
+            full_sync_period: FULL_SYNC_PERIOD,
+            sync_period: DEFAULT_SYNC_PERIOD,
+        }
+    }
+
+    /// Sets the period after which a sync is full again
+    /// ([`FULL_SYNC_PERIOD`] by default).
+    pub fn full_sync_period(mut self, period: Duration) -> Syncer {
+        self.full_sync_period = period;
+        self
+    }
+
+    /// Sets `--iptables-sync-period` ([`DEFAULT_SYNC_PERIOD`] by default).
+    pub fn sync_period(mut self, period: Duration) -> Syncer {
+        self.sync_period = period;
+        self
+    }
+
+    /// Makes the next sync full (kube-proxy's `needFullSync`, as after a
+    /// failed restore).
+    pub fn force_full_sync(&mut self) {
+        self.need_full = true;
+    }
+
+    /// Tells the syncer that the last sync's restore failed (kube-proxy:
+    /// `iptables-restore` returned an error): the next sync is full, and
+    /// deletes the stale chains the failed restore left in place.
+    pub fn restore_failed(&mut self) {
+        let before = std::mem::take(&mut self.existing_before);
+        self.existing.extend(before);
+        self.need_full = true;
+    }
+
+    /// The rendering options.
+    pub fn options(&self) -> &RenderOptions {
+        &self.opts
+    }
+
+    /// The restore input that brings the rules written so far to `table`'s.
+    pub fn sync(&mut self, table: &ServiceTable, now: Instant) -> RulesSync {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut built = build(table, &self.opts);
+        let full = self.need_full
+            || self.last_full.is_none_or(|t| {
+                now.saturating_duration_since(t) > self.full_sync_period && !built.large_cluster
+            });
+        let mut prints: Vec<std::hash::DefaultHasher> =
+            vec![std::hash::DefaultHasher::new(); built.services.len()];
+        let mut active = ahash::AHashSet::new();
+        for c in &built.nat.chains {
+            if let Some(o) = c.owner {
+                let h = &mut prints[o as usize];
+                c.name.hash(h);
+                c.rules.hash(h);
+                active.insert(c.name.clone());
+            }
+        }
+        let prints: Vec<u64> = prints.iter().map(|h| h.finish()).collect();
+        let changed: Vec<bool> = built
+            .services
+            .iter()
+            .zip(&prints)
+            .map(|(k, p)| full || self.written.get(k) != Some(p))
+            .collect();
+        let cleanup = !built.large_cluster
+            || self
+                .last_cleanup
+                .is_none_or(|t| now.saturating_duration_since(t) > self.sync_period);
+        let mut chains_deleted = 0;
+        if cleanup {
+            for name in self.existing.difference(&active) {
+                built.nat.chains.push(Chain {
+                    name: name.clone(),
+                    declared: true,
+                    rules: Vec::new(),
+                    owner: None,
+                    delete: true,
+                });
+                chains_deleted += 1;
+            }
+        }
+        let mut text = String::new();
+        built.filter.write(&mut text, "filter", |_| true);
+        built.nat.write(&mut text, "nat", |c| {
+            c.owner.is_none_or(|o| changed[o as usize])
+        });
+        let services_written = changed.iter().filter(|c| **c).count();
+        self.written = built.services.into_iter().zip(prints).collect();
+        self.existing_before = self.existing.clone();
+        if cleanup {
+            self.existing = active;
+            self.last_cleanup = Some(now);
+        } else {
+            self.existing.extend(active);
+        }
+        if full {
+            self.last_full = Some(now);
+        }
+        self.need_full = false;
+        RulesSync {
+            text,
+            full,
+            services_written,
+            chains_deleted,
+        }
     }
 }
 

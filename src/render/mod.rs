@@ -2,13 +2,16 @@
 //! kube-proxy and IPVS tools produce.
 //!
 //! - [`iptables`]: `iptables-restore` input, the rules kube-proxy's iptables
-//!   mode writes for ClusterIP services (chain names, comments and argument
-//!   order exactly as kube-proxy's; see that module for the version).
+//!   mode writes for cluster IPs, node ports, external and load-balancer
+//!   IPs (chain names, comments and argument order exactly as
+//!   kube-proxy's; see that module for the version).
 //! - [`nft`]: `nft -f` input, kube-proxy's nftables-mode table.
 //! - [`ipvsadm`]: an `ipvsadm -ln` listing of an [`IpvsDataplane`](crate::IpvsDataplane),
 //!   with its live connection counters.
 //! - [`conntrack`]: tracked connections as `conntrack -L` and
 //!   `ipvsadm -lnc` list them.
+//! - [`iptables::Syncer`] and [`nft::Syncer`]: kube-proxy's partial syncs,
+//!   each sync's restore input written from what the last one left.
 //!
 //! Renderers read the table (and, for `ipvsadm`, the dataplane); they run at
 //! control-plane speed, allocate freely and never touch a packet path. Which
@@ -223,6 +226,12 @@ pub struct RenderOptions {
     pub service_cidrs: Vec<Cidr>,
     /// The connection-table size `ipvsadm` prints in its header.
     pub ipvs_conn_table_size: u32,
+    /// Write the `nfacct` counters kube-proxy 1.31+ adds to its iptables
+    /// rules (`-m nfacct --nfacct-name ct_state_invalid_dropped_pkts` on
+    /// the conntrack-INVALID drop, `localhost_nps_accepted_pkts` on
+    /// localhost node ports). On by default, as kube-proxy has them where
+    /// the kernel supports `xt_nfacct`.
+    pub nfacct: bool,
 }
 
 impl Default for RenderOptions {
@@ -238,8 +247,23 @@ impl Default for RenderOptions {
             builtin_jumps: false,
             service_cidrs: Vec::new(),
             ipvs_conn_table_size: 4096,
+            nfacct: true,
         }
     }
+}
+
+/// One sync's rules, as a partial-sync [`iptables::Syncer`] or
+/// [`nft::Syncer`] writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulesSync {
+    /// The restore input (`iptables-restore --noflush`, `nft -f`).
+    pub text: String,
+    /// Whether this was a full sync (everything written).
+    pub full: bool,
+    /// How many services had their chains written.
+    pub services_written: usize,
+    /// How many stale chains this sync deletes.
+    pub chains_deleted: usize,
 }
 
 /// kube-proxy's default `--iptables-masquerade-bit`.
@@ -301,6 +325,11 @@ impl RenderOptions {
     /// Turns `MASQUERADE --random-fully` on or off.
     pub fn random_fully(mut self, on: bool) -> Self {
         self.random_fully = on;
+        self
+    }
+    /// Sets [`nfacct`](Self::nfacct).
+    pub fn nfacct(mut self, on: bool) -> Self {
+        self.nfacct = on;
         self
     }
     /// Turns the built-in chain jumps on or off.
@@ -385,9 +414,9 @@ pub(crate) fn port_plans<'a>(
 ) -> (Vec<PortPlan<'a>>, usize) {
     let mut plans = Vec::new();
     for fe in plan.frontends() {
-        // The renderings write cluster IPs; node ports, external and
-        // load-balancer IPs (KUBE-NODEPORTS, KUBE-EXT-, ...) are not
-        // rendered yet.
+        // One plan per cluster-IP frontend: the renderers write a service
+        // port's node port, external and load-balancer IPs from the
+        // service itself, next to its cluster IP, as kube-proxy does.
         if !opts.family.contains(fe.key().addr) || fe.kind() != crate::plan::FrontendKind::ClusterIp
         {
             continue;

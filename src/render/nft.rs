@@ -1,6 +1,6 @@
 //! The table as `nft -f` input, written the way kube-proxy's nftables mode
 //! (`pkg/proxy/nftables/proxier.go`, Kubernetes 1.33 generation) builds its
-//! `kube-proxy` table for ClusterIP services:
+//! `kube-proxy` table:
 //!
 //! - the base ruleset: the `cluster-ips` set, the `service-ips` verdict map
 //!   keyed by `daddr . l4proto . dport` (one O(1) lookup finds the service),
@@ -21,16 +21,30 @@
 //!
 //! Chain names hash `ns/name/proto/port` (and `__IP/PORT`) with sha256 and
 //! keep the first 8 base32 characters as a prefix, as kube-proxy does.
-//! Not rendered: NodePort, LoadBalancer, external-IP and firewall entries.
+//! [`Syncer`] writes kube-proxy's partial syncs: changed services' chains,
+//! changed elements, stale chains flushed and later deleted.
+//!
+//! External destinations: `service-ips` entries for external and
+//! load-balancer IPs, `service-nodeports`, `firewall-ips`,
+//! `no-endpoint-nodeports` and the `external-`, `firewall-` and `local-`
+//! chains, as kube-proxy writes them. Not rendered yet: `nodeport-ips`
+//! elements (the node's addresses are not a render option), and external
+//! destinations of services with `internalTrafficPolicy: Local`.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::{IpFamily, PortPlan, RenderOptions, hash, port_plans};
+use core::time::Duration;
+
+use super::{IpFamily, PortPlan, RenderOptions, RulesSync, hash, port_plans};
 use crate::model::flow::Protocol;
+use crate::model::service::TrafficPolicy;
 use crate::plan::{Outcome, Planner};
-use crate::table::ServiceTable;
+use crate::table::{EndpointInfo, ServiceTable};
+use crate::time::Instant;
+use crate::topology::{Selection, categorize};
+use std::sync::Arc;
 
 /// kube-proxy's limit on the part of a chain name after its prefix.
 const CHAIN_NAME_BASE_LENGTH_MAX: usize = 256 - 16;
@@ -90,7 +104,18 @@ pub fn endpoint_chain_base(
 }
 
 /// The base ruleset (kube-proxy's `setupNFTables`), for one family.
-fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, addr_type: &str) {
+/// The table, its sets and maps, base chains and their rules. With
+/// `flush`, as a full resync writes it over an existing table: every base
+/// chain and kube-proxy's element sets and maps are flushed after they are
+/// added (the affinity sets are not touched).
+fn write_base(
+    out: &mut String,
+    opts: &RenderOptions,
+    fam: &str,
+    ip_x: &str,
+    addr_type: &str,
+    flush: bool,
+) {
     let t = format!("{fam} kube-proxy");
     let mark = &opts.masquerade_mark;
     let _ = writeln!(
@@ -106,6 +131,10 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
         out,
         "add set {t} nodeport-ips {{ type {addr_type} ; comment \"IPs that accept NodePort traffic\" ; }}"
     );
+    if flush {
+        let _ = writeln!(out, "flush set {t} cluster-ips");
+        let _ = writeln!(out, "flush set {t} nodeport-ips");
+    }
     out.push('\n');
     for (map, key, comment) in [
         (
@@ -139,6 +168,9 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
             out,
             "add map {t} {map} {{ type {key} : verdict ; comment \"{comment}\" ; }}"
         );
+        if flush {
+            let _ = writeln!(out, "flush map {t} {map}");
+        }
     }
     out.push('\n');
     for chain in [
@@ -160,6 +192,10 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
         "service-endpoints-check",
     ] {
         let _ = writeln!(out, "add chain {t} {chain}");
+        if flush {
+            let name = chain.split(' ').next().unwrap_or(chain);
+            let _ = writeln!(out, "flush chain {t} {name}");
+        }
     }
     out.push('\n');
     let mut rules = vec![format!(
@@ -239,32 +275,123 @@ fn write_base(out: &mut String, opts: &RenderOptions, fam: &str, ip_x: &str, add
 /// ));
 /// ```
 pub fn render(table: &ServiceTable, opts: &RenderOptions) -> String {
+    let built = build(table, opts);
+    let mut out = String::new();
+    write_base(
+        &mut out,
+        opts,
+        built.fam,
+        built.ip_x,
+        built.addr_type,
+        false,
+    );
+    for p in &built.ports {
+        out.push('\n');
+        for line in p.decls.iter().chain(&p.rules) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if !p.decls.is_empty() {
+            out.push('\n');
+        }
+        for e in &p.elements {
+            e.write_add(&mut out, &built.t);
+        }
+    }
+    out
+}
+
+/// One element of a kube-proxy set or map: `add element T MAP { KEY REST }`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Element {
+    map: &'static str,
+    key: String,
+    /// What follows the key: a comment and/or ` : VERDICT`.
+    rest: String,
+}
+
+impl Element {
+    fn write_add(&self, out: &mut String, t: &str) {
+        let _ = writeln!(
+            out,
+            "add element {t} {} {{ {}{} }}",
+            self.map, self.key, self.rest
+        );
+    }
+}
+
+/// One service port's part of the table.
+#[derive(Debug, Default)]
+struct PortText {
+    /// Index into [`Built::services`].
+    owner: u32,
+    /// `add chain` / `add set` lines, in the order they are written.
+    decls: Vec<String>,
+    /// The service and endpoint chains it declares.
+    chains: Vec<String>,
+    /// The affinity sets it declares.
+    sets: Vec<String>,
+    /// `add rule` lines.
+    rules: Vec<String>,
+    elements: Vec<Element>,
+}
+
+/// A rendering before it is written out.
+#[derive(Debug)]
+struct Built {
+    fam: &'static str,
+    ip_x: &'static str,
+    addr_type: &'static str,
+    /// `FAMILY kube-proxy`.
+    t: String,
+    ports: Vec<PortText>,
+    /// `ns/name` by owner index.
+    services: Vec<String>,
+}
+
+fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
     let plan = Planner::compile(table, &opts.node);
     let (plans, _) = port_plans(table, &plan, opts);
     let (fam, ip_x, addr_type) = match opts.family {
         IpFamily::V4 => ("ip", "ip", "ipv4_addr"),
         IpFamily::V6 => ("ip6", "ip6", "ipv6_addr"),
     };
-    let mut out = String::new();
-    write_base(&mut out, opts, fam, ip_x, addr_type);
     let t = format!("{fam} kube-proxy");
     let mut cluster_ips: HashSet<IpAddr> = HashSet::new();
+    let mut services: Vec<String> = Vec::new();
+    let mut owners: ahash::AHashMap<&crate::model::service::ServiceKey, u32> =
+        ahash::AHashMap::new();
+    let mut ports = Vec::with_capacity(plans.len());
     for p in &plans {
-        out.push('\n');
-        write_service_port(&mut out, p, opts, &t, ip_x, addr_type, &mut cluster_ips);
+        let key = p.service.key();
+        let owner = *owners.entry(key).or_insert_with(|| {
+            services.push(format!("{}/{}", key.namespace, key.name));
+            (services.len() - 1) as u32
+        });
+        let mut text = write_service_port(p, table, opts, &t, ip_x, addr_type, &mut cluster_ips);
+        text.owner = owner;
+        ports.push(text);
     }
-    out
+    Built {
+        fam,
+        ip_x,
+        addr_type,
+        t,
+        ports,
+        services,
+    }
 }
 
 fn write_service_port(
-    out: &mut String,
     p: &PortPlan<'_>,
+    table: &ServiceTable,
     opts: &RenderOptions,
     t: &str,
     ip_x: &str,
     addr_type: &str,
     cluster_ips: &mut HashSet<IpAddr>,
-) {
+) -> PortText {
+    let mut text = PortText::default();
     let key = p.service.key();
     let protocol = p.port.protocol();
     let proto = p.proto();
@@ -272,9 +399,12 @@ fn write_service_port(
     let vip = p.vip;
     let dport = p.port.port();
     let element_key = format!("{vip} . {proto} . {dport}");
-    let mut elements = Vec::new();
     if cluster_ips.insert(vip) {
-        elements.push(format!("add element {t} cluster-ips {{ {vip} }}"));
+        text.elements.push(Element {
+            map: "cluster-ips",
+            key: vip.to_string(),
+            rest: String::new(),
+        });
     }
     match p.outcome {
         Outcome::Reject | Outcome::Drop => {
@@ -283,10 +413,11 @@ fn write_service_port(
             } else {
                 "goto reject-chain"
             };
-            elements.push(format!(
-                "add element {t} no-endpoint-services {{ {element_key} comment \"{}\" : {verdict} }}",
-                p.name
-            ));
+            text.elements.push(Element {
+                map: "no-endpoint-services",
+                key: element_key,
+                rest: format!(" comment \"{}\" : {verdict}", p.name),
+            });
         }
         _ => {
             let eps = &p.endpoints;
@@ -316,37 +447,37 @@ fn write_service_port(
                 eps.iter().collect();
             sorted.sort_by(|a, b| a.0.cmp(&b.0));
             for (ep_chain, ..) in &sorted {
-                let _ = writeln!(out, "add chain {t} {ep_chain}");
+                text.decls.push(format!("add chain {t} {ep_chain}"));
+                text.chains.push(ep_chain.clone());
             }
             let affinity = p.service.session_affinity().timeout().map(|d| d.as_secs());
             if let Some(secs) = affinity {
                 let mut sets: Vec<&String> = eps.iter().map(|(_, s, _)| s).collect();
                 sets.sort();
                 for set in sets {
-                    let _ = writeln!(
-                        out,
+                    text.decls.push(format!(
                         "add set {t} {set} {{ type {addr_type} ; flags dynamic,timeout ; timeout {secs}s ; }}"
-                    );
+                    ));
+                    text.sets.push(set.clone());
                 }
             }
-            let _ = writeln!(out, "add chain {t} {chain}");
+            text.decls.push(format!("add chain {t} {chain}"));
+            text.chains.push(chain.clone());
+            let rules = &mut text.rules;
             if opts.masquerade_all {
-                let _ = writeln!(
-                    out,
+                rules.push(format!(
                     "add rule {t} {chain} {ip_x} daddr {vip} jump mark-for-masquerade"
-                );
+                ));
             } else if let Some(cidr) = opts.family_cluster_cidr() {
-                let _ = writeln!(
-                    out,
+                rules.push(format!(
                     "add rule {t} {chain} {ip_x} daddr {vip} {ip_x} saddr != {cidr} jump mark-for-masquerade"
-                );
+                ));
             }
             if affinity.is_some() {
                 for (ep_chain, set, _) in &eps {
-                    let _ = writeln!(
-                        out,
+                    rules.push(format!(
                         "add rule {t} {chain} {ip_x} saddr @{set} goto {ep_chain}"
-                    );
+                    ));
                 }
             }
             let vmap: Vec<String> = eps
@@ -354,39 +485,510 @@ fn write_service_port(
                 .enumerate()
                 .map(|(i, (ep_chain, ..))| format!("{i} : goto {ep_chain}"))
                 .collect();
-            let _ = writeln!(
-                out,
+            rules.push(format!(
                 "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
                 eps.len(),
                 vmap.join(" , ")
-            );
+            ));
             for (ep_chain, set, ep) in sorted {
-                let _ = writeln!(
-                    out,
+                rules.push(format!(
                     "add rule {t} {ep_chain} {ip_x} saddr {} jump mark-for-masquerade",
                     ep.addr().ip()
-                );
+                ));
                 if affinity.is_some() {
-                    let _ = writeln!(
-                        out,
+                    rules.push(format!(
                         "add rule {t} {ep_chain} update @{set} {{ {ip_x} saddr }}"
-                    );
+                    ));
                 }
-                let _ = writeln!(
-                    out,
+                rules.push(format!(
                     "add rule {t} {ep_chain} meta l4proto {proto} dnat to {}",
                     ep.addr_string()
-                );
+                ));
             }
-            out.push('\n');
-            elements.push(format!(
-                "add element {t} service-ips {{ {element_key} : goto {chain} }}"
+            text.elements.push(Element {
+                map: "service-ips",
+                key: element_key,
+                rest: format!(" : goto {chain}"),
+            });
+        }
+    }
+    write_external(&mut text, p, table, opts, t, ip_x);
+    text
+}
+
+/// A service port's external destinations (node port, external IPs,
+/// load-balancer IPs), as kube-proxy's nftables proxier writes them: the
+/// `service-ips`, `service-nodeports`, `firewall-ips`,
+/// `no-endpoint-services` and `no-endpoint-nodeports` elements and the
+/// `external-`, `firewall-` and (for `externalTrafficPolicy: Local`)
+/// `local-` chains. Not for services with `internalTrafficPolicy: Local`
+/// (not rendered yet); the `nodeport-ips` set's elements need the node's
+/// addresses, which are not a render option.
+fn write_external(
+    text: &mut PortText,
+    p: &PortPlan<'_>,
+    table: &ServiceTable,
+    opts: &RenderOptions,
+    t: &str,
+    ip_x: &str,
+) {
+    let svc = p.service;
+    if !svc.externally_accessible() || p.local_policy() {
+        return;
+    }
+    let key = svc.key();
+    let fam = opts.family;
+    let protocol = p.port.protocol();
+    let proto = p.proto();
+    let port_name = p.port.name_or_empty();
+    let dport = p.port.port();
+    let has_endpoints = p.outcome != Outcome::Reject;
+    let etp_local = svc.external_traffic_policy() == TrafficPolicy::Local;
+    let local: Vec<Arc<EndpointInfo>> = if etp_local {
+        table
+            .view(key)
+            .and_then(|v| {
+                v.ports().iter().find(|pv| {
+                    pv.port().port() == p.port.port() && pv.port().protocol() == protocol
+                })
+            })
+            .map(|pv| {
+                match categorize(
+                    pv.endpoints(),
+                    TrafficPolicy::Local,
+                    &opts.node,
+                    Some(p.vip),
+                ) {
+                    Selection::Usable(v) => v,
+                    _ => Vec::new(),
+                }
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let has_external = has_endpoints && (!etp_local || !local.is_empty());
+    let base = service_chain_base(&key.namespace, &key.name, protocol, port_name);
+    let ext = format!("external-{base}");
+    let fw = format!("firewall-{base}");
+    let cluster_chain = format!("service-{base}");
+    let ext_ips: Vec<IpAddr> = svc
+        .external_ips()
+        .iter()
+        .copied()
+        .filter(|ip| fam.contains(*ip))
+        .collect();
+    let lb_ips: Vec<IpAddr> = svc
+        .load_balancer_vips()
+        .filter(|ip| fam.contains(*ip))
+        .collect();
+    let ranges: Vec<String> = svc
+        .load_balancer_source_ranges()
+        .iter()
+        .filter(|r| fam.contains(r.addr()))
+        .map(ToString::to_string)
+        .collect();
+    let uses_fw = !lb_ips.is_empty() && !ranges.is_empty();
+    let verdict = if has_endpoints {
+        "drop"
+    } else {
+        "goto reject-chain"
+    };
+    let name = p.name;
+    let mut elements = Vec::new();
+    for ip in &ext_ips {
+        if has_endpoints {
+            elements.push((
+                "service-ips",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" : goto {ext}"),
+            ));
+        }
+        if !has_external {
+            elements.push((
+                "no-endpoint-services",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" comment \"{name}\" : {verdict}"),
             ));
         }
     }
-    for e in elements {
-        out.push_str(&e);
-        out.push('\n');
+    for ip in &lb_ips {
+        if has_endpoints {
+            elements.push((
+                "service-ips",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" : goto {ext}"),
+            ));
+        }
+        if uses_fw {
+            elements.push((
+                "firewall-ips",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" : goto {fw}"),
+            ));
+        }
+    }
+    if !has_external {
+        for ip in &lb_ips {
+            elements.push((
+                "no-endpoint-services",
+                format!("{ip} . {proto} . {dport}"),
+                format!(" comment \"{name}\" : {verdict}"),
+            ));
+        }
+    }
+    if let Some(np) = p.port.node_port() {
+        if has_endpoints {
+            elements.push((
+                "service-nodeports",
+                format!("{proto} . {np}"),
+                format!(" : goto {ext}"),
+            ));
+        }
+        if !has_external {
+            elements.push((
+                "no-endpoint-nodeports",
+                format!("{proto} . {np}"),
+                format!(" comment \"{name}\" : {verdict}"),
+            ));
+        }
+    }
+    if has_endpoints {
+        if etp_local && !local.is_empty() {
+            // The Local-policy chain: its endpoint chains are the cluster
+            // chain's (ITP Cluster), declared already.
+            let local_chain = format!("local-{base}");
+            text.decls.push(format!("add chain {t} {local_chain}"));
+            text.chains.push(local_chain.clone());
+            let affinity = svc.session_affinity().timeout().is_some();
+            let eps: Vec<(String, String)> = local
+                .iter()
+                .map(|e| {
+                    let b = endpoint_chain_base(
+                        &key.namespace,
+                        &key.name,
+                        protocol,
+                        port_name,
+                        e.addr(),
+                    );
+                    (format!("endpoint-{b}"), format!("affinity-{b}"))
+                })
+                .collect();
+            if affinity {
+                for (ep_chain, set) in &eps {
+                    text.rules.push(format!(
+                        "add rule {t} {local_chain} {ip_x} saddr @{set} goto {ep_chain}"
+                    ));
+                }
+            }
+            let vmap: Vec<String> = eps
+                .iter()
+                .enumerate()
+                .map(|(i, (ep_chain, _))| format!("{i} : goto {ep_chain}"))
+                .collect();
+            text.rules.push(format!(
+                "add rule {t} {local_chain} numgen random mod {} vmap {{ {} }}",
+                eps.len(),
+                vmap.join(" , ")
+            ));
+        }
+        text.decls.push(format!("add chain {t} {ext}"));
+        text.chains.push(ext.clone());
+        if etp_local {
+            if let Some(cidr) = opts.family_cluster_cidr() {
+                text.rules.push(format!(
+                    "add rule {t} {ext} {ip_x} saddr {cidr} goto {cluster_chain} comment \"short-circuit pod traffic\""
+                ));
+            }
+            text.rules.push(format!(
+                "add rule {t} {ext} fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\""
+            ));
+            text.rules.push(format!(
+                "add rule {t} {ext} fib saddr type local goto {cluster_chain} comment \"short-circuit local traffic\""
+            ));
+            if has_external {
+                text.rules
+                    .push(format!("add rule {t} {ext} goto local-{base}"));
+            }
+        } else {
+            text.rules
+                .push(format!("add rule {t} {ext} jump mark-for-masquerade"));
+            text.rules
+                .push(format!("add rule {t} {ext} goto {cluster_chain}"));
+        }
+    }
+    // The firewall chain is there with or without endpoints, as
+    // `firewall-ips` points at it either way.
+    if uses_fw {
+        text.decls.push(format!("add chain {t} {fw}"));
+        text.chains.push(fw.clone());
+        text.rules.push(format!(
+            "add rule {t} {fw} {ip_x} saddr != {{ {} }} drop",
+            ranges.join(" , ")
+        ));
+    }
+    text.elements.extend(
+        elements
+            .into_iter()
+            .map(|(map, key, rest)| Element { map, key, rest }),
+    );
+}
+
+/// How long a stale chain stays flushed before kube-proxy deletes it (a
+/// map element that pointed at it may be released late on kernels before
+/// 6.2).
+pub const STALE_CHAIN_DELAY: Duration = Duration::from_secs(1);
+
+/// kube-proxy's nftables partial syncs (`pkg/proxy/nftables/proxier.go`,
+/// Kubernetes 1.31+): keeps what it wrote last and returns each sync's
+/// `nft -f` transaction.
+///
+/// - The first sync is the whole [`render`] output. A forced sync
+///   ([`force_full_sync`](Syncer::force_full_sync), kube-proxy's
+///   `needFullSync`) and a sync more than
+///   [`FULL_SYNC_PERIOD`](super::iptables::FULL_SYNC_PERIOD) after the last
+///   full one rewrite everything over the existing table: base chains and
+///   kube-proxy's element sets and maps flushed and refilled, every
+///   service chain flushed and rewritten (affinity sets keep their
+///   entries).
+/// - A partial sync writes a changed service's chains (`add chain`,
+///   `flush chain`, its rules, its affinity sets) and only the elements of
+///   `cluster-ips`, `service-ips` and `no-endpoint-services` that are new
+///   or changed (`delete element` + `add element`) or gone
+///   (`delete element`), as kube-proxy's `nftElementStorage` does.
+/// - Chains no longer used are flushed, and deleted (`delete chain`) at the
+///   start of the first sync more than [`STALE_CHAIN_DELAY`] later; stale
+///   affinity sets are deleted at once. As in kube-proxy, a sync that finds
+///   a stale chain still there flushes it again and restarts its delay, so
+///   syncs less than a second apart keep deleting nothing (kube-proxy's
+///   `--min-sync-period` of 1 s keeps that from mattering).
+///
+/// As [`iptables::Syncer`](super::iptables::Syncer), a service counts as
+/// changed when its rendered chains differ from what was last written.
+///
+/// # Examples
+/// ```
+/// use svclb::*;
+/// use svclb::render::{RenderOptions, nft::Syncer};
+///
+/// let mut table = ServiceTable::new();
+/// let mut syncer = Syncer::new(RenderOptions::default());
+/// let svc = Service::builder("a", "svc")
+///     .cluster_ip("172.30.0.1".parse().unwrap())
+///     .port(ServicePortSpec::tcp(80))
+///     .build()?;
+/// table.apply(Change::UpsertService(svc))?;
+/// assert!(syncer.sync(&table, Instant::ZERO).full);
+/// table.apply(Change::DeleteService(ServiceKey::new("a", "svc")))?;
+/// let sync = syncer.sync(&table, Instant::from_secs(1));
+/// assert_eq!(
+///     sync.text,
+///     "delete element ip kube-proxy cluster-ips { 172.30.0.1 }\n\
+///      delete element ip kube-proxy no-endpoint-services { 172.30.0.1 . tcp . 80 }\n"
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Syncer {
+    opts: RenderOptions,
+    /// `ns/name` -> fingerprint of the service's chains as last written.
+    written: ahash::AHashMap<String, u64>,
+    /// (set or map, key) -> what follows the key, as in the kernel.
+    elements: ahash::AHashMap<(&'static str, String), String>,
+    /// Service and endpoint chains in the kernel.
+    chains: ahash::AHashSet<String>,
+    /// Affinity sets in the kernel.
+    sets: ahash::AHashSet<String>,
+    /// Chains flushed as stale, and when.
+    stale: ahash::AHashMap<String, Instant>,
+    last_full: Option<Instant>,
+    need_full: bool,
+    full_sync_period: Duration,
+}
+
+impl Syncer {
+    /// A syncer that has written nothing yet: its first sync is full.
+    pub fn new(opts: RenderOptions) -> Syncer {
+        Syncer {
+            opts,
+            written: ahash::AHashMap::new(),
+            elements: ahash::AHashMap::new(),
+            chains: ahash::AHashSet::new(),
+            sets: ahash::AHashSet::new(),
+            stale: ahash::AHashMap::new(),
+            last_full: None,
+            need_full: true,
+            full_sync_period: super::iptables::FULL_SYNC_PERIOD,
+        }
+    }
+
+    /// Sets the period after which a sync is full again.
+    pub fn full_sync_period(mut self, period: Duration) -> Syncer {
+        self.full_sync_period = period;
+        self
+    }
+
+    /// Makes the next sync full (kube-proxy's `needFullSync`, as after a
+    /// failed transaction).
+    pub fn force_full_sync(&mut self) {
+        self.need_full = true;
+    }
+
+    /// The rendering options.
+    pub fn options(&self) -> &RenderOptions {
+        &self.opts
+    }
+
+    /// The transaction that brings the table written so far to `table`'s.
+    pub fn sync(&mut self, table: &ServiceTable, now: Instant) -> RulesSync {
+        use std::hash::{Hash as _, Hasher as _};
+        let built = build(table, &self.opts);
+        let t = &built.t;
+        let first = self.last_full.is_none();
+        let full = self.need_full
+            || self
+                .last_full
+                .is_none_or(|l| now.saturating_duration_since(l) > self.full_sync_period);
+        let mut out = String::new();
+        let mut chains_deleted = 0;
+
+        // kube-proxy deletes sufficiently stale chains first.
+        let mut gone: Vec<String> = self
+            .stale
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) > STALE_CHAIN_DELAY)
+            .map(|(c, _)| c.clone())
+            .collect();
+        gone.sort();
+        for chain in gone {
+            let _ = writeln!(out, "delete chain {t} {chain}");
+            self.stale.remove(&chain);
+            self.chains.remove(&chain);
+            chains_deleted += 1;
+        }
+
+        let mut prints: Vec<std::hash::DefaultHasher> =
+            vec![std::hash::DefaultHasher::new(); built.services.len()];
+        let mut active_chains = ahash::AHashSet::new();
+        let mut active_sets = ahash::AHashSet::new();
+        for p in &built.ports {
+            let h = &mut prints[p.owner as usize];
+            p.decls.hash(h);
+            p.rules.hash(h);
+            active_chains.extend(p.chains.iter().cloned());
+            active_sets.extend(p.sets.iter().cloned());
+        }
+        let prints: Vec<u64> = prints.iter().map(|h| h.finish()).collect();
+        let changed: Vec<bool> = built
+            .services
+            .iter()
+            .zip(&prints)
+            .map(|(k, p)| full || self.written.get(k) != Some(p))
+            .collect();
+
+        if first {
+            // Into an empty table: exactly the full rendering.
+            write_base(
+                &mut out,
+                &self.opts,
+                built.fam,
+                built.ip_x,
+                built.addr_type,
+                false,
+            );
+        } else if full {
+            write_base(
+                &mut out,
+                &self.opts,
+                built.fam,
+                built.ip_x,
+                built.addr_type,
+                true,
+            );
+            self.elements.clear();
+        }
+        let mut current: ahash::AHashSet<(&'static str, &str)> = ahash::AHashSet::new();
+        for p in &built.ports {
+            let write_chains = changed[p.owner as usize];
+            if first {
+                out.push('\n');
+            }
+            if write_chains {
+                for line in &p.decls {
+                    out.push_str(line);
+                    out.push('\n');
+                    if !first {
+                        if let Some(chain) = line.strip_prefix("add chain ") {
+                            let _ = writeln!(out, "flush chain {chain}");
+                        }
+                    }
+                }
+                for line in &p.rules {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+                if first && !p.decls.is_empty() {
+                    out.push('\n');
+                }
+            }
+            for e in &p.elements {
+                current.insert((e.map, e.key.as_str()));
+                match self.elements.get(&(e.map, e.key.clone())) {
+                    Some(rest) if *rest == e.rest => {}
+                    Some(_) => {
+                        let _ = writeln!(out, "delete element {t} {} {{ {} }}", e.map, e.key);
+                        e.write_add(&mut out, t);
+                    }
+                    None => e.write_add(&mut out, t),
+                }
+            }
+        }
+        // Chains no longer used are flushed now and deleted later.
+        let mut stale: Vec<&String> = self.chains.difference(&active_chains).collect();
+        stale.sort();
+        for chain in stale {
+            let _ = writeln!(out, "flush chain {t} {chain}");
+            self.stale.insert(chain.clone(), now);
+        }
+        for chain in &active_chains {
+            self.stale.remove(chain);
+        }
+        let mut stale_sets: Vec<&String> = self.sets.difference(&active_sets).collect();
+        stale_sets.sort();
+        for set in stale_sets {
+            let _ = writeln!(out, "delete set {t} {set}");
+        }
+        // Elements left over.
+        let mut leftover: Vec<&(&'static str, String)> = self
+            .elements
+            .keys()
+            .filter(|(m, k)| !current.contains(&(*m, k.as_str())))
+            .collect();
+        leftover.sort();
+        for (map, key) in leftover {
+            let _ = writeln!(out, "delete element {t} {map} {{ {key} }}");
+        }
+
+        self.elements = built
+            .ports
+            .iter()
+            .flat_map(|p| &p.elements)
+            .map(|e| ((e.map, e.key.clone()), e.rest.clone()))
+            .collect();
+        self.chains.extend(active_chains);
+        self.sets = active_sets;
+        let services_written = changed.iter().filter(|c| **c).count();
+        self.written = built.services.into_iter().zip(prints).collect();
+        if full {
+            self.last_full = Some(now);
+        }
+        self.need_full = false;
+        RulesSync {
+            text: out,
+            full,
+            services_written,
+            chains_deleted,
+        }
     }
 }
 
