@@ -19,7 +19,10 @@
 //!    model's probabilities (chi-square, p = 0.001); ClientIP affinity pins
 //!    a client to one endpoint; a service without endpoints refuses the
 //!    connection (REJECT) and a Local-policy service without local endpoints
-//!    drops it.
+//!    drops it; a node port (on the namespace's own address, the node IP),
+//!    an external IP and a load-balancer IP reach the backends the model
+//!    routes those flows to, and the load balancer's source ranges let one
+//!    client address in and drop another, as the model does.
 //!
 //! Without root, `ip netns` or netfilter the test prints `SKIPPED: <reason>`
 //! and passes.
@@ -53,6 +56,16 @@ struct Addrs {
     sticky: &'static str,
     empty: &'static str,
     local: &'static str,
+    /// A NodePort service (its cluster IP); its node port answers on the
+    /// namespace's own address, `client` (the node IP).
+    nodeport: &'static str,
+    /// An external IP of the NodePort service (in the routed range).
+    external: &'static str,
+    /// A LoadBalancer service's ingress IP, with source ranges that let
+    /// `allowed_client` in and keep `client` out.
+    lb: &'static str,
+    allowed_client: &'static str,
+    source_range: &'static str,
 }
 
 const V4: Addrs = Addrs {
@@ -66,6 +79,11 @@ const V4: Addrs = Addrs {
     sticky: "172.30.0.11:80",
     empty: "172.30.0.12:80",
     local: "172.30.0.13:80",
+    nodeport: "172.30.0.14:80",
+    external: "172.30.1.1:80",
+    lb: "172.30.2.1:80",
+    allowed_client: "10.98.0.1",
+    source_range: "10.98.0.0/24",
 };
 
 const V6: Addrs = Addrs {
@@ -79,6 +97,11 @@ const V6: Addrs = Addrs {
     sticky: "[fd00:30::11]:80",
     empty: "[fd00:30::12]:80",
     local: "[fd00:30::13]:80",
+    nodeport: "[fd00:30::14]:80",
+    external: "[fd00:30::1:1]:80",
+    lb: "[fd00:30::2:1]:80",
+    allowed_client: "fd00:98::1",
+    source_range: "fd00:98::/64",
 };
 
 impl Addrs {
@@ -95,6 +118,11 @@ impl Addrs {
 }
 
 const CONNECTIONS: usize = 600;
+/// The NodePort service's node port.
+const NODE_PORT: u16 = 30080;
+/// Connections to each of the node port, the external IP and the allowed
+/// load-balancer client.
+const EXTERNAL_CONNECTIONS: usize = 30;
 const STICKY_CONNECTIONS: usize = 60;
 /// The chi-square critical value for 2 degrees of freedom at p = 0.001.
 const CHI2_CRITICAL_DF2: f64 = 13.816;
@@ -149,6 +177,47 @@ fn table(a: &Addrs) -> ServiceTable {
             .unwrap(),
     ));
     changes.push(Change::UpsertSlice(slice("local", "other-node")));
+    // NodePort with an external IP, and a LoadBalancer with source ranges
+    // (externalTrafficPolicy Cluster: every endpoint).
+    let external: SocketAddr = a.external.parse().unwrap();
+    changes.push(Change::UpsertService(
+        Service::builder("default", "np")
+            .cluster_ip(a.nodeport.parse::<SocketAddr>().unwrap().ip())
+            .service_type(ServiceType::NodePort)
+            .external_ip(external.ip())
+            .port(
+                ServicePortSpec::tcp(80)
+                    .name("http")
+                    .target_port(i64::from(TARGET_PORT))
+                    .node_port(i64::from(NODE_PORT)),
+            )
+            .build()
+            .unwrap(),
+    ));
+    changes.push(Change::UpsertSlice(slice("np", "test-node")));
+    let lb: SocketAddr = a.lb.parse().unwrap();
+    changes.push(Change::UpsertService(
+        Service::builder("default", "lb")
+            .cluster_ip(if a.ipv6 {
+                "fd00:30::15".parse().unwrap()
+            } else {
+                "172.30.0.15".parse().unwrap()
+            })
+            .service_type(ServiceType::LoadBalancer)
+            .load_balancer_ingress(lb.ip(), IpMode::VIP)
+            .load_balancer_source_range(
+                render::Cidr::parse("loadBalancerSourceRanges", a.source_range).unwrap(),
+            )
+            .port(
+                ServicePortSpec::tcp(80)
+                    .name("http")
+                    .target_port(i64::from(TARGET_PORT))
+                    .node_port(i64::from(NODE_PORT + 1)),
+            )
+            .build()
+            .unwrap(),
+    ));
+    changes.push(Change::UpsertSlice(slice("lb", "test-node")));
     let mut t = ServiceTable::new();
     t.apply_batch(changes).unwrap();
     t
@@ -250,7 +319,11 @@ impl Netns {
             self.ip(&["link", "add", "svc0", "type", "bridge"]);
         }
         self.ip(&["link", "set", "svc0", "up"]);
-        for ip in a.endpoints.iter().chain([&a.not_ready, &a.client]) {
+        for ip in a
+            .endpoints
+            .iter()
+            .chain([&a.not_ready, &a.client, &a.allowed_client])
+        {
             let addr = format!("{ip}/{}", a.prefix());
             if a.ipv6 {
                 // No duplicate address detection: usable at once.
@@ -392,7 +465,8 @@ fn check_backend(backend: Backend, a: &Addrs, table: &ServiceTable) -> Result<()
         .node(node())
         .cluster_cidr(a.cluster_cidr.parse().unwrap())
         .builtin_jumps(true)
-        .nfacct(false);
+        .nfacct(false)
+        .node_ip(a.client.parse().unwrap());
     let text = match backend {
         Backend::Nft => {
             let _ = ns.exec("nft", &["delete", "table", "ip", "svclb-probe"]);
@@ -503,6 +577,74 @@ fn check_backend(backend: Backend, a: &Addrs, table: &ServiceTable) -> Result<()
         Some(&1),
         "{:?}",
         seen["local"]
+    );
+
+    // Node port, external IP and load-balancer IP: the model, given the
+    // namespace's address as its node IP, routes each flow the child sent;
+    // the kernel's backends must be among the model's, and the model's
+    // source-range verdicts must be the kernel's.
+    let client: std::net::IpAddr = a.client.parse().unwrap();
+    let allowed: std::net::IpAddr = a.allowed_client.parse().unwrap();
+    let ext = IptablesDataplane::new(
+        DataplaneConfig::with_seed(1)
+            .node(node())
+            .node_ip(client)
+            .conntrack(None),
+    );
+    ext.sync(table, &table.full_change_set(), Instant::ZERO);
+    let model_backends = |src: std::net::IpAddr, dst: SocketAddr| {
+        let mut set = std::collections::BTreeSet::new();
+        for port in 40_000..40_200u16 {
+            match ext.route(&Flow::tcp(SocketAddr::new(src, port), dst), Instant::ZERO) {
+                Verdict::Forward(f) => {
+                    set.insert(f.backend.to_string());
+                }
+                other => return Err(format!("{other:?}")),
+            }
+        }
+        Ok(set)
+    };
+    let node_port = SocketAddr::new(client, NODE_PORT);
+    let lb: SocketAddr = a.lb.parse().unwrap();
+    for (probe, src, dst) in [
+        ("nodeport", client, node_port),
+        ("external", client, a.external.parse().unwrap()),
+        ("lb-allowed", allowed, lb),
+    ] {
+        let allowed = model_backends(src, dst)
+            .unwrap_or_else(|v| panic!("{label}: the model does not forward {probe}: {v}"));
+        let got = &seen[probe];
+        assert_eq!(
+            got.values().sum::<usize>(),
+            EXTERNAL_CONNECTIONS,
+            "{label}: every {probe} connection reached a backend: {got:?}"
+        );
+        assert!(
+            got.keys().all(|k| allowed.contains(k)),
+            "{label}: {probe}: the kernel picked {got:?}, the model allows {allowed:?}"
+        );
+        assert!(
+            got.len() > 1,
+            "{label}: {probe} spread over the backends: {got:?}"
+        );
+    }
+    // Outside the source ranges: the model drops, the kernel never answers.
+    assert_eq!(
+        ext.route(
+            &Flow::tcp(SocketAddr::new(client, 40_000), lb),
+            Instant::ZERO
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        seen["lb-blocked"].get("timeout"),
+        Some(&1),
+        "{label}: {:?}",
+        seen["lb-blocked"]
+    );
+    println!(
+        "{label}: node port, external IP and allowed LB client reached the model's backends; \
+         the LB source range blocked the other client"
     );
     Ok(())
 }
@@ -650,6 +792,46 @@ fn netns_child() {
     report("sticky", a.sticky, STICKY_CONNECTIONS, quick);
     report("empty", a.empty, 3, quick);
     report("local", a.local, 1, Duration::from_millis(1500));
+    let node_port = SocketAddr::new(a.client.parse().unwrap(), NODE_PORT);
+    report(
+        "nodeport",
+        &node_port.to_string(),
+        EXTERNAL_CONNECTIONS,
+        quick,
+    );
+    report("external", a.external, EXTERNAL_CONNECTIONS, quick);
+    report("lb-blocked", a.lb, 1, Duration::from_millis(1500));
+    // From the address inside the load balancer's source ranges.
+    let lb: SocketAddr = a.lb.parse().unwrap();
+    let from: SocketAddr = SocketAddr::new(a.allowed_client.parse().unwrap(), 0);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..EXTERNAL_CONNECTIONS {
+        *counts
+            .entry(probe_connect_from(from, lb, quick))
+            .or_default() += 1;
+    }
+    for (outcome, n) in counts {
+        println!("SVCLB lb-allowed {outcome} {n}");
+    }
+}
+
+/// [`probe_connect`] from a chosen source address.
+fn probe_connect_from(from: SocketAddr, target: SocketAddr, timeout: Duration) -> String {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, None).unwrap();
+    socket.bind(&from.into()).unwrap();
+    match socket.connect_timeout(&target.into(), timeout) {
+        Ok(()) => {
+            let mut s: TcpStream = socket.into();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            reply
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused".into(),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout".into(),
+        Err(e) => panic!("connect {target} from {from}: {e}"),
+    }
 }
 
 /// A dual-stack table with every protocol and outcome: dual-stack TCP, UDP

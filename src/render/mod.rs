@@ -232,6 +232,13 @@ pub struct RenderOptions {
     /// localhost node ports). On by default, as kube-proxy has them where
     /// the kernel supports `xt_nfacct`.
     pub nfacct: bool,
+    /// The node's IPs that accept node-port traffic (kube-proxy's
+    /// `--nodeport-addresses` applied to the node's addresses): the
+    /// nftables rendering's `nodeport-ips` elements. The iptables
+    /// rendering matches node ports with `-m addrtype --dst-type LOCAL`,
+    /// kube-proxy's rule when `--nodeport-addresses` is unset, and does not
+    /// read this. Empty by default.
+    pub node_ips: Vec<IpAddr>,
 }
 
 impl Default for RenderOptions {
@@ -248,6 +255,7 @@ impl Default for RenderOptions {
             service_cidrs: Vec::new(),
             ipvs_conn_table_size: 4096,
             nfacct: true,
+            node_ips: Vec::new(),
         }
     }
 }
@@ -325,6 +333,12 @@ impl RenderOptions {
     /// Turns `MASQUERADE --random-fully` on or off.
     pub fn random_fully(mut self, on: bool) -> Self {
         self.random_fully = on;
+        self
+    }
+    /// Adds a node IP that accepts node-port traffic
+    /// ([`node_ips`](Self::node_ips)).
+    pub fn node_ip(mut self, ip: IpAddr) -> Self {
+        self.node_ips.push(ip);
         self
     }
     /// Sets [`nfacct`](Self::nfacct).

@@ -27,9 +27,9 @@
 //! External destinations: `service-ips` entries for external and
 //! load-balancer IPs, `service-nodeports`, `firewall-ips`,
 //! `no-endpoint-nodeports` and the `external-`, `firewall-` and `local-`
-//! chains, as kube-proxy writes them. Not rendered yet: `nodeport-ips`
-//! elements (the node's addresses are not a render option), and external
-//! destinations of services with `internalTrafficPolicy: Local`.
+//! chains, as kube-proxy writes them, and the `nodeport-ips` elements of
+//! [`RenderOptions::node_ips`]. Not rendered yet: external destinations of
+//! services with `internalTrafficPolicy: Local`.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -134,6 +134,10 @@ fn write_base(
     if flush {
         let _ = writeln!(out, "flush set {t} cluster-ips");
         let _ = writeln!(out, "flush set {t} nodeport-ips");
+    }
+    // The node's addresses of this family that accept node ports.
+    for ip in opts.node_ips.iter().filter(|ip| opts.family.contains(**ip)) {
+        let _ = writeln!(out, "add element {t} nodeport-ips {{ {ip} }}");
     }
     out.push('\n');
     for (map, key, comment) in [
@@ -522,8 +526,8 @@ fn write_service_port(
 /// `no-endpoint-services` and `no-endpoint-nodeports` elements and the
 /// `external-`, `firewall-` and (for `externalTrafficPolicy: Local`)
 /// `local-` chains. Not for services with `internalTrafficPolicy: Local`
-/// (not rendered yet); the `nodeport-ips` set's elements need the node's
-/// addresses, which are not a render option.
+/// (not rendered yet). The `nodeport-ips` elements are the base ruleset's
+/// ([`RenderOptions::node_ips`]).
 fn write_external(
     text: &mut PortText,
     p: &PortPlan<'_>,
