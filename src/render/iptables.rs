@@ -537,64 +537,7 @@ fn write_service_port(
         nat.rule(&chain, &args);
     }
 
-    let affinity = p
-        .service
-        .session_affinity()
-        .timeout()
-        .map(|t| t.as_secs().to_string());
-    let sep: Vec<(String, String)> = eps
-        .iter()
-        .map(|e| {
-            let addr = e.addr_string();
-            (endpoint_chain_name(name, protocol, &addr), addr)
-        })
-        .collect();
-    // Rules are built from borrowed pieces: one String per rule, not one
-    // per argument.
-    if let Some(seconds) = &affinity {
-        for (sep_chain, addr) in &sep {
-            let text = format!("\"{name} -> {addr}\"");
-            let mut args: Vec<&str> = Vec::with_capacity(16);
-            if !large_cluster {
-                args.extend(["-m", "comment", "--comment", &text]);
-            }
-            args.extend([
-                "-m",
-                "recent",
-                "--name",
-                sep_chain,
-                "--rcheck",
-                "--seconds",
-                seconds,
-                "--reap",
-                "-j",
-                sep_chain,
-            ]);
-            nat.rule(&chain, &args);
-        }
-    }
-    let n = sep.len();
-    for (i, (sep_chain, addr)) in sep.iter().enumerate() {
-        let text = format!("\"{name} -> {addr}\"");
-        let prob;
-        let mut args: Vec<&str> = Vec::with_capacity(16);
-        if !large_cluster {
-            args.extend(["-m", "comment", "--comment", &text]);
-        }
-        if i + 1 < n {
-            prob = probability(i, n);
-            args.extend([
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                &prob,
-            ]);
-        }
-        args.extend(["-j", sep_chain]);
-        nat.rule(&chain, &args);
-    }
+    let (sep, affinity) = write_endpoint_jumps(nat, &chain, p, eps, large_cluster);
 
     for ((sep_chain, addr), ep) in sep.iter().zip(eps) {
         nat.declare(sep_chain);
@@ -607,7 +550,7 @@ fn write_service_port(
         args.extend(["-s", &ip, "-j", KUBE_MARK_MASQ]);
         nat.rule(sep_chain, &args);
         args.truncate(base);
-        if affinity.is_some() {
+        if affinity {
             args.extend(["-m", "recent", "--name", sep_chain, "--set"]);
         }
         args.extend([
@@ -850,14 +793,15 @@ fn write_external(
 }
 
 /// The affinity checks and the `-m statistic` cascade from `chain` to the
-/// endpoints' `KUBE-SEP-` chains.
+/// endpoints' `KUBE-SEP-` chains. Returns each endpoint's `KUBE-SEP-`
+/// chain with its address, and whether the service has ClientIP affinity.
 fn write_endpoint_jumps(
     nat: &mut TableText,
     chain: &str,
     p: &PortPlan<'_>,
     eps: &[&Arc<EndpointInfo>],
     large_cluster: bool,
-) {
+) -> (Vec<(String, String)>, bool) {
     let name = p.name;
     let protocol = p.port.protocol();
     let affinity = p
@@ -916,6 +860,7 @@ fn write_endpoint_jumps(
         args.extend(["-j", sep_chain]);
         nat.rule(chain, &args);
     }
+    (sep, affinity.is_some())
 }
 
 /// The jumps kube-proxy (and kubelet, for `KUBE-FIREWALL`) install into the
