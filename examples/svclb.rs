@@ -356,13 +356,13 @@ fn setup(cli: &Cli) -> Result<World> {
     }
     config.masquerade_all = cli.masquerade_all;
     let mut render = RenderOptions::default().node(node);
-    // The node IPs that accept node ports: the nft `nodeport-ips` elements.
+    // The node's IPs and --nodeport-addresses: the nft `nodeport-ips`
+    // elements, the iptables per-IP node-port jumps, allowFromNode.
     for ip in &config.node_ips {
-        if config.nodeport_addresses.is_empty()
-            || config.nodeport_addresses.iter().any(|c| c.contains(*ip))
-        {
-            render = render.node_ip(*ip);
-        }
+        render = render.node_ip(*ip);
+    }
+    for cidr in &config.nodeport_addresses {
+        render = render.nodeport_address(*cidr);
     }
     if let Some(cidr) = &cli.cluster_cidr {
         let cidr = Cidr::parse("--cluster-cidr", cidr).map_err(|e| Failure(e.to_string()))?;

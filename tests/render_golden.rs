@@ -709,3 +709,84 @@ fn overall_nftables_rules_are_kube_proxys() {
     );
     assert_lines_eq(&ours, &theirs, "TestOverallNFTablesRules (all of it)");
 }
+
+#[test]
+fn allow_from_node_admits_the_load_balancer_ips_as_sources() {
+    // kube-proxy's allowFromNode: svc5's source range 203.0.113.0/25 holds
+    // the node IP here, so the firewall also admits its LB IP 5.6.7.8 as a
+    // source; with the node outside the range it does not.
+    let inside = kube_proxy_test_options().node_ip("203.0.113.7".parse().unwrap());
+    let outside = kube_proxy_test_options().node_ip("192.168.0.2".parse().unwrap());
+    let table = overall_table_full();
+    let rule = "-A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment \"ns5/svc5:p80 loadbalancer IP\" -s 5.6.7.8 -j KUBE-EXT-NUKIZ6OKUXPJNT4C";
+    let with = render::iptables::render(&table, &inside);
+    let without = render::iptables::render(&table, &outside);
+    let at = with.lines().position(|l| l == rule).expect(rule);
+    // After the range's own rule, before the comment-only fall-through.
+    assert!(
+        with.lines()
+            .nth(at - 1)
+            .unwrap()
+            .contains("-s 203.0.113.0/25")
+    );
+    assert!(!without.contains("-s 5.6.7.8"), "{without}");
+
+    let nft_rule = "saddr != { 203.0.113.0/25 , 5.6.7.8 } drop";
+    let with = render::nft::render(&table, &inside);
+    let without = render::nft::render(&table, &outside);
+    assert!(with.contains(nft_rule), "{with}");
+    assert!(
+        without.contains("saddr != { 203.0.113.0/25 } drop"),
+        "{without}"
+    );
+}
+
+#[test]
+fn nodeport_addresses_write_one_jump_per_node_ip() {
+    // kube-proxy with --nodeport-addresses: one `-d NODE-IP` jump to
+    // KUBE-NODEPORTS per node IP inside the prefixes (the addrtype rule
+    // goes), loopback kept for IPv4 with localhost node ports; the nft
+    // nodeport-ips set holds the same addresses.
+    let table = overall_table_full();
+    let opts = kube_proxy_test_options()
+        .node_ip("192.168.0.2".parse().unwrap())
+        .node_ip("10.0.0.9".parse().unwrap())
+        .node_ip("127.0.0.1".parse().unwrap())
+        .nodeport_address("192.168.0.0/24".parse().unwrap())
+        .nodeport_address("127.0.0.0/8".parse().unwrap());
+    let text = render::iptables::render(&table, &opts);
+    let jumps: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SERVICES") && l.ends_with("-j KUBE-NODEPORTS"))
+        .collect();
+    assert_eq!(
+        jumps,
+        [
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d 192.168.0.2 -j KUBE-NODEPORTS",
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d 127.0.0.1 -j KUBE-NODEPORTS",
+        ]
+    );
+    let mut no_localhost_opts = opts.clone();
+    no_localhost_opts.localhost_nodeports = false;
+    let no_localhost = render::iptables::render(&table, &no_localhost_opts);
+    assert!(!no_localhost.contains("-d 127.0.0.1 -j KUBE-NODEPORTS"));
+    // A prefix of length 0 matches every local address: the addrtype rule.
+    let all = render::iptables::render(
+        &table,
+        &kube_proxy_test_options().nodeport_address("0.0.0.0/0".parse().unwrap()),
+    );
+    assert!(all.contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"));
+
+    let nft = render::nft::render(&table, &opts);
+    let elements: Vec<&str> = nft
+        .lines()
+        .filter(|l| l.starts_with("add element ip kube-proxy nodeport-ips "))
+        .collect();
+    assert_eq!(
+        elements,
+        [
+            "add element ip kube-proxy nodeport-ips { 192.168.0.2 }",
+            "add element ip kube-proxy nodeport-ips { 127.0.0.1 }",
+        ]
+    );
+}

@@ -413,15 +413,28 @@ fn build(table: &ServiceTable, opts: &RenderOptions) -> Built {
     *filter.chain(KUBE_NODEPORTS, true) = filter_nodeports;
     *filter.chain(KUBE_PROXY_FIREWALL, true) = filter_firewall;
     *nat.chain(KUBE_NODEPORTS, true) = nat_nodeports;
-    let mut nodeports = vec!["-m", "comment", "--comment", NODEPORTS_COMMENT];
-    nodeports.extend(["-m", "addrtype", "--dst-type", "LOCAL"]);
-    if ipv6 {
-        nodeports.extend(["!", "-d", "::1/128"]);
-    } else if !opts.localhost_nodeports {
-        nodeports.extend(["!", "-d", "127.0.0.0/8"]);
+    if opts.nodeports_match_all() {
+        let mut nodeports = vec!["-m", "comment", "--comment", NODEPORTS_COMMENT];
+        nodeports.extend(["-m", "addrtype", "--dst-type", "LOCAL"]);
+        if ipv6 {
+            nodeports.extend(["!", "-d", "::1/128"]);
+        } else if !opts.localhost_nodeports {
+            nodeports.extend(["!", "-d", "127.0.0.0/8"]);
+        }
+        nodeports.extend(["-j", KUBE_NODEPORTS]);
+        nat_services.push(format!("-A {KUBE_SERVICES} {}", nodeports.join(" ")));
+    } else {
+        // `--nodeport-addresses`: one rule per node IP inside it; loopback
+        // only for IPv4 with localhost node ports (kube-proxy's rule).
+        for ip in opts.nodeport_ips() {
+            if ip.is_loopback() && (ipv6 || !opts.localhost_nodeports) {
+                continue;
+            }
+            nat_services.push(format!(
+                "-A {KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT} -d {ip} -j {KUBE_NODEPORTS}"
+            ));
+        }
     }
-    nodeports.extend(["-j", KUBE_NODEPORTS]);
-    nat_services.push(format!("-A {KUBE_SERVICES} {}", nodeports.join(" ")));
     *nat.chain(KUBE_SERVICES, true) = nat_services;
 
     let mut invalid = vec!["-m", "conntrack", "--ctstate", "INVALID"];
@@ -785,6 +798,31 @@ fn write_external(
                 &fw,
                 &["-m", "comment", "--comment", &comment, "-s", r, "-j", &ext],
             );
+        }
+        // kube-proxy's allowFromNode: a range holding the node IP also
+        // admits the load-balancer IPs as sources (a node's request to a
+        // VIP-like LB loops back with the VIP as its source).
+        let allow_from_node = svc.load_balancer_source_ranges().iter().any(|r| {
+            opts.node_ips
+                .iter()
+                .any(|ip| fam.contains(*ip) && r.contains(*ip))
+        });
+        if allow_from_node {
+            for lb_ip in &lb_ips {
+                nat.rule(
+                    &fw,
+                    &[
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &comment,
+                        "-s",
+                        lb_ip,
+                        "-j",
+                        &ext,
+                    ],
+                );
+            }
         }
         let comment =
             format!("\"other traffic to {name} will be dropped by {KUBE_PROXY_FIREWALL}\"");

@@ -232,13 +232,17 @@ pub struct RenderOptions {
     /// localhost node ports). On by default, as kube-proxy has them where
     /// the kernel supports `xt_nfacct`.
     pub nfacct: bool,
-    /// The node's IPs that accept node-port traffic (kube-proxy's
-    /// `--nodeport-addresses` applied to the node's addresses): the
-    /// nftables rendering's `nodeport-ips` elements. The iptables
-    /// rendering matches node ports with `-m addrtype --dst-type LOCAL`,
-    /// kube-proxy's rule when `--nodeport-addresses` is unset, and does not
-    /// read this. Empty by default.
+    /// The node's IPs: the nftables rendering's `nodeport-ips` elements
+    /// (those inside [`nodeport_addresses`](Self::nodeport_addresses) when
+    /// that is set), and the address kube-proxy's `allowFromNode` rule
+    /// checks against load-balancer source ranges. Empty by default.
     pub node_ips: Vec<IpAddr>,
+    /// kube-proxy's `--nodeport-addresses`. Empty (the default) or a prefix
+    /// covering the whole family: the iptables rendering matches node ports
+    /// with `-m addrtype --dst-type LOCAL`; otherwise it writes one
+    /// `-d NODE-IP -j KUBE-NODEPORTS` rule per node IP inside the prefixes,
+    /// as kube-proxy does.
+    pub nodeport_addresses: Vec<Cidr>,
 }
 
 impl Default for RenderOptions {
@@ -256,6 +260,7 @@ impl Default for RenderOptions {
             ipvs_conn_table_size: 4096,
             nfacct: true,
             node_ips: Vec::new(),
+            nodeport_addresses: Vec::new(),
         }
     }
 }
@@ -340,6 +345,31 @@ impl RenderOptions {
     pub fn node_ip(mut self, ip: IpAddr) -> Self {
         self.node_ips.push(ip);
         self
+    }
+    /// Adds a `--nodeport-addresses` prefix
+    /// ([`nodeport_addresses`](Self::nodeport_addresses)).
+    pub fn nodeport_address(mut self, cidr: Cidr) -> Self {
+        self.nodeport_addresses.push(cidr);
+        self
+    }
+    /// Whether node ports answer on every local address of the family
+    /// (`--nodeport-addresses` unset, or a prefix of length 0).
+    pub(crate) fn nodeports_match_all(&self) -> bool {
+        let mut fam = self
+            .nodeport_addresses
+            .iter()
+            .filter(|c| self.family.contains(c.addr()))
+            .peekable();
+        fam.peek().is_none() || fam.any(|c| c.prefix_len() == 0)
+    }
+    /// The node IPs of the family that accept node ports: inside
+    /// [`nodeport_addresses`](Self::nodeport_addresses) when it is set.
+    pub(crate) fn nodeport_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.node_ips.iter().copied().filter(move |ip| {
+            self.family.contains(*ip)
+                && (self.nodeports_match_all()
+                    || self.nodeport_addresses.iter().any(|c| c.contains(*ip)))
+        })
     }
     /// Sets [`nfacct`](Self::nfacct).
     pub fn nfacct(mut self, on: bool) -> Self {

@@ -136,7 +136,7 @@ fn write_base(
         let _ = writeln!(out, "flush set {t} nodeport-ips");
     }
     // The node's addresses of this family that accept node ports.
-    for ip in opts.node_ips.iter().filter(|ip| opts.family.contains(**ip)) {
+    for ip in opts.nodeport_ips() {
         let _ = writeln!(out, "add element {t} nodeport-ips {{ {ip} }}");
     }
     out.push('\n');
@@ -726,9 +726,20 @@ fn write_external(
     if uses_fw {
         text.decls.push(format!("add chain {t} {fw}"));
         text.chains.push(fw.clone());
+        // kube-proxy's allowFromNode: a range holding the node IP also
+        // admits the load-balancer IPs as sources.
+        let allow_from_node = svc.load_balancer_source_ranges().iter().any(|r| {
+            opts.node_ips
+                .iter()
+                .any(|ip| fam.contains(*ip) && r.contains(*ip))
+        });
+        let mut sources = ranges.clone();
+        if allow_from_node {
+            sources.extend(lb_ips.iter().map(ToString::to_string));
+        }
         text.rules.push(format!(
             "add rule {t} {fw} {ip_x} saddr != {{ {} }} drop",
-            ranges.join(" , ")
+            sources.join(" , ")
         ));
     }
     text.elements.extend(
