@@ -104,6 +104,20 @@ fn connection_paths_allocate_nothing_when_warm() {
         });
         assert_eq!(hits, est.len(), "{}: established hits", dp.mode());
         assert_eq!(allocs, 0, "{}: an established hit allocated", dp.mode());
+        // Replies, through the reply index (backend -> frontends).
+        let replies: Vec<Flow> = dp
+            .connections(Instant::from_secs(1))
+            .iter()
+            .map(|t| Flow::new(t.flow.protocol, t.backend_addr, t.flow.src))
+            .collect();
+        let (found, allocs) = counted(|| {
+            replies
+                .iter()
+                .filter(|r| dp.reply(r, TcpFlags::ACK, Instant::from_secs(1)).is_some())
+                .count()
+        });
+        assert_eq!(found, est.len(), "{}: replies found", dp.mode());
+        assert_eq!(allocs, 0, "{}: a reply lookup allocated", dp.mode());
         let (misses, allocs) = counted(|| {
             fresh
                 .iter()

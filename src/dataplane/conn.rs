@@ -13,8 +13,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use super::vs_table::VsTable;
 
 use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
 use crate::model::flow::{Flow, Forward, Protocol, Verdict};
@@ -258,6 +262,14 @@ pub(crate) enum Scheduled {
     NotAService,
 }
 
+/// The frontends (their addresses) that list one backend: where a reply
+/// from that backend may belong.
+type ReplyFrontends = SmallVec<[SocketAddr; 2]>;
+
+/// The backend keys (protocol, backend address) one frontend put into the
+/// reply index.
+type IndexedKeys = SmallVec<[FrontendKey; 4]>;
+
 /// The tracker (if on) and the per-backend connection counts.
 #[derive(Debug)]
 pub(crate) struct ConnLayer {
@@ -266,6 +278,13 @@ pub(crate) struct ConnLayer {
     surface: ArcSwap<Surface>,
     cluster_cidrs: Box<[Cidr]>,
     masquerade_all: bool,
+    /// Replies without the planner's lock: backend (protocol, address) ->
+    /// the frontends listing it, a persistent table (a sync copies the
+    /// paths of the keys it changes) published whole per sync.
+    replies: ArcSwap<VsTable<ReplyFrontends>>,
+    /// Writer side of `replies` (taken only by `publish`, under the
+    /// planner's lock): the keys each frontend indexed.
+    indexed: Mutex<AHashMap<FrontendId, IndexedKeys>>,
 }
 
 impl ConnLayer {
@@ -285,7 +304,99 @@ impl ConnLayer {
             }),
             cluster_cidrs: cluster_cidrs.into(),
             masquerade_all,
+            replies: ArcSwap::from_pointee(VsTable::default()),
+            indexed: Mutex::new(AHashMap::new()),
         }
+    }
+
+    /// Brings the reply index up to date with `planner` after `diff`: the
+    /// keys of the frontends the diff names (what they indexed before and
+    /// what they list now) are recomputed from the planner, so a sync costs
+    /// O(the diff), not O(the plan).
+    fn publish_replies(&self, planner: &Planner, diff: &PlanDiff) {
+        let keys_of = |id: FrontendId| -> Option<IndexedKeys> {
+            let fe = planner.frontend(id)?;
+            let mut keys = IndexedKeys::new();
+            for b in fe.backends().iter().chain(fe.draining()) {
+                let k = FrontendKey::new(fe.key().protocol, b.addr());
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+            Some(keys)
+        };
+        let mut indexed = self.indexed.lock();
+        let mut affected: AHashSet<FrontendKey> = AHashSet::new();
+        let mut table = if diff.full {
+            indexed.clear();
+            for fe in planner.frontends() {
+                if let Some(keys) = keys_of(fe.id()) {
+                    affected.extend(keys.iter().copied());
+                    indexed.insert(fe.id(), keys);
+                }
+            }
+            VsTable::default()
+        } else {
+            for (id, _) in &diff.removed {
+                if let Some(old) = indexed.remove(id) {
+                    affected.extend(old);
+                }
+            }
+            for id in diff.added.iter().chain(&diff.changed) {
+                if let Some(old) = indexed.remove(id) {
+                    affected.extend(old);
+                }
+                if let Some(keys) = keys_of(*id) {
+                    affected.extend(keys.iter().copied());
+                    indexed.insert(*id, keys);
+                }
+            }
+            if affected.is_empty() {
+                return;
+            }
+            (**self.replies.load()).clone()
+        };
+        for key in affected {
+            let fronts: ReplyFrontends = planner
+                .frontends_with_backend(key.protocol, key.socket_addr())
+                .map(|f| f.key().socket_addr())
+                .collect();
+            if fronts.is_empty() {
+                table.remove(&key);
+            } else {
+                table.insert(key, Arc::new(fronts));
+            }
+        }
+        self.replies.store(Arc::new(table));
+    }
+
+    /// The tracked connection a reply from `reply.src` (a backend) to
+    /// `reply.dst` belongs to: each frontend listing that backend is probed
+    /// with the original direction (client to frontend). With `flags` the
+    /// reply advances the connection's state; without, nothing changes.
+    /// Takes no lock beside the tracker shard's; allocates nothing.
+    pub(crate) fn reply_of(
+        &self,
+        reply: &Flow,
+        flags: Option<TcpFlags>,
+        now: Instant,
+    ) -> Option<Tracked> {
+        let ct = self.tracker.as_ref()?;
+        let table = self.replies.load();
+        let fronts = table.get(&FrontendKey::new(reply.protocol, reply.src))?;
+        for fe in fronts.iter() {
+            let orig = Flow::new(reply.protocol, reply.dst, *fe);
+            let found = match flags {
+                Some(flags) => self.reply(&orig, flags, now),
+                None => ct.get(&orig, now),
+            };
+            if let Some(t) = found {
+                if t.backend_addr == reply.src {
+                    return Some(t);
+                }
+            }
+        }
+        None
     }
 
     /// Publishes the source-dependent rules of `planner`'s frontends after
@@ -293,6 +404,7 @@ impl ConnLayer {
     /// touches an external frontend, so cluster-IP churn costs a scan of
     /// the diff and nothing more.
     pub(crate) fn publish(&self, planner: &Planner, diff: &PlanDiff) {
+        self.publish_replies(planner, diff);
         let current = self.surface.load();
         let external = |id: &FrontendId| {
             current.by_id.contains_key(id)

@@ -369,15 +369,11 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked> {
-        let sh = &*self.shared;
-        let planner = sh.planner.lock();
-        super::reply_via_plan(&planner, &sh.conn, reply, Some(flags), now)
+        self.shared.conn.reply_of(reply, Some(flags), now)
     }
 
     fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
-        let sh = &*self.shared;
-        let planner = sh.planner.lock();
-        super::reply_via_plan(&planner, &sh.conn, reply, None, now)
+        self.shared.conn.reply_of(reply, None, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {

@@ -390,8 +390,7 @@ impl Shared {
     }
 
     fn reply(&self, reply: &Flow, flags: Option<TcpFlags>, now: Instant) -> Option<Tracked> {
-        let planner = self.planner.lock();
-        super::reply_via_plan(&planner, &self.conn, reply, flags, now)
+        self.conn.reply_of(reply, flags, now)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {

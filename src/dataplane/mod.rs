@@ -47,33 +47,6 @@ use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
 use crate::topology::NodeTopology;
 
-/// The tracked connection a reply from `reply.src` to `reply.dst` belongs
-/// to: the frontends that list that backend, each probed with the original
-/// direction (client to frontend). With `flags` the reply advances the
-/// connection's state ([`Dataplane::reply`]); without, nothing changes
-/// ([`Dataplane::peek_reply`]).
-pub(crate) fn reply_via_plan(
-    planner: &crate::plan::Planner,
-    conn: &conn::ConnLayer,
-    reply: &Flow,
-    flags: Option<TcpFlags>,
-    now: Instant,
-) -> Option<Tracked> {
-    for fe in planner.frontends_with_backend(reply.protocol, reply.src) {
-        let orig = Flow::new(reply.protocol, reply.dst, fe.key().socket_addr());
-        let found = match flags {
-            Some(flags) => conn.reply(&orig, flags, now),
-            None => conn.tracker().and_then(|ct| ct.get(&orig, now)),
-        };
-        if let Some(t) = found {
-            if t.backend_addr == reply.src {
-                return Some(t);
-            }
-        }
-    }
-    None
-}
-
 /// What every dataplane sets up alike: the config with the mode's tracker
 /// timeouts filled in, the planner (with the drain grace) and the
 /// connection layer.
@@ -387,8 +360,10 @@ pub trait Dataplane: Send + Sync {
     /// A reply packet (backend to client) of a tracked connection: advances
     /// its state and returns the connection, whose `flow` is the original
     /// direction (for reverse NAT: the frontend address to restore).
-    /// `None` if no tracked connection matches. Takes the writer's lock to
-    /// find the frontends of the backend; not for the hottest paths.
+    /// `None` if no tracked connection matches. The frontends of the
+    /// backend come from a reply index published with each sync, so a
+    /// reply takes no lock the writer holds (only the tracker's shard) and
+    /// allocates nothing.
     fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked>;
 
     /// The tracked connection a packet from `reply.src` (a backend) to
@@ -398,7 +373,7 @@ pub trait Dataplane: Send + Sync {
     /// as an ICMP error a backend sends about a client's packet (the
     /// error's embedded flow, reversed), and for checks. `None` if no
     /// tracked connection matches, and by default, for dataplanes that
-    /// track nothing. Takes the writer's lock, as `reply` does.
+    /// track nothing. Lock-free towards the writer, as `reply` is.
     ///
     /// # Examples
     /// ```
