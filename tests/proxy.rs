@@ -2,12 +2,14 @@
 //! echoed, the distribution over backends for rr, random and lc, ClientIP
 //! affinity, reloads (file change and SIGHUP) that remove a backend while a
 //! connection to it stays open, a service without endpoints, UDP sessions,
-//! metrics, and a clean shutdown.
+//! metrics, a clean shutdown; node ports, external and load-balancer IPs,
+//! source ranges and health-check node ports.
 //!
 //! Every server and client uses addresses in 127.0.0.0/8 only: backends on
 //! 127.77.K.1-3 (standing in for endpoints 10.244.K.1-3 through the proxy's
 //! `--connect-map`, as the API refuses loopback endpoints), the services on
-//! 127.78.0.K, clients bound to 127.0.0.2 and up. K is a test's own number,
+//! 127.78.0.K, node IPs and the stand-ins for external and load-balancer
+//! IPs on 127.79.K.x, clients bound to 127.0.0.2 and up. K is a test's own number,
 //! so the tests run in parallel. Every wait is bounded.
 #![cfg(all(feature = "serde", target_os = "linux"))]
 
@@ -1085,5 +1087,40 @@ fn local_service_health_check_follows_reloads_and_its_node_port_drops() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_clients() {
+    let k = 17;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("lb.yaml");
+    let m = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: fw, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 127.78.0.{k}\n  loadBalancerSourceRanges: [\"127.0.0.2/32\"]\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 310{k}}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 203.0.113.9}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: fw-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: fw}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n"
+    );
+    write_file(&file, &m, None);
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &["--listen-map", &format!("203.0.113.0/24=127.79.{k}.0/24")],
+    );
+    let lb = SocketAddr::new(IpAddr::V4(node_ip(k, 9)), SERVICE_PORT);
+    // Inside the ranges: served.
+    let (mut s, id) = open_to(lb, Ipv4Addr::new(127, 0, 0, 2));
+    assert_eq!(id, 1);
+    echo(&mut s, b"allowed");
+    // Outside: dropped, closed without a byte.
+    let sock = socket_from(Ipv4Addr::new(127, 0, 0, 3));
+    sock.connect(&lb.into()).expect("the listener accepts");
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.read(&mut buf).expect("a clean close, not a reset"), 0);
+    proxy.wait_line(|l| {
+        l.starts_with("conn proto=tcp client=127.0.0.3:")
+            && l.contains("frontend=203.0.113.9:8000")
+            && l.ends_with("end=drop")
+    });
     assert!(proxy.stop().success());
 }
