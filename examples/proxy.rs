@@ -18,6 +18,10 @@
 //!   node's ready endpoints, else 503), kept current across reloads;
 //!   `--healthz-addr` serves the node's `/healthz` (and `/livez`) with
 //!   `svclb::k8s::health::healthz` (kube-proxy's port 10256).
+//! - `--listen-map FROM_CIDR=TO_CIDR` binds frontends of FROM at the same
+//!   offset in TO (the API refuses loopback external IPs, so local tests
+//!   listen for them on 127.0.0.0/8 stand-ins); flows keep the frontend's
+//!   own address.
 //! - The dataplane's connection tracker is the flow table: every accepted
 //!   connection is routed (`Dataplane::route`, source = the client's
 //!   IP:port, destination = the frontend), its handshake, half-closes and
