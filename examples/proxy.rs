@@ -1,14 +1,27 @@
 //! `proxy`: a userspace L4 proxy (kube-proxy's old userspace mode, done on
 //! svclb's connection layer). It loads Service and EndpointSlice manifests
 //! with the same loader and flags as `examples/svclb.rs`, listens on every
-//! TCP and UDP frontend of the plan (each cluster IP:port), and carries
-//! real connections to the backends the dataplane chooses.
+//! TCP and UDP frontend of the plan (each cluster IP:port, external IP:port
+//! and load-balancer IP:port, and each node IP:nodePort of `--node-ip`
+//! inside `--nodeport-addresses`), and carries real connections to the
+//! backends the dataplane chooses.
 //!
 //! ```sh
 //! cargo run --release --example proxy -- --manifests PATH... [--watch FILE|-] \
-//!     [--mode iptables|nftables|ipvs] [--scheduler NAME] [--metrics ADDR] [--log info|debug]
+//!     [--mode iptables|nftables|ipvs] [--scheduler NAME] [--metrics ADDR] [--log info|debug] \
+//!     [--node-ip IP]... [--nodeport-addresses CIDR[,CIDR]] [--healthz-addr ADDR]
 //! ```
 //!
+//! - Health checks: each `externalTrafficPolicy: Local` service with a
+//!   `healthCheckNodePort` is answered over HTTP on every node-port IP at
+//!   that port with `svclb::k8s::health::service_health` (200 with this
+//!   node's ready endpoints, else 503), kept current across reloads;
+//!   `--healthz-addr` serves the node's `/healthz` (and `/livez`) with
+//!   `svclb::k8s::health::healthz` (kube-proxy's port 10256).
+//! - `--listen-map FROM_CIDR=TO_CIDR` binds frontends of FROM at the same
+//!   offset in TO (the API refuses loopback external IPs, so local tests
+//!   listen for them on 127.0.0.0/8 stand-ins); flows keep the frontend's
+//!   own address.
 //! - The dataplane's connection tracker is the flow table: every accepted
 //!   connection is routed (`Dataplane::route`, source = the client's
 //!   IP:port, destination = the frontend), its handshake, half-closes and
@@ -61,7 +74,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use svclb::k8s::health::{HealthResponse, healthz, service_health};
 use svclb::k8s::loader::{LoadOptions, LoadReport, Loader};
+use svclb::plan::NodeAddresses;
 use svclb::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -144,11 +159,23 @@ struct Cli {
     /// logs name the endpoint address.
     #[arg(long, value_name = "FROM_CIDR=TO_CIDR", action = clap::ArgAction::Append)]
     connect_map: Vec<String>,
+    /// Listen on frontends of FROM_CIDR at the same offset in TO_CIDR
+    /// instead (`203.0.113.0/24=127.79.0.0/24`): the API forbids loopback
+    /// external IPs, so local stand-ins for them go through this. The
+    /// dataplane still sees the frontend's own address. Repeatable.
+    #[arg(long, value_name = "FROM_CIDR=TO_CIDR", action = clap::ArgAction::Append)]
+    listen_map: Vec<String>,
     /// Worker threads of the runtime (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Serve the node's health check (`/healthz`, `/livez`: kube-proxy's
+    /// `--healthz-bind-address`, port 10256) at http://ADDR.
+    #[arg(long, value_name = "ADDR")]
+    healthz_addr: Option<SocketAddr>,
     #[command(flatten)]
     load: load::LoadArgs,
+    #[command(flatten)]
+    node_addrs: load::NodeAddrArgs,
 }
 
 /// The proxy's metrics.
@@ -225,6 +252,16 @@ struct Shared {
     open: AtomicUsize,
     /// `--connect-map`.
     connect_map: Vec<(svclb::render::Cidr, svclb::render::Cidr)>,
+    /// When the dataplane was last synced (time since the Unix epoch), for
+    /// `/healthz`.
+    last_sync: parking_lot::Mutex<Duration>,
+}
+
+/// Time since the Unix epoch.
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 impl Shared {
@@ -235,32 +272,7 @@ impl Shared {
 
     /// The address to dial for endpoint `addr` (`--connect-map`).
     fn dial(&self, addr: SocketAddr) -> SocketAddr {
-        for (from, to) in &self.connect_map {
-            if !from.contains(addr.ip()) {
-                continue;
-            }
-            let ip = match (addr.ip(), to.addr()) {
-                (IpAddr::V4(a), IpAddr::V4(t)) => {
-                    let host = u32::MAX
-                        .checked_shr(u32::from(from.prefix_len()))
-                        .unwrap_or(0);
-                    IpAddr::V4(Ipv4Addr::from(
-                        (u32::from(t) & !host) | (u32::from(a) & host),
-                    ))
-                }
-                (IpAddr::V6(a), IpAddr::V6(t)) => {
-                    let host = u128::MAX
-                        .checked_shr(u32::from(from.prefix_len()))
-                        .unwrap_or(0);
-                    IpAddr::V6(Ipv6Addr::from(
-                        (u128::from(t) & !host) | (u128::from(a) & host),
-                    ))
-                }
-                _ => continue,
-            };
-            return SocketAddr::new(ip, addr.port());
-        }
-        addr
+        map_addr(&self.connect_map, addr)
     }
 
     fn debug(&self, line: std::fmt::Arguments<'_>) {
@@ -268,6 +280,37 @@ impl Shared {
             println!("{line}");
         }
     }
+}
+
+/// `addr` moved by the first of `map`'s `FROM_CIDR=TO_CIDR` pairs that
+/// holds it, to the same offset in `TO_CIDR`.
+fn map_addr(map: &[(svclb::render::Cidr, svclb::render::Cidr)], addr: SocketAddr) -> SocketAddr {
+    for (from, to) in map {
+        if !from.contains(addr.ip()) {
+            continue;
+        }
+        let ip = match (addr.ip(), to.addr()) {
+            (IpAddr::V4(a), IpAddr::V4(t)) => {
+                let host = u32::MAX
+                    .checked_shr(u32::from(from.prefix_len()))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(
+                    (u32::from(t) & !host) | (u32::from(a) & host),
+                ))
+            }
+            (IpAddr::V6(a), IpAddr::V6(t)) => {
+                let host = u128::MAX
+                    .checked_shr(u32::from(from.prefix_len()))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(
+                    (u128::from(t) & !host) | (u128::from(a) & host),
+                ))
+            }
+            _ => continue,
+        };
+        return SocketAddr::new(ip, addr.port());
+    }
+    addr
 }
 
 /// One listener's frontend.
@@ -810,6 +853,97 @@ async fn serve_metrics(sh: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+/// Reads an HTTP request head (bounded in size and time); `None` if the
+/// client went away first.
+async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut req = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    (read == Ok(true)).then_some(req)
+}
+
+/// Writes `answer` as an HTTP/1.1 response and closes.
+async fn write_health(stream: &mut TcpStream, answer: &HealthResponse) {
+    use std::fmt::Write as _;
+    let mut head = format!("HTTP/1.1 {}\r\n", answer.status_line());
+    for (name, value) in &answer.headers {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    let _ = write!(
+        head,
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        answer.body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(answer.body.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// A service's health-check node port: any request gets the service's
+/// current answer (kube-proxy's health server answers every path).
+async fn serve_service_health(
+    listener: TcpListener,
+    answer: Arc<parking_lot::Mutex<HealthResponse>>,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let answer = Arc::clone(&answer);
+        tokio::spawn(async move {
+            if read_request(&mut stream).await.is_some() {
+                let a = answer.lock().clone();
+                write_health(&mut stream, &a).await;
+            }
+        });
+    }
+}
+
+/// `--healthz-addr`: `GET /healthz` and `/livez` (kube-proxy's node health
+/// server). The proxy syncs the dataplane as each change arrives, so it is
+/// healthy whenever it answers; `lastUpdated` is the last sync.
+async fn serve_healthz(sh: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let sh = Arc::clone(&sh);
+        tokio::spawn(async move {
+            let Some(req) = read_request(&mut stream).await else {
+                return;
+            };
+            let path = req.split(|&b| b == b' ').nth(1).unwrap_or_default();
+            let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+            if path == b"/healthz" || path == b"/livez" {
+                let last = *sh.last_sync.lock();
+                write_health(&mut stream, &healthz(last, unix_now(), true, true)).await;
+            } else {
+                let head = "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n";
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+        });
+    }
+}
+
+/// An open health-check node port.
+struct HealthListener {
+    service: ServiceKey,
+    answer: Arc<parking_lot::Mutex<HealthResponse>>,
+    handle: JoinHandle<()>,
+}
+
 /// An object the manifests own (deleted when it leaves the files).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Owned {
@@ -840,6 +974,12 @@ struct Control {
     stdin_pending: String,
     listeners: BTreeMap<FrontendKey, JoinHandle<()>>,
     udp_check: Duration,
+    /// `--node-ip` and `--nodeport-addresses`: where node ports answer.
+    addresses: NodeAddresses,
+    /// The health-check node ports, by address.
+    health: BTreeMap<SocketAddr, HealthListener>,
+    /// `--listen-map`.
+    listen_map: Vec<(svclb::render::Cidr, svclb::render::Cidr)>,
 }
 
 /// The length of the longest prefix of `text` made of whole top-level JSON
@@ -1014,6 +1154,7 @@ impl Control {
                 self.sh.dp.sync(&self.table, cs, now);
             }
         }
+        *self.sh.last_sync.lock() = unix_now();
         self.sh.metrics.reloads.inc();
         let (opened, closed) = self.reconcile();
         println!(
@@ -1023,9 +1164,18 @@ impl Control {
         );
     }
 
-    /// Opens a listener per new TCP/UDP frontend, closes the removed ones.
+    /// Opens a listener per new TCP/UDP frontend, closes the removed ones;
+    /// then the same for the health-check node ports.
     fn reconcile(&mut self) -> (usize, usize) {
-        let planner = Planner::compile(&self.table, &self.node);
+        // The dataplane's frontends: the same node addresses as its config.
+        let mut planner = Planner::new(self.node.clone());
+        planner.set_node_addresses(self.addresses.clone());
+        planner.update(
+            &self.table,
+            &self.table.full_change_set(),
+            Instant::ZERO,
+            |_| false,
+        );
         let mut want: BTreeMap<FrontendKey, String> = BTreeMap::new();
         for fe in planner.frontends() {
             let key = fe.key();
@@ -1049,7 +1199,7 @@ impl Control {
                 continue;
             }
             let fe = Arc::new(FrontendInfo::new(&self.sh.metrics, key, service));
-            let addr = key.socket_addr();
+            let addr = map_addr(&self.listen_map, key.socket_addr());
             let sh = Arc::clone(&self.sh);
             let handle = match key.protocol {
                 Protocol::Tcp => match std::net::TcpListener::bind(addr)
@@ -1073,11 +1223,74 @@ impl Control {
                     }
                 },
             };
-            println!("listener opened {key} service={}", fe.service);
+            if addr == key.socket_addr() {
+                println!("listener opened {key} service={}", fe.service);
+            } else {
+                println!("listener opened {key} service={} listen={addr}", fe.service);
+            }
             self.listeners.insert(key, handle);
             opened += 1;
         }
+        self.reconcile_health();
         (opened, closed)
+    }
+
+    /// Serves each `externalTrafficPolicy: Local` service's
+    /// `healthCheckNodePort` on every node-port IP, with its current
+    /// answer; closes those of services gone or changed.
+    fn reconcile_health(&mut self) {
+        let mut want: BTreeMap<SocketAddr, (ServiceKey, HealthResponse)> = BTreeMap::new();
+        for v in self.table.views() {
+            let svc = v.service();
+            if svc.external_traffic_policy() != TrafficPolicy::Local {
+                continue;
+            }
+            let Some(port) = svc.health_check_node_port() else {
+                continue;
+            };
+            let Some(answer) = service_health(&self.table, &self.node, svc.key(), true) else {
+                continue;
+            };
+            for ip in self.addresses.node_port_ips() {
+                want.entry(SocketAddr::new(ip, port))
+                    .or_insert_with(|| (svc.key().clone(), answer.clone()));
+            }
+        }
+        self.health.retain(|addr, h| {
+            let keep = want.get(addr).is_some_and(|(k, _)| *k == h.service);
+            if !keep {
+                h.handle.abort();
+                println!("health listener closed {addr} service={}", h.service);
+            }
+            keep
+        });
+        for (addr, (service, answer)) in want {
+            if let Some(h) = self.health.get(&addr) {
+                *h.answer.lock() = answer;
+                continue;
+            }
+            let listener = match std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(TcpListener::from_std)
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("proxy: cannot listen on {addr} (health check of {service}): {e}");
+                    continue;
+                }
+            };
+            let answer = Arc::new(parking_lot::Mutex::new(answer));
+            let handle = tokio::spawn(serve_service_health(listener, Arc::clone(&answer)));
+            println!("health listener opened {addr} service={service}");
+            self.health.insert(
+                addr,
+                HealthListener {
+                    service,
+                    answer,
+                    handle,
+                },
+            );
+        }
     }
 }
 
@@ -1111,6 +1324,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// `FROM_CIDR=TO_CIDR` values of `flag`.
+fn parse_map(
+    flag: &str,
+    values: &[String],
+) -> Result<Vec<(svclb::render::Cidr, svclb::render::Cidr)>, String> {
+    let mut out = Vec::new();
+    for m in values {
+        let bad =
+            || format!("{flag}: invalid value {m:?}: must be FROM_CIDR=TO_CIDR of one family");
+        let (a, b) = m.split_once('=').ok_or_else(bad)?;
+        let from = svclb::render::Cidr::parse(flag, a.trim()).map_err(|e| e.to_string())?;
+        let to = svclb::render::Cidr::parse(flag, b.trim()).map_err(|e| e.to_string())?;
+        if from.addr().is_ipv4() != to.addr().is_ipv4() {
+            return Err(bad());
+        }
+        out.push((from, to));
+    }
+    Ok(out)
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
     let scheduler: SchedulerKind = cli
         .scheduler
@@ -1137,6 +1370,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         .node(node.clone())
         .scheduler(scheduler);
     config.count_connections = true;
+    cli.node_addrs
+        .apply(&mut config)
+        .map_err(|e| e.to_string())?;
+    let addresses = NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone());
     config.drain_grace = secs("--drain-grace", cli.drain_grace)?;
     let mut timeouts = mode.default_timeouts();
     if let Some(t) = cli.udp_timeout {
@@ -1152,21 +1389,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         svclb::Mode::Nftables => Box::new(NftablesDataplane::new(config)),
         _ => Box::new(IptablesDataplane::new(config)),
     };
-    let mut connect_map = Vec::new();
-    for m in &cli.connect_map {
-        let bad = || {
-            format!("--connect-map: invalid value {m:?}: must be FROM_CIDR=TO_CIDR of one family")
-        };
-        let (a, b) = m.split_once('=').ok_or_else(bad)?;
-        let from =
-            svclb::render::Cidr::parse("--connect-map", a.trim()).map_err(|e| e.to_string())?;
-        let to =
-            svclb::render::Cidr::parse("--connect-map", b.trim()).map_err(|e| e.to_string())?;
-        if from.addr().is_ipv4() != to.addr().is_ipv4() {
-            return Err(bad());
-        }
-        connect_map.push((from, to));
-    }
+    let connect_map = parse_map("--connect-map", &cli.connect_map)?;
+    let listen_map = parse_map("--listen-map", &cli.listen_map)?;
     let sh = Arc::new(Shared {
         connect_map,
         dp,
@@ -1174,6 +1398,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         metrics: Metrics::new(),
         log: cli.log,
         open: AtomicUsize::new(0),
+        last_sync: parking_lot::Mutex::new(unix_now()),
     });
 
     // Signals first, so that a SIGHUP right after start is not fatal.
@@ -1194,6 +1419,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         stdin_pending: String::new(),
         listeners: BTreeMap::new(),
         udp_check,
+        addresses,
+        health: BTreeMap::new(),
+        listen_map,
     };
     // The first load: any error is fatal.
     ctl.stamps = ctl.stamps();
@@ -1229,6 +1457,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
     sh.dp
         .sync(&ctl.table, &ctl.table.full_change_set(), sh.now());
+    *sh.last_sync.lock() = unix_now();
     let (opened, _) = ctl.reconcile();
 
     let (stdin_tx, mut stdin_rx) = mpsc::channel::<String>(16);
@@ -1270,6 +1499,16 @@ async fn run(cli: Cli) -> Result<(), String> {
         );
         tokio::spawn(serve_metrics(Arc::clone(&sh), l));
     }
+    if let Some(addr) = cli.healthz_addr {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--healthz-addr {addr}: {e}"))?;
+        println!(
+            "healthz listening on {}",
+            l.local_addr().map_err(|e| e.to_string())?
+        );
+        tokio::spawn(serve_healthz(Arc::clone(&sh), l));
+    }
     println!(
         "ready mode={} services={} listeners={opened}",
         mode,
@@ -1297,6 +1536,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 
     // Shutdown: stop accepting, drain for a bounded time.
+    for (_, h) in std::mem::take(&mut ctl.health) {
+        h.handle.abort();
+    }
     for (_, h) in std::mem::take(&mut ctl.listeners) {
         h.abort();
         // Cancelled: the listening socket is closed once this returns.

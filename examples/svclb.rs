@@ -102,14 +102,8 @@ struct Cli {
     /// short-circuit of pod traffic to external Local destinations).
     #[arg(long)]
     cluster_cidr: Option<String>,
-    /// A node IP: node ports answer on it, traffic from it is the node's
-    /// own. Repeatable.
-    #[arg(long = "node-ip", action = clap::ArgAction::Append, value_name = "IP")]
-    node_ip: Vec<IpAddr>,
-    /// kube-proxy's --nodeport-addresses: node ports answer only on the
-    /// node IPs inside these prefixes.
-    #[arg(long = "nodeport-addresses", value_name = "CIDR[,CIDR]")]
-    nodeport_addresses: Option<String>,
+    #[command(flatten)]
+    node_addrs: load::NodeAddrArgs,
     /// kube-proxy's --masquerade-all: masquerade all cluster-IP traffic.
     #[arg(long)]
     masquerade_all: bool,
@@ -346,14 +340,7 @@ fn setup(cli: &Cli) -> Result<World> {
     if cli.no_conntrack {
         config.conntrack = None;
     }
-    config.node_ips = cli.node_ip.clone();
-    if let Some(list) = &cli.nodeport_addresses {
-        for part in list.split(',') {
-            config
-                .nodeport_addresses
-                .push(Cidr::parse("--nodeport-addresses", part.trim())?);
-        }
-    }
+    cli.node_addrs.apply(&mut config)?;
     config.masquerade_all = cli.masquerade_all;
     let mut render = RenderOptions::default().node(node);
     // The node's IPs and --nodeport-addresses: the nft `nodeport-ips`

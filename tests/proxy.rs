@@ -2,12 +2,14 @@
 //! echoed, the distribution over backends for rr, random and lc, ClientIP
 //! affinity, reloads (file change and SIGHUP) that remove a backend while a
 //! connection to it stays open, a service without endpoints, UDP sessions,
-//! metrics, and a clean shutdown.
+//! metrics, a clean shutdown; node ports, external and load-balancer IPs,
+//! source ranges and health-check node ports.
 //!
 //! Every server and client uses addresses in 127.0.0.0/8 only: backends on
 //! 127.77.K.1-3 (standing in for endpoints 10.244.K.1-3 through the proxy's
 //! `--connect-map`, as the API refuses loopback endpoints), the services on
-//! 127.78.0.K, clients bound to 127.0.0.2 and up. K is a test's own number,
+//! 127.78.0.K, node IPs and the stand-ins for external and load-balancer
+//! IPs on 127.79.K.x, clients bound to 127.0.0.2 and up. K is a test's own number,
 //! so the tests run in parallel. Every wait is bounded.
 #![cfg(all(feature = "serde", target_os = "linux"))]
 
@@ -858,5 +860,267 @@ fn a_client_reset_ends_the_connection() {
         0.0
     );
     assert_eq!(proxy.metric("svclb_proxy_tracked_connections"), 0.0);
+    assert!(proxy.stop().success());
+}
+
+/// Node ports, external IPs and load-balancer IPs: the services of these
+/// tests are on 127.78.0.K, their node IPs 127.79.K.1-2; the external and
+/// load-balancer IP 203.0.113.9 (the API refuses loopback external IPs) is
+/// listened on at 127.79.K.9 through the proxy's `--listen-map`.
+fn node_ip(k: u8, i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 79, k, i)
+}
+
+/// A connection to `dst` from `src`, after the backend's greeting.
+fn open_to(dst: SocketAddr, src: Ipv4Addr) -> (TcpStream, u8) {
+    let sock = socket_from(src);
+    sock.connect(&dst.into()).expect("connect to the frontend");
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut id = [0u8; 1];
+    s.read_exact(&mut id).expect("backend greeting");
+    (s, id[0] - b'0')
+}
+
+/// `GET /path` at `addr`: the status code, the headers (lower-cased
+/// names) and the body.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect_timeout(&addr, WAIT).expect("connect health check");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    let (head, body) = out.split_once("\r\n\r\n").expect("a whole answer");
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {out:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn node_ports_and_external_ips_echo() {
+    let k = 15;
+    let backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("np.yaml");
+    let mut m = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 127.78.0.{k}\n  externalIPs: [\"203.0.113.9\"]\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 300{k}}}\n  - {{name: udp, port: 8000, targetPort: 9000, protocol: UDP, nodePort: 300{k}}}\n"
+    );
+    m.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: np}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\n- {{name: udp, port: 9000, protocol: UDP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n- addresses: [\"10.244.{k}.2\"]\n- addresses: [\"10.244.{k}.3\"]\n"
+    ));
+    write_file(&file, &m, None);
+    // Two node IPs; --nodeport-addresses keeps node ports off the second.
+    let (ip1, ip2) = (node_ip(k, 1).to_string(), node_ip(k, 2).to_string());
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &[
+            "--mode",
+            "ipvs",
+            "--node-ip",
+            &ip1,
+            "--node-ip",
+            &ip2,
+            "--nodeport-addresses",
+            &format!("{ip1}/32"),
+            "--listen-map",
+            &format!("203.0.113.0/24=127.79.{k}.0/24"),
+        ],
+    );
+    let node_port = SocketAddr::new(IpAddr::V4(node_ip(k, 1)), 30015);
+    let external = SocketAddr::new(IpAddr::V4(node_ip(k, 9)), SERVICE_PORT);
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let dst = if i % 2 == 0 { node_port } else { external };
+        let (mut s, id) = open_to(dst, client(i));
+        echo(&mut s, &payload(i));
+        ids.push(id);
+    }
+    // IPVS rr per frontend: each of the two visits the three backends.
+    assert_eq!(histogram(&ids), [2, 2, 2], "{ids:?}");
+    assert_eq!(backends.counts().iter().sum::<usize>(), 6);
+    // No node port on the node IP --nodeport-addresses leaves out.
+    let off = SocketAddr::new(IpAddr::V4(node_ip(k, 2)), 30015);
+    let e = TcpStream::connect_timeout(&off, WAIT).expect_err("no listener on 127.79.15.2");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+    // UDP through the node port: the reply comes from the node port.
+    let u = UdpSocket::bind(SocketAddr::new(IpAddr::V4(client(40)), 0)).unwrap();
+    u.set_read_timeout(Some(WAIT)).unwrap();
+    u.send_to(b"over the node port", node_port).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = u.recv_from(&mut buf).expect("udp reply");
+    assert_eq!(from, node_port);
+    assert_eq!(&buf[1..n], b"over the node port");
+    proxy.wait_line(|l| l.starts_with("listener opened udp 127.79.15.1:30015 service="));
+    proxy.wait_line(|l| {
+        l.starts_with("listener opened tcp 203.0.113.9:8000 service=")
+            && l.ends_with(" listen=127.79.15.9:8000")
+    });
+    assert!(proxy.stop().success());
+}
+
+/// A LoadBalancer service `lb` with externalTrafficPolicy Local, node port
+/// 310K, health-check node port 320K, load-balancer IP 203.0.113.9, and
+/// endpoint 10.244.K.1 on `ep_node`.
+fn local_manifest(k: u8, ep_node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 127.78.0.{k}\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 320{k}\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 310{k}}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 203.0.113.9}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: lb}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n  nodeName: {ep_node}\n"
+    )
+}
+
+#[test]
+fn local_service_health_check_follows_reloads_and_its_node_port_drops() {
+    let k = 16;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("lb.yaml");
+    write_file(&file, &local_manifest(k, "node-a"), None);
+    let ip1 = node_ip(k, 1).to_string();
+    let healthz_addr = SocketAddr::new(IpAddr::V4(node_ip(k, 2)), 10256);
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &[
+            "--node",
+            "node-a",
+            "--node-ip",
+            &ip1,
+            "--healthz-addr",
+            &healthz_addr.to_string(),
+            "--listen-map",
+            &format!("203.0.113.0/24=127.79.{k}.0/24"),
+        ],
+    );
+    let health = SocketAddr::new(IpAddr::V4(node_ip(k, 1)), 32016);
+    let node_port = SocketAddr::new(IpAddr::V4(node_ip(k, 1)), 31016);
+    let lb = SocketAddr::new(IpAddr::V4(node_ip(k, 9)), SERVICE_PORT);
+
+    // The endpoint is on this node: 200, one local endpoint.
+    let (status, headers, body) = http_get(health, "/");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"));
+    assert_eq!(
+        header(&headers, "x-load-balancing-endpoint-weight"),
+        Some("1")
+    );
+    assert_eq!(
+        body,
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"lb\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": true\n}"
+    );
+    // The node port and the load-balancer IP reach it.
+    for (i, dst) in [node_port, lb].into_iter().enumerate() {
+        let (mut s, id) = open_to(dst, client(i));
+        assert_eq!(id, 1);
+        echo(&mut s, &payload(i));
+    }
+    // The node's /healthz.
+    let (status, headers, body) = http_get(healthz_addr, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    assert!(body.ends_with(", \"nodeEligible\": true}"), "{body}");
+    assert!(body.starts_with("{\"lastUpdated\": \""), "{body}");
+    assert_eq!(http_get(healthz_addr, "/other").0, 404);
+
+    // Reload: the endpoint moves to another node.
+    write_file(&file, &local_manifest(k, "node-b"), None);
+    proxy.signal("-HUP");
+    proxy.wait_line(|l| l.starts_with("reload ok "));
+    let (status, headers, body) = http_get(health, "/");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        header(&headers, "x-load-balancing-endpoint-weight"),
+        Some("0")
+    );
+    assert!(body.contains("\"localEndpoints\": 0,"), "{body}");
+    // No local endpoint: the node port drops the connection, which the
+    // client sees closed without a byte (the proxy has accepted it: it
+    // cannot stay silent to the SYN).
+    for i in 0..3 {
+        let sock = socket_from(client(10 + i));
+        sock.connect(&node_port.into())
+            .expect("the listener accepts");
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).expect("a clean close, not a reset"), 0);
+    }
+    proxy.wait_lines(3, |l| {
+        l.starts_with("conn proto=tcp")
+            && l.contains("frontend=127.79.16.1:31016")
+            && l.ends_with("end=drop")
+    });
+
+    // The service goes: its health-check node port closes.
+    write_file(
+        &file,
+        &manifest(k, &[1], false).replace("127.78.0.16", "127.78.0.116"),
+        None,
+    );
+    proxy.signal("-HUP");
+    proxy.wait_line(|l| {
+        l.starts_with("health listener closed 127.79.16.1:32016 service=default/lb")
+    });
+    // The listener's task is cancelled after the line: wait (bounded)
+    // for the port to refuse.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match TcpStream::connect_timeout(&health, WAIT) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
+            r => assert!(Instant::now() < deadline, "health check still open: {r:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(proxy.stop().success());
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_clients() {
+    let k = 17;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("lb.yaml");
+    let m = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: fw, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 127.78.0.{k}\n  loadBalancerSourceRanges: [\"127.0.0.2/32\"]\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 310{k}}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 203.0.113.9}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: fw-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: fw}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n"
+    );
+    write_file(&file, &m, None);
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &["--listen-map", &format!("203.0.113.0/24=127.79.{k}.0/24")],
+    );
+    let lb = SocketAddr::new(IpAddr::V4(node_ip(k, 9)), SERVICE_PORT);
+    // Inside the ranges: served.
+    let (mut s, id) = open_to(lb, Ipv4Addr::new(127, 0, 0, 2));
+    assert_eq!(id, 1);
+    echo(&mut s, b"allowed");
+    // Outside: dropped, closed without a byte.
+    let sock = socket_from(Ipv4Addr::new(127, 0, 0, 3));
+    sock.connect(&lb.into()).expect("the listener accepts");
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.read(&mut buf).expect("a clean close, not a reset"), 0);
+    proxy.wait_line(|l| {
+        l.starts_with("conn proto=tcp client=127.0.0.3:")
+            && l.contains("frontend=203.0.113.9:8000")
+            && l.ends_with("end=drop")
+    });
     assert!(proxy.stop().success());
 }

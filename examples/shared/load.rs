@@ -2,12 +2,44 @@
 //! their translation into `svclb::k8s::loader::LoadOptions` and a node
 //! topology: `--service-cidr`, `--node`, `--zone`, `--keep-going`,
 //! `--verbose` and the `--max-*` limits (the same names and defaults as
-//! `examples/svclb.rs`).
+//! `examples/svclb.rs`); and the node's addresses, `--node-ip` and
+//! `--nodeport-addresses`, that node ports answer on.
+
+use std::net::IpAddr;
 
 use clap::Args;
 use svclb::k8s::input::InputLimits;
 use svclb::k8s::loader::{self, LoadOptions};
-use svclb::{NodeTopology, ValidationError};
+use svclb::render::Cidr;
+use svclb::{DataplaneConfig, NodeTopology, ValidationError};
+
+/// The node's address flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct NodeAddrArgs {
+    /// A node IP: node ports answer on it, traffic from it is the node's
+    /// own. Repeatable.
+    #[arg(long = "node-ip", action = clap::ArgAction::Append, value_name = "IP")]
+    pub(crate) node_ip: Vec<IpAddr>,
+    /// kube-proxy's --nodeport-addresses: node ports answer only on the
+    /// node IPs inside these prefixes.
+    #[arg(long = "nodeport-addresses", value_name = "CIDR[,CIDR]")]
+    pub(crate) nodeport_addresses: Option<String>,
+}
+
+impl NodeAddrArgs {
+    /// Sets `config.node_ips` and `config.nodeport_addresses`.
+    pub(crate) fn apply(&self, config: &mut DataplaneConfig) -> Result<(), ValidationError> {
+        config.node_ips = self.node_ip.clone();
+        if let Some(list) = &self.nodeport_addresses {
+            for part in list.split(',') {
+                config
+                    .nodeport_addresses
+                    .push(Cidr::parse("--nodeport-addresses", part.trim())?);
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The loader's flags.
 #[derive(Debug, Clone, Args)]
