@@ -252,7 +252,8 @@ pub struct InnerLayout {
     /// are present).
     pub l4: usize,
     /// Whether the whole embedded datagram is present (its IP length
-    /// matches the bytes carried), so that its L4 checksum can be checked.
+    /// matches the bytes carried, and it is not a first fragment), so that
+    /// its L4 checksum can be checked.
     pub complete: bool,
 }
 
@@ -925,7 +926,8 @@ fn parse_inner(buf: &[u8], l3: usize, end: usize, outer: IpVersion) -> Result<In
                 h.protocol().0,
                 h.fragments_offset().value(),
                 l3 + hl,
-                usize::from(h.total_len()) == s.len(),
+                // A first fragment's L4 checksum covers bytes it lacks.
+                usize::from(h.total_len()) == s.len() && !h.more_fragments(),
             )
         }
         IpVersion::V6 => {
@@ -936,9 +938,9 @@ fn parse_inner(buf: &[u8], l3: usize, end: usize, outer: IpVersion) -> Result<In
                 IpAddr::V6(h.source_addr()),
                 IpAddr::V6(h.destination_addr()),
                 proto,
-                frag.map_or(0, |f| f.offset),
+                frag.as_ref().map_or(0, |f| f.offset),
                 l3 + 40 + used,
-                40 + usize::from(h.payload_length()) == s.len(),
+                40 + usize::from(h.payload_length()) == s.len() && !frag.is_some_and(|f| f.more),
             )
         }
     };
