@@ -48,8 +48,7 @@
 //! the device and its routes go with it.
 //!
 //! Not handled: IPv6 services (their cluster IPs are not routed), SCTP
-//! through the pool (it is NATed like TCP and UDP, untested), RST or ICMP
-//! answers for rejected services (their packets are dropped), later IPv4
+//! through the pool (it is NATed like TCP and UDP, untested), later IPv4
 //! fragments (dropped unless their first fragment was seen), pool
 //! addresses are never reclaimed while the program runs.
 
@@ -67,7 +66,8 @@ use clap::{Parser, ValueEnum};
 use svclb::conntrack::Conntrack;
 use svclb::k8s::loader::{LoadOptions, Loader};
 use svclb::packet::{
-    FragmentTracker, LinkType, PacketKind, TcpFlags, parse, reverse_nat, rewrite_dst, rewrite_src,
+    FragmentTracker, ICMP_ERROR_MAX_V6, LinkType, PacketKind, TcpFlags, parse, port_unreachable,
+    reverse_nat, rewrite_dst, rewrite_src,
 };
 use svclb::*;
 
@@ -225,6 +225,18 @@ struct Stats {
     reverse: u64,
     dropped: u64,
     bad: u64,
+    rejected: u64,
+}
+
+/// What becomes of one packet read from the device.
+enum Out {
+    /// Nothing goes back.
+    Drop,
+    /// The packet, rewritten in place, goes back into the device.
+    Send,
+    /// An answer of this length (in the answer buffer) goes back instead:
+    /// the ICMP port unreachable a rejected service gets.
+    Answer(usize),
 }
 
 struct World {
@@ -429,18 +441,19 @@ impl Events {
 fn handle(
     world: &mut World,
     buf: &mut [u8],
+    answer: &mut [u8],
     fragments: &mut FragmentTracker,
     stats: &mut Stats,
-) -> bool {
+) -> Out {
     stats.packets += 1;
     let now = world.now();
     let Ok(parsed) = parse(buf, LinkType::Ip) else {
         stats.bad += 1;
-        return false;
+        return Out::Drop;
     };
     let Ok(flow) = fragments.resolve(&parsed, now) else {
         stats.dropped += 1;
-        return false;
+        return Out::Drop;
     };
     let flags = parsed.tcp_flags().unwrap_or(TcpFlags::ACK);
     let icmp_error = matches!(parsed.kind(), PacketKind::IcmpError { .. });
@@ -455,7 +468,7 @@ fn handle(
         // Back to the client: find the original flow, then its connection.
         let Some((client, frontend)) = world.pool.owner(pool_side.ip()) else {
             stats.dropped += 1;
-            return false;
+            return Out::Drop;
         };
         let orig = Flow::new(
             flow.protocol,
@@ -464,7 +477,7 @@ fn handle(
         );
         let Some(ct) = world.plane.conntrack() else {
             stats.dropped += 1;
-            return false;
+            return Out::Drop;
         };
         let backend = if icmp_error {
             ct.get(&orig, now).map(|t| t.backend_addr)
@@ -473,24 +486,40 @@ fn handle(
         };
         if backend != Some(peer) || reverse_nat(buf, &parsed, &orig, true).is_err() {
             stats.dropped += 1;
-            return false;
+            return Out::Drop;
         }
         stats.reverse += 1;
-        return true;
+        return Out::Send;
     }
     if icmp_error {
         stats.dropped += 1;
-        return false;
+        return Out::Drop;
     }
     let dp = world.plane.dp();
-    let Verdict::Forward(fw) = dp.packet(&flow, flags, now) else {
-        stats.dropped += 1;
-        return false;
+    let fw = match dp.packet(&flow, flags, now) {
+        Verdict::Forward(fw) => fw,
+        // kube-proxy's REJECT: ICMP port unreachable, from the service.
+        Verdict::Reject => {
+            return match port_unreachable(buf, &parsed, answer) {
+                Ok(n) => {
+                    stats.rejected += 1;
+                    Out::Answer(n)
+                }
+                Err(_) => {
+                    stats.dropped += 1;
+                    Out::Drop
+                }
+            };
+        }
+        _ => {
+            stats.dropped += 1;
+            return Out::Drop;
+        }
     };
     let Some(snat) = world.pool.address(flow.src.ip(), flow.dst) else {
         dp.connection_closed(&flow, now);
         stats.dropped += 1;
-        return false;
+        return Out::Drop;
     };
     let src = SocketAddr::new(IpAddr::V4(snat), flow.src.port());
     if fw.backend.is_ipv6()
@@ -498,10 +527,10 @@ fn handle(
         || rewrite_src(buf, &parsed, src).is_err()
     {
         stats.dropped += 1;
-        return false;
+        return Out::Drop;
     }
     stats.dnat += 1;
-    true
+    Out::Send
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -563,6 +592,7 @@ fn run(cli: Cli) -> Result<()> {
     let mut stats = Stats::default();
     let mut fragments = FragmentTracker::new(4096, Duration::from_secs(30));
     let mut buf = vec![0u8; 65536];
+    let mut answer = vec![0u8; ICMP_ERROR_MAX_V6];
     let mut last_check = std::time::Instant::now();
     let mut watch_open = watch.is_some();
     while !term.load(Ordering::Relaxed) {
@@ -622,15 +652,26 @@ fn run(cli: Cli) -> Result<()> {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(Failure(format!("reading {}: {e}", world.cli.dev))),
         };
-        if handle(&mut world, &mut buf[..n], &mut fragments, &mut stats) {
-            if let Err(e) = dev.send(&buf[..n]) {
+        let out = match handle(
+            &mut world,
+            &mut buf[..n],
+            &mut answer,
+            &mut fragments,
+            &mut stats,
+        ) {
+            Out::Drop => None,
+            Out::Send => Some(&buf[..n]),
+            Out::Answer(len) => Some(&answer[..len]),
+        };
+        if let Some(packet) = out {
+            if let Err(e) = dev.send(packet) {
                 eprintln!("tun: error: writing {}: {e}", world.cli.dev);
             }
         }
     }
     println!(
-        "stats packets {} dnat {} reverse-nat {} dropped {} bad {}",
-        stats.packets, stats.dnat, stats.reverse, stats.dropped, stats.bad
+        "stats packets {} dnat {} reverse-nat {} dropped {} bad {} rejected {}",
+        stats.packets, stats.dnat, stats.reverse, stats.dropped, stats.bad, stats.rejected
     );
     Ok(())
 }

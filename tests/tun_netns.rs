@@ -16,6 +16,9 @@
 //! - a UDP exchange, each answer coming back from the cluster IP;
 //! - a watch event (`--watch FILE`, appended to while it runs) that brings
 //!   the backend back: 30 new connections, 10 to each;
+//! - a service without endpoints is refused as kube-proxy's REJECT does
+//!   (ICMP port unreachable from the example): TCP connect and UDP both
+//!   see `ECONNREFUSED`;
 //! - `SIGTERM` ends the example with status 0.
 //!
 //! Needs root, `ip`, `ethtool` and `/dev/net/tun`; prints `SKIPPED:
@@ -34,6 +37,8 @@ use nix::sched::{CloneFlags, setns};
 
 const T: Duration = Duration::from_secs(5);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
+/// A service without endpoints (REJECT).
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 11);
 const DEV: &str = "svtun0";
 
 fn run(args: &[&str]) -> Result<String, String> {
@@ -104,7 +109,10 @@ fn manifest(backends: &[u8]) -> String {
     "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: svtun}\n\
      spec:\n  clusterIP: 10.96.77.10\n  ports:\n  \
      - {name: tcp, port: 80, protocol: TCP, targetPort: 8080}\n  \
-     - {name: udp, port: 53, protocol: UDP, targetPort: 5353}\n---\n"
+     - {name: udp, port: 53, protocol: UDP, targetPort: 5353}\n---\n\
+     apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: svtun}\n\
+     spec:\n  clusterIP: 10.96.77.11\n  ports:\n  \
+     - {name: tcp, port: 80, protocol: TCP}\n  - {name: udp, port: 53, protocol: UDP}\n---\n"
         .to_owned()
         + &slice(backends)
 }
@@ -422,6 +430,30 @@ fn tun_dataplane_carries_real_connections() {
     );
     assert_eq!(fresh.iter().filter(|b| **b == 1).count(), 15, "{fresh:?}");
     drop(conns);
+
+    // No endpoints: REJECT, answered with ICMP port unreachable. A dropped
+    // SYN would time out instead.
+    let (tcp, udp) = in_ns(&ns, || {
+        let empty = SocketAddr::from((EMPTY_VIP, 80));
+        let tcp = TcpStream::connect_timeout(&empty, T).map(|_| ());
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(T)).unwrap();
+        u.connect((EMPTY_VIP, 53)).unwrap();
+        u.send(b"anyone?").unwrap();
+        let mut buf = [0u8; 64];
+        let udp = u.recv(&mut buf).map(|_| ());
+        (tcp.map_err(|e| e.kind()), udp.map_err(|e| e.kind()))
+    });
+    assert_eq!(
+        tcp,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "TCP to a service without endpoints"
+    );
+    assert_eq!(
+        udp,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "UDP to a service without endpoints"
+    );
 
     // UDP: each answer comes from a remaining backend and, reverse-NATed,
     // from the cluster IP.

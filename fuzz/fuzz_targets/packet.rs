@@ -6,6 +6,9 @@
 //! - A rewrite that succeeds leaves a packet that parses again, with the
 //!   same layout, and whose flow carries the new address.
 //! - A refused rewrite leaves the buffer untouched.
+//! - A reject answer (ICMP port unreachable) parses as an ICMP error about
+//!   the packet's flow; its checksums verify when the packet's do (the
+//!   answer quotes the packet as it came).
 #![no_main]
 
 use std::net::SocketAddr;
@@ -20,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         };
         let lay = p.layout();
         assert!(lay.l3 <= lay.l4 && lay.l4 <= lay.end && lay.end <= data.len());
-        let _ = verify_checksums(data, &p);
+        let sound = verify_checksums(data, &p).is_ok();
         let (a, b): (SocketAddr, SocketAddr) = match p.version() {
             IpVersion::V4 => (
                 "10.1.2.3:8080".parse().unwrap(),
@@ -35,6 +38,17 @@ fuzz_target!(|data: &[u8]| {
             IpVersion::V4 => "[fd00::5]:1".parse().unwrap(),
             IpVersion::V6 => "10.1.2.3:1".parse().unwrap(),
         };
+        let mut answer = [0u8; ICMP_ERROR_MAX_V6];
+        if let Ok(n) = port_unreachable(data, &p, &mut answer) {
+            let q = parse(&answer[..n], LinkType::Ip).expect("a reject answer parses");
+            if sound {
+                verify_checksums(&answer[..n], &q).expect("a reject answer's checksums");
+            }
+            match (*q.kind(), p.flow()) {
+                (PacketKind::IcmpError { inner, .. }, Some(f)) => assert_eq!(inner, f),
+                other => panic!("a reject answer is an ICMP error: {other:?}"),
+            }
+        }
         let mut buf = data.to_vec();
         assert!(rewrite_dst(&mut buf, &p, wrong).is_err());
         assert_eq!(buf, data);

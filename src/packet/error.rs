@@ -175,3 +175,28 @@ pub struct Exhausted {
     /// The range's last port.
     pub last: u16,
 }
+
+/// Why [`port_unreachable`](super::port_unreachable) wrote no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RejectError {
+    /// The kernel sends no ICMP error about this packet.
+    #[error("no ICMP error answers {0}")]
+    NotAnswered(&'static str),
+    /// The buffer is shorter than the packet that was parsed.
+    #[error("buffer too short: the parsed packet needs {needed} bytes, the buffer has {got}")]
+    BufferTooShort {
+        /// The parsed packet's end.
+        needed: usize,
+        /// The buffer's length.
+        got: usize,
+    },
+    /// The output buffer cannot hold the answer.
+    #[error("output too short: the answer needs {needed} bytes, the buffer has {got}")]
+    OutputTooShort {
+        /// The answer's length.
+        needed: usize,
+        /// The output buffer's length.
+        got: usize,
+    },
+}

@@ -20,6 +20,9 @@
 //!    maps them to their first fragment's flow, or says they are
 //!    unroutable.
 //!
+//! A packet to a rejected service gets [`port_unreachable`]: the ICMP
+//! answer kube-proxy's REJECT sends.
+//!
 //! [`verify_checksums`] recomputes every checksum from scratch, for tests
 //! and for callers that must check what they receive.
 //!
@@ -54,6 +57,7 @@ mod error;
 mod fragment;
 mod parse;
 mod ports;
+mod reject;
 mod rewrite;
 
 /// The TCP flags of a parsed packet: the connection tracker's own type, so
@@ -61,11 +65,12 @@ mod rewrite;
 pub use crate::conntrack::TcpFlags;
 pub use checksum::{internet_checksum, verify_checksums};
 pub use crc32c::{crc32c, sctp_checksum};
-pub use error::{ChecksumError, Exhausted, ParseError, RewriteError};
+pub use error::{ChecksumError, Exhausted, ParseError, RejectError, RewriteError};
 pub use fragment::FragmentTracker;
 pub use parse::{
     Fragment, FragmentKey, IcmpError, IcmpErrorKind, InnerLayout, IpVersion, Layout, LinkType,
     PacketKind, ParsedPacket, Transport, Unroutable, parse,
 };
 pub use ports::{DEFAULT_PORT_RANGE, SourcePortAllocator};
+pub use reject::{ICMP_ERROR_MAX_V4, ICMP_ERROR_MAX_V6, port_unreachable};
 pub use rewrite::{reverse_nat, rewrite_dst, rewrite_src};
