@@ -6,6 +6,10 @@
 //! - `insert_miss/64k`: `insert` of a flow never seen into a tracker at its
 //!   bound of 65,536 (every insert evicts) vs `probe/64k`.
 //!
+//! - `dataplane/packet_hit/10k` (an established flow's packet through the
+//!   IPVS dataplane) vs `dataplane/reply/10k` (the backend's reply to it,
+//!   found through the reply index, no writer lock).
+//!
 //! Keys are visited in a shuffled order, the same for both sides. Times are
 //! thread CPU time (benches/common/cpu_time.rs): the machine is shared.
 
@@ -22,7 +26,10 @@ use ahash::AHashMap;
 use common::cpu_time::ThreadCpu;
 use criterion::{Criterion, criterion_group, criterion_main};
 use svclb::conntrack::*;
-use svclb::{Flow, Instant};
+use svclb::{
+    AddressType, Change, Dataplane, DataplaneConfig, EndpointSlice, EndpointSpec, Flow, Instant,
+    IpvsDataplane, Service, ServicePortSpec, ServiceTable, SlicePortSpec, Verdict,
+};
 
 const BACKEND: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 5), 8080));
 
@@ -148,10 +155,62 @@ fn bench_conntrack(c: &mut Criterion<ThreadCpu>) {
     group.finish();
 }
 
+fn bench_dataplane_reply(c: &mut Criterion<ThreadCpu>) {
+    let mut group = c.benchmark_group("dataplane");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(2));
+    let mut table = ServiceTable::new();
+    let changes = table
+        .apply_batch([
+            Change::UpsertService(
+                Service::builder("default", "web")
+                    .cluster_ip("10.96.0.10".parse().unwrap())
+                    .port(ServicePortSpec::tcp(80).target_port(8080))
+                    .build()
+                    .unwrap(),
+            ),
+            Change::UpsertSlice(
+                EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+                    .port(SlicePortSpec::tcp(8080))
+                    .endpoints(["10.1.0.5", "10.1.0.6", "10.1.0.7"].map(EndpointSpec::new))
+                    .build()
+                    .unwrap(),
+            ),
+        ])
+        .unwrap();
+    let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1));
+    let now = Instant::from_secs(1);
+    dp.sync(&table, &changes, now);
+    let flows = shuffled(10_000);
+    let replies: Vec<Flow> = flows
+        .iter()
+        .map(|f| match dp.route(f, now) {
+            Verdict::Forward(fw) => Flow::tcp(fw.backend, f.src),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    group.bench_function("packet_hit/10k", |b| {
+        let mut k = 0;
+        b.iter(|| {
+            k = if k + 1 == flows.len() { 0 } else { k + 1 };
+            black_box(dp.packet(black_box(&flows[k]), TcpFlags::ACK, now))
+        })
+    });
+    group.bench_function("reply/10k", |b| {
+        let mut k = 0;
+        b.iter(|| {
+            k = if k + 1 == replies.len() { 0 } else { k + 1 };
+            black_box(dp.reply(black_box(&replies[k]), TcpFlags::ACK, now))
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Thread CPU time, not wall-clock time: see benches/common/cpu_time.rs.
     config = Criterion::default().with_measurement(ThreadCpu);
-    targets = bench_conntrack
+    targets = bench_conntrack, bench_dataplane_reply
 }
 criterion_main!(benches);
