@@ -78,7 +78,7 @@ use svclb::k8s::health::{HealthResponse, healthz, service_health};
 use svclb::k8s::loader::{LoadOptions, LoadReport, Loader};
 use svclb::plan::NodeAddresses;
 use svclb::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -541,48 +541,12 @@ async fn serve_tcp(
     let end = {
         let (mut cr, mut cw) = client.split();
         let (mut br, mut bw) = backend.split();
-        let c2s = async {
-            // Not zeroed: read_buf fills the spare capacity.
-            let mut buf = Vec::with_capacity(BUF);
-            loop {
-                buf.clear();
-                match cr.read_buf(&mut buf).await {
-                    Ok(0) => {
-                        sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-                        let _ = bw.shutdown().await;
-                        return true;
-                    }
-                    Ok(n) => {
-                        if bw.write_all(&buf).await.is_err() {
-                            return false;
-                        }
-                        bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(_) => return false,
-                }
-            }
-        };
-        let s2c = async {
-            // Not zeroed: read_buf fills the spare capacity.
-            let mut buf = Vec::with_capacity(BUF);
-            loop {
-                buf.clear();
-                match br.read_buf(&mut buf).await {
-                    Ok(0) => {
-                        sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-                        let _ = cw.shutdown().await;
-                        return true;
-                    }
-                    Ok(n) => {
-                        if cw.write_all(&buf).await.is_err() {
-                            return false;
-                        }
-                        bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(_) => return false,
-                }
-            }
-        };
+        let c2s = pump(&mut cr, &mut bw, &bytes_in, || {
+            sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+        });
+        let s2c = pump(&mut br, &mut cw, &bytes_out, || {
+            sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+        });
         let check = async {
             let mut tick = tokio::time::interval(CHECK_INTERVAL);
             tick.tick().await;
@@ -1556,4 +1520,34 @@ async fn run(cli: Cli) -> Result<(), String> {
         sh.open.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// One direction of a TCP connection: copies `from` to `to` until a clean
+/// end of file, which runs `on_eof` (the connection layer hears of the FIN)
+/// and shuts `to` down for writing (half-close), or until either side
+/// fails. Counts the bytes copied; true on a clean end of file.
+async fn pump<R, W>(mut from: R, mut to: W, bytes: &AtomicU64, on_eof: impl FnOnce()) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // Not zeroed: read_buf fills the spare capacity.
+    let mut buf = Vec::with_capacity(BUF);
+    loop {
+        buf.clear();
+        match from.read_buf(&mut buf).await {
+            Ok(0) => {
+                on_eof();
+                let _ = to.shutdown().await;
+                return true;
+            }
+            Ok(n) => {
+                if to.write_all(&buf).await.is_err() {
+                    return false;
+                }
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => return false,
+        }
+    }
 }
