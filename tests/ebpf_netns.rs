@@ -17,13 +17,14 @@
 //! the drain's end, a followed watch file, SIGHUP, SIGTERM; and its exit 1
 //! on bad input. Each test's namespaces are `svbpf<pid><tag>-*`.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
+mod common;
+
+use common::netns::{Conn, connect, echo, enter, in_ns};
 use svclb::ebpf::model::{CompiledFrontend, choose};
 use svclb::ebpf::{EbpfBackendSpec, EbpfDataplane, EbpfFrontendSpec};
 use svclb::{Flow, Protocol};
@@ -146,11 +147,6 @@ impl Drop for Topology {
     }
 }
 
-fn enter(ns: &str) {
-    let f = File::open(format!("/run/netns/{ns}")).expect("netns file");
-    setns(f, CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
 /// Echo servers in backend `n`'s namespace: TCP 8080 sends "B<n>\n" and then
 /// echoes; UDP 5353 answers "B<n>:" + the datagram. Threads live until the
 /// process exits (their namespace is deleted under them).
@@ -184,59 +180,6 @@ fn spawn_backend(ns: String, n: u8) {
         }
     });
     rx.recv_timeout(T).expect("backend listening");
-}
-
-/// Runs `f` on a thread inside namespace `ns`.
-fn in_ns<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> R {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(ns);
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    })
-}
-
-struct Conn {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    backend: u32,
-    local: SocketAddr,
-}
-
-fn connect(vip: Ipv4Addr) -> std::io::Result<Conn> {
-    let stream = TcpStream::connect_timeout(&SocketAddr::from((vip, 80)), T)?;
-    stream.set_read_timeout(Some(T))?;
-    stream.set_write_timeout(Some(T))?;
-    let local = stream.local_addr()?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let backend = line
-        .trim()
-        .strip_prefix('B')
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad banner {line:?}")))?;
-    Ok(Conn {
-        stream,
-        reader,
-        backend,
-        local,
-    })
-}
-
-fn echo(c: &mut Conn, seed: u32) -> std::io::Result<()> {
-    let msg: Vec<u8> = (0..1400u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
-        .collect();
-    c.stream.write_all(&msg)?;
-    let mut back = vec![0u8; msg.len()];
-    c.reader.read_exact(&mut back)?;
-    if back != msg {
-        return Err(std::io::Error::other("echo differs"));
-    }
-    Ok(())
 }
 
 fn tcp_spec(vip: Ipv4Addr, ids: &[u32], reject: bool) -> EbpfFrontendSpec {
@@ -331,7 +274,7 @@ fn ebpf_dataplane_in_network_namespaces() {
     let results: Vec<(SocketAddr, u32)> = in_ns(&client, || {
         (0..300u32)
             .map(|i| {
-                let mut c = connect(VIP).expect("connect");
+                let mut c = connect(SocketAddr::from((VIP, 80)), T).expect("connect");
                 echo(&mut c, i).expect("echo");
                 (c.local, c.backend)
             })
@@ -358,7 +301,9 @@ fn ebpf_dataplane_in_network_namespaces() {
     let client2 = client.clone();
     let holder = std::thread::spawn(move || {
         enter(&client2);
-        let mut conns: Vec<Conn> = (0..30).map(|_| connect(VIP).expect("connect")).collect();
+        let mut conns: Vec<Conn> = (0..30)
+            .map(|_| connect(SocketAddr::from((VIP, 80)), T).expect("connect"))
+            .collect();
         open_tx
             .send(conns.iter().map(|c| c.backend).collect())
             .unwrap();
@@ -395,7 +340,7 @@ fn ebpf_dataplane_in_network_namespaces() {
     let after: Vec<(SocketAddr, u32)> = in_ns(&client, || {
         (0..60u32)
             .map(|i| {
-                let mut c = connect(VIP).expect("connect");
+                let mut c = connect(SocketAddr::from((VIP, 80)), T).expect("connect");
                 echo(&mut c, 5000 + i).expect("echo");
                 (c.local, c.backend)
             })
@@ -875,7 +820,7 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
     let results: Vec<(SocketAddr, u32)> = in_ns(&client, || {
         (0..300u32)
             .map(|i| {
-                let mut c = connect(VIP).expect("connect");
+                let mut c = connect(SocketAddr::from((VIP, 80)), T).expect("connect");
                 echo(&mut c, i).expect("echo");
                 (c.local, c.backend)
             })
@@ -899,7 +844,9 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
     // A reload (the manifest file changes) removes backend 2 while 30
     // connections are open: they keep working, new ones avoid it.
     let mut open: Vec<Conn> = in_ns(&client, || {
-        (0..30).map(|_| connect(VIP).expect("connect")).collect()
+        (0..30)
+            .map(|_| connect(SocketAddr::from((VIP, 80)), T).expect("connect"))
+            .collect()
     });
     let on_b2 = open.iter().filter(|c| c.backend == 2).count();
     assert!(on_b2 > 0, "no open connection on backend 2");
@@ -921,7 +868,7 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
     let after: Vec<(SocketAddr, u32)> = in_ns(&client, || {
         (0..60u32)
             .map(|i| {
-                let mut c = connect(VIP).expect("connect");
+                let mut c = connect(SocketAddr::from((VIP, 80)), T).expect("connect");
                 echo(&mut c, 5000 + i).expect("echo");
                 (c.local, c.backend)
             })
@@ -951,7 +898,9 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
     ex.wait_for(&format!("synced {}: +1", events.display()));
     let on = in_ns(&client, || {
         (0..10)
-            .map(|_| connect(Ipv4Addr::new(10, 96, 0, 20)).map(|c| c.backend))
+            .map(|_| {
+                connect(SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), 80)), T).map(|c| c.backend)
+            })
             .collect::<std::io::Result<Vec<u32>>>()
     })
     .expect("connections to the watched service");

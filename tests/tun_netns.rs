@@ -25,7 +25,6 @@
 //! <reason>` and passes otherwise. The namespace, the example and the
 //! manifests are removed on every path (a guard's `Drop`).
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -33,7 +32,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
-use nix::sched::{CloneFlags, setns};
+mod common;
+
+use common::netns::{connect, echo, enter, in_ns};
 
 const T: Duration = Duration::from_secs(5);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
@@ -147,23 +148,6 @@ impl Drop for Guard {
     }
 }
 
-fn enter(ns: &str) {
-    let f = File::open(format!("/run/netns/{ns}")).expect("netns file");
-    setns(f, CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
-/// Runs `f` on a thread inside namespace `ns`.
-fn in_ns<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> R {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(ns);
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    })
-}
-
 /// Echo servers on 10.77.0.`n`: TCP 8080 sends "B<n>\n", then echoes; UDP
 /// 5353 answers "B<n>:" + the datagram. The threads end with the process
 /// (their sockets go with the namespace).
@@ -199,46 +183,6 @@ fn spawn_backend(ns: &str, n: u8) {
         }
     });
     rx.recv_timeout(T).expect("backend listening");
-}
-
-struct Conn {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    backend: u8,
-}
-
-fn connect() -> std::io::Result<Conn> {
-    let stream = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), T)?;
-    stream.set_read_timeout(Some(T))?;
-    stream.set_write_timeout(Some(T))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let backend = line
-        .trim()
-        .strip_prefix('B')
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad banner {line:?}")))?;
-    Ok(Conn {
-        stream,
-        reader,
-        backend,
-    })
-}
-
-/// Sends 1,400 bytes (more than one segment's worth with the banner) and
-/// checks that every byte comes back.
-fn echo(c: &mut Conn, seed: u32) -> std::io::Result<()> {
-    let msg: Vec<u8> = (0..1400u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
-        .collect();
-    c.stream.write_all(&msg)?;
-    let mut back = vec![0u8; msg.len()];
-    c.reader.read_exact(&mut back)?;
-    if back != msg {
-        return Err(std::io::Error::other("echo differs"));
-    }
-    Ok(())
 }
 
 /// Lines of the example's standard output, as they come.
@@ -395,7 +339,8 @@ fn tun_dataplane_carries_real_connections() {
     let mut conns = in_ns(&ns, || {
         (0..300u32)
             .map(|i| {
-                let mut c = connect().unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                let mut c = connect(SocketAddr::from((VIP, 80)), T)
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
                 echo(&mut c, i).unwrap_or_else(|e| panic!("echo on connection {i}: {e}"));
                 c
             })
@@ -403,7 +348,7 @@ fn tun_dataplane_carries_real_connections() {
     });
     let mut per = [0u32; 4];
     for c in &conns {
-        per[usize::from(c.backend)] += 1;
+        per[c.backend as usize] += 1;
     }
     assert_eq!(&per[1..], &[100, 100, 100], "rr spread");
 
@@ -418,7 +363,8 @@ fn tun_dataplane_carries_real_connections() {
     let fresh = in_ns(&ns, || {
         (0..30u32)
             .map(|i| {
-                let mut c = connect().unwrap_or_else(|e| panic!("new connection {i}: {e}"));
+                let mut c = connect(SocketAddr::from((VIP, 80)), T)
+                    .unwrap_or_else(|e| panic!("new connection {i}: {e}"));
                 echo(&mut c, 5000 + i).unwrap();
                 c.backend
             })
@@ -489,8 +435,8 @@ fn tun_dataplane_carries_real_connections() {
     let back = in_ns(&ns, || {
         (0..30u32)
             .map(|i| {
-                let mut c =
-                    connect().unwrap_or_else(|e| panic!("connection {i} after the watch: {e}"));
+                let mut c = connect(SocketAddr::from((VIP, 80)), T)
+                    .unwrap_or_else(|e| panic!("connection {i} after the watch: {e}"));
                 echo(&mut c, 9000 + i).unwrap();
                 c.backend
             })

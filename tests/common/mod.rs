@@ -3,6 +3,9 @@
 
 use std::net::SocketAddr;
 
+#[cfg(target_os = "linux")]
+pub mod netns;
+
 use svclb::*;
 
 pub fn service(name: &str, vip: &str, port: i64) -> Service {
