@@ -11,11 +11,10 @@
 //! [`handle_timeout`](Conntrack::handle_timeout)), in bounded steps.
 //!
 //! # Layout
-//! - Shards: [`ConntrackConfig::effective_shards`], each a
-//!   `parking_lot::Mutex` around two open-addressing tables of inline
-//!   entries (linear probing, backward-shift deletion): one for all-IPv4
-//!   connections (40 bytes an entry), one for the rest (IPv6, mixed
-//!   families). A packet takes exactly one shard lock.
+//! - Shards: [`ConntrackConfig::effective_shards`], each with two
+//!   open-addressing tables of inline entries (linear probing,
+//!   backward-shift deletion): one for all-IPv4 connections (40 bytes an
+//!   entry), one for the rest (IPv6, mixed families; 104 bytes).
 //! - Bound: the capacity is split evenly among the shards; a shard at its
 //!   share evicts before it inserts. Tables grow by doubling up to 4/3 of
 //!   the shard's share (load 0.75 at the bound) and never again, so a warm
@@ -24,6 +23,26 @@
 //!   ([`ConntrackConfig::hash_key`], by default drawn from the OS), so that
 //!   clients, who choose their addresses and ports, cannot aim their flows
 //!   at one slot (hash flooding).
+//!
+//! # Concurrency
+//! A packet of a tracked connection ([`lookup`](Conntrack::lookup),
+//! [`lookup_reply`](Conntrack::lookup_reply), [`get`](Conntrack::get))
+//! takes no shared lock, as netfilter's RCU lookups and Cilium's map
+//! lookups take none: it probes the shard's slot array, locks the one slot
+//! that holds its connection (a bit in the slot's own control word, so the
+//! only cache line written is the connection's), updates state and expiry
+//! and lets go. Two packet threads share a written cache line only for the
+//! same connection.
+//!
+//! Everything that adds, moves or removes entries ([`insert`](Conntrack::insert),
+//! removal, eviction, the sweep, [`retain`](Conntrack::retain), growth)
+//! holds the shard's mutex and each slot's lock while it changes it, and
+//! marks the shard's sequence word odd meanwhile (a seqlock). A probe that
+//! finds nothing counts as a miss only if the sequence word was even and
+//! unchanged across it; otherwise, and when a slot stays locked (a slot of
+//! an array that growth has replaced stays locked for good), the packet
+//! takes the shard's mutex and looks again. So a tracked connection is
+//! never missed while an entry moves past its probe.
 //!
 //! # Eviction
 //! Approximate LRU per shard, in the spirit of Cilium's LRU maps (and of
@@ -82,9 +101,12 @@ pub use config::{ConntrackConfig, DEFAULT_CONNTRACK_CAPACITY, MAX_CONNTRACK_CAPA
 pub use state::{ConnState, Direction, ParseTcpFlagsError, SctpState, TcpFlags, TcpState};
 pub use timeouts::Timeouts;
 
+use arc_swap::ArcSwap;
 use counts::BackendCounts;
 use state::{STATE_CODES, Transitions, is_active_code};
-use table::{Entry, Table, V4Entry, V4Key, WideEntry, max_slots};
+use table::{
+    Layout, Slots, Table, V4, V4Key, Wide, WideKey, WriteSeq, code_of, max_slots, with_code,
+};
 
 use crate::{Flow, Instant};
 
@@ -131,8 +153,8 @@ const EVICT_SCAN: usize = 64;
 const UNSET: u64 = u64::MAX;
 
 struct ShardInner {
-    v4: Table<V4Entry>,
-    wide: Table<WideEntry>,
+    v4: Table<V4>,
+    wide: Table<Wide>,
     /// Sweep cursors.
     sweep_v4: usize,
     sweep_wide: usize,
@@ -147,11 +169,28 @@ impl ShardInner {
 /// One shard, on its own cache lines.
 #[repr(align(64))]
 struct Shard {
+    /// The writer's lock: inserts, removals, sweeps. Packets of tracked
+    /// connections do not take it.
     inner: Mutex<ShardInner>,
+    /// Odd while the writer moves entries ([`WriteSeq`]).
+    seq: AtomicU64,
+    /// The current slot arrays, for lock-free reads.
+    v4: ArcSwap<Slots<V4>>,
+    wide: ArcSwap<Slots<Wide>>,
+    /// `inner.wide.len()`, readable without the lock.
+    wide_len: AtomicUsize,
     /// `inner.len()`, readable without the lock.
     len: AtomicUsize,
     /// This shard's share of the bound.
     bound: usize,
+}
+
+impl Shard {
+    /// Publishes the lengths after a write.
+    fn store_len(&self, inner: &ShardInner) {
+        self.len.store(inner.len(), Ordering::Relaxed);
+        self.wide_len.store(inner.wide.len(), Ordering::Relaxed);
+    }
 }
 
 /// Where a flow lives.
@@ -167,10 +206,20 @@ enum Found {
     Wide(usize),
 }
 
+/// A lock-free attempt's outcome.
+enum Fast<R> {
+    /// Done: the operation's result, or `None` for a confirmed miss.
+    Done(Option<R>),
+    /// The slot was in motion or frozen, or the miss is not confirmed:
+    /// take the shard lock.
+    Retry,
+}
+
 /// The connection tracking table. `Send + Sync`: share it by reference
 /// among packet threads; every method takes `&self`.
 ///
-/// See the [module docs](self) for the layout, eviction and expiry rules.
+/// See the [module docs](self) for the layout, concurrency, eviction and
+/// expiry rules.
 pub struct Conntrack {
     shards: Box<[Shard]>,
     config: ConntrackConfig,
@@ -194,12 +243,13 @@ impl core::fmt::Debug for Conntrack {
 }
 
 /// Sweep `budget` slots of `t` from `cursor`, removing expired entries.
-fn sweep<E: Entry>(
-    t: &mut Table<E>,
+fn sweep<L: Layout>(
+    t: &mut Table<L>,
     cursor: &mut usize,
     budget: usize,
     now: u64,
     counts: &BackendCounts,
+    seq: &mut WriteSeq<'_>,
 ) -> usize {
     let n = t.slot_count();
     if n == 0 {
@@ -210,17 +260,23 @@ fn sweep<E: Entry>(
         if *cursor >= n {
             *cursor = 0;
         }
-        let e = *t.get(*cursor);
-        if e.code() != 0 && now >= e.expires() {
-            t.remove_at(*cursor);
-            counts.sub(e.backend(), e.state().is_active());
-            removed += 1;
-            if t.len() == 0 {
-                break;
+        let i = *cursor;
+        let slots = t.slots();
+        if code_of(slots.ctl(i)) != 0 && now >= table::expires(slots.slot(i)) {
+            // Confirm under the slot lock: a packet may just have come.
+            let ctl = slots.lock(i);
+            if now >= table::expires(slots.slot(i)) {
+                let e = t.remove_locked(i, ctl, seq);
+                counts.sub(e.backend.0, e.state.is_active());
+                removed += 1;
+                if t.len() == 0 {
+                    break;
+                }
+                continue;
             }
-        } else {
-            *cursor += 1;
+            slots.unlock(i, ctl);
         }
+        *cursor += 1;
     }
     removed
 }
@@ -242,13 +298,19 @@ impl Conntrack {
         let shards = (0..n)
             .map(|i| {
                 let bound = cap / n + usize::from(i < cap % n);
+                let v4 = ArcSwap::from_pointee(Slots::new(0));
+                let wide = ArcSwap::from_pointee(Slots::new(0));
                 Shard {
                     inner: Mutex::new(ShardInner {
-                        v4: Table::new(max_slots(bound)),
-                        wide: Table::new(max_slots(bound)),
+                        v4: Table::new(max_slots(bound), &v4),
+                        wide: Table::new(max_slots(bound), &wide),
                         sweep_v4: 0,
                         sweep_wide: 0,
                     }),
+                    seq: AtomicU64::new(0),
+                    v4,
+                    wide,
+                    wide_len: AtomicUsize::new(0),
                     len: AtomicUsize::new(0),
                     bound,
                 }
@@ -312,40 +374,123 @@ impl Conntrack {
         }
         inner
             .wide
-            .find(flow, self.wide_hash(flow) as u32)
+            .find(&WideKey::of(flow), self.wide_hash(flow) as u32)
             .ok()
             .map(Found::Wide)
     }
 
-    /// Moves a live entry by one packet.
+    /// Runs `op` on `flow`'s entry under its slot lock: `op` gets the
+    /// slot's words and control word and returns the control word to
+    /// release it with and its result. Lock-free unless the entry is in
+    /// motion (then under the shard lock). `None` if the flow has no entry.
     #[inline]
-    fn advance<E: Entry>(
+    fn with_entry<R>(
         &self,
-        e: &mut E,
+        flow: &Flow,
+        op: impl Fn(&[AtomicU64], u64) -> (u64, Option<R>),
+    ) -> Option<R> {
+        let (s, place) = self.place(flow);
+        let shard = &self.shards[s];
+        match self.fast(shard, flow, &place, &op) {
+            Fast::Done(r) => r,
+            Fast::Retry => {
+                let inner = shard.inner.lock();
+                let (ctl, w, unlock): (u64, &[AtomicU64], &dyn Fn(u64)) =
+                    match self.find(&inner, flow, &place)? {
+                        Found::V4(i) => {
+                            let t = inner.v4.slots();
+                            (t.lock(i), t.slot(i), &move |c| t.unlock(i, c))
+                        }
+                        Found::Wide(i) => {
+                            let t = inner.wide.slots();
+                            (t.lock(i), t.slot(i), &move |c| t.unlock(i, c))
+                        }
+                    };
+                let (ctl, r) = op(w, ctl);
+                unlock(ctl);
+                r
+            }
+        }
+    }
+
+    /// The lock-free half of [`with_entry`](Self::with_entry).
+    #[inline]
+    fn fast<R>(
+        &self,
+        shard: &Shard,
+        flow: &Flow,
+        place: &Place,
+        op: &impl Fn(&[AtomicU64], u64) -> (u64, Option<R>),
+    ) -> Fast<R> {
+        let seq = shard.seq.load(Ordering::Acquire);
+        if let Place::V4 { key, hash } = place {
+            let t = shard.v4.load();
+            if let Ok(i) = t.find(key, *hash) {
+                return match t.lock_fast(i, key, *hash) {
+                    Some(ctl) => {
+                        let (ctl, r) = op(t.slot(i), ctl);
+                        t.unlock(i, ctl);
+                        Fast::Done(r)
+                    }
+                    None => Fast::Retry,
+                };
+            }
+        }
+        if matches!(place, Place::Wide) || shard.wide_len.load(Ordering::Relaxed) != 0 {
+            let key = WideKey::of(flow);
+            let hash = self.wide_hash(flow) as u32;
+            let t = shard.wide.load();
+            if let Ok(i) = t.find(&key, hash) {
+                return match t.lock_fast(i, &key, hash) {
+                    Some(ctl) => {
+                        let (ctl, r) = op(t.slot(i), ctl);
+                        t.unlock(i, ctl);
+                        Fast::Done(r)
+                    }
+                    None => Fast::Retry,
+                };
+            }
+        }
+        // A miss counts only if no entry moved meanwhile.
+        std::sync::atomic::fence(Ordering::Acquire);
+        if seq % 2 == 0 && shard.seq.load(Ordering::Relaxed) == seq {
+            Fast::Done(None)
+        } else {
+            Fast::Retry
+        }
+    }
+
+    /// Moves a live entry by one packet (the caller holds its slot lock).
+    #[inline]
+    fn advance<L: Layout>(
+        &self,
+        w: &[AtomicU64],
+        ctl: u64,
         direction: Direction,
         flags: TcpFlags,
         now: u64,
-    ) -> Option<Hit> {
-        if now >= e.expires() {
-            return None;
+    ) -> (u64, Option<Hit>) {
+        if now >= table::expires(w) {
+            return (ctl, None);
         }
-        let previous = e.code();
+        let previous = code_of(ctl);
         let state = self.transitions.next(direction, flags, previous);
+        let (frontend, backend) = table::ids(w);
         if state != previous {
             let active = is_active_code(state);
             if active != is_active_code(previous) {
-                self.counts.change(e.backend(), active);
+                self.counts.change(backend.0, active);
             }
-            e.set_code(state);
         }
-        e.set_expires(now.saturating_add(self.timeouts[state as usize]));
-        Some(Hit {
-            frontend: FrontendId(e.frontend()),
-            backend: BackendId(e.backend()),
-            backend_addr: e.backend_addr(),
+        table::set_expires(w, now.saturating_add(self.timeouts[state as usize]));
+        let hit = Hit {
+            frontend,
+            backend,
+            backend_addr: L::backend_addr(w, ctl),
             state: ConnState::from_code(state),
             previous: ConnState::from_code(previous),
-        })
+        };
+        (with_code(ctl, state), Some(hit))
     }
 
     fn packet(
@@ -356,12 +501,15 @@ impl Conntrack {
         now: Instant,
     ) -> Option<Hit> {
         let now = now.as_nanos();
-        let (s, place) = self.place(flow);
-        let mut inner = self.shards[s].inner.lock();
-        match self.find(&inner, flow, &place)? {
-            Found::V4(i) => self.advance(inner.v4.get_mut(i), direction, flags, now),
-            Found::Wide(i) => self.advance(inner.wide.get_mut(i), direction, flags, now),
-        }
+        let v4 = V4Key::of(flow).is_some();
+        self.with_entry(flow, |w, ctl| {
+            // The slot's width tells the layout.
+            if v4 && w.len() == V4::W {
+                self.advance::<V4>(w, ctl, direction, flags, now)
+            } else {
+                self.advance::<Wide>(w, ctl, direction, flags, now)
+            }
+        })
     }
 
     /// A packet of `flow` in the original direction (client to frontend).
@@ -370,7 +518,8 @@ impl Conntrack {
     /// protocols ignore them), restarts the timer with the new state's
     /// timeout and returns the [`Hit`]. `None` if the flow is not tracked
     /// or its entry has expired (`now >= expires`); an expired entry is
-    /// left for the sweep. Takes one shard lock and allocates nothing.
+    /// left for the sweep. Lock-free (the shard lock only while the
+    /// entry's shard is moving entries); allocates nothing.
     pub fn lookup(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Option<Hit> {
         self.packet(flow, Direction::Original, flags, now)
     }
@@ -387,19 +536,27 @@ impl Conntrack {
 
     /// The live entry of `flow`, with no state change and no refresh.
     pub fn get(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
-        let (s, place) = self.place(flow);
-        let inner = self.shards[s].inner.lock();
-        let t = match self.find(&inner, flow, &place)? {
-            Found::V4(i) => inner.v4.get(i).tracked(),
-            Found::Wide(i) => inner.wide.get(i).tracked(),
-        };
+        let v4 = V4Key::of(flow).is_some();
+        let t = self.with_entry(flow, |w, ctl| {
+            let t = if v4 && w.len() == V4::W {
+                table::tracked::<V4>(w, ctl)
+            } else {
+                table::tracked::<Wide>(w, ctl)
+            };
+            (ctl, Some(t))
+        })?;
         (now < t.expires).then_some(t)
     }
 
-    fn remove_found(&self, inner: &mut ShardInner, found: Found) -> Tracked {
+    fn remove_found(
+        &self,
+        inner: &mut ShardInner,
+        found: Found,
+        seq: &mut WriteSeq<'_>,
+    ) -> Tracked {
         let t = match found {
-            Found::V4(i) => inner.v4.remove_at(i).tracked(),
-            Found::Wide(i) => inner.wide.remove_at(i).tracked(),
+            Found::V4(i) => inner.v4.remove_at(i, seq),
+            Found::Wide(i) => inner.wide.remove_at(i, seq),
         };
         self.counts.sub(t.backend.0, t.state.is_active());
         t
@@ -407,28 +564,30 @@ impl Conntrack {
 
     /// Last packet time of an entry.
     #[inline]
-    fn last_use<E: Entry>(&self, e: &E) -> u64 {
-        e.expires().saturating_sub(self.timeouts[e.code() as usize])
+    fn last_use(&self, ctl: u64, expires: u64) -> u64 {
+        expires.saturating_sub(self.timeouts[code_of(ctl) as usize])
     }
 
     /// Samples up to [`EVICT_SAMPLE`] occupied slots from slot `start` on;
     /// the index of the victim (the first expired entry, else the least
     /// recently used).
-    fn victim<E: Entry>(&self, t: &Table<E>, start: usize, now: u64) -> Option<usize> {
+    fn victim<L: Layout>(&self, t: &Table<L>, start: usize, now: u64) -> Option<usize> {
         let n = t.slot_count();
         if t.len() == 0 {
             return None;
         }
+        let slots = t.slots();
         let mut best: Option<(usize, u64)> = None;
         let mut seen = 0;
         let mut i = start;
         for step in 0..n {
-            let e = t.get(i);
-            if e.code() != 0 {
-                if now >= e.expires() {
+            let ctl = slots.ctl(i);
+            if code_of(ctl) != 0 {
+                let expires = table::expires(slots.slot(i));
+                if now >= expires {
                     return Some(i);
                 }
-                let used = self.last_use(e);
+                let used = self.last_use(ctl, expires);
                 if best.is_none_or(|(_, b)| used < b) {
                     best = Some((i, used));
                 }
@@ -447,17 +606,18 @@ impl Conntrack {
     /// Evicts one entry of a full shard, from its larger table, sampling
     /// the slots from the new flow's home slot on (`hash`: the new flow's
     /// slot hash, random under the secret key).
-    fn evict(&self, inner: &mut ShardInner, hash: u32, now: u64) {
+    fn evict(&self, inner: &mut ShardInner, hash: u32, now: u64, seq: &mut WriteSeq<'_>) {
         let ShardInner { v4, wide, .. } = inner;
         // (The field list keeps the sweep cursors out of the borrow.)
-        if v4.len() >= wide.len() {
-            if let Some(i) = self.victim(v4, v4.home_of(hash), now) {
-                let e = v4.remove_at(i);
-                self.counts.sub(e.backend(), e.state().is_active());
-            }
-        } else if let Some(i) = self.victim(wide, wide.home_of(hash), now) {
-            let e = wide.remove_at(i);
-            self.counts.sub(e.backend(), e.state().is_active());
+        let gone = if v4.len() >= wide.len() {
+            self.victim(v4, v4.home_of(hash), now)
+                .map(|i| v4.remove_at(i, seq))
+        } else {
+            self.victim(wide, wide.home_of(hash), now)
+                .map(|i| wide.remove_at(i, seq))
+        };
+        if let Some(e) = gone {
+            self.counts.sub(e.backend.0, e.state.is_active());
         }
     }
 
@@ -487,25 +647,27 @@ impl Conntrack {
         let (s, place) = self.place(flow);
         let shard = &self.shards[s];
         let mut inner = shard.inner.lock();
+        let mut seq = WriteSeq::new(&shard.seq);
         // The empty slot a v4 miss ended on, valid until the table changes.
         let mut hint = usize::MAX;
+        let wide_key = || WideKey::of(flow);
         match &place {
             Place::V4 { key, hash } => match inner.v4.find(key, *hash) {
                 Ok(i) => {
-                    self.remove_found(&mut inner, Found::V4(i));
+                    self.remove_found(&mut inner, Found::V4(i), &mut seq);
                 }
                 Err(i) => {
                     hint = i;
                     if inner.wide.len() > 0 {
-                        if let Ok(i) = inner.wide.find(flow, self.wide_hash(flow) as u32) {
-                            self.remove_found(&mut inner, Found::Wide(i));
+                        if let Ok(i) = inner.wide.find(&wide_key(), self.wide_hash(flow) as u32) {
+                            self.remove_found(&mut inner, Found::Wide(i), &mut seq);
                         }
                     }
                 }
             },
             Place::Wide => {
-                if let Ok(i) = inner.wide.find(flow, self.wide_hash(flow) as u32) {
-                    self.remove_found(&mut inner, Found::Wide(i));
+                if let Ok(i) = inner.wide.find(&wide_key(), self.wide_hash(flow) as u32) {
+                    self.remove_found(&mut inner, Found::Wide(i), &mut seq);
                 }
             }
         }
@@ -514,23 +676,25 @@ impl Conntrack {
                 Place::V4 { hash, .. } => *hash,
                 Place::Wide => self.wide_hash(flow) as u32,
             };
-            self.evict(&mut inner, h, now);
+            self.evict(&mut inner, h, now, &mut seq);
             hint = usize::MAX;
         }
         match (&place, backend_addr) {
             (Place::V4 { key, hash }, SocketAddr::V4(baddr)) => {
-                let e = V4Entry::new(key, *hash, frontend.0, backend.0, baddr, state, expires);
-                inner.v4.insert_absent(e, hint);
+                let e = key.entry(*hash, frontend, backend, baddr, state, expires);
+                inner.v4.insert_absent(&e, hint, &shard.v4, &mut seq);
             }
             _ => {
                 let h = self.wide_hash(flow) as u32;
-                let e =
-                    WideEntry::new(flow, h, frontend.0, backend.0, backend_addr, state, expires);
-                inner.wide.insert_absent(e, usize::MAX);
+                let e = wide_key().entry(h, frontend, backend, backend_addr, state, expires);
+                inner
+                    .wide
+                    .insert_absent(&e, usize::MAX, &shard.wide, &mut seq);
             }
         }
         self.counts.add(backend.0, state.is_active());
-        shard.len.store(inner.len(), Ordering::Relaxed);
+        shard.store_len(&inner);
+        drop(seq);
         drop(inner);
         if self.next_sweep.load(Ordering::Relaxed) == UNSET {
             let first = now.saturating_add(duration_nanos(self.config.sweep_period()));
@@ -555,8 +719,9 @@ impl Conntrack {
         let shard = &self.shards[s];
         let mut inner = shard.inner.lock();
         let found = self.find(&inner, flow, &place)?;
-        let t = self.remove_found(&mut inner, found);
-        shard.len.store(inner.len(), Ordering::Relaxed);
+        let mut seq = WriteSeq::new(&shard.seq);
+        let t = self.remove_found(&mut inner, found, &mut seq);
+        shard.store_len(&inner);
         match now {
             Some(now) if now >= t.expires.as_nanos() => None,
             _ => Some(t),
@@ -612,6 +777,7 @@ impl Conntrack {
             }
             let mut inner = shard.inner.lock();
             let inner = &mut *inner;
+            let mut seq = WriteSeq::new(&shard.seq);
             let (nv, nw) = (inner.v4.slot_count(), inner.wide.slot_count());
             let wide_budget = if inner.wide.len() == 0 {
                 0
@@ -627,6 +793,7 @@ impl Conntrack {
                 v4_budget,
                 now_ns,
                 &self.counts,
+                &mut seq,
             );
             removed += sweep(
                 &mut inner.wide,
@@ -634,8 +801,9 @@ impl Conntrack {
                 wide_budget,
                 now_ns,
                 &self.counts,
+                &mut seq,
             );
-            shard.len.store(inner.len(), Ordering::Relaxed);
+            shard.store_len(inner);
         }
         let next = now_ns.saturating_add(duration_nanos(self.config.sweep_period()));
         self.next_sweep
@@ -662,12 +830,12 @@ impl Conntrack {
         removed
     }
 
-    fn retain_table<E: Entry>(
+    fn retain_table<L: Layout>(
         &self,
         shard: &Shard,
         batch: usize,
         keep: &mut impl FnMut(&Tracked) -> bool,
-        table: impl Fn(&mut ShardInner) -> &mut Table<E>,
+        table: impl Fn(&mut ShardInner) -> &mut Table<L>,
     ) -> usize {
         let mut removed = 0;
         let mut cursor = 0;
@@ -675,6 +843,7 @@ impl Conntrack {
         let mut seen: Option<(u64, u64)> = None;
         loop {
             let mut inner = shard.inner.lock();
+            let mut seq = WriteSeq::new(&shard.seq);
             let t = table(&mut inner);
             match seen {
                 Some((g, _)) if g != t.generation() => cursor = 0,
@@ -687,18 +856,18 @@ impl Conntrack {
             let mut budget = batch;
             while budget > 0 && cursor < n {
                 budget -= 1;
-                let e = *t.get(cursor);
-                if e.code() != 0 && !keep(&e.tracked()) {
-                    t.remove_at(cursor);
-                    self.counts.sub(e.backend(), e.state().is_active());
-                    removed += 1;
-                } else {
-                    cursor += 1;
+                match t.read(cursor) {
+                    Some(e) if !keep(&e) => {
+                        t.remove_at(cursor, &mut seq);
+                        self.counts.sub(e.backend.0, e.state.is_active());
+                        removed += 1;
+                    }
+                    _ => cursor += 1,
                 }
             }
             seen = Some((t.generation(), t.removals()));
-            let len = inner.len();
-            shard.len.store(len, Ordering::Relaxed);
+            drop(seq);
+            shard.store_len(&inner);
             if cursor >= n {
                 return removed;
             }
@@ -732,8 +901,16 @@ impl Conntrack {
         for shard in self.shards.iter() {
             let inner = shard.inner.lock();
             let live = |t: &Tracked| now < t.expires;
-            out.extend(inner.v4.iter().map(Entry::tracked).filter(live));
-            out.extend(inner.wide.iter().map(Entry::tracked).filter(live));
+            out.extend(
+                (0..inner.v4.slot_count())
+                    .filter_map(|i| inner.v4.read(i))
+                    .filter(live),
+            );
+            out.extend(
+                (0..inner.wide.slot_count())
+                    .filter_map(|i| inner.wide.read(i))
+                    .filter(live),
+            );
         }
         out
     }
@@ -855,6 +1032,111 @@ mod tests {
         assert_eq!(ct.connections(BackendId(0)), 64);
         // The most recent flow survives.
         assert!(ct.get(&flow(999), Instant::from_secs(1)).is_some());
+    }
+
+    /// Packet threads never miss a live connection, nor see another's
+    /// backend, while the writer grows the table and moves entries past
+    /// their probes: the watched flows sit behind other flows in their
+    /// runs, which the writer removes (backward shifts), evicts, sweeps and
+    /// adds (growth) while two threads look the watched flows up.
+    #[test]
+    fn lock_free_hits_survive_a_churning_writer() {
+        let t0 = Instant::from_secs(1);
+        let backend = |i: u32| BackendId(i % 7);
+        let v6 = |i: u32| {
+            Flow::tcp(
+                SocketAddr::new(
+                    std::net::Ipv6Addr::from((0xfd00_u128 << 112) | u128::from(i)).into(),
+                    1,
+                ),
+                "[fd00::a]:80".parse().unwrap(),
+            )
+        };
+        let b6: SocketAddr = "[fd00::99]:80".parse().unwrap();
+        let churn = |round: u32, i: u32| flow(1_000_000 + round * 10_000 + i);
+        for round in 0..30u32 {
+            let ct = Conntrack::new(
+                ConntrackConfig::new(4096)
+                    .unwrap()
+                    .shards(1)
+                    .unwrap()
+                    .hash_key([3, 1, 4, u64::from(round)]),
+            );
+            for i in 0..1000 {
+                ct.insert(
+                    &churn(round, i),
+                    FrontendId(1),
+                    BackendId(99),
+                    B,
+                    TcpFlags::SYN,
+                    t0,
+                );
+            }
+            for i in 0..250 {
+                ct.insert(&flow(i), FrontendId(0), backend(i), B, TcpFlags::ACK, t0);
+            }
+            for i in 0..60 {
+                ct.insert(&v6(i), FrontendId(0), backend(i), b6, TcpFlags::ACK, t0);
+            }
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let started = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                let readers: Vec<_> = (0..2)
+                    .map(|r| {
+                        let (ct, stop, started) = (&ct, &stop, &started);
+                        s.spawn(move || {
+                            let mut rounds = 0u32;
+                            while !stop.load(Ordering::Relaxed) && rounds < 100_000 {
+                                if rounds == 1 {
+                                    started.fetch_add(1, Ordering::Relaxed);
+                                }
+                                for i in (r..250).step_by(2) {
+                                    let hit = ct.lookup(&flow(i), TcpFlags::ACK, t0);
+                                    assert_eq!(hit.map(|h| h.backend), Some(backend(i)), "{i}");
+                                }
+                                for i in (r..60).step_by(2) {
+                                    let hit = ct.get(&v6(i), t0);
+                                    assert_eq!(hit.map(|h| h.backend_addr), Some(b6), "v6 {i}");
+                                }
+                                rounds += 1;
+                            }
+                        })
+                    })
+                    .collect();
+                // Both readers are at work (or one has failed).
+                while started.load(Ordering::Relaxed) < 2
+                    && !readers.iter().any(|r| r.is_finished())
+                {
+                    std::thread::yield_now();
+                }
+                // Growth (1,310 entries in 2,048 slots; 1,536 is the limit).
+                for i in 1000..1600 {
+                    ct.insert(
+                        &churn(round, i),
+                        FrontendId(1),
+                        BackendId(99),
+                        B,
+                        TcpFlags::SYN,
+                        t0,
+                    );
+                }
+                // Backward shifts through the watched flows' runs.
+                for i in (0..1600).step_by(2) {
+                    ct.remove(&churn(round, i));
+                }
+                ct.retain(|t| t.backend != BackendId(99) || t.flow.src.port() % 3 != 0);
+                // The rest expire (SYN_RECV: 60 s); the watched are ESTABLISHED.
+                let late = t0 + Duration::from_secs(61);
+                while ct.len() > 310 {
+                    ct.handle_timeout(late);
+                }
+                stop.store(true, Ordering::Relaxed);
+                for r in readers {
+                    r.join().unwrap();
+                }
+            });
+            assert_eq!(ct.len(), 310);
+        }
     }
 
     #[test]
