@@ -60,6 +60,8 @@ struct FlowTest {
     src: IpAddr,
     dst: SocketAddr,
     expect: Expect,
+    /// Dataplanes that must do something else (by mode name).
+    except: Vec<(&'static str, Expect)>,
 }
 
 fn flow(name: &str, src: &str, dst: &str, port: u16, expect: Expect) -> FlowTest {
@@ -68,7 +70,17 @@ fn flow(name: &str, src: &str, dst: &str, port: u16, expect: Expect) -> FlowTest
         src: ip(src),
         dst: SocketAddr::new(ip(dst), port),
         expect,
+        except: Vec::new(),
     }
+}
+
+/// A flow to a loopback node port: kube-proxy's IPVS mode leaves loopback
+/// out of its node addresses (`isValidForSet`) and its nftables mode does
+/// not support localhost node ports (`ip daddr != 127.0.0.0/8`), so only
+/// the iptables mode (and the eBPF model) captures it.
+fn iptables_only(mut t: FlowTest) -> FlowTest {
+    t.except = vec![("ipvs", Expect::Ignored), ("nftables", Expect::Ignored)];
+    t
 }
 
 /// The node and its addresses as kube-proxy's fake proxier has them.
@@ -158,11 +170,16 @@ fn run(test: &str, node: &Node, table: &ServiceTable, flows: &[FlowTest]) {
         dp.sync(table, &table.full_change_set(), Instant::ZERO);
         let mut pass = 0;
         for t in flows {
+            let expect = t
+                .except
+                .iter()
+                .find(|(m, _)| *m == mode)
+                .map_or(&t.expect, |(_, e)| e);
             match observe(&*dp, t) {
-                Ok(got) if got == t.expect => pass += 1,
+                Ok(got) if got == *expect => pass += 1,
                 Ok(got) => failures.push(format!(
                     "{test} [{mode}] {}: {} -> {}: expected {:?}, got {got:?}",
-                    t.name, t.src, t.dst, t.expect
+                    t.name, t.src, t.dst, expect
                 )),
                 Err(e) => failures.push(format!("{test} [{mode}] {}: {e}", t.name)),
             }
@@ -448,13 +465,13 @@ fn node_ports() {
                 .iter()
                 .any(|c| c.contains(ip("127.0.0.1")));
         if c.localhost && !c.v6 && loopback_allowed {
-            flows.push(flow(
+            flows.push(iptables_only(flow(
                 "localhost to nodePort gets masqueraded",
                 lo,
                 lo,
                 3001,
                 to(&both, true),
-            ));
+            )));
         } else {
             flows.push(flow(
                 "localhost to nodePort is ignored",
@@ -884,13 +901,13 @@ fn masquerade_flows(masquerade_all: bool, detector: bool) -> Vec<FlowTest> {
             np,
             to(&both, true),
         ));
-        flows.push(flow(
+        flows.push(iptables_only(flow(
             &name("localhost to NodePort"),
             "127.0.0.1",
             "127.0.0.1",
             np,
             to(&both, true),
-        ));
+        )));
         flows.push(flow(&name("node to LB"), NODE_IP, lb, 80, to(&both, true)));
         flows.push(flow(
             &name("external to ClusterIP"),

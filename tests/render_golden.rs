@@ -503,7 +503,11 @@ fn nft_clusterip_kinds(line: &str) -> bool {
 
 #[test]
 fn overall_nft_matches_kube_proxy() {
-    let opts = kube_proxy_test_options().service_cidr("172.30.0.0/16".parse().unwrap());
+    // kube-proxy's nftables fake proxier has `--nodeport-addresses
+    // 192.168.0.2/32` (`NewFakeProxier`), so the `nodeport-ips` set stays.
+    let opts = kube_proxy_test_options()
+        .service_cidr("172.30.0.0/16".parse().unwrap())
+        .nodeport_address("192.168.0.2/32".parse().unwrap());
     let text = render::nft::render(&overall_table(), &opts);
     let fixture = golden("kube-proxy-overall.nft");
     // kube-proxy compares nftables dumps regardless of order; so do we.
@@ -689,10 +693,13 @@ fn overall_nftables_rules_are_kube_proxys() {
     // TestOverallNFTablesRules with all of its objects: node ports, external
     // and load-balancer IPs, the firewall, externalTrafficPolicy Local.
     // Compared regardless of order, as kube-proxy's test does, every line
-    // (the test's node IP, 192.168.0.2, gives the `nodeport-ips` element).
+    // (the test's node IP, 192.168.0.2, inside the fake proxier's
+    // `--nodeport-addresses 192.168.0.2/32`, gives the `nodeport-ips`
+    // element).
     let opts = kube_proxy_test_options()
         .service_cidr("172.30.0.0/16".parse().unwrap())
-        .node_ip("192.168.0.2".parse().unwrap());
+        .node_ip("192.168.0.2".parse().unwrap())
+        .nodeport_address("192.168.0.2/32".parse().unwrap());
     let text = render::nft::render(&overall_table_full(), &opts);
     let fixture = golden("kube-proxy-overall.nft");
     let mut theirs: Vec<&str> = fixture
@@ -777,6 +784,9 @@ fn nodeport_addresses_write_one_jump_per_node_ip() {
     );
     assert!(all.contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"));
 
+    // The nft set holds the same addresses but loopback: kube-proxy's
+    // nftables mode logs "--nodeport-addresses includes localhost but
+    // localhost NodePorts are not supported" and leaves it out.
     let nft = render::nft::render(&table, &opts);
     let elements: Vec<&str> = nft
         .lines()
@@ -784,9 +794,90 @@ fn nodeport_addresses_write_one_jump_per_node_ip() {
         .collect();
     assert_eq!(
         elements,
+        ["add element ip kube-proxy nodeport-ips { 192.168.0.2 }"]
+    );
+}
+
+/// The base-ruleset lines of an nft rendering that concern node ports.
+fn nft_nodeport_base_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| {
+            l.contains("nodeport-ips")
+                || l.starts_with("add rule ip kube-proxy services ")
+                || l.starts_with("add rule ip6 kube-proxy services ")
+                || l.contains(" nodeport-endpoints-check ")
+        })
+        .filter(|l| !l.starts_with("add chain"))
+        .collect()
+}
+
+#[test]
+fn nft_match_all_nodeport_addresses_use_fib() {
+    // kube-proxy's setupNFTables with `--nodeport-addresses` unset or a
+    // prefix of length 0 (`nodePortAddresses.MatchAll()`): the
+    // `nodeport-ips` set is added and deleted, node ports are matched with
+    // `fib daddr type local` minus localhost, and the no-endpoints check
+    // (in filter-input, local destinations only) with the localhost
+    // exclusion alone. Lines as knftables writes kube-proxy's transaction.
+    let table = overall_table_full();
+    let want_v4 = [
+        "add set ip kube-proxy nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+        "delete set ip kube-proxy nodeport-ips",
+        "add rule ip kube-proxy nodeport-endpoints-check ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports",
+        "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips",
+        "add rule ip kube-proxy services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports",
+    ];
+    for opts in [
+        kube_proxy_test_options().node_ip("192.168.0.2".parse().unwrap()),
+        kube_proxy_test_options()
+            .node_ip("192.168.0.2".parse().unwrap())
+            .nodeport_address("0.0.0.0/0".parse().unwrap()),
+        // A prefix of the other family only: this family matches all.
+        kube_proxy_test_options()
+            .node_ip("192.168.0.2".parse().unwrap())
+            .nodeport_address("2001:db8::/64".parse().unwrap()),
+    ] {
+        let text = render::nft::render(&table, &opts);
+        assert_eq!(nft_nodeport_base_lines(&text), want_v4, "{text}");
+        assert!(!text.contains("add element ip kube-proxy nodeport-ips"));
+        assert!(!text.contains("@nodeport-ips"));
+        // The node ports themselves are still in the map.
+        assert!(
+            text.contains(
+                "add element ip kube-proxy service-nodeports { tcp . 3001 : goto external-"
+            )
+        );
+    }
+    let v6 = render::nft::render(
+        &ServiceTable::new(),
+        &kube_proxy_test_options().family(IpFamily::V6),
+    );
+    assert_eq!(
+        nft_nodeport_base_lines(&v6),
         [
+            "add set ip6 kube-proxy nodeport-ips { type ipv6_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+            "delete set ip6 kube-proxy nodeport-ips",
+            "add rule ip6 kube-proxy nodeport-endpoints-check ip6 daddr != ::1 meta l4proto . th dport vmap @no-endpoint-nodeports",
+            "add rule ip6 kube-proxy services ip6 daddr . meta l4proto . th dport vmap @service-ips",
+            "add rule ip6 kube-proxy services fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports",
+        ],
+        "{v6}"
+    );
+    // With a prefix, the set and its rules stay (TestOverallNFTablesRules).
+    let text = render::nft::render(
+        &table,
+        &kube_proxy_test_options()
+            .node_ip("192.168.0.2".parse().unwrap())
+            .nodeport_address("192.168.0.2/32".parse().unwrap()),
+    );
+    assert_eq!(
+        nft_nodeport_base_lines(&text),
+        [
+            "add set ip kube-proxy nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }",
             "add element ip kube-proxy nodeport-ips { 192.168.0.2 }",
-            "add element ip kube-proxy nodeport-ips { 127.0.0.1 }",
+            "add rule ip kube-proxy nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
+            "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips",
+            "add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         ]
     );
 }

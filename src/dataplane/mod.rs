@@ -58,10 +58,12 @@ pub(crate) fn connection_setup(
     config.conntrack = tracker.clone();
     let mut planner = crate::plan::Planner::new(config.node.clone());
     planner.set_drain_grace(config.drain_grace);
-    planner.set_node_addresses(crate::plan::NodeAddresses::new(
-        config.node_ips.clone(),
-        config.nodeport_addresses.clone(),
-    ));
+    let mut addresses =
+        crate::plan::NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone());
+    // kube-proxy's IPVS and nftables modes never answer node ports on
+    // loopback addresses; the iptables mode does (route_localnet).
+    addresses.exclude_loopback = matches!(mode, Mode::Ipvs | Mode::Nftables);
+    planner.set_node_addresses(addresses);
     let conn = conn::ConnLayer::new(
         tracker.as_ref(),
         &config.cluster_cidrs,

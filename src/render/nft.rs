@@ -27,8 +27,12 @@
 //! External destinations: `service-ips` entries for external and
 //! load-balancer IPs, `service-nodeports`, `firewall-ips`,
 //! `no-endpoint-nodeports` and the `external-`, `firewall-` and `local-`
-//! chains, as kube-proxy writes them, and the `nodeport-ips` elements of
-//! [`RenderOptions::node_ips`]. Not rendered yet: external destinations of
+//! chains, as kube-proxy writes them. Node ports are matched on the
+//! `nodeport-ips` set, the [`RenderOptions::node_ips`] inside
+//! `--nodeport-addresses` (loopback left out: kube-proxy's nftables mode
+//! has no localhost node ports); with `--nodeport-addresses` unset or a
+//! prefix of length 0, on `fib daddr type local` minus localhost, the set
+//! deleted, as kube-proxy's `MatchAll` case does. Not rendered yet: external destinations of
 //! services with `internalTrafficPolicy: Local`.
 
 use std::collections::HashSet;
@@ -131,13 +135,23 @@ fn write_base(
         out,
         "add set {t} nodeport-ips {{ type {addr_type} ; comment \"IPs that accept NodePort traffic\" ; }}"
     );
+    // With `--nodeport-addresses` unset or a prefix of length 0
+    // (`MatchAll`), kube-proxy matches node ports with `fib daddr type
+    // local` and deletes the set (added first, so the delete cannot fail);
+    // otherwise the set holds the node's addresses of this family inside
+    // the prefixes, loopback left out ("localhost NodePorts are not
+    // supported").
+    let match_all = opts.nodeports_match_all();
     if flush {
         let _ = writeln!(out, "flush set {t} cluster-ips");
-        let _ = writeln!(out, "flush set {t} nodeport-ips");
+        if !match_all {
+            let _ = writeln!(out, "flush set {t} nodeport-ips");
+        }
     }
-    // The node's addresses of this family that accept node ports.
-    for ip in opts.nodeport_ips() {
-        let _ = writeln!(out, "add element {t} nodeport-ips {{ {ip} }}");
+    if !match_all {
+        for ip in opts.nodeport_ips().filter(|ip| !ip.is_loopback()) {
+            let _ = writeln!(out, "add element {t} nodeport-ips {{ {ip} }}");
+        }
     }
     out.push('\n');
     for (map, key, comment) in [
@@ -201,7 +215,16 @@ fn write_base(
             let _ = writeln!(out, "flush chain {t} {name}");
         }
     }
+    if match_all {
+        // After the chains are flushed: no rule refers to the set any more.
+        let _ = writeln!(out, "delete set {t} nodeport-ips");
+    }
     out.push('\n');
+    let no_localhost = if opts.family == IpFamily::V6 {
+        "ip6 daddr != ::1"
+    } else {
+        "ip daddr != 127.0.0.0/8"
+    };
     let mut rules = vec![format!(
         "cluster-ips-check {ip_x} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""
     )];
@@ -242,16 +265,24 @@ fn write_base(
     rules.push("nat-output jump services".into());
     rules.push("nat-postrouting jump masquerading".into());
     rules.push("nat-prerouting jump services".into());
-    rules.push(format!(
-        "nodeport-endpoints-check {ip_x} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"
-    ));
+    rules.push(if match_all {
+        format!("nodeport-endpoints-check {no_localhost} meta l4proto . th dport vmap @no-endpoint-nodeports")
+    } else {
+        format!(
+            "nodeport-endpoints-check {ip_x} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"
+        )
+    });
     rules.push("reject-chain reject".into());
     rules.push(format!(
         "services {ip_x} daddr . meta l4proto . th dport vmap @service-ips"
     ));
-    rules.push(format!(
-        "services {ip_x} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
-    ));
+    rules.push(if match_all {
+        format!(
+            "services fib daddr type local {no_localhost} meta l4proto . th dport vmap @service-nodeports"
+        )
+    } else {
+        format!("services {ip_x} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports")
+    });
     rules.push(format!(
         "service-endpoints-check {ip_x} daddr . meta l4proto . th dport vmap @no-endpoint-services"
     ));
