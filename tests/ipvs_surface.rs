@@ -588,3 +588,48 @@ fn ipvs_virtual_services_are_kube_proxys() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+#[test]
+fn loopback_node_ports_follow_the_mode_unless_overridden() {
+    // kube-proxy's IPVS and nftables modes answer no node port on loopback;
+    // its iptables mode does (localhost node ports). A caller that serves
+    // loopback node IPs itself (a userspace proxy) can turn them on.
+    let mut table = ServiceTable::new();
+    table
+        .apply_batch([
+            Change::UpsertService(
+                node_port_service(
+                    ServiceType::NodePort,
+                    "10.20.30.41",
+                    p80(Protocol::Tcp).node_port(3001),
+                )
+                .build()
+                .unwrap(),
+            ),
+            Change::UpsertSlice(slice(1, Protocol::Tcp, &[("10.180.0.1", None)])),
+        ])
+        .unwrap();
+    let lo: SocketAddr = "127.0.0.1:3001".parse().unwrap();
+    let config = |over: Option<bool>| {
+        let mut c = DataplaneConfig::with_seed(1).node_ip(ip("127.0.0.1"));
+        c.loopback_node_ports = over;
+        c.conntrack = None;
+        c
+    };
+    let verdict = |dp: &dyn Dataplane| {
+        dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+        dp.route(
+            &Flow::tcp("127.0.0.1:40000".parse().unwrap(), lo),
+            Instant::ZERO,
+        )
+        .kind_str()
+    };
+    assert_eq!(verdict(&IpvsDataplane::new(config(None))), "NO-SERVICE");
+    assert_eq!(verdict(&NftablesDataplane::new(config(None))), "NO-SERVICE");
+    assert_eq!(verdict(&IptablesDataplane::new(config(None))), "FORWARD");
+    assert_eq!(verdict(&IpvsDataplane::new(config(Some(true)))), "FORWARD");
+    assert_eq!(
+        verdict(&IptablesDataplane::new(config(Some(false)))),
+        "NO-SERVICE"
+    );
+}
