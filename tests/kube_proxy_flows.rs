@@ -1275,3 +1275,43 @@ fn health_check_node_port() {
     assert_eq!(unhealthy.status, 503);
     assert!(unhealthy.body.contains("\"serviceProxyHealthy\": false"));
 }
+
+#[test]
+fn short_circuit_through_a_local_cluster_ip_picks_at_random() {
+    // svc3 of TestInternalExternalMasquerade: externalTrafficPolicy Local
+    // and internalTrafficPolicy Local. Pod traffic to its LB IP is
+    // short-circuited to KUBE-SVC- (nftables: service-), the Cluster-policy
+    // endpoints, which pick with `-m statistic --mode random` (`numgen
+    // random`): the same 5-tuple, decided afresh (no tracking), reaches
+    // both the local and the remote endpoint, about evenly.
+    let t = masquerade_table();
+    let node = Node::v4();
+    let f = Flow::tcp(
+        SocketAddr::new(ip(POD), 40_000),
+        SocketAddr::new(ip("9.10.11.12"), 80),
+    );
+    for (mode, _) in dataplanes(&node) {
+        let mut config = node.config(11);
+        config.conntrack = None;
+        let dp: Box<dyn Dataplane> = match mode {
+            "iptables" => Box::new(IptablesDataplane::new(config)),
+            "ipvs" => Box::new(IpvsDataplane::new(config)),
+            "nftables" => Box::new(NftablesDataplane::new(config)),
+            _ => Box::new(IpvsDataplane::ebpf_model(config)),
+        };
+        dp.sync(&t, &t.full_change_set(), Instant::ZERO);
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..64 {
+            match dp.route(&f, Instant::ZERO) {
+                Verdict::Forward(fw) => *counts.entry(fw.backend.to_string()).or_insert(0u32) += 1,
+                v => panic!("{mode}: {v}"),
+            }
+        }
+        assert_eq!(
+            counts.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["10.180.0.3:80", "10.180.1.3:80"],
+            "{mode}: {counts:?}"
+        );
+        assert!(counts.values().all(|&n| n >= 16), "{mode}: {counts:?}");
+    }
+}
