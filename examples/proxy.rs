@@ -1334,6 +1334,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         .node(node.clone())
         .scheduler(scheduler);
     config.count_connections = true;
+    // The proxy listens on the node IPs itself, so node ports work on
+    // loopback node IPs in every mode.
+    config.loopback_node_ports = Some(true);
     cli.node_addrs
         .apply(&mut config)
         .map_err(|e| e.to_string())?;

@@ -129,7 +129,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Route one flow (or --count flows) and print the verdict(s).
+    /// Route one flow (or --count flows) and print the verdict(s):
+    /// `FORWARD BACKEND`, `REJECT`, `DROP` or `NO-SERVICE`, with a trailing
+    /// ` masquerade` where kube-proxy would masquerade (SNAT) the forward.
     Route {
         /// Source IP[:PORT].
         #[arg(long)]
@@ -141,7 +143,8 @@ enum Command {
         #[arg(long, default_value = "tcp")]
         proto: String,
         /// Send N flows (varying the source port unless one is given) and
-        /// print a histogram, one `BACKEND COUNT` per line.
+        /// print a histogram, one `BACKEND COUNT` per line (`BACKEND COUNT
+        /// masquerade` for masqueraded forwards), then `VERDICT COUNT`.
         #[arg(long)]
         count: Option<u32>,
     },
@@ -431,11 +434,13 @@ fn route(world: &World, src: &str, dst: SocketAddr, proto: &str, count: Option<u
             SocketAddr::new(ip, port.unwrap_or(FIRST_EPHEMERAL_PORT)),
             dst,
         );
-        println!("{}", dp.route(&flow, Instant::ZERO));
+        let verdict = dp.route(&flow, Instant::ZERO);
+        println!("{verdict}{}", masquerade_token(&verdict));
         return Ok(());
     };
     let mut histogram: BTreeMap<String, u64> = BTreeMap::new();
-    let mut backends: BTreeMap<SocketAddr, u64> = BTreeMap::new();
+    // Keyed by (backend, masquerade): the decision is per flow.
+    let mut backends: BTreeMap<(SocketAddr, bool), u64> = BTreeMap::new();
     for i in 0..n {
         let sport = port.unwrap_or_else(|| {
             let span = u32::from(u16::MAX - FIRST_EPHEMERAL_PORT) + 1;
@@ -443,19 +448,31 @@ fn route(world: &World, src: &str, dst: SocketAddr, proto: &str, count: Option<u
         });
         let flow = Flow::new(protocol, SocketAddr::new(ip, sport), dst);
         match dp.route(&flow, Instant::from_millis(u64::from(i))) {
-            Verdict::Forward(svclb::Forward { backend: b, .. }) => {
-                *backends.entry(b).or_default() += 1
-            }
+            Verdict::Forward(svclb::Forward {
+                backend: b,
+                masquerade,
+                ..
+            }) => *backends.entry((b, masquerade)).or_default() += 1,
             other => *histogram.entry(other.kind_str().to_owned()).or_default() += 1,
         }
     }
-    for (b, c) in backends {
-        println!("{b} {c}");
+    for ((b, masquerade), c) in backends {
+        let token = if masquerade { " masquerade" } else { "" };
+        println!("{b} {c}{token}");
     }
     for (v, c) in histogram {
         println!("{v} {c}");
     }
     Ok(())
+}
+
+/// ` masquerade` after a forward kube-proxy would masquerade (SNAT), else
+/// nothing: `route`'s trailing token.
+fn masquerade_token(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Forward(fw) if fw.masquerade => " masquerade",
+        _ => "",
+    }
 }
 
 /// Runs the dataplane's timers up to `at`, in bounded steps.

@@ -258,8 +258,17 @@ pub struct NodeAddresses {
     /// The node's IPs (`--node-ip`).
     pub node_ips: Vec<IpAddr>,
     /// `--nodeport-addresses`: node ports answer on the node IPs inside
-    /// these prefixes; empty means on every node IP.
+    /// these prefixes; empty means on every node IP. Applied per family,
+    /// as kube-proxy's `NewNodePortAddresses` does: a family with no prefix
+    /// here answers on every node IP of that family.
     pub nodeport_addresses: Vec<crate::render::Cidr>,
+    /// Node ports never answer on loopback addresses: kube-proxy's IPVS
+    /// mode (`isValidForSet` leaves loopback out of the node addresses) and
+    /// nftables mode ("localhost NodePorts are not supported"). Off (the
+    /// iptables mode, where `--iptables-localhost-nodeports` and
+    /// `route_localnet` open them): a loopback node IP answers like any
+    /// other.
+    pub exclude_loopback: bool,
 }
 
 impl NodeAddresses {
@@ -268,6 +277,7 @@ impl NodeAddresses {
         NodeAddresses {
             node_ips,
             nodeport_addresses,
+            exclude_loopback: false,
         }
     }
 
@@ -275,9 +285,14 @@ impl NodeAddresses {
     pub fn node_port_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.node_ips.iter().enumerate().filter_map(|(i, ip)| {
             let first = !self.node_ips[..i].contains(ip);
-            let wanted = self.nodeport_addresses.is_empty()
-                || self.nodeport_addresses.iter().any(|c| c.contains(*ip));
-            (first && wanted).then_some(*ip)
+            let mut family = self
+                .nodeport_addresses
+                .iter()
+                .filter(|c| c.addr().is_ipv4() == ip.is_ipv4())
+                .peekable();
+            let wanted = family.peek().is_none() || family.any(|c| c.contains(*ip));
+            let loopback = self.exclude_loopback && ip.is_loopback();
+            (first && wanted && !loopback).then_some(*ip)
         })
     }
 
@@ -687,13 +702,33 @@ impl Planner {
         for &addr in svc.cluster_ip().addrs() {
             each(addr, FrontendKind::ClusterIp, &mut push);
         }
+        // External IPs and load-balancer IPs of a family the service has
+        // no cluster IP of are ignored, as kube-proxy's per-family proxiers
+        // ignore them (IPVS's TestExternalIPs: "ipvs filters out by
+        // ipfamily").
+        let has_family = |addr: IpAddr| {
+            svc.cluster_ip()
+                .addrs()
+                .iter()
+                .any(|c| c.is_ipv4() == addr.is_ipv4())
+        };
         for &addr in svc.external_ips() {
-            each(addr, FrontendKind::ExternalIp, &mut push);
+            if has_family(addr) {
+                each(addr, FrontendKind::ExternalIp, &mut push);
+            }
         }
         for addr in svc.load_balancer_vips() {
-            each(addr, FrontendKind::LoadBalancer, &mut push);
+            if has_family(addr) {
+                each(addr, FrontendKind::LoadBalancer, &mut push);
+            }
         }
         for addr in self.addresses.node_port_ips() {
+            // A node IP of a family the service has no cluster IP of takes
+            // none of its node ports (kube-proxy's proxier of that family
+            // does not know the service).
+            if !has_family(addr) {
+                continue;
+            }
             for (i, pv) in ports.iter().enumerate() {
                 let p = pv.port();
                 if let Some(np) = p.node_port() {

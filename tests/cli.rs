@@ -108,6 +108,59 @@ fn demo_shows_listing_trace_dns_and_cost() {
     assert!(backends.iter().all(|b| *b == backends[0]), "{backends:?}");
 }
 
+/// `route` appends ` masquerade` where kube-proxy would SNAT the forward:
+/// with `--cluster-cidr`, cluster-IP traffic from outside the pod network;
+/// pod traffic is not. The histogram keeps the token per backend line.
+#[test]
+fn route_prints_the_masquerade_decision() {
+    let pre = [
+        "--mode",
+        "ipvs",
+        "--scheduler",
+        "rr",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+    ];
+    let outside = ok(&with(
+        &pre,
+        &["route", "--src", "10.0.0.1", "--dst", "10.96.0.10:80"],
+    ));
+    assert!(
+        outside.starts_with("FORWARD 10.244.") && outside.ends_with(":8080 masquerade\n"),
+        "{outside}"
+    );
+    let pod = ok(&with(
+        &pre,
+        &["route", "--src", "10.244.7.7", "--dst", "10.96.0.10:80"],
+    ));
+    assert!(
+        pod.starts_with("FORWARD 10.244.") && pod.ends_with(":8080\n"),
+        "{pod}"
+    );
+    let hist = ok(&with(
+        &pre,
+        &[
+            "route",
+            "--src",
+            "10.0.0.1",
+            "--dst",
+            "10.96.0.10:80",
+            "--count",
+            "300",
+        ],
+    ));
+    assert_eq!(
+        hist,
+        "10.244.1.5:8080 100 masquerade\n10.244.2.7:8080 100 masquerade\n10.244.3.9:8080 100 masquerade\n"
+    );
+    // Without --cluster-cidr (no local-traffic detector), no token.
+    let plain = ok(&with(
+        &["--mode", "ipvs"],
+        &["route", "--src", "10.0.0.1", "--dst", "10.96.0.10:80"],
+    ));
+    assert!(!plain.contains("masquerade"), "{plain}");
+}
+
 #[test]
 fn route_prints_verdicts_and_histograms() {
     let rr = ["--mode", "ipvs", "--scheduler", "rr"];
@@ -721,6 +774,18 @@ fn node_ports_external_ips_and_health() {
         assert!(
             route("198.51.100.7", "10.1.0.2:30080").contains("NO-SERVICE"),
             "{mode}"
+        );
+        // The masquerade decision: an external client keeps its source
+        // under eTP Local (no token); the node itself is masqueraded.
+        assert_eq!(
+            route("198.51.100.7", "192.168.0.2:30080"),
+            format!("{local}\n"),
+            "{mode}"
+        );
+        let from_node = route("192.168.0.2", "192.168.0.2:30080");
+        assert!(
+            from_node.starts_with("FORWARD ") && from_node.ends_with(" masquerade\n"),
+            "{mode}: {from_node}"
         );
     }
     let out = ok(&lb(&node, &["health", "prod/shop"]));

@@ -178,12 +178,16 @@ fn table(a: &Addrs) -> ServiceTable {
     ));
     changes.push(Change::UpsertSlice(slice("local", "other-node")));
     // NodePort with an external IP, and a LoadBalancer with source ranges
-    // (externalTrafficPolicy Cluster: every endpoint).
+    // (externalTrafficPolicy Cluster: every endpoint). The NodePort has
+    // internalTrafficPolicy Local: its cluster IP uses KUBE-SVL- / local-,
+    // its node port and external IP the Cluster-policy chain the
+    // renderings write for them.
     let external: SocketAddr = a.external.parse().unwrap();
     changes.push(Change::UpsertService(
         Service::builder("default", "np")
             .cluster_ip(a.nodeport.parse::<SocketAddr>().unwrap().ip())
             .service_type(ServiceType::NodePort)
+            .internal_traffic_policy(TrafficPolicy::Local)
             .external_ip(external.ip())
             .port(
                 ServicePortSpec::tcp(80)

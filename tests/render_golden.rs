@@ -503,7 +503,11 @@ fn nft_clusterip_kinds(line: &str) -> bool {
 
 #[test]
 fn overall_nft_matches_kube_proxy() {
-    let opts = kube_proxy_test_options().service_cidr("172.30.0.0/16".parse().unwrap());
+    // kube-proxy's nftables fake proxier has `--nodeport-addresses
+    // 192.168.0.2/32` (`NewFakeProxier`), so the `nodeport-ips` set stays.
+    let opts = kube_proxy_test_options()
+        .service_cidr("172.30.0.0/16".parse().unwrap())
+        .nodeport_address("192.168.0.2/32".parse().unwrap());
     let text = render::nft::render(&overall_table(), &opts);
     let fixture = golden("kube-proxy-overall.nft");
     // kube-proxy compares nftables dumps regardless of order; so do we.
@@ -689,10 +693,13 @@ fn overall_nftables_rules_are_kube_proxys() {
     // TestOverallNFTablesRules with all of its objects: node ports, external
     // and load-balancer IPs, the firewall, externalTrafficPolicy Local.
     // Compared regardless of order, as kube-proxy's test does, every line
-    // (the test's node IP, 192.168.0.2, gives the `nodeport-ips` element).
+    // (the test's node IP, 192.168.0.2, inside the fake proxier's
+    // `--nodeport-addresses 192.168.0.2/32`, gives the `nodeport-ips`
+    // element).
     let opts = kube_proxy_test_options()
         .service_cidr("172.30.0.0/16".parse().unwrap())
-        .node_ip("192.168.0.2".parse().unwrap());
+        .node_ip("192.168.0.2".parse().unwrap())
+        .nodeport_address("192.168.0.2/32".parse().unwrap());
     let text = render::nft::render(&overall_table_full(), &opts);
     let fixture = golden("kube-proxy-overall.nft");
     let mut theirs: Vec<&str> = fixture
@@ -777,6 +784,9 @@ fn nodeport_addresses_write_one_jump_per_node_ip() {
     );
     assert!(all.contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"));
 
+    // The nft set holds the same addresses but loopback: kube-proxy's
+    // nftables mode logs "--nodeport-addresses includes localhost but
+    // localhost NodePorts are not supported" and leaves it out.
     let nft = render::nft::render(&table, &opts);
     let elements: Vec<&str> = nft
         .lines()
@@ -784,9 +794,198 @@ fn nodeport_addresses_write_one_jump_per_node_ip() {
         .collect();
     assert_eq!(
         elements,
+        ["add element ip kube-proxy nodeport-ips { 192.168.0.2 }"]
+    );
+}
+
+/// The base-ruleset lines of an nft rendering that concern node ports.
+fn nft_nodeport_base_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| {
+            l.contains("nodeport-ips")
+                || l.starts_with("add rule ip kube-proxy services ")
+                || l.starts_with("add rule ip6 kube-proxy services ")
+                || l.contains(" nodeport-endpoints-check ")
+        })
+        .filter(|l| !l.starts_with("add chain"))
+        .collect()
+}
+
+#[test]
+fn nft_match_all_nodeport_addresses_use_fib() {
+    // kube-proxy's setupNFTables with `--nodeport-addresses` unset or a
+    // prefix of length 0 (`nodePortAddresses.MatchAll()`): the
+    // `nodeport-ips` set is added and deleted, node ports are matched with
+    // `fib daddr type local` minus localhost, and the no-endpoints check
+    // (in filter-input, local destinations only) with the localhost
+    // exclusion alone. Lines as knftables writes kube-proxy's transaction.
+    let table = overall_table_full();
+    let want_v4 = [
+        "add set ip kube-proxy nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+        "delete set ip kube-proxy nodeport-ips",
+        "add rule ip kube-proxy nodeport-endpoints-check ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports",
+        "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips",
+        "add rule ip kube-proxy services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports",
+    ];
+    for opts in [
+        kube_proxy_test_options().node_ip("192.168.0.2".parse().unwrap()),
+        kube_proxy_test_options()
+            .node_ip("192.168.0.2".parse().unwrap())
+            .nodeport_address("0.0.0.0/0".parse().unwrap()),
+        // A prefix of the other family only: this family matches all.
+        kube_proxy_test_options()
+            .node_ip("192.168.0.2".parse().unwrap())
+            .nodeport_address("2001:db8::/64".parse().unwrap()),
+    ] {
+        let text = render::nft::render(&table, &opts);
+        assert_eq!(nft_nodeport_base_lines(&text), want_v4, "{text}");
+        assert!(!text.contains("add element ip kube-proxy nodeport-ips"));
+        assert!(!text.contains("@nodeport-ips"));
+        // The node ports themselves are still in the map.
+        assert!(
+            text.contains(
+                "add element ip kube-proxy service-nodeports { tcp . 3001 : goto external-"
+            )
+        );
+    }
+    let v6 = render::nft::render(
+        &ServiceTable::new(),
+        &kube_proxy_test_options().family(IpFamily::V6),
+    );
+    assert_eq!(
+        nft_nodeport_base_lines(&v6),
         [
+            "add set ip6 kube-proxy nodeport-ips { type ipv6_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+            "delete set ip6 kube-proxy nodeport-ips",
+            "add rule ip6 kube-proxy nodeport-endpoints-check ip6 daddr != ::1 meta l4proto . th dport vmap @no-endpoint-nodeports",
+            "add rule ip6 kube-proxy services ip6 daddr . meta l4proto . th dport vmap @service-ips",
+            "add rule ip6 kube-proxy services fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports",
+        ],
+        "{v6}"
+    );
+    // With a prefix, the set and its rules stay (TestOverallNFTablesRules).
+    let text = render::nft::render(
+        &table,
+        &kube_proxy_test_options()
+            .node_ip("192.168.0.2".parse().unwrap())
+            .nodeport_address("192.168.0.2/32".parse().unwrap()),
+    );
+    assert_eq!(
+        nft_nodeport_base_lines(&text),
+        [
+            "add set ip kube-proxy nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }",
             "add element ip kube-proxy nodeport-ips { 192.168.0.2 }",
-            "add element ip kube-proxy nodeport-ips { 127.0.0.1 }",
+            "add rule ip kube-proxy nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
+            "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips",
+            "add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         ]
     );
+}
+
+/// Two LoadBalancer services with `internalTrafficPolicy: Local`, a node
+/// port, an LB IP and a local and a remote endpoint; svc1 with
+/// `externalTrafficPolicy: Cluster`, svc2 with `Local`.
+fn itp_local_external_table() -> ServiceTable {
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let mut changes = Vec::new();
+    for (n, etp) in [(1, TrafficPolicy::Cluster), (2, TrafficPolicy::Local)] {
+        let svc = Service::builder(format!("ns{n}"), format!("svc{n}"))
+            .cluster_ip(ip(&format!("172.30.0.4{n}")))
+            .service_type(ServiceType::LoadBalancer)
+            .node_port_range(1..=32767)
+            .port(ServicePortSpec::tcp(80).name("p80").node_port(3000 + n))
+            .load_balancer_ingress(ip(&format!("1.2.3.{n}")), IpMode::VIP)
+            .external_traffic_policy(etp)
+            .internal_traffic_policy(TrafficPolicy::Local);
+        changes.push(Change::UpsertService(svc.build().unwrap()));
+        changes.push(Change::UpsertSlice(
+            EndpointSlice::builder(
+                format!("ns{n}"),
+                format!("svc{n}-1"),
+                format!("svc{n}"),
+                AddressType::IPv4,
+            )
+            .port(SlicePortSpec::tcp(80).name("p80"))
+            .endpoint(EndpointSpec::new(format!("10.180.0.{n}")).node("test-node"))
+            .endpoint(EndpointSpec::new(format!("10.180.1.{n}")).node("remote"))
+            .build()
+            .unwrap(),
+        ));
+    }
+    let mut table = ServiceTable::new();
+    table.apply_batch(changes).unwrap();
+    table
+}
+
+#[test]
+fn itp_local_external_destinations_follow_the_external_policy() {
+    // kube-proxy's syncProxyRules: internalTrafficPolicy affects the
+    // cluster IP only (internalTrafficChain = KUBE-SVL-, or a DROP without
+    // local endpoints); an externally accessible service always uses the
+    // Cluster-policy chain (UsesClusterEndpoints), which its KUBE-EXT-
+    // chain jumps to under externalTrafficPolicy Cluster and short-circuits
+    // pod and LOCAL traffic to under Local, falling through to KUBE-SVL-.
+    let table = itp_local_external_table();
+    let opts = kube_proxy_test_options().node(NodeTopology::new("test-node", "zone-a"));
+    let text = render::iptables::render(&table, &opts);
+    let svc1 = "XPGD46QRK7WJZT7O";
+    let svc2 = "GNZBNJ2PO5MGZ6GT";
+    for want in [
+        format!("-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVL-{svc1}"),
+        format!("-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 loadbalancer IP\" -m tcp -p tcp -d 1.2.3.1 --dport 80 -j KUBE-EXT-{svc1}"),
+        format!("-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-{svc1}"),
+        format!("-A KUBE-EXT-{svc1} -m comment --comment \"masquerade traffic for ns1/svc1:p80 external destinations\" -j KUBE-MARK-MASQ"),
+        format!("-A KUBE-EXT-{svc1} -j KUBE-SVC-{svc1}"),
+        format!("-A KUBE-SVC-{svc1} -m comment --comment \"ns1/svc1:p80 -> 10.180.1.1:80\" -j KUBE-SEP-TOIS5JUHRKSSXDL7"),
+        format!("-A KUBE-EXT-{svc2} -m comment --comment \"pod traffic for ns2/svc2:p80 external destinations\" -s 10.0.0.0/8 -j KUBE-SVC-{svc2}"),
+        format!("-A KUBE-EXT-{svc2} -m comment --comment \"route LOCAL traffic for ns2/svc2:p80 external destinations\" -m addrtype --src-type LOCAL -j KUBE-SVC-{svc2}"),
+        format!("-A KUBE-EXT-{svc2} -j KUBE-SVL-{svc2}"),
+        "-A KUBE-SEP-TOIS5JUHRKSSXDL7 -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.1.1:80".to_owned(),
+    ] {
+        assert!(text.lines().any(|l| l == want), "missing {want}\n{text}");
+    }
+    // One set of endpoint jumps in KUBE-SVL- (shared by both policies).
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with(&format!("-A KUBE-SVL-{svc2} ")) && l.contains("-> "))
+            .count(),
+        1
+    );
+    pinned("svclb-itp-local-external.iptables", &text);
+
+    // Without a local endpoint: the cluster IP drops, svc1's external
+    // destinations still reach both endpoints, svc2's drop from outside.
+    let elsewhere = kube_proxy_test_options().node(NodeTopology::new("elsewhere", "zone-a"));
+    let text = render::iptables::render(&table, &elsewhere);
+    for want in [
+        "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 has no local endpoints\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j DROP".to_owned(),
+        "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"ns2/svc2:p80 has no local endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3002 -j DROP".to_owned(),
+        format!("-A KUBE-EXT-{svc1} -j KUBE-SVC-{svc1}"),
+    ] {
+        assert!(text.lines().any(|l| l == want), "missing {want}\n{text}");
+    }
+    assert!(!text.contains(&format!(":KUBE-SVL-{svc1}")), "{text}");
+    assert!(!text.contains(&format!("-A KUBE-EXT-{svc2} -j ")), "{text}");
+
+    // nftables: the cluster IP goes to local-, the external destinations to
+    // external-, which goes to the Cluster-policy service- chain.
+    let nft = render::nft::render(&table, &opts);
+    for want in [
+        "add element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 : goto local-ULMVA6XW-ns1/svc1/tcp/p80 }",
+        "add element ip kube-proxy service-nodeports { tcp . 3001 : goto external-ULMVA6XW-ns1/svc1/tcp/p80 }",
+        "add rule ip kube-proxy external-ULMVA6XW-ns1/svc1/tcp/p80 goto service-ULMVA6XW-ns1/svc1/tcp/p80",
+        "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 2 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 , 1 : goto endpoint-B7I4G2ZB-ns1/svc1/tcp/p80__10.180.1.1/80 }",
+        "add rule ip kube-proxy endpoint-B7I4G2ZB-ns1/svc1/tcp/p80__10.180.1.1/80 meta l4proto tcp dnat to 10.180.1.1:80",
+        "add rule ip kube-proxy external-42NFTM6N-ns2/svc2/tcp/p80 ip saddr 10.0.0.0/8 goto service-42NFTM6N-ns2/svc2/tcp/p80 comment \"short-circuit pod traffic\"",
+        "add rule ip kube-proxy external-42NFTM6N-ns2/svc2/tcp/p80 goto local-42NFTM6N-ns2/svc2/tcp/p80",
+    ] {
+        assert!(nft.lines().any(|l| l == want), "missing {want}\n{nft}");
+    }
+    // Each chain declared once.
+    let mut decls: Vec<&str> = nft.lines().filter(|l| l.starts_with("add chain")).collect();
+    let n = decls.len();
+    decls.sort_unstable();
+    decls.dedup();
+    assert_eq!(decls.len(), n, "a chain declared twice\n{nft}");
+    pinned("svclb-itp-local-external.nft", &nft);
 }

@@ -28,6 +28,7 @@ use crate::plan::{
     PlanDiff, Planner,
 };
 use crate::render::Cidr;
+use crate::rng::SeededRng;
 use crate::scheduler::ConnectionCounts;
 use crate::time::Instant;
 
@@ -228,27 +229,6 @@ impl Surface {
     }
 }
 
-/// A short-circuit pick among Cluster-policy endpoints: a hash of the
-/// 5-tuple (kube-proxy's `KUBE-SVC-` chain draws at random; the hash keeps
-/// the pick allocation-free and replayable).
-#[inline]
-fn pick_by_hash(flow: &Flow, n: usize) -> usize {
-    let ip = |a: IpAddr| match a {
-        IpAddr::V4(v) => u64::from(u32::from(v)),
-        IpAddr::V6(v) => {
-            let x = u128::from(v);
-            (x as u64) ^ ((x >> 64) as u64)
-        }
-    };
-    let h = crate::rng::mix64(
-        ip(flow.src.ip())
-            ^ ip(flow.dst.ip()).rotate_left(17)
-            ^ (u64::from(flow.src.port()) << 32)
-            ^ u64::from(flow.dst.port()),
-    );
-    (h % n as u64) as usize
-}
-
 /// What a mode's scheduling decided for a new connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Scheduled {
@@ -445,7 +425,11 @@ impl ConnLayer {
 
     /// One packet of `flow` with `flags`; `schedule` decides a new
     /// connection to the destination of the flow it is given (the packet's
-    /// own, or the cluster IP a short-circuit redirects to).
+    /// own, or the cluster IP a short-circuit redirects to). `rng` draws a
+    /// short-circuit's pick among the Cluster-policy endpoints when the
+    /// cluster IP is itself Local: uniformly at random, as kube-proxy's
+    /// `KUBE-SVC-` chain (`-m statistic --mode random`) and nftables
+    /// `service-` chain (`numgen random`) do.
     #[inline]
     pub(crate) fn packet(
         &self,
@@ -453,6 +437,7 @@ impl ConnLayer {
         flow: &Flow,
         flags: TcpFlags,
         now: Instant,
+        rng: &SeededRng,
         mut schedule: impl FnMut(&Flow) -> Scheduled,
     ) -> Verdict {
         let surface = self.surface.load();
@@ -509,7 +494,7 @@ impl ConnLayer {
                 other => other,
             },
             Admit::Pick(backends, id) => {
-                let (backend, addr) = backends[pick_by_hash(flow, backends.len())];
+                let (backend, addr) = backends[rng.below(backends.len() as u64) as usize];
                 Scheduled::Forward {
                     frontend: id,
                     backend,

@@ -230,11 +230,12 @@ impl Shared {
         R: core::ops::Deref,
         R::Target: core::borrow::Borrow<Ruleset>,
     {
-        self.conn.packet(&self.states, flow, flags, now, |flow| {
-            let held = rules();
-            let rs: &Ruleset = core::borrow::Borrow::borrow(&*held);
-            rs.decide(flow, key, now, rng, &self.affinity)
-        })
+        self.conn
+            .packet(&self.states, flow, flags, now, rng, |flow| {
+                let held = rules();
+                let rs: &Ruleset = core::borrow::Borrow::borrow(&*held);
+                rs.decide(flow, key, now, rng, &self.affinity)
+            })
     }
 }
 

@@ -173,7 +173,7 @@ impl IpvsReader {
         let rng = &self.rng;
         shared
             .conn
-            .packet(&shared.states, flow, flags, now, |flow| {
+            .packet(&shared.states, flow, flags, now, rng, |flow| {
                 match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                     None => Scheduled::NotAService,
                     Some(state) => shared.decide(state, flow, key, now, rng),
@@ -374,12 +374,17 @@ impl Shared {
     #[inline]
     fn packet(&self, flow: &Flow, key: Option<u64>, flags: TcpFlags, now: Instant) -> Verdict {
         let table = self.table.load();
-        self.conn.packet(&self.states, flow, flags, now, |flow| {
-            match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+        self.conn.packet(
+            &self.states,
+            flow,
+            flags,
+            now,
+            &self.rng,
+            |flow| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                 None => Scheduled::NotAService,
                 Some(state) => self.decide(state, flow, key, now, &self.rng),
-            }
-        })
+            },
+        )
     }
 
     fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant) {

@@ -58,10 +58,14 @@ pub(crate) fn connection_setup(
     config.conntrack = tracker.clone();
     let mut planner = crate::plan::Planner::new(config.node.clone());
     planner.set_drain_grace(config.drain_grace);
-    planner.set_node_addresses(crate::plan::NodeAddresses::new(
-        config.node_ips.clone(),
-        config.nodeport_addresses.clone(),
-    ));
+    let mut addresses =
+        crate::plan::NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone());
+    // kube-proxy's IPVS and nftables modes never answer node ports on
+    // loopback addresses; the iptables mode does (route_localnet).
+    addresses.exclude_loopback = !config
+        .loopback_node_ports
+        .unwrap_or(!matches!(mode, Mode::Ipvs | Mode::Nftables));
+    planner.set_node_addresses(addresses);
     let conn = conn::ConnLayer::new(
         tracker.as_ref(),
         &config.cluster_cidrs,
@@ -188,6 +192,12 @@ pub struct DataplaneConfig {
     /// `--nodeport-addresses`: node ports answer only on the node IPs
     /// inside these prefixes; empty (the default) means all of them.
     pub nodeport_addresses: Vec<Cidr>,
+    /// Whether node ports answer on loopback node IPs. `None` (the
+    /// default): as the mode's kube-proxy does, yes in the iptables mode
+    /// (`--iptables-localhost-nodeports`, `route_localnet`) and the eBPF
+    /// model, no in the IPVS and nftables modes. `Some(on)` overrides it,
+    /// e.g. for a userspace proxy that listens on loopback node IPs itself.
+    pub loopback_node_ports: Option<bool>,
     /// `--cluster-cidr`, kube-proxy's local-traffic detector: sources in
     /// it are this cluster's pods. Traffic to a cluster IP from outside it
     /// is masqueraded, and pod traffic to an external destination of an
@@ -211,6 +221,7 @@ impl Default for DataplaneConfig {
             drain_grace: DEFAULT_DRAIN_GRACE,
             node_ips: Vec::new(),
             nodeport_addresses: Vec::new(),
+            loopback_node_ports: None,
             cluster_cidrs: Vec::new(),
             masquerade_all: false,
         }

@@ -1537,7 +1537,8 @@ impl ServiceManifest {
     /// 10800 s; each port's `protocol: TCP` and `targetPort` = `port` when
     /// absent, 0 or empty; `internalTrafficPolicy: Cluster` for ClusterIP,
     /// NodePort and LoadBalancer services; `externalTrafficPolicy: Cluster`
-    /// for NodePort and LoadBalancer services; `clusterIPs` = \[`clusterIP`\]
+    /// for externally accessible services (NodePort, LoadBalancer, ClusterIP
+    /// with `externalIPs`); `clusterIPs` = \[`clusterIP`\]
     /// when only `clusterIP` is given (and the reverse).
     pub fn apply_defaults(&mut self) {
         let spec = &mut self.spec;
@@ -1573,7 +1574,14 @@ impl ServiceManifest {
         }
         let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
         let external = matches!(ty, "NodePort" | "LoadBalancer");
-        if external && spec.external_traffic_policy.is_none() {
+        // `ExternallyAccessible`: a ClusterIP service with external IPs too.
+        let accessible = external || (ty == "ClusterIP" && !spec.external_ips.is_empty());
+        if accessible
+            && spec
+                .external_traffic_policy
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
             spec.external_traffic_policy = Some("Cluster".into());
         }
         if (external || ty == "ClusterIP") && spec.internal_traffic_policy.is_none() {
@@ -1727,10 +1735,18 @@ impl ServiceManifest {
             "spec.internalTrafficPolicy",
             spec.internal_traffic_policy.as_deref(),
         )?);
-        b = b.external_traffic_policy(parse_policy(
-            "spec.externalTrafficPolicy",
-            spec.external_traffic_policy.as_deref(),
-        )?);
+        // Only when set: the builder refuses it, as the API server does, on
+        // a service that is not externally accessible.
+        if spec
+            .external_traffic_policy
+            .as_deref()
+            .is_some_and(|p| !p.is_empty())
+        {
+            b = b.external_traffic_policy(parse_policy(
+                "spec.externalTrafficPolicy",
+                spec.external_traffic_policy.as_deref(),
+            )?);
+        }
         match spec.traffic_distribution.as_deref() {
             None | Some("") => {}
             Some("PreferClose") | Some("PreferSameZone") => {
@@ -2291,6 +2307,39 @@ mod tests {
             svc_text("{type: ExternalName, externalName: db.example.com, clusterIP: 10.96.0.9}")
                 .unwrap_err();
         assert_eq!(err.field(), "spec.clusterIP");
+    }
+
+    #[test]
+    fn external_traffic_policy_only_on_externally_accessible_services() {
+        // validateServiceExternalTrafficPolicy: set on a ClusterIP service
+        // without externalIPs (or a headless or ExternalName one), any
+        // value is refused.
+        for spec in [
+            "{clusterIP: 10.96.0.9, externalTrafficPolicy: Cluster, ports: [{port: 80}]}",
+            "{clusterIP: None, externalTrafficPolicy: Local, ports: [{port: 80}]}",
+            "{type: ExternalName, externalName: db.example.com, externalTrafficPolicy: Cluster}",
+        ] {
+            let err = svc_text(spec).unwrap_err();
+            assert_eq!(err.field(), "spec.externalTrafficPolicy", "{spec}");
+            assert!(
+                err.to_string()
+                    .contains("may only be set for externally-accessible services"),
+                "{err}"
+            );
+        }
+        // A ClusterIP service with externalIPs is externally accessible:
+        // defaulted to Cluster when unset (SetDefaults_Service), Local kept.
+        let s =
+            svc_text("{clusterIP: 10.96.0.9, externalIPs: [192.168.99.11], ports: [{port: 80}]}")
+                .unwrap();
+        assert_eq!(s.external_traffic_policy(), TrafficPolicy::Cluster);
+        let s = svc_text(
+            "{clusterIP: 10.96.0.9, externalIPs: [192.168.99.11], externalTrafficPolicy: Local, ports: [{port: 80}]}",
+        )
+        .unwrap();
+        assert_eq!(s.external_traffic_policy(), TrafficPolicy::Local);
+        // Unset on a plain ClusterIP service: fine.
+        assert!(svc_text("{clusterIP: 10.96.0.9, ports: [{port: 80}]}").is_ok());
     }
 
     fn svc_text(spec: &str) -> Result<Service, ValidationError> {

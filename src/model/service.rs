@@ -463,7 +463,7 @@ impl Service {
             affinity: None,
             affinity_key: AffinityKeyKind::ClientIp,
             internal_traffic_policy: TrafficPolicy::Cluster,
-            external_traffic_policy: TrafficPolicy::Cluster,
+            external_traffic_policy: None,
             traffic_distribution: None,
             topology_mode: None,
             publish_not_ready_addresses: false,
@@ -597,7 +597,9 @@ pub struct ServiceBuilder {
     affinity: Option<Option<i64>>,
     affinity_key: AffinityKeyKind,
     internal_traffic_policy: TrafficPolicy,
-    external_traffic_policy: TrafficPolicy,
+    /// `None`: not set (the API server's default, `Cluster`, for the
+    /// kinds that take it).
+    external_traffic_policy: Option<TrafficPolicy>,
     traffic_distribution: Option<TrafficDistribution>,
     topology_mode: Option<String>,
     publish_not_ready_addresses: bool,
@@ -686,9 +688,12 @@ impl ServiceBuilder {
         self.internal_traffic_policy = policy;
         self
     }
-    /// `spec.externalTrafficPolicy`.
+    /// `spec.externalTrafficPolicy`. Only for externally accessible
+    /// services (`NodePort`, `LoadBalancer`, or `ClusterIP` with
+    /// `externalIPs`); [`build`](Self::build) refuses it, `Cluster`
+    /// included, on any other, as the API server does.
     pub fn external_traffic_policy(mut self, policy: TrafficPolicy) -> Self {
-        self.external_traffic_policy = policy;
+        self.external_traffic_policy = Some(policy);
         self
     }
     /// `spec.trafficDistribution`.
@@ -714,8 +719,9 @@ impl ServiceBuilder {
     /// DNS labels, ports outside 1..=65535, duplicate or unnamed ports in a
     /// multi-port service, an affinity timeout outside 1..=86400, an affinity
     /// key other than the client IP without `ClientIP` affinity, a cluster IP
-    /// on a headless service, or a non-headless service without a cluster IP
-    /// or ports.
+    /// on a headless service, a non-headless service without a cluster IP
+    /// or ports, or `spec.externalTrafficPolicy` set on a service that is
+    /// not externally accessible.
     pub fn build(self) -> Result<Service, ValidationError> {
         validate_dns_label("metadata.namespace", &self.key.namespace)?;
         validate_dns_label("metadata.name", &self.key.name)?;
@@ -912,18 +918,29 @@ impl ServiceBuilder {
         }
         let externally_accessible = matches!(ty, ServiceType::NodePort | ServiceType::LoadBalancer)
             || (ty == ServiceType::ClusterIP && !external_ips.is_empty());
-        if self.external_traffic_policy == TrafficPolicy::Local && !externally_accessible {
-            return Err(ValidationError::Invalid {
-                field: "spec.externalTrafficPolicy".into(),
-                value: "Local".into(),
-                reason: "may only be set for externally-accessible services (NodePort, LoadBalancer, or with externalIPs)",
-            });
-        }
+        // validateServiceExternalTrafficPolicy: any value, `Cluster`
+        // included, on a service that is not externally accessible
+        // (`ExternallyAccessible`: NodePort, LoadBalancer, or ClusterIP with
+        // externalIPs; a headless or ExternalName service is not).
+        let external_traffic_policy = match self.external_traffic_policy {
+            Some(p) if !externally_accessible => {
+                return Err(ValidationError::Invalid {
+                    field: "spec.externalTrafficPolicy".into(),
+                    value: match p {
+                        TrafficPolicy::Cluster => "Cluster",
+                        TrafficPolicy::Local => "Local",
+                    }
+                    .into(),
+                    reason: "may only be set for externally-accessible services",
+                });
+            }
+            p => p.unwrap_or(TrafficPolicy::Cluster),
+        };
         let health_check_node_port = match self.health_check_node_port {
             None | Some(0) => None,
             Some(n) => {
                 let field = "spec.healthCheckNodePort";
-                if !is_lb || self.external_traffic_policy != TrafficPolicy::Local {
+                if !is_lb || external_traffic_policy != TrafficPolicy::Local {
                     return Err(ValidationError::Invalid {
                         field: field.into(),
                         value: n.to_string(),
@@ -949,7 +966,7 @@ impl ServiceBuilder {
             session_affinity,
             affinity_key: self.affinity_key,
             internal_traffic_policy: self.internal_traffic_policy,
-            external_traffic_policy: self.external_traffic_policy,
+            external_traffic_policy,
             traffic_distribution: self.traffic_distribution,
             topology_mode: self.topology_mode,
             publish_not_ready_addresses: self.publish_not_ready_addresses,
@@ -1135,6 +1152,50 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err.field(), "spec.externalTrafficPolicy");
+        // Any value, Cluster included, as the API server's
+        // validateServiceExternalTrafficPolicy: on a ClusterIP service
+        // without external IPs, a headless one, an ExternalName one.
+        for b in [
+            base().port(ServicePortSpec::tcp(80)),
+            Service::builder("default", "x")
+                .headless()
+                .port(ServicePortSpec::tcp(80)),
+            Service::builder("default", "x")
+                .service_type(ServiceType::ExternalName)
+                .external_name("db.example.com"),
+        ] {
+            for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+                let err = b
+                    .clone()
+                    .external_traffic_policy(policy)
+                    .build()
+                    .unwrap_err();
+                let value = format!("{policy:?}");
+                assert_eq!(
+                    err,
+                    ValidationError::Invalid {
+                        field: "spec.externalTrafficPolicy".into(),
+                        value,
+                        reason: "may only be set for externally-accessible services",
+                    }
+                );
+            }
+            // Unset, the same service is fine.
+            assert!(b.build().is_ok());
+        }
+        // NodePort and LoadBalancer take either value.
+        for ty in [ServiceType::NodePort, ServiceType::LoadBalancer] {
+            for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+                assert!(
+                    base()
+                        .service_type(ty)
+                        .port(ServicePortSpec::tcp(80))
+                        .external_traffic_policy(policy)
+                        .build()
+                        .is_ok()
+                );
+            }
+        }
         // With an external IP, a ClusterIP service is externally accessible.
         let s = base()
             .port(ServicePortSpec::tcp(80))

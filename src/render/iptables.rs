@@ -37,11 +37,11 @@
 //! sync, only the chains of services whose rules changed, and `-X` for
 //! chains no longer used.
 //!
-//! Not rendered yet: external destinations of services with
-//! `internalTrafficPolicy: Local`; `--nodeport-addresses` (node ports are
-//! matched with `-m addrtype --dst-type LOCAL`, kube-proxy's default); the
-//! `allowFromNode` source-range rule (the node's IP is not a render
-//! option).
+//! External destinations follow the external traffic policy alone: a
+//! service with `internalTrafficPolicy: Local` sends its cluster IP to
+//! `KUBE-SVL-…` (or drops it) and still gets the Cluster-policy
+//! `KUBE-SVC-…` chain for its node port, external and load-balancer IPs,
+//! as kube-proxy writes it (`UsesClusterEndpoints`).
 
 use std::fmt::Write as _;
 
@@ -551,7 +551,21 @@ fn write_service_port(
     }
 
     let (sep, affinity) = write_endpoint_jumps(nat, &chain, p, eps, large_cluster);
+    write_endpoint_chains(nat, p, &sep, eps, affinity, large_cluster);
+}
 
+/// The `KUBE-SEP-` chains of `eps` (with their chain names and addresses
+/// in `sep`): the hairpin masquerade and the DNAT.
+fn write_endpoint_chains(
+    nat: &mut TableText,
+    p: &PortPlan<'_>,
+    sep: &[(String, String)],
+    eps: &[&Arc<EndpointInfo>],
+    affinity: bool,
+    large_cluster: bool,
+) {
+    let proto = p.proto();
+    let name = p.name;
     for ((sep_chain, addr), ep) in sep.iter().zip(eps) {
         nat.declare(sep_chain);
         let ip = ep.addr().ip().to_string();
@@ -587,8 +601,12 @@ fn write_service_port(
 /// health-check node port, and the `KUBE-EXT-`, `KUBE-FW-` and (for
 /// `externalTrafficPolicy: Local`) `KUBE-SVL-` chains.
 ///
-/// Services with `internalTrafficPolicy: Local` get no external rules here
-/// (not rendered yet).
+/// External traffic follows the external policy only. For a service with
+/// `internalTrafficPolicy: Local` the cluster IP goes to `KUBE-SVL-` (or is
+/// dropped), so the Cluster-policy chain `KUBE-SVC-` that external traffic
+/// (and its short-circuit) needs is written here, with the `KUBE-SEP-`
+/// chains of its endpoints (kube-proxy's `UsesClusterEndpoints`: an
+/// externally accessible service always has it).
 fn write_external(
     p: &PortPlan<'_>,
     table: &ServiceTable,
@@ -598,7 +616,7 @@ fn write_external(
     c: &mut Collected,
 ) {
     let svc = p.service;
-    if !svc.externally_accessible() || p.local_policy() {
+    if !svc.externally_accessible() {
         return;
     }
     let fam = opts.family;
@@ -608,7 +626,8 @@ fn write_external(
     let dport = p.port.port().to_string();
     let has_endpoints = p.outcome != Outcome::Reject;
     let etp_local = svc.external_traffic_policy() == TrafficPolicy::Local;
-    let local: Vec<Arc<EndpointInfo>> = if etp_local {
+    let itp_local = p.local_policy();
+    let selected = |policy: TrafficPolicy| -> Vec<Arc<EndpointInfo>> {
         table
             .view(svc.key())
             .and_then(|v| {
@@ -616,18 +635,16 @@ fn write_external(
                     pv.port().port() == p.port.port() && pv.port().protocol() == protocol
                 })
             })
-            .map(|pv| {
-                match categorize(
-                    pv.endpoints(),
-                    TrafficPolicy::Local,
-                    &opts.node,
-                    Some(p.vip),
-                ) {
+            .map(
+                |pv| match categorize(pv.endpoints(), policy, &opts.node, Some(p.vip)) {
                     Selection::Usable(v) => v,
                     _ => Vec::new(),
-                }
-            })
+                },
+            )
             .unwrap_or_default()
+    };
+    let local: Vec<Arc<EndpointInfo>> = if etp_local {
+        selected(TrafficPolicy::Local)
     } else {
         Vec::new()
     };
@@ -720,6 +737,23 @@ fn write_external(
     if !has_endpoints {
         return;
     }
+    if itp_local {
+        // The Cluster-policy chain, which the cluster IP does not write.
+        let cluster = selected(TrafficPolicy::Cluster);
+        let refs: Vec<&Arc<EndpointInfo>> = cluster.iter().collect();
+        nat.declare(&svc_chain);
+        let (sep, affinity) = write_endpoint_jumps(nat, &svc_chain, p, &refs, large_cluster);
+        // The cluster IP's (local) endpoints have their chains already.
+        let written = |e: &Arc<EndpointInfo>| {
+            p.outcome == Outcome::Forward && p.endpoints.iter().any(|w| w.addr() == e.addr())
+        };
+        let (sep, refs): (Vec<(String, String)>, Vec<&Arc<EndpointInfo>>) = sep
+            .into_iter()
+            .zip(refs)
+            .filter(|(_, e)| !written(e))
+            .unzip();
+        write_endpoint_chains(nat, p, &sep, &refs, affinity, large_cluster);
+    }
     nat.declare(&ext);
     let dest = "external destinations\"";
     if etp_local {
@@ -783,9 +817,13 @@ fn write_external(
         if etp_local {
             let svl = local_chain_name(name, protocol);
             nat.rule(&ext, &["-j", &svl]);
-            nat.declare(&svl);
-            let refs: Vec<&Arc<EndpointInfo>> = local.iter().collect();
-            write_endpoint_jumps(nat, &svl, p, &refs, large_cluster);
+            // With `internalTrafficPolicy: Local` too, the cluster IP has
+            // written the same chain already.
+            if !(itp_local && p.outcome == Outcome::Forward) {
+                nat.declare(&svl);
+                let refs: Vec<&Arc<EndpointInfo>> = local.iter().collect();
+                write_endpoint_jumps(nat, &svl, p, &refs, large_cluster);
+            }
         } else {
             nat.rule(&ext, &["-j", &svc_chain]);
         }

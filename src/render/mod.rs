@@ -241,7 +241,9 @@ pub struct RenderOptions {
     /// covering the whole family: the iptables rendering matches node ports
     /// with `-m addrtype --dst-type LOCAL`; otherwise it writes one
     /// `-d NODE-IP -j KUBE-NODEPORTS` rule per node IP inside the prefixes,
-    /// as kube-proxy does.
+    /// as kube-proxy does. The nftables rendering likewise matches node
+    /// ports with `fib daddr type local` in the first case and on the
+    /// `nodeport-ips` set in the second.
     pub nodeport_addresses: Vec<Cidr>,
 }
 

@@ -27,9 +27,17 @@
 //! External destinations: `service-ips` entries for external and
 //! load-balancer IPs, `service-nodeports`, `firewall-ips`,
 //! `no-endpoint-nodeports` and the `external-`, `firewall-` and `local-`
-//! chains, as kube-proxy writes them, and the `nodeport-ips` elements of
-//! [`RenderOptions::node_ips`]. Not rendered yet: external destinations of
-//! services with `internalTrafficPolicy: Local`.
+//! chains, as kube-proxy writes them. Node ports are matched on the
+//! `nodeport-ips` set, the [`RenderOptions::node_ips`] inside
+//! `--nodeport-addresses` (loopback left out: kube-proxy's nftables mode
+//! has no localhost node ports); with `--nodeport-addresses` unset or a
+//! prefix of length 0, on `fib daddr type local` minus localhost, the set
+//! deleted, as kube-proxy's `MatchAll` case does. External destinations
+//! follow the external traffic policy alone: a service with
+//! `internalTrafficPolicy: Local` sends its cluster IP to `local-…` and
+//! its external destinations to the Cluster-policy `service-…` chain (or,
+//! for `externalTrafficPolicy: Local`, to `local-…` with the
+//! short-circuits to `service-…`).
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -131,13 +139,23 @@ fn write_base(
         out,
         "add set {t} nodeport-ips {{ type {addr_type} ; comment \"IPs that accept NodePort traffic\" ; }}"
     );
+    // With `--nodeport-addresses` unset or a prefix of length 0
+    // (`MatchAll`), kube-proxy matches node ports with `fib daddr type
+    // local` and deletes the set (added first, so the delete cannot fail);
+    // otherwise the set holds the node's addresses of this family inside
+    // the prefixes, loopback left out ("localhost NodePorts are not
+    // supported").
+    let match_all = opts.nodeports_match_all();
     if flush {
         let _ = writeln!(out, "flush set {t} cluster-ips");
-        let _ = writeln!(out, "flush set {t} nodeport-ips");
+        if !match_all {
+            let _ = writeln!(out, "flush set {t} nodeport-ips");
+        }
     }
-    // The node's addresses of this family that accept node ports.
-    for ip in opts.nodeport_ips() {
-        let _ = writeln!(out, "add element {t} nodeport-ips {{ {ip} }}");
+    if !match_all {
+        for ip in opts.nodeport_ips().filter(|ip| !ip.is_loopback()) {
+            let _ = writeln!(out, "add element {t} nodeport-ips {{ {ip} }}");
+        }
     }
     out.push('\n');
     for (map, key, comment) in [
@@ -201,7 +219,16 @@ fn write_base(
             let _ = writeln!(out, "flush chain {t} {name}");
         }
     }
+    if match_all {
+        // After the chains are flushed: no rule refers to the set any more.
+        let _ = writeln!(out, "delete set {t} nodeport-ips");
+    }
     out.push('\n');
+    let no_localhost = if opts.family == IpFamily::V6 {
+        "ip6 daddr != ::1"
+    } else {
+        "ip daddr != 127.0.0.0/8"
+    };
     let mut rules = vec![format!(
         "cluster-ips-check {ip_x} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""
     )];
@@ -242,16 +269,24 @@ fn write_base(
     rules.push("nat-output jump services".into());
     rules.push("nat-postrouting jump masquerading".into());
     rules.push("nat-prerouting jump services".into());
-    rules.push(format!(
-        "nodeport-endpoints-check {ip_x} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"
-    ));
+    rules.push(if match_all {
+        format!("nodeport-endpoints-check {no_localhost} meta l4proto . th dport vmap @no-endpoint-nodeports")
+    } else {
+        format!(
+            "nodeport-endpoints-check {ip_x} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"
+        )
+    });
     rules.push("reject-chain reject".into());
     rules.push(format!(
         "services {ip_x} daddr . meta l4proto . th dport vmap @service-ips"
     ));
-    rules.push(format!(
-        "services {ip_x} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
-    ));
+    rules.push(if match_all {
+        format!(
+            "services fib daddr type local {no_localhost} meta l4proto . th dport vmap @service-nodeports"
+        )
+    } else {
+        format!("services {ip_x} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports")
+    });
     rules.push(format!(
         "service-endpoints-check {ip_x} daddr . meta l4proto . th dport vmap @no-endpoint-services"
     ));
@@ -520,14 +555,107 @@ fn write_service_port(
     text
 }
 
+/// The Cluster-policy `service-` chain of a service with
+/// `internalTrafficPolicy: Local` (its cluster IP goes to `local-`), for
+/// its external destinations: the affinity checks and the `numgen` vmap
+/// over `cluster`, and the `endpoint-` chains (and affinity sets) of the
+/// endpoints the cluster IP has not written.
+fn write_cluster_chain(
+    text: &mut PortText,
+    p: &PortPlan<'_>,
+    cluster: &[Arc<EndpointInfo>],
+    t: &str,
+    ip_x: &str,
+    opts: &RenderOptions,
+) {
+    if cluster.is_empty() {
+        return;
+    }
+    let key = p.service.key();
+    let protocol = p.port.protocol();
+    let proto = p.proto();
+    let port_name = p.port.name_or_empty();
+    let addr_type = if opts.family == IpFamily::V6 {
+        "ipv6_addr"
+    } else {
+        "ipv4_addr"
+    };
+    let base = service_chain_base(&key.namespace, &key.name, protocol, port_name);
+    let chain = format!("service-{base}");
+    let affinity = p.service.session_affinity().timeout().map(|d| d.as_secs());
+    let eps: Vec<(String, String, &EndpointInfo)> = cluster
+        .iter()
+        .map(|e| {
+            let b = endpoint_chain_base(&key.namespace, &key.name, protocol, port_name, e.addr());
+            (format!("endpoint-{b}"), format!("affinity-{b}"), &**e)
+        })
+        .collect();
+    let written = |e: &EndpointInfo| {
+        p.outcome == Outcome::Forward && p.endpoints.iter().any(|w| w.addr() == e.addr())
+    };
+    let mut new: Vec<&(String, String, &EndpointInfo)> =
+        eps.iter().filter(|(_, _, e)| !written(e)).collect();
+    new.sort_by(|a, b| a.0.cmp(&b.0));
+    for (ep_chain, ..) in &new {
+        text.decls.push(format!("add chain {t} {ep_chain}"));
+        text.chains.push(ep_chain.clone());
+    }
+    if let Some(secs) = affinity {
+        let mut sets: Vec<&String> = new.iter().map(|(_, s, _)| s).collect();
+        sets.sort();
+        for set in sets {
+            text.decls.push(format!(
+                "add set {t} {set} {{ type {addr_type} ; flags dynamic,timeout ; timeout {secs}s ; }}"
+            ));
+            text.sets.push(set.clone());
+        }
+    }
+    text.decls.push(format!("add chain {t} {chain}"));
+    text.chains.push(chain.clone());
+    if affinity.is_some() {
+        for (ep_chain, set, _) in &eps {
+            text.rules.push(format!(
+                "add rule {t} {chain} {ip_x} saddr @{set} goto {ep_chain}"
+            ));
+        }
+    }
+    let vmap: Vec<String> = eps
+        .iter()
+        .enumerate()
+        .map(|(i, (ep_chain, ..))| format!("{i} : goto {ep_chain}"))
+        .collect();
+    text.rules.push(format!(
+        "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
+        eps.len(),
+        vmap.join(" , ")
+    ));
+    for (ep_chain, set, ep) in new {
+        text.rules.push(format!(
+            "add rule {t} {ep_chain} {ip_x} saddr {} jump mark-for-masquerade",
+            ep.addr().ip()
+        ));
+        if affinity.is_some() {
+            text.rules.push(format!(
+                "add rule {t} {ep_chain} update @{set} {{ {ip_x} saddr }}"
+            ));
+        }
+        text.rules.push(format!(
+            "add rule {t} {ep_chain} meta l4proto {proto} dnat to {}",
+            ep.addr_string()
+        ));
+    }
+}
+
 /// A service port's external destinations (node port, external IPs,
 /// load-balancer IPs), as kube-proxy's nftables proxier writes them: the
 /// `service-ips`, `service-nodeports`, `firewall-ips`,
 /// `no-endpoint-services` and `no-endpoint-nodeports` elements and the
 /// `external-`, `firewall-` and (for `externalTrafficPolicy: Local`)
-/// `local-` chains. Not for services with `internalTrafficPolicy: Local`
-/// (not rendered yet). The `nodeport-ips` elements are the base ruleset's
-/// ([`RenderOptions::node_ips`]).
+/// `local-` chains. External traffic follows the external policy alone: a
+/// service with `internalTrafficPolicy: Local` gets here the Cluster-policy
+/// `service-` chain its cluster IP does not use, with its endpoints'
+/// chains (kube-proxy's `UsesClusterEndpoints`). The `nodeport-ips`
+/// elements are the base ruleset's ([`RenderOptions::node_ips`]).
 fn write_external(
     text: &mut PortText,
     p: &PortPlan<'_>,
@@ -537,9 +665,10 @@ fn write_external(
     ip_x: &str,
 ) {
     let svc = p.service;
-    if !svc.externally_accessible() || p.local_policy() {
+    if !svc.externally_accessible() {
         return;
     }
+    let itp_local = p.local_policy();
     let key = svc.key();
     let fam = opts.family;
     let protocol = p.port.protocol();
@@ -548,7 +677,7 @@ fn write_external(
     let dport = p.port.port();
     let has_endpoints = p.outcome != Outcome::Reject;
     let etp_local = svc.external_traffic_policy() == TrafficPolicy::Local;
-    let local: Vec<Arc<EndpointInfo>> = if etp_local {
+    let selected = |policy: TrafficPolicy| -> Vec<Arc<EndpointInfo>> {
         table
             .view(key)
             .and_then(|v| {
@@ -556,18 +685,16 @@ fn write_external(
                     pv.port().port() == p.port.port() && pv.port().protocol() == protocol
                 })
             })
-            .map(|pv| {
-                match categorize(
-                    pv.endpoints(),
-                    TrafficPolicy::Local,
-                    &opts.node,
-                    Some(p.vip),
-                ) {
+            .map(
+                |pv| match categorize(pv.endpoints(), policy, &opts.node, Some(p.vip)) {
                     Selection::Usable(v) => v,
                     _ => Vec::new(),
-                }
-            })
+                },
+            )
             .unwrap_or_default()
+    };
+    let local: Vec<Arc<EndpointInfo>> = if etp_local {
+        selected(TrafficPolicy::Local)
     } else {
         Vec::new()
     };
@@ -657,10 +784,16 @@ fn write_external(
             ));
         }
     }
+    if has_endpoints && itp_local {
+        write_cluster_chain(text, p, &selected(TrafficPolicy::Cluster), t, ip_x, opts);
+    }
+    // With `internalTrafficPolicy: Local` and a local endpoint, the cluster
+    // IP has written the `local-` chain already.
+    let local_written = itp_local && p.outcome == Outcome::Forward;
     if has_endpoints {
-        if etp_local && !local.is_empty() {
+        if etp_local && !local.is_empty() && !local_written {
             // The Local-policy chain: its endpoint chains are the cluster
-            // chain's (ITP Cluster), declared already.
+            // chain's, declared already.
             let local_chain = format!("local-{base}");
             text.decls.push(format!("add chain {t} {local_chain}"));
             text.chains.push(local_chain.clone());

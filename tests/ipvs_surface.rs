@@ -1,0 +1,635 @@
+//! The virtual services kube-proxy's IPVS mode creates, listed like
+//! `ipvsadm -ln` and compared line by line: one per cluster IP, per node IP
+//! of the service's family and node port, per external IP and per
+//! load-balancer ingress IP (`ipMode: VIP`), each with the service's
+//! scheduler and persistence; external ones under `externalTrafficPolicy:
+//! Local` list only this node's endpoints.
+//!
+//! The cases are kube-proxy's own (`pkg/proxy/ipvs/proxier_test.go`; each
+//! names its test and case): the same services, endpoint slices, node IPs
+//! and `--nodeport-addresses`, and the virtual servers and real servers
+//! the test expects, written as the listing `ipvsadm -ln` prints for them.
+//! kube-proxy's fake proxier has one family; svclb's dataplane is dual
+//! stack, so the node IPs of the other family are given too and must not
+//! show up.
+//!
+//! Each case also checks that the dataplane's `route` agrees with its
+//! listing: a new connection from outside the cluster to a listed virtual
+//! service reaches exactly its real servers (or is refused when it has
+//! none), and one to an address:port that is not listed is not a service.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+use svclb::render::{self, Cidr, RenderOptions};
+use svclb::*;
+
+const HOST: &str = "test-hostname";
+
+const HEADER: &str = "IP Virtual Server version 1.2.1 (size=4096)\n\
+Prot LocalAddress:Port Scheduler Flags\n\
+\x20 -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// One real-server line (`Masq`, weight 1, no connections).
+fn rs(addr: &str) -> String {
+    format!("  -> {addr:<28} Masq    1      0          0         \n")
+}
+
+/// A listing: the header, then each `(service line, real servers)`.
+fn listing(services: &[(&str, &[&str])]) -> String {
+    let mut out = HEADER.to_owned();
+    for (vs, dests) in services {
+        out.push_str(vs);
+        out.push('\n');
+        for d in *dests {
+            out.push_str(&rs(d));
+        }
+    }
+    out
+}
+
+struct Case {
+    /// kube-proxy's test and case name.
+    name: &'static str,
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    node_ips: &'static [&'static str],
+    nodeport_addresses: &'static [&'static str],
+    want: String,
+    /// `IP:port`s (with the protocol of the case) that must not be
+    /// services: node ports of the other family, loopback, ...
+    not_services: &'static [&'static str],
+    protocol: Protocol,
+}
+
+fn node_port_service(ty: ServiceType, cluster_ip: &str, port: ServicePortSpec) -> ServiceBuilder {
+    Service::builder("ns1", "svc1")
+        .cluster_ip(ip(cluster_ip))
+        .service_type(ty)
+        .node_port_range(1..=65_535)
+        .port(port)
+}
+
+/// kube-proxy's `makeTestEndpointSlice(ns1, svc1, n, ...)`: one port `p80`
+/// (80) of `protocol`, endpoints `(IP, nodeName)`.
+fn slice(n: u32, protocol: Protocol, eps: &[(&str, Option<&str>)]) -> EndpointSlice {
+    let family = if eps[0].0.contains(':') {
+        AddressType::IPv6
+    } else {
+        AddressType::IPv4
+    };
+    EndpointSlice::builder("ns1", format!("svc1-{n}"), "svc1", family)
+        .port(SlicePortSpec::new(protocol, 80).name("p80"))
+        .endpoints(eps.iter().map(|(a, node)| {
+            let e = EndpointSpec::new(*a);
+            match node {
+                Some(n) => e.node(*n),
+                None => e,
+            }
+        }))
+        .build()
+        .unwrap()
+}
+
+fn p80(protocol: Protocol) -> ServicePortSpec {
+    ServicePortSpec::new(protocol, 80).name("p80")
+}
+
+fn cases() -> Vec<Case> {
+    use Protocol::{Sctp, Tcp, Udp};
+    let np = |protocol| p80(protocol).node_port(3001);
+    vec![
+        Case {
+            name: "TestNodePortIPv4: 1 service with node port, has 2 endpoints",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Tcp))
+                    .build()
+                    .unwrap(),
+            ],
+            // The IPv6 slice belongs to no IPv6 cluster IP: ignored.
+            slices: vec![
+                slice(1, Tcp, &[("10.180.0.1", None)]),
+                slice(2, Tcp, &[("1002:ab8::2:10", None)]),
+            ],
+            node_ips: &["100.101.102.103", "2001:db8::1:1"],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("TCP  10.20.30.41:80 rr", &["10.180.0.1:80"]),
+                ("TCP  100.101.102.103:3001 rr", &["10.180.0.1:80"]),
+            ]),
+            not_services: &["[2001:db8::1:1]:3001"],
+            protocol: Tcp,
+        },
+        Case {
+            name: "TestNodePortIPv4: 1 UDP service with node port, has endpoints",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Udp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Udp, &[("10.180.0.1", None)])],
+            node_ips: &["100.101.102.103"],
+            nodeport_addresses: &["0.0.0.0/0"],
+            want: listing(&[
+                ("UDP  10.20.30.41:80 rr", &["10.180.0.1:80"]),
+                ("UDP  100.101.102.103:3001 rr", &["10.180.0.1:80"]),
+            ]),
+            not_services: &[],
+            protocol: Udp,
+        },
+        Case {
+            name: "TestNodePortIPv4: service has node port but no endpoints",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Tcp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![],
+            node_ips: &["100.101.102.103"],
+            nodeport_addresses: &[],
+            // No real servers corresponding to no endpoints.
+            want: listing(&[
+                ("TCP  10.20.30.41:80 rr", &[]),
+                ("TCP  100.101.102.103:3001 rr", &[]),
+            ]),
+            not_services: &[],
+            protocol: Tcp,
+        },
+        Case {
+            name: "TestNodePortIPv4: node port service with protocol sctp on a node with multiple nodeIPs",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Sctp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Sctp, &[("10.180.0.1", None)])],
+            node_ips: &[
+                "100.101.102.103",
+                "100.101.102.104",
+                "100.101.102.105",
+                "2001:db8::1:1",
+                "2001:db8::1:2",
+                "2001:db8::1:3",
+            ],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("SCTP  10.20.30.41:80 rr", &["10.180.0.1:80"]),
+                ("SCTP  100.101.102.103:3001 rr", &["10.180.0.1:80"]),
+                ("SCTP  100.101.102.104:3001 rr", &["10.180.0.1:80"]),
+                ("SCTP  100.101.102.105:3001 rr", &["10.180.0.1:80"]),
+            ]),
+            not_services: &["[2001:db8::1:1]:3001", "[2001:db8::1:3]:3001"],
+            protocol: Sctp,
+        },
+        Case {
+            name: "TestNodePortIPv4: node port service with protocol sctp and externalTrafficPolicy local",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Sctp))
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            // kube-proxy's "otherHost" is no valid nodeName (a DNS
+            // subdomain, as the API server validates it): "other-host".
+            slices: vec![slice(
+                1,
+                Sctp,
+                &[
+                    ("10.180.0.1", Some(HOST)),
+                    ("10.180.1.1", Some("other-host")),
+                ],
+            )],
+            node_ips: &["100.101.102.103"],
+            nodeport_addresses: &[],
+            // The node port lists only this node's endpoint.
+            want: listing(&[
+                (
+                    "SCTP  10.20.30.41:80 rr",
+                    &["10.180.0.1:80", "10.180.1.1:80"],
+                ),
+                ("SCTP  100.101.102.103:3001 rr", &["10.180.0.1:80"]),
+            ]),
+            not_services: &[],
+            protocol: Sctp,
+        },
+        Case {
+            name: "TestNodePortIPv6: 1 service with node port, has 2 endpoints",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "2020::1", np(Tcp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![
+                slice(1, Tcp, &[("10.180.0.1", None)]),
+                slice(2, Tcp, &[("1002:ab8::2:10", None)]),
+            ],
+            node_ips: &["100.101.102.103", "2001:db8::1:1"],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("TCP  [2001:db8::1:1]:3001 rr", &["[1002:ab8::2:10]:80"]),
+                ("TCP  [2020::1]:80 rr", &["[1002:ab8::2:10]:80"]),
+            ]),
+            not_services: &["100.101.102.103:3001"],
+            protocol: Tcp,
+        },
+        Case {
+            name: "TestNodePortIPv6: service has node port but no endpoints",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "2020::1", np(Tcp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![],
+            node_ips: &["100.101.102.103", "2001:db8::1:1"],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("TCP  [2001:db8::1:1]:3001 rr", &[]),
+                ("TCP  [2020::1]:80 rr", &[]),
+            ]),
+            not_services: &["100.101.102.103:3001"],
+            protocol: Tcp,
+        },
+        Case {
+            name: "TestNodePortIPv6: node port service with protocol sctp on a node with multiple nodeIPs",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "2020::1", np(Sctp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Sctp, &[("2001::1", None)])],
+            node_ips: &["2001:db8::1:1", "2001:db8::1:2"],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("SCTP  [2001:db8::1:1]:3001 rr", &["[2001::1]:80"]),
+                ("SCTP  [2001:db8::1:2]:3001 rr", &["[2001::1]:80"]),
+                ("SCTP  [2020::1]:80 rr", &["[2001::1]:80"]),
+            ]),
+            not_services: &[],
+            protocol: Sctp,
+        },
+        Case {
+            // kube-proxy's test gives the slice port protocol UDP against
+            // a TCP service port and only checks the real servers it finds;
+            // here the slice port is TCP, so the real servers are checked.
+            // Its third external IP, 127.0.0.1, is left out: the API server
+            // refuses loopback external IPs (ValidateNonSpecialIP), and so
+            // does svclb's validation.
+            name: "TestExternalIPs",
+            services: vec![
+                Service::builder("ns1", "svc1")
+                    .cluster_ip(ip("10.20.30.41"))
+                    .external_ip(ip("50.60.70.81"))
+                    .external_ip(ip("2012::51"))
+                    .port(p80(Tcp).target_port(80))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Tcp, &[("10.180.0.1", None)])],
+            node_ips: &[],
+            nodeport_addresses: &[],
+            // "ipvs filters out by ipfamily": 2012::51 is not a service.
+            want: listing(&[
+                ("TCP  10.20.30.41:80 rr", &["10.180.0.1:80"]),
+                ("TCP  50.60.70.81:80 rr", &["10.180.0.1:80"]),
+            ]),
+            not_services: &["[2012::51]:80"],
+            protocol: Tcp,
+        },
+        Case {
+            name: "TestExternalIPsNoEndpoint",
+            services: vec![
+                Service::builder("ns1", "svc1")
+                    .cluster_ip(ip("10.20.30.41"))
+                    .external_ip(ip("50.60.70.81"))
+                    .port(p80(Tcp).target_port(80))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![],
+            node_ips: &[],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("TCP  10.20.30.41:80 rr", &[]),
+                ("TCP  50.60.70.81:80 rr", &[]),
+            ]),
+            not_services: &[],
+            protocol: Tcp,
+        },
+        Case {
+            // A NodePort service without a nodePort (the test leaves it 0)
+            // and no node IPs: only the cluster IP and the external IPs
+            // (127.0.0.1 left out, as in TestExternalIPs).
+            name: "TestOnlyLocalExternalIPs",
+            services: vec![
+                Service::builder("ns1", "svc1")
+                    .cluster_ip(ip("10.20.30.41"))
+                    .service_type(ServiceType::NodePort)
+                    .external_ip(ip("50.60.70.81"))
+                    .external_ip(ip("2012::51"))
+                    .port(p80(Tcp).target_port(80))
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(
+                1,
+                Tcp,
+                &[
+                    ("10.180.0.1", Some(HOST)),
+                    ("10.180.1.1", Some("other-hostname")),
+                ],
+            )],
+            node_ips: &[],
+            nodeport_addresses: &[],
+            // "Expect only 1 local endpoint" on each external IP.
+            want: listing(&[
+                (
+                    "TCP  10.20.30.41:80 rr",
+                    &["10.180.0.1:80", "10.180.1.1:80"],
+                ),
+                ("TCP  50.60.70.81:80 rr", &["10.180.0.1:80"]),
+            ]),
+            not_services: &["[2012::51]:80"],
+            protocol: Tcp,
+        },
+        Case {
+            // The fake proxier has no node addresses: no node-port virtual
+            // service ("Expect 2 services and 1 destination"). kube-proxy's
+            // test gives the slice port protocol UDP; TCP here.
+            name: "TestLoadBalancer",
+            services: vec![
+                node_port_service(ServiceType::LoadBalancer, "10.20.30.41", np(Tcp))
+                    .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Tcp, &[("10.180.0.1", None)])],
+            node_ips: &[],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("TCP  1.2.3.4:80 rr", &["10.180.0.1:80"]),
+                ("TCP  10.20.30.41:80 rr", &["10.180.0.1:80"]),
+            ]),
+            not_services: &["1.2.3.4:3001"],
+            protocol: Tcp,
+        },
+        Case {
+            name: "TestOnlyLocalLoadBalancing",
+            services: vec![
+                node_port_service(ServiceType::LoadBalancer, "10.20.30.41", np(Tcp))
+                    .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(
+                1,
+                Tcp,
+                &[
+                    ("10.180.0.1", Some(HOST)),
+                    ("10.180.1.1", Some("other-hostname")),
+                ],
+            )],
+            node_ips: &[],
+            nodeport_addresses: &[],
+            // The local endpoint is a real server of the LB IP, the remote
+            // one is not.
+            want: listing(&[
+                ("TCP  1.2.3.4:80 rr", &["10.180.0.1:80"]),
+                (
+                    "TCP  10.20.30.41:80 rr",
+                    &["10.180.0.1:80", "10.180.1.1:80"],
+                ),
+            ]),
+            not_services: &[],
+            protocol: Tcp,
+        },
+        Case {
+            name: "TestOnlyLocalNodePorts",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Tcp))
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(
+                1,
+                Tcp,
+                &[
+                    ("10.180.0.1", Some(HOST)),
+                    ("10.180.1.1", Some("other-hostname")),
+                ],
+            )],
+            node_ips: &["100.101.102.103", "2001:db8::"],
+            nodeport_addresses: &["100.101.102.0/24", "2001:db8::/64"],
+            // "Expect 2 (matching ipvs IPFamily field) services and 1
+            // destination".
+            want: listing(&[
+                (
+                    "TCP  10.20.30.41:80 rr",
+                    &["10.180.0.1:80", "10.180.1.1:80"],
+                ),
+                ("TCP  100.101.102.103:3001 rr", &["10.180.0.1:80"]),
+            ]),
+            not_services: &["[2001:db8::]:3001"],
+            protocol: Tcp,
+        },
+        Case {
+            // proxier.go (syncProxyRules): every virtual server of a
+            // ClientIP service, cluster IP, external IP, load-balancer IP
+            // and node port alike, gets FlagPersistent and the service's
+            // timeout. The loopback node IP gets no node port (the node
+            // addresses leave loopback out: isValidForSet); an `ipMode:
+            // Proxy` ingress IP is not captured (LoadBalancerVIPs).
+            name: "proxier.go: persistence on every virtual server, no loopback node port",
+            services: vec![
+                node_port_service(ServiceType::LoadBalancer, "10.20.30.41", np(Tcp))
+                    .external_ip(ip("50.60.70.81"))
+                    .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                    .load_balancer_ingress(ip("1.2.3.5"), IpMode::Proxy)
+                    .client_ip_affinity(Some(10_800))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Tcp, &[("10.180.0.1", None), ("10.180.0.2", None)])],
+            node_ips: &["100.101.102.103", "127.0.0.1"],
+            nodeport_addresses: &[],
+            want: listing(&[
+                (
+                    "TCP  1.2.3.4:80 rr persistent 10800",
+                    &["10.180.0.1:80", "10.180.0.2:80"],
+                ),
+                (
+                    "TCP  10.20.30.41:80 rr persistent 10800",
+                    &["10.180.0.1:80", "10.180.0.2:80"],
+                ),
+                (
+                    "TCP  50.60.70.81:80 rr persistent 10800",
+                    &["10.180.0.1:80", "10.180.0.2:80"],
+                ),
+                (
+                    "TCP  100.101.102.103:3001 rr persistent 10800",
+                    &["10.180.0.1:80", "10.180.0.2:80"],
+                ),
+            ]),
+            not_services: &["127.0.0.1:3001", "1.2.3.5:80"],
+            protocol: Tcp,
+        },
+    ]
+}
+
+fn dataplane(case: &Case) -> (ServiceTable, IpvsDataplane) {
+    let mut table = ServiceTable::new();
+    let changes: Vec<Change> = case
+        .services
+        .iter()
+        .cloned()
+        .map(Change::UpsertService)
+        .chain(case.slices.iter().cloned().map(Change::UpsertSlice))
+        .collect();
+    table.apply_batch(changes).unwrap();
+    let mut config = DataplaneConfig::with_seed(5)
+        .node(NodeTopology::new(HOST, "zone-a"))
+        .nodeport_addresses(
+            case.nodeport_addresses
+                .iter()
+                .map(|c| c.parse::<Cidr>().unwrap())
+                .collect(),
+        );
+    for a in case.node_ips {
+        config = config.node_ip(ip(a));
+    }
+    config.conntrack = None;
+    let dp = IpvsDataplane::new(config);
+    dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+    (table, dp)
+}
+
+/// What new connections from outside the cluster to `dst` get (32 clients,
+/// so persistence pins each to one real server but not all to the same):
+/// the backends reached, or the one other verdict.
+fn routed(
+    dp: &IpvsDataplane,
+    protocol: Protocol,
+    dst: SocketAddr,
+) -> Result<BTreeSet<SocketAddr>, &'static str> {
+    let mut reached = BTreeSet::new();
+    let mut other = BTreeSet::new();
+    for i in 0..32u8 {
+        let client = if dst.is_ipv4() {
+            format!("203.0.113.{}", 10 + i)
+        } else {
+            format!("2001:db8:ffff::{:x}", 10 + i)
+        };
+        let f = Flow::new(protocol, SocketAddr::new(ip(&client), 40_000), dst);
+        match dp.route(&f, Instant::ZERO) {
+            Verdict::Forward(fw) => {
+                reached.insert(fw.backend);
+            }
+            v => {
+                other.insert(v.kind_str());
+            }
+        }
+    }
+    match (reached.is_empty(), other.len()) {
+        (false, 0) => Ok(reached),
+        (true, 1) => Err(other.into_iter().next().unwrap()),
+        _ => panic!("{dst}: mixed outcomes {reached:?} {other:?}"),
+    }
+}
+
+#[test]
+fn ipvs_virtual_services_are_kube_proxys() {
+    let mut failures = Vec::new();
+    for case in cases() {
+        let (table, dp) = dataplane(&case);
+        let text = render::ipvsadm::render(&table, &dp, &RenderOptions::default());
+        let ours: Vec<&str> = text.lines().collect();
+        let theirs: Vec<&str> = case.want.lines().collect();
+        if ours != theirs {
+            failures.push(format!(
+                "{}:\n--- kube-proxy\n{}\n--- svclb\n{}",
+                case.name, case.want, text
+            ));
+            continue;
+        }
+        // route agrees with the listing.
+        for vs in dp.virtual_services() {
+            let dst = SocketAddr::new(vs.addr, vs.port);
+            let listed: BTreeSet<SocketAddr> = vs.destinations.iter().map(|d| d.addr).collect();
+            let got = routed(&dp, vs.protocol, dst);
+            let ok = if listed.is_empty() {
+                matches!(got, Err("REJECT" | "DROP"))
+            } else {
+                got.as_ref() == Ok(&listed)
+            };
+            if !ok {
+                failures.push(format!(
+                    "{}: {dst} lists {listed:?} but route gives {got:?}",
+                    case.name
+                ));
+            }
+        }
+        for s in case.not_services {
+            let dst: SocketAddr = s.parse().unwrap();
+            let got = routed(&dp, case.protocol, dst);
+            if got != Err("NO-SERVICE") {
+                failures.push(format!(
+                    "{}: {dst} is not listed but route gives {got:?}",
+                    case.name
+                ));
+            }
+        }
+        println!("ok: {}", case.name);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn loopback_node_ports_follow_the_mode_unless_overridden() {
+    // kube-proxy's IPVS and nftables modes answer no node port on loopback;
+    // its iptables mode does (localhost node ports). A caller that serves
+    // loopback node IPs itself (a userspace proxy) can turn them on.
+    let mut table = ServiceTable::new();
+    table
+        .apply_batch([
+            Change::UpsertService(
+                node_port_service(
+                    ServiceType::NodePort,
+                    "10.20.30.41",
+                    p80(Protocol::Tcp).node_port(3001),
+                )
+                .build()
+                .unwrap(),
+            ),
+            Change::UpsertSlice(slice(1, Protocol::Tcp, &[("10.180.0.1", None)])),
+        ])
+        .unwrap();
+    let lo: SocketAddr = "127.0.0.1:3001".parse().unwrap();
+    let config = |over: Option<bool>| {
+        let mut c = DataplaneConfig::with_seed(1).node_ip(ip("127.0.0.1"));
+        c.loopback_node_ports = over;
+        c.conntrack = None;
+        c
+    };
+    let verdict = |dp: &dyn Dataplane| {
+        dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+        dp.route(
+            &Flow::tcp("127.0.0.1:40000".parse().unwrap(), lo),
+            Instant::ZERO,
+        )
+        .kind_str()
+    };
+    assert_eq!(verdict(&IpvsDataplane::new(config(None))), "NO-SERVICE");
+    assert_eq!(verdict(&NftablesDataplane::new(config(None))), "NO-SERVICE");
+    assert_eq!(verdict(&IptablesDataplane::new(config(None))), "FORWARD");
+    assert_eq!(verdict(&IpvsDataplane::new(config(Some(true)))), "FORWARD");
+    assert_eq!(
+        verdict(&IptablesDataplane::new(config(Some(false)))),
+        "NO-SERVICE"
+    );
+}
