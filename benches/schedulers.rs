@@ -60,6 +60,7 @@ fn bench_schedulers(c: &mut Criterion<ThreadCpu>) {
                         flow: black_box(&flows[k]),
                         now: Instant::ZERO,
                         rng: &rng,
+                        rotation: None,
                     };
                     black_box(sel.pick(&dests, &ctx))
                 })
@@ -92,6 +93,7 @@ fn bench_affinity(c: &mut Criterion<ThreadCpu>) {
             flow,
             now,
             rng: &rng,
+            rotation: None,
         };
         table.route(
             &scope,

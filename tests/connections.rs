@@ -400,6 +400,18 @@ fn churn(
     connections: u32,
     close: bool,
 ) -> BTreeMap<SocketAddr, u32> {
+    churn_via(kind, weights, connections, close, 0).remove(0)
+}
+
+/// [`churn`] through `readers` per-thread readers taking the connections in
+/// turn (0: through `Dataplane::route`); the counts per reader.
+fn churn_via(
+    kind: SchedulerKind,
+    weights: [i64; 4],
+    connections: u32,
+    close: bool,
+    readers: usize,
+) -> Vec<BTreeMap<SocketAddr, u32>> {
     let slice = |flap: bool| {
         let mut b = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
             .port(SlicePortSpec::tcp(8080));
@@ -426,19 +438,140 @@ fn churn(
         .unwrap();
     let dp = IpvsDataplane::new(DataplaneConfig::with_seed(7).scheduler(kind));
     dp.sync(&table, &table.full_change_set(), Instant::ZERO);
-    let mut counts = BTreeMap::new();
+    let mut rs: Vec<IpvsReader> = (0..readers).map(|_| dp.reader()).collect();
+    let mut counts = vec![BTreeMap::new(); readers.max(1)];
     for i in 0..connections {
         let cs = table.apply(Change::UpsertSlice(slice(i % 2 == 1))).unwrap();
-        dp.sync(&table, &cs, secs(u64::from(i)));
+        let now = secs(u64::from(i));
+        dp.sync(&table, &cs, now);
         let f = client(10_000 + i as u16);
-        let b = dp.route(&f, secs(u64::from(i))).backend().unwrap();
-        dp.packet(&f, TcpFlags::ACK, secs(u64::from(i)));
+        let r = i as usize % readers.max(1);
+        let b = match rs.get_mut(r) {
+            None => dp.route(&f, now),
+            Some(reader) => reader.route(&f, now),
+        };
+        let b = b.backend().unwrap();
+        dp.packet(&f, TcpFlags::ACK, now);
         if close {
-            dp.connection_closed(&f, secs(u64::from(i)));
+            dp.connection_closed(&f, now);
         }
-        *counts.entry(b).or_insert(0) += 1;
+        *counts[r].entry(b).or_insert(0) += 1;
     }
     counts
+}
+
+/// The stable three's counts, and the flapping one's.
+fn stable_and_flapping(counts: &BTreeMap<SocketAddr, u32>) -> (Vec<u32>, u32) {
+    let stable = ["10.1.0.1", "10.1.0.2", "10.1.0.3"].map(|ip| {
+        counts
+            .get(&format!("{ip}:8080").parse().unwrap())
+            .copied()
+            .unwrap_or(0)
+    });
+    let flapping = counts
+        .get(&"10.1.0.4:8080".parse().unwrap())
+        .copied()
+        .unwrap_or(0);
+    (stable.to_vec(), flapping)
+}
+
+/// Per-thread readers keep their own rotations (no shared counter), and
+/// each continues across the churn as the shared one does: every reader's
+/// new connections are spread within 1 of even over the stable three
+/// (within 3 of even in all).
+#[test]
+fn rr_through_per_thread_readers_spreads_evenly_under_churn() {
+    // Three readers in turn: each sees the flapping endpoint come and go.
+    let per_reader = churn_via(SchedulerKind::RoundRobin, [1; 4], 180, true, 3);
+    let mut total = [0u32; 3];
+    for counts in &per_reader {
+        let (stable, _) = stable_and_flapping(counts);
+        let (lo, hi) = (stable.iter().min().unwrap(), stable.iter().max().unwrap());
+        assert!(hi - lo <= 1, "one reader's rr under churn: {per_reader:?}");
+        for (t, c) in total.iter_mut().zip(&stable) {
+            *t += c;
+        }
+    }
+    let (lo, hi) = (total.iter().min().unwrap(), total.iter().max().unwrap());
+    assert!(
+        hi - lo <= 3,
+        "three readers' rr under churn: {per_reader:?}"
+    );
+    assert!(
+        per_reader.iter().all(|c| stable_and_flapping(c).1 > 0),
+        "{per_reader:?}"
+    );
+}
+
+#[test]
+fn wrr_through_per_thread_readers_follows_its_weights_under_churn() {
+    for counts in churn_via(
+        SchedulerKind::WeightedRoundRobin,
+        [3, 2, 1, 1],
+        240,
+        true,
+        2,
+    ) {
+        let (s, _) = stable_and_flapping(&counts);
+        assert!(s[0] > s[1] && s[1] > s[2] && s[2] > 0, "{counts:?}");
+        assert!(
+            (f64::from(s[0]) / f64::from(s[2]) - 3.0).abs() <= 1.0,
+            "{counts:?}"
+        );
+    }
+}
+
+/// Two threads through their own readers: each cycles strictly, so each
+/// thread's 3,000 connections go exactly 1,000 to each backend; with
+/// `global_rotation` the two share one strict rotation, 2,000 each in all.
+#[test]
+fn readers_rotate_on_their_own_unless_the_rotation_is_global() {
+    for global in [false, true] {
+        let mut table = ServiceTable::new();
+        table
+            .apply_batch([
+                Change::UpsertService(web()),
+                Change::UpsertSlice(ready(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])),
+            ])
+            .unwrap();
+        let mut config = DataplaneConfig::with_seed(3)
+            .scheduler(SchedulerKind::RoundRobin)
+            .conntrack(None);
+        config.global_rotation = global;
+        let dp = IpvsDataplane::new(config);
+        dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+        let per_thread: Vec<BTreeMap<SocketAddr, u32>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2u16)
+                .map(|t| {
+                    let mut reader = dp.reader();
+                    s.spawn(move || {
+                        let mut counts = BTreeMap::new();
+                        for i in 0..3000u16 {
+                            let f = client(t * 4000 + i);
+                            let b = reader.route(&f, Instant::ZERO).backend().unwrap();
+                            *counts.entry(b).or_insert(0) += 1;
+                        }
+                        counts
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut total = BTreeMap::new();
+        for counts in &per_thread {
+            if !global {
+                assert!(counts.values().all(|&c| c == 1000), "{per_thread:?}");
+            }
+            for (b, c) in counts {
+                *total.entry(*b).or_insert(0) += c;
+            }
+        }
+        assert_eq!(total.len(), 3);
+        assert!(
+            total.values().all(|&c| c == 2000),
+            "global {global}: {total:?}"
+        );
+    }
 }
 
 #[test]

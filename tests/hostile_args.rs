@@ -267,6 +267,7 @@ fn schedulers_build_and_pick_with_no_or_huge_destinations() {
         flow: &flow,
         now: Instant::from_nanos(u64::MAX),
         rng: &rng,
+        rotation: None,
     };
     let addr = |i: u32| SocketAddr::new(IpAddr::from([10, 1, (i >> 8) as u8, i as u8]), 80);
     let sets: Vec<Vec<Destination>> = vec![

@@ -526,6 +526,7 @@ fn random_cascade_is_uniform() {
             flow: &flow,
             now: Instant::ZERO,
             rng: &rng,
+            rotation: None,
         };
         let draws = 20_000 * n;
         let mut counts = vec![0u64; n];

@@ -126,8 +126,7 @@ fn bench_pick(c: &mut Criterion<ThreadCpu>) {
                     let ctx = PickContext {
                         flow: &flows[i],
                         now: Instant::ZERO,
-                        rng: &rng,
-                    };
+                        rng: &rng, rotation: None, };
                     black_box(sel.pick(&dests, &ctx).map(|j| dests[j].addr()))
                 })
             });

@@ -43,6 +43,7 @@ use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::{ServiceKey, SessionAffinity};
 use crate::plan::{BackendStates, Frontend, FrontendId, FrontendKey, Outcome, PlanDiff, Planner};
 use crate::rng::SeededRng;
+use crate::scheduler::Rotation;
 use crate::scheduler::{Destination, PickContext, Selector};
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
@@ -138,6 +139,20 @@ pub struct IpvsReader {
     shared: Arc<Shared>,
     table: Cache<Arc<ArcSwap<VsTable>>, Arc<VsTable>>,
     rng: SeededRng,
+    /// This reader's own `rr`/`wrr` positions, by frontend id (unless
+    /// [`DataplaneConfig::global_rotation`]).
+    rotations: Vec<Rotation>,
+}
+
+/// `rotations[id]`, grown (in powers of two) the first time a frontend id
+/// beyond the end is seen.
+#[inline]
+fn rotation_of(rotations: &mut Vec<Rotation>, id: FrontendId) -> &Rotation {
+    let i = id.0 as usize;
+    if i >= rotations.len() {
+        rotations.resize_with((i + 1).next_power_of_two(), Rotation::default);
+    }
+    &rotations[i]
 }
 
 impl IpvsReader {
@@ -171,12 +186,17 @@ impl IpvsReader {
         let shared = &*self.shared;
         let table = self.table.load();
         let rng = &self.rng;
+        let rotations = &mut self.rotations;
+        let local = !shared.config.global_rotation;
         shared
             .conn
             .packet(&shared.states, flow, flags, now, rng, |flow| {
                 match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                     None => Scheduled::NotAService,
-                    Some(state) => shared.decide(state, flow, key, now, rng),
+                    Some(state) => {
+                        let rotation = local.then(|| rotation_of(rotations, state.frontend));
+                        shared.decide(state, flow, key, now, rng, rotation)
+                    }
                 }
             })
     }
@@ -336,6 +356,7 @@ impl Shared {
         key: Option<u64>,
         now: Instant,
         rng: &SeededRng,
+        rotation: Option<&Rotation>,
     ) -> Scheduled {
         let Some(selector) = &state.selector else {
             return match state.outcome {
@@ -344,7 +365,12 @@ impl Shared {
             };
         };
         let dests = &state.dests;
-        let ctx = PickContext { flow, now, rng };
+        let ctx = PickContext {
+            flow,
+            now,
+            rng,
+            rotation,
+        };
         let picked = match &state.affinity {
             None => selector.pick(dests, &ctx),
             Some(aff) => {
@@ -382,7 +408,7 @@ impl Shared {
             &self.rng,
             |flow| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                 None => Scheduled::NotAService,
-                Some(state) => self.decide(state, flow, key, now, &self.rng),
+                Some(state) => self.decide(state, flow, key, now, &self.rng, None),
             },
         )
     }
@@ -598,6 +624,16 @@ impl IpvsDataplane {
             shared: Arc::clone(&self.shared),
             table: Cache::new(Arc::clone(&self.shared.table)),
             rng: super::reader_rng(self.shared.config.seed, &self.shared.readers),
+            rotations: if self.shared.config.global_rotation {
+                Vec::new()
+            } else {
+                // Room for every frontend id in use, so that a warm reader
+                // does not grow it.
+                let n = self.shared.planner.lock().frontend_count();
+                (0..n.next_power_of_two())
+                    .map(|_| Rotation::default())
+                    .collect()
+            },
         }
     }
 }

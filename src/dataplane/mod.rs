@@ -206,6 +206,15 @@ pub struct DataplaneConfig {
     pub cluster_cidrs: Vec<Cidr>,
     /// `--masquerade-all`: masquerade all traffic to cluster IPs.
     pub masquerade_all: bool,
+    /// IPVS mode, `rr` and `wrr`: whether per-thread readers
+    /// ([`IpvsDataplane::reader`]) share the scheduler's one rotation,
+    /// strictly global as the kernel's single `ip_vs_rr` pointer, at the
+    /// cost of a counter every packet thread writes. `false` (the default):
+    /// each reader keeps its own position per frontend, so that new
+    /// connections from N threads are each spread within 1 of even per
+    /// thread (within N of even in all) and threads write no shared cache
+    /// line. [`Dataplane::route`] always uses the shared rotation.
+    pub global_rotation: bool,
 }
 
 impl Default for DataplaneConfig {
@@ -224,6 +233,7 @@ impl Default for DataplaneConfig {
             loopback_node_ports: None,
             cluster_cidrs: Vec::new(),
             masquerade_all: false,
+            global_rotation: false,
         }
     }
 }

@@ -78,6 +78,7 @@ mod tests {
                 flow: &f,
                 now: Instant::ZERO,
                 rng: &rng,
+                rotation: None,
             },
         )
     }

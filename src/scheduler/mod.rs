@@ -219,6 +219,56 @@ pub struct PickContext<'a> {
     pub now: Instant,
     /// The dataplane's seeded random source.
     pub rng: &'a SeededRng,
+    /// The calling packet thread's own rotation at this frontend, when it
+    /// picks through a per-thread reader ([`IpvsReader`]): `rr` and `wrr`
+    /// then advance it instead of the scheduler's shared position, so that
+    /// packet threads write no shared counter. `None`: the scheduler's one
+    /// rotation, strictly global across threads.
+    ///
+    /// [`IpvsReader`]: crate::IpvsReader
+    pub rotation: Option<&'a Rotation>,
+}
+
+impl<'a> PickContext<'a> {
+    /// A context with the shared rotation.
+    pub fn new(flow: &'a Flow, now: Instant, rng: &'a SeededRng) -> Self {
+        PickContext {
+            flow,
+            now,
+            rng,
+            rotation: None,
+        }
+    }
+}
+
+/// One packet thread's position in one frontend's `rr` or `wrr` rotation
+/// ([`PickContext::rotation`]). It remembers the destination picked last
+/// (by address), so that it continues across endpoint changes as the
+/// shared rotation does; a fresh one starts where the shared rotation is.
+/// Not `Sync`: it belongs to one thread.
+#[derive(Debug, Default)]
+pub struct Rotation(core::cell::Cell<RotationState>);
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RotationState {
+    /// The destination picked last (`None`: none yet).
+    pub(crate) last: Option<core::net::SocketAddr>,
+    /// Its index (rr: in the rotation; wrr: among the destinations).
+    pub(crate) pos: u32,
+    /// wrr's current weight.
+    pub(crate) cw: u32,
+}
+
+impl Rotation {
+    #[inline]
+    pub(crate) fn get(&self) -> RotationState {
+        self.0.get()
+    }
+
+    #[inline]
+    pub(crate) fn set(&self, s: RotationState) {
+        self.0.set(s);
+    }
 }
 
 /// A built selector for one virtual service: picks the index of the

@@ -88,6 +88,7 @@ mod tests {
             flow: &f,
             now: Instant::ZERO,
             rng: &rng,
+            rotation: None,
         };
         let mut counts = [0u32; 5];
         for _ in 0..100_000 {

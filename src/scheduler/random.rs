@@ -113,6 +113,7 @@ mod tests {
             flow: &f,
             now: Instant::ZERO,
             rng: &rng,
+            rotation: None,
         };
         let mut counts = [0u32; 5];
         let draws = 100_000;
@@ -143,6 +144,7 @@ mod tests {
             flow: &f,
             now: Instant::ZERO,
             rng: &rng,
+            rotation: None,
         };
         for _ in 0..100 {
             assert_eq!(s.pick(&d, &ctx), Some(1));

@@ -2,7 +2,7 @@
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::{Destination, PickContext, Scheduler};
+use super::{Destination, PickContext, Rotation, RotationState, Scheduler};
 
 /// Round-robin over the destinations with a weight above zero, in order.
 ///
@@ -90,9 +90,66 @@ impl RoundRobin {
     }
 }
 
+impl RoundRobin {
+    /// A pick that advances one thread's own rotation (see
+    /// [`PickContext::rotation`]): the next eligible destination after the
+    /// one this thread picked last; after a change, after that destination
+    /// (matched by address) or, if it is gone, the one that followed it in
+    /// merged order, as [`continue_from`](Self::continue_from) does for the
+    /// shared rotation.
+    #[inline]
+    fn pick_local(&self, dests: &[Destination], r: &Rotation) -> Option<usize> {
+        let n = self.len;
+        if n == 0 {
+            return None;
+        }
+        let index = |k: usize| match &self.eligible {
+            None => k,
+            Some(rotation) => rotation[k] as usize,
+        };
+        let addr_at = |k: usize| dests.get(index(k)).map(Destination::addr);
+        let st = r.get();
+        let pos = st.pos as usize;
+        let next = match st.last {
+            // First pick here: start where the shared rotation is.
+            None => self.next.load(Ordering::Relaxed) % n,
+            Some(last) if pos < n && addr_at(pos) == Some(last) => {
+                if pos + 1 == n {
+                    0
+                } else {
+                    pos + 1
+                }
+            }
+            Some(last) => (0..n)
+                .find_map(|k| {
+                    let a = addr_at(k)?;
+                    if a == last {
+                        Some((k + 1) % n)
+                    } else if crate::table::endpoint_order(a, last) == core::cmp::Ordering::Greater
+                    {
+                        Some(k)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(0),
+        };
+        let picked = index(next);
+        r.set(RotationState {
+            last: dests.get(picked).map(Destination::addr),
+            pos: next as u32,
+            cw: 0,
+        });
+        Some(picked)
+    }
+}
+
 impl Scheduler for RoundRobin {
     #[inline]
-    fn pick(&self, _dests: &[Destination], _ctx: &PickContext<'_>) -> Option<usize> {
+    fn pick(&self, dests: &[Destination], ctx: &PickContext<'_>) -> Option<usize> {
+        if let Some(r) = ctx.rotation {
+            return self.pick_local(dests, r);
+        }
         let n = self.len;
         if n == 0 {
             return None;
@@ -167,15 +224,7 @@ impl WeightedRoundRobin {
         let new = WeightedRoundRobin::new(dests);
         let n = new.weights.len();
         let state = old.state.load(Ordering::Relaxed);
-        let cw = state as u32;
-        let mw = new.max_weight;
-        let cw = if cw > mw || cw == 0 {
-            0
-        } else if new.gcd > 1 {
-            (cw / new.gcd).max(1) * new.gcd
-        } else {
-            cw
-        };
+        let cw = new.kept_weight(state as u32);
         let last = old_dests.get((state >> 32) as usize);
         let pos = match last {
             None => n.saturating_sub(1),
@@ -198,6 +247,66 @@ impl WeightedRoundRobin {
         new
     }
 
+    /// A current weight carried over from another schedule, as
+    /// `ip_vs_wrr_dest_changed` keeps it: kept when within this schedule's
+    /// maximum, rounded to its gcd, else reset.
+    fn kept_weight(&self, cw: u32) -> u32 {
+        if cw > self.max_weight || cw == 0 {
+            0
+        } else if self.gcd > 1 {
+            (cw / self.gcd).max(1) * self.gcd
+        } else {
+            cw
+        }
+    }
+
+    /// A pick that advances one thread's own schedule state (see
+    /// [`PickContext::rotation`]), carried across changes as
+    /// [`continue_from`](Self::continue_from) carries the shared one: the
+    /// current weight kept, the walk going on after the destination picked
+    /// last (by address; if it is gone, after the one before it in merged
+    /// order).
+    fn pick_local(&self, dests: &[Destination], r: &Rotation) -> Option<usize> {
+        if self.max_weight == 0 {
+            return None;
+        }
+        let n = self.weights.len();
+        let st = r.get();
+        let pos = st.pos as usize;
+        let addr_at = |i: usize| dests.get(i).map(Destination::addr);
+        let state = match st.last {
+            None => self.state.load(Ordering::Relaxed),
+            Some(last) => {
+                let pos = if pos < n && addr_at(pos) == Some(last) {
+                    pos
+                } else {
+                    match (0..n).find(|&i| addr_at(i) == Some(last)) {
+                        Some(i) => i,
+                        None => {
+                            let after = (0..n)
+                                .find(|&i| {
+                                    addr_at(i).is_some_and(|a| {
+                                        crate::table::endpoint_order(a, last)
+                                            == core::cmp::Ordering::Greater
+                                    })
+                                })
+                                .unwrap_or(n);
+                            (after + n - 1) % n
+                        }
+                    }
+                };
+                ((pos as u64) << 32) | u64::from(self.kept_weight(st.cw))
+            }
+        };
+        let (pick, next) = self.step(state);
+        r.set(RotationState {
+            last: addr_at(pick),
+            pos: pick as u32,
+            cw: next as u32,
+        });
+        Some(pick)
+    }
+
     fn step(&self, state: u64) -> (usize, u64) {
         let n = self.weights.len();
         let mut i = (state >> 32) as usize;
@@ -218,7 +327,10 @@ impl WeightedRoundRobin {
 }
 
 impl Scheduler for WeightedRoundRobin {
-    fn pick(&self, _dests: &[Destination], _ctx: &PickContext<'_>) -> Option<usize> {
+    fn pick(&self, dests: &[Destination], ctx: &PickContext<'_>) -> Option<usize> {
+        if let Some(r) = ctx.rotation {
+            return self.pick_local(dests, r);
+        }
         if self.max_weight == 0 {
             return None;
         }
@@ -249,6 +361,7 @@ mod tests {
             flow: &f,
             now: Instant::ZERO,
             rng: &rng,
+            rotation: None,
         };
         (0..n).map(|_| s.pick(d, &ctx).unwrap()).collect()
     }
@@ -361,8 +474,71 @@ mod tests {
             flow: &f,
             now: Instant::ZERO,
             rng: &rng,
+            rotation: None,
         };
         assert_eq!(WeightedRoundRobin::new(&d).pick(&d, &ctx), None);
         assert_eq!(RoundRobin::new(&d).pick(&d, &ctx), None);
+    }
+
+    fn local_picks(s: &dyn Scheduler, d: &[Destination], r: &Rotation, n: usize) -> Vec<usize> {
+        let rng = SeededRng::new(0);
+        let f = flow([10, 1, 0, 1], 1);
+        let ctx = PickContext {
+            rotation: Some(r),
+            ..PickContext::new(&f, Instant::ZERO, &rng)
+        };
+        (0..n).map(|_| s.pick(d, &ctx).unwrap()).collect()
+    }
+
+    /// A thread's own rotation cycles on its own, leaves the shared one
+    /// alone, and continues across changes as the shared one does.
+    #[test]
+    fn rr_local_rotations_are_independent_and_continue_across_changes() {
+        let d = with_ids(&[1, 1, 1], &[1, 2, 3]);
+        let rr = RoundRobin::new(&d);
+        let (a, b) = (Rotation::default(), Rotation::default());
+        assert_eq!(local_picks(&rr, &d, &a, 2), [0, 1]);
+        assert_eq!(local_picks(&rr, &d, &b, 4), [0, 1, 2, 0]);
+        assert_eq!(local_picks(&rr, &d, &a, 1), [2]);
+        // The shared rotation did not move.
+        assert_eq!(picks(&rr, &d, 1), [0]);
+        // A fresh rotation starts where the shared one is.
+        assert_eq!(local_picks(&rr, &d, &Rotation::default(), 1), [1]);
+        // Adding a destination does not move `a` (last picked: id 3).
+        let d2 = with_ids(&[1, 1, 1, 1], &[1, 2, 3, 4]);
+        let rr2 = RoundRobin::new(&d2);
+        assert_eq!(local_picks(&rr2, &d2, &a, 3), [3, 0, 1]); // ids 4, 1, 2
+        // Removing the last picked (id 2) continues with the one after it.
+        let d3 = with_ids(&[1, 1, 1], &[1, 3, 4]);
+        let rr3 = RoundRobin::new(&d3);
+        assert_eq!(local_picks(&rr3, &d3, &a, 2), [1, 2]); // ids 3, 4
+        // Weight 0 is skipped.
+        let d4 = with_ids(&[1, 0, 1], &[1, 3, 4]);
+        assert_eq!(local_picks(&RoundRobin::new(&d4), &d4, &a, 3), [0, 2, 0]);
+    }
+
+    #[test]
+    fn wrr_local_schedule_follows_ipvs_and_survives_rebuilds() {
+        let d = dests(&[4, 3, 2]);
+        let r = Rotation::default();
+        let mut seq = Vec::new();
+        for _ in 0..9 {
+            // A rebuild before every pick: the thread's state carries on.
+            seq.extend(local_picks(&WeightedRoundRobin::new(&d), &d, &r, 1));
+        }
+        assert_eq!(seq, [0, 0, 1, 0, 1, 2, 0, 1, 2]);
+        let w = WeightedRoundRobin::new(&d);
+        assert_eq!(picks(&w, &d, 3), [0, 0, 1]);
+        // A fresh rotation starts from the shared state.
+        assert_eq!(local_picks(&w, &d, &Rotation::default(), 3), [0, 1, 2]);
+        // Removing the last picked goes on after the one before it.
+        let d = with_ids(&[1, 1, 1], &[1, 2, 3]);
+        let r = Rotation::default();
+        assert_eq!(local_picks(&WeightedRoundRobin::new(&d), &d, &r, 2), [0, 1]);
+        let d2 = with_ids(&[1, 1], &[1, 3]);
+        assert_eq!(
+            local_picks(&WeightedRoundRobin::new(&d2), &d2, &r, 2),
+            [1, 0]
+        );
     }
 }

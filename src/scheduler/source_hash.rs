@@ -98,6 +98,7 @@ mod tests {
                 flow: &f,
                 now: Instant::ZERO,
                 rng: &rng,
+                rotation: None,
             },
         )
         .unwrap()
