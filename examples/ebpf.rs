@@ -34,7 +34,8 @@
 //!
 //! After each sync it prints one line, `synced WHY: +A ~C -R frontends;
 //! map writes: F frontend, B backend, T tables (K chunks)`. Frontends the
-//! kernel program does not serve (IPv6, SCTP) are left out, with a note.
+//! kernel program does not serve (SCTP) are left out, with a note; IPv4 and
+//! IPv6 frontends (dual-stack services too) are both written.
 //!
 //! Exit status: 0 after SIGINT/SIGTERM, 1 when the first load, the program
 //! load (verifier) or the attach fails, 2 for bad usage.
@@ -222,7 +223,7 @@ fn connected(dp: &EbpfDataplane) -> HashSet<u32> {
 
 fn kernel_serves(fe: &Frontend) -> bool {
     let key = fe.key();
-    key.addr.is_ipv4() && matches!(key.protocol, Protocol::Tcp | Protocol::Udp)
+    matches!(key.protocol, Protocol::Tcp | Protocol::Udp)
 }
 
 impl Sync {
@@ -271,7 +272,7 @@ impl Sync {
                 let k = fe.key();
                 if self.skipped.insert((k.addr, k.port, k.protocol)) {
                     eprintln!(
-                        "ebpf: note: {} {}/{} left out: the kernel program serves IPv4 TCP and UDP only",
+                        "ebpf: note: {} {}/{} left out: the kernel program serves TCP and UDP only",
                         fe.name(),
                         k.socket_addr(),
                         k.protocol

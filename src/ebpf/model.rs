@@ -68,7 +68,7 @@ pub enum BackendState {
 pub struct EbpfBackendSpec {
     /// Stable backend id (the key of the kernel's backends map; not 0).
     pub id: u32,
-    /// The backend's address (IPv4 for the kernel program).
+    /// The backend's address (of the VIP's family).
     pub addr: SocketAddr,
     /// Maglev weight (0: no new connections).
     pub weight: u16,
@@ -262,7 +262,9 @@ fn addr_word(ip: IpAddr, salt: u32) -> u64 {
 /// `A = saddr << 32 | daddr` and `B = sport << 48 | dport << 32 | protocol`
 /// (addresses and ports as host-order integers, protocol as its IP number).
 /// IPv6 folds each address to 32 bits first: `murmur3_x64_64(hi, lo, 0)`
-/// for the source and `(.., 1)` for the destination, truncated.
+/// for the source and `(.., 1)` for the destination, truncated (`hi` and
+/// `lo` the address's two big-endian halves), as the C program's
+/// `flow_hash6` does.
 pub fn flow_hash(flow: &Flow) -> u64 {
     let s = addr_word(flow.src.ip(), 0) & 0xffff_ffff;
     let d = addr_word(flow.dst.ip(), 1) & 0xffff_ffff;
