@@ -6,7 +6,8 @@
 //! - `svclb_frontends`: (VIP, port, protocol) -> frontend id, backend count,
 //!   flags, table size, live table version;
 //! - `svclb_backends`: backend id -> address, port, state (active/draining);
-//! - `svclb_tables`: (frontend id, version, chunk) -> 4096 backend ids: two
+//! - `svclb_tables`: (frontend id, version, chunk) -> 1008 backend ids
+//!   (one page per element; the C file says why): two
 //!   copies per frontend, the live one named by the frontend entry, so a
 //!   table rewrite fills the other copy and one frontend write swaps it;
 //! - `svclb_ct` (LRU): client tuple -> backend id, TCP state, expiry;
@@ -22,7 +23,7 @@
 //! # Diffs
 //! [`EbpfDataplane::apply`] compares each frontend with what it wrote last:
 //! an unchanged frontend costs nothing; a changed one costs its backend
-//! writes, one table rewrite (`ceil(M / 4096)` chunk writes into the idle
+//! writes, one table rewrite (`ceil(M / 1008)` chunk writes into the idle
 //! copy) and one frontend write. Other frontends are never rewritten.
 //! Draining backends leave the table but stay in the backends map, so
 //! tracked connections keep them; backends no frontend names are deleted.
@@ -52,8 +53,8 @@ pub enum EbpfError {
     /// Loading (verifier) or attaching the program failed.
     #[error("eBPF program: {0}")]
     Program(#[from] ProgramError),
-    /// A map operation failed.
-    #[error("eBPF map {map}: {source}")]
+    /// A map operation failed (the message names the syscall's errno).
+    #[error("eBPF map {map}: {}", describe(source))]
     Map {
         /// The map's name.
         map: &'static str,
@@ -69,6 +70,15 @@ pub enum EbpfError {
     /// The object lacks a map or program this loader expects.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+}
+
+/// aya's message, with the OS error of a failed syscall (ENOMEM, E2BIG, ...)
+/// that its `Display` leaves to `source()`.
+fn describe(e: &MapError) -> String {
+    match e {
+        MapError::SyscallError(s) => format!("{e}: {}", s.io_error),
+        other => other.to_string(),
+    }
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> EbpfError {
