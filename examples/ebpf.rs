@@ -96,6 +96,12 @@ struct Cli {
     /// This node's zone (topology hints).
     #[arg(long)]
     zone: Option<String>,
+    /// A node IP: node ports answer on it (as the CLI's `--node-ip`).
+    /// Repeatable. Replies to it leave the program with the node's own
+    /// source address before routing, so the interfaces towards the
+    /// backends need `net.ipv4.conf.IFACE.accept_local=1`.
+    #[arg(long = "node-ip", action = clap::ArgAction::Append, value_name = "IP")]
+    node_ip: Vec<IpAddr>,
     /// Maglev table size of every frontend (a prime, 251..=131071); the
     /// default is at least 100 slots per backend, 16381 at least.
     #[arg(long)]
@@ -370,6 +376,10 @@ fn run(cli: &Cli, tx: Sender<Event>, rx: Receiver<Event>) -> Result<(), String> 
     node.node_name = cli.node.clone();
     node.zone = cli.zone.clone();
     let mut planner = Planner::new(node);
+    planner.set_node_addresses(svclb::plan::NodeAddresses::new(
+        cli.node_ip.clone(),
+        Vec::new(),
+    ));
     planner.set_drain_grace(Duration::from_secs(cli.drain_grace));
     let ifaces: Vec<&str> = cli.iface.iter().map(String::as_str).collect();
     let dp = EbpfDataplane::load(&ifaces, cli.table_size)

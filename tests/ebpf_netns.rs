@@ -14,7 +14,9 @@
 //! One test drives the loader directly over IPv4; one over IPv6, in the same
 //! topology made dual-stack (fd00:200:N::/64 on the veths, the client
 //! routing fd00:96::/64 via lb), with the maps written from the plan of a
-//! dual-stack service; two (feature `serde` too) run
+//! dual-stack service; one with node ports (on lb's own address) and
+//! external IPs, Cluster and Local policies, from the plan; two (feature
+//! `serde` too) run
 //! `examples/ebpf.rs` in the same topology: ready, 300 predicted
 //! connections, a reload that removes a backend under open connections,
 //! the drain's end, a followed watch file, SIGHUP, SIGTERM; and its exit 1
@@ -847,6 +849,176 @@ fn ebpf_dataplane_ipv6_dual_stack_in_network_namespaces() {
         assert_eq!(udp6_checksum_errors(&ns), 0, "{n}: Udp6InCsumErrors");
     }
     println!("IPv6 netns test took {:?}", started.elapsed());
+}
+
+/// External frontend kinds in the kernel program, written from the plan:
+/// a node port on lb's own address (10.200.0.1, the client's gateway), an
+/// external IP (10.97.0.5, routed via lb), and `externalTrafficPolicy:
+/// Local` node ports (only the endpoints on node `lb`; none there: DROP),
+/// each matched by (address, port, protocol) as cluster IPs are, each
+/// connection on the backend the model predicts.
+#[test]
+fn ebpf_node_ports_and_external_ips_in_network_namespaces() {
+    use svclb::plan::{FrontendKind, NodeAddresses};
+    use svclb::{
+        AddressType, Change, EndpointSlice, EndpointSpec, Service, ServicePortSpec, ServiceType,
+        SlicePortSpec, TrafficPolicy,
+    };
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let topo = Topology::build("n").expect("topology");
+    for n in 1..=3u8 {
+        spawn_backend(topo.ns(&format!("b{n}")), n);
+    }
+    let (lb, client) = (topo.ns("lb"), topo.ns("client"));
+    run(&[
+        "ip",
+        "-n",
+        &client,
+        "route",
+        "add",
+        "10.97.0.0/16",
+        "via",
+        "10.200.0.1",
+    ])
+    .unwrap();
+    // Replies to a node port on lb's own address are reverse-NATed at TC
+    // ingress, before routing, so they arrive with a local source address,
+    // which the kernel drops as martian unless accept_local is on.
+    for dev in ["all", "l1", "l2", "l3"] {
+        let key = format!("net.ipv4.conf.{dev}.accept_local=1");
+        run(&["ip", "netns", "exec", &lb, "sysctl", "-qw", &key]).unwrap();
+    }
+    let node_ip = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
+    let external = IpAddr::V4(Ipv4Addr::new(10, 97, 0, 5));
+    let service = |name: &str, vip: [u8; 4], node_port: i64, local: bool| {
+        let mut b = Service::builder("default", name)
+            .service_type(ServiceType::NodePort)
+            .cluster_ip(IpAddr::from(vip))
+            .port(
+                ServicePortSpec::tcp(80)
+                    .name("http")
+                    .target_port(8080)
+                    .node_port(node_port),
+            );
+        if local {
+            b = b.external_traffic_policy(TrafficPolicy::Local);
+        } else {
+            b = b.external_ip(external);
+        }
+        Change::UpsertService(b.build().expect("a valid service"))
+    };
+    let slice = |svc: &str, endpoints: &[(u8, &str)]| {
+        Change::UpsertSlice(
+            EndpointSlice::builder("default", format!("{svc}-1"), svc, AddressType::IPv4)
+                .port(SlicePortSpec::tcp(8080).name("http"))
+                .endpoints(
+                    endpoints
+                        .iter()
+                        .map(|(n, node)| EndpointSpec::new(format!("10.200.{n}.2")).node(*node)),
+                )
+                .build()
+                .expect("a valid slice"),
+        )
+    };
+    let mut table = svclb::ServiceTable::new();
+    table
+        .apply_batch([
+            service("web", [10, 96, 0, 30], 30080, false),
+            slice("web", &[(1, "n1"), (2, "n2"), (3, "n3")]),
+            service("local", [10, 96, 0, 31], 30081, true),
+            slice("local", &[(1, "n1"), (3, "lb")]),
+            service("nolocal", [10, 96, 0, 32], 30082, true),
+            slice("nolocal", &[(2, "n2")]),
+        ])
+        .unwrap();
+    let mut planner = svclb::Planner::new(svclb::NodeTopology {
+        node_name: Some("lb".into()),
+        zone: None,
+    });
+    planner.set_node_addresses(NodeAddresses::new(vec![node_ip], vec![]));
+    planner.update(
+        &table,
+        &table.full_change_set(),
+        svclb::Instant::ZERO,
+        |_| false,
+    );
+    let kinds: Vec<FrontendKind> = planner.frontends().map(|fe| fe.kind()).collect();
+    println!("plan frontends: {kinds:?}");
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == FrontendKind::NodePort)
+            .count(),
+        3
+    );
+    assert!(kinds.contains(&FrontendKind::ExternalIp));
+    let specs: Vec<EbpfFrontendSpec> = planner
+        .frontends()
+        .map(|fe| svclb::ebpf::model::frontend_spec(fe))
+        .collect();
+    let mut dp = in_ns(&lb, || EbpfDataplane::load(&["l0", "l1", "l2", "l3"], None))
+        .expect("load and attach");
+    dp.apply(&specs).unwrap();
+
+    // `n` connections to `dst`, each echoed: (client address, backend).
+    let conns = |dst: SocketAddr, n: u32| -> Vec<(SocketAddr, u32)> {
+        in_ns(&client, || {
+            (0..n)
+                .map(|i| {
+                    let mut c = connect(dst, T).expect("connect");
+                    echo(&mut c, i).expect("echo");
+                    (c.local, c.backend)
+                })
+                .collect()
+        })
+    };
+    let check = |dst: SocketAddr, n: u32| -> Vec<u32> {
+        let fe = dp
+            .compiled(dst.ip(), dst.port(), Protocol::Tcp)
+            .expect("a written frontend")
+            .clone();
+        let got = conns(dst, n);
+        let agree = got
+            .iter()
+            .filter(|(local, b)| {
+                let id = predicted(&fe, *local, dst.ip(), dst.port());
+                number_of(fe.backend(id).expect("backend").addr) == *b
+            })
+            .count();
+        println!("{dst}: model agrees on {agree}/{n}");
+        assert_eq!(agree, n as usize, "{dst}");
+        got.into_iter().map(|(_, b)| b).collect()
+    };
+    let used = |dst: SocketAddr, n: u32| {
+        let mut b = check(dst, n);
+        b.sort_unstable();
+        b.dedup();
+        b
+    };
+    // Cluster policy: the node port and the external IP spread over all
+    // three backends.
+    assert_eq!(used(SocketAddr::new(node_ip, 30080), 60), [1, 2, 3]);
+    assert_eq!(used(SocketAddr::new(external, 80), 60), [1, 2, 3]);
+    // Local policy: the node port only reaches the endpoint on node `lb`;
+    // the service's cluster IP is not external, so it reaches both.
+    assert_eq!(used(SocketAddr::new(node_ip, 30081), 30), [3]);
+    assert_eq!(used(SocketAddr::from(([10, 96, 0, 31], 80)), 60), [1, 3]);
+    // Local policy without a local endpoint: dropped (no RST).
+    let dropped = in_ns(&client, || {
+        TcpStream::connect_timeout(&SocketAddr::new(node_ip, 30082), Duration::from_millis(500))
+            .map(|_| ())
+    });
+    assert_eq!(dropped.unwrap_err().kind(), ErrorKind::TimedOut);
+    let c = dp.counters().unwrap();
+    println!("counters: {c:?}");
+    assert!(c.drop_local >= 1);
+    assert_eq!(c.drop_malformed + c.drop_no_backend, 0);
+    for n in ["client", "b1", "b2", "b3"] {
+        assert_eq!(checksum_errors(&topo.ns(n)), (0, 0), "{n}");
+    }
 }
 
 /// `Udp6InCsumErrors` in namespace `ns` (`/proc/net/snmp6`; TCP's counter
