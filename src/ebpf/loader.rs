@@ -428,9 +428,9 @@ impl EbpfDataplane {
     /// only what changed since the last call (see the module docs).
     ///
     /// # Errors
-    /// [`EbpfError::Invalid`] for a spec the program cannot take (nothing is written then), [`EbpfError::Map`] when the
-    /// kernel refuses a write (the maps may then be partly written; apply
-    /// again).
+    /// [`EbpfError::Invalid`] for a spec the program cannot take (nothing
+    /// is written then), [`EbpfError::Map`] when the kernel refuses a write
+    /// (the maps may then be partly written; apply again).
     pub fn apply(&mut self, specs: &[EbpfFrontendSpec]) -> Result<ApplyStats, EbpfError> {
         let keep: HashSet<FeKey> = specs.iter().map(fe_key).collect();
         let removed: Vec<FeKey> = self
