@@ -34,7 +34,8 @@
 //!
 //! After each sync it prints one line, `synced WHY: +A ~C -R frontends;
 //! map writes: F frontend, B backend, T tables (K chunks)`. Frontends the
-//! kernel program does not serve (IPv6, SCTP) are left out, with a note.
+//! kernel program does not serve (SCTP) are left out, with a note; IPv4 and
+//! IPv6 frontends (dual-stack services too) are both written.
 //!
 //! Exit status: 0 after SIGINT/SIGTERM, 1 when the first load, the program
 //! load (verifier) or the attach fails, 2 for bad usage.
@@ -95,6 +96,12 @@ struct Cli {
     /// This node's zone (topology hints).
     #[arg(long)]
     zone: Option<String>,
+    /// A node IP: node ports answer on it (as the CLI's `--node-ip`).
+    /// Repeatable. Replies to it leave the program with the node's own
+    /// source address before routing, so the interfaces towards the
+    /// backends need `net.ipv4.conf.IFACE.accept_local=1`.
+    #[arg(long = "node-ip", action = clap::ArgAction::Append, value_name = "IP")]
+    node_ip: Vec<IpAddr>,
     /// Maglev table size of every frontend (a prime, 251..=131071); the
     /// default is at least 100 slots per backend, 16381 at least.
     #[arg(long)]
@@ -222,7 +229,7 @@ fn connected(dp: &EbpfDataplane) -> HashSet<u32> {
 
 fn kernel_serves(fe: &Frontend) -> bool {
     let key = fe.key();
-    key.addr.is_ipv4() && matches!(key.protocol, Protocol::Tcp | Protocol::Udp)
+    matches!(key.protocol, Protocol::Tcp | Protocol::Udp)
 }
 
 impl Sync {
@@ -271,7 +278,7 @@ impl Sync {
                 let k = fe.key();
                 if self.skipped.insert((k.addr, k.port, k.protocol)) {
                     eprintln!(
-                        "ebpf: note: {} {}/{} left out: the kernel program serves IPv4 TCP and UDP only",
+                        "ebpf: note: {} {}/{} left out: the kernel program serves TCP and UDP only",
                         fe.name(),
                         k.socket_addr(),
                         k.protocol
@@ -369,6 +376,10 @@ fn run(cli: &Cli, tx: Sender<Event>, rx: Receiver<Event>) -> Result<(), String> 
     node.node_name = cli.node.clone();
     node.zone = cli.zone.clone();
     let mut planner = Planner::new(node);
+    planner.set_node_addresses(svclb::plan::NodeAddresses::new(
+        cli.node_ip.clone(),
+        Vec::new(),
+    ));
     planner.set_drain_grace(Duration::from_secs(cli.drain_grace));
     let ifaces: Vec<&str> = cli.iface.iter().map(String::as_str).collect();
     let dp = EbpfDataplane::load(&ifaces, cli.table_size)

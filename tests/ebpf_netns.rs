@@ -11,14 +11,19 @@
 //! `SKIPPED: <reason>` and passes otherwise. The namespaces are deleted at
 //! the end, also on failure (a Drop guard).
 //!
-//! One test drives the loader directly; two (feature `serde` too) run
+//! One test drives the loader directly over IPv4; one over IPv6, in the same
+//! topology made dual-stack (fd00:200:N::/64 on the veths, the client
+//! routing fd00:96::/64 via lb), with the maps written from the plan of a
+//! dual-stack service; one with node ports (on lb's own address) and
+//! external IPs, Cluster and Local policies, from the plan; two (feature
+//! `serde` too) run
 //! `examples/ebpf.rs` in the same topology: ready, 300 predicted
 //! connections, a reload that removes a backend under open connections,
 //! the drain's end, a followed watch file, SIGHUP, SIGTERM; and its exit 1
 //! on bad input. Each test's namespaces are `svbpf<pid><tag>-*`.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -63,6 +68,15 @@ impl Topology {
     /// `tag` tells apart the topologies of the tests in this binary (they
     /// run in parallel); the prefix `svbpf` those of other tests.
     fn build(tag: &str) -> Result<Topology, String> {
+        Self::build_with(tag, false)
+    }
+
+    /// With `ipv6`, the same topology is dual-stack: fd00:200::2/64 on the
+    /// client, fd00:200:N::2/64 on backend N, `::1` on lb's side of each,
+    /// the client routing fd00:96::/64 via lb, the backends' default
+    /// routes via lb, IPv6 forwarding on in lb and no duplicate address
+    /// detection (addresses usable at once).
+    fn build_with(tag: &str, ipv6: bool) -> Result<Topology, String> {
         let topo = Topology {
             prefix: format!("svbpf{}{tag}-", std::process::id()),
         };
@@ -71,6 +85,11 @@ impl Topology {
         for ns in [&c, &lb].into_iter().chain(&backends) {
             run(&["ip", "netns", "add", ns])?;
             run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            if ipv6 {
+                // Before the veths exist, so that they inherit it.
+                let dad = "net.ipv6.conf.default.accept_dad=0";
+                run(&["ip", "netns", "exec", ns, "sysctl", "-qw", dad])?;
+            }
         }
         let veth = |a_ns: &str, a: &str, b_ns: &str, b: &str| {
             run(&[
@@ -135,6 +154,42 @@ impl Topology {
             let key = format!("net.ipv4.conf.{dev}.rp_filter=0");
             run(&["ip", "netns", "exec", &lb, "sysctl", "-qw", &key])?;
         }
+        if ipv6 {
+            let addr6 = |ns: &str, dev: &str, a: &str| {
+                run(&["ip", "-n", ns, "-6", "addr", "add", a, "dev", dev, "nodad"])
+            };
+            addr6(&c, "c0", "fd00:200::2/64")?;
+            addr6(&lb, "l0", "fd00:200::1/64")?;
+            run(&[
+                "ip",
+                "-n",
+                &c,
+                "-6",
+                "route",
+                "add",
+                "fd00:96::/64",
+                "via",
+                "fd00:200::1",
+            ])?;
+            for (i, b) in backends.iter().enumerate() {
+                let n = i + 1;
+                addr6(b, "b0", &format!("fd00:200:{n}::2/64"))?;
+                addr6(&lb, &format!("l{n}"), &format!("fd00:200:{n}::1/64"))?;
+                run(&[
+                    "ip",
+                    "-n",
+                    b,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("fd00:200:{n}::1"),
+                ])?;
+            }
+            let fwd = "net.ipv6.conf.all.forwarding=1";
+            run(&["ip", "netns", "exec", &lb, "sysctl", "-qw", fwd])?;
+        }
         Ok(topo)
     }
 }
@@ -148,14 +203,15 @@ impl Drop for Topology {
 }
 
 /// Echo servers in backend `n`'s namespace: TCP 8080 sends "B<n>\n" and then
-/// echoes; UDP 5353 answers "B<n>:" + the datagram. Threads live until the
-/// process exits (their namespace is deleted under them).
+/// echoes; UDP 5353 answers "B<n>:" + the datagram; both on `[::]`, so IPv4
+/// and IPv6 alike. Threads live until the process exits (their namespace is
+/// deleted under them).
 fn spawn_backend(ns: String, n: u8) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         enter(&ns);
-        let l = TcpListener::bind("0.0.0.0:8080").unwrap();
-        let u = UdpSocket::bind("0.0.0.0:5353").unwrap();
+        let l = TcpListener::bind("[::]:8080").unwrap();
+        let u = UdpSocket::bind("[::]:5353").unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((len, from)) = u.recv_from(&mut buf) {
@@ -209,8 +265,8 @@ fn udp_spec() -> EbpfFrontendSpec {
     }
 }
 
-fn predicted(fe: &CompiledFrontend, local: SocketAddr, vip: Ipv4Addr, port: u16) -> u32 {
-    let flow = Flow::new(fe.spec().protocol, local, SocketAddr::from((vip, port)));
+fn predicted(fe: &CompiledFrontend, local: SocketAddr, vip: impl Into<IpAddr>, port: u16) -> u32 {
+    let flow = Flow::new(fe.spec().protocol, local, SocketAddr::new(vip.into(), port));
     choose(fe, &flow).expect("a backend")
 }
 
@@ -515,6 +571,506 @@ fn ebpf_dataplane_in_network_namespaces() {
         println!("program {id} unloaded after drop");
     }
     println!("netns test took {:?}", started.elapsed());
+}
+
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+const VIP6_EMPTY: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
+
+/// Backend number (1..=3) of a backend address 10.200.N.2 or fd00:200:N::2.
+fn number_of(addr: SocketAddr) -> u32 {
+    match addr.ip() {
+        IpAddr::V4(v4) => u32::from(v4.octets()[2]),
+        IpAddr::V6(v6) => u32::from(v6.segments()[2]),
+    }
+}
+
+/// A dual-stack cluster: `web` (10.96.0.10 and fd00:96::10, TCP 80 -> 8080,
+/// UDP 53 -> 5353) on the backends `v6` names (1..=3) over IPv6 and all
+/// three over IPv4; `empty` (fd00:96::11, TCP 80 and UDP 53) without
+/// endpoints.
+fn dual_stack(v6: &[u16]) -> Vec<svclb::Change> {
+    use svclb::{
+        AddressType, Change, EndpointSlice, EndpointSpec, Service, ServicePortSpec, SlicePortSpec,
+    };
+    let ports = |b: svclb::ServiceBuilder| {
+        b.port(ServicePortSpec::tcp(80).name("http").target_port(8080))
+            .port(ServicePortSpec::udp(53).name("dns").target_port(5353))
+            .build()
+            .expect("a valid service")
+    };
+    let slice = |name: &str, family, addrs: Vec<String>| {
+        EndpointSlice::builder("default", name, "web", family)
+            .port(SlicePortSpec::tcp(8080).name("http"))
+            .port(SlicePortSpec::udp(5353).name("dns"))
+            .endpoints(addrs.into_iter().map(EndpointSpec::new))
+            .build()
+            .expect("a valid slice")
+    };
+    vec![
+        Change::UpsertService(ports(
+            Service::builder("default", "web")
+                .cluster_ip(IpAddr::V4(VIP))
+                .cluster_ip(IpAddr::V6(VIP6)),
+        )),
+        Change::UpsertService(ports(
+            Service::builder("default", "empty").cluster_ip(IpAddr::V6(VIP6_EMPTY)),
+        )),
+        Change::UpsertSlice(slice(
+            "web-v4",
+            AddressType::IPv4,
+            (1..=3).map(|n| format!("10.200.{n}.2")).collect(),
+        )),
+        Change::UpsertSlice(slice(
+            "web-v6",
+            AddressType::IPv6,
+            v6.iter().map(|n| format!("fd00:200:{n}::2")).collect(),
+        )),
+    ]
+}
+
+/// IPv6 in the kernel program, written from the plan of a dual-stack
+/// service: 300 IPv6 connections (and 30 IPv4 ones of the same service)
+/// echoed on the model's backend, a removed backend keeping its open
+/// connections while new ones avoid it, REJECT as a TCP RST and ICMPv6 port
+/// unreachable, a UDP exchange, and the rewritten checksums verified by
+/// the receivers (offload off) and, for `BPF_PROG_TEST_RUN` frames, here.
+#[test]
+fn ebpf_dataplane_ipv6_dual_stack_in_network_namespaces() {
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let started = Instant::now();
+    let topo = Topology::build_with("6", true).expect("dual-stack topology");
+    for n in 1..=3u8 {
+        spawn_backend(topo.ns(&format!("b{n}")), n);
+    }
+    let (lb, client) = (topo.ns("lb"), topo.ns("client"));
+    let mut table = svclb::ServiceTable::new();
+    table.apply_batch(dual_stack(&[1, 2, 3])).unwrap();
+    let mut planner = svclb::Planner::new(svclb::NodeTopology::default());
+    planner.update(
+        &table,
+        &table.full_change_set(),
+        svclb::Instant::ZERO,
+        |_| false,
+    );
+    let specs = |planner: &svclb::Planner| -> Vec<EbpfFrontendSpec> {
+        planner
+            .frontends()
+            .map(|fe| svclb::ebpf::model::frontend_spec(fe))
+            .collect()
+    };
+    let mut dp = in_ns(&lb, || EbpfDataplane::load(&["l0", "l1", "l2", "l3"], None))
+        .expect("load and attach");
+    println!(
+        "verifier: {:?} instructions processed",
+        dp.verified_instruction_count().unwrap()
+    );
+    let all = specs(&planner);
+    assert_eq!(all.iter().filter(|s| s.vip.is_ipv6()).count(), 4, "{all:?}");
+    let first = dp.apply(&all).unwrap();
+    println!("first apply: {first:?} ({} frontends)", all.len());
+
+    // 1. 300 IPv6 connections, every byte echoed, each on the model's
+    //    backend; 30 IPv4 connections to the same service too.
+    let fe = dp.compiled(VIP6, 80, Protocol::Tcp).unwrap().clone();
+    let fe4 = dp.compiled(VIP, 80, Protocol::Tcp).unwrap().clone();
+    let number = |fe: &CompiledFrontend, id: u32| number_of(fe.backend(id).expect("backend").addr);
+    let conns = |vip: IpAddr, n: u32, seed: u32| -> Vec<(SocketAddr, u32)> {
+        in_ns(&client, || {
+            (0..n)
+                .map(|i| {
+                    let mut c = connect(SocketAddr::new(vip, 80), T).expect("connect");
+                    echo(&mut c, seed + i).expect("echo");
+                    (c.local, c.backend)
+                })
+                .collect()
+        })
+    };
+    let t = Instant::now();
+    let results = conns(IpAddr::V6(VIP6), 300, 0);
+    println!("300 IPv6 connections in {:?}", t.elapsed());
+    let agree = |fe: &CompiledFrontend, vip: IpAddr, r: &[(SocketAddr, u32)]| {
+        r.iter()
+            .filter(|(local, b)| number(fe, predicted(fe, *local, vip, 80)) == *b)
+            .count()
+    };
+    let mut per = [0usize; 4];
+    for (local, b) in &results {
+        assert!(local.is_ipv6());
+        per[*b as usize] += 1;
+    }
+    let ok = agree(&fe, IpAddr::V6(VIP6), &results);
+    println!(
+        "IPv6: model agrees on {ok}/300; per backend {:?}",
+        &per[1..]
+    );
+    assert_eq!(ok, 300);
+    assert!(per[1..].iter().all(|&k| k > 50), "{per:?}");
+    let v4 = conns(IpAddr::V4(VIP), 30, 400);
+    assert_eq!(agree(&fe4, IpAddr::V4(VIP), &v4), 30, "IPv4 beside IPv6");
+
+    // 2. Backend 2 leaves the IPv6 slice while 30 connections are open:
+    //    the planner drains it (it has connections), the loader keeps it
+    //    in svclb_backend6, the open connections keep echoing, new ones
+    //    avoid it.
+    let mut open: Vec<Conn> = in_ns(&client, || {
+        (0..30)
+            .map(|_| connect(SocketAddr::from((VIP6, 80)), T).expect("connect"))
+            .collect()
+    });
+    let on_b2 = open.iter().filter(|c| c.backend == 2).count();
+    assert!(on_b2 > 0, "no open connection on backend 2");
+    let changes = table.apply_batch(dual_stack(&[1, 3])).unwrap();
+    let diff = planner.update(&table, &changes, svclb::Instant::from_millis(1000), |_| {
+        true
+    });
+    assert!(
+        diff.backends
+            .iter()
+            .any(|(_, s)| *s == svclb::BackendState::Draining),
+        "backend 2 drains: {diff:?}"
+    );
+    let stats = dp.apply(&specs(&planner)).unwrap();
+    println!("removal apply: {stats:?}");
+    // Only the IPv6 TCP and UDP frontends changed: their entries, their
+    // tables, and backend 2's two entries (now draining) in svclb_backend6.
+    assert_eq!(stats.frontend_writes, 2);
+    assert_eq!(stats.table_rewrites, 2);
+    assert_eq!(stats.backend_writes, 2);
+    let echoed = in_ns(&client, || {
+        open.iter_mut()
+            .enumerate()
+            .map(|(i, c)| echo(c, 1000 + i as u32).map(|()| c.backend))
+            .collect::<Result<Vec<u32>, _>>()
+    })
+    .expect("open connections echo after the removal");
+    println!(
+        "{}/30 open IPv6 connections echoed after the removal ({on_b2} on backend 2)",
+        echoed.len()
+    );
+    let fe = dp.compiled(VIP6, 80, Protocol::Tcp).unwrap().clone();
+    assert!(fe.table().iter().all(|&id| number(&fe, id) != 2));
+    let after = conns(IpAddr::V6(VIP6), 60, 5000);
+    assert!(after.iter().all(|(_, b)| *b != 2), "{after:?}");
+    assert_eq!(
+        agree(&fe, IpAddr::V6(VIP6), &after),
+        60,
+        "model after the removal"
+    );
+    drop(open);
+
+    // 3. No endpoints: a TCP RST (ECONNREFUSED) and, for UDP, ICMPv6 port
+    //    unreachable (ECONNREFUSED on a connected socket).
+    let refused = in_ns(&client, || {
+        TcpStream::connect_timeout(&SocketAddr::from((VIP6_EMPTY, 80)), T).map(|_| ())
+    });
+    assert_eq!(refused.unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    let udp = |vip: Ipv6Addr| {
+        in_ns(&client, || -> std::io::Result<(SocketAddr, String)> {
+            let s = UdpSocket::bind("[::]:0")?;
+            s.set_read_timeout(Some(T))?;
+            s.connect(SocketAddr::from((vip, 53)))?;
+            s.send(b"ping")?;
+            let mut buf = [0u8; 64];
+            let n = s.recv(&mut buf)?;
+            Ok((
+                s.local_addr()?,
+                String::from_utf8_lossy(&buf[..n]).into_owned(),
+            ))
+        })
+    };
+    let refused = udp(VIP6_EMPTY);
+    assert_eq!(refused.unwrap_err().kind(), ErrorKind::ConnectionRefused);
+
+    // 4. UDP over IPv6: the reply comes from the VIP, from the model's
+    //    backend.
+    let ufe = dp.compiled(VIP6, 53, Protocol::Udp).unwrap().clone();
+    let (local, reply) = udp(VIP6).expect("a UDP reply");
+    let flow = Flow::udp(local, SocketAddr::from((VIP6, 53)));
+    let want = number(&ufe, choose(&ufe, &flow).expect("a backend"));
+    assert_eq!(reply, format!("B{want}:ping"));
+
+    // 5. BPF_PROG_TEST_RUN: 2,000 IPv6 SYNs DNATed to the model's backend
+    //    with a TCP checksum that verifies, and a reply reverse-NATed to
+    //    the VIP with one that verifies too.
+    let mut agree_runs = 0;
+    for i in 0..2000u32 {
+        let src = Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, (i >> 8) as u16, i as u16);
+        let sport = 1024 + (i.wrapping_mul(7919) % 60000) as u16;
+        let r = dp.test_run(&frame6(src, VIP6, sport, 80, 0x02), 1).unwrap();
+        assert_eq!(r.return_value, 0, "TC_ACT_OK");
+        assert!(tcp6_checksum_ok(&r.packet), "DNAT checksum, flow {i}");
+        let dst = SocketAddr::from((
+            <[u8; 16]>::try_from(&r.packet[38..54]).unwrap(),
+            u16::from_be_bytes([r.packet[56], r.packet[57]]),
+        ));
+        let flow = Flow::tcp(SocketAddr::from((src, sport)), SocketAddr::from((VIP6, 80)));
+        let want = choose(&fe, &flow)
+            .and_then(|id| fe.backend(id))
+            .map(|b| b.addr);
+        if want == Some(dst) {
+            agree_runs += 1;
+        }
+        if i == 0 {
+            let IpAddr::V6(b6) = dst.ip() else {
+                unreachable!("IPv6 backend")
+            };
+            let r = dp
+                .test_run(&frame6(b6, src, dst.port(), sport, 0x12), 1)
+                .unwrap();
+            assert!(tcp6_checksum_ok(&r.packet), "reverse NAT checksum");
+            assert_eq!(&r.packet[22..38], &VIP6.octets(), "reply from the VIP");
+            assert_eq!(u16::from_be_bytes([r.packet[54], r.packet[55]]), 80);
+        }
+    }
+    println!("BPF_PROG_TEST_RUN: model agrees on {agree_runs}/2000 new IPv6 flows");
+    assert_eq!(agree_runs, 2000);
+
+    let counters = dp.counters().unwrap();
+    println!("counters: {counters:?}");
+    assert!(counters.reject_rst >= 1 && counters.reject_icmp >= 1);
+    assert_eq!(counters.drop_malformed + counters.drop_no_backend, 0);
+    let tracked = dp.tracked().unwrap();
+    let v6_tracked = tracked
+        .iter()
+        .filter(|c| c.frontend.ip() == IpAddr::V6(VIP6))
+        .count();
+    println!(
+        "tracked connections: {} ({v6_tracked} to {VIP6})",
+        tracked.len()
+    );
+    assert!(v6_tracked >= 390, "{v6_tracked}");
+    // The receivers verified every rewritten checksum (offload is off).
+    for n in ["client", "b1", "b2", "b3"] {
+        let ns = topo.ns(n);
+        assert_eq!(checksum_errors(&ns), (0, 0), "{n}: TCP/UDP InCsumErrors");
+        assert_eq!(udp6_checksum_errors(&ns), 0, "{n}: Udp6InCsumErrors");
+    }
+    println!("IPv6 netns test took {:?}", started.elapsed());
+}
+
+/// External frontend kinds in the kernel program, written from the plan:
+/// a node port on lb's own address (10.200.0.1, the client's gateway), an
+/// external IP (10.97.0.5, routed via lb), and `externalTrafficPolicy:
+/// Local` node ports (only the endpoints on node `lb`; none there: DROP),
+/// each matched by (address, port, protocol) as cluster IPs are, each
+/// connection on the backend the model predicts.
+#[test]
+fn ebpf_node_ports_and_external_ips_in_network_namespaces() {
+    use svclb::plan::{FrontendKind, NodeAddresses};
+    use svclb::{
+        AddressType, Change, EndpointSlice, EndpointSpec, Service, ServicePortSpec, ServiceType,
+        SlicePortSpec, TrafficPolicy,
+    };
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let topo = Topology::build("n").expect("topology");
+    for n in 1..=3u8 {
+        spawn_backend(topo.ns(&format!("b{n}")), n);
+    }
+    let (lb, client) = (topo.ns("lb"), topo.ns("client"));
+    run(&[
+        "ip",
+        "-n",
+        &client,
+        "route",
+        "add",
+        "10.97.0.0/16",
+        "via",
+        "10.200.0.1",
+    ])
+    .unwrap();
+    // Replies to a node port on lb's own address are reverse-NATed at TC
+    // ingress, before routing, so they arrive with a local source address,
+    // which the kernel drops as martian unless accept_local is on.
+    for dev in ["all", "l1", "l2", "l3"] {
+        let key = format!("net.ipv4.conf.{dev}.accept_local=1");
+        run(&["ip", "netns", "exec", &lb, "sysctl", "-qw", &key]).unwrap();
+    }
+    let node_ip = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
+    let external = IpAddr::V4(Ipv4Addr::new(10, 97, 0, 5));
+    let service = |name: &str, vip: [u8; 4], node_port: i64, local: bool| {
+        let mut b = Service::builder("default", name)
+            .service_type(ServiceType::NodePort)
+            .cluster_ip(IpAddr::from(vip))
+            .port(
+                ServicePortSpec::tcp(80)
+                    .name("http")
+                    .target_port(8080)
+                    .node_port(node_port),
+            );
+        if local {
+            b = b.external_traffic_policy(TrafficPolicy::Local);
+        } else {
+            b = b.external_ip(external);
+        }
+        Change::UpsertService(b.build().expect("a valid service"))
+    };
+    let slice = |svc: &str, endpoints: &[(u8, &str)]| {
+        Change::UpsertSlice(
+            EndpointSlice::builder("default", format!("{svc}-1"), svc, AddressType::IPv4)
+                .port(SlicePortSpec::tcp(8080).name("http"))
+                .endpoints(
+                    endpoints
+                        .iter()
+                        .map(|(n, node)| EndpointSpec::new(format!("10.200.{n}.2")).node(*node)),
+                )
+                .build()
+                .expect("a valid slice"),
+        )
+    };
+    let mut table = svclb::ServiceTable::new();
+    table
+        .apply_batch([
+            service("web", [10, 96, 0, 30], 30080, false),
+            slice("web", &[(1, "n1"), (2, "n2"), (3, "n3")]),
+            service("local", [10, 96, 0, 31], 30081, true),
+            slice("local", &[(1, "n1"), (3, "lb")]),
+            service("nolocal", [10, 96, 0, 32], 30082, true),
+            slice("nolocal", &[(2, "n2")]),
+        ])
+        .unwrap();
+    let mut planner = svclb::Planner::new(svclb::NodeTopology {
+        node_name: Some("lb".into()),
+        zone: None,
+    });
+    planner.set_node_addresses(NodeAddresses::new(vec![node_ip], vec![]));
+    planner.update(
+        &table,
+        &table.full_change_set(),
+        svclb::Instant::ZERO,
+        |_| false,
+    );
+    let kinds: Vec<FrontendKind> = planner.frontends().map(|fe| fe.kind()).collect();
+    println!("plan frontends: {kinds:?}");
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == FrontendKind::NodePort)
+            .count(),
+        3
+    );
+    assert!(kinds.contains(&FrontendKind::ExternalIp));
+    let specs: Vec<EbpfFrontendSpec> = planner
+        .frontends()
+        .map(|fe| svclb::ebpf::model::frontend_spec(fe))
+        .collect();
+    let mut dp = in_ns(&lb, || EbpfDataplane::load(&["l0", "l1", "l2", "l3"], None))
+        .expect("load and attach");
+    dp.apply(&specs).unwrap();
+
+    // `n` connections to `dst`, each echoed: (client address, backend).
+    let conns = |dst: SocketAddr, n: u32| -> Vec<(SocketAddr, u32)> {
+        in_ns(&client, || {
+            (0..n)
+                .map(|i| {
+                    let mut c = connect(dst, T).expect("connect");
+                    echo(&mut c, i).expect("echo");
+                    (c.local, c.backend)
+                })
+                .collect()
+        })
+    };
+    let check = |dst: SocketAddr, n: u32| -> Vec<u32> {
+        let fe = dp
+            .compiled(dst.ip(), dst.port(), Protocol::Tcp)
+            .expect("a written frontend")
+            .clone();
+        let got = conns(dst, n);
+        let agree = got
+            .iter()
+            .filter(|(local, b)| {
+                let id = predicted(&fe, *local, dst.ip(), dst.port());
+                number_of(fe.backend(id).expect("backend").addr) == *b
+            })
+            .count();
+        println!("{dst}: model agrees on {agree}/{n}");
+        assert_eq!(agree, n as usize, "{dst}");
+        got.into_iter().map(|(_, b)| b).collect()
+    };
+    let used = |dst: SocketAddr, n: u32| {
+        let mut b = check(dst, n);
+        b.sort_unstable();
+        b.dedup();
+        b
+    };
+    // Cluster policy: the node port and the external IP spread over all
+    // three backends.
+    assert_eq!(used(SocketAddr::new(node_ip, 30080), 60), [1, 2, 3]);
+    assert_eq!(used(SocketAddr::new(external, 80), 60), [1, 2, 3]);
+    // Local policy: the node port only reaches the endpoint on node `lb`;
+    // the service's cluster IP is not external, so it reaches both.
+    assert_eq!(used(SocketAddr::new(node_ip, 30081), 30), [3]);
+    assert_eq!(used(SocketAddr::from(([10, 96, 0, 31], 80)), 60), [1, 3]);
+    // Local policy without a local endpoint: dropped (no RST).
+    let dropped = in_ns(&client, || {
+        TcpStream::connect_timeout(&SocketAddr::new(node_ip, 30082), Duration::from_millis(500))
+            .map(|_| ())
+    });
+    assert_eq!(dropped.unwrap_err().kind(), ErrorKind::TimedOut);
+    let c = dp.counters().unwrap();
+    println!("counters: {c:?}");
+    assert!(c.drop_local >= 1);
+    assert_eq!(c.drop_malformed + c.drop_no_backend, 0);
+    for n in ["client", "b1", "b2", "b3"] {
+        assert_eq!(checksum_errors(&topo.ns(n)), (0, 0), "{n}");
+    }
+}
+
+/// `Udp6InCsumErrors` in namespace `ns` (`/proc/net/snmp6`; TCP's counter
+/// in `/proc/net/snmp` covers IPv6 too).
+fn udp6_checksum_errors(ns: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/snmp6"])
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Udp6InCsumErrors"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Udp6InCsumErrors in /proc/net/snmp6")
+}
+
+/// An Ethernet + IPv6 + TCP frame with a correct checksum.
+fn frame6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 40 + 20];
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let ip = &mut f[14..54];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+    ip[6] = 6;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    let tcp = &mut f[54..74];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let c = csum(&f[54..74], pseudo6(&f));
+    f[70..72].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The IPv6 pseudo-header's sum: addresses, upper-layer length, next header.
+fn pseudo6(f: &[u8]) -> u32 {
+    let mut s: u32 = f[22..54]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    s += u32::from(u16::from_be_bytes([f[18], f[19]])) + u32::from(f[20]);
+    s
+}
+
+/// Whether the TCP checksum of an Ethernet + IPv6 + TCP frame verifies.
+fn tcp6_checksum_ok(f: &[u8]) -> bool {
+    f.len() >= 74 && f[12..14] == [0x86, 0xdd] && csum(&f[54..], pseudo6(f)) == 0
 }
 
 /// `InCsumErrors` of TCP and UDP in namespace `ns` (`/proc/net/snmp`).

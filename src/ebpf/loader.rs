@@ -6,23 +6,30 @@
 //! - `svclb_frontends`: (VIP, port, protocol) -> frontend id, backend count,
 //!   flags, table size, live table version;
 //! - `svclb_backends`: backend id -> address, port, state (active/draining);
-//! - `svclb_tables`: (frontend id, version, chunk) -> 4096 backend ids: two
+//! - `svclb_tables`: (frontend id, version, chunk) -> 1008 backend ids
+//!   (one page per element; the C file says why): two
 //!   copies per frontend, the live one named by the frontend entry, so a
 //!   table rewrite fills the other copy and one frontend write swaps it;
 //! - `svclb_ct` (LRU): client tuple -> backend id, TCP state, expiry;
 //! - `svclb_rnat` (LRU): backend's reply tuple -> VIP and port;
 //! - `svclb_counters` (per-CPU array): see [`EbpfCounters`].
 //!
+//! IPv6 frontends and backends go into maps of their own, with 16-byte
+//! addresses (Cilium's `lb6_*` maps): `svclb_frontend6`, `svclb_backend6`,
+//! `svclb_ct6` and `svclb_rnat6`; the tables and counters are shared, and
+//! frontend and backend ids are one space across both families, so one
+//! plan of a dual-stack service writes both.
+//!
 //! # Diffs
 //! [`EbpfDataplane::apply`] compares each frontend with what it wrote last:
 //! an unchanged frontend costs nothing; a changed one costs its backend
-//! writes, one table rewrite (`ceil(M / 4096)` chunk writes into the idle
+//! writes, one table rewrite (`ceil(M / 1008)` chunk writes into the idle
 //! copy) and one frontend write. Other frontends are never rewritten.
 //! Draining backends leave the table but stay in the backends map, so
 //! tracked connections keep them; backends no frontend names are deleted.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
@@ -46,8 +53,8 @@ pub enum EbpfError {
     /// Loading (verifier) or attaching the program failed.
     #[error("eBPF program: {0}")]
     Program(#[from] ProgramError),
-    /// A map operation failed.
-    #[error("eBPF map {map}: {source}")]
+    /// A map operation failed (the message names the syscall's errno).
+    #[error("eBPF map {map}: {}", describe(source))]
     Map {
         /// The map's name.
         map: &'static str,
@@ -57,15 +64,21 @@ pub enum EbpfError {
     /// A spec the kernel program cannot take.
     #[error(transparent)]
     Invalid(#[from] ValidationError),
-    /// The kernel program handles IPv4 only.
-    #[error("IPv6 frontend {0} not supported by the kernel program")]
-    Ipv6(IpAddr),
     /// The crate was built without clang: there is no object to load.
     #[error("the eBPF object was not built (no clang at build time)")]
     NotBuilt,
     /// The object lacks a map or program this loader expects.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+}
+
+/// aya's message, with the OS error of a failed syscall (ENOMEM, E2BIG, ...)
+/// that its `Display` leaves to `source()`.
+fn describe(e: &MapError) -> String {
+    match e {
+        MapError::SyscallError(s) => format!("{e}: {}", s.io_error),
+        other => other.to_string(),
+    }
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> EbpfError {
@@ -75,7 +88,7 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> EbpfError {
 /// The program's per-CPU counters, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EbpfCounters {
-    /// IPv4 TCP/UDP packets seen.
+    /// IPv4 and IPv6 TCP/UDP packets seen.
     pub packets: u64,
     /// New connections scheduled through a Maglev table.
     pub new_connections: u64,
@@ -85,8 +98,8 @@ pub struct EbpfCounters {
     pub replies: u64,
     /// TCP RSTs sent for frontends without backends (REJECT).
     pub reject_rst: u64,
-    /// ICMP port unreachable sent for UDP to frontends without backends
-    /// (REJECT).
+    /// ICMP (ICMPv6) port unreachable sent for UDP to frontends without
+    /// backends (REJECT).
     pub reject_icmp: u64,
     /// Dropped: Local policy without local backends.
     pub drop_local: u64,
@@ -97,7 +110,8 @@ pub struct EbpfCounters {
     /// Tracked flows scheduled anew (backend gone, or a SYN to a draining
     /// backend or a closed flow).
     pub rescheduled: u64,
-    /// IPv4 fragments passed untouched.
+    /// IPv4 fragments and IPv6 packets with a fragment header passed
+    /// untouched.
     pub pass_fragment: u64,
 }
 
@@ -154,12 +168,24 @@ struct Written {
     chunks: u16,
 }
 
-type FeKey = [u8; 8];
+/// A frontend map key: `svclb_frontends` (IPv4) or `svclb_frontend6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FeKey {
+    V4([u8; 8]),
+    V6([u8; 20]),
+}
+
+/// A backend map value: `svclb_backends` (IPv4) or `svclb_backend6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BeVal {
+    V4([u8; 8]),
+    V6([u8; 20]),
+}
 
 /// How many written frontends name a backend id, and its address.
 #[derive(Debug, Clone, Copy, Default)]
 struct BackendUsers {
-    addr: [u8; 6],
+    addr: Option<SocketAddr>,
     active: u32,
     draining: u32,
 }
@@ -184,11 +210,13 @@ impl BackendUsers {
     }
 
     /// The backends-map value: active anywhere wins over draining.
-    fn value(&self) -> [u8; 8] {
-        let mut v = [0u8; 8];
-        v[..6].copy_from_slice(&self.addr);
-        v[6] = u8::from(self.active == 0);
-        v
+    fn value(&self) -> Option<BeVal> {
+        let state = if self.active == 0 {
+            BackendState::Draining
+        } else {
+            BackendState::Active
+        };
+        Some(be_val(self.addr?, state))
     }
 }
 
@@ -196,13 +224,16 @@ impl BackendUsers {
 /// and frees its maps.
 pub struct EbpfDataplane {
     ebpf: Ebpf,
-    frontends: HashMap<MapData, FeKey, [u32; 6]>,
+    frontends: HashMap<MapData, [u8; 8], [u32; 6]>,
     backends: HashMap<MapData, u32, [u8; 8]>,
+    frontends6: HashMap<MapData, [u8; 20], [u32; 6]>,
+    backends6: HashMap<MapData, u32, [u8; 20]>,
     tables: HashMap<MapData, [u8; 8], [u32; TABLE_CHUNK as usize]>,
     ct: HashMap<MapData, [u8; 16], [u8; 24]>,
+    ct6: HashMap<MapData, [u8; 40], [u8; 24]>,
     counters: PerCpuArray<MapData, u64>,
     written: StdHashMap<FeKey, Written>,
-    written_backends: StdHashMap<u32, [u8; 8]>,
+    written_backends: StdHashMap<u32, BeVal>,
     users: StdHashMap<u32, BackendUsers>,
     next_id: u32,
     free_ids: Vec<u32>,
@@ -228,19 +259,27 @@ fn proto_number(p: Protocol) -> u8 {
     }
 }
 
-fn key_of(vip: Ipv4Addr, port: u16, protocol: Protocol) -> FeKey {
-    let mut k = [0u8; 8];
-    k[..4].copy_from_slice(&vip.octets());
-    k[4..6].copy_from_slice(&port.to_be_bytes());
-    k[6] = proto_number(protocol);
-    k
+fn key_of(vip: IpAddr, port: u16, protocol: Protocol) -> FeKey {
+    match vip {
+        IpAddr::V4(v4) => {
+            let mut k = [0u8; 8];
+            k[..4].copy_from_slice(&v4.octets());
+            k[4..6].copy_from_slice(&port.to_be_bytes());
+            k[6] = proto_number(protocol);
+            FeKey::V4(k)
+        }
+        IpAddr::V6(v6) => {
+            let mut k = [0u8; 20];
+            k[..16].copy_from_slice(&v6.octets());
+            k[16..18].copy_from_slice(&port.to_be_bytes());
+            k[18] = proto_number(protocol);
+            FeKey::V6(k)
+        }
+    }
 }
 
-fn fe_key(spec: &EbpfFrontendSpec) -> Result<FeKey, EbpfError> {
-    let IpAddr::V4(v4) = spec.vip else {
-        return Err(EbpfError::Ipv6(spec.vip));
-    };
-    Ok(key_of(v4, spec.port, spec.protocol))
+fn fe_key(spec: &EbpfFrontendSpec) -> FeKey {
+    key_of(spec.vip, spec.port, spec.protocol)
 }
 
 fn table_key(fe_id: u32, version: u16, chunk: u16) -> [u8; 8] {
@@ -251,18 +290,27 @@ fn table_key(fe_id: u32, version: u16, chunk: u16) -> [u8; 8] {
     k
 }
 
-fn be_val(addr: SocketAddr, state: BackendState) -> Result<[u8; 8], EbpfError> {
-    let IpAddr::V4(v4) = addr.ip() else {
-        return Err(EbpfError::Ipv6(addr.ip()));
-    };
-    let mut v = [0u8; 8];
-    v[..4].copy_from_slice(&v4.octets());
-    v[4..6].copy_from_slice(&addr.port().to_be_bytes());
-    v[6] = match state {
+fn be_val(addr: SocketAddr, state: BackendState) -> BeVal {
+    let state = match state {
         BackendState::Active => 0,
         BackendState::Draining => 1,
     };
-    Ok(v)
+    match addr.ip() {
+        IpAddr::V4(v4) => {
+            let mut v = [0u8; 8];
+            v[..4].copy_from_slice(&v4.octets());
+            v[4..6].copy_from_slice(&addr.port().to_be_bytes());
+            v[6] = state;
+            BeVal::V4(v)
+        }
+        IpAddr::V6(v6) => {
+            let mut v = [0u8; 20];
+            v[..16].copy_from_slice(&v6.octets());
+            v[16..18].copy_from_slice(&addr.port().to_be_bytes());
+            v[18] = state;
+            BeVal::V6(v)
+        }
+    }
 }
 
 impl EbpfDataplane {
@@ -294,14 +342,22 @@ impl EbpfDataplane {
             HashMap::try_from(take("svclb_backends")?).map_err(map_err("svclb_backends"))?;
         let tables = HashMap::try_from(take("svclb_tables")?).map_err(map_err("svclb_tables"))?;
         let ct = HashMap::try_from(take("svclb_ct")?).map_err(map_err("svclb_ct"))?;
+        let frontends6 =
+            HashMap::try_from(take("svclb_frontend6")?).map_err(map_err("svclb_frontend6"))?;
+        let backends6 =
+            HashMap::try_from(take("svclb_backend6")?).map_err(map_err("svclb_backend6"))?;
+        let ct6 = HashMap::try_from(take("svclb_ct6")?).map_err(map_err("svclb_ct6"))?;
         let counters =
             PerCpuArray::try_from(take("svclb_counters")?).map_err(map_err("svclb_counters"))?;
         Ok(EbpfDataplane {
             ebpf,
             frontends,
             backends,
+            frontends6,
+            backends6,
             tables,
             ct,
+            ct6,
             counters,
             written: StdHashMap::new(),
             written_backends: StdHashMap::new(),
@@ -372,15 +428,11 @@ impl EbpfDataplane {
     /// only what changed since the last call (see the module docs).
     ///
     /// # Errors
-    /// [`EbpfError::Invalid`] / [`EbpfError::Ipv6`] for a spec the program
-    /// cannot take (nothing is written then), [`EbpfError::Map`] when the
-    /// kernel refuses a write (the maps may then be partly written; apply
-    /// again).
+    /// [`EbpfError::Invalid`] for a spec the program cannot take (nothing
+    /// is written then), [`EbpfError::Map`] when the kernel refuses a write
+    /// (the maps may then be partly written; apply again).
     pub fn apply(&mut self, specs: &[EbpfFrontendSpec]) -> Result<ApplyStats, EbpfError> {
-        let mut keep: HashSet<FeKey> = HashSet::with_capacity(specs.len());
-        for spec in specs {
-            keep.insert(fe_key(spec)?);
-        }
+        let keep: HashSet<FeKey> = specs.iter().map(fe_key).collect();
         let removed: Vec<FeKey> = self
             .written
             .keys()
@@ -406,14 +458,10 @@ impl EbpfDataplane {
         upserts: &[EbpfFrontendSpec],
         removed: &[(IpAddr, u16, Protocol)],
     ) -> Result<ApplyStats, EbpfError> {
-        let mut keys = Vec::with_capacity(removed.len());
-        for &(vip, port, protocol) in removed {
-            let IpAddr::V4(v4) = vip else {
-                // Never written: nothing to delete.
-                continue;
-            };
-            keys.push(key_of(v4, port, protocol));
-        }
+        let keys: Vec<FeKey> = removed
+            .iter()
+            .map(|&(vip, port, protocol)| key_of(vip, port, protocol))
+            .collect();
         self.apply_keys(upserts, &keys)
     }
 
@@ -427,10 +475,7 @@ impl EbpfDataplane {
         let mut plan: Vec<(FeKey, &EbpfFrontendSpec)> = Vec::with_capacity(specs.len());
         let mut upserted: HashSet<FeKey> = HashSet::with_capacity(specs.len());
         for spec in specs {
-            let key = fe_key(spec)?;
-            for b in &spec.backends {
-                be_val(b.addr, b.state)?;
-            }
+            let key = fe_key(spec);
             if upserted.insert(key) {
                 plan.push((key, spec));
             }
@@ -476,9 +521,8 @@ impl EbpfDataplane {
         for (_, fe) in &compiled {
             for b in &fe.spec().backends {
                 touch(&mut users, b.id);
-                let v = be_val(b.addr, b.state)?;
                 let u = users.get_mut(&b.id).expect("touched");
-                if u.count() > 0 && u.addr != v[..6] {
+                if u.count() > 0 && u.addr != Some(b.addr) {
                     return Err(ValidationError::Invalid {
                         field: "backends.id".into(),
                         value: b.id.to_string(),
@@ -486,20 +530,31 @@ impl EbpfDataplane {
                     }
                     .into());
                 }
-                u.addr.copy_from_slice(&v[..6]);
+                u.addr = Some(b.addr);
                 u.add(b.state);
             }
         }
         // 1. Backends first, so no table names a backend the map lacks.
         for (&id, u) in &users {
-            if u.count() == 0 {
+            let Some(v) = u.value().filter(|_| u.count() > 0) else {
                 continue;
-            }
-            let v = u.value();
-            if self.written_backends.get(&id) != Some(&v) {
-                self.backends
-                    .insert(id, v, 0)
-                    .map_err(map_err("svclb_backends"))?;
+            };
+            let old = self.written_backends.get(&id).copied();
+            if old != Some(v) {
+                // An id reused for the other family leaves its old map.
+                if let Some(old) = old.filter(|o| !same_family(*o, v)) {
+                    self.remove_backend(id, old)?;
+                }
+                match v {
+                    BeVal::V4(v4) => self
+                        .backends
+                        .insert(id, v4, 0)
+                        .map_err(map_err("svclb_backends"))?,
+                    BeVal::V6(v6) => self
+                        .backends6
+                        .insert(id, v6, 0)
+                        .map_err(map_err("svclb_backend6"))?,
+                }
                 self.written_backends.insert(id, v);
                 stats.backend_writes += 1;
             }
@@ -542,9 +597,16 @@ impl EbpfDataplane {
                 u32::from(version),
                 0,
             ];
-            self.frontends
-                .insert(key, val, 0)
-                .map_err(map_err("svclb_frontends"))?;
+            match key {
+                FeKey::V4(k) => self
+                    .frontends
+                    .insert(k, val, 0)
+                    .map_err(map_err("svclb_frontends"))?,
+                FeKey::V6(k) => self
+                    .frontends6
+                    .insert(k, val, 0)
+                    .map_err(map_err("svclb_frontend6"))?,
+            }
             stats.frontend_writes += 1;
             self.written.insert(
                 key,
@@ -558,9 +620,16 @@ impl EbpfDataplane {
         // 3. Frontends no longer wanted: entry first, then both table copies.
         for key in removed {
             let w = self.written.remove(&key).expect("filtered");
-            self.frontends
-                .remove(&key)
-                .map_err(map_err("svclb_frontends"))?;
+            match key {
+                FeKey::V4(k) => self
+                    .frontends
+                    .remove(&k)
+                    .map_err(map_err("svclb_frontends"))?,
+                FeKey::V6(k) => self
+                    .frontends6
+                    .remove(&k)
+                    .map_err(map_err("svclb_frontend6"))?,
+            }
             stats.frontend_writes += 1;
             for version in 0..2 {
                 for c in 0..w.chunks {
@@ -577,14 +646,22 @@ impl EbpfDataplane {
                 continue;
             }
             self.users.remove(&id);
-            if self.written_backends.remove(&id).is_some() {
-                self.backends
-                    .remove(&id)
-                    .map_err(map_err("svclb_backends"))?;
+            if let Some(old) = self.written_backends.remove(&id) {
+                self.remove_backend(id, old)?;
                 stats.backend_writes += 1;
             }
         }
         Ok(stats)
+    }
+
+    fn remove_backend(&mut self, id: u32, old: BeVal) -> Result<(), EbpfError> {
+        match old {
+            BeVal::V4(_) => self.backends.remove(&id).map_err(map_err("svclb_backends")),
+            BeVal::V6(_) => self
+                .backends6
+                .remove(&id)
+                .map_err(map_err("svclb_backend6")),
+        }
     }
 
     fn write_table(
@@ -612,12 +689,12 @@ impl EbpfDataplane {
     /// [`choose`](super::model::choose) needs to predict the kernel.
     pub fn compiled(
         &self,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         port: u16,
         protocol: Protocol,
     ) -> Option<&CompiledFrontend> {
         self.written
-            .get(&key_of(vip, port, protocol))
+            .get(&key_of(vip.into(), port, protocol))
             .map(|w| &w.compiled)
     }
 
@@ -650,38 +727,72 @@ impl EbpfDataplane {
         })
     }
 
-    /// The connections in the kernel's conntrack map (expired ones too:
-    /// compare [`TrackedConnection::expires_ns`] with `CLOCK_MONOTONIC`).
+    /// The connections in the kernel's conntrack maps, IPv4 then IPv6
+    /// (expired ones too: compare [`TrackedConnection::expires_ns`] with
+    /// `CLOCK_MONOTONIC`).
     ///
     /// # Errors
-    /// When the map cannot be read.
+    /// When a map cannot be read.
     pub fn tracked(&self) -> Result<Vec<TrackedConnection>, EbpfError> {
         let mut out = Vec::new();
+        let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
         for item in self.ct.iter() {
             let (k, v) = item.map_err(map_err("svclb_ct"))?;
-            let ip = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
-            let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-            let u32_at = |i: usize| u32::from_ne_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
-            out.push(TrackedConnection {
-                protocol: if k[12] == 17 {
-                    Protocol::Udp
-                } else {
-                    Protocol::Tcp
-                },
-                client: SocketAddr::from((ip(&k[0..4]), port(&k[8..10]))),
-                frontend: SocketAddr::from((ip(&k[4..8]), port(&k[10..12]))),
-                expires_ns: u64::from_ne_bytes(v[0..8].try_into().expect("8 bytes")),
-                backend_id: u32_at(8),
-                frontend_id: u32_at(12),
-                state: match v[16] {
-                    1 => "SYN",
-                    2 => "ESTABLISHED",
-                    3 => "FIN",
-                    4 => "CLOSED",
-                    _ => "UDP",
-                },
-            });
+            let ip = |b: &[u8]| IpAddr::from(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+            out.push(tracked_connection(
+                k[12],
+                SocketAddr::new(ip(&k[0..4]), port(&k[8..10])),
+                SocketAddr::new(ip(&k[4..8]), port(&k[10..12])),
+                &v,
+            ));
+        }
+        for item in self.ct6.iter() {
+            let (k, v) = item.map_err(map_err("svclb_ct6"))?;
+            let ip =
+                |b: &[u8]| IpAddr::from(Ipv6Addr::from(<[u8; 16]>::try_from(b).expect("16 bytes")));
+            out.push(tracked_connection(
+                k[36],
+                SocketAddr::new(ip(&k[0..16]), port(&k[32..34])),
+                SocketAddr::new(ip(&k[16..32]), port(&k[34..36])),
+                &v,
+            ));
         }
         Ok(out)
+    }
+}
+
+fn same_family(a: BeVal, b: BeVal) -> bool {
+    matches!(
+        (a, b),
+        (BeVal::V4(_), BeVal::V4(_)) | (BeVal::V6(_), BeVal::V6(_))
+    )
+}
+
+/// A conntrack entry (`struct ct_val`, the same for both families).
+fn tracked_connection(
+    proto: u8,
+    client: SocketAddr,
+    frontend: SocketAddr,
+    v: &[u8; 24],
+) -> TrackedConnection {
+    let u32_at = |i: usize| u32::from_ne_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+    TrackedConnection {
+        protocol: if proto == 17 {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        },
+        client,
+        frontend,
+        expires_ns: u64::from_ne_bytes(v[0..8].try_into().expect("8 bytes")),
+        backend_id: u32_at(8),
+        frontend_id: u32_at(12),
+        state: match v[16] {
+            1 => "SYN",
+            2 => "ESTABLISHED",
+            3 => "FIN",
+            4 => "CLOSED",
+            _ => "UDP",
+        },
     }
 }

@@ -7,9 +7,9 @@
 //! same 5-tuple hash, the same Maglev table, the same fallback), so a caller
 //! can predict the kernel flow by flow.
 //!
-//! The kernel program handles IPv4 TCP and UDP; IPv6 packets pass
-//! untouched (the model hashes IPv6 flows too, for completeness, but no
-//! kernel program uses that hash yet).
+//! The kernel program handles IPv4 and IPv6 TCP and UDP (IPv6 in maps of
+//! its own, with the model's IPv6 flow hash); IP fragments, IPv6 extension
+//! headers and other protocols pass untouched.
 
 pub mod model;
 

@@ -50,8 +50,9 @@ pub const FLOW_HASH_SEED: u32 = 0x9747_b28c;
 /// `MAX_TABLE_SIZE / TABLE_CHUNK` chunks per frontend and version).
 pub const MAX_TABLE_SIZE: u32 = 131_071;
 
-/// Slots per chunk of the kernel's lookup-table map (the C `TABLE_CHUNK`).
-pub const TABLE_CHUNK: u32 = 4096;
+/// Slots per chunk of the kernel's lookup-table map (the C `TABLE_CHUNK`):
+/// 1008 ids, so that a map element is exactly one page (the C file says why).
+pub const TABLE_CHUNK: u32 = 1008;
 
 /// A backend's state, as the kernel's backends map stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -68,7 +69,7 @@ pub enum BackendState {
 pub struct EbpfBackendSpec {
     /// Stable backend id (the key of the kernel's backends map; not 0).
     pub id: u32,
-    /// The backend's address (IPv4 for the kernel program).
+    /// The backend's address (of the VIP's family).
     pub addr: SocketAddr,
     /// Maglev weight (0: no new connections).
     pub weight: u16,
@@ -262,7 +263,9 @@ fn addr_word(ip: IpAddr, salt: u32) -> u64 {
 /// `A = saddr << 32 | daddr` and `B = sport << 48 | dport << 32 | protocol`
 /// (addresses and ports as host-order integers, protocol as its IP number).
 /// IPv6 folds each address to 32 bits first: `murmur3_x64_64(hi, lo, 0)`
-/// for the source and `(.., 1)` for the destination, truncated.
+/// for the source and `(.., 1)` for the destination, truncated (`hi` and
+/// `lo` the address's two big-endian halves), as the C program's
+/// `flow_hash6` does.
 pub fn flow_hash(flow: &Flow) -> u64 {
     let s = addr_word(flow.src.ip(), 0) & 0xffff_ffff;
     let d = addr_word(flow.dst.ip(), 1) & 0xffff_ffff;
@@ -458,6 +461,18 @@ mod tests {
     }
     // From Python's mmh3.hash64 over the same 16 bytes, an independent implementation.
     const PINNED_HASH: u64 = 13_672_698_661_317_744_289;
+
+    #[test]
+    fn table_chunk_elements_are_one_page() {
+        // A svclb_tables element: struct htab_elem (48 bytes on 64-bit), the
+        // 8-byte key, the value, and the BPF allocator's 8-byte link; one
+        // page, so kmalloc-4k serves it (see svclb_tables in the C file).
+        assert_eq!(48 + 8 + TABLE_CHUNK as usize * 4 + 8, 4096);
+        assert!(
+            MAX_TABLE_SIZE.div_ceil(TABLE_CHUNK) <= 131,
+            "the C MAX_CHUNKS"
+        );
+    }
 
     #[test]
     fn draining_backends_leave_the_table_only() {

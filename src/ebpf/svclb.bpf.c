@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0)
-// svclb's TC program: Kubernetes Service load balancing for IPv4 TCP/UDP.
+// svclb's TC program: Kubernetes Service load balancing for IPv4 and IPv6
+// TCP/UDP.
 //
 // Attached to TC ingress of the router's interfaces. A packet to a frontend
 // (VIP, port, protocol) is DNATed to a backend: the tracked one when the
@@ -7,15 +8,21 @@
 // src/ebpf/model.rs reproduces in userspace. A reply from a backend is
 // reverse-NATed back to the VIP. Frontends without a backend REJECT (TCP: an
 // RST, UDP: ICMP port unreachable, sent back out of the same interface) or
-// DROP (Local policy). Everything else,
-// including IPv6 and IP fragments, passes untouched.
+// DROP (Local policy). IPv6 has maps of its own (svclb_frontend6,
+// svclb_backend6, svclb_ct6, svclb_rnat6, as Cilium's lb6_* maps; names
+// under the kernel's 15 characters) and
+// shares the Maglev tables and counters; its REJECT is a TCP RST or ICMPv6
+// port unreachable. Everything else, including IP fragments and IPv6
+// packets with extension headers, passes untouched.
 //
 // Keep the structs in step with src/ebpf/loader.rs.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -24,8 +31,10 @@
 
 #define MAX_FRONTENDS 65536
 #define MAX_BACKENDS 65536
-#define TABLE_CHUNK 4096            /* slots per table-map value */
-#define MAX_CHUNKS 32               /* 131071 slots at most */
+/* Slots per table-map value: 1008 ids (4032 bytes) make a table-map
+ * element exactly one page (see svclb_tables). */
+#define TABLE_CHUNK 1008
+#define MAX_CHUNKS 131              /* 131071 slots at most */
 #define CT_ENTRIES 262144
 
 #define FE_REJECT_WHEN_EMPTY 1
@@ -50,19 +59,21 @@
 #define FLOW_HASH_SEED 0x9747b28cU
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PORT_UNREACH 4
 
 enum counter {
-	C_PACKETS = 0,      /* every IPv4 TCP/UDP packet seen */
+	C_PACKETS = 0,      /* every IPv4 or IPv6 TCP/UDP packet seen */
 	C_NEW,              /* new connections scheduled */
 	C_TRACKED,          /* packets of tracked connections (original dir) */
 	C_REPLIES,          /* reverse-NATed replies */
 	C_REJECT_RST,       /* RSTs sent for frontends without backends */
-	C_REJECT_ICMP,      /* ICMP port unreachable sent for UDP to frontends without backends */
+	C_REJECT_ICMP,      /* ICMP(v6) port unreachable sent for UDP to frontends without backends */
 	C_DROP_LOCAL,       /* dropped: Local policy, no local backend */
 	C_DROP_NO_BACKEND,  /* dropped: table names a backend the map lacks */
 	C_DROP_MALFORMED,   /* dropped: truncated headers, or a rewrite failed */
 	C_RESCHEDULED,      /* tracked flows whose backend was gone or a SYN to a draining one */
-	C_PASS_FRAGMENT,    /* IPv4 fragments passed untouched */
+	C_PASS_FRAGMENT,    /* IPv4 fragments and IPv6 fragment headers passed untouched */
 	C_MAX,
 };
 
@@ -133,6 +144,36 @@ struct rnat_val {
 	__u16 pad;
 };
 
+/* IPv6: the same, with 16-byte addresses (network order). */
+struct fe6_key {
+	__u32 vip[4];
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct be6_val {
+	__u32 addr[4];
+	__u16 port;
+	__u8 state;
+	__u8 pad;
+};
+
+struct ct6_key { /* the client's tuple (svclb_ct6), or a backend's (svclb_rnat6) */
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct rnat6_val {
+	__u32 vip[4];
+	__u16 vport;
+	__u16 pad;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_FRONTENDS);
@@ -147,11 +188,23 @@ struct {
 	__type(value, struct be_val);
 } svclb_backends SEC(".maps");
 
-/* Double-buffered Maglev tables: (frontend, version, chunk) -> 4096 ids. A
- * rewrite fills the other version, then flips fe_val.version in one update. */
+/* Double-buffered Maglev tables: (frontend, version, chunk) -> 1008 ids. A
+ * rewrite fills the other version, then flips fe_val.version in one update.
+ *
+ * Not preallocated (most frontends' tables are small), so each element is
+ * allocated when written, from the BPF memory allocator's per-CPU cache,
+ * which refills from irq_work with GFP_NOWAIT (kernel/bpf/memalloc.c): no
+ * reclaim. An element is 64 bytes of header (struct htab_elem, the key, the
+ * allocator's link) plus the value; with 4096-id values it was 16,448
+ * bytes, which kmalloc serves as an order-3 (32 KiB) page block, so 10,000
+ * frontends needed 10,000 such blocks without reclaim and failed with
+ * ENOMEM when free memory was short (page cache fills it). With 1008 ids
+ * an element is exactly 4096 bytes: kmalloc-4k, one page, half the memory
+ * of the old layout for the same tables. 262144 entries cost only the
+ * bucket array (4 MiB) until written. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 262144);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct table_key);
 	__type(value, struct table_val);
@@ -170,6 +223,34 @@ struct {
 	__type(key, struct rnat_key);
 	__type(value, struct rnat_val);
 } svclb_rnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_FRONTENDS);
+	__type(key, struct fe6_key);
+	__type(value, struct fe_val);
+} svclb_frontend6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct be6_val);
+} svclb_backend6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CT_ENTRIES);
+	__type(key, struct ct6_key);
+	__type(value, struct ct_val);
+} svclb_ct6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CT_ENTRIES);
+	__type(key, struct ct6_key);
+	__type(value, struct rnat6_val);
+} svclb_rnat6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -231,6 +312,22 @@ static __always_inline __u64 flow_hash(const struct ct_key *k)
 	return murmur3_x64_64(a, b, FLOW_HASH_SEED);
 }
 
+/* IPv6 folds each address to 32 bits first: murmur3_x64_64(hi, lo, 0) for
+ * the source, (.., 1) for the destination (the model's flow_hash). */
+static __always_inline __u64 addr6_word(const __u32 *a, __u32 salt)
+{
+	__u64 hi = ((__u64)bpf_ntohl(a[0]) << 32) | bpf_ntohl(a[1]);
+	__u64 lo = ((__u64)bpf_ntohl(a[2]) << 32) | bpf_ntohl(a[3]);
+	return murmur3_x64_64(hi, lo, salt) & 0xffffffffULL;
+}
+
+static __always_inline __u64 flow_hash6(const struct ct6_key *k)
+{
+	__u64 a = (addr6_word(k->saddr, 0) << 32) | addr6_word(k->daddr, 1);
+	__u64 b = ((__u64)bpf_ntohs(k->sport) << 48) | ((__u64)bpf_ntohs(k->dport) << 32) | k->proto;
+	return murmur3_x64_64(a, b, FLOW_HASH_SEED);
+}
+
 #define ETH_OFF 0
 #define IP_OFF (sizeof(struct ethhdr))
 #define IP_CSUM_OFF (IP_OFF + offsetof(struct iphdr, check))
@@ -262,6 +359,35 @@ static __always_inline int rewrite(struct __sk_buff *skb, __u32 l4, __u8 proto, 
 	if (bpf_skb_store_bytes(skb, dst ? IP_DST_OFF : IP_SRC_OFF, &new_ip, sizeof(new_ip), 0) < 0)
 		return -1;
 	/* source port at l4 + 0, destination port at l4 + 2 for TCP and UDP */
+	if (bpf_skb_store_bytes(skb, l4 + (dst ? 2 : 0), &new_port, sizeof(new_port), 0) < 0)
+		return -1;
+	return 0;
+}
+
+#define IP6_SRC_OFF (IP_OFF + offsetof(struct ipv6hdr, saddr))
+#define IP6_DST_OFF (IP_OFF + offsetof(struct ipv6hdr, daddr))
+
+/* The same for IPv6: no IP header checksum; the 16-byte address change
+ * goes into the L4 checksum as one difference through its pseudo-header. */
+static __always_inline int rewrite6(struct __sk_buff *skb, __u32 l4, __u8 proto, int dst,
+				    __u32 *old_ip, __u32 *new_ip, __u16 old_port, __u16 new_port)
+{
+	__u32 csum_off = l4_csum_off(l4, proto);
+	__s64 diff = bpf_csum_diff(old_ip, 16, new_ip, 16, 0);
+	if (diff < 0)
+		return -1;
+	__u64 flags = BPF_F_PSEUDO_HDR;
+	__u64 pflags = sizeof(new_port);
+	if (proto == IPPROTO_UDP) {
+		flags |= BPF_F_MARK_MANGLED_0;
+		pflags |= BPF_F_MARK_MANGLED_0;
+	}
+	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, flags) < 0)
+		return -1;
+	if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, pflags) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, dst ? IP6_DST_OFF : IP6_SRC_OFF, new_ip, 16, 0) < 0)
+		return -1;
 	if (bpf_skb_store_bytes(skb, l4 + (dst ? 2 : 0), &new_port, sizeof(new_port), 0) < 0)
 		return -1;
 	return 0;
@@ -391,6 +517,146 @@ static __always_inline int reject_udp(struct __sk_buff *skb)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+struct rst6_pseudo {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 len;
+	__u8 zero[3];
+	__u8 nexthdr;
+	struct tcphdr tcp;
+};
+
+/* reject_tcp for IPv6 (ip6tables' REJECT --reject-with tcp-reset). */
+static __always_inline int reject_tcp6(struct __sk_buff *skb, __u32 l4)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + IP_OFF;
+	if ((void *)(ip6 + 1) > end)
+		return TC_ACT_SHOT;
+	struct tcphdr *tcp = data + l4;
+	if ((void *)(tcp + 1) > end)
+		return TC_ACT_SHOT;
+	if (tcp->rst)
+		return TC_ACT_SHOT;
+	__u32 payload = bpf_ntohs(ip6->payload_len) - tcp->doff * 4;
+	struct rst6_pseudo p = {};
+	__builtin_memcpy(p.saddr, &ip6->daddr, 16);
+	__builtin_memcpy(p.daddr, &ip6->saddr, 16);
+	p.len = bpf_htonl(sizeof(struct tcphdr));
+	p.nexthdr = IPPROTO_TCP;
+	p.tcp.source = tcp->dest;
+	p.tcp.dest = tcp->source;
+	p.tcp.doff = 5;
+	p.tcp.rst = 1;
+	if (tcp->ack) {
+		p.tcp.seq = tcp->ack_seq;
+	} else {
+		p.tcp.ack = 1;
+		p.tcp.ack_seq = bpf_htonl(bpf_ntohl(tcp->seq) + payload + tcp->syn + tcp->fin);
+	}
+	unsigned char mac[ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+	__builtin_memcpy(&ip6->saddr, p.saddr, 16);
+	__builtin_memcpy(&ip6->daddr, p.daddr, 16);
+	ip6->payload_len = bpf_htons(sizeof(struct tcphdr));
+	ip6->hop_limit = 64;
+	p.tcp.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&p, sizeof(p), 0));
+	*tcp = p.tcp;
+	if (bpf_skb_change_tail(skb, l4 + sizeof(struct tcphdr), 0) < 0)
+		return TC_ACT_SHOT;
+	count(C_REJECT_RST);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* reject_udp for IPv6: ICMPv6 port unreachable (type 1, code 4) carrying
+ * the original IPv6 header and 8 bytes of UDP; 48 bytes are opened before
+ * the original IPv6 header for the new IPv6 and ICMPv6 headers. */
+static __always_inline int reject_udp6(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + IP_OFF;
+	if ((void *)(ip6 + 1) > end)
+		return TC_ACT_SHOT;
+	struct {
+		__u32 saddr[4];
+		__u32 daddr[4];
+		__u32 len;
+		__u8 zero[3];
+		__u8 nexthdr;
+	} ph = {};
+	__builtin_memcpy(ph.saddr, &ip6->daddr, 16);
+	__builtin_memcpy(ph.daddr, &ip6->saddr, 16);
+	ph.len = bpf_htonl(8 + sizeof(struct ipv6hdr) + 8);
+	ph.nexthdr = IPPROTO_ICMPV6;
+	struct ipv6hdr nip = {};
+	nip.version = 6;
+	nip.payload_len = bpf_htons(8 + sizeof(struct ipv6hdr) + 8);
+	nip.nexthdr = IPPROTO_ICMPV6;
+	nip.hop_limit = 64;
+	__builtin_memcpy(&nip.saddr, ph.saddr, 16);
+	__builtin_memcpy(&nip.daddr, ph.daddr, 16);
+	unsigned char mac[2 * ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(mac + ETH_ALEN, eth->h_dest, ETH_ALEN);
+	__u32 orig[12];
+	if (bpf_skb_load_bytes(skb, IP_OFF, orig, sizeof(orig)) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, IP_OFF + sizeof(orig), 0) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_adjust_room(skb, sizeof(nip) + 8, BPF_ADJ_ROOM_MAC, 0) < 0)
+		return TC_ACT_SHOT;
+	struct {
+		__u8 type;
+		__u8 code;
+		__u16 check;
+		__u32 unused;
+	} icmp = {.type = ICMPV6_DEST_UNREACH, .code = ICMPV6_PORT_UNREACH};
+	__u32 c = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	c = bpf_csum_diff(0, 0, (__be32 *)&icmp, sizeof(icmp), c);
+	c = bpf_csum_diff(0, 0, orig, sizeof(orig), c);
+	icmp.check = csum_fold(c);
+	struct {
+		unsigned char dst[ETH_ALEN];
+		unsigned char src[ETH_ALEN];
+	} macs;
+	__builtin_memcpy(macs.dst, mac, ETH_ALEN);
+	__builtin_memcpy(macs.src, mac + ETH_ALEN, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &macs, sizeof(macs), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_OFF, &nip, sizeof(nip), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, IP_OFF + sizeof(nip), &icmp, sizeof(icmp), 0) < 0)
+		return TC_ACT_SHOT;
+	count(C_REJECT_ICMP);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* The Maglev pick for a new flow: table[hash % M] of the live copy. */
+static __always_inline int table_pick(const struct fe_val *fe, __u64 hash, __u32 *backend_id)
+{
+	__u32 m = fe->table_size;
+	if (m == 0 || m > MAX_CHUNKS * TABLE_CHUNK)
+		return -1;
+	__u64 slot = hash % m;
+	__u64 chunk = slot / TABLE_CHUNK;
+	__u64 idx = slot - chunk * TABLE_CHUNK;
+	struct table_key tk = {.fe_id = fe->id, .version = fe->version, .chunk = chunk};
+	struct table_val *tv = bpf_map_lookup_elem(&svclb_tables, &tk);
+	if (!tv)
+		return -1;
+	/* clang knows idx < TABLE_CHUNK and would drop the check the verifier
+	 * needs (it does not follow the division): hide idx from it */
+	asm volatile("" : "+r"(idx));
+	if (idx >= TABLE_CHUNK)
+		return -1;
+	*backend_id = tv->ids[idx];
+	return 0;
+}
+
 static __always_inline void ct_update(struct ct_val *ct, __u8 proto, int from_backend, __u8 flags,
 				      __u64 now)
 {
@@ -420,14 +686,10 @@ static __always_inline void ct_update(struct ct_val *ct, __u8 proto, int from_ba
 	}
 }
 
-SEC("classifier")
-int svclb_tc(struct __sk_buff *skb)
+static __always_inline int handle4(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
 	struct iphdr *ip = data + IP_OFF;
 	if ((void *)(ip + 1) > end || ip->ihl < 5)
 		return TC_ACT_OK;
@@ -511,20 +773,10 @@ int svclb_tc(struct __sk_buff *skb)
 				return reject_tcp(skb, l4);
 			return reject_udp(skb);
 		}
-		__u32 m = fe->table_size;
-		if (m == 0 || m > MAX_CHUNKS * TABLE_CHUNK) {
+		if (table_pick(fe, flow_hash(&ck), &backend_id) < 0) {
 			count(C_DROP_NO_BACKEND);
 			return TC_ACT_SHOT;
 		}
-		__u32 slot = flow_hash(&ck) % m;
-		struct table_key tk = {.fe_id = fe->id, .version = fe->version,
-				       .chunk = slot / TABLE_CHUNK};
-		struct table_val *tv = bpf_map_lookup_elem(&svclb_tables, &tk);
-		if (!tv) {
-			count(C_DROP_NO_BACKEND);
-			return TC_ACT_SHOT;
-		}
-		backend_id = tv->ids[slot & (TABLE_CHUNK - 1)];
 		be = bpf_map_lookup_elem(&svclb_backends, &backend_id);
 		if (!be) {
 			count(C_DROP_NO_BACKEND);
@@ -548,6 +800,138 @@ int svclb_tc(struct __sk_buff *skb)
 		count(C_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	}
+	return TC_ACT_OK;
+}
+
+/* handle4 for IPv6: TCP or UDP right after the IPv6 header; a fragment
+ * header or any other extension header passes untouched. */
+static __always_inline int handle6(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + IP_OFF;
+	if ((void *)(ip6 + 1) > end)
+		return TC_ACT_OK;
+	__u8 proto = ip6->nexthdr;
+	if (proto == IPPROTO_FRAGMENT) {
+		count(C_PASS_FRAGMENT);
+		return TC_ACT_OK;
+	}
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return TC_ACT_OK;
+	count(C_PACKETS);
+	__u32 l4 = IP_OFF + sizeof(struct ipv6hdr);
+	__u16 *ports = data + l4;
+	if ((void *)(ports + 2) > end)
+		return TC_ACT_OK;
+	__u8 tflags = 0;
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = data + l4;
+		if ((void *)(tcp + 1) > end) {
+			count(C_DROP_MALFORMED);
+			return TC_ACT_SHOT;
+		}
+		tflags = ((__u8 *)tcp)[13];
+	}
+	/* The packet's own tuple: the client's for svclb_ct6, a backend's for
+	 * svclb_rnat6. */
+	struct ct6_key ck = {.sport = ports[0], .dport = ports[1], .proto = proto};
+	__builtin_memcpy(ck.saddr, &ip6->saddr, 16);
+	__builtin_memcpy(ck.daddr, &ip6->daddr, 16);
+	__u16 sport = ck.sport, dport = ck.dport;
+	__u64 now = bpf_ktime_get_ns();
+
+	struct fe6_key fk = {.port = dport, .proto = proto};
+	__builtin_memcpy(fk.vip, ck.daddr, 16);
+	struct fe_val *fe = bpf_map_lookup_elem(&svclb_frontend6, &fk);
+	if (!fe) {
+		struct rnat6_val *rn = bpf_map_lookup_elem(&svclb_rnat6, &ck);
+		if (!rn)
+			return TC_ACT_OK;
+		struct ct6_key cck = {.sport = dport, .dport = rn->vport, .proto = proto};
+		__builtin_memcpy(cck.saddr, ck.daddr, 16);
+		__builtin_memcpy(cck.daddr, rn->vip, 16);
+		struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct6, &cck);
+		if (ct)
+			ct_update(ct, proto, 1, tflags, now);
+		if (rewrite6(skb, l4, proto, 0, ck.saddr, cck.daddr, sport, cck.dport) < 0) {
+			count(C_DROP_MALFORMED);
+			return TC_ACT_SHOT;
+		}
+		count(C_REPLIES);
+		return TC_ACT_OK;
+	}
+
+	int syn = (tflags & 0x12) == 0x02;
+	struct be6_val *be = 0;
+	__u32 backend_id = 0;
+	struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct6, &ck);
+	if (ct && ct->expires > now && ct->fe_id == fe->id) {
+		be = bpf_map_lookup_elem(&svclb_backend6, &ct->backend_id);
+		if (be && syn && (be->state != BE_ACTIVE || ct->state >= CT_FIN))
+			be = 0;
+		if (be) {
+			backend_id = ct->backend_id;
+			count(C_TRACKED);
+		} else {
+			count(C_RESCHEDULED);
+		}
+	}
+	if (!be) {
+		if (fe->count == 0) {
+			if (!(fe->flags & FE_REJECT_WHEN_EMPTY)) {
+				count(C_DROP_LOCAL);
+				return TC_ACT_SHOT;
+			}
+			if (proto == IPPROTO_TCP)
+				return reject_tcp6(skb, l4);
+			return reject_udp6(skb);
+		}
+		if (table_pick(fe, flow_hash6(&ck), &backend_id) < 0) {
+			count(C_DROP_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		be = bpf_map_lookup_elem(&svclb_backend6, &backend_id);
+		if (!be) {
+			count(C_DROP_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		struct ct_val nct = {.backend_id = backend_id, .fe_id = fe->id,
+				     .state = proto == IPPROTO_TCP ? CT_SYN : CT_UDP};
+		ct_update(&nct, proto, 0, tflags, now);
+		bpf_map_update_elem(&svclb_ct6, &ck, &nct, BPF_ANY);
+		struct ct6_key rk = {.sport = be->port, .dport = sport, .proto = proto};
+		__builtin_memcpy(rk.saddr, be->addr, 16);
+		__builtin_memcpy(rk.daddr, ck.saddr, 16);
+		struct rnat6_val rv = {.vport = dport};
+		__builtin_memcpy(rv.vip, ck.daddr, 16);
+		bpf_map_update_elem(&svclb_rnat6, &rk, &rv, BPF_ANY);
+		count(C_NEW);
+	} else {
+		ct_update(ct, proto, 0, tflags, now);
+	}
+	__u32 baddr[4];
+	__builtin_memcpy(baddr, be->addr, 16);
+	__u16 bport = be->port;
+	if (rewrite6(skb, l4, proto, 1, ck.daddr, baddr, dport, bport) < 0) {
+		count(C_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int svclb_tc(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return handle4(skb);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return handle6(skb);
 	return TC_ACT_OK;
 }
 
