@@ -680,7 +680,10 @@ fn bench(cli: &Cli) -> Result<(), String> {
     let tables: Vec<(usize, String)> = sizes
         .iter()
         .map(|&n| {
-            let opts = RenderOptions::default().builtin_jumps(true);
+            // No nfacct counters: the namespace has no nfacct objects
+            // (kube-proxy creates them over netlink), and `-m nfacct`
+            // needs them.
+            let opts = RenderOptions::default().builtin_jumps(true).nfacct(false);
             (n, render::iptables::render(&cluster(n), &opts))
         })
         .collect();
