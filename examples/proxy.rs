@@ -30,9 +30,11 @@
 //!   `poll_timeout`/`handle_timeout`. The proxy keeps one task per
 //!   connection or UDP session and no map of its own from flows to
 //!   backends.
-//! - A failed connect to a backend is counted, closed in the tracker, and
-//!   the flow routed again, skipping the backends that failed (at most
-//!   [`MAX_CONNECT_ATTEMPTS`] tries); the dataplane never offers a draining
+//! - A failed connect to a backend is counted and the flow routed again
+//!   with `Dataplane::route_excluding`, without the backends that failed
+//!   (at most [`MAX_CONNECT_ATTEMPTS`] tries): the failed attempt leaves no
+//!   tracked connection, every scheduler (sh and mh too) and a ClientIP pin
+//!   move on to another backend, and the dataplane never offers a draining
 //!   or removed backend to a new connection.
 //! - Reject (no endpoints): the accepted connection is reset (SO_LINGER 0).
 //!   Drop: it is closed without a byte read or written (a userspace proxy
@@ -447,31 +449,31 @@ async fn accept_tcp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, listener: TcpListene
     }
 }
 
-/// Connects `flow` to a backend: routes, connects, and on failure routes
-/// again without the failed backends.
+/// Connects `flow` to a backend: routes, connects, and on failure asks
+/// the dataplane for another backend without the failed ones
+/// (`Dataplane::route_excluding`: the failed attempt leaves no tracked
+/// connection, and a ClientIP pin moves to the new backend).
 async fn connect_backend(
     sh: &Shared,
     fe: &FrontendInfo,
     flow: &Flow,
 ) -> Result<(TcpStream, Forward), &'static str> {
-    let mut failed: Vec<BackendId> = Vec::new();
-    let mut last = "no-backend";
-    for _ in 0..MAX_CONNECT_ATTEMPTS {
-        let v = sh.dp.route(flow, sh.now());
+    let mut failed = [BackendId(0); MAX_CONNECT_ATTEMPTS];
+    let mut tried = 0;
+    while tried < MAX_CONNECT_ATTEMPTS {
+        let v = if tried == 0 {
+            sh.dp.route(flow, sh.now())
+        } else {
+            sh.dp.route_excluding(flow, &failed[..tried], sh.now())
+        };
         sh.debug(format_args!("route {flow} {v}"));
         let fw = match v {
             Verdict::Forward(fw) => fw,
+            Verdict::Reject if tried > 0 => break,
             Verdict::Reject => return Err("reject"),
             Verdict::Drop => return Err("drop"),
             _ => return Err("not-a-service"),
         };
-        if failed.contains(&fw.backend_id) {
-            // The scheduler offered a backend that just failed: give it
-            // another turn (rr and random move on; lc, sh, mh and affinity
-            // may insist, and the connection is then refused).
-            sh.dp.connection_closed(flow, sh.now());
-            continue;
-        }
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sh.dial(fw.backend))).await {
             Ok(Ok(s)) => return Ok((s, fw)),
             Ok(Err(e)) => sh.debug(format_args!("connect {} for {flow}: {e}", fw.backend)),
@@ -484,12 +486,13 @@ async fn connect_backend(
                 ("backend", &fw.backend.to_string()),
             ]))
             .inc();
-        sh.dp.packet(flow, TcpFlags::RST, sh.now());
-        sh.dp.connection_closed(flow, sh.now());
-        failed.push(fw.backend_id);
-        last = "connect-failed";
+        failed[tried] = fw.backend_id;
+        tried += 1;
     }
-    Err(last)
+    // Every backend failed (or the attempts ran out): the last attempt's
+    // entry goes too.
+    sh.dp.connection_closed(flow, sh.now());
+    Err("connect-failed")
 }
 
 async fn serve_tcp(

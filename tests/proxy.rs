@@ -796,6 +796,43 @@ fn a_failed_connect_retries_another_backend() {
     assert!(proxy.stop().success());
 }
 
+/// Source hashing always offers a client the same backend: when that one
+/// refuses connections, the retry (`Dataplane::route_excluding`) must go
+/// elsewhere, or every connection of those clients would fail.
+#[test]
+fn a_failed_connect_under_source_hashing_retries_another_backend() {
+    let k = 18;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    // Endpoint 4 has no server: its connects are refused.
+    write_file(&file, &manifest(k, &[1, 2, 3, 4], false), None);
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &["--mode", "ipvs", "--scheduler", "sh", "--log", "debug"],
+    );
+    // 50 client addresses, twice each: sh sends about a quarter of them to
+    // endpoint 4 first, each time.
+    let ids: Vec<u8> = (0..100)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    assert_eq!(histogram(&ids).iter().sum::<usize>(), 100);
+    // The same client retries to the same other backend (sh's fallback).
+    for i in 0..50 {
+        assert_eq!(ids[i], ids[i + 50], "client {}", client(i));
+    }
+    let errors = proxy.metric(&format!(
+        "svclb_proxy_connect_errors_total{{service=\"default/echo:tcp\",backend=\"10.244.{k}.4:9000\"}}"
+    ));
+    assert!(errors >= 2.0 && errors % 2.0 == 0.0, "{errors}");
+    let done = proxy.wait_lines(100, |l| l.starts_with("conn proto=tcp"));
+    assert!(done.iter().all(|l| l.contains("end=closed")), "{done:?}");
+    // No failed attempt is left tracked.
+    assert_eq!(proxy.metric("svclb_proxy_tracked_connections"), 0.0);
+    assert!(proxy.stop().success());
+}
+
 /// A watch event (one JSON line) for slice `echo-1` of service K.
 fn slice_event(k: u8, eps: &[u8], rv: u32) -> String {
     let endpoints: Vec<String> = eps

@@ -41,7 +41,9 @@ use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable
 use crate::conntrack::{TcpFlags, Tracked};
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::{ServiceKey, SessionAffinity};
-use crate::plan::{BackendStates, Frontend, FrontendId, FrontendKey, Outcome, PlanDiff, Planner};
+use crate::plan::{
+    BackendId, BackendStates, Frontend, FrontendId, FrontendKey, Outcome, PlanDiff, Planner,
+};
 use crate::rng::SeededRng;
 use crate::scheduler::{Destination, PickContext, Selector};
 use crate::table::{ChangeSet, ServiceTable};
@@ -176,9 +178,33 @@ impl IpvsReader {
             .packet(&shared.states, flow, flags, now, |flow| {
                 match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                     None => Scheduled::NotAService,
-                    Some(state) => shared.decide(state, flow, key, now, rng),
+                    Some(state) => shared.decide(state, flow, key, now, rng, &[]),
                 }
             })
+    }
+
+    /// A retry without the backends whose connect failed, as
+    /// [`Dataplane::route_excluding_with_key`].
+    pub fn route_excluding_with_key(
+        &mut self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        let shared = &*self.shared;
+        let table = self.table.load();
+        let rng = &self.rng;
+        shared.conn.route_excluding(
+            &shared.states,
+            flow,
+            exclude,
+            now,
+            |flow, exclude| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                None => Scheduled::NotAService,
+                Some(state) => shared.decide(state, flow, key, now, rng, exclude),
+            },
+        )
     }
 }
 
@@ -336,6 +362,7 @@ impl Shared {
         key: Option<u64>,
         now: Instant,
         rng: &SeededRng,
+        exclude: &[BackendId],
     ) -> Scheduled {
         let Some(selector) = &state.selector else {
             return match state.outcome {
@@ -346,14 +373,24 @@ impl Shared {
         let dests = &state.dests;
         let ctx = PickContext { flow, now, rng };
         let picked = match &state.affinity {
-            None => selector.pick(dests, &ctx),
+            None => selector.pick_excluding(dests, &ctx, exclude),
             Some(aff) => {
+                // A pin to an excluded backend is replaced.
                 let pinned = self.affinity.route(
                     &aff.scope,
                     aff.key(flow, key),
                     now,
-                    |ep| aff.position(ep),
-                    || selector.pick(dests, &ctx).map(|i| (i, dests[i].addr())),
+                    |ep| {
+                        aff.position(ep).filter(|&i| {
+                            exclude.is_empty()
+                                || dests.get(i).is_some_and(|d| !exclude.contains(&d.id()))
+                        })
+                    },
+                    || {
+                        selector
+                            .pick_excluding(dests, &ctx, exclude)
+                            .map(|i| (i, dests[i].addr()))
+                    },
                 );
                 pinned.map(|p| {
                     aff.count(p.index);
@@ -377,9 +414,29 @@ impl Shared {
         self.conn.packet(&self.states, flow, flags, now, |flow| {
             match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                 None => Scheduled::NotAService,
-                Some(state) => self.decide(state, flow, key, now, &self.rng),
+                Some(state) => self.decide(state, flow, key, now, &self.rng, &[]),
             }
         })
+    }
+
+    fn route_excluding(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        let table = self.table.load();
+        self.conn.route_excluding(
+            &self.states,
+            flow,
+            exclude,
+            now,
+            |flow, exclude| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                None => Scheduled::NotAService,
+                Some(state) => self.decide(state, flow, key, now, &self.rng, exclude),
+            },
+        )
     }
 
     fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant) {
@@ -618,6 +675,16 @@ impl Dataplane for IpvsDataplane {
     #[inline]
     fn packet(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
         self.shared.packet(flow, None, flags, now)
+    }
+
+    fn route_excluding_with_key(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        self.shared.route_excluding(flow, key, exclude, now)
     }
 
     fn connection_closed(&self, flow: &Flow, _now: Instant) -> Option<Tracked> {

@@ -103,6 +103,16 @@ impl Dataplane for NftablesDataplane {
         self.inner.packet(flow, flags, now)
     }
 
+    fn route_excluding_with_key(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[crate::plan::BackendId],
+        now: Instant,
+    ) -> Verdict {
+        self.inner.route_excluding_with_key(flow, key, exclude, now)
+    }
+
     fn connection_closed(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
         self.inner.connection_closed(flow, now)
     }
