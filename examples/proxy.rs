@@ -107,6 +107,16 @@ enum ModeArg {
     Ipvs,
 }
 
+/// `--copy`: how the bytes of a TCP connection move between its sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CopyMode {
+    /// `splice(2)`: socket to pipe to socket inside the kernel, no copy
+    /// through userspace (Linux).
+    Splice,
+    /// `read` into a buffer, `write` it out.
+    Userspace,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 enum LogLevel {
     /// One line per connection, reload and listener.
@@ -154,6 +164,20 @@ struct Cli {
     /// The UDP session timeout (seconds); the mode's own by default.
     #[arg(long)]
     udp_timeout: Option<f64>,
+    /// The timeout of an idle established TCP connection (seconds;
+    /// kube-proxy's --ipvs-tcp-timeout, --conntrack-tcp-timeout-established);
+    /// the mode's own by default.
+    #[arg(long)]
+    tcp_timeout: Option<f64>,
+    /// The timeout of a half-closed TCP connection, FIN_WAIT, CLOSE_WAIT
+    /// and LAST_ACK (seconds; kube-proxy's --ipvs-tcpfin-timeout,
+    /// --conntrack-tcp-timeout-close-wait); the mode's own by default.
+    #[arg(long)]
+    tcp_fin_timeout: Option<f64>,
+    /// How TCP bytes move: splice (zero copy, the default on Linux) or
+    /// userspace (read and write through a buffer).
+    #[arg(long, value_enum, default_value = "splice")]
+    copy: CopyMode,
     /// Dial endpoints of FROM_CIDR at the same offset in TO_CIDR instead
     /// (`10.244.0.0/24=127.0.1.0/24`): the API forbids loopback endpoint
     /// addresses, so local stand-ins for a cluster's pods go through this.
@@ -257,6 +281,8 @@ struct Shared {
     /// When the dataplane was last synced (time since the Unix epoch), for
     /// `/healthz`.
     last_sync: parking_lot::Mutex<Duration>,
+    /// `--copy`.
+    copy: CopyMode,
 }
 
 /// Time since the Unix epoch.
@@ -541,52 +567,61 @@ async fn serve_tcp(
 
     let bytes_in = AtomicU64::new(0);
     let bytes_out = AtomicU64::new(0);
-    let end = {
-        let (mut cr, mut cw) = client.split();
-        let (mut br, mut bw) = backend.split();
-        let c2s = pump(&mut cr, &mut bw, &bytes_in, || {
-            sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-        });
-        let s2c = pump(&mut br, &mut cw, &bytes_out, || {
-            sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-        });
-        let check = async {
-            let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    // Once a second the connection looks itself up. Traffic since the last
+    // look is reported as the packets it was (their ACKs), which restarts
+    // the tracker's timer as any packet does in the kernel; an idle or
+    // half-closed connection is only looked at (`peek_reply`), so its
+    // state's timer (ESTABLISHED, FIN_WAIT, CLOSE_WAIT) runs on, and once
+    // it passes the connection ends. A backend removed past its drain
+    // grace is no longer found either (`expire_nodest_conn`).
+    let check = async {
+        let mut tick = tokio::time::interval(CHECK_INTERVAL);
+        tick.tick().await;
+        let (mut seen_in, mut seen_out) = (0, 0);
+        loop {
             tick.tick().await;
-            loop {
-                tick.tick().await;
-                match sh.dp.packet(&flow, TcpFlags::ACK, sh.now()) {
+            let now = sh.now();
+            let (b_in, b_out) = (
+                bytes_in.load(Ordering::Relaxed),
+                bytes_out.load(Ordering::Relaxed),
+            );
+            if b_in != seen_in {
+                seen_in = b_in;
+                match sh.dp.packet(&flow, TcpFlags::ACK, now) {
                     Verdict::Forward(f) if f.tracked && f.backend_id == fw.backend_id => {}
                     _ => return,
                 }
             }
-        };
-        // A direction that fails ends the connection; a clean EOF waits
-        // for the other direction (half-close).
-        tokio::pin!(c2s, s2c, check);
-        let (mut c_done, mut s_done) = (false, false);
-        loop {
-            tokio::select! {
-                ok = &mut c2s, if !c_done => {
-                    if !ok {
-                        break "reset";
-                    }
-                    c_done = true;
-                    if s_done {
-                        break "closed";
-                    }
-                }
-                ok = &mut s2c, if !s_done => {
-                    if !ok {
-                        break "reset";
-                    }
-                    s_done = true;
-                    if c_done {
-                        break "closed";
-                    }
-                }
-                () = &mut check => break "expired",
+            if b_out != seen_out {
+                seen_out = b_out;
+                sh.dp.reply(&reply, TcpFlags::ACK, now);
             }
+            match sh.dp.peek_reply(&reply, now) {
+                Some(t) if t.backend == fw.backend_id => {}
+                _ => return,
+            }
+        }
+    };
+    let end = match sh.copy {
+        CopyMode::Userspace => {
+            let (mut cr, mut cw) = client.split();
+            let (mut br, mut bw) = backend.split();
+            let c2s = pump(&mut cr, &mut bw, &bytes_in, || {
+                sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+            });
+            let s2c = pump(&mut br, &mut cw, &bytes_out, || {
+                sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+            });
+            relay(c2s, s2c, check).await
+        }
+        CopyMode::Splice => {
+            let c2s = splice_pump(&client, &backend, &bytes_in, || {
+                sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+            });
+            let s2c = splice_pump(&backend, &client, &bytes_out, || {
+                sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+            });
+            relay(c2s, s2c, check).await
         }
     };
     if end != "closed" {
@@ -1348,6 +1383,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         timeouts.udp = t;
         timeouts.udp_replied = t;
     }
+    if let Some(t) = cli.tcp_timeout {
+        timeouts.tcp_established = secs("--tcp-timeout", t)?;
+    }
+    if let Some(t) = cli.tcp_fin_timeout {
+        let t = secs("--tcp-fin-timeout", t)?;
+        timeouts.tcp_fin_wait = t;
+        timeouts.tcp_close_wait = t;
+        timeouts.tcp_last_ack = t;
+    }
     let udp_check = (timeouts.udp_replied.min(timeouts.udp) / 4)
         .clamp(Duration::from_millis(100), Duration::from_secs(5));
     config.conntrack_timeouts = Some(timeouts);
@@ -1366,6 +1410,11 @@ async fn run(cli: Cli) -> Result<(), String> {
         log: cli.log,
         open: AtomicUsize::new(0),
         last_sync: parking_lot::Mutex::new(unix_now()),
+        copy: if cfg!(target_os = "linux") {
+            cli.copy
+        } else {
+            CopyMode::Userspace
+        },
     });
 
     // Signals first, so that a SIGHUP right after start is not fatal.
@@ -1552,5 +1601,147 @@ where
             }
             Err(_) => return false,
         }
+    }
+}
+
+/// Runs both directions of a connection and its check: a direction that
+/// fails ends the connection (`reset`); a clean EOF waits for the other
+/// direction (half-close), and both done is `closed`; the check ending
+/// first is `expired`.
+async fn relay(
+    c2s: impl std::future::Future<Output = bool>,
+    s2c: impl std::future::Future<Output = bool>,
+    check: impl std::future::Future<Output = ()>,
+) -> &'static str {
+    tokio::pin!(c2s, s2c, check);
+    let (mut c_done, mut s_done) = (false, false);
+    loop {
+        tokio::select! {
+            ok = &mut c2s, if !c_done => {
+                if !ok {
+                    return "reset";
+                }
+                c_done = true;
+                if s_done {
+                    return "closed";
+                }
+            }
+            ok = &mut s2c, if !s_done => {
+                if !ok {
+                    return "reset";
+                }
+                s_done = true;
+                if c_done {
+                    return "closed";
+                }
+            }
+            () = &mut check => return "expired",
+        }
+    }
+}
+
+/// One direction of a TCP connection with `splice(2)`: `from` into a pipe,
+/// the pipe into `to`, the bytes never copied to userspace; readiness from
+/// tokio (each `splice` is non-blocking, and `try_io` clears a readiness
+/// that turned out stale). The same contract as [`pump`]: a clean end of
+/// file runs `on_eof` and shuts `to` down for writing; counts the bytes;
+/// true on a clean end of file. Without a pipe (out of descriptors) or
+/// where the kernel refuses to splice these sockets, it copies through a
+/// buffer instead ([`copy_pump`]).
+#[cfg(target_os = "linux")]
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    on_eof: impl FnOnce(),
+) -> bool {
+    use nix::fcntl::{OFlag, SpliceFFlags, splice};
+    use tokio::io::Interest;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let Ok((pipe_r, pipe_w)) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
+        return copy_pump(from, to, bytes, on_eof).await;
+    };
+    let mut first = true;
+    loop {
+        if from.readable().await.is_err() {
+            return false;
+        }
+        let n = match from.try_io(Interest::READABLE, || {
+            splice(from, None, &pipe_w, None, BUF, flags).map_err(std::io::Error::from)
+        }) {
+            Ok(0) => {
+                on_eof();
+                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                return true;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if first && e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                return copy_pump(from, to, bytes, on_eof).await;
+            }
+            Err(_) => return false,
+        };
+        first = false;
+        let mut left = n;
+        while left > 0 {
+            if to.writable().await.is_err() {
+                return false;
+            }
+            match to.try_io(Interest::WRITABLE, || {
+                splice(&pipe_r, None, to, None, left, flags).map_err(std::io::Error::from)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    on_eof: impl FnOnce(),
+) -> bool {
+    copy_pump(from, to, bytes, on_eof).await
+}
+
+/// [`pump`] on shared references: the splice pump's fallback.
+async fn copy_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    on_eof: impl FnOnce(),
+) -> bool {
+    let mut buf = vec![0u8; BUF];
+    loop {
+        if from.readable().await.is_err() {
+            return false;
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => {
+                on_eof();
+                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                return true;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return false,
+        };
+        let mut off = 0;
+        while off < n {
+            if to.writable().await.is_err() {
+                return false;
+            }
+            match to.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 }

@@ -833,6 +833,104 @@ fn a_failed_connect_under_source_hashing_retries_another_backend() {
     assert!(proxy.stop().success());
 }
 
+/// 8 MiB each way through each pump (`--copy splice`, the default, and
+/// `--copy userspace`), written while it is read back: every byte comes
+/// back in order, half-close included, and the byte metrics count it.
+#[test]
+fn big_transfers_echo_through_both_pumps() {
+    let k = 19;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    const SIZE: usize = 8 << 20;
+    for copy in ["splice", "userspace"] {
+        let proxy = Proxy::start(k, &file, &["--mode", "ipvs", "--copy", copy]);
+        let data: Arc<Vec<u8>> = Arc::new(
+            (0..SIZE)
+                .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
+                .collect(),
+        );
+        let (s, _) = open(k, client(1));
+        let mut w = s.try_clone().unwrap();
+        let d2 = Arc::clone(&data);
+        let writer = std::thread::spawn(move || {
+            for chunk in d2.chunks(100_000) {
+                w.write_all(chunk).expect("send");
+            }
+            w.shutdown(Shutdown::Write).expect("half-close");
+        });
+        let mut back = Vec::with_capacity(SIZE);
+        let mut r = s;
+        r.read_to_end(&mut back).expect("read to EOF");
+        writer.join().unwrap();
+        assert_eq!(back.len(), SIZE, "{copy}: bytes echoed");
+        assert!(back == *data, "{copy}: echoed bytes differ");
+        let line = proxy.wait_line(|l| l.starts_with("conn proto=tcp"));
+        assert!(
+            line.contains(&format!("bytes_in={SIZE} bytes_out={}", SIZE + 1))
+                && line.contains("end=closed"),
+            "{copy}: {line}"
+        );
+        assert!(proxy.stop().success());
+    }
+}
+
+/// A half-closed connection whose other side stays open and idle ends
+/// when the tracker's timeout for its state passes (here
+/// `--tcp-fin-timeout 2`): the proxy's once-a-second check only looks the
+/// entry up, it does not restart its timer. An idle established
+/// connection with the same check stays (its timeout is the default).
+#[test]
+fn an_idle_half_closed_connection_times_out() {
+    let k = 20;
+    // A backend that reads to EOF and then keeps its side open, silent.
+    let addr = SocketAddr::new(IpAddr::V4(backend_ip(k, 1)), BACKEND_PORT);
+    let listener = TcpListener::bind(addr).expect("bind backend");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().take(4) {
+            let Ok(mut c) = conn else { continue };
+            let mut sink = Vec::new();
+            let _ = c.read_to_end(&mut sink);
+            held.push(c);
+        }
+        std::thread::sleep(WAIT * 3);
+    });
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1], false), None);
+    let proxy = Proxy::start(k, &file, &["--mode", "iptables", "--tcp-fin-timeout", "2"]);
+    let connect = || {
+        let sock = socket_from(client(3));
+        sock.connect(&vip(k).into()).expect("connect");
+        let s: TcpStream = sock.into();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    };
+    let idle = connect();
+    let mut half = connect();
+    half.write_all(b"bye").unwrap();
+    half.shutdown(Shutdown::Write).unwrap();
+    // The half-closed one ends (the proxy resets it): EOF or an error, not
+    // a read timeout.
+    let mut buf = [0u8; 16];
+    match half.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) => assert_ne!(e.kind(), ErrorKind::WouldBlock, "{e}"),
+        Ok(n) => panic!("unexpected {n} bytes"),
+    }
+    let line = proxy.wait_line(|l| l.starts_with("conn proto=tcp"));
+    assert!(
+        line.contains("end=expired") && line.contains("bytes_in=3"),
+        "{line}"
+    );
+    // The idle established connection is still open and tracked.
+    assert_eq!(proxy.metric("svclb_proxy_tracked_connections"), 1.0);
+    drop(idle);
+    assert!(proxy.stop().success());
+}
+
 /// A watch event (one JSON line) for slice `echo-1` of service K.
 fn slice_event(k: u8, eps: &[u8], rv: u32) -> String {
     let endpoints: Vec<String> = eps
