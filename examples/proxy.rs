@@ -3,8 +3,9 @@
 //! with the same loader and flags as `examples/svclb.rs`, listens on every
 //! TCP and UDP frontend of the plan (each cluster IP:port, external IP:port
 //! and load-balancer IP:port, and each node IP:nodePort of `--node-ip`
-//! inside `--nodeport-addresses`), and carries real connections to the
-//! backends the dataplane chooses.
+//! inside `--nodeport-addresses`; without either flag, TCP node ports on
+//! 0.0.0.0, every local address, as kube-proxy accepts them), and carries
+//! real connections to the backends the dataplane chooses.
 //!
 //! ```sh
 //! cargo run --release --example proxy -- --manifests PATH... [--watch FILE|-] \
@@ -39,10 +40,18 @@
 //! - Reject (no endpoints): the accepted connection is reset (SO_LINGER 0).
 //!   Drop: it is closed without a byte read or written (a userspace proxy
 //!   has already completed the handshake; it cannot stay silent to a SYN).
-//! - Each established connection asks the tracker about itself once a
-//!   second (`Dataplane::packet` with ACK): a connection whose backend was
+//! - Each TCP connection looks itself up once a second: traffic since the
+//!   last look is reported (`Dataplane::packet` / `reply` with ACK, which
+//!   restarts the tracker's timer as a packet does), otherwise the entry is
+//!   only looked at (`Dataplane::peek`). A connection whose backend was
 //!   removed keeps working while it drains, and is closed (reset) once the
-//!   dataplane drops it (the drain grace passed: `expire_nodest_conn`).
+//!   dataplane drops it (the drain grace passed: `expire_nodest_conn`);
+//!   an idle or half-closed one is closed once its state's timeout passes
+//!   (`--tcp-timeout`, `--tcp-fin-timeout`).
+//! - TCP bytes move with `splice(2)` (socket to pipe to socket, no copy
+//!   through userspace; `--copy splice`, the default on Linux) or through
+//!   a buffer (`--copy userspace`); README "The userspace proxy" has the
+//!   measured comparison.
 //! - UDP: one session per client address, with a socket connected to the
 //!   backend; replies go out of the socket bound to the service address.
 //!   A session ends when the tracker has expired its flow (the mode's UDP
@@ -570,7 +579,7 @@ async fn serve_tcp(
     // Once a second the connection looks itself up. Traffic since the last
     // look is reported as the packets it was (their ACKs), which restarts
     // the tracker's timer as any packet does in the kernel; an idle or
-    // half-closed connection is only looked at (`peek_reply`), so its
+    // half-closed connection is only looked at (`Dataplane::peek`), so its
     // state's timer (ESTABLISHED, FIN_WAIT, CLOSE_WAIT) runs on, and once
     // it passes the connection ends. A backend removed past its drain
     // grace is no longer found either (`expire_nodest_conn`).
@@ -596,7 +605,7 @@ async fn serve_tcp(
                 seen_out = b_out;
                 sh.dp.reply(&reply, TcpFlags::ACK, now);
             }
-            match sh.dp.peek_reply(&reply, now) {
+            match sh.dp.peek(&flow, now) {
                 Some(t) if t.backend == fw.backend_id => {}
                 _ => return,
             }
@@ -773,9 +782,9 @@ async fn udp_session(
                     end = "listener-closed";
                     break;
                 }
-                let now = sh.now();
-                let live = sh.dp.connections(now).iter().any(|t| t.flow == flow);
-                if !live {
+                // One lookup of this session's own flow (`peek`: no
+                // allocation, no timer restarted).
+                if sh.dp.peek(&flow, sh.now()).is_none() {
                     break;
                 }
             }
@@ -978,6 +987,8 @@ struct Control {
     udp_check: Duration,
     /// `--node-ip` and `--nodeport-addresses`: where node ports answer.
     addresses: NodeAddresses,
+    /// UDP node ports on the wildcard already reported as not served.
+    wildcard_udp_noted: BTreeSet<FrontendKey>,
     /// The health-check node ports, by address.
     health: BTreeMap<SocketAddr, HealthListener>,
     /// `--listen-map`.
@@ -1200,6 +1211,16 @@ impl Control {
             if self.listeners.contains_key(&key) {
                 continue;
             }
+            if key.protocol == Protocol::Udp && key.addr.is_unspecified() {
+                // A reply must leave from the address the client sent to,
+                // which a wildcard UDP socket does not tell (IP_PKTINFO
+                // would): UDP node ports need --node-ip.
+                if !self.wildcard_udp_noted.contains(&key) {
+                    eprintln!("proxy: not listening on {key}: UDP node ports need --node-ip");
+                    self.wildcard_udp_noted.insert(key);
+                }
+                continue;
+            }
             let fe = Arc::new(FrontendInfo::new(&self.sh.metrics, key, service));
             let addr = map_addr(&self.listen_map, key.socket_addr());
             let sh = Arc::clone(&self.sh);
@@ -1375,6 +1396,12 @@ async fn run(cli: Cli) -> Result<(), String> {
     cli.node_addrs
         .apply(&mut config)
         .map_err(|e| e.to_string())?;
+    if config.node_ips.is_empty() && config.nodeport_addresses.is_empty() {
+        // kube-proxy without --nodeport-addresses accepts node ports on
+        // every local address: the IPv4 wildcard stands for them (its
+        // frontends are 0.0.0.0:nodePort, listened on as such).
+        config.node_ips.push(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    }
     let addresses = NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone());
     config.drain_grace = secs("--drain-grace", cli.drain_grace)?;
     let mut timeouts = mode.default_timeouts();
@@ -1436,6 +1463,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         listeners: BTreeMap::new(),
         udp_check,
         addresses,
+        wildcard_udp_noted: BTreeSet::new(),
         health: BTreeMap::new(),
         listen_map,
     };
@@ -1640,14 +1668,60 @@ async fn relay(
     }
 }
 
+/// A pipe for the splice pump: its read and write ends.
+#[cfg(target_os = "linux")]
+struct Pipe {
+    r: std::os::fd::OwnedFd,
+    w: std::os::fd::OwnedFd,
+}
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    /// Empty pipes kept for the next connections of this worker thread: a
+    /// new connection then costs no `pipe2` and no two `close`s.
+    static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The splice pump's pipe size and the most one splice moves.
+#[cfg(target_os = "linux")]
+const SPLICE_PIPE: usize = 256 * 1024;
+
+/// Empty pipes kept per worker thread.
+#[cfg(target_os = "linux")]
+const PIPE_POOL: usize = 256;
+
+#[cfg(target_os = "linux")]
+fn take_pipe() -> Option<Pipe> {
+    use nix::fcntl::OFlag;
+    PIPES.with(|p| p.borrow_mut().pop()).or_else(|| {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?;
+        // A larger pipe moves more per splice (a page per slot); where the
+        // kernel refuses the size, the default (64 KiB) stays.
+        let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE as i32));
+        Some(Pipe { r, w })
+    })
+}
+
+/// Keeps an empty pipe for reuse (a pipe that may hold bytes is dropped).
+#[cfg(target_os = "linux")]
+fn give_pipe(pipe: Pipe) {
+    PIPES.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < PIPE_POOL {
+            p.push(pipe);
+        }
+    });
+}
+
 /// One direction of a TCP connection with `splice(2)`: `from` into a pipe,
 /// the pipe into `to`, the bytes never copied to userspace; readiness from
 /// tokio (each `splice` is non-blocking, and `try_io` clears a readiness
 /// that turned out stale). The same contract as [`pump`]: a clean end of
 /// file runs `on_eof` and shuts `to` down for writing; counts the bytes;
-/// true on a clean end of file. Without a pipe (out of descriptors) or
-/// where the kernel refuses to splice these sockets, it copies through a
-/// buffer instead ([`copy_pump`]).
+/// true on a clean end of file. Pipes are taken when the first bytes
+/// arrive and given back empty to a per-thread pool. Without a pipe (out
+/// of descriptors) or where the kernel refuses to splice these sockets, it
+/// copies through a buffer instead ([`copy_pump`]).
 #[cfg(target_os = "linux")]
 async fn splice_pump(
     from: &TcpStream,
@@ -1655,23 +1729,30 @@ async fn splice_pump(
     bytes: &AtomicU64,
     on_eof: impl FnOnce(),
 ) -> bool {
-    use nix::fcntl::{OFlag, SpliceFFlags, splice};
+    use nix::fcntl::{SpliceFFlags, splice};
     use tokio::io::Interest;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    let Ok((pipe_r, pipe_w)) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
-        return copy_pump(from, to, bytes, on_eof).await;
-    };
+    let mut pipe: Option<Pipe> = None;
     let mut first = true;
     loop {
         if from.readable().await.is_err() {
             return false;
         }
+        if pipe.is_none() {
+            pipe = take_pipe();
+        }
+        let Some(p) = &pipe else {
+            return copy_pump(from, to, bytes, on_eof).await;
+        };
         let n = match from.try_io(Interest::READABLE, || {
-            splice(from, None, &pipe_w, None, BUF, flags).map_err(std::io::Error::from)
+            splice(from, None, &p.w, None, SPLICE_PIPE, flags).map_err(std::io::Error::from)
         }) {
             Ok(0) => {
                 on_eof();
                 let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                if let Some(p) = pipe.take() {
+                    give_pipe(p);
+                }
                 return true;
             }
             Ok(n) => n,
@@ -1688,7 +1769,7 @@ async fn splice_pump(
                 return false;
             }
             match to.try_io(Interest::WRITABLE, || {
-                splice(&pipe_r, None, to, None, left, flags).map_err(std::io::Error::from)
+                splice(&p.r, None, to, None, left, flags).map_err(std::io::Error::from)
             }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

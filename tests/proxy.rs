@@ -1110,6 +1110,42 @@ fn node_ports_and_external_ips_echo() {
     assert!(proxy.stop().success());
 }
 
+/// Without `--node-ip` (and `--nodeport-addresses`), node ports answer on
+/// every local address, as kube-proxy's do: the proxy listens on
+/// 0.0.0.0:nodePort, and any 127.0.0.0/8 address reaches the service.
+#[test]
+fn node_ports_without_node_ip_answer_on_every_local_address() {
+    let k = 21;
+    let backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("np.yaml");
+    let mut m = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 127.78.0.{k}\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 300{k}}}\n"
+    );
+    m.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: np}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n- addresses: [\"10.244.{k}.2\"]\n- addresses: [\"10.244.{k}.3\"]\n"
+    ));
+    write_file(&file, &m, None);
+    let proxy = Proxy::start(k, &file, &["--mode", "ipvs"]);
+    proxy.wait_line(|l| l.starts_with("listener opened tcp 0.0.0.0:30021 service=default/np:tcp"));
+    let mut ids = Vec::new();
+    for (i, last) in [5u8, 6, 7, 80, 81, 200].into_iter().enumerate() {
+        let dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, last, 9)), 30021);
+        let (mut s, id) = open_to(dst, client(i));
+        echo(&mut s, &payload(i));
+        ids.push(id);
+    }
+    // One frontend (0.0.0.0:30021), rr over its three backends.
+    assert_eq!(histogram(&ids), [2, 2, 2], "{ids:?}");
+    assert_eq!(backends.counts().iter().sum::<usize>(), 6);
+    let done = proxy.wait_lines(6, |l| l.starts_with("conn proto=tcp"));
+    assert!(
+        done.iter().all(|l| l.contains("frontend=0.0.0.0:30021")),
+        "{done:?}"
+    );
+    assert!(proxy.stop().success());
+}
+
 /// A LoadBalancer service `lb` with externalTrafficPolicy Local, node port
 /// 310K, health-check node port 320K, load-balancer IP 203.0.113.9, and
 /// endpoint 10.244.K.1 on `ep_node`.

@@ -602,6 +602,23 @@ impl ConnLayer {
         Verdict::Drop
     }
 
+    /// The live tracked connection of `flow` (original direction) whose
+    /// backend still takes its packets (active or draining), with no side
+    /// effect.
+    pub(crate) fn peek(
+        &self,
+        states: &BackendStates,
+        flow: &Flow,
+        now: Instant,
+    ) -> Option<Tracked> {
+        let t = self.tracker.as_ref()?.get(flow, now)?;
+        matches!(
+            states.state(t.backend),
+            BackendState::Active | BackendState::Draining
+        )
+        .then_some(t)
+    }
+
     /// Ends the tracked connection of `flow`.
     pub(crate) fn close(&self, flow: &Flow) -> Option<Tracked> {
         self.tracker.as_ref()?.remove(flow)

@@ -437,6 +437,10 @@ impl Dataplane for IptablesDataplane {
         self.shared.conn.reply_of(reply, None, now)
     }
 
+    fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        self.shared.conn.peek(&self.shared.states, flow, now)
+    }
+
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
         let rs = self.shared.rules.load();
         let probe = Flow::new(protocol, SocketAddr::from(([0, 0, 0, 0], 0)), dst);

@@ -699,6 +699,10 @@ impl Dataplane for IpvsDataplane {
         self.shared.reply(reply, None, now)
     }
 
+    fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        self.shared.conn.peek(&self.shared.states, flow, now)
+    }
+
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
         self.shared.candidates(protocol, dst)
     }

@@ -457,6 +457,44 @@ pub trait Dataplane: Send + Sync {
         None
     }
 
+    /// The live tracked connection of `flow` (original direction: client
+    /// to frontend), with no side effect: no state change, no timer
+    /// restarted, nothing scheduled. For a caller that watches its own
+    /// connections' expiry (a proxy's idle sessions) without a flow table
+    /// of its own, and for checks. `None` if the flow is not tracked, its
+    /// entry's timeout has passed, or its backend is gone (past its drain
+    /// grace: the next [`packet`](Self::packet) would expire it,
+    /// `expire_nodest_conn`), and by default, for dataplanes that track
+    /// nothing. Allocates nothing.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::*;
+    /// let mut table = ServiceTable::new();
+    /// let svc = Service::builder("default", "dns")
+    ///     .cluster_ip("10.96.0.10".parse().unwrap())
+    ///     .port(ServicePortSpec::udp(53).target_port(5353))
+    ///     .build().unwrap();
+    /// let slice = EndpointSlice::builder("default", "dns-1", "dns", AddressType::IPv4)
+    ///     .port(SlicePortSpec::udp(5353))
+    ///     .endpoint(EndpointSpec::new("10.0.0.2"))
+    ///     .build().unwrap();
+    /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+    /// let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1));
+    /// dp.sync(&table, &changes, Instant::ZERO);
+    /// let query = Flow::udp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:53".parse().unwrap());
+    /// assert_eq!(dp.peek(&query, Instant::ZERO), None);
+    /// dp.route(&query, Instant::ZERO);
+    /// let t = dp.peek(&query, Instant::ZERO).unwrap();
+    /// assert_eq!(t.backend_addr, "10.0.0.2:5353".parse().unwrap());
+    /// // Peeking restarts no timer: past the UDP timeout the entry is gone.
+    /// assert_eq!(dp.peek(&query, t.expires), None);
+    /// ```
+    fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        let _ = (flow, now);
+        None
+    }
+
     /// The backends that may take a new connection to `dst`, or the verdict
     /// for all of them. For inspection and tests; it allocates.
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates;

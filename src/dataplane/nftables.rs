@@ -125,6 +125,10 @@ impl Dataplane for NftablesDataplane {
         self.inner.peek_reply(reply, now)
     }
 
+    fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        self.inner.peek(flow, now)
+    }
+
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
         self.inner.candidates(protocol, dst)
     }
