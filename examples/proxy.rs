@@ -3,7 +3,7 @@
 //! with the same loader and flags as `examples/svclb.rs`, listens on every
 //! TCP and UDP frontend of the plan (each cluster IP:port, external IP:port
 //! and load-balancer IP:port, and each node IP:nodePort of `--node-ip`
-//! inside `--nodeport-addresses`; without either flag, TCP node ports on
+//! inside `--nodeport-addresses`; without either flag, node ports on
 //! 0.0.0.0, every local address, as kube-proxy accepts them), and carries
 //! real connections to the backends the dataplane chooses.
 //!
@@ -76,7 +76,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant as WallClock, SystemTime};
 
 use clap::{Parser, ValueEnum};
@@ -663,6 +663,9 @@ impl Drop for SetOnDrop {
 struct UdpSession {
     socket: UdpSocket,
     backend: parking_lot::Mutex<SocketAddr>,
+    /// On a wildcard (0.0.0.0) listener: the local IPv4 address the client
+    /// last sent to, which replies leave from (`IP_PKTINFO`); 0 otherwise.
+    local: AtomicU32,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
 }
@@ -677,8 +680,17 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
     let closed = Arc::new(AtomicBool::new(false));
     let _closing = SetOnDrop(Arc::clone(&closed));
     let mut buf = vec![0u8; 65536];
+    // A wildcard listener (node ports without --node-ip) learns each
+    // datagram's local destination address to reply from it.
+    let wildcard = fe.key.addr.is_unspecified() && pktinfo::enable(&socket).is_ok();
+    let mut cmsg = pktinfo::buffer();
     loop {
-        let (n, peer) = match socket.recv_from(&mut buf).await {
+        let received = if wildcard {
+            pktinfo::recv(&socket, &mut buf, &mut cmsg).await
+        } else {
+            socket.recv_from(&mut buf).await.map(|(n, p)| (n, p, 0))
+        };
+        let (n, peer, local) = match received {
             Ok(x) => x,
             Err(e) => {
                 sh.debug(format_args!("udp recv on {}: {e}", fe.key));
@@ -694,6 +706,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
         let existing = sessions.lock().get(&peer).cloned();
         let session = match existing {
             Some(s) => {
+                s.local.store(local, Ordering::Relaxed);
                 let moved = *s.backend.lock() != fw.backend;
                 if moved {
                     // The tracker flushed the flow of a removed backend and
@@ -720,6 +733,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
                 let s = Arc::new(UdpSession {
                     socket: us,
                     backend: parking_lot::Mutex::new(fw.backend),
+                    local: AtomicU32::new(local),
                     bytes_in: AtomicU64::new(0),
                     bytes_out: AtomicU64::new(0),
                 });
@@ -771,7 +785,13 @@ async fn udp_session(
                 let Ok(n) = r else { continue };
                 let backend = *s.backend.lock();
                 sh.dp.reply(&Flow::udp(backend, peer), TcpFlags::NONE, sh.now());
-                if listener.send_to(&buf[..n], peer).await.is_ok() {
+                let local = s.local.load(Ordering::Relaxed);
+                let sent = if local != 0 {
+                    pktinfo::send(&listener, &buf[..n], peer, local).await
+                } else {
+                    listener.send_to(&buf[..n], peer).await
+                };
+                if sent.is_ok() {
                     s.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
@@ -987,8 +1007,6 @@ struct Control {
     udp_check: Duration,
     /// `--node-ip` and `--nodeport-addresses`: where node ports answer.
     addresses: NodeAddresses,
-    /// UDP node ports on the wildcard already reported as not served.
-    wildcard_udp_noted: BTreeSet<FrontendKey>,
     /// The health-check node ports, by address.
     health: BTreeMap<SocketAddr, HealthListener>,
     /// `--listen-map`.
@@ -1211,16 +1229,7 @@ impl Control {
             if self.listeners.contains_key(&key) {
                 continue;
             }
-            if key.protocol == Protocol::Udp && key.addr.is_unspecified() {
-                // A reply must leave from the address the client sent to,
-                // which a wildcard UDP socket does not tell (IP_PKTINFO
-                // would): UDP node ports need --node-ip.
-                if !self.wildcard_udp_noted.contains(&key) {
-                    eprintln!("proxy: not listening on {key}: UDP node ports need --node-ip");
-                    self.wildcard_udp_noted.insert(key);
-                }
-                continue;
-            }
+
             let fe = Arc::new(FrontendInfo::new(&self.sh.metrics, key, service));
             let addr = map_addr(&self.listen_map, key.socket_addr());
             let sh = Arc::clone(&self.sh);
@@ -1463,7 +1472,6 @@ async fn run(cli: Cli) -> Result<(), String> {
         listeners: BTreeMap::new(),
         udp_check,
         addresses,
-        wildcard_udp_noted: BTreeSet::new(),
         health: BTreeMap::new(),
         listen_map,
     };
@@ -1824,5 +1832,142 @@ async fn copy_pump(
             }
         }
         bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// UDP on a wildcard (0.0.0.0) listener: `IP_PKTINFO` tells each
+/// datagram's local destination address, and replies name it as their
+/// source, so a client hears back from the address it sent to (nix keeps
+/// the `recvmsg`/`sendmsg` unsafe).
+#[cfg(target_os = "linux")]
+mod pktinfo {
+    use std::io;
+    use std::net::{SocketAddr, SocketAddrV4};
+    use std::os::fd::AsRawFd;
+
+    use nix::libc;
+    use nix::sys::socket::{
+        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt,
+        sockopt,
+    };
+    use tokio::io::Interest;
+    use tokio::net::UdpSocket;
+
+    pub(super) fn enable(socket: &UdpSocket) -> io::Result<()> {
+        setsockopt(socket, sockopt::Ipv4PacketInfo, &true).map_err(io::Error::from)
+    }
+
+    /// Room for one `in_pktinfo` control message.
+    pub(super) fn buffer() -> Vec<u8> {
+        nix::cmsg_space!(libc::in_pktinfo)
+    }
+
+    /// A datagram: its length, sender and local destination address (as a
+    /// `u32`; 0 if the kernel gave none).
+    pub(super) async fn recv(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+        cmsg: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, u32)> {
+        loop {
+            socket.readable().await?;
+            let got = socket.try_io(Interest::READABLE, || {
+                let mut iov = [io::IoSliceMut::new(buf)];
+                let m = recvmsg::<SockaddrIn>(
+                    socket.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut *cmsg),
+                    MsgFlags::empty(),
+                )
+                .map_err(io::Error::from)?;
+                let peer = m
+                    .address
+                    .map(|a| SocketAddr::V4(SocketAddrV4::from(a)))
+                    .ok_or_else(|| io::Error::other("datagram without a sender"))?;
+                let mut local = 0;
+                if let Ok(cmsgs) = m.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
+                            local = u32::from_be(info.ipi_addr.s_addr);
+                        }
+                    }
+                }
+                Ok((m.bytes, peer, local))
+            });
+            match got {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `data` to `peer` from the local address `local`.
+    pub(super) async fn send(
+        socket: &UdpSocket,
+        data: &[u8],
+        peer: SocketAddr,
+        local: u32,
+    ) -> io::Result<usize> {
+        let SocketAddr::V4(peer) = peer else {
+            return Err(io::Error::other("an IPv6 peer on an IPv4 socket"));
+        };
+        let to = SockaddrIn::from(peer);
+        let info = libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: local.to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        };
+        loop {
+            socket.writable().await?;
+            let sent = socket.try_io(Interest::WRITABLE, || {
+                sendmsg(
+                    socket.as_raw_fd(),
+                    &[io::IoSlice::new(data)],
+                    &[ControlMessage::Ipv4PacketInfo(&info)],
+                    MsgFlags::empty(),
+                    Some(&to),
+                )
+                .map_err(io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod pktinfo {
+    use std::io;
+    use std::net::SocketAddr;
+
+    use tokio::net::UdpSocket;
+
+    pub(super) fn enable(_: &UdpSocket) -> io::Result<()> {
+        Err(io::Error::other("IP_PKTINFO is Linux-only here"))
+    }
+
+    pub(super) fn buffer() -> Vec<u8> {
+        Vec::new()
+    }
+
+    pub(super) async fn recv(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+        _: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, u32)> {
+        socket.recv_from(buf).await.map(|(n, p)| (n, p, 0))
+    }
+
+    pub(super) async fn send(
+        socket: &UdpSocket,
+        data: &[u8],
+        peer: SocketAddr,
+        _: u32,
+    ) -> io::Result<usize> {
+        socket.send_to(data, peer).await
     }
 }

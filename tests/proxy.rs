@@ -1112,7 +1112,8 @@ fn node_ports_and_external_ips_echo() {
 
 /// Without `--node-ip` (and `--nodeport-addresses`), node ports answer on
 /// every local address, as kube-proxy's do: the proxy listens on
-/// 0.0.0.0:nodePort, and any 127.0.0.0/8 address reaches the service.
+/// 0.0.0.0:nodePort, and any 127.0.0.0/8 address reaches the service, over
+/// TCP and UDP (each UDP reply from the address the client sent to).
 #[test]
 fn node_ports_without_node_ip_answer_on_every_local_address() {
     let k = 21;
@@ -1120,10 +1121,10 @@ fn node_ports_without_node_ip_answer_on_every_local_address() {
     let dir = temp_dir(k);
     let file = dir.join("np.yaml");
     let mut m = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 127.78.0.{k}\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 300{k}}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 127.78.0.{k}\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 300{k}}}\n  - {{name: udp, port: 8000, targetPort: 9000, protocol: UDP, nodePort: 300{k}}}\n"
     );
     m.push_str(&format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: np}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n- addresses: [\"10.244.{k}.2\"]\n- addresses: [\"10.244.{k}.3\"]\n"
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: np}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\n- {{name: udp, port: 9000, protocol: UDP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n- addresses: [\"10.244.{k}.2\"]\n- addresses: [\"10.244.{k}.3\"]\n"
     ));
     write_file(&file, &m, None);
     let proxy = Proxy::start(k, &file, &["--mode", "ipvs"]);
@@ -1143,6 +1144,17 @@ fn node_ports_without_node_ip_answer_on_every_local_address() {
         done.iter().all(|l| l.contains("frontend=0.0.0.0:30021")),
         "{done:?}"
     );
+    proxy.wait_line(|l| l.starts_with("listener opened udp 0.0.0.0:30021 service=default/np:udp"));
+    let u = UdpSocket::bind(SocketAddr::new(IpAddr::V4(client(40)), 0)).unwrap();
+    u.set_read_timeout(Some(WAIT)).unwrap();
+    for last in [5u8, 6, 5] {
+        let dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, last, 9)), 30021);
+        u.send_to(b"to a wildcard node port", dst).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = u.recv_from(&mut buf).expect("udp reply");
+        assert_eq!(from, dst, "the reply comes from the address sent to");
+        assert_eq!(&buf[1..n], b"to a wildcard node port");
+    }
     assert!(proxy.stop().success());
 }
 
