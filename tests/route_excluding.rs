@@ -1,8 +1,9 @@
 //! `Dataplane::route_excluding`: a retry after a failed connect never gets
 //! an excluded backend, in every mode and under every IPVS scheduler; the
 //! failed attempt leaves no tracked connection and no connection count on
-//! the failed backend; a ClientIP pin moves to the new backend; the
-//! per-thread readers do the same.
+//! the failed backend; a ClientIP pin moves to the new backend; a pod's
+//! flow short-circuited to the Cluster-policy endpoints (external Local
+//! policy) is retried among them; the per-thread readers do the same.
 
 mod common;
 
@@ -247,4 +248,70 @@ fn readers_retry_without_the_excluded_backend() {
     assert_eq!(ipt.connections(now).len(), 50);
     assert_eq!(ipvs.connections(now).len(), 50);
     assert_eq!(nft.connections(now).len(), 50);
+}
+
+/// kube-proxy's short-circuit of pod traffic to an external destination of
+/// an `externalTrafficPolicy: Local` service (internal policy Local too,
+/// so the pick is among the Cluster-policy endpoints themselves): the retry
+/// honours the exclusion there as well, in every mode.
+#[test]
+fn a_short_circuited_pod_flow_retries_without_the_failed_backend() {
+    let edge = Service::builder("default", "edge")
+        .cluster_ip("10.96.1.4".parse().unwrap())
+        .service_type(ServiceType::NodePort)
+        .external_traffic_policy(TrafficPolicy::Local)
+        .internal_traffic_policy(TrafficPolicy::Local)
+        .port(ServicePortSpec::tcp(80).target_port(8080).node_port(30080))
+        .build()
+        .unwrap();
+    let slice = EndpointSlice::builder("default", "edge-1", "edge", AddressType::IPv4)
+        .port(SlicePortSpec::tcp(8080))
+        .endpoint(EndpointSpec::new("10.1.201.1").node("this-node"))
+        .endpoint(EndpointSpec::new("10.1.201.2").node("elsewhere"))
+        .endpoint(EndpointSpec::new("10.1.201.3").node("elsewhere"))
+        .build()
+        .unwrap();
+    let mut t = ServiceTable::new();
+    t.apply_batch([Change::UpsertService(edge), Change::UpsertSlice(slice)])
+        .unwrap();
+    let config = DataplaneConfig::with_seed(1)
+        .node(NodeTopology::new("this-node", "zone-a"))
+        .node_ip("192.168.0.2".parse().unwrap())
+        .cluster_cidr("10.0.0.0/8".parse().unwrap());
+    let dps: Vec<Box<dyn Dataplane>> = vec![
+        Box::new(IptablesDataplane::new(config.clone())),
+        Box::new(NftablesDataplane::new(config.clone())),
+        Box::new(IpvsDataplane::new(config)),
+    ];
+    let now = Instant::from_secs(1);
+    for dp in &dps {
+        dp.sync(&t, &t.full_change_set(), Instant::ZERO);
+        let mut seen = BTreeSet::new();
+        for i in 0..30u16 {
+            // A pod reaching the node port: short-circuited to all three.
+            let f = flow(
+                &format!("10.2.0.{}:{}", i + 1, 40_000 + i),
+                "192.168.0.2:30080",
+            );
+            let first = forward(dp.route(&f, now), "pod");
+            let retry = forward(dp.route_excluding(&f, &[first.backend_id], now), "retry");
+            assert_ne!(retry.backend, first.backend, "{}", dp.mode());
+            seen.insert(first.backend);
+            seen.insert(retry.backend);
+            let all: Vec<BackendId> = {
+                let third = forward(
+                    dp.route_excluding(&f, &[first.backend_id, retry.backend_id], now),
+                    "third",
+                );
+                vec![first.backend_id, retry.backend_id, third.backend_id]
+            };
+            assert_eq!(
+                dp.route_excluding(&f, &all, now),
+                Verdict::Reject,
+                "{}",
+                dp.mode()
+            );
+        }
+        assert_eq!(seen.len(), 3, "{}: the remote endpoints too", dp.mode());
+    }
 }
