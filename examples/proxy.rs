@@ -1694,9 +1694,15 @@ thread_local! {
 #[cfg(target_os = "linux")]
 const SPLICE_PIPE: usize = 256 * 1024;
 
-/// Empty pipes kept per worker thread.
+/// The bytes a direction moves through a buffer before the splice pump
+/// switches it to splice.
 #[cfg(target_os = "linux")]
-const PIPE_POOL: usize = 256;
+const SPLICE_AFTER: u64 = 256 * 1024;
+
+/// Empty pipes kept per worker thread (two descriptors each: bounded so
+/// that an idle pool does not eat into the connections' descriptors).
+#[cfg(target_os = "linux")]
+const PIPE_POOL: usize = 128;
 
 #[cfg(target_os = "linux")]
 fn take_pipe() -> Option<Pipe> {
@@ -1726,8 +1732,9 @@ fn give_pipe(pipe: Pipe) {
 /// tokio (each `splice` is non-blocking, and `try_io` clears a readiness
 /// that turned out stale). The same contract as [`pump`]: a clean end of
 /// file runs `on_eof` and shuts `to` down for writing; counts the bytes;
-/// true on a clean end of file. Pipes are taken when the first bytes
-/// arrive and given back empty to a per-thread pool. Without a pipe (out
+/// true on a clean end of file. The first [`SPLICE_AFTER`] bytes of a
+/// direction go through a buffer (a short exchange costs less that way);
+/// after that, a pipe is taken and given back empty to a per-thread pool. Without a pipe (out
 /// of descriptors) or where the kernel refuses to splice these sockets, it
 /// copies through a buffer instead ([`copy_pump`]).
 #[cfg(target_os = "linux")]
@@ -1740,6 +1747,18 @@ async fn splice_pump(
     use nix::fcntl::{SpliceFFlags, splice};
     use tokio::io::Interest;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    // A short exchange (a request, a small answer) is cheaper through a
+    // buffer than through a pipe: splice only once a direction carries
+    // bulk data.
+    match copy_until(from, to, bytes, SPLICE_AFTER).await {
+        CopyEnd::Eof => {
+            on_eof();
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return true;
+        }
+        CopyEnd::Failed => return false,
+        CopyEnd::Limit => {}
+    }
     let mut pipe: Option<Pipe> = None;
     let mut first = true;
     loop {
@@ -1798,6 +1817,50 @@ async fn splice_pump(
     copy_pump(from, to, bytes, on_eof).await
 }
 
+/// How a buffer copy of one direction stopped.
+enum CopyEnd {
+    /// A clean end of file from `from`.
+    Eof,
+    /// `from` or `to` failed.
+    Failed,
+    /// The byte limit was reached.
+    Limit,
+}
+
+/// Copies `from` to `to` through a buffer until an end of file, a
+/// failure, or `limit` bytes moved; counts the bytes.
+async fn copy_until(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64, limit: u64) -> CopyEnd {
+    // Not zeroed: try_read_buf fills the spare capacity.
+    let mut buf = Vec::with_capacity(BUF);
+    let mut moved = 0u64;
+    while moved < limit {
+        if from.readable().await.is_err() {
+            return CopyEnd::Failed;
+        }
+        buf.clear();
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(0) => return CopyEnd::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return CopyEnd::Failed,
+        };
+        let mut off = 0;
+        while off < n {
+            if to.writable().await.is_err() {
+                return CopyEnd::Failed;
+            }
+            match to.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return CopyEnd::Failed,
+            }
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        moved += n as u64;
+    }
+    CopyEnd::Limit
+}
+
 /// [`pump`] on shared references: the splice pump's fallback.
 async fn copy_pump(
     from: &TcpStream,
@@ -1805,33 +1868,13 @@ async fn copy_pump(
     bytes: &AtomicU64,
     on_eof: impl FnOnce(),
 ) -> bool {
-    let mut buf = vec![0u8; BUF];
-    loop {
-        if from.readable().await.is_err() {
-            return false;
+    match copy_until(from, to, bytes, u64::MAX).await {
+        CopyEnd::Eof => {
+            on_eof();
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            true
         }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => {
-                on_eof();
-                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-                return true;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return false,
-        };
-        let mut off = 0;
-        while off < n {
-            if to.writable().await.is_err() {
-                return false;
-            }
-            match to.try_write(&buf[off..n]) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return false,
-            }
-        }
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        _ => false,
     }
 }
 
