@@ -3,8 +3,9 @@
 //! with the same loader and flags as `examples/svclb.rs`, listens on every
 //! TCP and UDP frontend of the plan (each cluster IP:port, external IP:port
 //! and load-balancer IP:port, and each node IP:nodePort of `--node-ip`
-//! inside `--nodeport-addresses`), and carries real connections to the
-//! backends the dataplane chooses.
+//! inside `--nodeport-addresses`; without either flag, node ports on
+//! 0.0.0.0, every local address, as kube-proxy accepts them), and carries
+//! real connections to the backends the dataplane chooses.
 //!
 //! ```sh
 //! cargo run --release --example proxy -- --manifests PATH... [--watch FILE|-] \
@@ -30,17 +31,27 @@
 //!   `poll_timeout`/`handle_timeout`. The proxy keeps one task per
 //!   connection or UDP session and no map of its own from flows to
 //!   backends.
-//! - A failed connect to a backend is counted, closed in the tracker, and
-//!   the flow routed again, skipping the backends that failed (at most
-//!   [`MAX_CONNECT_ATTEMPTS`] tries); the dataplane never offers a draining
+//! - A failed connect to a backend is counted and the flow routed again
+//!   with `Dataplane::route_excluding`, without the backends that failed
+//!   (at most [`MAX_CONNECT_ATTEMPTS`] tries): the failed attempt leaves no
+//!   tracked connection, every scheduler (sh and mh too) and a ClientIP pin
+//!   move on to another backend, and the dataplane never offers a draining
 //!   or removed backend to a new connection.
 //! - Reject (no endpoints): the accepted connection is reset (SO_LINGER 0).
 //!   Drop: it is closed without a byte read or written (a userspace proxy
 //!   has already completed the handshake; it cannot stay silent to a SYN).
-//! - Each established connection asks the tracker about itself once a
-//!   second (`Dataplane::packet` with ACK): a connection whose backend was
+//! - Each TCP connection looks itself up once a second: traffic since the
+//!   last look is reported (`Dataplane::packet` / `reply` with ACK, which
+//!   restarts the tracker's timer as a packet does), otherwise the entry is
+//!   only looked at (`Dataplane::peek`). A connection whose backend was
 //!   removed keeps working while it drains, and is closed (reset) once the
-//!   dataplane drops it (the drain grace passed: `expire_nodest_conn`).
+//!   dataplane drops it (the drain grace passed: `expire_nodest_conn`);
+//!   an idle or half-closed one is closed once its state's timeout passes
+//!   (`--tcp-timeout`, `--tcp-fin-timeout`).
+//! - TCP bytes move with `splice(2)` (socket to pipe to socket, no copy
+//!   through userspace; `--copy splice`, the default on Linux) or through
+//!   a buffer (`--copy userspace`); README "The userspace proxy" has the
+//!   measured comparison.
 //! - UDP: one session per client address, with a socket connected to the
 //!   backend; replies go out of the socket bound to the service address.
 //!   A session ends when the tracker has expired its flow (the mode's UDP
@@ -65,7 +76,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant as WallClock, SystemTime};
 
 use clap::{Parser, ValueEnum};
@@ -103,6 +114,16 @@ enum ModeArg {
     Nftables,
     /// kube-proxy's IPVS mode (the --scheduler flag applies).
     Ipvs,
+}
+
+/// `--copy`: how the bytes of a TCP connection move between its sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CopyMode {
+    /// `splice(2)`: socket to pipe to socket inside the kernel, no copy
+    /// through userspace (Linux).
+    Splice,
+    /// `read` into a buffer, `write` it out.
+    Userspace,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -152,6 +173,20 @@ struct Cli {
     /// The UDP session timeout (seconds); the mode's own by default.
     #[arg(long)]
     udp_timeout: Option<f64>,
+    /// The timeout of an idle established TCP connection (seconds;
+    /// kube-proxy's --ipvs-tcp-timeout, --conntrack-tcp-timeout-established);
+    /// the mode's own by default.
+    #[arg(long)]
+    tcp_timeout: Option<f64>,
+    /// The timeout of a half-closed TCP connection, FIN_WAIT, CLOSE_WAIT
+    /// and LAST_ACK (seconds; kube-proxy's --ipvs-tcpfin-timeout,
+    /// --conntrack-tcp-timeout-close-wait); the mode's own by default.
+    #[arg(long)]
+    tcp_fin_timeout: Option<f64>,
+    /// How TCP bytes move: splice (zero copy, the default on Linux) or
+    /// userspace (read and write through a buffer).
+    #[arg(long, value_enum, default_value = "splice")]
+    copy: CopyMode,
     /// Dial endpoints of FROM_CIDR at the same offset in TO_CIDR instead
     /// (`10.244.0.0/24=127.0.1.0/24`): the API forbids loopback endpoint
     /// addresses, so local stand-ins for a cluster's pods go through this.
@@ -255,6 +290,8 @@ struct Shared {
     /// When the dataplane was last synced (time since the Unix epoch), for
     /// `/healthz`.
     last_sync: parking_lot::Mutex<Duration>,
+    /// `--copy`.
+    copy: CopyMode,
 }
 
 /// Time since the Unix epoch.
@@ -447,31 +484,31 @@ async fn accept_tcp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, listener: TcpListene
     }
 }
 
-/// Connects `flow` to a backend: routes, connects, and on failure routes
-/// again without the failed backends.
+/// Connects `flow` to a backend: routes, connects, and on failure asks
+/// the dataplane for another backend without the failed ones
+/// (`Dataplane::route_excluding`: the failed attempt leaves no tracked
+/// connection, and a ClientIP pin moves to the new backend).
 async fn connect_backend(
     sh: &Shared,
     fe: &FrontendInfo,
     flow: &Flow,
 ) -> Result<(TcpStream, Forward), &'static str> {
-    let mut failed: Vec<BackendId> = Vec::new();
-    let mut last = "no-backend";
-    for _ in 0..MAX_CONNECT_ATTEMPTS {
-        let v = sh.dp.route(flow, sh.now());
+    let mut failed = [BackendId(0); MAX_CONNECT_ATTEMPTS];
+    let mut tried = 0;
+    while tried < MAX_CONNECT_ATTEMPTS {
+        let v = if tried == 0 {
+            sh.dp.route(flow, sh.now())
+        } else {
+            sh.dp.route_excluding(flow, &failed[..tried], sh.now())
+        };
         sh.debug(format_args!("route {flow} {v}"));
         let fw = match v {
             Verdict::Forward(fw) => fw,
+            Verdict::Reject if tried > 0 => break,
             Verdict::Reject => return Err("reject"),
             Verdict::Drop => return Err("drop"),
             _ => return Err("not-a-service"),
         };
-        if failed.contains(&fw.backend_id) {
-            // The scheduler offered a backend that just failed: give it
-            // another turn (rr and random move on; lc, sh, mh and affinity
-            // may insist, and the connection is then refused).
-            sh.dp.connection_closed(flow, sh.now());
-            continue;
-        }
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sh.dial(fw.backend))).await {
             Ok(Ok(s)) => return Ok((s, fw)),
             Ok(Err(e)) => sh.debug(format_args!("connect {} for {flow}: {e}", fw.backend)),
@@ -484,12 +521,13 @@ async fn connect_backend(
                 ("backend", &fw.backend.to_string()),
             ]))
             .inc();
-        sh.dp.packet(flow, TcpFlags::RST, sh.now());
-        sh.dp.connection_closed(flow, sh.now());
-        failed.push(fw.backend_id);
-        last = "connect-failed";
+        failed[tried] = fw.backend_id;
+        tried += 1;
     }
-    Err(last)
+    // Every backend failed (or the attempts ran out): the last attempt's
+    // entry goes too.
+    sh.dp.connection_closed(flow, sh.now());
+    Err("connect-failed")
 }
 
 async fn serve_tcp(
@@ -538,52 +576,61 @@ async fn serve_tcp(
 
     let bytes_in = AtomicU64::new(0);
     let bytes_out = AtomicU64::new(0);
-    let end = {
-        let (mut cr, mut cw) = client.split();
-        let (mut br, mut bw) = backend.split();
-        let c2s = pump(&mut cr, &mut bw, &bytes_in, || {
-            sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-        });
-        let s2c = pump(&mut br, &mut cw, &bytes_out, || {
-            sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-        });
-        let check = async {
-            let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    // Once a second the connection looks itself up. Traffic since the last
+    // look is reported as the packets it was (their ACKs), which restarts
+    // the tracker's timer as any packet does in the kernel; an idle or
+    // half-closed connection is only looked at (`Dataplane::peek`), so its
+    // state's timer (ESTABLISHED, FIN_WAIT, CLOSE_WAIT) runs on, and once
+    // it passes the connection ends. A backend removed past its drain
+    // grace is no longer found either (`expire_nodest_conn`).
+    let check = async {
+        let mut tick = tokio::time::interval(CHECK_INTERVAL);
+        tick.tick().await;
+        let (mut seen_in, mut seen_out) = (0, 0);
+        loop {
             tick.tick().await;
-            loop {
-                tick.tick().await;
-                match sh.dp.packet(&flow, TcpFlags::ACK, sh.now()) {
+            let now = sh.now();
+            let (b_in, b_out) = (
+                bytes_in.load(Ordering::Relaxed),
+                bytes_out.load(Ordering::Relaxed),
+            );
+            if b_in != seen_in {
+                seen_in = b_in;
+                match sh.dp.packet(&flow, TcpFlags::ACK, now) {
                     Verdict::Forward(f) if f.tracked && f.backend_id == fw.backend_id => {}
                     _ => return,
                 }
             }
-        };
-        // A direction that fails ends the connection; a clean EOF waits
-        // for the other direction (half-close).
-        tokio::pin!(c2s, s2c, check);
-        let (mut c_done, mut s_done) = (false, false);
-        loop {
-            tokio::select! {
-                ok = &mut c2s, if !c_done => {
-                    if !ok {
-                        break "reset";
-                    }
-                    c_done = true;
-                    if s_done {
-                        break "closed";
-                    }
-                }
-                ok = &mut s2c, if !s_done => {
-                    if !ok {
-                        break "reset";
-                    }
-                    s_done = true;
-                    if c_done {
-                        break "closed";
-                    }
-                }
-                () = &mut check => break "expired",
+            if b_out != seen_out {
+                seen_out = b_out;
+                sh.dp.reply(&reply, TcpFlags::ACK, now);
             }
+            match sh.dp.peek(&flow, now) {
+                Some(t) if t.backend == fw.backend_id => {}
+                _ => return,
+            }
+        }
+    };
+    let end = match sh.copy {
+        CopyMode::Userspace => {
+            let (mut cr, mut cw) = client.split();
+            let (mut br, mut bw) = backend.split();
+            let c2s = pump(&mut cr, &mut bw, &bytes_in, || {
+                sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+            });
+            let s2c = pump(&mut br, &mut cw, &bytes_out, || {
+                sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+            });
+            relay(c2s, s2c, check).await
+        }
+        CopyMode::Splice => {
+            let c2s = splice_pump(&client, &backend, &bytes_in, || {
+                sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+            });
+            let s2c = splice_pump(&backend, &client, &bytes_out, || {
+                sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+            });
+            relay(c2s, s2c, check).await
         }
     };
     if end != "closed" {
@@ -616,6 +663,9 @@ impl Drop for SetOnDrop {
 struct UdpSession {
     socket: UdpSocket,
     backend: parking_lot::Mutex<SocketAddr>,
+    /// On a wildcard (0.0.0.0) listener: the local IPv4 address the client
+    /// last sent to, which replies leave from (`IP_PKTINFO`); 0 otherwise.
+    local: AtomicU32,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
 }
@@ -630,8 +680,17 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
     let closed = Arc::new(AtomicBool::new(false));
     let _closing = SetOnDrop(Arc::clone(&closed));
     let mut buf = vec![0u8; 65536];
+    // A wildcard listener (node ports without --node-ip) learns each
+    // datagram's local destination address to reply from it.
+    let wildcard = fe.key.addr.is_unspecified() && pktinfo::enable(&socket).is_ok();
+    let mut cmsg = pktinfo::buffer();
     loop {
-        let (n, peer) = match socket.recv_from(&mut buf).await {
+        let received = if wildcard {
+            pktinfo::recv(&socket, &mut buf, &mut cmsg).await
+        } else {
+            socket.recv_from(&mut buf).await.map(|(n, p)| (n, p, 0))
+        };
+        let (n, peer, local) = match received {
             Ok(x) => x,
             Err(e) => {
                 sh.debug(format_args!("udp recv on {}: {e}", fe.key));
@@ -647,6 +706,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
         let existing = sessions.lock().get(&peer).cloned();
         let session = match existing {
             Some(s) => {
+                s.local.store(local, Ordering::Relaxed);
                 let moved = *s.backend.lock() != fw.backend;
                 if moved {
                     // The tracker flushed the flow of a removed backend and
@@ -673,6 +733,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
                 let s = Arc::new(UdpSession {
                     socket: us,
                     backend: parking_lot::Mutex::new(fw.backend),
+                    local: AtomicU32::new(local),
                     bytes_in: AtomicU64::new(0),
                     bytes_out: AtomicU64::new(0),
                 });
@@ -724,7 +785,13 @@ async fn udp_session(
                 let Ok(n) = r else { continue };
                 let backend = *s.backend.lock();
                 sh.dp.reply(&Flow::udp(backend, peer), TcpFlags::NONE, sh.now());
-                if listener.send_to(&buf[..n], peer).await.is_ok() {
+                let local = s.local.load(Ordering::Relaxed);
+                let sent = if local != 0 {
+                    pktinfo::send(&listener, &buf[..n], peer, local).await
+                } else {
+                    listener.send_to(&buf[..n], peer).await
+                };
+                if sent.is_ok() {
                     s.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
@@ -735,9 +802,9 @@ async fn udp_session(
                     end = "listener-closed";
                     break;
                 }
-                let now = sh.now();
-                let live = sh.dp.connections(now).iter().any(|t| t.flow == flow);
-                if !live {
+                // One lookup of this session's own flow (`peek`: no
+                // allocation, no timer restarted).
+                if sh.dp.peek(&flow, sh.now()).is_none() {
                     break;
                 }
             }
@@ -1162,6 +1229,7 @@ impl Control {
             if self.listeners.contains_key(&key) {
                 continue;
             }
+
             let fe = Arc::new(FrontendInfo::new(&self.sh.metrics, key, service));
             let addr = map_addr(&self.listen_map, key.socket_addr());
             let sh = Arc::clone(&self.sh);
@@ -1340,6 +1408,12 @@ async fn run(cli: Cli) -> Result<(), String> {
     cli.node_addrs
         .apply(&mut config)
         .map_err(|e| e.to_string())?;
+    if config.node_ips.is_empty() && config.nodeport_addresses.is_empty() {
+        // kube-proxy without --nodeport-addresses accepts node ports on
+        // every local address: the IPv4 wildcard stands for them (its
+        // frontends are 0.0.0.0:nodePort, listened on as such).
+        config.node_ips.push(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    }
     let addresses = NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone());
     config.drain_grace = secs("--drain-grace", cli.drain_grace)?;
     let mut timeouts = mode.default_timeouts();
@@ -1347,6 +1421,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         let t = secs("--udp-timeout", t)?;
         timeouts.udp = t;
         timeouts.udp_replied = t;
+    }
+    if let Some(t) = cli.tcp_timeout {
+        timeouts.tcp_established = secs("--tcp-timeout", t)?;
+    }
+    if let Some(t) = cli.tcp_fin_timeout {
+        let t = secs("--tcp-fin-timeout", t)?;
+        timeouts.tcp_fin_wait = t;
+        timeouts.tcp_close_wait = t;
+        timeouts.tcp_last_ack = t;
     }
     let udp_check = (timeouts.udp_replied.min(timeouts.udp) / 4)
         .clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -1366,6 +1449,11 @@ async fn run(cli: Cli) -> Result<(), String> {
         log: cli.log,
         open: AtomicUsize::new(0),
         last_sync: parking_lot::Mutex::new(unix_now()),
+        copy: if cfg!(target_os = "linux") {
+            cli.copy
+        } else {
+            CopyMode::Userspace
+        },
     });
 
     // Signals first, so that a SIGHUP right after start is not fatal.
@@ -1552,5 +1640,380 @@ where
             }
             Err(_) => return false,
         }
+    }
+}
+
+/// Runs both directions of a connection and its check: a direction that
+/// fails ends the connection (`reset`); a clean EOF waits for the other
+/// direction (half-close), and both done is `closed`; the check ending
+/// first is `expired`.
+async fn relay(
+    c2s: impl std::future::Future<Output = bool>,
+    s2c: impl std::future::Future<Output = bool>,
+    check: impl std::future::Future<Output = ()>,
+) -> &'static str {
+    tokio::pin!(c2s, s2c, check);
+    let (mut c_done, mut s_done) = (false, false);
+    loop {
+        tokio::select! {
+            ok = &mut c2s, if !c_done => {
+                if !ok {
+                    return "reset";
+                }
+                c_done = true;
+                if s_done {
+                    return "closed";
+                }
+            }
+            ok = &mut s2c, if !s_done => {
+                if !ok {
+                    return "reset";
+                }
+                s_done = true;
+                if c_done {
+                    return "closed";
+                }
+            }
+            () = &mut check => return "expired",
+        }
+    }
+}
+
+/// A pipe for the splice pump: its read and write ends.
+#[cfg(target_os = "linux")]
+struct Pipe {
+    r: std::os::fd::OwnedFd,
+    w: std::os::fd::OwnedFd,
+}
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    /// Empty pipes kept for the next connections of this worker thread: a
+    /// new connection then costs no `pipe2` and no two `close`s.
+    static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The splice pump's pipe size and the most one splice moves.
+#[cfg(target_os = "linux")]
+const SPLICE_PIPE: usize = 256 * 1024;
+
+/// The bytes a direction moves through a buffer before the splice pump
+/// switches it to splice.
+#[cfg(target_os = "linux")]
+const SPLICE_AFTER: u64 = 256 * 1024;
+
+/// Empty pipes kept per worker thread (two descriptors each: bounded so
+/// that an idle pool does not eat into the connections' descriptors).
+#[cfg(target_os = "linux")]
+const PIPE_POOL: usize = 128;
+
+#[cfg(target_os = "linux")]
+fn take_pipe() -> Option<Pipe> {
+    use nix::fcntl::OFlag;
+    PIPES.with(|p| p.borrow_mut().pop()).or_else(|| {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?;
+        // A larger pipe moves more per splice (a page per slot); where the
+        // kernel refuses the size, the default (64 KiB) stays.
+        let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE as i32));
+        Some(Pipe { r, w })
+    })
+}
+
+/// Keeps an empty pipe for reuse (a pipe that may hold bytes is dropped).
+#[cfg(target_os = "linux")]
+fn give_pipe(pipe: Pipe) {
+    PIPES.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < PIPE_POOL {
+            p.push(pipe);
+        }
+    });
+}
+
+/// One direction of a TCP connection with `splice(2)`: `from` into a pipe,
+/// the pipe into `to`, the bytes never copied to userspace; readiness from
+/// tokio (each `splice` is non-blocking, and `try_io` clears a readiness
+/// that turned out stale). The same contract as [`pump`]: a clean end of
+/// file runs `on_eof` and shuts `to` down for writing; counts the bytes;
+/// true on a clean end of file. The first [`SPLICE_AFTER`] bytes of a
+/// direction go through a buffer (a short exchange costs less that way);
+/// after that, a pipe is taken and given back empty to a per-thread pool. Without a pipe (out
+/// of descriptors) or where the kernel refuses to splice these sockets, it
+/// copies through a buffer instead ([`copy_pump`]).
+#[cfg(target_os = "linux")]
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    on_eof: impl FnOnce(),
+) -> bool {
+    use nix::fcntl::{SpliceFFlags, splice};
+    use tokio::io::Interest;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    // A short exchange (a request, a small answer) is cheaper through a
+    // buffer than through a pipe: splice only once a direction carries
+    // bulk data.
+    match copy_until(from, to, bytes, SPLICE_AFTER).await {
+        CopyEnd::Eof => {
+            on_eof();
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return true;
+        }
+        CopyEnd::Failed => return false,
+        CopyEnd::Limit => {}
+    }
+    let mut pipe: Option<Pipe> = None;
+    let mut first = true;
+    loop {
+        if from.readable().await.is_err() {
+            return false;
+        }
+        if pipe.is_none() {
+            pipe = take_pipe();
+        }
+        let Some(p) = &pipe else {
+            return copy_pump(from, to, bytes, on_eof).await;
+        };
+        let n = match from.try_io(Interest::READABLE, || {
+            splice(from, None, &p.w, None, SPLICE_PIPE, flags).map_err(std::io::Error::from)
+        }) {
+            Ok(0) => {
+                on_eof();
+                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                if let Some(p) = pipe.take() {
+                    give_pipe(p);
+                }
+                return true;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if first && e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                return copy_pump(from, to, bytes, on_eof).await;
+            }
+            Err(_) => return false,
+        };
+        first = false;
+        let mut left = n;
+        while left > 0 {
+            if to.writable().await.is_err() {
+                return false;
+            }
+            match to.try_io(Interest::WRITABLE, || {
+                splice(&p.r, None, to, None, left, flags).map_err(std::io::Error::from)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    on_eof: impl FnOnce(),
+) -> bool {
+    copy_pump(from, to, bytes, on_eof).await
+}
+
+/// How a buffer copy of one direction stopped.
+enum CopyEnd {
+    /// A clean end of file from `from`.
+    Eof,
+    /// `from` or `to` failed.
+    Failed,
+    /// The byte limit was reached.
+    Limit,
+}
+
+/// Copies `from` to `to` through a buffer until an end of file, a
+/// failure, or `limit` bytes moved; counts the bytes.
+async fn copy_until(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64, limit: u64) -> CopyEnd {
+    // Not zeroed: try_read_buf fills the spare capacity.
+    let mut buf = Vec::with_capacity(BUF);
+    let mut moved = 0u64;
+    while moved < limit {
+        if from.readable().await.is_err() {
+            return CopyEnd::Failed;
+        }
+        buf.clear();
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(0) => return CopyEnd::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return CopyEnd::Failed,
+        };
+        let mut off = 0;
+        while off < n {
+            if to.writable().await.is_err() {
+                return CopyEnd::Failed;
+            }
+            match to.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return CopyEnd::Failed,
+            }
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        moved += n as u64;
+    }
+    CopyEnd::Limit
+}
+
+/// [`pump`] on shared references: the splice pump's fallback.
+async fn copy_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    on_eof: impl FnOnce(),
+) -> bool {
+    match copy_until(from, to, bytes, u64::MAX).await {
+        CopyEnd::Eof => {
+            on_eof();
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// UDP on a wildcard (0.0.0.0) listener: `IP_PKTINFO` tells each
+/// datagram's local destination address, and replies name it as their
+/// source, so a client hears back from the address it sent to (nix keeps
+/// the `recvmsg`/`sendmsg` unsafe).
+#[cfg(target_os = "linux")]
+mod pktinfo {
+    use std::io;
+    use std::net::{SocketAddr, SocketAddrV4};
+    use std::os::fd::AsRawFd;
+
+    use nix::libc;
+    use nix::sys::socket::{
+        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt,
+        sockopt,
+    };
+    use tokio::io::Interest;
+    use tokio::net::UdpSocket;
+
+    pub(super) fn enable(socket: &UdpSocket) -> io::Result<()> {
+        setsockopt(socket, sockopt::Ipv4PacketInfo, &true).map_err(io::Error::from)
+    }
+
+    /// Room for one `in_pktinfo` control message.
+    pub(super) fn buffer() -> Vec<u8> {
+        nix::cmsg_space!(libc::in_pktinfo)
+    }
+
+    /// A datagram: its length, sender and local destination address (as a
+    /// `u32`; 0 if the kernel gave none).
+    pub(super) async fn recv(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+        cmsg: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, u32)> {
+        loop {
+            socket.readable().await?;
+            let got = socket.try_io(Interest::READABLE, || {
+                let mut iov = [io::IoSliceMut::new(buf)];
+                let m = recvmsg::<SockaddrIn>(
+                    socket.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut *cmsg),
+                    MsgFlags::empty(),
+                )
+                .map_err(io::Error::from)?;
+                let peer = m
+                    .address
+                    .map(|a| SocketAddr::V4(SocketAddrV4::from(a)))
+                    .ok_or_else(|| io::Error::other("datagram without a sender"))?;
+                let mut local = 0;
+                if let Ok(cmsgs) = m.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
+                            local = u32::from_be(info.ipi_addr.s_addr);
+                        }
+                    }
+                }
+                Ok((m.bytes, peer, local))
+            });
+            match got {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `data` to `peer` from the local address `local`.
+    pub(super) async fn send(
+        socket: &UdpSocket,
+        data: &[u8],
+        peer: SocketAddr,
+        local: u32,
+    ) -> io::Result<usize> {
+        let SocketAddr::V4(peer) = peer else {
+            return Err(io::Error::other("an IPv6 peer on an IPv4 socket"));
+        };
+        let to = SockaddrIn::from(peer);
+        let info = libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: local.to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        };
+        loop {
+            socket.writable().await?;
+            let sent = socket.try_io(Interest::WRITABLE, || {
+                sendmsg(
+                    socket.as_raw_fd(),
+                    &[io::IoSlice::new(data)],
+                    &[ControlMessage::Ipv4PacketInfo(&info)],
+                    MsgFlags::empty(),
+                    Some(&to),
+                )
+                .map_err(io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod pktinfo {
+    use std::io;
+    use std::net::SocketAddr;
+
+    use tokio::net::UdpSocket;
+
+    pub(super) fn enable(_: &UdpSocket) -> io::Result<()> {
+        Err(io::Error::other("IP_PKTINFO is Linux-only here"))
+    }
+
+    pub(super) fn buffer() -> Vec<u8> {
+        Vec::new()
+    }
+
+    pub(super) async fn recv(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+        _: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, u32)> {
+        socket.recv_from(buf).await.map(|(n, p)| (n, p, 0))
+    }
+
+    pub(super) async fn send(
+        socket: &UdpSocket,
+        data: &[u8],
+        peer: SocketAddr,
+        _: u32,
+    ) -> io::Result<usize> {
+        socket.send_to(data, peer).await
     }
 }

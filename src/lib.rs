@@ -34,7 +34,9 @@
 //!    keeps its backend across endpoint changes; TCP states and timeouts
 //!    follow IPVS (or netfilter, in the iptables and nftables modes);
 //!    removed TCP backends drain; timers run from the caller's clock
-//!    ([`Dataplane::poll_timeout`], [`Dataplane::handle_timeout`]).
+//!    ([`Dataplane::poll_timeout`], [`Dataplane::handle_timeout`]). A
+//!    proxy whose connect failed retries without that backend
+//!    ([`Dataplane::route_excluding`]).
 //! 6. **Schedulers** ([`scheduler`]): random (the iptables cascade), rr,
 //!    wrr, lc, wlc, sh, mh (Maglev) — or your own [`Scheduler`].
 //! 7. **Topology** ([`topology`]): which endpoints take new connections

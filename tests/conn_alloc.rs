@@ -130,6 +130,22 @@ fn connection_paths_allocate_nothing_when_warm() {
         });
         assert_eq!(misses, fresh.len(), "{}: warm misses", dp.mode());
         assert_eq!(allocs, 0, "{}: a warm miss allocated", dp.mode());
+        // A retry without the failed backend (route_excluding).
+        let (retried, allocs) = counted(|| {
+            fresh
+                .iter()
+                .filter(|f| {
+                    let Verdict::Forward(a) = dp.route(f, Instant::from_secs(3)) else {
+                        return false;
+                    };
+                    let v = dp.route_excluding(f, &[a.backend_id], Instant::from_secs(3));
+                    dp.connection_closed(f, Instant::from_secs(3));
+                    matches!(v, Verdict::Forward(b) if b.backend_id != a.backend_id)
+                })
+                .count()
+        });
+        assert_eq!(retried, fresh.len(), "{}: retries", dp.mode());
+        assert_eq!(allocs, 0, "{}: a retry allocated", dp.mode());
     }
     // The per-thread readers.
     let ipt = IptablesDataplane::new(DataplaneConfig::with_seed(2));

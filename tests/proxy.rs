@@ -796,6 +796,141 @@ fn a_failed_connect_retries_another_backend() {
     assert!(proxy.stop().success());
 }
 
+/// Source hashing always offers a client the same backend: when that one
+/// refuses connections, the retry (`Dataplane::route_excluding`) must go
+/// elsewhere, or every connection of those clients would fail.
+#[test]
+fn a_failed_connect_under_source_hashing_retries_another_backend() {
+    let k = 18;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    // Endpoint 4 has no server: its connects are refused.
+    write_file(&file, &manifest(k, &[1, 2, 3, 4], false), None);
+    let proxy = Proxy::start(
+        k,
+        &file,
+        &["--mode", "ipvs", "--scheduler", "sh", "--log", "debug"],
+    );
+    // 50 client addresses, twice each: sh sends about a quarter of them to
+    // endpoint 4 first, each time.
+    let ids: Vec<u8> = (0..100)
+        .map(|i| one_connection(k, client(i), &payload(i)))
+        .collect();
+    assert_eq!(histogram(&ids).iter().sum::<usize>(), 100);
+    // The same client retries to the same other backend (sh's fallback).
+    for i in 0..50 {
+        assert_eq!(ids[i], ids[i + 50], "client {}", client(i));
+    }
+    let errors = proxy.metric(&format!(
+        "svclb_proxy_connect_errors_total{{service=\"default/echo:tcp\",backend=\"10.244.{k}.4:9000\"}}"
+    ));
+    assert!(errors >= 2.0 && errors % 2.0 == 0.0, "{errors}");
+    let done = proxy.wait_lines(100, |l| l.starts_with("conn proto=tcp"));
+    assert!(done.iter().all(|l| l.contains("end=closed")), "{done:?}");
+    // No failed attempt is left tracked.
+    assert_eq!(proxy.metric("svclb_proxy_tracked_connections"), 0.0);
+    assert!(proxy.stop().success());
+}
+
+/// 8 MiB each way through each pump (`--copy splice`, the default, and
+/// `--copy userspace`), written while it is read back: every byte comes
+/// back in order, half-close included, and the byte metrics count it.
+#[test]
+fn big_transfers_echo_through_both_pumps() {
+    let k = 19;
+    let _backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1, 2, 3], false), None);
+    const SIZE: usize = 8 << 20;
+    for copy in ["splice", "userspace"] {
+        let proxy = Proxy::start(k, &file, &["--mode", "ipvs", "--copy", copy]);
+        let data: Arc<Vec<u8>> = Arc::new(
+            (0..SIZE)
+                .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
+                .collect(),
+        );
+        let (s, _) = open(k, client(1));
+        let mut w = s.try_clone().unwrap();
+        let d2 = Arc::clone(&data);
+        let writer = std::thread::spawn(move || {
+            for chunk in d2.chunks(100_000) {
+                w.write_all(chunk).expect("send");
+            }
+            w.shutdown(Shutdown::Write).expect("half-close");
+        });
+        let mut back = Vec::with_capacity(SIZE);
+        let mut r = s;
+        r.read_to_end(&mut back).expect("read to EOF");
+        writer.join().unwrap();
+        assert_eq!(back.len(), SIZE, "{copy}: bytes echoed");
+        assert!(back == *data, "{copy}: echoed bytes differ");
+        let line = proxy.wait_line(|l| l.starts_with("conn proto=tcp"));
+        assert!(
+            line.contains(&format!("bytes_in={SIZE} bytes_out={}", SIZE + 1))
+                && line.contains("end=closed"),
+            "{copy}: {line}"
+        );
+        assert!(proxy.stop().success());
+    }
+}
+
+/// A half-closed connection whose other side stays open and idle ends
+/// when the tracker's timeout for its state passes (here
+/// `--tcp-fin-timeout 2`): the proxy's once-a-second check only looks the
+/// entry up, it does not restart its timer. An idle established
+/// connection with the same check stays (its timeout is the default).
+#[test]
+fn an_idle_half_closed_connection_times_out() {
+    let k = 20;
+    // A backend that reads to EOF and then keeps its side open, silent.
+    let addr = SocketAddr::new(IpAddr::V4(backend_ip(k, 1)), BACKEND_PORT);
+    let listener = TcpListener::bind(addr).expect("bind backend");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().take(4) {
+            let Ok(mut c) = conn else { continue };
+            let mut sink = Vec::new();
+            let _ = c.read_to_end(&mut sink);
+            held.push(c);
+        }
+        std::thread::sleep(WAIT * 3);
+    });
+    let dir = temp_dir(k);
+    let file = dir.join("echo.yaml");
+    write_file(&file, &manifest(k, &[1], false), None);
+    let proxy = Proxy::start(k, &file, &["--mode", "iptables", "--tcp-fin-timeout", "2"]);
+    let connect = || {
+        let sock = socket_from(client(3));
+        sock.connect(&vip(k).into()).expect("connect");
+        let s: TcpStream = sock.into();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    };
+    let idle = connect();
+    let mut half = connect();
+    half.write_all(b"bye").unwrap();
+    half.shutdown(Shutdown::Write).unwrap();
+    // The half-closed one ends (the proxy resets it): EOF or an error, not
+    // a read timeout.
+    let mut buf = [0u8; 16];
+    match half.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) => assert_ne!(e.kind(), ErrorKind::WouldBlock, "{e}"),
+        Ok(n) => panic!("unexpected {n} bytes"),
+    }
+    let line = proxy.wait_line(|l| l.starts_with("conn proto=tcp"));
+    assert!(
+        line.contains("end=expired") && line.contains("bytes_in=3"),
+        "{line}"
+    );
+    // The idle established connection is still open and tracked.
+    assert_eq!(proxy.metric("svclb_proxy_tracked_connections"), 1.0);
+    drop(idle);
+    assert!(proxy.stop().success());
+}
+
 /// A watch event (one JSON line) for slice `echo-1` of service K.
 fn slice_event(k: u8, eps: &[u8], rv: u32) -> String {
     let endpoints: Vec<String> = eps
@@ -972,6 +1107,54 @@ fn node_ports_and_external_ips_echo() {
         l.starts_with("listener opened tcp 203.0.113.9:8000 service=")
             && l.ends_with(" listen=127.79.15.9:8000")
     });
+    assert!(proxy.stop().success());
+}
+
+/// Without `--node-ip` (and `--nodeport-addresses`), node ports answer on
+/// every local address, as kube-proxy's do: the proxy listens on
+/// 0.0.0.0:nodePort, and any 127.0.0.0/8 address reaches the service, over
+/// TCP and UDP (each UDP reply from the address the client sent to).
+#[test]
+fn node_ports_without_node_ip_answer_on_every_local_address() {
+    let k = 21;
+    let backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("np.yaml");
+    let mut m = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 127.78.0.{k}\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 300{k}}}\n  - {{name: udp, port: 8000, targetPort: 9000, protocol: UDP, nodePort: 300{k}}}\n"
+    );
+    m.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: np}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\n- {{name: udp, port: 9000, protocol: UDP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n- addresses: [\"10.244.{k}.2\"]\n- addresses: [\"10.244.{k}.3\"]\n"
+    ));
+    write_file(&file, &m, None);
+    let proxy = Proxy::start(k, &file, &["--mode", "ipvs"]);
+    proxy.wait_line(|l| l.starts_with("listener opened tcp 0.0.0.0:30021 service=default/np:tcp"));
+    let mut ids = Vec::new();
+    for (i, last) in [5u8, 6, 7, 80, 81, 200].into_iter().enumerate() {
+        let dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, last, 9)), 30021);
+        let (mut s, id) = open_to(dst, client(i));
+        echo(&mut s, &payload(i));
+        ids.push(id);
+    }
+    // One frontend (0.0.0.0:30021), rr over its three backends.
+    assert_eq!(histogram(&ids), [2, 2, 2], "{ids:?}");
+    assert_eq!(backends.counts().iter().sum::<usize>(), 6);
+    let done = proxy.wait_lines(6, |l| l.starts_with("conn proto=tcp"));
+    assert!(
+        done.iter().all(|l| l.contains("frontend=0.0.0.0:30021")),
+        "{done:?}"
+    );
+    proxy.wait_line(|l| l.starts_with("listener opened udp 0.0.0.0:30021 service=default/np:udp"));
+    let u = UdpSocket::bind(SocketAddr::new(IpAddr::V4(client(40)), 0)).unwrap();
+    u.set_read_timeout(Some(WAIT)).unwrap();
+    for last in [5u8, 6, 5] {
+        let dst = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, last, 9)), 30021);
+        u.send_to(b"to a wildcard node port", dst).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = u.recv_from(&mut buf).expect("udp reply");
+        assert_eq!(from, dst, "the reply comes from the address sent to");
+        assert_eq!(&buf[1..n], b"to a wildcard node port");
+    }
     assert!(proxy.stop().success());
 }
 

@@ -477,15 +477,62 @@ impl ConnLayer {
                 }
             }
         }
+        self.schedule_new(&surface, states, flow, flags, now, rng, &[], |f, _| {
+            schedule(f)
+        })
+    }
+
+    /// A retry of a new connection whose connect to the backends in
+    /// `exclude` failed: the flow's tracked entry (the failed attempt, and
+    /// its count on that backend) goes, and the connection is scheduled
+    /// afresh among the frontend's backends other than `exclude`'s;
+    /// `schedule` honours the exclusion it is given (a `ClientIP` pin to an
+    /// excluded backend is replaced). A forward is tracked as a new
+    /// connection.
+    pub(crate) fn route_excluding(
+        &self,
+        states: &BackendStates,
+        flow: &Flow,
+        exclude: &[BackendId],
+        now: Instant,
+        rng: &SeededRng,
+        schedule: impl FnMut(&Flow, &[BackendId]) -> Scheduled,
+    ) -> Verdict {
+        let surface = self.surface.load();
+        if let Some(ct) = &self.tracker {
+            ct.remove(flow);
+        }
+        let flags = match flow.protocol {
+            Protocol::Tcp => TcpFlags::SYN,
+            _ => TcpFlags::NONE,
+        };
+        self.schedule_new(&surface, states, flow, flags, now, rng, exclude, schedule)
+    }
+
+    /// A new connection: the source-dependent rules, then the mode's
+    /// `schedule` (given `exclude`), and a forward tracked.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn schedule_new(
+        &self,
+        surface: &Surface,
+        states: &BackendStates,
+        flow: &Flow,
+        flags: TcpFlags,
+        now: Instant,
+        rng: &SeededRng,
+        exclude: &[BackendId],
+        mut schedule: impl FnMut(&Flow, &[BackendId]) -> Scheduled,
+    ) -> Verdict {
         // A backend chosen from a rule list that a concurrent sync has just
         // retired may be gone by the time the flow is tracked: check after
         // the insert (which the writer's connection count sees) and
         // schedule once more, so a new connection does not start on a
         // dead backend.
         let mut decide = || match surface.admit(flow) {
-            Admit::Lookup => schedule(flow),
+            Admit::Lookup => schedule(flow, exclude),
             Admit::Drop => Scheduled::Drop,
-            Admit::Redirect(dst, id) => match schedule(&Flow { dst, ..*flow }) {
+            Admit::Redirect(dst, id) => match schedule(&Flow { dst, ..*flow }, exclude) {
                 Scheduled::Forward { backend, addr, .. } => Scheduled::Forward {
                     frontend: id,
                     backend,
@@ -494,7 +541,17 @@ impl ConnLayer {
                 other => other,
             },
             Admit::Pick(backends, id) => {
-                let (backend, addr) = backends[rng.below(backends.len() as u64) as usize];
+                let mut i = rng.below(backends.len() as u64) as usize;
+                if !exclude.is_empty() && exclude.contains(&backends[i].0) {
+                    let usable = |j: usize| !exclude.contains(&backends[j].0);
+                    let Some(j) =
+                        crate::scheduler::nth_usable(backends.len(), usable, rng.next_u64())
+                    else {
+                        return Scheduled::Reject;
+                    };
+                    i = j;
+                }
+                let (backend, addr) = backends[i];
                 Scheduled::Forward {
                     frontend: id,
                     backend,
@@ -530,6 +587,23 @@ impl ConnLayer {
             }
         }
         Verdict::Drop
+    }
+
+    /// The live tracked connection of `flow` (original direction) whose
+    /// backend still takes its packets (active or draining), with no side
+    /// effect.
+    pub(crate) fn peek(
+        &self,
+        states: &BackendStates,
+        flow: &Flow,
+        now: Instant,
+    ) -> Option<Tracked> {
+        let t = self.tracker.as_ref()?.get(flow, now)?;
+        matches!(
+            states.state(t.backend),
+            BackendState::Active | BackendState::Draining
+        )
+        .then_some(t)
     }
 
     /// Ends the tracked connection of `flow`.

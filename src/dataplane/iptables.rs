@@ -151,6 +151,7 @@ impl Ruleset {
         now: Instant,
         rng: &SeededRng,
         affinity: &AffinityTable,
+        exclude: &[BackendId],
     ) -> Scheduled {
         let Some(rule) = self.find(flow) else {
             return Scheduled::NotAService;
@@ -161,8 +162,21 @@ impl Ruleset {
             _ => return Scheduled::Reject,
         }
         let chain = &self.chains[rule.chain as usize];
-        let cascade =
-            || crate::scheduler::random::walk_cascade(&chain.rules, || rng.next_u64() as u32);
+        let excluded = |i: usize| {
+            chain
+                .endpoints
+                .get(i)
+                .is_some_and(|e| exclude.contains(&e.0))
+        };
+        // A retry without the failed endpoints: the cascade's pick, or
+        // else one of the others at random.
+        let cascade = || {
+            let i = crate::scheduler::random::walk_cascade(&chain.rules, || rng.next_u64() as u32)?;
+            if exclude.is_empty() || !excluded(i) {
+                return Some(i);
+            }
+            crate::scheduler::nth_usable(chain.endpoints.len(), |j| !excluded(j), rng.next_u64())
+        };
         let picked = match &chain.affinity {
             None => cascade(),
             Some(aff) => affinity
@@ -171,7 +185,13 @@ impl Ruleset {
                     aff.key(flow, key),
                     now,
                     // The `--rcheck` rules, one per endpoint, in order.
-                    |ep| chain.endpoints.iter().position(|e| e.1 == ep),
+                    |ep| {
+                        chain
+                            .endpoints
+                            .iter()
+                            .position(|e| e.1 == ep)
+                            .filter(|&i| !excluded(i))
+                    },
                     || cascade().map(|i| (i, chain.endpoints[i].1)),
                 )
                 .map(|p| {
@@ -234,7 +254,23 @@ impl Shared {
             .packet(&self.states, flow, flags, now, rng, |flow| {
                 let held = rules();
                 let rs: &Ruleset = core::borrow::Borrow::borrow(&*held);
-                rs.decide(flow, key, now, rng, &self.affinity)
+                rs.decide(flow, key, now, rng, &self.affinity, &[])
+            })
+    }
+
+    /// A retry without the backends in `exclude`.
+    fn route_excluding(
+        &self,
+        rules: &Ruleset,
+        rng: &SeededRng,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        self.conn
+            .route_excluding(&self.states, flow, exclude, now, rng, |flow, exclude| {
+                rules.decide(flow, key, now, rng, &self.affinity, exclude)
             })
     }
 }
@@ -276,6 +312,20 @@ impl IptablesReader {
         let rules: &Arc<Ruleset> = self.rules.load();
         self.shared
             .packet(move || rules, &self.rng, flow, None, flags, now)
+    }
+
+    /// A retry without the backends whose connect failed, as
+    /// [`Dataplane::route_excluding_with_key`].
+    pub fn route_excluding_with_key(
+        &mut self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        let rules: &Arc<Ruleset> = self.rules.load();
+        self.shared
+            .route_excluding(rules, &self.rng, flow, key, exclude, now)
     }
 }
 
@@ -365,6 +415,17 @@ impl Dataplane for IptablesDataplane {
         sh.packet(|| sh.rules.load(), &sh.rng, flow, None, flags, now)
     }
 
+    fn route_excluding_with_key(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        let sh = &*self.shared;
+        sh.route_excluding(&sh.rules.load(), &sh.rng, flow, key, exclude, now)
+    }
+
     fn connection_closed(&self, flow: &Flow, _now: Instant) -> Option<Tracked> {
         self.shared.conn.close(flow)
     }
@@ -375,6 +436,10 @@ impl Dataplane for IptablesDataplane {
 
     fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
         self.shared.conn.reply_of(reply, None, now)
+    }
+
+    fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        self.shared.conn.peek(&self.shared.states, flow, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {

@@ -41,7 +41,9 @@ use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable
 use crate::conntrack::{TcpFlags, Tracked};
 use crate::model::flow::{Flow, Protocol, Verdict};
 use crate::model::service::{ServiceKey, SessionAffinity};
-use crate::plan::{BackendStates, Frontend, FrontendId, FrontendKey, Outcome, PlanDiff, Planner};
+use crate::plan::{
+    BackendId, BackendStates, Frontend, FrontendId, FrontendKey, Outcome, PlanDiff, Planner,
+};
 use crate::rng::SeededRng;
 use crate::scheduler::Rotation;
 use crate::scheduler::{Destination, PickContext, Selector};
@@ -195,10 +197,42 @@ impl IpvsReader {
                     None => Scheduled::NotAService,
                     Some(state) => {
                         let rotation = local.then(|| rotation_of(rotations, state.frontend));
-                        shared.decide(state, flow, key, now, rng, rotation)
+                        shared.decide(state, flow, key, now, rng, rotation, &[])
                     }
                 }
             })
+    }
+
+    /// A retry without the backends whose connect failed, as
+    /// [`Dataplane::route_excluding_with_key`].
+    pub fn route_excluding_with_key(
+        &mut self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        let shared = &*self.shared;
+        let table = self.table.load();
+        let rng = &self.rng;
+        let rotations = &mut self.rotations;
+        let local = !shared.config.global_rotation;
+        shared
+            .conn
+            .route_excluding(
+                &shared.states,
+                flow,
+                exclude,
+                now,
+                rng,
+                |flow, exclude| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                    None => Scheduled::NotAService,
+                    Some(state) => {
+                        let rotation = local.then(|| rotation_of(rotations, state.frontend));
+                        shared.decide(state, flow, key, now, rng, rotation, exclude)
+                    }
+                },
+            )
     }
 }
 
@@ -349,6 +383,7 @@ impl Shared {
 
     /// What a new connection to the virtual service `state` gets.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
         state: &FrontendState,
@@ -357,6 +392,7 @@ impl Shared {
         now: Instant,
         rng: &SeededRng,
         rotation: Option<&Rotation>,
+        exclude: &[BackendId],
     ) -> Scheduled {
         let Some(selector) = &state.selector else {
             return match state.outcome {
@@ -372,14 +408,24 @@ impl Shared {
             rotation,
         };
         let picked = match &state.affinity {
-            None => selector.pick(dests, &ctx),
+            None => selector.pick_excluding(dests, &ctx, exclude),
             Some(aff) => {
+                // A pin to an excluded backend is replaced.
                 let pinned = self.affinity.route(
                     &aff.scope,
                     aff.key(flow, key),
                     now,
-                    |ep| aff.position(ep),
-                    || selector.pick(dests, &ctx).map(|i| (i, dests[i].addr())),
+                    |ep| {
+                        aff.position(ep).filter(|&i| {
+                            exclude.is_empty()
+                                || dests.get(i).is_some_and(|d| !exclude.contains(&d.id()))
+                        })
+                    },
+                    || {
+                        selector
+                            .pick_excluding(dests, &ctx, exclude)
+                            .map(|i| (i, dests[i].addr()))
+                    },
                 );
                 pinned.map(|p| {
                     aff.count(p.index);
@@ -408,7 +454,28 @@ impl Shared {
             &self.rng,
             |flow| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                 None => Scheduled::NotAService,
-                Some(state) => self.decide(state, flow, key, now, &self.rng, None),
+                Some(state) => self.decide(state, flow, key, now, &self.rng, None, &[]),
+            },
+        )
+    }
+
+    fn route_excluding(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        let table = self.table.load();
+        self.conn.route_excluding(
+            &self.states,
+            flow,
+            exclude,
+            now,
+            &self.rng,
+            |flow, exclude| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                None => Scheduled::NotAService,
+                Some(state) => self.decide(state, flow, key, now, &self.rng, None, exclude),
             },
         )
     }
@@ -661,6 +728,16 @@ impl Dataplane for IpvsDataplane {
         self.shared.packet(flow, None, flags, now)
     }
 
+    fn route_excluding_with_key(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict {
+        self.shared.route_excluding(flow, key, exclude, now)
+    }
+
     fn connection_closed(&self, flow: &Flow, _now: Instant) -> Option<Tracked> {
         self.shared.conn.close(flow)
     }
@@ -671,6 +748,10 @@ impl Dataplane for IpvsDataplane {
 
     fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
         self.shared.reply(reply, None, now)
+    }
+
+    fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        self.shared.conn.peek(&self.shared.states, flow, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {

@@ -36,7 +36,7 @@ pub use ipvs::{IpvsDataplane, IpvsReader, RealServerInfo, VirtualServiceInfo};
 pub use nftables::{NftablesDataplane, NftablesReader};
 
 use crate::conntrack::{ConntrackConfig, TcpFlags, Timeouts, Tracked};
-use crate::plan::DEFAULT_DRAIN_GRACE;
+use crate::plan::{BackendId, DEFAULT_DRAIN_GRACE};
 use crate::render::Cidr;
 
 use crate::affinity::{AffinityConfig, AffinityEntry, AffinityReport};
@@ -367,6 +367,57 @@ pub trait Dataplane: Send + Sync {
     /// when `key` is `None`); other services ignore it.
     fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict;
 
+    /// A retry of a new connection after the connect to the backends in
+    /// `exclude` failed, as a real proxy retries: the flow's tracked entry
+    /// (the failed attempt, and its count on that backend) goes, and the
+    /// flow is scheduled afresh among the frontend's backends that take
+    /// new connections, less `exclude`'s. Each mode keeps its own choice
+    /// where it can: `lc`/`wlc` take the least loaded of the others; `rr`,
+    /// `wrr`, `sh` and `mh` the next after the excluded pick (IPVS's
+    /// `sh-fallback` and `mh-fallback`); iptables, nftables and `random` one
+    /// of the others at random. A `ClientIP` pin to an excluded backend is
+    /// replaced by the new pick. [`Verdict::Reject`] when every backend is
+    /// excluded. Allocates nothing. Equivalent to
+    /// [`route_excluding_with_key`](Self::route_excluding_with_key) without
+    /// a key.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::*;
+    /// let mut table = ServiceTable::new();
+    /// let svc = Service::builder("default", "web")
+    ///     .cluster_ip("10.96.0.10".parse().unwrap())
+    ///     .port(ServicePortSpec::tcp(80).target_port(8080))
+    ///     .build().unwrap();
+    /// let slice = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+    ///     .port(SlicePortSpec::tcp(8080))
+    ///     .endpoints(["10.0.0.2", "10.0.0.3"].map(EndpointSpec::new))
+    ///     .build().unwrap();
+    /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+    /// let dp = IpvsDataplane::new(DataplaneConfig::with_seed(1).scheduler(SchedulerKind::SourceHash));
+    /// dp.sync(&table, &changes, Instant::ZERO);
+    /// let flow = Flow::tcp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:80".parse().unwrap());
+    /// let Verdict::Forward(first) = dp.route(&flow, Instant::ZERO) else { panic!() };
+    /// // The connect to `first` failed: sh would pick it again; this does not.
+    /// let Verdict::Forward(retry) = dp.route_excluding(&flow, &[first.backend_id], Instant::ZERO) else { panic!() };
+    /// assert_ne!(retry.backend, first.backend);
+    /// assert_eq!(dp.connections(Instant::ZERO).len(), 1);
+    /// assert_eq!(dp.route_excluding(&flow, &[first.backend_id, retry.backend_id], Instant::ZERO), Verdict::Reject);
+    /// ```
+    fn route_excluding(&self, flow: &Flow, exclude: &[BackendId], now: Instant) -> Verdict {
+        self.route_excluding_with_key(flow, None, exclude, now)
+    }
+
+    /// [`route_excluding`](Self::route_excluding) with a caller-supplied
+    /// affinity key, as [`route_with_key`](Self::route_with_key) takes it.
+    fn route_excluding_with_key(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[BackendId],
+        now: Instant,
+    ) -> Verdict;
+
     /// Any packet of a flow in the original direction (client to
     /// frontend), with its TCP flags (ignored for UDP and SCTP): a tracked
     /// flow advances its state and keeps its backend; an untracked one is
@@ -424,6 +475,44 @@ pub trait Dataplane: Send + Sync {
     /// ```
     fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
         let _ = (reply, now);
+        None
+    }
+
+    /// The live tracked connection of `flow` (original direction: client
+    /// to frontend), with no side effect: no state change, no timer
+    /// restarted, nothing scheduled. For a caller that watches its own
+    /// connections' expiry (a proxy's idle sessions) without a flow table
+    /// of its own, and for checks. `None` if the flow is not tracked, its
+    /// entry's timeout has passed, or its backend is gone (past its drain
+    /// grace: the next [`packet`](Self::packet) would expire it,
+    /// `expire_nodest_conn`), and by default, for dataplanes that track
+    /// nothing. Allocates nothing.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::*;
+    /// let mut table = ServiceTable::new();
+    /// let svc = Service::builder("default", "dns")
+    ///     .cluster_ip("10.96.0.10".parse().unwrap())
+    ///     .port(ServicePortSpec::udp(53).target_port(5353))
+    ///     .build().unwrap();
+    /// let slice = EndpointSlice::builder("default", "dns-1", "dns", AddressType::IPv4)
+    ///     .port(SlicePortSpec::udp(5353))
+    ///     .endpoint(EndpointSpec::new("10.0.0.2"))
+    ///     .build().unwrap();
+    /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+    /// let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1));
+    /// dp.sync(&table, &changes, Instant::ZERO);
+    /// let query = Flow::udp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:53".parse().unwrap());
+    /// assert_eq!(dp.peek(&query, Instant::ZERO), None);
+    /// dp.route(&query, Instant::ZERO);
+    /// let t = dp.peek(&query, Instant::ZERO).unwrap();
+    /// assert_eq!(t.backend_addr, "10.0.0.2:5353".parse().unwrap());
+    /// // Peeking restarts no timer: past the UDP timeout the entry is gone.
+    /// assert_eq!(dp.peek(&query, t.expires), None);
+    /// ```
+    fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        let _ = (flow, now);
         None
     }
 

@@ -103,6 +103,16 @@ impl Dataplane for NftablesDataplane {
         self.inner.packet(flow, flags, now)
     }
 
+    fn route_excluding_with_key(
+        &self,
+        flow: &Flow,
+        key: Option<u64>,
+        exclude: &[crate::plan::BackendId],
+        now: Instant,
+    ) -> Verdict {
+        self.inner.route_excluding_with_key(flow, key, exclude, now)
+    }
+
     fn connection_closed(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
         self.inner.connection_closed(flow, now)
     }
@@ -113,6 +123,10 @@ impl Dataplane for NftablesDataplane {
 
     fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
         self.inner.peek_reply(reply, now)
+    }
+
+    fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
+        self.inner.peek(flow, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {

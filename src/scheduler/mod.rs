@@ -519,6 +519,55 @@ impl Selector {
         }
     }
 
+    /// Picks a destination index that is not one of `exclude`'s backends
+    /// (a retry after a failed connect to them). Without exclusions, or
+    /// when [`pick`](Self::pick)'s choice is not excluded, that choice.
+    /// Otherwise among the remaining destinations of weight > 0: `lc` and
+    /// `wlc` the least loaded; `rr`, `wrr`, `sh` and `mh` the next one
+    /// after the excluded pick, in destination order (IPVS's `sh-fallback`
+    /// and `mh-fallback` walk on from the hashed slot; a rotation skips an
+    /// unavailable server); `random` and custom schedulers one at random.
+    /// `None` when every destination of weight > 0 is excluded. Allocates
+    /// nothing.
+    #[inline]
+    pub(crate) fn pick_excluding(
+        &self,
+        dests: &[Destination],
+        ctx: &PickContext<'_>,
+        exclude: &[BackendId],
+    ) -> Option<usize> {
+        let first = self.pick(dests, ctx)?;
+        if exclude.is_empty() || !exclude.contains(&dests[first].id()) {
+            return Some(first);
+        }
+        let usable = |i: usize| dests[i].weight() > 0 && !exclude.contains(&dests[i].id());
+        match self {
+            Selector::LeastConnection(_) | Selector::WeightedLeastConnection(_) => {
+                let mut best: Option<(usize, u64, u64)> = None;
+                for i in (0..dests.len()).filter(|&i| usable(i)) {
+                    let (oh, w) = (dests[i].overhead(), u64::from(dests[i].weight()));
+                    let w = if matches!(self, Selector::LeastConnection(_)) {
+                        1
+                    } else {
+                        w
+                    };
+                    if best.is_none_or(|(_, boh, bw)| {
+                        u128::from(boh) * u128::from(w) > u128::from(oh) * u128::from(bw)
+                    }) {
+                        best = Some((i, oh, w));
+                    }
+                }
+                best.map(|(i, _, _)| i)
+            }
+            Selector::Random(_) | Selector::Custom(_) => {
+                nth_usable(dests.len(), usable, ctx.rng.next_u64())
+            }
+            _ => (1..dests.len())
+                .map(|k| (first + k) % dests.len())
+                .find(|&i| usable(i)),
+        }
+    }
+
     /// Whether connections must be counted for this selector.
     pub fn uses_connection_counts(&self) -> bool {
         match self {
@@ -527,6 +576,18 @@ impl Selector {
             _ => false,
         }
     }
+}
+
+/// The `draw % m`-th of the `m` indices below `n` that are `usable`, or
+/// `None` if none is: a uniform pick among the remaining, allocation-free.
+#[inline]
+pub(crate) fn nth_usable(n: usize, usable: impl Fn(usize) -> bool, draw: u64) -> Option<usize> {
+    let m = (0..n).filter(|&i| usable(i)).count();
+    if m == 0 {
+        return None;
+    }
+    let k = (draw % m as u64) as usize;
+    (0..n).filter(|&i| usable(i)).nth(k)
 }
 
 #[cfg(test)]
@@ -579,6 +640,43 @@ mod tests {
         }
         let err = "nq".parse::<SchedulerKind>().unwrap_err();
         assert!(err.to_string().contains("nq"));
+    }
+
+    #[test]
+    fn pick_excluding_keeps_each_schedulers_choice_among_the_rest() {
+        use test_util::{add, dests, flow};
+        let d = dests(&[1, 1, 0, 1]);
+        let rng = SeededRng::new(1);
+        let f = flow([10, 1, 0, 9], 4000);
+        let ctx = PickContext::new(&f, Instant::ZERO, &rng);
+        for kind in SchedulerKind::ALL.iter().copied() {
+            let s = SchedulerConfig::from(kind).build(&d);
+            for _ in 0..20 {
+                let first = s.pick(&d, &ctx).unwrap();
+                let other = s.pick_excluding(&d, &ctx, &[d[first].id()]).unwrap();
+                assert_ne!(other, first, "{kind:?}");
+                assert_ne!(other, 2, "{kind:?}: weight 0 takes no connection");
+                let ids = [d[0].id(), d[1].id(), d[3].id()];
+                assert_eq!(s.pick_excluding(&d, &ctx, &ids), None, "{kind:?}");
+            }
+        }
+        // lc: the least loaded of the others.
+        add(&d[0], 5, 0);
+        add(&d[1], 1, 0);
+        add(&d[3], 2, 0);
+        let lc = SchedulerConfig::from(SchedulerKind::LeastConnection).build(&d);
+        assert_eq!(lc.pick(&d, &ctx), Some(1));
+        assert_eq!(lc.pick_excluding(&d, &ctx, &[d[1].id()]), Some(3));
+        // sh: the next one after the hashed pick, the same every time.
+        let sh = SchedulerConfig::from(SchedulerKind::SourceHash).build(&d);
+        let first = sh.pick(&d, &ctx).unwrap();
+        let next = sh.pick_excluding(&d, &ctx, &[d[first].id()]);
+        assert_eq!(sh.pick_excluding(&d, &ctx, &[d[first].id()]), next);
+        assert_eq!(
+            nth_usable(4, |i| i != 1, 4),
+            Some(2),
+            "the draw-th of the usable, modulo their count"
+        );
     }
 
     #[test]
