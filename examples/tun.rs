@@ -8,6 +8,8 @@
 //!     --manifests PATH... [--watch FILE|-] [--mode M] [--dev NAME]
 //!     [--scheduler rr|wrr|lc|wlc|sh|mh|random] [--seed N] [--snat-pool CIDR]
 //!     [--snat-pool6 CIDR] [--tcp-closing-timeout SECS]
+//!     [--node-ip IP]... [--nodeport-addresses CIDR[,CIDR]]
+//!     [the loader's flags: --service-cidr, --node, --zone, --keep-going, --max-*]
 //! ```
 //!
 //! As root, in the current network namespace, it
@@ -19,7 +21,18 @@
 //! 3. routes every cluster IP of the manifests, IPv4 and IPv6, into it
 //!    (`ip route replace VIP/32|VIP/128 dev NAME`), printing `route
 //!    VIP/32 dev NAME` (or `/128`) for each (and `unroute ...` when a
-//!    reload removes one), then `ready`.
+//!    reload removes one);
+//! 4. with `--node-ip`, steers every node port on each node IP into it:
+//!    node IPs are local addresses, which the `local` table (rule 0)
+//!    delivers before any route, so it adds `ip rule pref 100 to
+//!    NODE_IP/32 ipproto P dport NODE_PORT lookup 23579` per node IP and
+//!    node port (table 23579 holds `default dev NAME`, both families),
+//!    moves the `local` rule to pref 200, and sets the device's
+//!    `accept_local` (a reply from a node IP comes out of the device, a
+//!    martian otherwise); it prints `nodeport IP:PORT PROTO dev NAME` for
+//!    each (`unnodeport ...` when a reload removes one), then `ready`. On
+//!    exit it removes the rules and puts `local` back at pref 0 (a killed
+//!    process leaves them: `ip rule` outlives the device).
 //!
 //! Then, for every packet the kernel sends into the device:
 //! - **to a cluster IP** (client -> frontend): [`Dataplane::packet`] with
@@ -59,6 +72,10 @@
 //! `SIGTERM` end the program with status 0 after printing one `stats` line;
 //! the device and its routes go with it.
 //!
+//! The loader's flags (`--service-cidr`, `--node`, `--zone`,
+//! `--keep-going`, `--verbose`, the `--max-*` limits) and the node's
+//! addresses are the ones every example shares (`examples/shared/load.rs`).
+//!
 //! Not handled: SCTP through the pool (it is NATed like TCP and UDP,
 //! untested), later IPv4 fragments (dropped unless their first fragment was
 //! seen), a family's pool exhausted by more live (client, frontend) pairs
@@ -76,12 +93,16 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Parser, ValueEnum};
 use svclb::conntrack::Conntrack;
-use svclb::k8s::loader::{LoadOptions, Loader};
+use svclb::k8s::loader::Loader;
 use svclb::packet::{
     FragmentTracker, ICMP_ERROR_MAX_V6, LinkType, PacketKind, TcpFlags, parse, port_unreachable,
     reverse_nat, rewrite_dst, rewrite_src,
 };
+use svclb::plan::NodeAddresses;
 use svclb::*;
+
+#[path = "shared/load.rs"]
+mod load;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ModeArg {
@@ -130,7 +151,18 @@ struct Cli {
     /// kernel timeouts. Its pool address is released once none is left.
     #[arg(long, value_name = "SECS")]
     tcp_closing_timeout: Option<u64>,
+    #[command(flatten)]
+    load: load::LoadArgs,
+    #[command(flatten)]
+    node_addrs: load::NodeAddrArgs,
 }
+
+/// The routing table node-port traffic is steered into the device by.
+const NODEPORT_TABLE: &str = "23579";
+/// The priority of the steering rules; the `local` table's rule moves
+/// after them.
+const NODEPORT_PREF: &str = "100";
+const LOCAL_PREF: &str = "200";
 
 struct Failure(String);
 
@@ -380,6 +412,10 @@ struct World {
     plane: Plane,
     pool: SnatPool,
     routes: BTreeSet<IpAddr>,
+    /// The node IPs node ports answer on.
+    node_ips: Vec<IpAddr>,
+    /// The (node IP, protocol, node port) steered into the device.
+    node_ports: BTreeSet<(IpAddr, &'static str, u16)>,
     stamps: Vec<(PathBuf, Option<(u64, SystemTime)>)>,
     start: std::time::Instant,
 }
@@ -416,7 +452,52 @@ impl World {
             println!("unroute {dst} dev {}", self.cli.dev);
         }
         self.routes = want;
+        self.steer_node_ports()
+    }
+
+    /// Makes the policy-routing rules that steer node-port traffic into
+    /// the device match the table: one rule `to NODE_IP ipproto P dport
+    /// NODE_PORT lookup NODEPORT_TABLE` per node IP and node port.
+    fn steer_node_ports(&mut self) -> Result<()> {
+        let mut want = BTreeSet::new();
+        for v in self.table.views() {
+            for port in v.service().ports() {
+                let Some(np) = port.node_port() else {
+                    continue;
+                };
+                let proto = ip_proto(port.protocol());
+                for ip in &self.node_ips {
+                    want.insert((*ip, proto, np));
+                }
+            }
+        }
+        for (node_ip, proto, np) in want.difference(&self.node_ports) {
+            rule("add", *node_ip, proto, *np)?;
+            println!(
+                "nodeport {} {proto} dev {}",
+                SocketAddr::new(*node_ip, *np),
+                self.cli.dev
+            );
+        }
+        for (node_ip, proto, np) in self.node_ports.difference(&want) {
+            rule("del", *node_ip, proto, *np)?;
+            println!("unnodeport {} {proto}", SocketAddr::new(*node_ip, *np));
+        }
+        self.node_ports = want;
         Ok(())
+    }
+
+    /// Removes the steering rules and puts the `local` rule back first.
+    fn unsteer(&mut self) {
+        for (node_ip, proto, np) in std::mem::take(&mut self.node_ports) {
+            let _ = rule("del", node_ip, proto, np);
+        }
+        if !self.node_ips.is_empty() {
+            for family in ["-4", "-6"] {
+                let _ = ip(&[family, "rule", "add", "pref", "0", "lookup", "local"]);
+                let _ = ip(&[family, "rule", "del", "pref", LOCAL_PREF, "lookup", "local"]);
+            }
+        }
     }
 
     /// Re-applies every manifest path, each as one batch.
@@ -446,6 +527,38 @@ impl World {
         println!("watch applied {} change(s)", report.change_sets.len());
         Ok(())
     }
+}
+
+/// `ip rule`'s name of a protocol node ports are steered for: `tcp`,
+/// `udp`, `sctp`.
+fn ip_proto(p: Protocol) -> &'static str {
+    match p.as_api_str() {
+        "UDP" => "udp",
+        "SCTP" => "sctp",
+        _ => "tcp",
+    }
+}
+
+/// `ip rule add|del` of one node port's steering rule.
+fn rule(op: &str, node_ip: IpAddr, proto: &str, port: u16) -> Result<()> {
+    let family = if node_ip.is_ipv6() { "-6" } else { "-4" };
+    let to = host_route(node_ip);
+    let port = port.to_string();
+    ip(&[
+        family,
+        "rule",
+        op,
+        "pref",
+        NODEPORT_PREF,
+        "to",
+        &to,
+        "ipproto",
+        proto,
+        "dport",
+        &port,
+        "lookup",
+        NODEPORT_TABLE,
+    ])
 }
 
 /// `VIP/32` or `VIP/128`.
@@ -678,7 +791,15 @@ fn run(cli: Cli) -> Result<()> {
         v4: PoolRange::parse("--snat-pool", &cli.snat_pool, false)?,
         v6: PoolRange::parse("--snat-pool6", &cli.snat_pool6, true)?,
     };
-    let mut config = DataplaneConfig::with_seed(cli.seed).scheduler(scheduler);
+    let options = cli.load.options()?;
+    let mut config = DataplaneConfig::with_seed(cli.seed)
+        .node(cli.load.node())
+        .scheduler(scheduler);
+    cli.node_addrs.apply(&mut config)?;
+    let node_ips: Vec<IpAddr> =
+        NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone())
+            .node_port_ips()
+            .collect();
     if let Some(secs) = cli.tcp_closing_timeout {
         let mode = match cli.mode {
             ModeArg::Iptables => Mode::Iptables,
@@ -710,7 +831,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
 
-    let mut loader = Loader::new(LoadOptions::default());
+    let mut loader = Loader::new(options);
     let mut table = ServiceTable::new();
     let report = loader.load(&mut table, &cli.manifests, &[])?;
     for line in report.lines(false) {
@@ -726,6 +847,33 @@ fn run(cli: Cli) -> Result<()> {
         ip(&["route", "replace", &range.prefix(), "dev", &cli.dev])?;
         println!("snat {}", range.prefix());
     }
+    if !node_ips.is_empty() {
+        // Node IPs are local: the `local` table (rule 0) would deliver
+        // their node ports before any route into the device. The steering
+        // rules go first, the `local` lookup after them; and a reply whose
+        // source is now a node IP comes out of the device, which the
+        // kernel drops as a martian unless the device accepts local
+        // sources.
+        for family in ["-4", "-6"] {
+            ip(&[
+                family,
+                "route",
+                "replace",
+                "default",
+                "dev",
+                &cli.dev,
+                "table",
+                NODEPORT_TABLE,
+            ])?;
+            ip(&[family, "rule", "add", "pref", LOCAL_PREF, "lookup", "local"])?;
+            ip(&[family, "rule", "del", "pref", "0", "lookup", "local"])?;
+        }
+        std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{}/accept_local", cli.dev),
+            "1",
+        )
+        .map_err(|e| Failure(format!("accept_local on {}: {e}", cli.dev)))?;
+    }
 
     let stamps = file_stamps(&cli.manifests);
     let watch = cli.watch.clone().map(watch_thread);
@@ -736,6 +884,8 @@ fn run(cli: Cli) -> Result<()> {
         plane,
         pool,
         routes: BTreeSet::new(),
+        node_ips,
+        node_ports: BTreeSet::new(),
         stamps,
         start: std::time::Instant::now(),
     };
@@ -743,7 +893,10 @@ fn run(cli: Cli) -> Result<()> {
         .plane
         .dp()
         .sync(&world.table, &world.table.full_change_set(), Instant::ZERO);
-    world.route_vips()?;
+    if let Err(e) = world.route_vips() {
+        world.unsteer();
+        return Err(e);
+    }
     println!("ready");
 
     let mut stats = Stats::default();
@@ -753,6 +906,7 @@ fn run(cli: Cli) -> Result<()> {
     let mut last_check = std::time::Instant::now();
     let mut last_reclaim = last_check;
     let mut watch_open = watch.is_some();
+    let mut failure = None;
     while !term.load(Ordering::Relaxed) {
         if hup.swap(false, Ordering::Relaxed) {
             if let Err(Failure(e)) = world.reload("SIGHUP") {
@@ -812,11 +966,17 @@ fn run(cli: Cli) -> Result<()> {
                     {
                         continue;
                     }
-                    Err(e) => return Err(Failure(format!("reading {}: {e}", world.cli.dev))),
+                    Err(e) => {
+                        failure = Some(Failure(format!("reading {}: {e}", world.cli.dev)));
+                        break;
+                    }
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Failure(format!("reading {}: {e}", world.cli.dev))),
+            Err(e) => {
+                failure = Some(Failure(format!("reading {}: {e}", world.cli.dev)));
+                break;
+            }
         };
         let out = match handle(
             &mut world,
@@ -834,6 +994,10 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("tun: error: writing {}: {e}", world.cli.dev);
             }
         }
+    }
+    world.unsteer();
+    if let Some(f) = failure {
+        return Err(f);
     }
     println!(
         "stats packets {} dnat {} reverse-nat {} dropped {} bad {} rejected {}",

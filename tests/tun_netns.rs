@@ -41,6 +41,10 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
 /// A service without endpoints (REJECT).
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 11);
 const DEV: &str = "svtun0";
+/// The node IP (`--node-ip`, on the namespace's loopback) and the echo
+/// service's TCP node port.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 9, 1);
+const NODE_PORT: u16 = 30080;
 /// The IPv4 SNAT pool: six usable addresses.
 const POOL: &str = "169.254.0.0/29";
 /// Distinct IPv4 client addresses (10.77.1.1-12), in rounds of four.
@@ -118,9 +122,9 @@ fn slice(backends: &[u8]) -> String {
 
 fn manifest(backends: &[u8]) -> String {
     "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: svtun}\n\
-     spec:\n  clusterIP: 10.96.77.10\n  ports:\n  \
-     - {name: tcp, port: 80, protocol: TCP, targetPort: 8080}\n  \
-     - {name: udp, port: 53, protocol: UDP, targetPort: 5353}\n---\n\
+     spec:\n  type: NodePort\n  clusterIP: 10.96.77.10\n  ports:\n  \
+     - {name: tcp, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}\n  \
+     - {name: udp, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}\n---\n\
      apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: svtun}\n\
      spec:\n  clusterIP: 10.96.77.11\n  ports:\n  \
      - {name: tcp, port: 80, protocol: TCP}\n  - {name: udp, port: 53, protocol: UDP}\n---\n"
@@ -352,6 +356,7 @@ fn tun_dataplane_carries_real_connections() {
     for a in ["10.77.0.1/32", "10.77.0.2/32", "10.77.0.3/32"] {
         run(&["ip", "-n", &ns, "addr", "add", a, "dev", "lo"]).unwrap();
     }
+    run(&["ip", "-n", &ns, "addr", "add", "10.77.9.1/32", "dev", "lo"]).unwrap();
     for c in 1..=CLIENTS {
         let a = format!("10.77.1.{c}/32");
         run(&["ip", "-n", &ns, "addr", "add", &a, "dev", "lo"]).unwrap();
@@ -378,6 +383,7 @@ fn tun_dataplane_carries_real_connections() {
         // Six pool addresses, given back one second after a connection
         // closes: the clients below outnumber them.
         .args(["--snat-pool", POOL, "--tcp-closing-timeout", "1"])
+        .args(["--node-ip", "10.77.9.1"])
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
@@ -399,6 +405,10 @@ fn tun_dataplane_carries_real_connections() {
     );
     assert!(
         setup.contains(&format!("route {VIP6}/128 dev {DEV}")),
+        "{setup:?}"
+    );
+    assert!(
+        setup.contains(&format!("nodeport {NODE_IP}:{NODE_PORT} tcp dev {DEV}")),
         "{setup:?}"
     );
 
@@ -453,6 +463,27 @@ fn tun_dataplane_carries_real_connections() {
         echo(c, 30_000 + i as u32).unwrap_or_else(|e| panic!("IPv6 connection {i} again: {e}"));
     }
     drop(conns6);
+
+    // The node port on the node IP, a local address, steered into the
+    // device by the example's rules: its own rr, in exact thirds.
+    let nodeport = in_ns(&ns, || {
+        (0..30u32)
+            .map(|i| {
+                let mut c = connect(SocketAddr::from((NODE_IP, NODE_PORT)), T)
+                    .unwrap_or_else(|e| panic!("node-port connection {i}: {e}"));
+                echo(&mut c, 50_000 + i)
+                    .unwrap_or_else(|e| panic!("echo on node-port connection {i}: {e}"));
+                c.backend
+            })
+            .collect::<Vec<_>>()
+    });
+    for b in 1..=3 {
+        assert_eq!(
+            nodeport.iter().filter(|x| **x == b).count(),
+            10,
+            "node port, B{b}: {nodeport:?}"
+        );
+    }
 
     // Backend 3 goes while 100 connections to it are open.
     std::fs::write(&file, manifest(&[1, 2])).unwrap();
