@@ -68,7 +68,8 @@
 //! size or modification time, re-applies them (objects are upserted; one
 //! removed from the files stays until a watch event deletes it). `--watch
 //! FILE|-` applies a watch stream (`kubectl get -w` output, YAML documents
-//! or JSON objects) continuously, event by event, as it grows. `SIGINT` and
+//! or JSON objects, the latter read with serde_json's streaming reader)
+//! continuously, event by event, as it grows. `SIGINT` and
 //! `SIGTERM` end the program with status 0 after printing one `stats` line;
 //! the device and its routes go with it.
 //!
@@ -596,9 +597,9 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Reads a watch stream as it grows and sends each complete event's text:
-/// a JSON object once its braces balance (counted naively, as kubectl's
-/// output keeps them balanced), a YAML document at `---`, at the end of the
-/// input, or (a file) when the file stops growing.
+/// a JSON object once serde_json's streaming reader has read a whole value
+/// (so braces inside strings are just characters), a YAML document at
+/// `---`, at the end of the input, or (a file) when the file stops growing.
 fn watch_thread(path: PathBuf) -> Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -616,7 +617,7 @@ fn watch_thread(path: PathBuf) -> Receiver<String> {
         };
         let mut events = Events {
             doc: String::new(),
-            depth: 0,
+            json: false,
             tx,
         };
         let mut pending = Vec::new();
@@ -649,40 +650,74 @@ fn watch_thread(path: PathBuf) -> Receiver<String> {
 /// The event being read from a watch stream.
 struct Events {
     doc: String,
-    depth: i64,
+    /// The event is a JSON object (it began with `{`), not YAML.
+    json: bool,
     tx: std::sync::mpsc::Sender<String>,
 }
 
 impl Events {
     /// Sends the document so far; `false` once the receiver is gone.
     fn send(&mut self) -> bool {
-        self.depth = 0;
+        self.json = false;
         let doc = std::mem::take(&mut self.doc);
         doc.trim().is_empty() || self.tx.send(doc).is_ok()
     }
 
     /// At a pause: a YAML document read so far is complete.
     fn flush_yaml(&mut self) -> bool {
-        if self.depth > 0 {
+        if self.json {
             return true;
         }
         self.send()
     }
 
     fn line(&mut self, line: &str) -> bool {
-        if line.trim_end() == "---" {
+        if !self.json && line.trim_end() == "---" {
             return self.send();
         }
-        let json =
-            self.doc.trim().is_empty() && line.trim_start().starts_with('{') || self.depth > 0;
+        if self.doc.trim().is_empty() && line.trim_start().starts_with('{') {
+            self.json = true;
+        }
         self.doc.push_str(line);
-        if json {
-            self.depth += line.matches('{').count() as i64 - line.matches('}').count() as i64;
-            if self.depth <= 0 {
-                return self.send();
-            }
+        if self.json {
+            return self.split_json();
         }
         true
+    }
+
+    /// Sends every whole JSON value at the front of the document; keeps an
+    /// incomplete one for more input. A syntax error sends the text as it
+    /// is, for the loader to report.
+    fn split_json(&mut self) -> bool {
+        loop {
+            let mut values =
+                serde_json::Deserializer::from_str(&self.doc).into_iter::<serde::de::IgnoredAny>();
+            match values.next() {
+                Some(Ok(_)) => {
+                    let end = values.byte_offset();
+                    let rest = self.doc.split_off(end);
+                    if !self.send() {
+                        return false;
+                    }
+                    if !rest.trim_start().starts_with('{') {
+                        // Whitespace, or the start of a YAML document.
+                        if !rest.trim().is_empty() {
+                            self.doc = rest;
+                        }
+                        return true;
+                    }
+                    self.doc = rest;
+                    self.json = true;
+                }
+                Some(Err(e)) if e.is_eof() => return true,
+                Some(Err(_)) => return self.send(),
+                None => {
+                    self.doc.clear();
+                    self.json = false;
+                    return true;
+                }
+            }
+        }
     }
 }
 

@@ -157,6 +157,46 @@ fn watch_event(backends: &[u8]) -> String {
     s + "---\n"
 }
 
+/// A watch event as `kubectl get -w -o json` writes one (pretty-printed,
+/// over many lines) that sets the slice's endpoints, with an annotation
+/// whose value holds unbalanced braces: a reader that counts braces never
+/// finds its end.
+fn json_watch_event(backends: &[u8]) -> String {
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|b| format!("        {{\n          \"addresses\": [\"10.77.0.{b}\"]\n        }}"))
+        .collect();
+    format!(
+        r#"{{
+  "type": "MODIFIED",
+  "object": {{
+    "apiVersion": "discovery.k8s.io/v1",
+    "kind": "EndpointSlice",
+    "metadata": {{
+      "name": "echo-1",
+      "namespace": "svtun",
+      "labels": {{
+        "kubernetes.io/service-name": "echo"
+      }},
+      "annotations": {{
+        "svclb.test/note": "}} and {{{{ in a string"
+      }}
+    }},
+    "addressType": "IPv4",
+    "ports": [
+      {{"name": "tcp", "port": 8080, "protocol": "TCP"}},
+      {{"name": "udp", "port": 5353, "protocol": "UDP"}}
+    ],
+    "endpoints": [
+{}
+    ]
+  }}
+}}
+"#,
+        endpoints.join(",\n")
+    )
+}
+
 /// The namespace, the example and the manifests, removed on drop.
 struct Guard {
     ns: String,
@@ -580,6 +620,33 @@ fn tun_dataplane_carries_real_connections() {
             back.iter().filter(|x| **x == b).count(),
             10,
             "B{b}: {back:?}"
+        );
+    }
+
+    // A JSON watch event whose annotation holds braces removes backend 2:
+    // new connections alternate between 1 and 3.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&watch)
+        .unwrap()
+        .write_all(json_watch_event(&[1, 3]).as_bytes())
+        .unwrap();
+    wait_for(&out, "watch applied");
+    let json = in_ns(&ns, || {
+        (0..20u32)
+            .map(|i| {
+                let mut c = connect(SocketAddr::from((VIP, 80)), T)
+                    .unwrap_or_else(|e| panic!("connection {i} after the JSON event: {e}"));
+                echo(&mut c, 60_000 + i).unwrap();
+                c.backend
+            })
+            .collect::<Vec<_>>()
+    });
+    for b in [1, 3] {
+        assert_eq!(
+            json.iter().filter(|x| **x == b).count(),
+            10,
+            "B{b} after the JSON event: {json:?}"
         );
     }
 
