@@ -65,8 +65,10 @@
 //!
 //! Manifests are read with the loader every svclb program shares
 //! ([`svclb::k8s::loader`]); `SIGHUP`, or a change of a manifest file's
-//! size or modification time, re-applies them (objects are upserted; one
-//! removed from the files stays until a watch event deletes it). `--watch
+//! size or modification time, re-applies them: objects are upserted, and
+//! those the previous load's files held and these no longer do are
+//! deleted (`examples/shared/owned.rs`; an object only a watch event
+//! brought is left alone). `--watch
 //! FILE|-` applies a watch stream (`kubectl get -w` output, YAML documents
 //! or JSON objects, the latter read with serde_json's streaming reader)
 //! continuously, event by event, as it grows. `SIGINT` and
@@ -94,7 +96,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Parser, ValueEnum};
 use svclb::conntrack::Conntrack;
-use svclb::k8s::loader::Loader;
+use svclb::k8s::loader::{LoadOptions, Loader};
 use svclb::packet::{
     FragmentTracker, ICMP_ERROR_MAX_V6, LinkType, PacketKind, TcpFlags, parse, port_unreachable,
     reverse_nat, rewrite_dst, rewrite_src,
@@ -104,6 +106,8 @@ use svclb::*;
 
 #[path = "shared/load.rs"]
 mod load;
+#[path = "shared/owned.rs"]
+mod owned;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ModeArg {
@@ -410,6 +414,9 @@ struct World {
     cli: Cli,
     table: ServiceTable,
     loader: Loader,
+    options: LoadOptions,
+    /// What the manifest files held at the last load.
+    owned: BTreeSet<owned::Owned>,
     plane: Plane,
     pool: SnatPool,
     routes: BTreeSet<IpAddr>,
@@ -501,8 +508,13 @@ impl World {
         }
     }
 
-    /// Re-applies every manifest path, each as one batch.
+    /// Re-applies every manifest path, each as one batch, then deletes, in
+    /// one more batch, what the files no longer hold. The files are read
+    /// into a scratch table first: one that does not load changes nothing.
     fn reload(&mut self, why: &str) -> Result<()> {
+        let mut scratch = ServiceTable::new();
+        Loader::new(self.options.clone()).load(&mut scratch, &self.cli.manifests, &[])?;
+        let now_owned = owned::owned_keys(&scratch);
         let mut sets = Vec::new();
         for path in self.cli.manifests.clone() {
             let report = self.loader.apply_manifest_path(&mut self.table, &path)?;
@@ -511,6 +523,11 @@ impl World {
             }
             sets.extend(report.change_sets);
         }
+        let deletes = owned::deletions(&self.owned, &now_owned, &self.table);
+        if !deletes.is_empty() {
+            sets.push(self.table.apply_batch(deletes)?);
+        }
+        self.owned = now_owned;
         self.sync(&sets)?;
         self.stamps = file_stamps(&self.cli.manifests);
         println!("reloaded ({why})");
@@ -866,7 +883,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
 
-    let mut loader = Loader::new(options);
+    let mut loader = Loader::new(options.clone());
     let mut table = ServiceTable::new();
     let report = loader.load(&mut table, &cli.manifests, &[])?;
     for line in report.lines(false) {
@@ -911,11 +928,14 @@ fn run(cli: Cli) -> Result<()> {
     }
 
     let stamps = file_stamps(&cli.manifests);
+    let owned = owned::owned_keys(&table);
     let watch = cli.watch.clone().map(watch_thread);
     let mut world = World {
         cli,
         table,
         loader,
+        options,
+        owned,
         plane,
         pool,
         routes: BTreeSet::new(),

@@ -19,6 +19,14 @@
 //! - a service without endpoints is refused as kube-proxy's REJECT does
 //!   (ICMP port unreachable from the example): TCP connect and UDP both
 //!   see `ECONNREFUSED`;
+//! - IPv6: 30 connections to fd00:96::10 (backends fd00:77::1-3 on the
+//!   loopback) through the IPv6 SNAT pool, in exact thirds;
+//! - the node port 10.77.9.1:30080 (`--node-ip`, a local address steered
+//!   into the device by policy rules): 30 connections in exact thirds;
+//! - a pretty-printed JSON watch event whose annotation holds braces;
+//! - 12 distinct clients through a 6-address SNAT pool, four at a time,
+//!   each round waiting for the example to give the addresses back;
+//! - a service removed from the manifest file is deleted on `SIGHUP`;
 //! - `SIGTERM` ends the example with status 0.
 //!
 //! Needs root, `ip`, `ethtool` and `/dev/net/tun`; prints `SKIPPED:
@@ -121,18 +129,27 @@ fn slice(backends: &[u8]) -> String {
 }
 
 fn manifest(backends: &[u8]) -> String {
+    manifest_with(backends, true)
+}
+
+/// The manifests, with or without the service without endpoints.
+fn manifest_with(backends: &[u8], empty: bool) -> String {
+    let empty = if empty { EMPTY_SERVICE } else { "" };
     "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: svtun}\n\
      spec:\n  type: NodePort\n  clusterIP: 10.96.77.10\n  ports:\n  \
      - {name: tcp, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}\n  \
-     - {name: udp, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}\n---\n\
-     apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: svtun}\n\
-     spec:\n  clusterIP: 10.96.77.11\n  ports:\n  \
-     - {name: tcp, port: 80, protocol: TCP}\n  - {name: udp, port: 53, protocol: UDP}\n---\n"
+     - {name: udp, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}\n---\n"
         .to_owned()
+        + empty
         + &slice(backends)
         + "---\n"
         + SERVICE6
 }
+
+/// A service without endpoints.
+const EMPTY_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: svtun}\n\
+     spec:\n  clusterIP: 10.96.77.11\n  ports:\n  \
+     - {name: tcp, port: 80, protocol: TCP}\n  - {name: udp, port: 53, protocol: UDP}\n---\n";
 
 /// An IPv6 service with its three backends, fd00:77::1-3.
 const SERVICE6: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo6, namespace: svtun}\n\
@@ -689,6 +706,25 @@ fn tun_dataplane_carries_real_connections() {
         }
         assert!(waiting.is_empty(), "never released: {waiting:?}");
     }
+
+    // The service without endpoints leaves the manifest file: the reload
+    // deletes it (no watch event does), so its cluster IP is no longer
+    // routed into the device and a connect finds no route at all.
+    std::fs::write(&file, manifest_with(&[1, 2, 3], false)).unwrap();
+    run(&["kill", "-HUP", &pid]).unwrap();
+    let reload = wait_for(&out, "reloaded");
+    assert!(
+        reload.contains(&format!("unroute {EMPTY_VIP}/32 dev {DEV}")),
+        "{reload:?}"
+    );
+    let gone = in_ns(&ns, || {
+        TcpStream::connect_timeout(&SocketAddr::from((EMPTY_VIP, 80)), T).map_err(|e| e.kind())
+    });
+    assert_eq!(
+        gone.map(|_| ()),
+        Err(std::io::ErrorKind::NetworkUnreachable),
+        "a connect to the deleted service's cluster IP"
+    );
 
     assert_eq!(
         csum_errors(&ns),
