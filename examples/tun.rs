@@ -262,7 +262,9 @@ impl PoolRange {
             v6,
             owners: vec![None; size as usize],
             free: (0..size).rev().collect(),
-            by_key: HashMap::with_capacity(size as usize),
+            // Twice the entries: a table at most half full rehashes its
+            // tombstones in place, never growing (allocating) on insert.
+            by_key: HashMap::with_capacity(2 * size as usize),
             seen: vec![false; size as usize],
         })
     }
@@ -420,6 +422,8 @@ struct World {
     plane: Plane,
     pool: SnatPool,
     routes: BTreeSet<IpAddr>,
+    /// IPv6 is routed into the device (the host has it).
+    ipv6: bool,
     /// The node IPs node ports answer on.
     node_ips: Vec<IpAddr>,
     /// The (node IP, protocol, node port) steered into the device.
@@ -448,6 +452,7 @@ impl World {
             .table
             .views()
             .flat_map(|v| v.service().cluster_ip().addrs().to_vec())
+            .filter(|ip| self.ipv6 || ip.is_ipv4())
             .collect();
         for vip in want.difference(&self.routes) {
             let dst = host_route(*vip);
@@ -501,7 +506,7 @@ impl World {
             let _ = rule("del", node_ip, proto, np);
         }
         if !self.node_ips.is_empty() {
-            for family in ["-4", "-6"] {
+            for family in families(&self.node_ips) {
                 let _ = ip(&[family, "rule", "add", "pref", "0", "lookup", "local"]);
                 let _ = ip(&[family, "rule", "del", "pref", LOCAL_PREF, "lookup", "local"]);
             }
@@ -545,6 +550,18 @@ impl World {
         println!("watch applied {} change(s)", report.change_sets.len());
         Ok(())
     }
+}
+
+/// `ip`'s family flags (`-4`, `-6`) of the families among `ips`.
+fn families(ips: &[IpAddr]) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if ips.iter().any(IpAddr::is_ipv4) {
+        out.push("-4");
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        out.push("-6");
+    }
+    out
 }
 
 /// `ip rule`'s name of a protocol node ports are steered for: `tcp`,
@@ -895,10 +912,24 @@ fn run(cli: Cli) -> Result<()> {
     let dev = tun::Device::new(&config).map_err(|e| Failure(format!("--dev {}: {e}", cli.dev)))?;
     dev.set_nonblock()?;
     println!("device {}", cli.dev);
-    for range in [&pool.v4, &pool.v6] {
-        ip(&["route", "replace", &range.prefix(), "dev", &cli.dev])?;
-        println!("snat {}", range.prefix());
-    }
+    ip(&["route", "replace", &pool.v4.prefix(), "dev", &cli.dev])?;
+    println!("snat {}", pool.v4.prefix());
+    // A host without IPv6 (disable_ipv6) refuses the route: it gets no
+    // IPv6 service routes either, and says so.
+    let ipv6 = match ip(&["route", "replace", &pool.v6.prefix(), "dev", &cli.dev]) {
+        Ok(()) => {
+            println!("snat {}", pool.v6.prefix());
+            true
+        }
+        Err(Failure(e)) => {
+            eprintln!("tun: note: IPv6 not routed into {}: {e}", cli.dev);
+            false
+        }
+    };
+    let node_ips: Vec<IpAddr> = node_ips
+        .into_iter()
+        .filter(|ip| ipv6 || ip.is_ipv4())
+        .collect();
     if !node_ips.is_empty() {
         // Node IPs are local: the `local` table (rule 0) would deliver
         // their node ports before any route into the device. The steering
@@ -906,7 +937,7 @@ fn run(cli: Cli) -> Result<()> {
         // source is now a node IP comes out of the device, which the
         // kernel drops as a martian unless the device accepts local
         // sources.
-        for family in ["-4", "-6"] {
+        for family in families(&node_ips) {
             ip(&[
                 family,
                 "route",
@@ -939,6 +970,7 @@ fn run(cli: Cli) -> Result<()> {
         plane,
         pool,
         routes: BTreeSet::new(),
+        ipv6,
         node_ips,
         node_ports: BTreeSet::new(),
         stamps,
