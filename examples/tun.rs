@@ -7,24 +7,41 @@
 //! cargo run --example tun --features packet,serde -- \
 //!     --manifests PATH... [--watch FILE|-] [--mode M] [--dev NAME]
 //!     [--scheduler rr|wrr|lc|wlc|sh|mh|random] [--seed N] [--snat-pool CIDR]
+//!     [--snat-pool6 CIDR] [--tcp-closing-timeout SECS]
+//!     [--node-ip IP]... [--nodeport-addresses CIDR[,CIDR]]
+//!     [the loader's flags: --service-cidr, --node, --zone, --keep-going, --max-*]
 //! ```
 //!
 //! As root, in the current network namespace, it
 //! 1. opens the TUN device `--dev` (default `svtun0`), brings it up and
 //!    prints `device NAME`;
-//! 2. routes the SNAT pool (`--snat-pool`, default `169.254.0.0/17`) into
-//!    it (`ip route replace POOL dev NAME`) and prints `snat POOL`;
-//! 3. routes every IPv4 cluster IP of the manifests into it (`ip route
-//!    replace VIP/32 dev NAME`), printing `route VIP/32 dev NAME` for each
-//!    (and `unroute ...` when a reload removes one), then `ready`.
+//! 2. routes the SNAT pools (`--snat-pool`, default `169.254.0.0/17`, and
+//!    `--snat-pool6`, default the ULA `fd00:5c1b::/112`) into it (`ip
+//!    route replace POOL dev NAME`) and prints `snat POOL` for each;
+//! 3. routes every cluster IP of the manifests, IPv4 and IPv6, into it
+//!    (`ip route replace VIP/32|VIP/128 dev NAME`), printing `route
+//!    VIP/32 dev NAME` (or `/128`) for each (and `unroute ...` when a
+//!    reload removes one);
+//! 4. with `--node-ip`, steers every node port on each node IP into it:
+//!    node IPs are local addresses, which the `local` table (rule 0)
+//!    delivers before any route, so it adds `ip rule pref 100 to
+//!    NODE_IP/32 ipproto P dport NODE_PORT lookup 23579` per node IP and
+//!    node port (table 23579 holds `default dev NAME`, both families),
+//!    moves the `local` rule to pref 200, and sets the device's
+//!    `accept_local` (a reply from a node IP comes out of the device, a
+//!    martian otherwise); it prints `nodeport IP:PORT PROTO dev NAME` for
+//!    each (`unnodeport ...` when a reload removes one), then `ready`. On
+//!    exit it removes the rules and puts `local` back at pref 0 (a killed
+//!    process leaves them: `ip rule` outlives the device).
 //!
 //! Then, for every packet the kernel sends into the device:
 //! - **to a cluster IP** (client -> frontend): [`Dataplane::packet`] with
 //!   its TCP flags decides the backend (a tracked flow keeps its own); the
-//!   packet is DNATed to the backend and SNATed to a pool address (one per
-//!   client address and frontend, so that the translated 5-tuple is unique
-//!   because the original one is) with the client's port, and written back
-//!   into the device, where the kernel delivers it to the backend;
+//!   packet is DNATed to the backend and SNATed to a pool address of its
+//!   family (one per client address and frontend, so that the translated
+//!   5-tuple is unique because the original one is) with the client's
+//!   port, and written back into the device, where the kernel delivers it
+//!   to the backend;
 //! - **to a pool address** (a backend's reply, or an ICMP error about a
 //!   packet we sent): the pool address gives the client and the frontend
 //!   back, and so the original flow; the dataplane's tracker finds the
@@ -36,25 +53,40 @@
 //!
 //! Nothing else is tracked here: the flows live in the dataplane's tracker,
 //! whose timers this loop drives ([`Dataplane::poll_timeout`] /
-//! [`Dataplane::handle_timeout`]).
+//! [`Dataplane::handle_timeout`]). Once a second, off the packet path, one
+//! walk of the tracker ([`Conntrack::retain`], keeping everything) marks
+//! the pool addresses a live connection still uses; every other assigned
+//! address is given back to its pool and printed as `snat release ADDR
+//! client IP frontend IP:PORT`. The pool tables (owners, free list, index)
+//! are allocated up front, at most 65,534 addresses per family, so the
+//! packet path allocates nothing. A closing TCP connection stays tracked
+//! for the mode's kernel timeouts (IPVS: TIME_WAIT 120 s), and its address
+//! with it; `--tcp-closing-timeout SECS` shortens them.
 //!
 //! Manifests are read with the loader every svclb program shares
 //! ([`svclb::k8s::loader`]); `SIGHUP`, or a change of a manifest file's
-//! size or modification time, re-applies them (objects are upserted; one
-//! removed from the files stays until a watch event deletes it). `--watch
+//! size or modification time, re-applies them: objects are upserted, and
+//! those the previous load's files held and these no longer do are
+//! deleted (`examples/shared/owned.rs`; an object only a watch event
+//! brought is left alone). `--watch
 //! FILE|-` applies a watch stream (`kubectl get -w` output, YAML documents
-//! or JSON objects) continuously, event by event, as it grows. `SIGINT` and
+//! or JSON objects, the latter read with serde_json's streaming reader)
+//! continuously, event by event, as it grows. `SIGINT` and
 //! `SIGTERM` end the program with status 0 after printing one `stats` line;
 //! the device and its routes go with it.
 //!
-//! Not handled: IPv6 services (their cluster IPs are not routed), SCTP
-//! through the pool (it is NATed like TCP and UDP, untested), later IPv4
-//! fragments (dropped unless their first fragment was seen), pool
-//! addresses are never reclaimed while the program runs.
+//! The loader's flags (`--service-cidr`, `--node`, `--zone`,
+//! `--keep-going`, `--verbose`, the `--max-*` limits) and the node's
+//! addresses are the ones every example shares (`examples/shared/load.rs`).
+//!
+//! Not handled: SCTP through the pool (it is NATed like TCP and UDP,
+//! untested), later IPv4 fragments (dropped unless their first fragment was
+//! seen), a family's pool exhausted by more live (client, frontend) pairs
+//! than it has addresses (their new connections are dropped).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{ErrorKind, Read};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
@@ -69,7 +101,13 @@ use svclb::packet::{
     FragmentTracker, ICMP_ERROR_MAX_V6, LinkType, PacketKind, TcpFlags, parse, port_unreachable,
     reverse_nat, rewrite_dst, rewrite_src,
 };
+use svclb::plan::NodeAddresses;
 use svclb::*;
+
+#[path = "shared/load.rs"]
+mod load;
+#[path = "shared/owned.rs"]
+mod owned;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ModeArg {
@@ -109,7 +147,27 @@ struct Cli {
     /// holds 169.254.169.254, which clouds use for instance metadata.
     #[arg(long, default_value = "169.254.0.0/17")]
     snat_pool: String,
+    /// IPv6 prefix of the SNAT addresses, routed into the device: a ULA
+    /// (RFC 4193) /112 by default.
+    #[arg(long, default_value = "fd00:5c1b::/112")]
+    snat_pool6: String,
+    /// Seconds a closing TCP connection stays tracked (FIN_WAIT,
+    /// CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE); by default the mode's
+    /// kernel timeouts. Its pool address is released once none is left.
+    #[arg(long, value_name = "SECS")]
+    tcp_closing_timeout: Option<u64>,
+    #[command(flatten)]
+    load: load::LoadArgs,
+    #[command(flatten)]
+    node_addrs: load::NodeAddrArgs,
 }
+
+/// The routing table node-port traffic is steered into the device by.
+const NODEPORT_TABLE: &str = "23579";
+/// The priority of the steering rules; the `local` table's rule moves
+/// after them.
+const NODEPORT_PREF: &str = "100";
+const LOCAL_PREF: &str = "200";
 
 struct Failure(String);
 
@@ -145,76 +203,191 @@ impl Plane {
     }
 }
 
-/// The SNAT addresses: one per (client address, frontend), handed out in
-/// order from the pool and kept for the life of the program. Because a
-/// live original flow (protocol, client, client port, frontend) is unique,
-/// so is its translation (protocol, pool address, client port, backend),
-/// and the pool address alone gives the client and the frontend back.
-struct SnatPool {
-    base: u32,
-    /// Usable addresses: the prefix without its first and last.
-    size: u32,
-    next: u32,
-    by_key: HashMap<(IpAddr, SocketAddr), Ipv4Addr>,
-    by_addr: HashMap<Ipv4Addr, (IpAddr, SocketAddr)>,
+/// One family's SNAT addresses: one per (client address, frontend), taken
+/// from a free list and given back once the tracker holds no live
+/// connection of that pair ([`SnatPool::reclaim`]). Because a live
+/// original flow (protocol, client, client port, frontend) is unique, so
+/// is its translation (protocol, pool address, client port, backend), and
+/// the pool address alone gives the client and the frontend back.
+///
+/// Every table is allocated up front (`size` entries), so assigning and
+/// looking up an address allocates nothing on the packet path.
+struct PoolRange {
+    /// The prefix's first address (as a number) and length.
+    base: u128,
     prefix_len: u8,
+    v6: bool,
+    /// The owner of address `base + 1 + i`.
+    owners: Vec<Option<(IpAddr, SocketAddr)>>,
+    /// Free indices, the next one last.
+    free: Vec<u32>,
+    by_key: HashMap<(IpAddr, SocketAddr), u32>,
+    /// Scratch of `reclaim`: which indices a live connection uses.
+    seen: Vec<bool>,
 }
 
-impl SnatPool {
-    fn parse(text: &str) -> Result<SnatPool> {
+/// Addresses used of one prefix at most: the tables are preallocated.
+const POOL_MAX: u32 = 65534;
+
+impl PoolRange {
+    fn parse(flag: &str, text: &str, v6: bool) -> Result<PoolRange> {
+        let (example, min, max) = if v6 {
+            ("fd00:5c1b::/112", 64, 126)
+        } else {
+            ("169.254.0.0/17", 8, 30)
+        };
         let bad = || {
             Failure(format!(
-                "--snat-pool: invalid value {text:?}: must be an IPv4 prefix such as 169.254.0.0/17, /8 to /30"
+                "{flag}: invalid value {text:?}: must be an IPv{} prefix such as {example}, /{min} to /{max}",
+                if v6 { 6 } else { 4 }
             ))
         };
         let (addr, len) = text.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
         let len: u8 = len.parse().map_err(|_| bad())?;
-        if !(8..=30).contains(&len) {
+        if addr.is_ipv6() != v6 || !(min..=max).contains(&len) {
             return Err(bad());
         }
-        let mask = u32::MAX << (32 - len);
-        Ok(SnatPool {
-            base: u32::from(addr) & mask,
-            size: (1u32 << (32 - len)) - 2,
-            next: 0,
-            by_key: HashMap::new(),
-            by_addr: HashMap::new(),
+        let (value, bits) = match addr {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32u32),
+            IpAddr::V6(a) => (u128::from(a), 128u32),
+        };
+        let host = bits - u32::from(len);
+        let base = value & !((1u128 << host) - 1);
+        // The prefix without its first and last address.
+        let size = ((1u128 << host) - 2).min(u128::from(POOL_MAX)) as u32;
+        Ok(PoolRange {
+            base,
             prefix_len: len,
+            v6,
+            owners: vec![None; size as usize],
+            free: (0..size).rev().collect(),
+            // Twice the entries: a table at most half full rehashes its
+            // tombstones in place, never growing (allocating) on insert.
+            by_key: HashMap::with_capacity(2 * size as usize),
+            seen: vec![false; size as usize],
         })
     }
 
+    fn ip(&self, value: u128) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(Ipv6Addr::from(value))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(value as u32))
+        }
+    }
+
     fn prefix(&self) -> String {
-        format!("{}/{}", Ipv4Addr::from(self.base), self.prefix_len)
+        format!("{}/{}", self.ip(self.base), self.prefix_len)
     }
 
     fn contains(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(a) => (u32::from(a) ^ self.base) >> (32 - self.prefix_len) == 0,
-            IpAddr::V6(_) => false,
-        }
+        let (value, bits) = match ip {
+            IpAddr::V4(a) if !self.v6 => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) if self.v6 => (u128::from(a), 128),
+            _ => return false,
+        };
+        (value ^ self.base) >> (bits - u32::from(self.prefix_len)) == 0
     }
 
-    /// The pool address of (client, frontend), assigned on first use.
-    fn address(&mut self, client: IpAddr, frontend: SocketAddr) -> Option<Ipv4Addr> {
-        if let Some(a) = self.by_key.get(&(client, frontend)) {
-            return Some(*a);
-        }
-        if self.next >= self.size {
+    fn index(&self, ip: IpAddr) -> Option<usize> {
+        if !self.contains(ip) {
             return None;
         }
-        self.next += 1;
-        let a = Ipv4Addr::from(self.base + self.next);
-        self.by_key.insert((client, frontend), a);
-        self.by_addr.insert(a, (client, frontend));
-        Some(a)
+        let value = match ip {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let i = value.checked_sub(self.base + 1)?;
+        (i < self.owners.len() as u128).then_some(i as usize)
+    }
+
+    /// The pool address of (client, frontend), assigned on first use;
+    /// `None` when every address is taken.
+    fn address(&mut self, client: IpAddr, frontend: SocketAddr) -> Option<IpAddr> {
+        let i = match self.by_key.get(&(client, frontend)) {
+            Some(i) => *i,
+            None => {
+                let i = self.free.pop()?;
+                self.owners[i as usize] = Some((client, frontend));
+                self.by_key.insert((client, frontend), i);
+                i
+            }
+        };
+        Some(self.ip(self.base + 1 + u128::from(i)))
     }
 
     fn owner(&self, ip: IpAddr) -> Option<(IpAddr, SocketAddr)> {
-        match ip {
-            IpAddr::V4(a) => self.by_addr.get(&a).copied(),
-            IpAddr::V6(_) => None,
+        self.owners[self.index(ip)?]
+    }
+
+    /// Gives back every address no live tracked connection uses; returns
+    /// them (for the `snat release` lines).
+    fn release_unused(&mut self, released: &mut Vec<(IpAddr, IpAddr, SocketAddr)>) {
+        for i in 0..self.owners.len() {
+            if self.seen[i] {
+                continue;
+            }
+            if let Some(key) = self.owners[i].take() {
+                self.by_key.remove(&key);
+                self.free.push(i as u32);
+                released.push((self.ip(self.base + 1 + i as u128), key.0, key.1));
+            }
         }
+        self.seen.fill(false);
+    }
+}
+
+/// The SNAT addresses of both families: a client's packet takes one of its
+/// own family.
+struct SnatPool {
+    v4: PoolRange,
+    v6: PoolRange,
+}
+
+impl SnatPool {
+    fn range(&self, ip: IpAddr) -> &PoolRange {
+        if ip.is_ipv6() { &self.v6 } else { &self.v4 }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.range(ip).contains(ip)
+    }
+
+    fn address(&mut self, client: IpAddr, frontend: SocketAddr) -> Option<IpAddr> {
+        if client.is_ipv6() {
+            self.v6.address(client, frontend)
+        } else {
+            self.v4.address(client, frontend)
+        }
+    }
+
+    fn owner(&self, ip: IpAddr) -> Option<(IpAddr, SocketAddr)> {
+        self.range(ip).owner(ip)
+    }
+
+    /// Releases the addresses of every (client, frontend) that has no live
+    /// connection in the tracker any more (closed and expired, or flushed).
+    /// Off the packet path: one walk of the tracker.
+    fn reclaim(&mut self, ct: &Conntrack, now: Instant) -> Vec<(IpAddr, IpAddr, SocketAddr)> {
+        ct.retain(|t| {
+            if t.expires > now {
+                let key = (t.flow.src.ip(), t.flow.dst);
+                let range = if key.0.is_ipv6() {
+                    &mut self.v6
+                } else {
+                    &mut self.v4
+                };
+                if let Some(i) = range.by_key.get(&key) {
+                    range.seen[*i as usize] = true;
+                }
+            }
+            true
+        });
+        let mut released = Vec::new();
+        self.v4.release_unused(&mut released);
+        self.v6.release_unused(&mut released);
+        released
     }
 }
 
@@ -243,9 +416,18 @@ struct World {
     cli: Cli,
     table: ServiceTable,
     loader: Loader,
+    options: LoadOptions,
+    /// What the manifest files held at the last load.
+    owned: BTreeSet<owned::Owned>,
     plane: Plane,
     pool: SnatPool,
-    routes: BTreeSet<Ipv4Addr>,
+    routes: BTreeSet<IpAddr>,
+    /// IPv6 is routed into the device (the host has it).
+    ipv6: bool,
+    /// The node IPs node ports answer on.
+    node_ips: Vec<IpAddr>,
+    /// The (node IP, protocol, node port) steered into the device.
+    node_ports: BTreeSet<(IpAddr, &'static str, u16)>,
     stamps: Vec<(PathBuf, Option<(u64, SystemTime)>)>,
     start: std::time::Instant,
 }
@@ -263,33 +445,81 @@ impl World {
         self.route_vips()
     }
 
-    /// Makes the routes into the device match the table's IPv4 cluster IPs.
+    /// Makes the routes into the device match the table's cluster IPs,
+    /// IPv4 (`/32`) and IPv6 (`/128`).
     fn route_vips(&mut self) -> Result<()> {
-        let want: BTreeSet<Ipv4Addr> = self
+        let want: BTreeSet<IpAddr> = self
             .table
             .views()
             .flat_map(|v| v.service().cluster_ip().addrs().to_vec())
-            .filter_map(|ip| match ip {
-                IpAddr::V4(a) => Some(a),
-                IpAddr::V6(_) => None,
-            })
+            .filter(|ip| self.ipv6 || ip.is_ipv4())
             .collect();
         for vip in want.difference(&self.routes) {
-            let dst = format!("{vip}/32");
+            let dst = host_route(*vip);
             ip(&["route", "replace", &dst, "dev", &self.cli.dev])?;
             println!("route {dst} dev {}", self.cli.dev);
         }
         for vip in self.routes.difference(&want) {
-            let dst = format!("{vip}/32");
+            let dst = host_route(*vip);
             ip(&["route", "del", &dst, "dev", &self.cli.dev])?;
             println!("unroute {dst} dev {}", self.cli.dev);
         }
         self.routes = want;
+        self.steer_node_ports()
+    }
+
+    /// Makes the policy-routing rules that steer node-port traffic into
+    /// the device match the table: one rule `to NODE_IP ipproto P dport
+    /// NODE_PORT lookup NODEPORT_TABLE` per node IP and node port.
+    fn steer_node_ports(&mut self) -> Result<()> {
+        let mut want = BTreeSet::new();
+        for v in self.table.views() {
+            for port in v.service().ports() {
+                let Some(np) = port.node_port() else {
+                    continue;
+                };
+                let proto = ip_proto(port.protocol());
+                for ip in &self.node_ips {
+                    want.insert((*ip, proto, np));
+                }
+            }
+        }
+        for (node_ip, proto, np) in want.difference(&self.node_ports) {
+            rule("add", *node_ip, proto, *np)?;
+            println!(
+                "nodeport {} {proto} dev {}",
+                SocketAddr::new(*node_ip, *np),
+                self.cli.dev
+            );
+        }
+        for (node_ip, proto, np) in self.node_ports.difference(&want) {
+            rule("del", *node_ip, proto, *np)?;
+            println!("unnodeport {} {proto}", SocketAddr::new(*node_ip, *np));
+        }
+        self.node_ports = want;
         Ok(())
     }
 
-    /// Re-applies every manifest path, each as one batch.
+    /// Removes the steering rules and puts the `local` rule back first.
+    fn unsteer(&mut self) {
+        for (node_ip, proto, np) in std::mem::take(&mut self.node_ports) {
+            let _ = rule("del", node_ip, proto, np);
+        }
+        if !self.node_ips.is_empty() {
+            for family in families(&self.node_ips) {
+                let _ = ip(&[family, "rule", "add", "pref", "0", "lookup", "local"]);
+                let _ = ip(&[family, "rule", "del", "pref", LOCAL_PREF, "lookup", "local"]);
+            }
+        }
+    }
+
+    /// Re-applies every manifest path, each as one batch, then deletes, in
+    /// one more batch, what the files no longer hold. The files are read
+    /// into a scratch table first: one that does not load changes nothing.
     fn reload(&mut self, why: &str) -> Result<()> {
+        let mut scratch = ServiceTable::new();
+        Loader::new(self.options.clone()).load(&mut scratch, &self.cli.manifests, &[])?;
+        let now_owned = owned::owned_keys(&scratch);
         let mut sets = Vec::new();
         for path in self.cli.manifests.clone() {
             let report = self.loader.apply_manifest_path(&mut self.table, &path)?;
@@ -298,6 +528,11 @@ impl World {
             }
             sets.extend(report.change_sets);
         }
+        let deletes = owned::deletions(&self.owned, &now_owned, &self.table);
+        if !deletes.is_empty() {
+            sets.push(self.table.apply_batch(deletes)?);
+        }
+        self.owned = now_owned;
         self.sync(&sets)?;
         self.stamps = file_stamps(&self.cli.manifests);
         println!("reloaded ({why})");
@@ -315,6 +550,55 @@ impl World {
         println!("watch applied {} change(s)", report.change_sets.len());
         Ok(())
     }
+}
+
+/// `ip`'s family flags (`-4`, `-6`) of the families among `ips`.
+fn families(ips: &[IpAddr]) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if ips.iter().any(IpAddr::is_ipv4) {
+        out.push("-4");
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        out.push("-6");
+    }
+    out
+}
+
+/// `ip rule`'s name of a protocol node ports are steered for: `tcp`,
+/// `udp`, `sctp`.
+fn ip_proto(p: Protocol) -> &'static str {
+    match p.as_api_str() {
+        "UDP" => "udp",
+        "SCTP" => "sctp",
+        _ => "tcp",
+    }
+}
+
+/// `ip rule add|del` of one node port's steering rule.
+fn rule(op: &str, node_ip: IpAddr, proto: &str, port: u16) -> Result<()> {
+    let family = if node_ip.is_ipv6() { "-6" } else { "-4" };
+    let to = host_route(node_ip);
+    let port = port.to_string();
+    ip(&[
+        family,
+        "rule",
+        op,
+        "pref",
+        NODEPORT_PREF,
+        "to",
+        &to,
+        "ipproto",
+        proto,
+        "dport",
+        &port,
+        "lookup",
+        NODEPORT_TABLE,
+    ])
+}
+
+/// `VIP/32` or `VIP/128`.
+fn host_route(vip: IpAddr) -> String {
+    format!("{vip}/{}", if vip.is_ipv6() { 128 } else { 32 })
 }
 
 /// Size and modification time of every manifest file, to notice changes.
@@ -347,9 +631,9 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Reads a watch stream as it grows and sends each complete event's text:
-/// a JSON object once its braces balance (counted naively, as kubectl's
-/// output keeps them balanced), a YAML document at `---`, at the end of the
-/// input, or (a file) when the file stops growing.
+/// a JSON object once serde_json's streaming reader has read a whole value
+/// (so braces inside strings are just characters), a YAML document at
+/// `---`, at the end of the input, or (a file) when the file stops growing.
 fn watch_thread(path: PathBuf) -> Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -367,7 +651,7 @@ fn watch_thread(path: PathBuf) -> Receiver<String> {
         };
         let mut events = Events {
             doc: String::new(),
-            depth: 0,
+            json: false,
             tx,
         };
         let mut pending = Vec::new();
@@ -400,40 +684,74 @@ fn watch_thread(path: PathBuf) -> Receiver<String> {
 /// The event being read from a watch stream.
 struct Events {
     doc: String,
-    depth: i64,
+    /// The event is a JSON object (it began with `{`), not YAML.
+    json: bool,
     tx: std::sync::mpsc::Sender<String>,
 }
 
 impl Events {
     /// Sends the document so far; `false` once the receiver is gone.
     fn send(&mut self) -> bool {
-        self.depth = 0;
+        self.json = false;
         let doc = std::mem::take(&mut self.doc);
         doc.trim().is_empty() || self.tx.send(doc).is_ok()
     }
 
     /// At a pause: a YAML document read so far is complete.
     fn flush_yaml(&mut self) -> bool {
-        if self.depth > 0 {
+        if self.json {
             return true;
         }
         self.send()
     }
 
     fn line(&mut self, line: &str) -> bool {
-        if line.trim_end() == "---" {
+        if !self.json && line.trim_end() == "---" {
             return self.send();
         }
-        let json =
-            self.doc.trim().is_empty() && line.trim_start().starts_with('{') || self.depth > 0;
+        if self.doc.trim().is_empty() && line.trim_start().starts_with('{') {
+            self.json = true;
+        }
         self.doc.push_str(line);
-        if json {
-            self.depth += line.matches('{').count() as i64 - line.matches('}').count() as i64;
-            if self.depth <= 0 {
-                return self.send();
-            }
+        if self.json {
+            return self.split_json();
         }
         true
+    }
+
+    /// Sends every whole JSON value at the front of the document; keeps an
+    /// incomplete one for more input. A syntax error sends the text as it
+    /// is, for the loader to report.
+    fn split_json(&mut self) -> bool {
+        loop {
+            let mut values =
+                serde_json::Deserializer::from_str(&self.doc).into_iter::<serde::de::IgnoredAny>();
+            match values.next() {
+                Some(Ok(_)) => {
+                    let end = values.byte_offset();
+                    let rest = self.doc.split_off(end);
+                    if !self.send() {
+                        return false;
+                    }
+                    if !rest.trim_start().starts_with('{') {
+                        // Whitespace, or the start of a YAML document.
+                        if !rest.trim().is_empty() {
+                            self.doc = rest;
+                        }
+                        return true;
+                    }
+                    self.doc = rest;
+                    self.json = true;
+                }
+                Some(Err(e)) if e.is_eof() => return true,
+                Some(Err(_)) => return self.send(),
+                None => {
+                    self.doc.clear();
+                    self.json = false;
+                    return true;
+                }
+            }
+        }
     }
 }
 
@@ -521,8 +839,8 @@ fn handle(
         stats.dropped += 1;
         return Out::Drop;
     };
-    let src = SocketAddr::new(IpAddr::V4(snat), flow.src.port());
-    if fw.backend.is_ipv6()
+    let src = SocketAddr::new(snat, flow.src.port());
+    if fw.backend.is_ipv6() != flow.src.is_ipv6()
         || rewrite_dst(buf, &parsed, fw.backend).is_err()
         || rewrite_src(buf, &parsed, src).is_err()
     {
@@ -538,8 +856,35 @@ fn run(cli: Cli) -> Result<()> {
         .scheduler
         .parse()
         .map_err(|e| Failure(format!("--scheduler: {e}")))?;
-    let pool = SnatPool::parse(&cli.snat_pool)?;
-    let config = DataplaneConfig::with_seed(cli.seed).scheduler(scheduler);
+    let pool = SnatPool {
+        v4: PoolRange::parse("--snat-pool", &cli.snat_pool, false)?,
+        v6: PoolRange::parse("--snat-pool6", &cli.snat_pool6, true)?,
+    };
+    let options = cli.load.options()?;
+    let mut config = DataplaneConfig::with_seed(cli.seed)
+        .node(cli.load.node())
+        .scheduler(scheduler);
+    cli.node_addrs.apply(&mut config)?;
+    let node_ips: Vec<IpAddr> =
+        NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone())
+            .node_port_ips()
+            .collect();
+    if let Some(secs) = cli.tcp_closing_timeout {
+        let mode = match cli.mode {
+            ModeArg::Iptables => Mode::Iptables,
+            ModeArg::Nftables => Mode::Nftables,
+            ModeArg::Ipvs => Mode::Ipvs,
+            ModeArg::Ebpf => Mode::Ebpf,
+        };
+        let mut t = mode.default_timeouts();
+        let d = Duration::from_secs(secs);
+        t.tcp_fin_wait = d;
+        t.tcp_close_wait = d;
+        t.tcp_last_ack = d;
+        t.tcp_time_wait = d;
+        t.tcp_close = d;
+        config.conntrack_timeouts = Some(t);
+    }
     let plane = match cli.mode {
         ModeArg::Iptables => Plane::Iptables(IptablesDataplane::new(config)),
         ModeArg::Nftables => Plane::Nftables(NftablesDataplane::new(config)),
@@ -555,7 +900,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
 
-    let mut loader = Loader::new(LoadOptions::default());
+    let mut loader = Loader::new(options.clone());
     let mut table = ServiceTable::new();
     let report = loader.load(&mut table, &cli.manifests, &[])?;
     for line in report.lines(false) {
@@ -567,18 +912,67 @@ fn run(cli: Cli) -> Result<()> {
     let dev = tun::Device::new(&config).map_err(|e| Failure(format!("--dev {}: {e}", cli.dev)))?;
     dev.set_nonblock()?;
     println!("device {}", cli.dev);
-    ip(&["route", "replace", &pool.prefix(), "dev", &cli.dev])?;
-    println!("snat {}", pool.prefix());
+    ip(&["route", "replace", &pool.v4.prefix(), "dev", &cli.dev])?;
+    println!("snat {}", pool.v4.prefix());
+    // A host without IPv6 (disable_ipv6) refuses the route: it gets no
+    // IPv6 service routes either, and says so.
+    let ipv6 = match ip(&["route", "replace", &pool.v6.prefix(), "dev", &cli.dev]) {
+        Ok(()) => {
+            println!("snat {}", pool.v6.prefix());
+            true
+        }
+        Err(Failure(e)) => {
+            eprintln!("tun: note: IPv6 not routed into {}: {e}", cli.dev);
+            false
+        }
+    };
+    let node_ips: Vec<IpAddr> = node_ips
+        .into_iter()
+        .filter(|ip| ipv6 || ip.is_ipv4())
+        .collect();
+    if !node_ips.is_empty() {
+        // Node IPs are local: the `local` table (rule 0) would deliver
+        // their node ports before any route into the device. The steering
+        // rules go first, the `local` lookup after them; and a reply whose
+        // source is now a node IP comes out of the device, which the
+        // kernel drops as a martian unless the device accepts local
+        // sources.
+        for family in families(&node_ips) {
+            ip(&[
+                family,
+                "route",
+                "replace",
+                "default",
+                "dev",
+                &cli.dev,
+                "table",
+                NODEPORT_TABLE,
+            ])?;
+            ip(&[family, "rule", "add", "pref", LOCAL_PREF, "lookup", "local"])?;
+            ip(&[family, "rule", "del", "pref", "0", "lookup", "local"])?;
+        }
+        std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{}/accept_local", cli.dev),
+            "1",
+        )
+        .map_err(|e| Failure(format!("accept_local on {}: {e}", cli.dev)))?;
+    }
 
     let stamps = file_stamps(&cli.manifests);
+    let owned = owned::owned_keys(&table);
     let watch = cli.watch.clone().map(watch_thread);
     let mut world = World {
         cli,
         table,
         loader,
+        options,
+        owned,
         plane,
         pool,
         routes: BTreeSet::new(),
+        ipv6,
+        node_ips,
+        node_ports: BTreeSet::new(),
         stamps,
         start: std::time::Instant::now(),
     };
@@ -586,7 +980,10 @@ fn run(cli: Cli) -> Result<()> {
         .plane
         .dp()
         .sync(&world.table, &world.table.full_change_set(), Instant::ZERO);
-    world.route_vips()?;
+    if let Err(e) = world.route_vips() {
+        world.unsteer();
+        return Err(e);
+    }
     println!("ready");
 
     let mut stats = Stats::default();
@@ -594,7 +991,9 @@ fn run(cli: Cli) -> Result<()> {
     let mut buf = vec![0u8; 65536];
     let mut answer = vec![0u8; ICMP_ERROR_MAX_V6];
     let mut last_check = std::time::Instant::now();
+    let mut last_reclaim = last_check;
     let mut watch_open = watch.is_some();
+    let mut failure = None;
     while !term.load(Ordering::Relaxed) {
         if hup.swap(false, Ordering::Relaxed) {
             if let Err(Failure(e)) = world.reload("SIGHUP") {
@@ -614,6 +1013,14 @@ fn run(cli: Cli) -> Result<()> {
                 world.plane.dp().handle_timeout(now);
             }
             fragments.handle_timeout(now);
+            if last_reclaim.elapsed() >= Duration::from_secs(1) {
+                last_reclaim = std::time::Instant::now();
+                if let Some(ct) = world.plane.conntrack() {
+                    for (addr, client, frontend) in world.pool.reclaim(ct, now) {
+                        println!("snat release {addr} client {client} frontend {frontend}");
+                    }
+                }
+            }
         }
         if let (true, Some(rx)) = (watch_open, watch.as_ref()) {
             loop {
@@ -646,11 +1053,17 @@ fn run(cli: Cli) -> Result<()> {
                     {
                         continue;
                     }
-                    Err(e) => return Err(Failure(format!("reading {}: {e}", world.cli.dev))),
+                    Err(e) => {
+                        failure = Some(Failure(format!("reading {}: {e}", world.cli.dev)));
+                        break;
+                    }
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Failure(format!("reading {}: {e}", world.cli.dev))),
+            Err(e) => {
+                failure = Some(Failure(format!("reading {}: {e}", world.cli.dev)));
+                break;
+            }
         };
         let out = match handle(
             &mut world,
@@ -668,6 +1081,10 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("tun: error: writing {}: {e}", world.cli.dev);
             }
         }
+    }
+    world.unsteer();
+    if let Some(f) = failure {
+        return Err(f);
     }
     println!(
         "stats packets {} dnat {} reverse-nat {} dropped {} bad {} rejected {}",

@@ -19,6 +19,14 @@
 //! - a service without endpoints is refused as kube-proxy's REJECT does
 //!   (ICMP port unreachable from the example): TCP connect and UDP both
 //!   see `ECONNREFUSED`;
+//! - IPv6: 30 connections to fd00:96::10 (backends fd00:77::1-3 on the
+//!   loopback) through the IPv6 SNAT pool, in exact thirds;
+//! - the node port 10.77.9.1:30080 (`--node-ip`, a local address steered
+//!   into the device by policy rules): 30 connections in exact thirds;
+//! - a pretty-printed JSON watch event whose annotation holds braces;
+//! - 12 distinct clients through a 6-address SNAT pool, four at a time,
+//!   each round waiting for the example to give the addresses back;
+//! - a service removed from the manifest file is deleted on `SIGHUP`;
 //! - `SIGTERM` ends the example with status 0.
 //!
 //! Needs root, `ip`, `ethtool` and `/dev/net/tun`; prints `SKIPPED:
@@ -26,7 +34,7 @@
 //! manifests are removed on every path (a guard's `Drop`).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
@@ -34,13 +42,27 @@ use std::time::Duration;
 
 mod common;
 
-use common::netns::{connect, echo, enter, in_ns};
+use common::netns::{Conn, connect, echo, enter, in_ns};
 
 const T: Duration = Duration::from_secs(5);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
 /// A service without endpoints (REJECT).
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 11);
 const DEV: &str = "svtun0";
+/// The node IP (`--node-ip`, on the namespace's loopback) and the echo
+/// service's TCP node port.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 9, 1);
+const NODE_PORT: u16 = 30080;
+/// The IPv4 SNAT pool: six usable addresses.
+const POOL: &str = "169.254.0.0/29";
+/// Distinct IPv4 client addresses (10.77.1.1-12), in rounds of four.
+const CLIENTS: u8 = 12;
+/// The IPv6 service (TCP 80 -> 8080), backends fd00:77::1-3.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+
+fn backend6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, u16::from(n))
+}
 
 fn run(args: &[&str]) -> Result<String, String> {
     let out = Command::new(args[0])
@@ -107,16 +129,38 @@ fn slice(backends: &[u8]) -> String {
 }
 
 fn manifest(backends: &[u8]) -> String {
-    "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: svtun}\n\
-     spec:\n  clusterIP: 10.96.77.10\n  ports:\n  \
-     - {name: tcp, port: 80, protocol: TCP, targetPort: 8080}\n  \
-     - {name: udp, port: 53, protocol: UDP, targetPort: 5353}\n---\n\
-     apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: svtun}\n\
-     spec:\n  clusterIP: 10.96.77.11\n  ports:\n  \
-     - {name: tcp, port: 80, protocol: TCP}\n  - {name: udp, port: 53, protocol: UDP}\n---\n"
-        .to_owned()
-        + &slice(backends)
+    manifest_with(backends, true)
 }
+
+/// The manifests, with or without the service without endpoints.
+fn manifest_with(backends: &[u8], empty: bool) -> String {
+    let empty = if empty { EMPTY_SERVICE } else { "" };
+    "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: svtun}\n\
+     spec:\n  type: NodePort\n  clusterIP: 10.96.77.10\n  ports:\n  \
+     - {name: tcp, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}\n  \
+     - {name: udp, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}\n---\n"
+        .to_owned()
+        + empty
+        + &slice(backends)
+        + "---\n"
+        + SERVICE6
+}
+
+/// A service without endpoints.
+const EMPTY_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: svtun}\n\
+     spec:\n  clusterIP: 10.96.77.11\n  ports:\n  \
+     - {name: tcp, port: 80, protocol: TCP}\n  - {name: udp, port: 53, protocol: UDP}\n---\n";
+
+/// An IPv6 service with its three backends, fd00:77::1-3.
+const SERVICE6: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo6, namespace: svtun}\n\
+     spec:\n  clusterIP: fd00:96::10\n  ipFamilies: [IPv6]\n  ports:\n  \
+     - {name: tcp, port: 80, protocol: TCP, targetPort: 8080}\n---\n\
+     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata:\n  name: echo6-1\n  namespace: svtun\n  \
+     labels: {kubernetes.io/service-name: echo6}\naddressType: IPv6\nports:\n\
+     - {name: tcp, port: 8080, protocol: TCP}\nendpoints:\n\
+     - addresses: [\"fd00:77::1\"]\n- addresses: [\"fd00:77::2\"]\n\
+     - addresses: [\"fd00:77::3\"]\n";
 
 /// A watch event (as `kubectl get -w -o yaml` writes one) that sets the
 /// slice's endpoints, ended by `---`.
@@ -128,6 +172,46 @@ fn watch_event(backends: &[u8]) -> String {
         s.push('\n');
     }
     s + "---\n"
+}
+
+/// A watch event as `kubectl get -w -o json` writes one (pretty-printed,
+/// over many lines) that sets the slice's endpoints, with an annotation
+/// whose value holds unbalanced braces: a reader that counts braces never
+/// finds its end.
+fn json_watch_event(backends: &[u8]) -> String {
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|b| format!("        {{\n          \"addresses\": [\"10.77.0.{b}\"]\n        }}"))
+        .collect();
+    format!(
+        r#"{{
+  "type": "MODIFIED",
+  "object": {{
+    "apiVersion": "discovery.k8s.io/v1",
+    "kind": "EndpointSlice",
+    "metadata": {{
+      "name": "echo-1",
+      "namespace": "svtun",
+      "labels": {{
+        "kubernetes.io/service-name": "echo"
+      }},
+      "annotations": {{
+        "svclb.test/note": "}} and {{{{ in a string"
+      }}
+    }},
+    "addressType": "IPv4",
+    "ports": [
+      {{"name": "tcp", "port": 8080, "protocol": "TCP"}},
+      {{"name": "udp", "port": 5353, "protocol": "UDP"}}
+    ],
+    "endpoints": [
+{}
+    ]
+  }}
+}}
+"#,
+        endpoints.join(",\n")
+    )
 }
 
 /// The namespace, the example and the manifests, removed on drop.
@@ -148,8 +232,8 @@ impl Drop for Guard {
     }
 }
 
-/// Echo servers on 10.77.0.`n`: TCP 8080 sends "B<n>\n", then echoes; UDP
-/// 5353 answers "B<n>:" + the datagram. The threads end with the process
+/// Echo servers on 10.77.0.`n` and fd00:77::`n`: TCP 8080 sends
+/// "B<n>\n", then echoes; UDP 5353 (IPv4) answers "B<n>:" + the datagram. The threads end with the process
 /// (their sockets go with the namespace).
 fn spawn_backend(ns: &str, n: u8) {
     let ns = ns.to_owned();
@@ -158,6 +242,7 @@ fn spawn_backend(ns: &str, n: u8) {
         enter(&ns);
         let addr = Ipv4Addr::new(10, 77, 0, n);
         let l = TcpListener::bind((addr, 8080)).unwrap();
+        let l6 = TcpListener::bind((backend6(n), 8080)).unwrap();
         let u = UdpSocket::bind((addr, 5353)).unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
@@ -168,6 +253,15 @@ fn spawn_backend(ns: &str, n: u8) {
             }
         });
         tx.send(()).unwrap();
+        std::thread::spawn(move || serve(l6, n));
+        serve(l, n);
+    });
+    rx.recv_timeout(T).expect("backend listening");
+}
+
+/// Greets and echoes on every connection `l` accepts.
+fn serve(l: TcpListener, n: u8) {
+    {
         for s in l.incoming() {
             let Ok(mut s) = s else { break };
             std::thread::spawn(move || {
@@ -181,8 +275,7 @@ fn spawn_backend(ns: &str, n: u8) {
                 }
             });
         }
-    });
-    rx.recv_timeout(T).expect("backend listening");
+    }
 }
 
 /// Lines of the example's standard output, as they come.
@@ -198,6 +291,36 @@ fn lines(child: &mut Child) -> Receiver<String> {
         }
     });
     rx
+}
+
+/// Connects to `target` from `src` (port chosen by the kernel) and reads
+/// the backend's banner, as `connect` does.
+fn connect_from(src: IpAddr, target: SocketAddr) -> std::io::Result<Conn> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.bind(&SocketAddr::new(src, 0).into())?;
+    sock.connect_timeout(&target.into(), T)?;
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(T))?;
+    stream.set_write_timeout(Some(T))?;
+    let local = stream.local_addr()?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let backend = line
+        .trim()
+        .strip_prefix('B')
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad banner {line:?}")))?;
+    Ok(Conn {
+        stream,
+        reader,
+        backend,
+        local,
+    })
 }
 
 /// Waits (bounded) for a line starting with `prefix`; returns the lines
@@ -290,6 +413,15 @@ fn tun_dataplane_carries_real_connections() {
     for a in ["10.77.0.1/32", "10.77.0.2/32", "10.77.0.3/32"] {
         run(&["ip", "-n", &ns, "addr", "add", a, "dev", "lo"]).unwrap();
     }
+    run(&["ip", "-n", &ns, "addr", "add", "10.77.9.1/32", "dev", "lo"]).unwrap();
+    for c in 1..=CLIENTS {
+        let a = format!("10.77.1.{c}/32");
+        run(&["ip", "-n", &ns, "addr", "add", &a, "dev", "lo"]).unwrap();
+    }
+    for n in 1..=3 {
+        let a = format!("{}/128", backend6(n));
+        run(&["ip", "-n", &ns, "addr", "add", &a, "dev", "lo", "nodad"]).unwrap();
+    }
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     let file = manifests.join("echo.yaml");
@@ -305,6 +437,10 @@ fn tun_dataplane_carries_real_connections() {
         .arg("--watch")
         .arg(&watch)
         .args(["--mode", "ipvs", "--scheduler", "rr", "--dev", DEV])
+        // Six pool addresses, given back one second after a connection
+        // closes: the clients below outnumber them.
+        .args(["--snat-pool", POOL, "--tcp-closing-timeout", "1"])
+        .args(["--node-ip", "10.77.9.1"])
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
@@ -315,12 +451,21 @@ fn tun_dataplane_carries_real_connections() {
     guard.child = Some(child);
     let setup = wait_for(&out, "ready");
     assert!(setup.contains(&format!("device {DEV}")), "{setup:?}");
+    assert!(setup.contains(&format!("snat {POOL}")), "{setup:?}");
     assert!(
-        setup.contains(&"snat 169.254.0.0/17".to_owned()),
+        setup.contains(&format!("route {VIP}/32 dev {DEV}")),
         "{setup:?}"
     );
     assert!(
-        setup.contains(&format!("route {VIP}/32 dev {DEV}")),
+        setup.contains(&"snat fd00:5c1b::/112".to_owned()),
+        "{setup:?}"
+    );
+    assert!(
+        setup.contains(&format!("route {VIP6}/128 dev {DEV}")),
+        "{setup:?}"
+    );
+    assert!(
+        setup.contains(&format!("nodeport {NODE_IP}:{NODE_PORT} tcp dev {DEV}")),
         "{setup:?}"
     );
 
@@ -351,6 +496,51 @@ fn tun_dataplane_carries_real_connections() {
         per[c.backend as usize] += 1;
     }
     assert_eq!(&per[1..], &[100, 100, 100], "rr spread");
+
+    // IPv6: 30 connections to the IPv6 service, rr in exact thirds, every
+    // byte echoed, each from an IPv6 client address.
+    let mut conns6 = in_ns(&ns, || {
+        (0..30u32)
+            .map(|i| {
+                let mut c = connect(SocketAddr::from((VIP6, 80)), T)
+                    .unwrap_or_else(|e| panic!("IPv6 connection {i}: {e}"));
+                echo(&mut c, 20_000 + i)
+                    .unwrap_or_else(|e| panic!("echo on IPv6 connection {i}: {e}"));
+                c
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut per6 = [0u32; 4];
+    for c in &conns6 {
+        assert!(c.local.is_ipv6(), "{}", c.local);
+        per6[c.backend as usize] += 1;
+    }
+    assert_eq!(&per6[1..], &[10, 10, 10], "IPv6 rr spread");
+    for (i, c) in conns6.iter_mut().enumerate() {
+        echo(c, 30_000 + i as u32).unwrap_or_else(|e| panic!("IPv6 connection {i} again: {e}"));
+    }
+    drop(conns6);
+
+    // The node port on the node IP, a local address, steered into the
+    // device by the example's rules: its own rr, in exact thirds.
+    let nodeport = in_ns(&ns, || {
+        (0..30u32)
+            .map(|i| {
+                let mut c = connect(SocketAddr::from((NODE_IP, NODE_PORT)), T)
+                    .unwrap_or_else(|e| panic!("node-port connection {i}: {e}"));
+                echo(&mut c, 50_000 + i)
+                    .unwrap_or_else(|e| panic!("echo on node-port connection {i}: {e}"));
+                c.backend
+            })
+            .collect::<Vec<_>>()
+    });
+    for b in 1..=3 {
+        assert_eq!(
+            nodeport.iter().filter(|x| **x == b).count(),
+            10,
+            "node port, B{b}: {nodeport:?}"
+        );
+    }
 
     // Backend 3 goes while 100 connections to it are open.
     std::fs::write(&file, manifest(&[1, 2])).unwrap();
@@ -449,6 +639,92 @@ fn tun_dataplane_carries_real_connections() {
             "B{b}: {back:?}"
         );
     }
+
+    // A JSON watch event whose annotation holds braces removes backend 2:
+    // new connections alternate between 1 and 3.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&watch)
+        .unwrap()
+        .write_all(json_watch_event(&[1, 3]).as_bytes())
+        .unwrap();
+    wait_for(&out, "watch applied");
+    let json = in_ns(&ns, || {
+        (0..20u32)
+            .map(|i| {
+                let mut c = connect(SocketAddr::from((VIP, 80)), T)
+                    .unwrap_or_else(|e| panic!("connection {i} after the JSON event: {e}"));
+                echo(&mut c, 60_000 + i).unwrap();
+                c.backend
+            })
+            .collect::<Vec<_>>()
+    });
+    for b in [1, 3] {
+        assert_eq!(
+            json.iter().filter(|x| **x == b).count(),
+            10,
+            "B{b} after the JSON event: {json:?}"
+        );
+    }
+
+    // Pool addresses are given back: 12 distinct clients, four at a time,
+    // through a pool of six (one of which a UDP flow above still holds);
+    // each round waits until the example has released the round's
+    // addresses, which it does once their connections have closed and
+    // expired.
+    for round in 0..CLIENTS / 4 {
+        let clients: Vec<IpAddr> = (1..=4)
+            .map(|k| IpAddr::from(Ipv4Addr::new(10, 77, 1, round * 4 + k)))
+            .collect();
+        let backends = in_ns(&ns, || {
+            clients
+                .iter()
+                .map(|src| {
+                    let mut c = connect_from(*src, SocketAddr::from((VIP, 80)))
+                        .unwrap_or_else(|e| panic!("client {src}, round {round}: {e}"));
+                    assert_eq!(c.local.ip(), *src);
+                    echo(&mut c, 40_000 + u32::from(round)).unwrap();
+                    c.backend
+                })
+                .collect::<Vec<_>>()
+        });
+        assert!(backends.iter().all(|b| (1..=3).contains(b)), "{backends:?}");
+        let mut waiting: Vec<String> = clients
+            .iter()
+            .map(|c| format!("client {c} frontend {VIP}:80"))
+            .collect();
+        for _ in 0..100 {
+            if waiting.is_empty() {
+                break;
+            }
+            let line = out
+                .recv_timeout(T)
+                .unwrap_or_else(|e| panic!("no release of {waiting:?} ({e})"));
+            if line.starts_with("snat release 169.254.0.") {
+                waiting.retain(|w| !line.ends_with(w.as_str()));
+            }
+        }
+        assert!(waiting.is_empty(), "never released: {waiting:?}");
+    }
+
+    // The service without endpoints leaves the manifest file: the reload
+    // deletes it (no watch event does), so its cluster IP is no longer
+    // routed into the device and a connect finds no route at all.
+    std::fs::write(&file, manifest_with(&[1, 2, 3], false)).unwrap();
+    run(&["kill", "-HUP", &pid]).unwrap();
+    let reload = wait_for(&out, "reloaded");
+    assert!(
+        reload.contains(&format!("unroute {EMPTY_VIP}/32 dev {DEV}")),
+        "{reload:?}"
+    );
+    let gone = in_ns(&ns, || {
+        TcpStream::connect_timeout(&SocketAddr::from((EMPTY_VIP, 80)), T).map_err(|e| e.kind())
+    });
+    assert_eq!(
+        gone.map(|_| ()),
+        Err(std::io::ErrorKind::NetworkUnreachable),
+        "a connect to the deleted service's cluster IP"
+    );
 
     assert_eq!(
         csum_errors(&ns),
