@@ -14,11 +14,23 @@
 //!
 //! A lookup walks the nat list, then the filter list, in order, matching each
 //! rule's destination, protocol and port the way the kernel does: its cost
-//! grows with the number of services. Every sync recompiles the whole list
-//! from the [`plan`](crate::plan), as an `iptables-restore` of the full
-//! rule set does. As in the kernel, only a connection's first packet walks
-//! the rules: later packets follow the connection tracker (netfilter's
-//! timeouts by default).
+//! grows with the number of services. As in the kernel, only a connection's
+//! first packet walks the rules: later packets follow the connection
+//! tracker (netfilter's timeouts by default).
+//!
+//! The lists are persistent (`rule_list`: chunks of 64 rules under 64-way
+//! branches, shared between versions), so a sync changes only the rules of
+//! the frontends its [`PlanDiff`] names: a new frontend's rule is appended,
+//! a changed one is replaced where it stands, a removed one is replaced by
+//! the list's last rule. Adding or deleting a service thus copies a few
+//! chunks, whatever the number of services; the first sync (and a resync
+//! after a generation gap) compiles the whole plan in kube-proxy's service
+//! order. Since every (destination, protocol, port) has at most one rule,
+//! the order decides only how far a lookup walks, never what it finds:
+//! kube-proxy itself writes `KUBE-SERVICES` in the iteration order of a Go
+//! map, which changes from sync to sync. Each sync publishes the new
+//! version with one pointer store, together with the connection layer's
+//! surface and reply index: readers see a batch whole or not at all.
 //!
 //! `ClientIP` session affinity follows kube-proxy's rules: before the
 //! probability rules, one `-m recent --name <SEP> --rcheck --seconds T
@@ -32,32 +44,36 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use arc_swap::cache::Cache;
 use parking_lot::Mutex;
 
-use super::conn::{ConnLayer, Scheduled};
+use super::conn::{ConnLayer, Scheduled, Snapshot};
 use super::ipvs::first_packet;
+use super::rule_list::RuleList;
 use super::{Candidates, Dataplane, DataplaneConfig, Mode};
 use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry};
 use crate::conntrack::{TcpFlags, Tracked};
 use crate::model::flow::{Flow, Protocol, Verdict};
-use crate::model::service::ServiceKey;
-use crate::plan::{BackendId, BackendStates, FrontendId, Outcome, Planner};
+use crate::model::service::{ServiceKey, SessionAffinity};
+use crate::plan::{BackendId, BackendStates, Frontend, FrontendId, Outcome, PlanDiff, Planner};
 use crate::rng::SeededRng;
 use crate::scheduler::random::cascade_rules;
 use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
 
 /// One `KUBE-SERVICES` rule: `-d VIP/32 -p PROTO --dport PORT -j TARGET`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ServiceRule {
     dst: IpAddr,
     protocol: Protocol,
     dport: u16,
-    /// The service chain, for a nat rule; the outcome of a filter rule.
-    chain: u32,
     outcome: Outcome,
+    /// The frontend the rule stands for (the writer's bookkeeping).
+    frontend: FrontendId,
+    /// The service chain, for a nat rule; `None` for a filter rule.
+    chain: Option<Arc<ServiceChain>>,
 }
 
 impl ServiceRule {
@@ -80,66 +96,156 @@ struct ServiceChain {
     affinity: Option<AffinityPort>,
 }
 
-#[derive(Debug, Default)]
+/// The two `KUBE-SERVICES` lists, persistent: a version shares every chunk
+/// of rules a sync did not change.
+#[derive(Debug, Default, Clone)]
 struct Ruleset {
-    nat: Vec<ServiceRule>,
-    filter: Vec<ServiceRule>,
-    chains: Vec<ServiceChain>,
+    nat: RuleList<ServiceRule>,
+    filter: RuleList<ServiceRule>,
 }
 
+/// Where a frontend's rule sits: in the nat list (or the filter list), at
+/// this index.
+type Position = (bool, usize);
+
 impl Ruleset {
-    /// The rule list of the whole plan, in kube-proxy's order.
-    fn compile(planner: &Planner, affinity: &AffinityTable, scopes: &mut ScopeRegistry) -> Ruleset {
-        let mut rs = Ruleset::default();
-        let mut bound: Vec<crate::affinity::VsId> = Vec::new();
-        for fe in planner.frontends() {
-            let key = fe.key();
-            let vs = (key.protocol, key.socket_addr());
-            let svc = fe.service();
-            let outcome = fe.rule_outcome();
-            let mut rule = ServiceRule {
-                dst: key.addr,
-                protocol: key.protocol,
-                dport: key.port,
-                chain: 0,
-                outcome,
+    /// The rule of one frontend, with its affinity scope bound (or
+    /// removed, for a service without `ClientIP` affinity).
+    fn rule(fe: &Frontend, affinity: &AffinityTable, scopes: &mut ScopeRegistry) -> ServiceRule {
+        let key = fe.key();
+        let vs = (key.protocol, key.socket_addr());
+        let svc = fe.service();
+        let outcome = fe.rule_outcome();
+        let mut rule = ServiceRule {
+            dst: key.addr,
+            protocol: key.protocol,
+            dport: key.port,
+            outcome,
+            frontend: fe.id(),
+            chain: None,
+        };
+        if outcome == Outcome::Forward {
+            // Weight-0 endpoints get no rule.
+            let endpoints: Box<[(BackendId, SocketAddr)]> =
+                fe.rule_backends().map(|b| (b.id(), b.addr())).collect();
+            let rules = cascade_rules(0..endpoints.len() as u32);
+            let port_affinity = match svc.session_affinity() {
+                SessionAffinity::ClientIp { .. } => {
+                    let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.1).collect();
+                    scopes.bind(affinity, svc, vs, &addrs, |_| true)
+                }
+                SessionAffinity::None => None,
             };
-            if outcome == Outcome::Forward {
-                // Weight-0 endpoints get no rule.
-                let endpoints: Box<[(BackendId, SocketAddr)]> =
-                    fe.rule_backends().map(|b| (b.id(), b.addr())).collect();
-                let rules = cascade_rules(0..endpoints.len() as u32);
-                let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.1).collect();
-                let port_affinity = scopes.bind(affinity, svc, vs, &addrs, |_| true);
-                if port_affinity.is_some() {
-                    bound.push(vs);
-                }
-                rs.chains.push(ServiceChain {
-                    frontend: fe.id(),
-                    rules,
-                    endpoints,
-                    affinity: port_affinity,
-                });
-                rule.chain = rs.chains.len() as u32 - 1;
-                rs.nat.push(rule);
-            } else {
-                // No endpoint rules: every client's entry goes.
-                if scopes.bind(affinity, svc, vs, &[], |_| true).is_some() {
-                    bound.push(vs);
-                }
-                rs.filter.push(rule);
+            if port_affinity.is_none() {
+                scopes.remove_vs(affinity, vs);
             }
+            rule.chain = Some(Arc::new(ServiceChain {
+                frontend: fe.id(),
+                rules,
+                endpoints,
+                affinity: port_affinity,
+            }));
+        } else if scopes.bind(affinity, svc, vs, &[], |_| true).is_none() {
+            // No endpoint rules: every client's entry goes (the scope stays
+            // bound, empty, for a ClientIP service).
+            scopes.remove_vs(affinity, vs);
         }
-        scopes.retain_vs(affinity, |vs| bound.contains(vs));
+        rule
+    }
+
+    /// The rule list of the whole plan, in kube-proxy's order, and where
+    /// each frontend's rule sits.
+    fn compile(
+        planner: &Planner,
+        affinity: &AffinityTable,
+        scopes: &mut ScopeRegistry,
+        positions: &mut AHashMap<FrontendId, Position>,
+    ) -> Ruleset {
+        let mut rs = Ruleset::default();
+        positions.clear();
+        for fe in planner.frontends() {
+            let rule = Self::rule(fe, affinity, scopes);
+            rs.place(rule, positions);
+        }
+        scopes.retain_vs(affinity, |vs| {
+            planner
+                .frontend_by_key(&vs.1, vs.0)
+                .is_some_and(|fe| positions.contains_key(&fe.id()))
+        });
         rs
     }
 
+    /// Applies a plan diff: a removed frontend's rule leaves its list (the
+    /// last rule of the list takes its place), a changed one is replaced
+    /// where it is (or moves between nat and filter), a new one is
+    /// appended. Each costs a few copied chunks, whatever the number of
+    /// rules.
+    fn apply(
+        &mut self,
+        planner: &Planner,
+        diff: &PlanDiff,
+        affinity: &AffinityTable,
+        scopes: &mut ScopeRegistry,
+        positions: &mut AHashMap<FrontendId, Position>,
+    ) {
+        for (id, key) in &diff.removed {
+            self.remove(*id, positions);
+            scopes.remove_vs(affinity, (key.protocol, key.socket_addr()));
+        }
+        for id in diff.added.iter().chain(&diff.changed) {
+            let Some(fe) = planner.frontend(*id) else {
+                continue;
+            };
+            let rule = Self::rule(fe, affinity, scopes);
+            self.place(rule, positions);
+        }
+    }
+
+    fn list(&mut self, nat: bool) -> &mut RuleList<ServiceRule> {
+        if nat { &mut self.nat } else { &mut self.filter }
+    }
+
+    /// Puts a frontend's rule in: in place of its old rule if it stays in
+    /// the same list, else at the end of its list.
+    fn place(&mut self, rule: ServiceRule, positions: &mut AHashMap<FrontendId, Position>) {
+        let nat = rule.outcome == Outcome::Forward;
+        let id = rule.frontend;
+        match positions.get(&id).copied() {
+            Some((was_nat, i)) if was_nat == nat => {
+                self.list(nat).set(i, rule);
+            }
+            old => {
+                if old.is_some() {
+                    self.remove(id, positions);
+                }
+                let i = self.list(nat).push(rule);
+                positions.insert(id, (nat, i));
+            }
+        }
+    }
+
+    /// Takes a frontend's rule out; the list's last rule fills the gap.
+    fn remove(&mut self, id: FrontendId, positions: &mut AHashMap<FrontendId, Position>) {
+        let Some((nat, i)) = positions.remove(&id) else {
+            return;
+        };
+        let (_, moved) = self.list(nat).swap_remove(i);
+        if let Some(m) = moved {
+            positions.insert(m.frontend, (nat, i));
+        }
+    }
+
+    /// The number of rules a lookup may walk.
+    fn len(&self) -> usize {
+        self.nat.len() + self.filter.len()
+    }
+
+    /// The nat list, then the filter list, walked in order.
     #[inline]
     fn find(&self, flow: &Flow) -> Option<&ServiceRule> {
         self.nat
-            .iter()
-            .chain(self.filter.iter())
             .find(|r| r.matches(flow))
+            .or_else(|| self.filter.find(|r| r.matches(flow)))
     }
 
     /// Walks the rules for a new connection.
@@ -160,7 +266,9 @@ impl Ruleset {
             Outcome::Drop => return Scheduled::Drop,
             _ => return Scheduled::Reject,
         }
-        let chain = &self.chains[rule.chain as usize];
+        let Some(chain) = rule.chain.as_deref() else {
+            return Scheduled::Reject;
+        };
         let cascade =
             || crate::scheduler::random::walk_cascade(&chain.rules, || rng.next_u64() as u32);
         let picked = match &chain.affinity {
@@ -190,51 +298,63 @@ impl Ruleset {
     }
 }
 
+/// The published rule lists with the surface and the reply index.
+type Published = Snapshot<Ruleset>;
+
 #[derive(Debug)]
 struct Shared {
     config: DataplaneConfig,
     rng: SeededRng,
     readers: AtomicU64,
-    rules: Arc<ArcSwap<Ruleset>>,
+    /// One store per batch.
+    rules: Arc<ArcSwap<Published>>,
     affinity: AffinityTable,
     /// Affinity scopes by virtual service; locked by sync and inspection.
     scopes: Mutex<ScopeRegistry>,
     planner: Mutex<Planner>,
+    /// Writer side: where each frontend's rule sits (taken under the
+    /// planner's lock).
+    positions: Mutex<AHashMap<FrontendId, Position>>,
     states: Arc<BackendStates>,
     conn: ConnLayer,
 }
 
 impl Shared {
-    fn recompile(&self, planner: &Planner) {
-        // The whole rule set is rewritten on every change.
+    /// Publishes the plan after `diff` as one new version of the rule
+    /// lists, surface and reply index: a full recompile for a full diff,
+    /// otherwise only the diff's rules.
+    fn publish(&self, planner: &Planner, diff: &PlanDiff) {
+        let current = self.rules.load_full();
         let rs = {
             let mut scopes = self.scopes.lock();
-            Ruleset::compile(planner, &self.affinity, &mut scopes)
+            let mut positions = self.positions.lock();
+            if diff.full {
+                Ruleset::compile(planner, &self.affinity, &mut scopes, &mut positions)
+            } else {
+                let mut rs = current.table.clone();
+                rs.apply(planner, diff, &self.affinity, &mut scopes, &mut positions);
+                rs
+            }
         };
-        self.rules.store(Arc::new(rs));
+        let snap = self.conn.next(planner, diff, &current, rs);
+        self.rules.store(Arc::new(snap));
     }
 
+    /// One packet under one published snapshot.
     #[inline]
-    /// One packet; `rules` loads the rule list, only for a new connection
-    /// (a tracked hit never reads it).
-    fn packet<R>(
+    fn packet(
         &self,
-        mut rules: impl FnMut() -> R,
+        snap: &Published,
         rng: &SeededRng,
         flow: &Flow,
         key: Option<u64>,
         flags: TcpFlags,
         now: Instant,
-    ) -> Verdict
-    where
-        R: core::ops::Deref,
-        R::Target: core::borrow::Borrow<Ruleset>,
-    {
-        self.conn.packet(&self.states, flow, flags, now, |flow| {
-            let held = rules();
-            let rs: &Ruleset = core::borrow::Borrow::borrow(&*held);
-            rs.decide(flow, key, now, rng, &self.affinity)
-        })
+    ) -> Verdict {
+        self.conn
+            .packet(&snap.surface, &self.states, flow, flags, now, |flow| {
+                snap.table.decide(flow, key, now, rng, &self.affinity)
+            })
     }
 }
 
@@ -249,7 +369,7 @@ pub struct IptablesDataplane {
 #[derive(Debug)]
 pub struct IptablesReader {
     shared: Arc<Shared>,
-    rules: Cache<Arc<ArcSwap<Ruleset>>, Arc<Ruleset>>,
+    rules: Cache<Arc<ArcSwap<Published>>, Arc<Published>>,
     rng: SeededRng,
 }
 
@@ -263,18 +383,17 @@ impl IptablesReader {
     /// [`route`](Self::route) with a caller-supplied affinity key.
     #[inline]
     pub fn route_with_key(&mut self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
-        // The cache's check is one atomic load: cheap enough to do up front.
-        let rules: &Arc<Ruleset> = self.rules.load();
+        // The cache's check is one atomic load.
+        let snap: &Arc<Published> = self.rules.load();
         self.shared
-            .packet(move || rules, &self.rng, flow, key, first_packet(flow), now)
+            .packet(snap, &self.rng, flow, key, first_packet(flow), now)
     }
 
     /// Any packet of a flow, as [`Dataplane::packet`].
     #[inline]
     pub fn packet(&mut self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
-        let rules: &Arc<Ruleset> = self.rules.load();
-        self.shared
-            .packet(move || rules, &self.rng, flow, None, flags, now)
+        let snap: &Arc<Published> = self.rules.load();
+        self.shared.packet(snap, &self.rng, flow, None, flags, now)
     }
 }
 
@@ -287,8 +406,9 @@ impl IptablesDataplane {
                 rng: SeededRng::new(config.seed),
                 readers: AtomicU64::new(0),
                 affinity: AffinityTable::new(config.affinity.clone(), config.seed),
-                rules: Arc::new(ArcSwap::from_pointee(Ruleset::default())),
+                rules: Arc::new(ArcSwap::from_pointee(conn.empty(Ruleset::default()))),
                 scopes: Mutex::new(ScopeRegistry::default()),
+                positions: Mutex::new(AHashMap::new()),
                 states: Arc::clone(planner.states()),
                 planner: Mutex::new(planner),
                 conn,
@@ -305,8 +425,7 @@ impl IptablesDataplane {
     /// The number of rules a lookup may walk (nat `KUBE-SERVICES` plus
     /// filter `KUBE-SERVICES`).
     pub fn rule_count(&self) -> usize {
-        let rs = self.shared.rules.load();
-        rs.nat.len() + rs.filter.len()
+        self.shared.rules.load().table.len()
     }
 
     /// The config (with netfilter's conntrack timeouts filled in).
@@ -343,14 +462,13 @@ impl Dataplane for IptablesDataplane {
         let sh = &*self.shared;
         let mut planner = sh.planner.lock();
         let diff = planner.update(table, changes, now, |id| sh.conn.has_connections(id));
-        sh.recompile(&planner);
-        sh.conn.publish(&planner, &diff);
+        sh.publish(&planner, &diff);
     }
 
     fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
         let sh = &*self.shared;
         sh.packet(
-            || sh.rules.load(),
+            &sh.rules.load(),
             &sh.rng,
             flow,
             key,
@@ -361,7 +479,7 @@ impl Dataplane for IptablesDataplane {
 
     fn packet(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
         let sh = &*self.shared;
-        sh.packet(|| sh.rules.load(), &sh.rng, flow, None, flags, now)
+        sh.packet(&sh.rules.load(), &sh.rng, flow, None, flags, now)
     }
 
     fn connection_closed(&self, flow: &Flow, _now: Instant) -> Option<Tracked> {
@@ -369,27 +487,28 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn reply(&self, reply: &Flow, flags: TcpFlags, now: Instant) -> Option<Tracked> {
-        self.shared.conn.reply_of(reply, Some(flags), now)
+        let snap = self.shared.rules.load();
+        self.shared
+            .conn
+            .reply_of(&snap.replies, reply, Some(flags), now)
     }
 
     fn peek_reply(&self, reply: &Flow, now: Instant) -> Option<Tracked> {
-        self.shared.conn.reply_of(reply, None, now)
+        let snap = self.shared.rules.load();
+        self.shared.conn.reply_of(&snap.replies, reply, None, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
-        let rs = self.shared.rules.load();
+        let snap = self.shared.rules.load();
         let probe = Flow::new(protocol, SocketAddr::from(([0, 0, 0, 0], 0)), dst);
-        match rs.find(&probe) {
+        match snap.table.find(&probe) {
             None => Candidates::NotAService,
-            Some(r) => match r.outcome {
-                Outcome::Forward => Candidates::Endpoints(
-                    rs.chains[r.chain as usize]
-                        .endpoints
-                        .iter()
-                        .map(|e| e.1)
-                        .collect(),
-                ),
-                Outcome::Drop => Candidates::Drop,
+            Some(r) => match (r.outcome, &r.chain) {
+                (Outcome::Forward, Some(chain)) => {
+                    Candidates::Endpoints(chain.endpoints.iter().map(|e| e.1).collect())
+                }
+                (Outcome::Forward, None) => Candidates::Reject,
+                (Outcome::Drop, _) => Candidates::Drop,
                 _ => Candidates::Reject,
             },
         }
@@ -406,8 +525,7 @@ impl Dataplane for IptablesDataplane {
         let mut planner = sh.planner.lock();
         let diff = planner.handle_timeout(now, |id| sh.conn.has_connections(id));
         if !diff.is_empty() {
-            sh.recompile(&planner);
-            sh.conn.publish(&planner, &diff);
+            sh.publish(&planner, &diff);
         }
     }
 

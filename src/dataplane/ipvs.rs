@@ -35,7 +35,7 @@ use arc_swap::ArcSwap;
 use arc_swap::cache::Cache;
 use parking_lot::Mutex;
 
-use super::conn::{ConnLayer, Scheduled};
+use super::conn::{ConnLayer, Scheduled, Snapshot};
 use super::{Candidates, Dataplane, DataplaneConfig, Mode};
 use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry};
 use crate::conntrack::{TcpFlags, Tracked};
@@ -114,7 +114,8 @@ struct Shared {
     mode: Mode,
     rng: SeededRng,
     readers: AtomicU64,
-    table: Arc<ArcSwap<VsTable>>,
+    /// The table with the surface and reply index: one store per batch.
+    table: Arc<ArcSwap<Snapshot<VsTable>>>,
     affinity: AffinityTable,
     /// Affinity scopes by virtual service; locked by sync and inspection.
     scopes: Mutex<ScopeRegistry>,
@@ -136,7 +137,7 @@ pub struct IpvsDataplane {
 #[derive(Debug)]
 pub struct IpvsReader {
     shared: Arc<Shared>,
-    table: Cache<Arc<ArcSwap<VsTable>>, Arc<VsTable>>,
+    table: Cache<Arc<ArcSwap<Snapshot<VsTable>>>, Arc<Snapshot<VsTable>>>,
     rng: SeededRng,
 }
 
@@ -169,16 +170,20 @@ impl IpvsReader {
         now: Instant,
     ) -> Verdict {
         let shared = &*self.shared;
-        let table = self.table.load();
+        let snap = self.table.load();
+        let (table, surface) = (&snap.table, &*snap.surface);
         let rng = &self.rng;
-        shared
-            .conn
-            .packet(&shared.states, flow, flags, now, |flow| {
-                match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                    None => Scheduled::NotAService,
-                    Some(state) => shared.decide(state, flow, key, now, rng),
-                }
-            })
+        shared.conn.packet(
+            surface,
+            &shared.states,
+            flow,
+            flags,
+            now,
+            |flow| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                None => Scheduled::NotAService,
+                Some(state) => shared.decide(state, flow, key, now, rng),
+            },
+        )
     }
 }
 
@@ -198,7 +203,7 @@ impl Shared {
             rng: SeededRng::new(config.seed),
             readers: AtomicU64::new(0),
             affinity: AffinityTable::new(config.affinity.clone(), config.seed),
-            table: Arc::new(ArcSwap::from_pointee(VsTable::default())),
+            table: Arc::new(ArcSwap::from_pointee(conn.empty(VsTable::default()))),
             scopes: Mutex::new(ScopeRegistry::default()),
             states: Arc::clone(planner.states()),
             planner: Mutex::new(planner),
@@ -284,17 +289,18 @@ impl Shared {
 
     /// Publishes a plan diff as one new version of the table: removed
     /// virtual services leave it, added and changed ones get new states,
-    /// and one pointer store makes the whole batch visible at once. Each
-    /// change copies only its key's path in the trie, so its cost does not
-    /// depend on the number of services.
+    /// and one pointer store makes the whole batch visible at once, with
+    /// the surface and the reply index of the same plan. Each change copies
+    /// only its key's path in the trie, so its cost does not depend on the
+    /// number of services.
     fn apply(&self, planner: &Planner, diff: &PlanDiff) {
         let mut scopes = self.scopes.lock();
         let scopes = &mut *scopes;
         let current = self.table.load_full();
-        if diff.full {
-            let mut fresh = current.empty_like();
+        let next = if diff.full {
+            let mut fresh = current.table.empty_like();
             for fe in planner.frontends() {
-                let old = current.get(&fe.key());
+                let old = current.table.get(&fe.key());
                 let st = self.build_state(fe, old.map(|o| &**o), scopes);
                 fresh.insert(fe.key(), Arc::new(st));
             }
@@ -304,27 +310,25 @@ impl Shared {
             scopes.retain_vs(&self.affinity, |vs| {
                 fresh.contains_key(&FrontendKey::new(vs.0, vs.1))
             });
-            self.table.store(Arc::new(fresh));
-            return;
-        }
-        let mut next: VsTable = (*current).clone();
-        let mut touched = false;
-        for (_, key) in &diff.removed {
-            scopes.remove_vs(&self.affinity, (key.protocol, key.socket_addr()));
-            touched |= next.remove(key).is_some();
-        }
-        for id in diff.added.iter().chain(&diff.changed) {
-            let Some(fe) = planner.frontend(*id) else {
-                continue;
-            };
-            let old = next.get(&fe.key()).cloned();
-            let st = self.build_state(fe, old.as_deref(), scopes);
-            next.insert(fe.key(), Arc::new(st));
-            touched = true;
-        }
-        if touched {
-            self.table.store(Arc::new(next));
-        }
+            fresh
+        } else {
+            let mut next: VsTable = current.table.clone();
+            for (_, key) in &diff.removed {
+                scopes.remove_vs(&self.affinity, (key.protocol, key.socket_addr()));
+                next.remove(key);
+            }
+            for id in diff.added.iter().chain(&diff.changed) {
+                let Some(fe) = planner.frontend(*id) else {
+                    continue;
+                };
+                let old = next.get(&fe.key()).cloned();
+                let st = self.build_state(fe, old.as_deref(), scopes);
+                next.insert(fe.key(), Arc::new(st));
+            }
+            next
+        };
+        let snap = self.conn.next(planner, diff, &current, next);
+        self.table.store(Arc::new(snap));
     }
 
     /// What a new connection to the virtual service `state` gets.
@@ -373,24 +377,30 @@ impl Shared {
 
     #[inline]
     fn packet(&self, flow: &Flow, key: Option<u64>, flags: TcpFlags, now: Instant) -> Verdict {
-        let table = self.table.load();
-        self.conn.packet(&self.states, flow, flags, now, |flow| {
-            match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+        let snap = self.table.load();
+        let table = &snap.table;
+        self.conn.packet(
+            &snap.surface,
+            &self.states,
+            flow,
+            flags,
+            now,
+            |flow| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
                 None => Scheduled::NotAService,
                 Some(state) => self.decide(state, flow, key, now, &self.rng),
-            }
-        })
+            },
+        )
     }
 
     fn sync(&self, table: &ServiceTable, changes: &ChangeSet, now: Instant) {
         let mut planner = self.planner.lock();
         let diff = planner.update(table, changes, now, |id| self.conn.has_connections(id));
         self.apply(&planner, &diff);
-        self.conn.publish(&planner, &diff);
     }
 
     fn reply(&self, reply: &Flow, flags: Option<TcpFlags>, now: Instant) -> Option<Tracked> {
-        self.conn.reply_of(reply, flags, now)
+        self.conn
+            .reply_of(&self.table.load().replies, reply, flags, now)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -403,13 +413,12 @@ impl Shared {
         let diff = planner.handle_timeout(now, |id| self.conn.has_connections(id));
         if !diff.is_empty() {
             self.apply(&planner, &diff);
-            self.conn.publish(&planner, &diff);
         }
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
-        let table = self.table.load();
-        let Some(state) = table.get(&FrontendKey::new(protocol, dst)) else {
+        let snap = self.table.load();
+        let Some(state) = snap.table.get(&FrontendKey::new(protocol, dst)) else {
             return Candidates::NotAService;
         };
         match state.outcome {
@@ -472,7 +481,7 @@ impl IpvsDataplane {
 
     /// The number of virtual services.
     pub fn virtual_service_count(&self) -> usize {
-        self.shared.table.load().len()
+        self.shared.table.load().table.len()
     }
 
     /// The connection tracker, when tracking is on.
@@ -513,7 +522,8 @@ impl IpvsDataplane {
     /// ```
     pub fn virtual_services(&self) -> Vec<VirtualServiceInfo> {
         let planner = self.shared.planner.lock();
-        let table = self.shared.table.load();
+        let snap = self.shared.table.load();
+        let table = &snap.table;
         let counts = self.shared.conn.counts();
         let mut out = Vec::with_capacity(table.len());
         for fe in planner.frontends() {

@@ -25,6 +25,7 @@ mod conn;
 mod iptables;
 mod ipvs;
 mod nftables;
+mod rule_list;
 mod vs_table;
 
 use core::fmt;
