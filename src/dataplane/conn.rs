@@ -17,7 +17,7 @@ use ahash::{AHashMap, AHashSet};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use super::vs_table::VsTable;
+use super::vs_table::{VsTable, WideRoot};
 
 use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
 use crate::model::flow::{Flow, Forward, Protocol, Verdict};
@@ -271,7 +271,8 @@ type IndexedKeys = SmallVec<[FrontendKey; 4]>;
 
 /// The reply index: backend (protocol, address) -> the frontends listing
 /// it, a persistent table (a sync copies the paths of the keys it changes).
-pub(crate) type Replies = VsTable<ReplyFrontends>;
+/// Its trie is the wide one: a cluster has several backends per service.
+pub(crate) type Replies = VsTable<ReplyFrontends, WideRoot<ReplyFrontends>>;
 
 /// Everything a sync makes visible to readers, published with one pointer
 /// store: the mode's table `T`, the [`Surface`] and the reply index. A

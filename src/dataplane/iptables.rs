@@ -18,7 +18,7 @@
 //! first packet walks the rules: later packets follow the connection
 //! tracker (netfilter's timeouts by default).
 //!
-//! The lists are persistent (`rule_list`: chunks of 64 rules under 64-way
+//! The lists are persistent (`rule_list`: chunks of 16 rules under 16-way
 //! branches, shared between versions), so a sync changes only the rules of
 //! the frontends its [`PlanDiff`] names: a new frontend's rule is appended,
 //! a changed one is replaced where it stands, a removed one is replaced by
