@@ -194,6 +194,10 @@ fn a_generation_gap_resyncs_in_full_and_is_counted() {
     }
 }
 
+/// Batches of the source-range test (each rebuilds the surface, a walk of
+/// the plan).
+const EDGE_BATCHES: u32 = 500;
+
 /// The client batch `k` of the source-range test lets in: 10.4.(k / 256).(k % 256).
 fn client(k: u32) -> String {
     format!("10.4.{}.{}", k >> 8, k & 255)
@@ -278,7 +282,7 @@ fn source_ranges_and_endpoints_of_one_batch_are_seen_together() {
                 }
                 checked
             });
-            for k in 1..=BATCHES {
+            for k in 1..=EDGE_BATCHES {
                 let cs = table.apply_batch(edge_batch(k)).unwrap();
                 dp.sync(&table, &cs, Instant::ZERO);
             }
@@ -286,10 +290,13 @@ fn source_ranges_and_endpoints_of_one_batch_are_seen_together() {
             reader.join().unwrap()
         });
         assert!(checked > 0, "{m}: the reader was let in at least once");
-        let last = dp.route(&from(BATCHES), Instant::ZERO).backend().unwrap();
-        assert_eq!(step(last), BATCHES, "{m}");
+        let last = dp
+            .route(&from(EDGE_BATCHES), Instant::ZERO)
+            .backend()
+            .unwrap();
+        assert_eq!(step(last), EDGE_BATCHES, "{m}");
         assert_eq!(
-            dp.route(&from(BATCHES - 1), Instant::ZERO),
+            dp.route(&from(EDGE_BATCHES - 1), Instant::ZERO),
             Verdict::Drop,
             "{m}"
         );
