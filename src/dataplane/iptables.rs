@@ -18,8 +18,9 @@
 //! first packet walks the rules: later packets follow the connection
 //! tracker (netfilter's timeouts by default).
 //!
-//! The lists are persistent (`rule_list`: chunks of 16 rules under 16-way
-//! branches, shared between versions), so a sync changes only the rules of
+//! The lists are persistent (`rule_list`: chunks of 64 rules, plain data,
+//! under 16-way branches, with the service chains in a parallel list; all
+//! shared between versions), so a sync changes only the rules of
 //! the frontends its [`PlanDiff`] names: a new frontend's rule is appended,
 //! a changed one is replaced where it stands, a removed one is replaced by
 //! the list's last rule. Adding or deleting a service thus copies a few
@@ -64,7 +65,9 @@ use crate::table::{ChangeSet, ServiceTable};
 use crate::time::Instant;
 
 /// One `KUBE-SERVICES` rule: `-d VIP/32 -p PROTO --dport PORT -j TARGET`.
-#[derive(Debug, Clone)]
+/// Plain data (28 bytes), so that copying a chunk of rules is a `memcpy`
+/// and a walk reads them back to back.
+#[derive(Debug, Clone, Copy)]
 struct ServiceRule {
     dst: IpAddr,
     protocol: Protocol,
@@ -72,8 +75,6 @@ struct ServiceRule {
     outcome: Outcome,
     /// The frontend the rule stands for (the writer's bookkeeping).
     frontend: FrontendId,
-    /// The service chain, for a nat rule; `None` for a filter rule.
-    chain: Option<Arc<ServiceChain>>,
 }
 
 impl ServiceRule {
@@ -96,12 +97,17 @@ struct ServiceChain {
     affinity: Option<AffinityPort>,
 }
 
+/// Rules per chunk of the `KUBE-SERVICES` lists: 64 (2^6).
+const RULE_CHUNK_BITS: u32 = 6;
+
 /// The two `KUBE-SERVICES` lists, persistent: a version shares every chunk
-/// of rules a sync did not change.
+/// of rules a sync did not change. `chains[i]` is the service chain of
+/// `nat[i]`: the two lists change in step.
 #[derive(Debug, Default, Clone)]
 struct Ruleset {
-    nat: RuleList<ServiceRule>,
-    filter: RuleList<ServiceRule>,
+    nat: RuleList<ServiceRule, RULE_CHUNK_BITS>,
+    chains: RuleList<Arc<ServiceChain>>,
+    filter: RuleList<ServiceRule, RULE_CHUNK_BITS>,
 }
 
 /// Where a frontend's rule sits: in the nat list (or the filter list), at
@@ -111,19 +117,23 @@ type Position = (bool, usize);
 impl Ruleset {
     /// The rule of one frontend, with its affinity scope bound (or
     /// removed, for a service without `ClientIP` affinity).
-    fn rule(fe: &Frontend, affinity: &AffinityTable, scopes: &mut ScopeRegistry) -> ServiceRule {
+    fn rule(
+        fe: &Frontend,
+        affinity: &AffinityTable,
+        scopes: &mut ScopeRegistry,
+    ) -> (ServiceRule, Option<Arc<ServiceChain>>) {
         let key = fe.key();
         let vs = (key.protocol, key.socket_addr());
         let svc = fe.service();
         let outcome = fe.rule_outcome();
-        let mut rule = ServiceRule {
+        let rule = ServiceRule {
             dst: key.addr,
             protocol: key.protocol,
             dport: key.port,
             outcome,
             frontend: fe.id(),
-            chain: None,
         };
+        let mut chain = None;
         if outcome == Outcome::Forward {
             // Weight-0 endpoints get no rule.
             let endpoints: Box<[(BackendId, SocketAddr)]> =
@@ -139,7 +149,7 @@ impl Ruleset {
             if port_affinity.is_none() {
                 scopes.remove_vs(affinity, vs);
             }
-            rule.chain = Some(Arc::new(ServiceChain {
+            chain = Some(Arc::new(ServiceChain {
                 frontend: fe.id(),
                 rules,
                 endpoints,
@@ -150,7 +160,7 @@ impl Ruleset {
             // bound, empty, for a ClientIP service).
             scopes.remove_vs(affinity, vs);
         }
-        rule
+        (rule, chain)
     }
 
     /// The rule list of the whole plan, in kube-proxy's order, and where
@@ -164,8 +174,8 @@ impl Ruleset {
         let mut rs = Ruleset::default();
         positions.clear();
         for fe in planner.frontends() {
-            let rule = Self::rule(fe, affinity, scopes);
-            rs.place(rule, positions);
+            let (rule, chain) = Self::rule(fe, affinity, scopes);
+            rs.place(rule, chain, positions);
         }
         scopes.retain_vs(affinity, |vs| {
             planner
@@ -196,29 +206,41 @@ impl Ruleset {
             let Some(fe) = planner.frontend(*id) else {
                 continue;
             };
-            let rule = Self::rule(fe, affinity, scopes);
-            self.place(rule, positions);
+            let (rule, chain) = Self::rule(fe, affinity, scopes);
+            self.place(rule, chain, positions);
         }
     }
 
-    fn list(&mut self, nat: bool) -> &mut RuleList<ServiceRule> {
+    fn list(&mut self, nat: bool) -> &mut RuleList<ServiceRule, RULE_CHUNK_BITS> {
         if nat { &mut self.nat } else { &mut self.filter }
     }
 
-    /// Puts a frontend's rule in: in place of its old rule if it stays in
-    /// the same list, else at the end of its list.
-    fn place(&mut self, rule: ServiceRule, positions: &mut AHashMap<FrontendId, Position>) {
-        let nat = rule.outcome == Outcome::Forward;
+    /// Puts a frontend's rule (and, for a nat rule, its chain) in: in place
+    /// of its old rule if it stays in the same list, else at the end of its
+    /// list.
+    fn place(
+        &mut self,
+        rule: ServiceRule,
+        chain: Option<Arc<ServiceChain>>,
+        positions: &mut AHashMap<FrontendId, Position>,
+    ) {
         let id = rule.frontend;
+        let nat = chain.is_some();
         match positions.get(&id).copied() {
             Some((was_nat, i)) if was_nat == nat => {
                 self.list(nat).set(i, rule);
+                if let Some(c) = chain {
+                    self.chains.set(i, c);
+                }
             }
             old => {
                 if old.is_some() {
                     self.remove(id, positions);
                 }
                 let i = self.list(nat).push(rule);
+                if let Some(c) = chain {
+                    self.chains.push(c);
+                }
                 positions.insert(id, (nat, i));
             }
         }
@@ -229,9 +251,12 @@ impl Ruleset {
         let Some((nat, i)) = positions.remove(&id) else {
             return;
         };
-        let (_, moved) = self.list(nat).swap_remove(i);
+        let moved = self.list(nat).swap_remove(i).1.map(|m| m.frontend);
+        if nat {
+            self.chains.swap_remove(i);
+        }
         if let Some(m) = moved {
-            positions.insert(m.frontend, (nat, i));
+            positions.insert(m, (nat, i));
         }
     }
 
@@ -240,12 +265,16 @@ impl Ruleset {
         self.nat.len() + self.filter.len()
     }
 
-    /// The nat list, then the filter list, walked in order.
+    /// The nat list, then the filter list, walked in order: the matching
+    /// rule, with its chain for a nat rule.
     #[inline]
-    fn find(&self, flow: &Flow) -> Option<&ServiceRule> {
-        self.nat
+    fn find(&self, flow: &Flow) -> Option<(&ServiceRule, Option<&ServiceChain>)> {
+        if let Some((i, r)) = self.nat.find(|r| r.matches(flow)) {
+            return Some((r, self.chains.get(i).map(|c| &**c)));
+        }
+        self.filter
             .find(|r| r.matches(flow))
-            .or_else(|| self.filter.find(|r| r.matches(flow)))
+            .map(|(_, r)| (r, None))
     }
 
     /// Walks the rules for a new connection.
@@ -258,7 +287,7 @@ impl Ruleset {
         rng: &SeededRng,
         affinity: &AffinityTable,
     ) -> Scheduled {
-        let Some(rule) = self.find(flow) else {
+        let Some((rule, chain)) = self.find(flow) else {
             return Scheduled::NotAService;
         };
         match rule.outcome {
@@ -266,7 +295,7 @@ impl Ruleset {
             Outcome::Drop => return Scheduled::Drop,
             _ => return Scheduled::Reject,
         }
-        let Some(chain) = rule.chain.as_deref() else {
+        let Some(chain) = chain else {
             return Scheduled::Reject;
         };
         let cascade =
@@ -503,7 +532,7 @@ impl Dataplane for IptablesDataplane {
         let probe = Flow::new(protocol, SocketAddr::from(([0, 0, 0, 0], 0)), dst);
         match snap.table.find(&probe) {
             None => Candidates::NotAService,
-            Some(r) => match (r.outcome, &r.chain) {
+            Some((r, chain)) => match (r.outcome, chain) {
                 (Outcome::Forward, Some(chain)) => {
                     Candidates::Endpoints(chain.endpoints.iter().map(|e| e.1).collect())
                 }
@@ -545,5 +574,17 @@ impl Dataplane for IptablesDataplane {
             .scopes
             .lock()
             .report(&self.shared.affinity, service, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk of 64 rules is 28 bytes a rule: 1,792 bytes a walk reads
+    /// back to back, and a copy moves without touching reference counts.
+    #[test]
+    fn rules_are_small_plain_data() {
+        assert_eq!(core::mem::size_of::<ServiceRule>(), 28);
     }
 }

@@ -1,19 +1,21 @@
 //! A persistent, ordered list: iptables mode's `KUBE-SERVICES` chain as a
 //! structure a sync changes in O(1).
 //!
-//! The rules sit in chunks of 16 under a tree of 16-way branches (a
+//! The rules sit in chunks (leaves) under a tree of 16-way branches (a
 //! persistent vector, as Clojure's and `im`'s are), every chunk full but
-//! the last. Versions share every node they have in common: cloning a list
-//! clones its root pointer, and a push, a pop or a replacement copies only
-//! the nodes on the path to its index ([`Arc::make_mut`]-style: a node
-//! already copied in this batch is changed in place). The depth grows by
-//! one level per factor of 16: 100,000 rules take four branch levels, so a
-//! change copies five nodes of 16 entries. Copying a node touches the
-//! reference count of each entry, and at scale those are cold: with chunks
-//! and branches of 64, an add at 100,000 services touched about 150 of
-//! them, with 16 about 80. Removal is a swap-remove (the last rule fills
-//! the gap), so the list stays dense and a walk visits exactly the rules
-//! the list holds.
+//! the last; the chunk size is a parameter (iptables mode keeps its
+//! 28-byte rules in chunks of 64 and their chains, reference-counted, in
+//! chunks of 16). Versions share every node they have in common: cloning
+//! a list clones its root pointer, and a push, a pop or a replacement
+//! copies only the nodes on the path to its index ([`Arc::make_mut`]-style:
+//! a node already copied in this batch is changed in place). The depth
+//! grows by one level per factor of 16, so at 100,000 rules a change
+//! copies a chunk and three or four branches of 16. Copying a node touches
+//! the reference count of each child (and of each entry, for entries that
+//! hold an `Arc`), and at scale those are cold: that is why branches are
+//! narrow and chunks of `Arc`s small. Removal is a swap-remove (the last
+//! rule fills the gap), so the list stays dense and a walk visits exactly
+//! the rules the list holds.
 //!
 //! A walk ([`RuleList::find`]) visits the rules in order, as the kernel
 //! walks a chain: its cost grows with the number of rules, and it
@@ -21,6 +23,7 @@
 
 use std::sync::Arc;
 
+/// Index bits per branch level: 16 children.
 const BITS: u32 = 4;
 const WIDTH: usize = 1 << BITS;
 const MASK: usize = WIDTH - 1;
@@ -34,10 +37,10 @@ enum Node<T> {
 impl<T: Clone> Node<T> {
     /// A copy with room for a full node, so a push after a copy does not
     /// reallocate.
-    fn copy(&self) -> Self {
+    fn copy(&self, leaf_width: usize) -> Self {
         match self {
             Node::Leaf(v) => {
-                let mut c = Vec::with_capacity(WIDTH);
+                let mut c = Vec::with_capacity(leaf_width);
                 c.extend_from_slice(v);
                 Node::Leaf(c)
             }
@@ -48,34 +51,28 @@ impl<T: Clone> Node<T> {
             }
         }
     }
-
-    fn empty(shift: u32) -> Self {
-        if shift == 0 {
-            Node::Leaf(Vec::with_capacity(WIDTH))
-        } else {
-            Node::Branch(Vec::with_capacity(WIDTH))
-        }
-    }
 }
 
 /// Copy-on-write access to a shared node.
-fn make_mut<T: Clone>(node: &mut Arc<Node<T>>) -> &mut Node<T> {
+fn make_mut<T: Clone>(node: &mut Arc<Node<T>>, leaf_width: usize) -> &mut Node<T> {
     if Arc::get_mut(node).is_none() {
-        *node = Arc::new(node.copy());
+        *node = Arc::new(node.copy(leaf_width));
     }
     Arc::get_mut(node).expect("unique after the copy")
 }
 
-/// A persistent list of rules; see the module docs.
+/// A persistent list of rules; see the module docs. Leaves hold
+/// `1 << LEAF_BITS` rules, branches 16 children.
 #[derive(Debug)]
-pub(crate) struct RuleList<T> {
+pub(crate) struct RuleList<T, const LEAF_BITS: u32 = BITS> {
     root: Arc<Node<T>>,
     len: usize,
-    /// The index bits the levels below the root use: 0 for a leaf root.
+    /// The index bits the levels below the root use: 0 for a leaf root,
+    /// `LEAF_BITS` for a branch of leaves, `BITS` more per level above.
     shift: u32,
 }
 
-impl<T> Clone for RuleList<T> {
+impl<T, const L: u32> Clone for RuleList<T, L> {
     /// Another version sharing every node (one pointer copy).
     fn clone(&self) -> Self {
         RuleList {
@@ -86,7 +83,7 @@ impl<T> Clone for RuleList<T> {
     }
 }
 
-impl<T: Clone> Default for RuleList<T> {
+impl<T: Clone, const L: u32> Default for RuleList<T, L> {
     fn default() -> Self {
         RuleList {
             root: Arc::new(Node::Leaf(Vec::new())),
@@ -96,7 +93,33 @@ impl<T: Clone> Default for RuleList<T> {
     }
 }
 
-impl<T: Clone> RuleList<T> {
+impl<T: Clone, const L: u32> RuleList<T, L> {
+    const LEAF_WIDTH: usize = 1 << L;
+    const LEAF_MASK: usize = Self::LEAF_WIDTH - 1;
+
+    /// The shift of the children of a branch at `shift`.
+    #[inline]
+    const fn child_shift(shift: u32) -> u32 {
+        if shift == L { 0 } else { shift - BITS }
+    }
+
+    /// How many rules a root at `shift` holds.
+    const fn capacity(shift: u32) -> usize {
+        if shift == 0 {
+            1 << L
+        } else {
+            1 << (shift + BITS)
+        }
+    }
+
+    fn empty_node(shift: u32) -> Node<T> {
+        if shift == 0 {
+            Node::Leaf(Vec::with_capacity(Self::LEAF_WIDTH))
+        } else {
+            Node::Branch(Vec::with_capacity(WIDTH))
+        }
+    }
+
     /// The number of rules.
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -117,39 +140,55 @@ impl<T: Clone> RuleList<T> {
         let mut shift = self.shift;
         loop {
             match node {
-                Node::Leaf(v) => return v.get(index & MASK),
+                Node::Leaf(v) => return v.get(index & Self::LEAF_MASK),
                 Node::Branch(c) => {
                     node = c.get((index >> shift) & MASK)?;
-                    shift = shift.saturating_sub(BITS);
+                    shift = Self::child_shift(shift);
                 }
             }
         }
     }
 
-    /// The first rule, in order, that `pred` accepts: a walk of the list.
+    /// The first rule, in order, that `pred` accepts, with its index: a
+    /// walk of the list.
     #[inline]
-    pub(crate) fn find(&self, mut pred: impl FnMut(&T) -> bool) -> Option<&T> {
-        fn walk<'a, T>(node: &'a Node<T>, pred: &mut impl FnMut(&T) -> bool) -> Option<&'a T> {
+    pub(crate) fn find(&self, mut pred: impl FnMut(&T) -> bool) -> Option<(usize, &T)> {
+        fn walk<'a, T>(
+            node: &'a Node<T>,
+            base: &mut usize,
+            pred: &mut impl FnMut(&T) -> bool,
+        ) -> Option<(usize, &'a T)> {
             match node {
-                Node::Leaf(v) => v.iter().find(|r| pred(r)),
-                Node::Branch(c) => c.iter().find_map(|n| walk(n, pred)),
+                Node::Leaf(v) => match v.iter().position(|r| pred(r)) {
+                    Some(i) => Some((*base + i, &v[i])),
+                    None => {
+                        *base += v.len();
+                        None
+                    }
+                },
+                Node::Branch(c) => c.iter().find_map(|n| walk(n, base, pred)),
             }
         }
-        walk(&self.root, &mut pred)
+        walk(&self.root, &mut 0, &mut pred)
     }
 
     /// Appends a rule at the end; returns its index.
     pub(crate) fn push(&mut self, value: T) -> usize {
         let index = self.len;
-        if index == WIDTH << self.shift {
+        if index == Self::capacity(self.shift) {
             // Full: one more level above the old root.
             let old = core::mem::replace(&mut self.root, Arc::new(Node::Branch(Vec::new())));
             let mut children = Vec::with_capacity(WIDTH);
             children.push(old);
             self.root = Arc::new(Node::Branch(children));
-            self.shift += BITS;
+            self.shift = if self.shift == 0 {
+                L
+            } else {
+                self.shift + BITS
+            };
         }
-        let mut node = make_mut(&mut self.root);
+        let lw = Self::LEAF_WIDTH;
+        let mut node = make_mut(&mut self.root, lw);
         let mut shift = self.shift;
         loop {
             match node {
@@ -159,11 +198,12 @@ impl<T: Clone> RuleList<T> {
                 }
                 Node::Branch(c) => {
                     let i = (index >> shift) & MASK;
+                    let cs = Self::child_shift(shift);
                     if i == c.len() {
-                        c.push(Arc::new(Node::empty(shift - BITS)));
+                        c.push(Arc::new(Self::empty_node(cs)));
                     }
-                    node = make_mut(&mut c[i]);
-                    shift -= BITS;
+                    node = make_mut(&mut c[i], lw);
+                    shift = cs;
                 }
             }
         }
@@ -177,13 +217,17 @@ impl<T: Clone> RuleList<T> {
             return None;
         }
         let index = self.len - 1;
-        fn pop_at<T: Clone>(node: &mut Arc<Node<T>>, index: usize, shift: u32) -> Option<T> {
-            match make_mut(node) {
+        fn pop_at<T: Clone, const L: u32>(
+            node: &mut Arc<Node<T>>,
+            index: usize,
+            shift: u32,
+        ) -> Option<T> {
+            match make_mut(node, RuleList::<T, L>::LEAF_WIDTH) {
                 Node::Leaf(v) => v.pop(),
                 Node::Branch(c) => {
                     let i = (index >> shift) & MASK;
                     let child = c.get_mut(i)?;
-                    let out = pop_at(child, index, shift.saturating_sub(BITS));
+                    let out = pop_at::<T, L>(child, index, RuleList::<T, L>::child_shift(shift));
                     let empty = match &**child {
                         Node::Leaf(v) => v.is_empty(),
                         Node::Branch(b) => b.is_empty(),
@@ -195,7 +239,7 @@ impl<T: Clone> RuleList<T> {
                 }
             }
         }
-        let out = pop_at(&mut self.root, index, self.shift);
+        let out = pop_at::<T, L>(&mut self.root, index, self.shift);
         self.len -= 1;
         // Drop a level whose root is left with one child.
         while self.shift > 0 {
@@ -204,7 +248,7 @@ impl<T: Clone> RuleList<T> {
                 _ => break,
             };
             self.root = only;
-            self.shift -= BITS;
+            self.shift = Self::child_shift(self.shift);
         }
         out
     }
@@ -215,14 +259,15 @@ impl<T: Clone> RuleList<T> {
     /// If `index` is out of bounds.
     pub(crate) fn set(&mut self, index: usize, value: T) -> T {
         assert!(index < self.len, "rule {index} of {}", self.len);
-        let mut node = make_mut(&mut self.root);
+        let lw = Self::LEAF_WIDTH;
+        let mut node = make_mut(&mut self.root, lw);
         let mut shift = self.shift;
         loop {
             match node {
-                Node::Leaf(v) => return core::mem::replace(&mut v[index & MASK], value),
+                Node::Leaf(v) => return core::mem::replace(&mut v[index & Self::LEAF_MASK], value),
                 Node::Branch(c) => {
-                    node = make_mut(&mut c[(index >> shift) & MASK]);
-                    shift = shift.saturating_sub(BITS);
+                    node = make_mut(&mut c[(index >> shift) & MASK], lw);
+                    shift = Self::child_shift(shift);
                 }
             }
         }
@@ -261,7 +306,7 @@ mod tests {
     use super::*;
     use crate::rng::SeededRng;
 
-    fn contents(l: &RuleList<u32>) -> Vec<u32> {
+    fn contents<const L: u32>(l: &RuleList<u32, L>) -> Vec<u32> {
         let mut v = Vec::new();
         l.for_each(|x| v.push(*x));
         v
@@ -272,10 +317,15 @@ mod tests {
     /// versions kept and checked unchanged.
     #[test]
     fn matches_a_vec_and_old_versions_stay_intact() {
+        check_against_a_vec::<4>();
+        check_against_a_vec::<6>();
+    }
+
+    fn check_against_a_vec<const L: u32>() {
         let rng = SeededRng::new(11);
-        let mut list = RuleList::default();
+        let mut list = RuleList::<u32, L>::default();
         let mut model: Vec<u32> = Vec::new();
-        let mut kept: Vec<(RuleList<u32>, Vec<u32>)> = Vec::new();
+        let mut kept: Vec<(RuleList<u32, L>, Vec<u32>)> = Vec::new();
         for step in 0..26_000u32 {
             let r = rng.next_u64();
             // Grow to about 6,000 rules (past 16 x 16: three levels), then
@@ -306,7 +356,7 @@ mod tests {
             }
         }
         assert!(list.is_empty(), "{} left", list.len());
-        assert!(kept.iter().any(|(l, _)| l.shift >= 2 * BITS));
+        assert!(kept.iter().any(|(l, _)| l.shift >= L + BITS));
         for (l, m) in &kept {
             assert_eq!(&contents(l), m);
             for (i, x) in m.iter().enumerate() {
@@ -319,7 +369,7 @@ mod tests {
 
     #[test]
     fn find_walks_in_order() {
-        let mut list = RuleList::default();
+        let mut list = RuleList::<u32, 6>::default();
         for i in 0..5000u32 {
             list.push(i % 100);
         }
@@ -328,7 +378,14 @@ mod tests {
             walked += 1;
             *x == 42
         });
-        assert_eq!(hit, Some(&42));
+        assert_eq!(hit, Some((42, &42)));
+        // An index past the first leaf.
+        assert_eq!(list.find(|x| *x == 99).map(|h| h.0), Some(99));
+        let mut list2 = RuleList::<u32, 4>::default();
+        for i in 0..300u32 {
+            list2.push(i);
+        }
+        assert_eq!(list2.find(|x| *x == 277), Some((277, &277)));
         assert_eq!(walked, 43);
         let mut walked = 0;
         assert_eq!(
@@ -343,11 +400,11 @@ mod tests {
 
     #[test]
     fn shrinking_to_empty_and_growing_again() {
-        let mut list = RuleList::default();
-        for i in 0..=(WIDTH * WIDTH) as u32 {
+        let mut list = RuleList::<u32, 6>::default();
+        for i in 0..=(64 * WIDTH) as u32 {
             list.push(i);
         }
-        assert_eq!(list.shift, 2 * BITS);
+        assert_eq!(list.shift, 6 + BITS);
         while list.pop().is_some() {}
         assert_eq!((list.len(), list.shift), (0, 0));
         list.push(7);
