@@ -159,7 +159,7 @@ impl<T: Clone, const L: u32> RuleList<T, L> {
             pred: &mut impl FnMut(&T) -> bool,
         ) -> Option<(usize, &'a T)> {
             match node {
-                Node::Leaf(v) => match v.iter().position(|r| pred(r)) {
+                Node::Leaf(v) => match v.iter().position(&mut *pred) {
                     Some(i) => Some((*base + i, &v[i])),
                     None => {
                         *base += v.len();
