@@ -81,8 +81,8 @@ impl ServiceRule {
     /// The kernel's match: address under the /32 (/128) mask, protocol, then
     /// the `tcp`/`udp`/`sctp` match's destination port.
     #[inline]
-    fn matches(&self, flow: &Flow) -> bool {
-        self.dst == flow.dst.ip() && self.protocol == flow.protocol && self.dport == flow.dst.port()
+    fn matches(&self, dst: IpAddr, protocol: Protocol, dport: u16) -> bool {
+        self.dst == dst && self.protocol == protocol && self.dport == dport
     }
 }
 
@@ -97,8 +97,8 @@ struct ServiceChain {
     affinity: Option<AffinityPort>,
 }
 
-/// Rules per chunk of the `KUBE-SERVICES` lists: 64 (2^6).
-const RULE_CHUNK_BITS: u32 = 6;
+/// Rules per chunk of the `KUBE-SERVICES` lists: 256 (2^8).
+const RULE_CHUNK_BITS: u32 = 8;
 
 /// The two `KUBE-SERVICES` lists, persistent: a version shares every chunk
 /// of rules a sync did not change. `chains[i]` is the service chain of
@@ -269,12 +269,13 @@ impl Ruleset {
     /// rule, with its chain for a nat rule.
     #[inline]
     fn find(&self, flow: &Flow) -> Option<(&ServiceRule, Option<&ServiceChain>)> {
-        if let Some((i, r)) = self.nat.find(|r| r.matches(flow)) {
+        // What every rule compares, read once.
+        let (dst, protocol, dport) = (flow.dst.ip(), flow.protocol, flow.dst.port());
+        let matches = |r: &ServiceRule| r.matches(dst, protocol, dport);
+        if let Some((i, r)) = self.nat.find(matches) {
             return Some((r, self.chains.get(i).map(|c| &**c)));
         }
-        self.filter
-            .find(|r| r.matches(flow))
-            .map(|(_, r)| (r, None))
+        self.filter.find(matches).map(|(_, r)| (r, None))
     }
 
     /// Walks the rules for a new connection.
