@@ -18,7 +18,7 @@
 //! first packet walks the rules: later packets follow the connection
 //! tracker (netfilter's timeouts by default).
 //!
-//! The lists are persistent (`rule_list`: chunks of 64 rules, plain data,
+//! The lists are persistent (`rule_list`: chunks of 256 rules, plain data,
 //! under 16-way branches, with the service chains in a parallel list; all
 //! shared between versions), so a sync changes only the rules of
 //! the frontends its [`PlanDiff`] names: a new frontend's rule is appended,
@@ -582,7 +582,7 @@ impl Dataplane for IptablesDataplane {
 mod tests {
     use super::*;
 
-    /// A chunk of 64 rules is 28 bytes a rule: 1,792 bytes a walk reads
+    /// A chunk of 256 rules is 28 bytes a rule: 7,168 bytes a walk reads
     /// back to back, and a copy moves without touching reference counts.
     #[test]
     fn rules_are_small_plain_data() {

@@ -4,7 +4,7 @@
 //! The rules sit in chunks (leaves) under a tree of 16-way branches (a
 //! persistent vector, as Clojure's and `im`'s are), every chunk full but
 //! the last; the chunk size is a parameter (iptables mode keeps its
-//! 28-byte rules in chunks of 64 and their chains, reference-counted, in
+//! 28-byte rules in chunks of 256 and their chains, reference-counted, in
 //! chunks of 16). Versions share every node they have in common: cloning
 //! a list clones its root pointer, and a push, a pop or a replacement
 //! copies only the nodes on the path to its index ([`Arc::make_mut`]-style:
