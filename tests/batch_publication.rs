@@ -193,3 +193,112 @@ fn a_generation_gap_resyncs_in_full_and_is_counted() {
         );
     }
 }
+
+/// Batches of the source-range test (each rebuilds the surface, a walk of
+/// the plan).
+const EDGE_BATCHES: u32 = 500;
+
+/// The client batch `k` of the source-range test lets in: 10.4.(k / 256).(k % 256).
+fn client(k: u32) -> String {
+    format!("10.4.{}.{}", k >> 8, k & 255)
+}
+
+/// Batch `k` of the source-range test: the load balancer `edge` lets in
+/// only `client(k)` (`loadBalancerSourceRanges`) and sends it to
+/// endpoint `k`. The ranges live in the connection layer's surface, the
+/// endpoints in the mode's table: one batch changes both.
+fn edge_batch(k: u32) -> Vec<Change> {
+    let ep = endpoint(k);
+    let edge = Service::builder("default", "edge")
+        .cluster_ip("10.96.5.1".parse().unwrap())
+        .service_type(ServiceType::LoadBalancer)
+        .load_balancer_ingress("10.200.0.10".parse().unwrap(), IpMode::VIP)
+        .load_balancer_source_range(format!("{}/32", client(k)).parse().unwrap())
+        .port(ServicePortSpec::tcp(80).name("http").target_port(8080))
+        .build()
+        .unwrap();
+    vec![
+        Change::UpsertService(edge),
+        Change::UpsertSlice(slice("edge-1", "edge", &[ep.as_str()], 8080)),
+    ]
+}
+
+/// A batch that changes a load balancer's source ranges and its endpoints
+/// together is seen whole: a reader that a range let in (so it saw the
+/// surface of batch c) must be sent to the endpoint of batch c. Publishing
+/// the surface and the table with two stores lets a reader see the new
+/// endpoint through the old ranges (or the other way round).
+#[test]
+fn source_ranges_and_endpoints_of_one_batch_are_seen_together() {
+    for dp in dataplanes() {
+        let m = dp.mode();
+        let mut table = ServiceTable::new();
+        let mut first = Vec::new();
+        for i in 0..200u32 {
+            let name = format!("other-{i}");
+            let vip = format!("10.97.{}.{}", i >> 8, i & 255);
+            let ep = format!("10.2.{}.{}", i >> 8, i & 255);
+            first.push(Change::UpsertService(service(&name, &vip, 80)));
+            first.push(Change::UpsertSlice(slice(
+                &format!("{name}-1"),
+                &name,
+                &[ep.as_str()],
+                8080,
+            )));
+        }
+        first.extend(edge_batch(0));
+        let cs = table.apply_batch(first).unwrap();
+        dp.sync(&table, &cs, Instant::ZERO);
+        let cluster = flow("10.3.0.1:40000", "10.96.5.1:80");
+        let from = |c: u32| flow(&format!("{}:40000", client(c)), "10.200.0.10:80");
+        let done = AtomicBool::new(false);
+        let dp = &*dp;
+        let checked = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut checked = 0u64;
+                // Bounded: the writer's batches end the loop, and so does
+                // the count.
+                for _ in 0..20_000_000u64 {
+                    if done.load(Ordering::Acquire) {
+                        break;
+                    }
+                    // The table's step, through the cluster IP (no ranges).
+                    let b = dp.route(&cluster, Instant::ZERO).backend();
+                    let j = step(b.expect("the cluster IP forwards"));
+                    for c in [j.saturating_sub(1), j, j + 1] {
+                        match dp.route(&from(c), Instant::ZERO) {
+                            Verdict::Drop => {}
+                            v => {
+                                let x = step(v.backend().expect("forward or drop"));
+                                assert_eq!(
+                                    x, c,
+                                    "{m}: client {c} was let in but sent to the endpoint of \
+                                     step {x}: half a batch"
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+                checked
+            });
+            for k in 1..=EDGE_BATCHES {
+                let cs = table.apply_batch(edge_batch(k)).unwrap();
+                dp.sync(&table, &cs, Instant::ZERO);
+            }
+            done.store(true, Ordering::Release);
+            reader.join().unwrap()
+        });
+        assert!(checked > 0, "{m}: the reader was let in at least once");
+        let last = dp
+            .route(&from(EDGE_BATCHES), Instant::ZERO)
+            .backend()
+            .unwrap();
+        assert_eq!(step(last), EDGE_BATCHES, "{m}");
+        assert_eq!(
+            dp.route(&from(EDGE_BATCHES - 1), Instant::ZERO),
+            Verdict::Drop,
+            "{m}"
+        );
+    }
+}

@@ -14,11 +14,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ahash::{AHashMap, AHashSet};
-use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use super::vs_table::VsTable;
+use super::vs_table::{VsTable, WideRoot};
 
 use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
 use crate::model::flow::{Flow, Forward, Protocol, Verdict};
@@ -250,19 +249,34 @@ type ReplyFrontends = SmallVec<[SocketAddr; 2]>;
 /// reply index.
 type IndexedKeys = SmallVec<[FrontendKey; 4]>;
 
+/// The reply index: backend (protocol, address) -> the frontends listing
+/// it, a persistent table (a sync copies the paths of the keys it changes).
+/// Its trie is the wide one: a cluster has several backends per service.
+pub(crate) type Replies = VsTable<ReplyFrontends, WideRoot<ReplyFrontends>>;
+
+/// Everything a sync makes visible to readers, published with one pointer
+/// store: the mode's table `T`, the [`Surface`] and the reply index. A
+/// reader loads it once per packet, so it sees a batch whole: never the
+/// new source ranges of a frontend beside its old endpoints, or the other
+/// way round.
+#[derive(Debug)]
+pub(crate) struct Snapshot<T> {
+    /// The mode's lookup structure.
+    pub(crate) table: T,
+    /// The source-dependent rules.
+    pub(crate) surface: Arc<Surface>,
+    /// Replies without the planner's lock.
+    pub(crate) replies: Arc<Replies>,
+}
+
 /// The tracker (if on) and the per-backend connection counts.
 #[derive(Debug)]
 pub(crate) struct ConnLayer {
     tracker: Option<Conntrack>,
     counts: Arc<ConnectionCounts>,
-    surface: ArcSwap<Surface>,
     cluster_cidrs: Box<[Cidr]>,
     masquerade_all: bool,
-    /// Replies without the planner's lock: backend (protocol, address) ->
-    /// the frontends listing it, a persistent table (a sync copies the
-    /// paths of the keys it changes) published whole per sync.
-    replies: ArcSwap<VsTable<ReplyFrontends>>,
-    /// Writer side of `replies` (taken only by `publish`, under the
+    /// Writer side of the reply index (taken only by `publish`, under the
     /// planner's lock): the keys each frontend indexed.
     indexed: Mutex<AHashMap<FrontendId, IndexedKeys>>,
 }
@@ -277,15 +291,22 @@ impl ConnLayer {
         ConnLayer {
             tracker: config.map(|c| Conntrack::with_counts(c.clone(), Arc::clone(&counts))),
             counts,
-            surface: ArcSwap::from_pointee(Surface {
-                cluster_cidrs: cluster_cidrs.into(),
-                masquerade_all,
-                ..Surface::default()
-            }),
             cluster_cidrs: cluster_cidrs.into(),
             masquerade_all,
-            replies: ArcSwap::from_pointee(VsTable::default()),
             indexed: Mutex::new(AHashMap::new()),
+        }
+    }
+
+    /// The snapshot of an empty plan around `table`.
+    pub(crate) fn empty<T>(&self, table: T) -> Snapshot<T> {
+        Snapshot {
+            table,
+            surface: Arc::new(Surface {
+                cluster_cidrs: self.cluster_cidrs.clone(),
+                masquerade_all: self.masquerade_all,
+                ..Surface::default()
+            }),
+            replies: Arc::default(),
         }
     }
 
@@ -293,7 +314,12 @@ impl ConnLayer {
     /// keys of the frontends the diff names (what they indexed before and
     /// what they list now) are recomputed from the planner, so a sync costs
     /// O(the diff), not O(the plan).
-    fn publish_replies(&self, planner: &Planner, diff: &PlanDiff) {
+    fn publish_replies(
+        &self,
+        planner: &Planner,
+        diff: &PlanDiff,
+        current: &Arc<Replies>,
+    ) -> Arc<Replies> {
         let keys_of = |id: FrontendId| -> Option<IndexedKeys> {
             let fe = planner.frontend(id)?;
             let mut keys = IndexedKeys::new();
@@ -332,9 +358,9 @@ impl ConnLayer {
                 }
             }
             if affected.is_empty() {
-                return;
+                return Arc::clone(current);
             }
-            (**self.replies.load()).clone()
+            (**current).clone()
         };
         for key in affected {
             let fronts: ReplyFrontends = planner
@@ -347,7 +373,7 @@ impl ConnLayer {
                 table.insert(key, Arc::new(fronts));
             }
         }
-        self.replies.store(Arc::new(table));
+        Arc::new(table)
     }
 
     /// The tracked connection a reply from `reply.src` (a backend) to
@@ -357,13 +383,13 @@ impl ConnLayer {
     /// Takes no lock beside the tracker shard's; allocates nothing.
     pub(crate) fn reply_of(
         &self,
+        replies: &Replies,
         reply: &Flow,
         flags: Option<TcpFlags>,
         now: Instant,
     ) -> Option<Tracked> {
         let ct = self.tracker.as_ref()?;
-        let table = self.replies.load();
-        let fronts = table.get(&FrontendKey::new(reply.protocol, reply.src))?;
+        let fronts = replies.get(&FrontendKey::new(reply.protocol, reply.src))?;
         for fe in fronts.iter() {
             let orig = Flow::new(reply.protocol, reply.dst, *fe);
             let found = match flags {
@@ -379,15 +405,23 @@ impl ConnLayer {
         None
     }
 
-    /// Publishes the source-dependent rules of `planner`'s frontends after
-    /// the change `diff`: rebuilt (a walk of the plan) only when the change
-    /// touches an external frontend, so cluster-IP churn costs a scan of
-    /// the diff and nothing more.
-    pub(crate) fn publish(&self, planner: &Planner, diff: &PlanDiff) {
-        self.publish_replies(planner, diff);
-        let current = self.surface.load();
+    /// The snapshot that follows `current` after the change `diff`, around
+    /// the mode's new `table`: the reply index updated for the frontends
+    /// the diff names, and the source-dependent rules rebuilt (a walk of
+    /// the plan) only when the change touches an external frontend, so
+    /// cluster-IP churn costs a scan of the diff and nothing more. The
+    /// caller publishes it with one store.
+    pub(crate) fn next<T, U>(
+        &self,
+        planner: &Planner,
+        diff: &PlanDiff,
+        current: &Snapshot<U>,
+        table: T,
+    ) -> Snapshot<T> {
+        let replies = self.publish_replies(planner, diff, &current.replies);
+        let now = &current.surface;
         let external = |id: &FrontendId| {
-            current.by_id.contains_key(id)
+            now.by_id.contains_key(id)
                 || planner
                     .frontend(*id)
                     .is_some_and(|f| f.kind().is_external())
@@ -398,16 +432,21 @@ impl ConnLayer {
             || diff
                 .removed
                 .iter()
-                .any(|(id, _)| current.by_id.contains_key(id));
-        if !touched {
-            return;
+                .any(|(id, _)| now.by_id.contains_key(id));
+        let surface = if touched {
+            Arc::new(Surface::build(
+                planner,
+                &self.cluster_cidrs,
+                self.masquerade_all,
+            ))
+        } else {
+            Arc::clone(now)
+        };
+        Snapshot {
+            table,
+            surface,
+            replies,
         }
-        drop(current);
-        self.surface.store(Arc::new(Surface::build(
-            planner,
-            &self.cluster_cidrs,
-            self.masquerade_all,
-        )));
     }
 
     pub(crate) fn tracker(&self) -> Option<&Conntrack> {
@@ -423,7 +462,8 @@ impl ConnLayer {
         self.counts.total(id) > 0
     }
 
-    /// One packet of `flow` with `flags`; `schedule` decides a new
+    /// One packet of `flow` with `flags`, under `surface` (from the same
+    /// [`Snapshot`] as the table `schedule` reads); `schedule` decides a new
     /// connection to the destination of the flow it is given (the packet's
     /// own, or the cluster IP a short-circuit redirects to). `rng` draws a
     /// short-circuit's pick among the Cluster-policy endpoints when the
@@ -431,8 +471,10 @@ impl ConnLayer {
     /// `KUBE-SVC-` chain (`-m statistic --mode random`) and nftables
     /// `service-` chain (`numgen random`) do.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn packet(
         &self,
+        surface: &Surface,
         states: &BackendStates,
         flow: &Flow,
         flags: TcpFlags,
@@ -440,7 +482,6 @@ impl ConnLayer {
         rng: &SeededRng,
         mut schedule: impl FnMut(&Flow) -> Scheduled,
     ) -> Verdict {
-        let surface = self.surface.load();
         if let Some(ct) = &self.tracker {
             if let Some(hit) = ct.lookup(flow, flags, now) {
                 match states.state(hit.backend) {
@@ -477,7 +518,7 @@ impl ConnLayer {
                 }
             }
         }
-        self.schedule_new(&surface, states, flow, flags, now, rng, &[], |f, _| {
+        self.schedule_new(surface, states, flow, flags, now, rng, &[], |f, _| {
             schedule(f)
         })
     }
@@ -489,8 +530,10 @@ impl ConnLayer {
     /// `schedule` honours the exclusion it is given (a `ClientIP` pin to an
     /// excluded backend is replaced). A forward is tracked as a new
     /// connection.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn route_excluding(
         &self,
+        surface: &Surface,
         states: &BackendStates,
         flow: &Flow,
         exclude: &[BackendId],
@@ -498,7 +541,6 @@ impl ConnLayer {
         rng: &SeededRng,
         schedule: impl FnMut(&Flow, &[BackendId]) -> Scheduled,
     ) -> Verdict {
-        let surface = self.surface.load();
         if let Some(ct) = &self.tracker {
             ct.remove(flow);
         }
@@ -506,7 +548,7 @@ impl ConnLayer {
             Protocol::Tcp => TcpFlags::SYN,
             _ => TcpFlags::NONE,
         };
-        self.schedule_new(&surface, states, flow, flags, now, rng, exclude, schedule)
+        self.schedule_new(surface, states, flow, flags, now, rng, exclude, schedule)
     }
 
     /// A new connection: the source-dependent rules, then the mode's

@@ -35,7 +35,7 @@ use arc_swap::ArcSwap;
 use arc_swap::cache::Cache;
 use parking_lot::Mutex;
 
-use super::conn::{ConnLayer, Scheduled};
+use super::conn::{ConnLayer, Scheduled, Snapshot};
 use super::{Candidates, Dataplane, DataplaneConfig, Mode};
 use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry};
 use crate::conntrack::{TcpFlags, Tracked};
@@ -117,7 +117,8 @@ struct Shared {
     mode: Mode,
     rng: SeededRng,
     readers: AtomicU64,
-    table: Arc<ArcSwap<VsTable>>,
+    /// The table with the surface and reply index: one store per batch.
+    table: Arc<ArcSwap<Snapshot<VsTable>>>,
     affinity: AffinityTable,
     /// Affinity scopes by virtual service; locked by sync and inspection.
     scopes: Mutex<ScopeRegistry>,
@@ -139,7 +140,7 @@ pub struct IpvsDataplane {
 #[derive(Debug)]
 pub struct IpvsReader {
     shared: Arc<Shared>,
-    table: Cache<Arc<ArcSwap<VsTable>>, Arc<VsTable>>,
+    table: Cache<Arc<ArcSwap<Snapshot<VsTable>>>, Arc<Snapshot<VsTable>>>,
     rng: SeededRng,
     /// This reader's own `rr`/`wrr` positions, by frontend id (unless
     /// [`DataplaneConfig::global_rotation`]).
@@ -186,21 +187,26 @@ impl IpvsReader {
         now: Instant,
     ) -> Verdict {
         let shared = &*self.shared;
-        let table = self.table.load();
+        let snap = self.table.load();
+        let (table, surface) = (&snap.table, &*snap.surface);
         let rng = &self.rng;
         let rotations = &mut self.rotations;
         let local = !shared.config.global_rotation;
-        shared
-            .conn
-            .packet(&shared.states, flow, flags, now, rng, |flow| {
-                match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                    None => Scheduled::NotAService,
-                    Some(state) => {
-                        let rotation = local.then(|| rotation_of(rotations, state.frontend));
-                        shared.decide(state, flow, key, now, rng, rotation, &[])
-                    }
+        shared.conn.packet(
+            surface,
+            &shared.states,
+            flow,
+            flags,
+            now,
+            rng,
+            |flow| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                None => Scheduled::NotAService,
+                Some(state) => {
+                    let rotation = local.then(|| rotation_of(rotations, state.frontend));
+                    shared.decide(state, flow, key, now, rng, rotation, &[])
                 }
-            })
+            },
+        )
     }
 
     /// A retry without the backends whose connect failed, as
@@ -213,26 +219,26 @@ impl IpvsReader {
         now: Instant,
     ) -> Verdict {
         let shared = &*self.shared;
-        let table = self.table.load();
+        let snap = self.table.load();
+        let (table, surface) = (&snap.table, &*snap.surface);
         let rng = &self.rng;
         let rotations = &mut self.rotations;
         let local = !shared.config.global_rotation;
-        shared
-            .conn
-            .route_excluding(
-                &shared.states,
-                flow,
-                exclude,
-                now,
-                rng,
-                |flow, exclude| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                    None => Scheduled::NotAService,
-                    Some(state) => {
-                        let rotation = local.then(|| rotation_of(rotations, state.frontend));
-                        shared.decide(state, flow, key, now, rng, rotation, exclude)
-                    }
-                },
-            )
+        shared.conn.route_excluding(
+            surface,
+            &shared.states,
+            flow,
+            exclude,
+            now,
+            rng,
+            |flow, exclude| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+                None => Scheduled::NotAService,
+                Some(state) => {
+                    let rotation = local.then(|| rotation_of(rotations, state.frontend));
+                    shared.decide(state, flow, key, now, rng, rotation, exclude)
+                }
+            },
+        )
     }
 }
 
@@ -252,7 +258,7 @@ impl Shared {
             rng: SeededRng::new(config.seed),
             readers: AtomicU64::new(0),
             affinity: AffinityTable::new(config.affinity.clone(), config.seed),
-            table: Arc::new(ArcSwap::from_pointee(VsTable::default())),
+            table: Arc::new(ArcSwap::from_pointee(conn.empty(VsTable::default()))),
             scopes: Mutex::new(ScopeRegistry::default()),
             states: Arc::clone(planner.states()),
             planner: Mutex::new(planner),
@@ -338,17 +344,18 @@ impl Shared {
 
     /// Publishes a plan diff as one new version of the table: removed
     /// virtual services leave it, added and changed ones get new states,
-    /// and one pointer store makes the whole batch visible at once. Each
-    /// change copies only its key's path in the trie, so its cost does not
-    /// depend on the number of services.
+    /// and one pointer store makes the whole batch visible at once, with
+    /// the surface and the reply index of the same plan. Each change copies
+    /// only its key's path in the trie, so its cost does not depend on the
+    /// number of services.
     fn apply(&self, planner: &Planner, diff: &PlanDiff) {
         let mut scopes = self.scopes.lock();
         let scopes = &mut *scopes;
         let current = self.table.load_full();
-        if diff.full {
-            let mut fresh = current.empty_like();
+        let next = if diff.full {
+            let mut fresh = current.table.empty_like();
             for fe in planner.frontends() {
-                let old = current.get(&fe.key());
+                let old = current.table.get(&fe.key());
                 let st = self.build_state(fe, old.map(|o| &**o), scopes);
                 fresh.insert(fe.key(), Arc::new(st));
             }
@@ -358,27 +365,25 @@ impl Shared {
             scopes.retain_vs(&self.affinity, |vs| {
                 fresh.contains_key(&FrontendKey::new(vs.0, vs.1))
             });
-            self.table.store(Arc::new(fresh));
-            return;
-        }
-        let mut next: VsTable = (*current).clone();
-        let mut touched = false;
-        for (_, key) in &diff.removed {
-            scopes.remove_vs(&self.affinity, (key.protocol, key.socket_addr()));
-            touched |= next.remove(key).is_some();
-        }
-        for id in diff.added.iter().chain(&diff.changed) {
-            let Some(fe) = planner.frontend(*id) else {
-                continue;
-            };
-            let old = next.get(&fe.key()).cloned();
-            let st = self.build_state(fe, old.as_deref(), scopes);
-            next.insert(fe.key(), Arc::new(st));
-            touched = true;
-        }
-        if touched {
-            self.table.store(Arc::new(next));
-        }
+            fresh
+        } else {
+            let mut next: VsTable = current.table.clone();
+            for (_, key) in &diff.removed {
+                scopes.remove_vs(&self.affinity, (key.protocol, key.socket_addr()));
+                next.remove(key);
+            }
+            for id in diff.added.iter().chain(&diff.changed) {
+                let Some(fe) = planner.frontend(*id) else {
+                    continue;
+                };
+                let old = next.get(&fe.key()).cloned();
+                let st = self.build_state(fe, old.as_deref(), scopes);
+                next.insert(fe.key(), Arc::new(st));
+            }
+            next
+        };
+        let snap = self.conn.next(planner, diff, &current, next);
+        self.table.store(Arc::new(snap));
     }
 
     /// What a new connection to the virtual service `state` gets.
@@ -445,8 +450,10 @@ impl Shared {
 
     #[inline]
     fn packet(&self, flow: &Flow, key: Option<u64>, flags: TcpFlags, now: Instant) -> Verdict {
-        let table = self.table.load();
+        let snap = self.table.load();
+        let table = &snap.table;
         self.conn.packet(
+            &snap.surface,
             &self.states,
             flow,
             flags,
@@ -466,8 +473,10 @@ impl Shared {
         exclude: &[BackendId],
         now: Instant,
     ) -> Verdict {
-        let table = self.table.load();
+        let snap = self.table.load();
+        let table = &snap.table;
         self.conn.route_excluding(
+            &snap.surface,
             &self.states,
             flow,
             exclude,
@@ -484,11 +493,11 @@ impl Shared {
         let mut planner = self.planner.lock();
         let diff = planner.update(table, changes, now, |id| self.conn.has_connections(id));
         self.apply(&planner, &diff);
-        self.conn.publish(&planner, &diff);
     }
 
     fn reply(&self, reply: &Flow, flags: Option<TcpFlags>, now: Instant) -> Option<Tracked> {
-        self.conn.reply_of(reply, flags, now)
+        self.conn
+            .reply_of(&self.table.load().replies, reply, flags, now)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -501,13 +510,12 @@ impl Shared {
         let diff = planner.handle_timeout(now, |id| self.conn.has_connections(id));
         if !diff.is_empty() {
             self.apply(&planner, &diff);
-            self.conn.publish(&planner, &diff);
         }
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {
-        let table = self.table.load();
-        let Some(state) = table.get(&FrontendKey::new(protocol, dst)) else {
+        let snap = self.table.load();
+        let Some(state) = snap.table.get(&FrontendKey::new(protocol, dst)) else {
             return Candidates::NotAService;
         };
         match state.outcome {
@@ -570,7 +578,7 @@ impl IpvsDataplane {
 
     /// The number of virtual services.
     pub fn virtual_service_count(&self) -> usize {
-        self.shared.table.load().len()
+        self.shared.table.load().table.len()
     }
 
     /// The connection tracker, when tracking is on.
@@ -611,7 +619,8 @@ impl IpvsDataplane {
     /// ```
     pub fn virtual_services(&self) -> Vec<VirtualServiceInfo> {
         let planner = self.shared.planner.lock();
-        let table = self.shared.table.load();
+        let snap = self.shared.table.load();
+        let table = &snap.table;
         let counts = self.shared.conn.counts();
         let mut out = Vec::with_capacity(table.len());
         for fe in planner.frontends() {

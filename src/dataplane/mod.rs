@@ -2,7 +2,8 @@
 //! to, and its implementations.
 //!
 //! - [`IptablesDataplane`]: kube-proxy's iptables mode, a flat, ordered rule
-//!   list walked in order; every change recompiles it.
+//!   list walked in order; the list is persistent, so a change replaces
+//!   only its service's rules.
 //! - [`IpvsDataplane`]: kube-proxy's IPVS mode, a hash table of virtual
 //!   services with a scheduler each; a change touches only its service.
 //! - [`NftablesDataplane`]: kube-proxy's nftables mode, a verdict map found
@@ -25,6 +26,7 @@ mod conn;
 mod iptables;
 mod ipvs;
 mod nftables;
+mod rule_list;
 mod vs_table;
 
 use core::fmt;

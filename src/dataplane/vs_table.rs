@@ -28,7 +28,7 @@ use crate::plan::FrontendKey;
 type Entry<V> = (u64, FrontendKey, Arc<V>);
 
 /// A level of the trie: a branch of children, or a leaf.
-trait Level<V>: Sized {
+pub(crate) trait Level<V>: Sized {
     fn empty() -> Self;
     fn copy(&self) -> Self;
     /// `shift`: the hash bits the levels above used.
@@ -43,7 +43,7 @@ trait Level<V>: Sized {
 /// A branch of `N` children (a power of two), inline: one pointer to
 /// follow per level.
 #[derive(Debug)]
-struct Branch<C, const N: usize> {
+pub(crate) struct Branch<C, const N: usize> {
     children: [Option<Arc<C>>; N],
 }
 
@@ -59,7 +59,7 @@ impl<C, const N: usize> Branch<C, N> {
 
 /// A leaf: its few entries inline.
 #[derive(Debug)]
-struct Leaf<V> {
+pub(crate) struct Leaf<V> {
     entries: SmallVec<[Entry<V>; 2]>,
 }
 
@@ -168,7 +168,18 @@ impl<V> Level<V> for Leaf<V> {
 /// children (32,768 leaves). A change copies one node per level; the
 /// lowest level is the narrowest because its children (the leaves) are
 /// the ones least likely to be in cache when their counts are touched.
-type Root<V> = Branch<Branch<Branch<Leaf<V>, 8>, 64>, 64>;
+pub(crate) type Root<V> = Branch<Branch<Branch<Leaf<V>, 8>, 64>, 64>;
+
+/// A root for about ten times as many keys (the reply index holds one key
+/// per backend, five or more per service): six branch levels of 8
+/// children each (262,144 leaves), so that 500,000 keys still leave a
+/// couple per leaf. A branch of 8 is one cache line, and copying it
+/// touches the reference counts of 8 children: a change costs 48 such
+/// touches per key, where the 64/64/8/8 layout cost 144 and [`Root`] with
+/// its 32,768 leaves (about 15 keys each at 500,000) copied every key of a
+/// leaf too.
+pub(crate) type WideRoot<V> =
+    Branch<Branch<Branch<Branch<Branch<Branch<Leaf<V>, 8>, 8>, 8>, 8>, 8>, 8>;
 
 /// Children of the root.
 #[cfg(test)]
@@ -177,41 +188,45 @@ const FANOUT: usize = 64;
 /// A persistent map from frontend keys to shared values; see the module
 /// docs.
 #[derive(Debug)]
-pub(crate) struct VsTable<V> {
+pub(crate) struct VsTable<V, R: Level<V> = Root<V>> {
     hasher: ahash::RandomState,
-    root: Root<V>,
+    root: R,
     len: usize,
+    _values: core::marker::PhantomData<fn() -> V>,
 }
 
-impl<V> Default for VsTable<V> {
+impl<V, R: Level<V>> Default for VsTable<V, R> {
     fn default() -> Self {
         VsTable {
             hasher: ahash::RandomState::new(),
-            root: Root::empty(),
+            root: R::empty(),
             len: 0,
+            _values: core::marker::PhantomData,
         }
     }
 }
 
-impl<V> Clone for VsTable<V> {
+impl<V, R: Level<V>> Clone for VsTable<V, R> {
     /// A new version sharing every node: copies the root's child pointers.
     fn clone(&self) -> Self {
         VsTable {
             hasher: self.hasher.clone(),
             root: self.root.copy(),
             len: self.len,
+            _values: core::marker::PhantomData,
         }
     }
 }
 
-impl<V> VsTable<V> {
+impl<V, R: Level<V>> VsTable<V, R> {
     /// An empty table hashing like `self` (so that a rebuilt table keeps
     /// the same layout).
     pub(crate) fn empty_like(&self) -> Self {
         VsTable {
             hasher: self.hasher.clone(),
-            root: Root::empty(),
+            root: R::empty(),
             len: 0,
+            _values: core::marker::PhantomData,
         }
     }
 
