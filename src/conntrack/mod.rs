@@ -16,9 +16,12 @@
 //!   backward-shift deletion): one for all-IPv4 connections (40 bytes an
 //!   entry), one for the rest (IPv6, mixed families; 104 bytes).
 //! - Bound: the capacity is split evenly among the shards; a shard at its
-//!   share evicts before it inserts. Tables grow by doubling up to 4/3 of
-//!   the shard's share (load 0.75 at the bound) and never again, so a warm
-//!   tracker allocates nothing.
+//!   share evicts before it inserts. Tables grow in steps (16 slots, ×8
+//!   while a step is at most 1/64 of the last, then 4/3 of the shard's
+//!   share: load 0.75 at the bound) and never again, so a warm tracker
+//!   allocates nothing. The arrays of the earlier steps stay allocated (at
+//!   most 1/56 of the last), so that packet threads read the current one
+//!   with a plain atomic load.
 //! - Keyed hashing: shard and slot come from ahash keyed with a secret
 //!   ([`ConntrackConfig::hash_key`], by default drawn from the OS), so that
 //!   clients, who choose their addresses and ports, cannot aim their flows
@@ -101,11 +104,11 @@ pub use config::{ConntrackConfig, DEFAULT_CONNTRACK_CAPACITY, MAX_CONNTRACK_CAPA
 pub use state::{ConnState, Direction, ParseTcpFlagsError, SctpState, TcpFlags, TcpState};
 pub use timeouts::Timeouts;
 
-use arc_swap::ArcSwap;
 use counts::BackendCounts;
 use state::{STATE_CODES, Transitions, is_active_code};
+use std::sync::Arc;
 use table::{
-    Layout, Slots, Table, V4, V4Key, Wide, WideKey, WriteSeq, code_of, max_slots, with_code,
+    Layout, Levels, Table, V4, V4Key, Wide, WideKey, WriteSeq, code_of, max_slots, with_code,
 };
 
 use crate::{Flow, Instant};
@@ -174,9 +177,9 @@ struct Shard {
     inner: Mutex<ShardInner>,
     /// Odd while the writer moves entries ([`WriteSeq`]).
     seq: AtomicU64,
-    /// The current slot arrays, for lock-free reads.
-    v4: ArcSwap<Slots<V4>>,
-    wide: ArcSwap<Slots<Wide>>,
+    /// The slot arrays, for lock-free reads.
+    v4: Arc<Levels<V4>>,
+    wide: Arc<Levels<Wide>>,
     /// `inner.wide.len()`, readable without the lock.
     wide_len: AtomicUsize,
     /// `inner.len()`, readable without the lock.
@@ -255,8 +258,13 @@ fn sweep<L: Layout>(
     if n == 0 {
         return 0;
     }
+    // At most `budget` slots passed and `budget` entries removed (a
+    // removal shifts the next entry into the same slot, which is then
+    // examined again), so a pass over `n` slots takes ceil(n / budget)
+    // steps.
     let mut removed = 0;
-    for _ in 0..budget.min(n) {
+    let mut passed = 0;
+    while passed < budget.min(n) && removed < budget {
         if *cursor >= n {
             *cursor = 0;
         }
@@ -277,6 +285,7 @@ fn sweep<L: Layout>(
             slots.unlock(i, ctl);
         }
         *cursor += 1;
+        passed += 1;
     }
     removed
 }
@@ -298,8 +307,8 @@ impl Conntrack {
         let shards = (0..n)
             .map(|i| {
                 let bound = cap / n + usize::from(i < cap % n);
-                let v4 = ArcSwap::from_pointee(Slots::new(0));
-                let wide = ArcSwap::from_pointee(Slots::new(0));
+                let v4 = Arc::new(Levels::new(max_slots(bound)));
+                let wide = Arc::new(Levels::new(max_slots(bound)));
                 Shard {
                     inner: Mutex::new(ShardInner {
                         v4: Table::new(max_slots(bound), &v4),
@@ -424,7 +433,7 @@ impl Conntrack {
     ) -> Fast<R> {
         let seq = shard.seq.load(Ordering::Acquire);
         if let Place::V4 { key, hash } = place {
-            let t = shard.v4.load();
+            let t = shard.v4.current();
             if let Ok(i) = t.find(key, *hash) {
                 return match t.lock_fast(i, key, *hash) {
                     Some(ctl) => {
@@ -439,7 +448,7 @@ impl Conntrack {
         if matches!(place, Place::Wide) || shard.wide_len.load(Ordering::Relaxed) != 0 {
             let key = WideKey::of(flow);
             let hash = self.wide_hash(flow) as u32;
-            let t = shard.wide.load();
+            let t = shard.wide.current();
             if let Ok(i) = t.find(&key, hash) {
                 return match t.lock_fast(i, &key, hash) {
                     Some(ctl) => {
@@ -682,14 +691,12 @@ impl Conntrack {
         match (&place, backend_addr) {
             (Place::V4 { key, hash }, SocketAddr::V4(baddr)) => {
                 let e = key.entry(*hash, frontend, backend, baddr, state, expires);
-                inner.v4.insert_absent(&e, hint, &shard.v4, &mut seq);
+                inner.v4.insert_absent(&e, hint, &mut seq);
             }
             _ => {
                 let h = self.wide_hash(flow) as u32;
                 let e = wide_key().entry(h, frontend, backend, backend_addr, state, expires);
-                inner
-                    .wide
-                    .insert_absent(&e, usize::MAX, &shard.wide, &mut seq);
+                inner.wide.insert_absent(&e, usize::MAX, &mut seq);
             }
         }
         self.counts.add(backend.0, state.is_active());
@@ -760,10 +767,10 @@ impl Conntrack {
         }
     }
 
-    /// One sweep step: in every shard, examines at most
+    /// One sweep step: in every shard, moves past at most
     /// [`reap_batch`](ConntrackConfig::reap_batch) slots from where the
-    /// last step stopped and removes the expired entries (counts updated),
-    /// under that shard's lock only. Returns how many it removed. A full
+    /// last step stopped and removes the expired entries among them (at
+    /// most `reap_batch`; counts updated), under that shard's lock only. Returns how many it removed. A full
     /// pass over a shard takes `slots / reap_batch` steps (rounded up), so
     /// an entry is reaped at most that many sweep intervals after it
     /// expires. Schedules the next step one sweep interval after `now`.
@@ -1054,7 +1061,11 @@ mod tests {
         };
         let b6: SocketAddr = "[fd00::99]:80".parse().unwrap();
         let churn = |round: u32, i: u32| flow(1_000_000 + round * 10_000 + i);
-        for round in 0..30u32 {
+        for round in 0..60u32 {
+            // Even rounds grow the table under the readers (10 entries in
+            // the first 16 slots, 12 the limit); odd ones start in the
+            // largest array, with the watched flows behind 1,000 others.
+            let (initial, watched) = if round % 2 == 0 { (0, 10) } else { (1000, 50) };
             let ct = Conntrack::new(
                 ConntrackConfig::new(4096)
                     .unwrap()
@@ -1062,7 +1073,7 @@ mod tests {
                     .unwrap()
                     .hash_key([3, 1, 4, u64::from(round)]),
             );
-            for i in 0..1000 {
+            for i in 0..initial {
                 ct.insert(
                     &churn(round, i),
                     FrontendId(1),
@@ -1072,10 +1083,10 @@ mod tests {
                     t0,
                 );
             }
-            for i in 0..250 {
+            for i in 0..watched {
                 ct.insert(&flow(i), FrontendId(0), backend(i), B, TcpFlags::ACK, t0);
             }
-            for i in 0..60 {
+            for i in 0..30 {
                 ct.insert(&v6(i), FrontendId(0), backend(i), b6, TcpFlags::ACK, t0);
             }
             let stop = std::sync::atomic::AtomicBool::new(false);
@@ -1090,11 +1101,11 @@ mod tests {
                                 if rounds == 1 {
                                     started.fetch_add(1, Ordering::Relaxed);
                                 }
-                                for i in (r..250).step_by(2) {
+                                for i in (r..watched).step_by(2) {
                                     let hit = ct.lookup(&flow(i), TcpFlags::ACK, t0);
                                     assert_eq!(hit.map(|h| h.backend), Some(backend(i)), "{i}");
                                 }
-                                for i in (r..60).step_by(2) {
+                                for i in (r..30).step_by(2) {
                                     let hit = ct.get(&v6(i), t0);
                                     assert_eq!(hit.map(|h| h.backend_addr), Some(b6), "v6 {i}");
                                 }
@@ -1109,8 +1120,7 @@ mod tests {
                 {
                     std::thread::yield_now();
                 }
-                // Growth (1,310 entries in 2,048 slots; 1,536 is the limit).
-                for i in 1000..1600 {
+                for i in initial..1600 {
                     ct.insert(
                         &churn(round, i),
                         FrontendId(1),
@@ -1127,7 +1137,7 @@ mod tests {
                 ct.retain(|t| t.backend != BackendId(99) || t.flow.src.port() % 3 != 0);
                 // The rest expire (SYN_RECV: 60 s); the watched are ESTABLISHED.
                 let late = t0 + Duration::from_secs(61);
-                while ct.len() > 310 {
+                while ct.len() > watched as usize + 30 {
                     ct.handle_timeout(late);
                 }
                 stop.store(true, Ordering::Relaxed);
@@ -1135,7 +1145,7 @@ mod tests {
                     r.join().unwrap();
                 }
             });
-            assert_eq!(ct.len(), 310);
+            assert_eq!(ct.len(), watched as usize + 30);
         }
     }
 

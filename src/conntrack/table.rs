@@ -22,10 +22,8 @@
 
 use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use super::state::ConnState;
 use super::{BackendId, FrontendId, Tracked};
@@ -578,10 +576,66 @@ impl Drop for WriteSeq<'_> {
     }
 }
 
+/// A table's slot arrays, shared between the shard's writer and the packet
+/// threads: one array per size step (16 slots, ×8 while a step is at most
+/// 1/64 of the maximum, then the maximum), each allocated when the table
+/// first grows to it and kept for the tracker's life, so that a packet
+/// thread reads the current one with one atomic load and no reference
+/// count. The arrays below the last add at most 1/56 of its size.
+pub(crate) struct Levels<L> {
+    empty: Slots<L>,
+    levels: Box<[(usize, OnceLock<Slots<L>>)]>,
+    /// The current array: 0 for `empty`, `k + 1` for `levels[k]`.
+    current: AtomicUsize,
+}
+
+impl<L: Layout> Levels<L> {
+    /// The size steps up to `max_slots`.
+    pub(crate) fn new(max_slots: usize) -> Self {
+        let mut sizes = Vec::new();
+        let mut n = MIN_SLOTS;
+        while n.saturating_mul(64) <= max_slots {
+            sizes.push(n);
+            n *= 8;
+        }
+        sizes.push(max_slots);
+        Levels {
+            empty: Slots::new(0),
+            levels: sizes.into_iter().map(|n| (n, OnceLock::new())).collect(),
+            current: AtomicUsize::new(0),
+        }
+    }
+
+    /// The array at step `k` (0: the empty one).
+    #[inline]
+    fn at(&self, k: usize) -> &Slots<L> {
+        match k.checked_sub(1).and_then(|i| self.levels.get(i)) {
+            Some((_, a)) => a.get().unwrap_or(&self.empty),
+            None => &self.empty,
+        }
+    }
+
+    /// The current array, for a packet thread.
+    #[inline]
+    pub(crate) fn current(&self) -> &Slots<L> {
+        self.at(self.current.load(Ordering::Acquire))
+    }
+
+    fn bytes(&self) -> usize {
+        self.levels
+            .iter()
+            .filter_map(|(_, a)| a.get())
+            .map(|a| a.words.len() * size_of::<AtomicU64>())
+            .sum()
+    }
+}
+
 /// The writer's side of one table (held under the shard mutex): the
 /// current slot array and its bookkeeping.
 pub(crate) struct Table<L> {
-    slots: Arc<Slots<L>>,
+    levels: Arc<Levels<L>>,
+    /// The current step of `levels`.
+    level: usize,
     len: usize,
     max_slots: usize,
     /// Bumped on every resize (entries move).
@@ -591,10 +645,11 @@ pub(crate) struct Table<L> {
 }
 
 impl<L: Layout> Table<L> {
-    /// An empty table; its (empty) slot array is `published`'s.
-    pub(crate) fn new(max_slots: usize, published: &ArcSwap<Slots<L>>) -> Self {
+    /// An empty table over `levels` (which the packet threads read).
+    pub(crate) fn new(max_slots: usize, levels: &Arc<Levels<L>>) -> Self {
         Table {
-            slots: published.load_full(),
+            levels: Arc::clone(levels),
+            level: 0,
             len: 0,
             max_slots,
             generation: 0,
@@ -609,12 +664,12 @@ impl<L: Layout> Table<L> {
 
     #[inline]
     pub(crate) fn slots(&self) -> &Slots<L> {
-        &self.slots
+        self.levels.at(self.level)
     }
 
     #[inline]
     pub(crate) fn slot_count(&self) -> usize {
-        self.slots.n
+        self.slots().n
     }
 
     pub(crate) fn generation(&self) -> u64 {
@@ -625,39 +680,40 @@ impl<L: Layout> Table<L> {
         self.removals
     }
 
+    /// Bytes of every slot array allocated so far.
     pub(crate) fn memory_bytes(&self) -> usize {
-        self.slots.words.len() * size_of::<AtomicU64>()
+        self.levels.bytes()
     }
 
     /// The home slot of `hash` (the table must have slots).
     #[inline]
     pub(crate) fn home_of(&self, hash: u32) -> usize {
-        self.slots.home(hash)
+        self.slots().home(hash)
     }
 
     /// As [`Slots::find`], stable under the shard mutex.
     #[inline]
     pub(crate) fn find(&self, key: &L::Key, hash: u32) -> Result<usize, usize> {
-        self.slots.find(key, hash)
+        self.slots().find(key, hash)
     }
 
     /// Whether inserting one more entry would grow the table.
     #[inline]
     fn needs_growth(&self) -> bool {
-        let n = self.slots.n;
-        n < self.max_slots && (self.len + 1) * 4 > n * 3
+        let n = self.slot_count();
+        n < self.max_slots && self.level < self.levels.levels.len() && (self.len + 1) * 4 > n * 3
     }
 
-    /// Grows geometrically (doubling, the last step to `max_slots`) and
-    /// publishes the new array. Every slot of the old array is left locked
-    /// (frozen), so that no packet thread updates an entry after it was
-    /// copied; one that meets a frozen slot takes the shard lock and finds
-    /// the new array.
-    fn grow(&mut self, published: &ArcSwap<Slots<L>>, seq: &mut WriteSeq<'_>) {
+    /// Grows to the next size step and publishes it. Every slot of the old
+    /// array is left locked (frozen), so that no packet thread updates an
+    /// entry after it was copied; one that meets a frozen slot takes the
+    /// shard lock and finds the new array.
+    fn grow(&mut self, seq: &mut WriteSeq<'_>) {
         seq.moving();
-        let n = (self.slots.n * 2).max(MIN_SLOTS).min(self.max_slots);
-        let new = Slots::<L>::new(n);
-        let old = &self.slots;
+        let levels = &*self.levels;
+        let (n, cell) = &levels.levels[self.level];
+        let new = cell.get_or_init(|| Slots::new(*n));
+        let old = levels.at(self.level);
         for i in 0..old.n {
             let ctl = old.lock(i);
             if code_of(ctl) != 0 {
@@ -672,27 +728,20 @@ impl<L: Layout> Table<L> {
                 dst[0].store(ctl, Ordering::Relaxed);
             }
         }
-        let new = Arc::new(new);
-        published.store(Arc::clone(&new));
-        self.slots = new;
+        self.level += 1;
+        levels.current.store(self.level, Ordering::Release);
         self.generation += 1;
     }
 
     /// Inserts an entry whose key is absent, from its words; `hint` is the
     /// slot a `find` returned as `Err` since the last change, or
     /// `usize::MAX`.
-    pub(crate) fn insert_absent(
-        &mut self,
-        words: &[u64],
-        mut hint: usize,
-        published: &ArcSwap<Slots<L>>,
-        seq: &mut WriteSeq<'_>,
-    ) {
+    pub(crate) fn insert_absent(&mut self, words: &[u64], mut hint: usize, seq: &mut WriteSeq<'_>) {
         if self.needs_growth() {
-            self.grow(published, seq);
+            self.grow(seq);
             hint = usize::MAX;
         }
-        let t = &*self.slots;
+        let t = self.slots();
         let mut i = if hint == usize::MAX {
             t.home(hash_of(words[0]))
         } else {
@@ -707,7 +756,7 @@ impl<L: Layout> Table<L> {
 
     /// Removes the entry at `i` (backward-shift deletion) and returns it.
     pub(crate) fn remove_at(&mut self, i: usize, seq: &mut WriteSeq<'_>) -> Tracked {
-        let ctl = self.slots.lock(i);
+        let ctl = self.slots().lock(i);
         self.remove_locked(i, ctl, seq)
     }
 
@@ -715,7 +764,7 @@ impl<L: Layout> Table<L> {
     /// (`ctl`: its control word).
     pub(crate) fn remove_locked(&mut self, i: usize, ctl: u64, seq: &mut WriteSeq<'_>) -> Tracked {
         seq.moving();
-        let t = &*self.slots;
+        let t = self.levels.at(self.level);
         let n = t.n;
         let removed = tracked::<L>(t.slot(i), ctl);
         let mut hole = i;
@@ -749,7 +798,8 @@ impl<L: Layout> Table<L> {
     /// an entry back by at most one slot, within its run).
     pub(crate) fn back_up(&self, mut i: usize, by: u64) -> usize {
         let mut left = by;
-        while left > 0 && i > 0 && i <= self.slots.n && code_of(self.slots.ctl(i - 1)) != 0 {
+        let t = self.slots();
+        while left > 0 && i > 0 && i <= t.n && code_of(t.ctl(i - 1)) != 0 {
             i -= 1;
             left -= 1;
         }
@@ -758,12 +808,13 @@ impl<L: Layout> Table<L> {
 
     /// The entry at `i`, read under its slot lock; `None` if empty.
     pub(crate) fn read(&self, i: usize) -> Option<Tracked> {
-        if code_of(self.slots.ctl(i)) == 0 {
+        let s = self.slots();
+        if code_of(s.ctl(i)) == 0 {
             return None;
         }
-        let ctl = self.slots.lock(i);
-        let t = tracked::<L>(self.slots.slot(i), ctl);
-        self.slots.unlock(i, ctl);
+        let ctl = s.lock(i);
+        let t = tracked::<L>(s.slot(i), ctl);
+        s.unlock(i, ctl);
         Some(t)
     }
 }
@@ -853,18 +904,18 @@ mod tests {
     #[test]
     fn colliding_inserts_and_removes_keep_every_key_findable() {
         let seq = AtomicU64::new(0);
-        let published = ArcSwap::from_pointee(Slots::<V4>::new(0));
-        let mut t = Table::<V4>::new(max_slots(40), &published);
+        let levels = Arc::new(Levels::<V4>::new(max_slots(40)));
+        let mut t = Table::<V4>::new(max_slots(40), &levels);
         // Few distinct hashes, so that runs form and wrap.
         let hash = |i: u32| (i % 5).wrapping_mul(0x3333_3333) | 0xF000_0000;
         for i in 0..40 {
             let h = hash(i);
             let hint = t.find(&key(i), h).unwrap_err();
-            t.insert_absent(&entry(i, h), hint, &published, &mut WriteSeq::new(&seq));
+            t.insert_absent(&entry(i, h), hint, &mut WriteSeq::new(&seq));
         }
         assert_eq!(t.len(), 40);
         assert_eq!(t.slot_count(), 54);
-        assert_eq!(published.load().count(), 54);
+        assert_eq!(levels.current().count(), 54);
         for i in (0..40).step_by(3) {
             let at = t.find(&key(i), hash(i)).unwrap();
             let gone = t.remove_at(at, &mut WriteSeq::new(&seq));
@@ -887,37 +938,39 @@ mod tests {
     #[test]
     fn a_grown_table_freezes_the_old_slots() {
         let seq = AtomicU64::new(0);
-        let published = ArcSwap::from_pointee(Slots::<V4>::new(0));
-        let mut t = Table::<V4>::new(max_slots(100), &published);
-        t.insert_absent(
-            &entry(1, 5),
-            usize::MAX,
-            &published,
-            &mut WriteSeq::new(&seq),
-        );
-        let old = published.load_full();
+        let levels = Arc::new(Levels::<V4>::new(max_slots(1000)));
+        // Steps of 16, then the maximum.
+        let steps: Vec<usize> = levels.levels.iter().map(|(n, _)| *n).collect();
+        assert_eq!(steps, [16, 1334]);
+        let big = Levels::<V4>::new(max_slots(1 << 20));
+        let steps: Vec<usize> = big.levels.iter().map(|(n, _)| *n).collect();
+        assert_eq!(steps, [16, 128, 1024, 8192, max_slots(1 << 20)]);
+        let small = Levels::<V4>::new(max_slots(100));
+        assert_eq!(small.levels.len(), 1);
+        let mut t = Table::<V4>::new(max_slots(1000), &levels);
+        t.insert_absent(&entry(1, 5), usize::MAX, &mut WriteSeq::new(&seq));
+        let old = levels.current();
+        assert_eq!(old.count(), 16);
         let at = old.find(&key(1), 5).unwrap();
         assert!(old.lock_fast(at, &key(1), 5).is_some_and(|c| {
             old.unlock(at, c);
             true
         }));
         for i in 2..20 {
-            t.insert_absent(
-                &entry(i, i * 977),
-                usize::MAX,
-                &published,
-                &mut WriteSeq::new(&seq),
-            );
+            t.insert_absent(&entry(i, i * 977), usize::MAX, &mut WriteSeq::new(&seq));
         }
-        assert!(t.slot_count() > old.count());
+        assert_eq!(t.slot_count(), 1334);
         // The old array still holds the entry, frozen: a packet thread gives
         // up on it and goes to the shard lock.
         assert_eq!(old.find(&key(1), 5), Ok(at));
         assert_eq!(old.lock_fast(at, &key(1), 5), None);
-        let new = published.load();
+        let new = levels.current();
+        assert_eq!(new.count(), 1334);
         let at = new.find(&key(1), 5).unwrap();
         let c = new.lock_fast(at, &key(1), 5).unwrap();
         new.unlock(at, c);
         assert_eq!(seq.load(Ordering::Relaxed) % 2, 0);
+        // Both arrays stay allocated.
+        assert_eq!(t.memory_bytes(), (16 + 1334) * 40);
     }
 }
