@@ -42,7 +42,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::netns::{Conn, connect, echo, enter, in_ns};
+use common::netns::{connect, connect_from, echo, enter, in_ns};
 
 const T: Duration = Duration::from_secs(5);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 10);
@@ -291,36 +291,6 @@ fn lines(child: &mut Child) -> Receiver<String> {
         }
     });
     rx
-}
-
-/// Connects to `target` from `src` (port chosen by the kernel) and reads
-/// the backend's banner, as `connect` does.
-fn connect_from(src: IpAddr, target: SocketAddr) -> std::io::Result<Conn> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    sock.bind(&SocketAddr::new(src, 0).into())?;
-    sock.connect_timeout(&target.into(), T)?;
-    let stream: TcpStream = sock.into();
-    stream.set_read_timeout(Some(T))?;
-    stream.set_write_timeout(Some(T))?;
-    let local = stream.local_addr()?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let backend = line
-        .trim()
-        .strip_prefix('B')
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad banner {line:?}")))?;
-    Ok(Conn {
-        stream,
-        reader,
-        backend,
-        local,
-    })
 }
 
 /// Waits (bounded) for a line starting with `prefix`; returns the lines
@@ -680,7 +650,7 @@ fn tun_dataplane_carries_real_connections() {
             clients
                 .iter()
                 .map(|src| {
-                    let mut c = connect_from(*src, SocketAddr::from((VIP, 80)))
+                    let mut c = connect_from(*src, SocketAddr::from((VIP, 80)), T)
                         .unwrap_or_else(|e| panic!("client {src}, round {round}: {e}"));
                     assert_eq!(c.local.ip(), *src);
                     echo(&mut c, 40_000 + u32::from(round)).unwrap();

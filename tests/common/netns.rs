@@ -42,7 +42,27 @@ pub struct Conn {
 /// Connects to `target` and reads the backend's banner; `timeout` bounds
 /// the connect and every read and write.
 pub fn connect(target: SocketAddr, timeout: Duration) -> std::io::Result<Conn> {
-    let stream = TcpStream::connect_timeout(&target, timeout)?;
+    greeted(TcpStream::connect_timeout(&target, timeout)?, timeout)
+}
+
+/// [`connect`] from source address `src` (the kernel picks the port).
+pub fn connect_from(
+    src: std::net::IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<Conn> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.bind(&SocketAddr::new(src, 0).into())?;
+    sock.connect_timeout(&target.into(), timeout)?;
+    greeted(sock.into(), timeout)
+}
+
+/// Reads the banner of a fresh connection.
+fn greeted(stream: TcpStream, timeout: Duration) -> std::io::Result<Conn> {
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let local = stream.local_addr()?;
