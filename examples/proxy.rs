@@ -848,21 +848,9 @@ async fn serve_metrics(sh: Arc<Shared>, listener: TcpListener) {
         };
         let sh = Arc::clone(&sh);
         tokio::spawn(async move {
-            let mut req = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if read != Ok(true) {
+            let Some(req) = read_request(&mut stream).await else {
                 return;
-            }
+            };
             let (status, body) = if req.starts_with(b"GET /metrics ") {
                 sh.metrics
                     .tracked
