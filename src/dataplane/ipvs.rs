@@ -192,21 +192,12 @@ impl IpvsReader {
         let rng = &self.rng;
         let rotations = &mut self.rotations;
         let local = !shared.config.global_rotation;
-        shared.conn.packet(
-            surface,
-            &shared.states,
-            flow,
-            flags,
-            now,
-            rng,
-            |flow| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                None => Scheduled::NotAService,
-                Some(state) => {
-                    let rotation = local.then(|| rotation_of(rotations, state.frontend));
-                    shared.decide(state, flow, key, now, rng, rotation, &[])
-                }
-            },
-        )
+        shared
+            .conn
+            .packet(surface, &shared.states, flow, flags, now, rng, |flow| {
+                let rotations = local.then_some(&mut *rotations);
+                shared.schedule(table, rotations, flow, key, now, rng, &[])
+            })
     }
 
     /// A retry without the backends whose connect failed, as
@@ -231,12 +222,9 @@ impl IpvsReader {
             exclude,
             now,
             rng,
-            |flow, exclude| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                None => Scheduled::NotAService,
-                Some(state) => {
-                    let rotation = local.then(|| rotation_of(rotations, state.frontend));
-                    shared.decide(state, flow, key, now, rng, rotation, exclude)
-                }
+            |flow, exclude| {
+                let rotations = local.then_some(&mut *rotations);
+                shared.schedule(table, rotations, flow, key, now, rng, exclude)
             },
         )
     }
@@ -386,6 +374,29 @@ impl Shared {
         self.table.store(Arc::new(snap));
     }
 
+    /// What a new connection gets at its virtual service in `table`,
+    /// with the calling reader's own rotations (`None`: the shared one).
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn schedule(
+        &self,
+        table: &VsTable,
+        rotations: Option<&mut Vec<Rotation>>,
+        flow: &Flow,
+        key: Option<u64>,
+        now: Instant,
+        rng: &SeededRng,
+        exclude: &[BackendId],
+    ) -> Scheduled {
+        match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
+            None => Scheduled::NotAService,
+            Some(state) => {
+                let rotation = rotations.map(|r| rotation_of(r, state.frontend));
+                self.decide(state, flow, key, now, rng, rotation, exclude)
+            }
+        }
+    }
+
     /// What a new connection to the virtual service `state` gets.
     #[inline]
     #[allow(clippy::too_many_arguments)]
@@ -459,10 +470,7 @@ impl Shared {
             flags,
             now,
             &self.rng,
-            |flow| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                None => Scheduled::NotAService,
-                Some(state) => self.decide(state, flow, key, now, &self.rng, None, &[]),
-            },
+            |flow| self.schedule(table, None, flow, key, now, &self.rng, &[]),
         )
     }
 
@@ -482,10 +490,7 @@ impl Shared {
             exclude,
             now,
             &self.rng,
-            |flow, exclude| match table.get(&FrontendKey::new(flow.protocol, flow.dst)) {
-                None => Scheduled::NotAService,
-                Some(state) => self.decide(state, flow, key, now, &self.rng, None, exclude),
-            },
+            |flow, exclude| self.schedule(table, None, flow, key, now, &self.rng, exclude),
         )
     }
 
