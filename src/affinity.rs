@@ -17,6 +17,19 @@
 //!   on the next lookup and the client re-balanced at once; a sync also
 //!   purges such entries eagerly.
 //!
+//! IPVS mode adds what the kernel does to a persistence template that
+//! still controls connections (`n_control > 0` in `ip_vs_conn_expire`):
+//! while the connection tracker holds a connection that the template
+//! scheduled, the template's timer, on firing, is put off by 60 s instead
+//! of expiring, and from then on a new connection restarts it with 60 s
+//! rather than the service's timeout. It expires at the first firing after
+//! its last controlled connection went. A connection's template is told
+//! from a later one of the same key by a 6-bit generation kept in the
+//! tracked entry. Caller-supplied keys are not derived from the flow, so
+//! their templates keep their own timers. The iptables (`recent`) and
+//! nftables (set timeout) modes have no such link: their entries expire on
+//! their own timer.
+//!
 //! # Keys
 //! [`AffinityKey`]: the client address (the Kubernetes default, a full /32
 //! or /128), the client address and port, or a caller-supplied `u64` (a
@@ -72,7 +85,7 @@
 //! the fair share (one over the live affinity entries of the port).
 
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -81,6 +94,7 @@ use ahash::AHashMap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use crate::conntrack::control::{self, Controls};
 use crate::error::ValidationError;
 use crate::model::flow::{Flow, Protocol};
 use crate::model::service::{AffinityKeyKind, Service, ServiceKey, SessionAffinity};
@@ -463,6 +477,9 @@ impl SpaceSaving {
 pub struct AffinityScope {
     slot: u32,
     timeout_nanos: AtomicU64,
+    /// The IPVS frontend id + 1 whose persistence templates these entries
+    /// are (0: none): the key of their controlled-connection counts.
+    frontend: AtomicU32,
     capacity: usize,
     len: AtomicUsize,
     dead: AtomicBool,
@@ -507,6 +524,12 @@ impl AffinityScope {
         self.dead.load(Ordering::Acquire)
     }
 
+    /// Marks the entries as the persistence templates of IPVS frontend
+    /// `id`, whose controlled connections the tracker counts.
+    pub(crate) fn set_frontend(&self, id: u32) {
+        self.frontend.store(id.saturating_add(1), Ordering::Relaxed);
+    }
+
     /// Reserves room for one entry; false if the scope is full.
     fn try_reserve(&self) -> bool {
         self.len
@@ -541,11 +564,6 @@ impl AffinityScope {
         items.sort_by_key(|it| core::cmp::Reverse(it.count - it.error));
         (items, s.total)
     }
-
-    #[inline]
-    fn is_live(&self, last: Instant, now: Instant) -> bool {
-        now.as_nanos().saturating_sub(last.as_nanos()) < self.timeout_nanos.load(Ordering::Relaxed)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -558,6 +576,12 @@ struct Node {
     key: AffinityKey,
     endpoint: SocketAddr,
     last: Instant,
+    /// The template's generation (1..=63), telling its controlled
+    /// connections from those of an earlier template of the same key.
+    generation: u8,
+    /// Its timer has fired while it controlled connections: its timeout is
+    /// 60 s from then on, as the kernel's (`cp->timeout = 60*HZ`).
+    delayed: bool,
     /// `None` when the node is free.
     scope: Option<Arc<AffinityScope>>,
     /// The timeout class the node is linked into.
@@ -606,6 +630,8 @@ struct Shard {
     cap: usize,
     /// Hits since the last reap.
     hits: u32,
+    /// The next template generation.
+    next_generation: u8,
     /// The most entries one sync chunk walked (tests check the bound).
     #[cfg(test)]
     max_sync_walk: usize,
@@ -624,6 +650,64 @@ pub(crate) const SYNC_CHUNK: usize = 64;
 /// rest to lazy expiry (a lookup rechecks an entry's endpoint anyway).
 const SYNC_RESTARTS: usize = 4;
 
+/// What [`Shard::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Expired,
+    Rearmed,
+    Live,
+}
+
+/// The timeout of node `n`'s class: 60 s once a delayed template, else its
+/// scope's.
+#[inline]
+fn node_timeout(n: &Node) -> u64 {
+    if n.delayed {
+        control::DELAY_NANOS
+    } else {
+        n.scope
+            .as_ref()
+            .map_or(0, |s| s.timeout_nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// When node `n` expires as seen at `now` (`None`: it has), and whether
+/// its timer has fired while it controlled connections. An entry expires
+/// on its own timer, unless it is an IPVS persistence template that still
+/// controls tracked connections (`controls`): then its expiry is put off
+/// 60 s at a time, as `ip_vs_conn_expire` does while `n_control > 0`.
+#[inline]
+fn expiry(n: &Node, now: Instant, controls: Option<&Controls>) -> (Option<u64>, bool) {
+    let expires = n.last.as_nanos().saturating_add(node_timeout(n));
+    let now = now.as_nanos();
+    if now < expires {
+        return (Some(expires), false);
+    }
+    let frontend = n
+        .scope
+        .as_ref()
+        .map_or(0, |s| s.frontend.load(Ordering::Relaxed));
+    match controls {
+        Some(c) if frontend != 0 => {
+            control::template_expiry(expires, now, c.get(frontend - 1, &n.key, n.generation))
+        }
+        _ => (None, false),
+    }
+}
+
+/// What the tracker keeps of template `n` for a connection it has just
+/// scheduled: none without `controls`.
+#[inline]
+fn controlled(controls: Option<&Controls>, n: &Node) -> control::Controlled {
+    match controls {
+        Some(_) => control::Controlled {
+            code: control::code(&n.key, n.generation),
+            timeout: node_timeout(n),
+        },
+        None => control::Controlled::default(),
+    }
+}
+
 impl Shard {
     fn new(cap: usize) -> Self {
         Shard {
@@ -636,6 +720,7 @@ impl Shard {
             len: 0,
             cap,
             hits: 0,
+            next_generation: 1,
             #[cfg(test)]
             max_sync_walk: 0,
         }
@@ -690,8 +775,9 @@ impl Shard {
     /// its scope's current timeout.
     fn link_front(&mut self, i: u32) {
         let (slot, timeout) = {
-            let s = self.nodes[i as usize].scope.as_ref().expect("linked");
-            (s.slot as usize, s.timeout_nanos.load(Ordering::Relaxed))
+            let n = &self.nodes[i as usize];
+            let s = n.scope.as_ref().expect("linked");
+            (s.slot as usize, node_timeout(n))
         };
         let class = self.class_of(timeout);
         let head = self.classes[class as usize].links.head;
@@ -736,15 +822,19 @@ impl Shard {
         key: AffinityKey,
         endpoint: SocketAddr,
         now: Instant,
-    ) {
+    ) -> u32 {
         let slot = scope.slot as usize;
         if self.scopes.len() <= slot {
             self.scopes.resize(slot + 1, EMPTY);
         }
+        let generation = self.next_generation;
+        self.next_generation = if generation >= 63 { 1 } else { generation + 1 };
         let node = Node {
             key,
             endpoint,
             last: now,
+            generation,
+            delayed: false,
             scope: Some(Arc::clone(scope)),
             class: 0,
             prev: NIL,
@@ -770,6 +860,7 @@ impl Shard {
             // nothing either.
             self.index.reserve(self.cap + 2);
         }
+        i
     }
 
     fn touch(&mut self, i: u32, now: Instant) {
@@ -779,44 +870,80 @@ impl Shard {
         }
         let at_front = n.prev == NIL
             && n.sprev == NIL
-            && n.scope.as_ref().is_some_and(|s| {
-                self.classes[n.class as usize].timeout == s.timeout_nanos.load(Ordering::Relaxed)
-            });
+            && self.classes[n.class as usize].timeout == node_timeout(n);
         if !at_front {
             self.unlink(i);
             self.link_front(i);
         }
     }
 
-    fn is_expired(&self, i: u32, now: Instant) -> bool {
-        let n = &self.nodes[i as usize];
-        !n.scope.as_ref().expect("linked").is_live(n.last, now)
+    fn is_expired(&self, i: u32, now: Instant, controls: Option<&Controls>) -> bool {
+        expiry(&self.nodes[i as usize], now, controls).0.is_none()
+    }
+
+    /// Node `i` is a template whose timer fired while it controlled
+    /// connections: re-arm it as the kernel does (60 s, from the firing
+    /// before `expires`) and move it to the front of its new class, so
+    /// that it does not hold up the reaping of the entries behind it.
+    fn rearm(&mut self, i: u32, expires: u64) {
+        let n = &mut self.nodes[i as usize];
+        n.delayed = true;
+        n.last = Instant::from_nanos(expires.saturating_sub(control::DELAY_NANOS));
+        self.unlink(i);
+        self.link_front(i);
+    }
+
+    /// Whether node `i` has expired; a template whose timer has fired
+    /// while it controlled connections is re-armed.
+    fn check(&mut self, i: u32, now: Instant, controls: Option<&Controls>) -> Check {
+        match expiry(&self.nodes[i as usize], now, controls) {
+            (None, _) => Check::Expired,
+            (Some(at), true) => {
+                self.rearm(i, at);
+                Check::Rearmed
+            }
+            (Some(_), false) => Check::Live,
+        }
     }
 
     /// Examines up to `k` entries at the tails of the timeout classes
     /// (round-robin) and up to `k` at the tail of `slot`'s list, removing
     /// the expired ones. Each list is in expiry order, so a live tail ends
     /// the search in that list.
-    fn reap(&mut self, slot: u32, now: Instant, k: usize) {
+    ///
+    /// A template whose timer fired while it controlled connections is
+    /// re-armed instead (see [`Shard::check`]).
+    fn reap(&mut self, slot: u32, now: Instant, k: usize, controls: Option<&Controls>) {
         let mut budget = k;
         let mut live_tails = 0;
         while budget > 0 && live_tails < self.classes.len() {
             self.cursor = (self.cursor + 1) % self.classes.len();
             let t = self.classes[self.cursor].links.tail;
             budget -= 1;
-            if t != NIL && self.is_expired(t, now) {
-                self.remove(t);
-                live_tails = 0;
+            let found = if t == NIL {
+                Check::Live
             } else {
-                live_tails += 1;
+                self.check(t, now, controls)
+            };
+            match found {
+                Check::Expired => {
+                    self.remove(t);
+                    live_tails = 0;
+                }
+                Check::Rearmed => live_tails = 0,
+                Check::Live => live_tails += 1,
             }
         }
         for _ in 0..k {
             let t = self.scope_links(slot).tail;
-            if t == NIL || !self.is_expired(t, now) {
+            if t == NIL {
                 break;
             }
-            self.remove(t);
+            match self.check(t, now, controls) {
+                Check::Expired => self.remove(t),
+                Check::Rearmed => {}
+                Check::Live => break,
+            }
         }
     }
 
@@ -833,7 +960,7 @@ impl Shard {
     /// Makes room for one entry: an expired entry if any class tail has
     /// expired, else the least recently used entry of the shard (the oldest
     /// class tail).
-    fn evict_for_room(&mut self, now: Instant) {
+    fn evict_for_room(&mut self, now: Instant, controls: Option<&Controls>) {
         let tails = || {
             self.classes
                 .iter()
@@ -841,7 +968,7 @@ impl Shard {
                 .filter(|&t| t != NIL)
         };
         let victim = tails()
-            .find(|&t| self.is_expired(t, now))
+            .find(|&t| self.is_expired(t, now, controls))
             .or_else(|| tails().min_by_key(|&t| self.nodes[t as usize].last));
         if let Some(t) = victim {
             self.remove(t);
@@ -895,6 +1022,9 @@ pub struct Pinned {
     pub endpoint: SocketAddr,
     /// Whether a live entry decided (true) or the scheduler did (false).
     pub hit: bool,
+    /// The IPVS persistence template, for the tracker (code 0: the
+    /// connection is controlled by no template).
+    pub(crate) control: control::Controlled,
 }
 
 /// One live entry of a scope, as [`AffinityTable::entries`] lists it.
@@ -937,6 +1067,9 @@ pub struct AffinityTable {
     shard_hasher: ahash::RandomState,
     config: AffinityConfig,
     slots: Mutex<(Vec<u32>, u32)>,
+    /// IPVS mode: the tracker's counts of each template's controlled
+    /// connections, which keep a template alive (`n_control`).
+    controls: Option<Arc<Controls>>,
 }
 
 /// The fewest entries a shard is given: small tables use fewer shards.
@@ -973,7 +1106,16 @@ impl AffinityTable {
             },
             config,
             slots: Mutex::new((Vec::new(), 0)),
+            controls: None,
         }
+    }
+
+    /// The table of IPVS persistence templates: an entry of a scope marked
+    /// with [`AffinityScope::set_frontend`] does not expire while it
+    /// controls connections that the tracker counts in `controls`.
+    pub(crate) fn with_controls(mut self, controls: Option<Arc<Controls>>) -> Self {
+        self.controls = controls;
+        self
     }
 
     /// The config.
@@ -1018,6 +1160,7 @@ impl AffinityTable {
         let scope = AffinityScope {
             slot,
             timeout_nanos: AtomicU64::new(0),
+            frontend: AtomicU32::new(0),
             capacity: self
                 .config
                 .per_service
@@ -1139,35 +1282,46 @@ impl AffinityTable {
                     index,
                     endpoint,
                     hit: false,
+                    control: control::Controlled::default(),
                 });
             }
+            let controls = self.controls_of(scope);
             sh.hits += 1;
             if sh.hits >= HIT_REAP_PERIOD {
                 sh.hits = 0;
-                sh.reap(scope.slot, now, k);
+                sh.reap(scope.slot, now, k, controls);
             }
             if let Some(&i) = sh.index.get(&(scope.slot, key)) {
                 let n = &sh.nodes[i as usize];
                 let endpoint = n.endpoint;
                 debug_assert!(n.scope.as_ref().is_some_and(|x| Arc::ptr_eq(x, scope)));
-                let decided = if scope.is_live(n.last, now) {
+                let (live, delayed) = expiry(n, now, controls);
+                let decided = if live.is_some() {
                     usable(endpoint)
                 } else {
                     None
                 };
                 if let Some(index) = decided {
+                    // A new connection restarts the template's timer, with
+                    // 60 s once it has been delayed (the kernel's
+                    // `ct->timeout`).
+                    if delayed {
+                        sh.nodes[i as usize].delayed = true;
+                    }
                     sh.touch(i, now);
+                    let control = controlled(controls, &sh.nodes[i as usize]);
                     break Some(Pinned {
                         index,
                         endpoint,
                         hit: true,
+                        control,
                     });
                 }
                 // Expired, or its endpoint no longer takes new connections.
                 sh.remove(i);
             }
             // A miss: reap, then make room in the scope.
-            sh.reap(scope.slot, now, k);
+            sh.reap(scope.slot, now, k, controls);
             let mut reserved = scope.try_reserve();
             while !reserved && sh.evict_scope_lru(scope.slot) {
                 reserved = scope.try_reserve();
@@ -1186,16 +1340,19 @@ impl AffinityTable {
                 }
                 break None;
             };
+            let mut control = control::Controlled::default();
             if reserved {
                 if sh.len >= sh.cap {
-                    sh.evict_for_room(now);
+                    sh.evict_for_room(now, controls);
                 }
-                sh.insert(scope, key, endpoint, now);
+                let i = sh.insert(scope, key, endpoint, now);
+                control = controlled(controls, &sh.nodes[i as usize]);
             }
             break Some(Pinned {
                 index,
                 endpoint,
                 hit: false,
+                control,
             });
         };
         if let Some(p) = &result {
@@ -1204,11 +1361,22 @@ impl AffinityTable {
         result
     }
 
+    /// The controlled-connection counts that keep `scope`'s entries
+    /// alive, if they are IPVS persistence templates.
+    #[inline]
+    fn controls_of(&self, scope: &AffinityScope) -> Option<&Controls> {
+        match &self.controls {
+            Some(c) if scope.frontend.load(Ordering::Relaxed) != 0 => Some(c),
+            _ => None,
+        }
+    }
+
     fn evict_scope_elsewhere(&self, scope: &AffinityScope, from: usize, now: Instant) {
         let n = self.shards.len();
+        let controls = self.controls_of(scope);
         for d in 1..n {
             let mut sh = self.shards[(from + d) & self.mask].lock();
-            sh.reap(scope.slot, now, self.config.reap_batch);
+            sh.reap(scope.slot, now, self.config.reap_batch, controls);
             if sh.scope_links(scope.slot).tail != NIL {
                 sh.evict_scope_lru(scope.slot);
                 return;
@@ -1226,7 +1394,8 @@ impl AffinityTable {
         let &i = sh.index.get(&(scope.slot, key))?;
         let n = &sh.nodes[i as usize];
         let s = n.scope.as_ref()?;
-        (core::ptr::eq(&**s, scope) && scope.is_live(n.last, now)).then_some(n.endpoint)
+        (core::ptr::eq(&**s, scope) && expiry(n, now, self.controls_of(scope)).0.is_some())
+            .then_some(n.endpoint)
     }
 
     /// Drops every entry of `scope` whose endpoint `keep` rejects (or that
@@ -1248,7 +1417,8 @@ impl AffinityTable {
         if scope.is_removed() {
             return 0;
         }
-        let mut drop = |n: &Node| !keep(n.endpoint) || !scope.is_live(n.last, now);
+        let controls = self.controls_of(scope);
+        let mut drop = |n: &Node| !keep(n.endpoint) || expiry(n, now, controls).0.is_none();
         let mut removed = 0;
         for shard in self.shards.iter() {
             let mut cursor: Option<(u32, AffinityKey)> = None;
@@ -1284,18 +1454,17 @@ impl AffinityTable {
         if scope.is_removed() {
             return out;
         }
-        let timeout = scope.timeout_nanos.load(Ordering::Relaxed);
+        let controls = self.controls_of(scope);
         for shard in self.shards.iter() {
             let sh = shard.lock();
             let mut i = sh.scope_links(scope.slot).head;
             while i != NIL {
                 let n = &sh.nodes[i as usize];
-                let idle = now.as_nanos().saturating_sub(n.last.as_nanos());
-                if idle < timeout {
+                if let (Some(at), _) = expiry(n, now, controls) {
                     out.push(ScopeEntry {
                         key: n.key,
                         endpoint: n.endpoint,
-                        time_left: Duration::from_nanos(timeout - idle),
+                        time_left: Duration::from_nanos(at.saturating_sub(now.as_nanos())),
                     });
                 }
                 i = n.snext;

@@ -681,3 +681,92 @@ fn peek_reply_finds_the_connection_of_a_reply_and_changes_nothing() {
         assert_eq!(dp.peek_reply(&answer, t.expires), None, "{}", dp.mode());
     }
 }
+
+fn sticky_web(timeout_secs: i64) -> Service {
+    Service::builder("default", "web")
+        .cluster_ip("10.96.0.10".parse().unwrap())
+        .port(ServicePortSpec::tcp(80).target_port(8080))
+        .client_ip_affinity(Some(timeout_secs))
+        .build()
+        .unwrap()
+}
+
+/// IPVS persistence as the kernel keeps it (`ip_vs_conn_expire`): a
+/// template does not expire while it controls a tracked connection; its
+/// timer is put off 60 s at a time, and once it has been, a new connection
+/// restarts it with 60 s. iptables and nftables keep `recent`/set timers.
+#[test]
+fn ipvs_templates_live_while_they_control_connections() {
+    let svc = sticky_web(10);
+    let key = svc.key().clone();
+    let mut w = World::new(
+        DataplaneConfig::with_seed(7),
+        vec![
+            Change::UpsertService(svc),
+            Change::UpsertSlice(ready(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])),
+        ],
+    );
+    let entries = |dp: &dyn Dataplane, t: u64| dp.affinity_entries(&key, secs(t));
+    let a = client(40000);
+    let on: Vec<SocketAddr> = w.dps.iter().map(|dp| open(&**dp, &a, secs(0))).collect();
+    for (m, dp) in w.dps.iter().enumerate() {
+        let dp = &**dp;
+        // Keep the connection busy well past the 10 s timeout.
+        for t in (5..=50).step_by(5) {
+            assert_eq!(dp.packet(&a, TcpFlags::ACK, secs(t)).backend(), Some(on[m]));
+        }
+        let listed = entries(dp, 50);
+        if dp.mode() == Mode::Ipvs {
+            // Fired at 10 while controlled: re-armed every 60 s (to 70).
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            assert_eq!(listed[0].endpoint, on[m]);
+            assert_eq!(listed[0].time_left, Duration::from_secs(20));
+        } else {
+            // xt_recent / nft set: the entry's own timer.
+            assert!(listed.is_empty(), "{}: {listed:?}", dp.mode());
+        }
+    }
+    let ipvs = &*w.dps[1];
+    let b = on[1];
+    // A second connection of the client at 50 follows the template, and
+    // restarts its timer with 60 s (to 110).
+    let c = client(40001);
+    assert_eq!(open(ipvs, &c, secs(50)), b);
+    assert_eq!(entries(ipvs, 50)[0].time_left, Duration::from_secs(60));
+    // Both end at 60, before the template's timer: it expires on time.
+    assert!(ipvs.connection_closed(&a, secs(60)).is_some());
+    assert!(ipvs.connection_closed(&c, secs(60)).is_some());
+    ipvs.handle_timeout(secs(61));
+    assert_eq!(entries(ipvs, 109).len(), 1);
+    assert!(entries(ipvs, 110).is_empty());
+    // rr then moves on: the client's next connection goes elsewhere.
+    let d = client(40002);
+    let b2 = open(ipvs, &d, secs(111));
+    assert_ne!(b2, b);
+    // Its template (10 s: a new one) fires at 121 while `d` lives, is put
+    // off to 181; `d` ends at 150: the template lasts until that firing.
+    for t in (115..=150).step_by(5) {
+        assert_eq!(ipvs.packet(&d, TcpFlags::ACK, secs(t)).backend(), Some(b2));
+    }
+    assert!(ipvs.connection_closed(&d, secs(150)).is_some());
+    ipvs.handle_timeout(secs(151));
+    assert_eq!(entries(ipvs, 180).len(), 1);
+    assert_eq!(entries(ipvs, 180)[0].time_left, Duration::from_secs(1));
+    assert!(entries(ipvs, 181).is_empty());
+    // A template still controlling a connection is dropped when its
+    // destination goes to weight 0 (expire_quiescent_template).
+    let e = client(40003);
+    let b3 = open(ipvs, &e, secs(200));
+    assert_eq!(entries(ipvs, 230).len(), 1);
+    let eps: Vec<(&str, bool, bool)> = ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
+        .iter()
+        .map(|ip| (*ip, format!("{ip}:8080") != b3.to_string(), false))
+        .collect();
+    w.apply(Change::UpsertSlice(web_slice(&eps)), secs(231));
+    let ipvs = &*w.dps[1];
+    assert!(entries(ipvs, 231).is_empty());
+    assert_eq!(
+        ipvs.packet(&e, TcpFlags::ACK, secs(232)).backend(),
+        Some(b3)
+    );
+}

@@ -4,6 +4,9 @@
 
 use std::sync::Arc;
 
+use super::Tracked;
+use super::control::{Controlled, Controls};
+use crate::Flow;
 use crate::plan::BackendId;
 use crate::scheduler::ConnectionCounts;
 
@@ -12,6 +15,8 @@ use crate::scheduler::ConnectionCounts;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct BackendCounts {
     inner: Arc<ConnectionCounts>,
+    /// The persistence templates' controlled-connection counts (IPVS mode).
+    controls: Option<Arc<Controls>>,
 }
 
 impl BackendCounts {
@@ -20,8 +25,36 @@ impl BackendCounts {
         Self::default()
     }
 
-    pub(crate) fn shared(inner: Arc<ConnectionCounts>) -> Self {
-        BackendCounts { inner }
+    pub(crate) fn shared(inner: Arc<ConnectionCounts>, controls: Option<Arc<Controls>>) -> Self {
+        BackendCounts { inner, controls }
+    }
+
+    /// A connection appears (`control`: its template, if its code is not 0).
+    pub(crate) fn inserted(
+        &self,
+        flow: &Flow,
+        frontend: u32,
+        backend: BackendId,
+        active: bool,
+        control: Controlled,
+        now: u64,
+    ) {
+        self.add(backend.0, active);
+        if control.code != 0 {
+            if let Some(c) = &self.controls {
+                c.add(frontend, flow, control, now);
+            }
+        }
+    }
+
+    /// The entry `t` (control code `control`) goes, at `at` nanoseconds.
+    pub(crate) fn released(&self, t: &Tracked, control: u8, at: u64) {
+        self.sub(t.backend.0, t.state.is_active());
+        if control != 0 {
+            if let Some(c) = &self.controls {
+                c.sub(t.frontend.0, &t.flow, control, at);
+            }
+        }
     }
 
     /// A connection of `id` appears, active or not.

@@ -22,6 +22,12 @@
 //!   allocates nothing. The arrays of the earlier steps stay allocated (at
 //!   most 1/56 of the last), so that packet threads read the current one
 //!   with a plain atomic load.
+//! - Persistence: in IPVS mode an entry scheduled through a `ClientIP`
+//!   template carries the template's control code (key kind and 6-bit
+//!   generation, in spare bits of the control word), and the tracker counts
+//!   the template's live connections (the kernel's `n_control`) from insert
+//!   to removal, whatever removes it (close, flush, eviction, sweep), so
+//!   that the affinity table keeps the template while it controls any.
 //! - Keyed hashing: shard and slot come from ahash keyed with a secret
 //!   ([`ConntrackConfig::hash_key`], by default drawn from the OS), so that
 //!   clients, who choose their addresses and ports, cannot aim their flows
@@ -90,6 +96,7 @@
 //! ```
 
 mod config;
+pub(crate) mod control;
 mod counts;
 mod state;
 mod table;
@@ -109,6 +116,7 @@ use state::{STATE_CODES, Transitions, is_active_code};
 use std::sync::Arc;
 use table::{
     Layout, Levels, Table, V4, V4Key, Wide, WideKey, WriteSeq, code_of, max_slots, with_code,
+    with_control,
 };
 
 use crate::{Flow, Instant};
@@ -274,8 +282,9 @@ fn sweep<L: Layout>(
             // Confirm under the slot lock: a packet may just have come.
             let ctl = slots.lock(i);
             if now >= table::expires(slots.slot(i)) {
-                let e = t.remove_locked(i, ctl, seq);
-                counts.sub(e.backend.0, e.state.is_active());
+                let (e, control) = t.remove_locked(i, ctl, seq);
+                // It went when its timer fired.
+                counts.released(&e, control, e.expires.as_nanos().min(now));
                 removed += 1;
                 if t.len() == 0 {
                     break;
@@ -301,6 +310,16 @@ impl Conntrack {
     pub fn with_counts(
         config: ConntrackConfig,
         counts: std::sync::Arc<crate::scheduler::ConnectionCounts>,
+    ) -> Self {
+        Self::with_controls(config, counts, None)
+    }
+
+    /// [`with_counts`](Self::with_counts), also counting each persistence
+    /// template's controlled connections in `controls` (IPVS mode).
+    pub(crate) fn with_controls(
+        config: ConntrackConfig,
+        counts: std::sync::Arc<crate::scheduler::ConnectionCounts>,
+        controls: Option<Arc<control::Controls>>,
     ) -> Self {
         let n = config.effective_shards();
         let cap = config.capacity();
@@ -331,7 +350,7 @@ impl Conntrack {
             hasher: ahash::RandomState::with_seeds(k0, k1, k2, k3),
             timeouts: config.timeout_values().nanos_table(),
             transitions: Transitions::new(),
-            counts: BackendCounts::shared(counts),
+            counts: BackendCounts::shared(counts, controls),
             next_sweep: AtomicU64::new(UNSET),
             config,
         }
@@ -557,24 +576,37 @@ impl Conntrack {
         (now < t.expires).then_some(t)
     }
 
+    /// Removes a found entry; `now` is when, if known (otherwise its last
+    /// packet's time).
     fn remove_found(
         &self,
         inner: &mut ShardInner,
         found: Found,
+        now: Option<u64>,
         seq: &mut WriteSeq<'_>,
     ) -> Tracked {
-        let t = match found {
+        let (t, control) = match found {
             Found::V4(i) => inner.v4.remove_at(i, seq),
             Found::Wide(i) => inner.wide.remove_at(i, seq),
         };
-        self.counts.sub(t.backend.0, t.state.is_active());
+        self.counts.released(&t, control, self.gone_at(&t, now));
         t
     }
 
-    /// Last packet time of an entry.
+    /// When the connection `t` went, removed at `now` (if known): at its
+    /// expiry if that came first, else `now`, else its last packet.
+    fn gone_at(&self, t: &Tracked, now: Option<u64>) -> u64 {
+        let expires = t.expires.as_nanos();
+        match now {
+            Some(now) => now.min(expires),
+            None => self.last_use(t.state.code(), expires),
+        }
+    }
+
+    /// Last packet time of an entry (`code`: its state code).
     #[inline]
-    fn last_use(&self, ctl: u64, expires: u64) -> u64 {
-        expires.saturating_sub(self.timeouts[code_of(ctl) as usize])
+    fn last_use(&self, code: u8, expires: u64) -> u64 {
+        expires.saturating_sub(self.timeouts[code as usize])
     }
 
     /// Samples up to [`EVICT_SAMPLE`] occupied slots from slot `start` on;
@@ -596,7 +628,7 @@ impl Conntrack {
                 if now >= expires {
                     return Some(i);
                 }
-                let used = self.last_use(ctl, expires);
+                let used = self.last_use(code_of(ctl), expires);
                 if best.is_none_or(|(_, b)| used < b) {
                     best = Some((i, used));
                 }
@@ -625,8 +657,9 @@ impl Conntrack {
             self.victim(wide, wide.home_of(hash), now)
                 .map(|i| wide.remove_at(i, seq))
         };
-        if let Some(e) = gone {
-            self.counts.sub(e.backend.0, e.state.is_active());
+        if let Some((e, control)) = gone {
+            self.counts
+                .released(&e, control, self.gone_at(&e, Some(now)));
         }
     }
 
@@ -650,6 +683,31 @@ impl Conntrack {
         flags: TcpFlags,
         now: Instant,
     ) -> ConnState {
+        self.insert_controlled(
+            flow,
+            frontend,
+            backend,
+            backend_addr,
+            flags,
+            now,
+            control::Controlled::default(),
+        )
+    }
+
+    /// [`insert`](Self::insert) of a connection that the persistence
+    /// template `control` scheduled (none if its code is 0): it counts
+    /// towards that template's `n_control` until it goes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert_controlled(
+        &self,
+        flow: &Flow,
+        frontend: FrontendId,
+        backend: BackendId,
+        backend_addr: SocketAddr,
+        flags: TcpFlags,
+        now: Instant,
+        control: control::Controlled,
+    ) -> ConnState {
         let state = ConnState::initial(flow.protocol, flags);
         let now = now.as_nanos();
         let expires = now.saturating_add(self.timeouts[state.code() as usize]);
@@ -663,20 +721,20 @@ impl Conntrack {
         match &place {
             Place::V4 { key, hash } => match inner.v4.find(key, *hash) {
                 Ok(i) => {
-                    self.remove_found(&mut inner, Found::V4(i), &mut seq);
+                    self.remove_found(&mut inner, Found::V4(i), Some(now), &mut seq);
                 }
                 Err(i) => {
                     hint = i;
                     if inner.wide.len() > 0 {
                         if let Ok(i) = inner.wide.find(&wide_key(), self.wide_hash(flow) as u32) {
-                            self.remove_found(&mut inner, Found::Wide(i), &mut seq);
+                            self.remove_found(&mut inner, Found::Wide(i), Some(now), &mut seq);
                         }
                     }
                 }
             },
             Place::Wide => {
                 if let Ok(i) = inner.wide.find(&wide_key(), self.wide_hash(flow) as u32) {
-                    self.remove_found(&mut inner, Found::Wide(i), &mut seq);
+                    self.remove_found(&mut inner, Found::Wide(i), Some(now), &mut seq);
                 }
             }
         }
@@ -691,15 +749,20 @@ impl Conntrack {
         match (&place, backend_addr) {
             (Place::V4 { key, hash }, SocketAddr::V4(baddr)) => {
                 let e = key.entry(*hash, frontend, backend, baddr, state, expires);
-                inner.v4.insert_absent(&e, hint, &mut seq);
+                inner
+                    .v4
+                    .insert_absent(&with_control(e, control.code), hint, &mut seq);
             }
             _ => {
                 let h = self.wide_hash(flow) as u32;
                 let e = wide_key().entry(h, frontend, backend, backend_addr, state, expires);
-                inner.wide.insert_absent(&e, usize::MAX, &mut seq);
+                inner
+                    .wide
+                    .insert_absent(&with_control(e, control.code), usize::MAX, &mut seq);
             }
         }
-        self.counts.add(backend.0, state.is_active());
+        self.counts
+            .inserted(flow, frontend.0, backend, state.is_active(), control, now);
         shard.store_len(&inner);
         drop(seq);
         drop(inner);
@@ -727,7 +790,7 @@ impl Conntrack {
         let mut inner = shard.inner.lock();
         let found = self.find(&inner, flow, &place)?;
         let mut seq = WriteSeq::new(&shard.seq);
-        let t = self.remove_found(&mut inner, found, &mut seq);
+        let t = self.remove_found(&mut inner, found, now, &mut seq);
         shard.store_len(&inner);
         match now {
             Some(now) if now >= t.expires.as_nanos() => None,
@@ -865,8 +928,8 @@ impl Conntrack {
                 budget -= 1;
                 match t.read(cursor) {
                     Some(e) if !keep(&e) => {
-                        t.remove_at(cursor, &mut seq);
-                        self.counts.sub(e.backend.0, e.state.is_active());
+                        let (e, control) = t.remove_at(cursor, &mut seq);
+                        self.counts.released(&e, control, self.gone_at(&e, None));
                         removed += 1;
                     }
                     _ => cursor += 1,

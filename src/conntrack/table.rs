@@ -8,7 +8,8 @@
 //!
 //! # A slot
 //! Word 0 is the control word: the state code in bits 0–7 (0: empty), the
-//! slot lock in bit 8, 16 bits of layout data in bits 16–31 and the
+//! slot lock in bit 8, the persistence template's control code in bits
+//! 9–15 (0: none; see `control`), 16 bits of layout data in bits 16–31 and the
 //! entry's 32-bit slot hash in bits 32–63. Word 1 is the expiry in
 //! nanoseconds, word 2 the frontend id (high half) and backend id (low
 //! half); the rest is the layout's ([`V4`]: 5 words, 40 bytes; [`Wide`]:
@@ -47,6 +48,19 @@ const fn hash_of(ctl: u64) -> u32 {
 #[inline]
 const fn aux_of(ctl: u64) -> u16 {
     (ctl >> 16) as u16
+}
+
+/// The persistence-template control code of a control word (0: none).
+#[inline]
+pub(crate) const fn control_of(ctl: u64) -> u8 {
+    ((ctl >> 9) & 0x7F) as u8
+}
+
+/// Entry words `e` with control code `control` set in the control word.
+#[inline]
+pub(crate) fn with_control<const N: usize>(mut e: [u64; N], control: u8) -> [u64; N] {
+    e[0] |= u64::from(control & 0x7F) << 9;
+    e
 }
 
 /// A control word (unlocked).
@@ -754,15 +768,21 @@ impl<L: Layout> Table<L> {
         self.len += 1;
     }
 
-    /// Removes the entry at `i` (backward-shift deletion) and returns it.
-    pub(crate) fn remove_at(&mut self, i: usize, seq: &mut WriteSeq<'_>) -> Tracked {
+    /// Removes the entry at `i` (backward-shift deletion) and returns it,
+    /// with its control code.
+    pub(crate) fn remove_at(&mut self, i: usize, seq: &mut WriteSeq<'_>) -> (Tracked, u8) {
         let ctl = self.slots().lock(i);
         self.remove_locked(i, ctl, seq)
     }
 
     /// [`remove_at`](Self::remove_at) of a slot the caller has locked
     /// (`ctl`: its control word).
-    pub(crate) fn remove_locked(&mut self, i: usize, ctl: u64, seq: &mut WriteSeq<'_>) -> Tracked {
+    pub(crate) fn remove_locked(
+        &mut self,
+        i: usize,
+        ctl: u64,
+        seq: &mut WriteSeq<'_>,
+    ) -> (Tracked, u8) {
         seq.moving();
         let t = self.levels.at(self.level);
         let n = t.n;
@@ -790,7 +810,7 @@ impl<L: Layout> Table<L> {
         w[0].store(0, Ordering::Release);
         self.len -= 1;
         self.removals = self.removals.wrapping_add(1);
-        removed
+        (removed, control_of(ctl))
     }
 
     /// `i` moved back by up to `by` slots, not past an empty slot nor past
@@ -918,8 +938,9 @@ mod tests {
         assert_eq!(levels.current().count(), 54);
         for i in (0..40).step_by(3) {
             let at = t.find(&key(i), hash(i)).unwrap();
-            let gone = t.remove_at(at, &mut WriteSeq::new(&seq));
+            let (gone, control) = t.remove_at(at, &mut WriteSeq::new(&seq));
             assert_eq!(gone.backend, BackendId(i));
+            assert_eq!(control, 0);
         }
         assert_eq!(seq.load(Ordering::Relaxed) % 2, 0);
         for i in 0..40 {

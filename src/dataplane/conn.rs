@@ -19,6 +19,7 @@ use smallvec::SmallVec;
 
 use super::vs_table::{VsTable, WideRoot};
 
+use crate::conntrack::control::{Controlled, Controls};
 use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
 use crate::model::flow::{Flow, Forward, Protocol, Verdict};
 use crate::model::service::TrafficPolicy;
@@ -235,6 +236,9 @@ pub(crate) enum Scheduled {
         frontend: FrontendId,
         backend: BackendId,
         addr: SocketAddr,
+        /// The IPVS persistence template that chose the backend (code 0:
+        /// none).
+        control: Controlled,
     },
     Reject,
     Drop,
@@ -274,6 +278,9 @@ pub(crate) struct Snapshot<T> {
 pub(crate) struct ConnLayer {
     tracker: Option<Conntrack>,
     counts: Arc<ConnectionCounts>,
+    /// The persistence templates' controlled-connection counts, kept by
+    /// the tracker (so only while it is on).
+    controls: Option<Arc<Controls>>,
     cluster_cidrs: Box<[Cidr]>,
     masquerade_all: bool,
     /// Writer side of the reply index (taken only by `publish`, under the
@@ -288,13 +295,23 @@ impl ConnLayer {
         masquerade_all: bool,
     ) -> Self {
         let counts = Arc::new(ConnectionCounts::default());
+        let controls = config.map(|_| Arc::new(Controls::default()));
         ConnLayer {
-            tracker: config.map(|c| Conntrack::with_counts(c.clone(), Arc::clone(&counts))),
+            tracker: config.map(|c| {
+                Conntrack::with_controls(c.clone(), Arc::clone(&counts), controls.clone())
+            }),
             counts,
+            controls,
             cluster_cidrs: cluster_cidrs.into(),
             masquerade_all,
             indexed: Mutex::new(AHashMap::new()),
         }
+    }
+
+    /// The persistence templates' controlled-connection counts, if the
+    /// tracker is on.
+    pub(crate) fn controls(&self) -> Option<&Arc<Controls>> {
+        self.controls.as_ref()
     }
 
     /// The snapshot of an empty plan around `table`.
@@ -575,10 +592,16 @@ impl ConnLayer {
             Admit::Lookup => schedule(flow, exclude),
             Admit::Drop => Scheduled::Drop,
             Admit::Redirect(dst, id) => match schedule(&Flow { dst, ..*flow }, exclude) {
-                Scheduled::Forward { backend, addr, .. } => Scheduled::Forward {
+                Scheduled::Forward {
+                    backend,
+                    addr,
+                    control,
+                    ..
+                } => Scheduled::Forward {
                     frontend: id,
                     backend,
                     addr,
+                    control,
                 },
                 other => other,
             },
@@ -598,6 +621,7 @@ impl ConnLayer {
                     frontend: id,
                     backend,
                     addr,
+                    control: Controlled::default(),
                 }
             }
         };
@@ -607,9 +631,10 @@ impl ConnLayer {
                     frontend,
                     backend,
                     addr,
+                    control,
                 } => {
                     if let Some(ct) = &self.tracker {
-                        ct.insert(flow, frontend, backend, addr, flags, now);
+                        ct.insert_controlled(flow, frontend, backend, addr, flags, now, control);
                         if attempt == 0 && states.state(backend) == BackendState::Gone {
                             ct.remove(flow);
                             continue;

@@ -342,6 +342,7 @@ impl Ruleset {
                 frontend: chain.frontend,
                 backend,
                 addr,
+                control: Default::default(),
             },
             None => Scheduled::Reject,
         }

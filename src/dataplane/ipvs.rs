@@ -25,7 +25,10 @@
 //! (the service's timeout, a full netmask, `expire_quiescent_template=1`):
 //! a template per client in the [`AffinityTable`], whose timer restarts with
 //! every new connection scheduled through it, dropped as soon as its
-//! destination is gone or has weight 0.
+//! destination is gone or has weight 0. With the tracker on, a template
+//! does not expire while it controls a tracked connection (`n_control`):
+//! its timer is put off 60 s at a time, as `ip_vs_conn_expire` does (see
+//! the [`affinity`](crate::affinity) module).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -245,7 +248,11 @@ impl Shared {
         Shared {
             rng: SeededRng::new(config.seed),
             readers: AtomicU64::new(0),
-            affinity: AffinityTable::new(config.affinity.clone(), config.seed),
+            // Persistence templates live while they control tracked
+            // connections (the kernel's n_control); nftables' affinity sets
+            // keep their own timers.
+            affinity: AffinityTable::new(config.affinity.clone(), config.seed)
+                .with_controls(conn.controls().filter(|_| mode == Mode::Ipvs).cloned()),
             table: Arc::new(ArcSwap::from_pointee(conn.empty(VsTable::default()))),
             scopes: Mutex::new(ScopeRegistry::default()),
             states: Arc::clone(planner.states()),
@@ -298,6 +305,9 @@ impl Shared {
                 // templates expire (expire_quiescent_template).
                 let affinity =
                     scopes.bind(&self.affinity, svc, vs, &addrs, |i| dests[i].weight() > 0);
+                if let Some(a) = &affinity {
+                    a.scope.set_frontend(fe.id().0);
+                }
                 if affinity.is_none() {
                     scopes.remove_vs(&self.affinity, vs);
                 }
@@ -424,7 +434,9 @@ impl Shared {
             rotation,
         };
         let picked = match &state.affinity {
-            None => selector.pick_excluding(dests, &ctx, exclude),
+            None => selector
+                .pick_excluding(dests, &ctx, exclude)
+                .map(|i| (i, Default::default())),
             Some(aff) => {
                 // A pin to an excluded backend is replaced.
                 let pinned = self.affinity.route(
@@ -445,15 +457,16 @@ impl Shared {
                 );
                 pinned.map(|p| {
                     aff.count(p.index);
-                    p.index
+                    (p.index, p.control)
                 })
             }
         };
-        match picked.and_then(|i| dests.get(i)) {
-            Some(d) => Scheduled::Forward {
+        match picked.and_then(|(i, control)| dests.get(i).map(|d| (d, control))) {
+            Some((d, control)) => Scheduled::Forward {
                 frontend: state.frontend,
                 backend: d.id(),
                 addr: d.addr(),
+                control,
             },
             None => Scheduled::Reject,
         }
