@@ -15,10 +15,12 @@
 //! topology made dual-stack (fd00:200:N::/64 on the veths, the client
 //! routing fd00:96::/64 via lb), with the maps written from the plan of a
 //! dual-stack service; one with node ports (on lb's own address) and
-//! external IPs, Cluster and Local policies, from the plan; two (feature
-//! `serde` too) run
-//! `examples/ebpf.rs` in the same topology: ready, 300 predicted
-//! connections, a reload that removes a backend under open connections,
+//! external IPs, Cluster and Local policies, from the plan; one with ICMP
+//! errors from backends, fragmented datagrams and IPv6 extension headers;
+//! two (feature `serde` too) run
+//! `examples/ebpf.rs` in the same topology made dual-stack: ready, 300
+//! predicted connections, 60 over IPv6 to an IPv6 service, a reload that
+//! removes a backend under open connections,
 //! the drain's end, a followed watch file, SIGHUP, SIGTERM; and its exit 1
 //! on bad input. Each test's namespaces are `svbpf<pid><tag>-*`.
 
@@ -1255,9 +1257,9 @@ fn pseudo6_for(addrs: &[u8], next: u8, len: usize) -> u32 {
         + len as u32
 }
 
-/// An Ethernet + IPv4 ICMP port unreachable from `src` to `dst` quoting
-/// the IP packet `quote`, with correct checksums.
-fn icmp4_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quote: &[u8]) -> Vec<u8> {
+/// An Ethernet + IPv4 ICMP error (`kind`: type and code) from `src` to
+/// `dst` quoting the IP packet `quote`, with correct checksums.
+fn icmp4_error(kind: (u8, u8), src: Ipv4Addr, dst: Ipv4Addr, quote: &[u8]) -> Vec<u8> {
     let len = 20 + 8 + quote.len();
     let mut f = vec![0u8; 14 + len];
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
@@ -1269,17 +1271,21 @@ fn icmp4_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quote: &[u8]) -> Vec<u8> {
     f[30..34].copy_from_slice(&dst.octets());
     let c = csum(&f[14..34], 0);
     f[24..26].copy_from_slice(&c.to_be_bytes());
-    f[34] = 3;
-    f[35] = 3;
+    (f[34], f[35]) = kind;
+    if kind == (3, 4) {
+        // fragmentation needed: the next hop's MTU
+        f[40..42].copy_from_slice(&1400u16.to_be_bytes());
+    }
     f[42..].copy_from_slice(quote);
     let c = csum(&f[34..], 0);
     f[36..38].copy_from_slice(&c.to_be_bytes());
     f
 }
 
-/// An Ethernet + IPv6 ICMPv6 port unreachable (type 1, code 4) from `src`
-/// to `dst` quoting the IPv6 packet `quote`, with a correct checksum.
-fn icmp6_unreachable(src: Ipv6Addr, dst: Ipv6Addr, quote: &[u8]) -> Vec<u8> {
+/// An Ethernet + IPv6 ICMPv6 error (`kind`: type and code; packet too big
+/// carries an MTU of 1,400) from `src` to `dst` quoting the IPv6 packet
+/// `quote`, with a correct checksum.
+fn icmp6_error(kind: (u8, u8), src: Ipv6Addr, dst: Ipv6Addr, quote: &[u8]) -> Vec<u8> {
     let len = 8 + quote.len();
     let mut f = vec![0u8; 14 + 40 + len];
     f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
@@ -1289,8 +1295,10 @@ fn icmp6_unreachable(src: Ipv6Addr, dst: Ipv6Addr, quote: &[u8]) -> Vec<u8> {
     f[21] = 64;
     f[22..38].copy_from_slice(&src.octets());
     f[38..54].copy_from_slice(&dst.octets());
-    f[54] = 1;
-    f[55] = 4;
+    (f[54], f[55]) = kind;
+    if kind.0 == 2 {
+        f[58..62].copy_from_slice(&1400u32.to_be_bytes());
+    }
     f[62..].copy_from_slice(quote);
     let c = csum(&f[54..], pseudo6_for(&f[22..54], 58, len));
     f[56..58].copy_from_slice(&c.to_be_bytes());
@@ -1318,7 +1326,8 @@ fn udp_exchange(to: SocketAddr, payload: &[u8]) -> std::io::Result<(SocketAddr, 
 ///   the error only when the quote matches the socket: client -> VIP:port);
 ///   and through `BPF_PROG_TEST_RUN`, the quote after the reverse NAT is
 ///   byte for byte the datagram the client sent (IP and UDP checksums
-///   included), with valid outer IP and ICMP(v6) checksums;
+///   included), with valid outer IP and ICMP(v6) checksums, and so is the
+///   quoted SYN of a fragmentation needed (IPv4) or packet too big (IPv6);
 /// - 3,000-byte UDP datagrams (fragmented by the client's kernel at MTU
 ///   1,500, and the echo by the backend's) reach the model's backend and
 ///   come back whole, over IPv4 and IPv6;
@@ -1346,6 +1355,18 @@ fn ebpf_icmp_errors_fragments_and_extension_headers_in_network_namespaces() {
         reject_when_empty: true,
     };
     let specs = vec![
+        tcp_spec(VIP, &[1, 2, 3], true),
+        EbpfFrontendSpec {
+            vip: IpAddr::V6(VIP6),
+            port: 80,
+            protocol: Protocol::Tcp,
+            backends: (1..=3u16)
+                .map(|n| {
+                    EbpfBackendSpec::active(40 + u32::from(n), SocketAddr::from((b6(n), 8080)))
+                })
+                .collect(),
+            reject_when_empty: true,
+        },
         udp_spec(),
         udp(
             IpAddr::V6(VIP6),
@@ -1397,7 +1418,12 @@ fn ebpf_icmp_errors_fragments_and_extension_headers_in_network_namespaces() {
     let r = dp.test_run(&sent, 1).unwrap();
     assert_eq!(r.return_value, 0);
     assert_eq!(&r.packet[30..34], &[10, 200, 1, 2], "DNAT to the backend");
-    let error = icmp4_unreachable(Ipv4Addr::new(10, 200, 1, 2), client4, &r.packet[14..]);
+    let error = icmp4_error(
+        (3, 3),
+        Ipv4Addr::new(10, 200, 1, 2),
+        client4,
+        &r.packet[14..],
+    );
     let r = dp.test_run(&error, 1).unwrap();
     assert_eq!(r.return_value, 0);
     let out = &r.packet;
@@ -1413,7 +1439,7 @@ fn ebpf_icmp_errors_fragments_and_extension_headers_in_network_namespaces() {
     let sent6 = udp6_frame(client6, VIP6, 40000, 54, &[], b"quoted datagram");
     let r = dp.test_run(&sent6, 1).unwrap();
     assert_eq!(&r.packet[38..54], &b6(1).octets(), "DNAT to the backend");
-    let error6 = icmp6_unreachable(b6(1), client6, &r.packet[14..]);
+    let error6 = icmp6_error((1, 4), b6(1), client6, &r.packet[14..]);
     let r = dp.test_run(&error6, 1).unwrap();
     let out = &r.packet;
     assert_eq!(&out[22..38], &VIP6.octets(), "outer source: the VIP");
@@ -1428,7 +1454,53 @@ fn ebpf_icmp_errors_fragments_and_extension_headers_in_network_namespaces() {
         &sent6[14..],
         "the quote is the client's datagram"
     );
-    assert_eq!(dp.counters().unwrap().icmp_errors, after_real + 2);
+    // TCP: fragmentation needed (IPv4) and packet too big (IPv6) about a
+    // SYN to web (VIP:80) quote the whole segment, its checksum restored.
+    let tfe = dp.compiled(VIP, 80, Protocol::Tcp).unwrap().clone();
+    let syn = frame(client4.octets(), VIP.octets(), 40001, 80, 0x02);
+    let r = dp.test_run(&syn, 1).unwrap();
+    let flow = Flow::tcp(
+        SocketAddr::from((client4, 40001)),
+        SocketAddr::from((VIP, 80)),
+    );
+    let backend = tfe.backend(choose(&tfe, &flow).unwrap()).unwrap().addr;
+    let IpAddr::V4(b4) = backend.ip() else {
+        unreachable!("an IPv4 backend")
+    };
+    assert_eq!(&r.packet[30..34], &b4.octets(), "SYN DNATed");
+    let r = dp
+        .test_run(&icmp4_error((3, 4), b4, client4, &r.packet[14..]), 1)
+        .unwrap();
+    let out = &r.packet;
+    assert_eq!(&out[26..30], &VIP.octets(), "outer source: the VIP");
+    assert_eq!(csum(&out[14..34], 0), 0, "outer IP checksum");
+    assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
+    assert_eq!(&out[42..], &syn[14..], "the quote is the client's SYN");
+    let tfe6 = dp.compiled(VIP6, 80, Protocol::Tcp).unwrap().clone();
+    let syn6 = frame6(client6, VIP6, 40001, 80, 0x02);
+    let r = dp.test_run(&syn6, 1).unwrap();
+    let flow = Flow::tcp(
+        SocketAddr::from((client6, 40001)),
+        SocketAddr::from((VIP6, 80)),
+    );
+    let backend = tfe6.backend(choose(&tfe6, &flow).unwrap()).unwrap().addr;
+    let IpAddr::V6(bk6) = backend.ip() else {
+        unreachable!("an IPv6 backend")
+    };
+    assert_eq!(&r.packet[38..54], &bk6.octets(), "SYN DNATed");
+    let r = dp
+        .test_run(&icmp6_error((2, 0), bk6, client6, &r.packet[14..]), 1)
+        .unwrap();
+    let out = &r.packet;
+    assert_eq!(&out[22..38], &VIP6.octets(), "outer source: the VIP");
+    let len = out.len() - 54;
+    assert_eq!(
+        csum(&out[54..], pseudo6_for(&out[22..54], 58, len)),
+        0,
+        "ICMPv6 checksum"
+    );
+    assert_eq!(&out[62..], &syn6[14..], "the quote is the client's SYN");
+    assert_eq!(dp.counters().unwrap().icmp_errors, after_real + 4);
 
     // 2. Fragments: 3,000 bytes each way, on the model's backend.
     let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7 + i / 251) as u8).collect();
