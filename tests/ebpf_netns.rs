@@ -1328,6 +1328,10 @@ fn udp_exchange(to: SocketAddr, payload: &[u8]) -> std::io::Result<(SocketAddr, 
 ///   byte for byte the datagram the client sent (IP and UDP checksums
 ///   included), with valid outer IP and ICMP(v6) checksums, and so is the
 ///   quoted SYN of a fragmentation needed (IPv4) or packet too big (IPv6);
+/// - the other direction: a backend that answers after the client's socket
+///   has closed gets ECONNREFUSED from the client's port unreachable, its
+///   quote restored to the backend's own reply (byte for byte, checked
+///   through `BPF_PROG_TEST_RUN` too);
 /// - 3,000-byte UDP datagrams (fragmented by the client's kernel at MTU
 ///   1,500, and the echo by the backend's) reach the model's backend and
 ///   come back whole, over IPv4 and IPv6;
@@ -1390,6 +1394,20 @@ fn ebpf_icmp_errors_fragments_and_extension_headers_in_network_namespaces() {
             IpAddr::V6(VIP6),
             54,
             vec![EbpfBackendSpec::active(32, SocketAddr::from((b6(1), 5999)))],
+        ),
+        // A backend that answers late (after the client has gone).
+        udp(
+            IpAddr::V4(VIP),
+            55,
+            vec![EbpfBackendSpec::active(
+                33,
+                SocketAddr::from(([10, 200, 1, 2], 6000)),
+            )],
+        ),
+        udp(
+            IpAddr::V6(VIP6),
+            55,
+            vec![EbpfBackendSpec::active(34, SocketAddr::from((b6(1), 6001)))],
         ),
     ];
     let mut dp = in_ns(&lb, || EbpfDataplane::load(&["l0", "l1", "l2", "l3"], None))
@@ -1501,6 +1519,109 @@ fn ebpf_icmp_errors_fragments_and_extension_headers_in_network_namespaces() {
     );
     assert_eq!(&out[62..], &syn6[14..], "the quote is the client's SYN");
     assert_eq!(dp.counters().unwrap().icmp_errors, after_real + 4);
+
+    // The other direction: the client's port unreachable about a reply
+    // from the VIP goes to the backend, the quote's source restored to
+    // the backend's, so the backend's connected socket gets ECONNREFUSED.
+    let b1 = topo.ns("b1");
+    for (vip, bind) in [
+        (IpAddr::V4(VIP), "0.0.0.0:6000"),
+        (IpAddr::V6(VIP6), "[::]:6001"),
+    ] {
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let ns = b1.clone();
+        std::thread::spawn(move || {
+            enter(&ns);
+            let s = UdpSocket::bind(bind).expect("bind the late backend");
+            s.set_read_timeout(Some(T)).unwrap();
+            ready_tx.send(()).unwrap();
+            let r = (|| {
+                let mut buf = [0u8; 64];
+                let (_, from) = s.recv_from(&mut buf)?;
+                s.connect(from)?;
+                let _ = go_rx.recv_timeout(T);
+                s.send(b"late")?;
+                s.recv(&mut buf)
+            })();
+            let _ = done_tx.send(r);
+        });
+        ready.recv_timeout(T).expect("late backend bound");
+        in_ns(&client, || {
+            let any = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let s = UdpSocket::bind(any).unwrap();
+            s.send_to(b"and gone", SocketAddr::new(vip, 55)).unwrap();
+        });
+        // The client's socket is closed: the reply meets a closed port.
+        go.send(()).unwrap();
+        let r = done.recv_timeout(T * 3).expect("the late backend finished");
+        let err = r.expect_err("the client's port unreachable");
+        println!("{vip}: the backend's socket got {err}");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{vip}: {err}");
+    }
+    let to_backends = dp.counters().unwrap().icmp_errors - (after_real + 4);
+    assert!(to_backends >= 2, "{to_backends}");
+    // And byte for byte through BPF_PROG_TEST_RUN: a UDP reply from backend
+    // to client, reverse-NATed, then the client's port unreachable about it.
+    let ufe = dp.compiled(VIP, 53, Protocol::Udp).unwrap().clone();
+    let sent = udp4_frame(client4, VIP, 40003, 53, b"ask");
+    let r = dp.test_run(&sent, 1).unwrap();
+    let flow = Flow::udp(
+        SocketAddr::from((client4, 40003)),
+        SocketAddr::from((VIP, 53)),
+    );
+    let backend = ufe.backend(choose(&ufe, &flow).unwrap()).unwrap().addr;
+    let IpAddr::V4(b4) = backend.ip() else {
+        unreachable!("an IPv4 backend")
+    };
+    assert_eq!(&r.packet[30..34], &b4.octets());
+    let reply = udp4_frame(b4, client4, backend.port(), 40003, b"answer");
+    let r = dp.test_run(&reply, 1).unwrap();
+    assert_eq!(&r.packet[26..30], &VIP.octets(), "reply from the VIP");
+    let r = dp
+        .test_run(&icmp4_error((3, 3), client4, VIP, &r.packet[14..]), 1)
+        .unwrap();
+    let out = &r.packet;
+    assert_eq!(&out[30..34], &b4.octets(), "outer destination: the backend");
+    assert_eq!(csum(&out[14..34], 0), 0, "outer IP checksum");
+    assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
+    assert_eq!(&out[42..], &reply[14..], "the quote is the backend's reply");
+    let ufe6 = dp.compiled(VIP6, 53, Protocol::Udp).unwrap().clone();
+    let sent6 = udp6_frame(client6, VIP6, 40003, 53, &[], b"ask");
+    let r = dp.test_run(&sent6, 1).unwrap();
+    let flow = Flow::udp(
+        SocketAddr::from((client6, 40003)),
+        SocketAddr::from((VIP6, 53)),
+    );
+    let backend = ufe6.backend(choose(&ufe6, &flow).unwrap()).unwrap().addr;
+    let IpAddr::V6(bk6) = backend.ip() else {
+        unreachable!("an IPv6 backend")
+    };
+    assert_eq!(&r.packet[38..54], &bk6.octets());
+    let reply6 = udp6_frame(bk6, client6, backend.port(), 40003, &[], b"answer");
+    let r = dp.test_run(&reply6, 1).unwrap();
+    assert_eq!(&r.packet[22..38], &VIP6.octets(), "reply from the VIP");
+    let r = dp
+        .test_run(&icmp6_error((1, 4), client6, VIP6, &r.packet[14..]), 1)
+        .unwrap();
+    let out = &r.packet;
+    assert_eq!(
+        &out[38..54],
+        &bk6.octets(),
+        "outer destination: the backend"
+    );
+    let len = out.len() - 54;
+    assert_eq!(
+        csum(&out[54..], pseudo6_for(&out[22..54], 58, len)),
+        0,
+        "ICMPv6 checksum"
+    );
+    assert_eq!(
+        &out[62..],
+        &reply6[14..],
+        "the quote is the backend's reply"
+    );
 
     // 2. Fragments: 3,000 bytes each way, on the model's backend.
     let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7 + i / 251) as u8).collect();

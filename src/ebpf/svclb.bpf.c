@@ -774,7 +774,8 @@ static __always_inline int inner_l4_csum(struct __sk_buff *skb, __u32 il4, __u8 
  * checksums, the ICMP checksum (which covers the quote) is updated for
  * those changes, and the outer source becomes the VIP. The client's kernel
  * matches the quote against its socket, so only then does it see the
- * error (ECONNREFUSED, a path MTU). */
+ * error (ECONNREFUSED, a path MTU). An error about a reply (quoting VIP ->
+ * client) goes the other way, to the backend (below). */
 static __always_inline int icmp4_error(struct __sk_buff *skb, __u32 l4)
 {
 	struct icmp_hdr ih;
@@ -793,37 +794,62 @@ static __always_inline int icmp4_error(struct __sk_buff *skb, __u32 l4)
 	__u16 iports[2];
 	if (bpf_skb_load_bytes(skb, il4, iports, sizeof(iports)) < 0)
 		return TC_ACT_OK;
-	/* the quoted packet went client -> backend: its reply tuple is the key */
+	/* A backend's error about what it got (client -> backend): the
+	 * quote's reply tuple is in svclb_rnat; the quote's destination and
+	 * the outer source go back to the VIP. An error about a reply (VIP ->
+	 * client), from the client or a router on its way: the quote's
+	 * client tuple is in svclb_ct; the quote's source and the outer
+	 * destination become the backend's, so that the backend gets it
+	 * (e.g. a path MTU), as the kernel's NAT does in that direction. */
+	int to_client = 1;
+	__u32 nip;
+	__u16 nport;
 	struct rnat_key rk = {.saddr = in.daddr, .daddr = in.saddr, .sport = iports[1],
 			      .dport = iports[0], .proto = in.protocol};
 	struct rnat_val *rn = bpf_map_lookup_elem(&svclb_rnat, &rk);
-	if (!rn)
-		return TC_ACT_OK;
-	__u32 vip = rn->vip;
-	__u16 vport = rn->vport;
+	if (rn) {
+		nip = rn->vip;
+		nport = rn->vport;
+	} else {
+		struct ct_key ck = {.saddr = rk.saddr, .daddr = rk.daddr, .sport = rk.sport,
+				    .dport = rk.dport, .proto = rk.proto};
+		struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct, &ck);
+		if (!ct)
+			return TC_ACT_OK;
+		struct be_val *be = bpf_map_lookup_elem(&svclb_backends, &ct->backend_id);
+		if (!be)
+			return TC_ACT_OK;
+		nip = be->addr;
+		nport = be->port;
+		to_client = 0;
+	}
+	__u32 oip = to_client ? in.daddr : in.saddr;
+	__u16 oport = to_client ? iports[1] : iports[0];
+	__u32 qaddr = ioff + (to_client ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+	__u32 qport = il4 + (to_client ? 2 : 0);
 	__u32 icmp_sum = 0;
-	/* the quoted IP header: destination and header checksum */
-	__u16 ncheck = csum_apply(in.check, csum_addr(0, in.daddr, vip));
-	icmp_sum = csum_addr(icmp_sum, in.daddr, vip);
+	/* the quoted IP header: the address and the header checksum */
+	__u16 ncheck = csum_apply(in.check, csum_addr(0, oip, nip));
+	icmp_sum = csum_addr(icmp_sum, oip, nip);
 	icmp_sum = csum_word(icmp_sum, in.check, ncheck);
-	/* the quoted L4 header: destination port and checksum */
-	__u32 l4sum = csum_word(csum_addr(0, in.daddr, vip), iports[1], vport);
-	icmp_sum = csum_word(icmp_sum, iports[1], vport);
+	/* the quoted L4 header: the port and the checksum */
+	__u32 l4sum = csum_word(csum_addr(0, oip, nip), oport, nport);
+	icmp_sum = csum_word(icmp_sum, oport, nport);
 	if (inner_l4_csum(skb, il4, in.protocol, l4sum, &icmp_sum) < 0 ||
-	    bpf_skb_store_bytes(skb, ioff + offsetof(struct iphdr, daddr), &vip, sizeof(vip), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, qaddr, &nip, sizeof(nip), 0) < 0 ||
 	    bpf_skb_store_bytes(skb, ioff + offsetof(struct iphdr, check), &ncheck, sizeof(ncheck), 0) < 0 ||
-	    bpf_skb_store_bytes(skb, il4 + 2, &vport, sizeof(vport), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, qport, &nport, sizeof(nport), 0) < 0 ||
 	    bpf_l4_csum_replace(skb, l4 + offsetof(struct icmp_hdr, check), 0, csum_fold16(icmp_sum), 0) < 0)
 		goto bad;
-	/* the outer source (ICMP has no pseudo-header: its checksum stays) */
+	/* the outer address (ICMP has no pseudo-header: its checksum stays) */
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + IP_OFF;
 	if ((void *)(ip + 1) > end)
 		goto bad;
-	__u32 osrc = ip->saddr;
-	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, osrc, vip, sizeof(vip)) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_SRC_OFF, &vip, sizeof(vip), 0) < 0)
+	__u32 outer = to_client ? ip->saddr : ip->daddr;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, outer, nip, sizeof(nip)) < 0 ||
+	    bpf_skb_store_bytes(skb, to_client ? IP_SRC_OFF : IP_DST_OFF, &nip, sizeof(nip), 0) < 0)
 		goto bad;
 	count(C_ICMP_ERRORS);
 	return TC_ACT_OK;
@@ -833,8 +859,8 @@ bad:
 }
 
 /* icmp4_error for ICMPv6 (destination unreachable, packet too big, time
- * exceeded, parameter problem): the quoted IPv6 destination and port, the
- * quoted L4 checksum, and the outer source, which the ICMPv6 checksum
+ * exceeded, parameter problem): the quoted IPv6 address and port, the
+ * quoted L4 checksum, and the outer address, which the ICMPv6 checksum
  * covers through its pseudo-header. A quote with extension headers is
  * passed untouched. */
 static __always_inline int icmp6_error(struct __sk_buff *skb, __u32 l4)
@@ -858,27 +884,48 @@ static __always_inline int icmp6_error(struct __sk_buff *skb, __u32 l4)
 	struct ct6_key rk = {.sport = iports[1], .dport = iports[0], .proto = in.nexthdr};
 	__builtin_memcpy(rk.saddr, &in.daddr, 16);
 	__builtin_memcpy(rk.daddr, &in.saddr, 16);
+	/* both directions, as in icmp4_error */
+	int to_client = 1;
+	__u32 nip[4];
+	__u16 nport;
 	struct rnat6_val *rn = bpf_map_lookup_elem(&svclb_rnat6, &rk);
-	if (!rn)
-		return TC_ACT_OK;
-	__u32 vip[4];
-	__builtin_memcpy(vip, rn->vip, 16);
-	__u16 vport = rn->vport;
-	__u32 icmp_sum = csum_addr6(0, rk.saddr, vip);
-	__u32 l4sum = csum_word(csum_addr6(0, rk.saddr, vip), iports[1], vport);
-	icmp_sum = csum_word(icmp_sum, iports[1], vport);
+	if (rn) {
+		__builtin_memcpy(nip, rn->vip, 16);
+		nport = rn->vport;
+	} else {
+		struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct6, &rk);
+		if (!ct)
+			return TC_ACT_OK;
+		struct be6_val *be = bpf_map_lookup_elem(&svclb_backend6, &ct->backend_id);
+		if (!be)
+			return TC_ACT_OK;
+		__builtin_memcpy(nip, be->addr, 16);
+		nport = be->port;
+		to_client = 0;
+	}
+	/* rk.saddr is the quote's destination, rk.daddr its source */
+	__u32 *oip = to_client ? rk.saddr : rk.daddr;
+	__u16 oport = to_client ? iports[1] : iports[0];
+	__u32 qaddr = ioff + (to_client ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+	__u32 qport = il4 + (to_client ? 2 : 0);
+	__u32 icmp_sum = csum_addr6(0, oip, nip);
+	__u32 l4sum = csum_word(csum_addr6(0, oip, nip), oport, nport);
+	icmp_sum = csum_word(icmp_sum, oport, nport);
 	if (inner_l4_csum(skb, il4, in.nexthdr, l4sum, &icmp_sum) < 0 ||
-	    bpf_skb_store_bytes(skb, ioff + offsetof(struct ipv6hdr, daddr), vip, 16, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, il4 + 2, &vport, sizeof(vport), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, qaddr, nip, 16, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, qport, &nport, sizeof(nport), 0) < 0 ||
 	    bpf_l4_csum_replace(skb, l4 + offsetof(struct icmp_hdr, check), 0, csum_fold16(icmp_sum), 0) < 0)
 		goto bad;
-	__u32 osrc[4];
-	if (bpf_skb_load_bytes(skb, IP6_SRC_OFF, osrc, 16) < 0)
+	/* the outer address, which the ICMPv6 checksum covers through its
+	 * pseudo-header */
+	__u32 outer_off = to_client ? IP6_SRC_OFF : IP6_DST_OFF;
+	__u32 outer[4];
+	if (bpf_skb_load_bytes(skb, outer_off, outer, 16) < 0)
 		goto bad;
-	__u32 psum = csum_addr6(0, osrc, vip);
+	__u32 psum = csum_addr6(0, outer, nip);
 	if (bpf_l4_csum_replace(skb, l4 + offsetof(struct icmp_hdr, check), 0, csum_fold16(psum),
 				BPF_F_PSEUDO_HDR) < 0 ||
-	    bpf_skb_store_bytes(skb, IP6_SRC_OFF, vip, 16, 0) < 0)
+	    bpf_skb_store_bytes(skb, outer_off, nip, 16, 0) < 0)
 		goto bad;
 	count(C_ICMP_ERRORS);
 	return TC_ACT_OK;
