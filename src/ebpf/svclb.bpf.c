@@ -1177,9 +1177,14 @@ static __always_inline int handle6(struct __sk_buff *skb)
 			l4 += sizeof(fh);
 			frag_id = fh.id;
 			__u16 fo = bpf_ntohs(fh.frag_off);
-			if (fo & 0xfff8)
+			if (fo & 0xfff8) {
+				/* a later fragment: what follows is data, not
+				 * headers (its next header is the first
+				 * fragment's) */
 				frag = 2;
-			else if (fo & 1)
+				break;
+			}
+			if (fo & 1)
 				frag = 1;
 		} else {
 			break;
