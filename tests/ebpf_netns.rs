@@ -592,6 +592,12 @@ fn number_of(addr: SocketAddr) -> u32 {
 /// three over IPv4; `empty` (fd00:96::11, TCP 80 and UDP 53) without
 /// endpoints.
 fn dual_stack(v6: &[u16]) -> Vec<svclb::Change> {
+    dual_stack_terminating(v6, &[])
+}
+
+/// [`dual_stack`] with the IPv6 endpoints `terminating` (a subset of `v6`)
+/// terminating: not ready, still serving (a pod being deleted).
+fn dual_stack_terminating(v6: &[u16], terminating: &[u16]) -> Vec<svclb::Change> {
     use svclb::{
         AddressType, Change, EndpointSlice, EndpointSpec, Service, ServicePortSpec, SlicePortSpec,
     };
@@ -601,11 +607,16 @@ fn dual_stack(v6: &[u16]) -> Vec<svclb::Change> {
             .build()
             .expect("a valid service")
     };
-    let slice = |name: &str, family, addrs: Vec<String>| {
+    let slice = |name: &str, family, addrs: Vec<(String, bool)>| {
         EndpointSlice::builder("default", name, "web", family)
             .port(SlicePortSpec::tcp(8080).name("http"))
             .port(SlicePortSpec::udp(5353).name("dns"))
-            .endpoints(addrs.into_iter().map(EndpointSpec::new))
+            .endpoints(addrs.into_iter().map(|(a, term)| {
+                EndpointSpec::new(a)
+                    .ready(!term)
+                    .serving(true)
+                    .terminating(term)
+            }))
             .build()
             .expect("a valid slice")
     };
@@ -621,20 +632,23 @@ fn dual_stack(v6: &[u16]) -> Vec<svclb::Change> {
         Change::UpsertSlice(slice(
             "web-v4",
             AddressType::IPv4,
-            (1..=3).map(|n| format!("10.200.{n}.2")).collect(),
+            (1..=3).map(|n| (format!("10.200.{n}.2"), false)).collect(),
         )),
         Change::UpsertSlice(slice(
             "web-v6",
             AddressType::IPv6,
-            v6.iter().map(|n| format!("fd00:200:{n}::2")).collect(),
+            v6.iter()
+                .map(|n| (format!("fd00:200:{n}::2"), terminating.contains(n)))
+                .collect(),
         )),
     ]
 }
 
 /// IPv6 in the kernel program, written from the plan of a dual-stack
 /// service: 300 IPv6 connections (and 30 IPv4 ones of the same service)
-/// echoed on the model's backend, a removed backend keeping its open
-/// connections while new ones avoid it, REJECT as a TCP RST and ICMPv6 port
+/// echoed on the model's backend, a removed backend and then a terminating
+/// endpoint each keeping their open connections while new ones avoid them
+/// (the planner drains both), REJECT as a TCP RST and ICMPv6 port
 /// unreachable, a UDP exchange, and the rewritten checksums verified by
 /// the receivers (offload off) and, for `BPF_PROG_TEST_RUN` frames, here.
 #[test]
@@ -762,6 +776,47 @@ fn ebpf_dataplane_ipv6_dual_stack_in_network_namespaces() {
         60,
         "model after the removal"
     );
+    drop(open);
+
+    // 2b. Backend 3's endpoint turns terminating (not ready, serving)
+    //     while 30 connections are open: the planner drains it, its open
+    //     connections keep echoing, new ones go to backend 1 alone.
+    let mut open: Vec<Conn> = in_ns(&client, || {
+        (0..30)
+            .map(|_| connect(SocketAddr::from((VIP6, 80)), T).expect("connect"))
+            .collect()
+    });
+    let on_b3 = open.iter().filter(|c| c.backend == 3).count();
+    assert!(on_b3 > 0, "no open connection on backend 3");
+    let changes = table
+        .apply_batch(dual_stack_terminating(&[1, 3], &[3]))
+        .unwrap();
+    let diff = planner.update(&table, &changes, svclb::Instant::from_millis(2000), |_| {
+        true
+    });
+    assert!(
+        diff.backends
+            .iter()
+            .any(|(_, s)| *s == svclb::BackendState::Draining),
+        "the terminating backend drains: {diff:?}"
+    );
+    let stats = dp.apply(&specs(&planner)).unwrap();
+    println!("terminating apply: {stats:?}");
+    let echoed = in_ns(&client, || {
+        open.iter_mut()
+            .enumerate()
+            .map(|(i, c)| echo(c, 2000 + i as u32).map(|()| c.backend))
+            .collect::<Result<Vec<u32>, _>>()
+    })
+    .expect("open connections echo while their endpoint terminates");
+    println!(
+        "{}/30 open IPv6 connections echoed with backend 3 terminating ({on_b3} on it)",
+        echoed.len()
+    );
+    let fe = dp.compiled(VIP6, 80, Protocol::Tcp).unwrap().clone();
+    assert!(fe.table().iter().all(|&id| number(&fe, id) == 1));
+    let after = conns(IpAddr::V6(VIP6), 30, 6000);
+    assert!(after.iter().all(|(_, b)| *b == 1), "{after:?}");
     drop(open);
 
     // 3. No endpoints: a TCP RST (ECONNREFUSED) and, for UDP, ICMPv6 port
