@@ -15,10 +15,12 @@
 //! topology made dual-stack (fd00:200:N::/64 on the veths, the client
 //! routing fd00:96::/64 via lb), with the maps written from the plan of a
 //! dual-stack service; one with node ports (on lb's own address) and
-//! external IPs, Cluster and Local policies, from the plan; two (feature
-//! `serde` too) run
-//! `examples/ebpf.rs` in the same topology: ready, 300 predicted
-//! connections, a reload that removes a backend under open connections,
+//! external IPs, Cluster and Local policies, from the plan; one with ICMP
+//! errors from backends, fragmented datagrams and IPv6 extension headers;
+//! two (feature `serde` too) run
+//! `examples/ebpf.rs` in the same topology made dual-stack: ready, 300
+//! predicted connections, 60 over IPv6 to an IPv6 service, a reload that
+//! removes a backend under open connections,
 //! the drain's end, a followed watch file, SIGHUP, SIGTERM; and its exit 1
 //! on bad input. Each test's namespaces are `svbpf<pid><tag>-*`.
 
@@ -213,7 +215,8 @@ fn spawn_backend(ns: String, n: u8) {
         let l = TcpListener::bind("[::]:8080").unwrap();
         let u = UdpSocket::bind("[::]:5353").unwrap();
         std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            // Room for datagrams bigger than the MTU (fragmented).
+            let mut buf = vec![0u8; 65536];
             while let Ok((len, from)) = u.recv_from(&mut buf) {
                 let mut reply = format!("B{n}:").into_bytes();
                 reply.extend_from_slice(&buf[..len]);
@@ -589,6 +592,12 @@ fn number_of(addr: SocketAddr) -> u32 {
 /// three over IPv4; `empty` (fd00:96::11, TCP 80 and UDP 53) without
 /// endpoints.
 fn dual_stack(v6: &[u16]) -> Vec<svclb::Change> {
+    dual_stack_terminating(v6, &[])
+}
+
+/// [`dual_stack`] with the IPv6 endpoints `terminating` (a subset of `v6`)
+/// terminating: not ready, still serving (a pod being deleted).
+fn dual_stack_terminating(v6: &[u16], terminating: &[u16]) -> Vec<svclb::Change> {
     use svclb::{
         AddressType, Change, EndpointSlice, EndpointSpec, Service, ServicePortSpec, SlicePortSpec,
     };
@@ -598,11 +607,16 @@ fn dual_stack(v6: &[u16]) -> Vec<svclb::Change> {
             .build()
             .expect("a valid service")
     };
-    let slice = |name: &str, family, addrs: Vec<String>| {
+    let slice = |name: &str, family, addrs: Vec<(String, bool)>| {
         EndpointSlice::builder("default", name, "web", family)
             .port(SlicePortSpec::tcp(8080).name("http"))
             .port(SlicePortSpec::udp(5353).name("dns"))
-            .endpoints(addrs.into_iter().map(EndpointSpec::new))
+            .endpoints(addrs.into_iter().map(|(a, term)| {
+                EndpointSpec::new(a)
+                    .ready(!term)
+                    .serving(true)
+                    .terminating(term)
+            }))
             .build()
             .expect("a valid slice")
     };
@@ -618,20 +632,23 @@ fn dual_stack(v6: &[u16]) -> Vec<svclb::Change> {
         Change::UpsertSlice(slice(
             "web-v4",
             AddressType::IPv4,
-            (1..=3).map(|n| format!("10.200.{n}.2")).collect(),
+            (1..=3).map(|n| (format!("10.200.{n}.2"), false)).collect(),
         )),
         Change::UpsertSlice(slice(
             "web-v6",
             AddressType::IPv6,
-            v6.iter().map(|n| format!("fd00:200:{n}::2")).collect(),
+            v6.iter()
+                .map(|n| (format!("fd00:200:{n}::2"), terminating.contains(n)))
+                .collect(),
         )),
     ]
 }
 
 /// IPv6 in the kernel program, written from the plan of a dual-stack
 /// service: 300 IPv6 connections (and 30 IPv4 ones of the same service)
-/// echoed on the model's backend, a removed backend keeping its open
-/// connections while new ones avoid it, REJECT as a TCP RST and ICMPv6 port
+/// echoed on the model's backend, a removed backend and then a terminating
+/// endpoint each keeping their open connections while new ones avoid them
+/// (the planner drains both), REJECT as a TCP RST and ICMPv6 port
 /// unreachable, a UDP exchange, and the rewritten checksums verified by
 /// the receivers (offload off) and, for `BPF_PROG_TEST_RUN` frames, here.
 #[test]
@@ -759,6 +776,47 @@ fn ebpf_dataplane_ipv6_dual_stack_in_network_namespaces() {
         60,
         "model after the removal"
     );
+    drop(open);
+
+    // 2b. Backend 3's endpoint turns terminating (not ready, serving)
+    //     while 30 connections are open: the planner drains it, its open
+    //     connections keep echoing, new ones go to backend 1 alone.
+    let mut open: Vec<Conn> = in_ns(&client, || {
+        (0..30)
+            .map(|_| connect(SocketAddr::from((VIP6, 80)), T).expect("connect"))
+            .collect()
+    });
+    let on_b3 = open.iter().filter(|c| c.backend == 3).count();
+    assert!(on_b3 > 0, "no open connection on backend 3");
+    let changes = table
+        .apply_batch(dual_stack_terminating(&[1, 3], &[3]))
+        .unwrap();
+    let diff = planner.update(&table, &changes, svclb::Instant::from_millis(2000), |_| {
+        true
+    });
+    assert!(
+        diff.backends
+            .iter()
+            .any(|(_, s)| *s == svclb::BackendState::Draining),
+        "the terminating backend drains: {diff:?}"
+    );
+    let stats = dp.apply(&specs(&planner)).unwrap();
+    println!("terminating apply: {stats:?}");
+    let echoed = in_ns(&client, || {
+        open.iter_mut()
+            .enumerate()
+            .map(|(i, c)| echo(c, 2000 + i as u32).map(|()| c.backend))
+            .collect::<Result<Vec<u32>, _>>()
+    })
+    .expect("open connections echo while their endpoint terminates");
+    println!(
+        "{}/30 open IPv6 connections echoed with backend 3 terminating ({on_b3} on it)",
+        echoed.len()
+    );
+    let fe = dp.compiled(VIP6, 80, Protocol::Tcp).unwrap().clone();
+    assert!(fe.table().iter().all(|&id| number(&fe, id) == 1));
+    let after = conns(IpAddr::V6(VIP6), 30, 6000);
+    assert!(after.iter().all(|(_, b)| *b == 1), "{after:?}");
     drop(open);
 
     // 3. No endpoints: a TCP RST (ECONNREFUSED) and, for UDP, ICMPv6 port
@@ -1175,6 +1233,579 @@ fn csum(b: &[u8], init: u32) -> u16 {
     !(s as u16)
 }
 
+/// An Ethernet + IPv4 + UDP frame with correct checksums.
+fn udp4_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let ulen = 8 + payload.len();
+    let mut f = vec![0u8; 14 + 20 + ulen];
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((20 + ulen) as u16).to_be_bytes());
+    f[18..20].copy_from_slice(&0x1234u16.to_be_bytes());
+    f[22] = 64;
+    f[23] = 17;
+    f[26..30].copy_from_slice(&src.octets());
+    f[30..34].copy_from_slice(&dst.octets());
+    let c = csum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    f[36..38].copy_from_slice(&dport.to_be_bytes());
+    f[38..40].copy_from_slice(&(ulen as u16).to_be_bytes());
+    f[42..].copy_from_slice(payload);
+    let c = csum(&f[34..], pseudo4(&f[14..34], 17, ulen));
+    f[40..42].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The IPv4 pseudo-header's sum for an IP header `ip`.
+fn pseudo4(ip: &[u8], proto: u8, len: usize) -> u32 {
+    ip[12..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>()
+        + u32::from(proto)
+        + len as u32
+}
+
+/// An Ethernet + IPv6 frame: `exthdrs` (each `(next header of the one
+/// before, bytes)`, the first byte of each overwritten with the next
+/// header) and then UDP, with a correct UDP checksum.
+fn udp6_frame(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    exthdrs: &[(u8, Vec<u8>)],
+    payload: &[u8],
+) -> Vec<u8> {
+    let ulen = 8 + payload.len();
+    let ext: usize = exthdrs.iter().map(|(_, h)| h.len()).sum();
+    let mut f = vec![0u8; 14 + 40 + ext + ulen];
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&((ext + ulen) as u16).to_be_bytes());
+    f[20] = exthdrs.first().map_or(17, |(n, _)| *n);
+    f[21] = 64;
+    f[22..38].copy_from_slice(&src.octets());
+    f[38..54].copy_from_slice(&dst.octets());
+    let mut at = 54;
+    for (i, (_, h)) in exthdrs.iter().enumerate() {
+        f[at..at + h.len()].copy_from_slice(h);
+        f[at] = exthdrs.get(i + 1).map_or(17, |(n, _)| *n);
+        at += h.len();
+    }
+    f[at..at + 2].copy_from_slice(&sport.to_be_bytes());
+    f[at + 2..at + 4].copy_from_slice(&dport.to_be_bytes());
+    f[at + 4..at + 6].copy_from_slice(&(ulen as u16).to_be_bytes());
+    f[at + 8..].copy_from_slice(payload);
+    let c = csum(&f[at..], pseudo6_for(&f[22..54], 17, ulen));
+    f[at + 6..at + 8].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The IPv6 pseudo-header's sum for the addresses `addrs` (32 bytes).
+fn pseudo6_for(addrs: &[u8], next: u8, len: usize) -> u32 {
+    addrs
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>()
+        + u32::from(next)
+        + len as u32
+}
+
+/// An Ethernet + IPv4 ICMP error (`kind`: type and code) from `src` to
+/// `dst` quoting the IP packet `quote`, with correct checksums.
+fn icmp4_error(kind: (u8, u8), src: Ipv4Addr, dst: Ipv4Addr, quote: &[u8]) -> Vec<u8> {
+    let len = 20 + 8 + quote.len();
+    let mut f = vec![0u8; 14 + len];
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&(len as u16).to_be_bytes());
+    f[22] = 64;
+    f[23] = 1;
+    f[26..30].copy_from_slice(&src.octets());
+    f[30..34].copy_from_slice(&dst.octets());
+    let c = csum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    (f[34], f[35]) = kind;
+    if kind == (3, 4) {
+        // fragmentation needed: the next hop's MTU
+        f[40..42].copy_from_slice(&1400u16.to_be_bytes());
+    }
+    f[42..].copy_from_slice(quote);
+    let c = csum(&f[34..], 0);
+    f[36..38].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// An Ethernet + IPv6 ICMPv6 error (`kind`: type and code; packet too big
+/// carries an MTU of 1,400) from `src` to `dst` quoting the IPv6 packet
+/// `quote`, with a correct checksum.
+fn icmp6_error(kind: (u8, u8), src: Ipv6Addr, dst: Ipv6Addr, quote: &[u8]) -> Vec<u8> {
+    let len = 8 + quote.len();
+    let mut f = vec![0u8; 14 + 40 + len];
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&(len as u16).to_be_bytes());
+    f[20] = 58;
+    f[21] = 64;
+    f[22..38].copy_from_slice(&src.octets());
+    f[38..54].copy_from_slice(&dst.octets());
+    (f[54], f[55]) = kind;
+    if kind.0 == 2 {
+        f[58..62].copy_from_slice(&1400u32.to_be_bytes());
+    }
+    f[62..].copy_from_slice(quote);
+    let c = csum(&f[54..], pseudo6_for(&f[22..54], 58, len));
+    f[56..58].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// Sends `payload` from a connected UDP socket in the current namespace
+/// to `to` and waits (T) for one reply: (local address, reply).
+fn udp_exchange(to: SocketAddr, payload: &[u8]) -> std::io::Result<(SocketAddr, Vec<u8>)> {
+    let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    s.set_read_timeout(Some(T))?;
+    s.connect(to)?;
+    s.send(payload)?;
+    let mut buf = vec![0u8; 65536];
+    let n = s.recv(&mut buf)?;
+    buf.truncate(n);
+    Ok((s.local_addr()?, buf))
+}
+
+/// ICMP errors from backends, fragments and IPv6 extension headers, in the
+/// dual-stack topology with the loader driven directly:
+/// - a UDP datagram to a VIP whose backend port is closed: the backend's
+///   ICMP (ICMPv6) port unreachable is reverse-NATed, quote included, so
+///   the client's connected socket gets ECONNREFUSED (its kernel delivers
+///   the error only when the quote matches the socket: client -> VIP:port);
+///   and through `BPF_PROG_TEST_RUN`, the quote after the reverse NAT is
+///   byte for byte the datagram the client sent (IP and UDP checksums
+///   included), with valid outer IP and ICMP(v6) checksums, and so is the
+///   quoted SYN of a fragmentation needed (IPv4) or packet too big (IPv6);
+/// - the other direction: a backend that answers after the client's socket
+///   has closed gets ECONNREFUSED from the client's port unreachable, its
+///   quote restored to the backend's own reply (byte for byte, checked
+///   through `BPF_PROG_TEST_RUN` too);
+/// - 3,000-byte UDP datagrams (fragmented by the client's kernel at MTU
+///   1,500, and the echo by the backend's) reach the model's backend and
+///   come back whole, over IPv4 and IPv6;
+/// - IPv6 UDP with destination-options and hop-by-hop headers is DNATed to
+///   the model's backend with a checksum that verifies, a later fragment
+///   whose first was not seen passes untouched.
+#[test]
+fn ebpf_icmp_errors_fragments_and_extension_headers_in_network_namespaces() {
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let started = Instant::now();
+    let topo = Topology::build_with("i", true).expect("dual-stack topology");
+    for n in 1..=3u8 {
+        spawn_backend(topo.ns(&format!("b{n}")), n);
+    }
+    let (lb, client) = (topo.ns("lb"), topo.ns("client"));
+    let b6 = |n: u16| Ipv6Addr::new(0xfd00, 0x200, n, 0, 0, 0, 0, 2);
+    let udp = |vip: IpAddr, port: u16, backends: Vec<EbpfBackendSpec>| EbpfFrontendSpec {
+        vip,
+        port,
+        protocol: Protocol::Udp,
+        backends,
+        reject_when_empty: true,
+    };
+    let specs = vec![
+        tcp_spec(VIP, &[1, 2, 3], true),
+        EbpfFrontendSpec {
+            vip: IpAddr::V6(VIP6),
+            port: 80,
+            protocol: Protocol::Tcp,
+            backends: (1..=3u16)
+                .map(|n| {
+                    EbpfBackendSpec::active(40 + u32::from(n), SocketAddr::from((b6(n), 8080)))
+                })
+                .collect(),
+            reject_when_empty: true,
+        },
+        udp_spec(),
+        udp(
+            IpAddr::V6(VIP6),
+            53,
+            (1..=3u16)
+                .map(|n| {
+                    EbpfBackendSpec::active(20 + u32::from(n), SocketAddr::from((b6(n), 5353)))
+                })
+                .collect(),
+        ),
+        // Nothing listens on 5999: the backend answers port unreachable.
+        udp(
+            IpAddr::V4(VIP),
+            54,
+            vec![EbpfBackendSpec::active(
+                31,
+                SocketAddr::from(([10, 200, 1, 2], 5999)),
+            )],
+        ),
+        udp(
+            IpAddr::V6(VIP6),
+            54,
+            vec![EbpfBackendSpec::active(32, SocketAddr::from((b6(1), 5999)))],
+        ),
+        // A backend that answers late (after the client has gone).
+        udp(
+            IpAddr::V4(VIP),
+            55,
+            vec![EbpfBackendSpec::active(
+                33,
+                SocketAddr::from(([10, 200, 1, 2], 6000)),
+            )],
+        ),
+        udp(
+            IpAddr::V6(VIP6),
+            55,
+            vec![EbpfBackendSpec::active(34, SocketAddr::from((b6(1), 6001)))],
+        ),
+    ];
+    let mut dp = in_ns(&lb, || EbpfDataplane::load(&["l0", "l1", "l2", "l3"], None))
+        .expect("load and attach");
+    println!(
+        "verifier: {:?} instructions processed",
+        dp.verified_instruction_count().unwrap()
+    );
+    dp.apply(&specs).unwrap();
+
+    // 1. ICMP errors from a backend: ECONNREFUSED on the client's socket.
+    for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+        let r = in_ns(&client, || {
+            udp_exchange(SocketAddr::new(vip, 54), b"closed")
+        });
+        let err = r.expect_err("no reply from a closed port");
+        println!("UDP to {vip}:54 (backend port closed): {err}");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{vip}: {err}");
+    }
+    let after_real = dp.counters().unwrap().icmp_errors;
+    assert!(after_real >= 2, "icmp_errors {after_real}");
+
+    // The same through BPF_PROG_TEST_RUN, checked byte for byte.
+    let client4 = Ipv4Addr::new(10, 200, 0, 9);
+    let sent = udp4_frame(client4, VIP, 40000, 54, b"quoted datagram");
+    let r = dp.test_run(&sent, 1).unwrap();
+    assert_eq!(r.return_value, 0);
+    assert_eq!(&r.packet[30..34], &[10, 200, 1, 2], "DNAT to the backend");
+    let error = icmp4_error(
+        (3, 3),
+        Ipv4Addr::new(10, 200, 1, 2),
+        client4,
+        &r.packet[14..],
+    );
+    let r = dp.test_run(&error, 1).unwrap();
+    assert_eq!(r.return_value, 0);
+    let out = &r.packet;
+    assert_eq!(&out[26..30], &VIP.octets(), "outer source: the VIP");
+    assert_eq!(csum(&out[14..34], 0), 0, "outer IP checksum");
+    assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
+    assert_eq!(
+        &out[42..],
+        &sent[14..],
+        "the quote is the client's datagram"
+    );
+    let client6 = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 9);
+    let sent6 = udp6_frame(client6, VIP6, 40000, 54, &[], b"quoted datagram");
+    let r = dp.test_run(&sent6, 1).unwrap();
+    assert_eq!(&r.packet[38..54], &b6(1).octets(), "DNAT to the backend");
+    let error6 = icmp6_error((1, 4), b6(1), client6, &r.packet[14..]);
+    let r = dp.test_run(&error6, 1).unwrap();
+    let out = &r.packet;
+    assert_eq!(&out[22..38], &VIP6.octets(), "outer source: the VIP");
+    let len = out.len() - 54;
+    assert_eq!(
+        csum(&out[54..], pseudo6_for(&out[22..54], 58, len)),
+        0,
+        "ICMPv6 checksum"
+    );
+    assert_eq!(
+        &out[62..],
+        &sent6[14..],
+        "the quote is the client's datagram"
+    );
+    // TCP: fragmentation needed (IPv4) and packet too big (IPv6) about a
+    // SYN to web (VIP:80) quote the whole segment, its checksum restored.
+    let tfe = dp.compiled(VIP, 80, Protocol::Tcp).unwrap().clone();
+    let syn = frame(client4.octets(), VIP.octets(), 40001, 80, 0x02);
+    let r = dp.test_run(&syn, 1).unwrap();
+    let flow = Flow::tcp(
+        SocketAddr::from((client4, 40001)),
+        SocketAddr::from((VIP, 80)),
+    );
+    let backend = tfe.backend(choose(&tfe, &flow).unwrap()).unwrap().addr;
+    let IpAddr::V4(b4) = backend.ip() else {
+        unreachable!("an IPv4 backend")
+    };
+    assert_eq!(&r.packet[30..34], &b4.octets(), "SYN DNATed");
+    let r = dp
+        .test_run(&icmp4_error((3, 4), b4, client4, &r.packet[14..]), 1)
+        .unwrap();
+    let out = &r.packet;
+    assert_eq!(&out[26..30], &VIP.octets(), "outer source: the VIP");
+    assert_eq!(csum(&out[14..34], 0), 0, "outer IP checksum");
+    assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
+    assert_eq!(&out[42..], &syn[14..], "the quote is the client's SYN");
+    let tfe6 = dp.compiled(VIP6, 80, Protocol::Tcp).unwrap().clone();
+    let syn6 = frame6(client6, VIP6, 40001, 80, 0x02);
+    let r = dp.test_run(&syn6, 1).unwrap();
+    let flow = Flow::tcp(
+        SocketAddr::from((client6, 40001)),
+        SocketAddr::from((VIP6, 80)),
+    );
+    let backend = tfe6.backend(choose(&tfe6, &flow).unwrap()).unwrap().addr;
+    let IpAddr::V6(bk6) = backend.ip() else {
+        unreachable!("an IPv6 backend")
+    };
+    assert_eq!(&r.packet[38..54], &bk6.octets(), "SYN DNATed");
+    let r = dp
+        .test_run(&icmp6_error((2, 0), bk6, client6, &r.packet[14..]), 1)
+        .unwrap();
+    let out = &r.packet;
+    assert_eq!(&out[22..38], &VIP6.octets(), "outer source: the VIP");
+    let len = out.len() - 54;
+    assert_eq!(
+        csum(&out[54..], pseudo6_for(&out[22..54], 58, len)),
+        0,
+        "ICMPv6 checksum"
+    );
+    assert_eq!(&out[62..], &syn6[14..], "the quote is the client's SYN");
+    assert_eq!(dp.counters().unwrap().icmp_errors, after_real + 4);
+
+    // The other direction: the client's port unreachable about a reply
+    // from the VIP goes to the backend, the quote's source restored to
+    // the backend's, so the backend's connected socket gets ECONNREFUSED.
+    let b1 = topo.ns("b1");
+    for (vip, bind) in [
+        (IpAddr::V4(VIP), "0.0.0.0:6000"),
+        (IpAddr::V6(VIP6), "[::]:6001"),
+    ] {
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let ns = b1.clone();
+        std::thread::spawn(move || {
+            enter(&ns);
+            let s = UdpSocket::bind(bind).expect("bind the late backend");
+            s.set_read_timeout(Some(T)).unwrap();
+            ready_tx.send(()).unwrap();
+            let r = (|| {
+                let mut buf = [0u8; 64];
+                let (_, from) = s.recv_from(&mut buf)?;
+                s.connect(from)?;
+                let _ = go_rx.recv_timeout(T);
+                s.send(b"late")?;
+                s.recv(&mut buf)
+            })();
+            let _ = done_tx.send(r);
+        });
+        ready.recv_timeout(T).expect("late backend bound");
+        in_ns(&client, || {
+            let any = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let s = UdpSocket::bind(any).unwrap();
+            s.send_to(b"and gone", SocketAddr::new(vip, 55)).unwrap();
+        });
+        // The client's socket is closed: the reply meets a closed port.
+        go.send(()).unwrap();
+        let r = done.recv_timeout(T * 3).expect("the late backend finished");
+        let err = r.expect_err("the client's port unreachable");
+        println!("{vip}: the backend's socket got {err}");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{vip}: {err}");
+    }
+    let to_backends = dp.counters().unwrap().icmp_errors - (after_real + 4);
+    assert!(to_backends >= 2, "{to_backends}");
+    // And byte for byte through BPF_PROG_TEST_RUN: a UDP reply from backend
+    // to client, reverse-NATed, then the client's port unreachable about it.
+    let ufe = dp.compiled(VIP, 53, Protocol::Udp).unwrap().clone();
+    let sent = udp4_frame(client4, VIP, 40003, 53, b"ask");
+    let r = dp.test_run(&sent, 1).unwrap();
+    let flow = Flow::udp(
+        SocketAddr::from((client4, 40003)),
+        SocketAddr::from((VIP, 53)),
+    );
+    let backend = ufe.backend(choose(&ufe, &flow).unwrap()).unwrap().addr;
+    let IpAddr::V4(b4) = backend.ip() else {
+        unreachable!("an IPv4 backend")
+    };
+    assert_eq!(&r.packet[30..34], &b4.octets());
+    let reply = udp4_frame(b4, client4, backend.port(), 40003, b"answer");
+    let r = dp.test_run(&reply, 1).unwrap();
+    assert_eq!(&r.packet[26..30], &VIP.octets(), "reply from the VIP");
+    let r = dp
+        .test_run(&icmp4_error((3, 3), client4, VIP, &r.packet[14..]), 1)
+        .unwrap();
+    let out = &r.packet;
+    assert_eq!(&out[30..34], &b4.octets(), "outer destination: the backend");
+    assert_eq!(csum(&out[14..34], 0), 0, "outer IP checksum");
+    assert_eq!(csum(&out[34..], 0), 0, "ICMP checksum");
+    assert_eq!(&out[42..], &reply[14..], "the quote is the backend's reply");
+    let ufe6 = dp.compiled(VIP6, 53, Protocol::Udp).unwrap().clone();
+    let sent6 = udp6_frame(client6, VIP6, 40003, 53, &[], b"ask");
+    let r = dp.test_run(&sent6, 1).unwrap();
+    let flow = Flow::udp(
+        SocketAddr::from((client6, 40003)),
+        SocketAddr::from((VIP6, 53)),
+    );
+    let backend = ufe6.backend(choose(&ufe6, &flow).unwrap()).unwrap().addr;
+    let IpAddr::V6(bk6) = backend.ip() else {
+        unreachable!("an IPv6 backend")
+    };
+    assert_eq!(&r.packet[38..54], &bk6.octets());
+    let reply6 = udp6_frame(bk6, client6, backend.port(), 40003, &[], b"answer");
+    let r = dp.test_run(&reply6, 1).unwrap();
+    assert_eq!(&r.packet[22..38], &VIP6.octets(), "reply from the VIP");
+    let r = dp
+        .test_run(&icmp6_error((1, 4), client6, VIP6, &r.packet[14..]), 1)
+        .unwrap();
+    let out = &r.packet;
+    assert_eq!(
+        &out[38..54],
+        &bk6.octets(),
+        "outer destination: the backend"
+    );
+    let len = out.len() - 54;
+    assert_eq!(
+        csum(&out[54..], pseudo6_for(&out[22..54], 58, len)),
+        0,
+        "ICMPv6 checksum"
+    );
+    assert_eq!(
+        &out[62..],
+        &reply6[14..],
+        "the quote is the backend's reply"
+    );
+
+    // 2. Fragments: 3,000 bytes each way, on the model's backend.
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+        let fe = dp.compiled(vip, 53, Protocol::Udp).unwrap().clone();
+        let (local, reply) = in_ns(&client, || udp_exchange(SocketAddr::new(vip, 53), &payload))
+            .unwrap_or_else(|e| panic!("a 3,000-byte exchange with {vip}:53: {e}"));
+        let want = number_of(fe.backend(predicted(&fe, local, vip, 53)).unwrap().addr);
+        let mut expect = format!("B{want}:").into_bytes();
+        expect.extend_from_slice(&payload);
+        assert_eq!(reply.len(), expect.len(), "{vip}: the whole echo");
+        assert!(reply == expect, "{vip}: the echo differs");
+        println!("{vip}: 3,000 bytes fragmented each way, echoed by backend {want}");
+    }
+    let c = dp.counters().unwrap();
+    println!("counters after the fragments: {c:?}");
+    // At least 2 later fragments each way per family.
+    assert!(c.fragments >= 8, "{c:?}");
+
+    // 3. IPv6 extension headers (BPF_PROG_TEST_RUN): destination options,
+    //    then hop-by-hop + destination options, before UDP.
+    let ufe6 = dp.compiled(VIP6, 53, Protocol::Udp).unwrap().clone();
+    let pad = |len: usize| {
+        let mut h = vec![0u8; len];
+        h[1] = (len / 8 - 1) as u8;
+        h[2] = 1; // PadN
+        h[3] = (len - 4) as u8;
+        h
+    };
+    for (i, ext) in [vec![(60u8, pad(8))], vec![(0u8, pad(8)), (60u8, pad(16))]]
+        .into_iter()
+        .enumerate()
+    {
+        let src = Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 1, i as u16);
+        let f = udp6_frame(src, VIP6, 41000 + i as u16, 53, &ext, b"options");
+        let r = dp.test_run(&f, 1).unwrap();
+        let out = &r.packet;
+        let at = 54 + ext.iter().map(|(_, h)| h.len()).sum::<usize>();
+        let dst = SocketAddr::from((
+            <[u8; 16]>::try_from(&out[38..54]).unwrap(),
+            u16::from_be_bytes([out[at + 2], out[at + 3]]),
+        ));
+        let flow = Flow::udp(
+            SocketAddr::from((src, 41000 + i as u16)),
+            SocketAddr::from((VIP6, 53)),
+        );
+        let want = ufe6.backend(choose(&ufe6, &flow).unwrap()).unwrap().addr;
+        assert_eq!(
+            dst,
+            want,
+            "{} extension header(s): the model's backend",
+            ext.len()
+        );
+        let ulen = out.len() - at;
+        assert_eq!(
+            csum(&out[at..], pseudo6_for(&out[22..54], 17, ulen)),
+            0,
+            "UDP checksum"
+        );
+    }
+    // A later fragment (offset 8) whose first fragment was not seen passes
+    // untouched: it is not sent to some backend without its ports.
+    let mut later = udp6_frame(
+        client6,
+        VIP6,
+        42000,
+        53,
+        &[(44u8, vec![0u8; 8])],
+        b"payload!",
+    );
+    later[56..58].copy_from_slice(&(1u16 << 3).to_be_bytes());
+    later[58..62].copy_from_slice(&0x5eed_u32.to_be_bytes());
+    let before = dp.counters().unwrap().pass_fragment;
+    let r = dp.test_run(&later, 1).unwrap();
+    assert_eq!(r.return_value, 0);
+    assert_eq!(r.packet, later, "passed untouched");
+    assert_eq!(dp.counters().unwrap().pass_fragment, before + 1);
+
+    // 4. A real IPv6 datagram with a destination-options header (python3's
+    //    IPV6_DSTOPTS), from the client through lb.
+    let py = "import socket\n\
+              s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+              s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))\n\
+              s.settimeout(3)\n\
+              s.connect(('fd00:96::10', 53))\n\
+              s.send(b'dstopts')\n\
+              r = s.recv(100)\n\
+              print(s.getsockname()[1], r.decode())\n";
+    if Command::new("python3").arg("-V").output().is_err() {
+        println!("SKIPPED (part 4): python3 not installed");
+    } else {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &client, "python3", "-c", py])
+            .output()
+            .expect("ip netns exec python3");
+        assert!(
+            o.status.success(),
+            "the dstopts exchange failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let text = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+        let (port, reply) = text.split_once(' ').expect("port and reply");
+        let local = SocketAddr::from((
+            Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2),
+            port.parse().unwrap(),
+        ));
+        let want = number_of(
+            ufe6.backend(predicted(&ufe6, local, VIP6, 53))
+                .unwrap()
+                .addr,
+        );
+        println!("IPv6 with a destination-options header: {reply}");
+        assert_eq!(reply, format!("B{want}:dstopts"));
+    }
+
+    let c = dp.counters().unwrap();
+    println!("counters: {c:?}");
+    assert_eq!(c.drop_malformed + c.drop_no_backend, 0, "{c:?}");
+    for n in ["client", "b1", "b2", "b3"] {
+        let ns = topo.ns(n);
+        assert_eq!(checksum_errors(&ns), (0, 0), "{n}: TCP/UDP InCsumErrors");
+        assert_eq!(udp6_checksum_errors(&ns), 0, "{n}: Udp6InCsumErrors");
+    }
+    println!(
+        "ICMP/fragment/extension-header test took {:?}",
+        started.elapsed()
+    );
+}
+
 /// `examples/ebpf.rs`, built with this test's features (a no-op after
 /// `cargo test`, which builds the examples; a rebuild after a filtered run).
 #[cfg(feature = "serde")]
@@ -1206,7 +1837,8 @@ fn example_binary() -> std::path::PathBuf {
 }
 
 /// The manifests the example serves: `web` (10.96.0.10:80 -> the backends'
-/// 8080) with the endpoints `backends` (1..=3).
+/// 8080) with the endpoints `backends` (1..=3), and `web6` (fd00:96::10:80,
+/// IPv6 only) on all three backends' fd00:200:N::2.
 #[cfg(feature = "serde")]
 fn web_manifest(backends: &[u8]) -> String {
     let mut s = String::from(
@@ -1223,13 +1855,28 @@ fn web_manifest(backends: &[u8]) -> String {
             "- addresses: [\"10.200.{b}.2\"]\n  conditions: {{ready: true}}\n"
         ));
     }
+    s.push_str(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: web6, namespace: default}\n\
+         spec:\n  clusterIP: fd00:96::10\n  ipFamilies: [IPv6]\n  selector: {app: web6}\n  \
+         ports:\n  - {name: http, port: 80, protocol: TCP, targetPort: 8080}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web6-1\n  namespace: default\n  \
+         labels: {kubernetes.io/service-name: web6}\naddressType: IPv6\n\
+         ports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n",
+    );
+    for b in 1..=3 {
+        s.push_str(&format!(
+            "- addresses: [\"fd00:200:{b}::2\"]\n  conditions: {{ready: true}}\n"
+        ));
+    }
     s
 }
 
-/// The model's Maglev table for `web` as the example compiles it: the same
-/// loader and planner over the same manifests, one frontend spec.
+/// The model's Maglev table for `web` (or, with `vip`, `web6`) as the
+/// example compiles it: the same loader and planner over the same
+/// manifests, one frontend spec.
 #[cfg(feature = "serde")]
-fn web_model(dir: &std::path::Path, has_connections: bool) -> CompiledFrontend {
+fn web_model(dir: &std::path::Path, has_connections: bool, vip: IpAddr) -> CompiledFrontend {
     use svclb::k8s::loader::{LoadOptions, Loader};
     let mut loader = Loader::new(LoadOptions::default());
     let mut table = svclb::ServiceTable::new();
@@ -1244,7 +1891,7 @@ fn web_model(dir: &std::path::Path, has_connections: bool) -> CompiledFrontend {
         |_| has_connections,
     );
     let fe = planner
-        .frontend_by_key(&SocketAddr::from((VIP, 80)), Protocol::Tcp)
+        .frontend_by_key(&SocketAddr::new(vip, 80), Protocol::Tcp)
         .expect("web's frontend");
     CompiledFrontend::compile(&svclb::ebpf::model::frontend_spec(fe), 1, None).unwrap()
 }
@@ -1312,7 +1959,7 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
         return;
     }
     let bin = example_binary();
-    let topo = Topology::build("x").expect("topology");
+    let topo = Topology::build_with("x", true).expect("dual-stack topology");
     for n in 1..=3u8 {
         spawn_backend(topo.ns(&format!("b{n}")), n);
     }
@@ -1372,7 +2019,7 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
     ex.wait_for("ready");
 
     // 300 connections, every byte echoed, each on the model's backend.
-    let fe = web_model(&dir, false);
+    let fe = web_model(&dir, false, IpAddr::V4(VIP));
     let results: Vec<(SocketAddr, u32)> = in_ns(&client, || {
         (0..300u32)
             .map(|i| {
@@ -1397,6 +2044,36 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
     assert_eq!(agree, 300);
     assert!(per[1..].iter().all(|&k| k > 50), "{per:?}");
 
+    // IPv6 through the example: `web6` (fd00:96::10), 60 connections, every
+    // byte echoed, each on the backend the model predicts.
+    let fe6 = web_model(&dir, false, IpAddr::V6(VIP6));
+    let results6: Vec<(SocketAddr, u32)> = in_ns(&client, || {
+        (0..60u32)
+            .map(|i| {
+                let mut c = connect(SocketAddr::from((VIP6, 80)), T).expect("connect over IPv6");
+                echo(&mut c, 3000 + i).expect("echo over IPv6");
+                (c.local, c.backend)
+            })
+            .collect()
+    });
+    let agree6 = results6
+        .iter()
+        .filter(|(local, b)| {
+            let id = predicted(&fe6, *local, VIP6, 80);
+            local.is_ipv6() && number_of(fe6.backend(id).expect("a backend").addr) == *b
+        })
+        .count();
+    let mut per6 = [0usize; 4];
+    for (_, b) in &results6 {
+        per6[*b as usize] += 1;
+    }
+    println!(
+        "example: IPv6 model agrees on {agree6}/60; per backend {:?}",
+        &per6[1..]
+    );
+    assert_eq!(agree6, 60);
+    assert!(per6[1..].iter().all(|&k| k > 0), "{per6:?}");
+
     // A reload (the manifest file changes) removes backend 2 while 30
     // connections are open: they keep working, new ones avoid it.
     let mut open: Vec<Conn> = in_ns(&client, || {
@@ -1420,7 +2097,7 @@ fn ebpf_example_attaches_syncs_reloads_and_exits() {
         "example: {}/30 open connections echoed after the reload ({on_b2} on backend 2)",
         echoed.len()
     );
-    let fe = web_model(&dir, true);
+    let fe = web_model(&dir, true, IpAddr::V4(VIP));
     let after: Vec<(SocketAddr, u32)> = in_ns(&client, || {
         (0..60u32)
             .map(|i| {

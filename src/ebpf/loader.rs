@@ -12,6 +12,10 @@
 //!   table rewrite fills the other copy and one frontend write swaps it;
 //! - `svclb_ct` (LRU): client tuple -> backend id, TCP state, expiry;
 //! - `svclb_rnat` (LRU): backend's reply tuple -> VIP and port;
+//! - `svclb_frag4`, `svclb_frag6` (LRU): a fragmented datagram's (source,
+//!   destination, IP id, protocol) -> the ports its first fragment carried,
+//!   so that its later fragments follow it (Cilium's
+//!   `IPV4_FRAG_DATAGRAMS_MAP`); the program alone writes them;
 //! - `svclb_counters` (per-CPU array): see [`EbpfCounters`].
 //!
 //! IPv6 frontends and backends go into maps of their own, with 16-byte
@@ -110,12 +114,22 @@ pub struct EbpfCounters {
     /// Tracked flows scheduled anew (backend gone, or a SYN to a draining
     /// backend or a closed flow).
     pub rescheduled: u64,
-    /// IPv4 fragments and IPv6 packets with a fragment header passed
-    /// untouched.
+    /// Non-first IPv4 or IPv6 fragments passed untouched: their first
+    /// fragment was not seen (or scheduled nothing), so their ports are
+    /// unknown.
     pub pass_fragment: u64,
+    /// ICMP and ICMPv6 errors from a backend about a DNATed flow,
+    /// reverse-NATed (outer source and quoted destination back to the VIP).
+    pub icmp_errors: u64,
+    /// Non-first fragments NATed with the ports their first fragment
+    /// recorded (`svclb_frag4`, `svclb_frag6`).
+    pub fragments: u64,
+    /// IPv6 packets passed untouched because their extension headers were
+    /// more than 4 or longer than 256 bytes.
+    pub pass_exthdr: u64,
 }
 
-const COUNTERS: u32 = 11;
+const COUNTERS: u32 = 14;
 
 /// A connection in the kernel's conntrack map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -724,6 +738,9 @@ impl EbpfDataplane {
             drop_malformed: v[8],
             rescheduled: v[9],
             pass_fragment: v[10],
+            icmp_errors: v[11],
+            fragments: v[12],
+            pass_exthdr: v[13],
         })
     }
 

@@ -8,8 +8,10 @@
 //! can predict the kernel flow by flow.
 //!
 //! The kernel program handles IPv4 and IPv6 TCP and UDP (IPv6 in maps of
-//! its own, with the model's IPv6 flow hash); IP fragments, IPv6 extension
-//! headers and other protocols pass untouched.
+//! its own, with the model's IPv6 flow hash), ICMP and ICMPv6 errors about
+//! its flows (NATed with their quotes, both directions), IP fragments (a
+//! later fragment follows the ports its first fragment recorded) and up to
+//! 4 IPv6 extension headers; other protocols pass untouched.
 
 pub mod model;
 

@@ -12,8 +12,12 @@
 // svclb_backend6, svclb_ct6, svclb_rnat6, as Cilium's lb6_* maps; names
 // under the kernel's 15 characters) and
 // shares the Maglev tables and counters; its REJECT is a TCP RST or ICMPv6
-// port unreachable. Everything else, including IP fragments and IPv6
-// packets with extension headers, passes untouched.
+// port unreachable. ICMP(v6) errors from a backend about a DNATed flow are
+// reverse-NATed, quote included (icmp4_error). IPv6 extension headers
+// (up to MAX_EXTHDRS) are skipped to reach TCP/UDP. Fragments: the first
+// one is handled by its ports and records them (svclb_frag4/6); later ones
+// take them from there, or pass untouched when the first was not seen.
+// Everything else passes untouched.
 //
 // Keep the structs in step with src/ebpf/loader.rs.
 
@@ -73,7 +77,10 @@ enum counter {
 	C_DROP_NO_BACKEND,  /* dropped: table names a backend the map lacks */
 	C_DROP_MALFORMED,   /* dropped: truncated headers, or a rewrite failed */
 	C_RESCHEDULED,      /* tracked flows whose backend was gone or a SYN to a draining one */
-	C_PASS_FRAGMENT,    /* IPv4 fragments and IPv6 fragment headers passed untouched */
+	C_PASS_FRAGMENT,    /* non-first fragments whose first fragment was not seen, passed untouched */
+	C_ICMP_ERRORS,      /* ICMP(v6) errors about a DNATed flow, reverse-NATed */
+	C_FRAGMENTS,        /* non-first fragments NATed with the ports of their first fragment */
+	C_PASS_EXTHDR,      /* IPv6 packets whose extension headers are too many or too long, passed */
 	C_MAX,
 };
 
@@ -252,6 +259,49 @@ struct {
 	__type(value, struct rnat6_val);
 } svclb_rnat6 SEC(".maps");
 
+/* Fragments, as Cilium's IPV4_FRAG_DATAGRAMS_MAP / IPV6_FRAG_DATAGRAMS_MAP
+ * (bpf/lib/ipv4.h, ipv6.h): a first fragment (offset 0, more fragments)
+ * records its ports under (source, destination, IP id, protocol); later
+ * fragments of the same datagram, which carry no L4 header, take their
+ * ports from it and so follow the first fragment's conntrack entry (an L3
+ * rewrite only: the L4 checksum is in the first fragment). */
+struct frag4_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag6_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 id;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct frag_ports {
+	__u16 sport;
+	__u16 dport;
+};
+
+#define FRAG_ENTRIES 8192
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FRAG_ENTRIES);
+	__type(key, struct frag4_key);
+	__type(value, struct frag_ports);
+} svclb_frag4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FRAG_ENTRIES);
+	__type(key, struct frag6_key);
+	__type(value, struct frag_ports);
+} svclb_frag6 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, C_MAX);
@@ -339,10 +389,19 @@ static __always_inline __u32 l4_csum_off(__u32 l4, __u8 proto)
 	return l4 + (proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
 }
 
-/* Rewrite one address (src or dst) and port, with L3 and L4 checksums. */
+/* Rewrite one address (src or dst) and port, with L3 and L4 checksums;
+ * without `has_l4` (a non-first fragment) only the address and the IP
+ * header checksum. */
 static __always_inline int rewrite(struct __sk_buff *skb, __u32 l4, __u8 proto, int dst,
-				   __u32 old_ip, __u32 new_ip, __u16 old_port, __u16 new_port)
+				   __u32 old_ip, __u32 new_ip, __u16 old_port, __u16 new_port,
+				   int has_l4)
 {
+	if (!has_l4) {
+		if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_ip, new_ip, sizeof(new_ip)) < 0)
+			return -1;
+		return bpf_skb_store_bytes(skb, dst ? IP_DST_OFF : IP_SRC_OFF, &new_ip,
+					   sizeof(new_ip), 0) < 0 ? -1 : 0;
+	}
 	__u32 csum_off = l4_csum_off(l4, proto);
 	__u64 flags = BPF_F_PSEUDO_HDR | sizeof(new_ip);
 	if (proto == IPPROTO_UDP)
@@ -370,8 +429,12 @@ static __always_inline int rewrite(struct __sk_buff *skb, __u32 l4, __u8 proto, 
 /* The same for IPv6: no IP header checksum; the 16-byte address change
  * goes into the L4 checksum as one difference through its pseudo-header. */
 static __always_inline int rewrite6(struct __sk_buff *skb, __u32 l4, __u8 proto, int dst,
-				    __u32 *old_ip, __u32 *new_ip, __u16 old_port, __u16 new_port)
+				    __u32 *old_ip, __u32 *new_ip, __u16 old_port, __u16 new_port,
+				    int has_l4)
 {
+	if (!has_l4)
+		return bpf_skb_store_bytes(skb, dst ? IP6_DST_OFF : IP6_SRC_OFF, new_ip, 16, 0) < 0
+			       ? -1 : 0;
 	__u32 csum_off = l4_csum_off(l4, proto);
 	__s64 diff = bpf_csum_diff(old_ip, 16, new_ip, 16, 0);
 	if (diff < 0)
@@ -635,6 +698,242 @@ static __always_inline int reject_udp6(struct __sk_buff *skb)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* One's complement arithmetic on 16-bit words as they lie in memory
+ * (RFC 1624): a sum of ~old + new terms, folded, then applied to a
+ * checksum field. */
+static __always_inline __u32 csum_word(__u32 acc, __u16 old, __u16 new)
+{
+	return acc + (__u16)~old + new;
+}
+
+static __always_inline __u32 csum_addr(__u32 acc, __u32 old, __u32 new)
+{
+	acc = csum_word(acc, old & 0xffff, new & 0xffff);
+	return csum_word(acc, old >> 16, new >> 16);
+}
+
+static __always_inline __u32 csum_addr6(__u32 acc, const __u32 *old, const __u32 *new)
+{
+	for (int i = 0; i < 4; i++)
+		acc = csum_addr(acc, old[i], new[i]);
+	return acc;
+}
+
+static __always_inline __u32 csum_fold16(__u32 c)
+{
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return c;
+}
+
+/* HC' = ~(~HC + sum), RFC 1624 eqn. 3 */
+static __always_inline __u16 csum_apply(__u16 check, __u32 sum)
+{
+	return (__u16)~csum_fold16((__u16)~check + csum_fold16(sum));
+}
+
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+#define ICMPV6_PARAMPROB 4
+
+struct icmp_hdr {
+	__u8 type;
+	__u8 code;
+	__u16 check;
+	__u32 rest;
+};
+
+/* The embedded packet's L4 checksum, updated for `sum` (its pseudo-header
+ * address and its port), when the error quotes it: UDP's always lies in
+ * the 8 bytes an ICMP error must quote, TCP's (offset 16) when the error
+ * quotes more, as Linux's do (nf_nat's l4proto manip skips it likewise
+ * when it is cut off). Adds the field's own change to *icmp_sum. */
+static __always_inline int inner_l4_csum(struct __sk_buff *skb, __u32 il4, __u8 proto, __u32 sum,
+					 __u32 *icmp_sum)
+{
+	__u32 off = il4 + (proto == IPPROTO_TCP ? 16 : 6);
+	__u16 check;
+	if (bpf_skb_load_bytes(skb, off, &check, sizeof(check)) < 0)
+		return 0; /* not quoted */
+	if (proto == IPPROTO_UDP && check == 0)
+		return 0; /* IPv4 UDP without a checksum */
+	__u16 ncheck = csum_apply(check, sum);
+	if (proto == IPPROTO_UDP && ncheck == 0)
+		ncheck = 0xffff;
+	*icmp_sum = csum_word(*icmp_sum, check, ncheck);
+	return bpf_skb_store_bytes(skb, off, &ncheck, sizeof(ncheck), 0);
+}
+
+/* An ICMP error from a backend about a DNATed flow (destination or port
+ * unreachable, fragmentation needed, time exceeded, parameter problem)
+ * quotes the packet the backend got: client -> backend. It is reverse-NATed
+ * as the kernel's NAT does (nf_nat_icmp_reply_translation): the quoted
+ * destination becomes the VIP and port again, with the quoted IP and L4
+ * checksums, the ICMP checksum (which covers the quote) is updated for
+ * those changes, and the outer source becomes the VIP. The client's kernel
+ * matches the quote against its socket, so only then does it see the
+ * error (ECONNREFUSED, a path MTU). An error about a reply (quoting VIP ->
+ * client) goes the other way, to the backend (below). */
+static __always_inline int icmp4_error(struct __sk_buff *skb, __u32 l4)
+{
+	struct icmp_hdr ih;
+	if (bpf_skb_load_bytes(skb, l4, &ih, sizeof(ih)) < 0)
+		return TC_ACT_OK;
+	if (ih.type != ICMP_DEST_UNREACH && ih.type != ICMP_TIME_EXCEEDED &&
+	    ih.type != ICMP_PARAMETERPROB)
+		return TC_ACT_OK;
+	__u32 ioff = l4 + sizeof(ih);
+	struct iphdr in;
+	if (bpf_skb_load_bytes(skb, ioff, &in, sizeof(in)) < 0)
+		return TC_ACT_OK;
+	if (in.ihl != 5 || (in.protocol != IPPROTO_TCP && in.protocol != IPPROTO_UDP))
+		return TC_ACT_OK;
+	__u32 il4 = ioff + sizeof(in);
+	__u16 iports[2];
+	if (bpf_skb_load_bytes(skb, il4, iports, sizeof(iports)) < 0)
+		return TC_ACT_OK;
+	/* A backend's error about what it got (client -> backend): the
+	 * quote's reply tuple is in svclb_rnat; the quote's destination and
+	 * the outer source go back to the VIP. An error about a reply (VIP ->
+	 * client), from the client or a router on its way: the quote's
+	 * client tuple is in svclb_ct; the quote's source and the outer
+	 * destination become the backend's, so that the backend gets it
+	 * (e.g. a path MTU), as the kernel's NAT does in that direction. */
+	int to_client = 1;
+	__u32 nip;
+	__u16 nport;
+	struct rnat_key rk = {.saddr = in.daddr, .daddr = in.saddr, .sport = iports[1],
+			      .dport = iports[0], .proto = in.protocol};
+	struct rnat_val *rn = bpf_map_lookup_elem(&svclb_rnat, &rk);
+	if (rn) {
+		nip = rn->vip;
+		nport = rn->vport;
+	} else {
+		struct ct_key ck = {.saddr = rk.saddr, .daddr = rk.daddr, .sport = rk.sport,
+				    .dport = rk.dport, .proto = rk.proto};
+		struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct, &ck);
+		if (!ct)
+			return TC_ACT_OK;
+		struct be_val *be = bpf_map_lookup_elem(&svclb_backends, &ct->backend_id);
+		if (!be)
+			return TC_ACT_OK;
+		nip = be->addr;
+		nport = be->port;
+		to_client = 0;
+	}
+	__u32 oip = to_client ? in.daddr : in.saddr;
+	__u16 oport = to_client ? iports[1] : iports[0];
+	__u32 qaddr = ioff + (to_client ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+	__u32 qport = il4 + (to_client ? 2 : 0);
+	__u32 icmp_sum = 0;
+	/* the quoted IP header: the address and the header checksum */
+	__u16 ncheck = csum_apply(in.check, csum_addr(0, oip, nip));
+	icmp_sum = csum_addr(icmp_sum, oip, nip);
+	icmp_sum = csum_word(icmp_sum, in.check, ncheck);
+	/* the quoted L4 header: the port and the checksum */
+	__u32 l4sum = csum_word(csum_addr(0, oip, nip), oport, nport);
+	icmp_sum = csum_word(icmp_sum, oport, nport);
+	if (inner_l4_csum(skb, il4, in.protocol, l4sum, &icmp_sum) < 0 ||
+	    bpf_skb_store_bytes(skb, qaddr, &nip, sizeof(nip), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ioff + offsetof(struct iphdr, check), &ncheck, sizeof(ncheck), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, qport, &nport, sizeof(nport), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, l4 + offsetof(struct icmp_hdr, check), 0, csum_fold16(icmp_sum), 0) < 0)
+		goto bad;
+	/* the outer address (ICMP has no pseudo-header: its checksum stays) */
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + IP_OFF;
+	if ((void *)(ip + 1) > end)
+		goto bad;
+	__u32 outer = to_client ? ip->saddr : ip->daddr;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, outer, nip, sizeof(nip)) < 0 ||
+	    bpf_skb_store_bytes(skb, to_client ? IP_SRC_OFF : IP_DST_OFF, &nip, sizeof(nip), 0) < 0)
+		goto bad;
+	count(C_ICMP_ERRORS);
+	return TC_ACT_OK;
+bad:
+	count(C_DROP_MALFORMED);
+	return TC_ACT_SHOT;
+}
+
+/* icmp4_error for ICMPv6 (destination unreachable, packet too big, time
+ * exceeded, parameter problem): the quoted IPv6 address and port, the
+ * quoted L4 checksum, and the outer address, which the ICMPv6 checksum
+ * covers through its pseudo-header. A quote with extension headers is
+ * passed untouched. */
+static __always_inline int icmp6_error(struct __sk_buff *skb, __u32 l4)
+{
+	struct icmp_hdr ih;
+	if (bpf_skb_load_bytes(skb, l4, &ih, sizeof(ih)) < 0)
+		return TC_ACT_OK;
+	if (ih.type != ICMPV6_DEST_UNREACH && ih.type != ICMPV6_PKT_TOOBIG &&
+	    ih.type != ICMPV6_TIME_EXCEED && ih.type != ICMPV6_PARAMPROB)
+		return TC_ACT_OK;
+	__u32 ioff = l4 + sizeof(ih);
+	struct ipv6hdr in;
+	if (bpf_skb_load_bytes(skb, ioff, &in, sizeof(in)) < 0)
+		return TC_ACT_OK;
+	if (in.nexthdr != IPPROTO_TCP && in.nexthdr != IPPROTO_UDP)
+		return TC_ACT_OK;
+	__u32 il4 = ioff + sizeof(in);
+	__u16 iports[2];
+	if (bpf_skb_load_bytes(skb, il4, iports, sizeof(iports)) < 0)
+		return TC_ACT_OK;
+	struct ct6_key rk = {.sport = iports[1], .dport = iports[0], .proto = in.nexthdr};
+	__builtin_memcpy(rk.saddr, &in.daddr, 16);
+	__builtin_memcpy(rk.daddr, &in.saddr, 16);
+	/* both directions, as in icmp4_error */
+	int to_client = 1;
+	__u32 nip[4];
+	__u16 nport;
+	struct rnat6_val *rn = bpf_map_lookup_elem(&svclb_rnat6, &rk);
+	if (rn) {
+		__builtin_memcpy(nip, rn->vip, 16);
+		nport = rn->vport;
+	} else {
+		struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct6, &rk);
+		if (!ct)
+			return TC_ACT_OK;
+		struct be6_val *be = bpf_map_lookup_elem(&svclb_backend6, &ct->backend_id);
+		if (!be)
+			return TC_ACT_OK;
+		__builtin_memcpy(nip, be->addr, 16);
+		nport = be->port;
+		to_client = 0;
+	}
+	/* rk.saddr is the quote's destination, rk.daddr its source */
+	__u32 *oip = to_client ? rk.saddr : rk.daddr;
+	__u16 oport = to_client ? iports[1] : iports[0];
+	__u32 qaddr = ioff + (to_client ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+	__u32 qport = il4 + (to_client ? 2 : 0);
+	__u32 icmp_sum = csum_addr6(0, oip, nip);
+	__u32 l4sum = csum_word(csum_addr6(0, oip, nip), oport, nport);
+	icmp_sum = csum_word(icmp_sum, oport, nport);
+	if (inner_l4_csum(skb, il4, in.nexthdr, l4sum, &icmp_sum) < 0 ||
+	    bpf_skb_store_bytes(skb, qaddr, nip, 16, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, qport, &nport, sizeof(nport), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, l4 + offsetof(struct icmp_hdr, check), 0, csum_fold16(icmp_sum), 0) < 0)
+		goto bad;
+	/* the outer address, which the ICMPv6 checksum covers through its
+	 * pseudo-header */
+	__u32 outer_off = to_client ? IP6_SRC_OFF : IP6_DST_OFF;
+	__u32 outer[4];
+	if (bpf_skb_load_bytes(skb, outer_off, outer, 16) < 0)
+		goto bad;
+	__u32 psum = csum_addr6(0, outer, nip);
+	if (bpf_l4_csum_replace(skb, l4 + offsetof(struct icmp_hdr, check), 0, csum_fold16(psum),
+				BPF_F_PSEUDO_HDR) < 0 ||
+	    bpf_skb_store_bytes(skb, outer_off, nip, 16, 0) < 0)
+		goto bad;
+	count(C_ICMP_ERRORS);
+	return TC_ACT_OK;
+bad:
+	count(C_DROP_MALFORMED);
+	return TC_ACT_SHOT;
+}
+
 /* The Maglev pick for a new flow: table[hash % M] of the live copy. */
 static __always_inline int table_pick(const struct fe_val *fe, __u64 hash, __u32 *backend_id)
 {
@@ -694,30 +993,56 @@ static __always_inline int handle4(struct __sk_buff *skb)
 	if ((void *)(ip + 1) > end || ip->ihl < 5)
 		return TC_ACT_OK;
 	__u8 proto = ip->protocol;
+	__u32 l4 = IP_OFF + ip->ihl * 4;
+	if (proto == IPPROTO_ICMP) {
+		if (ip->frag_off & bpf_htons(0x3fff))
+			return TC_ACT_OK;
+		return icmp4_error(skb, l4);
+	}
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return TC_ACT_OK;
-	if (ip->frag_off & bpf_htons(0x3fff)) {
-		count(C_PASS_FRAGMENT);
-		return TC_ACT_OK;
-	}
 	count(C_PACKETS);
-	__u32 l4 = IP_OFF + ip->ihl * 4;
 	if (l4 > 60 + IP_OFF)
 		return TC_ACT_OK;
-	__u16 *ports = data + l4;
-	if ((void *)(ports + 2) > end)
-		return TC_ACT_OK;
-	__u8 tflags = 0;
-	if (proto == IPPROTO_TCP) {
-		struct tcphdr *tcp = data + l4;
-		if ((void *)(tcp + 1) > end) {
-			count(C_DROP_MALFORMED);
-			return TC_ACT_SHOT;
-		}
-		tflags = ((__u8 *)tcp)[13];
-	}
 	__u32 saddr = ip->saddr, daddr = ip->daddr;
-	__u16 sport = ports[0], dport = ports[1];
+	__u16 sport, dport;
+	__u8 tflags = 0;
+	/* 0: not a fragment, 1: the first fragment, 2: a later one */
+	int frag = 0;
+	__u16 frag_off = bpf_ntohs(ip->frag_off);
+	if (frag_off & 0x1fff)
+		frag = 2;
+	else if (frag_off & 0x2000)
+		frag = 1;
+	struct frag4_key fgk = {.saddr = saddr, .daddr = daddr, .id = ip->id, .proto = proto};
+	if (frag == 2) {
+		struct frag_ports *fp = bpf_map_lookup_elem(&svclb_frag4, &fgk);
+		if (!fp) {
+			count(C_PASS_FRAGMENT);
+			return TC_ACT_OK;
+		}
+		sport = fp->sport;
+		dport = fp->dport;
+	} else {
+		__u16 *ports = data + l4;
+		if ((void *)(ports + 2) > end)
+			return TC_ACT_OK;
+		sport = ports[0];
+		dport = ports[1];
+		if (proto == IPPROTO_TCP) {
+			struct tcphdr *tcp = data + l4;
+			if ((void *)(tcp + 1) > end) {
+				count(C_DROP_MALFORMED);
+				return TC_ACT_SHOT;
+			}
+			tflags = ((__u8 *)tcp)[13];
+		}
+		if (frag == 1) {
+			struct frag_ports fp = {.sport = sport, .dport = dport};
+			bpf_map_update_elem(&svclb_frag4, &fgk, &fp, BPF_ANY);
+		}
+	}
+	int has_l4 = frag != 2;
 	__u64 now = bpf_ktime_get_ns();
 
 	struct fe_key fk = {.vip = daddr, .port = dport, .proto = proto};
@@ -736,11 +1061,11 @@ static __always_inline int handle4(struct __sk_buff *skb)
 		struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct, &ck);
 		if (ct)
 			ct_update(ct, proto, 1, tflags, now);
-		if (rewrite(skb, l4, proto, 0, saddr, vip, sport, vport) < 0) {
+		if (rewrite(skb, l4, proto, 0, saddr, vip, sport, vport, has_l4) < 0) {
 			count(C_DROP_MALFORMED);
 			return TC_ACT_SHOT;
 		}
-		count(C_REPLIES);
+		count(frag == 2 ? C_FRAGMENTS : C_REPLIES);
 		return TC_ACT_OK;
 	}
 
@@ -758,12 +1083,18 @@ static __always_inline int handle4(struct __sk_buff *skb)
 			be = 0;
 		if (be) {
 			backend_id = ct->backend_id;
-			count(C_TRACKED);
+			count(frag == 2 ? C_FRAGMENTS : C_TRACKED);
 		} else {
 			count(C_RESCHEDULED);
 		}
 	}
 	if (!be) {
+		/* A later fragment follows its first one or nothing: it is
+		 * never scheduled (or answered) on its own. */
+		if (frag == 2) {
+			count(C_PASS_FRAGMENT);
+			return fe->count == 0 ? TC_ACT_SHOT : TC_ACT_OK;
+		}
 		if (fe->count == 0) {
 			if (!(fe->flags & FE_REJECT_WHEN_EMPTY)) {
 				count(C_DROP_LOCAL);
@@ -796,15 +1127,28 @@ static __always_inline int handle4(struct __sk_buff *skb)
 	}
 	__u32 baddr = be->addr;
 	__u16 bport = be->port;
-	if (rewrite(skb, l4, proto, 1, daddr, baddr, dport, bport) < 0) {
+	if (rewrite(skb, l4, proto, 1, daddr, baddr, dport, bport, has_l4) < 0) {
 		count(C_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	}
 	return TC_ACT_OK;
 }
 
-/* handle4 for IPv6: TCP or UDP right after the IPv6 header; a fragment
- * header or any other extension header passes untouched. */
+/* At most this many IPv6 extension headers (hop-by-hop, routing,
+ * destination options, fragment) are skipped to reach TCP, UDP or ICMPv6,
+ * in at most this many bytes; a packet with more passes untouched. */
+#define MAX_EXTHDRS 4
+#define MAX_EXTHDR_BYTES 256
+
+struct frag6_hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__u16 frag_off; /* offset in 8-byte units << 3, bit 0: more fragments */
+	__u32 id;
+};
+
+/* handle4 for IPv6: TCP or UDP after the IPv6 header and up to
+ * MAX_EXTHDRS extension headers, fragments as in handle4. */
 static __always_inline int handle6(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -813,31 +1157,97 @@ static __always_inline int handle6(struct __sk_buff *skb)
 	if ((void *)(ip6 + 1) > end)
 		return TC_ACT_OK;
 	__u8 proto = ip6->nexthdr;
-	if (proto == IPPROTO_FRAGMENT) {
-		count(C_PASS_FRAGMENT);
-		return TC_ACT_OK;
-	}
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return TC_ACT_OK;
-	count(C_PACKETS);
 	__u32 l4 = IP_OFF + sizeof(struct ipv6hdr);
-	__u16 *ports = data + l4;
-	if ((void *)(ports + 2) > end)
-		return TC_ACT_OK;
-	__u8 tflags = 0;
-	if (proto == IPPROTO_TCP) {
-		struct tcphdr *tcp = data + l4;
-		if ((void *)(tcp + 1) > end) {
-			count(C_DROP_MALFORMED);
-			return TC_ACT_SHOT;
+	int frag = 0;
+	__u32 frag_id = 0;
+#pragma unroll
+	for (int i = 0; i < MAX_EXTHDRS; i++) {
+		if (proto == IPPROTO_HOPOPTS || proto == IPPROTO_ROUTING ||
+		    proto == IPPROTO_DSTOPTS) {
+			__u8 h[2];
+			if (bpf_skb_load_bytes(skb, l4, h, sizeof(h)) < 0)
+				return TC_ACT_OK;
+			proto = h[0];
+			l4 += (h[1] + 1) * 8;
+		} else if (proto == IPPROTO_FRAGMENT) {
+			struct frag6_hdr fh;
+			if (bpf_skb_load_bytes(skb, l4, &fh, sizeof(fh)) < 0)
+				return TC_ACT_OK;
+			proto = fh.nexthdr;
+			l4 += sizeof(fh);
+			frag_id = fh.id;
+			__u16 fo = bpf_ntohs(fh.frag_off);
+			if (fo & 0xfff8) {
+				/* a later fragment: what follows is data, not
+				 * headers (its next header is the first
+				 * fragment's) */
+				frag = 2;
+				break;
+			}
+			if (fo & 1)
+				frag = 1;
+		} else {
+			break;
 		}
-		tflags = ((__u8 *)tcp)[13];
 	}
+	if (l4 > IP_OFF + sizeof(struct ipv6hdr) + MAX_EXTHDR_BYTES) {
+		count(C_PASS_EXTHDR);
+		return TC_ACT_OK;
+	}
+	if (proto == IPPROTO_ICMPV6) {
+		if (frag)
+			return TC_ACT_OK;
+		return icmp6_error(skb, l4);
+	}
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+		if (proto == IPPROTO_HOPOPTS || proto == IPPROTO_ROUTING ||
+		    proto == IPPROTO_DSTOPTS || proto == IPPROTO_FRAGMENT)
+			count(C_PASS_EXTHDR);
+		return TC_ACT_OK;
+	}
+	count(C_PACKETS);
 	/* The packet's own tuple: the client's for svclb_ct6, a backend's for
 	 * svclb_rnat6. */
-	struct ct6_key ck = {.sport = ports[0], .dport = ports[1], .proto = proto};
+	struct ct6_key ck = {.proto = proto};
 	__builtin_memcpy(ck.saddr, &ip6->saddr, 16);
 	__builtin_memcpy(ck.daddr, &ip6->daddr, 16);
+	__u8 tflags = 0;
+	struct frag6_key fgk = {.id = frag_id, .proto = proto};
+	__builtin_memcpy(fgk.saddr, ck.saddr, 16);
+	__builtin_memcpy(fgk.daddr, ck.daddr, 16);
+	if (frag == 2) {
+		struct frag_ports *fp = bpf_map_lookup_elem(&svclb_frag6, &fgk);
+		if (!fp) {
+			count(C_PASS_FRAGMENT);
+			return TC_ACT_OK;
+		}
+		ck.sport = fp->sport;
+		ck.dport = fp->dport;
+	} else {
+		/* hide l4's bound from clang, which would drop the check the
+		 * verifier needs for the variable packet offset */
+		asm volatile("" : "+r"(l4));
+		if (l4 > IP_OFF + sizeof(struct ipv6hdr) + MAX_EXTHDR_BYTES)
+			return TC_ACT_OK;
+		__u16 *ports = data + l4;
+		if ((void *)(ports + 2) > end)
+			return TC_ACT_OK;
+		ck.sport = ports[0];
+		ck.dport = ports[1];
+		if (proto == IPPROTO_TCP) {
+			struct tcphdr *tcp = data + l4;
+			if ((void *)(tcp + 1) > end) {
+				count(C_DROP_MALFORMED);
+				return TC_ACT_SHOT;
+			}
+			tflags = ((__u8 *)tcp)[13];
+		}
+		if (frag == 1) {
+			struct frag_ports fp = {.sport = ck.sport, .dport = ck.dport};
+			bpf_map_update_elem(&svclb_frag6, &fgk, &fp, BPF_ANY);
+		}
+	}
+	int has_l4 = frag != 2;
 	__u16 sport = ck.sport, dport = ck.dport;
 	__u64 now = bpf_ktime_get_ns();
 
@@ -854,11 +1264,11 @@ static __always_inline int handle6(struct __sk_buff *skb)
 		struct ct_val *ct = bpf_map_lookup_elem(&svclb_ct6, &cck);
 		if (ct)
 			ct_update(ct, proto, 1, tflags, now);
-		if (rewrite6(skb, l4, proto, 0, ck.saddr, cck.daddr, sport, cck.dport) < 0) {
+		if (rewrite6(skb, l4, proto, 0, ck.saddr, cck.daddr, sport, cck.dport, has_l4) < 0) {
 			count(C_DROP_MALFORMED);
 			return TC_ACT_SHOT;
 		}
-		count(C_REPLIES);
+		count(frag == 2 ? C_FRAGMENTS : C_REPLIES);
 		return TC_ACT_OK;
 	}
 
@@ -872,14 +1282,24 @@ static __always_inline int handle6(struct __sk_buff *skb)
 			be = 0;
 		if (be) {
 			backend_id = ct->backend_id;
-			count(C_TRACKED);
+			count(frag == 2 ? C_FRAGMENTS : C_TRACKED);
 		} else {
 			count(C_RESCHEDULED);
 		}
 	}
 	if (!be) {
+		if (frag == 2) {
+			count(C_PASS_FRAGMENT);
+			return fe->count == 0 ? TC_ACT_SHOT : TC_ACT_OK;
+		}
 		if (fe->count == 0) {
 			if (!(fe->flags & FE_REJECT_WHEN_EMPTY)) {
+				count(C_DROP_LOCAL);
+				return TC_ACT_SHOT;
+			}
+			/* The RST and the ICMPv6 error are built for a packet
+			 * without extension headers; one with them is dropped. */
+			if (l4 != IP_OFF + sizeof(struct ipv6hdr)) {
 				count(C_DROP_LOCAL);
 				return TC_ACT_SHOT;
 			}
@@ -913,13 +1333,12 @@ static __always_inline int handle6(struct __sk_buff *skb)
 	__u32 baddr[4];
 	__builtin_memcpy(baddr, be->addr, 16);
 	__u16 bport = be->port;
-	if (rewrite6(skb, l4, proto, 1, ck.daddr, baddr, dport, bport) < 0) {
+	if (rewrite6(skb, l4, proto, 1, ck.daddr, baddr, dport, bport, has_l4) < 0) {
 		count(C_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	}
 	return TC_ACT_OK;
 }
-
 SEC("classifier")
 int svclb_tc(struct __sk_buff *skb)
 {
