@@ -4,7 +4,7 @@
 //! TCP and UDP frontend of the plan (each cluster IP:port, external IP:port
 //! and load-balancer IP:port, and each node IP:nodePort of `--node-ip`
 //! inside `--nodeport-addresses`; without either flag, node ports on
-//! 0.0.0.0, every local address, as kube-proxy accepts them), and carries
+//! 0.0.0.0 and [::], every local address, as kube-proxy accepts them), and carries
 //! real connections to the backends the dataplane chooses.
 //!
 //! ```sh
@@ -76,7 +76,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant as WallClock, SystemTime};
 
 use clap::{Parser, ValueEnum};
@@ -802,9 +802,10 @@ impl Drop for SetOnDrop {
 struct UdpSession {
     socket: UdpSocket,
     backend: parking_lot::Mutex<SocketAddr>,
-    /// On a wildcard (0.0.0.0) listener: the local IPv4 address the client
-    /// last sent to, which replies leave from (`IP_PKTINFO`); 0 otherwise.
-    local: AtomicU32,
+    /// On a wildcard (0.0.0.0 or [::]) listener: the local address the
+    /// client last sent to, which replies leave from (`IP_PKTINFO`,
+    /// `IPV6_PKTINFO`); None otherwise.
+    local: parking_lot::Mutex<Option<IpAddr>>,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
 }
@@ -827,7 +828,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
         let received = if wildcard {
             pktinfo::recv(&socket, &mut buf, &mut cmsg).await
         } else {
-            socket.recv_from(&mut buf).await.map(|(n, p)| (n, p, 0))
+            socket.recv_from(&mut buf).await.map(|(n, p)| (n, p, None))
         };
         let (n, peer, local) = match received {
             Ok(x) => x,
@@ -845,7 +846,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
         let existing = sessions.lock().get(&peer).cloned();
         let session = match existing {
             Some(s) => {
-                s.local.store(local, Ordering::Relaxed);
+                *s.local.lock() = local;
                 let moved = *s.backend.lock() != fw.backend;
                 if moved {
                     // The tracker flushed the flow of a removed backend and
@@ -872,7 +873,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
                 let s = Arc::new(UdpSession {
                     socket: us,
                     backend: parking_lot::Mutex::new(fw.backend),
-                    local: AtomicU32::new(local),
+                    local: parking_lot::Mutex::new(local),
                     bytes_in: AtomicU64::new(0),
                     bytes_out: AtomicU64::new(0),
                 });
@@ -918,8 +919,8 @@ async fn udp_session(
                 let Ok(n) = r else { continue };
                 let backend = *s.backend.lock();
                 sh.dp.reply(&Flow::udp(backend, peer), TcpFlags::NONE, sh.now());
-                let local = s.local.load(Ordering::Relaxed);
-                let sent = if local != 0 {
+                let local = *s.local.lock();
+                let sent = if let Some(local) = local {
                     pktinfo::send(&listener, &buf[..n], peer, local).await
                 } else {
                     listener.send_to(&buf[..n], peer).await
@@ -1398,7 +1399,13 @@ impl Control {
             let Some(answer) = service_health(&self.table, &self.node, svc.key(), true) else {
                 continue;
             };
+            // On the node IPs of the service's families, as each family's
+            // proxier of kube-proxy serves its own services' health checks.
+            let families = svc.cluster_ip().addrs();
             for ip in self.addresses.node_port_ips() {
+                if !families.iter().any(|c| c.is_ipv4() == ip.is_ipv4()) {
+                    continue;
+                }
                 want.entry(SocketAddr::new(ip, port))
                     .or_insert_with(|| (svc.key().clone(), answer.clone()));
             }
@@ -1522,9 +1529,13 @@ async fn run(cli: Cli) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     if config.node_ips.is_empty() && config.nodeport_addresses.is_empty() {
         // kube-proxy without --nodeport-addresses accepts node ports on
-        // every local address: the IPv4 wildcard stands for them (its
-        // frontends are 0.0.0.0:nodePort, listened on as such).
+        // every local address: the wildcards stand for them, one per
+        // family (frontends 0.0.0.0:nodePort for IPv4 services and
+        // [::]:nodePort for IPv6 ones, both for dual-stack ones, each
+        // listened on as such: the [::] listeners take IPv6 only, so the
+        // two families' listeners coexist on one port).
         config.node_ips.push(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        config.node_ips.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     }
     let addresses = NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone());
     config.drain_grace = secs("--drain-grace", cli.drain_grace)?;
@@ -2067,45 +2078,50 @@ async fn copy_pump(
     }
 }
 
-/// UDP on a wildcard (0.0.0.0) listener: `IP_PKTINFO` tells each
-/// datagram's local destination address, and replies name it as their
-/// source, so a client hears back from the address it sent to (nix keeps
-/// the `recvmsg`/`sendmsg` unsafe).
+/// UDP on a wildcard listener (0.0.0.0 or [::]): `IP_PKTINFO` /
+/// `IPV6_RECVPKTINFO` tells each datagram's local destination address, and
+/// replies name it as their source (`IPV6_PKTINFO`), so a client hears
+/// back from the address it sent to (nix keeps the `recvmsg`/`sendmsg`
+/// unsafe).
 #[cfg(target_os = "linux")]
 mod pktinfo {
     use std::io;
-    use std::net::{SocketAddr, SocketAddrV4};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
     use std::os::fd::AsRawFd;
 
     use nix::libc;
     use nix::sys::socket::{
-        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt,
-        sockopt,
+        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg,
+        setsockopt, sockopt,
     };
     use tokio::io::Interest;
     use tokio::net::UdpSocket;
 
     pub(super) fn enable(socket: &UdpSocket) -> io::Result<()> {
-        setsockopt(socket, sockopt::Ipv4PacketInfo, &true).map_err(io::Error::from)
+        if socket.local_addr()?.is_ipv6() {
+            setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true).map_err(io::Error::from)
+        } else {
+            setsockopt(socket, sockopt::Ipv4PacketInfo, &true).map_err(io::Error::from)
+        }
     }
 
-    /// Room for one `in_pktinfo` control message.
+    /// Room for one `in_pktinfo` or `in6_pktinfo` control message.
     pub(super) fn buffer() -> Vec<u8> {
-        nix::cmsg_space!(libc::in_pktinfo)
+        nix::cmsg_space!(libc::in6_pktinfo)
     }
 
-    /// A datagram: its length, sender and local destination address (as a
-    /// `u32`; 0 if the kernel gave none).
+    /// A datagram: its length, sender and local destination address (None
+    /// if the kernel gave none).
     pub(super) async fn recv(
         socket: &UdpSocket,
         buf: &mut [u8],
         cmsg: &mut [u8],
-    ) -> io::Result<(usize, SocketAddr, u32)> {
+    ) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
         loop {
             socket.readable().await?;
             let got = socket.try_io(Interest::READABLE, || {
                 let mut iov = [io::IoSliceMut::new(buf)];
-                let m = recvmsg::<SockaddrIn>(
+                let m = recvmsg::<SockaddrStorage>(
                     socket.as_raw_fd(),
                     &mut iov,
                     Some(&mut *cmsg),
@@ -2114,13 +2130,28 @@ mod pktinfo {
                 .map_err(io::Error::from)?;
                 let peer = m
                     .address
-                    .map(|a| SocketAddr::V4(SocketAddrV4::from(a)))
+                    .and_then(|a| {
+                        if let Some(v4) = a.as_sockaddr_in() {
+                            Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                        } else {
+                            a.as_sockaddr_in6()
+                                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                        }
+                    })
                     .ok_or_else(|| io::Error::other("datagram without a sender"))?;
-                let mut local = 0;
+                let mut local = None;
                 if let Ok(cmsgs) = m.cmsgs() {
                     for c in cmsgs {
-                        if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
-                            local = u32::from_be(info.ipi_addr.s_addr);
+                        match c {
+                            ControlMessageOwned::Ipv4PacketInfo(info) => {
+                                local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                                    info.ipi_addr.s_addr,
+                                ))));
+                            }
+                            ControlMessageOwned::Ipv6PacketInfo(info) => {
+                                local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -2138,18 +2169,31 @@ mod pktinfo {
         socket: &UdpSocket,
         data: &[u8],
         peer: SocketAddr,
-        local: u32,
+        local: IpAddr,
     ) -> io::Result<usize> {
-        let SocketAddr::V4(peer) = peer else {
-            return Err(io::Error::other("an IPv6 peer on an IPv4 socket"));
-        };
-        let to = SockaddrIn::from(peer);
-        let info = libc::in_pktinfo {
-            ipi_ifindex: 0,
-            ipi_spec_dst: libc::in_addr {
-                s_addr: local.to_be(),
-            },
-            ipi_addr: libc::in_addr { s_addr: 0 },
+        let to = SockaddrStorage::from(peer);
+        let v4;
+        let v6;
+        let cmsg = match local {
+            IpAddr::V4(a) => {
+                v4 = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(a).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                ControlMessage::Ipv4PacketInfo(&v4)
+            }
+            IpAddr::V6(a) => {
+                v6 = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: a.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                ControlMessage::Ipv6PacketInfo(&v6)
+            }
         };
         loop {
             socket.writable().await?;
@@ -2157,7 +2201,7 @@ mod pktinfo {
                 sendmsg(
                     socket.as_raw_fd(),
                     &[io::IoSlice::new(data)],
-                    &[ControlMessage::Ipv4PacketInfo(&info)],
+                    std::slice::from_ref(&cmsg),
                     MsgFlags::empty(),
                     Some(&to),
                 )
@@ -2174,7 +2218,7 @@ mod pktinfo {
 #[cfg(not(target_os = "linux"))]
 mod pktinfo {
     use std::io;
-    use std::net::SocketAddr;
+    use std::net::{IpAddr, SocketAddr};
 
     use tokio::net::UdpSocket;
 
@@ -2190,15 +2234,15 @@ mod pktinfo {
         socket: &UdpSocket,
         buf: &mut [u8],
         _: &mut [u8],
-    ) -> io::Result<(usize, SocketAddr, u32)> {
-        socket.recv_from(buf).await.map(|(n, p)| (n, p, 0))
+    ) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+        socket.recv_from(buf).await.map(|(n, p)| (n, p, None))
     }
 
     pub(super) async fn send(
         socket: &UdpSocket,
         data: &[u8],
         peer: SocketAddr,
-        _: u32,
+        _: IpAddr,
     ) -> io::Result<usize> {
         socket.send_to(data, peer).await
     }
