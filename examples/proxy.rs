@@ -2081,8 +2081,8 @@ async fn copy_pump(
 /// UDP on a wildcard listener (0.0.0.0 or [::]): `IP_PKTINFO` /
 /// `IPV6_RECVPKTINFO` tells each datagram's local destination address, and
 /// replies name it as their source (`IPV6_PKTINFO`), so a client hears
-/// back from the address it sent to (nix keeps the `recvmsg`/`sendmsg`
-/// unsafe).
+/// back from the address it sent to (nix keeps `recvmsg`'s unsafe and
+/// socket2 `sendmsg`'s).
 #[cfg(target_os = "linux")]
 mod pktinfo {
     use std::io;
@@ -2091,8 +2091,7 @@ mod pktinfo {
 
     use nix::libc;
     use nix::sys::socket::{
-        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg,
-        setsockopt, sockopt,
+        ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
     };
     use tokio::io::Interest;
     use tokio::net::UdpSocket;
@@ -2164,48 +2163,71 @@ mod pktinfo {
         }
     }
 
+    /// The room one control message with `data` bytes takes (`CMSG_SPACE`)
+    /// and its `cmsg_len` (`CMSG_LEN`): a `cmsghdr` (`size_t` length, two
+    /// `int`s) and the data, each rounded up to a `size_t`.
+    const fn cmsg_sizes(data: usize) -> (usize, usize) {
+        const fn align(n: usize) -> usize {
+            n.div_ceil(size_of::<usize>()) * size_of::<usize>()
+        }
+        let header = align(size_of::<usize>() + 2 * size_of::<libc::c_int>());
+        (header + align(data), header + data)
+    }
+
+    /// Writes one control message (`level`, `kind`, `data`) into `buf`;
+    /// its length.
+    fn pack_cmsg(buf: &mut [u8], level: libc::c_int, kind: libc::c_int, data: &[u8]) -> usize {
+        let (space, len) = cmsg_sizes(data.len());
+        let header = len - data.len();
+        let n = size_of::<usize>();
+        let i = size_of::<libc::c_int>();
+        buf[..space].fill(0);
+        buf[..n].copy_from_slice(&len.to_ne_bytes());
+        buf[n..n + i].copy_from_slice(&level.to_ne_bytes());
+        buf[n + i..n + 2 * i].copy_from_slice(&kind.to_ne_bytes());
+        buf[header..len].copy_from_slice(data);
+        space
+    }
+
     /// Sends `data` to `peer` from the local address `local`.
+    ///
+    /// The control message (`IP_PKTINFO` with `ipi_spec_dst`, or
+    /// `IPV6_PKTINFO` with `ipi6_addr`) is packed into a buffer on the
+    /// stack and sent with socket2's `sendmsg`: nix's `sendmsg` allocates
+    /// its control buffer on every call, and this runs once per reply
+    /// datagram.
     pub(super) async fn send(
         socket: &UdpSocket,
         data: &[u8],
         peer: SocketAddr,
         local: IpAddr,
     ) -> io::Result<usize> {
-        let to = SockaddrStorage::from(peer);
-        let v4;
-        let v6;
-        let cmsg = match local {
+        // Room for the larger of the two: in6_pktinfo (16 + 4 bytes).
+        let mut control = [0u8; cmsg_sizes(20).0];
+        let used = match local {
             IpAddr::V4(a) => {
-                v4 = libc::in_pktinfo {
-                    ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from(a).to_be(),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                };
-                ControlMessage::Ipv4PacketInfo(&v4)
+                // in_pktinfo: ipi_ifindex, ipi_spec_dst, ipi_addr.
+                let mut info = [0u8; 12];
+                info[4..8].copy_from_slice(&a.octets());
+                pack_cmsg(&mut control, libc::IPPROTO_IP, libc::IP_PKTINFO, &info)
             }
             IpAddr::V6(a) => {
-                v6 = libc::in6_pktinfo {
-                    ipi6_addr: libc::in6_addr {
-                        s6_addr: a.octets(),
-                    },
-                    ipi6_ifindex: 0,
-                };
-                ControlMessage::Ipv6PacketInfo(&v6)
+                // in6_pktinfo: ipi6_addr, ipi6_ifindex.
+                let mut info = [0u8; 20];
+                info[..16].copy_from_slice(&a.octets());
+                pack_cmsg(&mut control, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &info)
             }
         };
+        let to = socket2::SockAddr::from(peer);
+        let bufs = [io::IoSlice::new(data)];
         loop {
             socket.writable().await?;
             let sent = socket.try_io(Interest::WRITABLE, || {
-                sendmsg(
-                    socket.as_raw_fd(),
-                    &[io::IoSlice::new(data)],
-                    std::slice::from_ref(&cmsg),
-                    MsgFlags::empty(),
-                    Some(&to),
-                )
-                .map_err(io::Error::from)
+                let msg = socket2::MsgHdr::new()
+                    .with_addr(&to)
+                    .with_buffers(&bufs)
+                    .with_control(&control[..used]);
+                socket2::SockRef::from(socket).sendmsg(&msg, 0)
             });
             match sent {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
