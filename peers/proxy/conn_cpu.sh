@@ -2,7 +2,7 @@
 # CPU time per new connection: the svclb proxy (one or two builds) and
 # HAProxy, on peers/proxy/run.sh's backends, in one go on this machine.
 #
-#   peers/proxy/conn_cpu.sh [--seconds N] [--rounds N] [--bin PATH]... [--no-haproxy]
+#   peers/proxy/conn_cpu.sh [--seconds N] [--rounds N] [--bin PATH]... [--no-haproxy] [--keep-alive]
 #
 # Each --bin is a build of examples/proxy (default: this tree's release
 # build, built here); two builds compare a change against its base. Every
@@ -11,6 +11,10 @@
 # there, and is loaded on its own by `wrk -t1 -c50 -H 'Connection: close'`
 # (one request per connection) for N seconds (default 3), in --rounds
 # rounds (default 5) in rotated order.
+#
+# With --keep-alive, wrk keeps its 50 connections open instead, and the
+# figures are per request (tests cpu_us_per_req, user_us_per_req,
+# sys_us_per_req, req_per_sec).
 #
 # The figure is the proxy's own CPU time (utime + stime from
 # /proc/PID/stat, both directions of every connection) divided by the
@@ -28,13 +32,16 @@ SECONDS_PER_TEST=3
 ROUNDS=5
 BINS=()
 HAPROXY_TOO=1
+HEADER=(-H 'Connection: close')
+UNIT=conn
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) SECONDS_PER_TEST="$2"; shift 2 ;;
         --rounds) ROUNDS="$2"; shift 2 ;;
         --bin) BINS+=("$(realpath "$2")"); shift 2 ;;
         --no-haproxy) HAPROXY_TOO=0; shift ;;
-        *) echo "usage: $0 [--seconds N] [--rounds N] [--bin PATH]... [--no-haproxy]" >&2; exit 2 ;;
+        --keep-alive) HEADER=(); UNIT=req; shift ;;
+        *) echo "usage: $0 [--seconds N] [--rounds N] [--bin PATH]... [--no-haproxy] [--keep-alive]" >&2; exit 2 ;;
     esac
 done
 
@@ -168,7 +175,7 @@ for r in $(seq 0 $((ROUNDS - 1))); do
         name=${NAMES[$(((j + r) % n))]}
         pid=${PID_OF[$name]}
         read -r u0 s0 < <(ticks "$pid")
-        out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" -H 'Connection: close' "http://${HOST_OF[$name]}/" 2>&1 || true)"
+        out="$(wrk -t1 -c50 -d"${SECONDS_PER_TEST}s" "${HEADER[@]}" "http://${HOST_OF[$name]}/" 2>&1 || true)"
         read -r u1 s1 < <(ticks "$pid")
         reqs="$(awk '/requests in/ { print $1 }' <<<"$out")"
         rate="$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$out")"
@@ -185,22 +192,23 @@ done
 RESULTS="$WORK/results"
 : > "$RESULTS"
 for name in "${NAMES[@]}"; do
-    printf '{"proxy": "%s", "test": "cpu_us_per_conn", "value": %s}\n' "$name" "$(median ${CPU[$name]:-null})" | tee -a "$RESULTS"
-    printf '{"proxy": "%s", "test": "user_us_per_conn", "value": %s}\n' "$name" "$(median ${USR[$name]:-null})" | tee -a "$RESULTS"
-    printf '{"proxy": "%s", "test": "sys_us_per_conn", "value": %s}\n' "$name" "$(median ${SYS[$name]:-null})" | tee -a "$RESULTS"
-    printf '{"proxy": "%s", "test": "conn_per_sec", "value": %s}\n' "$name" "$(median ${RATE[$name]})" | tee -a "$RESULTS"
+    printf '{"proxy": "%s", "test": "cpu_us_per_%s", "value": %s}\n' "$name" "$UNIT" "$(median ${CPU[$name]:-null})" | tee -a "$RESULTS"
+    printf '{"proxy": "%s", "test": "user_us_per_%s", "value": %s}\n' "$name" "$UNIT" "$(median ${USR[$name]:-null})" | tee -a "$RESULTS"
+    printf '{"proxy": "%s", "test": "sys_us_per_%s", "value": %s}\n' "$name" "$UNIT" "$(median ${SYS[$name]:-null})" | tee -a "$RESULTS"
+    printf '{"proxy": "%s", "test": "%s_per_sec", "value": %s}\n' "$name" "$UNIT" "$(median ${RATE[$name]})" | tee -a "$RESULTS"
 done
-python3 - "$RESULTS" <<'PY'
+python3 - "$RESULTS" "$UNIT" <<'PY'
 import json, sys
+u = sys.argv[2]
 rows = [json.loads(l) for l in open(sys.argv[1])]
 names = list(dict.fromkeys(r["proxy"] for r in rows))
 v = {(r["proxy"], r["test"]): r["value"] for r in rows}
 first = names[0]
 print()
-print("| proxy | cpu_us_per_conn | ÷ " + first + " | user | sys | conn_per_sec |")
+print(f"| proxy | cpu_us_per_{u} | ÷ " + first + f" | user | sys | {u}_per_sec |")
 print("|---|---:|---:|---:|---:|---:|")
 for p in names:
-    a, b = v.get((p, "cpu_us_per_conn")), v.get((first, "cpu_us_per_conn"))
+    a, b = v.get((p, f"cpu_us_per_{u}")), v.get((first, f"cpu_us_per_{u}"))
     ratio = f"{a / b:.2f}" if a and b else "n/a"
-    print(f"| {p} | {a} | {ratio} | {v.get((p, 'user_us_per_conn'))} | {v.get((p, 'sys_us_per_conn'))} | {v.get((p, 'conn_per_sec'))} |")
+    print(f"| {p} | {a} | {ratio} | {v.get((p, f'user_us_per_{u}'))} | {v.get((p, f'sys_us_per_{u}'))} | {v.get((p, f'{u}_per_sec'))} |")
 PY
