@@ -10,7 +10,10 @@
 //! `--connect-map`, as the API refuses loopback endpoints), the services on
 //! 127.78.0.K, node IPs and the stand-ins for external and load-balancer
 //! IPs on 127.79.K.x, clients bound to 127.0.0.2 and up. K is a test's own number,
-//! so the tests run in parallel. Every wait is bounded.
+//! so the tests run in parallel. Every wait is bounded. The one exception
+//! to 127.0.0.0/8 is `node_ports_without_node_ip_answer_on_ipv6_too`,
+//! which needs IPv6 and uses the IPv6 loopback address ::1 (its own
+//! ports there).
 #![cfg(all(feature = "serde", target_os = "linux"))]
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
