@@ -4,7 +4,7 @@
 //! TCP and UDP frontend of the plan (each cluster IP:port, external IP:port
 //! and load-balancer IP:port, and each node IP:nodePort of `--node-ip`
 //! inside `--nodeport-addresses`; without either flag, node ports on
-//! 0.0.0.0, every local address, as kube-proxy accepts them), and carries
+//! 0.0.0.0 and [::], every local address, as kube-proxy accepts them), and carries
 //! real connections to the backends the dataplane chooses.
 //!
 //! ```sh
@@ -76,7 +76,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant as WallClock, SystemTime};
 
 use clap::{Parser, ValueEnum};
@@ -355,6 +355,12 @@ struct FrontendInfo {
     key: FrontendKey,
     /// `namespace/name[:port-name]`, the metrics' `service` label.
     service: String,
+    /// This frontend's number, unique over the process's life: the key of
+    /// its series in [`count_connection`]'s per-thread cache.
+    id: u64,
+    /// ` service=S frontend=F` of its connections' log lines, formatted
+    /// once.
+    log_tail: String,
     /// Its series of the per-service metrics, looked up once.
     active: Gauge,
     bytes_in: Counter,
@@ -373,11 +379,14 @@ impl FrontendInfo {
                 .get_or_create(&labels(&[("service", &service), ("direction", d)]))
                 .clone()
         };
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         FrontendInfo {
             key,
             active,
             bytes_in: bytes("in"),
             bytes_out: bytes("out"),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            log_tail: format!(" service={service} frontend={}", key.socket_addr()),
             service,
         }
     }
@@ -400,40 +409,122 @@ static CONN_LOG: parking_lot::Mutex<String> = parking_lot::Mutex::new(String::ne
 /// How often the connection log is written out.
 const LOG_FLUSH: Duration = Duration::from_millis(100);
 
-/// Writes the buffered connection log lines to standard output.
-fn flush_conn_log() {
-    let text = std::mem::take(&mut *CONN_LOG.lock());
-    if !text.is_empty() {
+/// Writes the buffered connection log lines to standard output. `spare`
+/// is an empty buffer swapped in for them (and given back empty, its
+/// capacity kept), so that the log does not grow a new buffer after each
+/// flush.
+fn flush_conn_log(spare: &mut String) {
+    std::mem::swap(&mut *CONN_LOG.lock(), spare);
+    if !spare.is_empty() {
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes());
+        let _ = out.write_all(spare.as_bytes());
         let _ = out.flush();
+    }
+    spare.clear();
+}
+
+/// Appends `v` in decimal.
+fn push_u64(out: &mut String, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("?"));
+}
+
+/// Appends `addr` as `Display` writes it (IPv4 by hand: the formatter's
+/// generic path was a tenth of the proxy's own CPU per connection).
+fn push_addr(out: &mut String, addr: SocketAddr) {
+    use std::fmt::Write as _;
+    match addr {
+        SocketAddr::V4(a) => {
+            for (i, o) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(o));
+            }
+            out.push(':');
+            push_u64(out, u64::from(a.port()));
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{addr}");
+        }
     }
 }
 
+thread_local! {
+    /// One log line being formatted (outside the log's lock).
+    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 fn log_conn(c: &ConnEnd<'_>) {
-    use std::fmt::Write as _;
     c.fe.bytes_in.inc_by(c.bytes_in);
     c.fe.bytes_out.inc_by(c.bytes_out);
-    let mut backend = String::new();
-    match c.backend {
-        Some(b) => {
-            let _ = write!(backend, "{b}");
+    LINE.with(|line| {
+        let mut l = line.borrow_mut();
+        l.clear();
+        l.push_str("conn proto=");
+        l.push_str(c.fe.key.protocol.as_lower_str());
+        l.push_str(" client=");
+        push_addr(&mut l, c.client);
+        l.push_str(&c.fe.log_tail);
+        l.push_str(" backend=");
+        match c.backend {
+            Some(b) => push_addr(&mut l, b),
+            None => l.push('-'),
         }
-        None => backend.push('-'),
+        l.push_str(" bytes_in=");
+        push_u64(&mut l, c.bytes_in);
+        l.push_str(" bytes_out=");
+        push_u64(&mut l, c.bytes_out);
+        l.push_str(" duration_ms=");
+        push_u64(&mut l, c.started.elapsed().as_millis() as u64);
+        l.push_str(" end=");
+        l.push_str(c.end);
+        l.push('\n');
+        CONN_LOG.lock().push_str(&l);
+    });
+}
+
+/// Counts a connection (or UDP session) of `fe` to `backend` in
+/// `svclb_proxy_connections_total`. The series is looked up in the
+/// metrics family once per worker thread, frontend and backend, then kept
+/// in a per-thread cache: a connection then costs one counter increment,
+/// not the label strings, their hash and the family's lock.
+fn count_connection(sh: &Shared, fe: &FrontendInfo, backend: SocketAddr) {
+    thread_local! {
+        static SERIES: std::cell::RefCell<HashMap<(u64, SocketAddr), Counter>> =
+            std::cell::RefCell::new(HashMap::new());
     }
-    let _ = writeln!(
-        CONN_LOG.lock(),
-        "conn proto={} client={} service={} frontend={} backend={} bytes_in={} bytes_out={} duration_ms={} end={}",
-        c.fe.key.protocol.as_lower_str(),
-        c.client,
-        c.fe.service,
-        c.fe.key.socket_addr(),
-        backend,
-        c.bytes_in,
-        c.bytes_out,
-        c.started.elapsed().as_millis(),
-        c.end
-    );
+    /// Cached series per thread before the cache starts over.
+    const MAX_SERIES: usize = 4096;
+    SERIES.with(|series| {
+        let mut series = series.borrow_mut();
+        if let Some(c) = series.get(&(fe.id, backend)) {
+            c.inc();
+            return;
+        }
+        if series.len() >= MAX_SERIES {
+            series.clear();
+        }
+        let c = sh
+            .metrics
+            .connections
+            .get_or_create(&labels(&[
+                ("service", &fe.service),
+                ("backend", &backend.to_string()),
+            ]))
+            .clone();
+        c.inc();
+        series.insert((fe.id, backend), c);
+    });
 }
 
 /// Resets a TCP connection: SO_LINGER 0, then close.
@@ -468,6 +559,45 @@ impl Drop for OpenGuard<'_> {
         }
         self.fe.active.dec();
     }
+}
+
+/// A frontend's TCP listener. `TCP_NODELAY` is set here once: Linux
+/// copies it into every accepted socket. An IPv6 listener takes IPv6 only
+/// (`IPV6_V6ONLY`), so `[::]:nodePort` and `0.0.0.0:nodePort` are two
+/// listeners side by side whatever `net.ipv6.bindv6only` says.
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SockProtocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_tcp_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// A frontend's UDP socket (IPv6 only on an IPv6 address, as
+/// [`tcp_listener`]).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(SockProtocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
 }
 
 async fn accept_tcp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, listener: TcpListener) {
@@ -560,15 +690,10 @@ async fn serve_tcp(
             return;
         }
     };
-    let _ = client.set_nodelay(true);
+    // The client's TCP_NODELAY comes from the listener (Linux copies it
+    // into every accepted socket): one setsockopt per connection, not two.
     let _ = backend.set_nodelay(true);
-    sh.metrics
-        .connections
-        .get_or_create(&labels(&[
-            ("service", &fe.service),
-            ("backend", &fw.backend.to_string()),
-        ]))
-        .inc();
+    count_connection(&sh, &fe, fw.backend);
     // The handshake as the tracker sees it: SYN (route), then the ACK:
     // ESTABLISHED (lc counts it active).
     sh.dp.packet(&flow, TcpFlags::ACK, sh.now());
@@ -576,6 +701,12 @@ async fn serve_tcp(
 
     let bytes_in = AtomicU64::new(0);
     let bytes_out = AtomicU64::new(0);
+    // Set by the first direction to reach its end of file. That one shuts
+    // its peer down for writing (the half-close); the second one does
+    // not: both sockets close right after, and the close sends the FIN
+    // (one `shutdown` per connection fewer).
+    let one_eof = AtomicBool::new(false);
+    let first_eof = || !one_eof.swap(true, Ordering::Relaxed);
     // Once a second the connection looks itself up. Traffic since the last
     // look is reported as the packets it was (their ACKs), which restarts
     // the tracker's timer as any packet does in the kernel; an idle or
@@ -584,8 +715,12 @@ async fn serve_tcp(
     // it passes the connection ends. A backend removed past its drain
     // grace is no longer found either (`expire_nodest_conn`).
     let check = async {
-        let mut tick = tokio::time::interval(CHECK_INTERVAL);
-        tick.tick().await;
+        // The first tick a second from now, not now: an `interval`'s
+        // immediate first tick registers a timer that is already due,
+        // which wakes the runtime's driver (an eventfd write per
+        // connection).
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + CHECK_INTERVAL, CHECK_INTERVAL);
         let (mut seen_in, mut seen_out) = (0, 0);
         loop {
             tick.tick().await;
@@ -617,18 +752,22 @@ async fn serve_tcp(
             let (mut br, mut bw) = backend.split();
             let c2s = pump(&mut cr, &mut bw, &bytes_in, || {
                 sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                first_eof()
             });
             let s2c = pump(&mut br, &mut cw, &bytes_out, || {
                 sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                first_eof()
             });
             relay(c2s, s2c, check).await
         }
         CopyMode::Splice => {
             let c2s = splice_pump(&client, &backend, &bytes_in, || {
                 sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                first_eof()
             });
             let s2c = splice_pump(&backend, &client, &bytes_out, || {
                 sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                first_eof()
             });
             relay(c2s, s2c, check).await
         }
@@ -663,9 +802,10 @@ impl Drop for SetOnDrop {
 struct UdpSession {
     socket: UdpSocket,
     backend: parking_lot::Mutex<SocketAddr>,
-    /// On a wildcard (0.0.0.0) listener: the local IPv4 address the client
-    /// last sent to, which replies leave from (`IP_PKTINFO`); 0 otherwise.
-    local: AtomicU32,
+    /// On a wildcard (0.0.0.0 or [::]) listener: the local address the
+    /// client last sent to, which replies leave from (`IP_PKTINFO`,
+    /// `IPV6_PKTINFO`); None otherwise.
+    local: parking_lot::Mutex<Option<IpAddr>>,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
 }
@@ -688,7 +828,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
         let received = if wildcard {
             pktinfo::recv(&socket, &mut buf, &mut cmsg).await
         } else {
-            socket.recv_from(&mut buf).await.map(|(n, p)| (n, p, 0))
+            socket.recv_from(&mut buf).await.map(|(n, p)| (n, p, None))
         };
         let (n, peer, local) = match received {
             Ok(x) => x,
@@ -706,7 +846,7 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
         let existing = sessions.lock().get(&peer).cloned();
         let session = match existing {
             Some(s) => {
-                s.local.store(local, Ordering::Relaxed);
+                *s.local.lock() = local;
                 let moved = *s.backend.lock() != fw.backend;
                 if moved {
                     // The tracker flushed the flow of a removed backend and
@@ -733,18 +873,12 @@ async fn serve_udp(sh: Arc<Shared>, fe: Arc<FrontendInfo>, socket: UdpSocket, ud
                 let s = Arc::new(UdpSession {
                     socket: us,
                     backend: parking_lot::Mutex::new(fw.backend),
-                    local: AtomicU32::new(local),
+                    local: parking_lot::Mutex::new(local),
                     bytes_in: AtomicU64::new(0),
                     bytes_out: AtomicU64::new(0),
                 });
                 sessions.lock().insert(peer, Arc::clone(&s));
-                sh.metrics
-                    .connections
-                    .get_or_create(&labels(&[
-                        ("service", &fe.service),
-                        ("backend", &fw.backend.to_string()),
-                    ]))
-                    .inc();
+                count_connection(&sh, &fe, fw.backend);
                 tokio::spawn(udp_session(
                     Arc::clone(&sh),
                     Arc::clone(&fe),
@@ -785,8 +919,8 @@ async fn udp_session(
                 let Ok(n) = r else { continue };
                 let backend = *s.backend.lock();
                 sh.dp.reply(&Flow::udp(backend, peer), TcpFlags::NONE, sh.now());
-                let local = s.local.load(Ordering::Relaxed);
-                let sent = if local != 0 {
+                let local = *s.local.lock();
+                let sent = if let Some(local) = local {
                     pktinfo::send(&listener, &buf[..n], peer, local).await
                 } else {
                     listener.send_to(&buf[..n], peer).await
@@ -1222,20 +1356,14 @@ impl Control {
             let addr = map_addr(&self.listen_map, key.socket_addr());
             let sh = Arc::clone(&self.sh);
             let handle = match key.protocol {
-                Protocol::Tcp => match std::net::TcpListener::bind(addr)
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .and_then(TcpListener::from_std)
-                {
+                Protocol::Tcp => match tcp_listener(addr) {
                     Ok(l) => tokio::spawn(accept_tcp(sh, Arc::clone(&fe), l)),
                     Err(e) => {
                         eprintln!("proxy: cannot listen on {key}: {e}");
                         continue;
                     }
                 },
-                _ => match std::net::UdpSocket::bind(addr)
-                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                    .and_then(UdpSocket::from_std)
-                {
+                _ => match udp_socket(addr) {
                     Ok(s) => tokio::spawn(serve_udp(sh, Arc::clone(&fe), s, self.udp_check)),
                     Err(e) => {
                         eprintln!("proxy: cannot listen on {key}: {e}");
@@ -1271,7 +1399,13 @@ impl Control {
             let Some(answer) = service_health(&self.table, &self.node, svc.key(), true) else {
                 continue;
             };
+            // On the node IPs of the service's families, as each family's
+            // proxier of kube-proxy serves its own services' health checks.
+            let families = svc.cluster_ip().addrs();
             for ip in self.addresses.node_port_ips() {
+                if !families.iter().any(|c| c.is_ipv4() == ip.is_ipv4()) {
+                    continue;
+                }
                 want.entry(SocketAddr::new(ip, port))
                     .or_insert_with(|| (svc.key().clone(), answer.clone()));
             }
@@ -1289,10 +1423,7 @@ impl Control {
                 *h.answer.lock() = answer;
                 continue;
             }
-            let listener = match std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .and_then(TcpListener::from_std)
-            {
+            let listener = match tcp_listener(addr) {
                 Ok(l) => l,
                 Err(e) => {
                     eprintln!("proxy: cannot listen on {addr} (health check of {service}): {e}");
@@ -1398,9 +1529,13 @@ async fn run(cli: Cli) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     if config.node_ips.is_empty() && config.nodeport_addresses.is_empty() {
         // kube-proxy without --nodeport-addresses accepts node ports on
-        // every local address: the IPv4 wildcard stands for them (its
-        // frontends are 0.0.0.0:nodePort, listened on as such).
+        // every local address: the wildcards stand for them, one per
+        // family (frontends 0.0.0.0:nodePort for IPv4 services and
+        // [::]:nodePort for IPv6 ones, both for dual-stack ones, each
+        // listened on as such: the [::] listeners take IPv6 only, so the
+        // two families' listeners coexist on one port).
         config.node_ips.push(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        config.node_ips.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     }
     let addresses = NodeAddresses::new(config.node_ips.clone(), config.nodeport_addresses.clone());
     config.drain_grace = secs("--drain-grace", cli.drain_grace)?;
@@ -1527,9 +1662,10 @@ async fn run(cli: Cli) -> Result<(), String> {
     tokio::spawn(timers(Arc::clone(&sh)));
     tokio::spawn(async {
         let mut tick = tokio::time::interval(LOG_FLUSH);
+        let mut spare = String::new();
         loop {
             tick.tick().await;
-            flush_conn_log();
+            flush_conn_log(&mut spare);
         }
     });
     if let Some(addr) = cli.metrics {
@@ -1593,7 +1729,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     while sh.open.load(Ordering::Relaxed) > 0 && WallClock::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    flush_conn_log();
+    flush_conn_log(&mut String::new());
     println!(
         "shutdown done remaining={}",
         sh.open.load(Ordering::Relaxed)
@@ -1603,9 +1739,15 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 /// One direction of a TCP connection: copies `from` to `to` until a clean
 /// end of file, which runs `on_eof` (the connection layer hears of the FIN)
-/// and shuts `to` down for writing (half-close), or until either side
-/// fails. Counts the bytes copied; true on a clean end of file.
-async fn pump<R, W>(mut from: R, mut to: W, bytes: &AtomicU64, on_eof: impl FnOnce()) -> bool
+/// and, if it returns true (the other direction is still open), shuts `to`
+/// down for writing (half-close), or until either side fails. Counts the
+/// bytes copied; true on a clean end of file.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    bytes: &AtomicU64,
+    on_eof: impl FnOnce() -> bool,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -1616,8 +1758,9 @@ where
         buf.clear();
         match from.read_buf(&mut buf).await {
             Ok(0) => {
-                on_eof();
-                let _ = to.shutdown().await;
+                if on_eof() {
+                    let _ = to.shutdown().await;
+                }
                 return true;
             }
             Ok(n) => {
@@ -1644,6 +1787,8 @@ async fn relay(
     let (mut c_done, mut s_done) = (false, false);
     loop {
         tokio::select! {
+            // In order: no random number per poll.
+            biased;
             ok = &mut c2s, if !c_done => {
                 if !ok {
                     return "reset";
@@ -1722,7 +1867,8 @@ fn give_pipe(pipe: Pipe) {
 /// the pipe into `to`, the bytes never copied to userspace; readiness from
 /// tokio (each `splice` is non-blocking, and `try_io` clears a readiness
 /// that turned out stale). The same contract as [`pump`]: a clean end of
-/// file runs `on_eof` and shuts `to` down for writing; counts the bytes;
+/// file runs `on_eof` and, if it returns true, shuts `to` down for
+/// writing; counts the bytes;
 /// true on a clean end of file. The first [`SPLICE_AFTER`] bytes of a
 /// direction go through a buffer (a short exchange costs less that way);
 /// after that, a pipe is taken and given back empty to a per-thread pool. Without a pipe (out
@@ -1733,7 +1879,7 @@ async fn splice_pump(
     from: &TcpStream,
     to: &TcpStream,
     bytes: &AtomicU64,
-    on_eof: impl FnOnce(),
+    on_eof: impl FnOnce() -> bool,
 ) -> bool {
     use nix::fcntl::{SpliceFFlags, splice};
     use tokio::io::Interest;
@@ -1743,8 +1889,7 @@ async fn splice_pump(
     // bulk data.
     match copy_until(from, to, bytes, SPLICE_AFTER).await {
         CopyEnd::Eof => {
-            on_eof();
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            half_close(to, on_eof);
             return true;
         }
         CopyEnd::Failed => return false,
@@ -1766,8 +1911,7 @@ async fn splice_pump(
             splice(from, None, &p.w, None, SPLICE_PIPE, flags).map_err(std::io::Error::from)
         }) {
             Ok(0) => {
-                on_eof();
-                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                half_close(to, on_eof);
                 if let Some(p) = pipe.take() {
                     give_pipe(p);
                 }
@@ -1803,9 +1947,17 @@ async fn splice_pump(
     from: &TcpStream,
     to: &TcpStream,
     bytes: &AtomicU64,
-    on_eof: impl FnOnce(),
+    on_eof: impl FnOnce() -> bool,
 ) -> bool {
     copy_pump(from, to, bytes, on_eof).await
+}
+
+/// A direction's clean end of file: runs `on_eof` and, if it says the
+/// other direction is still open, shuts `to` down for writing.
+fn half_close(to: &TcpStream, on_eof: impl FnOnce() -> bool) {
+    if on_eof() {
+        let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+    }
 }
 
 /// How a buffer copy of one direction stopped.
@@ -1818,34 +1970,92 @@ enum CopyEnd {
     Limit,
 }
 
+thread_local! {
+    /// The copy buffer of this worker thread's connections: a read goes
+    /// here and is written on at once, so a connection owns no buffer of
+    /// its own unless its peer cannot take the bytes yet.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What one read of [`copy_until`] did.
+enum Step {
+    /// `n` bytes read (and written or kept in the pending buffer).
+    Read(usize),
+    /// Nothing to read after all.
+    WouldBlock,
+    /// The copy ended.
+    End(CopyEnd),
+}
+
 /// Copies `from` to `to` through a buffer until an end of file, a
 /// failure, or `limit` bytes moved; counts the bytes.
+///
+/// Each read goes into the worker thread's scratch buffer ([`SCRATCH`])
+/// and is written on straight away; only the bytes `to` does not take at
+/// once are kept, in a buffer of the connection's own, until it is
+/// writable. A read shorter than the buffer has emptied the socket's
+/// receive queue: its readiness is cleared then (as tokio's own
+/// `poll_read` does), so the next read waits for the next event instead
+/// of failing with `EAGAIN` first.
 async fn copy_until(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64, limit: u64) -> CopyEnd {
-    // Not zeroed: try_read_buf fills the spare capacity.
-    let mut buf = Vec::with_capacity(BUF);
+    use tokio::io::Interest;
+    let mut pending: Vec<u8> = Vec::new();
     let mut moved = 0u64;
     while moved < limit {
         if from.readable().await.is_err() {
             return CopyEnd::Failed;
         }
-        buf.clear();
-        let n = match from.try_read_buf(&mut buf) {
-            Ok(0) => return CopyEnd::Eof,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return CopyEnd::Failed,
+        let step = SCRATCH.with(|scratch| {
+            let mut buf = scratch.borrow_mut();
+            if buf.len() < BUF {
+                buf.resize(BUF, 0);
+            }
+            // A short read answers WouldBlock to `try_io`, which clears the
+            // readiness it saw before the read (a later event stays).
+            let cap = buf.len();
+            let mut got = 0;
+            let n = match from.try_io(Interest::READABLE, || {
+                got = (&*socket2::SockRef::from(from)).read(&mut buf[..])?;
+                if got > 0 && got < cap {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(got)
+                }
+            }) {
+                Ok(0) => return Step::End(CopyEnd::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && got > 0 => got,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::WouldBlock,
+                Err(_) => return Step::End(CopyEnd::Failed),
+            };
+            let mut off = 0;
+            while off < n {
+                match to.try_write(&buf[off..n]) {
+                    Ok(m) => off += m,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => return Step::End(CopyEnd::Failed),
+                }
+            }
+            pending.extend_from_slice(&buf[off..n]);
+            Step::Read(n)
+        });
+        let n = match step {
+            Step::Read(n) => n,
+            Step::WouldBlock => continue,
+            Step::End(end) => return end,
         };
         let mut off = 0;
-        while off < n {
+        while off < pending.len() {
             if to.writable().await.is_err() {
                 return CopyEnd::Failed;
             }
-            match to.try_write(&buf[off..n]) {
+            match to.try_write(&pending[off..]) {
                 Ok(m) => off += m,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return CopyEnd::Failed,
             }
         }
+        pending.clear();
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         moved += n as u64;
     }
@@ -1857,57 +2067,60 @@ async fn copy_pump(
     from: &TcpStream,
     to: &TcpStream,
     bytes: &AtomicU64,
-    on_eof: impl FnOnce(),
+    on_eof: impl FnOnce() -> bool,
 ) -> bool {
     match copy_until(from, to, bytes, u64::MAX).await {
         CopyEnd::Eof => {
-            on_eof();
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            half_close(to, on_eof);
             true
         }
         _ => false,
     }
 }
 
-/// UDP on a wildcard (0.0.0.0) listener: `IP_PKTINFO` tells each
-/// datagram's local destination address, and replies name it as their
-/// source, so a client hears back from the address it sent to (nix keeps
-/// the `recvmsg`/`sendmsg` unsafe).
+/// UDP on a wildcard listener (0.0.0.0 or [::]): `IP_PKTINFO` /
+/// `IPV6_RECVPKTINFO` tells each datagram's local destination address, and
+/// replies name it as their source (`IPV6_PKTINFO`), so a client hears
+/// back from the address it sent to (nix keeps `recvmsg`'s unsafe and
+/// socket2 `sendmsg`'s).
 #[cfg(target_os = "linux")]
 mod pktinfo {
     use std::io;
-    use std::net::{SocketAddr, SocketAddrV4};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
     use std::os::fd::AsRawFd;
 
     use nix::libc;
     use nix::sys::socket::{
-        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt,
-        sockopt,
+        ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
     };
     use tokio::io::Interest;
     use tokio::net::UdpSocket;
 
     pub(super) fn enable(socket: &UdpSocket) -> io::Result<()> {
-        setsockopt(socket, sockopt::Ipv4PacketInfo, &true).map_err(io::Error::from)
+        if socket.local_addr()?.is_ipv6() {
+            setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true).map_err(io::Error::from)
+        } else {
+            setsockopt(socket, sockopt::Ipv4PacketInfo, &true).map_err(io::Error::from)
+        }
     }
 
-    /// Room for one `in_pktinfo` control message.
+    /// Room for one `in_pktinfo` or `in6_pktinfo` control message.
     pub(super) fn buffer() -> Vec<u8> {
-        nix::cmsg_space!(libc::in_pktinfo)
+        nix::cmsg_space!(libc::in6_pktinfo)
     }
 
-    /// A datagram: its length, sender and local destination address (as a
-    /// `u32`; 0 if the kernel gave none).
+    /// A datagram: its length, sender and local destination address (None
+    /// if the kernel gave none).
     pub(super) async fn recv(
         socket: &UdpSocket,
         buf: &mut [u8],
         cmsg: &mut [u8],
-    ) -> io::Result<(usize, SocketAddr, u32)> {
+    ) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
         loop {
             socket.readable().await?;
             let got = socket.try_io(Interest::READABLE, || {
                 let mut iov = [io::IoSliceMut::new(buf)];
-                let m = recvmsg::<SockaddrIn>(
+                let m = recvmsg::<SockaddrStorage>(
                     socket.as_raw_fd(),
                     &mut iov,
                     Some(&mut *cmsg),
@@ -1916,13 +2129,28 @@ mod pktinfo {
                 .map_err(io::Error::from)?;
                 let peer = m
                     .address
-                    .map(|a| SocketAddr::V4(SocketAddrV4::from(a)))
+                    .and_then(|a| {
+                        if let Some(v4) = a.as_sockaddr_in() {
+                            Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                        } else {
+                            a.as_sockaddr_in6()
+                                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                        }
+                    })
                     .ok_or_else(|| io::Error::other("datagram without a sender"))?;
-                let mut local = 0;
+                let mut local = None;
                 if let Ok(cmsgs) = m.cmsgs() {
                     for c in cmsgs {
-                        if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
-                            local = u32::from_be(info.ipi_addr.s_addr);
+                        match c {
+                            ControlMessageOwned::Ipv4PacketInfo(info) => {
+                                local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                                    info.ipi_addr.s_addr,
+                                ))));
+                            }
+                            ControlMessageOwned::Ipv6PacketInfo(info) => {
+                                local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -1935,35 +2163,71 @@ mod pktinfo {
         }
     }
 
+    /// The room one control message with `data` bytes takes (`CMSG_SPACE`)
+    /// and its `cmsg_len` (`CMSG_LEN`): a `cmsghdr` (`size_t` length, two
+    /// `int`s) and the data, each rounded up to a `size_t`.
+    const fn cmsg_sizes(data: usize) -> (usize, usize) {
+        const fn align(n: usize) -> usize {
+            n.div_ceil(size_of::<usize>()) * size_of::<usize>()
+        }
+        let header = align(size_of::<usize>() + 2 * size_of::<libc::c_int>());
+        (header + align(data), header + data)
+    }
+
+    /// Writes one control message (`level`, `kind`, `data`) into `buf`;
+    /// its length.
+    fn pack_cmsg(buf: &mut [u8], level: libc::c_int, kind: libc::c_int, data: &[u8]) -> usize {
+        let (space, len) = cmsg_sizes(data.len());
+        let header = len - data.len();
+        let n = size_of::<usize>();
+        let i = size_of::<libc::c_int>();
+        buf[..space].fill(0);
+        buf[..n].copy_from_slice(&len.to_ne_bytes());
+        buf[n..n + i].copy_from_slice(&level.to_ne_bytes());
+        buf[n + i..n + 2 * i].copy_from_slice(&kind.to_ne_bytes());
+        buf[header..len].copy_from_slice(data);
+        space
+    }
+
     /// Sends `data` to `peer` from the local address `local`.
+    ///
+    /// The control message (`IP_PKTINFO` with `ipi_spec_dst`, or
+    /// `IPV6_PKTINFO` with `ipi6_addr`) is packed into a buffer on the
+    /// stack and sent with socket2's `sendmsg`: nix's `sendmsg` allocates
+    /// its control buffer on every call, and this runs once per reply
+    /// datagram.
     pub(super) async fn send(
         socket: &UdpSocket,
         data: &[u8],
         peer: SocketAddr,
-        local: u32,
+        local: IpAddr,
     ) -> io::Result<usize> {
-        let SocketAddr::V4(peer) = peer else {
-            return Err(io::Error::other("an IPv6 peer on an IPv4 socket"));
+        // Room for the larger of the two: in6_pktinfo (16 + 4 bytes).
+        let mut control = [0u8; cmsg_sizes(20).0];
+        let used = match local {
+            IpAddr::V4(a) => {
+                // in_pktinfo: ipi_ifindex, ipi_spec_dst, ipi_addr.
+                let mut info = [0u8; 12];
+                info[4..8].copy_from_slice(&a.octets());
+                pack_cmsg(&mut control, libc::IPPROTO_IP, libc::IP_PKTINFO, &info)
+            }
+            IpAddr::V6(a) => {
+                // in6_pktinfo: ipi6_addr, ipi6_ifindex.
+                let mut info = [0u8; 20];
+                info[..16].copy_from_slice(&a.octets());
+                pack_cmsg(&mut control, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &info)
+            }
         };
-        let to = SockaddrIn::from(peer);
-        let info = libc::in_pktinfo {
-            ipi_ifindex: 0,
-            ipi_spec_dst: libc::in_addr {
-                s_addr: local.to_be(),
-            },
-            ipi_addr: libc::in_addr { s_addr: 0 },
-        };
+        let to = socket2::SockAddr::from(peer);
+        let bufs = [io::IoSlice::new(data)];
         loop {
             socket.writable().await?;
             let sent = socket.try_io(Interest::WRITABLE, || {
-                sendmsg(
-                    socket.as_raw_fd(),
-                    &[io::IoSlice::new(data)],
-                    &[ControlMessage::Ipv4PacketInfo(&info)],
-                    MsgFlags::empty(),
-                    Some(&to),
-                )
-                .map_err(io::Error::from)
+                let msg = socket2::MsgHdr::new()
+                    .with_addr(&to)
+                    .with_buffers(&bufs)
+                    .with_control(&control[..used]);
+                socket2::SockRef::from(socket).sendmsg(&msg, 0)
             });
             match sent {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -1976,7 +2240,7 @@ mod pktinfo {
 #[cfg(not(target_os = "linux"))]
 mod pktinfo {
     use std::io;
-    use std::net::SocketAddr;
+    use std::net::{IpAddr, SocketAddr};
 
     use tokio::net::UdpSocket;
 
@@ -1992,15 +2256,15 @@ mod pktinfo {
         socket: &UdpSocket,
         buf: &mut [u8],
         _: &mut [u8],
-    ) -> io::Result<(usize, SocketAddr, u32)> {
-        socket.recv_from(buf).await.map(|(n, p)| (n, p, 0))
+    ) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+        socket.recv_from(buf).await.map(|(n, p)| (n, p, None))
     }
 
     pub(super) async fn send(
         socket: &UdpSocket,
         data: &[u8],
         peer: SocketAddr,
-        _: u32,
+        _: IpAddr,
     ) -> io::Result<usize> {
         socket.send_to(data, peer).await
     }

@@ -10,11 +10,16 @@
 //! `--connect-map`, as the API refuses loopback endpoints), the services on
 //! 127.78.0.K, node IPs and the stand-ins for external and load-balancer
 //! IPs on 127.79.K.x, clients bound to 127.0.0.2 and up. K is a test's own number,
-//! so the tests run in parallel. Every wait is bounded.
+//! so the tests run in parallel. Every wait is bounded. The one exception
+//! to 127.0.0.0/8 is `node_ports_without_node_ip_answer_on_ipv6_too`,
+//! which needs IPv6 and uses the IPv6 loopback address ::1 (its own
+//! ports there).
 #![cfg(all(feature = "serde", target_os = "linux"))]
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -209,13 +214,22 @@ impl Proxy {
     }
 
     fn start_with(k: u8, manifests: &Path, extra: &[&str], stdin: Stdio) -> Proxy {
+        Self::spawn(k, manifests, "127.78.0.0/16", extra, stdin)
+    }
+
+    /// With `--service-cidr CIDRS` (one or two families).
+    fn start_with_cidr(k: u8, manifests: &Path, cidrs: &str, extra: &[&str]) -> Proxy {
+        Self::spawn(k, manifests, cidrs, extra, Stdio::null())
+    }
+
+    fn spawn(k: u8, manifests: &Path, cidrs: &str, extra: &[&str], stdin: Stdio) -> Proxy {
         let metrics = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 78, 1, k)), 9100);
         let mut child = Command::new(binary())
             .arg("--manifests")
             .arg(manifests)
             .args([
                 "--service-cidr",
-                "127.78.0.0/16",
+                cidrs,
                 "--connect-map",
                 &format!("10.244.{k}.0/24=127.77.{k}.0/24"),
                 "--metrics",
@@ -1155,6 +1169,169 @@ fn node_ports_without_node_ip_answer_on_every_local_address() {
         assert_eq!(from, dst, "the reply comes from the address sent to");
         assert_eq!(&buf[1..n], b"to a wildcard node port");
     }
+    assert!(proxy.stop().success());
+}
+
+/// An IPv6 echo backend on [::1]:`port`, TCP and UDP, as
+/// [`start_backends`]'s but greeting (and prefixing datagrams) with `6`;
+/// None where the host has IPv6 disabled.
+fn start_ipv6_backend(port: u16) -> Option<Arc<AtomicUsize>> {
+    let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
+    let listener = TcpListener::bind(addr).ok()?;
+    let udp = UdpSocket::bind(addr).ok()?;
+    let count = Arc::new(AtomicUsize::new(0));
+    let c2 = Arc::clone(&count);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            c2.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                if c.write_all(b"6").is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n @ 1..) = c.read(&mut buf) {
+                    if c.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf[1..]) {
+            buf[0] = b'6';
+            let _ = udp.send_to(&buf[..=n], peer);
+        }
+    });
+    Some(count)
+}
+
+/// Without `--node-ip`, node ports of an IPv6 (here dual-stack) service
+/// answer on every local IPv6 address too: the proxy listens on
+/// [::]:nodePort (IPv6 only) beside 0.0.0.0:nodePort, over TCP and UDP. A
+/// connection to [::1]:nodePort reaches the IPv6 endpoint through the
+/// [::]:nodePort frontend, one to a 127.0.0.0/8 address an IPv4 endpoint
+/// through 0.0.0.0:nodePort, and a UDP reply to ::1 comes from
+/// [::1]:nodePort (`IPV6_PKTINFO`). An IPv4-only service gets no [::]
+/// listener. Skipped where the host has IPv6 disabled.
+#[test]
+fn node_ports_without_node_ip_answer_on_ipv6_too() {
+    let k = 22;
+    let v6_port = 9122;
+    let Some(v6_accepted) = start_ipv6_backend(v6_port) else {
+        println!("SKIPPED: IPv6 is disabled on this host (cannot bind [::1])");
+        return;
+    };
+    let backends = start_backends(k);
+    let dir = temp_dir(k);
+    let file = dir.join("np.yaml");
+    let mut m = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 127.78.0.{k}\n  clusterIPs: [127.78.0.{k}, \"fd00:78::{k}\"]\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 300{k}}}\n  - {{name: udp, port: 8000, targetPort: 9000, protocol: UDP, nodePort: 300{k}}}\n"
+    );
+    m.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-4\n  namespace: default\n  labels: {{kubernetes.io/service-name: np}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\n- {{name: udp, port: 9000, protocol: UDP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n- addresses: [\"10.244.{k}.2\"]\n- addresses: [\"10.244.{k}.3\"]\n"
+    ));
+    m.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: np-6\n  namespace: default\n  labels: {{kubernetes.io/service-name: np}}\naddressType: IPv6\nports:\n- {{name: tcp, port: {v6_port}, protocol: TCP}}\n- {{name: udp, port: {v6_port}, protocol: UDP}}\nendpoints:\n- addresses: [\"fd00:244:{k}::1\"]\n"
+    ));
+    m.push_str(&format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: v4only, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 127.78.1.{k}\n  ports:\n  - {{name: tcp, port: 8000, targetPort: 9000, protocol: TCP, nodePort: 301{k}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: v4only-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: v4only}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9000, protocol: TCP}}\nendpoints:\n- addresses: [\"10.244.{k}.1\"]\n"
+    ));
+    write_file(&file, &m, None);
+    // The IPv6 cluster IP is listened on at ::1 (its own port: nothing
+    // else here uses [::1]:80K); the IPv6 endpoint is dialled on ::1.
+    let proxy = Proxy::start_with_cidr(
+        k,
+        &file,
+        "127.78.0.0/16,fd00:78::/112",
+        &[
+            "--mode",
+            "ipvs",
+            "--connect-map",
+            &format!("fd00:244:{k}::/120=::1/128"),
+            "--listen-map",
+            &format!("fd00:78::{k}/128=::1/128"),
+        ],
+    );
+    proxy.wait_line(|l| l.starts_with("listener opened tcp 0.0.0.0:30022 service=default/np:tcp"));
+    proxy.wait_line(|l| l.starts_with("listener opened tcp [::]:30022 service=default/np:tcp"));
+    proxy.wait_line(|l| l.starts_with("listener opened udp [::]:30022 service=default/np:udp"));
+    proxy.wait_line(|l| {
+        l.starts_with("listener opened tcp 0.0.0.0:30122 service=default/v4only:tcp")
+    });
+
+    let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 30022);
+    for i in 0..3 {
+        let mut s = TcpStream::connect_timeout(&v6, WAIT).expect("connect to [::1]:nodePort");
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut id = [0u8; 1];
+        s.read_exact(&mut id).expect("backend greeting");
+        assert_eq!(id[0], b'6', "an IPv6 client reaches the IPv6 endpoint");
+        echo(&mut s, &payload(i));
+    }
+    assert_eq!(v6_accepted.load(Ordering::SeqCst), 3);
+    let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 5, 9)), 30022);
+    let (mut s, id) = open_to(v4, client(0));
+    assert!(
+        (1..=3).contains(&id),
+        "an IPv4 client reaches an IPv4 endpoint: {id}"
+    );
+    echo(&mut s, b"over IPv4");
+    drop(s);
+    assert_eq!(backends.counts().iter().sum::<usize>(), 1);
+    let done = proxy.wait_lines(4, |l| l.starts_with("conn proto=tcp"));
+    assert_eq!(
+        done.iter()
+            .filter(|l| l.contains("frontend=[::]:30022")
+                && l.contains("backend=[fd00:244:22::1]:9122"))
+            .count(),
+        3,
+        "{done:?}"
+    );
+    assert_eq!(
+        done.iter()
+            .filter(|l| l.contains("frontend=0.0.0.0:30022"))
+            .count(),
+        1,
+        "{done:?}"
+    );
+
+    // The IPv6 cluster IP (listened on at ::1 through --listen-map).
+    let cluster6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 8000);
+    let mut s =
+        TcpStream::connect_timeout(&cluster6, WAIT).expect("connect to the IPv6 cluster IP");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut id = [0u8; 1];
+    s.read_exact(&mut id).expect("backend greeting");
+    assert_eq!(id[0], b'6');
+    echo(&mut s, b"over the IPv6 cluster IP");
+    drop(s);
+
+    // UDP through [::]:nodePort: the reply comes from the address sent to.
+    let u = UdpSocket::bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)).unwrap();
+    u.set_read_timeout(Some(WAIT)).unwrap();
+    for _ in 0..2 {
+        u.send_to(b"to an IPv6 wildcard node port", v6).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = u.recv_from(&mut buf).expect("udp reply");
+        assert_eq!(from, v6, "the reply comes from the address sent to");
+        assert_eq!(&buf[..n], b"6to an IPv6 wildcard node port");
+    }
+
+    // The IPv4-only service has no IPv6 listener: nothing answers on
+    // [::1]:301K.
+    let lines = proxy.lines.0.lock().unwrap().clone();
+    assert!(!lines.iter().any(|l| l.contains("[::]:30122")), "{lines:?}");
+    assert!(
+        TcpStream::connect_timeout(
+            &SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 30122),
+            WAIT
+        )
+        .is_err()
+    );
     assert!(proxy.stop().success());
 }
 
