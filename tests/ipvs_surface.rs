@@ -479,6 +479,134 @@ fn cases() -> Vec<Case> {
             not_services: &["127.0.0.1:3001", "1.2.3.5:80"],
             protocol: Tcp,
         },
+        Case {
+            // proxier.go (syncEndpoint): an external virtual server of an
+            // externalTrafficPolicy: Local service with no local endpoint
+            // gets the Cluster-policy endpoints ("Allow access from local
+            // PODs even if no local endpoints exist", kubernetes PR 97081),
+            // where the iptables and nftables modes drop.
+            name: "proxier.go syncEndpoint: external Local without a local endpoint lists the cluster endpoints",
+            services: vec![
+                node_port_service(ServiceType::LoadBalancer, "10.20.30.41", np(Tcp))
+                    .external_ip(ip("50.60.70.81"))
+                    .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(
+                1,
+                Tcp,
+                &[
+                    ("10.180.1.1", Some("other-hostname")),
+                    ("10.180.2.1", Some("other-hostname")),
+                ],
+            )],
+            node_ips: &["100.101.102.103"],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("TCP  1.2.3.4:80 rr", &["10.180.1.1:80", "10.180.2.1:80"]),
+                (
+                    "TCP  10.20.30.41:80 rr",
+                    &["10.180.1.1:80", "10.180.2.1:80"],
+                ),
+                (
+                    "TCP  50.60.70.81:80 rr",
+                    &["10.180.1.1:80", "10.180.2.1:80"],
+                ),
+                (
+                    "TCP  100.101.102.103:3001 rr",
+                    &["10.180.1.1:80", "10.180.2.1:80"],
+                ),
+            ]),
+            not_services: &[],
+            protocol: Tcp,
+        },
+        Case {
+            // The same with internalTrafficPolicy: Local too. kube-proxy's
+            // UsesClusterEndpoints holds for every port of a service that
+            // accepts external traffic ("we need Cluster endpoints to
+            // implement short circuiting", pkg/proxy/serviceport.go), so
+            // CategorizeEndpoints computes them, and syncEndpoint lists them
+            // on every Local virtual server without a local endpoint: the
+            // cluster IP's (internalNodeLocal) as well as the node port's.
+            name: "proxier.go syncEndpoint: external and internal Local without a local endpoint list the cluster endpoints",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Tcp))
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .internal_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Tcp, &[("10.180.1.1", Some("other-hostname"))])],
+            node_ips: &["100.101.102.103"],
+            nodeport_addresses: &[],
+            want: listing(&[
+                ("TCP  10.20.30.41:80 rr", &["10.180.1.1:80"]),
+                ("TCP  100.101.102.103:3001 rr", &["10.180.1.1:80"]),
+            ]),
+            not_services: &[],
+            protocol: Tcp,
+        },
+        Case {
+            // A ClusterIP service under internalTrafficPolicy: Local accepts
+            // no external traffic: no cluster endpoints (UsesClusterEndpoints
+            // is false), so its virtual server stays empty.
+            name: "proxier.go syncEndpoint: internal Local ClusterIP service without a local endpoint lists nothing",
+            services: vec![
+                Service::builder("ns1", "svc1")
+                    .cluster_ip(ip("10.20.30.41"))
+                    .port(p80(Tcp))
+                    .internal_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Tcp, &[("10.180.1.1", Some("other-hostname"))])],
+            node_ips: &["100.101.102.103"],
+            nodeport_addresses: &[],
+            want: listing(&[("TCP  10.20.30.41:80 rr", &[])]),
+            not_services: &[],
+            protocol: Tcp,
+        },
+        Case {
+            // netlink_linux.go (isValidForSet): with every node IP taking
+            // node ports (no --nodeport-addresses), the IPVS mode's node
+            // addresses leave out IPv6 link-local (and loopback) ones.
+            name: "netlink_linux.go isValidForSet: no node port on an IPv6 link-local node IP",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "2020::1", np(Tcp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Tcp, &[("1002:ab8::2:10", None)])],
+            node_ips: &["fe80::1", "2001:db8::1:1", "::1", "fe80::2"],
+            nodeport_addresses: &["::/0"],
+            want: listing(&[
+                ("TCP  [2001:db8::1:1]:3001 rr", &["[1002:ab8::2:10]:80"]),
+                ("TCP  [2020::1]:80 rr", &["[1002:ab8::2:10]:80"]),
+            ]),
+            not_services: &["[fe80::1]:3001", "[fe80::2]:3001", "[::1]:3001"],
+            protocol: Tcp,
+        },
+        Case {
+            // proxyutil NodePortAddresses.GetNodeIPs: an explicit prefix
+            // takes the node IPs inside it, link-local ones included.
+            name: "nodeport_addresses.go GetNodeIPs: a link-local node IP inside --nodeport-addresses takes node ports",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "2020::1", np(Tcp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Tcp, &[("1002:ab8::2:10", None)])],
+            node_ips: &["fe80::1", "2001:db8::1:1"],
+            nodeport_addresses: &["fe80::/10"],
+            want: listing(&[
+                ("TCP  [2020::1]:80 rr", &["[1002:ab8::2:10]:80"]),
+                ("TCP  [fe80::1]:3001 rr", &["[1002:ab8::2:10]:80"]),
+            ]),
+            not_services: &["[2001:db8::1:1]:3001"],
+            protocol: Tcp,
+        },
     ]
 }
 
@@ -632,4 +760,274 @@ fn loopback_node_ports_follow_the_mode_unless_overridden() {
         verdict(&IptablesDataplane::new(config(Some(false)))),
         "NO-SERVICE"
     );
+}
+
+/// One ETP=Local service on this node: a local endpoint and a remote one,
+/// with its node port, external IP and load-balancer IP.
+fn local_service_table() -> ServiceTable {
+    let mut table = ServiceTable::new();
+    table
+        .apply_batch([
+            Change::UpsertService(
+                node_port_service(
+                    ServiceType::LoadBalancer,
+                    "10.20.30.41",
+                    p80(Protocol::Tcp).node_port(3001),
+                )
+                .external_ip(ip("50.60.70.81"))
+                .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                .external_traffic_policy(TrafficPolicy::Local)
+                .build()
+                .unwrap(),
+            ),
+            Change::UpsertSlice(slice(
+                1,
+                Protocol::Tcp,
+                &[
+                    ("10.180.0.1", Some(HOST)),
+                    ("10.180.1.1", Some("other-hostname")),
+                ],
+            )),
+        ])
+        .unwrap();
+    table
+}
+
+fn local_config(seed: u64) -> DataplaneConfig {
+    let mut c = DataplaneConfig::with_seed(seed)
+        .node(NodeTopology::new(HOST, "zone-a"))
+        .node_ip(ip("100.101.102.103"))
+        .cluster_cidr("10.0.0.0/8".parse().unwrap());
+    c.conntrack = None;
+    c
+}
+
+/// The backends and masquerade decisions new connections from `src` to
+/// `dst` get (64 source ports).
+fn reached(dp: &dyn Dataplane, src: &str, dst: &str) -> (BTreeSet<SocketAddr>, BTreeSet<bool>) {
+    let (mut backends, mut masq) = (BTreeSet::new(), BTreeSet::new());
+    for sport in 40_000..40_064u16 {
+        let f = Flow::tcp(SocketAddr::new(ip(src), sport), dst.parse().unwrap());
+        match dp.route(&f, Instant::ZERO) {
+            Verdict::Forward(fw) => {
+                backends.insert(fw.backend);
+                masq.insert(fw.masquerade);
+            }
+            v => panic!("{src} -> {dst}: {}", v.kind_str()),
+        }
+    }
+    (backends, masq)
+}
+
+#[test]
+fn ipvs_mode_has_no_short_circuit_for_external_local_destinations() {
+    // kube-proxy's IPVS mode (proxier.go, syncProxyRules and syncEndpoint)
+    // gives every external virtual server of an ETP=Local service the
+    // local endpoints only, whoever connects: there is no "pod traffic for
+    // external destinations" rule as in the iptables (KUBE-EXT-) and
+    // nftables (external-) chains, which send this node's pods and the node
+    // itself to the Cluster-policy endpoints. Nor does it mark any of that
+    // traffic for masquerade (KUBE-NODE-PORT-LOCAL-TCP and
+    // KUBE-LOAD-BALANCER-LOCAL RETURN before KUBE-MARK-MASQ,
+    // KUBE-EXTERNAL-IP-LOCAL has no masquerade rule), where the iptables
+    // mode masquerades the node's own traffic.
+    let table = local_service_table();
+    let ipvs = IpvsDataplane::new(local_config(1));
+    let iptables = IptablesDataplane::new(local_config(2));
+    for dp in [&ipvs as &dyn Dataplane, &iptables] {
+        dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+    }
+    let local: BTreeSet<SocketAddr> = ["10.180.0.1:80".parse().unwrap()].into();
+    let both: BTreeSet<SocketAddr> = ["10.180.0.1:80", "10.180.1.1:80"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let pod = "10.244.3.7";
+    let node = "100.101.102.103";
+    let outside = "203.0.113.9";
+    for dst in ["100.101.102.103:3001", "50.60.70.81:80", "1.2.3.4:80"] {
+        for src in [pod, node, outside] {
+            assert_eq!(
+                reached(&ipvs, src, dst),
+                (local.clone(), [false].into()),
+                "ipvs: {src} -> {dst}"
+            );
+        }
+        // The iptables mode short-circuits this node's pods and the node
+        // to both endpoints, and masquerades the node's own traffic.
+        assert_eq!(
+            reached(&iptables, pod, dst),
+            (both.clone(), [false].into()),
+            "iptables: pod -> {dst}"
+        );
+        assert_eq!(
+            reached(&iptables, node, dst).0,
+            both,
+            "iptables: node -> {dst}"
+        );
+        assert!(
+            reached(&iptables, node, dst).1.contains(&true),
+            "iptables: node -> {dst}"
+        );
+        assert_eq!(
+            reached(&iptables, outside, dst),
+            (local.clone(), [false].into()),
+            "iptables: outside -> {dst}"
+        );
+    }
+    // The IPVS listing agrees: the local real server alone on each
+    // external virtual server.
+    for vs in ipvs.virtual_services() {
+        let dests: BTreeSet<SocketAddr> = vs.destinations.iter().map(|d| d.addr).collect();
+        let want = if vs.addr == ip("10.20.30.41") {
+            &both
+        } else {
+            &local
+        };
+        assert_eq!(&dests, want, "{}:{}", vs.addr, vs.port);
+    }
+}
+
+#[test]
+fn ipvs_mode_external_local_without_local_endpoint_reaches_the_cluster_endpoints_unmasqueraded() {
+    // syncEndpoint (PR 97081): no local endpoint, so the external virtual
+    // servers list the cluster endpoints, for every source, and the
+    // traffic keeps its source (the Local sets RETURN before the masquerade
+    // mark). The iptables mode drops traffic from outside instead.
+    let mut table = local_service_table();
+    table
+        .apply(Change::UpsertSlice(slice(
+            1,
+            Protocol::Tcp,
+            &[
+                ("10.180.1.1", Some("other-hostname")),
+                ("10.180.2.1", Some("other-hostname")),
+            ],
+        )))
+        .unwrap();
+    let ipvs = IpvsDataplane::new(local_config(1));
+    let iptables = IptablesDataplane::new(local_config(2));
+    for dp in [&ipvs as &dyn Dataplane, &iptables] {
+        dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+    }
+    let cluster: BTreeSet<SocketAddr> = ["10.180.1.1:80", "10.180.2.1:80"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    for dst in ["100.101.102.103:3001", "50.60.70.81:80", "1.2.3.4:80"] {
+        for src in ["10.244.3.7", "100.101.102.103", "203.0.113.9"] {
+            assert_eq!(
+                reached(&ipvs, src, dst),
+                (cluster.clone(), [false].into()),
+                "ipvs: {src} -> {dst}"
+            );
+        }
+        let f = Flow::tcp("203.0.113.9:40000".parse().unwrap(), dst.parse().unwrap());
+        assert_eq!(
+            iptables.route(&f, Instant::ZERO).kind_str(),
+            "DROP",
+            "iptables: {dst}"
+        );
+        assert_eq!(
+            ipvs.candidates(Protocol::Tcp, dst.parse().unwrap()),
+            Candidates::Endpoints(cluster.iter().copied().collect()),
+            "ipvs candidates: {dst}"
+        );
+    }
+}
+
+#[test]
+fn ipvs_listing_prints_kube_proxys_mh_flags() {
+    // kube-proxy's `--ipvs-scheduler mh` sets FlagSourceHash (0x10, the
+    // kernel's IP_VS_SVC_F_SCHED_MH_PORT) on every virtual server
+    // (proxier.go, syncProxyRules: `if proxier.ipvsScheduler == "mh"`):
+    // svclb's `mh-port`. ipvsadm 1.31 prints the flags in parentheses
+    // after the scheduler, before the persistence.
+    let mut table = ServiceTable::new();
+    table
+        .apply_batch([
+            Change::UpsertService(
+                node_port_service(
+                    ServiceType::NodePort,
+                    "10.20.30.41",
+                    p80(Protocol::Tcp).node_port(3001),
+                )
+                .client_ip_affinity(Some(10_800))
+                .build()
+                .unwrap(),
+            ),
+            Change::UpsertSlice(slice(1, Protocol::Tcp, &[("10.180.0.1", None)])),
+        ])
+        .unwrap();
+    let mut config = DataplaneConfig::with_seed(3)
+        .node_ip(ip("100.101.102.103"))
+        .scheduler(SchedulerKind::MaglevPort);
+    config.conntrack = None;
+    let dp = IpvsDataplane::new(config);
+    dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+    let text = render::ipvsadm::render(&table, &dp, &RenderOptions::default());
+    assert_eq!(
+        text,
+        listing(&[
+            (
+                "TCP  10.20.30.41:80 mh (mh-port) persistent 10800",
+                &["10.180.0.1:80"]
+            ),
+            (
+                "TCP  100.101.102.103:3001 mh (mh-port) persistent 10800",
+                &["10.180.0.1:80"]
+            ),
+        ])
+    );
+}
+
+#[test]
+fn replies_from_a_local_frontends_cluster_endpoints_find_their_connection() {
+    // A connection sent to a Cluster-policy endpoint through an external
+    // Local destination: in the IPVS mode, traffic from outside to a node
+    // port without a local endpoint (syncEndpoint's cluster endpoints); in
+    // the iptables mode, a pod short-circuited through the cluster IP. The
+    // backend's reply finds the tracked connection (the reply index lists
+    // the frontend's cluster endpoints too).
+    let mut table = local_service_table();
+    table
+        .apply(Change::UpsertSlice(slice(
+            1,
+            Protocol::Tcp,
+            &[("10.180.1.1", Some("other-hostname"))],
+        )))
+        .unwrap();
+    let tracked = |seed| {
+        let mut c = local_config(seed);
+        c.conntrack = DataplaneConfig::with_seed(seed).conntrack;
+        assert!(c.conntrack.is_some());
+        c
+    };
+    let ipvs = IpvsDataplane::new(tracked(1));
+    let iptables = IptablesDataplane::new(tracked(2));
+    let now = Instant::from_secs(1);
+    for (dp, src) in [
+        (&ipvs as &dyn Dataplane, "203.0.113.9:40000"),
+        (&iptables, "10.244.3.7:40000"),
+    ] {
+        dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+        let f = Flow::tcp(
+            src.parse().unwrap(),
+            "100.101.102.103:3001".parse().unwrap(),
+        );
+        let Verdict::Forward(fw) = dp.route(&f, now) else {
+            panic!("{}: {src}", dp.mode());
+        };
+        assert_eq!(
+            fw.backend,
+            "10.180.1.1:80".parse().unwrap(),
+            "{}",
+            dp.mode()
+        );
+        let reply = Flow::tcp(fw.backend, f.src);
+        let t = dp
+            .reply(&reply, TcpFlags::SYN | TcpFlags::ACK, now)
+            .unwrap_or_else(|| panic!("{}: the reply's connection", dp.mode()));
+        assert_eq!((t.flow, t.backend_addr), (f, fw.backend), "{}", dp.mode());
+    }
 }
