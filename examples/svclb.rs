@@ -65,6 +65,14 @@ enum DumpFormat {
     Nft,
     /// An `ipvsadm -ln` listing.
     Ipvsadm,
+    /// kube-proxy's IPVS-mode ipsets (KUBE-CLUSTER-IP, KUBE-NODE-PORT-TCP,
+    /// KUBE-LOAD-BALANCER, KUBE-EXTERNAL-IP, KUBE-LOOP-BACK, ...) as
+    /// `ipset restore` input.
+    Ipset,
+    /// The addresses kube-proxy's IPVS mode binds to the dummy interface
+    /// kube-ipvs0, as `ip -batch` input (`address add IP/32 dev kube-ipvs0`).
+    #[value(name = "kube-ipvs0")]
+    KubeIpvs0,
     /// The tracked connections: `conntrack -L` in iptables and nftables
     /// mode, `ipvsadm -lnc` in IPVS mode.
     Conntrack,
@@ -177,10 +185,11 @@ enum Command {
     },
     /// Print the dataplane as the real tools would.
     Dump {
-        /// iptables, nft, ipvsadm or conntrack.
+        /// iptables, nft, ipvsadm, ipset, kube-ipvs0 or conntrack.
         #[arg(long, value_enum)]
         format: DumpFormat,
-        /// The family rendered (iptables, nft): ipv4, ipv6, or for nft both.
+        /// The family rendered (iptables, nft, ipset, kube-ipvs0): ipv4,
+        /// ipv6, or for nft, ipset and kube-ipvs0 both.
         #[arg(long, value_enum, default_value = "ipv4")]
         family: FamilyArg,
     },
@@ -631,7 +640,9 @@ fn dump_family(world: &World, format: DumpFormat, family: FamilyArg) -> Result<S
     let families: &[IpFamily] = match (format, family) {
         (_, FamilyArg::Ipv4) => &[IpFamily::V4],
         (_, FamilyArg::Ipv6) => &[IpFamily::V6],
-        (DumpFormat::Nft, FamilyArg::Both) => &[IpFamily::V4, IpFamily::V6],
+        (DumpFormat::Nft | DumpFormat::Ipset | DumpFormat::KubeIpvs0, FamilyArg::Both) => {
+            &[IpFamily::V4, IpFamily::V6]
+        }
         (DumpFormat::Iptables, FamilyArg::Both) => {
             return fail(
                 "--family both: iptables-restore and ip6tables-restore take separate inputs; use --family ipv4 or ipv6",
@@ -672,6 +683,8 @@ fn dump_family(world: &World, format: DumpFormat, family: FamilyArg) -> Result<S
         let render = world.render.clone().family(f);
         out.push_str(&match format {
             DumpFormat::Iptables => render::iptables::render(&world.table, &render),
+            DumpFormat::Ipset => render::ipset::render(&world.table, &render),
+            DumpFormat::KubeIpvs0 => render::ipset::render_kube_ipvs0(&world.table, &render),
             _ => render::nft::render(&world.table, &render),
         });
     }
@@ -690,6 +703,8 @@ fn dump(world: &World, format: DumpFormat, now: Instant) -> String {
         }
         DumpFormat::Iptables => render::iptables::render(&world.table, &world.render),
         DumpFormat::Nft => render::nft::render(&world.table, &world.render),
+        DumpFormat::Ipset => render::ipset::render(&world.table, &world.render),
+        DumpFormat::KubeIpvs0 => render::ipset::render_kube_ipvs0(&world.table, &world.render),
         DumpFormat::Ipvsadm => match &world.plane {
             Plane::Ipvs(dp) => render::ipvsadm::render(&world.table, dp, &world.render),
             Plane::Iptables(_) | Plane::Nftables(_) => {

@@ -981,6 +981,428 @@ fn ipvs_listing_prints_kube_proxys_mh_flags() {
     );
 }
 
+/// One of kube-proxy's IPVS tests that checks ipset entries
+/// (`checkIPSet`: only the sets it names, each exactly).
+struct IpsetCase {
+    name: &'static str,
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    node_ips: &'static [&'static str],
+    want: &'static [(&'static str, &'static [&'static str])],
+}
+
+fn ipset_cases() -> Vec<IpsetCase> {
+    use Protocol::{Sctp, Tcp, Udp};
+    use render::ipset::*;
+    let np = |protocol| p80(protocol).node_port(3001);
+    vec![
+        IpsetCase {
+            name: "TestNodePortIPv4: 1 UDP service with node port, has endpoints",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Udp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Udp, &[("10.180.0.1", None)])],
+            node_ips: &["100.101.102.103"],
+            want: &[(KUBE_NODE_PORT_UDP, &["3001"])],
+        },
+        IpsetCase {
+            name: "TestNodePortIPv4: node port service with protocol sctp on a node with multiple nodeIPs",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Sctp))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Sctp, &[("10.180.0.1", None)])],
+            node_ips: &["100.101.102.103", "100.101.102.104", "100.101.102.105"],
+            want: &[(
+                KUBE_NODE_PORT_SCTP,
+                &[
+                    "100.101.102.103,sctp:3001",
+                    "100.101.102.104,sctp:3001",
+                    "100.101.102.105,sctp:3001",
+                ],
+            )],
+        },
+        IpsetCase {
+            name: "TestNodePortIPv4: node port service with protocol sctp and externalTrafficPolicy local",
+            services: vec![
+                node_port_service(ServiceType::NodePort, "10.20.30.41", np(Sctp))
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(
+                1,
+                Sctp,
+                &[
+                    ("10.180.0.1", Some(HOST)),
+                    ("10.180.1.1", Some("other-host")),
+                ],
+            )],
+            node_ips: &["100.101.102.103"],
+            want: &[
+                (KUBE_NODE_PORT_SCTP, &["100.101.102.103,sctp:3001"]),
+                (KUBE_NODE_PORT_LOCAL_SCTP, &["100.101.102.103,sctp:3001"]),
+            ],
+        },
+        IpsetCase {
+            name: "TestLoadBalancerSourceRanges",
+            services: vec![
+                Service::builder("ns1", "svc1")
+                    .cluster_ip(ip("10.20.30.41"))
+                    .service_type(ServiceType::LoadBalancer)
+                    .allocate_load_balancer_node_ports(false)
+                    .port(p80(Tcp))
+                    .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                    .load_balancer_source_range("10.0.0.0/8".parse().unwrap())
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(1, Tcp, &[("10.180.0.1", None)])],
+            node_ips: &[],
+            want: &[
+                (KUBE_LOAD_BALANCER, &["1.2.3.4,tcp:80"]),
+                (KUBE_LOAD_BALANCER_FW, &["1.2.3.4,tcp:80"]),
+                (
+                    KUBE_LOAD_BALANCER_SOURCE_CIDR,
+                    &["1.2.3.4,tcp:80,10.0.0.0/8"],
+                ),
+            ],
+        },
+        IpsetCase {
+            name: "TestOnlyLocalLoadBalancing",
+            services: vec![
+                node_port_service(ServiceType::LoadBalancer, "10.20.30.41", np(Tcp))
+                    .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(
+                1,
+                Tcp,
+                &[
+                    ("10.180.0.1", Some(HOST)),
+                    ("10.180.1.1", Some("other-node")),
+                ],
+            )],
+            node_ips: &[],
+            want: &[
+                (KUBE_LOAD_BALANCER, &["1.2.3.4,tcp:80"]),
+                (KUBE_LOAD_BALANCER_LOCAL, &["1.2.3.4,tcp:80"]),
+            ],
+        },
+        IpsetCase {
+            // proxier.go (syncProxyRules), beyond what the upstream tests
+            // check: the cluster IP of every service port, the hairpin
+            // entry of each local endpoint, external IPs by policy, the
+            // allowFromNode entry when a source range holds the node IP,
+            // the health-check node port, and the addresses bound to
+            // kube-ipvs0 (not the external IP that is a node address).
+            name: "proxier.go syncProxyRules: every set",
+            services: vec![
+                node_port_service(ServiceType::LoadBalancer, "10.20.30.41", np(Tcp))
+                    .external_ip(ip("50.60.70.81"))
+                    .external_ip(ip("100.101.102.103"))
+                    .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                    .load_balancer_source_range("100.101.0.0/16".parse().unwrap())
+                    .external_traffic_policy(TrafficPolicy::Local)
+                    .health_check_node_port(30_000)
+                    .build()
+                    .unwrap(),
+                Service::builder("ns2", "svc2")
+                    .cluster_ip(ip("10.20.30.42"))
+                    .external_ip(ip("50.60.70.82"))
+                    .port(ServicePortSpec::udp(53).name("dns"))
+                    .build()
+                    .unwrap(),
+            ],
+            slices: vec![slice(
+                1,
+                Tcp,
+                &[
+                    ("10.180.0.1", Some(HOST)),
+                    ("10.180.1.1", Some("other-node")),
+                ],
+            )],
+            node_ips: &["100.101.102.103"],
+            want: &[
+                (KUBE_LOOP_BACK, &["10.180.0.1,tcp:80,10.180.0.1"]),
+                (
+                    KUBE_CLUSTER_IP,
+                    &["10.20.30.41,tcp:80", "10.20.30.42,udp:53"],
+                ),
+                (KUBE_EXTERNAL_IP, &["50.60.70.82,udp:53"]),
+                (
+                    KUBE_EXTERNAL_IP_LOCAL,
+                    &["100.101.102.103,tcp:80", "50.60.70.81,tcp:80"],
+                ),
+                (KUBE_LOAD_BALANCER, &["1.2.3.4,tcp:80"]),
+                (KUBE_LOAD_BALANCER_FW, &["1.2.3.4,tcp:80"]),
+                (KUBE_LOAD_BALANCER_LOCAL, &["1.2.3.4,tcp:80"]),
+                (KUBE_LOAD_BALANCER_SOURCE_IP, &["1.2.3.4,tcp:80,1.2.3.4"]),
+                (
+                    KUBE_LOAD_BALANCER_SOURCE_CIDR,
+                    &["1.2.3.4,tcp:80,100.101.0.0/16"],
+                ),
+                (KUBE_NODE_PORT_TCP, &["3001"]),
+                (KUBE_NODE_PORT_LOCAL_TCP, &["3001"]),
+                (KUBE_NODE_PORT_UDP, &[]),
+                (KUBE_HEALTH_CHECK_NODE_PORT, &["30000"]),
+                (
+                    KUBE_IPVS_IPS,
+                    &[
+                        "1.2.3.4",
+                        "10.20.30.41",
+                        "10.20.30.42",
+                        "50.60.70.81",
+                        "50.60.70.82",
+                    ],
+                ),
+            ],
+        },
+    ]
+}
+
+fn ipset_table(case: &IpsetCase) -> (ServiceTable, RenderOptions) {
+    let mut table = ServiceTable::new();
+    let changes: Vec<Change> = case
+        .services
+        .iter()
+        .cloned()
+        .map(Change::UpsertService)
+        .chain(case.slices.iter().cloned().map(Change::UpsertSlice))
+        .collect();
+    table.apply_batch(changes).unwrap();
+    let mut opts = RenderOptions::default().node(NodeTopology::new(HOST, "zone-a"));
+    opts.node_ips = case.node_ips.iter().map(|a| ip(a)).collect();
+    (table, opts)
+}
+
+#[test]
+fn ipsets_are_kube_proxys() {
+    let mut failures = Vec::new();
+    for case in ipset_cases() {
+        let (table, opts) = ipset_table(&case);
+        for (set, want) in case.want {
+            let got = render::ipset::set_entries(&table, &opts, set);
+            if got != *want {
+                failures.push(format!("{}: {set}: want {want:?}, got {got:?}", case.name));
+            }
+            // The restore input adds exactly these.
+            let text = render::ipset::render(&table, &opts);
+            let added: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("add {set} ")))
+                .collect();
+            if added != *want {
+                failures.push(format!("{}: render: {set}: {added:?}", case.name));
+            }
+        }
+        println!("ok: {}", case.name);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn ipv6_ipsets_and_kube_ipvs0_addresses() {
+    // The IPv6 proxier: KUBE-6- names, family inet6, /128 binds; its IPv6
+    // link-local node IP takes no node port (isValidForSet), so the
+    // SCTP set holds only the global one.
+    let mut table = ServiceTable::new();
+    table
+        .apply_batch([
+            Change::UpsertService(
+                node_port_service(
+                    ServiceType::NodePort,
+                    "2020::1",
+                    p80(Protocol::Sctp).node_port(3001),
+                )
+                .external_ip(ip("2012::51"))
+                .build()
+                .unwrap(),
+            ),
+            Change::UpsertSlice(slice(1, Protocol::Sctp, &[("2001::1", None)])),
+        ])
+        .unwrap();
+    let mut opts = RenderOptions::default().family(render::IpFamily::V6);
+    opts.node_ips = vec![ip("fe80::1"), ip("2001:db8::1:1")];
+    let text = render::ipset::render(&table, &opts);
+    assert!(text.contains(
+        "create KUBE-6-NODE-PORT-SCTP-HASH hash:ip,port family inet6 hashsize 1024 maxelem 65536\nadd KUBE-6-NODE-PORT-SCTP-HASH 2001:db8::1:1,sctp:3001\ncreate "
+    ), "{text}");
+    assert!(
+        text.contains("add KUBE-6-CLUSTER-IP 2020::1,sctp:80\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("add KUBE-6-EXTERNAL-IP 2012::51,sctp:80\n"),
+        "{text}"
+    );
+    assert!(!text.contains(" family inet "), "{text}");
+    assert_eq!(
+        render::ipset::render_kube_ipvs0(&table, &opts),
+        "address add 2012::51/128 dev kube-ipvs0\naddress add 2020::1/128 dev kube-ipvs0\n"
+    );
+    // The IPv4 proxier knows no IPv6 service.
+    let v4 = render::ipset::render(&table, &RenderOptions::default());
+    assert!(v4.lines().all(|l| l.starts_with("create ")), "{v4}");
+}
+
+/// Runs `cmd` with `input` on stdin; its stdout, or the reason it failed.
+fn run_with_input(cmd: &mut std::process::Command, input: &str) -> Result<String, String> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn in_netns(ns: &str, args: &[&str], input: &str) -> Result<String, String> {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns]).args(args);
+    run_with_input(&mut cmd, input)
+}
+
+/// Removes the namespace on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn the_real_ipset_and_ip_tools_take_the_renderings() {
+    // In a network namespace of its own (ipsets and addresses are per
+    // namespace): `ipset restore` takes both families' sets, `ipset save`
+    // lists exactly the entries rendered, and `ip -batch` binds the
+    // kube-ipvs0 addresses.
+    if !is_root() {
+        println!("SKIPPED: not root (needs network namespaces)");
+        return;
+    }
+    for (tool, flag) in [("ip", "-V"), ("ipset", "--version")] {
+        let found = std::process::Command::new(tool)
+            .arg(flag)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            println!("SKIPPED: {tool} not installed (.ci/run installs it)");
+            return;
+        }
+    }
+    let ns = Netns(format!("svclb-ipset-{}", std::process::id()));
+    let added = std::process::Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .status()
+        .unwrap();
+    assert!(added.success(), "ip netns add");
+    let case = ipset_cases().pop().unwrap();
+    let (mut table, opts) = ipset_table(&case);
+    // An IPv6 service too, for the KUBE-6- sets.
+    table
+        .apply(Change::UpsertService(
+            Service::builder("ns3", "svc3")
+                .cluster_ip(ip("2020::1"))
+                .service_type(ServiceType::NodePort)
+                .node_port_range(1..=65_535)
+                .port(p80(Protocol::Sctp).node_port(3002))
+                .external_ip(ip("2012::51"))
+                .build()
+                .unwrap(),
+        ))
+        .unwrap();
+    let mut v6 = opts.clone().family(render::IpFamily::V6);
+    v6.node_ips.push(ip("2001:db8::1:1"));
+    let text = render::ipset::render(&table, &opts) + &render::ipset::render(&table, &v6);
+    in_netns(&ns.0, &["ipset", "restore"], &text).expect("ipset restore");
+    let saved = in_netns(&ns.0, &["ipset", "save"], "").expect("ipset save");
+    let adds = |t: &str| -> BTreeSet<String> {
+        t.lines()
+            .filter(|l| l.starts_with("add "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(adds(&saved), adds(&text));
+    assert!(adds(&text).len() > 20, "{text}");
+    let creates = saved.lines().filter(|l| l.starts_with("create ")).count();
+    assert_eq!(creates, 2 * 17, "{saved}");
+    // kube-ipvs0: kube-proxy makes it a dummy device; where the kernel has
+    // no dummy driver, a bridge without ports holds the addresses alike.
+    let made = in_netns(
+        &ns.0,
+        &["ip", "link", "add", "kube-ipvs0", "type", "dummy"],
+        "",
+    )
+    .or_else(|_| {
+        in_netns(
+            &ns.0,
+            &["ip", "link", "add", "kube-ipvs0", "type", "bridge"],
+            "",
+        )
+    });
+    made.expect("ip link add kube-ipvs0");
+    let batch = render::ipset::render_kube_ipvs0(&table, &opts)
+        + &render::ipset::render_kube_ipvs0(&table, &v6);
+    in_netns(&ns.0, &["ip", "-batch", "-"], &batch).expect("ip -batch");
+    let shown = in_netns(
+        &ns.0,
+        &["ip", "-o", "addr", "show", "dev", "kube-ipvs0"],
+        "",
+    )
+    .expect("ip addr show");
+    let bound: BTreeSet<String> = shown
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.find(|x| *x == "inet" || *x == "inet6")?;
+            w.next().map(str::to_owned)
+        })
+        .collect();
+    let want: BTreeSet<String> = batch
+        .lines()
+        .map(|l| l.split_whitespace().nth(2).unwrap().to_owned())
+        .collect();
+    assert_eq!(bound, want, "{shown}");
+    assert!(want.contains("10.20.30.41/32") && want.contains("2020::1/128"));
+}
+
+/// Whether the test runs as root (effective uid 0), read from
+/// `/proc/self/status`.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
 #[test]
 fn replies_from_a_local_frontends_cluster_endpoints_find_their_connection() {
     // A connection sent to a Cluster-policy endpoint through an external
