@@ -73,6 +73,12 @@ enum DumpFormat {
     /// kube-ipvs0, as `ip -batch` input (`address add IP/32 dev kube-ipvs0`).
     #[value(name = "kube-ipvs0")]
     KubeIpvs0,
+    /// The iptables rules kube-proxy's IPVS mode writes around those ipsets
+    /// (KUBE-SERVICES, KUBE-NODE-PORT, KUBE-LOAD-BALANCER,
+    /// KUBE-PROXY-FIREWALL, KUBE-IPVS-FILTER, ...), as `iptables-restore`
+    /// input.
+    #[value(name = "ipvs-iptables")]
+    IpvsIptables,
     /// The tracked connections: `conntrack -L` in iptables and nftables
     /// mode, `ipvsadm -lnc` in IPVS mode.
     Conntrack,
@@ -185,11 +191,13 @@ enum Command {
     },
     /// Print the dataplane as the real tools would.
     Dump {
-        /// iptables, nft, ipvsadm, ipset, kube-ipvs0 or conntrack.
+        /// iptables, nft, ipvsadm, ipset, kube-ipvs0, ipvs-iptables or
+        /// conntrack.
         #[arg(long, value_enum)]
         format: DumpFormat,
-        /// The family rendered (iptables, nft, ipset, kube-ipvs0): ipv4,
-        /// ipv6, or for nft, ipset and kube-ipvs0 both.
+        /// The family rendered (iptables, nft, ipset, kube-ipvs0,
+        /// ipvs-iptables): ipv4, ipv6, or for nft, ipset and kube-ipvs0
+        /// both.
         #[arg(long, value_enum, default_value = "ipv4")]
         family: FamilyArg,
     },
@@ -643,7 +651,7 @@ fn dump_family(world: &World, format: DumpFormat, family: FamilyArg) -> Result<S
         (DumpFormat::Nft | DumpFormat::Ipset | DumpFormat::KubeIpvs0, FamilyArg::Both) => {
             &[IpFamily::V4, IpFamily::V6]
         }
-        (DumpFormat::Iptables, FamilyArg::Both) => {
+        (DumpFormat::Iptables | DumpFormat::IpvsIptables, FamilyArg::Both) => {
             return fail(
                 "--family both: iptables-restore and ip6tables-restore take separate inputs; use --family ipv4 or ipv6",
             );
@@ -685,6 +693,7 @@ fn dump_family(world: &World, format: DumpFormat, family: FamilyArg) -> Result<S
             DumpFormat::Iptables => render::iptables::render(&world.table, &render),
             DumpFormat::Ipset => render::ipset::render(&world.table, &render),
             DumpFormat::KubeIpvs0 => render::ipset::render_kube_ipvs0(&world.table, &render),
+            DumpFormat::IpvsIptables => render::ipset::render_iptables(&world.table, &render),
             _ => render::nft::render(&world.table, &render),
         });
     }
@@ -705,6 +714,7 @@ fn dump(world: &World, format: DumpFormat, now: Instant) -> String {
         DumpFormat::Nft => render::nft::render(&world.table, &world.render),
         DumpFormat::Ipset => render::ipset::render(&world.table, &world.render),
         DumpFormat::KubeIpvs0 => render::ipset::render_kube_ipvs0(&world.table, &world.render),
+        DumpFormat::IpvsIptables => render::ipset::render_iptables(&world.table, &world.render),
         DumpFormat::Ipvsadm => match &world.plane {
             Plane::Ipvs(dp) => render::ipvsadm::render(&world.table, dp, &world.render),
             Plane::Iptables(_) | Plane::Nftables(_) => {

@@ -1352,6 +1352,17 @@ fn the_real_ipset_and_ip_tools_take_the_renderings() {
     assert!(adds(&text).len() > 20, "{text}");
     let creates = saved.lines().filter(|l| l.starts_with("create ")).count();
     assert_eq!(creates, 2 * 17, "{saved}");
+    // The IPVS mode's iptables rules, which match those sets: the kernel
+    // takes them (xt_set, addrtype, physdev, conntrack, mark).
+    for (tool, o) in [("iptables-restore", &opts), ("ip6tables-restore", &v6)] {
+        let rules = render::ipset::render_iptables(&table, o);
+        assert!(rules.contains("--match-set"), "{rules}");
+        in_netns(&ns.0, &[tool], &rules).unwrap_or_else(|e| panic!("{tool}: {e}\n{rules}"));
+        let listed = in_netns(&ns.0, &[&tool.replace("-restore", "-save")], "").unwrap();
+        let want = rules.lines().filter(|l| l.starts_with("-A ")).count();
+        let got = listed.lines().filter(|l| l.starts_with("-A ")).count();
+        assert_eq!(got, want, "{tool}: {listed}");
+    }
     // kube-ipvs0: kube-proxy makes it a dummy device; where the kernel has
     // no dummy driver, a bridge without ports holds the addresses alike.
     let made = in_netns(
@@ -1452,4 +1463,189 @@ fn replies_from_a_local_frontends_cluster_endpoints_find_their_connection() {
             .unwrap_or_else(|| panic!("{}: the reply's connection", dp.mode()));
         assert_eq!((t.flow, t.backend_addr), (f, fw.backend), "{}", dp.mode());
     }
+}
+
+/// The `-A CHAIN` rules of an `iptables-restore` input, both tables in
+/// order (kube-proxy's fake `GetRules`): (chain, jump, match set, source).
+fn rules_of(text: &str, chain: &str) -> Vec<(String, String, String)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&format!("-A {chain} ")))
+        .map(|r| {
+            let w: Vec<&str> = r.split_whitespace().collect();
+            // A negated match (`! -s CIDR`) is not the rule's source.
+            let after = |flag: &str| {
+                w.iter()
+                    .enumerate()
+                    .position(|(i, x)| *x == flag && (i == 0 || w[i - 1] != "!"))
+                    .map_or(String::new(), |i| w[i + 1].to_owned())
+            };
+            (after("-j"), after("--match-set"), after("-s"))
+        })
+        .collect()
+}
+
+#[test]
+fn ipvs_mode_iptables_rules_are_kube_proxys() {
+    // kube-proxy's IPVS tests check each chain's rules as (jump, match
+    // set, source) in order (checkIptables over the restore input).
+    use render::ipset::render_iptables;
+    let r = |j: &str, set: &str| (j.to_owned(), set.to_owned(), String::new());
+    let lo = ("RETURN".to_owned(), String::new(), "127.0.0.0/8".to_owned());
+    let cases = ipset_cases();
+    let by_name = |n: &str| cases.iter().find(|c| c.name == n).unwrap();
+    let mut failures = Vec::new();
+    let mut check = |name: &str, text: &str, chain: &str, want: Vec<(String, String, String)>| {
+        let got = rules_of(text, chain);
+        if got != want {
+            failures.push(format!(
+                "{name}: {chain}:\n want {want:?}\n got  {got:?}\n{text}"
+            ));
+        }
+    };
+    let opts_of = |c: &IpsetCase| {
+        let (t, o) = ipset_table(c);
+        (t, o.cluster_cidr("10.0.0.0/8".parse().unwrap()))
+    };
+    let name = "TestLoadBalancerSourceRanges";
+    let (t, o) = opts_of(by_name(name));
+    let text = render_iptables(&t, &o);
+    check(
+        name,
+        &text,
+        "KUBE-SERVICES",
+        vec![
+            lo.clone(),
+            r("KUBE-LOAD-BALANCER", "KUBE-LOAD-BALANCER"),
+            r("KUBE-MARK-MASQ", "KUBE-CLUSTER-IP"),
+            r("KUBE-NODE-PORT", ""),
+            r("ACCEPT", "KUBE-CLUSTER-IP"),
+            r("ACCEPT", "KUBE-LOAD-BALANCER"),
+        ],
+    );
+    check(
+        name,
+        &text,
+        "KUBE-PROXY-FIREWALL",
+        vec![r("KUBE-SOURCE-RANGES-FIREWALL", "KUBE-LOAD-BALANCER-FW")],
+    );
+    check(
+        name,
+        &text,
+        "KUBE-SOURCE-RANGES-FIREWALL",
+        vec![r("RETURN", "KUBE-LOAD-BALANCER-SOURCE-CIDR"), r("DROP", "")],
+    );
+    let name = "TestOnlyLocalLoadBalancing";
+    let (t, o) = opts_of(by_name(name));
+    let text = render_iptables(&t, &o);
+    check(
+        name,
+        &text,
+        "KUBE-SERVICES",
+        vec![
+            lo.clone(),
+            r("KUBE-LOAD-BALANCER", "KUBE-LOAD-BALANCER"),
+            r("KUBE-MARK-MASQ", "KUBE-CLUSTER-IP"),
+            r("KUBE-NODE-PORT", ""),
+            r("ACCEPT", "KUBE-CLUSTER-IP"),
+            r("ACCEPT", "KUBE-LOAD-BALANCER"),
+        ],
+    );
+    check(
+        name,
+        &text,
+        "KUBE-LOAD-BALANCER",
+        vec![
+            r("RETURN", "KUBE-LOAD-BALANCER-LOCAL"),
+            r("KUBE-MARK-MASQ", ""),
+        ],
+    );
+    let name = "TestNodePortIPv4: 1 UDP service with node port, has endpoints";
+    let (t, o) = opts_of(by_name(name));
+    let text = render_iptables(&t, &o);
+    check(
+        name,
+        &text,
+        "KUBE-NODE-PORT",
+        vec![
+            r("KUBE-MARK-MASQ", "KUBE-NODE-PORT-UDP"),
+            r("ACCEPT", "KUBE-HEALTH-CHECK-NODE-PORT"),
+        ],
+    );
+    check(
+        name,
+        &text,
+        "KUBE-SERVICES",
+        vec![
+            lo.clone(),
+            r("KUBE-MARK-MASQ", "KUBE-CLUSTER-IP"),
+            r("KUBE-NODE-PORT", ""),
+            r("ACCEPT", "KUBE-CLUSTER-IP"),
+        ],
+    );
+    let name =
+        "TestNodePortIPv4: node port service with protocol sctp and externalTrafficPolicy local";
+    let (t, o) = opts_of(by_name(name));
+    let text = render_iptables(&t, &o);
+    check(
+        name,
+        &text,
+        "KUBE-NODE-PORT",
+        vec![
+            r("RETURN", "KUBE-NODE-PORT-LOCAL-SCTP-HASH"),
+            r("KUBE-MARK-MASQ", "KUBE-NODE-PORT-SCTP-HASH"),
+            r("ACCEPT", "KUBE-HEALTH-CHECK-NODE-PORT"),
+        ],
+    );
+    // TestAcceptIPVSTraffic: a ClusterIP service with an external IP, a
+    // LoadBalancer and a NodePort service.
+    let mut t = ServiceTable::new();
+    t.apply_batch([
+        Change::UpsertService(
+            Service::builder("ns1", "svc1")
+                .cluster_ip(ip("10.20.30.40"))
+                .external_ip(ip("5.6.7.8"))
+                .port(p80(Protocol::Tcp))
+                .build()
+                .unwrap(),
+        ),
+        Change::UpsertService(
+            Service::builder("ns1", "svc2")
+                .cluster_ip(ip("10.20.30.41"))
+                .service_type(ServiceType::LoadBalancer)
+                .node_port_range(1..=65_535)
+                .port(p80(Protocol::Tcp).node_port(80))
+                .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+                .build()
+                .unwrap(),
+        ),
+        Change::UpsertService(
+            Service::builder("ns1", "svc3")
+                .cluster_ip(ip("10.20.30.42"))
+                .service_type(ServiceType::NodePort)
+                .node_port_range(1..=65_535)
+                .port(p80(Protocol::Tcp).node_port(80))
+                .build()
+                .unwrap(),
+        ),
+    ])
+    .unwrap();
+    let o = RenderOptions::default().cluster_cidr("10.0.0.0/8".parse().unwrap());
+    let text = render_iptables(&t, &o);
+    check(
+        "TestAcceptIPVSTraffic",
+        &text,
+        "KUBE-SERVICES",
+        vec![
+            lo,
+            r("KUBE-LOAD-BALANCER", "KUBE-LOAD-BALANCER"),
+            r("KUBE-MARK-MASQ", "KUBE-CLUSTER-IP"),
+            r("KUBE-MARK-MASQ", "KUBE-EXTERNAL-IP"),
+            r("ACCEPT", "KUBE-EXTERNAL-IP"),
+            r("ACCEPT", "KUBE-EXTERNAL-IP"),
+            r("KUBE-NODE-PORT", ""),
+            r("ACCEPT", "KUBE-CLUSTER-IP"),
+            r("ACCEPT", "KUBE-LOAD-BALANCER"),
+        ],
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

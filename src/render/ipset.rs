@@ -41,6 +41,9 @@
 //! IP/32 dev kube-ipvs0`, `/128` for IPv6, the host prefix
 //! `EnsureAddressBind` uses).
 //!
+//! [`render_iptables`] writes the iptables rules the IPVS mode keeps
+//! around those sets (`writeIptablesRules`), as `iptables-restore` input.
+//!
 //! The node's addresses come from [`RenderOptions::node_ips`] and
 //! [`RenderOptions::nodeport_addresses`], with the IPVS mode's filter
 //! (loopback left out, and IPv6 link-local when node ports answer on every
@@ -183,6 +186,17 @@ fn plan(table: &ServiceTable, opts: &RenderOptions) -> Planner {
 
 /// Every set's entries, in [`SETS`] order, for one family.
 fn entries(table: &ServiceTable, opts: &RenderOptions) -> Vec<BTreeSet<String>> {
+    entries_and_no_node_access(table, opts).0
+}
+
+/// [`entries`], and the load-balancer `(IP, proto, port)`s whose source
+/// ranges leave the node IP out (`lbNoNodeAccessIPPortProtocolEntries`).
+#[allow(clippy::type_complexity)]
+fn entries_and_no_node_access(
+    table: &ServiceTable,
+    opts: &RenderOptions,
+) -> (Vec<BTreeSet<String>>, Vec<(IpAddr, &'static str, u16)>) {
+    let mut no_node_access = Vec::new();
     let plan = plan(table, opts);
     let family = opts.family;
     let mut sets: Vec<BTreeSet<String>> = vec![BTreeSet::new(); SETS.len()];
@@ -280,6 +294,8 @@ fn entries(table: &ServiceTable, opts: &RenderOptions) -> Vec<BTreeSet<String>> 
                     if node_ip.is_some_and(|n| ranges.iter().any(|c| c.contains(n))) {
                         sets[idx(KUBE_LOAD_BALANCER_SOURCE_IP)]
                             .insert(format!("{ip_port},{}", key.addr));
+                    } else {
+                        no_node_access.push((key.addr, p, key.port));
                     }
                 }
             }
@@ -287,7 +303,7 @@ fn entries(table: &ServiceTable, opts: &RenderOptions) -> Vec<BTreeSet<String>> 
         }
     }
     sets[idx(KUBE_IPVS_IPS)] = bound.iter().map(IpAddr::to_string).collect();
-    sets
+    (sets, no_node_access)
 }
 
 /// kube-proxy's IPVS-mode ipsets for `table`, as `ipset restore` input.
@@ -415,6 +431,330 @@ pub fn render_kube_ipvs0(table: &ServiceTable, opts: &RenderOptions) -> String {
         let len = if a.is_ipv4() { 32 } else { 128 };
         let _ = writeln!(out, "address add {a}/{len} dev {KUBE_IPVS0}");
     }
+    out
+}
+
+/// Each set's comment (kube-proxy's `*SetComment` constants), as its
+/// iptables rules quote it.
+fn comment(set: &str) -> &'static str {
+    match set {
+        KUBE_LOOP_BACK => "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose",
+        KUBE_CLUSTER_IP => "Kubernetes service cluster ip + port for masquerade purpose",
+        KUBE_EXTERNAL_IP => {
+            "Kubernetes service external ip + port for masquerade and filter purpose"
+        }
+        KUBE_EXTERNAL_IP_LOCAL => {
+            "Kubernetes service external ip + port with externalTrafficPolicy=local"
+        }
+        KUBE_LOAD_BALANCER => "Kubernetes service lb portal",
+        KUBE_LOAD_BALANCER_LOCAL => {
+            "Kubernetes service load balancer ip + port with externalTrafficPolicy=local"
+        }
+        KUBE_LOAD_BALANCER_FW => {
+            "Kubernetes service load balancer ip + port for load balancer with sourceRange"
+        }
+        KUBE_LOAD_BALANCER_SOURCE_IP => {
+            "Kubernetes service load balancer ip + port + source IP for packet filter purpose"
+        }
+        KUBE_LOAD_BALANCER_SOURCE_CIDR => {
+            "Kubernetes service load balancer ip + port + source cidr for packet filter purpose"
+        }
+        KUBE_NODE_PORT_TCP => "Kubernetes nodeport TCP port for masquerade purpose",
+        KUBE_NODE_PORT_LOCAL_TCP => "Kubernetes nodeport TCP port with externalTrafficPolicy=local",
+        KUBE_NODE_PORT_UDP => "Kubernetes nodeport UDP port for masquerade purpose",
+        KUBE_NODE_PORT_LOCAL_UDP => "Kubernetes nodeport UDP port with externalTrafficPolicy=local",
+        KUBE_NODE_PORT_SCTP => {
+            "Kubernetes nodeport SCTP port for masquerade purpose with type 'hash ip:port'"
+        }
+        KUBE_NODE_PORT_LOCAL_SCTP => {
+            "Kubernetes nodeport SCTP port with externalTrafficPolicy=local with type 'hash ip:port'"
+        }
+        KUBE_HEALTH_CHECK_NODE_PORT => "Kubernetes health check node port",
+        _ => "Addresses on the ipvs interface",
+    }
+}
+
+/// kube-proxy's `ipsetWithIptablesChain`: (set, nat table, from chain, to,
+/// match type, protocol).
+const SET_RULES: [(&str, bool, &str, &str, &str, &str); 12] = [
+    (
+        KUBE_LOOP_BACK,
+        true,
+        "KUBE-POSTROUTING",
+        "MASQUERADE",
+        "dst,dst,src",
+        "",
+    ),
+    (
+        KUBE_LOAD_BALANCER,
+        true,
+        "KUBE-SERVICES",
+        "KUBE-LOAD-BALANCER",
+        "dst,dst",
+        "",
+    ),
+    (
+        KUBE_LOAD_BALANCER_LOCAL,
+        true,
+        "KUBE-LOAD-BALANCER",
+        "RETURN",
+        "dst,dst",
+        "",
+    ),
+    (
+        KUBE_NODE_PORT_LOCAL_TCP,
+        true,
+        "KUBE-NODE-PORT",
+        "RETURN",
+        "dst",
+        "tcp",
+    ),
+    (
+        KUBE_NODE_PORT_TCP,
+        true,
+        "KUBE-NODE-PORT",
+        "KUBE-MARK-MASQ",
+        "dst",
+        "tcp",
+    ),
+    (
+        KUBE_NODE_PORT_LOCAL_UDP,
+        true,
+        "KUBE-NODE-PORT",
+        "RETURN",
+        "dst",
+        "udp",
+    ),
+    (
+        KUBE_NODE_PORT_UDP,
+        true,
+        "KUBE-NODE-PORT",
+        "KUBE-MARK-MASQ",
+        "dst",
+        "udp",
+    ),
+    (
+        KUBE_NODE_PORT_LOCAL_SCTP,
+        true,
+        "KUBE-NODE-PORT",
+        "RETURN",
+        "dst,dst",
+        "sctp",
+    ),
+    (
+        KUBE_NODE_PORT_SCTP,
+        true,
+        "KUBE-NODE-PORT",
+        "KUBE-MARK-MASQ",
+        "dst,dst",
+        "sctp",
+    ),
+    (
+        KUBE_LOAD_BALANCER_FW,
+        false,
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-SOURCE-RANGES-FIREWALL",
+        "dst,dst",
+        "",
+    ),
+    (
+        KUBE_LOAD_BALANCER_SOURCE_CIDR,
+        false,
+        "KUBE-SOURCE-RANGES-FIREWALL",
+        "RETURN",
+        "dst,dst,src",
+        "",
+    ),
+    (
+        KUBE_LOAD_BALANCER_SOURCE_IP,
+        false,
+        "KUBE-SOURCE-RANGES-FIREWALL",
+        "RETURN",
+        "dst,dst,src",
+        "",
+    ),
+];
+
+/// The iptables rules kube-proxy's IPVS mode writes around its ipsets
+/// (`writeIptablesRules` in kubernetes `pkg/proxy/ipvs/proxier.go`), as
+/// the `iptables-restore` input it restores: the nat table (`KUBE-SERVICES`,
+/// `KUBE-POSTROUTING`, `KUBE-NODE-PORT`, `KUBE-LOAD-BALANCER`,
+/// `KUBE-MARK-MASQ`), then the filter table (`KUBE-FORWARD`,
+/// `KUBE-NODE-PORT`, `KUBE-PROXY-FIREWALL`, `KUBE-SOURCE-RANGES-FIREWALL`,
+/// `KUBE-IPVS-FILTER`, `KUBE-IPVS-OUT-FILTER`). A set's rule is written
+/// only when the set has entries, as kube-proxy does. The cluster-IP
+/// masquerade rule follows `--masquerade-all`, else the family's
+/// `--cluster-cidr` (`! -s CIDR`), else kube-proxy's `src,dst` fallback.
+/// The jumps from the built-in chains are kube-proxy's `EnsureRule`s, not
+/// part of this input.
+///
+/// # Examples
+/// ```
+/// use svclb::*;
+/// use svclb::render::{ipset, RenderOptions};
+/// let mut table = ServiceTable::new();
+/// let svc = Service::builder("default", "web")
+///     .cluster_ip("10.96.0.10".parse().unwrap())
+///     .port(ServicePortSpec::tcp(80))
+///     .build().unwrap();
+/// table.apply(Change::UpsertService(svc)).unwrap();
+/// let opts = RenderOptions::default().cluster_cidr("10.244.0.0/16".parse().unwrap());
+/// let text = ipset::render_iptables(&table, &opts);
+/// assert!(text.contains("-A KUBE-SERVICES -m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set KUBE-CLUSTER-IP dst,dst ! -s 10.244.0.0/16 -j KUBE-MARK-MASQ\n"));
+/// assert!(text.contains("-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT\n"));
+/// ```
+pub fn render_iptables(table: &ServiceTable, opts: &RenderOptions) -> String {
+    let (sets, no_node_access) = entries_and_no_node_access(table, opts);
+    let empty = |set: &str| {
+        SETS.iter()
+            .position(|(n, _)| *n == set)
+            .is_none_or(|i| sets[i].is_empty())
+    };
+    let fam = opts.family;
+    let name = |set: &str| set_name(set, fam);
+    let mark = opts.masquerade_mark.as_str();
+    let mut nat: Vec<String> = Vec::new();
+    let mut filter: Vec<String> = Vec::new();
+    let lo = match fam {
+        IpFamily::V4 => "127.0.0.0/8",
+        IpFamily::V6 => "::1/128",
+    };
+    nat.push(format!("-A KUBE-SERVICES -s {lo} -j RETURN"));
+    for (set, is_nat, from, to, match_type, protocol) in SET_RULES {
+        if empty(set) {
+            continue;
+        }
+        let mut r = format!("-A {from}");
+        if !protocol.is_empty() {
+            let _ = write!(r, " -p {protocol}");
+        }
+        let _ = write!(
+            r,
+            " -m comment --comment \"{}\" -m set --match-set {} {match_type} -j {to}",
+            comment(set),
+            name(set)
+        );
+        if is_nat { nat.push(r) } else { filter.push(r) }
+    }
+    let set_match = |set: &str, m: &str| {
+        format!(
+            "-A KUBE-SERVICES -m comment --comment \"{}\" -m set --match-set {} {m}",
+            comment(set),
+            name(set)
+        )
+    };
+    if !empty(KUBE_CLUSTER_IP) {
+        if opts.masquerade_all {
+            nat.push(format!(
+                "{} -j KUBE-MARK-MASQ",
+                set_match(KUBE_CLUSTER_IP, "dst,dst")
+            ));
+        } else if let Some(c) = opts.family_cluster_cidr() {
+            nat.push(format!(
+                "{} ! -s {c} -j KUBE-MARK-MASQ",
+                set_match(KUBE_CLUSTER_IP, "dst,dst")
+            ));
+        } else {
+            nat.push(format!(
+                "{} -j KUBE-MARK-MASQ",
+                set_match(KUBE_CLUSTER_IP, "src,dst")
+            ));
+        }
+    }
+    let external = |nat: &mut Vec<String>, base: String| {
+        nat.push(format!(
+            "{base} -m physdev ! --physdev-is-in -m addrtype ! --src-type LOCAL -j ACCEPT"
+        ));
+        nat.push(format!("{base} -m addrtype --dst-type LOCAL -j ACCEPT"));
+    };
+    if !empty(KUBE_EXTERNAL_IP) {
+        let base = set_match(KUBE_EXTERNAL_IP, "dst,dst");
+        nat.push(format!("{base} -j KUBE-MARK-MASQ"));
+        external(&mut nat, base);
+    }
+    if !empty(KUBE_EXTERNAL_IP_LOCAL) {
+        external(&mut nat, set_match(KUBE_EXTERNAL_IP_LOCAL, "dst,dst"));
+    }
+    nat.push("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT".into());
+    nat.push("-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ".into());
+    filter.push("-A KUBE-SOURCE-RANGES-FIREWALL -j DROP".into());
+    for (ip, p, port) in &no_node_access {
+        filter.push(format!(
+            "-A KUBE-IPVS-OUT-FILTER -s {ip} -m ipvs --vaddr {ip} --vproto {p} --vport {port} -j DROP"
+        ));
+    }
+    for set in [KUBE_CLUSTER_IP, KUBE_LOAD_BALANCER] {
+        if !empty(set) {
+            nat.push(format!(
+                "-A KUBE-SERVICES -m set --match-set {} dst,dst -j ACCEPT",
+                name(set)
+            ));
+        }
+    }
+    filter.push(format!(
+        "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+    ));
+    filter.push("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into());
+    filter.push(format!(
+        "-A KUBE-NODE-PORT -m comment --comment \"{}\" -m set --match-set {} dst -j ACCEPT",
+        comment(KUBE_HEALTH_CHECK_NODE_PORT),
+        name(KUBE_HEALTH_CHECK_NODE_PORT)
+    ));
+    for (set, m) in [
+        (KUBE_LOAD_BALANCER, "dst,dst"),
+        (KUBE_CLUSTER_IP, "dst,dst"),
+        (KUBE_EXTERNAL_IP, "dst,dst"),
+        (KUBE_EXTERNAL_IP_LOCAL, "dst,dst"),
+        (KUBE_HEALTH_CHECK_NODE_PORT, "dst"),
+    ] {
+        filter.push(format!(
+            "-A KUBE-IPVS-FILTER -m set --match-set {} {m} -j RETURN",
+            name(set)
+        ));
+    }
+    filter.push(format!(
+        "-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set {} dst -j REJECT",
+        name(KUBE_IPVS_IPS)
+    ));
+    nat.push(format!(
+        "-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN"
+    ));
+    nat.push(format!("-A KUBE-POSTROUTING -j MARK --xor-mark {mark}"));
+    nat.push(format!(
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE{}",
+        if opts.random_fully { " --random-fully" } else { "" }
+    ));
+    nat.push(format!("-A KUBE-MARK-MASQ -j MARK --or-mark {mark}"));
+    let mut out = String::from("*nat\n");
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-POSTROUTING",
+        "KUBE-NODE-PORT",
+        "KUBE-LOAD-BALANCER",
+        "KUBE-MARK-MASQ",
+    ] {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+    for r in &nat {
+        out.push_str(r);
+        out.push('\n');
+    }
+    out.push_str("COMMIT\n*filter\n");
+    for c in [
+        "KUBE-FORWARD",
+        "KUBE-NODE-PORT",
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-SOURCE-RANGES-FIREWALL",
+        "KUBE-IPVS-FILTER",
+        "KUBE-IPVS-OUT-FILTER",
+    ] {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+    for r in &filter {
+        out.push_str(r);
+        out.push('\n');
+    }
+    out.push_str("COMMIT\n");
     out
 }
 

@@ -9,7 +9,8 @@
 //! - [`ipvsadm`]: an `ipvsadm -ln` listing of an [`IpvsDataplane`](crate::IpvsDataplane),
 //!   with its live connection counters.
 //! - [`ipset`]: the rest of kube-proxy's IPVS mode: its ipsets as `ipset
-//!   restore` input and the addresses it binds to `kube-ipvs0`.
+//!   restore` input, the iptables rules that match them, and the addresses
+//!   it binds to `kube-ipvs0`.
 //! - [`conntrack`]: tracked connections as `conntrack -L` and
 //!   `ipvsadm -lnc` list them.
 //! - [`iptables::Syncer`] and [`nft::Syncer`]: kube-proxy's partial syncs,
