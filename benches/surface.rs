@@ -4,7 +4,10 @@
 //! to a cluster IP of the same table plus one `externalTrafficPolicy:
 //! Local` LoadBalancer service (whose source-dependent rules are then
 //! consulted), to that service's node port from outside (local endpoints),
-//! from a pod (short-circuited to the cluster IP), and to its LB IP from a
+//! from a pod (`node_port_pod_short_circuit`: the IPVS mode has no
+//! short-circuit, so the pod reaches the node port's virtual server as an
+//! outside client does; the iptables and nftables modes short-circuit it),
+//! and to its LB IP from a
 //! source outside `loadBalancerSourceRanges` (dropped). Read as ratios
 //! within one run.
 

@@ -65,6 +65,20 @@ enum DumpFormat {
     Nft,
     /// An `ipvsadm -ln` listing.
     Ipvsadm,
+    /// kube-proxy's IPVS-mode ipsets (KUBE-CLUSTER-IP, KUBE-NODE-PORT-TCP,
+    /// KUBE-LOAD-BALANCER, KUBE-EXTERNAL-IP, KUBE-LOOP-BACK, ...) as
+    /// `ipset restore` input.
+    Ipset,
+    /// The addresses kube-proxy's IPVS mode binds to the dummy interface
+    /// kube-ipvs0, as `ip -batch` input (`address add IP/32 dev kube-ipvs0`).
+    #[value(name = "kube-ipvs0")]
+    KubeIpvs0,
+    /// The iptables rules kube-proxy's IPVS mode writes around those ipsets
+    /// (KUBE-SERVICES, KUBE-NODE-PORT, KUBE-LOAD-BALANCER,
+    /// KUBE-PROXY-FIREWALL, KUBE-IPVS-FILTER, ...), as `iptables-restore`
+    /// input.
+    #[value(name = "ipvs-iptables")]
+    IpvsIptables,
     /// The tracked connections: `conntrack -L` in iptables and nftables
     /// mode, `ipvsadm -lnc` in IPVS mode.
     Conntrack,
@@ -177,10 +191,13 @@ enum Command {
     },
     /// Print the dataplane as the real tools would.
     Dump {
-        /// iptables, nft, ipvsadm or conntrack.
+        /// iptables, nft, ipvsadm, ipset, kube-ipvs0, ipvs-iptables or
+        /// conntrack.
         #[arg(long, value_enum)]
         format: DumpFormat,
-        /// The family rendered (iptables, nft): ipv4, ipv6, or for nft both.
+        /// The family rendered (iptables, nft, ipset, kube-ipvs0,
+        /// ipvs-iptables): ipv4, ipv6, or for nft, ipset and kube-ipvs0
+        /// both.
         #[arg(long, value_enum, default_value = "ipv4")]
         family: FamilyArg,
     },
@@ -631,8 +648,10 @@ fn dump_family(world: &World, format: DumpFormat, family: FamilyArg) -> Result<S
     let families: &[IpFamily] = match (format, family) {
         (_, FamilyArg::Ipv4) => &[IpFamily::V4],
         (_, FamilyArg::Ipv6) => &[IpFamily::V6],
-        (DumpFormat::Nft, FamilyArg::Both) => &[IpFamily::V4, IpFamily::V6],
-        (DumpFormat::Iptables, FamilyArg::Both) => {
+        (DumpFormat::Nft | DumpFormat::Ipset | DumpFormat::KubeIpvs0, FamilyArg::Both) => {
+            &[IpFamily::V4, IpFamily::V6]
+        }
+        (DumpFormat::Iptables | DumpFormat::IpvsIptables, FamilyArg::Both) => {
             return fail(
                 "--family both: iptables-restore and ip6tables-restore take separate inputs; use --family ipv4 or ipv6",
             );
@@ -672,6 +691,9 @@ fn dump_family(world: &World, format: DumpFormat, family: FamilyArg) -> Result<S
         let render = world.render.clone().family(f);
         out.push_str(&match format {
             DumpFormat::Iptables => render::iptables::render(&world.table, &render),
+            DumpFormat::Ipset => render::ipset::render(&world.table, &render),
+            DumpFormat::KubeIpvs0 => render::ipset::render_kube_ipvs0(&world.table, &render),
+            DumpFormat::IpvsIptables => render::ipset::render_iptables(&world.table, &render),
             _ => render::nft::render(&world.table, &render),
         });
     }
@@ -690,6 +712,9 @@ fn dump(world: &World, format: DumpFormat, now: Instant) -> String {
         }
         DumpFormat::Iptables => render::iptables::render(&world.table, &world.render),
         DumpFormat::Nft => render::nft::render(&world.table, &world.render),
+        DumpFormat::Ipset => render::ipset::render(&world.table, &world.render),
+        DumpFormat::KubeIpvs0 => render::ipset::render_kube_ipvs0(&world.table, &world.render),
+        DumpFormat::IpvsIptables => render::ipset::render_iptables(&world.table, &world.render),
         DumpFormat::Ipvsadm => match &world.plane {
             Plane::Ipvs(dp) => render::ipvsadm::render(&world.table, dp, &world.render),
             Plane::Iptables(_) | Plane::Nftables(_) => {

@@ -49,7 +49,8 @@
 //!    ([`Dataplane::affinity_report`]).
 //! 9. **Renderings** ([`render`]): the plan as `iptables-restore` and
 //!    `nft -f` input in kube-proxy's exact terms, an `ipvsadm -ln` listing
-//!    of the IPVS dataplane, and tracked connections as `conntrack -L` and
+//!    of the IPVS dataplane, the IPVS mode's ipsets and `kube-ipvs0`
+//!    addresses ([`render::ipset`]), and tracked connections as `conntrack -L` and
 //!    `ipvsadm -lnc` list them; kube-proxy's partial syncs
 //!    ([`render::iptables::Syncer`], [`render::nft::Syncer`]).
 //!

@@ -269,6 +269,18 @@ pub struct NodeAddresses {
     /// `route_localnet` open them): a loopback node IP answers like any
     /// other.
     pub exclude_loopback: bool,
+    /// Node ports never answer on IPv6 link-local addresses (`fe80::/10`)
+    /// when the IPv6 node ports answer on every node IP (no IPv6 prefix in
+    /// [`nodeport_addresses`](Self::nodeport_addresses), or `::/0`):
+    /// kube-proxy's IPVS mode, whose node addresses are then
+    /// `GetAllLocalAddressesExcept("kube-ipvs0")` filtered by
+    /// `isValidForSet`, which leaves IPv6 link-local out (kubernetes
+    /// `pkg/proxy/ipvs/netlink_linux.go`). With IPv6 prefixes given,
+    /// kube-proxy takes the node IPs inside them (`GetNodeIPs`), link-local
+    /// ones included. Off (the iptables and nftables modes, which match
+    /// `--dst-type LOCAL` / `fib daddr type local`): they answer like any
+    /// other.
+    pub exclude_link_local: bool,
 }
 
 impl NodeAddresses {
@@ -278,6 +290,7 @@ impl NodeAddresses {
             node_ips,
             nodeport_addresses,
             exclude_loopback: false,
+            exclude_link_local: false,
         }
     }
 
@@ -285,14 +298,24 @@ impl NodeAddresses {
     pub fn node_port_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.node_ips.iter().enumerate().filter_map(|(i, ip)| {
             let first = !self.node_ips[..i].contains(ip);
-            let mut family = self
+            // kube-proxy's NewNodePortAddresses, per family: no prefix of
+            // the family, or a zero-length one, matches every node IP.
+            let (mut any, mut zero, mut inside) = (false, false, false);
+            for c in self
                 .nodeport_addresses
                 .iter()
                 .filter(|c| c.addr().is_ipv4() == ip.is_ipv4())
-                .peekable();
-            let wanted = family.peek().is_none() || family.any(|c| c.contains(*ip));
+            {
+                any = true;
+                zero |= c.prefix_len() == 0;
+                inside |= c.contains(*ip);
+            }
+            let wanted = !any || inside;
             let loopback = self.exclude_loopback && ip.is_loopback();
-            (first && wanted && !loopback).then_some(*ip)
+            let link_local = self.exclude_link_local
+                && (!any || zero)
+                && matches!(ip, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80);
+            (first && wanted && !loopback && !link_local).then_some(*ip)
         })
     }
 
@@ -482,9 +505,30 @@ impl Frontend {
     }
     /// For an [`external_local`](Self::external_local) frontend: the
     /// endpoints of the Cluster policy (kube-proxy's `KUBE-SVC-` chain),
-    /// where short-circuited traffic goes. Empty otherwise.
+    /// where short-circuited traffic goes. The same for the cluster IP of
+    /// a service that accepts external traffic under
+    /// `internalTrafficPolicy: Local` (kube-proxy's `UsesClusterEndpoints`;
+    /// only [`ipvs_backends`](Self::ipvs_backends) reads them there).
+    /// Empty otherwise.
     pub fn cluster_backends(&self) -> &[PlanBackend] {
         &self.cluster_backends
+    }
+    /// The outcome and real servers kube-proxy's IPVS mode gives this
+    /// frontend's virtual server (`syncEndpoint` in kubernetes
+    /// `pkg/proxy/ipvs/proxier.go`): its own [`outcome`](Self::outcome)
+    /// and [`backends`](Self::backends), except that a frontend under a
+    /// Local policy with no local endpoint lists the Cluster-policy
+    /// endpoints instead ("Allow access from local PODs even if no local
+    /// endpoints exist", kubernetes PR 97081), when kube-proxy computes
+    /// them (`CategorizeEndpoints` under `UsesClusterEndpoints`: the
+    /// service accepts external traffic, see
+    /// [`cluster_backends`](Self::cluster_backends)) and there are any.
+    pub fn ipvs_backends(&self) -> (Outcome, &[PlanBackend]) {
+        if self.outcome == Outcome::Drop && self.local_policy() && !self.cluster_backends.is_empty()
+        {
+            return (Outcome::Forward, &self.cluster_backends);
+        }
+        (self.outcome, &self.backends)
     }
     /// The service it belongs to.
     pub fn service(&self) -> &Arc<Service> {
@@ -815,7 +859,15 @@ impl Planner {
     }
 
     fn index_frontend(&mut self, fe: &Frontend, add: bool) {
-        for b in fe.backends.iter().chain(&fe.draining) {
+        // The Cluster-policy endpoints too: a connection short-circuited
+        // (or, in the IPVS mode, sent by a Local frontend without a local
+        // endpoint) to one of them is this frontend's.
+        for b in fe
+            .backends
+            .iter()
+            .chain(&fe.draining)
+            .chain(&fe.cluster_backends)
+        {
             let k = (fe.key.protocol, b.addr());
             if add {
                 let e = self.by_backend.entry(k).or_default();
@@ -1102,9 +1154,22 @@ impl Planner {
                 }
                 // An external Local frontend short-circuits traffic from
                 // this node's pods and from the node to the Cluster-policy
-                // endpoints (kube-proxy's KUBE-EXT chain).
+                // endpoints (kube-proxy's KUBE-EXT chain). kube-proxy
+                // computes those endpoints for every port of a service that
+                // accepts external traffic (`UsesClusterEndpoints`), and
+                // its IPVS mode lists them on a Local virtual server that
+                // has no local endpoint, the cluster IP's included
+                // (`ipvs_backends`).
+                let externally_accessible = port.node_port().is_some()
+                    || svc
+                        .external_ips()
+                        .iter()
+                        .any(|a| a.is_ipv4() == vip.is_ipv4())
+                    || svc
+                        .load_balancer_vips()
+                        .any(|a| a.is_ipv4() == vip.is_ipv4());
                 let mut cluster_backends = Vec::new();
-                if kind.is_external() && policy == TrafficPolicy::Local {
+                if policy == TrafficPolicy::Local && (kind.is_external() || externally_accessible) {
                     if let SelectionRef::Usable(u) =
                         categorize_port(pv, TrafficPolicy::Cluster, &self.node, Some(vip))
                     {

@@ -37,12 +37,24 @@ use crate::time::Instant;
 /// short-circuit of this node's own traffic to external destinations of
 /// `externalTrafficPolicy: Local` services. Built from the plan at each
 /// sync and published whole.
+///
+/// kube-proxy's IPVS mode has no short-circuit: its virtual servers of an
+/// external Local destination list the local endpoints (or, with none,
+/// the Cluster-policy ones: [`Frontend::ipvs_backends`]) for every source,
+/// and it marks none of that traffic for masquerade
+/// (`KUBE-NODE-PORT-LOCAL-*`, `KUBE-LOAD-BALANCER-LOCAL` RETURN before
+/// `KUBE-MARK-MASQ`; `KUBE-EXTERNAL-IP-LOCAL` has no masquerade rule, in
+/// kubernetes `pkg/proxy/ipvs/proxier.go`, `writeIptablesRules`).
+///
+/// [`Frontend::ipvs_backends`]: crate::plan::Frontend::ipvs_backends
 #[derive(Debug, Default)]
 pub(crate) struct Surface {
     /// `--cluster-cidr` (kube-proxy's local-traffic detector); empty: none.
     cluster_cidrs: Box<[Cidr]>,
     /// `--masquerade-all`.
     masquerade_all: bool,
+    /// kube-proxy's IPVS mode (see above).
+    ipvs: bool,
     /// This node's addresses (`--src-type LOCAL`).
     node_ips: Box<[IpAddr]>,
     /// The external frontends (a frontend not listed is a cluster IP).
@@ -88,6 +100,7 @@ impl Surface {
         planner: &Planner,
         cluster_cidrs: &[Cidr],
         masquerade_all: bool,
+        ipvs: bool,
     ) -> Surface {
         let node_ips: Box<[IpAddr]> = planner.node_addresses().node_ips.clone().into();
         let mut by_id = AHashMap::new();
@@ -131,7 +144,7 @@ impl Surface {
             } else {
                 Box::default()
             };
-            if external_local || !source_ranges.is_empty() {
+            if (external_local && !ipvs) || !source_ranges.is_empty() {
                 special.insert(fe.key(), fe.id());
             }
             by_id.insert(
@@ -150,6 +163,7 @@ impl Surface {
         Surface {
             cluster_cidrs: cluster_cidrs.into(),
             masquerade_all,
+            ipvs,
             node_ips,
             by_id,
             special,
@@ -178,9 +192,11 @@ impl Surface {
         let Some(p) = self.by_id.get(&id) else {
             return Admit::Lookup;
         };
-        if !p.has_endpoints {
+        if !p.has_endpoints && !self.ipvs {
             // No endpoints at all: the filter table REJECTs, whatever the
-            // source (kube-proxy writes no firewall chain then).
+            // source (kube-proxy writes no firewall chain then). The IPVS
+            // mode's KUBE-PROXY-FIREWALL matches its ipsets whatever the
+            // endpoints.
             return Admit::Lookup;
         }
         let src = flow.src.ip();
@@ -190,7 +206,7 @@ impl Surface {
         {
             return Admit::Drop;
         }
-        if p.external_local && (self.is_pod(src) || self.is_node(src)) {
+        if p.external_local && !self.ipvs && (self.is_pod(src) || self.is_node(src)) {
             if let Some(t) = p.cluster_target {
                 return Admit::Redirect(t, id);
             }
@@ -205,7 +221,8 @@ impl Surface {
     /// hairpin traffic (a pod reaching itself through its service); for a
     /// cluster IP, `--masquerade-all` or a source outside `--cluster-cidr`;
     /// for an external destination, always under the Cluster policy, and
-    /// under the Local policy only traffic from the node itself.
+    /// under the Local policy only traffic from the node itself (never, in
+    /// the IPVS mode).
     #[inline]
     pub(crate) fn masquerade(
         &self,
@@ -223,7 +240,7 @@ impl Surface {
             self.by_id.get(&frontend)
         };
         match p.and_then(|p| p.kind.map(|k| (k, p.external_local))) {
-            Some((k, local)) if k.is_external() => !local || self.is_node(src),
+            Some((k, local)) if k.is_external() => !local || (!self.ipvs && self.is_node(src)),
             _ => self.masquerade_all || (!self.cluster_cidrs.is_empty() && !self.is_pod(src)),
         }
     }
@@ -283,6 +300,8 @@ pub(crate) struct ConnLayer {
     controls: Option<Arc<Controls>>,
     cluster_cidrs: Box<[Cidr]>,
     masquerade_all: bool,
+    /// kube-proxy's IPVS mode ([`Surface`]).
+    ipvs: bool,
     /// Writer side of the reply index (taken only by `publish`, under the
     /// planner's lock): the keys each frontend indexed.
     indexed: Mutex<AHashMap<FrontendId, IndexedKeys>>,
@@ -293,6 +312,7 @@ impl ConnLayer {
         config: Option<&ConntrackConfig>,
         cluster_cidrs: &[Cidr],
         masquerade_all: bool,
+        ipvs: bool,
     ) -> Self {
         let counts = Arc::new(ConnectionCounts::default());
         let controls = config.map(|_| Arc::new(Controls::default()));
@@ -304,6 +324,7 @@ impl ConnLayer {
             controls,
             cluster_cidrs: cluster_cidrs.into(),
             masquerade_all,
+            ipvs,
             indexed: Mutex::new(AHashMap::new()),
         }
     }
@@ -321,6 +342,7 @@ impl ConnLayer {
             surface: Arc::new(Surface {
                 cluster_cidrs: self.cluster_cidrs.clone(),
                 masquerade_all: self.masquerade_all,
+                ipvs: self.ipvs,
                 ..Surface::default()
             }),
             replies: Arc::default(),
@@ -340,7 +362,12 @@ impl ConnLayer {
         let keys_of = |id: FrontendId| -> Option<IndexedKeys> {
             let fe = planner.frontend(id)?;
             let mut keys = IndexedKeys::new();
-            for b in fe.backends().iter().chain(fe.draining()) {
+            for b in fe
+                .backends()
+                .iter()
+                .chain(fe.draining())
+                .chain(fe.cluster_backends())
+            {
                 let k = FrontendKey::new(fe.key().protocol, b.addr());
                 if !keys.contains(&k) {
                     keys.push(k);
@@ -455,6 +482,7 @@ impl ConnLayer {
                 planner,
                 &self.cluster_cidrs,
                 self.masquerade_all,
+                self.ipvs,
             ))
         } else {
             Arc::clone(now)

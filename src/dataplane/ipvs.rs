@@ -287,10 +287,18 @@ impl Shared {
             }
         };
         let draining: Box<[Destination]> = fe.draining().iter().map(|b| dest(b, 0)).collect();
-        match fe.outcome() {
+        // The IPVS mode lists what kube-proxy's `syncEndpoint` gives the
+        // virtual server; the modes that share this table (nftables, the
+        // eBPF model) take the plan's outcome.
+        let (outcome, backends) = if self.mode == Mode::Ipvs {
+            fe.ipvs_backends()
+        } else {
+            (fe.outcome(), fe.backends())
+        };
+        match outcome {
             Outcome::Forward => {
                 let dests: Box<[Destination]> =
-                    fe.backends().iter().map(|b| dest(b, b.weight())).collect();
+                    backends.iter().map(|b| dest(b, b.weight())).collect();
                 let previous = old.and_then(|o| o.selector.as_ref().map(|s| (s, &*o.dests)));
                 let selector = self.config.scheduler.rebuild(&dests, previous);
                 // Only a ClientIP service needs the addresses (a service

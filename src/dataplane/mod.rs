@@ -67,11 +67,14 @@ pub(crate) fn connection_setup(
     addresses.exclude_loopback = !config
         .loopback_node_ports
         .unwrap_or(!matches!(mode, Mode::Ipvs | Mode::Nftables));
+    // Only the IPVS mode leaves IPv6 link-local node IPs out.
+    addresses.exclude_link_local = mode == Mode::Ipvs;
     planner.set_node_addresses(addresses);
     let conn = conn::ConnLayer::new(
         tracker.as_ref(),
         &config.cluster_cidrs,
         config.masquerade_all,
+        mode == Mode::Ipvs,
     );
     (planner, conn)
 }

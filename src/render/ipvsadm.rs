@@ -9,10 +9,18 @@
 //!   -> 10.1.0.5:8080                Masq    1      0          0
 //! ```
 //!
-//! A service line is the protocol, two spaces, `addr:port`, the scheduler
-//! and, for ClientIP affinity, ` persistent SECONDS` (kube-proxy turns
-//! affinity into IPVS persistence with the service's timeout and a full
-//! netmask, so no ` mask` follows). A destination line is
+//! A service line is the protocol, two spaces, `addr:port`, the scheduler,
+//! its flags in parentheses and, for ClientIP affinity, ` persistent
+//! SECONDS` (kube-proxy turns affinity into IPVS persistence with the
+//! service's timeout and a full netmask, so no ` mask` follows). svclb's
+//! `sh-port` and `mh-port` are the kernel's `sh` and `mh` schedulers with
+//! the flag `IP_VS_SVC_F_SCHED2` (`ipvsadm -s mh -b mh-port`), which
+//! `ipvsadm` 1.31 prints as `mh (mh-port)` (`print_service_entry`,
+//! `print_sched_flags`). kube-proxy's `--ipvs-scheduler mh` is svclb's
+//! `mh-port`: kube-proxy sets `FlagSourceHash` (0x10, `mh-port`) on every
+//! virtual server when its scheduler is `mh` (kubernetes
+//! `pkg/proxy/ipvs/proxier.go`, `syncProxyRules`), and no flag for any
+//! other scheduler. A destination line is
 //! `"  -> %-28s %-7s %-6d %-10u %-10u"`, trailing spaces included; the
 //! forwarding method is always `Masq`, as kube-proxy configures it. Services
 //! sort by family, protocol number, address and port; destinations by
@@ -49,6 +57,16 @@ fn proto_name(p: Protocol) -> &'static str {
     }
 }
 
+/// The scheduler column of a service line: the kernel scheduler's name and
+/// the flags `ipvsadm` prints after it.
+fn scheduler_column(name: &str) -> &str {
+    match name {
+        "sh-port" => "sh (sh-port)",
+        "mh-port" => "mh (mh-port)",
+        other => other,
+    }
+}
+
 /// Formats a list of virtual services (from
 /// [`IpvsDataplane::virtual_services`]) with the persistence timeout of each
 /// given by `persistence`.
@@ -74,7 +92,7 @@ pub fn render_list(
         if vs.addr.is_ipv4() {
             name.truncate(33);
         }
-        let _ = write!(out, "{name} {}", vs.scheduler);
+        let _ = write!(out, "{name} {}", scheduler_column(&vs.scheduler));
         if let Some(t) = persistence(vs) {
             let _ = write!(out, " persistent {t}");
         }
@@ -155,6 +173,35 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn scheduler_flags_in_parentheses_before_persistence() {
+        // ipvsadm 1.31 `print_service_entry`: `printf("%s %s", svc_name,
+        // sched_name)`, then ` (flags)` when a scheduler flag is set, then
+        // ` persistent T`.
+        let mut v = vs("10.96.0.10", &[]);
+        let line = |v: &VirtualServiceInfo, t: Option<u32>| {
+            render_list(std::slice::from_ref(v), |_| t, &RenderOptions::default())
+                .lines()
+                .nth(3)
+                .unwrap()
+                .to_owned()
+        };
+        for (sched, want) in [
+            ("mh-port", "UDP  10.96.0.10:53 mh (mh-port)"),
+            ("sh-port", "UDP  10.96.0.10:53 sh (sh-port)"),
+            ("mh", "UDP  10.96.0.10:53 mh"),
+            ("sh", "UDP  10.96.0.10:53 sh"),
+        ] {
+            v.scheduler = sched.into();
+            assert_eq!(line(&v, None), want);
+        }
+        v.scheduler = "mh-port".into();
+        assert_eq!(
+            line(&v, Some(10_800)),
+            "UDP  10.96.0.10:53 mh (mh-port) persistent 10800"
+        );
     }
 
     #[test]

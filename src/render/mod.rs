@@ -8,6 +8,9 @@
 //! - [`nft`]: `nft -f` input, kube-proxy's nftables-mode table.
 //! - [`ipvsadm`]: an `ipvsadm -ln` listing of an [`IpvsDataplane`](crate::IpvsDataplane),
 //!   with its live connection counters.
+//! - [`ipset`]: the rest of kube-proxy's IPVS mode: its ipsets as `ipset
+//!   restore` input, the iptables rules that match them, and the addresses
+//!   it binds to `kube-ipvs0`.
 //! - [`conntrack`]: tracked connections as `conntrack -L` and
 //!   `ipvsadm -lnc` list them.
 //! - [`iptables::Syncer`] and [`nft::Syncer`]: kube-proxy's partial syncs,
@@ -44,6 +47,7 @@
 
 pub mod conntrack;
 mod hash;
+pub mod ipset;
 pub mod iptables;
 pub mod ipvsadm;
 pub mod nft;
