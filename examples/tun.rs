@@ -18,10 +18,12 @@
 //! 2. routes the SNAT pools (`--snat-pool`, default `169.254.0.0/17`, and
 //!    `--snat-pool6`, default the ULA `fd00:5c1b::/112`) into it (`ip
 //!    route replace POOL dev NAME`) and prints `snat POOL` for each;
-//! 3. routes every cluster IP of the manifests, IPv4 and IPv6, into it
-//!    (`ip route replace VIP/32|VIP/128 dev NAME`), printing `route
-//!    VIP/32 dev NAME` (or `/128`) for each (and `unroute ...` when a
-//!    reload removes one);
+//! 3. routes every cluster IP, external IP (`spec.externalIPs`) and
+//!    load-balancer IP (`status.loadBalancer.ingress[].ip` with `ipMode`
+//!    `VIP`; a `Proxy` one is not captured, as kube-proxy does not) of the
+//!    manifests, IPv4 and IPv6, into it (`ip route replace VIP/32|VIP/128
+//!    dev NAME`), printing `route VIP/32 dev NAME` (or `/128`) for each
+//!    (and `unroute ...` when a reload removes one);
 //! 4. with `--node-ip`, steers every node port on each node IP into it:
 //!    node IPs are local addresses, which the `local` table (rule 0)
 //!    delivers before any route, so it adds `ip rule pref 100 to
@@ -35,7 +37,8 @@
 //!    process leaves them: `ip rule` outlives the device).
 //!
 //! Then, for every packet the kernel sends into the device:
-//! - **to a cluster IP** (client -> frontend): [`Dataplane::packet`] with
+//! - **to a cluster, external or load-balancer IP** (client -> frontend):
+//!   [`Dataplane::packet`] with
 //!   its TCP flags decides the backend (a tracked flow keeps its own); the
 //!   packet is DNATed to the backend and SNATed to a pool address of its
 //!   family (one per client address and frontend, so that the translated
@@ -86,8 +89,10 @@
 //!
 //! Not handled: later IPv4 fragments (dropped unless their first fragment
 //! was seen), a family's pool exhausted by more live (client, frontend)
-//! pairs than it has addresses (their new connections are dropped),
-//! external and load-balancer IPs.
+//! pairs than it has addresses (their new connections are dropped), an
+//! external or load-balancer IP that is a local address of the host (the
+//! `local` table delivers it before the route; only node IPs are steered
+//! by rules).
 
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read};
@@ -244,12 +249,12 @@ impl World {
     }
 
     /// Makes the routes into the device match the table's cluster IPs,
-    /// IPv4 (`/32`) and IPv6 (`/128`).
+    /// external IPs and load-balancer IPs, IPv4 (`/32`) and IPv6 (`/128`).
     fn route_vips(&mut self) -> Result<()> {
         let want: BTreeSet<IpAddr> = self
             .table
             .views()
-            .flat_map(|v| v.service().cluster_ip().addrs().to_vec())
+            .flat_map(|v| routed_ips(v.service()))
             .filter(|ip| self.ipv6 || ip.is_ipv4())
             .collect();
         for vip in want.difference(&self.routes) {
@@ -348,6 +353,21 @@ impl World {
         println!("watch applied {} change(s)", report.change_sets.len());
         Ok(())
     }
+}
+
+/// The addresses of `svc` routed into the device: its cluster IPs, its
+/// `spec.externalIPs` and its `status.loadBalancer.ingress` IPs whose
+/// `ipMode` is `VIP` (with `Proxy` the load balancer delivers to the node
+/// itself, and kube-proxy does not capture the IP). An external or
+/// load-balancer IP of a family the service has no cluster IP of is left
+/// alone, as the plan ignores it (kube-proxy's per-family proxiers).
+fn routed_ips(svc: &Service) -> Vec<IpAddr> {
+    let cluster = svc.cluster_ip().addrs();
+    let has_family = |ip: &IpAddr| cluster.iter().any(|c| c.is_ipv4() == ip.is_ipv4());
+    let mut out = cluster.to_vec();
+    out.extend(svc.external_ips().iter().copied().filter(has_family));
+    out.extend(svc.load_balancer_vips().filter(has_family));
+    out
 }
 
 /// `ip`'s family flags (`-4`, `-6`) of the families among `ips`.
