@@ -3,9 +3,17 @@
 //! then a summary per frontend (packets, bytes, per backend) is printed.
 //!
 //! ```text
-//! cargo run --example pcap_replay --features packet -- \
+//! cargo run --example pcap_replay --features packet,serde -- \
 //!     --manifests examples/manifests --in IN.pcap --out OUT.pcap [--mode ipvs]
+//!     [--watch FILE]
 //! ```
+//!
+//! `--watch FILE` is a watch stream (`kubectl get -w` output: YAML
+//! documents, or JSON objects such as `kubectl get -w
+//! --output-watch-events -o json` prints) applied after the manifests and
+//! before the first packet, event by event, each synced into the
+//! dataplane: the capture is replayed against the state the stream leads
+//! to (a watch event carries no time to place it among the packets).
 //!
 //! - Original-direction packets to a frontend go through the dataplane's
 //!   connection layer (`Dataplane::packet` with their TCP flags: a new
@@ -35,6 +43,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use pcap_file::DataLink;
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+use svclb::k8s::loader::{LoadOptions, Loader};
 use svclb::k8s::manifest::Manifests;
 use svclb::packet::{
     FragmentTracker, LinkType, PacketKind, ParsedPacket, RewriteError, TcpFlags, parse,
@@ -70,6 +79,9 @@ struct Cli {
     /// Seed of the dataplane's random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A watch stream applied after the manifests, before the first packet.
+    #[arg(long)]
+    watch: Option<PathBuf>,
 }
 
 /// Reverse NAT of a packet going back to a client, given the client's
@@ -157,7 +169,7 @@ fn load(paths: &[PathBuf]) -> Result<ServiceTable, String> {
 }
 
 fn run(cli: &Cli) -> Result<Stats, String> {
-    let table = load(&cli.manifests)?;
+    let mut table = load(&cli.manifests)?;
     let config = DataplaneConfig::with_seed(cli.seed);
     let dp: Box<dyn Dataplane> = match cli.mode {
         Mode::Iptables => Box::new(IptablesDataplane::new(config)),
@@ -165,6 +177,19 @@ fn run(cli: &Cli) -> Result<Stats, String> {
         Mode::Ipvs => Box::new(IpvsDataplane::new(config)),
     };
     dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+    if let Some(path) = &cli.watch {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let report = Loader::new(LoadOptions::default())
+            .apply_watch_text(&mut table, &text, &path.display().to_string())
+            .map_err(|e| format!("--watch {}: {e}", path.display()))?;
+        for line in report.lines(false) {
+            eprintln!("pcap_replay: note: {line}");
+        }
+        for cs in &report.change_sets {
+            dp.sync(&table, cs, Instant::ZERO);
+        }
+        println!("watch applied {} change(s)", report.change_sets.len());
+    }
 
     let input = File::open(&cli.input).map_err(|e| format!("{}: {e}", cli.input.display()))?;
     let mut reader = PcapReader::new(BufReader::new(input)).map_err(|e| e.to_string())?;

@@ -506,3 +506,64 @@ fn replayed_pcap_passes_tshark() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--watch FILE`: a watch stream applied before the first packet. A
+/// MODIFIED event leaves the IPv4 slice one endpoint (10.1.0.6) and a
+/// DELETED event removes the IPv6 service: every IPv4 packet is DNATed to
+/// 10.1.0.6, and the IPv6 packets pass untouched (no service any more).
+/// Needs no tshark: the summary says where every packet went.
+#[test]
+fn watch_stream_applies_before_the_replay() {
+    let dir = std::env::temp_dir().join(format!("svclb-pcap-watch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), MANIFESTS).unwrap();
+    std::fs::write(
+        dir.join("watch.yaml"),
+        "type: MODIFIED\nobject:\n  apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  \
+         metadata:\n    name: web-1\n    namespace: default\n    \
+         labels: {kubernetes.io/service-name: web}\n  addressType: IPv4\n  ports:\n  \
+         - {name: http, port: 8080, protocol: TCP}\n  - {name: dns, port: 5353, protocol: UDP}\n  \
+         endpoints:\n  - addresses: [\"10.1.0.6\"]\n---\n\
+         type: DELETED\nobject:\n  apiVersion: v1\n  kind: Service\n  \
+         metadata: {name: web6, namespace: default}\n",
+    )
+    .unwrap();
+    let bin = binary();
+    let frames = frames();
+    write_pcap(&dir.join("in.pcap"), &frames);
+    let out = Command::new(&bin)
+        .arg("--manifests")
+        .arg(dir.join("web.yaml"))
+        .arg("--in")
+        .arg(dir.join("in.pcap"))
+        .arg("--out")
+        .arg(dir.join("out.pcap"))
+        .arg("--watch")
+        .arg(dir.join("watch.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("watch applied 2 change(s)"), "{text}");
+    // 6 clients x (SYN, data, UDP) to the IPv4 service, all to 10.1.0.6;
+    // 6 x (TCP, UDP) IPv6 packets passed.
+    assert!(text.contains("dnat 18 "), "{text}");
+    assert!(text.contains("passed 12 "), "{text}");
+    let backends: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("backend "))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            "10.1.0.6:5353: 6 packets, 282 bytes",
+            "10.1.0.6:8080: 12 packets, 780 bytes"
+        ],
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
