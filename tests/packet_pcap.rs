@@ -286,6 +286,7 @@ fn extras(backend_of_first_udp: Option<(String, u16)>) -> Vec<Vec<u8>> {
     out
 }
 
+#[derive(Debug)]
 struct Row {
     src: String,
     dst: String,
@@ -565,5 +566,117 @@ fn watch_stream_applies_before_the_replay() {
         ],
         "{text}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Full NAT where the verdict says to masquerade (`--masquerade-all`):
+/// every client packet leaves with the SNAT address of its family and a
+/// port of `--snat-ports`, one per flow, distinct per backend; the
+/// backends' replies to those addresses come back from the frontend to
+/// the client. tshark checks every checksum of both outputs.
+#[test]
+fn masquerade_rewrites_the_source_and_back() {
+    if Command::new("tshark").arg("--version").output().is_err() {
+        println!("SKIPPED: tshark is not installed (apt-get install -y tshark)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("svclb-pcap-masq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), MANIFESTS).unwrap();
+    let bin = binary();
+    let run = |input: &Path, output: &Path| {
+        let out = Command::new(&bin)
+            .arg("--manifests")
+            .arg(dir.join("web.yaml"))
+            .arg("--in")
+            .arg(input)
+            .arg("--out")
+            .arg(output)
+            .args(["--masquerade-all", "--snat-ip", "10.0.0.1"])
+            .args(["--snat-ip6", "fd00::1", "--snat-ports", "50000-50009"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let ok = |rows: &[Row]| {
+        for r in rows {
+            assert!(
+                !r.statuses.iter().any(|s| s == "0" || s == "Bad"),
+                "bad checksum: {} -> {} {:?}",
+                r.src,
+                r.dst,
+                r.statuses
+            );
+            assert!(r.statuses.iter().any(|s| s == "1" || s == "Good"), "{r:?}");
+        }
+    };
+    let first = frames();
+    write_pcap(&dir.join("in1.pcap"), &first);
+    let summary = run(&dir.join("in1.pcap"), &dir.join("out1.pcap"));
+    assert!(
+        summary.contains("masqueraded 30 unmasqueraded 0"),
+        "{summary}"
+    );
+    let rows = tshark(&dir.join("out1.pcap"));
+    assert_eq!(rows.len(), 30, "{summary}");
+    ok(&rows);
+    // (SNAT address, port, backend, backend port, TCP) per flow.
+    let mut flows: Vec<(String, u16, String, u16, bool)> = Vec::new();
+    for r in &rows {
+        assert!(BACKENDS.contains(&r.dst.as_str()), "{r:?}");
+        let want = if r.dst.contains(':') {
+            "fd00::1"
+        } else {
+            "10.0.0.1"
+        };
+        assert_eq!(r.src, want, "{r:?}");
+        let port: u16 = r.sport.parse().unwrap();
+        assert!((50000..=50009).contains(&port), "{r:?}");
+        let f = (
+            r.src.clone(),
+            port,
+            r.dst.clone(),
+            r.dport.parse().unwrap(),
+            r.dport == "8080",
+        );
+        if !flows.contains(&f) {
+            flows.push(f);
+        }
+    }
+    // 6 clients: TCP and UDP, IPv4 and IPv6 (the TCP data packet is the
+    // SYN's flow, so the same port).
+    assert_eq!(flows.len(), 24, "{flows:?}");
+    for (i, a) in flows.iter().enumerate() {
+        for b in &flows[i + 1..] {
+            assert!(
+                (a.0 != b.0 || a.1 != b.1 || a.2 != b.2 || a.4 != b.4),
+                "two flows share {a:?}"
+            );
+        }
+    }
+    // The backends' replies to the SNAT addresses: back to the clients,
+    // from the frontend.
+    let back = replies(&flows);
+    write_pcap(&dir.join("in2.pcap"), &[first.clone(), back].concat());
+    let summary = run(&dir.join("in2.pcap"), &dir.join("out2.pcap"));
+    assert!(summary.contains("reverse-nat 24 "), "{summary}");
+    let rows = tshark(&dir.join("out2.pcap"));
+    ok(&rows);
+    let replies: Vec<&Row> = rows[30..].iter().collect();
+    assert_eq!(replies.len(), 24);
+    for r in replies {
+        assert!(FRONTENDS.contains(&r.src.as_str()), "{r:?}");
+        assert!(
+            r.dst.starts_with("10.2.0.") || r.dst.starts_with("fd00:2::"),
+            "{r:?}"
+        );
+        assert!(r.dport.parse::<u16>().unwrap() > 40000, "{r:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
