@@ -32,8 +32,8 @@
 //!   family, the source is rewritten too (full NAT) to that address and a
 //!   port from `--snat-ports LO-HI` (default 32768-60999) that no other
 //!   flow to the same backend holds (`SourcePortAllocator`); the
-//!   backend's replies to it get both addresses back (its ICMP errors
-//!   about it take the same path; no test sends one yet). A port is held for the rest of the replay (no
+//!   backend's replies to it, and its ICMP errors about it, get both
+//!   addresses back. A port is held for the rest of the replay (no
 //!   expiry in a capture); when a backend's range is used up, further
 //!   flows to it are refused. Without an address of the family the packet
 //!   is DNATed only and counted as `unmasqueraded`.

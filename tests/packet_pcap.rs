@@ -572,8 +572,9 @@ fn watch_stream_applies_before_the_replay() {
 /// Full NAT where the verdict says to masquerade (`--masquerade-all`):
 /// every client packet leaves with the SNAT address of its family and a
 /// port of `--snat-ports`, one per flow, distinct per backend; the
-/// backends' replies to those addresses come back from the frontend to
-/// the client. tshark checks every checksum of both outputs.
+/// backends' replies to those addresses, and a backend's ICMP port
+/// unreachable about one, come back from the frontend to the client.
+/// tshark checks every checksum of both outputs.
 #[test]
 fn masquerade_rewrites_the_source_and_back() {
     if Command::new("tshark").arg("--version").output().is_err() {
@@ -661,16 +662,43 @@ fn masquerade_rewrites_the_source_and_back() {
         }
     }
     // The backends' replies to the SNAT addresses: back to the clients,
-    // from the frontend.
-    let back = replies(&flows);
+    // from the frontend; and one backend's port unreachable about the
+    // first IPv4 UDP flow's translated packet (SNAT address -> backend).
+    let mut back = replies(&flows);
+    let udp = flows
+        .iter()
+        .find(|f| !f.4 && !f.0.contains(':'))
+        .unwrap()
+        .clone();
+    let mut inner = Vec::new();
+    PacketBuilder::ipv4(ip4(&udp.0), ip4(&udp.2), 63)
+        .udp(udp.1, udp.3)
+        .write(&mut inner, b"query")
+        .unwrap();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4(ip4(&udp.2), ip4(&udp.0), 64)
+        .icmpv4_raw(3, 3, [0; 4])
+        .write(&mut f, &inner)
+        .unwrap();
+    back.push(f);
     write_pcap(&dir.join("in2.pcap"), &[first.clone(), back].concat());
     let summary = run(&dir.join("in2.pcap"), &dir.join("out2.pcap"));
-    assert!(summary.contains("reverse-nat 24 "), "{summary}");
+    assert!(summary.contains("reverse-nat 25 "), "{summary}");
     let rows = tshark(&dir.join("out2.pcap"));
     ok(&rows);
     let replies: Vec<&Row> = rows[30..].iter().collect();
-    assert_eq!(replies.len(), 24);
-    for r in replies {
+    assert_eq!(replies.len(), 25);
+    // The ICMP error (last): from the cluster IP to the client, about the
+    // client's packet to the cluster IP (tshark's first address is the
+    // outer one; its ICMP checksum status was checked above).
+    let icmp = replies[24];
+    assert_eq!(icmp.src, "10.96.0.10", "{icmp:?}");
+    assert!(icmp.dst.starts_with("10.2.0."), "{icmp:?}");
+    // The embedded UDP header (tshark's only ports): client -> frontend.
+    assert!(icmp.sport.parse::<u16>().unwrap() > 40000, "{icmp:?}");
+    assert_eq!(icmp.dport, "53", "{icmp:?}");
+    for r in &replies[..24] {
         assert!(FRONTENDS.contains(&r.src.as_str()), "{r:?}");
         assert!(
             r.dst.starts_with("10.2.0.") || r.dst.starts_with("fd00:2::"),
