@@ -1,6 +1,7 @@
 //! Replays a pcap through a dataplane: every packet is parsed, routed,
 //! NATed in place with incremental checksums, and written to a new pcap;
-//! then a summary per frontend (packets, bytes, per backend) is printed.
+//! then a summary per service and, under it, per frontend (packets,
+//! bytes, per backend) is printed.
 //!
 //! ```text
 //! cargo run --example pcap_replay --features packet,serde -- \
@@ -182,6 +183,9 @@ fn reverse(
     }
 }
 
+/// A frontend as the summary names it: address and protocol.
+type FrontendAddr = (SocketAddr, Protocol);
+
 #[derive(Default)]
 struct Counts {
     packets: u64,
@@ -201,6 +205,8 @@ struct Stats {
     refused: u64,
     masqueraded: u64,
     unmasqueraded: u64,
+    /// The service (`namespace/name`) of each frontend in `per_frontend`.
+    services: BTreeMap<(SocketAddr, Protocol), String>,
     per_frontend: BTreeMap<(SocketAddr, Protocol), Counts>,
 }
 
@@ -412,7 +418,31 @@ fn run(cli: &Cli) -> Result<Stats, String> {
         b.1 += len;
         write(&mut writer, &pkt, &buf, &mut stats)?;
     }
+    for (addr, proto) in stats.per_frontend.keys() {
+        if let Some(name) = service_of(&table, *addr, *proto) {
+            stats.services.insert((*addr, *proto), name);
+        }
+    }
     Ok(stats)
+}
+
+/// The service (`namespace/name`) whose cluster, external or
+/// load-balancer IP and port, or node port, `addr` is (node ports by port
+/// alone: the replay knows no node IPs).
+fn service_of(table: &ServiceTable, addr: SocketAddr, proto: Protocol) -> Option<String> {
+    table.views().find_map(|v| {
+        let svc = v.service();
+        let ips = svc.cluster_ip().addrs().iter().copied();
+        let fronts = ips
+            .chain(svc.external_ips().iter().copied())
+            .chain(svc.load_balancer_vips())
+            .any(|ip| ip == addr.ip());
+        let hit = svc.ports().iter().any(|p| {
+            p.protocol() == proto
+                && ((fronts && p.port() == addr.port()) || p.node_port() == Some(addr.port()))
+        });
+        hit.then(|| svc.key().to_string())
+    })
 }
 
 fn write(
@@ -444,13 +474,24 @@ fn main() -> ExitCode {
             for (kind, n) in &s.bad {
                 println!("bad {kind} {n}");
             }
-            for ((frontend, proto), c) in &s.per_frontend {
-                println!(
-                    "frontend {frontend}/{proto}: {} packets, {} bytes",
-                    c.packets, c.bytes
-                );
-                for (b, (p, bytes)) in &c.per_backend {
-                    println!("  backend {b}: {p} packets, {bytes} bytes");
+            // Per service, then its frontends.
+            let mut by_service: BTreeMap<&str, Vec<(&FrontendAddr, &Counts)>> = BTreeMap::new();
+            for (key, c) in &s.per_frontend {
+                let name = s.services.get(key).map_or("(unknown)", String::as_str);
+                by_service.entry(name).or_default().push((key, c));
+            }
+            for (service, fronts) in &by_service {
+                let packets: u64 = fronts.iter().map(|(_, c)| c.packets).sum();
+                let bytes: u64 = fronts.iter().map(|(_, c)| c.bytes).sum();
+                println!("service {service}: {packets} packets, {bytes} bytes");
+                for ((frontend, proto), c) in fronts {
+                    println!(
+                        "  frontend {frontend}/{proto}: {} packets, {} bytes",
+                        c.packets, c.bytes
+                    );
+                    for (b, (p, bytes)) in &c.per_backend {
+                        println!("    backend {b}: {p} packets, {bytes} bytes");
+                    }
                 }
             }
             ExitCode::SUCCESS

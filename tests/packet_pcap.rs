@@ -554,6 +554,12 @@ fn watch_stream_applies_before_the_replay() {
     // 6 x (TCP, UDP) IPv6 packets passed.
     assert!(text.contains("dnat 18 "), "{text}");
     assert!(text.contains("passed 12 "), "{text}");
+    // The summary per service, its frontends under it.
+    assert!(
+        text.contains("service default/web: 18 packets, 1062 bytes\n  frontend 10.96.0.10:53/UDP: 6 packets, 282 bytes"),
+        "{text}"
+    );
+    assert!(!text.contains("default/web6"), "{text}");
     let backends: Vec<&str> = text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("backend "))
