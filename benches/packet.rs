@@ -1,7 +1,10 @@
 //! The packet path per packet: `parse` alone, `parse` + `rewrite_dst`, for
-//! IPv4/TCP and IPv6/UDP; and, against IPVS `route` alone on the same flow,
-//! `parse` + `route` + `rewrite_dst` (issue 14: ≤ 2× route alone).
-//! Thread CPU time, small samples: the whole file runs in about 30 s.
+//! IPv4/TCP and IPv6/UDP; and, against IPVS routing alone on the same flow,
+//! `parse` + routing + `rewrite_dst`: on a tracked flow (the reader's
+//! `packet`, an established connection; issue 14: ≤ 2× routing alone),
+//! IPv4/TCP and IPv6/UDP, and on a new flow (`route` with connection
+//! tracking off, so every call schedules), IPv4/TCP and IPv6/UDP.
+//! Thread CPU time, small samples: the whole file runs in about a minute.
 
 // criterion_group! generates undocumented public functions.
 #![allow(missing_docs)]
@@ -68,32 +71,73 @@ fn bench_packet(c: &mut Criterion<ThreadCpu>) {
 
     // The whole per-packet path against route alone, on one tracked flow
     // (an established connection: the tracker answers).
-    let table = common::cluster(100, 5);
+    let mut table = common::cluster(100, 5);
+    // The IPv6/UDP packet's service: fd00::a:53 -> [fd00::77]:5353.
+    table
+        .apply_batch(vec![
+            Change::UpsertService(
+                Service::builder("bench", "dns6")
+                    .cluster_ip("fd00::a".parse().unwrap())
+                    .port(ServicePortSpec::udp(53).target_port(5353))
+                    .build()
+                    .unwrap(),
+            ),
+            Change::UpsertSlice(
+                EndpointSlice::builder("bench", "dns6-1", "dns6", AddressType::IPv6)
+                    .port(SlicePortSpec::udp(5353))
+                    .endpoints(["fd00::77", "fd00::78"].map(EndpointSpec::new))
+                    .build()
+                    .unwrap(),
+            ),
+        ])
+        .unwrap();
     let ipvs = IpvsDataplane::new(DataplaneConfig::with_seed(1));
     ipvs.sync(&table, &table.full_change_set(), Instant::ZERO);
-    let pkt = ipv4_tcp();
-    let flow = parse(&pkt, LinkType::Ip).unwrap().flow().unwrap();
     let now = Instant::ZERO;
-    assert!(matches!(ipvs.route(&flow, now), Verdict::Forward(_)));
     let mut reader = ipvs.reader();
-    assert!(reader.packet(&flow, TcpFlags::ACK, now).is_tracked());
-    group.bench_function("ipv4_tcp/route", |b| {
-        b.iter(|| black_box(reader.packet(black_box(&flow), TcpFlags::ACK, now)))
-    });
-    let mut buf = pkt.clone();
-    group.bench_function("ipv4_tcp/parse_route_rewrite", |b| {
-        b.iter(|| {
-            let p = parse(black_box(&buf), LinkType::Ip).unwrap();
-            // After the first rewrite the buffer holds the backend: route
-            // the flow as it arrived, as a fresh packet would be.
-            let f = black_box(p.flow().map(|_| flow).unwrap());
-            if let Verdict::Forward(svclb::Forward { backend: to, .. }) =
-                reader.packet(&f, TcpFlags::ACK, now)
-            {
-                rewrite_dst(&mut buf, &p, to).unwrap();
-            }
-        })
-    });
+    for (name, pkt) in [("ipv4_tcp", ipv4_tcp()), ("ipv6_udp", ipv6_udp())] {
+        let flow = parse(&pkt, LinkType::Ip).unwrap().flow().unwrap();
+        assert!(matches!(ipvs.route(&flow, now), Verdict::Forward(_)));
+        assert!(reader.packet(&flow, TcpFlags::ACK, now).is_tracked());
+        group.bench_function(format!("{name}/route"), |b| {
+            b.iter(|| black_box(reader.packet(black_box(&flow), TcpFlags::ACK, now)))
+        });
+        let mut buf = pkt.clone();
+        group.bench_function(format!("{name}/parse_route_rewrite"), |b| {
+            b.iter(|| {
+                let p = parse(black_box(&buf), LinkType::Ip).unwrap();
+                // After the first rewrite the buffer holds the backend:
+                // route the flow as it arrived, as a fresh packet would be.
+                let f = black_box(p.flow().map(|_| flow).unwrap());
+                if let Verdict::Forward(svclb::Forward { backend: to, .. }) =
+                    reader.packet(&f, TcpFlags::ACK, now)
+                {
+                    rewrite_dst(&mut buf, &p, to).unwrap();
+                }
+            })
+        });
+    }
+
+    // A new flow each time: IPVS with connection tracking off, so every
+    // `route` schedules (rr), as the lookup benches measure it.
+    let (_, fresh) = common::dataplanes(&table);
+    for (name, pkt) in [("ipv4_tcp", ipv4_tcp()), ("ipv6_udp", ipv6_udp())] {
+        let flow = parse(&pkt, LinkType::Ip).unwrap().flow().unwrap();
+        assert!(matches!(fresh.route(&flow, now), Verdict::Forward(f) if !f.tracked));
+        group.bench_function(format!("{name}/new/route"), |b| {
+            b.iter(|| black_box(fresh.route(black_box(&flow), now)))
+        });
+        let mut buf = pkt.clone();
+        group.bench_function(format!("{name}/new/parse_route_rewrite"), |b| {
+            b.iter(|| {
+                let p = parse(black_box(&buf), LinkType::Ip).unwrap();
+                let f = black_box(p.flow().map(|_| flow).unwrap());
+                if let Verdict::Forward(svclb::Forward { backend: to, .. }) = fresh.route(&f, now) {
+                    rewrite_dst(&mut buf, &p, to).unwrap();
+                }
+            })
+        });
+    }
     group.finish();
 }
 

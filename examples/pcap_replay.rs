@@ -1,11 +1,21 @@
 //! Replays a pcap through a dataplane: every packet is parsed, routed,
 //! NATed in place with incremental checksums, and written to a new pcap;
-//! then a summary per frontend (packets, bytes, per backend) is printed.
+//! then a summary per service and, under it, per frontend (packets,
+//! bytes, per backend) is printed.
 //!
 //! ```text
-//! cargo run --example pcap_replay --features packet -- \
+//! cargo run --example pcap_replay --features packet,serde -- \
 //!     --manifests examples/manifests --in IN.pcap --out OUT.pcap [--mode ipvs]
+//!     [--watch FILE] [--masquerade-all] [--snat-ip IP] [--snat-ip6 IP]
+//!     [--snat-ports LO-HI]
 //! ```
+//!
+//! `--watch FILE` is a watch stream (`kubectl get -w` output: YAML
+//! documents, or JSON objects such as `kubectl get -w
+//! --output-watch-events -o json` prints) applied after the manifests and
+//! before the first packet, event by event, each synced into the
+//! dataplane: the capture is replayed against the state the stream leads
+//! to (a watch event carries no time to place it among the packets).
 //!
 //! - Original-direction packets to a frontend go through the dataplane's
 //!   connection layer (`Dataplane::packet` with their TCP flags: a new
@@ -17,6 +27,17 @@
 //!   ICMP errors a backend sends about a client's packet, found with
 //!   `Dataplane::peek_reply` (no state change). The example keeps no flow
 //!   table of its own.
+//! - Where the verdict says to masquerade (`Forward::masquerade`: with
+//!   `--masquerade-all`, or external traffic kube-proxy masquerades) and
+//!   `--snat-ip` (`--snat-ip6`) gives the node address of the packet's
+//!   family, the source is rewritten too (full NAT) to that address and a
+//!   port from `--snat-ports LO-HI` (default 32768-60999) that no other
+//!   flow to the same backend holds (`SourcePortAllocator`); the
+//!   backend's replies to it, and its ICMP errors about it, get both
+//!   addresses back. A port is held for the rest of the replay (no
+//!   expiry in a capture); when a backend's range is used up, further
+//!   flows to it are refused. Without an address of the family the packet
+//!   is DNATed only and counted as `unmasqueraded`.
 //! - Later IPv4/IPv6 fragments follow their first fragment (a
 //!   `FragmentTracker`); the unmatched ones are dropped, never guessed.
 //! - Packets that do not parse, and rejected or dropped flows, are not
@@ -24,10 +45,10 @@
 //!
 //! Link types: Ethernet (1) and raw IP (101, 228, 229).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,10 +56,11 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use pcap_file::DataLink;
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+use svclb::k8s::loader::{LoadOptions, Loader};
 use svclb::k8s::manifest::Manifests;
 use svclb::packet::{
-    FragmentTracker, LinkType, PacketKind, ParsedPacket, RewriteError, TcpFlags, parse,
-    reverse_nat, rewrite_dst, rewrite_src,
+    FragmentTracker, LinkType, PacketKind, ParsedPacket, RewriteError, SourcePortAllocator,
+    TcpFlags, parse, reverse_nat, rewrite_dst, rewrite_src,
 };
 use svclb::*;
 
@@ -70,6 +92,75 @@ struct Cli {
     /// Seed of the dataplane's random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A watch stream applied after the manifests, before the first packet.
+    #[arg(long)]
+    watch: Option<PathBuf>,
+    /// kube-proxy's --masquerade-all: masquerade all cluster-IP traffic.
+    #[arg(long)]
+    masquerade_all: bool,
+    /// The IPv4 address masqueraded flows take (full NAT).
+    #[arg(long, value_name = "IP")]
+    snat_ip: Option<std::net::Ipv4Addr>,
+    /// The IPv6 address masqueraded flows take (full NAT).
+    #[arg(long, value_name = "IP")]
+    snat_ip6: Option<std::net::Ipv6Addr>,
+    /// The source ports masqueraded flows take, per backend.
+    #[arg(long, value_name = "LO-HI", default_value = "32768-60999", value_parser = port_range)]
+    snat_ports: (u16, u16),
+}
+
+/// `LO-HI`, 1 <= LO <= HI <= 65535.
+fn port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("invalid value {text:?}: must be LO-HI with 1 <= LO <= HI <= 65535");
+    let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
+    let (lo, hi): (u16, u16) = (
+        lo.parse().map_err(|_| bad())?,
+        hi.parse().map_err(|_| bad())?,
+    );
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
+/// The masqueraded flows: each original flow's SNAT address and port, and
+/// the way back from (protocol, backend, SNAT address) to the original.
+struct Masquerade {
+    ip4: Option<IpAddr>,
+    ip6: Option<IpAddr>,
+    ports: SourcePortAllocator,
+    by_flow: HashMap<Flow, SocketAddr>,
+    back: HashMap<(Protocol, SocketAddr, SocketAddr), Flow>,
+}
+
+impl Masquerade {
+    fn ip_for(&self, client: IpAddr) -> Option<IpAddr> {
+        if client.is_ipv6() { self.ip6 } else { self.ip4 }
+    }
+
+    /// Whether `ip` is a SNAT address.
+    fn is_snat(&self, ip: IpAddr) -> bool {
+        Some(ip) == self.ip4 || Some(ip) == self.ip6
+    }
+
+    /// The SNAT address of `flow` going to `backend`; a new port the first
+    /// time.
+    fn source(&mut self, flow: &Flow, backend: SocketAddr) -> Option<SocketAddr> {
+        if let Some(a) = self.by_flow.get(flow) {
+            return Some(*a);
+        }
+        let ip = self.ip_for(flow.src.ip())?;
+        let port = self.ports.allocate(flow.protocol, backend, ip).ok()?;
+        let snat = SocketAddr::new(ip, port);
+        self.by_flow.insert(*flow, snat);
+        self.back.insert((flow.protocol, backend, snat), *flow);
+        Some(snat)
+    }
+
+    /// The original flow of a reply from `backend` to `snat`.
+    fn original(&self, protocol: Protocol, backend: SocketAddr, snat: SocketAddr) -> Option<Flow> {
+        self.back.get(&(protocol, backend, snat)).copied()
+    }
 }
 
 /// Reverse NAT of a packet going back to a client, given the client's
@@ -92,6 +183,9 @@ fn reverse(
     }
 }
 
+/// A frontend as the summary names it: address and protocol.
+type FrontendAddr = (SocketAddr, Protocol);
+
 #[derive(Default)]
 struct Counts {
     packets: u64,
@@ -109,6 +203,10 @@ struct Stats {
     bad: BTreeMap<String, u64>,
     unroutable: u64,
     refused: u64,
+    masqueraded: u64,
+    unmasqueraded: u64,
+    /// The service (`namespace/name`) of each frontend in `per_frontend`.
+    services: BTreeMap<(SocketAddr, Protocol), String>,
     per_frontend: BTreeMap<(SocketAddr, Protocol), Counts>,
 }
 
@@ -157,14 +255,35 @@ fn load(paths: &[PathBuf]) -> Result<ServiceTable, String> {
 }
 
 fn run(cli: &Cli) -> Result<Stats, String> {
-    let table = load(&cli.manifests)?;
-    let config = DataplaneConfig::with_seed(cli.seed);
+    let mut table = load(&cli.manifests)?;
+    let mut config = DataplaneConfig::with_seed(cli.seed);
+    config.masquerade_all = cli.masquerade_all;
+    let mut masq = Masquerade {
+        ip4: cli.snat_ip.map(IpAddr::V4),
+        ip6: cli.snat_ip6.map(IpAddr::V6),
+        ports: SourcePortAllocator::new(cli.snat_ports.0..=cli.snat_ports.1),
+        by_flow: HashMap::new(),
+        back: HashMap::new(),
+    };
     let dp: Box<dyn Dataplane> = match cli.mode {
         Mode::Iptables => Box::new(IptablesDataplane::new(config)),
         Mode::Nftables => Box::new(NftablesDataplane::new(config)),
         Mode::Ipvs => Box::new(IpvsDataplane::new(config)),
     };
     dp.sync(&table, &table.full_change_set(), Instant::ZERO);
+    if let Some(path) = &cli.watch {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let report = Loader::new(LoadOptions::default())
+            .apply_watch_text(&mut table, &text, &path.display().to_string())
+            .map_err(|e| format!("--watch {}: {e}", path.display()))?;
+        for line in report.lines(false) {
+            eprintln!("pcap_replay: note: {line}");
+        }
+        for cs in &report.change_sets {
+            dp.sync(&table, cs, Instant::ZERO);
+        }
+        println!("watch applied {} change(s)", report.change_sets.len());
+    }
 
     let input = File::open(&cli.input).map_err(|e| format!("{}: {e}", cli.input.display()))?;
     let mut reader = PcapReader::new(BufReader::new(input)).map_err(|e| e.to_string())?;
@@ -217,13 +336,31 @@ fn run(cli: &Cli) -> Result<Stats, String> {
         // A reply from a backend, or a backend's ICMP error about the
         // client's packet (whose embedded flow is client -> backend: the
         // reply direction is its reverse).
-        let tracked = if icmp_error {
-            dp.peek_reply(&Flow::new(flow.protocol, flow.dst, flow.src), now)
+        // To a SNAT address (or, an ICMP error, about a packet from one):
+        // the original flow gives the client back, and the reply is looked
+        // up as the backend's reply to the client.
+        let (snat_side, peer) = if icmp_error {
+            (flow.src, flow.dst)
         } else {
-            dp.reply(&flow, flags, now)
+            (flow.dst, flow.src)
+        };
+        let masqueraded = masq
+            .is_snat(snat_side.ip())
+            .then(|| masq.original(flow.protocol, peer, snat_side))
+            .flatten();
+        let tracked = match (masqueraded, icmp_error) {
+            (Some(orig), true) => dp.peek_reply(&Flow::new(flow.protocol, peer, orig.src), now),
+            (Some(orig), false) => dp.reply(&Flow::new(flow.protocol, peer, orig.src), flags, now),
+            (None, true) => dp.peek_reply(&Flow::new(flow.protocol, flow.dst, flow.src), now),
+            (None, false) => dp.reply(&flow, flags, now),
         };
         if let Some(t) = tracked {
-            match reverse(&mut buf, &parsed, &t.flow, false) {
+            let done = if masqueraded.is_some() {
+                reverse_nat(&mut buf, &parsed, &t.flow, true)
+            } else {
+                reverse(&mut buf, &parsed, &t.flow, false)
+            };
+            match done {
                 Ok(()) => stats.reverse += 1,
                 Err(_) => {
                     stats.refused += 1;
@@ -238,8 +375,8 @@ fn run(cli: &Cli) -> Result<Stats, String> {
             write(&mut writer, &pkt, &buf, &mut stats)?;
             continue;
         }
-        let backend = match dp.packet(&flow, flags, now) {
-            Verdict::Forward(fw) => fw.backend,
+        let (backend, masquerade) = match dp.packet(&flow, flags, now) {
+            Verdict::Forward(fw) => (fw.backend, fw.masquerade),
             Verdict::NotAService => {
                 stats.passed += 1;
                 write(&mut writer, &pkt, &buf, &mut stats)?;
@@ -247,9 +384,27 @@ fn run(cli: &Cli) -> Result<Stats, String> {
             }
             _ => continue,
         };
-        if rewrite_dst(&mut buf, &parsed, backend).is_err() {
+        let snat = if masquerade && masq.ip_for(flow.src.ip()).is_some() {
+            let Some(snat) = masq.source(&flow, backend) else {
+                // Every port to this backend is held.
+                stats.refused += 1;
+                continue;
+            };
+            Some(snat)
+        } else {
+            if masquerade {
+                stats.unmasqueraded += 1;
+            }
+            None
+        };
+        if rewrite_dst(&mut buf, &parsed, backend).is_err()
+            || snat.is_some_and(|a| rewrite_src(&mut buf, &parsed, a).is_err())
+        {
             stats.refused += 1;
             continue;
+        }
+        if snat.is_some() {
+            stats.masqueraded += 1;
         }
         stats.dnat += 1;
         let c = stats
@@ -263,7 +418,31 @@ fn run(cli: &Cli) -> Result<Stats, String> {
         b.1 += len;
         write(&mut writer, &pkt, &buf, &mut stats)?;
     }
+    for (addr, proto) in stats.per_frontend.keys() {
+        if let Some(name) = service_of(&table, *addr, *proto) {
+            stats.services.insert((*addr, *proto), name);
+        }
+    }
     Ok(stats)
+}
+
+/// The service (`namespace/name`) whose cluster, external or
+/// load-balancer IP and port, or node port, `addr` is (node ports by port
+/// alone: the replay knows no node IPs).
+fn service_of(table: &ServiceTable, addr: SocketAddr, proto: Protocol) -> Option<String> {
+    table.views().find_map(|v| {
+        let svc = v.service();
+        let ips = svc.cluster_ip().addrs().iter().copied();
+        let fronts = ips
+            .chain(svc.external_ips().iter().copied())
+            .chain(svc.load_balancer_vips())
+            .any(|ip| ip == addr.ip());
+        let hit = svc.ports().iter().any(|p| {
+            p.protocol() == proto
+                && ((fronts && p.port() == addr.port()) || p.node_port() == Some(addr.port()))
+        });
+        hit.then(|| svc.key().to_string())
+    })
 }
 
 fn write(
@@ -286,16 +465,33 @@ fn main() -> ExitCode {
                 "read {} written {} dnat {} reverse-nat {} passed {} unroutable {} refused {}",
                 s.read, s.written, s.dnat, s.reverse, s.passed, s.unroutable, s.refused
             );
+            if s.masqueraded + s.unmasqueraded > 0 {
+                println!(
+                    "masqueraded {} unmasqueraded {}",
+                    s.masqueraded, s.unmasqueraded
+                );
+            }
             for (kind, n) in &s.bad {
                 println!("bad {kind} {n}");
             }
-            for ((frontend, proto), c) in &s.per_frontend {
-                println!(
-                    "frontend {frontend}/{proto}: {} packets, {} bytes",
-                    c.packets, c.bytes
-                );
-                for (b, (p, bytes)) in &c.per_backend {
-                    println!("  backend {b}: {p} packets, {bytes} bytes");
+            // Per service, then its frontends.
+            let mut by_service: BTreeMap<&str, Vec<(&FrontendAddr, &Counts)>> = BTreeMap::new();
+            for (key, c) in &s.per_frontend {
+                let name = s.services.get(key).map_or("(unknown)", String::as_str);
+                by_service.entry(name).or_default().push((key, c));
+            }
+            for (service, fronts) in &by_service {
+                let packets: u64 = fronts.iter().map(|(_, c)| c.packets).sum();
+                let bytes: u64 = fronts.iter().map(|(_, c)| c.bytes).sum();
+                println!("service {service}: {packets} packets, {bytes} bytes");
+                for ((frontend, proto), c) in fronts {
+                    println!(
+                        "  frontend {frontend}/{proto}: {} packets, {} bytes",
+                        c.packets, c.bytes
+                    );
+                    for (b, (p, bytes)) in &c.per_backend {
+                        println!("    backend {b}: {p} packets, {bytes} bytes");
+                    }
                 }
             }
             ExitCode::SUCCESS

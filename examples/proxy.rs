@@ -61,7 +61,8 @@
 //!   as it grows, `-` reads standard input; continuous input must be JSON
 //!   watch events as `kubectl ... --watch --output-watch-events -o json`
 //!   prints them). A reload loads the manifests again (objects gone from
-//!   the files are deleted), applies the difference to the table and
+//!   the files are deleted, `examples/shared/owned.rs`; an object only a
+//!   watch event brought is left alone), applies the difference to the table and
 //!   `Dataplane::sync`s it; open connections survive, new listeners open,
 //!   removed ones close.
 //! - Log lines (standard output, one per line, `key=value` fields) are
@@ -69,6 +70,8 @@
 
 #[path = "shared/load.rs"]
 mod load;
+#[path = "shared/owned.rs"]
+mod owned;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read as _, Write as _};
@@ -1097,13 +1100,6 @@ struct HealthListener {
     handle: JoinHandle<()>,
 }
 
-/// An object the manifests own (deleted when it leaves the files).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Owned {
-    Service(ServiceKey),
-    Slice(SliceKey),
-}
-
 /// A followed watch input.
 struct WatchInput {
     path: PathBuf,
@@ -1121,7 +1117,8 @@ struct Control {
     options: LoadOptions,
     node: NodeTopology,
     paths: Vec<PathBuf>,
-    owned: BTreeSet<Owned>,
+    /// What the manifest files held at the last load.
+    owned: BTreeSet<owned::Owned>,
     stamps: Vec<(PathBuf, Option<SystemTime>, u64)>,
     watches: Vec<WatchInput>,
     stdin_pending: String,
@@ -1178,21 +1175,6 @@ impl Control {
         out
     }
 
-    fn owned_keys(table: &ServiceTable) -> BTreeSet<Owned> {
-        let mut out = BTreeSet::new();
-        for v in table.views() {
-            let key = v.service().key().clone();
-            for s in table.slices_of(&key) {
-                out.insert(Owned::Slice(s.key().clone()));
-            }
-            out.insert(Owned::Service(key));
-        }
-        for s in table.pending_slices() {
-            out.insert(Owned::Slice(s.key().clone()));
-        }
-        out
-    }
-
     fn notes(&self, report: &LoadReport) {
         for line in report.lines(self.options.verbose) {
             eprintln!("proxy: note: {line}");
@@ -1210,7 +1192,7 @@ impl Control {
             eprintln!("proxy: reload ({source}) refused: {e}");
             return;
         }
-        let owned = Self::owned_keys(&scratch);
+        let owned = owned::owned_keys(&scratch);
         let mut sets = Vec::new();
         match self.loader.load(&mut self.table, &self.paths, &[]) {
             Ok(r) => {
@@ -1223,14 +1205,9 @@ impl Control {
                 return;
             }
         }
-        let deletes: Vec<Change> = self
-            .owned
-            .difference(&owned)
-            .map(|o| match o {
-                Owned::Service(k) => Change::DeleteService(k.clone()),
-                Owned::Slice(k) => Change::DeleteSlice(k.clone()),
-            })
-            .collect();
+        // What the previous load's files held and these do not (and a
+        // watch event has not deleted already).
+        let deletes = owned::deletions(&self.owned, &owned, &self.table);
         if !deletes.is_empty() {
             match self.table.apply_batch(deletes) {
                 Ok(cs) => sets.push(cs),
@@ -1608,7 +1585,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .load(&mut ctl.table, &cli.manifests, &[])
         .map_err(|e| e.to_string())?;
     ctl.notes(&report);
-    ctl.owned = Control::owned_keys(&ctl.table);
+    ctl.owned = owned::owned_keys(&ctl.table);
     let mut stdin = false;
     for w in &cli.watch {
         if w.as_os_str() == "-" {

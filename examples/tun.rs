@@ -18,10 +18,12 @@
 //! 2. routes the SNAT pools (`--snat-pool`, default `169.254.0.0/17`, and
 //!    `--snat-pool6`, default the ULA `fd00:5c1b::/112`) into it (`ip
 //!    route replace POOL dev NAME`) and prints `snat POOL` for each;
-//! 3. routes every cluster IP of the manifests, IPv4 and IPv6, into it
-//!    (`ip route replace VIP/32|VIP/128 dev NAME`), printing `route
-//!    VIP/32 dev NAME` (or `/128`) for each (and `unroute ...` when a
-//!    reload removes one);
+//! 3. routes every cluster IP, external IP (`spec.externalIPs`) and
+//!    load-balancer IP (`status.loadBalancer.ingress[].ip` with `ipMode`
+//!    `VIP`; a `Proxy` one is not captured, as kube-proxy does not) of the
+//!    manifests, IPv4 and IPv6, into it (`ip route replace VIP/32|VIP/128
+//!    dev NAME`), printing `route VIP/32 dev NAME` (or `/128`) for each
+//!    (and `unroute ...` when a reload removes one);
 //! 4. with `--node-ip`, steers every node port on each node IP into it:
 //!    node IPs are local addresses, which the `local` table (rule 0)
 //!    delivers before any route, so it adds `ip rule pref 100 to
@@ -35,7 +37,8 @@
 //!    process leaves them: `ip rule` outlives the device).
 //!
 //! Then, for every packet the kernel sends into the device:
-//! - **to a cluster IP** (client -> frontend): [`Dataplane::packet`] with
+//! - **to a cluster, external or load-balancer IP** (client -> frontend):
+//!   [`Dataplane::packet`] with
 //!   its TCP flags decides the backend (a tracked flow keeps its own); the
 //!   packet is DNATed to the backend and SNATed to a pool address of its
 //!   family (one per client address and frontend, so that the translated
@@ -79,14 +82,21 @@
 //! `--keep-going`, `--verbose`, the `--max-*` limits) and the node's
 //! addresses are the ones every example shares (`examples/shared/load.rs`).
 //!
-//! Not handled: SCTP through the pool (it is NATed like TCP and UDP,
-//! untested), later IPv4 fragments (dropped unless their first fragment was
-//! seen), a family's pool exhausted by more live (client, frontend) pairs
-//! than it has addresses (their new connections are dropped).
+//! The per-packet part (the pool, `NatPath::handle`, the release) is
+//! `examples/shared/tun_nat.rs`, which `tests/tun_pool.rs` (SCTP through
+//! the pool, CRC32c checked from scratch) and `tests/tun_pool_alloc.rs`
+//! (no allocation per packet) drive without a device.
+//!
+//! Not handled: later IPv4 fragments (dropped unless their first fragment
+//! was seen), a family's pool exhausted by more live (client, frontend)
+//! pairs than it has addresses (their new connections are dropped), an
+//! external or load-balancer IP that is a local address of the host (the
+//! `local` table delivers it before the route; only node IPs are steered
+//! by rules).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
@@ -97,10 +107,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Parser, ValueEnum};
 use svclb::conntrack::Conntrack;
 use svclb::k8s::loader::{LoadOptions, Loader};
-use svclb::packet::{
-    FragmentTracker, ICMP_ERROR_MAX_V6, LinkType, PacketKind, TcpFlags, parse, port_unreachable,
-    reverse_nat, rewrite_dst, rewrite_src,
-};
+use svclb::packet::ICMP_ERROR_MAX_V6;
 use svclb::plan::NodeAddresses;
 use svclb::*;
 
@@ -108,6 +115,10 @@ use svclb::*;
 mod load;
 #[path = "shared/owned.rs"]
 mod owned;
+#[path = "shared/tun_nat.rs"]
+mod tun_nat;
+
+use tun_nat::{NatPath, Out, PoolRange, SnatPool};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ModeArg {
@@ -203,215 +214,6 @@ impl Plane {
     }
 }
 
-/// One family's SNAT addresses: one per (client address, frontend), taken
-/// from a free list and given back once the tracker holds no live
-/// connection of that pair ([`SnatPool::reclaim`]). Because a live
-/// original flow (protocol, client, client port, frontend) is unique, so
-/// is its translation (protocol, pool address, client port, backend), and
-/// the pool address alone gives the client and the frontend back.
-///
-/// Every table is allocated up front (`size` entries), so assigning and
-/// looking up an address allocates nothing on the packet path.
-struct PoolRange {
-    /// The prefix's first address (as a number) and length.
-    base: u128,
-    prefix_len: u8,
-    v6: bool,
-    /// The owner of address `base + 1 + i`.
-    owners: Vec<Option<(IpAddr, SocketAddr)>>,
-    /// Free indices, the next one last.
-    free: Vec<u32>,
-    by_key: HashMap<(IpAddr, SocketAddr), u32>,
-    /// Scratch of `reclaim`: which indices a live connection uses.
-    seen: Vec<bool>,
-}
-
-/// Addresses used of one prefix at most: the tables are preallocated.
-const POOL_MAX: u32 = 65534;
-
-impl PoolRange {
-    fn parse(flag: &str, text: &str, v6: bool) -> Result<PoolRange> {
-        let (example, min, max) = if v6 {
-            ("fd00:5c1b::/112", 64, 126)
-        } else {
-            ("169.254.0.0/17", 8, 30)
-        };
-        let bad = || {
-            Failure(format!(
-                "{flag}: invalid value {text:?}: must be an IPv{} prefix such as {example}, /{min} to /{max}",
-                if v6 { 6 } else { 4 }
-            ))
-        };
-        let (addr, len) = text.split_once('/').ok_or_else(bad)?;
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let len: u8 = len.parse().map_err(|_| bad())?;
-        if addr.is_ipv6() != v6 || !(min..=max).contains(&len) {
-            return Err(bad());
-        }
-        let (value, bits) = match addr {
-            IpAddr::V4(a) => (u128::from(u32::from(a)), 32u32),
-            IpAddr::V6(a) => (u128::from(a), 128u32),
-        };
-        let host = bits - u32::from(len);
-        let base = value & !((1u128 << host) - 1);
-        // The prefix without its first and last address.
-        let size = ((1u128 << host) - 2).min(u128::from(POOL_MAX)) as u32;
-        Ok(PoolRange {
-            base,
-            prefix_len: len,
-            v6,
-            owners: vec![None; size as usize],
-            free: (0..size).rev().collect(),
-            // Twice the entries: a table at most half full rehashes its
-            // tombstones in place, never growing (allocating) on insert.
-            by_key: HashMap::with_capacity(2 * size as usize),
-            seen: vec![false; size as usize],
-        })
-    }
-
-    fn ip(&self, value: u128) -> IpAddr {
-        if self.v6 {
-            IpAddr::V6(Ipv6Addr::from(value))
-        } else {
-            IpAddr::V4(Ipv4Addr::from(value as u32))
-        }
-    }
-
-    fn prefix(&self) -> String {
-        format!("{}/{}", self.ip(self.base), self.prefix_len)
-    }
-
-    fn contains(&self, ip: IpAddr) -> bool {
-        let (value, bits) = match ip {
-            IpAddr::V4(a) if !self.v6 => (u128::from(u32::from(a)), 32),
-            IpAddr::V6(a) if self.v6 => (u128::from(a), 128),
-            _ => return false,
-        };
-        (value ^ self.base) >> (bits - u32::from(self.prefix_len)) == 0
-    }
-
-    fn index(&self, ip: IpAddr) -> Option<usize> {
-        if !self.contains(ip) {
-            return None;
-        }
-        let value = match ip {
-            IpAddr::V4(a) => u128::from(u32::from(a)),
-            IpAddr::V6(a) => u128::from(a),
-        };
-        let i = value.checked_sub(self.base + 1)?;
-        (i < self.owners.len() as u128).then_some(i as usize)
-    }
-
-    /// The pool address of (client, frontend), assigned on first use;
-    /// `None` when every address is taken.
-    fn address(&mut self, client: IpAddr, frontend: SocketAddr) -> Option<IpAddr> {
-        let i = match self.by_key.get(&(client, frontend)) {
-            Some(i) => *i,
-            None => {
-                let i = self.free.pop()?;
-                self.owners[i as usize] = Some((client, frontend));
-                self.by_key.insert((client, frontend), i);
-                i
-            }
-        };
-        Some(self.ip(self.base + 1 + u128::from(i)))
-    }
-
-    fn owner(&self, ip: IpAddr) -> Option<(IpAddr, SocketAddr)> {
-        self.owners[self.index(ip)?]
-    }
-
-    /// Gives back every address no live tracked connection uses; returns
-    /// them (for the `snat release` lines).
-    fn release_unused(&mut self, released: &mut Vec<(IpAddr, IpAddr, SocketAddr)>) {
-        for i in 0..self.owners.len() {
-            if self.seen[i] {
-                continue;
-            }
-            if let Some(key) = self.owners[i].take() {
-                self.by_key.remove(&key);
-                self.free.push(i as u32);
-                released.push((self.ip(self.base + 1 + i as u128), key.0, key.1));
-            }
-        }
-        self.seen.fill(false);
-    }
-}
-
-/// The SNAT addresses of both families: a client's packet takes one of its
-/// own family.
-struct SnatPool {
-    v4: PoolRange,
-    v6: PoolRange,
-}
-
-impl SnatPool {
-    fn range(&self, ip: IpAddr) -> &PoolRange {
-        if ip.is_ipv6() { &self.v6 } else { &self.v4 }
-    }
-
-    fn contains(&self, ip: IpAddr) -> bool {
-        self.range(ip).contains(ip)
-    }
-
-    fn address(&mut self, client: IpAddr, frontend: SocketAddr) -> Option<IpAddr> {
-        if client.is_ipv6() {
-            self.v6.address(client, frontend)
-        } else {
-            self.v4.address(client, frontend)
-        }
-    }
-
-    fn owner(&self, ip: IpAddr) -> Option<(IpAddr, SocketAddr)> {
-        self.range(ip).owner(ip)
-    }
-
-    /// Releases the addresses of every (client, frontend) that has no live
-    /// connection in the tracker any more (closed and expired, or flushed).
-    /// Off the packet path: one walk of the tracker.
-    fn reclaim(&mut self, ct: &Conntrack, now: Instant) -> Vec<(IpAddr, IpAddr, SocketAddr)> {
-        ct.retain(|t| {
-            if t.expires > now {
-                let key = (t.flow.src.ip(), t.flow.dst);
-                let range = if key.0.is_ipv6() {
-                    &mut self.v6
-                } else {
-                    &mut self.v4
-                };
-                if let Some(i) = range.by_key.get(&key) {
-                    range.seen[*i as usize] = true;
-                }
-            }
-            true
-        });
-        let mut released = Vec::new();
-        self.v4.release_unused(&mut released);
-        self.v6.release_unused(&mut released);
-        released
-    }
-}
-
-#[derive(Default)]
-struct Stats {
-    packets: u64,
-    dnat: u64,
-    reverse: u64,
-    dropped: u64,
-    bad: u64,
-    rejected: u64,
-}
-
-/// What becomes of one packet read from the device.
-enum Out {
-    /// Nothing goes back.
-    Drop,
-    /// The packet, rewritten in place, goes back into the device.
-    Send,
-    /// An answer of this length (in the answer buffer) goes back instead:
-    /// the ICMP port unreachable a rejected service gets.
-    Answer(usize),
-}
-
 struct World {
     cli: Cli,
     table: ServiceTable,
@@ -420,7 +222,8 @@ struct World {
     /// What the manifest files held at the last load.
     owned: BTreeSet<owned::Owned>,
     plane: Plane,
-    pool: SnatPool,
+    /// The SNAT pool, the fragment tracker, the counters.
+    nat: NatPath,
     routes: BTreeSet<IpAddr>,
     /// IPv6 is routed into the device (the host has it).
     ipv6: bool,
@@ -446,12 +249,12 @@ impl World {
     }
 
     /// Makes the routes into the device match the table's cluster IPs,
-    /// IPv4 (`/32`) and IPv6 (`/128`).
+    /// external IPs and load-balancer IPs, IPv4 (`/32`) and IPv6 (`/128`).
     fn route_vips(&mut self) -> Result<()> {
         let want: BTreeSet<IpAddr> = self
             .table
             .views()
-            .flat_map(|v| v.service().cluster_ip().addrs().to_vec())
+            .flat_map(|v| routed_ips(v.service()))
             .filter(|ip| self.ipv6 || ip.is_ipv4())
             .collect();
         for vip in want.difference(&self.routes) {
@@ -550,6 +353,21 @@ impl World {
         println!("watch applied {} change(s)", report.change_sets.len());
         Ok(())
     }
+}
+
+/// The addresses of `svc` routed into the device: its cluster IPs, its
+/// `spec.externalIPs` and its `status.loadBalancer.ingress` IPs whose
+/// `ipMode` is `VIP` (with `Proxy` the load balancer delivers to the node
+/// itself, and kube-proxy does not capture the IP). An external or
+/// load-balancer IP of a family the service has no cluster IP of is left
+/// alone, as the plan ignores it (kube-proxy's per-family proxiers).
+fn routed_ips(svc: &Service) -> Vec<IpAddr> {
+    let cluster = svc.cluster_ip().addrs();
+    let has_family = |ip: &IpAddr| cluster.iter().any(|c| c.is_ipv4() == ip.is_ipv4());
+    let mut out = cluster.to_vec();
+    out.extend(svc.external_ips().iter().copied().filter(has_family));
+    out.extend(svc.load_balancer_vips().filter(has_family));
+    out
 }
 
 /// `ip`'s family flags (`-4`, `-6`) of the families among `ips`.
@@ -755,102 +573,6 @@ impl Events {
     }
 }
 
-/// What to do with one packet read from the device.
-fn handle(
-    world: &mut World,
-    buf: &mut [u8],
-    answer: &mut [u8],
-    fragments: &mut FragmentTracker,
-    stats: &mut Stats,
-) -> Out {
-    stats.packets += 1;
-    let now = world.now();
-    let Ok(parsed) = parse(buf, LinkType::Ip) else {
-        stats.bad += 1;
-        return Out::Drop;
-    };
-    let Ok(flow) = fragments.resolve(&parsed, now) else {
-        stats.dropped += 1;
-        return Out::Drop;
-    };
-    let flags = parsed.tcp_flags().unwrap_or(TcpFlags::ACK);
-    let icmp_error = matches!(parsed.kind(), PacketKind::IcmpError { .. });
-    // An ICMP error carries the packet it is about: ours, translated
-    // (pool address -> backend), so the pool address is its source.
-    let (pool_side, peer) = if icmp_error {
-        (flow.src, flow.dst)
-    } else {
-        (flow.dst, flow.src)
-    };
-    if world.pool.contains(pool_side.ip()) {
-        // Back to the client: find the original flow, then its connection.
-        let Some((client, frontend)) = world.pool.owner(pool_side.ip()) else {
-            stats.dropped += 1;
-            return Out::Drop;
-        };
-        let orig = Flow::new(
-            flow.protocol,
-            SocketAddr::new(client, pool_side.port()),
-            frontend,
-        );
-        let Some(ct) = world.plane.conntrack() else {
-            stats.dropped += 1;
-            return Out::Drop;
-        };
-        let backend = if icmp_error {
-            ct.get(&orig, now).map(|t| t.backend_addr)
-        } else {
-            ct.lookup_reply(&orig, flags, now).map(|h| h.backend_addr)
-        };
-        if backend != Some(peer) || reverse_nat(buf, &parsed, &orig, true).is_err() {
-            stats.dropped += 1;
-            return Out::Drop;
-        }
-        stats.reverse += 1;
-        return Out::Send;
-    }
-    if icmp_error {
-        stats.dropped += 1;
-        return Out::Drop;
-    }
-    let dp = world.plane.dp();
-    let fw = match dp.packet(&flow, flags, now) {
-        Verdict::Forward(fw) => fw,
-        // kube-proxy's REJECT: ICMP port unreachable, from the service.
-        Verdict::Reject => {
-            return match port_unreachable(buf, &parsed, answer) {
-                Ok(n) => {
-                    stats.rejected += 1;
-                    Out::Answer(n)
-                }
-                Err(_) => {
-                    stats.dropped += 1;
-                    Out::Drop
-                }
-            };
-        }
-        _ => {
-            stats.dropped += 1;
-            return Out::Drop;
-        }
-    };
-    let Some(snat) = world.pool.address(flow.src.ip(), flow.dst) else {
-        dp.connection_closed(&flow, now);
-        stats.dropped += 1;
-        return Out::Drop;
-    };
-    let src = SocketAddr::new(snat, flow.src.port());
-    if fw.backend.is_ipv6() != flow.src.is_ipv6()
-        || rewrite_dst(buf, &parsed, fw.backend).is_err()
-        || rewrite_src(buf, &parsed, src).is_err()
-    {
-        stats.dropped += 1;
-        return Out::Drop;
-    }
-    stats.dnat += 1;
-    Out::Send
-}
-
 fn run(cli: Cli) -> Result<()> {
     let scheduler: SchedulerKind = cli
         .scheduler
@@ -968,7 +690,7 @@ fn run(cli: Cli) -> Result<()> {
         options,
         owned,
         plane,
-        pool,
+        nat: NatPath::new(pool),
         routes: BTreeSet::new(),
         ipv6,
         node_ips,
@@ -986,8 +708,6 @@ fn run(cli: Cli) -> Result<()> {
     }
     println!("ready");
 
-    let mut stats = Stats::default();
-    let mut fragments = FragmentTracker::new(4096, Duration::from_secs(30));
     let mut buf = vec![0u8; 65536];
     let mut answer = vec![0u8; ICMP_ERROR_MAX_V6];
     let mut last_check = std::time::Instant::now();
@@ -1012,13 +732,13 @@ fn run(cli: Cli) -> Result<()> {
             if world.plane.dp().poll_timeout().is_some_and(|t| t <= now) {
                 world.plane.dp().handle_timeout(now);
             }
-            fragments.handle_timeout(now);
+            world.nat.fragments.handle_timeout(now);
             if last_reclaim.elapsed() >= Duration::from_secs(1) {
                 last_reclaim = std::time::Instant::now();
                 if let Some(ct) = world.plane.conntrack() {
-                    for (addr, client, frontend) in world.pool.reclaim(ct, now) {
+                    world.nat.pool.reclaim(ct, now, |addr, client, frontend| {
                         println!("snat release {addr} client {client} frontend {frontend}");
-                    }
+                    });
                 }
             }
         }
@@ -1065,12 +785,13 @@ fn run(cli: Cli) -> Result<()> {
                 break;
             }
         };
-        let out = match handle(
-            &mut world,
+        let now = world.now();
+        let out = match world.nat.handle(
+            world.plane.dp(),
+            world.plane.conntrack(),
+            now,
             &mut buf[..n],
             &mut answer,
-            &mut fragments,
-            &mut stats,
         ) {
             Out::Drop => None,
             Out::Send => Some(&buf[..n]),
@@ -1086,6 +807,7 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(f) = failure {
         return Err(f);
     }
+    let stats = world.nat.stats;
     println!(
         "stats packets {} dnat {} reverse-nat {} dropped {} bad {} rejected {}",
         stats.packets, stats.dnat, stats.reverse, stats.dropped, stats.bad, stats.rejected

@@ -286,6 +286,7 @@ fn extras(backend_of_first_udp: Option<(String, u16)>) -> Vec<Vec<u8>> {
     out
 }
 
+#[derive(Debug)]
 struct Row {
     src: String,
     dst: String,
@@ -504,5 +505,212 @@ fn replayed_pcap_passes_tshark() {
         "{:?}",
         rows[0].statuses
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--watch FILE`: a watch stream applied before the first packet. A
+/// MODIFIED event leaves the IPv4 slice one endpoint (10.1.0.6) and a
+/// DELETED event removes the IPv6 service: every IPv4 packet is DNATed to
+/// 10.1.0.6, and the IPv6 packets pass untouched (no service any more).
+/// Needs no tshark: the summary says where every packet went.
+#[test]
+fn watch_stream_applies_before_the_replay() {
+    let dir = std::env::temp_dir().join(format!("svclb-pcap-watch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), MANIFESTS).unwrap();
+    std::fs::write(
+        dir.join("watch.yaml"),
+        "type: MODIFIED\nobject:\n  apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  \
+         metadata:\n    name: web-1\n    namespace: default\n    \
+         labels: {kubernetes.io/service-name: web}\n  addressType: IPv4\n  ports:\n  \
+         - {name: http, port: 8080, protocol: TCP}\n  - {name: dns, port: 5353, protocol: UDP}\n  \
+         endpoints:\n  - addresses: [\"10.1.0.6\"]\n---\n\
+         type: DELETED\nobject:\n  apiVersion: v1\n  kind: Service\n  \
+         metadata: {name: web6, namespace: default}\n",
+    )
+    .unwrap();
+    let bin = binary();
+    let frames = frames();
+    write_pcap(&dir.join("in.pcap"), &frames);
+    let out = Command::new(&bin)
+        .arg("--manifests")
+        .arg(dir.join("web.yaml"))
+        .arg("--in")
+        .arg(dir.join("in.pcap"))
+        .arg("--out")
+        .arg(dir.join("out.pcap"))
+        .arg("--watch")
+        .arg(dir.join("watch.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("watch applied 2 change(s)"), "{text}");
+    // 6 clients x (SYN, data, UDP) to the IPv4 service, all to 10.1.0.6;
+    // 6 x (TCP, UDP) IPv6 packets passed.
+    assert!(text.contains("dnat 18 "), "{text}");
+    assert!(text.contains("passed 12 "), "{text}");
+    // The summary per service, its frontends under it.
+    assert!(
+        text.contains("service default/web: 18 packets, 1062 bytes\n  frontend 10.96.0.10:53/UDP: 6 packets, 282 bytes"),
+        "{text}"
+    );
+    assert!(!text.contains("default/web6"), "{text}");
+    let backends: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("backend "))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            "10.1.0.6:5353: 6 packets, 282 bytes",
+            "10.1.0.6:8080: 12 packets, 780 bytes"
+        ],
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Full NAT where the verdict says to masquerade (`--masquerade-all`):
+/// every client packet leaves with the SNAT address of its family and a
+/// port of `--snat-ports`, one per flow, distinct per backend; the
+/// backends' replies to those addresses, and a backend's ICMP port
+/// unreachable about one, come back from the frontend to the client.
+/// tshark checks every checksum of both outputs.
+#[test]
+fn masquerade_rewrites_the_source_and_back() {
+    if Command::new("tshark").arg("--version").output().is_err() {
+        println!("SKIPPED: tshark is not installed (apt-get install -y tshark)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("svclb-pcap-masq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), MANIFESTS).unwrap();
+    let bin = binary();
+    let run = |input: &Path, output: &Path| {
+        let out = Command::new(&bin)
+            .arg("--manifests")
+            .arg(dir.join("web.yaml"))
+            .arg("--in")
+            .arg(input)
+            .arg("--out")
+            .arg(output)
+            .args(["--masquerade-all", "--snat-ip", "10.0.0.1"])
+            .args(["--snat-ip6", "fd00::1", "--snat-ports", "50000-50009"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let ok = |rows: &[Row]| {
+        for r in rows {
+            assert!(
+                !r.statuses.iter().any(|s| s == "0" || s == "Bad"),
+                "bad checksum: {} -> {} {:?}",
+                r.src,
+                r.dst,
+                r.statuses
+            );
+            assert!(r.statuses.iter().any(|s| s == "1" || s == "Good"), "{r:?}");
+        }
+    };
+    let first = frames();
+    write_pcap(&dir.join("in1.pcap"), &first);
+    let summary = run(&dir.join("in1.pcap"), &dir.join("out1.pcap"));
+    assert!(
+        summary.contains("masqueraded 30 unmasqueraded 0"),
+        "{summary}"
+    );
+    let rows = tshark(&dir.join("out1.pcap"));
+    assert_eq!(rows.len(), 30, "{summary}");
+    ok(&rows);
+    // (SNAT address, port, backend, backend port, TCP) per flow.
+    let mut flows: Vec<(String, u16, String, u16, bool)> = Vec::new();
+    for r in &rows {
+        assert!(BACKENDS.contains(&r.dst.as_str()), "{r:?}");
+        let want = if r.dst.contains(':') {
+            "fd00::1"
+        } else {
+            "10.0.0.1"
+        };
+        assert_eq!(r.src, want, "{r:?}");
+        let port: u16 = r.sport.parse().unwrap();
+        assert!((50000..=50009).contains(&port), "{r:?}");
+        let f = (
+            r.src.clone(),
+            port,
+            r.dst.clone(),
+            r.dport.parse().unwrap(),
+            r.dport == "8080",
+        );
+        if !flows.contains(&f) {
+            flows.push(f);
+        }
+    }
+    // 6 clients: TCP and UDP, IPv4 and IPv6 (the TCP data packet is the
+    // SYN's flow, so the same port).
+    assert_eq!(flows.len(), 24, "{flows:?}");
+    for (i, a) in flows.iter().enumerate() {
+        for b in &flows[i + 1..] {
+            assert!(
+                (a.0 != b.0 || a.1 != b.1 || a.2 != b.2 || a.4 != b.4),
+                "two flows share {a:?}"
+            );
+        }
+    }
+    // The backends' replies to the SNAT addresses: back to the clients,
+    // from the frontend; and one backend's port unreachable about the
+    // first IPv4 UDP flow's translated packet (SNAT address -> backend).
+    let mut back = replies(&flows);
+    let udp = flows
+        .iter()
+        .find(|f| !f.4 && !f.0.contains(':'))
+        .unwrap()
+        .clone();
+    let mut inner = Vec::new();
+    PacketBuilder::ipv4(ip4(&udp.0), ip4(&udp.2), 63)
+        .udp(udp.1, udp.3)
+        .write(&mut inner, b"query")
+        .unwrap();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4(ip4(&udp.2), ip4(&udp.0), 64)
+        .icmpv4_raw(3, 3, [0; 4])
+        .write(&mut f, &inner)
+        .unwrap();
+    back.push(f);
+    write_pcap(&dir.join("in2.pcap"), &[first.clone(), back].concat());
+    let summary = run(&dir.join("in2.pcap"), &dir.join("out2.pcap"));
+    assert!(summary.contains("reverse-nat 25 "), "{summary}");
+    let rows = tshark(&dir.join("out2.pcap"));
+    ok(&rows);
+    let replies: Vec<&Row> = rows[30..].iter().collect();
+    assert_eq!(replies.len(), 25);
+    // The ICMP error (last): from the cluster IP to the client, about the
+    // client's packet to the cluster IP (tshark's first address is the
+    // outer one; its ICMP checksum status was checked above).
+    let icmp = replies[24];
+    assert_eq!(icmp.src, "10.96.0.10", "{icmp:?}");
+    assert!(icmp.dst.starts_with("10.2.0."), "{icmp:?}");
+    // The embedded UDP header (tshark's only ports): client -> frontend.
+    assert!(icmp.sport.parse::<u16>().unwrap() > 40000, "{icmp:?}");
+    assert_eq!(icmp.dport, "53", "{icmp:?}");
+    for r in &replies[..24] {
+        assert!(FRONTENDS.contains(&r.src.as_str()), "{r:?}");
+        assert!(
+            r.dst.starts_with("10.2.0.") || r.dst.starts_with("fd00:2::"),
+            "{r:?}"
+        );
+        assert!(r.dport.parse::<u16>().unwrap() > 40000, "{r:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
