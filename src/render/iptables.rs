@@ -669,7 +669,10 @@ fn write_external(
         .filter(|r| fam.contains(r.addr()))
         .map(ToString::to_string)
         .collect();
-    let uses_fw = !lb_ips.is_empty() && !ranges.is_empty();
+    // kube-proxy's `usesFWChain := hasEndpoints && len(LoadBalancerVIPs) > 0
+    // && len(LoadBalancerSourceRanges) > 0`: with no endpoints the
+    // service's REJECT answers every source (TestNoEndpointsReject).
+    let uses_fw = has_endpoints && !lb_ips.is_empty() && !ranges.is_empty();
     let (what, verdict) = if has_endpoints {
         ("has no local endpoints", "DROP")
     } else {
@@ -822,7 +825,28 @@ fn write_external(
             if !(itp_local && p.outcome == Outcome::Forward) {
                 nat.declare(&svl);
                 let refs: Vec<&Arc<EndpointInfo>> = local.iter().collect();
-                write_endpoint_jumps(nat, &svl, p, &refs, large_cluster);
+                let (sep, affinity) = write_endpoint_jumps(nat, &svl, p, &refs, large_cluster);
+                // A local endpoint outside the chains written already (serving
+                // and terminating while the ready ones are elsewhere) gets its
+                // KUBE-SEP- here: kube-proxy writes one per
+                // `allLocallyReachableEndpoints`
+                // (TestEndpointSliceWithTerminatingEndpoints).
+                let cluster_written = if itp_local {
+                    selected(TrafficPolicy::Cluster)
+                } else {
+                    Vec::new()
+                };
+                let written = |e: &Arc<EndpointInfo>| {
+                    (p.outcome == Outcome::Forward
+                        && p.endpoints.iter().any(|w| w.addr() == e.addr()))
+                        || cluster_written.iter().any(|w| w.addr() == e.addr())
+                };
+                let (sep, refs): (Vec<(String, String)>, Vec<&Arc<EndpointInfo>>) = sep
+                    .into_iter()
+                    .zip(refs)
+                    .filter(|(_, e)| !written(e))
+                    .unzip();
+                write_endpoint_chains(nat, p, &sep, &refs, affinity, large_cluster);
             }
         } else {
             nat.rule(&ext, &["-j", &svc_chain]);

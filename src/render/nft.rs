@@ -596,20 +596,7 @@ fn write_cluster_chain(
     let mut new: Vec<&(String, String, &EndpointInfo)> =
         eps.iter().filter(|(_, _, e)| !written(e)).collect();
     new.sort_by(|a, b| a.0.cmp(&b.0));
-    for (ep_chain, ..) in &new {
-        text.decls.push(format!("add chain {t} {ep_chain}"));
-        text.chains.push(ep_chain.clone());
-    }
-    if let Some(secs) = affinity {
-        let mut sets: Vec<&String> = new.iter().map(|(_, s, _)| s).collect();
-        sets.sort();
-        for set in sets {
-            text.decls.push(format!(
-                "add set {t} {set} {{ type {addr_type} ; flags dynamic,timeout ; timeout {secs}s ; }}"
-            ));
-            text.sets.push(set.clone());
-        }
-    }
+    declare_endpoint_chains(text, &new, t, addr_type, affinity);
     text.decls.push(format!("add chain {t} {chain}"));
     text.chains.push(chain.clone());
     if affinity.is_some() {
@@ -629,12 +616,50 @@ fn write_cluster_chain(
         eps.len(),
         vmap.join(" , ")
     ));
+    write_endpoint_rules(text, &new, t, ip_x, proto, affinity.is_some());
+}
+
+/// Declares the `endpoint-` chains (and affinity sets) of `new`
+/// (chain, affinity set, endpoint).
+fn declare_endpoint_chains(
+    text: &mut PortText,
+    new: &[&(String, String, &EndpointInfo)],
+    t: &str,
+    addr_type: &str,
+    affinity: Option<u64>,
+) {
+    for (ep_chain, ..) in new {
+        text.decls.push(format!("add chain {t} {ep_chain}"));
+        text.chains.push(ep_chain.clone());
+    }
+    if let Some(secs) = affinity {
+        let mut sets: Vec<&String> = new.iter().map(|(_, s, _)| s).collect();
+        sets.sort();
+        for set in sets {
+            text.decls.push(format!(
+                "add set {t} {set} {{ type {addr_type} ; flags dynamic,timeout ; timeout {secs}s ; }}"
+            ));
+            text.sets.push(set.clone());
+        }
+    }
+}
+
+/// The rules of the `endpoint-` chains of `new`: mark hairpin traffic,
+/// refresh the affinity set, DNAT.
+fn write_endpoint_rules(
+    text: &mut PortText,
+    new: &[&(String, String, &EndpointInfo)],
+    t: &str,
+    ip_x: &str,
+    proto: &str,
+    affinity: bool,
+) {
     for (ep_chain, set, ep) in new {
         text.rules.push(format!(
             "add rule {t} {ep_chain} {ip_x} saddr {} jump mark-for-masquerade",
             ep.addr().ip()
         ));
-        if affinity.is_some() {
+        if affinity {
             text.rules.push(format!(
                 "add rule {t} {ep_chain} update @{set} {{ {ip_x} saddr }}"
             ));
@@ -719,7 +744,10 @@ fn write_external(
         .filter(|r| fam.contains(r.addr()))
         .map(ToString::to_string)
         .collect();
-    let uses_fw = !lb_ips.is_empty() && !ranges.is_empty();
+    // kube-proxy's `usesFWChain := hasEndpoints && len(LoadBalancerVIPs) > 0
+    // && len(LoadBalancerSourceRanges) > 0`: with no endpoints the
+    // service's REJECT answers every source (TestNoEndpointsReject).
+    let uses_fw = has_endpoints && !lb_ips.is_empty() && !ranges.is_empty();
     let verdict = if has_endpoints {
         "drop"
     } else {
@@ -792,13 +820,15 @@ fn write_external(
     let local_written = itp_local && p.outcome == Outcome::Forward;
     if has_endpoints {
         if etp_local && !local.is_empty() && !local_written {
-            // The Local-policy chain: its endpoint chains are the cluster
-            // chain's, declared already.
+            // The Local-policy chain. Its endpoint chains are mostly the
+            // cluster chain's, declared already; a local endpoint outside
+            // that set (serving and terminating while the ready ones are
+            // elsewhere) gets its own here, as kube-proxy writes one per
+            // `allLocallyReachableEndpoints` (TestEndpointSliceWithTerminatingEndpoints).
             let local_chain = format!("local-{base}");
-            text.decls.push(format!("add chain {t} {local_chain}"));
-            text.chains.push(local_chain.clone());
-            let affinity = svc.session_affinity().timeout().is_some();
-            let eps: Vec<(String, String)> = local
+            let affinity_secs = svc.session_affinity().timeout().map(|d| d.as_secs());
+            let affinity = affinity_secs.is_some();
+            let eps: Vec<(String, String, &EndpointInfo)> = local
                 .iter()
                 .map(|e| {
                     let b = endpoint_chain_base(
@@ -808,11 +838,32 @@ fn write_external(
                         port_name,
                         e.addr(),
                     );
-                    (format!("endpoint-{b}"), format!("affinity-{b}"))
+                    (format!("endpoint-{b}"), format!("affinity-{b}"), &**e)
                 })
                 .collect();
+            let cluster_written = if itp_local {
+                selected(TrafficPolicy::Cluster)
+            } else {
+                Vec::new()
+            };
+            let written = |e: &EndpointInfo| {
+                (p.outcome == Outcome::Forward && p.endpoints.iter().any(|w| w.addr() == e.addr()))
+                    || cluster_written.iter().any(|w| w.addr() == e.addr())
+            };
+            let mut new: Vec<&(String, String, &EndpointInfo)> =
+                eps.iter().filter(|(_, _, e)| !written(e)).collect();
+            new.sort_by(|a, b| a.0.cmp(&b.0));
+            let addr_type = if fam == IpFamily::V6 {
+                "ipv6_addr"
+            } else {
+                "ipv4_addr"
+            };
+            declare_endpoint_chains(text, &new, t, addr_type, affinity_secs);
+            write_endpoint_rules(text, &new, t, ip_x, proto, affinity);
+            text.decls.push(format!("add chain {t} {local_chain}"));
+            text.chains.push(local_chain.clone());
             if affinity {
-                for (ep_chain, set) in &eps {
+                for (ep_chain, set, _) in &eps {
                     text.rules.push(format!(
                         "add rule {t} {local_chain} {ip_x} saddr @{set} goto {ep_chain}"
                     ));
@@ -821,7 +872,7 @@ fn write_external(
             let vmap: Vec<String> = eps
                 .iter()
                 .enumerate()
-                .map(|(i, (ep_chain, _))| format!("{i} : goto {ep_chain}"))
+                .map(|(i, (ep_chain, ..))| format!("{i} : goto {ep_chain}"))
                 .collect();
             text.rules.push(format!(
                 "add rule {t} {local_chain} numgen random mod {} vmap {{ {} }}",
