@@ -15,14 +15,27 @@
 //! as 3001, outside the API's default range, so the services here are built
 //! with the range 1-65535 (kube-proxy does not check the range).
 //!
-//! Each test prints its pass count per dataplane (`--nocapture` shows
+//! Every flow also runs through the rendered rules: `render::iptables`
+//! output through a small iptables tracer (`tests/common/iptables_trace.rs`)
+//! and `render::nft` output through an nftables tracer
+//! (`tests/common/nft_trace.rs`), as kube-proxy's tests trace theirs
+//! (`tracePacket`); each is held to the iptables / nftables expectation.
+//!
+//! Each test prints its pass count per dataplane and tracer (`--nocapture` shows
 //! them) and fails if any flow fails.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
-use svclb::render::Cidr;
+use svclb::render::{Cidr, IpFamily, RenderOptions};
 use svclb::*;
+
+#[path = "common/iptables_trace.rs"]
+mod iptables_trace;
+#[path = "common/nft_trace.rs"]
+mod nft_trace;
+
+use iptables_trace::{Packet, Trace};
 
 const HOST: &str = "test-hostname";
 const NODE_IP: &str = "192.168.0.2";
@@ -203,8 +216,99 @@ fn run(test: &str, node: &Node, table: &ServiceTable, flows: &[FlowTest]) {
         }
         counts.push(format!("{mode} {pass}/{}", flows.len()));
     }
+    trace_rules(test, node, table, flows, &mut failures, &mut counts);
     println!("{test}: {}", counts.join(", "));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The render options of `node`'s kube-proxy for `family`, built-in
+/// chain jumps included (the tracers start at `PREROUTING` /
+/// `nat-prerouting`).
+fn render_options(node: &Node, family: IpFamily) -> RenderOptions {
+    let mut o = RenderOptions::default()
+        .node(NodeTopology::new(HOST, "zone-a"))
+        .family(family)
+        .builtin_jumps(true);
+    o.cluster_cidrs = node.cluster_cidrs.clone();
+    o.masquerade_all = node.masquerade_all;
+    o.node_ips = node.node_ips.clone();
+    o.nodeport_addresses = node.nodeport_addresses.clone();
+    // The node's loopback IP stands for --iptables-localhost-nodeports.
+    o.localhost_nodeports = node.node_ips.iter().any(|i| i.is_ipv4() && i.is_loopback());
+    o
+}
+
+/// A trace as an outcome: endpoints (with the masquerade), a lone DROP or
+/// REJECT, or nothing (a filter ACCEPT alone, as for a health-check node
+/// port, is not a service's capture either).
+fn traced(t: &Trace) -> Result<Expect, String> {
+    let verdicts: Vec<&str> = t
+        .verdicts
+        .iter()
+        .map(String::as_str)
+        .filter(|v| *v != "ACCEPT")
+        .collect();
+    match (t.endpoints.is_empty(), verdicts.as_slice()) {
+        (false, []) => Ok(Expect::To(t.endpoints.clone(), t.masquerade)),
+        (true, []) => Ok(Expect::Ignored),
+        (true, ["DROP"]) => Ok(Expect::Drop),
+        (true, ["REJECT"]) => Ok(Expect::Reject),
+        _ => Err(format!("mixed outcomes: {t:?}")),
+    }
+}
+
+/// Runs every flow through the iptables rendering (iptables tracer) and
+/// the nftables rendering (nft tracer), each held to its mode's
+/// expectation.
+fn trace_rules(
+    test: &str,
+    node: &Node,
+    table: &ServiceTable,
+    flows: &[FlowTest],
+    failures: &mut Vec<String>,
+    counts: &mut Vec<String>,
+) {
+    let family = if flows[0].dst.is_ipv6() {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    };
+    let opts = render_options(node, family);
+    if std::env::var("TRACE_DUMP").as_deref() == Ok(test) {
+        println!("{}", render::iptables::render(table, &opts));
+        println!("{}", render::nft::render(table, &opts));
+    }
+    let ipt = iptables_trace::Rules::parse(&render::iptables::render(table, &opts));
+    let nft = nft_trace::Table::parse(&render::nft::render(table, &opts));
+    for (tracer, mode) in [("iptables-trace", "iptables"), ("nft-trace", "nftables")] {
+        let mut pass = 0;
+        for t in flows {
+            let expect = t
+                .except
+                .iter()
+                .find(|(m, _)| *m == mode)
+                .map_or(&t.expect, |(_, e)| e);
+            let p = Packet {
+                src: t.src,
+                dst: t.dst,
+                proto: "tcp",
+            };
+            let trace = if mode == "iptables" {
+                ipt.trace(&p, &node.node_ips)
+            } else {
+                nft.trace(&p, &node.node_ips)
+            };
+            match traced(&trace) {
+                Ok(got) if got == *expect => pass += 1,
+                Ok(got) => failures.push(format!(
+                    "{test} [{tracer}] {}: {} -> {}: expected {:?}, got {got:?}",
+                    t.name, t.src, t.dst, expect
+                )),
+                Err(e) => failures.push(format!("{test} [{tracer}] {}: {e}", t.name)),
+            }
+        }
+        counts.push(format!("{tracer} {pass}/{}", flows.len()));
+    }
 }
 
 fn table(changes: Vec<Change>) -> ServiceTable {
@@ -250,9 +354,8 @@ fn slice(ns: &str, svc: &str, eps: Vec<EndpointSpec>) -> Change {
     )
 }
 
-#[test]
-fn load_balancer() {
-    // TestLoadBalancer: source ranges on the LB IPs, not on the node port.
+/// TestLoadBalancer's service: source ranges on the LB IPs, one endpoint.
+fn load_balancer_table() -> ServiceTable {
     let svc = lb_service("ns1", "svc1", "172.30.0.41", Some(3001))
         .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
         .load_balancer_ingress(ip("5.6.7.8"), IpMode::VIP)
@@ -260,10 +363,16 @@ fn load_balancer() {
         .load_balancer_source_range(cidr("203.0.113.0/25"))
         .build()
         .unwrap();
-    let t = table(vec![
+    table(vec![
         Change::UpsertService(svc),
         slice("ns1", "svc1", vec![ep("10.180.0.1", None)]),
-    ]);
+    ])
+}
+
+#[test]
+fn load_balancer() {
+    // TestLoadBalancer: source ranges on the LB IPs, not on the node port.
+    let t = load_balancer_table();
     let e = "10.180.0.1:80";
     let flows = [
         flow("pod to cluster IP", POD, "172.30.0.41", 80, to(e, false)),
@@ -353,6 +462,78 @@ fn load_balancer() {
         ),
     ];
     run("LoadBalancer", &Node::v4(), &t, &flows);
+}
+
+/// `text` without the lines `drop` picks.
+fn without(text: &str, drop: impl Fn(&str) -> bool) -> String {
+    let out: String = text
+        .lines()
+        .filter(|l| !drop(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(out.lines().count(), text.lines().count(), "nothing dropped");
+    out
+}
+
+/// The tracers can fail: TestLoadBalancer's rules, each broken in one
+/// place in a copy of the text, trace differently.
+#[test]
+fn tracers_see_a_broken_rule() {
+    let t = load_balancer_table();
+    let node = Node::v4();
+    let opts = render_options(&node, IpFamily::V4);
+    let e = "10.180.0.1:80";
+    let external = Packet {
+        src: ip(EXTERNAL_CLIENT),
+        dst: SocketAddr::new(ip(NODE_IP), 3001),
+        proto: "tcp",
+    };
+    let blocked = Packet {
+        src: ip(EXTERNAL_CLIENT_BLOCKED),
+        dst: SocketAddr::new(ip("1.2.3.4"), 80),
+        proto: "tcp",
+    };
+    let ipt = |text: &str, p: &Packet| {
+        traced(&iptables_trace::Rules::parse(text).trace(p, &node.node_ips))
+    };
+    let nft =
+        |text: &str, p: &Packet| traced(&nft_trace::Table::parse(text).trace(p, &node.node_ips));
+
+    let text = render::iptables::render(&t, &opts);
+    assert_eq!(ipt(&text, &external), Ok(to(e, true)));
+    assert_eq!(ipt(&text, &blocked), Ok(Expect::Drop));
+    // KUBE-MARK-MASQ dropped from the KUBE-EXT- chain: not masqueraded.
+    let ext = render::iptables::external_chain_name("ns1/svc1:p80", Protocol::Tcp);
+    let no_masq = without(&text, |l| {
+        l.starts_with(&format!("-A {ext} ")) && l.ends_with("-j KUBE-MARK-MASQ")
+    });
+    assert_eq!(ipt(&no_masq, &external), Ok(to(e, false)));
+    // Another DNAT destination: another endpoint.
+    let moved = text.replace(
+        "--to-destination 10.180.0.1:80",
+        "--to-destination 10.180.0.1:81",
+    );
+    assert_eq!(ipt(&moved, &external), Ok(to("10.180.0.1:81", true)));
+    // KUBE-PROXY-FIREWALL's DROP gone: the blocked client is not captured.
+    let open = without(&text, |l| {
+        l.starts_with("-A KUBE-PROXY-FIREWALL ") && l.ends_with("-j DROP")
+    });
+    assert_eq!(ipt(&open, &blocked), Ok(Expect::Ignored));
+
+    let text = render::nft::render(&t, &opts);
+    assert_eq!(nft(&text, &external), Ok(to(e, true)));
+    assert_eq!(nft(&text, &blocked), Ok(Expect::Drop));
+    let no_masq = without(&text, |l| {
+        l.starts_with("add rule ip kube-proxy external-")
+            && l.ends_with(" jump mark-for-masquerade")
+    });
+    assert_eq!(nft(&no_masq, &external), Ok(to(e, false)));
+    let moved = text.replace("dnat to 10.180.0.1:80", "dnat to 10.180.0.1:81");
+    assert_eq!(nft(&moved, &external), Ok(to("10.180.0.1:81", true)));
+    let open = without(&text, |l| {
+        l.starts_with("add rule ip kube-proxy firewall-") && l.ends_with(" drop")
+    });
+    assert_eq!(nft(&open, &blocked), Ok(to(e, true)));
 }
 
 #[test]
