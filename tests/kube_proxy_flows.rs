@@ -20,6 +20,8 @@
 //! and `render::nft` output through an nftables tracer
 //! (`tests/common/nft_trace.rs`), as kube-proxy's tests trace theirs
 //! (`tracePacket`); each is held to the iptables / nftables expectation.
+//! `TRACE_DUMP="<test name>"` (as printed, e.g. `NoEndpointsReject`)
+//! prints the rules a test's flows are traced through.
 //!
 //! Each test prints its pass count per dataplane and tracer (`--nocapture` shows
 //! them) and fails if any flow fails.
@@ -162,6 +164,14 @@ fn dataplanes(node: &Node) -> Vec<(&'static str, Box<dyn Dataplane>)> {
     ]
 }
 
+/// The expectation of `t` for the mode `mode`.
+fn expect_for<'a>(t: &'a FlowTest, mode: &str) -> &'a Expect {
+    t.except
+        .iter()
+        .find(|(m, _)| *m == mode)
+        .map_or(&t.expect, |(_, e)| e)
+}
+
 /// What `dp` does with new connections of `t` (64 source ports).
 fn observe(dp: &dyn Dataplane, t: &FlowTest) -> Result<Expect, String> {
     let mut reached = BTreeSet::new();
@@ -200,11 +210,7 @@ fn run(test: &str, node: &Node, table: &ServiceTable, flows: &[FlowTest]) {
         dp.sync(table, &table.full_change_set(), Instant::ZERO);
         let mut pass = 0;
         for t in flows {
-            let expect = t
-                .except
-                .iter()
-                .find(|(m, _)| *m == mode)
-                .map_or(&t.expect, |(_, e)| e);
+            let expect = expect_for(t, mode);
             match observe(&*dp, t) {
                 Ok(got) if got == *expect => pass += 1,
                 Ok(got) => failures.push(format!(
@@ -283,11 +289,7 @@ fn trace_rules(
     for (tracer, mode) in [("iptables-trace", "iptables"), ("nft-trace", "nftables")] {
         let mut pass = 0;
         for t in flows {
-            let expect = t
-                .except
-                .iter()
-                .find(|(m, _)| *m == mode)
-                .map_or(&t.expect, |(_, e)| e);
+            let expect = expect_for(t, mode);
             let p = Packet {
                 src: t.src,
                 dst: t.dst,
@@ -1351,14 +1353,88 @@ fn surface_follows_incremental_syncs() {
     let node = Node::v4();
     for (mode, dp) in dataplanes(&node) {
         let mut t = ServiceTable::new();
-        let svc = lb_service("ns1", "svc1", "172.30.0.41", Some(3001))
-            .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
-            .load_balancer_source_range(cidr("203.0.113.0/25"))
-            .external_traffic_policy(TrafficPolicy::Local)
-            .build()
-            .unwrap();
-        let cs = t
-            .apply_batch([
+        for (secs, (changes, flows)) in (0u64..).zip(incremental_stages()) {
+            let cs = t.apply_batch(changes).unwrap();
+            dp.sync(&t, &cs, Instant::from_secs(secs));
+            for f in &flows {
+                assert_eq!(
+                    observe(&*dp, f).as_ref(),
+                    Ok(expect_for(f, mode)),
+                    "{mode}: {}",
+                    f.name
+                );
+            }
+        }
+    }
+    // The same stages through the rules a partial-sync `Syncer` writes,
+    // each sync's text applied on top of the last (as `iptables-restore
+    // --noflush` and `nft -f` apply them), through the tracers.
+    let opts = render_options(&node, IpFamily::V4);
+    let mut ipt_sync = render::iptables::Syncer::new(opts.clone());
+    let mut nft_sync = render::nft::Syncer::new(opts);
+    let mut ipt: Option<iptables_trace::Rules> = None;
+    let mut nft: Option<nft_trace::Table> = None;
+    let mut t = ServiceTable::new();
+    let mut partial = 0;
+    let mut traced_flows = 0;
+    for (secs, (changes, flows)) in (0u64..).zip(incremental_stages()) {
+        t.apply_batch(changes).unwrap();
+        let now = Instant::from_secs(secs);
+        let (a, b) = (ipt_sync.sync(&t, now), nft_sync.sync(&t, now));
+        partial += usize::from(!a.full) + usize::from(!b.full);
+        match &mut ipt {
+            Some(r) => r.apply(&a.text),
+            None => ipt = Some(iptables_trace::Rules::parse(&a.text)),
+        }
+        match &mut nft {
+            Some(r) => r.apply(&b.text),
+            None => nft = Some(nft_trace::Table::parse(&b.text)),
+        }
+        for f in &flows {
+            let p = Packet {
+                src: f.src,
+                dst: f.dst,
+                proto: "tcp",
+            };
+            let got = traced(&ipt.as_ref().unwrap().trace(&p, &node.node_ips));
+            assert_eq!(
+                got.as_ref(),
+                Ok(expect_for(f, "iptables")),
+                "iptables-trace: {}",
+                f.name
+            );
+            let got = traced(&nft.as_ref().unwrap().trace(&p, &node.node_ips));
+            assert_eq!(
+                got.as_ref(),
+                Ok(expect_for(f, "nftables")),
+                "nft-trace: {}",
+                f.name
+            );
+            traced_flows += 1;
+        }
+    }
+    // The first sync is full; the three after it are partial.
+    assert_eq!(partial, 6);
+    println!("incremental syncs: iptables-trace {traced_flows}, nft-trace {traced_flows}");
+}
+
+/// The stages of `surface_follows_incremental_syncs`: the changes, and
+/// the flows that must hold after them.
+fn incremental_stages() -> Vec<(Vec<Change>, Vec<FlowTest>)> {
+    let svc = lb_service("ns1", "svc1", "172.30.0.41", Some(3001))
+        .load_balancer_ingress(ip("1.2.3.4"), IpMode::VIP)
+        .load_balancer_source_range(cidr("203.0.113.0/25"))
+        .external_traffic_policy(TrafficPolicy::Local)
+        .build()
+        .unwrap();
+    let other = Service::builder("ns1", "other")
+        .cluster_ip(ip("172.30.0.99"))
+        .port(ServicePortSpec::tcp(80).name("p80"))
+        .build()
+        .unwrap();
+    vec![
+        (
+            vec![
                 Change::UpsertService(svc),
                 slice(
                     "ns1",
@@ -1368,111 +1444,99 @@ fn surface_follows_incremental_syncs() {
                         ep("10.180.1.1", Some("remote")),
                     ],
                 ),
-            ])
-            .unwrap();
-        dp.sync(&t, &cs, Instant::ZERO);
-        let check = |t: &FlowTest| {
-            let expect = t
-                .except
-                .iter()
-                .find(|(m, _)| *m == mode)
-                .map_or(&t.expect, |(_, e)| e);
-            assert_eq!(observe(&*dp, t).as_ref(), Ok(expect), "{mode}: {}", t.name);
-        };
-        check(&flow(
-            "external to LB",
-            EXTERNAL_CLIENT,
-            "1.2.3.4",
-            80,
-            to("10.180.0.1:80", false),
-        ));
-        check(&flow(
-            "blocked",
-            EXTERNAL_CLIENT_BLOCKED,
-            "1.2.3.4",
-            80,
-            Expect::Drop,
-        ));
-        let cs = t
-            .apply(slice("ns1", "svc1", vec![ep("10.180.1.1", Some("remote"))]))
-            .unwrap();
-        dp.sync(&t, &cs, Instant::from_secs(1));
-        check(&in_ipvs(
-            flow(
-                "external, no local endpoint",
-                EXTERNAL_CLIENT,
-                NODE_IP,
-                3001,
-                Expect::Drop,
-            ),
-            to("10.180.1.1:80", false),
-        ));
-        check(&flow(
-            "pod short-circuits",
-            POD,
-            NODE_IP,
-            3001,
-            to("10.180.1.1:80", false),
-        ));
-        // The node itself: outside the source ranges, so the LB IP drops it
-        // (KUBE-FW- before KUBE-EXT-), while the node port short-circuits it.
-        check(&flow(
-            "node to LB, outside the ranges",
-            NODE_IP,
-            "1.2.3.4",
-            80,
-            Expect::Drop,
-        ));
-        check(&in_ipvs(
-            flow(
-                "node short-circuits",
-                NODE_IP,
-                NODE_IP,
-                3001,
-                to("10.180.1.1:80", true),
-            ),
-            to("10.180.1.1:80", false),
-        ));
-        let other = Service::builder("ns1", "other")
-            .cluster_ip(ip("172.30.0.99"))
-            .port(ServicePortSpec::tcp(80).name("p80"))
-            .build()
-            .unwrap();
-        let cs = t.apply(Change::UpsertService(other)).unwrap();
-        dp.sync(&t, &cs, Instant::from_secs(2));
-        check(&flow(
-            "blocked, still",
-            EXTERNAL_CLIENT_BLOCKED,
-            "1.2.3.4",
-            80,
-            Expect::Drop,
-        ));
-        check(&flow(
-            "pod, still",
-            POD,
-            NODE_IP,
-            3001,
-            to("10.180.1.1:80", false),
-        ));
-        let cs = t
-            .apply(Change::DeleteService(ServiceKey::new("ns1", "svc1")))
-            .unwrap();
-        dp.sync(&t, &cs, Instant::from_secs(3));
-        check(&flow(
-            "gone",
-            EXTERNAL_CLIENT_BLOCKED,
-            "1.2.3.4",
-            80,
-            Expect::Ignored,
-        ));
-        check(&flow(
-            "gone node port (a new client: tracked flows keep their draining backend)",
-            "10.0.0.3",
-            NODE_IP,
-            3001,
-            Expect::Ignored,
-        ));
-    }
+            ],
+            vec![
+                flow(
+                    "external to LB",
+                    EXTERNAL_CLIENT,
+                    "1.2.3.4",
+                    80,
+                    to("10.180.0.1:80", false),
+                ),
+                flow(
+                    "blocked",
+                    EXTERNAL_CLIENT_BLOCKED,
+                    "1.2.3.4",
+                    80,
+                    Expect::Drop,
+                ),
+            ],
+        ),
+        (
+            vec![slice("ns1", "svc1", vec![ep("10.180.1.1", Some("remote"))])],
+            vec![
+                in_ipvs(
+                    flow(
+                        "external, no local endpoint",
+                        EXTERNAL_CLIENT,
+                        NODE_IP,
+                        3001,
+                        Expect::Drop,
+                    ),
+                    to("10.180.1.1:80", false),
+                ),
+                flow(
+                    "pod short-circuits",
+                    POD,
+                    NODE_IP,
+                    3001,
+                    to("10.180.1.1:80", false),
+                ),
+                // The node itself: outside the source ranges, so the LB IP
+                // drops it (KUBE-FW- before KUBE-EXT-), while the node port
+                // short-circuits it.
+                flow(
+                    "node to LB, outside the ranges",
+                    NODE_IP,
+                    "1.2.3.4",
+                    80,
+                    Expect::Drop,
+                ),
+                in_ipvs(
+                    flow(
+                        "node short-circuits",
+                        NODE_IP,
+                        NODE_IP,
+                        3001,
+                        to("10.180.1.1:80", true),
+                    ),
+                    to("10.180.1.1:80", false),
+                ),
+            ],
+        ),
+        (
+            vec![Change::UpsertService(other)],
+            vec![
+                flow(
+                    "blocked, still",
+                    EXTERNAL_CLIENT_BLOCKED,
+                    "1.2.3.4",
+                    80,
+                    Expect::Drop,
+                ),
+                flow("pod, still", POD, NODE_IP, 3001, to("10.180.1.1:80", false)),
+            ],
+        ),
+        (
+            vec![Change::DeleteService(ServiceKey::new("ns1", "svc1"))],
+            vec![
+                flow(
+                    "gone",
+                    EXTERNAL_CLIENT_BLOCKED,
+                    "1.2.3.4",
+                    80,
+                    Expect::Ignored,
+                ),
+                flow(
+                    "gone node port (a new client: tracked flows keep their draining backend)",
+                    "10.0.0.3",
+                    NODE_IP,
+                    3001,
+                    Expect::Ignored,
+                ),
+            ],
+        ),
+    ]
 }
 
 /// TestHealthCheckNodePort: the health-check node port is the node's own

@@ -109,7 +109,18 @@ pub(crate) fn parse_dest(s: &str) -> SocketAddr {
 impl Rules {
     /// Parses `iptables-restore` input as `render::iptables` writes it.
     pub(crate) fn parse(text: &str) -> Rules {
-        let mut tables: HashMap<String, HashMap<String, Vec<Vec<String>>>> = HashMap::new();
+        let mut r = Rules {
+            tables: HashMap::new(),
+        };
+        r.apply(text);
+        r
+    }
+
+    /// Applies `iptables-restore --noflush` input on top: a `:CHAIN` line
+    /// creates or flushes the chain, `-X` deletes it, chains the input
+    /// does not name stay as they were.
+    pub(crate) fn apply(&mut self, text: &str) {
+        let tables = &mut self.tables;
         let mut table: Option<String> = None;
         for line in text.lines() {
             let line = line.trim();
@@ -124,7 +135,7 @@ impl Rules {
             } else if let Some(c) = line.strip_prefix(':') {
                 let t = table.as_ref().expect("chain outside a table");
                 let name = c.split(' ').next().unwrap().to_string();
-                tables.get_mut(t).unwrap().entry(name).or_default();
+                tables.get_mut(t).unwrap().insert(name, Vec::new());
             } else if line.starts_with("-A ") {
                 let t = table.as_ref().expect("rule outside a table");
                 let mut toks = tokens(line);
@@ -136,13 +147,14 @@ impl Rules {
                     .entry(chain)
                     .or_default()
                     .push(toks);
-            } else if line.starts_with("-X ") || line.starts_with("-F ") {
-                // deletions and flushes of a partial sync: not traced
+            } else if let Some(c) = line.strip_prefix("-X ") {
+                let t = table.as_ref().expect("-X outside a table");
+                let gone = tables.get_mut(t).unwrap().remove(c.trim());
+                assert!(gone.is_some(), "-X of a missing chain {c}");
             } else {
                 panic!("unexpected iptables-restore line {line:?}");
             }
         }
-        Rules { tables }
     }
 
     /// The rule lines of `chain` in `table` (tokens after `-A CHAIN`).

@@ -127,6 +127,13 @@ impl Table {
             sets: HashMap::new(),
             maps: HashMap::new(),
         };
+        t.apply(text);
+        t
+    }
+
+    /// Applies further `nft -f` input (a partial sync) on top.
+    pub(crate) fn apply(&mut self, text: &str) {
+        let t = self;
         for line in text.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -155,11 +162,15 @@ impl Table {
                     for item in items(body) {
                         let (key, v) = element(item);
                         if verb == "delete" {
-                            if let Some(s) = t.sets.get_mut(&name) {
-                                s.remove(&key);
-                            } else if let Some(m) = t.maps.get_mut(&name) {
-                                m.remove(&key);
-                            }
+                            // nft -f refuses to delete a missing element.
+                            let gone = match t.sets.get_mut(&name) {
+                                Some(s) => s.remove(&key),
+                                None => t
+                                    .maps
+                                    .get_mut(&name)
+                                    .is_some_and(|m| m.remove(&key).is_some()),
+                            };
+                            assert!(gone, "delete of a missing element {key} of {name}");
                         } else if let Some(v) = v {
                             t.maps
                                 .get_mut(&name)
@@ -183,15 +194,21 @@ impl Table {
                     t.maps.entry(name).or_default().clear();
                 }
                 ("delete", "chain") => {
-                    t.chains.remove(&name);
+                    let gone = t.chains.remove(&name);
+                    assert!(
+                        gone.is_some_and(|r| r.is_empty()),
+                        "delete of a missing or non-empty chain {name}"
+                    );
                 }
                 ("delete", "set") => {
-                    t.sets.remove(&name);
+                    assert!(
+                        t.sets.remove(&name).is_some(),
+                        "delete of a missing set {name}"
+                    );
                 }
                 _ => panic!("unexpected nft line {line:?}"),
             }
         }
-        t
     }
 
     /// The rules of `chain`, as tokens after `add rule FAMILY TABLE CHAIN`.
