@@ -875,11 +875,53 @@ fn dual_stack_table() -> ServiceTable {
         .internal_traffic_policy(TrafficPolicy::Local)
         .build()
         .unwrap();
+    // externalTrafficPolicy Local whose one local endpoint is serving and
+    // terminating while the ready one is on another node: the Local chain
+    // reaches an endpoint chain the Cluster chain does not have, which the
+    // rendering must write (the kernel refuses a jump to a missing chain).
+    let terminating = ports(Service::builder("default", "terminating"))
+        .cluster_ip("172.30.0.23".parse().unwrap())
+        .cluster_ip("fd00:30::23".parse().unwrap())
+        .service_type(svclb::ServiceType::LoadBalancer)
+        .load_balancer_ingress("192.0.2.23".parse().unwrap(), svclb::IpMode::VIP)
+        .load_balancer_ingress("2001:db8::23".parse().unwrap(), svclb::IpMode::VIP)
+        .external_traffic_policy(TrafficPolicy::Local)
+        .build()
+        .unwrap();
+    let terminating_slice = |name: &str, ty: AddressType, here: &str, there: &str| {
+        EndpointSlice::builder("default", name, "terminating", ty)
+            .port(SlicePortSpec::tcp(8080).name("http"))
+            .port(SlicePortSpec::udp(53).name("dns"))
+            .port(SlicePortSpec::new(Protocol::Sctp, 9000).name("sig"))
+            .endpoint(
+                EndpointSpec::new(here)
+                    .node("test-node")
+                    .ready(false)
+                    .serving(true)
+                    .terminating(true),
+            )
+            .endpoint(EndpointSpec::new(there).node("other-node"))
+            .build()
+            .unwrap()
+    };
     let mut t = ServiceTable::new();
     t.apply_batch([
         Change::UpsertService(dual),
         Change::UpsertService(empty6),
         Change::UpsertService(local),
+        Change::UpsertService(terminating),
+        Change::UpsertSlice(terminating_slice(
+            "terminating-4",
+            AddressType::IPv4,
+            "10.180.1.5",
+            "10.180.1.6",
+        )),
+        Change::UpsertSlice(terminating_slice(
+            "terminating-6",
+            AddressType::IPv6,
+            "fd00:10::5",
+            "fd00:10::6",
+        )),
         Change::UpsertSlice(slice(
             "dual-4",
             "dual",
@@ -965,6 +1007,14 @@ fn kernel_accepts_ipv6_udp_and_sctp_renderings() {
             for needle in ["udp", "sctp"] {
                 assert!(text.contains(needle), "{needle}");
             }
+            // The local serving-and-terminating endpoint's own chain.
+            let dnat = match (backend, ipv6) {
+                (Backend::Nft, false) => "dnat to 10.180.1.5:8080",
+                (Backend::Nft, true) => "dnat to [fd00:10::5]:8080",
+                (_, false) => "--to-destination 10.180.1.5:8080",
+                (_, true) => "--to-destination [fd00:10::5]:8080",
+            };
+            assert!(text.contains(dnat), "{dnat}");
             println!(
                 "{} accepted the {family:?} rendering ({} lines)",
                 backend.tool_for(ipv6),
