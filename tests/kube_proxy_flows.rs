@@ -1619,4 +1619,17 @@ fn short_circuit_through_a_local_cluster_ip_picks_at_random() {
         );
         assert!(counts.values().all(|&n| n >= 16), "{mode}: {counts:?}");
     }
+    // The rendered rules: the short-circuit reaches the random pick over
+    // both Cluster endpoints, unmasqueraded.
+    let opts = render_options(&node, IpFamily::V4);
+    let p = Packet {
+        src: ip(POD),
+        dst: SocketAddr::new(ip("9.10.11.12"), 80),
+        proto: "tcp",
+    };
+    let both = to("10.180.0.3:80, 10.180.1.3:80", false);
+    let ipt = iptables_trace::Rules::parse(&render::iptables::render(&t, &opts));
+    assert_eq!(traced(&ipt.trace(&p, &node.node_ips)), Ok(both.clone()));
+    let nft = nft_trace::Table::parse(&render::nft::render(&t, &opts));
+    assert_eq!(traced(&nft.trace(&p, &node.node_ips)), Ok(both));
 }

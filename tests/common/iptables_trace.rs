@@ -6,10 +6,17 @@
 //! `KUBE-NODEPORTS` and `KUBE-PROXY-FIREWALL`, then nat `KUBE-POSTROUTING`
 //! for whether the masquerade mark turns into `MASQUERADE`.
 //!
-//! As upstream's tracer, a rule with `-m statistic --mode random` or
-//! `-m recent --rcheck` is both taken and not taken: the trace collects
-//! every endpoint a new connection may reach. The mark is one value for
-//! the whole trace (upstream's `markMasq` is one flag).
+//! As upstream's tracer, a rule with `-m statistic --mode random` is both
+//! taken and not taken: the trace collects every endpoint a new connection
+//! may reach. A `-m recent --rcheck` rule is both taken and not taken too
+//! (upstream's tracer skips it, "checks for past state"; for a new client
+//! both reach the same endpoint set, the affinity rule's endpoint being one
+//! of the statistic rules' too). Unlike upstream, `-m mark` is evaluated
+//! against the mark `MARK` targets set (upstream skips mark checks and
+//! sets one `markMasq` flag on `-j KUBE-MARK-MASQ`); the mark is one value
+//! for the whole trace, as upstream's flag is one. `-m conntrack
+//! --ctstate` matches the state `NEW`. A jump to an undeclared chain
+//! panics, as `iptables-restore` refuses it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
