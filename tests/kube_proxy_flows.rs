@@ -1633,3 +1633,125 @@ fn short_circuit_through_a_local_cluster_ip_picks_at_random() {
     let nft = nft_trace::Table::parse(&render::nft::render(&t, &opts));
     assert_eq!(traced(&nft.trace(&p, &node.node_ips)), Ok(both));
 }
+
+/// The tracers' own semantics on hand-written rules: a random pick is
+/// both taken and not, a plain jump that decides ends its chain (a rule
+/// after it is never reached), the mark turns into masquerading only
+/// through the postrouting chain, and a protocol mismatch is not captured.
+#[test]
+fn tracers_follow_branches_and_stop_after_a_decision() {
+    let ipt = iptables_trace::Rules::parse(
+        "*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-A - [0:0]
+:KUBE-SEP-1 - [0:0]
+:KUBE-SEP-2 - [0:0]
+:KUBE-SEP-3 - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+-A KUBE-SERVICES -m tcp -p tcp -d 172.30.0.1 --dport 80 -j KUBE-SVC-A
+-A KUBE-SVC-A ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-SVC-A -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-1
+-A KUBE-SVC-A -j KUBE-SEP-2
+-A KUBE-SVC-A -j KUBE-SEP-3
+-A KUBE-SEP-1 -m tcp -p tcp -j DNAT --to-destination 10.1.0.1:80
+-A KUBE-SEP-2 -m tcp -p tcp -j DNAT --to-destination 10.1.0.2:80
+-A KUBE-SEP-3 -m tcp -p tcp -j DNAT --to-destination 10.1.0.3:80
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -j MASQUERADE
+COMMIT
+",
+    );
+    let nft = nft_trace::Table::parse(
+        "add table ip kube-proxy
+add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }
+add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }
+add chain ip kube-proxy nat-postrouting { type nat hook postrouting priority 100 ; }
+add chain ip kube-proxy services
+add chain ip kube-proxy mark-for-masquerade
+add chain ip kube-proxy masquerading
+add chain ip kube-proxy service-a
+add chain ip kube-proxy endpoint-1
+add chain ip kube-proxy endpoint-2
+add chain ip kube-proxy endpoint-3
+add rule ip kube-proxy nat-prerouting jump services
+add rule ip kube-proxy nat-postrouting jump masquerading
+add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips
+add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000
+add rule ip kube-proxy masquerading mark and 0x4000 == 0 return
+add rule ip kube-proxy masquerading mark set mark xor 0x4000
+add rule ip kube-proxy masquerading masquerade fully-random
+add rule ip kube-proxy service-a ip daddr 172.30.0.1 ip saddr != 10.0.0.0/8 jump mark-for-masquerade
+add rule ip kube-proxy service-a numgen random mod 2 vmap { 0 : goto endpoint-1 , 1 : goto endpoint-2 }
+add rule ip kube-proxy service-a goto endpoint-3
+add rule ip kube-proxy endpoint-1 meta l4proto tcp dnat to 10.1.0.1:80
+add rule ip kube-proxy endpoint-2 meta l4proto tcp dnat to 10.1.0.2:80
+add rule ip kube-proxy endpoint-3 meta l4proto tcp dnat to 10.1.0.3:80
+add element ip kube-proxy service-ips { 172.30.0.1 . tcp . 80 : goto service-a }
+",
+    );
+    let local = [ip(NODE_IP)];
+    let packet = |src: &str, proto: &'static str| Packet {
+        src: ip(src),
+        dst: SocketAddr::new(ip("172.30.0.1"), 80),
+        proto,
+    };
+    let two = "10.1.0.1:80, 10.1.0.2:80";
+    for (src, proto, want) in [
+        (POD, "tcp", to(two, false)),
+        (NODE_IP, "tcp", to(two, true)),
+        (POD, "udp", Expect::Ignored),
+    ] {
+        let p = packet(src, proto);
+        assert_eq!(
+            traced(&ipt.trace(&p, &local)),
+            Ok(want.clone()),
+            "iptables {src} {proto}"
+        );
+        assert_eq!(
+            traced(&nft.trace(&p, &local)),
+            Ok(want),
+            "nft {src} {proto}"
+        );
+    }
+}
+
+/// A jump to an undeclared chain fails the trace, as `iptables-restore`
+/// refuses the input.
+#[test]
+#[should_panic(expected = "jump to undeclared chain KUBE-SEP-GONE")]
+fn iptables_tracer_refuses_a_jump_to_an_undeclared_chain() {
+    let ipt = iptables_trace::Rules::parse(
+        "*nat
+:KUBE-SERVICES - [0:0]
+-A KUBE-SERVICES -m tcp -p tcp -d 172.30.0.1 --dport 80 -j KUBE-SEP-GONE
+COMMIT
+",
+    );
+    let p = Packet {
+        src: ip(POD),
+        dst: SocketAddr::new(ip("172.30.0.1"), 80),
+        proto: "tcp",
+    };
+    let _ = ipt.trace(&p, &[]);
+}
+
+/// The same for `nft -f`.
+#[test]
+#[should_panic(expected = "jump to a missing chain endpoint-gone")]
+fn nft_tracer_refuses_a_jump_to_a_missing_chain() {
+    let nft = nft_trace::Table::parse(
+        "add table ip kube-proxy
+add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }
+add rule ip kube-proxy nat-prerouting ip daddr 172.30.0.1 goto endpoint-gone
+",
+    );
+    let p = Packet {
+        src: ip(POD),
+        dst: SocketAddr::new(ip("172.30.0.1"), 80),
+        proto: "tcp",
+    };
+    let _ = nft.trace(&p, &[]);
+}
