@@ -17,11 +17,12 @@ use ahash::{AHashMap, AHashSet};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use super::fragments::Fragments;
 use super::vs_table::{VsTable, WideRoot};
 
 use crate::conntrack::control::{Controlled, Controls};
 use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
-use crate::model::flow::{Flow, Forward, Protocol, Verdict};
+use crate::model::flow::{Flow, Forward, FragmentKey, Protocol, Verdict};
 use crate::model::service::TrafficPolicy;
 use crate::plan::{
     BackendId, BackendState, BackendStates, FrontendId, FrontendKey, FrontendKind, Outcome,
@@ -305,6 +306,9 @@ pub(crate) struct ConnLayer {
     /// Writer side of the reply index (taken only by `publish`, under the
     /// planner's lock): the keys each frontend indexed.
     indexed: Mutex<AHashMap<FrontendId, IndexedKeys>>,
+    /// Fragmented datagrams to their connections (while the tracker is
+    /// on).
+    fragments: Option<Fragments>,
 }
 
 impl ConnLayer {
@@ -326,6 +330,7 @@ impl ConnLayer {
             masquerade_all,
             ipvs,
             indexed: Mutex::new(AHashMap::new()),
+            fragments: config.map(|_| Fragments::new()),
         }
     }
 
@@ -719,7 +724,35 @@ impl ConnLayer {
     }
 
     pub(crate) fn handle_timeout(&self, now: Instant) -> usize {
+        if let Some(f) = &self.fragments {
+            f.expire(now);
+        }
         self.tracker.as_ref().map_or(0, |t| t.handle_timeout(now))
+    }
+
+    /// Records the datagram `key` for the tracked connection `conn`
+    /// (original direction); whether it was.
+    pub(crate) fn first_fragment(&self, key: &FragmentKey, conn: &Flow, now: Instant) -> bool {
+        let (Some(ct), Some(f)) = (&self.tracker, &self.fragments) else {
+            return false;
+        };
+        if ct.get(conn, now).is_none() {
+            return false;
+        }
+        f.insert(*key, *conn, now);
+        true
+    }
+
+    /// The live connection (backend active or draining) the datagram `key`
+    /// was recorded for.
+    pub(crate) fn later_fragment(
+        &self,
+        states: &BackendStates,
+        key: &FragmentKey,
+        now: Instant,
+    ) -> Option<Tracked> {
+        let conn = self.fragments.as_ref()?.get(key, now)?;
+        self.peek(states, &conn, now)
     }
 
     pub(crate) fn entries(&self, now: Instant) -> Vec<Tracked> {
