@@ -1,9 +1,9 @@
 //! The packet path allocates nothing: parse, every rewrite, reverse NAT,
 //! ICMP error translation, checksum verification, the connection layer's
-//! fragment record (recording a first fragment, matching a later one,
-//! and a full table under churn), and the source-port allocator once its
-//! pool exists,
-//! measured with a counting global allocator.
+//! fragment record once created (recording a first fragment, matching a
+//! later one, and a full table under churn), and the source-port
+//! allocator once its pool exists, measured with a counting global
+//! allocator.
 //!
 //! One test function only: the allocator counts every thread, so no other
 //! test may run while a region is measured.

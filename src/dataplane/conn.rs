@@ -11,7 +11,7 @@
 //! tracked.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ahash::{AHashMap, AHashSet};
 use parking_lot::Mutex;
@@ -307,8 +307,9 @@ pub(crate) struct ConnLayer {
     /// planner's lock): the keys each frontend indexed.
     indexed: Mutex<AHashMap<FrontendId, IndexedKeys>>,
     /// Fragmented datagrams to their connections (while the tracker is
-    /// on).
-    fragments: Option<Fragments>,
+    /// on), allocated whole at the first one: a dataplane that never sees
+    /// a fragment pays nothing for it.
+    fragments: OnceLock<Fragments>,
 }
 
 impl ConnLayer {
@@ -330,7 +331,7 @@ impl ConnLayer {
             masquerade_all,
             ipvs,
             indexed: Mutex::new(AHashMap::new()),
-            fragments: config.map(|_| Fragments::new()),
+            fragments: OnceLock::new(),
         }
     }
 
@@ -724,7 +725,7 @@ impl ConnLayer {
     }
 
     pub(crate) fn handle_timeout(&self, now: Instant) -> usize {
-        if let Some(f) = &self.fragments {
+        if let Some(f) = self.fragments.get() {
             f.expire(now);
         }
         self.tracker.as_ref().map_or(0, |t| t.handle_timeout(now))
@@ -733,13 +734,15 @@ impl ConnLayer {
     /// Records the datagram `key` for the tracked connection `conn`
     /// (original direction); whether it was.
     pub(crate) fn first_fragment(&self, key: &FragmentKey, conn: &Flow, now: Instant) -> bool {
-        let (Some(ct), Some(f)) = (&self.tracker, &self.fragments) else {
+        let Some(ct) = &self.tracker else {
             return false;
         };
         if ct.get(conn, now).is_none() {
             return false;
         }
-        f.insert(*key, *conn, now);
+        self.fragments
+            .get_or_init(Fragments::new)
+            .insert(*key, *conn, now);
         true
     }
 
@@ -751,7 +754,7 @@ impl ConnLayer {
         key: &FragmentKey,
         now: Instant,
     ) -> Option<Tracked> {
-        let conn = self.fragments.as_ref()?.get(key, now)?;
+        let conn = self.fragments.get()?.get(key, now)?;
         self.peek(states, &conn, now)
     }
 

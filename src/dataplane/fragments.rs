@@ -23,8 +23,9 @@ const SHARDS: usize = 16;
 
 /// The datagrams whose first fragment was routed, each to the original
 /// direction of its connection, for [`FRAGMENT_TIMEOUT`]. Bounded
-/// ([`FRAGMENT_DATAGRAMS`]); allocated whole up front, so recording and
-/// looking up allocate nothing.
+/// ([`FRAGMENT_DATAGRAMS`]); allocated whole when created (at a
+/// dataplane's first fragmented datagram), so recording and looking up
+/// allocate nothing.
 #[derive(Debug)]
 pub(crate) struct Fragments {
     hasher: ahash::RandomState,

@@ -528,7 +528,8 @@ pub trait Dataplane: Send + Sync {
     /// that [`later_fragment`](Self::later_fragment) finds it. The record
     /// lasts as long as IPv4 reassembly waits (30 s), or until the
     /// connection ends; a bounded table (1,024 datagrams, the oldest
-    /// dropped first) that allocates nothing. Returns whether it was
+    /// dropped first), allocated whole at the first datagram recorded and
+    /// allocation-free from then on. Returns whether it was
     /// recorded: `false` when `connection` is not tracked, and by default,
     /// for dataplanes that track nothing.
     ///
