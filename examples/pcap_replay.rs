@@ -34,12 +34,19 @@
 //!   port from `--snat-ports LO-HI` (default 32768-60999) that no other
 //!   flow to the same backend holds (`SourcePortAllocator`); the
 //!   backend's replies to it, and its ICMP errors about it, get both
-//!   addresses back. A port is held for the rest of the replay (no
-//!   expiry in a capture); when a backend's range is used up, further
-//!   flows to it are refused. Without an address of the family the packet
-//!   is DNATed only and counted as `unmasqueraded`.
-//! - Later IPv4/IPv6 fragments follow their first fragment (a
-//!   `FragmentTracker`); the unmatched ones are dropped, never guessed.
+//!   addresses back. A port is held while the connection layer tracks
+//!   its connection (`Dataplane::peek`); once it ended (closed and
+//!   expired, or its backend gone) the port is released, on the replay's
+//!   clock (the capture's timestamps), so a long capture reuses ports
+//!   and never hands out one a live connection holds. When a backend's
+//!   range is used up by live connections, further flows to it are
+//!   refused. Without an address of the family the packet is DNATed only
+//!   and counted as `unmasqueraded`.
+//! - Later IPv4/IPv6 fragments are matched to their datagram through the
+//!   connection layer: a first fragment's datagram is recorded for its
+//!   connection once routed (`Dataplane::first_fragment`), and a later
+//!   one follows that connection's backend (`Dataplane::later_fragment`),
+//!   in either direction; the unmatched ones are dropped, never guessed.
 //! - Packets that do not parse, and rejected or dropped flows, are not
 //!   written; anything else passes untouched.
 //!
@@ -59,8 +66,8 @@ use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
 use svclb::k8s::loader::{LoadOptions, Loader};
 use svclb::k8s::manifest::Manifests;
 use svclb::packet::{
-    FragmentTracker, LinkType, PacketKind, ParsedPacket, RewriteError, SourcePortAllocator,
-    TcpFlags, parse, reverse_nat, rewrite_dst, rewrite_src,
+    LinkType, PacketKind, ParsedPacket, RewriteError, SourcePortAllocator, TcpFlags, parse,
+    reverse_nat, rewrite_dst, rewrite_src,
 };
 use svclb::*;
 
@@ -129,7 +136,8 @@ struct Masquerade {
     ip4: Option<IpAddr>,
     ip6: Option<IpAddr>,
     ports: SourcePortAllocator,
-    by_flow: HashMap<Flow, SocketAddr>,
+    /// Each masqueraded flow's SNAT address and backend.
+    by_flow: HashMap<Flow, (SocketAddr, SocketAddr)>,
     back: HashMap<(Protocol, SocketAddr, SocketAddr), Flow>,
 }
 
@@ -145,16 +153,45 @@ impl Masquerade {
 
     /// The SNAT address of `flow` going to `backend`; a new port the first
     /// time.
+    /// A port is unique per backend: a flow rescheduled to another backend
+    /// (its first one gone) gives its old port back and takes a new one.
     fn source(&mut self, flow: &Flow, backend: SocketAddr) -> Option<SocketAddr> {
-        if let Some(a) = self.by_flow.get(flow) {
-            return Some(*a);
+        match self.by_flow.get(flow) {
+            Some(&(snat, b)) if b == backend => return Some(snat),
+            Some(_) => self.release(flow),
+            None => {}
         }
         let ip = self.ip_for(flow.src.ip())?;
         let port = self.ports.allocate(flow.protocol, backend, ip).ok()?;
         let snat = SocketAddr::new(ip, port);
-        self.by_flow.insert(*flow, snat);
+        self.by_flow.insert(*flow, (snat, backend));
         self.back.insert((flow.protocol, backend, snat), *flow);
         Some(snat)
+    }
+
+    /// Gives back the port of `flow`, if it holds one.
+    fn release(&mut self, flow: &Flow) {
+        if let Some((snat, backend)) = self.by_flow.remove(flow) {
+            self.ports
+                .release(flow.protocol, backend, snat.ip(), snat.port());
+            self.back.remove(&(flow.protocol, backend, snat));
+        }
+    }
+
+    /// Releases the ports of the flows whose connection the connection
+    /// layer no longer tracks (closed and expired, or its backend gone);
+    /// returns how many.
+    fn reclaim(&mut self, dp: &dyn Dataplane, now: Instant) -> usize {
+        let ended: Vec<Flow> = self
+            .by_flow
+            .keys()
+            .filter(|f| dp.peek(f, now).is_none())
+            .copied()
+            .collect();
+        for f in &ended {
+            self.release(f);
+        }
+        ended.len()
     }
 
     /// The original flow of a reply from `backend` to `snat`.
@@ -208,6 +245,23 @@ struct Stats {
     /// The service (`namespace/name`) of each frontend in `per_frontend`.
     services: BTreeMap<(SocketAddr, Protocol), String>,
     per_frontend: BTreeMap<(SocketAddr, Protocol), Counts>,
+    /// Masquerade ports given back by ended connections.
+    released: u64,
+}
+
+impl Stats {
+    /// One DNATed packet of `flow` (`len` bytes) to `backend`.
+    fn count(&mut self, flow: Flow, backend: SocketAddr, len: u64) {
+        let c = self
+            .per_frontend
+            .entry((flow.dst, flow.protocol))
+            .or_default();
+        c.packets += 1;
+        c.bytes += len;
+        let b = c.per_backend.entry(backend).or_default();
+        b.0 += 1;
+        b.1 += len;
+    }
 }
 
 fn load(paths: &[PathBuf]) -> Result<ServiceTable, String> {
@@ -298,7 +352,9 @@ fn run(cli: &Cli) -> Result<Stats, String> {
         PcapWriter::with_header(BufWriter::new(out), header).map_err(|e| e.to_string())?;
 
     let mut stats = Stats::default();
-    let mut fragments = FragmentTracker::new(4096, Duration::from_secs(30));
+    // When the masquerade ports were last reclaimed (on the capture's
+    // clock): at most once a second of capture, and before refusing a flow.
+    let mut reclaimed = Instant::ZERO;
     while let Some(pkt) = reader.next_packet() {
         let pkt = pkt.map_err(|e| e.to_string())?;
         stats.read += 1;
@@ -313,24 +369,54 @@ fn run(cli: &Cli) -> Result<Stats, String> {
                 continue;
             }
         };
-        let flow = match fragments.resolve(&parsed, now) {
-            Ok(f) => f,
-            Err(_)
-                if matches!(
-                    parsed.kind(),
-                    PacketKind::Unroutable(svclb::packet::Unroutable::IcmpInformational { .. })
-                ) =>
-            {
+        if dp.poll_timeout().is_some_and(|t| t <= now) {
+            dp.handle_timeout(now);
+        }
+        if now >= reclaimed + Duration::from_secs(1) {
+            stats.released += masq.reclaim(&*dp, now) as u64;
+            reclaimed = now;
+        }
+        let len = buf.len() as u64;
+        let flow = match *parsed.kind() {
+            PacketKind::Flow(f) | PacketKind::IcmpError { inner: f, .. } => f,
+            PacketKind::Fragment(frag) => {
+                // A later fragment: its datagram's connection, or nothing.
+                let key = frag.key();
+                let Some(t) = dp.later_fragment(&key, now) else {
+                    stats.unroutable += 1;
+                    continue;
+                };
+                let forward = key.src == t.flow.src.ip() && key.dst == t.flow.dst.ip();
+                let done = if forward {
+                    let snat = masq.by_flow.get(&t.flow).map(|e| e.0);
+                    rewrite_dst(&mut buf, &parsed, t.backend_addr)
+                        .and_then(|()| snat.map_or(Ok(()), |a| rewrite_src(&mut buf, &parsed, a)))
+                } else {
+                    reverse_nat(&mut buf, &parsed, &t.flow, masq.is_snat(key.dst))
+                };
+                if done.is_err() {
+                    stats.refused += 1;
+                    continue;
+                }
+                if forward {
+                    stats.dnat += 1;
+                    stats.count(t.flow, t.backend_addr, len);
+                } else {
+                    stats.reverse += 1;
+                }
+                write(&mut writer, &pkt, &buf, &mut stats)?;
+                continue;
+            }
+            PacketKind::Unroutable(svclb::packet::Unroutable::IcmpInformational { .. }) => {
                 stats.passed += 1;
                 write(&mut writer, &pkt, &buf, &mut stats)?;
                 continue;
             }
-            Err(_) => {
+            PacketKind::Unroutable(_) => {
                 stats.unroutable += 1;
                 continue;
             }
         };
-        let len = buf.len() as u64;
         let icmp_error = matches!(parsed.kind(), PacketKind::IcmpError { .. });
         let flags = parsed.tcp_flags().unwrap_or(TcpFlags::ACK);
         // A reply from a backend, or a backend's ICMP error about the
@@ -355,6 +441,9 @@ fn run(cli: &Cli) -> Result<Stats, String> {
             (None, false) => dp.reply(&flow, flags, now),
         };
         if let Some(t) = tracked {
+            if let Some(key) = parsed.first_fragment() {
+                dp.first_fragment(&key, &t.flow, now);
+            }
             let done = if masqueraded.is_some() {
                 reverse_nat(&mut buf, &parsed, &t.flow, true)
             } else {
@@ -384,8 +473,19 @@ fn run(cli: &Cli) -> Result<Stats, String> {
             }
             _ => continue,
         };
+        if let Some(key) = parsed.first_fragment() {
+            dp.first_fragment(&key, &flow, now);
+        }
         let snat = if masquerade && masq.ip_for(flow.src.ip()).is_some() {
-            let Some(snat) = masq.source(&flow, backend) else {
+            let mut snat = masq.source(&flow, backend);
+            if snat.is_none() {
+                // Every port to this backend is held: give back those of
+                // ended connections, then try once more.
+                stats.released += masq.reclaim(&*dp, now) as u64;
+                reclaimed = now;
+                snat = masq.source(&flow, backend);
+            }
+            let Some(snat) = snat else {
                 // Every port to this backend is held.
                 stats.refused += 1;
                 continue;
@@ -407,15 +507,7 @@ fn run(cli: &Cli) -> Result<Stats, String> {
             stats.masqueraded += 1;
         }
         stats.dnat += 1;
-        let c = stats
-            .per_frontend
-            .entry((flow.dst, flow.protocol))
-            .or_default();
-        c.packets += 1;
-        c.bytes += len;
-        let b = c.per_backend.entry(backend).or_default();
-        b.0 += 1;
-        b.1 += len;
+        stats.count(flow, backend, len);
         write(&mut writer, &pkt, &buf, &mut stats)?;
     }
     for (addr, proto) in stats.per_frontend.keys() {
@@ -467,8 +559,8 @@ fn main() -> ExitCode {
             );
             if s.masqueraded + s.unmasqueraded > 0 {
                 println!(
-                    "masqueraded {} unmasqueraded {}",
-                    s.masqueraded, s.unmasqueraded
+                    "masqueraded {} unmasqueraded {} released {}",
+                    s.masqueraded, s.unmasqueraded, s.released
                 );
             }
             for (kind, n) in &s.bad {

@@ -87,8 +87,12 @@
 //! the pool, CRC32c checked from scratch) and `tests/tun_pool_alloc.rs`
 //! (no allocation per packet) drive without a device.
 //!
-//! Not handled: later IPv4 fragments (dropped unless their first fragment
-//! was seen), a family's pool exhausted by more live (client, frontend)
+//! Later fragments follow their datagram's connection through the
+//! dataplane's connection layer (`Dataplane::first_fragment` when the
+//! first fragment is NATed, `Dataplane::later_fragment` for the rest).
+//!
+//! Not handled: later fragments whose first fragment was not seen, or
+//! whose connection ended (dropped, never guessed), a family's pool exhausted by more live (client, frontend)
 //! pairs than it has addresses (their new connections are dropped), an
 //! external or load-balancer IP that is a local address of the host (the
 //! `local` table delivers it before the route; only node IPs are steered
@@ -732,7 +736,6 @@ fn run(cli: Cli) -> Result<()> {
             if world.plane.dp().poll_timeout().is_some_and(|t| t <= now) {
                 world.plane.dp().handle_timeout(now);
             }
-            world.nat.fragments.handle_timeout(now);
             if last_reclaim.elapsed() >= Duration::from_secs(1) {
                 last_reclaim = std::time::Instant::now();
                 if let Some(ct) = world.plane.conntrack() {

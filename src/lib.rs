@@ -154,7 +154,7 @@ pub use model::endpoint_slice::{
     AddressType, Conditions, Endpoint, EndpointAddress, EndpointSlice, EndpointSliceBuilder,
     EndpointSpec, SliceKey, SlicePort, SlicePortSpec,
 };
-pub use model::flow::{Flow, Forward, Protocol, Verdict};
+pub use model::flow::{Flow, Forward, FragmentKey, Protocol, Verdict};
 pub use model::service::{
     AffinityKeyKind, ClusterIp, IpMode, LoadBalancerIngress, Service, ServiceBuilder, ServiceKey,
     ServicePort, ServicePortSpec, ServiceType, SessionAffinity, TargetPort, TargetPortSpec,

@@ -1,5 +1,5 @@
 //! The packet module's behaviour: flows, TCP flags, VLANs, IPv6 extension
-//! headers, fragments and their tracker, ICMP errors, typed errors for bad
+//! headers, fragments matched through the connection layer, ICMP errors, typed errors for bad
 //! packets, and the source-port allocator.
 #![cfg(feature = "packet")]
 
@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 
 use etherparse::PacketBuilder;
 use svclb::packet::*;
-use svclb::{Flow, Instant, Protocol};
+use svclb::{
+    AddressType, Change, Dataplane, DataplaneConfig, EndpointSlice, EndpointSpec, Flow, Instant,
+    IpvsDataplane, Protocol, Service, ServicePortSpec, ServiceTable, SlicePortSpec,
+};
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -168,56 +171,55 @@ fn v4_fragment(id: u16, offset_units: u16, more: bool, payload: &[u8]) -> Vec<u8
 }
 
 #[test]
-fn ipv4_fragments_follow_their_first_through_the_tracker() {
+fn ipv4_fragments_follow_their_first_through_the_connection_layer() {
     let udp = &v4_udp(&[7; 32])[20..];
     let first = v4_fragment(77, 0, true, &udp[..24]);
     let second = v4_fragment(77, 3, true, &udp[24..32]);
     let last = v4_fragment(77, 4, false, &udp[32..]);
     let stranger = v4_fragment(78, 3, false, &udp[24..]);
-    let mut t = FragmentTracker::new(2, Duration::from_secs(30));
+    let mut table = ServiceTable::new();
+    let svc = Service::builder("default", "dns")
+        .cluster_ip("10.96.0.10".parse().unwrap())
+        .port(ServicePortSpec::udp(53).target_port(5353))
+        .build()
+        .unwrap();
+    let slice = EndpointSlice::builder("default", "dns-1", "dns", AddressType::IPv4)
+        .port(SlicePortSpec::udp(5353))
+        .endpoints(["10.1.0.5", "10.1.0.6"].map(EndpointSpec::new))
+        .build()
+        .unwrap();
+    let cs = table
+        .apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)])
+        .unwrap();
+    let dp = IpvsDataplane::new(DataplaneConfig::with_seed(5));
+    dp.sync(&table, &cs, Instant::ZERO);
     let now = Instant::from_secs(100);
+    let key_of = |buf: &[u8]| match *parse(buf, LinkType::Ip).unwrap().kind() {
+        PacketKind::Fragment(f) => f.key(),
+        other => panic!("{other:?}"),
+    };
 
     // A later fragment before its first: unroutable, never guessed.
     let sp = parse(&second, LinkType::Ip).unwrap();
-    assert_eq!(t.resolve(&sp, now), Err(Unroutable::UnmatchedFragment));
+    assert_eq!(dp.later_fragment(&key_of(&second), now), None);
 
     let fp = parse(&first, LinkType::Ip).unwrap();
     let flow = fp.flow().unwrap();
     assert_eq!(flow.dst, sa("10.96.0.10:53"));
     assert!(fp.is_fragmented());
-    assert_eq!(t.resolve(&fp, now), Ok(flow));
-    assert_eq!(t.resolve(&sp, now), Ok(flow));
-    let lp = parse(&last, LinkType::Ip).unwrap();
-    assert_eq!(t.resolve(&lp, now + Duration::from_secs(29)), Ok(flow));
-    let xp = parse(&stranger, LinkType::Ip).unwrap();
-    assert_eq!(t.resolve(&xp, now), Err(Unroutable::UnmatchedFragment));
-    // Timeout.
+    let backend = dp.route(&flow, now).backend().unwrap();
+    assert!(dp.first_fragment(&fp.first_fragment().unwrap(), &flow, now));
+    assert_eq!(fp.first_fragment(), Some(key_of(&second)));
+    let t = dp.later_fragment(&key_of(&second), now).unwrap();
+    assert_eq!((t.flow, t.backend_addr), (flow, backend));
+    let t = dp.later_fragment(&key_of(&last), now + Duration::from_secs(29));
+    assert_eq!(t.map(|t| t.backend_addr), Some(backend));
+    assert_eq!(dp.later_fragment(&key_of(&stranger), now), None);
+    // IPv4 reassembly's timeout.
     assert_eq!(
-        t.resolve(&lp, now + Duration::from_secs(30)),
-        Err(Unroutable::UnmatchedFragment)
+        dp.later_fragment(&key_of(&last), now + Duration::from_secs(30)),
+        None
     );
-    assert_eq!(t.poll_timeout(), Some(now + Duration::from_secs(30)));
-    assert_eq!(t.handle_timeout(now + Duration::from_secs(30)), 1);
-    assert!(t.is_empty());
-
-    // Capacity: the oldest goes first.
-    for id in 0..3u32 {
-        let key = FragmentKey {
-            src: flow.src.ip(),
-            dst: flow.dst.ip(),
-            id,
-            protocol: Protocol::Udp,
-        };
-        t.insert(key, flow, now);
-    }
-    assert_eq!(t.len(), 2);
-    let k0 = FragmentKey {
-        src: flow.src.ip(),
-        dst: flow.dst.ip(),
-        id: 0,
-        protocol: Protocol::Udp,
-    };
-    assert_eq!(t.lookup(&k0, now), None);
 
     // DNAT of a later fragment rewrites its address and IPv4 checksum.
     let mut buf = second.clone();

@@ -1,19 +1,23 @@
 //! The packet path allocates nothing: parse, every rewrite, reverse NAT,
-//! ICMP error translation, checksum verification, the fragment tracker
-//! once warm, and the source-port allocator once its pool exists,
-//! measured with a counting global allocator.
+//! ICMP error translation, checksum verification, the connection layer's
+//! fragment record once created (recording a first fragment, matching a
+//! later one, and a full table under churn), and the source-port
+//! allocator once its pool exists, measured with a counting global
+//! allocator.
 //!
 //! One test function only: the allocator counts every thread, so no other
 //! test may run while a region is measured.
 
 use std::alloc::System;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use etherparse::PacketBuilder;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use svclb::packet::*;
-use svclb::{Flow, Instant, Protocol};
+use svclb::{
+    AddressType, Change, Dataplane, DataplaneConfig, EndpointSlice, EndpointSpec, Flow, Instant,
+    IptablesDataplane, Protocol, Service, ServicePortSpec, ServiceTable, SlicePortSpec, TcpFlags,
+};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -61,7 +65,7 @@ fn packet_path_allocates_nothing() {
     let v6: SocketAddr = "[fd00::5]:8080".parse().unwrap();
     let snat_v4: SocketAddr = "10.0.0.1:40001".parse().unwrap();
     let snat_v6: SocketAddr = "[fd00::1]:40001".parse().unwrap();
-    let mut tracker = FragmentTracker::new(64, Duration::from_secs(30));
+    let dp = dataplane();
     let mut ports = SourcePortAllocator::default();
     let snat_ip = snat_v4.ip();
     let flow = Flow::tcp(
@@ -77,8 +81,9 @@ fn packet_path_allocates_nothing() {
     // Warm: the pool and the tracker's tables exist.
     let port = ports.allocate(Protocol::Tcp, v4, snat_ip).unwrap();
     ports.release(Protocol::Tcp, v4, snat_ip, port);
-    tracker.insert(key, flow, Instant::ZERO);
-    tracker.handle_timeout(Instant::from_secs(60));
+    dp.route(&flow, Instant::ZERO);
+    assert!(dp.first_fragment(&key, &flow, Instant::ZERO));
+    assert!(dp.later_fragment(&key, Instant::ZERO).is_some());
 
     let region = Region::new(GLOBAL);
     let mut done = 0;
@@ -105,25 +110,17 @@ fn packet_path_allocates_nothing() {
             }
             done += 1;
         }
-        let now = Instant::from_secs(round);
-        tracker.insert(
-            FragmentKey {
-                id: round as u32,
-                ..key
-            },
-            flow,
-            now,
-        );
-        assert_eq!(
-            tracker.lookup(
-                &FragmentKey {
-                    id: round as u32,
-                    ..key
-                },
-                now
-            ),
-            Some(flow)
-        );
+        let now = Instant::from_secs(round / 10);
+        // The connection's next segment, fragmented: its first fragment
+        // recorded, a later one matched to the connection.
+        assert!(dp.packet(&flow, TcpFlags::ACK, now).is_tracked());
+        let datagram = FragmentKey {
+            id: round as u32,
+            ..key
+        };
+        assert!(dp.first_fragment(&datagram, &flow, now));
+        let t = dp.later_fragment(&datagram, now).unwrap();
+        assert_eq!(t.flow, flow);
         let port = ports.allocate(Protocol::Tcp, v4, snat_ip).unwrap();
         assert!(ports.release(Protocol::Tcp, v4, snat_ip, port));
     }
@@ -135,35 +132,58 @@ fn packet_path_allocates_nothing() {
         "the packet path allocated: {c:?}"
     );
 
-    // A full tracker under churn: every insert evicts the oldest. Removals
-    // leave tombstones in the hash table; once they use up its free slots
-    // it rehashes, and that must happen in place, never by growing (which
-    // allocates, and did, depending on the random hash state). Fresh
-    // trackers each get a new hash state.
+    // A full fragment record under churn: every record evicts its
+    // shard's oldest. Removals leave tombstones in the hash tables; once
+    // they use up the free slots a table rehashes, and that must happen in
+    // place, never by growing (which allocates). Fresh dataplanes each get
+    // new hash states.
     for t in 0..8u32 {
-        let mut tracker = FragmentTracker::new(64, Duration::from_secs(30));
-        for id in 0..64u32 {
-            tracker.insert(FragmentKey { id, ..key }, flow, Instant::ZERO);
+        let dp = dataplane();
+        dp.route(&flow, Instant::ZERO);
+        for id in 0..2048u32 {
+            dp.first_fragment(&FragmentKey { id, ..key }, &flow, Instant::ZERO);
         }
         let region = Region::new(GLOBAL);
-        for id in 64..20_000u32 {
-            tracker.insert(
-                FragmentKey {
-                    id: id ^ (t << 24),
-                    ..key
-                },
-                flow,
-                Instant::ZERO,
-            );
+        for id in 2048..40_000u32 {
+            let datagram = FragmentKey {
+                id: id ^ (t << 24),
+                ..key
+            };
+            assert!(dp.first_fragment(&datagram, &flow, Instant::ZERO));
+            assert!(dp.later_fragment(&datagram, Instant::ZERO).is_some());
         }
         let c = region.change();
-        assert_eq!(tracker.len(), 64);
+        assert_eq!(
+            dp.later_fragment(&FragmentKey { id: 0, ..key }, Instant::ZERO),
+            None
+        );
         assert_eq!(
             c.allocations + c.reallocations + c.deallocations,
             0,
-            "a full fragment tracker allocated under churn (tracker {t}): {c:?}"
+            "a full fragment record allocated under churn (dataplane {t}): {c:?}"
         );
     }
+}
+
+/// A dataplane with one TCP service (`10.96.0.10:80`) and two backends.
+fn dataplane() -> IptablesDataplane {
+    let mut table = ServiceTable::new();
+    let svc = Service::builder("default", "web")
+        .cluster_ip("10.96.0.10".parse().unwrap())
+        .port(ServicePortSpec::tcp(80).target_port(8080))
+        .build()
+        .unwrap();
+    let slice = EndpointSlice::builder("default", "web-1", "web", AddressType::IPv4)
+        .port(SlicePortSpec::tcp(8080))
+        .endpoints(["10.1.0.5", "10.1.0.6"].map(EndpointSpec::new))
+        .build()
+        .unwrap();
+    let cs = table
+        .apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)])
+        .unwrap();
+    let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1));
+    dp.sync(&table, &cs, Instant::ZERO);
+    dp
 }
 
 /// Run without libtest's harness (`harness = false`): the counting

@@ -714,3 +714,117 @@ fn masquerade_rewrites_the_source_and_back() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Masquerade ports are released when their connections end: a replay
+/// with more flows over time than `--snat-ports` has ports (2, to one
+/// backend), in rounds 100 s apart (past netfilter's 30 s UDP timeout),
+/// all NATed;
+/// within a round, a third flow while two live connections hold both
+/// ports is refused, and the two never share one. tshark checks every
+/// checksum of the output.
+#[test]
+fn masquerade_ports_are_released_when_their_connections_end() {
+    if Command::new("tshark").arg("--version").output().is_err() {
+        println!("SKIPPED: tshark is not installed (apt-get install -y tshark)");
+        return;
+    }
+    const ONE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: one, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports:
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: one-1
+  namespace: default
+  labels: {kubernetes.io/service-name: one}
+addressType: IPv4
+ports:
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: ["10.1.0.9"]
+"#;
+    let dir = std::env::temp_dir().join(format!("svclb-pcap-release-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("one.yaml"), ONE).unwrap();
+    // Round 0: three clients at once; rounds 1-6: two at a time, 100 s
+    // apart.
+    let mut frames: Vec<(Duration, Vec<u8>)> = Vec::new();
+    let query = |client: u8| {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 2, 1, client], ip4("10.96.0.20"), 64)
+            .udp(40000, 53)
+            .write(&mut f, b"query")
+            .unwrap();
+        f
+    };
+    for c in 1..=3u8 {
+        frames.push((Duration::from_millis(u64::from(c)), query(c)));
+    }
+    for round in 1..=6u8 {
+        for c in 0..2u8 {
+            let at = Duration::from_secs(100 * u64::from(round)) + Duration::from_millis(c.into());
+            frames.push((at, query(10 + 2 * round + c)));
+        }
+    }
+    let header = PcapHeader {
+        datalink: DataLink::ETHERNET,
+        ..Default::default()
+    };
+    let input = dir.join("in.pcap");
+    let mut w = PcapWriter::with_header(std::fs::File::create(&input).unwrap(), header).unwrap();
+    for (ts, f) in &frames {
+        w.write_packet(&PcapPacket::new(*ts, f.len() as u32, f))
+            .unwrap();
+    }
+    drop(w);
+    let output = dir.join("out.pcap");
+    let out = Command::new(binary())
+        .arg("--manifests")
+        .arg(dir.join("one.yaml"))
+        .arg("--in")
+        .arg(&input)
+        .arg("--out")
+        .arg(&output)
+        .args(["--masquerade-all", "--snat-ip", "10.0.0.1"])
+        .args(["--snat-ports", "50000-50001"])
+        // Netfilter's 30 s UDP timeout (IPVS, the default mode, keeps a
+        // UDP connection 300 s).
+        .args(["--mode", "iptables"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    // 14 flows through 2 ports: round 0's third refused, every later
+    // flow NATed with a port an ended connection gave back.
+    assert!(text.contains(" dnat 14 "), "{text}");
+    assert!(text.contains(" refused 1"), "{text}");
+    assert!(
+        text.contains("masqueraded 14 unmasqueraded 0 released 12"),
+        "{text}"
+    );
+    let rows = tshark(&output);
+    assert_eq!(rows.len(), 14, "{text}");
+    for r in &rows {
+        assert!(!r.statuses.iter().any(|s| s == "0" || s == "Bad"), "{r:?}");
+        assert!(r.statuses.iter().any(|s| s == "1" || s == "Good"), "{r:?}");
+        assert_eq!((r.src.as_str(), r.dst.as_str()), ("10.0.0.1", "10.1.0.9"));
+        assert!(r.sport == "50000" || r.sport == "50001", "{r:?}");
+    }
+    // Each round's two live connections hold different ports.
+    for pair in rows.chunks(2) {
+        assert_ne!(pair[0].sport, pair[1].sport, "{pair:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -31,7 +31,8 @@
 //!   (routed like the cluster IP): 30 connections each in exact thirds
 //!   and a UDP answer from each; the `ipMode: Proxy` IP 10.96.79.2 is not
 //!   routed;
-//! - `SIGTERM` ends the example with status 0.
+//! - `SIGTERM` ends the example with status 0 and a stats line; so does
+//!   `SIGINT`, in a short second run that carries one connection.
 //!
 //! Needs root, `ip`, `ethtool` and `/dev/net/tun`; prints `SKIPPED:
 //! <reason>` and passes otherwise. The namespace, the example and the
@@ -797,4 +798,53 @@ fn tun_dataplane_carries_real_connections() {
     };
     assert!(status.success(), "exit status {status}: {stats:?}");
     println!("{}", stats.last().unwrap());
+
+    // A short second run ends on SIGINT (Ctrl-C) just as cleanly: status
+    // 0 and one stats line, after carrying a connection.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&bin)
+        .args(["--manifests"])
+        .arg(&manifests)
+        .args(["--mode", "ipvs", "--scheduler", "rr", "--dev", DEV])
+        .args(["--snat-pool", POOL, "--node-ip", "10.77.9.1"])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let out = lines(&mut child);
+    guard.child = Some(child);
+    wait_for(&out, "ready");
+    in_ns(&ns, || {
+        let mut c = connect(SocketAddr::from((VIP, 80)), T)
+            .unwrap_or_else(|e| panic!("connection after the restart: {e}"));
+        echo(&mut c, 60_000).unwrap_or_else(|e| panic!("echo after the restart: {e}"));
+    });
+    run(&["kill", "-INT", &pid]).unwrap();
+    let stats = wait_for(&out, "stats");
+    let mut child = guard.child.take().unwrap();
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(status) = status else {
+        guard.child = Some(child);
+        panic!("the example did not exit on SIGINT");
+    };
+    assert!(
+        status.success(),
+        "exit status {status} on SIGINT: {stats:?}"
+    );
+    let line = stats.last().unwrap();
+    assert!(line.starts_with("stats packets "), "{line}");
+    assert!(
+        !line.contains(" dnat 0 "),
+        "the restart carried nothing: {line}"
+    );
+    println!("after SIGINT: {line}");
 }

@@ -7,12 +7,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
 
 use svclb::conntrack::Conntrack;
 use svclb::packet::{
-    FragmentTracker, LinkType, PacketKind, TcpFlags, parse, port_unreachable, reverse_nat,
-    rewrite_dst, rewrite_src,
+    FragmentKey, LinkType, PacketKind, ParsedPacket, TcpFlags, parse, port_unreachable,
+    reverse_nat, rewrite_dst, rewrite_src,
 };
 use svclb::{Dataplane, Flow, Instant, Verdict};
 
@@ -242,23 +241,21 @@ pub(crate) enum Out {
     Answer(usize),
 }
 
-/// The per-packet state of the example: the SNAT pool, the IPv4 fragment
-/// tracker, the counters.
+/// The per-packet state of the example: the SNAT pool and the counters.
+/// Later fragments are matched to their datagram through the dataplane's
+/// connection layer (`Dataplane::first_fragment`, `later_fragment`).
 pub(crate) struct NatPath {
     /// The SNAT addresses.
     pub(crate) pool: SnatPool,
-    /// Later IPv4 fragments, matched to their first one.
-    pub(crate) fragments: FragmentTracker,
     /// The counters.
     pub(crate) stats: Stats,
 }
 
 impl NatPath {
-    /// A packet path over `pool`, with a 4,096-entry fragment tracker (30 s).
+    /// A packet path over `pool`.
     pub(crate) fn new(pool: SnatPool) -> NatPath {
         NatPath {
             pool,
-            fragments: FragmentTracker::new(4096, Duration::from_secs(30)),
             stats: Stats::default(),
         }
     }
@@ -281,9 +278,15 @@ impl NatPath {
             stats.bad += 1;
             return Out::Drop;
         };
-        let Ok(flow) = self.fragments.resolve(&parsed, now) else {
-            stats.dropped += 1;
-            return Out::Drop;
+        let flow = match *parsed.kind() {
+            PacketKind::Flow(f) | PacketKind::IcmpError { inner: f, .. } => f,
+            PacketKind::Fragment(frag) => {
+                return self.later_fragment(dp, frag.key(), now, buf, &parsed);
+            }
+            PacketKind::Unroutable(_) => {
+                stats.dropped += 1;
+                return Out::Drop;
+            }
         };
         let flags = parsed.tcp_flags().unwrap_or(TcpFlags::ACK);
         let icmp_error = matches!(parsed.kind(), PacketKind::IcmpError { .. });
@@ -318,6 +321,9 @@ impl NatPath {
             if backend != Some(peer) || reverse_nat(buf, &parsed, &orig, true).is_err() {
                 stats.dropped += 1;
                 return Out::Drop;
+            }
+            if let Some(key) = parsed.first_fragment() {
+                dp.first_fragment(&key, &orig, now);
             }
             stats.reverse += 1;
             return Out::Send;
@@ -359,7 +365,49 @@ impl NatPath {
             stats.dropped += 1;
             return Out::Drop;
         }
+        if let Some(key) = parsed.first_fragment() {
+            dp.first_fragment(&key, &flow, now);
+        }
         stats.dnat += 1;
+        Out::Send
+    }
+
+    /// A later fragment (no ports) of the datagram `key`: it follows the
+    /// connection its first fragment was recorded for, DNAT and SNAT on
+    /// the way in, reverse NAT on the way out; with none it is dropped.
+    fn later_fragment(
+        &mut self,
+        dp: &dyn Dataplane,
+        key: FragmentKey,
+        now: Instant,
+        buf: &mut [u8],
+        parsed: &ParsedPacket,
+    ) -> Out {
+        let stats = &mut self.stats;
+        let Some(t) = dp.later_fragment(&key, now) else {
+            stats.dropped += 1;
+            return Out::Drop;
+        };
+        if key.src == t.flow.src.ip() && key.dst == t.flow.dst.ip() {
+            let Some(snat) = self.pool.address(t.flow.src.ip(), t.flow.dst) else {
+                stats.dropped += 1;
+                return Out::Drop;
+            };
+            // A later fragment has no ports: only the addresses change.
+            if rewrite_dst(buf, parsed, t.backend_addr).is_err()
+                || rewrite_src(buf, parsed, SocketAddr::new(snat, 0)).is_err()
+            {
+                stats.dropped += 1;
+                return Out::Drop;
+            }
+            stats.dnat += 1;
+        } else {
+            if !self.pool.contains(key.dst) || reverse_nat(buf, parsed, &t.flow, true).is_err() {
+                stats.dropped += 1;
+                return Out::Drop;
+            }
+            stats.reverse += 1;
+        }
         Out::Send
     }
 }

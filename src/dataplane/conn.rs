@@ -11,17 +11,18 @@
 //! tracked.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ahash::{AHashMap, AHashSet};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use super::fragments::Fragments;
 use super::vs_table::{VsTable, WideRoot};
 
 use crate::conntrack::control::{Controlled, Controls};
 use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
-use crate::model::flow::{Flow, Forward, Protocol, Verdict};
+use crate::model::flow::{Flow, Forward, FragmentKey, Protocol, Verdict};
 use crate::model::service::TrafficPolicy;
 use crate::plan::{
     BackendId, BackendState, BackendStates, FrontendId, FrontendKey, FrontendKind, Outcome,
@@ -305,6 +306,10 @@ pub(crate) struct ConnLayer {
     /// Writer side of the reply index (taken only by `publish`, under the
     /// planner's lock): the keys each frontend indexed.
     indexed: Mutex<AHashMap<FrontendId, IndexedKeys>>,
+    /// Fragmented datagrams to their connections (while the tracker is
+    /// on), allocated whole at the first one: a dataplane that never sees
+    /// a fragment pays nothing for it.
+    fragments: OnceLock<Fragments>,
 }
 
 impl ConnLayer {
@@ -326,6 +331,7 @@ impl ConnLayer {
             masquerade_all,
             ipvs,
             indexed: Mutex::new(AHashMap::new()),
+            fragments: OnceLock::new(),
         }
     }
 
@@ -729,7 +735,37 @@ impl ConnLayer {
     }
 
     pub(crate) fn handle_timeout(&self, now: Instant) -> usize {
+        if let Some(f) = self.fragments.get() {
+            f.expire(now);
+        }
         self.tracker.as_ref().map_or(0, |t| t.handle_timeout(now))
+    }
+
+    /// Records the datagram `key` for the tracked connection `conn`
+    /// (original direction); whether it was.
+    pub(crate) fn first_fragment(&self, key: &FragmentKey, conn: &Flow, now: Instant) -> bool {
+        let Some(ct) = &self.tracker else {
+            return false;
+        };
+        if ct.get(conn, now).is_none() {
+            return false;
+        }
+        self.fragments
+            .get_or_init(Fragments::new)
+            .insert(*key, *conn, now);
+        true
+    }
+
+    /// The live connection (backend active or draining) the datagram `key`
+    /// was recorded for.
+    pub(crate) fn later_fragment(
+        &self,
+        states: &BackendStates,
+        key: &FragmentKey,
+        now: Instant,
+    ) -> Option<Tracked> {
+        let conn = self.fragments.get()?.get(key, now)?;
+        self.peek(states, &conn, now)
     }
 
     pub(crate) fn entries(&self, now: Instant) -> Vec<Tracked> {

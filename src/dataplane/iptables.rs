@@ -56,7 +56,7 @@ use super::rule_list::RuleList;
 use super::{Candidates, Dataplane, DataplaneConfig, Mode};
 use crate::affinity::{AffinityEntry, AffinityPort, AffinityReport, AffinityTable, ScopeRegistry};
 use crate::conntrack::{TcpFlags, Tracked};
-use crate::model::flow::{Flow, Protocol, Verdict};
+use crate::model::flow::{Flow, FragmentKey, Protocol, Verdict};
 use crate::model::service::{ServiceKey, SessionAffinity};
 use crate::plan::{BackendId, BackendStates, Frontend, FrontendId, Outcome, PlanDiff, Planner};
 use crate::rng::SeededRng;
@@ -449,6 +449,19 @@ pub struct IptablesReader {
 }
 
 impl IptablesReader {
+    /// Records a fragmented datagram's connection, as
+    /// [`Dataplane::first_fragment`].
+    pub fn first_fragment(&self, datagram: &FragmentKey, connection: &Flow, now: Instant) -> bool {
+        self.shared.conn.first_fragment(datagram, connection, now)
+    }
+
+    /// A later fragment's connection, as [`Dataplane::later_fragment`].
+    pub fn later_fragment(&self, datagram: &FragmentKey, now: Instant) -> Option<Tracked> {
+        self.shared
+            .conn
+            .later_fragment(&self.shared.states, datagram, now)
+    }
+
     /// A new connection's first packet, as [`Dataplane::route`].
     #[inline]
     pub fn route(&mut self, flow: &Flow, now: Instant) -> Verdict {
@@ -600,6 +613,16 @@ impl Dataplane for IptablesDataplane {
 
     fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
         self.shared.conn.peek(&self.shared.states, flow, now)
+    }
+
+    fn first_fragment(&self, datagram: &FragmentKey, connection: &Flow, now: Instant) -> bool {
+        self.shared.conn.first_fragment(datagram, connection, now)
+    }
+
+    fn later_fragment(&self, datagram: &FragmentKey, now: Instant) -> Option<Tracked> {
+        self.shared
+            .conn
+            .later_fragment(&self.shared.states, datagram, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {

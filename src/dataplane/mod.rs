@@ -23,6 +23,7 @@
 //! wait for it longer than a pointer swap.
 
 mod conn;
+mod fragments;
 mod iptables;
 mod ipvs;
 mod nftables;
@@ -42,7 +43,7 @@ use crate::plan::{BackendId, DEFAULT_DRAIN_GRACE};
 use crate::render::Cidr;
 
 use crate::affinity::{AffinityConfig, AffinityEntry, AffinityReport};
-use crate::model::flow::{Flow, Protocol, Verdict};
+use crate::model::flow::{Flow, FragmentKey, Protocol, Verdict};
 use crate::model::service::ServiceKey;
 use crate::scheduler::SchedulerConfig;
 use crate::table::{ChangeSet, ServiceTable};
@@ -518,6 +519,62 @@ pub trait Dataplane: Send + Sync {
     /// ```
     fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
         let _ = (flow, now);
+        None
+    }
+
+    /// Records that the fragmented datagram `datagram` (its first fragment
+    /// just routed or reverse-NATed) belongs to the tracked connection
+    /// whose original direction (client to frontend) is `connection`, so
+    /// that [`later_fragment`](Self::later_fragment) finds it. The record
+    /// lasts as long as IPv4 reassembly waits (30 s), or until the
+    /// connection ends; a bounded table (1,024 datagrams, the oldest
+    /// dropped first), allocated whole at the first datagram recorded and
+    /// allocation-free from then on. Returns whether it was
+    /// recorded: `false` when `connection` is not tracked, and by default,
+    /// for dataplanes that track nothing.
+    ///
+    /// # Examples
+    /// ```
+    /// use svclb::*;
+    /// let mut table = ServiceTable::new();
+    /// let svc = Service::builder("default", "dns")
+    ///     .cluster_ip("10.96.0.10".parse().unwrap())
+    ///     .port(ServicePortSpec::udp(53).target_port(5353))
+    ///     .build().unwrap();
+    /// let slice = EndpointSlice::builder("default", "dns-1", "dns", AddressType::IPv4)
+    ///     .port(SlicePortSpec::udp(5353))
+    ///     .endpoint(EndpointSpec::new("10.0.0.2"))
+    ///     .build().unwrap();
+    /// let changes = table.apply_batch([Change::UpsertService(svc), Change::UpsertSlice(slice)]).unwrap();
+    /// let dp = IptablesDataplane::new(DataplaneConfig::with_seed(1));
+    /// dp.sync(&table, &changes, Instant::ZERO);
+    /// let query = Flow::udp("10.1.0.9:40000".parse().unwrap(), "10.96.0.10:53".parse().unwrap());
+    /// let datagram = FragmentKey { src: query.src.ip(), dst: query.dst.ip(), id: 7, protocol: Protocol::Udp };
+    /// // The first fragment carries the ports: it is routed, then recorded.
+    /// dp.route(&query, Instant::ZERO);
+    /// assert!(dp.first_fragment(&datagram, &query, Instant::ZERO));
+    /// // A later one (no ports) follows its connection.
+    /// let t = dp.later_fragment(&datagram, Instant::ZERO).unwrap();
+    /// assert_eq!((t.flow, t.backend_addr), (query, "10.0.0.2:5353".parse().unwrap()));
+    /// // One whose first fragment was not seen is unroutable.
+    /// assert_eq!(dp.later_fragment(&FragmentKey { id: 8, ..datagram }, Instant::ZERO), None);
+    /// ```
+    fn first_fragment(&self, datagram: &FragmentKey, connection: &Flow, now: Instant) -> bool {
+        let _ = (datagram, connection, now);
+        false
+    }
+
+    /// The tracked connection a later fragment (one with no transport
+    /// header) of `datagram` belongs to, recorded by
+    /// [`first_fragment`](Self::first_fragment): its original flow and its
+    /// backend, which the fragment follows across endpoint changes while
+    /// the backend is active or draining. With no side effect (the datagram
+    /// is one packet, its first fragment's). `None`, the fragment is
+    /// unroutable: its first fragment was not seen (or is over 30 s old),
+    /// or the connection ended or lost its backend, and by default.
+    /// Allocates nothing.
+    fn later_fragment(&self, datagram: &FragmentKey, now: Instant) -> Option<Tracked> {
+        let _ = (datagram, now);
         None
     }
 

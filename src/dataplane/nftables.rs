@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use super::{Candidates, Dataplane, DataplaneConfig, IpvsDataplane, IpvsReader, Mode};
 use crate::affinity::{AffinityEntry, AffinityReport, AffinityTable};
 use crate::conntrack::{TcpFlags, Tracked};
-use crate::model::flow::{Flow, Protocol, Verdict};
+use crate::model::flow::{Flow, FragmentKey, Protocol, Verdict};
 use crate::model::service::ServiceKey;
 use crate::scheduler::{NumgenFactory, SchedulerConfig};
 use crate::table::{ChangeSet, ServiceTable};
@@ -127,6 +127,14 @@ impl Dataplane for NftablesDataplane {
 
     fn peek(&self, flow: &Flow, now: Instant) -> Option<Tracked> {
         self.inner.peek(flow, now)
+    }
+
+    fn first_fragment(&self, datagram: &FragmentKey, connection: &Flow, now: Instant) -> bool {
+        self.inner.first_fragment(datagram, connection, now)
+    }
+
+    fn later_fragment(&self, datagram: &FragmentKey, now: Instant) -> Option<Tracked> {
+        self.inner.later_fragment(datagram, now)
     }
 
     fn candidates(&self, protocol: Protocol, dst: SocketAddr) -> Candidates {

@@ -3,7 +3,7 @@
 
 use core::fmt;
 use core::str::FromStr;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::error::ValidationError;
 use crate::plan::{BackendId, FrontendId};
@@ -234,6 +234,22 @@ impl fmt::Display for Verdict {
             other => f.write_str(other.kind_str()),
         }
     }
+}
+
+/// The identity of an IP datagram's fragments (RFC 791: source,
+/// destination, protocol and identification), for matching later fragments
+/// to the connection of the first
+/// ([`Dataplane::first_fragment`](crate::Dataplane::first_fragment)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// The identification (16 bits in IPv4, 32 in IPv6's fragment header).
+    pub id: u32,
+    /// The upper-layer protocol.
+    pub protocol: Protocol,
 }
 
 #[cfg(test)]

@@ -16,9 +16,14 @@
 //!    the IPv4 header, TCP and UDP with their pseudo-headers (UDP's "no
 //!    checksum" 0 kept), SCTP's CRC32c recomputed; ICMP errors get their
 //!    embedded headers translated as Linux's NAT does.
-//! 3. Later IPv4/IPv6 fragments carry no ports: a [`FragmentTracker`]
-//!    maps them to their first fragment's flow, or says they are
-//!    unroutable.
+//! 3. Later IPv4/IPv6 fragments carry no ports: they are matched to
+//!    their datagram through the connection layer. Record a first
+//!    fragment's [`ParsedPacket::first_fragment`] key with
+//!    [`Dataplane::first_fragment`](crate::Dataplane::first_fragment) once
+//!    its connection is tracked; a later fragment's
+//!    [`Fragment::key`] finds that connection (and its backend) with
+//!    [`Dataplane::later_fragment`](crate::Dataplane::later_fragment), or
+//!    it is unroutable.
 //!
 //! A packet to a rejected service gets [`port_unreachable`]: the ICMP
 //! answer kube-proxy's REJECT sends.
@@ -54,7 +59,6 @@
 mod checksum;
 mod crc32c;
 mod error;
-mod fragment;
 mod parse;
 mod ports;
 mod reject;
@@ -63,13 +67,14 @@ mod rewrite;
 /// The TCP flags of a parsed packet: the connection tracker's own type, so
 /// a parsed packet's flags go straight to [`Dataplane::packet`](crate::Dataplane::packet).
 pub use crate::conntrack::TcpFlags;
+/// The identity of a fragmented datagram (also at the crate root).
+pub use crate::model::flow::FragmentKey;
 pub use checksum::{internet_checksum, verify_checksums};
 pub use crc32c::{crc32c, sctp_checksum};
 pub use error::{ChecksumError, Exhausted, ParseError, RejectError, RewriteError};
-pub use fragment::FragmentTracker;
 pub use parse::{
-    Fragment, FragmentKey, IcmpError, IcmpErrorKind, InnerLayout, IpVersion, Layout, LinkType,
-    PacketKind, ParsedPacket, Transport, Unroutable, parse,
+    Fragment, IcmpError, IcmpErrorKind, InnerLayout, IpVersion, Layout, LinkType, PacketKind,
+    ParsedPacket, Transport, Unroutable, parse,
 };
 pub use ports::{DEFAULT_PORT_RANGE, SourcePortAllocator};
 pub use reject::{ICMP_ERROR_MAX_V4, ICMP_ERROR_MAX_V6, port_unreachable};

@@ -20,7 +20,7 @@ use etherparse::{
 
 use super::error::ParseError;
 use crate::conntrack::TcpFlags;
-use crate::{Flow, Protocol};
+use crate::{Flow, FragmentKey, Protocol};
 
 const ETH_IPV4: u16 = 0x0800;
 const ETH_IPV6: u16 = 0x86DD;
@@ -110,24 +110,9 @@ pub struct IcmpError {
     pub code: u8,
 }
 
-/// The identity of an IP datagram's fragments (RFC 791: source,
-/// destination, protocol and identification), for matching later fragments
-/// to the flow of the first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FragmentKey {
-    /// Source address.
-    pub src: IpAddr,
-    /// Destination address.
-    pub dst: IpAddr,
-    /// The identification (16 bits in IPv4, 32 in IPv6's fragment header).
-    pub id: u32,
-    /// The upper-layer protocol.
-    pub protocol: Protocol,
-}
-
 /// A later fragment (non-zero offset): it holds no transport header, so no
-/// ports. Match it to its first fragment with a
-/// [`FragmentTracker`](super::FragmentTracker).
+/// ports. Match it to its first fragment through the connection layer:
+/// [`Dataplane::later_fragment`](crate::Dataplane::later_fragment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fragment {
     /// The identification.
@@ -184,8 +169,6 @@ pub enum Unroutable {
         /// The embedded packet's protocol number.
         protocol: u8,
     },
-    /// A later fragment whose first fragment was not seen (or has expired).
-    UnmatchedFragment,
 }
 
 impl fmt::Display for Unroutable {
@@ -211,9 +194,6 @@ impl fmt::Display for Unroutable {
                     f,
                     "an icmp error about ip protocol {protocol}, which has no ports"
                 )
-            }
-            Unroutable::UnmatchedFragment => {
-                f.write_str("a later fragment whose first fragment is unknown")
             }
         }
     }
@@ -372,7 +352,7 @@ impl ParsedPacket {
 
     /// For the first fragment of a fragmented TCP/UDP/SCTP datagram: the
     /// key its later fragments will carry. Record it with
-    /// [`FragmentTracker::insert`](super::FragmentTracker::insert).
+    /// [`Dataplane::first_fragment`](crate::Dataplane::first_fragment).
     pub fn first_fragment(&self) -> Option<FragmentKey> {
         match self.kind {
             PacketKind::Flow(f) if self.first => Some(FragmentKey {
