@@ -870,3 +870,48 @@ fn replay_writes_each_sync_as_kube_proxy_partial_syncs() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--service-node-port-range` is the API server's flag: a node port
+/// outside the default 30000-32767 is refused, naming the field, unless
+/// the range holds it; then the node port routes.
+#[test]
+fn service_node_port_range_is_configurable() {
+    let p = temp_file(
+        "np-range.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: prod}\n\
+         spec: {type: NodePort, clusterIP: 10.96.8.8, ports: [{port: 80, targetPort: 8080, nodePort: 8080}]}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: np-1, namespace: prod, labels: {kubernetes.io/service-name: np}}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.1.9]}]\n",
+    );
+    let path = p.to_str().unwrap();
+    let route = [
+        "route",
+        "--src",
+        "198.51.100.7",
+        "--dst",
+        "192.168.0.2:8080",
+    ];
+    let base = ["--node-ip", "192.168.0.2", "--manifests", path];
+    let e = err(&base.iter().chain(&route).copied().collect::<Vec<_>>());
+    assert!(e.contains("spec.ports[0].nodePort"), "{e}");
+    assert!(e.contains("\"8080\""), "{e}");
+    for range in ["8000-9000", "8000+1000"] {
+        let args: Vec<&str> = ["--service-node-port-range", range]
+            .iter()
+            .chain(&base)
+            .chain(&route)
+            .copied()
+            .collect();
+        assert_eq!(ok(&args), "FORWARD 10.244.1.9:8080 masquerade\n", "{range}");
+    }
+    let args: Vec<&str> = ["--service-node-port-range", "9000-8000"]
+        .iter()
+        .chain(&base)
+        .chain(&route)
+        .copied()
+        .collect();
+    let e = err(&args);
+    assert!(e.contains("--service-node-port-range"), "{e}");
+    let _ = std::fs::remove_file(&p);
+}
