@@ -915,3 +915,60 @@ fn service_node_port_range_is_configurable() {
     assert!(e.contains("--service-node-port-range"), "{e}");
     let _ = std::fs::remove_file(&p);
 }
+
+/// A trace that applies a LoadBalancer service (node port, external IP,
+/// LB IP with source ranges, eTP Local) routes each frontend kind, and its
+/// syncs write and then delete the node-port and firewall rules.
+#[test]
+fn replay_applies_the_external_surface() {
+    let dir = std::env::temp_dir().join(format!("svclb-cli-{}-lb-syncs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let trace = temp_file(
+        "lb.trace",
+        "0.0 apply tests/fixtures/surface/lb.yaml\n\
+         1.0 connect tcp 198.51.100.7:40001 192.168.0.2:30080\n\
+         1.1 connect tcp 198.51.100.7:40002 1.2.3.4:80\n\
+         1.2 connect tcp 203.0.113.9:40003 1.2.3.4:80\n\
+         1.3 connect tcp 203.0.113.9:40004 192.168.99.11:80\n\
+         2.0 delete Service prod/shop\n\
+         2.1 connect tcp 198.51.100.7:40005 192.168.0.2:30080\n",
+    );
+    let out = ok(&with(
+        &["--node", "node-a", "--node-ip", "192.168.0.2"],
+        &[
+            "replay",
+            trace.to_str().unwrap(),
+            "--syncs",
+            dir.to_str().unwrap(),
+        ],
+    ));
+    for want in [
+        "1.000 198.51.100.7:40001 -> 192.168.0.2:30080 FORWARD 10.244.1.5:8080\n",
+        "1.100 198.51.100.7:40002 -> 1.2.3.4:80 DROP\n",
+        "1.200 203.0.113.9:40003 -> 1.2.3.4:80 FORWARD 10.244.1.5:8080\n",
+        "1.300 203.0.113.9:40004 -> 192.168.99.11:80 FORWARD 10.244.1.5:8080\n",
+        "2.100 198.51.100.7:40005 -> 192.168.0.2:30080 NO-SERVICE\n",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let (ipt, nft) = (read("0002.iptables"), read("0002.nft"));
+    for want in [
+        "-A KUBE-NODEPORTS -m comment --comment prod/shop:http -m tcp -p tcp --dport 30080 -j KUBE-EXT-",
+        "-s 203.0.113.0/25 -j KUBE-EXT-",
+        "health check node port\" -m tcp -p tcp --dport 32000 -j ACCEPT",
+    ] {
+        assert!(ipt.contains(want), "missing {want:?} in\n{ipt}");
+    }
+    assert!(nft.contains("service-nodeports"), "{nft}");
+    assert!(nft.contains("firewall-ips"), "{nft}");
+    let (ipt, nft) = (read("0003.iptables"), read("0003.nft"));
+    assert!(ipt.contains("\n-X KUBE-EXT-"), "{ipt}");
+    assert!(ipt.contains("\n-X KUBE-FW-"), "{ipt}");
+    assert!(
+        nft.contains("delete element ip kube-proxy service-nodeports { tcp . 30080 }"),
+        "{nft}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&trace);
+}
