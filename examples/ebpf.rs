@@ -358,6 +358,7 @@ fn run(cli: &Cli, tx: Sender<Event>, rx: Receiver<Event>) -> Result<(), String> 
         verbose: cli.verbose,
         limits: InputLimits::default(),
         max_errors: 20,
+        ..LoadOptions::default()
     };
     let mut input = Input {
         options: options.clone(),

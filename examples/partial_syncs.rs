@@ -11,6 +11,15 @@
 //! cargo run --release --example partial_syncs -- --services 10000 --endpoints 3
 //! ```
 //!
+//! `--load-balancer-every M` makes every Mth service (0, M, 2M, ...) a
+//! LoadBalancer service with a node port and an ingress IP; every other
+//! one of those has `externalTrafficPolicy: Local` and a source range
+//! (default 0: cluster IPs only):
+//!
+//! ```text
+//! cargo run --release --example partial_syncs -- --services 10000 --endpoints 3 --load-balancer-every 10
+//! ```
+//!
 //! The syncs are one simulated second apart, so in large cluster mode
 //! (more than 1000 endpoints) the iptables syncer does not delete stale
 //! chains until a sync period (30 s) has passed, as kube-proxy does.
@@ -20,18 +29,32 @@ use std::time::Instant as Clock;
 use svclb::render::{RenderOptions, iptables, nft};
 use svclb::*;
 
-fn service(i: usize) -> Change {
-    Change::UpsertService(
-        Service::builder(format!("ns{}", i % 100), format!("svc{i}"))
-            .cluster_ip(
-                format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256)
+fn service(i: usize, lb_every: usize) -> Change {
+    let mut b = Service::builder(format!("ns{}", i % 100), format!("svc{i}")).cluster_ip(
+        format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256)
+            .parse()
+            .unwrap(),
+    );
+    let mut port = ServicePortSpec::tcp(80).name("http");
+    if lb_every > 0 && i % lb_every == 0 {
+        let j = i / lb_every;
+        let node_port = 30_000 + i64::try_from(j).unwrap();
+        port = port.node_port(node_port);
+        b = b
+            .service_type(ServiceType::LoadBalancer)
+            .load_balancer_ingress(
+                format!("172.16.{}.{}", (j / 256) % 256, j % 256)
                     .parse()
                     .unwrap(),
-            )
-            .port(ServicePortSpec::tcp(80).name("http"))
-            .build()
-            .unwrap(),
-    )
+                IpMode::VIP,
+            );
+        if j % 2 == 1 {
+            b = b
+                .external_traffic_policy(TrafficPolicy::Local)
+                .load_balancer_source_range("203.0.113.0/24".parse().unwrap());
+        }
+    }
+    Change::UpsertService(b.port(port).build().unwrap())
 }
 
 fn slice(i: usize, k: usize, generation: usize) -> Change {
@@ -106,10 +129,15 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let n = arg(&args, "--services", 10_000);
     let k = arg(&args, "--endpoints", 3);
+    let lb = arg(&args, "--load-balancer-every", 0);
     assert!(n >= 200, "--services: at least 200");
+    assert!(
+        lb == 0 || n / lb < 2_767,
+        "--load-balancer-every: more node ports than 30000-32767 holds"
+    );
     let mut table = ServiceTable::new();
     table
-        .apply_batch((0..n).flat_map(|i| [service(i), slice(i, k, 0)]))
+        .apply_batch((0..n).flat_map(|i| [service(i, lb), slice(i, k, 0)]))
         .unwrap();
     let opts = RenderOptions::default();
     let mut s = Syncs {
@@ -118,12 +146,23 @@ fn main() {
         opts,
         at: 0,
     };
-    println!("partial syncs at {n} services, {k} endpoints each");
+    if lb > 0 {
+        println!(
+            "partial syncs at {n} services ({} LoadBalancer), {k} endpoints each",
+            n.div_ceil(lb)
+        );
+    } else {
+        println!("partial syncs at {n} services, {k} endpoints each");
+    }
     s.sync(&table, "first sync (full)");
     s.sync(&table, "no change");
     table.apply(slice(7, k, 1)).unwrap();
     s.sync(&table, "one service's endpoints change");
-    table.apply(service(n)).unwrap();
+    if lb > 0 {
+        table.apply(slice(lb, k, 1)).unwrap();
+        s.sync(&table, "one LoadBalancer service's endpoints change");
+    }
+    table.apply(service(n, 0)).unwrap();
     table.apply(slice(n, k, 0)).unwrap();
     s.sync(&table, "one service added");
     table

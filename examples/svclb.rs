@@ -15,8 +15,8 @@
 //! ```
 //!
 //! Input goes through `svclb::k8s::loader` (the flags `--watch`,
-//! `--service-cidr`, `--keep-going`, `--verbose` and the `--max-*` limits
-//! are its `LoadOptions`, parsed in `examples/shared/load.rs`, which the
+//! `--service-cidr`, `--service-node-port-range`, `--keep-going`,
+//! `--verbose` and the `--max-*` limits are its `LoadOptions`, parsed in `examples/shared/load.rs`, which the
 //! proxy shares). `--watch -` reads standard input to its end.
 //!
 //! Exit status: 0 on success, 1 for bad input (a manifest, a trace line, a
@@ -134,7 +134,8 @@ struct Cli {
     #[arg(long, action = clap::ArgAction::Append, value_name = "FILE|-")]
     watch: Vec<PathBuf>,
     /// The loader's flags (`--node`, `--zone`, `--service-cidr`,
-    /// `--keep-going`, `--verbose`, `--max-*`), shared with the proxy.
+    /// `--service-node-port-range`, `--keep-going`, `--verbose`,
+    /// `--max-*`), shared with the proxy.
     #[command(flatten)]
     load: load::LoadArgs,
     #[command(subcommand)]

@@ -870,3 +870,105 @@ fn replay_writes_each_sync_as_kube_proxy_partial_syncs() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--service-node-port-range` is the API server's flag: a node port
+/// outside the default 30000-32767 is refused, naming the field, unless
+/// the range holds it; then the node port routes.
+#[test]
+fn service_node_port_range_is_configurable() {
+    let p = temp_file(
+        "np-range.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: prod}\n\
+         spec: {type: NodePort, clusterIP: 10.96.8.8, ports: [{port: 80, targetPort: 8080, nodePort: 8080}]}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: np-1, namespace: prod, labels: {kubernetes.io/service-name: np}}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.1.9]}]\n",
+    );
+    let path = p.to_str().unwrap();
+    let route = [
+        "route",
+        "--src",
+        "198.51.100.7",
+        "--dst",
+        "192.168.0.2:8080",
+    ];
+    let base = ["--node-ip", "192.168.0.2", "--manifests", path];
+    let e = err(&base.iter().chain(&route).copied().collect::<Vec<_>>());
+    assert!(e.contains("spec.ports[0].nodePort"), "{e}");
+    assert!(e.contains("\"8080\""), "{e}");
+    for range in ["8000-9000", "8000+1000"] {
+        let args: Vec<&str> = ["--service-node-port-range", range]
+            .iter()
+            .chain(&base)
+            .chain(&route)
+            .copied()
+            .collect();
+        assert_eq!(ok(&args), "FORWARD 10.244.1.9:8080 masquerade\n", "{range}");
+    }
+    let args: Vec<&str> = ["--service-node-port-range", "9000-8000"]
+        .iter()
+        .chain(&base)
+        .chain(&route)
+        .copied()
+        .collect();
+    let e = err(&args);
+    assert!(e.contains("--service-node-port-range"), "{e}");
+    let _ = std::fs::remove_file(&p);
+}
+
+/// A trace that applies a LoadBalancer service (node port, external IP,
+/// LB IP with source ranges, eTP Local) routes each frontend kind, and its
+/// syncs write and then delete the node-port and firewall rules.
+#[test]
+fn replay_applies_the_external_surface() {
+    let dir = std::env::temp_dir().join(format!("svclb-cli-{}-lb-syncs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let trace = temp_file(
+        "lb.trace",
+        "0.0 apply tests/fixtures/surface/lb.yaml\n\
+         1.0 connect tcp 198.51.100.7:40001 192.168.0.2:30080\n\
+         1.1 connect tcp 198.51.100.7:40002 1.2.3.4:80\n\
+         1.2 connect tcp 203.0.113.9:40003 1.2.3.4:80\n\
+         1.3 connect tcp 203.0.113.9:40004 192.168.99.11:80\n\
+         2.0 delete Service prod/shop\n\
+         2.1 connect tcp 198.51.100.7:40005 192.168.0.2:30080\n",
+    );
+    let out = ok(&with(
+        &["--node", "node-a", "--node-ip", "192.168.0.2"],
+        &[
+            "replay",
+            trace.to_str().unwrap(),
+            "--syncs",
+            dir.to_str().unwrap(),
+        ],
+    ));
+    for want in [
+        "1.000 198.51.100.7:40001 -> 192.168.0.2:30080 FORWARD 10.244.1.5:8080\n",
+        "1.100 198.51.100.7:40002 -> 1.2.3.4:80 DROP\n",
+        "1.200 203.0.113.9:40003 -> 1.2.3.4:80 FORWARD 10.244.1.5:8080\n",
+        "1.300 203.0.113.9:40004 -> 192.168.99.11:80 FORWARD 10.244.1.5:8080\n",
+        "2.100 198.51.100.7:40005 -> 192.168.0.2:30080 NO-SERVICE\n",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let (ipt, nft) = (read("0002.iptables"), read("0002.nft"));
+    for want in [
+        "-A KUBE-NODEPORTS -m comment --comment prod/shop:http -m tcp -p tcp --dport 30080 -j KUBE-EXT-",
+        "-s 203.0.113.0/25 -j KUBE-EXT-",
+        "health check node port\" -m tcp -p tcp --dport 32000 -j ACCEPT",
+    ] {
+        assert!(ipt.contains(want), "missing {want:?} in\n{ipt}");
+    }
+    assert!(nft.contains("service-nodeports"), "{nft}");
+    assert!(nft.contains("firewall-ips"), "{nft}");
+    let (ipt, nft) = (read("0003.iptables"), read("0003.nft"));
+    assert!(ipt.contains("\n-X KUBE-EXT-"), "{ipt}");
+    assert!(ipt.contains("\n-X KUBE-FW-"), "{ipt}");
+    assert!(
+        nft.contains("delete element ip kube-proxy service-nodeports { tcp . 30080 }"),
+        "{nft}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&trace);
+}

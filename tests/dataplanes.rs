@@ -210,6 +210,66 @@ fn dual_stack_vips_forward_to_their_own_family() {
     }
 }
 
+/// A flow whose source and destination are of different families (which
+/// `Flow::try_new` refuses and no packet carries; `Flow::new` does not
+/// check) is no service's, in every mode: an IPv6 client is never sent to
+/// an IPv4 backend, nor the other way round.
+#[test]
+fn mixed_family_flows_are_no_service() {
+    let mut t = ServiceTable::new();
+    let svc = Service::builder("default", "ds")
+        .cluster_ip("10.96.0.50".parse().unwrap())
+        .cluster_ip("fd00::50".parse().unwrap())
+        .port(ServicePortSpec::tcp(80))
+        .build()
+        .unwrap();
+    let v4 = EndpointSlice::builder("default", "ds-v4", "ds", AddressType::IPv4)
+        .port(SlicePortSpec::tcp(80))
+        .endpoint(EndpointSpec::new("10.1.0.9"))
+        .build()
+        .unwrap();
+    let v6 = EndpointSlice::builder("default", "ds-v6", "ds", AddressType::IPv6)
+        .port(SlicePortSpec::tcp(80))
+        .endpoint(EndpointSpec::new("fd00:1::9"))
+        .build()
+        .unwrap();
+    let changes = t
+        .apply_batch([
+            Change::UpsertService(svc),
+            Change::UpsertSlice(v4),
+            Change::UpsertSlice(v6),
+        ])
+        .unwrap();
+    let config = DataplaneConfig::with_seed(1);
+    let nft = NftablesDataplane::new(config.clone());
+    nft.sync(&t, &changes, Instant::ZERO);
+    let (ipt, ipvs) = both(&t, config);
+    for dp in [&ipt as &dyn Dataplane, &ipvs, &nft] {
+        for (src, dst) in [
+            ("[fd00:2::1]:1", "10.96.0.50:80"),
+            ("10.2.0.1:1", "[fd00::50]:80"),
+        ] {
+            let f = flow(src, dst);
+            assert!(Flow::try_new(f.protocol, f.src, f.dst).is_err());
+            assert_eq!(
+                dp.route(&f, Instant::ZERO),
+                Verdict::NotAService,
+                "{src} -> {dst}"
+            );
+            assert_eq!(
+                dp.route_excluding(&f, &[], Instant::ZERO),
+                Verdict::NotAService,
+                "{src} -> {dst}"
+            );
+        }
+        // Single-family flows still forward.
+        assert!(matches!(
+            dp.route(&flow("10.2.0.1:1", "10.96.0.50:80"), Instant::ZERO),
+            Verdict::Forward(_)
+        ));
+    }
+}
+
 #[test]
 fn ipvs_endpoint_change_swaps_only_its_service_and_service_changes_rebuild_map() {
     let mut t = web_table();

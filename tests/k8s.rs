@@ -224,8 +224,47 @@ mod round_trip {
             dist in 0u8..3,
             topology in any::<bool>(),
             publish in any::<bool>(),
+            // The external surface: type (ClusterIP, NodePort,
+            // LoadBalancer), node ports, externalIPs, ingress IPs (ipMode
+            // Proxy or VIP), a source range, eTP Local,
+            // healthCheckNodePort, allocateLoadBalancerNodePorts: false.
+            ext in (
+                0u8..3,
+                30_000i64..=31_000,
+                prop::collection::vec(any::<u8>(), 0..3),
+                prop::collection::vec((any::<u8>(), any::<bool>()), 0..3),
+                prop::option::of(8u8..=32),
+                any::<bool>(),
+                prop::option::of(32_000i64..=32_767),
+                any::<bool>(),
+            ),
         ) -> Option<Service> {
-            let mut b = Service::builder("ns-1", "svc-a");
+            let (ty, node_port, external_ips, ingress, range, etp_local, hcnp, no_alloc) = ext;
+            let ty = [ServiceType::ClusterIP, ServiceType::NodePort, ServiceType::LoadBalancer][usize::from(ty)];
+            let external = ty != ServiceType::ClusterIP;
+            let lb = ty == ServiceType::LoadBalancer;
+            let mut b = Service::builder("ns-1", "svc-a").service_type(ty);
+            for x in external_ips {
+                b = b.external_ip(IpAddr::from([192, 168, 99, x]));
+            }
+            if lb {
+                for (x, proxy) in ingress {
+                    let mode = if proxy { IpMode::Proxy } else { IpMode::VIP };
+                    b = b.load_balancer_ingress(IpAddr::from([198, 51, 100, x]), mode);
+                }
+                if let Some(len) = range {
+                    b = b.load_balancer_source_range(format!("203.0.113.0/{}", len.max(24)).parse().unwrap());
+                }
+                if no_alloc {
+                    b = b.allocate_load_balancer_node_ports(false);
+                }
+            }
+            if external && etp_local {
+                b = b.external_traffic_policy(TrafficPolicy::Local);
+                if let (true, Some(h)) = (lb, hcnp) {
+                    b = b.health_check_node_port(h);
+                }
+            }
             if headless {
                 b = b.headless();
             } else {
@@ -236,6 +275,9 @@ mod round_trip {
             }
             for (i, (port, proto, target, named_target)) in ports.into_iter().enumerate() {
                 let mut p = ServicePortSpec::new(proto, port).name(format!("p{i}"));
+                if external {
+                    p = p.node_port(node_port + i64::try_from(i).unwrap());
+                }
                 p = match (target, named_target) {
                     (_, true) => p.target_port_name(format!("t{i}")),
                     (Some(t), false) => p.target_port(t),

@@ -1,7 +1,7 @@
 //! The input flags every example that loads Kubernetes input takes, and
 //! their translation into `svclb::k8s::loader::LoadOptions` and a node
-//! topology: `--service-cidr`, `--node`, `--zone`, `--keep-going`,
-//! `--verbose` and the `--max-*` limits (the same names and defaults as
+//! topology: `--service-cidr`, `--service-node-port-range`, `--node`,
+//! `--zone`, `--keep-going`, `--verbose` and the `--max-*` limits (the same names and defaults as
 //! `examples/svclb.rs`); and the node's addresses, `--node-ip` and
 //! `--nodeport-addresses`, that node ports answer on.
 
@@ -75,6 +75,10 @@ pub(crate) struct LoadArgs {
     /// Bad objects reported per input (the rest are counted).
     #[arg(long, default_value_t = 20)]
     pub(crate) max_errors: usize,
+    /// The API server's --service-node-port-range (LOW-HIGH or
+    /// BASE+SIZE) that every spec.ports[].nodePort must fall in.
+    #[arg(long, default_value = "30000-32767", value_name = "LOW-HIGH")]
+    pub(crate) service_node_port_range: String,
 }
 
 impl LoadArgs {
@@ -91,6 +95,7 @@ impl LoadArgs {
                 max_objects: self.max_objects,
             },
             max_errors: self.max_errors,
+            node_port_range: loader::parse_node_port_range(&self.service_node_port_range)?,
         })
     }
 

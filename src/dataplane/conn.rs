@@ -543,6 +543,13 @@ impl ConnLayer {
         rng: &SeededRng,
         mut schedule: impl FnMut(&Flow) -> Scheduled,
     ) -> Verdict {
+        // No packet has a source and destination of different families
+        // (`Flow::try_new` refuses them; `Flow::new` does not check): no
+        // frontend captures one, so no client meets a backend of the other
+        // family.
+        if !flow.is_single_family() {
+            return Verdict::NotAService;
+        }
         if let Some(ct) = &self.tracker {
             if let Some(hit) = ct.lookup(flow, flags, now) {
                 match states.state(hit.backend) {
@@ -602,6 +609,9 @@ impl ConnLayer {
         rng: &SeededRng,
         schedule: impl FnMut(&Flow, &[BackendId]) -> Scheduled,
     ) -> Verdict {
+        if !flow.is_single_family() {
+            return Verdict::NotAService;
+        }
         if let Some(ct) = &self.tracker {
             ct.remove(flow);
         }

@@ -9,6 +9,7 @@
 //! | [`verbose`](LoadOptions::verbose) | `--verbose` | off |
 //! | [`limits`](LoadOptions::limits) | `--max-input-bytes`, `--max-depth`, `--max-documents`, `--max-objects` | 256 MiB, 100, 1,000,000, 1,000,000 |
 //! | [`max_errors`](LoadOptions::max_errors) | `--max-errors` | 20 |
+//! | [`node_port_range`](LoadOptions::node_port_range) | `--service-node-port-range` | `30000-32767` |
 //!
 //! What it does beyond [`Manifests`]:
 //!
@@ -57,6 +58,7 @@ use core::fmt;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -68,7 +70,7 @@ use super::manifest::{
 };
 use super::watch::{ResourceVersions, StaleEvent};
 use crate::error::{UpdateError, ValidationError};
-use crate::model::service::ServiceKey;
+use crate::model::service::{DEFAULT_NODE_PORT_RANGE, ServiceKey};
 use crate::render::Cidr;
 use crate::table::{ChangeNote, ChangeSet, ServiceTable};
 
@@ -89,6 +91,9 @@ pub struct LoadOptions {
     pub limits: InputLimits,
     /// Errors reported per input before the rest are only counted.
     pub max_errors: usize,
+    /// `--service-node-port-range`: the API server's range every
+    /// `spec.ports[].nodePort` must fall in ([`parse_node_port_range`]).
+    pub node_port_range: RangeInclusive<u16>,
 }
 
 impl Default for LoadOptions {
@@ -99,8 +104,49 @@ impl Default for LoadOptions {
             verbose: false,
             limits: InputLimits::default(),
             max_errors: ManifestErrors::DEFAULT_MAX,
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
         }
     }
+}
+
+/// Parses `--service-node-port-range` as the API server does: `LOW-HIGH`
+/// (both included) or `BASE+SIZE` (`SIZE` ports from `BASE`).
+///
+/// # Errors
+/// [`ValidationError::Invalid`] naming `--service-node-port-range` for
+/// anything else, a port outside 1-65535, or an empty range.
+pub fn parse_node_port_range(text: &str) -> Result<RangeInclusive<u16>, ValidationError> {
+    let invalid = |reason| ValidationError::Invalid {
+        field: "--service-node-port-range".into(),
+        value: text.into(),
+        reason,
+    };
+    let t = text.trim();
+    let num = |s: &str| s.trim().parse::<u32>().ok();
+    let (low, high) = if let Some((a, b)) = t.split_once('-') {
+        match (num(a), num(b)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return Err(invalid("must be LOW-HIGH or BASE+SIZE")),
+        }
+    } else if let Some((a, n)) = t.split_once('+') {
+        match (num(a), num(n)) {
+            (Some(a), Some(n)) if n > 0 => (a, a + n - 1),
+            (Some(_), Some(_)) => return Err(invalid("the range is empty")),
+            _ => return Err(invalid("must be LOW-HIGH or BASE+SIZE")),
+        }
+    } else {
+        return Err(invalid("must be LOW-HIGH or BASE+SIZE"));
+    };
+    let (Ok(low), Ok(high)) = (u16::try_from(low), u16::try_from(high)) else {
+        return Err(invalid("ports must be 1-65535"));
+    };
+    if low == 0 {
+        return Err(invalid("ports must be 1-65535"));
+    }
+    if low > high {
+        return Err(invalid("the range is empty"));
+    }
+    Ok(low..=high)
 }
 
 /// Parses `--service-cidr`: one or two comma-separated CIDRs, at most one
@@ -575,7 +621,9 @@ impl Loader {
             self.selectors.insert(s.key(), s.spec.selector.is_some());
         }
         let selectors = &self.selectors;
-        manifests.changes_lenient(|key| selectors.get(key).copied())
+        manifests.changes_lenient_in(self.options.node_port_range.clone(), |key| {
+            selectors.get(key).copied()
+        })
     }
 
     /// Applies a batch whole; under `keep_going`, drops each refused change
@@ -783,6 +831,47 @@ mod tests {
             .cluster_ip()
             .addrs()[0];
         assert_ne!(a2, a[0]);
+    }
+
+    #[test]
+    fn the_node_port_range_is_the_api_servers_flag() {
+        assert_eq!(
+            parse_node_port_range("30000-32767").unwrap(),
+            30_000..=32_767
+        );
+        assert_eq!(parse_node_port_range("8000+100").unwrap(), 8_000..=8_099);
+        assert_eq!(parse_node_port_range("80-80").unwrap(), 80..=80);
+        for bad in [
+            "",
+            "30000",
+            "0-100",
+            "100-65536",
+            "200-100",
+            "100+0",
+            "a-b",
+            "70000+1",
+        ] {
+            let e = parse_node_port_range(bad).unwrap_err().to_string();
+            assert!(e.contains("--service-node-port-range"), "{bad}: {e}");
+        }
+        // nodePort 8080: refused in the default range, loaded in 8000-9000.
+        let text = "kind: Service\nmetadata: {name: a}\nspec: {type: NodePort, clusterIP: 10.96.0.5, ports: [{port: 80, nodePort: 8080}]}";
+        let mut table = ServiceTable::new();
+        let err = Loader::new(LoadOptions::default())
+            .apply_manifest_text(&mut table, text, "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spec.ports[0].nodePort"), "{err}");
+        assert!(err.contains("\"8080\""), "{err}");
+        let options = LoadOptions {
+            node_port_range: parse_node_port_range("8000-9000").unwrap(),
+            ..LoadOptions::default()
+        };
+        Loader::new(options)
+            .apply_manifest_text(&mut table, text, "t")
+            .unwrap();
+        let svc = table.service(&ServiceKey::new("default", "a")).unwrap();
+        assert_eq!(svc.ports()[0].node_port(), Some(8080));
     }
 
     #[test]

@@ -1300,6 +1300,18 @@ impl Manifests {
         &self,
         has_selector: impl Fn(&crate::model::service::ServiceKey) -> Option<bool>,
     ) -> (ChangeBatch, Vec<ManifestError>) {
+        self.changes_lenient_in(crate::model::service::DEFAULT_NODE_PORT_RANGE, has_selector)
+    }
+
+    /// [`Manifests::changes_lenient`] with `spec.ports[].nodePort` checked
+    /// against `node_port_range` (the API server's
+    /// `--service-node-port-range`) instead of the default 30000-32767
+    /// ([`ServiceManifest::to_service_in`]).
+    pub fn changes_lenient_in(
+        &self,
+        node_port_range: core::ops::RangeInclusive<u16>,
+        has_selector: impl Fn(&crate::model::service::ServiceKey) -> Option<bool>,
+    ) -> (ChangeBatch, Vec<ManifestError>) {
         use crate::model::endpoint_slice::SliceKey;
         let mut batch = ChangeBatch::default();
         let mut errors = Vec::new();
@@ -1317,7 +1329,7 @@ impl Manifests {
                         batch.origins.push(origin.clone());
                         continue;
                     }
-                    match svc.to_service() {
+                    match svc.to_service_in(node_port_range.clone()) {
                         Ok(service) => {
                             batch.changes.push(Change::UpsertService(service));
                             batch.origins.push(origin.clone());
@@ -1608,6 +1620,19 @@ impl ServiceManifest {
     /// that differs from `clusterIP`, an external or load-balancer IP that
     /// is no IP, a source range that is no CIDR, an unknown `ipMode`.
     pub fn to_service(&self) -> Result<Service, ValidationError> {
+        self.to_service_in(crate::model::service::DEFAULT_NODE_PORT_RANGE)
+    }
+
+    /// [`ServiceManifest::to_service`] for a cluster whose API server has
+    /// `--service-node-port-range` set to `node_port_range`: each
+    /// `spec.ports[].nodePort` must fall in it.
+    ///
+    /// # Errors
+    /// See [`ServiceManifest::to_service`].
+    pub fn to_service_in(
+        &self,
+        node_port_range: core::ops::RangeInclusive<u16>,
+    ) -> Result<Service, ValidationError> {
         let mut m = self.clone();
         m.apply_defaults();
         let spec = &m.spec;
@@ -1629,7 +1654,8 @@ impl ServiceManifest {
             m.metadata.namespace_or_default(),
             m.metadata.name.clone().unwrap_or_default(),
         )
-        .service_type(service_type);
+        .service_type(service_type)
+        .node_port_range(node_port_range);
         if let Some(n) = &spec.external_name {
             b = b.external_name(n.clone());
         }

@@ -90,7 +90,9 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// A flow from its three parts (unchecked: see [`Flow::try_new`]).
+    /// A flow from its three parts (unchecked: see [`Flow::try_new`]; the
+    /// dataplanes answer a flow of mixed families
+    /// [`Verdict::NotAService`]).
     pub const fn new(protocol: Protocol, src: SocketAddr, dst: SocketAddr) -> Self {
         Flow { protocol, src, dst }
     }

@@ -420,9 +420,10 @@ impl PortPlan<'_> {
     }
 }
 
-/// The non-headless services with no cluster IP of `family`: left out of a
+/// The services with cluster IPs but none of `family`: left out of a
 /// rendering of that family (kube-proxy runs one proxier per family), so a
-/// caller can say so.
+/// caller can say so. Headless and ExternalName services, which no
+/// family's rendering has, are not among them.
 ///
 /// # Examples
 /// ```
@@ -435,6 +436,12 @@ impl PortPlan<'_> {
 ///     .build()
 ///     .unwrap();
 /// table.apply(Change::UpsertService(v6)).unwrap();
+/// let alias = Service::builder("default", "alias")
+///     .service_type(ServiceType::ExternalName)
+///     .external_name("db.example.com")
+///     .build()
+///     .unwrap();
+/// table.apply(Change::UpsertService(alias)).unwrap();
 /// assert_eq!(services_outside_family(&table, IpFamily::V4), [ServiceKey::new("default", "v6")]);
 /// assert!(services_outside_family(&table, IpFamily::V6).is_empty());
 /// ```
@@ -446,7 +453,8 @@ pub fn services_outside_family(
         .views()
         .map(|v| v.service())
         .filter(|s| {
-            !s.is_headless() && !s.cluster_ip().addrs().iter().any(|ip| family.contains(*ip))
+            let ips = s.cluster_ip().addrs();
+            !s.is_headless() && !ips.is_empty() && !ips.iter().any(|ip| family.contains(*ip))
         })
         .map(|s| s.key().clone())
         .collect();
