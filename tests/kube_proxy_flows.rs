@@ -585,6 +585,13 @@ fn node_ports() {
             allow_alt: true,
         },
         Case {
+            name: "ipv6, localhost-nodeports disabled",
+            v6: true,
+            localhost: false,
+            nodeport_addresses: &[],
+            allow_alt: true,
+        },
+        Case {
             name: "ipv6, localhost-nodeports disabled, multiple nodeport-addresses",
             v6: true,
             localhost: false,
