@@ -12,7 +12,7 @@
 //!
 //! `--only` runs some of the sections: `lookups`, `updates`,
 //! `service-changes` (adding and deleting one service at 10, 1,000, 10,000
-//! and 100,000 services, in every mode), `render` (`render::iptables`
+//! and 100,000 services, in every mode, with the tracker off and on), `render` (`render::iptables`
 //! against `render::nft` at 1,000 and 10,000 services), `conntrack` and
 //! `threads`. `--json -` is `--json` to standard output.
 //!
@@ -379,14 +379,22 @@ fn churn_round(table: &mut ServiceTable, dp: &dyn Dataplane, n: usize, k: usize)
     (added, deleted)
 }
 
-/// Service add and delete costs in every mode at every size of `sizes`:
-/// (mode, services, add, delete). Per mode, the clusters of all sizes are
+/// Service add and delete costs in every mode at every size of `sizes`,
+/// with the connection tracker on (the dataplanes' default, which also
+/// keeps the reply index) or off: (mode, tracked, services, add, delete).
+/// Per mode, the clusters of all sizes are
 /// built first, and the rounds then take turns over the sizes, so that a
 /// burst of other work on the machine touches every size alike (the
 /// ratios between sizes are what the issue asks for). Medians of at least
 /// 5 rounds, more until the mode's budget is spent (at most 2,001).
-fn measure_service_churn(sizes: &[usize]) -> Vec<(&'static str, usize, f64, f64)> {
-    let config = || DataplaneConfig::with_seed(1).conntrack(None);
+fn measure_service_churn(
+    sizes: &[usize],
+    tracked: bool,
+) -> Vec<(&'static str, bool, usize, f64, f64)> {
+    let config = || {
+        let c = DataplaneConfig::with_seed(1);
+        if tracked { c } else { c.conntrack(None) }
+    };
     let mut rows = Vec::new();
     for mode in ["iptables", "ipvs", "nftables"] {
         let mut setups: Vec<(usize, ServiceTable, Box<dyn Dataplane>)> = sizes
@@ -420,9 +428,10 @@ fn measure_service_churn(sizes: &[usize]) -> Vec<(&'static str, usize, f64, f64)
             }
         }
         for (s, (adds, deletes)) in samples.into_iter().enumerate() {
-            rows.push((mode, sizes[s], median(adds), median(deletes)));
+            rows.push((mode, tracked, sizes[s], median(adds), median(deletes)));
         }
-        eprintln!("service changes in {mode} mode done");
+        let ct = if tracked { "on" } else { "off" };
+        eprintln!("service changes in {mode} mode, conntrack {ct}, done");
     }
     rows
 }
@@ -938,24 +947,27 @@ fn main() {
 
     let mut churn = Vec::new();
     if args.runs("service-changes") {
-        for (mode, n, add, delete) in measure_service_churn(&CHURN_SIZES) {
-            for (op, ns) in [("add_service", add), ("delete_service", delete)] {
-                json.push(format!(
-                    r#"{{"mode":"{mode}","services":{n},"op":"{op}","ns_per_op":{ns:.0}}}"#
-                ));
+        for tracked in [false, true] {
+            for (mode, ct, n, add, delete) in measure_service_churn(&CHURN_SIZES, tracked) {
+                for (op, ns) in [("add_service", add), ("delete_service", delete)] {
+                    json.push(format!(
+                        r#"{{"mode":"{mode}","services":{n},"op":"{op}","ns_per_op":{ns:.0},"conntrack":{ct}}}"#
+                    ));
+                }
+                churn.push((mode, ct, n, add, delete));
             }
-            churn.push((mode, n, add, delete));
         }
     }
     if !churn.is_empty() {
         let _ = writeln!(
             md,
-            "\n### Adding and deleting one service: table apply + dataplane sync\n\n| mode | services | add | delete |\n| --- | ---: | ---: | ---: |"
+            "\n### Adding and deleting one service: table apply + dataplane sync\n\n| mode | conntrack | services | add | delete |\n| --- | --- | ---: | ---: | ---: |"
         );
-        for (mode, n, add, delete) in &churn {
+        for (mode, ct, n, add, delete) in &churn {
             let _ = writeln!(
                 md,
-                "| {mode} | {} | {} | {} |",
+                "| {mode} | {} | {} | {} | {} |",
+                if *ct { "on" } else { "off" },
                 fmt_count(*n as f64),
                 fmt_ns(*add),
                 fmt_ns(*delete)
@@ -1182,16 +1194,22 @@ fn main() {
             verdict(r >= 1.8)
         );
     }
-    let churn_at = |mode: &str, n: usize| churn.iter().find(|c| c.0 == mode && c.1 == n);
+    let churn_at = |mode: &str, ct: bool, n: usize| {
+        churn.iter().find(|c| c.0 == mode && c.1 == ct && c.2 == n)
+    };
     if !churn.is_empty() || !renders.is_empty() {
         let _ = writeln!(md, "\n### Targets (issue 11), measured in this run\n");
     }
-    for mode in ["iptables", "ipvs", "nftables"] {
-        if let (Some(lo), Some(hi)) = (churn_at(mode, 10), churn_at(mode, 100_000)) {
-            let (a, d) = (hi.2 / lo.2, hi.3 / lo.3);
+    for (mode, ct) in ["iptables", "ipvs", "nftables"]
+        .into_iter()
+        .flat_map(|m| [(m, false), (m, true)])
+    {
+        if let (Some(lo), Some(hi)) = (churn_at(mode, ct, 10), churn_at(mode, ct, 100_000)) {
+            let (a, d) = (hi.3 / lo.3, hi.4 / lo.4);
+            let ct = if ct { "on" } else { "off" };
             let _ = writeln!(
                 md,
-                "- {mode}: add a service at 100,000 services ÷ at 10: {a:.2}, delete: {d:.2} (target ≤ 2: {}, {})",
+                "- {mode}, conntrack {ct}: add a service at 100,000 services ÷ at 10: {a:.2}, delete: {d:.2} (target ≤ 2: {}, {})",
                 verdict(a <= 2.0),
                 verdict(d <= 2.0)
             );
