@@ -14,11 +14,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
 use ahash::{AHashMap, AHashSet};
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use super::fragments::Fragments;
-use super::vs_table::{VsTable, WideRoot};
+use super::reply_index::{ReplyFrontends, ReplyIndex};
 
 use crate::conntrack::control::{Controlled, Controls};
 use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
@@ -263,18 +264,9 @@ pub(crate) enum Scheduled {
     NotAService,
 }
 
-/// The frontends (their addresses) that list one backend: where a reply
-/// from that backend may belong.
-type ReplyFrontends = SmallVec<[SocketAddr; 2]>;
-
 /// The backend keys (protocol, backend address) one frontend put into the
 /// reply index.
 type IndexedKeys = SmallVec<[FrontendKey; 4]>;
-
-/// The reply index: backend (protocol, address) -> the frontends listing
-/// it, a persistent table (a sync copies the paths of the keys it changes).
-/// Its trie is the wide one: a cluster has several backends per service.
-pub(crate) type Replies = VsTable<ReplyFrontends, WideRoot<ReplyFrontends>>;
 
 /// Everything a sync makes visible to readers, published with one pointer
 /// store: the mode's table `T`, the [`Surface`] and the reply index. A
@@ -287,8 +279,10 @@ pub(crate) struct Snapshot<T> {
     pub(crate) table: T,
     /// The source-dependent rules.
     pub(crate) surface: Arc<Surface>,
-    /// Replies without the planner's lock.
-    pub(crate) replies: Arc<Replies>,
+    /// Replies without the planner's lock (changed in place between
+    /// snapshots, in an order that keeps it right for both; see
+    /// [`ConnLayer::publish`]).
+    pub(crate) replies: Arc<ReplyIndex>,
 }
 
 /// The tracker (if on) and the per-backend connection counts.
@@ -355,54 +349,61 @@ impl ConnLayer {
         }
     }
 
+    /// The backend keys `planner`'s frontend `id` lists (its backends,
+    /// draining and Cluster-policy ones included).
+    fn keys_of(planner: &Planner, id: FrontendId) -> Option<IndexedKeys> {
+        let fe = planner.frontend(id)?;
+        let mut keys = IndexedKeys::new();
+        for b in fe
+            .backends()
+            .iter()
+            .chain(fe.draining())
+            .chain(fe.cluster_backends())
+        {
+            let k = FrontendKey::new(fe.key().protocol, b.addr());
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        Some(keys)
+    }
+
+    /// The frontends of `planner` listing backend `key`.
+    fn fronts_of(planner: &Planner, key: FrontendKey) -> ReplyFrontends {
+        planner
+            .frontends_with_backend(key.protocol, key.socket_addr())
+            .map(|f| f.key().socket_addr())
+            .collect()
+    }
+
     /// Brings the reply index up to date with `planner` after `diff`: the
     /// keys of the frontends the diff names (what they indexed before and
     /// what they list now) are recomputed from the planner, so a sync costs
     /// O(the diff), not O(the plan).
     ///
+    /// Returns the index the next snapshot carries and the removals to
+    /// make once it is published. In place, a key first gets the union of
+    /// its old and new frontends (so readers of the old table and of the
+    /// new both find theirs) and, after the publication, its new ones. An
+    /// index the keys would outgrow (or a full diff) is rebuilt from the
+    /// plan instead, and published whole with the snapshot.
+    ///
     /// Without a tracker nothing reads the index (a reply belongs to no
     /// tracked connection, so [`ConnLayer::reply_of`] answers `None` before
     /// it looks), and the tracker is fixed when the layer is made: the
-    /// index then stays empty and a sync spends nothing on it. At 100,000
-    /// services its five path copies per added service were about a third
-    /// of an add's cost in nftables mode (cold reference counts, issue 11).
+    /// index then stays empty and a sync spends nothing on it.
     fn publish_replies(
         &self,
         planner: &Planner,
         diff: &PlanDiff,
-        current: &Arc<Replies>,
-    ) -> Arc<Replies> {
+        current: &Arc<ReplyIndex>,
+    ) -> (Arc<ReplyIndex>, Vec<(FrontendKey, ReplyFrontends)>) {
         if self.tracker.is_none() {
-            return Arc::clone(current);
+            return (Arc::clone(current), Vec::new());
         }
-        let keys_of = |id: FrontendId| -> Option<IndexedKeys> {
-            let fe = planner.frontend(id)?;
-            let mut keys = IndexedKeys::new();
-            for b in fe
-                .backends()
-                .iter()
-                .chain(fe.draining())
-                .chain(fe.cluster_backends())
-            {
-                let k = FrontendKey::new(fe.key().protocol, b.addr());
-                if !keys.contains(&k) {
-                    keys.push(k);
-                }
-            }
-            Some(keys)
-        };
         let mut indexed = self.indexed.lock();
         let mut affected: AHashSet<FrontendKey> = AHashSet::new();
-        let mut table = if diff.full {
-            indexed.clear();
-            for fe in planner.frontends() {
-                if let Some(keys) = keys_of(fe.id()) {
-                    affected.extend(keys.iter().copied());
-                    indexed.insert(fe.id(), keys);
-                }
-            }
-            VsTable::default()
-        } else {
+        if !diff.full {
             for (id, _) in &diff.removed {
                 if let Some(old) = indexed.remove(id) {
                     affected.extend(old);
@@ -412,28 +413,50 @@ impl ConnLayer {
                 if let Some(old) = indexed.remove(id) {
                     affected.extend(old);
                 }
-                if let Some(keys) = keys_of(*id) {
+                if let Some(keys) = Self::keys_of(planner, *id) {
                     affected.extend(keys.iter().copied());
                     indexed.insert(*id, keys);
                 }
             }
             if affected.is_empty() {
-                return Arc::clone(current);
+                return (Arc::clone(current), Vec::new());
             }
-            (**current).clone()
-        };
-        for key in affected {
-            let fronts: ReplyFrontends = planner
-                .frontends_with_backend(key.protocol, key.socket_addr())
-                .map(|f| f.key().socket_addr())
-                .collect();
-            if fronts.is_empty() {
-                table.remove(&key);
-            } else {
-                table.insert(key, Arc::new(fronts));
+            if current.fits(current.len() + affected.len()) {
+                let mut later = Vec::new();
+                for key in affected {
+                    let new = Self::fronts_of(planner, key);
+                    let mut union = current.get(&key);
+                    let before = union.len();
+                    for fe in &new {
+                        if !union.contains(fe) {
+                            union.push(*fe);
+                        }
+                    }
+                    if union.len() != new.len() {
+                        later.push((key, new));
+                    }
+                    if union.len() != before {
+                        current.set(key, union);
+                    }
+                }
+                return (Arc::clone(current), later);
             }
         }
-        Arc::new(table)
+        // Rebuilt from the plan: every key any frontend indexes.
+        if diff.full {
+            indexed.clear();
+            for fe in planner.frontends() {
+                if let Some(keys) = Self::keys_of(planner, fe.id()) {
+                    indexed.insert(fe.id(), keys);
+                }
+            }
+        }
+        let keys: AHashSet<FrontendKey> = indexed.values().flatten().copied().collect();
+        let index = ReplyIndex::with_capacity(keys.len());
+        for key in keys {
+            index.set(key, Self::fronts_of(planner, key));
+        }
+        (Arc::new(index), Vec::new())
     }
 
     /// The tracked connection a reply from `reply.src` (a backend) to
@@ -443,42 +466,39 @@ impl ConnLayer {
     /// Takes no lock beside the tracker shard's; allocates nothing.
     pub(crate) fn reply_of(
         &self,
-        replies: &Replies,
+        replies: &ReplyIndex,
         reply: &Flow,
         flags: Option<TcpFlags>,
         now: Instant,
     ) -> Option<Tracked> {
         let ct = self.tracker.as_ref()?;
-        let fronts = replies.get(&FrontendKey::new(reply.protocol, reply.src))?;
-        for fe in fronts.iter() {
-            let orig = Flow::new(reply.protocol, reply.dst, *fe);
+        replies.find_map(&FrontendKey::new(reply.protocol, reply.src), |fe| {
+            let orig = Flow::new(reply.protocol, reply.dst, fe);
             let found = match flags {
                 Some(flags) => self.reply(&orig, flags, now),
                 None => ct.get(&orig, now),
             };
-            if let Some(t) = found {
-                if t.backend_addr == reply.src {
-                    return Some(t);
-                }
-            }
-        }
-        None
+            found.filter(|t| t.backend_addr == reply.src)
+        })
     }
 
-    /// The snapshot that follows `current` after the change `diff`, around
-    /// the mode's new `table`: the reply index updated for the frontends
-    /// the diff names, and the source-dependent rules rebuilt (a walk of
-    /// the plan) only when the change touches an external frontend, so
-    /// cluster-IP churn costs a scan of the diff and nothing more. The
-    /// caller publishes it with one store.
-    pub(crate) fn next<T, U>(
+    /// Publishes in `slot`, with one store, the snapshot that follows
+    /// `current` after the change `diff`, around the mode's new `table`:
+    /// the reply index updated for the frontends the diff names (its
+    /// removals made after the store), and the source-dependent rules
+    /// rebuilt (a walk of the plan) only when the change touches an
+    /// external frontend, so cluster-IP churn costs a scan of the diff and
+    /// nothing more.
+    pub(crate) fn publish<T>(
         &self,
+        slot: &ArcSwap<Snapshot<T>>,
         planner: &Planner,
         diff: &PlanDiff,
-        current: &Snapshot<U>,
+        current: &Snapshot<T>,
         table: T,
-    ) -> Snapshot<T> {
-        let replies = self.publish_replies(planner, diff, &current.replies);
+    ) {
+        let (replies, later) = self.publish_replies(planner, diff, &current.replies);
+        let index = Arc::clone(&replies);
         let now = &current.surface;
         let external = |id: &FrontendId| {
             now.by_id.contains_key(id)
@@ -503,10 +523,13 @@ impl ConnLayer {
         } else {
             Arc::clone(now)
         };
-        Snapshot {
+        slot.store(Arc::new(Snapshot {
             table,
             surface,
             replies,
+        }));
+        for (key, fronts) in later {
+            index.set(key, fronts);
         }
     }
 
@@ -818,11 +841,116 @@ mod tests {
     fn the_reply_index_is_kept_only_with_a_tracker() {
         let (planner, diff) = one_service();
         let with = ConnLayer::new(Some(&ConntrackConfig::default()), &[], false, false);
-        let replies = with.publish_replies(&planner, &diff, &Arc::default());
+        let (replies, _) = with.publish_replies(&planner, &diff, &Arc::default());
         assert_eq!(replies.len(), 2, "one key per backend");
         let without = ConnLayer::new(None, &[], false, false);
-        let replies = without.publish_replies(&planner, &diff, &Arc::default());
+        let (replies, _) = without.publish_replies(&planner, &diff, &Arc::default());
         assert_eq!(replies.len(), 0, "nothing reads it without a tracker");
         assert!(without.indexed.lock().is_empty());
+    }
+
+    fn service_at(i: u8, backends: &[&str]) -> [Change; 2] {
+        let name = format!("s{i}");
+        let svc = Service::builder("default", name.as_str())
+            .cluster_ip(std::net::IpAddr::from([10, 96, 1, i]))
+            .port(ServicePortSpec::tcp(80).target_port(8080))
+            .build()
+            .unwrap();
+        let slice = EndpointSlice::builder(
+            "default",
+            format!("{name}-0"),
+            name.as_str(),
+            AddressType::IPv4,
+        )
+        .port(SlicePortSpec::tcp(8080))
+        .endpoints(backends.iter().map(|ip| EndpointSpec::new(*ip)))
+        .build()
+        .unwrap();
+        [Change::UpsertService(svc), Change::UpsertSlice(slice)]
+    }
+
+    fn key(ip: &str) -> FrontendKey {
+        FrontendKey::new(Protocol::Tcp, SocketAddr::new(ip.parse().unwrap(), 8080))
+    }
+
+    fn vip(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 96, 1, i], 80))
+    }
+
+    /// Services added one sync at a time outgrow the index's buckets: it is
+    /// rebuilt (a new index in the snapshot), and every key still lists
+    /// exactly the frontends the plan gives it.
+    #[test]
+    fn the_reply_index_grows_by_rebuilding() {
+        let layer = ConnLayer::new(Some(&ConntrackConfig::default()), &[], false, false);
+        let mut table = ServiceTable::new();
+        let mut planner = Planner::new(NodeTopology::new("node-a", "zone-a"));
+        let mut current: Arc<ReplyIndex> = Arc::default();
+        let mut rebuilt = 0;
+        for i in 0..60u8 {
+            // Two backends of its own and one shared by every service.
+            let own = [format!("10.2.{i}.1"), format!("10.2.{i}.2")];
+            let cs = table
+                .apply_batch(service_at(i, &[&own[0], &own[1], "10.3.0.1"]))
+                .unwrap();
+            let diff = planner.update(&table, &cs, Instant::ZERO, |_| false);
+            let (next, later) = layer.publish_replies(&planner, &diff, &current);
+            assert!(later.is_empty(), "an add takes nothing away");
+            if !Arc::ptr_eq(&next, &current) {
+                rebuilt += 1;
+            }
+            current = next;
+            assert_eq!(current.len(), 2 * (i as usize + 1) + 1);
+            let shared = current.get(&key("10.3.0.1"));
+            assert_eq!(shared.len(), i as usize + 1);
+            for j in 0..=i {
+                assert!(shared.contains(&vip(j)));
+                assert_eq!(
+                    current.get(&key(&format!("10.2.{j}.1"))).as_slice(),
+                    [vip(j)]
+                );
+            }
+        }
+        // No buckets -> 64 at the first sync -> 256 (twice the 67 keys
+        // then, rounded up) when the 65th key would land.
+        assert_eq!(rebuilt, 2);
+    }
+
+    /// A backend moving from one service to another is listed by both
+    /// frontends until the new snapshot is published (so a reader of the
+    /// old table still finds its connection), and then by the new one only.
+    #[test]
+    fn a_moved_backend_leaves_its_old_frontend_only_after_the_publication() {
+        let layer = ConnLayer::new(Some(&ConntrackConfig::default()), &[], false, false);
+        let mut table = ServiceTable::new();
+        let mut planner = Planner::new(NodeTopology::new("node-a", "zone-a"));
+        let mut changes: Vec<Change> = service_at(1, &["10.1.0.1", "10.1.0.9"]).into();
+        changes.extend(service_at(2, &["10.1.0.2"]));
+        let cs = table.apply_batch(changes).unwrap();
+        let diff = planner.update(&table, &cs, Instant::ZERO, |_| false);
+        let (index, later) = layer.publish_replies(&planner, &diff, &Arc::default());
+        assert!(later.is_empty());
+        assert_eq!(index.get(&key("10.1.0.9")).as_slice(), [vip(1)]);
+
+        // UDP would flush, TCP would drain: no draining without a count
+        // here, so the backend simply moves.
+        let mut changes: Vec<Change> = service_at(1, &["10.1.0.1"]).into();
+        changes.extend(service_at(2, &["10.1.0.2", "10.1.0.9"]));
+        let cs = table.apply_batch(changes).unwrap();
+        let diff = planner.update(&table, &cs, Instant::ZERO, |_| false);
+        let (same, later) = layer.publish_replies(&planner, &diff, &index);
+        assert!(Arc::ptr_eq(&same, &index), "changed in place");
+        let mut both = index.get(&key("10.1.0.9"));
+        both.sort();
+        assert_eq!(both.as_slice(), [vip(1), vip(2)], "before the publication");
+        assert_eq!(
+            later,
+            vec![(key("10.1.0.9"), [vip(2)].into_iter().collect())]
+        );
+        for (k, fronts) in later {
+            index.set(k, fronts);
+        }
+        assert_eq!(index.get(&key("10.1.0.9")).as_slice(), [vip(2)]);
+        assert_eq!(index.get(&key("10.1.0.1")).as_slice(), [vip(1)]);
     }
 }

@@ -387,8 +387,7 @@ impl Shared {
                 rs
             }
         };
-        let snap = self.conn.next(planner, diff, &current, rs);
-        self.rules.store(Arc::new(snap));
+        self.conn.publish(&self.rules, planner, diff, &current, rs);
     }
 
     /// One packet under one published snapshot.

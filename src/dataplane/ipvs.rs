@@ -401,8 +401,8 @@ impl Shared {
             }
             next
         };
-        let snap = self.conn.next(planner, diff, &current, next);
-        self.table.store(Arc::new(snap));
+        self.conn
+            .publish(&self.table, planner, diff, &current, next);
     }
 
     /// What a new connection gets at its virtual service in `table`,

@@ -27,6 +27,7 @@ mod fragments;
 mod iptables;
 mod ipvs;
 mod nftables;
+mod reply_index;
 mod rule_list;
 mod vs_table;
 

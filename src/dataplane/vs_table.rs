@@ -170,17 +170,6 @@ impl<V> Level<V> for Leaf<V> {
 /// the ones least likely to be in cache when their counts are touched.
 pub(crate) type Root<V> = Branch<Branch<Branch<Leaf<V>, 8>, 64>, 64>;
 
-/// A root for about ten times as many keys (the reply index holds one key
-/// per backend, five or more per service): six branch levels of 8
-/// children each (262,144 leaves), so that 500,000 keys still leave a
-/// couple per leaf. A branch of 8 is one cache line, and copying it
-/// touches the reference counts of 8 children: a change costs 48 such
-/// touches per key, where the 64/64/8/8 layout cost 144 and [`Root`] with
-/// its 32,768 leaves (about 15 keys each at 500,000) copied every key of a
-/// leaf too.
-pub(crate) type WideRoot<V> =
-    Branch<Branch<Branch<Branch<Branch<Branch<Leaf<V>, 8>, 8>, 8>, 8>, 8>, 8>;
-
 /// Children of the root.
 #[cfg(test)]
 const FANOUT: usize = 64;
