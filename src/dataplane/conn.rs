@@ -268,6 +268,12 @@ pub(crate) enum Scheduled {
 /// reply index.
 type IndexedKeys = SmallVec<[FrontendKey; 4]>;
 
+/// `v` in order (for comparing frontend lists as sets).
+fn sorted(mut v: ReplyFrontends) -> ReplyFrontends {
+    v.sort_unstable();
+    v
+}
+
 /// Everything a sync makes visible to readers, published with one pointer
 /// store: the mode's table `T`, the [`Surface`] and the reply index. A
 /// reader loads it once per packet, so it sees a batch whole: never the
@@ -368,7 +374,8 @@ impl ConnLayer {
         Some(keys)
     }
 
-    /// The frontends of `planner` listing backend `key`.
+    /// The frontends of `planner` listing backend `key` (the full rebuild's
+    /// source, which the incremental path is checked against).
     fn fronts_of(planner: &Planner, key: FrontendKey) -> ReplyFrontends {
         planner
             .frontends_with_backend(key.protocol, key.socket_addr())
@@ -402,40 +409,60 @@ impl ConnLayer {
             return (Arc::clone(current), Vec::new());
         }
         let mut indexed = self.indexed.lock();
-        let mut affected: AHashSet<FrontendKey> = AHashSet::new();
         if !diff.full {
-            for (id, _) in &diff.removed {
-                if let Some(old) = indexed.remove(id) {
-                    affected.extend(old);
+            // Per backend key, the frontends (addresses) the diff takes
+            // from it and gives to it: what each frontend indexed before
+            // against what it lists now. Only the diff's frontends are
+            // read, none of the plan's other indexes.
+            let mut delta: AHashMap<FrontendKey, (ReplyFrontends, ReplyFrontends)> =
+                AHashMap::new();
+            for (id, key) in &diff.removed {
+                for k in indexed.remove(id).into_iter().flatten() {
+                    delta.entry(k).or_default().0.push(key.socket_addr());
                 }
             }
             for id in diff.added.iter().chain(&diff.changed) {
-                if let Some(old) = indexed.remove(id) {
-                    affected.extend(old);
+                let old = indexed.remove(id).unwrap_or_default();
+                let (Some(fe), Some(new)) = (planner.frontend(*id), Self::keys_of(planner, *id))
+                else {
+                    continue;
+                };
+                let addr = fe.key().socket_addr();
+                for k in old.iter().filter(|k| !new.contains(k)) {
+                    delta.entry(*k).or_default().0.push(addr);
                 }
-                if let Some(keys) = Self::keys_of(planner, *id) {
-                    affected.extend(keys.iter().copied());
-                    indexed.insert(*id, keys);
+                for k in new.iter().filter(|k| !old.contains(k)) {
+                    delta.entry(*k).or_default().1.push(addr);
                 }
+                indexed.insert(*id, new);
             }
-            if affected.is_empty() {
+            if delta.is_empty() {
                 return (Arc::clone(current), Vec::new());
             }
-            if current.fits(current.len() + affected.len()) {
+            if current.fits(current.len() + delta.len()) {
                 let mut later = Vec::new();
-                for key in affected {
-                    let new = Self::fronts_of(planner, key);
-                    let mut union = current.get(&key);
-                    let before = union.len();
-                    for fe in &new {
+                for (key, (gone, came)) in delta {
+                    let old = current.get(&key);
+                    let mut union = old.clone();
+                    for fe in &came {
                         if !union.contains(fe) {
                             union.push(*fe);
                         }
                     }
-                    if union.len() != new.len() {
+                    let new: ReplyFrontends = union
+                        .iter()
+                        .filter(|fe| !gone.contains(fe) || came.contains(fe))
+                        .copied()
+                        .collect();
+                    debug_assert_eq!(
+                        sorted(new.clone()),
+                        sorted(Self::fronts_of(planner, key)),
+                        "the reply index of {key:?} follows the plan"
+                    );
+                    if new.len() != union.len() {
                         later.push((key, new));
                     }
-                    if union.len() != before {
+                    if union.len() != old.len() {
                         current.set(key, union);
                     }
                 }
