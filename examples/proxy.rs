@@ -79,7 +79,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant as WallClock, SystemTime};
 
 use clap::{Parser, ValueEnum};
@@ -704,12 +704,13 @@ async fn serve_tcp(
 
     let bytes_in = AtomicU64::new(0);
     let bytes_out = AtomicU64::new(0);
-    // Set by the first direction to reach its end of file. That one shuts
-    // its peer down for writing (the half-close); the second one does
-    // not: both sockets close right after, and the close sends the FIN
-    // (one `shutdown` per connection fewer).
-    let one_eof = AtomicBool::new(false);
-    let first_eof = || !one_eof.swap(true, Ordering::Relaxed);
+    // The directions' ends of file ([`forward_eof`]): only a first one
+    // that stays alone shuts its peer down for writing (the half-close),
+    // and only that one is reported as a FIN (FIN_WAIT, CLOSE_WAIT: the
+    // tracker times a half-open connection). Otherwise both sockets
+    // close, the closes send the FINs, and `connection_closed` tells the
+    // connection layer: two lookups per connection fewer.
+    let eofs = AtomicU8::new(0);
     // Once a second the connection looks itself up. Traffic since the last
     // look is reported as the packets it was (their ACKs), which restarts
     // the tracker's timer as any packet does in the kernel; an idle or
@@ -753,24 +754,36 @@ async fn serve_tcp(
         CopyMode::Userspace => {
             let (mut cr, mut cw) = client.split();
             let (mut br, mut bw) = backend.split();
-            let c2s = pump(&mut cr, &mut bw, &bytes_in, || {
-                sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-                first_eof()
+            let c2s = pump(&mut cr, &mut bw, &bytes_in, async || {
+                let half = forward_eof(&eofs).await;
+                if half {
+                    sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                }
+                half
             });
-            let s2c = pump(&mut br, &mut cw, &bytes_out, || {
-                sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-                first_eof()
+            let s2c = pump(&mut br, &mut cw, &bytes_out, async || {
+                let half = forward_eof(&eofs).await;
+                if half {
+                    sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                }
+                half
             });
             relay(c2s, s2c, check).await
         }
         CopyMode::Splice => {
-            let c2s = splice_pump(&client, &backend, &bytes_in, || {
-                sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-                first_eof()
+            let c2s = splice_pump(&client, &backend, &bytes_in, async || {
+                let half = forward_eof(&eofs).await;
+                if half {
+                    sh.dp.packet(&flow, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                }
+                half
             });
-            let s2c = splice_pump(&backend, &client, &bytes_out, || {
-                sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
-                first_eof()
+            let s2c = splice_pump(&backend, &client, &bytes_out, async || {
+                let half = forward_eof(&eofs).await;
+                if half {
+                    sh.dp.reply(&reply, TcpFlags::FIN | TcpFlags::ACK, sh.now());
+                }
+                half
             });
             relay(c2s, s2c, check).await
         }
@@ -1723,7 +1736,7 @@ async fn pump<R, W>(
     mut from: R,
     mut to: W,
     bytes: &AtomicU64,
-    on_eof: impl FnOnce() -> bool,
+    on_eof: impl AsyncFnOnce() -> bool,
 ) -> bool
 where
     R: AsyncRead + Unpin,
@@ -1735,7 +1748,7 @@ where
         buf.clear();
         match from.read_buf(&mut buf).await {
             Ok(0) => {
-                if on_eof() {
+                if on_eof().await {
                     let _ = to.shutdown().await;
                 }
                 return true;
@@ -1856,7 +1869,7 @@ async fn splice_pump(
     from: &TcpStream,
     to: &TcpStream,
     bytes: &AtomicU64,
-    on_eof: impl FnOnce() -> bool,
+    on_eof: impl AsyncFnOnce() -> bool,
 ) -> bool {
     use nix::fcntl::{SpliceFFlags, splice};
     use tokio::io::Interest;
@@ -1866,7 +1879,7 @@ async fn splice_pump(
     // bulk data.
     match copy_until(from, to, bytes, SPLICE_AFTER).await {
         CopyEnd::Eof => {
-            half_close(to, on_eof);
+            half_close(to, on_eof).await;
             return true;
         }
         CopyEnd::Failed => return false,
@@ -1888,7 +1901,7 @@ async fn splice_pump(
             splice(from, None, &p.w, None, SPLICE_PIPE, flags).map_err(std::io::Error::from)
         }) {
             Ok(0) => {
-                half_close(to, on_eof);
+                half_close(to, on_eof).await;
                 if let Some(p) = pipe.take() {
                     give_pipe(p);
                 }
@@ -1924,15 +1937,34 @@ async fn splice_pump(
     from: &TcpStream,
     to: &TcpStream,
     bytes: &AtomicU64,
-    on_eof: impl FnOnce() -> bool,
+    on_eof: impl AsyncFnOnce() -> bool,
 ) -> bool {
     copy_pump(from, to, bytes, on_eof).await
 }
 
+/// Whether a direction's end of file is to be forwarded as a half-close
+/// (`shutdown(SHUT_WR)` of the other socket); `eofs` counts the
+/// connection's ends of file. The second never is: both directions are
+/// done and the closes send the FINs. The first yields once before it
+/// answers (tokio runs the task again after its next poll of the I/O
+/// driver), so that when the other side closes at once, as a client does
+/// on a `Connection: close` reply, both ends are seen and the connection
+/// closes without a `shutdown`: the proxy then does not become the active
+/// closer of the client's connection (no TIME_WAIT socket on its side),
+/// as HAProxy's event loop does not. A first end of file the other side
+/// does not answer at once is forwarded one scheduling round later.
+async fn forward_eof(eofs: &AtomicU8) -> bool {
+    if eofs.fetch_add(1, Ordering::Relaxed) != 0 {
+        return false;
+    }
+    tokio::task::yield_now().await;
+    eofs.load(Ordering::Relaxed) == 1
+}
+
 /// A direction's clean end of file: runs `on_eof` and, if it says the
 /// other direction is still open, shuts `to` down for writing.
-fn half_close(to: &TcpStream, on_eof: impl FnOnce() -> bool) {
-    if on_eof() {
+async fn half_close(to: &TcpStream, on_eof: impl AsyncFnOnce() -> bool) {
+    if on_eof().await {
         let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
     }
 }
@@ -2044,11 +2076,11 @@ async fn copy_pump(
     from: &TcpStream,
     to: &TcpStream,
     bytes: &AtomicU64,
-    on_eof: impl FnOnce() -> bool,
+    on_eof: impl AsyncFnOnce() -> bool,
 ) -> bool {
     match copy_until(from, to, bytes, u64::MAX).await {
         CopyEnd::Eof => {
-            half_close(to, on_eof);
+            half_close(to, on_eof).await;
             true
         }
         _ => false,
