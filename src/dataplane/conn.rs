@@ -385,8 +385,8 @@ impl ConnLayer {
 
     /// Brings the reply index up to date with `planner` after `diff`: the
     /// keys of the frontends the diff names (what they indexed before and
-    /// what they list now) are recomputed from the planner, so a sync costs
-    /// O(the diff), not O(the plan).
+    /// what they list now) change by what those frontends stopped and
+    /// started listing, so a sync costs O(the diff), not O(the plan).
     ///
     /// Returns the index the next snapshot carries and the removals to
     /// make once it is published. In place, a key first gets the union of
@@ -442,8 +442,8 @@ impl ConnLayer {
             if current.fits(current.len() + delta.len()) {
                 let mut later = Vec::new();
                 for (key, (gone, came)) in delta {
-                    let old = current.get(&key);
-                    let mut union = old.clone();
+                    let mut union = current.get(&key);
+                    let before = union.len();
                     for fe in &came {
                         if !union.contains(fe) {
                             union.push(*fe);
@@ -462,7 +462,7 @@ impl ConnLayer {
                     if new.len() != union.len() {
                         later.push((key, new));
                     }
-                    if union.len() != old.len() {
+                    if union.len() != before {
                         current.set(key, union);
                     }
                 }
