@@ -231,7 +231,7 @@ fn netfilter_timeouts() {
 }
 
 #[test]
-fn expiry_is_exact_to_the_nanosecond() {
+fn expiry_is_exact_at_insert_and_rounded_to_the_grain_on_refresh() {
     let _g = serial();
     let ct = tracker(64);
     let t0 = Instant::from_nanos(123_456_789);
@@ -249,13 +249,29 @@ fn expiry_is_exact_to_the_nanosecond() {
     assert_eq!(ct.handle_timeout(deadline), 1);
     assert_eq!(ct.counts(BackendId(0)), (0, 0));
 
-    // A refresh one ns before expiry restarts the full timeout.
+    // A refresh one ns before expiry restarts the full timeout, rounded
+    // up to the grain (1/16 s).
     ct.insert(&f, FrontendId(0), BackendId(0), BACKEND, SYN, t0);
     ct.lookup(&f, SYN, just_before).unwrap();
-    assert_eq!(
-        ct.get(&f, just_before).unwrap().expires,
-        just_before + secs(60)
+    let refreshed = ct.get(&f, just_before).unwrap().expires;
+    assert_eq!(refreshed, Instant::from_nanos(120_125_000_000));
+    assert!(refreshed >= just_before + secs(60));
+    assert!(refreshed.as_nanos() - (just_before + secs(60)).as_nanos() < EXPIRY_GRAIN_NS);
+    // A packet in the same grain writes nothing and changes nothing; the
+    // entry lives to the rounded expiry and not a nanosecond longer.
+    let later = Instant::from_nanos(just_before.as_nanos() + 1_000_000);
+    let hit = ct.lookup(&f, SYN, later).unwrap();
+    assert_eq!((hit.state, hit.previous), (hit.previous, hit.previous));
+    assert_eq!(ct.get(&f, later).unwrap().expires, refreshed);
+    assert!(
+        ct.get(&f, Instant::from_nanos(refreshed.as_nanos() - 1))
+            .is_some()
     );
+    assert!(ct.get(&f, refreshed).is_none());
+    // On a whole multiple of the grain (every whole second), exact.
+    let on_grain = Instant::from_secs(70);
+    ct.lookup(&f, SYN, on_grain).unwrap();
+    assert_eq!(ct.get(&f, on_grain).unwrap().expires, on_grain + secs(60));
 }
 
 #[test]
@@ -415,13 +431,16 @@ impl Reference {
         let e = self.map.get_mut(f)?;
         let previous = e.state;
         e.state = previous.next(dir, flags);
-        e.expires = now + t.timeout(e.state);
+        // A packet's expiry: the timeout from now, rounded up to the grain.
+        let exact = (now + t.timeout(e.state)).as_nanos();
+        e.expires = Instant::from_nanos(exact.div_ceil(EXPIRY_GRAIN_NS) * EXPIRY_GRAIN_NS);
         Some(Hit {
             frontend: e.frontend,
             backend: e.backend,
             backend_addr: e.backend_addr,
             state: e.state,
             previous,
+            masquerade: false,
         })
     }
 }

@@ -37,11 +37,16 @@
 //! A packet of a tracked connection ([`lookup`](Conntrack::lookup),
 //! [`lookup_reply`](Conntrack::lookup_reply), [`get`](Conntrack::get))
 //! takes no shared lock, as netfilter's RCU lookups and Cilium's map
-//! lookups take none: it probes the shard's slot array, locks the one slot
-//! that holds its connection (a bit in the slot's own control word, so the
-//! only cache line written is the connection's), updates state and expiry
-//! and lets go. Two packet threads share a written cache line only for the
-//! same connection.
+//! lookups take none. A packet of an all-IPv4 connection that changes
+//! nothing (its state stays, and its expiry is already the one it would set:
+//! see [`EXPIRY_GRAIN_NS`]) writes nothing at all: it probes the shard's
+//! slot array and reads the entry as a seqlock reader, checking that the
+//! slot's control word and the shard's sequence word did not change across
+//! the read. Any other packet locks the one slot that holds its connection
+//! (a bit in the slot's own control word, so the only cache line written is
+//! the connection's), updates state and expiry and lets go. Two packet
+//! threads share a written cache line only for the same connection, and
+//! only for packets that change it.
 //!
 //! Everything that adds, moves or removes entries ([`insert`](Conntrack::insert),
 //! removal, eviction, the sweep, [`retain`](Conntrack::retain), growth)
@@ -64,7 +69,10 @@
 //! has just read, so eviction costs little more than the probe.
 //!
 //! # Expiry
-//! An entry whose expiry has passed (`now >= expires`) counts as absent for
+//! A new entry expires its state's timeout after its first packet, to the
+//! nanosecond; a later packet sets its new state's timeout from the packet,
+//! rounded up to a multiple of [`EXPIRY_GRAIN_NS`] (1/16 s; whole seconds
+//! stay exact). An entry whose expiry has passed (`now >= expires`) counts as absent for
 //! [`lookup`](Conntrack::lookup), [`get`](Conntrack::get),
 //! [`remove`](Conntrack::remove) and [`entries`](Conntrack::entries), but
 //! stays in the table (and in the [`counts`](Conntrack::counts), as IPVS
@@ -116,7 +124,7 @@ use state::{STATE_CODES, Transitions, is_active_code};
 use std::sync::Arc;
 use table::{
     Layout, Levels, Table, V4, V4Key, Wide, WideKey, WriteSeq, code_of, max_slots, with_code,
-    with_control,
+    with_control, with_masq,
 };
 
 use crate::{Flow, Instant};
@@ -154,6 +162,96 @@ pub struct Hit {
     pub state: ConnState,
     /// The state before this packet.
     pub previous: ConnState,
+    /// Whether the dataplane that tracked the connection source-NATs it
+    /// (decided at its first packet and kept, as netfilter keeps a
+    /// connection's NAT binding); `false` for a connection tracked with
+    /// [`Conntrack::insert`].
+    pub masquerade: bool,
+}
+
+/// The grain of the expiry a packet sets: its state's timeout from the
+/// packet, rounded up to a multiple of 1/16 s (the kernel's timers run in
+/// jiffies, and Cilium keeps lifetimes in seconds). So every packet of a
+/// connection after the first in one grain finds its expiry already set and
+/// writes nothing; an entry outlives its last packet by its timeout plus
+/// less than one grain. A new entry's expiry is exact.
+pub const EXPIRY_GRAIN_NS: u64 = 62_500_000;
+
+/// The expiry a packet at `now` (nanoseconds) sets with `timeout`: see
+/// [`EXPIRY_GRAIN_NS`].
+#[inline]
+fn refreshed(now: u64, timeout: u64) -> u64 {
+    let t = now.saturating_add(timeout);
+    match t % EXPIRY_GRAIN_NS {
+        0 => t,
+        r => t.saturating_add(EXPIRY_GRAIN_NS - r),
+    }
+}
+
+/// What [`Conntrack::peek`] found.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Peek {
+    /// A live entry the packet does not change.
+    Hit(V4Hit),
+    /// No entry.
+    Untracked,
+    /// Take [`Conntrack::lookup`].
+    Slow,
+}
+
+/// An all-IPv4 connection's entry, as words.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct V4Hit {
+    /// The frontend id (high half) and backend id (low half).
+    pub(crate) ids: u64,
+    /// The backend's IPv4 address (bits 16–47) and port (bits 0–15).
+    pub(crate) addr: u64,
+    /// The state code (unchanged by the packet).
+    pub(crate) code: u8,
+    /// The masquerade decision.
+    pub(crate) masquerade: bool,
+}
+
+impl V4Hit {
+    /// The frontend.
+    #[inline]
+    pub(crate) fn frontend(&self) -> FrontendId {
+        FrontendId((self.ids >> 32) as u32)
+    }
+
+    /// The backend.
+    #[inline]
+    pub(crate) fn backend(&self) -> BackendId {
+        BackendId(self.ids as u32)
+    }
+
+    /// The backend's address.
+    #[inline]
+    pub(crate) fn backend_addr(&self) -> std::net::SocketAddrV4 {
+        std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::from((self.addr >> 16) as u32),
+            self.addr as u16,
+        )
+    }
+
+    /// The state (before and after the packet).
+    #[inline]
+    pub(crate) fn state(&self) -> ConnState {
+        ConnState::from_code(self.code)
+    }
+
+    #[inline]
+    fn hit(&self) -> Hit {
+        let state = self.state();
+        Hit {
+            frontend: self.frontend(),
+            backend: self.backend(),
+            backend_addr: SocketAddr::V4(self.backend_addr()),
+            state,
+            previous: state,
+            masquerade: self.masquerade,
+        }
+    }
 }
 
 /// Slots sampled for eviction (occupied ones).
@@ -510,18 +608,134 @@ impl Conntrack {
                 self.counts.change(backend.0, active);
             }
         }
-        table::set_expires(w, now.saturating_add(self.timeouts[state as usize]));
+        table::set_expires(w, refreshed(now, self.timeouts[state as usize]));
         let hit = Hit {
             frontend,
             backend,
             backend_addr: L::backend_addr(w, ctl),
             state: ConnState::from_code(state),
             previous: ConnState::from_code(previous),
+            masquerade: table::masq_of(ctl),
         };
         (with_code(ctl, state), Some(hit))
     }
 
+    /// The read-only half of a packet of `flow` in the original direction
+    /// (client to frontend): [`Peek::Hit`] if the flow is all-IPv4 and the
+    /// packet changes nothing (the state stays and the refreshed expiry is
+    /// the one the entry has, as for every packet of a connection after the
+    /// first in the same [`EXPIRY_GRAIN_NS`]), [`Peek::Untracked`] if the
+    /// flow is not tracked, [`Peek::Slow`] if the packet must write, the
+    /// flow is not all-IPv4, or the slot changed while it was read (then
+    /// [`lookup`](Self::lookup) takes the slot lock). Writes nothing, so
+    /// two packet threads share no written cache line, and returns plain
+    /// words, so that a dataplane builds its verdict once.
+    #[inline(always)]
+    pub(crate) fn peek(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Peek {
+        match V4Key::of(flow) {
+            Some(key) => {
+                let h = self.hasher.hash_one(key.words());
+                let shard = &self.shards[self.shard_of(h)];
+                self.peek_v4(
+                    shard,
+                    &key,
+                    h as u32,
+                    Direction::Original,
+                    flags,
+                    now.as_nanos(),
+                )
+            }
+            None => Peek::Slow,
+        }
+    }
+
+    /// [`peek`](Self::peek) of an all-IPv4 flow in `direction`: a seqlock
+    /// read. The slot's control word and the shard's sequence word,
+    /// unchanged across the reads of the entry's words, show that no writer
+    /// touched the entry meanwhile (a packet thread changes only the expiry
+    /// and the state, which change the control word or leave the entry's
+    /// other words as they were).
+    #[inline(always)]
+    fn peek_v4(
+        &self,
+        shard: &Shard,
+        key: &V4Key,
+        hash: u32,
+        direction: Direction,
+        flags: TcpFlags,
+        now: u64,
+    ) -> Peek {
+        let seq = shard.seq.load(Ordering::Acquire);
+        if seq % 2 != 0 {
+            return Peek::Slow;
+        }
+        let t = shard.v4.current();
+        match t.find_ctl(key, hash) {
+            Ok((i, ctl)) => {
+                if ctl & table::LOCK != 0 {
+                    return Peek::Slow;
+                }
+                let w = t.slot(i);
+                let expires = table::expires(w);
+                let code = code_of(ctl);
+                if now >= expires
+                    || self.transitions.next(direction, flags, code) != code
+                    || refreshed(now, self.timeouts[code as usize]) != expires
+                {
+                    return Peek::Slow;
+                }
+                let ids = table::ids_word_of(w);
+                let addr = table::v4_backend_word(w, ctl);
+                std::sync::atomic::fence(Ordering::Acquire);
+                if w[0].load(Ordering::Relaxed) != ctl || shard.seq.load(Ordering::Relaxed) != seq {
+                    return Peek::Slow;
+                }
+                Peek::Hit(V4Hit {
+                    ids,
+                    addr,
+                    code,
+                    masquerade: table::masq_of(ctl),
+                })
+            }
+            Err(_) => {
+                if shard.wide_len.load(Ordering::Relaxed) != 0 {
+                    return Peek::Slow;
+                }
+                std::sync::atomic::fence(Ordering::Acquire);
+                if shard.seq.load(Ordering::Relaxed) == seq {
+                    Peek::Untracked
+                } else {
+                    Peek::Slow
+                }
+            }
+        }
+    }
+
+    /// A packet: the read-only hit inline, anything else out of line.
+    #[inline(always)]
     fn packet(
+        &self,
+        flow: &Flow,
+        direction: Direction,
+        flags: TcpFlags,
+        now: Instant,
+    ) -> Option<Hit> {
+        if let Some(key) = V4Key::of(flow) {
+            let h = self.hasher.hash_one(key.words());
+            let shard = &self.shards[self.shard_of(h)];
+            match self.peek_v4(shard, &key, h as u32, direction, flags, now.as_nanos()) {
+                Peek::Hit(hit) => return Some(hit.hit()),
+                Peek::Untracked => return None,
+                Peek::Slow => {}
+            }
+        }
+        self.packet_locked(flow, direction, flags, now)
+    }
+
+    /// A packet that writes (or an IPv6 or mixed-family flow's), under
+    /// the slot lock.
+    #[inline(never)]
+    fn packet_locked(
         &self,
         flow: &Flow,
         direction: Direction,
@@ -544,10 +758,13 @@ impl Conntrack {
     ///
     /// On a live entry: advances the state machine with `flags` (TCP; other
     /// protocols ignore them), restarts the timer with the new state's
-    /// timeout and returns the [`Hit`]. `None` if the flow is not tracked
-    /// or its entry has expired (`now >= expires`); an expired entry is
-    /// left for the sweep. Lock-free (the shard lock only while the
-    /// entry's shard is moving entries); allocates nothing.
+    /// timeout (rounded up to [`EXPIRY_GRAIN_NS`]) and returns the [`Hit`].
+    /// `None` if the flow is not tracked or its entry has expired
+    /// (`now >= expires`); an expired entry is left for the sweep.
+    /// Lock-free (the shard lock only while the entry's shard is moving
+    /// entries), and with no write at all when the packet changes nothing
+    /// (the module's "Concurrency"); allocates nothing.
+    #[inline]
     pub fn lookup(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Option<Hit> {
         self.packet(flow, Direction::Original, flags, now)
     }
@@ -691,6 +908,7 @@ impl Conntrack {
             flags,
             now,
             control::Controlled::default(),
+            false,
         )
     }
 
@@ -707,6 +925,7 @@ impl Conntrack {
         flags: TcpFlags,
         now: Instant,
         control: control::Controlled,
+        masquerade: bool,
     ) -> ConnState {
         let state = ConnState::initial(flow.protocol, flags);
         let now = now.as_nanos();
@@ -749,16 +968,20 @@ impl Conntrack {
         match (&place, backend_addr) {
             (Place::V4 { key, hash }, SocketAddr::V4(baddr)) => {
                 let e = key.entry(*hash, frontend, backend, baddr, state, expires);
-                inner
-                    .v4
-                    .insert_absent(&with_control(e, control.code), hint, &mut seq);
+                inner.v4.insert_absent(
+                    &with_masq(with_control(e, control.code), masquerade),
+                    hint,
+                    &mut seq,
+                );
             }
             _ => {
                 let h = self.wide_hash(flow) as u32;
                 let e = wide_key().entry(h, frontend, backend, backend_addr, state, expires);
-                inner
-                    .wide
-                    .insert_absent(&with_control(e, control.code), usize::MAX, &mut seq);
+                inner.wide.insert_absent(
+                    &with_masq(with_control(e, control.code), masquerade),
+                    usize::MAX,
+                    &mut seq,
+                );
             }
         }
         self.counts

@@ -7,8 +7,8 @@
 //! again.
 //!
 //! # A slot
-//! Word 0 is the control word: the state code in bits 0–7 (0: empty), the
-//! slot lock in bit 8, the persistence template's control code in bits
+//! Word 0 is the control word: the state code in bits 0–6 (0: empty), the
+//! masquerade bit in bit 7, the slot lock in bit 8, the persistence template's control code in bits
 //! 9–15 (0: none; see `control`), 16 bits of layout data in bits 16–31 and the
 //! entry's 32-bit slot hash in bits 32–63. Word 1 is the expiry in
 //! nanoseconds, word 2 the frontend id (high half) and backend id (low
@@ -32,7 +32,25 @@ use crate::{Flow, Instant, Protocol};
 
 /// The slot lock bit of a control word.
 pub(crate) const LOCK: u64 = 1 << 8;
-const CODE_MASK: u64 = 0xFF;
+/// The masquerade bit of a control word: the dataplane source-NATs the
+/// connection (decided at its first packet, as netfilter's NAT binding is).
+const MASQ: u64 = 1 << 7;
+const CODE_MASK: u64 = 0x7F;
+
+/// Whether control word `ctl` has the masquerade bit.
+#[inline]
+pub(crate) const fn masq_of(ctl: u64) -> bool {
+    ctl & MASQ != 0
+}
+
+/// Entry words `e` with the masquerade bit set to `on`.
+#[inline]
+pub(crate) fn with_masq<const N: usize>(mut e: [u64; N], on: bool) -> [u64; N] {
+    if on {
+        e[0] |= MASQ;
+    }
+    e
+}
 
 /// The state code of a control word (0: empty).
 #[inline]
@@ -121,6 +139,19 @@ pub(crate) fn tracked<L: Layout>(w: &[AtomicU64], ctl: u64) -> Tracked {
 pub(crate) fn ids(w: &[AtomicU64]) -> (FrontendId, BackendId) {
     let fb = load(&w[2]);
     (FrontendId((fb >> 32) as u32), BackendId(fb as u32))
+}
+
+/// The frontend (high half) and backend id (low half) word in `w`.
+#[inline]
+pub(crate) fn ids_word_of(w: &[AtomicU64]) -> u64 {
+    load(&w[2])
+}
+
+/// The backend address of [`V4`] slot words `w` (control word `ctl`): the
+/// IPv4 address in bits 16–47, the port in bits 0–15.
+#[inline]
+pub(crate) fn v4_backend_word(w: &[AtomicU64], ctl: u64) -> u64 {
+    (u64::from(load(&w[4]) as u32) << 16) | u64::from(aux_of(ctl))
 }
 
 /// The expiry in `w`, in nanoseconds.
@@ -441,6 +472,14 @@ impl<L: Layout> Slots<L> {
     /// lock ([`lock_if`](Self::lock_if)).
     #[inline]
     pub(crate) fn find(&self, key: &L::Key, hash: u32) -> Result<usize, usize> {
+        self.find_ctl(key, hash).map(|(i, _)| i)
+    }
+
+    /// [`find`](Self::find) with the control word the match was made
+    /// against (a packet thread's read-only hit validates the slot against
+    /// it afterwards).
+    #[inline]
+    pub(crate) fn find_ctl(&self, key: &L::Key, hash: u32) -> Result<(usize, u64), usize> {
         if self.n == 0 {
             return Err(usize::MAX);
         }
@@ -451,7 +490,7 @@ impl<L: Layout> Slots<L> {
                 return Err(i);
             }
             if hash_of(ctl) == hash && L::matches(self.slot(i), ctl, key) {
-                return Ok(i);
+                return Ok((i, ctl));
             }
             i = self.next(i);
         }

@@ -22,7 +22,7 @@ use super::fragments::Fragments;
 use super::reply_index::{ReplyFrontends, ReplyIndex};
 
 use crate::conntrack::control::{Controlled, Controls};
-use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, TcpFlags, TcpState, Tracked};
+use crate::conntrack::{ConnState, Conntrack, ConntrackConfig, Peek, TcpFlags, TcpState, Tracked};
 use crate::model::flow::{Flow, Forward, FragmentKey, Protocol, Verdict};
 use crate::model::service::TrafficPolicy;
 use crate::plan::{
@@ -246,6 +246,20 @@ impl Surface {
             _ => self.masquerade_all || (!self.cluster_cidrs.is_empty() && !self.is_pod(src)),
         }
     }
+}
+
+/// Whether a packet with `flags` of a tracked TCP connection in state
+/// `previous` starts a new connection on the same 5-tuple (a SYN after
+/// TIME_WAIT or CLOSE, as IPVS reuses such a connection entry).
+#[inline]
+fn reopens(flow: &Flow, flags: TcpFlags, previous: ConnState) -> bool {
+    flow.protocol == Protocol::Tcp
+        && flags.contains(TcpFlags::SYN)
+        && !flags.contains(TcpFlags::ACK)
+        && matches!(
+            previous,
+            ConnState::Tcp(TcpState::TimeWait | TcpState::Close)
+        )
 }
 
 /// What a mode's scheduling decided for a new connection.
@@ -573,17 +587,86 @@ impl ConnLayer {
         self.counts.total(id) > 0
     }
 
-    /// One packet of `flow` with `flags`, under `surface` (from the same
-    /// [`Snapshot`] as the table `schedule` reads); `schedule` decides a new
-    /// connection to the destination of the flow it is given (the packet's
-    /// own, or the cluster IP a short-circuit redirects to). `rng` draws a
+    /// The tracked half of a packet of `flow` with `flags`: the verdict of
+    /// a packet of an established connection (a tracked forward, or the
+    /// drop of `expire_nodest_conn`), or `None` if the packet starts a new
+    /// connection ([`new_connection`](Self::new_connection)). It reads no
+    /// published snapshot: the tracked entry holds the backend and the
+    /// masquerade decision of the connection's first packet (netfilter NATs
+    /// a connection once, at its first packet), and the backends' states
+    /// are not part of a snapshot.
+    #[inline(always)]
+    pub(crate) fn established(
+        &self,
+        states: &BackendStates,
+        flow: &Flow,
+        flags: TcpFlags,
+        now: Instant,
+    ) -> Option<Verdict> {
+        // No packet has a source and destination of different families
+        // (`Flow::try_new` refuses them; `Flow::new` does not check): no
+        // frontend captures one, so no client meets a backend of the other
+        // family.
+        if !flow.is_single_family() {
+            return Some(Verdict::NotAService);
+        }
+        let ct = self.tracker.as_ref()?;
+        match ct.peek(flow, flags, now) {
+            Peek::Untracked => return None,
+            Peek::Hit(hit)
+                if matches!(
+                    states.state(hit.backend()),
+                    BackendState::Active | BackendState::Draining
+                ) && !reopens(flow, flags, hit.state()) =>
+            {
+                return Some(Verdict::Forward(Forward {
+                    backend: SocketAddr::V4(hit.backend_addr()),
+                    backend_id: hit.backend(),
+                    frontend: hit.frontend(),
+                    tracked: true,
+                    masquerade: hit.masquerade,
+                }));
+            }
+            // A backend gone, a reopen, a packet that writes: the slot
+            // lock's path decides.
+            Peek::Hit(_) | Peek::Slow => {}
+        }
+        let hit = ct.lookup(flow, flags, now)?;
+        match states.state(hit.backend) {
+            BackendState::Active | BackendState::Draining => {
+                if !reopens(flow, flags, hit.previous) {
+                    return Some(Verdict::Forward(Forward {
+                        backend: hit.backend_addr,
+                        backend_id: hit.backend,
+                        frontend: hit.frontend,
+                        tracked: true,
+                        masquerade: hit.masquerade,
+                    }));
+                }
+                ct.remove(flow);
+                None
+            }
+            _ => {
+                // expire_nodest_conn: the connection expires.
+                ct.remove(flow);
+                (flow.protocol == Protocol::Tcp && !flags.contains(TcpFlags::SYN))
+                    .then_some(Verdict::Drop)
+            }
+        }
+    }
+
+    /// A packet of `flow` that [`established`](Self::established) left to
+    /// start a new connection, under `surface` (from the same [`Snapshot`]
+    /// as the table `schedule` reads); `schedule` decides a new connection
+    /// to the destination of the flow it is given (the packet's own, or the
+    /// cluster IP a short-circuit redirects to). `rng` draws a
     /// short-circuit's pick among the Cluster-policy endpoints when the
     /// cluster IP is itself Local: uniformly at random, as kube-proxy's
     /// `KUBE-SVC-` chain (`-m statistic --mode random`) and nftables
     /// `service-` chain (`numgen random`) do.
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn packet(
+    pub(crate) fn new_connection(
         &self,
         surface: &Surface,
         states: &BackendStates,
@@ -593,49 +676,6 @@ impl ConnLayer {
         rng: &SeededRng,
         mut schedule: impl FnMut(&Flow) -> Scheduled,
     ) -> Verdict {
-        // No packet has a source and destination of different families
-        // (`Flow::try_new` refuses them; `Flow::new` does not check): no
-        // frontend captures one, so no client meets a backend of the other
-        // family.
-        if !flow.is_single_family() {
-            return Verdict::NotAService;
-        }
-        if let Some(ct) = &self.tracker {
-            if let Some(hit) = ct.lookup(flow, flags, now) {
-                match states.state(hit.backend) {
-                    BackendState::Active | BackendState::Draining => {
-                        let reopen = flow.protocol == Protocol::Tcp
-                            && flags.contains(TcpFlags::SYN)
-                            && !flags.contains(TcpFlags::ACK)
-                            && matches!(
-                                hit.previous,
-                                ConnState::Tcp(TcpState::TimeWait | TcpState::Close)
-                            );
-                        if !reopen {
-                            return Verdict::Forward(Forward {
-                                backend: hit.backend_addr,
-                                backend_id: hit.backend,
-                                frontend: hit.frontend,
-                                tracked: true,
-                                masquerade: surface.masquerade(
-                                    flow,
-                                    hit.frontend,
-                                    hit.backend_addr,
-                                ),
-                            });
-                        }
-                        ct.remove(flow);
-                    }
-                    _ => {
-                        // expire_nodest_conn: the connection expires.
-                        ct.remove(flow);
-                        if flow.protocol == Protocol::Tcp && !flags.contains(TcpFlags::SYN) {
-                            return Verdict::Drop;
-                        }
-                    }
-                }
-            }
-        }
         self.schedule_new(surface, states, flow, flags, now, rng, &[], |f, _| {
             schedule(f)
         })
@@ -737,8 +777,11 @@ impl ConnLayer {
                     addr,
                     control,
                 } => {
+                    let masquerade = surface.masquerade(flow, frontend, addr);
                     if let Some(ct) = &self.tracker {
-                        ct.insert_controlled(flow, frontend, backend, addr, flags, now, control);
+                        ct.insert_controlled(
+                            flow, frontend, backend, addr, flags, now, control, masquerade,
+                        );
                         if attempt == 0 && states.state(backend) == BackendState::Gone {
                             ct.remove(flow);
                             continue;
@@ -749,7 +792,7 @@ impl ConnLayer {
                         backend_id: backend,
                         frontend,
                         tracked: false,
-                        masquerade: surface.masquerade(flow, frontend, addr),
+                        masquerade,
                     });
                 }
                 Scheduled::Reject => return Verdict::Reject,

@@ -42,6 +42,7 @@
 //! is a walk of the chain's endpoints comparing with that entry's endpoint.
 
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -390,19 +391,24 @@ impl Shared {
         self.conn.publish(&self.rules, planner, diff, &current, rs);
     }
 
-    /// One packet under one published snapshot.
+    /// One packet: a tracked connection's without a snapshot, a new one's
+    /// under the snapshot `snap` loads (once).
     #[inline]
-    fn packet(
+    fn packet<G: Deref<Target = Arc<Published>>>(
         &self,
-        snap: &Published,
+        snap: impl FnOnce() -> G,
         rng: &SeededRng,
         flow: &Flow,
         key: Option<u64>,
         flags: TcpFlags,
         now: Instant,
     ) -> Verdict {
+        if let Some(v) = self.conn.established(&self.states, flow, flags, now) {
+            return v;
+        }
+        let snap = snap();
         self.conn
-            .packet(&snap.surface, &self.states, flow, flags, now, rng, |flow| {
+            .new_connection(&snap.surface, &self.states, flow, flags, now, rng, |flow| {
                 snap.table.decide(flow, key, now, rng, &self.affinity, &[])
             })
     }
@@ -471,16 +477,23 @@ impl IptablesReader {
     #[inline]
     pub fn route_with_key(&mut self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
         // The cache's check is one atomic load.
-        let snap: &Arc<Published> = self.rules.load();
-        self.shared
-            .packet(snap, &self.rng, flow, key, first_packet(flow), now)
+        let rules = &mut self.rules;
+        self.shared.packet(
+            move || rules.load(),
+            &self.rng,
+            flow,
+            key,
+            first_packet(flow),
+            now,
+        )
     }
 
     /// Any packet of a flow, as [`Dataplane::packet`].
     #[inline]
     pub fn packet(&mut self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
-        let snap: &Arc<Published> = self.rules.load();
-        self.shared.packet(snap, &self.rng, flow, None, flags, now)
+        let rules = &mut self.rules;
+        self.shared
+            .packet(move || rules.load(), &self.rng, flow, None, flags, now)
     }
 
     /// A retry without the backends whose connect failed, as
@@ -569,7 +582,7 @@ impl Dataplane for IptablesDataplane {
     fn route_with_key(&self, flow: &Flow, key: Option<u64>, now: Instant) -> Verdict {
         let sh = &*self.shared;
         sh.packet(
-            &sh.rules.load(),
+            || sh.rules.load(),
             &sh.rng,
             flow,
             key,
@@ -580,7 +593,7 @@ impl Dataplane for IptablesDataplane {
 
     fn packet(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Verdict {
         let sh = &*self.shared;
-        sh.packet(&sh.rules.load(), &sh.rng, flow, None, flags, now)
+        sh.packet(|| sh.rules.load(), &sh.rng, flow, None, flags, now)
     }
 
     fn route_excluding_with_key(

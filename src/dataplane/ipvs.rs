@@ -203,6 +203,9 @@ impl IpvsReader {
         now: Instant,
     ) -> Verdict {
         let shared = &*self.shared;
+        if let Some(v) = shared.conn.established(&shared.states, flow, flags, now) {
+            return v;
+        }
         let snap = self.table.load();
         let (table, surface) = (&snap.table, &*snap.surface);
         let rng = &self.rng;
@@ -210,7 +213,7 @@ impl IpvsReader {
         let local = !shared.config.global_rotation;
         shared
             .conn
-            .packet(surface, &shared.states, flow, flags, now, rng, |flow| {
+            .new_connection(surface, &shared.states, flow, flags, now, rng, |flow| {
                 let rotations = local.then_some(&mut *rotations);
                 shared.schedule(table, rotations, flow, key, now, rng, &[])
             })
@@ -495,9 +498,12 @@ impl Shared {
 
     #[inline]
     fn packet(&self, flow: &Flow, key: Option<u64>, flags: TcpFlags, now: Instant) -> Verdict {
+        if let Some(v) = self.conn.established(&self.states, flow, flags, now) {
+            return v;
+        }
         let snap = self.table.load();
         let table = &snap.table;
-        self.conn.packet(
+        self.conn.new_connection(
             &snap.surface,
             &self.states,
             flow,
