@@ -396,6 +396,7 @@ impl Default for BackendStates {
 }
 
 impl BackendStates {
+    #[inline]
     fn word(&self, slot: usize) -> Option<&AtomicU32> {
         self.chunks
             .get(slot >> CHUNK_BITS)?

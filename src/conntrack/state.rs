@@ -60,6 +60,7 @@ impl TcpFlags {
 
     /// IPVS's `tcp_state_idx`: the table row, by priority RST > SYN > FIN >
     /// ACK; `None` when no flag is set.
+    #[inline]
     pub(crate) const fn row(self) -> Option<usize> {
         if self.0 & Self::RST.0 != 0 {
             Some(3)
@@ -561,7 +562,7 @@ impl Transitions {
     }
 
     /// The code after a packet; `code` must not be 0.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn next(&self, direction: Direction, flags: TcpFlags, code: u8) -> u8 {
         let row = flags.row().unwrap_or(4);
         self.0[direction as usize][row][code as usize]
