@@ -627,7 +627,9 @@ struct BackendSlot {
 
 #[derive(Debug, Clone)]
 struct LiveBackend {
-    service: ServiceKey,
+    /// Its service (shared with the service's [`ServiceBackends`]: a new
+    /// backend allocates no copy of the key).
+    service: Arc<ServiceKey>,
     protocol: Protocol,
     addr: SocketAddr,
     state: BackendState,
@@ -637,8 +639,10 @@ struct LiveBackend {
 }
 
 /// The backends of one service: id by (protocol, `IP:port`).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct ServiceBackends {
+    /// The service.
+    key: Arc<ServiceKey>,
     ids: AHashMap<(Protocol, SocketAddr), BackendId>,
 }
 
@@ -956,10 +960,10 @@ impl Planner {
             return;
         }
         if let Some(b) = s.live.take() {
-            if let Some(sb) = self.service_backends.get_mut(&b.service) {
+            if let Some(sb) = self.service_backends.get_mut(&*b.service) {
                 sb.ids.remove(&(b.protocol, b.addr));
-                if sb.ids.is_empty() && !self.by_service.contains_key(&b.service) {
-                    self.service_backends.remove(&b.service);
+                if sb.ids.is_empty() && !self.by_service.contains_key(&*b.service) {
+                    self.service_backends.remove(&*b.service);
                 }
             }
         }
@@ -996,19 +1000,27 @@ impl Planner {
             b.endpoint = Arc::clone(ep);
             return id;
         }
+        if !self.service_backends.contains_key(service) {
+            self.service_backends.insert(
+                service.clone(),
+                ServiceBackends {
+                    key: Arc::new(service.clone()),
+                    ids: AHashMap::new(),
+                },
+            );
+        }
+        let key = Arc::clone(&self.service_backends[service].key);
         let id = self.alloc_backend(LiveBackend {
-            service: service.clone(),
+            service: key,
             protocol,
             addr,
             state: BackendState::Gone,
             deadline: None,
             endpoint: Arc::clone(ep),
         });
-        self.service_backends
-            .entry(service.clone())
-            .or_default()
-            .ids
-            .insert((protocol, addr), id);
+        if let Some(sb) = self.service_backends.get_mut(service) {
+            sb.ids.insert((protocol, addr), id);
+        }
         id
     }
 
@@ -1343,7 +1355,7 @@ impl Planner {
             let service = self.slots[id.slot()]
                 .live
                 .as_ref()
-                .map(|b| b.service.clone());
+                .map(|b| Arc::clone(&b.service));
             self.free_backend(id, &mut diff);
             if let Some(service) = service {
                 let ids: SmallVec<[FrontendId; 2]> =

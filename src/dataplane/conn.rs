@@ -262,6 +262,12 @@ fn reopens(flow: &Flow, flags: TcpFlags, previous: ConnState) -> bool {
         )
 }
 
+/// Per backend key, the frontends a sync takes from it and gives to it.
+type ReplyDelta = AHashMap<FrontendKey, (ReplyFrontends, ReplyFrontends)>;
+
+/// The largest [`ReplyDelta`] (in entries) kept between syncs.
+const REPLY_DELTA_KEEP: usize = 4096;
+
 /// What a mode's scheduling decided for a new connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Scheduled {
@@ -320,6 +326,12 @@ pub(crate) struct ConnLayer {
     /// Writer side of the reply index (taken only by `publish`, under the
     /// planner's lock): the keys each frontend indexed.
     indexed: Mutex<AHashMap<FrontendId, IndexedKeys>>,
+    /// An incremental sync's working map (per backend key, the frontends
+    /// it loses and gains), kept between syncs so that a sync allocates
+    /// none: a fresh map allocated a table of about 1.5 KB per service
+    /// change, a request large enough that glibc first consolidates every
+    /// small chunk freed since, which at 100,000 services is cold memory.
+    reply_delta: Mutex<ReplyDelta>,
     /// Fragmented datagrams to their connections (while the tracker is
     /// on), allocated whole at the first one: a dataplane that never sees
     /// a fragment pays nothing for it.
@@ -345,6 +357,7 @@ impl ConnLayer {
             masquerade_all,
             ipvs,
             indexed: Mutex::new(AHashMap::new()),
+            reply_delta: Mutex::new(AHashMap::new()),
             fragments: OnceLock::new(),
         }
     }
@@ -428,8 +441,12 @@ impl ConnLayer {
             // from it and gives to it: what each frontend indexed before
             // against what it lists now. Only the diff's frontends are
             // read, none of the plan's other indexes.
-            let mut delta: AHashMap<FrontendKey, (ReplyFrontends, ReplyFrontends)> =
-                AHashMap::new();
+            let mut delta = self.reply_delta.lock();
+            if delta.capacity() > REPLY_DELTA_KEEP {
+                // A large batch's table is not kept.
+                *delta = AHashMap::new();
+            }
+            delta.clear();
             for (id, key) in &diff.removed {
                 for k in indexed.remove(id).into_iter().flatten() {
                     delta.entry(k).or_default().0.push(key.socket_addr());
@@ -455,7 +472,7 @@ impl ConnLayer {
             }
             if current.fits(current.len() + delta.len()) {
                 let mut later = Vec::new();
-                for (key, (gone, came)) in delta {
+                for (key, (gone, came)) in delta.drain() {
                     let mut union = current.get(&key);
                     let before = union.len();
                     for fe in &came {
