@@ -4,7 +4,7 @@
 //! The rules sit in chunks (leaves) under a tree of 16-way branches (a
 //! persistent vector, as Clojure's and `im`'s are), every chunk full but
 //! the last; the chunk size is a parameter (iptables mode keeps its
-//! 28-byte rules in chunks of 256 and their chains, reference-counted, in
+//! 28-byte rules in chunks of 32 and their chains, reference-counted, in
 //! chunks of 16). Versions share every node they have in common: cloning
 //! a list clones its root pointer, and a push, a pop or a replacement
 //! copies only the nodes on the path to its index ([`Arc::make_mut`]-style:
@@ -23,27 +23,28 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 /// Index bits per branch level: 16 children.
 const BITS: u32 = 4;
 const WIDTH: usize = 1 << BITS;
 const MASK: usize = WIDTH - 1;
 
+/// A node: a leaf holds its `W` rules inline (in the node's own allocation,
+/// so a walk reads one allocation per leaf, not a node and then its
+/// buffer).
 #[derive(Debug)]
-enum Node<T> {
-    Leaf(Vec<T>),
-    Branch(Vec<Arc<Node<T>>>),
+enum Node<T, const W: usize> {
+    Leaf(SmallVec<[T; W]>),
+    Branch(Vec<Arc<Node<T, W>>>),
 }
 
-impl<T: Clone> Node<T> {
+impl<T: Clone, const W: usize> Node<T, W> {
     /// A copy with room for a full node, so a push after a copy does not
     /// reallocate.
-    fn copy(&self, leaf_width: usize) -> Self {
+    fn copy(&self) -> Self {
         match self {
-            Node::Leaf(v) => {
-                let mut c = Vec::with_capacity(leaf_width);
-                c.extend_from_slice(v);
-                Node::Leaf(c)
-            }
+            Node::Leaf(v) => Node::Leaf(v.iter().cloned().collect()),
             Node::Branch(v) => {
                 let mut c = Vec::with_capacity(WIDTH);
                 c.extend_from_slice(v);
@@ -54,25 +55,25 @@ impl<T: Clone> Node<T> {
 }
 
 /// Copy-on-write access to a shared node.
-fn make_mut<T: Clone>(node: &mut Arc<Node<T>>, leaf_width: usize) -> &mut Node<T> {
+fn make_mut<T: Clone, const W: usize>(node: &mut Arc<Node<T, W>>) -> &mut Node<T, W> {
     if Arc::get_mut(node).is_none() {
-        *node = Arc::new(node.copy(leaf_width));
+        *node = Arc::new(node.copy());
     }
     Arc::get_mut(node).expect("unique after the copy")
 }
 
 /// A persistent list of rules; see the module docs. Leaves hold
-/// `1 << LEAF_BITS` rules, branches 16 children.
+/// `LEAF_WIDTH` rules (a power of two), branches 16 children.
 #[derive(Debug)]
-pub(crate) struct RuleList<T, const LEAF_BITS: u32 = BITS> {
-    root: Arc<Node<T>>,
+pub(crate) struct RuleList<T, const LEAF_WIDTH: usize = WIDTH> {
+    root: Arc<Node<T, LEAF_WIDTH>>,
     len: usize,
     /// The index bits the levels below the root use: 0 for a leaf root,
     /// `LEAF_BITS` for a branch of leaves, `BITS` more per level above.
     shift: u32,
 }
 
-impl<T, const L: u32> Clone for RuleList<T, L> {
+impl<T, const W: usize> Clone for RuleList<T, W> {
     /// Another version sharing every node (one pointer copy).
     fn clone(&self) -> Self {
         RuleList {
@@ -83,38 +84,38 @@ impl<T, const L: u32> Clone for RuleList<T, L> {
     }
 }
 
-impl<T: Clone, const L: u32> Default for RuleList<T, L> {
+impl<T: Clone, const W: usize> Default for RuleList<T, W> {
     fn default() -> Self {
         RuleList {
-            root: Arc::new(Node::Leaf(Vec::new())),
+            root: Arc::new(Node::Leaf(SmallVec::new())),
             len: 0,
             shift: 0,
         }
     }
 }
 
-impl<T: Clone, const L: u32> RuleList<T, L> {
-    const LEAF_WIDTH: usize = 1 << L;
-    const LEAF_MASK: usize = Self::LEAF_WIDTH - 1;
+impl<T: Clone, const W: usize> RuleList<T, W> {
+    /// Index bits of a leaf (the width must be a power of two).
+    const L: u32 = {
+        assert!(W.is_power_of_two(), "a leaf's width is a power of two");
+        W.trailing_zeros()
+    };
+    const LEAF_MASK: usize = W - 1;
 
     /// The shift of the children of a branch at `shift`.
     #[inline]
     const fn child_shift(shift: u32) -> u32 {
-        if shift == L { 0 } else { shift - BITS }
+        if shift == Self::L { 0 } else { shift - BITS }
     }
 
     /// How many rules a root at `shift` holds.
     const fn capacity(shift: u32) -> usize {
-        if shift == 0 {
-            1 << L
-        } else {
-            1 << (shift + BITS)
-        }
+        if shift == 0 { W } else { 1 << (shift + BITS) }
     }
 
-    fn empty_node(shift: u32) -> Node<T> {
+    fn empty_node(shift: u32) -> Node<T, W> {
         if shift == 0 {
-            Node::Leaf(Vec::with_capacity(Self::LEAF_WIDTH))
+            Node::Leaf(SmallVec::new())
         } else {
             Node::Branch(Vec::with_capacity(WIDTH))
         }
@@ -153,8 +154,8 @@ impl<T: Clone, const L: u32> RuleList<T, L> {
     /// walk of the list.
     #[inline]
     pub(crate) fn find(&self, mut pred: impl FnMut(&T) -> bool) -> Option<(usize, &T)> {
-        fn walk<'a, T>(
-            node: &'a Node<T>,
+        fn walk<'a, T, const W: usize>(
+            node: &'a Node<T, W>,
             base: &mut usize,
             pred: &mut impl FnMut(&T) -> bool,
         ) -> Option<(usize, &'a T)> {
@@ -182,13 +183,12 @@ impl<T: Clone, const L: u32> RuleList<T, L> {
             children.push(old);
             self.root = Arc::new(Node::Branch(children));
             self.shift = if self.shift == 0 {
-                L
+                Self::L
             } else {
                 self.shift + BITS
             };
         }
-        let lw = Self::LEAF_WIDTH;
-        let mut node = make_mut(&mut self.root, lw);
+        let mut node = make_mut(&mut self.root);
         let mut shift = self.shift;
         loop {
             match node {
@@ -202,7 +202,7 @@ impl<T: Clone, const L: u32> RuleList<T, L> {
                     if i == c.len() {
                         c.push(Arc::new(Self::empty_node(cs)));
                     }
-                    node = make_mut(&mut c[i], lw);
+                    node = make_mut(&mut c[i]);
                     shift = cs;
                 }
             }
@@ -217,17 +217,17 @@ impl<T: Clone, const L: u32> RuleList<T, L> {
             return None;
         }
         let index = self.len - 1;
-        fn pop_at<T: Clone, const L: u32>(
-            node: &mut Arc<Node<T>>,
+        fn pop_at<T: Clone, const W: usize>(
+            node: &mut Arc<Node<T, W>>,
             index: usize,
             shift: u32,
         ) -> Option<T> {
-            match make_mut(node, RuleList::<T, L>::LEAF_WIDTH) {
+            match make_mut(node) {
                 Node::Leaf(v) => v.pop(),
                 Node::Branch(c) => {
                     let i = (index >> shift) & MASK;
                     let child = c.get_mut(i)?;
-                    let out = pop_at::<T, L>(child, index, RuleList::<T, L>::child_shift(shift));
+                    let out = pop_at::<T, W>(child, index, RuleList::<T, W>::child_shift(shift));
                     let empty = match &**child {
                         Node::Leaf(v) => v.is_empty(),
                         Node::Branch(b) => b.is_empty(),
@@ -239,7 +239,7 @@ impl<T: Clone, const L: u32> RuleList<T, L> {
                 }
             }
         }
-        let out = pop_at::<T, L>(&mut self.root, index, self.shift);
+        let out = pop_at::<T, W>(&mut self.root, index, self.shift);
         self.len -= 1;
         // Drop a level whose root is left with one child.
         while self.shift > 0 {
@@ -259,14 +259,13 @@ impl<T: Clone, const L: u32> RuleList<T, L> {
     /// If `index` is out of bounds.
     pub(crate) fn set(&mut self, index: usize, value: T) -> T {
         assert!(index < self.len, "rule {index} of {}", self.len);
-        let lw = Self::LEAF_WIDTH;
-        let mut node = make_mut(&mut self.root, lw);
+        let mut node = make_mut(&mut self.root);
         let mut shift = self.shift;
         loop {
             match node {
                 Node::Leaf(v) => return core::mem::replace(&mut v[index & Self::LEAF_MASK], value),
                 Node::Branch(c) => {
-                    node = make_mut(&mut c[(index >> shift) & MASK], lw);
+                    node = make_mut(&mut c[(index >> shift) & MASK]);
                     shift = Self::child_shift(shift);
                 }
             }
@@ -291,7 +290,7 @@ impl<T: Clone, const L: u32> RuleList<T, L> {
     /// Every rule, in order.
     #[cfg(test)]
     pub(crate) fn for_each<'a>(&'a self, mut f: impl FnMut(&'a T)) {
-        fn walk<'a, T>(node: &'a Node<T>, f: &mut impl FnMut(&'a T)) {
+        fn walk<'a, T, const W: usize>(node: &'a Node<T, W>, f: &mut impl FnMut(&'a T)) {
             match node {
                 Node::Leaf(v) => v.iter().for_each(f),
                 Node::Branch(c) => c.iter().for_each(|n| walk(n, f)),
@@ -306,7 +305,7 @@ mod tests {
     use super::*;
     use crate::rng::SeededRng;
 
-    fn contents<const L: u32>(l: &RuleList<u32, L>) -> Vec<u32> {
+    fn contents<const L: usize>(l: &RuleList<u32, L>) -> Vec<u32> {
         let mut v = Vec::new();
         l.for_each(|x| v.push(*x));
         v
@@ -317,11 +316,11 @@ mod tests {
     /// versions kept and checked unchanged.
     #[test]
     fn matches_a_vec_and_old_versions_stay_intact() {
-        check_against_a_vec::<4>();
-        check_against_a_vec::<6>();
+        check_against_a_vec::<16>();
+        check_against_a_vec::<64>();
     }
 
-    fn check_against_a_vec<const L: u32>() {
+    fn check_against_a_vec<const L: usize>() {
         let rng = SeededRng::new(11);
         let mut list = RuleList::<u32, L>::default();
         let mut model: Vec<u32> = Vec::new();
@@ -356,7 +355,10 @@ mod tests {
             }
         }
         assert!(list.is_empty(), "{} left", list.len());
-        assert!(kept.iter().any(|(l, _)| l.shift >= L + BITS));
+        assert!(
+            kept.iter()
+                .any(|(l, _)| l.shift >= L.trailing_zeros() + BITS)
+        );
         for (l, m) in &kept {
             assert_eq!(&contents(l), m);
             for (i, x) in m.iter().enumerate() {
@@ -369,7 +371,7 @@ mod tests {
 
     #[test]
     fn find_walks_in_order() {
-        let mut list = RuleList::<u32, 6>::default();
+        let mut list = RuleList::<u32, 64>::default();
         for i in 0..5000u32 {
             list.push(i % 100);
         }
@@ -381,7 +383,7 @@ mod tests {
         assert_eq!(hit, Some((42, &42)));
         // An index past the first leaf.
         assert_eq!(list.find(|x| *x == 99).map(|h| h.0), Some(99));
-        let mut list2 = RuleList::<u32, 4>::default();
+        let mut list2 = RuleList::<u32, 16>::default();
         for i in 0..300u32 {
             list2.push(i);
         }
@@ -400,7 +402,7 @@ mod tests {
 
     #[test]
     fn shrinking_to_empty_and_growing_again() {
-        let mut list = RuleList::<u32, 6>::default();
+        let mut list = RuleList::<u32, 64>::default();
         for i in 0..=(64 * WIDTH) as u32 {
             list.push(i);
         }
