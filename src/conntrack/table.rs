@@ -637,10 +637,18 @@ impl Drop for WriteSeq<'_> {
 /// count. The arrays below the last add at most 1/56 of its size.
 pub(crate) struct Levels<L> {
     empty: Slots<L>,
-    levels: Box<[(usize, OnceLock<Slots<L>>)]>,
+    /// The size steps, inline (not behind a pointer: one dependent load
+    /// less on every packet); the first `count` are used.
+    levels: [(usize, OnceLock<Slots<L>>); MAX_LEVELS],
+    count: usize,
     /// The current array: 0 for `empty`, `k + 1` for `levels[k]`.
     current: AtomicUsize,
 }
+
+/// Most size steps a table can have: 16 slots ×8 while a step is at most
+/// 1/64 of the maximum, then the maximum (9 steps for the largest
+/// capacity, 2^32 entries in one shard).
+const MAX_LEVELS: usize = 12;
 
 impl<L: Layout> Levels<L> {
     /// The size steps up to `max_slots`.
@@ -652,11 +660,18 @@ impl<L: Layout> Levels<L> {
             n *= 8;
         }
         sizes.push(max_slots);
+        assert!(sizes.len() <= MAX_LEVELS, "{} size steps", sizes.len());
         Levels {
             empty: Slots::new(0),
-            levels: sizes.into_iter().map(|n| (n, OnceLock::new())).collect(),
+            levels: std::array::from_fn(|i| (sizes.get(i).copied().unwrap_or(0), OnceLock::new())),
+            count: sizes.len(),
             current: AtomicUsize::new(0),
         }
+    }
+
+    /// The size steps in use.
+    fn steps(&self) -> &[(usize, OnceLock<Slots<L>>)] {
+        &self.levels[..self.count]
     }
 
     /// The array at step `k` (0: the empty one).
@@ -675,7 +690,7 @@ impl<L: Layout> Levels<L> {
     }
 
     fn bytes(&self) -> usize {
-        self.levels
+        self.steps()
             .iter()
             .filter_map(|(_, a)| a.get())
             .map(|a| a.words.len() * size_of::<AtomicU64>())
@@ -754,7 +769,7 @@ impl<L: Layout> Table<L> {
     #[inline]
     fn needs_growth(&self) -> bool {
         let n = self.slot_count();
-        n < self.max_slots && self.level < self.levels.levels.len() && (self.len + 1) * 4 > n * 3
+        n < self.max_slots && self.level < self.levels.steps().len() && (self.len + 1) * 4 > n * 3
     }
 
     /// Grows to the next size step and publishes it. Every slot of the old
@@ -1000,13 +1015,13 @@ mod tests {
         let seq = AtomicU64::new(0);
         let levels = Arc::new(Levels::<V4>::new(max_slots(1000)));
         // Steps of 16, then the maximum.
-        let steps: Vec<usize> = levels.levels.iter().map(|(n, _)| *n).collect();
+        let steps: Vec<usize> = levels.steps().iter().map(|(n, _)| *n).collect();
         assert_eq!(steps, [16, 1334]);
         let big = Levels::<V4>::new(max_slots(1 << 20));
-        let steps: Vec<usize> = big.levels.iter().map(|(n, _)| *n).collect();
+        let steps: Vec<usize> = big.steps().iter().map(|(n, _)| *n).collect();
         assert_eq!(steps, [16, 128, 1024, 8192, max_slots(1 << 20)]);
         let small = Levels::<V4>::new(max_slots(100));
-        assert_eq!(small.levels.len(), 1);
+        assert_eq!(small.steps().len(), 1);
         let mut t = Table::<V4>::new(max_slots(1000), &levels);
         t.insert_absent(&entry(1, 5), usize::MAX, &mut WriteSeq::new(&seq));
         let old = levels.current();
