@@ -153,20 +153,35 @@ impl<T: Clone, const W: usize> RuleList<T, W> {
     /// The first rule, in order, that `pred` accepts, with its index: a
     /// walk of the list.
     #[inline]
+    #[inline]
     pub(crate) fn find(&self, mut pred: impl FnMut(&T) -> bool) -> Option<(usize, &T)> {
+        /// One leaf's rules, in order (kept out of `walk` so that the
+        /// predicate is inlined into this loop whatever `walk` becomes).
+        #[inline(always)]
+        fn scan<T>(rules: &[T], pred: &mut impl FnMut(&T) -> bool) -> Option<usize> {
+            for (i, r) in rules.iter().enumerate() {
+                if pred(r) {
+                    return Some(i);
+                }
+            }
+            None
+        }
         fn walk<'a, T, const W: usize>(
             node: &'a Node<T, W>,
             base: &mut usize,
             pred: &mut impl FnMut(&T) -> bool,
         ) -> Option<(usize, &'a T)> {
             match node {
-                Node::Leaf(v) => match v.iter().position(&mut *pred) {
-                    Some(i) => Some((*base + i, &v[i])),
-                    None => {
-                        *base += v.len();
-                        None
+                Node::Leaf(v) => {
+                    let rules = v.as_slice();
+                    match scan(rules, pred) {
+                        Some(i) => Some((*base + i, &rules[i])),
+                        None => {
+                            *base += rules.len();
+                            None
+                        }
                     }
-                },
+                }
                 Node::Branch(c) => c.iter().find_map(|n| walk(n, base, pred)),
             }
         }
