@@ -153,7 +153,6 @@ impl<T: Clone, const W: usize> RuleList<T, W> {
     /// The first rule, in order, that `pred` accepts, with its index: a
     /// walk of the list.
     #[inline]
-    #[inline]
     pub(crate) fn find(&self, mut pred: impl FnMut(&T) -> bool) -> Option<(usize, &T)> {
         /// One leaf's rules, in order (kept out of `walk` so that the
         /// predicate is inlined into this loop whatever `walk` becomes).
