@@ -135,6 +135,7 @@ pub mod plan;
 pub mod render;
 pub mod rng;
 pub mod scheduler;
+mod stack_text;
 pub mod table;
 mod time;
 pub mod topology;

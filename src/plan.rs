@@ -990,26 +990,30 @@ impl Planner {
         ep: &Arc<EndpointInfo>,
     ) -> BackendId {
         let addr = ep.addr();
-        if let Some(id) = self
+        // The backend's id if it is known, else its service's shared key.
+        let known = self
             .service_backends
             .get(service)
-            .and_then(|sb| sb.ids.get(&(protocol, addr)))
-            .copied()
-        {
-            let b = self.slots[id.slot()].live.as_mut().expect("live");
-            b.endpoint = Arc::clone(ep);
-            return id;
-        }
-        if !self.service_backends.contains_key(service) {
-            self.service_backends.insert(
-                service.clone(),
-                ServiceBackends {
-                    key: Arc::new(service.clone()),
-                    ids: AHashMap::new(),
-                },
-            );
-        }
-        let key = Arc::clone(&self.service_backends[service].key);
+            .map(|sb| sb.ids.get(&(protocol, addr)).copied().ok_or(&sb.key));
+        let key = match known {
+            Some(Ok(id)) => {
+                let b = self.slots[id.slot()].live.as_mut().expect("live");
+                b.endpoint = Arc::clone(ep);
+                return id;
+            }
+            Some(Err(key)) => Arc::clone(key),
+            None => {
+                let key = Arc::new(service.clone());
+                self.service_backends.insert(
+                    service.clone(),
+                    ServiceBackends {
+                        key: Arc::clone(&key),
+                        ids: AHashMap::new(),
+                    },
+                );
+                key
+            }
+        };
         let id = self.alloc_backend(LiveBackend {
             service: key,
             protocol,

@@ -41,6 +41,7 @@ use crate::error::UpdateError;
 use crate::model::endpoint_slice::{Endpoint, EndpointAddress, EndpointSlice, SliceKey};
 use crate::model::flow::Protocol;
 use crate::model::service::{Service, ServiceKey, ServicePort};
+use crate::stack_text::StackText;
 
 /// One change to the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,8 +396,8 @@ impl MergedPort {
         }
         // A list still shared (a view someone holds) is copied once.
         let list = Arc::make_mut(list);
-        let key = KeyBuf::of(addr);
-        let found = list.binary_search_by(|e| KeyBuf::of(e.addr()).as_bytes().cmp(key.as_bytes()));
+        let key = key_buf(addr);
+        let found = list.binary_search_by(|e| key_buf(e.addr()).as_bytes().cmp(key.as_bytes()));
         match (before, after, found) {
             (Some(b), Some(a), Ok(i)) => {
                 self.summary.remove(&b);
@@ -479,45 +480,24 @@ pub(crate) fn endpoint_key(ip: IpAddr, port: u16) -> Box<str> {
 
 /// An endpoint key written on the stack: the longest, an IPv4-mapped IPv6
 /// address with a port, is 53 bytes.
-struct KeyBuf {
-    buf: [u8; 56],
-    len: usize,
-}
+type KeyBuf = StackText<56>;
 
-impl KeyBuf {
-    fn of(addr: SocketAddr) -> Self {
-        let mut k = KeyBuf {
-            buf: [0; 56],
-            len: 0,
-        };
-        match addr.ip() {
-            IpAddr::V4(v4) => write!(k, "{v4}:{}", addr.port()),
-            IpAddr::V6(v6) => write!(k, "[{v6}]:{}", addr.port()),
-        }
-        .expect("an endpoint key fits in 56 bytes");
-        k
+/// `addr`'s [`endpoint_key`], on the stack.
+fn key_buf(addr: SocketAddr) -> KeyBuf {
+    let mut k = KeyBuf::new();
+    match addr.ip() {
+        IpAddr::V4(v4) => write!(k, "{v4}:{}", addr.port()),
+        IpAddr::V6(v6) => write!(k, "[{v6}]:{}", addr.port()),
     }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl std::fmt::Write for KeyBuf {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        let dst = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        dst.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
+    .expect("an endpoint key fits in 56 bytes");
+    k
 }
 
 /// The order of merged endpoints: kube-proxy's, by the strings of their
 /// [`endpoint_key`]s (`"10.0.0.10:80"` before `"10.0.0.2:80"`), compared
 /// without allocating.
 pub(crate) fn endpoint_order(a: SocketAddr, b: SocketAddr) -> std::cmp::Ordering {
-    KeyBuf::of(a).as_bytes().cmp(KeyBuf::of(b).as_bytes())
+    key_buf(a).as_bytes().cmp(key_buf(b).as_bytes())
 }
 
 /// One service in a [`TableSnapshot`].

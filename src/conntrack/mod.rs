@@ -199,13 +199,15 @@ pub(crate) enum Peek {
     Slow,
 }
 
-/// An all-IPv4 connection's entry, as words.
+/// An all-IPv4 connection's entry, as a read-only hit found it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct V4Hit {
-    /// The frontend id (high half) and backend id (low half).
-    pub(crate) ids: u64,
-    /// The backend's IPv4 address (bits 16–47) and port (bits 0–15).
-    pub(crate) addr: u64,
+    /// The frontend.
+    pub(crate) frontend: FrontendId,
+    /// The backend.
+    pub(crate) backend: BackendId,
+    /// The backend's address.
+    pub(crate) backend_addr: std::net::SocketAddrV4,
     /// The state code (unchanged by the packet).
     pub(crate) code: u8,
     /// The masquerade decision.
@@ -213,27 +215,6 @@ pub(crate) struct V4Hit {
 }
 
 impl V4Hit {
-    /// The frontend.
-    #[inline]
-    pub(crate) fn frontend(&self) -> FrontendId {
-        FrontendId((self.ids >> 32) as u32)
-    }
-
-    /// The backend.
-    #[inline]
-    pub(crate) fn backend(&self) -> BackendId {
-        BackendId(self.ids as u32)
-    }
-
-    /// The backend's address.
-    #[inline]
-    pub(crate) fn backend_addr(&self) -> std::net::SocketAddrV4 {
-        std::net::SocketAddrV4::new(
-            std::net::Ipv4Addr::from((self.addr >> 16) as u32),
-            self.addr as u16,
-        )
-    }
-
     /// The state (before and after the packet).
     #[inline]
     pub(crate) fn state(&self) -> ConnState {
@@ -244,9 +225,9 @@ impl V4Hit {
     fn hit(&self) -> Hit {
         let state = self.state();
         Hit {
-            frontend: self.frontend(),
-            backend: self.backend(),
-            backend_addr: SocketAddr::V4(self.backend_addr()),
+            frontend: self.frontend,
+            backend: self.backend,
+            backend_addr: SocketAddr::V4(self.backend_addr),
             state,
             previous: state,
             masquerade: self.masquerade,
@@ -632,25 +613,23 @@ impl Conntrack {
     /// words, so that a dataplane builds its verdict once.
     #[inline(always)]
     pub(crate) fn peek(&self, flow: &Flow, flags: TcpFlags, now: Instant) -> Peek {
+        self.peek_in(flow, Direction::Original, flags, now)
+    }
+
+    /// [`peek`](Self::peek) in `direction`.
+    #[inline(always)]
+    fn peek_in(&self, flow: &Flow, direction: Direction, flags: TcpFlags, now: Instant) -> Peek {
         match V4Key::of(flow) {
             Some(key) => {
                 let h = self.hasher.hash_one(key.words());
                 let shard = &self.shards[self.shard_of(h)];
-                self.peek_v4(
-                    shard,
-                    &key,
-                    h as u32,
-                    Direction::Original,
-                    flags,
-                    now.as_nanos(),
-                )
+                self.peek_v4(shard, &key, h as u32, direction, flags, now.as_nanos())
             }
             None => Peek::Slow,
         }
     }
 
-    /// [`peek`](Self::peek) of an all-IPv4 flow in `direction`: a seqlock
-    /// read. The slot's control word and the shard's sequence word,
+    /// [`peek_in`](Self::peek_in) of an all-IPv4 flow: a seqlock read. The slot's control word and the shard's sequence word,
     /// unchanged across the reads of the entry's words, show that no writer
     /// touched the entry meanwhile (a packet thread changes only the expiry
     /// and the state, which change the control word or leave the entry's
@@ -684,15 +663,16 @@ impl Conntrack {
                 {
                     return Peek::Slow;
                 }
-                let ids = table::ids_word_of(w);
-                let addr = table::v4_backend_word(w, ctl);
+                let (frontend, backend) = table::ids(w);
+                let backend_addr = table::v4_backend(w, ctl);
                 std::sync::atomic::fence(Ordering::Acquire);
                 if w[0].load(Ordering::Relaxed) != ctl || shard.seq.load(Ordering::Relaxed) != seq {
                     return Peek::Slow;
                 }
                 Peek::Hit(V4Hit {
-                    ids,
-                    addr,
+                    frontend,
+                    backend,
+                    backend_addr,
                     code,
                     masquerade: table::masq_of(ctl),
                 })
@@ -720,16 +700,11 @@ impl Conntrack {
         flags: TcpFlags,
         now: Instant,
     ) -> Option<Hit> {
-        if let Some(key) = V4Key::of(flow) {
-            let h = self.hasher.hash_one(key.words());
-            let shard = &self.shards[self.shard_of(h)];
-            match self.peek_v4(shard, &key, h as u32, direction, flags, now.as_nanos()) {
-                Peek::Hit(hit) => return Some(hit.hit()),
-                Peek::Untracked => return None,
-                Peek::Slow => {}
-            }
+        match self.peek_in(flow, direction, flags, now) {
+            Peek::Hit(hit) => Some(hit.hit()),
+            Peek::Untracked => None,
+            Peek::Slow => self.packet_locked(flow, direction, flags, now),
         }
-        self.packet_locked(flow, direction, flags, now)
     }
 
     /// A packet that writes (or an IPv6 or mixed-family flow's), under

@@ -141,17 +141,10 @@ pub(crate) fn ids(w: &[AtomicU64]) -> (FrontendId, BackendId) {
     (FrontendId((fb >> 32) as u32), BackendId(fb as u32))
 }
 
-/// The frontend (high half) and backend id (low half) word in `w`.
+/// The backend address of [`V4`] slot words `w` (control word `ctl`).
 #[inline]
-pub(crate) fn ids_word_of(w: &[AtomicU64]) -> u64 {
-    load(&w[2])
-}
-
-/// The backend address of [`V4`] slot words `w` (control word `ctl`): the
-/// IPv4 address in bits 16–47, the port in bits 0–15.
-#[inline]
-pub(crate) fn v4_backend_word(w: &[AtomicU64], ctl: u64) -> u64 {
-    (u64::from(load(&w[4]) as u32) << 16) | u64::from(aux_of(ctl))
+pub(crate) fn v4_backend(w: &[AtomicU64], ctl: u64) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(load(&w[4]) as u32), aux_of(ctl))
 }
 
 /// The expiry in `w`, in nanoseconds.
@@ -257,10 +250,7 @@ impl Layout for V4 {
 
     #[inline]
     fn backend_addr(w: &[AtomicU64], ctl: u64) -> SocketAddr {
-        SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::from(load(&w[4]) as u32),
-            aux_of(ctl),
-        ))
+        SocketAddr::V4(v4_backend(w, ctl))
     }
 }
 

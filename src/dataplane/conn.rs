@@ -262,6 +262,30 @@ fn reopens(flow: &Flow, flags: TcpFlags, previous: ConnState) -> bool {
         )
 }
 
+/// Whether a backend in `state` still carries its tracked connections
+/// (active, or draining at weight 0).
+#[inline]
+fn serves(state: BackendState) -> bool {
+    matches!(state, BackendState::Active | BackendState::Draining)
+}
+
+/// The verdict for a packet of a tracked connection.
+#[inline]
+fn tracked_forward(
+    backend: SocketAddr,
+    backend_id: BackendId,
+    frontend: FrontendId,
+    masquerade: bool,
+) -> Verdict {
+    Verdict::Forward(Forward {
+        backend,
+        backend_id,
+        frontend,
+        tracked: true,
+        masquerade,
+    })
+}
+
 /// Per backend key, the frontends a sync takes from it and gives to it.
 type ReplyDelta = AHashMap<FrontendKey, (ReplyFrontends, ReplyFrontends)>;
 
@@ -631,44 +655,36 @@ impl ConnLayer {
         match ct.peek(flow, flags, now) {
             Peek::Untracked => return None,
             Peek::Hit(hit)
-                if matches!(
-                    states.state(hit.backend()),
-                    BackendState::Active | BackendState::Draining
-                ) && !reopens(flow, flags, hit.state()) =>
+                if serves(states.state(hit.backend)) && !reopens(flow, flags, hit.state()) =>
             {
-                return Some(Verdict::Forward(Forward {
-                    backend: SocketAddr::V4(hit.backend_addr()),
-                    backend_id: hit.backend(),
-                    frontend: hit.frontend(),
-                    tracked: true,
-                    masquerade: hit.masquerade,
-                }));
+                return Some(tracked_forward(
+                    SocketAddr::V4(hit.backend_addr),
+                    hit.backend,
+                    hit.frontend,
+                    hit.masquerade,
+                ));
             }
             // A backend gone, a reopen, a packet that writes: the slot
             // lock's path decides.
             Peek::Hit(_) | Peek::Slow => {}
         }
         let hit = ct.lookup(flow, flags, now)?;
-        match states.state(hit.backend) {
-            BackendState::Active | BackendState::Draining => {
-                if !reopens(flow, flags, hit.previous) {
-                    return Some(Verdict::Forward(Forward {
-                        backend: hit.backend_addr,
-                        backend_id: hit.backend,
-                        frontend: hit.frontend,
-                        tracked: true,
-                        masquerade: hit.masquerade,
-                    }));
-                }
-                ct.remove(flow);
-                None
+        if serves(states.state(hit.backend)) {
+            if !reopens(flow, flags, hit.previous) {
+                return Some(tracked_forward(
+                    hit.backend_addr,
+                    hit.backend,
+                    hit.frontend,
+                    hit.masquerade,
+                ));
             }
-            _ => {
-                // expire_nodest_conn: the connection expires.
-                ct.remove(flow);
-                (flow.protocol == Protocol::Tcp && !flags.contains(TcpFlags::SYN))
-                    .then_some(Verdict::Drop)
-            }
+            ct.remove(flow);
+            None
+        } else {
+            // expire_nodest_conn: the connection expires.
+            ct.remove(flow);
+            (flow.protocol == Protocol::Tcp && !flags.contains(TcpFlags::SYN))
+                .then_some(Verdict::Drop)
         }
     }
 
@@ -830,11 +846,7 @@ impl ConnLayer {
         now: Instant,
     ) -> Option<Tracked> {
         let t = self.tracker.as_ref()?.get(flow, now)?;
-        matches!(
-            states.state(t.backend),
-            BackendState::Active | BackendState::Draining
-        )
-        .then_some(t)
+        serves(states.state(t.backend)).then_some(t)
     }
 
     /// Ends the tracked connection of `flow`.

@@ -7,6 +7,7 @@
 //! it: one random draw per rule walked. This module does exactly that.
 
 use super::{Destination, PickContext, Scheduler};
+use crate::stack_text::StackText;
 
 /// The probability kube-proxy writes for rule `i` of `n`, as the value
 /// iptables parses back from the ten-decimal text.
@@ -19,33 +20,10 @@ use super::{Destination, PickContext, Scheduler};
 pub fn iptables_probability(i: usize, n: usize) -> f64 {
     // Formatted on the stack: a rule list is rebuilt on every endpoint
     // change, and this runs once per rule.
-    let mut buf = StackText::default();
+    let mut buf = StackText::<32>::new();
     core::fmt::Write::write_fmt(&mut buf, format_args!("{:.10}", 1.0 / (n - i) as f64))
         .expect("a probability fits in 32 bytes");
     buf.as_str().parse().expect("a formatted float parses")
-}
-
-/// A short text formatted without allocating.
-#[derive(Default)]
-struct StackText {
-    bytes: [u8; 32],
-    len: usize,
-}
-
-impl StackText {
-    fn as_str(&self) -> &str {
-        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
-    }
-}
-
-impl core::fmt::Write for StackText {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let end = self.len + s.len();
-        let dst = self.bytes.get_mut(self.len..end).ok_or(core::fmt::Error)?;
-        dst.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
 }
 
 /// The kernel's 31-bit threshold for a probability: `lround(0x80000000 * p)`.
