@@ -514,6 +514,19 @@ impl Frontend {
     pub fn cluster_backends(&self) -> &[PlanBackend] {
         &self.cluster_backends
     }
+
+    /// Every backend a connection of this frontend can be with, so every
+    /// one a reply can come from: its backends, the draining ones and the
+    /// Cluster-policy ones (a connection short-circuited, or in the IPVS
+    /// mode sent by a Local frontend without a local endpoint, to one of
+    /// them is this frontend's). An address can appear more than once.
+    /// The planner's backend index and the reply index both walk this.
+    pub(crate) fn reply_backends(&self) -> impl Iterator<Item = &PlanBackend> {
+        self.backends
+            .iter()
+            .chain(&self.draining)
+            .chain(&self.cluster_backends)
+    }
     /// The outcome and real servers kube-proxy's IPVS mode gives this
     /// frontend's virtual server (`syncEndpoint` in kubernetes
     /// `pkg/proxy/ipvs/proxier.go`): its own [`outcome`](Self::outcome)
@@ -864,15 +877,7 @@ impl Planner {
     }
 
     fn index_frontend(&mut self, fe: &Frontend, add: bool) {
-        // The Cluster-policy endpoints too: a connection short-circuited
-        // (or, in the IPVS mode, sent by a Local frontend without a local
-        // endpoint) to one of them is this frontend's.
-        for b in fe
-            .backends
-            .iter()
-            .chain(&fe.draining)
-            .chain(&fe.cluster_backends)
-        {
+        for b in fe.reply_backends() {
             let k = (fe.key.protocol, b.addr());
             if add {
                 let e = self.by_backend.entry(k).or_default();

@@ -406,17 +406,13 @@ impl ConnLayer {
         }
     }
 
-    /// The backend keys `planner`'s frontend `id` lists (its backends,
-    /// draining and Cluster-policy ones included).
+    /// The backend keys `planner`'s frontend `id` lists
+    /// ([`Frontend::reply_backends`](crate::plan::Frontend::reply_backends)),
+    /// each once.
     fn keys_of(planner: &Planner, id: FrontendId) -> Option<IndexedKeys> {
         let fe = planner.frontend(id)?;
         let mut keys = IndexedKeys::new();
-        for b in fe
-            .backends()
-            .iter()
-            .chain(fe.draining())
-            .chain(fe.cluster_backends())
-        {
+        for b in fe.reply_backends() {
             let k = FrontendKey::new(fe.key().protocol, b.addr());
             if !keys.contains(&k) {
                 keys.push(k);
