@@ -520,7 +520,7 @@ impl Frontend {
     /// Cluster-policy ones (a connection short-circuited, or in the IPVS
     /// mode sent by a Local frontend without a local endpoint, to one of
     /// them is this frontend's). An address can appear more than once.
-    /// The planner's backend index and the reply index both walk this.
+    /// The dataplanes' reply index is built from this.
     pub(crate) fn reply_backends(&self) -> impl Iterator<Item = &PlanBackend> {
         self.backends
             .iter()
@@ -673,9 +673,6 @@ pub struct Planner {
     free_frontends: Vec<u32>,
     by_key: AHashMap<FrontendKey, FrontendId>,
     by_service: BTreeMap<ServiceKey, SmallVec<[FrontendId; 2]>>,
-    /// Frontends listing a backend address (active or draining), for
-    /// reply-direction lookups.
-    by_backend: AHashMap<(Protocol, SocketAddr), SmallVec<[FrontendId; 2]>>,
     slots: Vec<BackendSlot>,
     free_slots: Vec<u32>,
     service_backends: AHashMap<ServiceKey, ServiceBackends>,
@@ -703,7 +700,6 @@ impl Planner {
             free_frontends: Vec::new(),
             by_key: AHashMap::new(),
             by_service: BTreeMap::new(),
-            by_backend: AHashMap::new(),
             slots: Vec::new(),
             free_slots: Vec::new(),
             service_backends: AHashMap::new(),
@@ -862,35 +858,23 @@ impl Planner {
             .filter_map(|id| self.frontend(*id))
     }
 
-    /// The frontends that list a backend at `addr` for `protocol` (active or
-    /// draining): where a reply from `addr` may belong.
+    /// The frontends that list a backend at `addr` for `protocol` (active,
+    /// draining or Cluster-policy: [`Frontend::reply_backends`]): where a
+    /// reply from `addr` may belong.
+    ///
+    /// This walks every frontend: the plan keeps no index by backend (a
+    /// change would write one cold entry per backend into it, and only a
+    /// full rebuild of a reply index would read it). To answer many such
+    /// questions, walk [`frontends`](Self::frontends) once instead; the
+    /// dataplanes' reply index is built that way.
     pub fn frontends_with_backend(
         &self,
         protocol: Protocol,
         addr: SocketAddr,
     ) -> impl Iterator<Item = &Arc<Frontend>> {
-        self.by_backend
-            .get(&(protocol, addr))
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.frontend(*id))
-    }
-
-    fn index_frontend(&mut self, fe: &Frontend, add: bool) {
-        for b in fe.reply_backends() {
-            let k = (fe.key.protocol, b.addr());
-            if add {
-                let e = self.by_backend.entry(k).or_default();
-                if !e.contains(&fe.id) {
-                    e.push(fe.id);
-                }
-            } else if let Some(e) = self.by_backend.get_mut(&k) {
-                e.retain(|x| *x != fe.id);
-                if e.is_empty() {
-                    self.by_backend.remove(&k);
-                }
-            }
-        }
+        self.frontends.iter().flatten().filter(move |f| {
+            f.key.protocol == protocol && f.reply_backends().any(|b| b.addr() == addr)
+        })
     }
 
     /// The number of frontends.
@@ -1107,7 +1091,6 @@ impl Planner {
                     if keep.contains(&fe.key) {
                         left.push(id);
                     } else {
-                        self.index_frontend(&fe, false);
                         self.by_key.remove(&fe.key);
                         self.frontends[id.0 as usize] = None;
                         self.free_frontends.push(id.0);
@@ -1312,12 +1295,10 @@ impl Planner {
             match existing {
                 Some(id) => {
                     fe.id = id;
-                    let old = Arc::clone(self.frontends[id.0 as usize].as_ref().expect("indexed"));
-                    if !same_frontend(&old, &fe) {
+                    let old = self.frontends[id.0 as usize].as_ref().expect("indexed");
+                    if !same_frontend(old, &fe) {
                         diff.changed.push(id);
                     }
-                    self.index_frontend(&old, false);
-                    self.index_frontend(&fe, true);
                     self.frontends[id.0 as usize] = Some(Arc::new(fe));
                     ids.push(id);
                 }
@@ -1331,7 +1312,6 @@ impl Planner {
                     };
                     fe.id = id;
                     self.by_key.insert(fe.key, id);
-                    self.index_frontend(&fe, true);
                     self.frontends[id.0 as usize] = Some(Arc::new(fe));
                     diff.added.push(id);
                     ids.push(id);
@@ -1373,12 +1353,9 @@ impl Planner {
                     let slot = &mut self.frontends[fid.0 as usize];
                     if let Some(fe) = slot {
                         if fe.draining.iter().any(|b| b.id == id) {
-                            let old = Arc::clone(fe);
-                            let mut f = (*old).clone();
+                            let mut f = (**fe).clone();
                             f.draining.retain(|b| b.id != id);
-                            *slot = Some(Arc::new(f.clone()));
-                            self.index_frontend(&old, false);
-                            self.index_frontend(&f, true);
+                            *slot = Some(Arc::new(f));
                             diff.changed.push(fid);
                         }
                     }
@@ -1557,7 +1534,56 @@ mod tests {
         assert_eq!(d.removed.len(), 1);
         assert_eq!(p.frontend_count(), 0);
         assert!(p.service_backends.is_empty());
-        assert!(p.by_backend.is_empty());
+        let ep = "10.1.0.1:8080".parse().unwrap();
+        assert_eq!(p.frontends_with_backend(Protocol::Tcp, ep).count(), 0);
         assert_eq!(d.backends.len(), 1);
+    }
+
+    /// A reply from a backend belongs to every frontend listing it, active
+    /// or draining, of its protocol only; a backend gone is nobody's.
+    #[test]
+    fn frontends_with_backend_names_those_listing_it_active_or_draining() {
+        let mut t = ServiceTable::new();
+        let cs = t
+            .apply_batch([
+                Change::UpsertService(svc("web", "10.96.0.1")),
+                Change::UpsertSlice(slice(
+                    "web",
+                    &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
+                )),
+                Change::UpsertService(svc("api", "10.96.0.2")),
+                Change::UpsertSlice(slice("api", &[("10.1.0.1", true, false)])),
+            ])
+            .unwrap();
+        let mut p = Planner::new(NodeTopology::default());
+        p.update(&t, &cs, Instant::ZERO, |_| false);
+        let names = |p: &Planner, ep: &str| {
+            let mut v: Vec<String> = p
+                .frontends_with_backend(Protocol::Tcp, ep.parse().unwrap())
+                .map(|f| f.key().socket_addr().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&p, "10.1.0.1:8080"), ["10.96.0.1:80", "10.96.0.2:80"]);
+        assert_eq!(names(&p, "10.1.0.2:8080"), ["10.96.0.1:80"]);
+        assert!(
+            p.frontends_with_backend(Protocol::Udp, "10.1.0.1:8080".parse().unwrap())
+                .next()
+                .is_none()
+        );
+        // .2 removed while it has connections: draining, still web's.
+        let cs = t
+            .apply(Change::UpsertSlice(slice(
+                "web",
+                &[("10.1.0.1", true, false)],
+            )))
+            .unwrap();
+        p.update(&t, &cs, Instant::ZERO, |_| true);
+        assert_eq!(names(&p, "10.1.0.2:8080"), ["10.96.0.1:80"]);
+        // Its connections ended: gone, nobody's.
+        p.handle_timeout(Instant::from_secs(1), |_| false);
+        assert!(names(&p, "10.1.0.2:8080").is_empty());
+        assert_eq!(names(&p, "10.1.0.1:8080"), ["10.96.0.1:80", "10.96.0.2:80"]);
     }
 }

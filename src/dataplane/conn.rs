@@ -13,7 +13,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -292,6 +292,10 @@ type ReplyDelta = AHashMap<FrontendKey, (ReplyFrontends, ReplyFrontends)>;
 /// The largest [`ReplyDelta`] (in entries) kept between syncs.
 const REPLY_DELTA_KEEP: usize = 4096;
 
+/// Plans of up to this many frontends have every reply-index change
+/// checked against a walk of the whole plan, in debug builds.
+const DEBUG_CHECK_MAX_FRONTENDS: usize = 2048;
+
 /// What a mode's scheduling decided for a new connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Scheduled {
@@ -421,8 +425,9 @@ impl ConnLayer {
         Some(keys)
     }
 
-    /// The frontends of `planner` listing backend `key` (the full rebuild's
-    /// source, which the incremental path is checked against).
+    /// The frontends of `planner` listing backend `key`, found by walking
+    /// them all: what the incremental path is checked against in debug
+    /// builds.
     fn fronts_of(planner: &Planner, key: FrontendKey) -> ReplyFrontends {
         planner
             .frontends_with_backend(key.protocol, key.socket_addr())
@@ -505,9 +510,11 @@ impl ConnLayer {
                         .filter(|fe| !gone.contains(fe) || came.contains(fe))
                         .copied()
                         .collect();
-                    debug_assert_eq!(
-                        sorted(new.clone()),
-                        sorted(Self::fronts_of(planner, key)),
+                    // Checked against the plan, which is walked whole for it
+                    // (so only while the plan is small).
+                    debug_assert!(
+                        planner.frontend_count() > DEBUG_CHECK_MAX_FRONTENDS
+                            || sorted(new.clone()) == sorted(Self::fronts_of(planner, key)),
                         "the reply index of {key:?} follows the plan"
                     );
                     if new.len() != union.len() {
@@ -529,10 +536,24 @@ impl ConnLayer {
                 }
             }
         }
-        let keys: AHashSet<FrontendKey> = indexed.values().flatten().copied().collect();
-        let index = ReplyIndex::with_capacity(keys.len());
-        for key in keys {
-            index.set(key, Self::fronts_of(planner, key));
+        // One walk over what every frontend indexes (which is what the
+        // plan's frontends list: `indexed` follows them), inverted.
+        let mut fronts: AHashMap<FrontendKey, ReplyFrontends> = AHashMap::new();
+        for (id, keys) in indexed.iter() {
+            let Some(fe) = planner.frontend(*id) else {
+                continue;
+            };
+            let addr = fe.key().socket_addr();
+            for key in keys {
+                let list = fronts.entry(*key).or_default();
+                if !list.contains(&addr) {
+                    list.push(addr);
+                }
+            }
+        }
+        let index = ReplyIndex::with_capacity(fronts.len());
+        for (key, list) in fronts {
+            index.set(key, list);
         }
         (Arc::new(index), Vec::new())
     }
