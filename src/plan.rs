@@ -858,9 +858,11 @@ impl Planner {
             .filter_map(|id| self.frontend(*id))
     }
 
-    /// The frontends that list a backend at `addr` for `protocol` (active,
-    /// draining or Cluster-policy: [`Frontend::reply_backends`]): where a
-    /// reply from `addr` may belong.
+    /// The frontends that list a backend at `addr` for `protocol` (among
+    /// their [`backends`](Frontend::backends), their
+    /// [`draining`](Frontend::draining) ones or their
+    /// [`cluster_backends`](Frontend::cluster_backends)): where a reply
+    /// from `addr` may belong.
     ///
     /// This walks every frontend: the plan keeps no index by backend (a
     /// change would write one cold entry per backend into it, and only a
