@@ -1416,20 +1416,25 @@ mod tests {
         fe.backends().iter().map(|b| (b.addr(), b.id())).collect()
     }
 
-    #[test]
-    fn ids_are_stable_across_changes() {
+    /// A table holding `batch`, and a planner synced to it (with its first
+    /// diff).
+    fn planned(batch: impl IntoIterator<Item = Change>) -> (ServiceTable, Planner, PlanDiff) {
         let mut t = ServiceTable::new();
-        let cs = t
-            .apply_batch([
-                Change::UpsertService(svc("web", "10.96.0.1")),
-                Change::UpsertSlice(slice(
-                    "web",
-                    &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
-                )),
-            ])
-            .unwrap();
+        let cs = t.apply_batch(batch).unwrap();
         let mut p = Planner::new(NodeTopology::default());
         let d = p.update(&t, &cs, Instant::ZERO, |_| false);
+        (t, p, d)
+    }
+
+    #[test]
+    fn ids_are_stable_across_changes() {
+        let (mut t, mut p, d) = planned([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice(
+                "web",
+                &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
+            )),
+        ]);
         assert!(d.full);
         assert_eq!(d.added.len(), 1);
         let dst = "10.96.0.1:80".parse().unwrap();
@@ -1460,18 +1465,13 @@ mod tests {
 
     #[test]
     fn terminating_drains_and_removed_tcp_with_connections_drains() {
-        let mut t = ServiceTable::new();
-        let cs = t
-            .apply_batch([
-                Change::UpsertService(svc("web", "10.96.0.1")),
-                Change::UpsertSlice(slice(
-                    "web",
-                    &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
-                )),
-            ])
-            .unwrap();
-        let mut p = Planner::new(NodeTopology::default());
-        p.update(&t, &cs, Instant::ZERO, |_| false);
+        let (mut t, mut p, _) = planned([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice(
+                "web",
+                &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
+            )),
+        ]);
         let dst = "10.96.0.1:80".parse().unwrap();
         let two = p.frontend_by_key(&dst, Protocol::Tcp).unwrap().backends()[1].id();
         let one = p.frontend_by_key(&dst, Protocol::Tcp).unwrap().backends()[0].id();
@@ -1520,15 +1520,10 @@ mod tests {
 
     #[test]
     fn removed_service_frees_everything() {
-        let mut t = ServiceTable::new();
-        let cs = t
-            .apply_batch([
-                Change::UpsertService(svc("web", "10.96.0.1")),
-                Change::UpsertSlice(slice("web", &[("10.1.0.1", true, false)])),
-            ])
-            .unwrap();
-        let mut p = Planner::new(NodeTopology::default());
-        p.update(&t, &cs, Instant::ZERO, |_| false);
+        let (mut t, mut p, _) = planned([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice("web", &[("10.1.0.1", true, false)])),
+        ]);
         let cs = t
             .apply(Change::DeleteService(ServiceKey::new("default", "web")))
             .unwrap();
@@ -1545,20 +1540,15 @@ mod tests {
     /// or draining, of its protocol only; a backend gone is nobody's.
     #[test]
     fn frontends_with_backend_names_those_listing_it_active_or_draining() {
-        let mut t = ServiceTable::new();
-        let cs = t
-            .apply_batch([
-                Change::UpsertService(svc("web", "10.96.0.1")),
-                Change::UpsertSlice(slice(
-                    "web",
-                    &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
-                )),
-                Change::UpsertService(svc("api", "10.96.0.2")),
-                Change::UpsertSlice(slice("api", &[("10.1.0.1", true, false)])),
-            ])
-            .unwrap();
-        let mut p = Planner::new(NodeTopology::default());
-        p.update(&t, &cs, Instant::ZERO, |_| false);
+        let (mut t, mut p, _) = planned([
+            Change::UpsertService(svc("web", "10.96.0.1")),
+            Change::UpsertSlice(slice(
+                "web",
+                &[("10.1.0.1", true, false), ("10.1.0.2", true, false)],
+            )),
+            Change::UpsertService(svc("api", "10.96.0.2")),
+            Change::UpsertSlice(slice("api", &[("10.1.0.1", true, false)])),
+        ]);
         let names = |p: &Planner, ep: &str| {
             let mut v: Vec<String> = p
                 .frontends_with_backend(Protocol::Tcp, ep.parse().unwrap())
