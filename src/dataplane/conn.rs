@@ -292,10 +292,6 @@ type ReplyDelta = AHashMap<FrontendKey, (ReplyFrontends, ReplyFrontends)>;
 /// The largest [`ReplyDelta`] (in entries) kept between syncs.
 const REPLY_DELTA_KEEP: usize = 4096;
 
-/// Plans of up to this many frontends have every reply-index change
-/// checked against a walk of the whole plan, in debug builds.
-const DEBUG_CHECK_MAX_FRONTENDS: usize = 2048;
-
 /// What a mode's scheduling decided for a new connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Scheduled {
@@ -510,11 +506,9 @@ impl ConnLayer {
                         .filter(|fe| !gone.contains(fe) || came.contains(fe))
                         .copied()
                         .collect();
-                    // Checked against the plan, which is walked whole for it
-                    // (so only while the plan is small).
-                    debug_assert!(
-                        planner.frontend_count() > DEBUG_CHECK_MAX_FRONTENDS
-                            || sorted(new.clone()) == sorted(Self::fronts_of(planner, key)),
+                    debug_assert_eq!(
+                        sorted(new.clone()),
+                        sorted(Self::fronts_of(planner, key)),
                         "the reply index of {key:?} follows the plan"
                     );
                     if new.len() != union.len() {
