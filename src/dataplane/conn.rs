@@ -581,7 +581,7 @@ impl ConnLayer {
     /// removals made after the store), and the source-dependent rules
     /// rebuilt (a walk of the plan) only when the change touches an
     /// external frontend, so cluster-IP churn costs a scan of the diff and
-    /// nothing more.
+    /// nothing more. Returns the snapshot it replaced.
     pub(crate) fn publish<T>(
         &self,
         slot: &ArcSwap<Snapshot<T>>,
@@ -589,7 +589,7 @@ impl ConnLayer {
         diff: &PlanDiff,
         current: &Snapshot<T>,
         table: T,
-    ) {
+    ) -> Arc<Snapshot<T>> {
         let (replies, later) = self.publish_replies(planner, diff, &current.replies);
         let index = Arc::clone(&replies);
         let now = &current.surface;
@@ -616,7 +616,7 @@ impl ConnLayer {
         } else {
             Arc::clone(now)
         };
-        slot.store(Arc::new(Snapshot {
+        let replaced = slot.swap(Arc::new(Snapshot {
             table,
             surface,
             replies,
@@ -624,6 +624,7 @@ impl ConnLayer {
         for (key, fronts) in later {
             index.set(key, fronts);
         }
+        replaced
     }
 
     pub(crate) fn tracker(&self) -> Option<&Conntrack> {

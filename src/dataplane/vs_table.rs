@@ -5,14 +5,21 @@
 //! more, of 64, 64 and 8 children: 32,768 leaves, so that even 100,000
 //! virtual services leave a handful per leaf), above leaves of a few entries, indexed by a keyed hash
 //! of the frontend key (ahash with a random state: the trie only speeds up
-//! lookups, so nobody outside should predict where a key lands). Tables
-//! share every node they have in common: the writer clones the published
-//! table (only its root), then each insert or remove copies just the nodes
-//! on its key's path ([`Arc::make_mut`]: a node already copied in this
-//! batch is changed in place). Adding or deleting one virtual service thus
-//! copies 136 child pointers and one small leaf, whatever the
-//! number of services, and a whole batch is published with one pointer
-//! store: readers see all of it or none of it.
+//! lookups, so nobody outside should predict where a key lands).
+//!
+//! Nodes are reference-counted and copied on write ([`Arc::make_mut`]'s
+//! rule): a change mutates a node in place when its version owns it
+//! alone, and copies it when another version shares it. The IPVS and
+//! nftables modes keep two versions, left-right (see
+//! [`super::ipvs`]): the writer changes the one readers have let go of,
+//! so its nodes are its own and a change touches only its key's path,
+//! copying nothing. When a reader still holds that version, the writer
+//! clones the published one instead (only the root: the versions share
+//! every other node), and each insert or remove then copies just the
+//! nodes on its key's path (a node already copied in this batch is
+//! changed in place): 136 child pointers and one small leaf, whatever the
+//! number of services. Either way a whole batch is published with one
+//! pointer store: readers see all of it or none of it.
 //!
 //! A lookup hashes the key once and follows three pointers to a leaf,
 //! then compares the hash and key of its few entries: no lock, no
