@@ -20,9 +20,9 @@
 //!    a [`BackendState`] (active, draining, gone); every change yields a
 //!    [`PlanDiff`](plan::PlanDiff) that dataplanes and renderers read.
 //! 4. **Dataplanes** ([`dataplane`]): [`IptablesDataplane`] (a flat rule
-//!    list walked in order), [`IpvsDataplane`] (a persistent hash trie of
-//!    virtual services: a change copies one path, a batch is published
-//!    whole) and [`NftablesDataplane`] (a verdict map and a uniform
+//!    list walked in order), [`IpvsDataplane`] (a hash trie of virtual
+//!    services in two versions, left-right: a change touches one path in
+//!    each, a batch is published whole) and [`NftablesDataplane`] (a verdict map and a uniform
 //!    `numgen` pick), all behind the [`Dataplane`] trait, each with an
 //!    owned per-thread reader. Their shared connection layer applies what
 //!    depends on the source (`loadBalancerSourceRanges`, the short-circuit
