@@ -22,9 +22,10 @@
 //! 4. **Dataplanes** ([`dataplane`]): [`IptablesDataplane`] (a flat rule
 //!    list walked in order), [`IpvsDataplane`] (a hash trie of virtual
 //!    services in two versions, left-right: a change touches one path in
-//!    each, a batch is published whole) and [`NftablesDataplane`] (a verdict map and a uniform
-//!    `numgen` pick), all behind the [`Dataplane`] trait, each with an
-//!    owned per-thread reader. Their shared connection layer applies what
+//!    each, a batch is published whole) and [`NftablesDataplane`] (a
+//!    verdict map and a uniform `numgen` pick), all behind the
+//!    [`Dataplane`] trait, each with an owned per-thread reader. Their
+//!    shared connection layer applies what
 //!    depends on the source (`loadBalancerSourceRanges`, the short-circuit
 //!    of pod and node traffic to external Local destinations) and says in
 //!    the verdict whether kube-proxy masquerades the flow
