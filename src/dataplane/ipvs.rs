@@ -442,11 +442,19 @@ impl Shared {
             }
             next
         };
-        let replaced = self
+        let mut replaced = self
             .conn
             .publish(&self.table, planner, diff, &current, next);
         drop(current);
         if !diff.full {
+            if let Some(old) = Arc::get_mut(&mut replaced) {
+                // Only its table is taken back: the surface and reply
+                // index it held (which this batch may have rebuilt) go
+                // now, not at the next sync.
+                let now = self.table.load();
+                old.surface = Arc::clone(&now.surface);
+                old.replies = Arc::clone(&now.replies);
+            }
             spare.snapshot = Some(replaced);
         }
     }
@@ -1082,6 +1090,43 @@ mod tests {
             in_place > 30 && cloned > 10,
             "in place {in_place}, cloned {cloned}"
         );
+    }
+
+    /// The spare keeps only its table: a batch that rebuilds the
+    /// surface (here, an external IP) does not leave the old one alive in
+    /// the spare until the next sync.
+    #[test]
+    fn the_spare_holds_no_replaced_surface_or_reply_index() {
+        let dp = IpvsDataplane::new(DataplaneConfig::with_seed(6));
+        let mut t = ServiceTable::new();
+        let cs = t
+            .apply_batch([
+                Change::UpsertService(service("web", "10.96.0.1")),
+                Change::UpsertSlice(slice("web", &["10.1.0.1"])),
+            ])
+            .unwrap();
+        dp.sync(&t, &cs, Instant::ZERO);
+        let before = Arc::clone(&dp.shared.table.load().surface);
+        let np = Service::builder("default", "np")
+            .cluster_ip("10.96.0.2".parse().unwrap())
+            .external_ip("192.0.2.10".parse().unwrap())
+            .port(ServicePortSpec::tcp(80).target_port(8080))
+            .build()
+            .unwrap();
+        let cs = t.apply(Change::UpsertService(np)).unwrap();
+        dp.sync(&t, &cs, Instant::ZERO);
+        let now = dp.shared.table.load();
+        assert!(
+            !Arc::ptr_eq(&before, &now.surface),
+            "the external IP rebuilt the surface"
+        );
+        let spare = dp.shared.spare.lock();
+        let kept = spare
+            .snapshot
+            .as_ref()
+            .expect("a spare after an incremental sync");
+        assert!(Arc::ptr_eq(&kept.surface, &now.surface));
+        assert!(Arc::ptr_eq(&kept.replies, &now.replies));
     }
 
     fn assert_send_static<T: Send + 'static>() {}
