@@ -1,7 +1,10 @@
 //! The scale argument in numbers: synthetic clusters from 10 to 10,000
 //! services (5 endpoints each; `--max-services` raises the top), the cost of
 //! one lookup in iptables and IPVS mode, the cost of updates, and lookup
-//! throughput from two threads while a writer applies slice updates.
+//! throughput from two threads while a writer applies slice updates (with,
+//! for the tracked lookups, the same two threads probing a bare `AHashMap`
+//! of the same flows under the same writer: `"mode": "ahash-probe"` lines,
+//! the machine's own two-thread ratio to read svclb's against).
 //!
 //! ```sh
 //! cargo run --release --example scale                       # markdown tables
@@ -460,11 +463,53 @@ fn measure_render(n: usize) -> (f64, f64) {
     (median(ipt), median(nft))
 }
 
+/// What the reader threads of [`throughput`] do.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// `IpvsReader::route` of flows (tracking off).
+    Route,
+    /// `IpvsReader::packet` of established flows (tracking on).
+    Tracked,
+    /// A bare `AHashMap::get` of the same flows as [`Load::Tracked`], in a
+    /// map shared by the threads: what this machine gives two threads of
+    /// this access pattern with nothing of svclb's on the path.
+    Probe,
+}
+
+/// The flows reader `r` of [`throughput`] looks up: the tracked (and
+/// probed) ones have their own source ports per reader, so that each
+/// thread has its own connections.
+fn reader_flows(n: usize, r: usize, load: Load) -> Vec<Flow> {
+    let flows = common::flow_mix(n, FLOWS, 0xBEEF + r as u64);
+    if load == Load::Route {
+        return flows;
+    }
+    flows
+        .iter()
+        .map(|f| {
+            Flow::tcp(
+                SocketAddr::new(f.src.ip(), f.src.port() ^ (r as u16 + 1) << 12),
+                f.dst,
+            )
+        })
+        .collect()
+}
+
 /// Lookups per second from `readers` threads for `secs`, while (if
 /// `writer`) another thread applies 1,000 slice updates per second.
-fn throughput(n: usize, readers: usize, writer: bool, secs: f64, tracked: bool) -> (Vec<f64>, f64) {
+fn throughput(n: usize, readers: usize, writer: bool, secs: f64, load: Load) -> (Vec<f64>, f64) {
+    let tracked = load != Load::Route;
     let mut table = common::cluster(n, 5);
     let (_, untracked) = common::dataplanes(&table);
+    let probe_map: ahash::AHashMap<Flow, u32> = if load == Load::Probe {
+        (0..readers)
+            .flat_map(|r| reader_flows(n, r, load))
+            .enumerate()
+            .map(|(i, f)| (f, i as u32))
+            .collect()
+    } else {
+        ahash::AHashMap::default()
+    };
     let ipvs = if tracked {
         let dp = IpvsDataplane::new(
             DataplaneConfig::with_seed(1)
@@ -483,26 +528,28 @@ fn throughput(n: usize, readers: usize, writer: bool, secs: f64, tracked: bool) 
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..readers)
             .map(|r| {
-                let (ipvs, stop) = (&ipvs, &stop);
-                let flows = common::flow_mix(n, FLOWS, 0xBEEF + r as u64);
+                let (ipvs, stop, probe_map) = (&ipvs, &stop, &probe_map);
+                let flows = reader_flows(n, r, load);
                 s.spawn(move || {
                     let now = svclb::Instant::ZERO;
                     let mut reader = ipvs.reader();
+                    if load == Load::Probe {
+                        let start = WallClock::now();
+                        let mut count = 0u64;
+                        loop {
+                            for f in &flows {
+                                black_box(probe_map.get(black_box(f)));
+                            }
+                            count += flows.len() as u64;
+                            if start.elapsed() >= duration || stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                        }
+                        return count as f64 / start.elapsed().as_secs_f64();
+                    }
                     if tracked {
                         // Open every flow: the loop below is then
                         // established-flow lookups.
-                        let flows: Vec<Flow> = flows
-                            .iter()
-                            .map(|f| {
-                                Flow::tcp(
-                                    SocketAddr::new(
-                                        f.src.ip(),
-                                        f.src.port() ^ (r as u16 + 1) << 12,
-                                    ),
-                                    f.dst,
-                                )
-                            })
-                            .collect();
                         for f in &flows {
                             reader.route(f, now);
                         }
@@ -569,15 +616,15 @@ fn throughput(n: usize, readers: usize, writer: bool, secs: f64, tracked: bool) 
     (rates, writer_rate)
 }
 
-fn measure_threads(n: usize, secs: f64, tracked: bool) -> ThreadRow {
+fn measure_threads(n: usize, secs: f64, load: Load) -> ThreadRow {
     // Alternate the two set-ups three times; keep the medians.
     let mut single = Vec::new();
     let mut a = Vec::new();
     let mut b = Vec::new();
     let mut w = Vec::new();
     for _ in 0..3 {
-        single.push(throughput(n, 1, false, secs, tracked).0[0]);
-        let (rates, wr) = throughput(n, 2, true, secs, tracked);
+        single.push(throughput(n, 1, false, secs, load).0[0]);
+        let (rates, wr) = throughput(n, 2, true, secs, load);
         a.push(rates[0]);
         b.push(rates[1]);
         w.push(wr);
@@ -1070,20 +1117,23 @@ fn main() {
     let mut thread_ratios = None;
     if args.runs("threads") {
         let tn = 10_000.min(args.max_services);
-        let th = measure_threads(tn, args.seconds, false);
-        let tt = measure_threads(tn, args.seconds, true);
-        for (threads, writer, per) in [
-            (1, 0.0, tt.single),
-            (2, tt.writer_rate, tt.per_thread[0]),
-            (2, tt.writer_rate, tt.per_thread[1]),
-        ] {
-            json.push(format!(
-            r#"{{"mode":"ipvs","services":{tn},"threads":{threads},"writer_updates_per_sec":{writer:.0},"op":"conntrack_hit","lookups_per_sec_per_thread":{per:.0}}}"#
-        ));
+        let th = measure_threads(tn, args.seconds, Load::Route);
+        let tt = measure_threads(tn, args.seconds, Load::Tracked);
+        let tp = measure_threads(tn, args.seconds, Load::Probe);
+        for (mode, row) in [("ipvs", &tt), ("ahash-probe", &tp)] {
+            for (threads, writer, per) in [
+                (1, 0.0, row.single),
+                (2, row.writer_rate, row.per_thread[0]),
+                (2, row.writer_rate, row.per_thread[1]),
+            ] {
+                json.push(format!(
+                    r#"{{"mode":"{mode}","services":{tn},"threads":{threads},"writer_updates_per_sec":{writer:.0},"op":"conntrack_hit","lookups_per_sec_per_thread":{per:.0}}}"#
+                ));
+            }
         }
         let tracked_total = tt.per_thread[0] + tt.per_thread[1];
         let total2 = th.per_thread[0] + th.per_thread[1];
-        thread_ratios = Some((total2 / th.single, tracked_total, tt.clone()));
+        thread_ratios = Some((total2 / th.single, tracked_total, tt.clone(), tp.clone()));
         for (threads, writer, per) in [
             (1, 0.0, th.single),
             (2, th.writer_rate, th.per_thread[0]),
@@ -1165,7 +1215,7 @@ fn main() {
             verdict(r <= 1.5)
         );
     }
-    if let Some((r, _, _)) = &thread_ratios {
+    if let Some((r, _, _, _)) = &thread_ratios {
         let r = *r;
         let _ = writeln!(
             md,
@@ -1193,7 +1243,7 @@ fn main() {
             );
         }
     }
-    if let Some((_, tracked_total, tt)) = &thread_ratios {
+    if let Some((_, tracked_total, tt, tp)) = &thread_ratios {
         let r = tracked_total / tt.single;
         let _ = writeln!(
             md,
@@ -1203,6 +1253,15 @@ fn main() {
             tt.single / 1e6,
             tt.writer_rate,
             verdict(r >= 1.8)
+        );
+        let p = (tp.per_thread[0] + tp.per_thread[1]) / tp.single;
+        let _ = writeln!(
+            md,
+            "  - the same threads, flows and writer over a bare ahash map of those flows (the machine's own two-thread ratio for this access pattern): {p:.2} ({:.2} M + {:.2} M vs {:.2} M); svclb's ratio ÷ the map's: {:.2}",
+            tp.per_thread[0] / 1e6,
+            tp.per_thread[1] / 1e6,
+            tp.single / 1e6,
+            r / p
         );
     }
     let churn_at = |mode: &str, ct: bool, n: usize| {
