@@ -211,6 +211,18 @@ struct ThreadRow {
     writer_rate: f64,
 }
 
+impl ThreadRow {
+    /// The two threads' total lookups per second.
+    fn total(&self) -> f64 {
+        self.per_thread[0] + self.per_thread[1]
+    }
+
+    /// Two threads (with the writer) ÷ one thread (without).
+    fn ratio(&self) -> f64 {
+        self.total() / self.single
+    }
+}
+
 fn sizes(max: usize) -> Vec<usize> {
     let mut v = Vec::new();
     let mut n = 10;
@@ -495,6 +507,28 @@ fn reader_flows(n: usize, r: usize, load: Load) -> Vec<Flow> {
         .collect()
 }
 
+/// Lookups per second of `op` over `flows`, in whole passes, until
+/// `duration` has passed or `stop` is set.
+fn passes_per_sec(
+    flows: &[Flow],
+    duration: Duration,
+    stop: &AtomicBool,
+    mut op: impl FnMut(&Flow),
+) -> f64 {
+    let start = WallClock::now();
+    let mut count = 0u64;
+    loop {
+        for f in flows {
+            op(black_box(f));
+        }
+        count += flows.len() as u64;
+        if start.elapsed() >= duration || stop.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Lookups per second from `readers` threads for `secs`, while (if
 /// `writer`) another thread applies 1,000 slice updates per second.
 fn throughput(n: usize, readers: usize, writer: bool, secs: f64, load: Load) -> (Vec<f64>, f64) {
@@ -533,51 +567,24 @@ fn throughput(n: usize, readers: usize, writer: bool, secs: f64, load: Load) -> 
                 s.spawn(move || {
                     let now = svclb::Instant::ZERO;
                     let mut reader = ipvs.reader();
-                    if load == Load::Probe {
-                        let start = WallClock::now();
-                        let mut count = 0u64;
-                        loop {
+                    match load {
+                        Load::Probe => passes_per_sec(&flows, duration, stop, |f| {
+                            black_box(probe_map.get(f));
+                        }),
+                        Load::Tracked => {
+                            // Open every flow: the passes are then
+                            // established-flow lookups.
                             for f in &flows {
-                                black_box(probe_map.get(black_box(f)));
+                                reader.route(f, now);
                             }
-                            count += flows.len() as u64;
-                            if start.elapsed() >= duration || stop.load(Ordering::Relaxed) {
-                                break;
-                            }
+                            passes_per_sec(&flows, duration, stop, |f| {
+                                black_box(reader.packet(f, TcpFlags::ACK, now));
+                            })
                         }
-                        return count as f64 / start.elapsed().as_secs_f64();
+                        Load::Route => passes_per_sec(&flows, duration, stop, |f| {
+                            black_box(reader.route(f, now));
+                        }),
                     }
-                    if tracked {
-                        // Open every flow: the loop below is then
-                        // established-flow lookups.
-                        for f in &flows {
-                            reader.route(f, now);
-                        }
-                        let start = WallClock::now();
-                        let mut count = 0u64;
-                        loop {
-                            for f in &flows {
-                                black_box(reader.packet(black_box(f), TcpFlags::ACK, now));
-                            }
-                            count += flows.len() as u64;
-                            if start.elapsed() >= duration || stop.load(Ordering::Relaxed) {
-                                break;
-                            }
-                        }
-                        return count as f64 / start.elapsed().as_secs_f64();
-                    }
-                    let start = WallClock::now();
-                    let mut count = 0u64;
-                    loop {
-                        for f in &flows {
-                            black_box(reader.route(black_box(f), now));
-                        }
-                        count += flows.len() as u64;
-                        if start.elapsed() >= duration || stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                    }
-                    count as f64 / start.elapsed().as_secs_f64()
                 })
             })
             .collect();
@@ -1131,9 +1138,7 @@ fn main() {
                 ));
             }
         }
-        let tracked_total = tt.per_thread[0] + tt.per_thread[1];
-        let total2 = th.per_thread[0] + th.per_thread[1];
-        thread_ratios = Some((total2 / th.single, tracked_total, tt.clone(), tp.clone()));
+        thread_ratios = Some((th.ratio(), tt.clone(), tp.clone()));
         for (threads, writer, per) in [
             (1, 0.0, th.single),
             (2, th.writer_rate, th.per_thread[0]),
@@ -1152,8 +1157,8 @@ fn main() {
             th.writer_rate,
             th.per_thread[0] / 1e6,
             th.per_thread[1] / 1e6,
-            total2 / 1e6,
-            total2 / th.single
+            th.total() / 1e6,
+            th.ratio()
         );
     }
     // Targets, as ratios within this run.
@@ -1215,7 +1220,7 @@ fn main() {
             verdict(r <= 1.5)
         );
     }
-    if let Some((r, _, _, _)) = &thread_ratios {
+    if let Some((r, _, _)) = &thread_ratios {
         let r = *r;
         let _ = writeln!(
             md,
@@ -1243,8 +1248,8 @@ fn main() {
             );
         }
     }
-    if let Some((_, tracked_total, tt, tp)) = &thread_ratios {
-        let r = tracked_total / tt.single;
+    if let Some((_, tt, tp)) = &thread_ratios {
+        let r = tt.ratio();
         let _ = writeln!(
             md,
             "- 2 threads of established-flow lookups with a writer ÷ 1 thread: {r:.2} ({:.2} M + {:.2} M vs {:.2} M; writer {:.0} updates/s; target ≥ 1.8: {})",
@@ -1254,7 +1259,7 @@ fn main() {
             tt.writer_rate,
             verdict(r >= 1.8)
         );
-        let p = (tp.per_thread[0] + tp.per_thread[1]) / tp.single;
+        let p = tp.ratio();
         let _ = writeln!(
             md,
             "  - the same threads, flows and writer over a bare ahash map of those flows (the machine's own two-thread ratio for this access pattern): {p:.2} ({:.2} M + {:.2} M vs {:.2} M); svclb's ratio ÷ the map's: {:.2}",
